@@ -1,0 +1,64 @@
+# Two commands matter (see README): `make run` and `make test`.
+# Everything else here is what they are made of.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The cargo target dir lives outside the clone so fresh clones rebuild incrementally.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/qpc/cargo-target
+STAMPS := .stamps
+RUST_SRC := $(wildcard rust/src/*.rs rust/src/**/*.rs) rust/Cargo.toml $(wildcard rust/Cargo.lock)
+
+.PHONY: all venv build run test check lint typecheck clippy proto proto-check unit bench clean
+
+all: build
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	@touch $@ $(STAMPS)/ext
+
+venv: $(STAMPS)/venv
+
+# Rebuild the Rust extension (into qpc_node/, editable) when its sources change.
+$(STAMPS)/ext: $(STAMPS)/venv $(RUST_SRC)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+build: $(STAMPS)/ext
+
+run: build
+	$(VENV)/bin/qpc $(ARGS)
+
+proto: venv
+	PYTHON=$(abspath $(PY)) scripts/gen_proto.sh
+
+proto-check: venv
+	PYTHON=$(abspath $(PY)) scripts/check_proto.sh
+
+lint: venv
+	$(VENV)/bin/ruff check qpc_node tests bench
+	$(VENV)/bin/ruff format --check qpc_node tests bench
+
+typecheck: build
+	$(VENV)/bin/mypy qpc_node
+
+clippy:
+	cd rust && cargo clippy --all-targets -- -D warnings
+
+check: lint typecheck clippy proto-check
+
+unit: build
+	$(PY) -m pytest tests/unit -q
+
+test: build check
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) bench/mls_bench.py
+
+clean:
+	rm -rf $(VENV) $(STAMPS) build dist qpc_node/_core*.so

@@ -1,0 +1,1 @@
+"""crypto layer (see docs/DESIGN map)."""

@@ -1,0 +1,1 @@
+"""federation layer (see docs/DESIGN map)."""

@@ -1,0 +1,1 @@
+"""mesh layer (see docs/DESIGN map)."""

@@ -1,0 +1,1 @@
+"""quic layer (see docs/DESIGN map)."""

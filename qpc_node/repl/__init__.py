@@ -1,0 +1,1 @@
+"""repl layer (see docs/DESIGN map)."""

@@ -1,0 +1,1 @@
+"""storefwd layer (see docs/DESIGN map)."""
