@@ -39,8 +39,12 @@ class StatusCode(enum.IntEnum):
 
 
 _RETRIABLE = frozenset(
-    {StatusCode.UNAVAILABLE, StatusCode.DEADLINE_EXCEEDED, StatusCode.RESOURCE_EXHAUSTED,
-     StatusCode.ABORTED}
+    {
+        StatusCode.UNAVAILABLE,
+        StatusCode.DEADLINE_EXCEEDED,
+        StatusCode.RESOURCE_EXHAUSTED,
+        StatusCode.ABORTED,
+    }
 )
 
 

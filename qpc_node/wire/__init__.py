@@ -1,1 +1,5 @@
-"""wire layer (see docs/DESIGN map)."""
+"""Wire types: protobuf messages (generated under ``gen``) and their validated views."""
+
+from qpc_node.wire.envelope import Envelope, pad, unpad
+
+__all__ = ["Envelope", "pad", "unpad"]
