@@ -67,7 +67,8 @@ def test_garbage_decodes_to_typed_error_only() -> None:
             rejected += 1
         else:
             assert len(env.msg_id) == 16 and len(env.recipient) == 32
-    assert rejected > 1500
+    # every random string (1000 of them) is refused; mutants may stay valid
+    assert rejected >= 1000
 
 
 def test_expired() -> None:
