@@ -1,0 +1,246 @@
+"""One configuration schema for the TOML file, ``QPC_*`` environment and flags.
+
+Precedence: embedded defaults < TOML file < environment < command-line flags.
+Every value is validated once, here; an error names the key that is wrong
+(``limits.rate_per_second: expected int, got str``), so an operator editing
+UCI or TOML on a router sees what to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from qpc_node.errors import ConfigError
+
+DEFAULT_PORT = 4201
+ENV_PREFIX = "QPC_"
+
+
+def parse_hostport(value: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port``, ``[fe80::1%mesh0]:port``, bare host or ``:port``."""
+    v = value.strip()
+    if not v:
+        raise ValueError("empty address")
+    if v.startswith("["):
+        host, sep, rest = v[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unclosed '[' in {value!r}")
+        port_s = rest.removeprefix(":") if rest else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ']' in {value!r}")
+    elif v.count(":") > 1:  # bare IPv6 without port
+        host, port_s = v, ""
+    else:
+        host, _, port_s = v.partition(":")
+    port = int(port_s) if port_s else default_port
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    if not host:
+        host = "::"
+    if ":" in host or host.replace(".", "").isdigit():
+        ipaddress.ip_address(host.split("%", 1)[0])  # raises ValueError when malformed
+    return host, port
+
+
+class NodeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    data_dir: str = ""
+    key_dir: str = ""
+    production: bool = False
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen)
+
+
+class LogSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["kv", "json"] = "kv"
+
+
+class MetricsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    # "" disables the endpoint (routers); laptops default to loopback.
+    listen: str = f"127.0.0.1:{9201}"
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_hostport(self.listen, default_port=9201)
+
+
+class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_payload: int = 5 * 1024 * 1024
+    rate_per_second: float = 50.0
+    rate_burst: int = 100
+    mailbox_max_messages: int = 10_000
+    mailbox_max_bytes: int = 256 * 1024 * 1024
+    max_connections: int = 1024
+    max_connections_per_ip: int = 64
+    keypackage_ttl_s: int = 24 * 3600
+    retention_s: int = 7 * 24 * 3600
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    mdns: bool = True
+    interfaces: list[str] = msgspec.field(default_factory=list)
+    static_peers: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for p in self.static_peers:
+            parse_hostport(p)
+
+
+class FederationSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    mode: Literal["mesh", "managed"] = "mesh"
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    pinned: list[str] = msgspec.field(default_factory=list)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    node: NodeSection = msgspec.field(default_factory=NodeSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    mesh: MeshSection = msgspec.field(default_factory=MeshSection)
+    federation: FederationSection = msgspec.field(default_factory=FederationSection)
+
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    name: typ
+    for name, typ in (
+        ("node", NodeSection),
+        ("log", LogSection),
+        ("metrics", MetricsSection),
+        ("limits", LimitsSection),
+        ("mesh", MeshSection),
+        ("federation", FederationSection),
+    )
+}
+# Short aliases people type: QPC_LOG=debug rather than QPC_LOG_LEVEL.
+_ENV_ALIASES = {"QPC_LOG": "log.level", "QPC_LISTEN": "node.listen", "QPC_DATA": "node.data_dir"}
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = dict(_ENV_ALIASES)
+    for section, typ in _SECTIONS.items():
+        for field in typ.__struct_fields__:
+            keys[f"{ENV_PREFIX}{section.upper()}_{field.upper()}"] = f"{section}.{field}"
+    for var, dotted in keys.items():
+        if var not in env:
+            continue
+        section, field = dotted.split(".")
+        out.setdefault(section, {})[field] = env[var]
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, values in over.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section}: expected a table")
+        base.setdefault(section, {}).update(values)
+
+
+def _from_strings(raw: dict[str, Any]) -> dict[str, Any]:
+    """Coerce env/flag strings to the field types (lists are comma-separated)."""
+    out: dict[str, Any] = {}
+    for section, values in raw.items():
+        typ = _SECTIONS.get(section)
+        fields = msgspec.structs.fields(typ) if typ else ()
+        types = {f.name: f.type for f in fields}
+        sec: dict[str, Any] = {}
+        for k, v in values.items():
+            t = types.get(k)
+            if isinstance(v, str) and t is not None and t is not str:
+                if t == list[str]:
+                    v = [x.strip() for x in v.split(",") if x.strip()]
+                elif t is bool:
+                    v = v.strip().lower() in {"1", "true", "yes", "on"}
+                elif t is int:
+                    v = _int(section, k, v)
+                elif t is float:
+                    v = _float(section, k, v)
+            sec[k] = v
+        out[section] = sec
+    return out
+
+
+def _int(section: str, key: str, v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"{section}.{key}: expected an integer, got {v!r}") from None
+
+
+def _float(section: str, key: str, v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise ConfigError(f"{section}.{key}: expected a number, got {v!r}") from None
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the effective configuration; raise ConfigError naming the bad key."""
+    merged: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                merged = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    _merge(merged, _from_strings(_env_overrides(os.environ if env is None else env)))
+    if overrides:
+        _merge(merged, _from_strings({k: dict(v) for k, v in overrides.items()}))
+    try:
+        cfg = msgspec.convert(merged, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_humanize(str(exc))) from None
+    check_production(cfg)
+    return cfg
+
+
+def _humanize(msg: str) -> str:
+    """msgspec says '... - at `$.limits.rate_burst`'; lead with the key instead."""
+    text, sep, where = msg.rpartition(" - at `$.")
+    if not sep:
+        return msg
+    return f"{where.rstrip('`')}: {text}"
+
+
+def check_production(cfg: Config) -> None:
+    """In production mode refuse settings that are fine on a laptop but not on a server."""
+    if not cfg.node.production:
+        return
+    problems: list[str] = []
+    if cfg.federation.mode == "managed" and not (cfg.federation.cert and cfg.federation.key):
+        problems.append("federation.cert/key: managed mode needs CA-issued certificates")
+    if cfg.federation.mode == "managed" and not cfg.federation.ca:
+        problems.append("federation.ca: managed mode needs the community CA")
+    if cfg.metrics.listen:
+        host, _ = parse_hostport(cfg.metrics.listen, default_port=9201)
+        if host not in {"127.0.0.1", "::1", "localhost"}:
+            problems.append("metrics.listen: non-loopback metrics without auth")
+    for key_path in (cfg.federation.key,):
+        if key_path and Path(key_path).exists() and Path(key_path).stat().st_mode & 0o077:
+            problems.append(f"federation.key: {key_path} is readable by group/others")
+    if problems:
+        raise ConfigError("production mode refuses: " + "; ".join(problems))
