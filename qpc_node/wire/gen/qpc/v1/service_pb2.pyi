@@ -110,14 +110,16 @@ class StoredMessage(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., envelope: _Optional[_Union[_envelope_pb2.Envelope, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("after_seq", "limit", "wait_ms")
+    __slots__ = ("after_seq", "limit", "wait_ms", "identity")
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     after_seq: int
     limit: int
     wait_ms: int
-    def __init__(self, after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+    identity: bytes
+    def __init__(self, after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., wait_ms: _Optional[int] = ..., identity: _Optional[bytes] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("messages", "head_seq")
@@ -128,10 +130,12 @@ class FetchResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[StoredMessage, _Mapping]]] = ..., head_seq: _Optional[int] = ...) -> None: ...
 
 class AckRequest(_message.Message):
-    __slots__ = ("up_to_seq",)
+    __slots__ = ("up_to_seq", "identity")
     UP_TO_SEQ_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
     up_to_seq: int
-    def __init__(self, up_to_seq: _Optional[int] = ...) -> None: ...
+    identity: bytes
+    def __init__(self, up_to_seq: _Optional[int] = ..., identity: _Optional[bytes] = ...) -> None: ...
 
 class AckResponse(_message.Message):
     __slots__ = ("deleted",)
