@@ -1,0 +1,51 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Sealed(_message.Message):
+    __slots__ = ("kind", "group_id", "data")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Sealed.Kind]
+        MLS_MESSAGE: _ClassVar[Sealed.Kind]
+        WELCOME: _ClassVar[Sealed.Kind]
+    KIND_UNSPECIFIED: Sealed.Kind
+    MLS_MESSAGE: Sealed.Kind
+    WELCOME: Sealed.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    kind: Sealed.Kind
+    group_id: bytes
+    data: bytes
+    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class AppMessage(_message.Message):
+    __slots__ = ("text", "info", "leave", "sent_ms")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    LEAVE_FIELD_NUMBER: _ClassVar[int]
+    SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    info: GroupInfo
+    leave: LeaveRequest
+    sent_ms: int
+    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., sent_ms: _Optional[int] = ...) -> None: ...
+
+class GroupInfo(_message.Message):
+    __slots__ = ("name", "direct", "committer")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
+    COMMITTER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    direct: bool
+    committer: bytes
+    def __init__(self, name: _Optional[str] = ..., direct: _Optional[bool] = ..., committer: _Optional[bytes] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
