@@ -1,0 +1,355 @@
+"""Trio facade: every SQLite call runs on one dedicated worker thread.
+
+Why a dedicated thread and not ``trio.to_thread.run_sync``: sqlite3 connections belong
+to the thread that made them, and owning the queue lets the worker see every enqueue
+that piled up while it was committing the previous one and commit them together
+(group commit: one WAL fsync for many callers, the main lever on flash writes and
+throughput). Nothing waits on a timer: batching happens exactly when there is a
+backlog, so a lone enqueue is committed immediately.
+
+The Trio side puts a job on a ``queue.SimpleQueue`` and waits on a ``trio.Event`` that
+the worker sets through ``TrioToken.run_sync_soon`` (non-blocking for the worker). A
+caller cancelled while waiting abandons the result, not the job: an enqueue that was
+already queued may still commit, which is fine because enqueue is idempotent on msg_id.
+
+``aclose()`` queues a stop marker behind all pending work, so everything accepted
+before it is drained, then checkpoints and truncates the WAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import outcome
+import trio
+
+from qpc_node.errors import QpcError
+from qpc_node.store.backup import BackupInfo, Finalizer
+from qpc_node.store.errors import StoreClosed
+from qpc_node.store.records import (
+    MIB,
+    AuditEvent,
+    EnqueueResult,
+    Envelope,
+    FetchResult,
+    KeyPackageCount,
+    KeyPackageRecord,
+    KeyPackageUpload,
+    MailboxDepth,
+    StoredAuditEvent,
+    StoreLimits,
+    StoreStatistics,
+    SweepResult,
+)
+from qpc_node.store.sql import Synchronous
+from qpc_node.store.store import EnqueueOutcome, Store
+
+T = TypeVar("T")
+
+MAX_GROUP_BATCHES = 256
+"""Upper bound of enqueue calls folded into one commit (bounds transaction size)."""
+
+
+class _Waiter(Generic[T]):
+    """A result slot the worker fills and the Trio task waits on."""
+
+    __slots__ = ("_token", "done", "result")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.result: outcome.Outcome[T] | None = None
+        self.done = trio.Event()
+        self._token = token
+
+    def finish(self, result: outcome.Outcome[T]) -> None:
+        self.result = result
+        # The Trio run may be gone (nobody waits any more); the job itself is done.
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self.done.set)
+
+
+class _Job(_Waiter[T]):
+    """One unit of work for the worker."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Store], T], token: trio.lowlevel.TrioToken) -> None:
+        super().__init__(token)
+        self.fn = fn
+
+
+class _EnqueueJob(_Job[list[EnqueueResult]]):
+    __slots__ = ("batch",)
+
+    def __init__(
+        self, envelopes: Sequence[Envelope], now_ms: int, token: trio.lowlevel.TrioToken
+    ) -> None:
+        super().__init__(lambda store: store.enqueue(envelopes, now_ms), token)
+        self.batch = (envelopes, now_ms)
+
+
+_STOP = object()
+
+
+class AsyncStoreStatistics(msgspec.Struct, frozen=True):
+    store: StoreStatistics
+    queued: int  # jobs waiting for the worker right now
+    jobs: int  # jobs completed
+    group_commits: int  # enqueue transactions that carried more than one call
+    grouped_batches: int  # enqueue calls that shared a transaction with others
+    largest_group: int
+
+
+class AsyncStore:
+    """What node services await. Create with ``await AsyncStore.open(...)`` or
+    ``async with open_store(...)``; always ``aclose()``."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._store: Store | None = None
+        self._closing = False
+        self._stopped = trio.Event()
+        self._jobs = 0
+        self._group_commits = 0
+        self._grouped_batches = 0
+        self._largest_group = 0
+        self._queued = 0
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        limits: StoreLimits | None = None,
+        synchronous: Synchronous = "FULL",
+    ) -> AsyncStore:
+        """Start the worker, which opens and migrates the file (off the Trio thread)."""
+        self = cls()
+        token = trio.lowlevel.current_trio_token()
+        opened: _Waiter[Store] = _Waiter(token)
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(opened, token, lambda: Store.open(path, limits=limits, synchronous=synchronous)),
+            name="qpc-store",
+            daemon=True,
+        )
+        self._thread.start()
+        with trio.CancelScope(shield=True):  # never leak a half-started worker
+            await opened.done.wait()
+        assert opened.result is not None
+        if isinstance(opened.result, outcome.Error):
+            await self._join()
+        self._store = opened.result.unwrap()
+        return self
+
+    # -- worker thread -------------------------------------------------------------
+
+    def _run(
+        self,
+        opened: _Waiter[Store],
+        token: trio.lowlevel.TrioToken,
+        open_store: Callable[[], Store],
+    ) -> None:
+        result = outcome.capture(open_store)
+        store = result.value if isinstance(result, outcome.Value) else None
+        opened.finish(result)
+        try:
+            if store is not None:
+                self._serve(store)
+        finally:
+            if store is not None:
+                store.close()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._stopped.set)
+
+    def _serve(self, store: Store) -> None:
+        held: object | None = None
+        while True:
+            item = held if held is not None else self._queue.get()
+            held = None
+            if item is _STOP:
+                return
+            if isinstance(item, _EnqueueJob):
+                group: list[_EnqueueJob] = [item]
+                while len(group) < MAX_GROUP_BATCHES:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(nxt, _EnqueueJob):
+                        group.append(nxt)
+                    else:
+                        held = nxt
+                        break
+                self._run_group(store, group)
+            else:
+                assert isinstance(item, _Job)
+                self._jobs += 1
+                item.finish(outcome.capture(item.fn, store))
+
+    def _run_group(self, store: Store, group: list[_EnqueueJob]) -> None:
+        self._jobs += len(group)
+        if len(group) == 1:
+            group[0].finish(outcome.capture(group[0].fn, store))
+            return
+        self._group_commits += 1
+        self._grouped_batches += len(group)
+        self._largest_group = max(self._largest_group, len(group))
+        results = outcome.capture(store.enqueue_many, [job.batch for job in group])
+        for index, job in enumerate(group):
+            job.finish(_per_batch(results, index))
+
+    # -- Trio side -----------------------------------------------------------------
+
+    async def _submit(self, job: _Job[T]) -> T:
+        if self._closing or self._store is None:
+            raise StoreClosed("store is closed")
+        self._queue.put(job)
+        await job.done.wait()
+        assert job.result is not None
+        return job.result.unwrap()
+
+    async def run(self, fn: Callable[[Store], T]) -> T:
+        """Run ``fn(store)`` on the worker: the escape hatch for calls not wrapped below."""
+        return await self._submit(_Job(fn, trio.lowlevel.current_trio_token()))
+
+    async def aclose(self) -> None:
+        """Drain pending work, checkpoint the WAL, stop the worker. Idempotent."""
+        if not self._closing:
+            self._closing = True
+            self._queue.put(_STOP)
+        await self._join()
+
+    async def _join(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
+        if self._thread is not None:
+            self._thread.join()  # already returned: it set _stopped as its last act
+
+    async def __aenter__(self) -> AsyncStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def statistics(self) -> AsyncStoreStatistics:
+        """Counters for the REPL; read from the Trio thread without a round trip, so
+        the store part may lag the worker by the job in flight."""
+        assert self._store is not None
+        return AsyncStoreStatistics(
+            store=self._store.statistics(),
+            queued=self._queue.qsize(),
+            jobs=self._jobs,
+            group_commits=self._group_commits,
+            grouped_batches=self._grouped_batches,
+            largest_group=self._largest_group,
+        )
+
+    # -- mailbox -------------------------------------------------------------------
+
+    async def enqueue(self, envelopes: Sequence[Envelope], now_ms: int) -> list[EnqueueResult]:
+        """Durable once it returns (see docs/storage.md); may share a commit with others."""
+        return await self._submit(
+            _EnqueueJob(tuple(envelopes), now_ms, trio.lowlevel.current_trio_token())
+        )
+
+    async def fetch(
+        self,
+        recipient: bytes,
+        *,
+        now_ms: int,
+        after_seq: int = 0,
+        limit: int = 100,
+        max_bytes: int = 4 * MIB,
+    ) -> FetchResult:
+        return await self.run(
+            lambda s: s.fetch(
+                recipient, now_ms=now_ms, after_seq=after_seq, limit=limit, max_bytes=max_bytes
+            )
+        )
+
+    async def ack(
+        self, recipient: bytes, *, up_to_seq: int | None = None, seqs: Sequence[int] = ()
+    ) -> int:
+        seqs = tuple(seqs)
+        return await self.run(lambda s: s.ack(recipient, up_to_seq=up_to_seq, seqs=seqs))
+
+    async def depth(self, recipient: bytes) -> MailboxDepth:
+        return await self.run(lambda s: s.depth(recipient))
+
+    async def expire_messages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
+        return await self.run(lambda s: s.expire_messages(now_ms, max_rows=max_rows))
+
+    # -- KeyPackage directory ------------------------------------------------------
+
+    async def upload_keypackages(
+        self, identity: bytes, packages: Sequence[KeyPackageUpload], now_ms: int
+    ) -> int:
+        packages = tuple(packages)
+        return await self.run(lambda s: s.upload_keypackages(identity, packages, now_ms))
+
+    async def fetch_keypackage(
+        self, identity: bytes, now_ms: int, *, ciphersuite: int | None = None
+    ) -> KeyPackageRecord | None:
+        return await self.run(
+            lambda s: s.fetch_keypackage(identity, now_ms, ciphersuite=ciphersuite)
+        )
+
+    async def count_keypackages(self, identity: bytes, now_ms: int) -> KeyPackageCount:
+        return await self.run(lambda s: s.count_keypackages(identity, now_ms))
+
+    async def expire_keypackages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
+        return await self.run(lambda s: s.expire_keypackages(now_ms, max_rows=max_rows))
+
+    # -- audit, meta, operations ---------------------------------------------------
+
+    async def audit_append(self, events: Sequence[AuditEvent]) -> int:
+        events = tuple(events)
+        return await self.run(lambda s: s.audit_append(events))
+
+    async def audit_query(self, **filters: Any) -> list[StoredAuditEvent]:
+        """Same keyword filters as :meth:`Store.audit_query`."""
+        return await self.run(lambda s: s.audit_query(**filters))
+
+    async def audit_rotate(self, *, now_ms: int, keep_last: int, max_age_ms: int) -> int:
+        return await self.run(
+            lambda s: s.audit_rotate(now_ms=now_ms, keep_last=keep_last, max_age_ms=max_age_ms)
+        )
+
+    async def meta_get(self, key: str) -> bytes | None:
+        return await self.run(lambda s: s.meta_get(key))
+
+    async def meta_put(self, key: str, value: bytes) -> None:
+        await self.run(lambda s: s.meta_put(key, value))
+
+    async def meta_delete(self, key: str) -> bool:
+        return await self.run(lambda s: s.meta_delete(key))
+
+    async def backup(
+        self, destination: Path | str, *, finalize: Finalizer | None = None
+    ) -> BackupInfo:
+        return await self.run(lambda s: s.backup(destination, finalize=finalize))
+
+
+def _per_batch(
+    results: outcome.Outcome[list[EnqueueOutcome]], index: int
+) -> outcome.Outcome[list[EnqueueResult]]:
+    """Split a group's outcome: a database error fails every batch of the group."""
+    if isinstance(results, outcome.Error):
+        return results
+    item = results.unwrap()[index]
+    if isinstance(item, QpcError):
+        return outcome.Error(item)
+    return outcome.Value(item)

@@ -1,0 +1,106 @@
+"""Numbered, forward-only schema migrations tracked in ``PRAGMA user_version``.
+
+Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the
+``user_version`` bump, so a crash mid-upgrade leaves the file at the previous version
+and the next start simply retries. A file whose version is higher than ours was written
+by a newer qpc: we refuse it (:class:`SchemaTooNew`) instead of guessing. Never edit a
+released migration; append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from qpc_node.store.errors import SchemaTooNew
+from qpc_node.store.sql import transaction
+
+# Statements, not scripts: ``executescript`` would COMMIT the open transaction first.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: node state and mailboxes.
+    (
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value BLOB NOT NULL
+        ) WITHOUT ROWID""",
+        # One row per recipient ever seen: keeps last_seq monotonic even when empty,
+        # and depth/bytes so quota checks are O(1).
+        """CREATE TABLE mailboxes (
+            recipient BLOB PRIMARY KEY,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            depth INTEGER NOT NULL DEFAULT 0,
+            bytes INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        # ciphertext becomes NULL on ack: the row stays as a tombstone until expiry so
+        # a late retry of an already delivered msg_id is still recognised.
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            recipient BLOB NOT NULL REFERENCES mailboxes(recipient),
+            seq INTEGER NOT NULL,
+            msg_id BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            hop_limit INTEGER NOT NULL,
+            enqueued_ms INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            ciphertext BLOB
+        )""",
+        "CREATE UNIQUE INDEX messages_by_seq ON messages(recipient, seq)",
+        "CREATE UNIQUE INDEX messages_by_msg_id ON messages(recipient, msg_id)",
+        "CREATE INDEX messages_by_expiry ON messages(expiry_ms)",
+    ),
+    # 2: KeyPackage directory.
+    (
+        """CREATE TABLE keypackages (
+            id INTEGER PRIMARY KEY,
+            identity BLOB NOT NULL,
+            ciphersuite INTEGER NOT NULL,
+            last_resort INTEGER NOT NULL CHECK (last_resort IN (0, 1)),
+            not_after_ms INTEGER NOT NULL,
+            uploaded_ms INTEGER NOT NULL,
+            digest BLOB NOT NULL,
+            data BLOB NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX keypackages_by_digest ON keypackages(identity, digest)",
+        "CREATE INDEX keypackages_by_identity ON keypackages(identity, last_resort, id)",
+        "CREATE INDEX keypackages_by_expiry ON keypackages(not_after_ms)",
+    ),
+    # 3: audit trail.
+    (
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY,
+            ts_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_by_ts ON audit(ts_ms)",
+        "CREATE INDEX audit_by_kind ON audit(kind, id)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def migrate(conn: sqlite3.Connection, *, target: int = SCHEMA_VERSION) -> int:
+    """Bring the file up to ``target``; return how many migrations ran.
+
+    ``target`` below the latest exists for tests that need an old-version file.
+    """
+    current = schema_version(conn)
+    if current > SCHEMA_VERSION:
+        raise SchemaTooNew(current, SCHEMA_VERSION)
+    ran = 0
+    for version in range(current + 1, target + 1):
+        with transaction(conn):
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            if schema_version(conn) >= version:
+                continue
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version:d}")
+        ran += 1
+    return ran

@@ -1,0 +1,313 @@
+"""The synchronous store: one connection, explicit transactions, one owner thread.
+
+Everything the node persists goes through a :class:`Store`. It is used directly by
+tests and tools, and from the single worker thread behind
+:class:`~qpc_node.store.async_store.AsyncStore` (which is what services await). It is
+not thread-safe by design: sqlite3 connections are bound to their creating thread.
+
+Transaction boundaries live here, not in the table modules, so that
+:meth:`Store.enqueue_many` can put several independent enqueue batches into one commit
+(group commit: one fsync for all of them) while each batch stays all-or-nothing
+through its own savepoint.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from qpc_node.errors import QpcError
+from qpc_node.store import audit, keypackages, mailbox, meta
+from qpc_node.store.backup import BackupInfo, Finalizer, backup_to
+from qpc_node.store.errors import QuotaExceeded, StoreClosed
+from qpc_node.store.records import (
+    MIB,
+    AuditEvent,
+    EnqueueResult,
+    Envelope,
+    FetchResult,
+    KeyPackageCount,
+    KeyPackageRecord,
+    KeyPackageUpload,
+    MailboxDepth,
+    StoredAuditEvent,
+    StoreLimits,
+    StoreStatistics,
+    SweepResult,
+)
+from qpc_node.store.schema import migrate, schema_version
+from qpc_node.store.sql import Synchronous, connect, savepoint, transaction
+
+EnqueueBatch = tuple[Sequence[Envelope], int]
+"""One enqueue call: ``(envelopes, now_ms)``."""
+
+EnqueueOutcome = list[EnqueueResult] | QpcError
+"""Per batch of :meth:`Store.enqueue_many`: its results, or the typed error that
+rejected it (and only it)."""
+
+
+class Store:
+    """A node's database. Open with :meth:`Store.open`; close (or ``with``) when done."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, limits: StoreLimits) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self.path = path
+        self.limits = limits
+        self._schema_version = schema_version(conn)
+        self._transactions = 0
+        self._enqueued = 0
+        self._duplicates = 0
+        self._fetched = 0
+        self._acked = 0
+        self._expired = 0
+        self._quota_rejections = 0
+        self._kp_uploaded = 0
+        self._kp_served = 0
+
+    @classmethod
+    def open(
+        cls,
+        path: Path | str,
+        *,
+        limits: StoreLimits | None = None,
+        synchronous: Synchronous = "FULL",
+    ) -> Store:
+        """Open (creating if needed) and migrate; raises ``SchemaTooNew`` for newer files."""
+        path = Path(path)
+        conn = connect(path, synchronous=synchronous)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path, limits or StoreLimits())
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file (and truncate it), then close."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreClosed("store is closed")
+        return self._conn
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the main file (PASSIVE: never waits for readers)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    # -- mailbox -------------------------------------------------------------------
+
+    def enqueue(self, envelopes: Sequence[Envelope], now_ms: int) -> list[EnqueueResult]:
+        """Store one batch atomically (one commit); raise its typed error if refused."""
+        outcome = self.enqueue_many([(envelopes, now_ms)])[0]
+        if isinstance(outcome, QpcError):
+            raise outcome
+        return outcome
+
+    def enqueue_many(self, batches: Sequence[EnqueueBatch]) -> list[EnqueueOutcome]:
+        """Group commit: all batches in one transaction, each in its own savepoint.
+
+        A batch refused for validation or quota gets its error in the result list and
+        leaves no trace; the others still commit. A database error (disk full, I/O)
+        rolls everything back and propagates: nothing was acknowledged.
+        """
+        outcomes: list[EnqueueOutcome] = []
+        valid: list[int] = []
+        for index, (envelopes, now_ms) in enumerate(batches):
+            try:
+                mailbox.validate_envelopes(envelopes, now_ms, self.limits)
+            except QpcError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append([])
+            valid.append(index)
+        if not valid:
+            return outcomes
+        conn = self.conn
+        enqueued = duplicates = rejections = 0
+        with transaction(conn):
+            for index in valid:
+                envelopes, now_ms = batches[index]
+                try:
+                    with savepoint(conn, "batch"):
+                        results = mailbox.enqueue(conn, envelopes, now_ms, self.limits)
+                except QuotaExceeded as exc:
+                    outcomes[index] = exc
+                    rejections += 1
+                    continue
+                outcomes[index] = results
+                dup = sum(r.duplicate for r in results)
+                duplicates += dup
+                enqueued += len(results) - dup
+        self._transactions += 1
+        self._enqueued += enqueued
+        self._duplicates += duplicates
+        self._quota_rejections += rejections
+        return outcomes
+
+    def fetch(
+        self,
+        recipient: bytes,
+        *,
+        now_ms: int,
+        after_seq: int = 0,
+        limit: int = 100,
+        max_bytes: int = 4 * MIB,
+    ) -> FetchResult:
+        # A read transaction gives last_seq and the rows from one snapshot.
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            result = mailbox.fetch(
+                conn,
+                recipient,
+                after_seq=after_seq,
+                limit=limit,
+                max_bytes=max_bytes,
+                now_ms=now_ms,
+            )
+        finally:
+            conn.execute("COMMIT")
+        self._fetched += len(result.messages)
+        return result
+
+    def ack(
+        self, recipient: bytes, *, up_to_seq: int | None = None, seqs: Sequence[int] = ()
+    ) -> int:
+        """Mark delivered messages done (payload deleted); returns how many were new."""
+        with transaction(self.conn) as conn:
+            acked = mailbox.ack(conn, recipient, up_to_seq=up_to_seq, seqs=seqs)
+        self._transactions += 1
+        self._acked += acked
+        return acked
+
+    def depth(self, recipient: bytes) -> MailboxDepth:
+        return mailbox.depth(self.conn, recipient)
+
+    def expire_messages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
+        with transaction(self.conn) as conn:
+            result = mailbox.expire(conn, now_ms, max_rows=max_rows)
+        self._transactions += 1
+        self._expired += result.expired
+        return result
+
+    # -- KeyPackage directory ------------------------------------------------------
+
+    def upload_keypackages(
+        self, identity: bytes, packages: Sequence[KeyPackageUpload], now_ms: int
+    ) -> int:
+        with transaction(self.conn) as conn:
+            stored = keypackages.upload(conn, identity, packages, now_ms, self.limits)
+        self._transactions += 1
+        self._kp_uploaded += stored
+        return stored
+
+    def fetch_keypackage(
+        self, identity: bytes, now_ms: int, *, ciphersuite: int | None = None
+    ) -> KeyPackageRecord | None:
+        with transaction(self.conn) as conn:
+            record = keypackages.fetch_one(conn, identity, now_ms, ciphersuite=ciphersuite)
+        self._transactions += 1
+        self._kp_served += record is not None
+        return record
+
+    def count_keypackages(self, identity: bytes, now_ms: int) -> KeyPackageCount:
+        return keypackages.count(self.conn, identity, now_ms)
+
+    def expire_keypackages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
+        with transaction(self.conn) as conn:
+            result = keypackages.expire(conn, now_ms, max_rows=max_rows)
+        self._transactions += 1
+        return result
+
+    # -- audit ---------------------------------------------------------------------
+
+    def audit_append(self, events: Sequence[AuditEvent]) -> int:
+        with transaction(self.conn) as conn:
+            last_id = audit.append(conn, events)
+        self._transactions += 1
+        return last_id
+
+    def audit_query(
+        self,
+        *,
+        kind: str | None = None,
+        subject: str | None = None,
+        since_ms: int | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredAuditEvent]:
+        return audit.query(
+            self.conn,
+            kind=kind,
+            subject=subject,
+            since_ms=since_ms,
+            before_id=before_id,
+            limit=limit,
+        )
+
+    def audit_rotate(self, *, now_ms: int, keep_last: int, max_age_ms: int) -> int:
+        with transaction(self.conn) as conn:
+            deleted = audit.rotate(conn, now_ms=now_ms, keep_last=keep_last, max_age_ms=max_age_ms)
+        self._transactions += 1
+        return deleted
+
+    # -- node state ----------------------------------------------------------------
+
+    def meta_get(self, key: str) -> bytes | None:
+        return meta.get(self.conn, key)
+
+    def meta_put(self, key: str, value: bytes) -> None:
+        with transaction(self.conn) as conn:
+            meta.put(conn, key, value)
+        self._transactions += 1
+
+    def meta_delete(self, key: str) -> bool:
+        with transaction(self.conn) as conn:
+            found = meta.delete(conn, key)
+        self._transactions += 1
+        return found
+
+    # -- operations ----------------------------------------------------------------
+
+    def backup(self, destination: Path | str, *, finalize: Finalizer | None = None) -> BackupInfo:
+        """Verified online copy; ``finalize`` is the seam for encrypting it."""
+        if finalize is None:
+            return backup_to(self.conn, Path(destination))
+        return backup_to(self.conn, Path(destination), finalize=finalize)
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            schema_version=self._schema_version,
+            transactions=self._transactions,
+            enqueued=self._enqueued,
+            duplicates=self._duplicates,
+            fetched=self._fetched,
+            acked=self._acked,
+            expired_messages=self._expired,
+            quota_rejections=self._quota_rejections,
+            keypackages_uploaded=self._kp_uploaded,
+            keypackages_served=self._kp_served,
+        )
