@@ -1,0 +1,235 @@
+"""REPL command grammar (sans-IO): a line in, a typed command or a usage error out.
+
+Kept apart from prompt_toolkit and the client so every form of bad input can be
+tested without a terminal, and so script mode and interactive mode parse alike.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from qpc_node.client.fingerprint import normalize
+from qpc_node.errors import LocalProtocolError
+
+
+class UsageError(LocalProtocolError):
+    """Bad command or arguments; ``usage`` is the line to show."""
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+@dataclass(frozen=True)
+class Help:
+    topic: str = ""
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    pass
+
+
+@dataclass(frozen=True)
+class Dm:
+    peer: str
+    text: str
+
+
+@dataclass(frozen=True)
+class GroupCreate:
+    name: str
+
+
+@dataclass(frozen=True)
+class GroupInvite:
+    name: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class GroupSend:
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class GroupMembers:
+    name: str
+
+
+@dataclass(frozen=True)
+class GroupLeave:
+    name: str
+
+
+@dataclass(frozen=True)
+class GroupRemove:
+    name: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class Inbox:
+    wait: float = 0.0
+
+
+@dataclass(frozen=True)
+class Verify:
+    peer: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    pass
+
+
+@dataclass(frozen=True)
+class Quit:
+    pass
+
+
+Command = (
+    Help
+    | WhoAmI
+    | Dm
+    | GroupCreate
+    | GroupInvite
+    | GroupSend
+    | GroupMembers
+    | GroupLeave
+    | GroupRemove
+    | Inbox
+    | Verify
+    | Stats
+    | Quit
+)
+
+USAGE: dict[str, str] = {
+    "help": "/help [COMMAND]",
+    "whoami": "/whoami",
+    "dm": "/dm FINGERPRINT TEXT   (also /mesh dm FINGERPRINT TEXT)",
+    "group": "/group create|invite|send|members|leave|remove NAME [FINGERPRINT|TEXT]",
+    "group create": "/group create NAME",
+    "group invite": "/group invite NAME FINGERPRINT",
+    "group send": "/group send NAME TEXT",
+    "group members": "/group members NAME",
+    "group leave": "/group leave NAME",
+    "group remove": "/group remove NAME FINGERPRINT",
+    "inbox": "/inbox [--wait SECONDS]",
+    "verify": "/verify FINGERPRINT",
+    "stats": "/stats",
+    "quit": "/quit",
+}
+MAX_WAIT = 3600.0
+MAX_NAME = 64
+
+
+def _fpr(s: str, usage: str) -> str:
+    try:
+        return normalize(s)
+    except LocalProtocolError as exc:
+        raise UsageError(str(exc), usage) from None
+
+
+def _name(s: str, usage: str) -> str:
+    if not s or len(s) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in s):
+        raise UsageError(f"group name must be 1-{MAX_NAME} printable chars, no spaces", usage)
+    return s
+
+
+def _split_rest(rest: str, n: int) -> list[str]:
+    """Split off ``n`` leading words; the remainder (free text) stays verbatim."""
+    out: list[str] = []
+    s = rest.lstrip()
+    for _ in range(n):
+        word, _, s = s.partition(" ")
+        out.append(word)
+        s = s.lstrip()
+    out.append(s)
+    return out
+
+
+def parse(line: str) -> Command | None:
+    """Parse one REPL line. Empty lines and ``#`` comments give None."""
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return None
+    if not s.startswith("/"):
+        raise UsageError("commands start with '/'; try /help", USAGE["help"])
+    head, _, rest = s[1:].partition(" ")
+    head = head.lower()
+    if head == "mesh":
+        sub, _, rest2 = rest.strip().partition(" ")
+        if sub.lower() == "dm":
+            head, rest = "dm", rest2
+        else:
+            raise UsageError(f"unknown /mesh command {sub!r}", USAGE["dm"])
+    if head == "help":
+        return Help(rest.strip())
+    if head in ("whoami", "stats", "quit", "exit"):
+        if rest.strip():
+            raise UsageError(f"/{head} takes no arguments", USAGE.get(head, "/quit"))
+        if head == "whoami":
+            return WhoAmI()
+        return Stats() if head == "stats" else Quit()
+    if head == "dm":
+        peer, text = _split_rest(rest, 1)
+        if not peer or not text:
+            raise UsageError("need a fingerprint and a text", USAGE["dm"])
+        return Dm(_fpr(peer, USAGE["dm"]), text)
+    if head == "verify":
+        args = rest.split()
+        if len(args) != 1:
+            raise UsageError("need one fingerprint", USAGE["verify"])
+        return Verify(_fpr(args[0], USAGE["verify"]))
+    if head == "inbox":
+        return _inbox(rest)
+    if head == "group":
+        return _group(rest)
+    raise UsageError(f"unknown command /{head}; try /help", USAGE["help"])
+
+
+def _inbox(rest: str) -> Inbox:
+    try:
+        args = shlex.split(rest)
+    except ValueError as exc:
+        raise UsageError(str(exc), USAGE["inbox"]) from None
+    if not args:
+        return Inbox()
+    if len(args) == 2 and args[0] == "--wait":
+        try:
+            wait = float(args[1])
+        except ValueError:
+            raise UsageError("--wait takes seconds", USAGE["inbox"]) from None
+        if not 0 <= wait <= MAX_WAIT:
+            raise UsageError(f"--wait must be within 0..{MAX_WAIT:.0f}", USAGE["inbox"])
+        return Inbox(wait)
+    raise UsageError("unexpected arguments", USAGE["inbox"])
+
+
+def _group(rest: str) -> Command:
+    sub, _, rest = rest.strip().partition(" ")
+    sub = sub.lower()
+    usage = USAGE.get(f"group {sub}", USAGE["group"])
+    if sub in ("create", "members", "leave"):
+        args = rest.split()
+        if len(args) != 1:
+            raise UsageError("need one group name", usage)
+        name = _name(args[0], usage)
+        if sub == "create":
+            return GroupCreate(name)
+        return GroupMembers(name) if sub == "members" else GroupLeave(name)
+    if sub in ("invite", "remove"):
+        args = rest.split()
+        if len(args) != 2:
+            raise UsageError("need a group name and a fingerprint", usage)
+        name, peer = _name(args[0], usage), _fpr(args[1], usage)
+        return GroupInvite(name, peer) if sub == "invite" else GroupRemove(name, peer)
+    if sub == "send":
+        name, text = _split_rest(rest, 1)
+        if not name or not text:
+            raise UsageError("need a group name and a text", usage)
+        return GroupSend(_name(name, usage), text)
+    raise UsageError(f"unknown /group command {sub!r}", USAGE["group"])
