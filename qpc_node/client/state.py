@@ -1,0 +1,287 @@
+"""A user agent's local state: conversations, contacts, received texts, outbox.
+
+Lives in the user's data dir (``client.db``) beside the MLS state. Message text
+is sealed with AES-256-GCM under a key derived from the at-rest secret, so the
+file alone reveals neither texts nor who said them beyond counts; the outbox
+holds envelopes that are already MLS ciphertext.
+
+Synchronous and single-connection; the async client runs every call through one
+thread (see ``AsyncClientState``) so the Trio loop never blocks on SQLite.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from qpc_node.errors import QpcError, StatusCode
+from qpc_node.store.sql import transaction
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DB_FILE = "client.db"
+_SCHEMA = 1
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS conversations (
+    name TEXT PRIMARY KEY,
+    group_id BLOB NOT NULL UNIQUE,
+    direct INTEGER NOT NULL,
+    peer BLOB,
+    committer BLOB NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS contacts (
+    fingerprint BLOB PRIMARY KEY,
+    verified INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL,
+    conv TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    shown INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    msg_id BLOB PRIMARY KEY,
+    envelope BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+"""
+
+
+class ClientStateError(QpcError):
+    code = StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    name: str
+    group_id: bytes
+    direct: bool
+    peer: bytes | None
+    committer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    id: int
+    seq: int
+    conv: str
+    sender: bytes
+    text: str
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    msg_id: bytes
+    envelope: bytes
+    attempts: int
+    next_ms: int
+
+
+class ClientState:
+    def __init__(self, data_dir: Path, secret: bytes) -> None:
+        self._conn = sqlite3.connect(
+            data_dir / DB_FILE, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.executescript(_DDL)
+        self._aead = AESGCM(
+            HKDF(hashes.SHA256(), 32, salt=None, info=b"qpc-client-db-v1").derive(secret)
+        )
+        if self.get_meta("schema") is None:
+            self.set_meta("schema", _SCHEMA.to_bytes(4, "big"))
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- sealing -------------------------------------------------------------
+    def _seal(self, plain: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plain, aad)
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:12], sealed[12:], aad)
+        except InvalidTag:
+            raise ClientStateError("local state was tampered with or the key is wrong") from None
+
+    # -- meta ----------------------------------------------------------------
+    def get_meta(self, k: str) -> bytes | None:
+        row = self._conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, k: str, v: bytes) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (k, v))
+
+    def cursor(self) -> int:
+        v = self.get_meta("cursor")
+        return 0 if v is None else int.from_bytes(v, "big")
+
+    # -- conversations -------------------------------------------------------
+    def add_conversation(self, conv: Conversation, now_ms: int) -> None:
+        try:
+            self._conn.execute(
+                "INSERT INTO conversations (name, group_id, direct, peer, committer, created_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (conv.name, conv.group_id, int(conv.direct), conv.peer, conv.committer, now_ms),
+            )
+        except sqlite3.IntegrityError:
+            raise ClientStateError(f"conversation {conv.name!r} already exists") from None
+
+    def rename_conversation(self, group_id: bytes, name: str) -> None:
+        self._conn.execute("UPDATE conversations SET name = ? WHERE group_id = ?", (name, group_id))
+
+    def drop_conversation(self, name: str) -> None:
+        self._conn.execute("DELETE FROM conversations WHERE name = ?", (name,))
+
+    def _conv(self, where: str, arg: object) -> Conversation | None:
+        row = self._conn.execute(
+            "SELECT name, group_id, direct, peer, committer FROM conversations WHERE " + where,
+            (arg,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Conversation(
+            row[0], bytes(row[1]), bool(row[2]), row[3] and bytes(row[3]), bytes(row[4])
+        )
+
+    def conversation(self, name: str) -> Conversation | None:
+        return self._conv("name = ?", name)
+
+    def conversation_by_group(self, group_id: bytes) -> Conversation | None:
+        return self._conv("group_id = ?", group_id)
+
+    def direct_with(self, peer: bytes) -> Conversation | None:
+        return self._conv("direct = 1 AND peer = ?", peer)
+
+    def conversations(self) -> list[Conversation]:
+        rows = self._conn.execute("SELECT name FROM conversations ORDER BY name").fetchall()
+        return [c for (n,) in rows if (c := self.conversation(n)) is not None]
+
+    # -- contacts ------------------------------------------------------------
+    def see_contact(self, fpr: bytes, now_ms: int) -> bool:
+        """Record a contact; True when it is new."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO contacts (fingerprint, first_seen_ms) VALUES (?, ?)",
+            (fpr, now_ms),
+        )
+        return cur.rowcount == 1
+
+    def short_code_clash(self, fpr: bytes) -> bytes | None:
+        """A known contact whose short code equals ``fpr``'s but whose key differs.
+
+        People recognise contacts by short code; a different key behind the same
+        short code is an impersonation attempt or a changed key, never silently ok.
+        """
+        for (other,) in self._conn.execute("SELECT fingerprint FROM contacts"):
+            o = bytes(other)
+            if o != fpr and o[:4] == fpr[:4]:
+                return o
+        return None
+
+    def set_verified(self, fpr: bytes, now_ms: int) -> None:
+        self.see_contact(fpr, now_ms)
+        self._conn.execute("UPDATE contacts SET verified = 1 WHERE fingerprint = ?", (fpr,))
+
+    def is_verified(self, fpr: bytes) -> bool:
+        row = self._conn.execute(
+            "SELECT verified FROM contacts WHERE fingerprint = ?", (fpr,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    # -- inbox ---------------------------------------------------------------
+    def store_received(
+        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int, *, cursor: int
+    ) -> None:
+        """Keep a received text and advance the fetch cursor in one transaction."""
+        sealed = self._seal(sender + text.encode("utf-8"), conv.encode("utf-8"))
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO inbox (seq, conv, sealed, ts_ms) VALUES (?, ?, ?, ?)",
+                (seq, conv, sealed, ts_ms),
+            )
+            self._advance(cursor)
+
+    def advance_cursor(self, cursor: int) -> None:
+        self._advance(cursor)
+
+    def _advance(self, cursor: int) -> None:
+        if cursor > self.cursor():
+            self.set_meta("cursor", cursor.to_bytes(8, "big"))
+
+    def unshown(self) -> list[Received]:
+        """Received texts not yet shown, oldest first; marks them shown."""
+        rows = self._conn.execute(
+            "SELECT id, seq, conv, sealed, ts_ms FROM inbox WHERE shown = 0 ORDER BY id"
+        ).fetchall()
+        out: list[Received] = []
+        for rid, seq, conv, sealed, ts in rows:
+            plain = self._open(bytes(sealed), conv.encode("utf-8"))
+            out.append(Received(rid, seq, conv, plain[:32], plain[32:].decode("utf-8"), ts))
+        if out:
+            self._conn.execute(
+                "UPDATE inbox SET shown = 1 WHERE id <= ? AND shown = 0", (out[-1].id,)
+            )
+        return out
+
+    # -- outbox --------------------------------------------------------------
+    def outbox_add(self, msg_id: bytes, envelope: bytes, now_ms: int) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+            " VALUES (?, ?, ?, ?)",
+            (msg_id, envelope, now_ms, now_ms),
+        )
+
+    def outbox_due(self, now_ms: int, limit: int = 64) -> list[Outgoing]:
+        rows = self._conn.execute(
+            "SELECT msg_id, envelope, attempts, next_ms FROM outbox WHERE next_ms <= ?"
+            " ORDER BY created_ms LIMIT ?",
+            (now_ms, limit),
+        ).fetchall()
+        return [Outgoing(bytes(m), bytes(e), a, n) for m, e, a, n in rows]
+
+    def outbox_retry_at(self, msg_id: bytes, next_ms: int) -> None:
+        self._conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_ms = ? WHERE msg_id = ?",
+            (next_ms, msg_id),
+        )
+
+    def outbox_done(self, msg_ids: list[bytes]) -> None:
+        with transaction(self._conn):
+            self._conn.executemany("DELETE FROM outbox WHERE msg_id = ?", [(m,) for m in msg_ids])
+
+    def outbox_len(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+class AsyncClientState:
+    """Runs ClientState calls on a worker thread, one at a time (never on the Trio thread)."""
+
+    def __init__(self, state: ClientState) -> None:
+        self.sync = state
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kwargs), limiter=self._limiter
+        )
