@@ -148,8 +148,18 @@ class ClientState:
         except sqlite3.IntegrityError:
             raise ClientStateError(f"conversation {conv.name!r} already exists") from None
 
-    def rename_conversation(self, group_id: bytes, name: str) -> None:
-        self._conn.execute("UPDATE conversations SET name = ? WHERE group_id = ?", (name, group_id))
+    def describe_conversation(
+        self, group_id: bytes, *, name: str, direct: bool, peer: bytes | None, committer: bytes
+    ) -> None:
+        """Fill in what a joiner learns after the Welcome (name, kind, committer)."""
+        try:
+            self._conn.execute(
+                "UPDATE conversations SET name = ?, direct = ?, peer = ?, committer = ?"
+                " WHERE group_id = ?",
+                (name, int(direct), peer, committer, group_id),
+            )
+        except sqlite3.IntegrityError:
+            raise ClientStateError(f"conversation {name!r} already exists") from None
 
     def drop_conversation(self, name: str) -> None:
         self._conn.execute("DELETE FROM conversations WHERE name = ?", (name,))

@@ -1,0 +1,179 @@
+"""Delivery: per-recipient mailboxes over the store, with long-poll wakeups.
+
+Enqueue is idempotent on msg_id (the store guarantees it); fetch and ack act
+only on the caller's own mailbox; a fetch with ``wait_ms`` parks until a new
+message for that recipient commits or the (capped) wait ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from qpc_node.errors import QpcError, RemoteProtocolError, StatusCode
+from qpc_node.rpc.context import CallContext
+from qpc_node.rpc.methods import MethodTable
+from qpc_node.service.guard import Guard, PermissionDenied, short
+from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.records import Envelope, FetchResult
+from qpc_node.wire.envelope import Envelope as WireEnvelope
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, service_pb2
+
+MAX_BATCH = 256
+MAX_FETCH = 256
+MAX_WAIT_S = 30.0
+_USER_KEY = "user:"
+
+
+class UnknownRecipient(QpcError):
+    code = StatusCode.NOT_FOUND
+
+
+class Waiters:
+    """One Event per recipient that has a parked fetch; set when mail arrives."""
+
+    def __init__(self) -> None:
+        self._events: dict[bytes, trio.Event] = {}
+        self.wakeups = 0
+
+    def event(self, recipient: bytes) -> trio.Event:
+        ev = self._events.get(recipient)
+        if ev is None:
+            ev = self._events[recipient] = trio.Event()
+        return ev
+
+    def notify(self, recipient: bytes) -> None:
+        ev = self._events.pop(recipient, None)
+        if ev is not None:
+            self.wakeups += 1
+            ev.set()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+def _mine(ctx_user: bytes, named: bytes) -> None:
+    if named and named != ctx_user:
+        raise PermissionDenied("a session may only read or ack its own mailbox")
+
+
+class DeliveryService:
+    def __init__(
+        self,
+        store: AsyncStore,
+        guard: Guard,
+        *,
+        wall_ms: Callable[[], int],
+        max_wait: float = MAX_WAIT_S,
+    ) -> None:
+        self._store = store
+        self._guard = guard
+        self._wall_ms = wall_ms
+        self._max_wait = max_wait
+        self.waiters = Waiters()
+        self._known: set[bytes] = set()
+
+    async def mark_local(self, user: bytes) -> None:
+        """Record that ``user`` is homed here (proved its key to this node)."""
+        if user not in self._known:
+            await self._store.meta_put(_USER_KEY + user.hex(), b"1")
+            self._known.add(user)
+
+    async def is_local(self, user: bytes) -> bool:
+        if user in self._known:
+            return True
+        if await self._store.meta_get(_USER_KEY + user.hex()) is not None:
+            self._known.add(user)
+            return True
+        return False
+
+    def register(self, table: MethodTable) -> None:
+        table.register(
+            "Delivery.Enqueue",
+            service_pb2.EnqueueRequest,
+            service_pb2.EnqueueResponse,
+            self.enqueue,
+        )
+        table.register(
+            "Delivery.Fetch",
+            service_pb2.FetchRequest,
+            service_pb2.FetchResponse,
+            self.fetch,
+            max_timeout=self._max_wait + 15,
+        )
+        table.register("Delivery.Ack", service_pb2.AckRequest, service_pb2.AckResponse, self.ack)
+
+    async def enqueue(
+        self, req: service_pb2.EnqueueRequest, ctx: CallContext
+    ) -> service_pb2.EnqueueResponse:
+        self._guard.check(ctx)
+        if not 0 < len(req.envelopes) <= MAX_BATCH:
+            raise RemoteProtocolError(f"a batch holds 1..{MAX_BATCH} envelopes")
+        now_ms = self._wall_ms()
+        batch: list[Envelope] = []
+        for pb in req.envelopes:
+            env = WireEnvelope.from_proto(pb)  # typed error on any bad field
+            if not await self.is_local(env.recipient):
+                # Later: federation routing / store-and-forward take it from here.
+                raise UnknownRecipient(f"recipient {short(env.recipient)} is not homed here")
+            batch.append(
+                Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
+            )
+        results = await self._store.enqueue(batch, now_ms)
+        for rec in {e.recipient for e in batch}:
+            self.waiters.notify(rec)
+        return service_pb2.EnqueueResponse(
+            results=[
+                service_pb2.EnqueueResult(msg_id=r.msg_id, seq=r.seq, duplicate=r.duplicate)
+                for r in results
+            ]
+        )
+
+    async def fetch(
+        self, req: service_pb2.FetchRequest, ctx: CallContext
+    ) -> service_pb2.FetchResponse:
+        user = self._guard.check(ctx)
+        _mine(user, req.identity)
+        limit = min(req.limit or 64, MAX_FETCH)
+        wait = min(req.wait_ms / 1000.0, self._max_wait, max(ctx.time_remaining() - 1.0, 0.0))
+        res = await self._fetch(user, req.after_seq, limit)
+        if not res.messages and wait > 0:
+            with trio.move_on_after(wait):
+                while True:
+                    # Take the event before re-reading, so a commit in between still wakes us.
+                    ev = self.waiters.event(user)
+                    res = await self._fetch(user, req.after_seq, limit)
+                    if res.messages:
+                        break
+                    await ev.wait()
+        return service_pb2.FetchResponse(
+            messages=[
+                service_pb2.StoredMessage(
+                    seq=m.seq,
+                    envelope=envelope_pb2.Envelope(
+                        msg_id=m.envelope.msg_id,
+                        recipient=m.envelope.recipient,
+                        expiry_ms=m.envelope.expiry_ms,
+                        hop_limit=m.envelope.hop_limit,
+                        ciphertext=m.envelope.ciphertext,
+                    ),
+                )
+                for m in res.messages
+            ],
+            head_seq=res.last_seq,
+        )
+
+    async def _fetch(self, user: bytes, after_seq: int, limit: int) -> FetchResult:
+        return await self._store.fetch(
+            user, now_ms=self._wall_ms(), after_seq=after_seq, limit=limit
+        )
+
+    async def ack(self, req: service_pb2.AckRequest, ctx: CallContext) -> service_pb2.AckResponse:
+        user = self._guard.check(ctx)
+        _mine(user, req.identity)
+        deleted = await self._store.ack(user, up_to_seq=req.up_to_seq)
+        return service_pb2.AckResponse(deleted=deleted)
+
+    def statistics(self) -> dict[str, int]:
+        return {"parked_fetches": len(self.waiters), "wakeups": self.waiters.wakeups}
