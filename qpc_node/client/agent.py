@@ -90,11 +90,13 @@ class Agent:
     # -- session ---------------------------------------------------------------
     async def authenticate(self) -> None:
         ch = await self._rpc.call(
-            "Auth.Challenge", service_pb2.AuthChallengeRequest(), service_pb2.AuthChallengeResponse
+            "qpc.v1.Auth/Challenge",
+            service_pb2.AuthChallengeRequest(),
+            service_pb2.AuthChallengeResponse,
         )
         sig = self.ident.sign(auth_message(ch.nonce, self._node_fpr))
         resp = await self._rpc.call(
-            "Auth.Prove",
+            "qpc.v1.Auth/Prove",
             service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig),
             service_pb2.AuthProveResponse,
             retries=0,
@@ -110,7 +112,7 @@ class Agent:
         """
         now = self._wall_ms()
         count = await self._rpc.call(
-            "Directory.Count",
+            "qpc.v1.Directory/Count",
             service_pb2.CountKeyPackagesRequest(),
             service_pb2.CountKeyPackagesResponse,
         )
@@ -132,7 +134,7 @@ class Agent:
         if not pkgs:
             return 0
         resp = await self._rpc.call(
-            "Directory.Upload",
+            "qpc.v1.Directory/Upload",
             service_pb2.UploadKeyPackagesRequest(packages=pkgs),
             service_pb2.UploadKeyPackagesResponse,
         )
@@ -143,7 +145,7 @@ class Agent:
     async def _fetch_key_package(self, peer: bytes) -> bytes:
         try:
             resp = await self._rpc.call(
-                "Directory.Fetch",
+                "qpc.v1.Directory/Fetch",
                 service_pb2.FetchKeyPackageRequest(identity=peer),
                 service_pb2.FetchKeyPackageResponse,
             )
@@ -330,7 +332,7 @@ class Agent:
             if due:
                 try:
                     await self._rpc.call(
-                        "Delivery.Enqueue",
+                        "qpc.v1.Delivery/Enqueue",
                         service_pb2.EnqueueRequest(
                             envelopes=[Envelope.decode(o.envelope).to_proto() for o in due]
                         ),
@@ -359,7 +361,7 @@ class Agent:
         async with self._recv_lock:
             cursor = await self._state.call(self._st.cursor)
             resp = await self._rpc.call(
-                "Delivery.Fetch",
+                "qpc.v1.Delivery/Fetch",
                 service_pb2.FetchRequest(after_seq=cursor, limit=128, wait_ms=int(wait * 1000)),
                 service_pb2.FetchResponse,
                 timeout=wait + 15.0,
@@ -386,7 +388,7 @@ class Agent:
                 cursor = m.seq
             if resp.messages:
                 await self._rpc.call(
-                    "Delivery.Ack",
+                    "qpc.v1.Delivery/Ack",
                     service_pb2.AckRequest(up_to_seq=cursor),
                     service_pb2.AckResponse,
                 )

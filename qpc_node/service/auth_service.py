@@ -31,13 +31,16 @@ class AuthService:
 
     def register(self, table: MethodTable) -> None:
         table.register(
-            "Auth.Challenge",
+            "qpc.v1.Auth/Challenge",
             service_pb2.AuthChallengeRequest,
             service_pb2.AuthChallengeResponse,
             self.challenge,
         )
         table.register(
-            "Auth.Prove", service_pb2.AuthProveRequest, service_pb2.AuthProveResponse, self.prove
+            "qpc.v1.Auth/Prove",
+            service_pb2.AuthProveRequest,
+            service_pb2.AuthProveResponse,
+            self.prove,
         )
 
     async def challenge(

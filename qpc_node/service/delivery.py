@@ -90,19 +90,21 @@ class DeliveryService:
 
     def register(self, table: MethodTable) -> None:
         table.register(
-            "Delivery.Enqueue",
+            "qpc.v1.Delivery/Enqueue",
             service_pb2.EnqueueRequest,
             service_pb2.EnqueueResponse,
             self.enqueue,
         )
         table.register(
-            "Delivery.Fetch",
+            "qpc.v1.Delivery/Fetch",
             service_pb2.FetchRequest,
             service_pb2.FetchResponse,
             self.fetch,
             max_timeout=self._max_wait + 15,
         )
-        table.register("Delivery.Ack", service_pb2.AckRequest, service_pb2.AckResponse, self.ack)
+        table.register(
+            "qpc.v1.Delivery/Ack", service_pb2.AckRequest, service_pb2.AckResponse, self.ack
+        )
 
     async def enqueue(
         self, req: service_pb2.EnqueueRequest, ctx: CallContext

@@ -58,19 +58,19 @@ class DirectoryService:
 
     def register(self, table: MethodTable) -> None:
         table.register(
-            "Directory.Upload",
+            "qpc.v1.Directory/Upload",
             service_pb2.UploadKeyPackagesRequest,
             service_pb2.UploadKeyPackagesResponse,
             self.upload,
         )
         table.register(
-            "Directory.Fetch",
+            "qpc.v1.Directory/Fetch",
             service_pb2.FetchKeyPackageRequest,
             service_pb2.FetchKeyPackageResponse,
             self.fetch,
         )
         table.register(
-            "Directory.Count",
+            "qpc.v1.Directory/Count",
             service_pb2.CountKeyPackagesRequest,
             service_pb2.CountKeyPackagesResponse,
             self.count,

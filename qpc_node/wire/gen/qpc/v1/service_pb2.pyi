@@ -72,12 +72,10 @@ class CountKeyPackagesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CountKeyPackagesResponse(_message.Message):
-    __slots__ = ("available", "earliest_expiry_ms")
+    __slots__ = ("available",)
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
-    EARLIEST_EXPIRY_MS_FIELD_NUMBER: _ClassVar[int]
     available: int
-    earliest_expiry_ms: int
-    def __init__(self, available: _Optional[int] = ..., earliest_expiry_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, available: _Optional[int] = ...) -> None: ...
 
 class EnqueueRequest(_message.Message):
     __slots__ = ("envelopes",)
