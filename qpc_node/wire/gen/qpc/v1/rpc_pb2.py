@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10qpc/v1/rpc.proto\x12\x06qpc.v1\"I\n\x07Request\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\":\n\x08Response\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10qpc/v1/rpc.proto\x12\x06qpc.v1\"v\n\x07Request\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\"o\n\x08Response\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\"\n\x06status\x18\x04 \x01(\x0e\x32\x12.qpc.v1.StatusCode\x12\x0f\n\x07message\x18\x05 \x01(\t*\x98\x04\n\nStatusCode\x12\x12\n\x0eSTATUS_CODE_OK\x10\x00\x12\x19\n\x15STATUS_CODE_CANCELLED\x10\x01\x12\x17\n\x13STATUS_CODE_UNKNOWN\x10\x02\x12 \n\x1cSTATUS_CODE_INVALID_ARGUMENT\x10\x03\x12!\n\x1dSTATUS_CODE_DEADLINE_EXCEEDED\x10\x04\x12\x19\n\x15STATUS_CODE_NOT_FOUND\x10\x05\x12\x1e\n\x1aSTATUS_CODE_ALREADY_EXISTS\x10\x06\x12!\n\x1dSTATUS_CODE_PERMISSION_DENIED\x10\x07\x12\"\n\x1eSTATUS_CODE_RESOURCE_EXHAUSTED\x10\x08\x12#\n\x1fSTATUS_CODE_FAILED_PRECONDITION\x10\t\x12\x17\n\x13STATUS_CODE_ABORTED\x10\n\x12\x1d\n\x19STATUS_CODE_UNIMPLEMENTED\x10\x0c\x12\x18\n\x14STATUS_CODE_INTERNAL\x10\r\x12\x1b\n\x17STATUS_CODE_UNAVAILABLE\x10\x0e\x12\x1f\n\x1bSTATUS_CODE_UNAUTHENTICATED\x10\x10\x12#\n\x1fSTATUS_CODE_UNSUPPORTED_VERSION\x10\x11\x12!\n\x1dSTATUS_CODE_PAYLOAD_TOO_LARGE\x10\x12\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qpc.v1.rpc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATUSCODE']._serialized_start=262
+  _globals['_STATUSCODE']._serialized_end=798
   _globals['_REQUEST']._serialized_start=28
-  _globals['_REQUEST']._serialized_end=101
-  _globals['_RESPONSE']._serialized_start=103
-  _globals['_RESPONSE']._serialized_end=161
+  _globals['_REQUEST']._serialized_end=146
+  _globals['_RESPONSE']._serialized_start=148
+  _globals['_RESPONSE']._serialized_end=259
 # @@protoc_insertion_point(module_scope)

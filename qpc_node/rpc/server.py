@@ -1,0 +1,386 @@
+"""Server side of a call: read one Request, run its handler, write one Response.
+
+The transport hands us each peer-initiated bidirectional stream with the
+per-connection state it belongs to (``ServerConnection``). Everything a peer
+can get wrong -- oversize or truncated frames, garbage protobuf, unknown
+versions or methods, too many calls at once, resets mid-call -- ends in a
+typed error Response (when the stream still allows one) and a closed stream;
+nothing a peer sends escapes ``handle_stream``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from google.protobuf.message import DecodeError, Message
+
+from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
+from qpc_node.rpc.context import CallContext, PeerInfo, Session
+from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from qpc_node.rpc.methods import Method, MethodTable
+from qpc_node.rpc.protocol import (
+    WIRE_VERSION,
+    check_version,
+    error_response,
+    valid_correlation_id,
+)
+from qpc_node.wire.gen.qpc.v1 import rpc_pb2
+
+log = logging.getLogger("qpc_node.rpc.server")
+
+RECEIVE_CHUNK = 64 * 1024
+"""Largest read; bounds what a decoder holds beyond the frame it is assembling."""
+
+# What a broken or reset stream raises; StreamReset is a RemoteProtocolError.
+_STREAM_GONE = (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Limits; defaults follow the policy (5 MiB frames) and a router's memory."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_concurrent_calls: int = 32
+    """Per connection; calls beyond it are refused with RESOURCE_EXHAUSTED, not queued."""
+    default_timeout: float = 30.0
+    """Used when the caller sent no deadline."""
+    max_timeout: float = 60.0
+    """Cap on any caller's deadline unless the method sets its own."""
+    read_timeout: float = 10.0
+    """Time a peer gets to deliver its request frame (slow senders hold a call slot)."""
+
+
+class ServerConnection:
+    """Per-connection state: the peer, its session, its call-slot count."""
+
+    def __init__(self, peer: PeerInfo, limit: int) -> None:
+        self.peer = peer
+        self.session = Session()
+        self._limit = limit
+        self.active_calls = 0
+        self.peak_active_calls = 0
+        self.calls = 0
+        self.refused_calls = 0
+        self._next_local_id = 0
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "connection_id": self.peer.connection_id,
+            "active_calls": self.active_calls,
+            "peak_active_calls": self.peak_active_calls,
+            "calls": self.calls,
+            "refused_calls": self.refused_calls,
+            "limit": self._limit,
+        }
+
+
+@dataclass(slots=True)
+class ServerStatistics:
+    """Counters a REPL or test reads; ``buffered_bytes`` is the memory to watch."""
+
+    connections: int = 0
+    streams: int = 0
+    active_calls: int = 0
+    refused_calls: int = 0
+    peer_resets: int = 0
+    protocol_errors: int = 0
+    internal_errors: int = 0
+    buffered_bytes: int = 0
+    peak_buffered_bytes: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+
+
+class _CallState:
+    """What the peer watcher learned while the handler ran."""
+
+    __slots__ = ("peer_gone", "violation")
+
+    def __init__(self) -> None:
+        self.peer_gone = False
+        self.violation: RemoteProtocolError | None = None
+
+
+class RpcServer:
+    """Dispatches calls to a MethodTable under per-call deadlines and per-connection limits."""
+
+    def __init__(self, methods: MethodTable, config: ServerConfig | None = None) -> None:
+        self.methods = methods
+        self.config = config or ServerConfig()
+        self._stats = ServerStatistics()
+
+    def statistics(self) -> ServerStatistics:
+        s = self._stats
+        return ServerStatistics(
+            connections=s.connections,
+            streams=s.streams,
+            active_calls=s.active_calls,
+            refused_calls=s.refused_calls,
+            peer_resets=s.peer_resets,
+            protocol_errors=s.protocol_errors,
+            internal_errors=s.internal_errors,
+            buffered_bytes=s.buffered_bytes,
+            peak_buffered_bytes=s.peak_buffered_bytes,
+            statuses=Counter(s.statuses),
+        )
+
+    def open_connection(self, peer: PeerInfo) -> ServerConnection:
+        """State for a new transport connection; pass it with each of its streams."""
+        self._stats.connections += 1
+        return ServerConnection(peer, self.config.max_concurrent_calls)
+
+    async def handle_stream(
+        self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream
+    ) -> None:
+        """Serve one call on ``stream``; returns when the stream is finished with."""
+        self._stats.streams += 1
+        if conn.active_calls >= self.config.max_concurrent_calls:
+            conn.refused_calls += 1
+            self._stats.refused_calls += 1
+            # Answer without reading: the refusal costs no buffer.
+            await self._finish(
+                stream,
+                error_response(
+                    StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many concurrent calls on this connection "
+                    f"(limit {self.config.max_concurrent_calls})",
+                ),
+            )
+            return
+        conn.active_calls += 1
+        conn.calls += 1
+        conn.peak_active_calls = max(conn.peak_active_calls, conn.active_calls)
+        self._stats.active_calls += 1
+        try:
+            await self._serve_call(conn, stream)
+        finally:
+            conn.active_calls -= 1
+            self._stats.active_calls -= 1
+
+    # -- one call -----------------------------------------------------------
+
+    async def _serve_call(
+        self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream
+    ) -> None:
+        decoder = FrameDecoder(self.config.max_frame_size)
+        frame: bytes | None = None
+        try:
+            with trio.move_on_after(self.config.read_timeout) as read_scope:
+                frame = await self._read_request(stream, decoder)
+        except RemoteProtocolError as exc:  # the decoder's verdict on the peer's bytes
+            self._stats.protocol_errors += 1
+            await self._finish(stream, error_response(exc.code, exc.message))
+            return
+        except _STREAM_GONE:
+            self._stats.peer_resets += 1
+            await trio.aclose_forcefully(stream)
+            return
+        finally:
+            self._account(-decoder.buffered_bytes)
+        if read_scope.cancelled_caught or frame is None:
+            await self._finish(
+                stream,
+                error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time"),
+            )
+            return
+        response = await self._dispatch(conn, stream, frame)
+        if response is None:  # the peer went away; nobody to answer
+            self._stats.peer_resets += 1
+            await self._abort(stream)
+            return
+        await self._finish(stream, response)
+
+    async def _read_request(
+        self, stream: trio.abc.HalfCloseableStream, decoder: FrameDecoder
+    ) -> bytes | None:
+        while True:
+            data = await stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                before = decoder.buffered_bytes
+                try:
+                    decoder.close()  # raises on a partial frame (and drops it)
+                finally:
+                    self._account(decoder.buffered_bytes - before)
+                raise RemoteProtocolError(
+                    "stream ended without a request", code=StatusCode.INVALID_ARGUMENT
+                )
+            before = decoder.buffered_bytes
+            try:
+                frames = decoder.feed(data)
+            finally:
+                self._account(decoder.buffered_bytes - before)
+            if frames:
+                if len(frames) > 1 or decoder.buffered_bytes:
+                    raise RemoteProtocolError(
+                        "more than one frame on a call stream", code=StatusCode.INVALID_ARGUMENT
+                    )
+                return frames[0]
+
+    def _account(self, delta: int) -> None:
+        s = self._stats
+        s.buffered_bytes += delta
+        if s.buffered_bytes > s.peak_buffered_bytes:
+            s.peak_buffered_bytes = s.buffered_bytes
+
+    async def _dispatch(
+        self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream, frame: bytes
+    ) -> rpc_pb2.Response | None:
+        request = rpc_pb2.Request()
+        try:
+            request.ParseFromString(frame)
+        except DecodeError:
+            self._stats.protocol_errors += 1
+            return error_response(StatusCode.INVALID_ARGUMENT, "request frame is not a Request")
+        call_id = request.call_id
+        try:
+            check_version(request.version)
+        except RemoteProtocolError as exc:
+            self._stats.protocol_errors += 1
+            return error_response(exc.code, exc.message, call_id=call_id)
+        method = self.methods.get(request.method)
+        if method is None:
+            return error_response(
+                StatusCode.UNIMPLEMENTED, f"unknown method {request.method!r}", call_id=call_id
+            )
+        if request.correlation_id and not valid_correlation_id(request.correlation_id):
+            return error_response(
+                StatusCode.INVALID_ARGUMENT, "malformed correlation_id", call_id=call_id
+            )
+        body = method.request_type()
+        try:
+            body.ParseFromString(request.body)
+        except DecodeError:
+            return error_response(
+                StatusCode.INVALID_ARGUMENT,
+                f"body is not a {method.request_type.DESCRIPTOR.full_name}",
+                call_id=call_id,
+            )
+        cap = method.max_timeout if method.max_timeout is not None else self.config.max_timeout
+        timeout = request.deadline_ms / 1000 if request.deadline_ms else self.config.default_timeout
+        ctx = CallContext(
+            method=method.name,
+            call_id=call_id,
+            correlation_id=request.correlation_id or f"{conn.peer.connection_id}/{call_id}",
+            deadline=trio.current_time() + min(timeout, cap),
+            peer=conn.peer,
+            session=conn.session,
+        )
+        return await self._run_handler(method, body, ctx, stream)
+
+    async def _run_handler(
+        self,
+        method: Method[Any, Any],
+        body: Message,
+        ctx: CallContext,
+        stream: trio.abc.HalfCloseableStream,
+    ) -> rpc_pb2.Response | None:
+        state = _CallState()
+        response: rpc_pb2.Response | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_peer, stream, state, nursery.cancel_scope)
+            with trio.move_on_at(ctx.deadline) as deadline_scope:
+                response = await self._invoke(method, body, ctx)
+            nursery.cancel_scope.cancel()
+        if state.violation is not None:
+            self._stats.protocol_errors += 1
+            return error_response(
+                state.violation.code, state.violation.message, call_id=ctx.call_id
+            )
+        if state.peer_gone:
+            return None
+        if deadline_scope.cancelled_caught:
+            return error_response(
+                StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", call_id=ctx.call_id
+            )
+        return response
+
+    async def _invoke(
+        self, method: Method[Any, Any], body: Message, ctx: CallContext
+    ) -> rpc_pb2.Response:
+        try:
+            result = await method.handler(body, ctx)
+            if not isinstance(result, method.response_type):
+                raise TypeError(
+                    f"handler returned {type(result).__name__}, not {method.response_type.__name__}"
+                )
+            payload = result.SerializeToString()
+        except QpcError as exc:
+            return error_response(exc.code, exc.message, call_id=ctx.call_id)
+        except Exception:  # deliberately broad (BLE001): the one handler boundary.
+            # The handler boundary: a bug in one handler must answer INTERNAL and
+            # keep the node serving; the peer learns only the correlation id.
+            self._stats.internal_errors += 1
+            log.exception("handler %s failed [%s]", ctx.method, ctx.correlation_id)
+            return error_response(
+                StatusCode.INTERNAL,
+                f"internal error (correlation id {ctx.correlation_id})",
+                call_id=ctx.call_id,
+            )
+        return rpc_pb2.Response(version=WIRE_VERSION, call_id=ctx.call_id, body=payload)
+
+    # -- ending a stream ----------------------------------------------------
+
+    async def _finish(
+        self, stream: trio.abc.HalfCloseableStream, response: rpc_pb2.Response
+    ) -> None:
+        """Send ``response``, half-close, close; a peer that left just gets a forceful close."""
+        self._stats.statuses[StatusCode(response.status).name] += 1
+        try:
+            frame = encode_frame(
+                response.SerializeToString(), max_frame_size=self.config.max_frame_size
+            )
+        except LocalProtocolError as exc:
+            self._stats.statuses[StatusCode(response.status).name] -= 1
+            self._stats.statuses[exc.code.name] += 1
+            frame = encode_frame(
+                error_response(
+                    exc.code, "response exceeds the frame cap", call_id=response.call_id
+                ).SerializeToString()
+            )
+        try:
+            await stream.send_all(frame)
+            await stream.send_eof()
+        except _STREAM_GONE:
+            self._stats.peer_resets += 1
+            await self._abort(stream)
+            return
+        await _close(stream)
+
+    async def _abort(self, stream: trio.abc.HalfCloseableStream) -> None:
+        reset = getattr(stream, "reset", None)
+        if callable(reset):
+            with contextlib.suppress(*_STREAM_GONE):
+                reset(int(StatusCode.CANCELLED))
+        await trio.aclose_forcefully(stream)
+
+
+async def _close(stream: trio.abc.HalfCloseableStream) -> None:
+    with contextlib.suppress(*_STREAM_GONE):
+        await stream.aclose()
+
+
+async def _watch_peer(
+    stream: trio.abc.HalfCloseableStream, state: _CallState, scope: trio.CancelScope
+) -> None:
+    """While the handler runs, notice the caller giving up (reset) or misbehaving.
+
+    The caller keeps its side open (or half-closes) after the request, so the
+    only legal things left to read are end-of-stream and a reset. A reset
+    cancels the handler: a long-poll must not hold a call slot for a caller
+    that is gone.
+    """
+    try:
+        data = await stream.receive_some(RECEIVE_CHUNK)
+    except _STREAM_GONE:
+        state.peer_gone = True
+        scope.cancel()
+        return
+    if data:
+        state.violation = RemoteProtocolError(
+            "data after the request frame", code=StatusCode.INVALID_ARGUMENT
+        )
+        scope.cancel()
