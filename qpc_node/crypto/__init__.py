@@ -1,1 +1,72 @@
-"""crypto layer (see docs/DESIGN map)."""
+"""MLS core of quicprochat: identities, groups, KeyPackages (Rust/OpenMLS underneath).
+
+Everything here is re-exported from the compiled extension ``qpc_node._core``
+(see ``qpc_node/_core.pyi`` for signatures) plus the typed errors from
+:mod:`qpc_node.crypto.errors`. Typical use::
+
+    ident = Identity.create(state_dir, secret)   # or Identity.open(...)
+    g = ident.create_group()
+    commit, welcome = g.add([peer_key_package])
+    ct = g.encrypt(b"hello")
+    ev = peer_group.process(ct)                  # ev.kind, ev.sender, ev.data, ev.epoch
+
+Every failure raises a subclass of :class:`MlsError` (itself a ``QpcError``).
+State on disk is an encrypted append-only log in ``state_dir/store.qpc``; each
+operation appends only the records it changed (``Identity.storage_stats()``).
+"""
+
+from __future__ import annotations
+
+from qpc_node._core import (
+    DEFAULT_CIPHERSUITE,
+    Event,
+    Group,
+    Identity,
+    KeyPackageInfo,
+    fingerprint_of,
+    inspect_key_package,
+    key_package_ciphersuite,
+    key_package_identity,
+    verify,
+)
+from qpc_node.crypto.errors import (
+    InvalidKeyPackage,
+    InvalidMessage,
+    InvalidSignature,
+    MlsArgumentError,
+    MlsError,
+    NotAMember,
+    StorageError,
+    StoreExists,
+    StoreNotFound,
+    UnknownGroup,
+    WelcomeNotForUs,
+    WrongEpoch,
+    WrongSecret,
+)
+
+__all__ = [
+    "DEFAULT_CIPHERSUITE",
+    "Event",
+    "Group",
+    "Identity",
+    "InvalidKeyPackage",
+    "InvalidMessage",
+    "InvalidSignature",
+    "KeyPackageInfo",
+    "MlsArgumentError",
+    "MlsError",
+    "NotAMember",
+    "StorageError",
+    "StoreExists",
+    "StoreNotFound",
+    "UnknownGroup",
+    "WelcomeNotForUs",
+    "WrongEpoch",
+    "WrongSecret",
+    "fingerprint_of",
+    "inspect_key_package",
+    "key_package_ciphersuite",
+    "key_package_identity",
+    "verify",
+]

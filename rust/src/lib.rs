@@ -1,7 +1,27 @@
+//! `qpc_node._core`: the MLS core of quicprochat (OpenMLS 0.9 behind PyO3).
+//!
+//! Python imports it through `qpc_node.crypto`, which also defines the exception
+//! classes raised here (so they subclass `qpc_node.errors.QpcError`).
+
+mod error;
+mod mls;
+mod persist;
+mod tracked_storage;
+
 use pyo3::prelude::*;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULT_CIPHERSUITE", mls::DEFAULT_SUITE as u16)?;
+    m.add_class::<mls::Identity>()?;
+    m.add_class::<mls::Group>()?;
+    m.add_class::<mls::Event>()?;
+    m.add_class::<mls::KeyPackageInfo>()?;
+    m.add_function(wrap_pyfunction!(mls::verify, m)?)?;
+    m.add_function(wrap_pyfunction!(mls::fingerprint_of, m)?)?;
+    m.add_function(wrap_pyfunction!(mls::inspect_key_package, m)?)?;
+    m.add_function(wrap_pyfunction!(mls::key_package_ciphersuite, m)?)?;
+    m.add_function(wrap_pyfunction!(mls::key_package_identity, m)?)?;
     Ok(())
 }

@@ -1,0 +1,107 @@
+"""Typed MLS errors raised by the Rust core (``qpc_node._core``).
+
+They are defined here, in Python, so that every one of them is a
+:class:`qpc_node.errors.QpcError` carrying a wire status code; the Rust extension
+imports these classes and raises them. ``except MlsError`` catches all of them.
+Whose fault it is follows the h11 convention: input from a peer that fails to
+parse, verify or decrypt is also a :class:`~qpc_node.errors.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+from qpc_node.errors import QpcError, RemoteProtocolError, StatusCode
+
+
+class MlsError(QpcError):
+    """Base of every error from the MLS core."""
+
+    code = StatusCode.INTERNAL
+
+
+class InvalidMessage(MlsError, RemoteProtocolError):
+    """A message, Welcome or KeyPackage did not parse, verify or decrypt."""
+
+    code = StatusCode.INVALID_ARGUMENT
+
+
+class WrongEpoch(InvalidMessage):
+    """The message belongs to an epoch we no longer (or do not yet) hold keys for."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
+class WelcomeNotForUs(InvalidMessage):
+    """No KeyPackage of ours matches this Welcome (it was meant for someone else)."""
+
+    code = StatusCode.NOT_FOUND
+
+
+class InvalidKeyPackage(InvalidMessage):
+    """A KeyPackage failed to parse or verify (signature, lifetime, suite)."""
+
+    code = StatusCode.INVALID_ARGUMENT
+
+
+class InvalidSignature(InvalidMessage):
+    """A detached signature did not verify."""
+
+    code = StatusCode.UNAUTHENTICATED
+
+
+class NotAMember(MlsError):
+    """We are not (or no longer) a member of the group, or the named member is unknown."""
+
+    code = StatusCode.PERMISSION_DENIED
+
+
+class UnknownGroup(MlsError):
+    """No group with this id is stored for the identity."""
+
+    code = StatusCode.NOT_FOUND
+
+
+class MlsArgumentError(MlsError):
+    """The caller passed an invalid argument (e.g. a too-short secret)."""
+
+    code = StatusCode.INVALID_ARGUMENT
+
+
+class StorageError(MlsError):
+    """The encrypted state on disk could not be read or written."""
+
+    code = StatusCode.INTERNAL
+
+
+class WrongSecret(StorageError):
+    """The secret does not open this store; nothing on disk was changed."""
+
+    code = StatusCode.UNAUTHENTICATED
+
+
+class StoreExists(StorageError):
+    """``Identity.create`` refuses to overwrite an existing store."""
+
+    code = StatusCode.ALREADY_EXISTS
+
+
+class StoreNotFound(StorageError):
+    """``Identity.open`` found no store in the directory."""
+
+    code = StatusCode.NOT_FOUND
+
+
+__all__ = [
+    "InvalidKeyPackage",
+    "InvalidMessage",
+    "InvalidSignature",
+    "MlsArgumentError",
+    "MlsError",
+    "NotAMember",
+    "StorageError",
+    "StoreExists",
+    "StoreNotFound",
+    "UnknownGroup",
+    "WelcomeNotForUs",
+    "WrongEpoch",
+    "WrongSecret",
+]

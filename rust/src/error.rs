@@ -1,0 +1,86 @@
+//! Rust-side error kinds and their mapping onto the Python exception classes.
+//!
+//! The exception classes live in Python (`qpc_node.crypto.errors`) so that they
+//! subclass `qpc_node.errors.QpcError` and carry a wire status code; Rust only
+//! imports and raises them. Errors are built without the GIL (inside `py.detach`)
+//! as plain values and become `PyErr`s at the boundary.
+
+use pyo3::PyErr;
+
+pyo3::import_exception!(qpc_node.crypto.errors, MlsError);
+pyo3::import_exception!(qpc_node.crypto.errors, InvalidMessage);
+pyo3::import_exception!(qpc_node.crypto.errors, WrongEpoch);
+pyo3::import_exception!(qpc_node.crypto.errors, NotAMember);
+pyo3::import_exception!(qpc_node.crypto.errors, StorageError);
+pyo3::import_exception!(qpc_node.crypto.errors, WrongSecret);
+pyo3::import_exception!(qpc_node.crypto.errors, WelcomeNotForUs);
+pyo3::import_exception!(qpc_node.crypto.errors, InvalidKeyPackage);
+pyo3::import_exception!(qpc_node.crypto.errors, UnknownGroup);
+pyo3::import_exception!(qpc_node.crypto.errors, InvalidSignature);
+pyo3::import_exception!(qpc_node.crypto.errors, MlsArgumentError);
+pyo3::import_exception!(qpc_node.crypto.errors, StoreExists);
+pyo3::import_exception!(qpc_node.crypto.errors, StoreNotFound);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Generic MLS failure (library/state errors).
+    Mls,
+    InvalidMessage,
+    WrongEpoch,
+    NotAMember,
+    Storage,
+    WrongSecret,
+    WelcomeNotForUs,
+    InvalidKeyPackage,
+    UnknownGroup,
+    InvalidSignature,
+    Argument,
+    Exists,
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub kind: Kind,
+    pub msg: String,
+}
+
+impl Error {
+    pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
+        Error {
+            kind,
+            msg: msg.into(),
+        }
+    }
+
+    /// Wrap any library error with its Debug text (OpenMLS errors are descriptive).
+    pub fn from_dbg(kind: Kind, what: &str, e: impl std::fmt::Debug) -> Self {
+        Error {
+            kind,
+            msg: format!("{what}: {e:?}"),
+        }
+    }
+}
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        let m = e.msg;
+        match e.kind {
+            Kind::Mls => MlsError::new_err(m),
+            Kind::InvalidMessage => InvalidMessage::new_err(m),
+            Kind::WrongEpoch => WrongEpoch::new_err(m),
+            Kind::NotAMember => NotAMember::new_err(m),
+            Kind::Storage => StorageError::new_err(m),
+            Kind::WrongSecret => WrongSecret::new_err(m),
+            Kind::WelcomeNotForUs => WelcomeNotForUs::new_err(m),
+            Kind::InvalidKeyPackage => InvalidKeyPackage::new_err(m),
+            Kind::UnknownGroup => UnknownGroup::new_err(m),
+            Kind::InvalidSignature => InvalidSignature::new_err(m),
+            Kind::Argument => MlsArgumentError::new_err(m),
+            Kind::Exists => StoreExists::new_err(m),
+            Kind::NotFound => StoreNotFound::new_err(m),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

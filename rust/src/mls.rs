@@ -1,0 +1,994 @@
+//! Identity and Group: the Python-facing MLS API over OpenMLS.
+//!
+//! One `Identity` owns one Ed25519 key, one OpenMLS provider (RustCrypto + our
+//! tracked storage) and one encrypted log on disk. Every `Group` object of that
+//! identity shares the same state behind a mutex, so two Python handles to the
+//! same group can never diverge. Every mutating call runs without the GIL, then
+//! persists exactly the storage records it changed as one log record.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::random::OpenMlsRand;
+use openmls_traits::signatures::{Signer, SignerError};
+use openmls_traits::types::SignatureScheme;
+use openmls_traits::OpenMlsProvider;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Kind, Result};
+use crate::persist::{Log, Stats};
+use crate::tracked_storage::TrackedStorage;
+
+/// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001).
+pub const DEFAULT_SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+/// Domain separation for `Identity.sign`/`verify`, so a challenge signature can
+/// never be mistaken for an MLS signature (those use "MLS 1.0 " labels).
+const SIGN_CONTEXT: &[u8] = b"qpc-sign-v1\0";
+const IDENTITY_KEY: &[u8] = b"qpc/identity/ed25519";
+const GROUP_INDEX_PREFIX: &[u8] = b"qpc/group/";
+/// Tolerate this many out-of-order messages per sender (store-and-forward reorders).
+const OUT_OF_ORDER_TOLERANCE: u32 = 16;
+const MAX_FORWARD_DISTANCE: u32 = 1000;
+
+pub struct Provider {
+    crypto: RustCrypto,
+    storage: TrackedStorage,
+}
+
+impl OpenMlsProvider for Provider {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = TrackedStorage;
+
+    fn storage(&self) -> &TrackedStorage {
+        &self.storage
+    }
+    fn crypto(&self) -> &RustCrypto {
+        &self.crypto
+    }
+    fn rand(&self) -> &RustCrypto {
+        &self.crypto
+    }
+}
+
+/// Ed25519 signer holding the expanded key (OpenMLS's basic signer re-derives it per call).
+pub struct Ed25519Signer {
+    key: SigningKey,
+}
+
+impl Signer for Ed25519Signer {
+    fn sign(&self, payload: &[u8]) -> std::result::Result<Vec<u8>, SignerError> {
+        Ok(self.key.sign(payload).to_bytes().to_vec())
+    }
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+pub fn fingerprint(public_key: &[u8]) -> [u8; 32] {
+    Sha256::digest(public_key).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+pub struct State {
+    provider: Provider,
+    signer: Ed25519Signer,
+    credential: CredentialWithKey,
+    log: Log,
+    groups: HashMap<Vec<u8>, MlsGroup>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(DEFAULT_SUITE)
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(
+            OUT_OF_ORDER_TOLERANCE,
+            MAX_FORWARD_DISTANCE,
+        ))
+        .max_past_epochs(0)
+        .build()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(
+            OUT_OF_ORDER_TOLERANCE,
+            MAX_FORWARD_DISTANCE,
+        ))
+        .max_past_epochs(0)
+        .build()
+}
+
+fn msg_bytes(m: &MlsMessageOut) -> Result<Vec<u8>> {
+    m.tls_serialize_detached()
+        .map_err(|e| Error::from_dbg(Kind::Mls, "serialize message", e))
+}
+
+fn storage_put(st: &State, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+    let mut m = st
+        .provider
+        .storage
+        .values
+        .write()
+        .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+    m.insert(key, value);
+    Ok(())
+}
+
+fn index_key(gid: &[u8]) -> Vec<u8> {
+    let mut k = GROUP_INDEX_PREFIX.to_vec();
+    k.extend_from_slice(gid);
+    k
+}
+
+impl State {
+    /// Persist what the last operation changed (one log record).
+    fn flush(&mut self) -> Result<()> {
+        let changes = {
+            let mut m = self
+                .provider
+                .storage
+                .values
+                .write()
+                .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+            m.take_dirty()
+        };
+        let m = self
+            .provider
+            .storage
+            .values
+            .read()
+            .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+        self.log.commit(&self.provider.crypto, &changes, &m)
+    }
+}
+
+/// Split borrows: the group (loaded on first use) plus provider and signer.
+fn group_parts<'a>(
+    st: &'a mut State,
+    gid: &[u8],
+) -> Result<(&'a mut MlsGroup, &'a Provider, &'a Ed25519Signer)> {
+    let State {
+        provider,
+        signer,
+        groups,
+        ..
+    } = st;
+    if !groups.contains_key(gid) {
+        let loaded = MlsGroup::load(&provider.storage, &GroupId::from_slice(gid))
+            .map_err(|e| Error::from_dbg(Kind::Storage, "load group", e))?
+            .ok_or_else(|| Error::new(Kind::UnknownGroup, format!("unknown group {}", hex(gid))))?;
+        groups.insert(gid.to_vec(), loaded);
+    }
+    let g = groups
+        .get_mut(gid)
+        .ok_or_else(|| Error::new(Kind::UnknownGroup, format!("unknown group {}", hex(gid))))?;
+    Ok((g, provider, signer))
+}
+
+/// Run `f` on the identity state without the GIL, persist its changes, and turn
+/// panics from deep inside the MLS library into a typed error instead of
+/// tearing down the interpreter.
+fn run<T: Send>(
+    py: Python<'_>,
+    shared: &Shared,
+    f: impl FnOnce(&mut State) -> Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| {
+        let mut st = shared.lock().map_err(|_| {
+            Error::new(
+                Kind::Storage,
+                "identity state poisoned by an earlier internal error; reopen it",
+            )
+        })?;
+        let r = catch_unwind(AssertUnwindSafe(|| f(&mut st)))
+            .unwrap_or_else(|_| Err(Error::new(Kind::Mls, "internal error in the MLS library")));
+        let fl = st.flush();
+        let v = r?;
+        fl?;
+        Ok::<T, Error>(v)
+    })
+    .map_err(PyErr::from)
+}
+
+fn is_wrong_epoch(e: &ValidationError) -> bool {
+    matches!(
+        e,
+        ValidationError::WrongEpoch | ValidationError::NoPastEpochData
+    )
+}
+
+fn map_process_err(e: ProcessMessageError<crate::tracked_storage::StoreError>) -> Error {
+    match &e {
+        ProcessMessageError::ValidationError(v) if is_wrong_epoch(v) => {
+            Error::from_dbg(Kind::WrongEpoch, "message from another epoch", e)
+        }
+        ProcessMessageError::GroupStateError(_) => {
+            Error::from_dbg(Kind::NotAMember, "group is not operational for us", e)
+        }
+        ProcessMessageError::StorageError(_) | ProcessMessageError::LibraryError(_) => {
+            Error::from_dbg(Kind::Mls, "process message", e)
+        }
+        _ => Error::from_dbg(Kind::InvalidMessage, "invalid message", e),
+    }
+}
+
+fn parse_key_package(crypto: &RustCrypto, bytes: &[u8]) -> Result<KeyPackage> {
+    let kp_in = match MlsMessageIn::tls_deserialize_exact(bytes) {
+        Ok(m) => match m.extract() {
+            MlsMessageBodyIn::KeyPackage(kp) => kp,
+            _ => {
+                return Err(Error::new(
+                    Kind::InvalidKeyPackage,
+                    "message is not a KeyPackage",
+                ))
+            }
+        },
+        Err(_) => KeyPackageIn::tls_deserialize_exact(bytes)
+            .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "malformed KeyPackage", e))?,
+    };
+    let kp = kp_in
+        .validate(crypto, ProtocolVersion::Mls10)
+        .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "KeyPackage does not verify", e))?;
+    // The address of a member is the hash of its signature key; refuse a KeyPackage
+    // whose credential claims a different identity.
+    let sig = kp.leaf_node().signature_key().as_slice();
+    let cred = BasicCredential::try_from(kp.leaf_node().credential().clone())
+        .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "credential is not basic", e))?;
+    if cred.identity() != fingerprint(sig).as_slice() {
+        return Err(Error::new(
+            Kind::InvalidKeyPackage,
+            "credential identity is not the SHA-256 of the signature key",
+        ));
+    }
+    Ok(kp)
+}
+
+fn member_fp(m: &Member) -> String {
+    hex(&fingerprint(m.signature_key.as_slice()))
+}
+
+// ---------------------------------------------------------------------------------
+
+/// What `Group.process` saw.
+#[pyclass(frozen, module = "qpc_node._core", get_all)]
+pub struct Event {
+    /// "application", "commit" or "proposal".
+    kind: &'static str,
+    /// Fingerprint (hex) of the sending member.
+    sender: String,
+    /// Application plaintext (empty for handshake messages).
+    data: Py<PyBytes>,
+    /// Group epoch after processing.
+    epoch: u64,
+    /// True when this commit removed us from the group.
+    removed: bool,
+}
+
+#[pymethods]
+impl Event {
+    fn __repr__(&self) -> String {
+        format!(
+            "Event(kind={:?}, sender={:?}, epoch={}, removed={})",
+            self.kind, self.sender, self.epoch, self.removed
+        )
+    }
+}
+
+/// Facts about a KeyPackage, checked without holding any identity.
+#[pyclass(frozen, module = "qpc_node._core", get_all)]
+pub struct KeyPackageInfo {
+    ciphersuite: u16,
+    fingerprint: String,
+    signature_key: Py<PyBytes>,
+    not_before: u64,
+    not_after: u64,
+    last_resort: bool,
+    hash_ref: Py<PyBytes>,
+}
+
+#[pyclass(frozen, module = "qpc_node._core")]
+pub struct Identity {
+    shared: Shared,
+    public_key: [u8; 32],
+    fingerprint: String,
+}
+
+#[pyclass(frozen, module = "qpc_node._core")]
+pub struct Group {
+    shared: Shared,
+    gid: Vec<u8>,
+}
+
+fn new_group(shared: &Shared, gid: Vec<u8>) -> Group {
+    Group {
+        shared: Arc::clone(shared),
+        gid,
+    }
+}
+
+fn credential_for(public: &[u8; 32]) -> CredentialWithKey {
+    CredentialWithKey {
+        credential: BasicCredential::new(fingerprint(public).to_vec()).into(),
+        signature_key: public.to_vec().into(),
+    }
+}
+
+impl Identity {
+    fn from_state(state: State) -> Identity {
+        let mut public_key = [0u8; 32];
+        public_key.copy_from_slice(state.signer.key.verifying_key().as_bytes());
+        Identity {
+            shared: Arc::new(Mutex::new(state)),
+            fingerprint: hex(&fingerprint(&public_key)),
+            public_key,
+        }
+    }
+}
+
+#[pymethods]
+impl Identity {
+    /// Make a new identity and an encrypted store in `state_dir` (refuses to overwrite).
+    #[staticmethod]
+    #[pyo3(signature = (state_dir, secret, durable = true))]
+    fn create(
+        py: Python<'_>,
+        state_dir: PathBuf,
+        secret: &[u8],
+        durable: bool,
+    ) -> PyResult<Identity> {
+        let state = py.detach(|| -> Result<State> {
+            let crypto = RustCrypto::default();
+            let seed: Zeroizing<[u8; 32]> = Zeroizing::new(
+                crypto
+                    .random_array()
+                    .map_err(|_| Error::new(Kind::Storage, "no randomness"))?,
+            );
+            let key = SigningKey::from_bytes(&seed);
+            let storage = TrackedStorage::default();
+            {
+                let mut m = storage
+                    .values
+                    .write()
+                    .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+                m.insert(IDENTITY_KEY.to_vec(), seed.to_vec());
+                m.clear_dirty();
+            }
+            let log = {
+                let m = storage
+                    .values
+                    .read()
+                    .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+                Log::create(&state_dir, secret, durable, &crypto, &m)?
+            };
+            let public: [u8; 32] = key.verifying_key().to_bytes();
+            Ok(State {
+                provider: Provider { crypto, storage },
+                signer: Ed25519Signer { key },
+                credential: credential_for(&public),
+                log,
+                groups: HashMap::new(),
+            })
+        })?;
+        Ok(Identity::from_state(state))
+    }
+
+    /// Reopen an identity; a wrong secret raises WrongSecret and changes nothing on disk.
+    #[staticmethod]
+    #[pyo3(signature = (state_dir, secret, durable = true))]
+    fn open(
+        py: Python<'_>,
+        state_dir: PathBuf,
+        secret: &[u8],
+        durable: bool,
+    ) -> PyResult<Identity> {
+        let state = py.detach(|| -> Result<State> {
+            let storage = TrackedStorage::default();
+            let log = {
+                let mut m = storage
+                    .values
+                    .write()
+                    .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+                let log = Log::open(&state_dir, secret, durable, &mut m)?;
+                m.clear_dirty();
+                log
+            };
+            let seed = {
+                let m = storage
+                    .values
+                    .read()
+                    .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+                let raw = m
+                    .get(IDENTITY_KEY)
+                    .ok_or_else(|| Error::new(Kind::Storage, "store holds no identity key"))?;
+                let mut seed = Zeroizing::new([0u8; 32]);
+                if raw.len() != 32 {
+                    return Err(Error::new(Kind::Storage, "corrupt identity key"));
+                }
+                seed.copy_from_slice(raw);
+                seed
+            };
+            let key = SigningKey::from_bytes(&seed);
+            let public: [u8; 32] = key.verifying_key().to_bytes();
+            Ok(State {
+                provider: Provider {
+                    crypto: RustCrypto::default(),
+                    storage,
+                },
+                signer: Ed25519Signer { key },
+                credential: credential_for(&public),
+                log,
+                groups: HashMap::new(),
+            })
+        })?;
+        Ok(Identity::from_state(state))
+    }
+
+    /// Hex SHA-256 of the Ed25519 public key: the user's address.
+    #[getter]
+    fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Raw 32-byte Ed25519 public key.
+    #[getter]
+    fn public_key<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.public_key)
+    }
+
+    /// Sign `data` (domain-separated with "qpc-sign-v1"); check with `verify`.
+    fn sign<'py>(&self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let sig = {
+            let st = self
+                .shared
+                .lock()
+                .map_err(|_| Error::new(Kind::Storage, "identity state poisoned"))?;
+            let mut msg = Vec::with_capacity(SIGN_CONTEXT.len() + data.len());
+            msg.extend_from_slice(SIGN_CONTEXT);
+            msg.extend_from_slice(data);
+            st.signer.key.sign(&msg).to_bytes()
+        };
+        Ok(PyBytes::new(py, &sig))
+    }
+
+    /// A fresh KeyPackage (MLSMessage framing); its private keys stay in the store.
+    #[pyo3(signature = (last_resort = false))]
+    fn key_package<'py>(
+        &self,
+        py: Python<'py>,
+        last_resort: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let out = run(py, &self.shared, |st| {
+            // Advertise LastResort so the extension passes KeyPackage validation.
+            let caps = Capabilities::builder()
+                .extensions(vec![ExtensionType::LastResort])
+                .build();
+            let mut b = KeyPackage::builder().leaf_node_capabilities(caps);
+            if last_resort {
+                b = b.mark_as_last_resort();
+            }
+            let bundle = b
+                .build(
+                    DEFAULT_SUITE,
+                    &st.provider,
+                    &st.signer,
+                    st.credential.clone(),
+                )
+                .map_err(|e| Error::from_dbg(Kind::Mls, "build KeyPackage", e))?;
+            let msg: MlsMessageOut = bundle.key_package().clone().into();
+            msg_bytes(&msg)
+        })?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Start a new group with us as its only member.
+    #[pyo3(signature = (group_id = None))]
+    fn create_group(&self, py: Python<'_>, group_id: Option<&[u8]>) -> PyResult<Group> {
+        let gid_in = group_id.map(|g| g.to_vec());
+        let gid = run(py, &self.shared, |st| {
+            let gid = match gid_in {
+                Some(g) if !g.is_empty() && g.len() <= 255 => g,
+                Some(_) => return Err(Error::new(Kind::Argument, "group_id must be 1..255 bytes")),
+                None => st
+                    .provider
+                    .crypto
+                    .random_vec(16)
+                    .map_err(|_| Error::new(Kind::Storage, "no randomness"))?,
+            };
+            let exists = st.groups.contains_key(&gid)
+                || MlsGroup::load(&st.provider.storage, &GroupId::from_slice(&gid))
+                    .map_err(|e| Error::from_dbg(Kind::Storage, "load group", e))?
+                    .is_some();
+            if exists {
+                return Err(Error::new(
+                    Kind::Argument,
+                    "a group with this id already exists",
+                ));
+            }
+            let g = MlsGroup::new_with_group_id(
+                &st.provider,
+                &st.signer,
+                &create_config(),
+                GroupId::from_slice(&gid),
+                st.credential.clone(),
+            )
+            .map_err(|e| Error::from_dbg(Kind::Mls, "create group", e))?;
+            storage_put(st, index_key(&gid), Vec::new())?;
+            st.groups.insert(gid.clone(), g);
+            Ok(gid)
+        })?;
+        Ok(new_group(&self.shared, gid))
+    }
+
+    /// Handle on a stored group (UnknownGroup if absent).
+    fn group(&self, py: Python<'_>, group_id: &[u8]) -> PyResult<Group> {
+        let gid = group_id.to_vec();
+        let gid = run(py, &self.shared, |st| {
+            group_parts(st, &gid)?;
+            Ok(gid)
+        })?;
+        Ok(new_group(&self.shared, gid))
+    }
+
+    /// Join a group from a Welcome; WelcomeNotForUs if none of our KeyPackages match.
+    fn join(&self, py: Python<'_>, welcome: &[u8]) -> PyResult<Group> {
+        let gid = run(py, &self.shared, |st| {
+            let msg = MlsMessageIn::tls_deserialize_exact(welcome)
+                .map_err(|e| Error::from_dbg(Kind::InvalidMessage, "malformed Welcome", e))?;
+            let MlsMessageBodyIn::Welcome(w) = msg.extract() else {
+                return Err(Error::new(Kind::InvalidMessage, "message is not a Welcome"));
+            };
+            let staged = StagedWelcome::new_from_welcome(&st.provider, &join_config(), w, None)
+                .map_err(|e| match e {
+                    WelcomeError::NoMatchingKeyPackage | WelcomeError::JoinerSecretNotFound => {
+                        Error::from_dbg(Kind::WelcomeNotForUs, "Welcome is not for us", e)
+                    }
+                    WelcomeError::LibraryError(_) | WelcomeError::StorageError(_) => {
+                        Error::from_dbg(Kind::Mls, "join", e)
+                    }
+                    _ => Error::from_dbg(Kind::InvalidMessage, "invalid Welcome", e),
+                })?;
+            let g = staged
+                .into_group(&st.provider)
+                .map_err(|e| Error::from_dbg(Kind::InvalidMessage, "join", e))?;
+            let gid = g.group_id().as_slice().to_vec();
+            storage_put(st, index_key(&gid), Vec::new())?;
+            st.groups.insert(gid.clone(), g);
+            Ok(gid)
+        })?;
+        Ok(new_group(&self.shared, gid))
+    }
+
+    /// Ids of the groups stored for this identity.
+    fn groups<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let ids: Vec<Vec<u8>> = {
+            let st = self
+                .shared
+                .lock()
+                .map_err(|_| Error::new(Kind::Storage, "identity state poisoned"))?;
+            let m = st
+                .provider
+                .storage
+                .values
+                .read()
+                .map_err(|_| Error::new(Kind::Storage, "storage lock poisoned"))?;
+            let mut ids: Vec<Vec<u8>> = m
+                .iter()
+                .filter_map(|(k, _)| k.strip_prefix(GROUP_INDEX_PREFIX).map(|g| g.to_vec()))
+                .collect();
+            ids.sort();
+            ids
+        };
+        Ok(ids.iter().map(|g| PyBytes::new(py, g)).collect())
+    }
+
+    /// Counters of the on-disk log: bytes_written, records, compactions, fsyncs, file_size.
+    fn storage_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (s, size): (Stats, u64) = {
+            let st = self
+                .shared
+                .lock()
+                .map_err(|_| Error::new(Kind::Storage, "identity state poisoned"))?;
+            (st.log.stats, st.log.file_size())
+        };
+        let d = PyDict::new(py);
+        d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("records", s.records)?;
+        d.set_item("compactions", s.compactions)?;
+        d.set_item("fsyncs", s.fsyncs)?;
+        d.set_item("file_size", size)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Identity(fingerprint={:?})", self.fingerprint)
+    }
+}
+
+#[pymethods]
+impl Group {
+    #[getter]
+    fn group_id<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.gid)
+    }
+
+    #[getter]
+    fn epoch(&self, py: Python<'_>) -> PyResult<u64> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            Ok(group_parts(st, gid)?.0.epoch().as_u64())
+        })
+    }
+
+    #[getter]
+    fn ciphersuite(&self, py: Python<'_>) -> PyResult<u16> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            Ok(group_parts(st, gid)?.0.ciphersuite() as u16)
+        })
+    }
+
+    /// False once we have been removed from (or left) the group.
+    #[getter]
+    fn is_active(&self, py: Python<'_>) -> PyResult<bool> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            Ok(group_parts(st, gid)?.0.is_active())
+        })
+    }
+
+    /// Fingerprints (hex) of the current members, in leaf order.
+    fn members(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            Ok(group_parts(st, gid)?
+                .0
+                .members()
+                .map(|m| member_fp(&m))
+                .collect())
+        })
+    }
+
+    /// Encrypt an application message for the group.
+    fn encrypt<'py>(&self, py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let out = run(py, &self.shared, |st| {
+            let (g, p, s) = group_parts(st, gid)?;
+            let m = g.create_message(p, s, data).map_err(|e| match e {
+                CreateMessageError::GroupStateError(_) => {
+                    Error::from_dbg(Kind::NotAMember, "cannot send in this group", e)
+                }
+                _ => Error::from_dbg(Kind::Mls, "encrypt", e),
+            })?;
+            msg_bytes(&m)
+        })?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Decrypt/verify one message; merges commits and queues proposals.
+    fn process(&self, py: Python<'_>, message: &[u8]) -> PyResult<Event> {
+        let gid = &self.gid;
+        let (kind, sender, data, epoch, removed) = run(py, &self.shared, |st| {
+            let (g, p, _) = group_parts(st, gid)?;
+            let msg = MlsMessageIn::tls_deserialize_exact(message)
+                .map_err(|e| Error::from_dbg(Kind::InvalidMessage, "malformed message", e))?;
+            let proto = msg
+                .try_into_protocol_message()
+                .map_err(|e| Error::from_dbg(Kind::InvalidMessage, "not a group message", e))?;
+            if proto.group_id().as_slice() != gid.as_slice() {
+                return Err(Error::new(
+                    Kind::InvalidMessage,
+                    "message is for another group",
+                ));
+            }
+            if proto.epoch() != g.epoch() {
+                return Err(Error::new(
+                    Kind::WrongEpoch,
+                    format!(
+                        "message is from epoch {}, group is at epoch {}",
+                        proto.epoch().as_u64(),
+                        g.epoch().as_u64()
+                    ),
+                ));
+            }
+            let processed = g.process_message(p, proto).map_err(map_process_err)?;
+            let sender = match processed.sender() {
+                Sender::Member(idx) => g.member_at(*idx).map(|m| member_fp(&m)).unwrap_or_default(),
+                _ => String::new(),
+            };
+            match processed.into_content() {
+                ProcessedMessageContent::ApplicationMessage(a) => Ok((
+                    "application",
+                    sender,
+                    a.into_bytes(),
+                    g.epoch().as_u64(),
+                    false,
+                )),
+                ProcessedMessageContent::ProposalMessage(q) => {
+                    g.store_pending_proposal(&p.storage, *q)
+                        .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposal", e))?;
+                    Ok(("proposal", sender, Vec::new(), g.epoch().as_u64(), false))
+                }
+                ProcessedMessageContent::ExternalJoinProposalMessage(q) => {
+                    g.store_pending_proposal(&p.storage, *q)
+                        .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposal", e))?;
+                    Ok(("proposal", sender, Vec::new(), g.epoch().as_u64(), false))
+                }
+                ProcessedMessageContent::OwnPendingCommit
+                | ProcessedMessageContent::OwnPrivateMessage => Err(Error::new(
+                    Kind::InvalidMessage,
+                    "message was sent by ourselves",
+                )),
+                ProcessedMessageContent::StagedCommitMessage(sc) => {
+                    let removed = sc.self_removed();
+                    g.merge_staged_commit(p, *sc)
+                        .map_err(|e| Error::from_dbg(Kind::Mls, "merge commit", e))?;
+                    Ok(("commit", sender, Vec::new(), g.epoch().as_u64(), removed))
+                }
+            }
+        })?;
+        Ok(Event {
+            kind,
+            sender,
+            data: PyBytes::new(py, &data).unbind(),
+            epoch,
+            removed,
+        })
+    }
+
+    /// Add members by KeyPackage; returns (commit, welcome). Our own commit is merged.
+    fn add<'py>(
+        &self,
+        py: Python<'py>,
+        key_packages: Vec<PyBackedBytes>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let gid = &self.gid;
+        let (c, w) = run(py, &self.shared, |st| {
+            if key_packages.is_empty() {
+                return Err(Error::new(
+                    Kind::Argument,
+                    "add() needs at least one KeyPackage",
+                ));
+            }
+            let (g, p, s) = group_parts(st, gid)?;
+            let kps = key_packages
+                .iter()
+                .map(|b| parse_key_package(&p.crypto, b))
+                .collect::<Result<Vec<_>>>()?;
+            let (commit, welcome, _) = g.add_members(p, s, &kps).map_err(|e| match e {
+                AddMembersError::GroupStateError(_) => {
+                    Error::from_dbg(Kind::NotAMember, "cannot commit in this group", e)
+                }
+                AddMembersError::CreateCommitError(_) => {
+                    Error::from_dbg(Kind::InvalidKeyPackage, "add members", e)
+                }
+                _ => Error::from_dbg(Kind::Mls, "add members", e),
+            })?;
+            g.merge_pending_commit(p)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            Ok((msg_bytes(&commit)?, msg_bytes(&welcome)?))
+        })?;
+        Ok((PyBytes::new(py, &c), PyBytes::new(py, &w)))
+    }
+
+    /// Remove members by fingerprint (hex); returns the commit.
+    fn remove<'py>(
+        &self,
+        py: Python<'py>,
+        fingerprints: Vec<String>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let out = run(py, &self.shared, |st| {
+            let (g, p, s) = group_parts(st, gid)?;
+            let mut leaves = Vec::with_capacity(fingerprints.len());
+            for fp in &fingerprints {
+                let want = unhex(&fp.to_ascii_lowercase()).ok_or_else(|| {
+                    Error::new(Kind::Argument, format!("not a hex fingerprint: {fp:?}"))
+                })?;
+                let m = g
+                    .members()
+                    .find(|m| fingerprint(m.signature_key.as_slice()).as_slice() == want.as_slice())
+                    .ok_or_else(|| Error::new(Kind::NotAMember, format!("{fp} is not a member")))?;
+                leaves.push(m.index);
+            }
+            let (commit, _, _) = g.remove_members(p, s, &leaves).map_err(|e| match e {
+                RemoveMembersError::GroupStateError(_) => {
+                    Error::from_dbg(Kind::NotAMember, "cannot commit in this group", e)
+                }
+                _ => Error::from_dbg(Kind::Mls, "remove members", e),
+            })?;
+            g.merge_pending_commit(p)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            msg_bytes(&commit)
+        })?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Rotate our leaf keys (forward secrecy / post-compromise security); returns the commit.
+    fn update<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let out = run(py, &self.shared, |st| {
+            let (g, p, s) = group_parts(st, gid)?;
+            let bundle =
+                g.self_update(p, s, LeafNodeParameters::default())
+                    .map_err(|e| match e {
+                        SelfUpdateError::GroupStateError(_) => {
+                            Error::from_dbg(Kind::NotAMember, "cannot commit in this group", e)
+                        }
+                        _ => Error::from_dbg(Kind::Mls, "self update", e),
+                    })?;
+            let (commit, _, _) = bundle.into_contents();
+            g.merge_pending_commit(p)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            msg_bytes(&commit)
+        })?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Propose our own removal; another member must commit it (`commit_pending`).
+    fn leave<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let out = run(py, &self.shared, |st| {
+            let (g, p, s) = group_parts(st, gid)?;
+            let m = g
+                .leave_group(p, s)
+                .map_err(|e| Error::from_dbg(Kind::NotAMember, "leave group", e))?;
+            msg_bytes(&m)
+        })?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Commit every queued proposal (e.g. a member's leave); returns (commit, welcome or None).
+    fn commit_pending<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Option<Bound<'py, PyBytes>>)> {
+        let gid = &self.gid;
+        let (c, w) = run(py, &self.shared, |st| {
+            let (g, p, s) = group_parts(st, gid)?;
+            let (commit, welcome, _) = g
+                .commit_to_pending_proposals(p, s)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "commit pending proposals", e))?;
+            g.merge_pending_commit(p)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            let w = match welcome {
+                Some(w) => Some(msg_bytes(&w)?),
+                None => None,
+            };
+            Ok((msg_bytes(&commit)?, w))
+        })?;
+        Ok((PyBytes::new(py, &c), w.map(|w| PyBytes::new(py, &w))))
+    }
+
+    /// RFC 9420 exporter: a secret shared by all members of the current epoch.
+    fn export_secret<'py>(
+        &self,
+        py: Python<'py>,
+        label: &str,
+        context: &[u8],
+        length: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let out = run(py, &self.shared, |st| {
+            if length == 0 || length > 255 * 32 {
+                return Err(Error::new(Kind::Argument, "length must be 1..8160"));
+            }
+            let (g, p, _) = group_parts(st, gid)?;
+            g.export_secret(&p.crypto, label, context, length)
+                .map_err(|e| Error::from_dbg(Kind::NotAMember, "export secret", e))
+        })?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Group(id={})", hex(&self.gid))
+    }
+}
+
+/// Check a detached signature made by `Identity.sign`; raises InvalidSignature.
+#[pyfunction]
+pub fn verify(public_key: &[u8], data: &[u8], signature: &[u8]) -> PyResult<()> {
+    let pk: [u8; 32] = public_key
+        .try_into()
+        .map_err(|_| Error::new(Kind::InvalidSignature, "public key must be 32 bytes"))?;
+    let vk = VerifyingKey::from_bytes(&pk)
+        .map_err(|_| Error::new(Kind::InvalidSignature, "invalid Ed25519 public key"))?;
+    let sig: [u8; 64] = signature
+        .try_into()
+        .map_err(|_| Error::new(Kind::InvalidSignature, "signature must be 64 bytes"))?;
+    let sig = ed25519_dalek::Signature::from_bytes(&sig);
+    let mut msg = Vec::with_capacity(SIGN_CONTEXT.len() + data.len());
+    msg.extend_from_slice(SIGN_CONTEXT);
+    msg.extend_from_slice(data);
+    vk.verify(&msg, &sig)
+        .map_err(|_| Error::new(Kind::InvalidSignature, "signature does not verify").into())
+}
+
+/// Hex SHA-256 of a raw public key (the address format used everywhere).
+#[pyfunction]
+pub fn fingerprint_of(public_key: &[u8]) -> String {
+    hex(&fingerprint(public_key))
+}
+
+/// Parse and verify a KeyPackage (signatures, lifetime, credential binding).
+#[pyfunction]
+pub fn inspect_key_package(py: Python<'_>, key_package: &[u8]) -> PyResult<KeyPackageInfo> {
+    let crypto = RustCrypto::default();
+    let (kp, hash_ref, not_before, not_after) =
+        py.detach(|| -> Result<(KeyPackage, Vec<u8>, u64, u64)> {
+            catch_unwind(AssertUnwindSafe(|| {
+                let kp = parse_key_package(&crypto, key_package)?;
+                let r = kp
+                    .hash_ref(&crypto)
+                    .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "hash KeyPackage", e))?;
+                // A validated KeyPackage always carries a lifetime in its leaf.
+                let lt = kp.life_time();
+                let (nb, na) = (lt.not_before(), lt.not_after());
+                Ok((kp, r.as_slice().to_vec(), nb, na))
+            }))
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    Kind::InvalidKeyPackage,
+                    "internal error parsing KeyPackage",
+                ))
+            })
+        })?;
+    let leaf = kp.leaf_node();
+    let sig = leaf.signature_key().as_slice();
+    Ok(KeyPackageInfo {
+        ciphersuite: kp.ciphersuite() as u16,
+        fingerprint: hex(&fingerprint(sig)),
+        signature_key: PyBytes::new(py, sig).unbind(),
+        not_before,
+        not_after,
+        last_resort: kp.last_resort(),
+        hash_ref: PyBytes::new(py, &hash_ref).unbind(),
+    })
+}
+
+/// Ciphersuite id of a verified KeyPackage (nodes check it against an allowlist).
+#[pyfunction]
+pub fn key_package_ciphersuite(py: Python<'_>, key_package: &[u8]) -> PyResult<u16> {
+    Ok(inspect_key_package(py, key_package)?.ciphersuite)
+}
+
+/// Fingerprint (hex) of the identity that signed a verified KeyPackage.
+#[pyfunction]
+pub fn key_package_identity(py: Python<'_>, key_package: &[u8]) -> PyResult<String> {
+    Ok(inspect_key_package(py, key_package)?.fingerprint)
+}

@@ -1,0 +1,441 @@
+//! Encrypted, crash-safe, append-only store for one identity's MLS state.
+//!
+//! Why a log and not one file per group: one MLS operation touches several records at
+//! once (a commit rewrites the tree, the context, the secrets and deletes old HPKE keys
+//! that live outside the group). A record per operation, appended and fsynced, makes the
+//! whole operation atomic: either the record is complete and authentic, or it is a torn
+//! tail that is cut off at the next open. An encrypt only appends the few records it
+//! touched (the message secrets), so routers on flash do not rewrite the world per
+//! message. When the log grows past a multiple of the live state it is compacted into a
+//! fresh snapshot with the classic tmp + fsync + rename + fsync(dir) dance.
+//!
+//! File layout (`store.qpc`):
+//!   header: MAGIC(8) | salt(32) | generation(u64 LE) | check nonce(24) | check ct(32)
+//!   record: len(u32 LE) | nonce(24) | ciphertext(len - 24)
+//! Key = HKDF-SHA256(ikm = secret, salt, info = "qpc mls store v1"). XChaCha20-Poly1305
+//! with random nonces; the AAD binds magic, salt, generation and the record's sequence
+//! number, so records cannot be reordered, dropped from the middle or spliced between
+//! files. The check block lets a wrong secret be told apart from corruption *before*
+//! anything is written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::random::OpenMlsRand;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Kind};
+use crate::tracked_storage::TrackedMap;
+
+const MAGIC: &[u8; 8] = b"QPCMLS01";
+const SALT_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const CHECK_PLAIN: &[u8; 16] = b"qpc-store-check!";
+const HEADER_LEN: usize = 8 + SALT_LEN + 8 + NONCE_LEN + CHECK_PLAIN.len() + TAG_LEN;
+/// Largest single record we accept when reading (guards allocation on corrupt lengths).
+const MAX_RECORD: u32 = 256 * 1024 * 1024;
+/// Compact when the log exceeds this multiple of the last snapshot (plus a floor).
+const COMPACT_RATIO: u64 = 4;
+const COMPACT_FLOOR: u64 = 256 * 1024;
+
+pub const STORE_FILE: &str = "store.qpc";
+const TMP_FILE: &str = "store.qpc.tmp";
+
+const PUT: u8 = 1;
+const DEL: u8 = 0;
+
+/// Write statistics, exposed to Python so tests and benches can count flash writes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub bytes_written: u64,
+    pub records: u64,
+    pub compactions: u64,
+    pub fsyncs: u64,
+}
+
+pub struct Log {
+    dir: PathBuf,
+    file: File,
+    cipher: XChaCha20Poly1305,
+    salt: [u8; SALT_LEN],
+    generation: u64,
+    seq: u64,
+    size: u64,
+    snapshot_size: u64,
+    durable: bool,
+    pub stats: Stats,
+}
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::new(Kind::Storage, format!("{what}: {e}"))
+}
+
+fn derive_cipher(secret: &[u8], salt: &[u8]) -> Result<XChaCha20Poly1305, Error> {
+    if secret.len() < 16 {
+        return Err(Error::new(
+            Kind::Argument,
+            "secret must be at least 16 bytes of key material",
+        ));
+    }
+    let hk = Hkdf::<Sha256>::new(Some(salt), secret);
+    let mut okm = Zeroizing::new([0u8; 32]);
+    hk.expand(b"qpc mls store v1", okm.as_mut())
+        .map_err(|_| Error::new(Kind::Storage, "hkdf expand failed"))?;
+    XChaCha20Poly1305::new_from_slice(okm.as_ref())
+        .map_err(|_| Error::new(Kind::Storage, "bad key length"))
+}
+
+fn header_prefix(salt: &[u8], generation: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + SALT_LEN + 8);
+    v.extend_from_slice(MAGIC);
+    v.extend_from_slice(salt);
+    v.extend_from_slice(&generation.to_le_bytes());
+    v
+}
+
+fn record_aad(salt: &[u8], generation: u64, seq: u64) -> Vec<u8> {
+    let mut v = header_prefix(salt, generation);
+    v.extend_from_slice(&seq.to_le_bytes());
+    v
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    let d = File::open(dir).map_err(|e| io_err("open state dir", e))?;
+    d.sync_all().map_err(|e| io_err("fsync state dir", e))
+}
+
+/// Serialize a batch of changes: tag(1) | klen(u32) | key | [vlen(u32) | value].
+fn encode_changes<'a, I>(changes: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+{
+    let mut out = Vec::new();
+    for (k, v) in changes {
+        match v {
+            Some(v) => {
+                out.push(PUT);
+                out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+                out.extend_from_slice(k);
+                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                out.extend_from_slice(v);
+            }
+            None => {
+                out.push(DEL);
+                out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+                out.extend_from_slice(k);
+            }
+        }
+    }
+    out
+}
+
+type Change = (Vec<u8>, Option<Vec<u8>>);
+
+fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
+    let end = pos.checked_add(n)?;
+    let s = buf.get(*pos..end)?;
+    *pos = end;
+    Some(s)
+}
+
+fn take_u32(buf: &[u8], pos: &mut usize) -> Option<u32> {
+    let s = take(buf, pos, 4)?;
+    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn decode_changes(buf: &[u8]) -> Option<Vec<Change>> {
+    let mut pos = 0usize;
+    let mut out = Vec::new();
+    while pos < buf.len() {
+        let tag = *take(buf, &mut pos, 1)?.first()?;
+        let klen = take_u32(buf, &mut pos)? as usize;
+        let key = take(buf, &mut pos, klen)?.to_vec();
+        match tag {
+            PUT => {
+                let vlen = take_u32(buf, &mut pos)? as usize;
+                let val = take(buf, &mut pos, vlen)?.to_vec();
+                out.push((key, Some(val)));
+            }
+            DEL => out.push((key, None)),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+impl Log {
+    fn seal(&self, rng: &RustCrypto, seq: u64, plain: &[u8]) -> Result<Vec<u8>, Error> {
+        let nonce: [u8; NONCE_LEN] = rng
+            .random_array()
+            .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
+        let aad = record_aad(&self.salt, self.generation, seq);
+        let ct = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| Error::new(Kind::Storage, "record encryption failed"))?;
+        let len = u32::try_from(NONCE_LEN + ct.len())
+            .map_err(|_| Error::new(Kind::Storage, "record too large"))?;
+        let mut out = Vec::with_capacity(4 + NONCE_LEN + ct.len());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn header(&self, rng: &RustCrypto) -> Result<Vec<u8>, Error> {
+        let nonce: [u8; NONCE_LEN] = rng
+            .random_array()
+            .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
+        let prefix = header_prefix(&self.salt, self.generation);
+        let ct = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: CHECK_PLAIN,
+                    aad: &prefix,
+                },
+            )
+            .map_err(|_| Error::new(Kind::Storage, "header encryption failed"))?;
+        let mut out = prefix;
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Write header + one snapshot record to a temp file and atomically move it in place.
+    fn write_snapshot(&mut self, rng: &RustCrypto, map: &TrackedMap) -> Result<(), Error> {
+        let tmp = self.dir.join(TMP_FILE);
+        let mut buf = self.header(rng)?;
+        let plain = Zeroizing::new(encode_changes(
+            map.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+        ));
+        buf.extend_from_slice(&self.seal(rng, 0, &plain)?);
+        {
+            let mut f = File::create(&tmp).map_err(|e| io_err("create temp store", e))?;
+            f.write_all(&buf)
+                .map_err(|e| io_err("write temp store", e))?;
+            f.sync_all().map_err(|e| io_err("fsync temp store", e))?;
+        }
+        let path = self.dir.join(STORE_FILE);
+        fs::rename(&tmp, &path).map_err(|e| io_err("rename store", e))?;
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err("reopen store", e))?;
+        self.seq = 1;
+        self.size = buf.len() as u64;
+        self.snapshot_size = self.size;
+        self.stats.bytes_written += buf.len() as u64;
+        self.stats.fsyncs += 2;
+        Ok(())
+    }
+
+    /// Create a new store; refuses to overwrite an existing one.
+    pub fn create(
+        dir: &Path,
+        secret: &[u8],
+        durable: bool,
+        rng: &RustCrypto,
+        map: &TrackedMap,
+    ) -> Result<Log, Error> {
+        fs::create_dir_all(dir).map_err(|e| io_err("create state dir", e))?;
+        let path = dir.join(STORE_FILE);
+        if path.exists() {
+            return Err(Error::new(
+                Kind::Exists,
+                format!("a store already exists in {}", dir.display()),
+            ));
+        }
+        let salt: [u8; SALT_LEN] = rng
+            .random_array()
+            .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
+        let cipher = derive_cipher(secret, &salt)?;
+        // Placeholder handle; write_snapshot replaces it with the real file.
+        let placeholder = File::open(dir).map_err(|e| io_err("open state dir", e))?;
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            file: placeholder,
+            cipher,
+            salt,
+            generation: 0,
+            seq: 0,
+            size: 0,
+            snapshot_size: 0,
+            durable,
+            stats: Stats::default(),
+        };
+        log.write_snapshot(rng, map)?;
+        Ok(log)
+    }
+
+    /// Open an existing store, replaying every intact record into `map`.
+    ///
+    /// A wrong secret is detected on the header check block before any write happens.
+    /// A torn or corrupt tail (crash during append) is cut off: the operation it held
+    /// never happened.
+    pub fn open(
+        dir: &Path,
+        secret: &[u8],
+        durable: bool,
+        map: &mut TrackedMap,
+    ) -> Result<Log, Error> {
+        let path = dir.join(STORE_FILE);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    Kind::NotFound,
+                    format!("no store in {}", dir.display()),
+                ))
+            }
+            Err(e) => return Err(io_err("open store", e)),
+        };
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+            .map_err(|e| io_err("read store", e))?;
+        drop(f);
+        if buf.len() < HEADER_LEN || &buf[..8] != MAGIC {
+            return Err(Error::new(Kind::Storage, "not a qpc store (bad header)"));
+        }
+        let mut salt = [0u8; SALT_LEN];
+        salt.copy_from_slice(&buf[8..8 + SALT_LEN]);
+        let mut gen_bytes = [0u8; 8];
+        gen_bytes.copy_from_slice(&buf[8 + SALT_LEN..16 + SALT_LEN]);
+        let generation = u64::from_le_bytes(gen_bytes);
+        let cipher = derive_cipher(secret, &salt)?;
+        let nonce_at = 16 + SALT_LEN;
+        let prefix = header_prefix(&salt, generation);
+        let check = cipher
+            .decrypt(
+                XNonce::from_slice(&buf[nonce_at..nonce_at + NONCE_LEN]),
+                Payload {
+                    msg: &buf[nonce_at + NONCE_LEN..HEADER_LEN],
+                    aad: &prefix,
+                },
+            )
+            .map_err(|_| Error::new(Kind::WrongSecret, "wrong secret for this store"))?;
+        if check.as_slice() != CHECK_PLAIN {
+            return Err(Error::new(Kind::WrongSecret, "wrong secret for this store"));
+        }
+
+        let mut pos = HEADER_LEN;
+        let mut seq = 0u64;
+        let mut snapshot_size = 0u64;
+        while pos < buf.len() {
+            let mut p = pos;
+            let Some(len) = take_u32(&buf, &mut p) else {
+                break;
+            };
+            if len < (NONCE_LEN + TAG_LEN) as u32 || len > MAX_RECORD {
+                break;
+            }
+            let Some(body) = take(&buf, &mut p, len as usize) else {
+                break;
+            };
+            let aad = record_aad(&salt, generation, seq);
+            let Ok(plain) = cipher.decrypt(
+                XNonce::from_slice(&body[..NONCE_LEN]),
+                Payload {
+                    msg: &body[NONCE_LEN..],
+                    aad: &aad,
+                },
+            ) else {
+                break;
+            };
+            let plain = Zeroizing::new(plain);
+            let Some(changes) = decode_changes(&plain) else {
+                break;
+            };
+            for (k, v) in changes {
+                map.load(k, v);
+            }
+            if seq == 0 {
+                snapshot_size = p as u64;
+            }
+            seq += 1;
+            pos = p;
+        }
+        if seq == 0 {
+            return Err(Error::new(Kind::Storage, "store has no intact snapshot"));
+        }
+        let _ = fs::remove_file(dir.join(TMP_FILE));
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err("open store for append", e))?;
+        if (pos as u64) < buf.len() as u64 {
+            // Torn tail from a crash mid-append: drop it so new records follow good ones.
+            file.set_len(pos as u64)
+                .map_err(|e| io_err("truncate torn tail", e))?;
+            file.sync_all().map_err(|e| io_err("fsync store", e))?;
+        }
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            file,
+            cipher,
+            salt,
+            generation,
+            seq,
+            size: pos as u64,
+            snapshot_size,
+            durable,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Append one record holding every change of one operation; compact when large.
+    pub fn commit(
+        &mut self,
+        rng: &RustCrypto,
+        changes: &[Change],
+        map: &TrackedMap,
+    ) -> Result<(), Error> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if self.size > COMPACT_FLOOR.max(self.snapshot_size.saturating_mul(COMPACT_RATIO)) {
+            self.generation += 1;
+            self.stats.compactions += 1;
+            return self.write_snapshot(rng, map);
+        }
+        let plain = Zeroizing::new(encode_changes(
+            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+        ));
+        let rec = self.seal(rng, self.seq, &plain)?;
+        if let Err(e) = self.file.write_all(&rec) {
+            // Never leave a half record in front of later ones (e.g. disk full).
+            let _ = self.file.set_len(self.size);
+            return Err(io_err("append store record", e));
+        }
+        if self.durable {
+            self.file
+                .sync_data()
+                .map_err(|e| io_err("fsync store", e))?;
+            self.stats.fsyncs += 1;
+        }
+        self.seq += 1;
+        self.size += rec.len() as u64;
+        self.stats.bytes_written += rec.len() as u64;
+        self.stats.records += 1;
+        Ok(())
+    }
+
+    pub fn file_size(&self) -> u64 {
+        self.size
+    }
+}
