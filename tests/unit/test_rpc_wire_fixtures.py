@@ -1,0 +1,119 @@
+"""Golden wire fixtures: the exact bytes of every RPC message and frame header.
+
+A failure here means an encoding changed. If that was deliberate (a new
+field, a new wire version), regenerate and commit the fixtures with the
+change, and say why in the commit:
+
+    QPC_REGEN_FIXTURES=1 .venv/bin/pytest tests/unit/test_rpc_wire_fixtures.py
+
+Files are lowercase hex (one line) so a change shows up in a diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+
+from qpc_node.errors import StatusCode
+from qpc_node.rpc import HEALTH_METHOD
+from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame, encode_varint
+from qpc_node.wire.gen.qpc.v1 import health_pb2, rpc_pb2
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
+REGEN = os.environ.get("QPC_REGEN_FIXTURES") == "1"
+
+HEALTH_RESPONSE = health_pb2.HealthResponse(
+    status=health_pb2.HealthResponse.SERVING, node_version="0.1.0", uptime_ms=86_400_123
+)
+MESSAGES: dict[str, Message] = {
+    "health_request": health_pb2.HealthRequest(),
+    "health_response": HEALTH_RESPONSE,
+    "health_response_not_serving": health_pb2.HealthResponse(
+        status=health_pb2.HealthResponse.NOT_SERVING, node_version="0.1.0", uptime_ms=0
+    ),
+    "request_health": rpc_pb2.Request(
+        version=1,
+        method=HEALTH_METHOD,
+        call_id=1,
+        body=b"",
+        deadline_ms=5000,
+        correlation_id="node-a/1",
+    ),
+    "request_minimal": rpc_pb2.Request(version=1, method="qpc.v1.X/Y", call_id=2**64 - 1),
+    "response_ok_health": rpc_pb2.Response(
+        version=1,
+        call_id=1,
+        body=HEALTH_RESPONSE.SerializeToString(),
+        status=rpc_pb2.STATUS_CODE_OK,
+    ),
+    "response_error": rpc_pb2.Response(
+        version=1,
+        call_id=300,
+        status=rpc_pb2.STATUS_CODE_UNSUPPORTED_VERSION,
+        message="unsupported wire version 2 (supported: 1)",
+    ),
+    "response_refused": rpc_pb2.Response(
+        version=1,
+        call_id=0,
+        status=rpc_pb2.STATUS_CODE_RESOURCE_EXHAUSTED,
+        message="too many concurrent calls on this connection (limit 32)",
+    ),
+}
+HEADER_LENGTHS = [0, 1, 127, 128, 300, 16383, 16384, 2**21 - 1, 2**21, DEFAULT_MAX_FRAME_SIZE]
+
+
+def golden(name: str, data: bytes) -> None:
+    path = FIXTURES / f"{name}.hex"
+    if REGEN:
+        FIXTURES.mkdir(parents=True, exist_ok=True)
+        path.write_text(data.hex() + "\n")
+        return
+    assert path.exists(), f"missing fixture {path.name}: regenerate with QPC_REGEN_FIXTURES=1"
+    expected = bytes.fromhex(path.read_text().strip())
+    assert data == expected, (
+        f"wire encoding of {name} changed; if deliberate, regenerate (QPC_REGEN_FIXTURES=1)"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_message_bytes_are_pinned(name: str) -> None:
+    message = MESSAGES[name]
+    data = message.SerializeToString(deterministic=True)
+    golden(f"msg_{name}", data)
+    # ...and the pinned bytes still parse to the same message.
+    assert type(message).FromString(data) == message
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in sorted(MESSAGES) if n.startswith(("request", "response"))]
+)
+def test_framed_bytes_are_pinned(name: str) -> None:
+    payload = MESSAGES[name].SerializeToString(deterministic=True)
+    frame = encode_frame(payload)
+    golden(f"frame_{name}", frame)
+    assert FrameDecoder().feed(frame) == [payload]
+
+
+@pytest.mark.parametrize("length", HEADER_LENGTHS)
+def test_frame_header_bytes_are_pinned(length: int) -> None:
+    golden(f"frame_header_{length}", encode_varint(length))
+
+
+def test_status_enum_mirrors_error_codes() -> None:
+    """rpc.proto StatusCode and qpc_node.errors.StatusCode must agree number for number."""
+    wire = {
+        name.removeprefix("STATUS_CODE_"): number for name, number in rpc_pb2.StatusCode.items()
+    }
+    assert wire == {code.name: code.value for code in StatusCode}
+
+
+def test_no_stray_fixtures() -> None:
+    """A fixture no test checks is a fixture nobody notices going stale."""
+    expected = {f"msg_{n}.hex" for n in MESSAGES}
+    expected |= {f"frame_{n}.hex" for n in MESSAGES if n.startswith(("request", "response"))}
+    expected |= {f"frame_header_{n}.hex" for n in HEADER_LENGTHS}
+    present = {p.name for p in FIXTURES.glob("*.hex")}
+    assert present == expected
