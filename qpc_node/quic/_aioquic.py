@@ -1,0 +1,353 @@
+"""aioquic 1.7.2 behind our :mod:`~qpc_node.quic.backend` protocols.
+
+Stock aioquic lacks three things we need, so this module (and only this one)
+reaches into its internals; ``tests/unit/test_tls_pin.py`` asserts every hook
+below still exists with the expected signature and fails loudly on upgrade:
+
+* **Client certificates.** The server never verifies them (and only asks for
+  them in tests). We swap the connection's ``tls.Context`` for a subclass right
+  after ``_initialize`` creates it, request a certificate from the ALPN callback
+  when the negotiated ALPN needs one (``qpc-fed/1``), and run our policy in
+  ``_server_handle_certificate{,_verify}``. The client side runs our pin/CA
+  policy in ``_client_handle_certificate_verify`` (aioquic's own check is off).
+* **Flow control by consumption.** aioquic doubles a receive window as soon as
+  data *arrives*, so a slow reader would buffer without bound. We override
+  ``_write_stream_limits``/``_write_connection_limits`` to extend windows only
+  as the application consumes.
+* **Send backlog / stream credit / peer certificate / handshake confirmed**
+  are read from private attributes (no public API exists).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from typing import cast
+
+from aioquic import tls as atls
+from aioquic._buffer import Buffer
+from aioquic.quic import events as aev
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioquicStream
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from qpc_node.errors import LocalProtocolError
+from qpc_node.quic import events as ev
+from qpc_node.quic.address import Address
+from qpc_node.quic.backend import PacketHeader
+from qpc_node.quic.settings import QuicSettings
+from qpc_node.quic.tls import CertificateRejected, ClientTLS, RejectKind, ServerTLS
+
+CID_LENGTH = 8
+
+
+class AlertCertificateRequired(atls.Alert):
+    description = atls.AlertDescription.certificate_required
+
+
+class AlertUnknownCa(atls.Alert):
+    description = atls.AlertDescription.unknown_ca
+
+
+_ALERTS: dict[RejectKind, type[atls.Alert]] = {
+    "bad_certificate": atls.AlertBadCertificate,
+    "certificate_expired": atls.AlertCertificateExpired,
+    "certificate_required": AlertCertificateRequired,
+    "unknown_ca": AlertUnknownCa,
+}
+
+
+def _as_alert(exc: CertificateRejected) -> atls.Alert:
+    return _ALERTS[exc.kind](str(exc))
+
+
+class _QpcTlsContext(atls.Context):
+    """aioquic's TLS 1.3 state machine plus our certificate policy hooks."""
+
+    qpc_server: ServerTLS | None = None
+    qpc_client: ClientTLS | None = None
+
+    def qpc_peer_chain(self) -> list[bytes]:
+        if self._peer_certificate is None:
+            return []
+        certs = [self._peer_certificate, *self._peer_certificate_chain]
+        return [c.public_bytes(Encoding.DER) for c in certs]
+
+    def _qpc_check_client(self) -> None:
+        assert self.qpc_server is not None
+        try:
+            self.qpc_server.check_client_certificate(self.alpn_negotiated, self.qpc_peer_chain())
+        except CertificateRejected as exc:
+            raise _as_alert(exc) from exc
+
+    def _server_handle_certificate(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate(input_buf)
+        if self._peer_certificate is None:  # empty Certificate: stock aioquic carries on
+            self._qpc_check_client()
+
+    def _server_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate_verify(input_buf)  # signature: key possession
+        self._qpc_check_client()
+
+    def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._client_handle_certificate_verify(input_buf)  # signature: key possession
+        assert self.qpc_client is not None
+        try:
+            self.qpc_client.check_server_certificate(self.qpc_peer_chain())
+        except CertificateRejected as exc:
+            raise _as_alert(exc) from exc
+
+
+class _QpcQuicConnection(QuicConnection):
+    """aioquic connection with our TLS policy and consumption-driven flow control."""
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        settings: QuicSettings,
+        server_tls: ServerTLS | None = None,
+        client_tls: ClientTLS | None = None,
+        original_destination_connection_id: bytes | None = None,
+    ) -> None:
+        super().__init__(
+            configuration=configuration,
+            original_destination_connection_id=original_destination_connection_id,
+        )
+        self.qpc_server_tls = server_tls
+        self.qpc_client_tls = client_tls
+        self.qpc_stream_window = settings.stream_receive_window
+        self.qpc_connection_window = settings.connection_receive_window
+        self.qpc_rx: dict[int, list[int]] = {}  # stream id -> [delivered, unread]
+        self.qpc_unread_total = 0
+        # Peer stream credit: ours to choose (aioquic hardcodes 128); no uni streams.
+        for limit, value in ((self._local_max_streams_bidi, settings.max_streams_bidi),
+                             (self._local_max_streams_uni, 0)):  # fmt: skip
+            limit.value = limit.sent = value
+
+    # -- TLS hooks
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if type(self.tls) is not atls.Context:
+            raise RuntimeError(f"aioquic changed its TLS context class: {type(self.tls)!r}")
+        self.tls.__class__ = _QpcTlsContext
+        tls_ctx = cast(_QpcTlsContext, self.tls)
+        tls_ctx.qpc_server = self.qpc_server_tls
+        tls_ctx.qpc_client = self.qpc_client_tls
+
+    def _alpn_handler(self, alpn_protocol: str) -> None:
+        super()._alpn_handler(alpn_protocol)
+        server = self.qpc_server_tls
+        if server is not None and server.requires_client_certificate(alpn_protocol):
+            # Read by the server hello handler right after this callback returns.
+            self.tls._request_client_certificate = True
+
+    # -- flow control: grow windows as the reader consumes, not as data arrives
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
+    ) -> None:
+        rx = self.qpc_rx.get(cast(int, stream.stream_id))
+        if rx is not None and stream.max_stream_data_local:
+            target = rx[0] - rx[1] + self.qpc_stream_window
+            if target - stream.max_stream_data_local >= self.qpc_stream_window // 2:
+                stream.max_stream_data_local = target
+        highest = stream.receiver.highest_offset
+        stream.receiver.highest_offset = 0  # disarms aioquic's grow-on-arrival doubling
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            stream.receiver.highest_offset = highest
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        limit = self._local_max_data
+        target = limit.used - self.qpc_unread_total + self.qpc_connection_window
+        if target - limit.value >= self.qpc_connection_window // 2:
+            limit.value = target
+        used = limit.used
+        limit.used = 0  # disarms aioquic's grow-on-arrival doubling
+        try:
+            super()._write_connection_limits(builder, space)
+        finally:
+            limit.used = used
+
+
+def _configuration(settings: QuicSettings, *, is_client: bool) -> QuicConfiguration:
+    return QuicConfiguration(
+        is_client=is_client,
+        connection_id_length=CID_LENGTH,
+        idle_timeout=settings.idle_timeout,
+        max_data=settings.connection_receive_window,
+        max_stream_data=settings.stream_receive_window,
+        max_datagram_size=settings.max_datagram_size,
+        verify_mode=ssl.CERT_NONE,  # our policy hooks verify; aioquic's check is off
+    )
+
+
+class AioquicCore:
+    """:class:`~qpc_node.quic.backend.QuicCore` over one aioquic connection."""
+
+    def __init__(self, quic: _QpcQuicConnection) -> None:
+        self._q = quic
+        self._confirmed_reported = False
+
+    @property
+    def host_cid(self) -> bytes:
+        return self._q.host_cid
+
+    @property
+    def is_client(self) -> bool:
+        return self._q.configuration.is_client
+
+    def connect(self, addr: Address, now: float) -> None:
+        self._q.connect(addr, now)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        self._q.receive_datagram(data, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        return self._q.datagrams_to_send(now)
+
+    def get_timer(self) -> float | None:
+        return self._q.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self._q.handle_timer(now)
+
+    def next_event(self) -> ev.QuicEvent | None:
+        q = self._q
+        while (e := q.next_event()) is not None:
+            out = self._translate(e)
+            if out is not None:
+                return out
+        if not self._confirmed_reported and q._handshake_confirmed:
+            self._confirmed_reported = True
+            return ev.HandshakeConfirmed()
+        return None
+
+    def _translate(self, e: aev.QuicEvent) -> ev.QuicEvent | None:
+        q = self._q
+        if isinstance(e, aev.StreamDataReceived):
+            if e.data:
+                rx = q.qpc_rx.setdefault(e.stream_id, [0, 0])
+                rx[0] += len(e.data)
+                rx[1] += len(e.data)
+                q.qpc_unread_total += len(e.data)
+            return ev.StreamDataReceived(e.stream_id, e.data, e.end_stream)
+        if isinstance(e, aev.StreamReset):
+            return ev.StreamReset(e.stream_id, e.error_code)
+        if isinstance(e, aev.StopSendingReceived):
+            return ev.StopSendingReceived(e.stream_id, e.error_code)
+        if isinstance(e, aev.HandshakeCompleted):
+            return ev.HandshakeCompleted(e.alpn_protocol)
+        if isinstance(e, aev.ConnectionIdIssued):
+            return ev.ConnectionIdIssued(e.connection_id)
+        if isinstance(e, aev.ConnectionIdRetired):
+            return ev.ConnectionIdRetired(e.connection_id)
+        if isinstance(e, aev.ConnectionTerminated):
+            return ev.ConnectionTerminated(e.error_code, e.frame_type, e.reason_phrase)
+        if isinstance(e, aev.PingAcknowledged):
+            return ev.PingAcknowledged(e.uid)
+        return None  # ProtocolNegotiated, DatagramFrameReceived: unused
+
+    def can_open_stream(self) -> bool:
+        q = self._q
+        return q._local_next_stream_id_bidi // 4 < q._remote_max_streams_bidi
+
+    def open_stream(self) -> int:
+        sid = self._q.get_next_available_stream_id()
+        self._q.send_stream_data(sid, b"")  # allocates the id now (two opens never share one)
+        return sid
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        try:
+            self._q.send_stream_data(stream_id, data, end_stream)
+        except (ValueError, RuntimeError) as exc:  # finished / reset / FIN already sent
+            raise LocalProtocolError(f"stream {stream_id}: {exc}") from exc
+
+    def send_backlog(self, stream_id: int) -> int:
+        stream = self._q._streams.get(stream_id)
+        return 0 if stream is None else len(stream.sender._buffer)
+
+    def stream_consumed(self, stream_id: int, nbytes: int) -> None:
+        rx = self._q.qpc_rx.get(stream_id)
+        if rx is not None:
+            nbytes = min(nbytes, rx[1])
+            rx[1] -= nbytes
+            self._q.qpc_unread_total -= nbytes
+
+    def stream_released(self, stream_id: int) -> None:
+        rx = self._q.qpc_rx.pop(stream_id, None)
+        if rx is not None:
+            self._q.qpc_unread_total -= rx[1]
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        with contextlib.suppress(ValueError):  # finished and discarded: nothing to abort
+            self._q.reset_stream(stream_id, error_code)
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        with contextlib.suppress(ValueError):  # finished and discarded: nothing to stop
+            self._q.stop_stream(stream_id, error_code)
+
+    def send_ping(self, uid: int) -> None:
+        self._q.send_ping(uid)
+
+    def close(self, error_code: int, reason: str) -> None:
+        self._q.close(error_code=error_code, reason_phrase=reason)
+
+    def peer_certificate_chain(self) -> list[bytes]:
+        tls_ctx = getattr(self._q, "tls", None)  # absent until the first packet
+        return tls_ctx.qpc_peer_chain() if isinstance(tls_ctx, _QpcTlsContext) else []
+
+    @property
+    def receive_buffered(self) -> int:
+        return self._q.qpc_unread_total
+
+
+class AioquicBackend:
+    name = "aioquic"
+
+    def parse_header(self, data: bytes) -> PacketHeader | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+        except ValueError:  # includes aioquic.buffer.BufferReadError
+            return None
+        supported = header.version is None or header.version in _SUPPORTED_VERSIONS
+        return PacketHeader(
+            header.destination_cid, header.packet_type == QuicPacketType.INITIAL, supported
+        )
+
+    def create_client(self, tls: ClientTLS, settings: QuicSettings) -> AioquicCore:
+        config = _configuration(settings, is_client=True)
+        config.alpn_protocols = [tls.alpn]
+        config.server_name = tls.server_name
+        if tls.credentials is not None:
+            config.certificate = tls.credentials.certificate
+            config.certificate_chain = tls.credentials.chain
+            config.private_key = tls.credentials.private_key()
+        return AioquicCore(
+            _QpcQuicConnection(configuration=config, settings=settings, client_tls=tls)
+        )
+
+    def create_server(
+        self, tls: ServerTLS, settings: QuicSettings, original_dcid: bytes
+    ) -> AioquicCore:
+        config = _configuration(settings, is_client=False)
+        config.alpn_protocols = list(tls.alpns)
+        config.certificate = tls.credentials.certificate
+        config.certificate_chain = tls.credentials.chain
+        config.private_key = tls.credentials.private_key()
+        return AioquicCore(
+            _QpcQuicConnection(
+                configuration=config,
+                settings=settings,
+                server_tls=tls,
+                original_destination_connection_id=original_dcid,
+            )
+        )
+
+
+_SUPPORTED_VERSIONS = frozenset(QuicConfiguration(is_client=True).supported_versions)

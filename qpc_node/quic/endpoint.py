@@ -1,0 +1,363 @@
+"""The node's QUIC endpoint: one datagram socket, many connections.
+
+The receive loop wakes once per readable socket, drains up to ``RECV_BATCH``
+datagrams, routes each by destination connection ID, feeds every touched
+connection its share, and only then lets each transmit once -- so ACKs and
+replies for a burst leave in one pass instead of one per datagram.
+
+New connections are admitted only from well-formed Initial packets of a
+supported version, within :class:`AdmissionLimits` (overall and per source
+IP); everything else that matches no connection ID is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from qpc_node.errors import LocalProtocolError
+from qpc_node.quic._aioquic import AioquicBackend
+from qpc_node.quic.address import Address, host_of
+from qpc_node.quic.backend import PacketHeader, QuicBackend
+from qpc_node.quic.connection import Connection, StreamHandler
+from qpc_node.quic.errors import HandshakeError
+from qpc_node.quic.settings import AdmissionLimits, QuicSettings
+from qpc_node.quic.tls import ClientTLS, ServerTLS
+from qpc_node.quic.transport import DatagramSocket, UdpSocket
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 4201
+RECV_BATCH = 256
+TX_BACKLOG_MAX = 4096
+MIN_INITIAL_SIZE = 1200  # RFC 9000 14.1: smaller client Initials are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatistics:
+    connections: int
+    server_connections: int
+    rx_datagrams: int
+    rx_batches: int
+    tx_datagrams: int
+    tx_backlog: int
+    tx_dropped: int
+    dropped_unparseable: int
+    dropped_unknown_cid: int
+    refused_admission: int
+    connection_failures: int
+
+
+class Endpoint:
+    """Use :func:`open_endpoint`; the constructor is the plumbing."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        sock: DatagramSocket,
+        *,
+        server_tls: ServerTLS | None,
+        admission: AdmissionLimits,
+        settings: QuicSettings,
+        backend: QuicBackend,
+    ) -> None:
+        self._nursery = nursery
+        self._sock = sock
+        self._server_tls = server_tls
+        self._admission = admission
+        self._settings = settings
+        self._backend = backend
+        self._routes: dict[bytes, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._server_conns: set[Connection] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._handler: StreamHandler | None = None
+        self._accepting = False
+        self._closing = False
+        self._tx_backlog: deque[tuple[bytes, Address]] = deque()
+        self._tx_pending = trio.Event()
+        self._rx_datagrams = 0
+        self._rx_batches = 0
+        self._tx_datagrams = 0
+        self._tx_dropped = 0
+        self._unparseable = 0
+        self._unknown_cid = 0
+        self._refused = 0
+        self._conn_failures = 0
+
+    # ------------------------------------------------------------------ public
+    @property
+    def local_address(self) -> Address:
+        return self._sock.local_address
+
+    async def serve(
+        self,
+        stream_handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections and run ``stream_handler`` per peer-initiated stream.
+
+        Returns only when cancelled (then new connections are no longer accepted;
+        established ones keep going until the endpoint closes).
+        """
+        if self._server_tls is None:
+            raise LocalProtocolError("serve() needs open_endpoint(server_tls=...)")
+        if self._closing:
+            raise LocalProtocolError("endpoint is closing")
+        self._handler = stream_handler
+        self._accepting = True
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._accepting = False
+
+    async def connect(self, host: str, port: int, client_tls: ClientTLS) -> Connection:
+        """Dial ``host``; returns once the server has confirmed the handshake.
+
+        Before confirmation a TLS 1.3 client only *thinks* it is connected: the
+        server may still refuse our certificate. Raises :class:`HandshakeError`.
+        """
+        if self._closing:
+            raise LocalProtocolError("endpoint is closing")
+        addr = await self._sock.resolve(host, port)
+        core = self._backend.create_client(client_tls, self._settings)
+        conn = Connection(self, core, addr, self._settings)
+        conn.register_cid(core.host_cid)
+        core.connect(addr, trio.current_time())
+        self._connections.add(conn)
+        await self._nursery.start(conn.run)
+        try:
+            with trio.move_on_after(self._settings.handshake_timeout):
+                await conn.wait_confirmed()
+        finally:
+            if not conn.confirmed:
+                conn.close_now(0, "handshake abandoned")
+        if not conn.confirmed:
+            err = conn.close_error
+            raise HandshakeError(
+                f"handshake with {host}:{port} failed: {err or 'timeout'}",
+                error_code=err.error_code if err else 0,
+                reason=err.reason if err else "timeout",
+            )
+        return conn
+
+    async def close(
+        self, *, grace: float = 5.0, error_code: int = 0, reason: str = "shutdown"
+    ) -> None:
+        """Graceful shutdown: refuse new connections and streams, give running
+        handlers ``grace`` seconds, then CONNECTION_CLOSE everything."""
+        self._closing = True
+        self._accepting = False
+        for conn in list(self._connections):
+            conn.begin_drain()
+        with trio.move_on_after(grace):
+            for conn in list(self._connections):
+                await conn.wait_idle()
+        self.abort(error_code, reason)
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    def abort(self, error_code: int = 0, reason: str = "shutdown") -> None:
+        """Close every connection now (CONNECTION_CLOSE is sent) and stop the endpoint."""
+        self._closing = True
+        self._accepting = False
+        for conn in list(self._connections):
+            conn.close_now(error_code, reason)
+        self._nursery.cancel_scope.cancel()
+
+    def connections(self) -> list[Connection]:
+        return list(self._connections)
+
+    def statistics(self) -> EndpointStatistics:
+        return EndpointStatistics(
+            connections=len(self._connections),
+            server_connections=len(self._server_conns),
+            rx_datagrams=self._rx_datagrams,
+            rx_batches=self._rx_batches,
+            tx_datagrams=self._tx_datagrams,
+            tx_backlog=len(self._tx_backlog),
+            tx_dropped=self._tx_dropped,
+            dropped_unparseable=self._unparseable,
+            dropped_unknown_cid=self._unknown_cid,
+            refused_admission=self._refused,
+            connection_failures=self._conn_failures,
+        )
+
+    # ------------------------------------------------- ConnectionHost protocol
+    def send_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        backlog = self._tx_backlog
+        i = 0
+        if not backlog:
+            try_send = self._sock.try_send
+            while i < len(datagrams) and try_send(*datagrams[i]):
+                i += 1
+            self._tx_datagrams += i
+        if i < len(datagrams):
+            room = TX_BACKLOG_MAX - len(backlog)
+            rest = datagrams[i:]
+            backlog.extend(rest[:room])
+            self._tx_dropped += max(0, len(rest) - room)  # UDP: QUIC recovers the loss
+            self._tx_pending.set()
+
+    def register_cid(self, cid: bytes, conn: Connection) -> None:
+        self._routes[cid] = conn
+
+    def unregister_cid(self, cid: bytes, conn: Connection) -> None:
+        if self._routes.get(cid) is conn:
+            del self._routes[cid]
+
+    def stream_handler(self) -> StreamHandler | None:
+        return self._handler
+
+    def connection_finished(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        if conn in self._server_conns:
+            self._server_conns.discard(conn)
+            ip = host_of(conn.remote_address)
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    # ------------------------------------------------------------------ loops
+    async def _receive_loop(self) -> None:
+        sock = self._sock
+        parse = self._backend.parse_header
+        while True:
+            await sock.wait_readable()
+            batch = sock.recv_batch(RECV_BATCH)
+            if not batch:
+                continue
+            now = trio.current_time()
+            self._rx_batches += 1
+            self._rx_datagrams += len(batch)
+            touched: dict[Connection, list[tuple[bytes, Address]]] = {}
+            for data, addr in batch:
+                header = parse(data)
+                if header is None:
+                    self._unparseable += 1
+                    continue
+                conn = self._routes.get(header.destination_cid)
+                if conn is None:
+                    conn = self._admit(header, data, addr)
+                    if conn is None:
+                        continue
+                touched.setdefault(conn, []).append((data, addr))
+            for conn, datagrams in touched.items():
+                self._guarded(conn, conn.feed, datagrams, now)
+            for conn in touched:
+                self._guarded(conn, conn.transmit, now)
+                conn._kick()
+
+    def _guarded(self, conn: Connection, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        # Supervisor boundary: a core bug triggered by one peer's packets must cost
+        # that connection, not the node. Protocol violations never get here (the
+        # core turns them into CONNECTION_CLOSE itself).
+        except Exception:
+            self._conn_failures += 1
+            log.exception("QUIC core failed on %r; dropping the connection", conn)
+            conn.close_now(0x1, "internal error")  # INTERNAL_ERROR
+
+    async def _send_loop(self) -> None:
+        """Flush datagrams the kernel refused (EAGAIN) once the socket is writable."""
+        backlog = self._tx_backlog
+        while True:
+            await self._tx_pending.wait()
+            self._tx_pending = trio.Event()
+            while backlog:
+                await self._sock.wait_writable()
+                while backlog and self._sock.try_send(*backlog[0]):
+                    backlog.popleft()
+                    self._tx_datagrams += 1
+
+    def _admit(self, header: PacketHeader, data: bytes, addr: Address) -> Connection | None:
+        tls = self._server_tls
+        if (
+            tls is None
+            or not self._accepting
+            or not header.is_initial
+            or not header.version_supported
+            or len(data) < MIN_INITIAL_SIZE
+        ):
+            self._unknown_cid += 1
+            return None
+        ip = host_of(addr)
+        limits = self._admission
+        if (
+            len(self._server_conns) >= limits.max_connections
+            or self._per_ip[ip] >= limits.max_connections_per_ip
+        ):
+            self._refused += 1
+            return None
+        core = self._backend.create_server(tls, self._settings, header.destination_cid)
+        conn = Connection(self, core, addr, self._settings)
+        conn.register_cid(header.destination_cid)
+        conn.register_cid(core.host_cid)
+        self._connections.add(conn)
+        self._server_conns.add(conn)
+        self._per_ip[ip] += 1
+        self._nursery.start_soon(conn.run)
+        return conn
+
+
+@asynccontextmanager
+async def open_endpoint(
+    host: str = "::",
+    port: int = DEFAULT_PORT,
+    *,
+    server_tls: ServerTLS | None = None,
+    admission: AdmissionLimits | None = None,
+    settings: QuicSettings | None = None,
+    sock: DatagramSocket | None = None,
+    backend: QuicBackend | None = None,
+) -> AsyncIterator[Endpoint]:
+    """Bind one socket (``port=0``: ephemeral) and run the endpoint's tasks.
+
+    ``sock`` replaces the UDP socket (the fake network in tests). Leaving the
+    block closes every connection at once; call :meth:`Endpoint.close` first for
+    a graceful drain.
+    """
+    the_sock = sock if sock is not None else UdpSocket.bind(host, port)
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as outer:
+            # The endpoint's tasks live in an inner nursery so that closing the
+            # endpoint cancels them, never the caller's body.
+            inner: trio.Nursery = await outer.start(_service_nursery)
+            ep = Endpoint(
+                inner,
+                the_sock,
+                server_tls=server_tls,
+                admission=admission or AdmissionLimits(),
+                settings=settings or QuicSettings(),
+                backend=backend or AioquicBackend(),
+            )
+            inner.start_soon(ep._receive_loop)
+            inner.start_soon(ep._send_loop)
+            try:
+                yield ep
+            # Re-raised below, outside the nursery, so the caller gets its own
+            # exception and not an ExceptionGroup wrapping it.
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                ep.abort()
+    finally:
+        the_sock.close()
+    if body_error is not None:
+        raise body_error
+
+
+async def _service_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()

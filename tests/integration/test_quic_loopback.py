@@ -1,0 +1,230 @@
+"""Real QUIC over real loopback UDP: echo, dual stack, resets, garbage, shutdown."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+
+from qpc_node.errors import StatusCode
+from qpc_node.quic import (
+    ALPN_CLIENT,
+    ClientTLS,
+    Connection,
+    ConnectionClosed,
+    HandshakeError,
+    QuicSettings,
+    QuicStream,
+    ServerTLS,
+    StreamReset,
+    open_endpoint,
+)
+from qpc_node.quic.testing import PkiFixture, make_test_pki
+
+
+@pytest.fixture(scope="module")
+def pki() -> PkiFixture:
+    return make_test_pki()
+
+
+async def read_all(stream: QuicStream) -> bytes:
+    out = bytearray()
+    for _ in range(100_000):
+        chunk = await stream.receive_some()
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError("stream never ended")
+
+
+async def echo(conn: Connection, stream: QuicStream) -> None:
+    data = await read_all(stream)
+    await stream.send_all(b"echo:" + data)
+    await stream.send_eof()
+
+
+async def call(conn: Connection, payload: bytes) -> bytes:
+    stream = await conn.open_stream()
+    await stream.send_all(payload)
+    await stream.send_eof()
+    reply = await read_all(stream)
+    await stream.aclose()
+    return reply
+
+
+def client_tls(pki: PkiFixture) -> ClientTLS:
+    return ClientTLS(ALPN_CLIENT, pin=pki.server.fingerprint)
+
+
+async def test_1000_echo_exchanges_over_loopback(pki: PkiFixture) -> None:
+    with trio.fail_after(30):
+        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
+            await server._nursery.start(server.serve, echo)
+            async with open_endpoint("127.0.0.1", 0) as client:
+                conn = await client.connect(*server.local_address, client_tls(pki))
+                assert conn.peer_identity is not None
+                assert conn.peer_identity.cert_fingerprint == pki.server.fingerprint
+                results: dict[int, bytes] = {}
+
+                async def worker(w: int) -> None:
+                    for i in range(100):
+                        n = w * 100 + i
+                        results[n] = await call(conn, b"%d:" % n + os.urandom(n % 3000))
+
+                async with trio.open_nursery() as nursery:
+                    for w in range(10):
+                        nursery.start_soon(worker, w)
+                assert len(results) == 1000
+                assert all(r.startswith(b"echo:%d:" % n) for n, r in results.items())
+                stats = conn.statistics()
+                assert stats.open_streams == 0 and stats.receive_buffered_bytes == 0
+                await conn.aclose()
+
+
+@pytest.mark.parametrize(
+    ("server_host", "client_host", "target"),
+    [("::", "127.0.0.1", "127.0.0.1"), ("::", "::1", "::1"), ("::1", "::", "::1")],
+)
+async def test_dual_stack_and_ipv6(
+    pki: PkiFixture, server_host: str, client_host: str, target: str
+) -> None:
+    with trio.fail_after(10):
+        async with open_endpoint(server_host, 0, server_tls=ServerTLS(pki.server)) as server:
+            await server._nursery.start(server.serve, echo)
+            port = server.local_address[1]
+            async with open_endpoint(client_host, 0) as client:
+                conn = await client.connect(target, port, client_tls(pki))
+                assert await call(conn, b"hi") == b"echo:hi"
+                seen = {c.remote_address[0] for c in server.connections()}
+                assert seen == {"127.0.0.1" if target == "127.0.0.1" else "::1"}
+
+
+async def test_handler_error_resets_only_that_stream(pki: PkiFixture) -> None:
+    async def handler(conn: Connection, stream: QuicStream) -> None:
+        data = await read_all(stream)
+        if data == b"boom":
+            raise ValueError("handler bug")
+        await echo_reply(stream, data)
+
+    async def echo_reply(stream: QuicStream, data: bytes) -> None:
+        await stream.send_all(b"echo:" + data)
+
+    with trio.fail_after(10):
+        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
+            await server._nursery.start(server.serve, handler)
+            async with open_endpoint("127.0.0.1", 0) as client:
+                conn = await client.connect(*server.local_address, client_tls(pki))
+                with pytest.raises(StreamReset) as info:
+                    await call(conn, b"boom")
+                assert info.value.error_code == StatusCode.INTERNAL
+                assert await call(conn, b"ok") == b"echo:ok"
+                (sconn,) = server.connections()
+                assert sconn.statistics().handler_errors == 1
+
+
+async def test_reset_mid_transfer_gives_typed_error_both_ways(pki: PkiFixture) -> None:
+    server_saw: list[BaseException] = []
+    got_some = trio.Event()
+
+    async def handler(conn: Connection, stream: QuicStream) -> None:
+        first = await stream.receive_some()
+        if first.startswith(b"upload"):
+            got_some.set()
+            try:
+                await read_all(stream)
+            except StreamReset as exc:
+                server_saw.append(exc)
+            return
+        await stream.send_all(b"x" * 100_000)  # then abort the download
+        stream.reset(77)
+
+    with trio.fail_after(10):
+        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
+            await server._nursery.start(server.serve, handler)
+            async with open_endpoint("127.0.0.1", 0) as client:
+                conn = await client.connect(*server.local_address, client_tls(pki))
+                up = await conn.open_stream()
+                await up.send_all(b"upload" + b"y" * 10_000)
+                await got_some.wait()
+                up.reset(42)
+                with pytest.raises(trio.ClosedResourceError):
+                    await up.send_all(b"more")
+                down = await conn.open_stream()
+                await down.send_all(b"download")
+                with pytest.raises(StreamReset) as info:
+                    await read_all(down)
+                assert info.value.error_code == 77
+                for _ in range(100):
+                    if server_saw:
+                        break
+                    await trio.sleep(0.01)
+                assert isinstance(server_saw[0], StreamReset)
+                assert server_saw[0].error_code == 42
+                assert await call_ok(conn)
+
+
+async def call_ok(conn: Connection) -> bool:
+    stream = await conn.open_stream()
+    await stream.send_all(b"upload-then-eof")
+    await stream.send_eof()
+    await stream.aclose()
+    return True
+
+
+async def test_garbage_datagrams_are_dropped_and_server_keeps_serving(pki: PkiFixture) -> None:
+    with trio.fail_after(10):
+        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
+            await server._nursery.start(server.serve, echo)
+            raw = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with raw:
+                for i in range(1000):
+                    junk = os.urandom(1 + (i * 37) % 1400)
+                    if i % 3 == 0:  # looks like a long-header Initial of version 1
+                        junk = b"\xc0\x00\x00\x00\x01\x08" + junk
+                    await raw.sendto(junk, server.local_address)
+            async with open_endpoint("127.0.0.1", 0) as client:
+                conn = await client.connect(*server.local_address, client_tls(pki))
+                assert await call(conn, b"still here") == b"echo:still here"
+            stats = server.statistics()
+            assert stats.rx_datagrams >= 1000
+            assert (
+                stats.dropped_unparseable + stats.dropped_unknown_cid + (stats.connection_failures)
+                >= 1
+            )
+            assert stats.connection_failures == 0
+
+
+async def test_graceful_close_lets_inflight_calls_finish(pki: PkiFixture) -> None:
+    started = trio.Event()
+
+    async def slow(conn: Connection, stream: QuicStream) -> None:
+        data = await read_all(stream)
+        started.set()
+        await trio.sleep(0.2)
+        await stream.send_all(b"done:" + data)
+
+    with trio.fail_after(10):
+        fast_fail = QuicSettings(handshake_timeout=0.3)
+        async with open_endpoint("127.0.0.1", 0, settings=fast_fail) as client:
+            async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
+                await server._nursery.start(server.serve, slow)
+                conn = await client.connect(*server.local_address, client_tls(pki))
+                replies: list[bytes] = []
+
+                async def inflight() -> None:
+                    replies.append(await call(conn, b"work"))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(inflight)
+                    await started.wait()
+                    await server.close(grace=5)
+                assert replies == [b"done:work"]
+            with trio.fail_after(2):
+                await conn.closed.wait()
+            assert isinstance(conn.close_error, ConnectionClosed)
+            with pytest.raises(ConnectionClosed):
+                await conn.open_stream()
+            with pytest.raises(HandshakeError):  # nobody listens there any more
+                await client.connect(*server.local_address, client_tls(pki))
