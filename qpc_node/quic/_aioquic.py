@@ -193,6 +193,7 @@ class AioquicCore:
     def __init__(self, quic: _QpcQuicConnection) -> None:
         self._q = quic
         self._confirmed_reported = False
+        self._closing_reported = False
 
     @property
     def host_cid(self) -> bytes:
@@ -223,6 +224,10 @@ class AioquicCore:
             out = self._translate(e)
             if out is not None:
                 return out
+        close = q._close_event  # set the moment a close is decided, either side
+        if close is not None and not self._closing_reported:
+            self._closing_reported = True
+            return ev.ConnectionClosing(close.error_code, close.frame_type, close.reason_phrase)
         if not self._confirmed_reported and q._handshake_confirmed:
             self._confirmed_reported = True
             return ev.HandshakeConfirmed()

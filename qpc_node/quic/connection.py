@@ -328,8 +328,8 @@ class Connection:
                 self._on_handshake_completed(e)
             elif isinstance(e, ev.HandshakeConfirmed):
                 self._confirmed.set()
-            elif isinstance(e, ev.ConnectionTerminated):
-                self._core_terminated = True
+            elif isinstance(e, ev.ConnectionClosing | ev.ConnectionTerminated):
+                self._core_terminated |= isinstance(e, ev.ConnectionTerminated)
                 self._fail(
                     ConnectionClosed(
                         f"connection closed: code=0x{e.error_code:x} {e.reason!r}",

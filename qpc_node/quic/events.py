@@ -53,6 +53,19 @@ class ConnectionIdRetired:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionClosing:
+    """CONNECTION_CLOSE sent or received: no more application data, fail fast.
+
+    The core still lingers (closing/draining period, RFC 9000 10.2) until
+    :class:`ConnectionTerminated`.
+    """
+
+    error_code: int
+    frame_type: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     error_code: int
     frame_type: int | None
@@ -72,6 +85,7 @@ QuicEvent = (
     | StopSendingReceived
     | ConnectionIdIssued
     | ConnectionIdRetired
+    | ConnectionClosing
     | ConnectionTerminated
     | PingAcknowledged
 )

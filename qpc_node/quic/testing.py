@@ -22,6 +22,7 @@ from qpc_node.errors import LocalProtocolError
 from qpc_node.quic.address import Address, parse_literal
 from qpc_node.quic.tls import (
     CertificateAuthority,
+    KeyType,
     NodeCredentials,
     issue_certificate,
     make_ca,
@@ -190,8 +191,8 @@ class PkiFixture:
     expired_client: NodeCredentials
 
 
-def make_test_pki(*, key_type: str = "ed25519") -> PkiFixture:
-    kt = "p256" if key_type == "p256" else "ed25519"
+def make_test_pki(*, key_type: KeyType = "ed25519") -> PkiFixture:
+    kt = key_type
     ca = make_ca("test community CA")
     other = make_ca("stranger CA")
     now = dt.datetime.now(dt.UTC)

@@ -1,0 +1,127 @@
+"""Fail loudly when an aioquic upgrade moves the private hooks we rely on.
+
+``qpc_node.quic._aioquic`` overrides or reads these to add client-certificate
+verification, consumption-driven flow control and send backpressure. If any of
+them moved, our subclass would silently stop verifying or bounding memory --
+so check the exact names and signatures, then prove the hooks bite with a
+sans-IO handshake (no sockets).
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import aioquic
+import pytest
+from aioquic import tls as atls
+from aioquic.quic.connection import Limit, QuicConnection
+from aioquic.quic.stream import QuicStream as AioquicStream
+
+from qpc_node.quic import ALPN_CLIENT, ALPN_FEDERATION, ClientTLS, ServerTLS, events
+from qpc_node.quic._aioquic import AioquicBackend, AioquicCore
+from qpc_node.quic.settings import QuicSettings
+from qpc_node.quic.testing import PkiFixture, make_test_pki
+
+
+def params(fn: object) -> list[str]:
+    return list(inspect.signature(fn).parameters)  # type: ignore[arg-type]
+
+
+def test_aioquic_is_the_pinned_version() -> None:
+    assert version("aioquic") == "1.7.2", "re-audit qpc_node/quic/_aioquic.py hooks, then bump"
+    assert aioquic.__version__ == "1.7.2"
+
+
+def test_tls_context_hooks_exist_with_expected_signatures() -> None:
+    C = atls.Context
+    assert params(C._server_handle_certificate) == ["self", "input_buf"]
+    assert params(C._server_handle_certificate_verify) == ["self", "input_buf"]
+    assert params(C._client_handle_certificate_verify) == ["self", "input_buf"]
+    ctx = C(is_client=False)
+    for attr in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain"):
+        assert hasattr(ctx, attr), attr
+    assert ctx._request_client_certificate is False
+    assert ctx._supported_versions == [atls.TLS_VERSION_1_3]  # TLS 1.3 only
+    assert params(atls.verify_certificate)[:3] == ["certificate", "chain", "server_name"]
+    # The server decides on CertificateRequest *after* calling alpn_cb: our
+    # _alpn_handler override flips the flag from there.
+    src = inspect.getsource(C._server_handle_hello)
+    assert src.index("self.alpn_cb(") < src.index("if self._request_client_certificate")
+
+
+def test_connection_hooks_exist_with_expected_signatures() -> None:
+    Q = QuicConnection
+    assert params(Q._initialize) == ["self", "peer_cid"]
+    assert params(Q._alpn_handler) == ["self", "alpn_protocol"]
+    assert params(Q._write_stream_limits) == ["self", "builder", "space", "stream"]
+    assert params(Q._write_connection_limits) == ["self", "builder", "space"]
+    assert "highest_offset * 2 > stream.max_stream_data_local" in inspect.getsource(
+        Q._write_stream_limits
+    )
+    assert "max_data.used * 2 > max_data.value" in inspect.getsource(Q._write_connection_limits)
+    assert {"value", "sent", "used"} <= set(vars(Limit(0, "x", 1)))
+    stream = AioquicStream(stream_id=0, max_stream_data_local=1, max_stream_data_remote=1)
+    assert hasattr(stream.sender, "_buffer") and hasattr(stream.receiver, "highest_offset")
+    assert hasattr(stream, "max_stream_data_local")
+
+
+@pytest.fixture(scope="module")
+def pki() -> PkiFixture:
+    return make_test_pki()
+
+
+def handshake(
+    server_tls: ServerTLS, client_tls: ClientTLS, *, offer_no_alpn: bool = False
+) -> tuple[AioquicCore, list[object], list[object]]:
+    """Run a handshake in memory; return the server core and both sides' events."""
+    backend, settings = AioquicBackend(), QuicSettings()
+    client = backend.create_client(client_tls, settings)
+    if offer_no_alpn:
+        client._q.configuration.alpn_protocols = None
+    now = 0.0
+    client.connect(("10.0.0.2", 4201), now)
+    pending = client.datagrams_to_send(now)
+    header = backend.parse_header(pending[0][0])
+    assert header is not None and header.is_initial
+    server = backend.create_server(server_tls, settings, header.destination_cid)
+    c_events: list[object] = []
+    s_events: list[object] = []
+    for _ in range(20):
+        now += 0.01
+        for data, _addr in pending:
+            server.receive_datagram(data, ("10.0.0.1", 5000), now)
+        replies = server.datagrams_to_send(now)
+        for data, _addr in replies:
+            client.receive_datagram(data, ("10.0.0.2", 4201), now)
+        pending = client.datagrams_to_send(now)
+        for core, sink in ((client, c_events), (server, s_events)):
+            while (e := core.next_event()) is not None:
+                sink.append(e)
+        if not pending and not replies:
+            break
+    return server, c_events, s_events
+
+
+def closing(evs: list[object]) -> events.ConnectionClosing:
+    return next(e for e in evs if isinstance(e, events.ConnectionClosing))
+
+
+def test_hooks_bite_without_sockets(pki: PkiFixture) -> None:
+    server_tls = ServerTLS(pki.server, federation_ca=pki.ca.certificate_pem)
+    pin = pki.server.fingerprint
+    # Accepted: the server saw and recorded the client's chain.
+    server, c_ev, _ = handshake(
+        server_tls, ClientTLS(ALPN_FEDERATION, pin=pin, credentials=pki.client)
+    )
+    assert events.HandshakeConfirmed() in c_ev
+    assert server.peer_certificate_chain()[0] == pki.client.certificate_der
+    # Refused: no certificate (stock aioquic would carry on without one).
+    _, _, s_ev = handshake(server_tls, ClientTLS(ALPN_FEDERATION, pin=pin))
+    assert closing(s_ev).error_code == 0x100 + 116
+
+
+def test_missing_alpn_refused(pki: PkiFixture) -> None:
+    client_tls = ClientTLS(ALPN_CLIENT, pin=pki.server.fingerprint)
+    _, _, s_ev = handshake(ServerTLS(pki.server), client_tls, offer_no_alpn=True)
+    assert closing(s_ev).error_code == 0x100 + 120
