@@ -166,8 +166,20 @@ class AsyncStore:
         finally:
             if store is not None:
                 store.close()
+            self._fail_leftovers()
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._stopped.set)
+
+    def _fail_leftovers(self) -> None:
+        """Never leave a waiter hanging: jobs queued after the stop marker (or behind a
+        worker that died) get ``StoreClosed``."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Job):
+                item.finish(outcome.Error(StoreClosed("store worker stopped")))
 
     def _serve(self, store: Store) -> None:
         held: object | None = None
@@ -211,6 +223,8 @@ class AsyncStore:
     async def _submit(self, job: _Job[T]) -> T:
         if self._closing or self._store is None:
             raise StoreClosed("store is closed")
+        if self._thread is None or not self._thread.is_alive():
+            raise StoreClosed("store worker stopped")
         self._queue.put(job)
         await job.done.wait()
         assert job.result is not None
@@ -348,8 +362,9 @@ def _per_batch(
 ) -> outcome.Outcome[list[EnqueueResult]]:
     """Split a group's outcome: a database error fails every batch of the group."""
     if isinstance(results, outcome.Error):
-        return results
-    item = results.unwrap()[index]
+        return outcome.Error(results.error)  # an Outcome is single-use: one per waiter
+    assert isinstance(results, outcome.Value)
+    item = results.value[index]
     if isinstance(item, QpcError):
         return outcome.Error(item)
     return outcome.Value(item)
