@@ -1,0 +1,163 @@
+"""Store benchmark: enqueue throughput and bytes written per 1 KiB message.
+
+Prints figures and ratios against references measured in the same run:
+batch-64 vs batch-1, synchronous=FULL (our policy) vs NORMAL, and the Trio facade's
+group commit (64 concurrent callers, batch of 1 each) vs lone batch-1 calls.
+
+"Bytes written" is the process's write() volume from /proc/self/io (``wchar``):
+every WAL frame plus the checkpoint copy into the main file (the final checkpoint is
+inside the window), i.e. what SQLite hands to the filesystem. File growth is printed
+too. Run: .venv/bin/python bench/store_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from qpc_node.store import AsyncStore, Envelope, Store
+from qpc_node.store.sql import Synchronous
+
+NOW = 1_700_000_000_000
+EXPIRY = NOW + 86_400_000
+PAYLOAD = 1024
+
+
+def wchar() -> int:
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    raise RuntimeError("no wchar in /proc/self/io")
+
+
+def envelopes(start: int, n: int, recipients: int = 16) -> list[Envelope]:
+    return [
+        Envelope(i.to_bytes(16, "big"), bytes([i % recipients]) * 32, EXPIRY, 8, b"\xab" * PAYLOAD)
+        for i in range(start, start + n)
+    ]
+
+
+def files_size(db: Path) -> int:
+    return sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+
+
+class Result:
+    def __init__(self, label: str, messages: int, seconds: float, written: int, grown: int):
+        self.label = label
+        self.msgs_per_s = messages / seconds
+        self.bytes_per_msg = written / messages
+        self.growth_per_msg = grown / messages
+
+    def line(self) -> str:
+        return (
+            f"{self.label:<34} {self.msgs_per_s:>10,.0f} msg/s"
+            f" {self.bytes_per_msg:>9,.0f} B written/msg {self.growth_per_msg:>7,.0f} B growth/msg"
+        )
+
+
+def run_sync(label: str, tmp: Path, batch: int, total: int, sync: Synchronous) -> Result:
+    db = tmp / f"{label.replace(' ', '_')}.db"
+    store = Store.open(db, synchronous=sync)
+    warm = envelopes(10_000_000, 64)
+    store.enqueue(warm, NOW)  # schema pages and mailbox rows exist before timing
+    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # growth baseline: empty WAL
+    size0, w0, t0 = files_size(db), wchar(), time.perf_counter()
+    for start in range(0, total, batch):
+        store.enqueue(envelopes(start, batch), NOW)
+    store.close()  # includes the TRUNCATE checkpoint: its writes belong to the cost
+    seconds = time.perf_counter() - t0
+    return Result(label, total, seconds, wchar() - w0, files_size(db) - size0)
+
+
+def run_async(label: str, tmp: Path, callers: int, total: int) -> Result:
+    db = tmp / "async.db"
+    out: list[Result] = []
+
+    async def main() -> None:
+        store = await AsyncStore.open(db)
+        await store.enqueue(envelopes(10_000_000, 64), NOW)
+        await store.run(lambda s: s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        size0, w0, t0 = files_size(db), wchar(), time.perf_counter()
+
+        async def caller(first: int) -> None:
+            for i in range(first, total, callers):
+                await store.enqueue(envelopes(i, 1), NOW)
+
+        async with trio.open_nursery() as nursery:
+            for first in range(callers):
+                nursery.start_soon(caller, first)
+        stats = store.statistics()
+        await store.aclose()
+        seconds = time.perf_counter() - t0
+        out.append(Result(label, total, seconds, wchar() - w0, files_size(db) - size0))
+        print(
+            f"  (group commits: {stats.group_commits}, batches in groups:"
+            f" {stats.grouped_batches}, largest group: {stats.largest_group},"
+            f" transactions: {stats.store.transactions})"
+        )
+
+    trio.run(main)
+    return out[0]
+
+
+def lifecycle(tmp: Path, total: int) -> float:
+    """Bytes written per message for enqueue (batch 64) + fetch + ack + sweep."""
+    db = tmp / "life.db"
+    store = Store.open(db)
+    store.enqueue(envelopes(10_000_000, 64), NOW)
+    store.checkpoint()
+    w0 = wchar()
+    for start in range(0, total, 64):
+        store.enqueue(envelopes(start, 64), NOW)
+    for r in range(16):
+        recipient = bytes([r]) * 32
+        page = store.fetch(recipient, now_ms=NOW, limit=total, max_bytes=1 << 30)
+        store.ack(recipient, up_to_seq=page.last_seq)
+    store.expire_messages(EXPIRY)
+    store.close()
+    return (wchar() - w0) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
+    args = parser.parse_args()
+    n1, n64 = (200, 1280) if args.quick else (1000, 6400)
+    with tempfile.TemporaryDirectory(prefix="qpc-store-bench-") as d:
+        tmp = Path(d)
+        print(f"1 KiB messages, 16 recipients, sqlite on {tmp} (pid {os.getpid()})")
+        runs: dict[str, Result] = {}
+        plan: list[tuple[str, Callable[[], Result]]] = [
+            ("FULL batch-1", lambda: run_sync("FULL batch-1", tmp, 1, n1, "FULL")),
+            ("FULL batch-64", lambda: run_sync("FULL batch-64", tmp, 64, n64, "FULL")),
+            ("NORMAL batch-1 (ref)", lambda: run_sync("NORMAL batch-1", tmp, 1, n1, "NORMAL")),
+            ("NORMAL batch-64 (ref)", lambda: run_sync("NORMAL batch-64", tmp, 64, n64, "NORMAL")),
+            ("async 64 callers x batch-1", lambda: run_async("async 64 callers", tmp, 64, n64)),
+        ]
+        for name, fn in plan:
+            runs[name] = result = fn()
+            result.label = name
+            print(result.line())
+        life = lifecycle(tmp, n64)
+        b1, b64 = runs["FULL batch-1"], runs["FULL batch-64"]
+        print(f"full lifecycle (enqueue b64 + fetch + ack + sweep): {life:,.0f} B written/msg")
+        print("ratios:")
+        print(f"  batch-64 / batch-1 throughput (FULL):  {b64.msgs_per_s / b1.msgs_per_s:6.1f}x")
+        print(
+            f"  batch-1 / batch-64 bytes per message:  {b1.bytes_per_msg / b64.bytes_per_msg:6.1f}x"
+        )
+        nb1 = runs["NORMAL batch-1 (ref)"]
+        print(f"  FULL / NORMAL throughput, batch-1:     {b1.msgs_per_s / nb1.msgs_per_s:6.2f}x")
+        grp = runs["async 64 callers x batch-1"]
+        print(f"  group commit / lone batch-1 throughput:{grp.msgs_per_s / b1.msgs_per_s:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()

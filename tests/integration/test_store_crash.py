@@ -1,0 +1,102 @@
+"""kill -9 while 2,000 messages are being enqueued: every acknowledged enqueue survives,
+exactly once (the store-level half of issue 4's crash requirement)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qpc_node.store import Envelope, Store
+
+TOTAL = 2_000
+KILL_AFTER = 500
+NOW = 1_700_000_000_000
+EXPIRY = NOW + 7 * 86_400_000
+ALICE = b"A" * 32
+REPO = Path(__file__).resolve().parents[2]
+
+# The child prints "seq msg_id" only after enqueue() returned: that line is the ack.
+CHILD = textwrap.dedent(
+    """
+    import sys, trio
+    from qpc_node.store import AsyncStore, Envelope
+
+    TOTAL, NOW, EXPIRY, TASKS = int(sys.argv[2]), {now}, {expiry}, 8
+
+    def envelope(n):
+        return Envelope(n.to_bytes(16, "big"), b"A" * 32, EXPIRY, 8, bytes([n % 251]) * 1024)
+
+    async def main():
+        store = await AsyncStore.open(sys.argv[1])
+        async def sender(first):
+            for n in range(first, TOTAL, TASKS):
+                result = (await store.enqueue([envelope(n)], NOW))[0]
+                sys.stdout.write(f"{{result.seq}} {{n}}\\n")
+                sys.stdout.flush()
+        async with trio.open_nursery() as nursery:
+            for first in range(TASKS):
+                nursery.start_soon(sender, first)
+        await store.aclose()
+
+    trio.run(main)
+    """
+).format(now=NOW, expiry=EXPIRY)
+
+
+def envelope(n: int) -> Envelope:
+    return Envelope(n.to_bytes(16, "big"), ALICE, EXPIRY, 8, bytes([n % 251]) * 1024)
+
+
+@pytest.mark.timeout(120)
+def test_acknowledged_enqueues_survive_sigkill(tmp_path: Path) -> None:
+    db = tmp_path / "node.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(db), str(TOTAL)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    acked: dict[int, int] = {}  # n -> seq
+    try:
+        assert child.stdout is not None
+        while len(acked) < KILL_AFTER:
+            line = child.stdout.readline()
+            if not line:
+                break
+            seq, n = map(int, line.split())
+            acked[n] = seq
+        child.send_signal(signal.SIGKILL)
+        # Lines already in the pipe were acknowledged before the kill: count them too.
+        for line in child.stdout:
+            seq, n = map(int, line.split())
+            acked[n] = seq
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL, "the child finished before it was killed"
+    assert KILL_AFTER <= len(acked) < TOTAL
+
+    with Store.open(db) as store:
+        page = store.fetch(ALICE, now_ms=NOW, limit=TOTAL + 1, max_bytes=1 << 30)
+        stored = {int.from_bytes(m.envelope.msg_id, "big"): m for m in page.messages}
+        print(f"acked {len(acked)}, stored {len(stored)}")
+        assert len(stored) == len(page.messages)  # no msg_id twice
+        for n, seq in acked.items():
+            assert stored[n].seq == seq and stored[n].envelope == envelope(n)
+        seqs = [m.seq for m in page.messages]
+        assert seqs == sorted(set(seqs))
+        # The client retries everything (it cannot know what was acked): no duplicates,
+        # the acknowledged ones keep their seq, the rest are added once.
+        results = store.enqueue([envelope(n) for n in range(TOTAL)], NOW)
+        assert all(results[n].duplicate and results[n].seq == s for n, s in acked.items())
+        assert store.depth(ALICE).messages == TOTAL
+        assert len({r.seq for r in results}) == TOTAL
