@@ -23,10 +23,10 @@ from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.fingerprint import short_code
-from qpc_node.client.state import AsyncClientState, Conversation
+from qpc_node.client.state import AsyncClientState, Conversation, Received
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.ops.log import get_logger
-from qpc_node.rpc.client import RpcClient
+from qpc_node.rpc.client import ClientStatistics, RpcClient
 from qpc_node.rpc.errors import RpcError
 from qpc_node.service.auth import auth_message
 from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
@@ -86,6 +86,13 @@ class Agent:
         self._recv_lock = trio.Lock()
         self.stats = AgentStatistics()
         self.on_warning: Callable[[str], None] = lambda _m: None
+
+    async def unshown(self) -> list[Received]:
+        """Stored texts not yet shown to the user (marks them shown)."""
+        return await self._state.call(self._st.unshown)
+
+    def rpc_statistics(self) -> ClientStatistics:
+        return self._rpc.statistics()
 
     # -- session ---------------------------------------------------------------
     async def authenticate(self) -> None:

@@ -48,7 +48,7 @@ class AuthService:
     ) -> service_pb2.AuthChallengeResponse:
         self._guard.check(ctx, auth=False)
         return service_pb2.AuthChallengeResponse(
-            nonce=self.book.issue(ctx.session, trio.current_time())
+            nonce=self.book.issue(ctx.session.data, trio.current_time())
         )
 
     async def prove(
@@ -58,7 +58,7 @@ class AuthService:
         addr = ctx.remote_address
         try:
             fpr = self.book.verify(
-                ctx.session, req.public_key, req.signature, self._node_fpr, trio.current_time()
+                ctx.session.data, req.public_key, req.signature, self._node_fpr, trio.current_time()
             )
         except AuthError as exc:
             self._audit(

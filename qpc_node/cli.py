@@ -1,0 +1,206 @@
+"""Command line entry point: ``qpc``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from qpc_node import __version__
+from qpc_node.errors import QpcError
+
+if TYPE_CHECKING:
+    from qpc_node.ops.config import Config
+
+
+def default_data_dir() -> Path:
+    """The user's data dir under XDG data home (``~/.local/share/qpc``)."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "qpc"
+
+
+def _cmd_version(_args: argparse.Namespace) -> int:
+    from qpc_node import _core
+
+    print(f"qpc {__version__} (core {_core.__version__})")
+    return 0
+
+
+def _cmd_id(args: argparse.Namespace) -> int:
+    from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
+    from qpc_node.client.identity_store import open_or_create_identity
+
+    ident, created = open_or_create_identity(Path(args.data), os.environ.get("QPC_PASSPHRASE"))
+    fpr = ident.fingerprint
+    if created:
+        print(f"created a new identity in {args.data}")
+    print(f"fingerprint: {grouped(fpr)}")
+    print(f"short code:  {short_code(fpr)}")
+    if not args.no_qr:
+        print(qr_terminal(fpr), end="")
+    return 0
+
+
+def _load_cfg(args: argparse.Namespace) -> Config:
+    from qpc_node.ops.config import load_config
+
+    node: dict[str, str] = {}
+    if getattr(args, "listen", None):
+        node["listen"] = args.listen
+    if getattr(args, "data", None):
+        node["data_dir"] = args.data
+    log: dict[str, str] = {}
+    if getattr(args, "log_level", None):
+        log["level"] = args.log_level
+    cfg_path = Path(args.config) if getattr(args, "config", None) else None
+    return load_config(cfg_path, overrides={"node": node, "log": log})
+
+
+async def _until_signalled(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            nursery.cancel_scope.cancel()
+            return
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from qpc_node.node import Node
+    from qpc_node.ops.log import setup_logging
+
+    cfg = _load_cfg(args)
+    setup_logging(cfg.log.level, cfg.log.format)
+    node = Node(cfg, default_data=default_data_dir() / "node")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(node.run)
+            print(
+                f"qpc node listening on {info.host}:{info.port} pin={info.cert_fingerprint}",
+                flush=True,
+            )
+            nursery.start_soon(_until_signalled, nursery)
+
+    trio.run(main)
+    return 0
+
+
+def _cmd_repl(args: argparse.Namespace) -> int:
+    from qpc_node.ops.config import parse_hostport
+
+    host, port = parse_hostport(args.server)
+    lines: list[str] | None = None
+    if args.script is not None:
+        text = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+        lines = text.splitlines()
+    return trio.run(_repl_main, Path(args.data), host, port, args.pin, lines)
+
+
+async def _repl_main(
+    data: Path, host: str, port: int, pin: str | None, script: list[str] | None
+) -> int:
+    from qpc_node.client.connect import open_agent
+    from qpc_node.repl.runner import Repl
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    def err(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    async with open_agent(
+        data, host, port, pin=pin, passphrase=os.environ.get("QPC_PASSPHRASE")
+    ) as agent:
+        repl = Repl(agent, out)
+        if script is not None:
+            return await repl.run_script(script, err)
+        from qpc_node.repl.interactive import run_interactive
+
+        return await run_interactive(repl)
+
+
+def _cmd_default(args: argparse.Namespace) -> int:
+    """``qpc`` alone: a node of your own plus a REPL on it."""
+    from qpc_node.node import Node
+    from qpc_node.ops.log import setup_logging
+
+    cfg = _load_cfg(args)
+    setup_logging("warning", cfg.log.format)
+    base = Path(args.data) if args.data else default_data_dir()
+    node = Node(cfg, default_data=base / "node")
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            try:
+                info = await nursery.start(node.run)
+            except OSError as exc:
+                # Port taken: probably our own node already runs; attach to it.
+                from qpc_node.node import KEYS_SUBDIR
+                from qpc_node.quic.tls import load_or_create_node_credentials
+
+                host, port = cfg.node.listen.rsplit(":", 1)
+                print(f"({exc.strerror}: attaching to the node on {cfg.node.listen})")
+                pin = load_or_create_node_credentials(base / "node" / KEYS_SUBDIR).fingerprint
+                rc = await _repl_main(base, host, int(port), pin, None)
+                nursery.cancel_scope.cancel()
+                return rc
+            print(f"node on {info.host}:{info.port} pin={info.cert_fingerprint}")
+            rc = await _repl_main(base, info.host, info.port, info.cert_fingerprint, None)
+            nursery.cancel_scope.cancel()
+            return rc
+
+    return trio.run(main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qpc", description="quicprochat mesh messenger node")
+    sub = p.add_subparsers(dest="command")
+
+    v = sub.add_parser("version", help="print the version")
+    v.set_defaults(func=_cmd_version)
+
+    i = sub.add_parser("id", help="show (and on first use create) your identity")
+    i.add_argument("--data", default=str(default_data_dir()), help="data dir")
+    i.add_argument("--no-qr", action="store_true", help="skip the QR code")
+    i.set_defaults(func=_cmd_id)
+
+    n = sub.add_parser("node", help="run the node daemon")
+    n.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:4201)")
+    n.add_argument("--data", help="data dir (queues, node keys)")
+    n.add_argument("--config", help="TOML config file")
+    n.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    n.set_defaults(func=_cmd_node)
+
+    r = sub.add_parser("repl", help="attach a REPL to a node")
+    r.add_argument("--server", default="127.0.0.1:4201", help="HOST:PORT of the node")
+    r.add_argument("--pin", help="node certificate fingerprint (remembered after first use)")
+    r.add_argument("--data", default=str(default_data_dir()), help="your data dir")
+    r.add_argument("--script", help="run commands from FILE ('-' for stdin) and exit")
+    r.set_defaults(func=_cmd_repl)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args.func = _cmd_default
+        args.data = None
+    try:
+        rc: int = args.func(args)
+    except QpcError as exc:
+        print(f"qpc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

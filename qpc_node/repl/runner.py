@@ -1,0 +1,151 @@
+"""Executes REPL commands against an Agent; script mode and interactive mode.
+
+Script mode (``qpc repl --script FILE``) runs lines in order and stops with a
+non-zero status at the first failing command, so scripts and tests can rely
+on it. Interactive mode runs prompt_toolkit in its own thread (it blocks) and
+prints arriving messages above the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+import trio
+
+from qpc_node.client.agent import Agent
+from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
+from qpc_node.errors import QpcError
+from qpc_node.repl import commands as c
+from qpc_node.repl.commands import USAGE, UsageError, parse
+
+Out = Callable[[str], None]
+RECEIVE_POLL = 20.0
+
+
+def safety_number(a: str, b: str) -> str:
+    """60 digits both sides compute alike (order-independent), read in 12 groups of 5."""
+    digest = hashlib.sha256(
+        b"qpc-safety-v1" + b"".join(sorted((bytes.fromhex(a), bytes.fromhex(b))))
+    ).digest()
+    digits = str(int.from_bytes(digest, "big")).zfill(78)[:60]
+    return " ".join(digits[i : i + 5] for i in range(0, 60, 5))
+
+
+HELP = "\n".join(
+    f"  {USAGE[k]}"
+    for k in (
+        "whoami",
+        "dm",
+        "group create",
+        "group invite",
+        "group send",
+        "group members",
+        "group leave",
+        "group remove",
+        "inbox",
+        "verify",
+        "stats",
+        "help",
+        "quit",
+    )
+)
+
+
+class Quit(Exception):
+    """Raised by /quit to end the session."""
+
+
+class Repl:
+    def __init__(self, agent: Agent, out: Out) -> None:
+        self.agent = agent
+        self.out = out
+        agent.on_warning = lambda msg: out(f"!! {msg}")
+
+    async def show_unshown(self) -> int:
+        got = await self.agent.unshown()
+        for r in got:
+            self.out(f"[{r.conv}] {short_code(r.sender.hex())}: {r.text}")
+        return len(got)
+
+    async def execute(self, cmd: c.Command) -> None:
+        a = self.agent
+        match cmd:
+            case c.Help(topic=topic):
+                self.out(USAGE.get(topic, HELP) if topic else "commands:\n" + HELP)
+            case c.WhoAmI():
+                fpr = a.ident.fingerprint
+                self.out(f"fingerprint: {grouped(fpr)}\nshort code:  {short_code(fpr)}")
+                self.out(qr_terminal(fpr).rstrip("\n"))
+            case c.Dm(peer=peer, text=text):
+                conv = await a.dm(peer, text)
+                self.out(f"sent to [{conv}]")
+            case c.GroupCreate(name=name):
+                await a.group_create(name)
+                self.out(f"created group {name}")
+            case c.GroupInvite(name=name, peer=peer):
+                await a.group_invite(name, peer)
+                self.out(f"invited {short_code(peer)} to {name}")
+            case c.GroupSend(name=name, text=text):
+                await a.group_send(name, text)
+                self.out(f"sent to [{name}]")
+            case c.GroupMembers(name=name):
+                for m in await a.group_members(name):
+                    me = " (you)" if m == a.ident.fingerprint else ""
+                    self.out(f"  {short_code(m)}  {m}{me}")
+            case c.GroupLeave(name=name):
+                await a.group_leave(name)
+                self.out(f"left {name}")
+            case c.GroupRemove(name=name, peer=peer):
+                await a.group_remove(name, peer)
+                self.out(f"removed {short_code(peer)} from {name}")
+            case c.Inbox(wait=wait):
+                await self._inbox(wait)
+            case c.Verify(peer=peer):
+                self.out(
+                    f"safety number with {short_code(peer)}:\n  {safety_number(a.ident.fingerprint, peer)}"
+                )
+                self.out("compare it with your contact over another channel (in person, phone).")
+            case c.Stats():
+                self._stats()
+            case c.Quit():
+                raise Quit
+
+    async def _inbox(self, wait: float) -> None:
+        deadline = trio.current_time() + wait
+        await self.agent.receive(0)
+        shown = await self.show_unshown()
+        while not shown and trio.current_time() < deadline:
+            await self.agent.receive(min(deadline - trio.current_time(), RECEIVE_POLL))
+            shown = await self.show_unshown()
+        if not shown:
+            self.out("(no new messages)")
+
+    def _stats(self) -> None:
+        s = self.agent.stats
+        r = self.agent.rpc_statistics()
+        self.out(
+            f"sent={s.sent} received={s.received} undecryptable={s.undecryptable} "
+            f"gaps={len(s.gaps)} rpc_calls={r.calls} rpc_retries={r.retries} "
+            f"rpc_failures={dict(r.failures)}"
+        )
+
+    async def run_line(self, line: str) -> None:
+        """Parse and run one line; raises UsageError/QpcError on failure, Quit on /quit."""
+        cmd = parse(line)
+        if cmd is not None:
+            await self.execute(cmd)
+
+    async def run_script(self, lines: Iterable[str], err: Out) -> int:
+        for n, line in enumerate(lines, 1):
+            try:
+                await self.run_line(line)
+            except Quit:
+                return 0
+            except UsageError as exc:
+                err(f"line {n}: error: {exc}\nusage: {exc.usage}")
+                return 2
+            except QpcError as exc:
+                err(f"line {n}: error: {exc}")
+                return 1
+        return 0
