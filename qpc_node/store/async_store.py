@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 import outcome
@@ -333,9 +333,20 @@ class AsyncStore:
         events = tuple(events)
         return await self.run(lambda s: s.audit_append(events))
 
-    async def audit_query(self, **filters: Any) -> list[StoredAuditEvent]:
-        """Same keyword filters as :meth:`Store.audit_query`."""
-        return await self.run(lambda s: s.audit_query(**filters))
+    async def audit_query(
+        self,
+        *,
+        kind: str | None = None,
+        subject: str | None = None,
+        since_ms: int | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[StoredAuditEvent]:
+        return await self.run(
+            lambda s: s.audit_query(
+                kind=kind, subject=subject, since_ms=since_ms, before_id=before_id, limit=limit
+            )
+        )
 
     async def audit_rotate(self, *, now_ms: int, keep_last: int, max_age_ms: int) -> int:
         return await self.run(
