@@ -57,8 +57,17 @@ unit: build
 test: build check
 	$(PY) -m pytest -q
 
-bench: build
-	$(PY) bench/mls_bench.py
+# Benchmarks run in their own venv so reference engines never become project deps.
+BENCH_VENV ?= .venv-bench
+$(STAMPS)/bench-venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip maturin agentvault-mls-rs-uniffi
+	@touch $@
+
+bench: $(STAMPS)/bench-venv $(STAMPS)/ext
+	$(BENCH_VENV)/bin/pip install -q --no-build-isolation -e .
+	$(BENCH_VENV)/bin/python bench/mls_bench.py
 
 clean:
 	rm -rf $(VENV) $(STAMPS) build dist qpc_node/_core*.so
