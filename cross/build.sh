@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# cross/build.sh [ARCH] [--layout onedir|onefile|both] [--no-ipk]
+#
+# Builds the self-contained `qpc` for ARCH (default: this machine's arch) into dist/:
+#   dist/root-ARCH/               staged install tree of the one-dir layout (the product):
+#     usr/bin/qpc                 sh launcher: runs the bundle through the bundled loader
+#     usr/lib/qpc/qpc             PyInstaller bootloader
+#     usr/lib/qpc/_internal/      Python, extensions, their libraries AND the C library +
+#                                 dynamic loader they were built against (libc-independent)
+#   dist/qpc-ARCH.onefile         (--layout onefile|both) the spike's single ELF:
+#                                 PyInstaller onefile + staticx; unpacks ~55 MiB to $TMPDIR per start
+#   dist/qpc_VERSION_ARCH.ipk     OpenWrt package of the one-dir tree (packaging/openwrt/build-ipk.sh)
+#   dist/size-ARCH.txt            size report; the x86_64 package is checked against cross/budget.toml
+#
+# ARCH: x86_64 natively with Debian's /usr/bin/python3.11 (no RUNPATH, shared libpython) in
+# build/venv-ARCH; aarch64 / armv7 inside a debootstrapped Debian root under qemu-user (see
+# cross/guest.sh; binfmt is registered for the build and removed afterwards).
+# Environment: QPC_SRC (project source, default: this checkout), CARGO_TARGET_DIR (reused).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+src=${QPC_SRC:-$repo}
+host_arch=$(uname -m)
+arch=$host_arch
+layout=onedir
+make_ipk=1
+ipk=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --layout) layout=$2; shift 2 ;;
+    --no-ipk) make_ipk=0; shift ;;
+    x86_64|aarch64|armv7) arch=$1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "build.sh: unknown argument $1 (ARCH is x86_64, aarch64 or armv7)" >&2; exit 2 ;;
+  esac
+done
+case $layout in onedir|onefile|both) ;; *) echo "build.sh: --layout onedir|onefile|both" >&2; exit 2 ;; esac
+
+dist=${QPC_DIST:-$repo/dist}
+work=$repo/build
+mkdir -p "$dist" "$work"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/qpc/cargo-target}
+t0=$(date +%s)
+log() { echo "build.sh[$arch]: $*" >&2; }
+
+if [ "$arch" != "$host_arch" ]; then
+  # Foreign arch: the same build runs inside an emulated Debian root (cross/guest.sh).
+  exec "$here/guest.sh" "$arch" "$layout" "$make_ipk"
+fi
+
+# ---------------------------------------------------------------- native build
+PY=/usr/bin/python3.11
+[ -x $PY ] || { log "needs Debian's python3.11 (apt install python3.11 python3.11-venv python3.11-dev)"; exit 1; }
+venv=$work/venv-$arch
+if [ ! -x "$venv/bin/pyinstaller" ] || ! cmp -s "$here/requirements-build.txt" "$venv/.qpc-req"; then
+  log "build venv $venv"
+  rm -rf "$venv"
+  $PY -m venv "$venv"
+  "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} -r "$here/requirements-build.txt"
+  cp "$here/requirements-build.txt" "$venv/.qpc-req"
+fi
+log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+# `maturin build -o` rather than `pip install DIR`: pip's PEP 517 path puts the wheel in
+# $CARGO_TARGET_DIR/wheels, which a concurrent editable build of the checkout also uses.
+wheels=$work/wheels-$arch
+rm -rf "$wheels"
+(cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
+"$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/quicprochat-*.whl
+"$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} "$wheels"/quicprochat-*.whl
+version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("quicprochat"))')
+
+freeze() {  # freeze LAYOUT -> build/pyi-ARCH/dist-LAYOUT
+  local pyi=$work/pyi-$arch
+  log "PyInstaller $1"
+  QPC_LAYOUT=$1 QPC_CROSS=$here "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+    --distpath "$pyi/dist-$1" --workpath "$pyi/work-$1" "$here/qpc.spec"
+}
+
+if [ "$layout" != onefile ]; then
+  freeze onedir
+  root=$dist/root-$arch
+  rm -rf "$root"
+  mkdir -p "$root/usr/bin" "$root/usr/lib"
+  cp -a "$work/pyi-$arch/dist-onedir/qpc" "$root/usr/lib/qpc"
+  # The C library and loader the bundle was linked against, next to the other libraries
+  # (PyInstaller re-executes itself once with LD_LIBRARY_PATH=_internal, so they must be there).
+  loader=$("$venv/bin/python" "$here/bundle_libc.py" "$root/usr/lib/qpc")
+  sed "s|@LOADER@|$loader|" "$here/launcher.sh.in" > "$root/usr/bin/qpc"
+  chmod 0755 "$root/usr/bin/qpc"
+  "$root/usr/bin/qpc" version >/dev/null || { log "bundle does not start"; exit 1; }
+  if [ "$make_ipk" = 1 ]; then
+    ipk=$("$repo/packaging/openwrt/build-ipk.sh" "$root" "$arch" "$version" "$dist")
+  fi
+  # the same tree as a tarball, for the OpenWrt feed Makefile (packaging/openwrt/Makefile)
+  tar --format=gnu --numeric-owner --owner=0 --group=0 -C "$root" -czf "$dist/qpc-bundle-$version-$arch.tar.gz" usr
+fi
+if [ "$layout" != onedir ]; then
+  freeze onefile
+  log "staticx"
+  "$venv/bin/staticx" --strip "$work/pyi-$arch/dist-onefile/qpc" "$dist/qpc-$arch.onefile"
+fi
+
+"$venv/bin/python" "$here/size_report.py" --dist "$dist" --arch "$arch" --version "$version" ${ipk:+--ipk "$ipk"} \
+  --budget "$here/budget.toml" --seconds $(( $(date +%s) - t0 ))
