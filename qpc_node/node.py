@@ -88,7 +88,12 @@ class Node:
         delivery = self.delivery = DeliveryService(store, guard, wall_ms=self._wall_ms)
         delivery.register(table)
         DirectoryService(
-            store, guard, audit, wall_ms=self._wall_ms, ttl_ms=lim.keypackage_ttl_s * 1000
+            store,
+            guard,
+            audit,
+            wall_ms=self._wall_ms,
+            ttl_ms=lim.keypackage_ttl_s * 1000,
+            allowed_suites=frozenset(self.cfg.mls.ciphersuites),
         ).register(table)
         AuthService(
             guard, audit, node_cert_fingerprint=cert_fpr, on_authenticated=delivery.mark_local

@@ -90,6 +90,16 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise ValueError(f"{name} must be > 0")
 
 
+class MlsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    # Ciphersuite allowlist for KeyPackages the directory accepts (seeds policy).
+    # 1 = MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+    ciphersuites: list[int] = msgspec.field(default_factory=lambda: [1])
+
+    def __post_init__(self) -> None:
+        if not self.ciphersuites or any(not 0 < c < 0x10000 for c in self.ciphersuites):
+            raise ValueError("ciphersuites must be a non-empty list of 16-bit suite ids")
+
+
 class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mdns: bool = True
     interfaces: list[str] = msgspec.field(default_factory=list)
@@ -113,6 +123,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     log: LogSection = msgspec.field(default_factory=LogSection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    mls: MlsSection = msgspec.field(default_factory=MlsSection)
     mesh: MeshSection = msgspec.field(default_factory=MeshSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
 
@@ -124,6 +135,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
         ("log", LogSection),
         ("metrics", MetricsSection),
         ("limits", LimitsSection),
+        ("mls", MlsSection),
         ("mesh", MeshSection),
         ("federation", FederationSection),
     )
@@ -166,6 +178,8 @@ def _from_strings(raw: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, str) and t is not None and t is not str:
                 if t == list[str]:
                     v = [x.strip() for x in v.split(",") if x.strip()]
+                elif t == list[int]:
+                    v = [_int(section, k, x.strip()) for x in v.split(",") if x.strip()]
                 elif t is bool:
                     v = v.strip().lower() in {"1", "true", "yes", "on"}
                 elif t is int:

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import trio
 
-from qpc_node.client.agent import Agent
+from qpc_node.client.agent import Agent, Incoming
+from qpc_node.client.connect import open_agent
 from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.ops.config import Config, load_config
 
-OpenUser = Callable[[str], AbstractAsyncContextManager[Agent]]
 
-
-def node_config(tmp: Path, **limits: str) -> Config:
-    return load_config(
-        env={},
-        overrides={
-            "node": {"listen": "127.0.0.1:0", "data_dir": str(tmp / "node")},
-            "limits": dict(limits),
-            "metrics": {"listen": ""},
-        },
-    )
+def node_config(tmp: Path, **sections: dict[str, str]) -> Config:
+    overrides: dict[str, dict[str, str]] = {
+        "node": {"listen": "127.0.0.1:0", "data_dir": str(tmp / "node")},
+        "metrics": {"listen": ""},
+    }
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_config(env={}, overrides=overrides)
 
 
 @asynccontextmanager
 async def running_node(
-    tmp: Path, wall: ManualWallClock | None = None, **limits: str
+    tmp: Path, wall: ManualWallClock | None = None, **sections: dict[str, str]
 ) -> AsyncIterator[tuple[Node, NodeInfo]]:
     node = Node(
-        node_config(tmp, **limits),
+        node_config(tmp, **sections),
         default_data=tmp / "node",
         wall_ms=wall or ManualWallClock(system_wall_ms()),
     )
@@ -40,3 +38,27 @@ async def running_node(
         info: NodeInfo = await nursery.start(node.run)
         yield node, info
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def users(
+    tmp: Path, info: NodeInfo, wall: ManualWallClock, *names: str
+) -> AsyncIterator[list[Agent]]:
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                open_agent(tmp / n, info.host, info.port, pin=info.cert_fingerprint, wall_ms=wall)
+            )
+            for n in names
+        ]
+
+
+async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
+    """Receive until ``want`` texts arrived or ``wait`` seconds passed (bounded)."""
+    got: list[Incoming] = []
+    with trio.move_on_after(wait):
+        for _ in range(50):
+            got += await agent.receive(wait=1.0)
+            if len(got) >= want:
+                break
+    return got

@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
-import trio
-from node_harness import running_node
+from node_harness import running_node, texts, users
 
-from qpc_node.client.agent import Agent, Incoming
-from qpc_node.client.connect import open_agent
-from qpc_node.node import NodeInfo
+from qpc_node import crypto
+from qpc_node.client.agent import Agent
 from qpc_node.ops.clock import ManualWallClock
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@asynccontextmanager
-async def users(
-    tmp: Path, info: NodeInfo, wall: ManualWallClock, *names: str
-) -> AsyncIterator[list[Agent]]:
-    async with AsyncExitStack() as stack:
-        agents = [
-            await stack.enter_async_context(
-                open_agent(tmp / n, info.host, info.port, pin=info.cert_fingerprint, wall_ms=wall)
-            )
-            for n in names
-        ]
-        yield agents
-
-
-async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
-    """Receive until ``want`` texts arrived or ``wait`` seconds passed (bounded)."""
-    got: list[Incoming] = []
-    with trio.move_on_after(wait):
-        for _ in range(50):
-            got += await agent.receive(wait=1.0)
-            if len(got) >= want:
-                break
-    return got
 
 
 async def test_dm_both_ways(tmp_path: Path, wall: ManualWallClock) -> None:
@@ -57,3 +28,50 @@ async def test_dm_both_ways(tmp_path: Path, wall: ManualWallClock) -> None:
         # Both sides reuse the one pairwise group.
         await a.dm(b.ident.fingerprint, "again")
         assert [x.text for x in await texts(b, 1)] == ["again"]
+
+
+async def test_group_of_three_invite_late_and_remove(tmp_path: Path, wall: ManualWallClock) -> None:
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c") as (a, b, c),
+    ):
+        await a.group_create("team")
+        await a.group_invite("team", b.ident.fingerprint)
+        await a.group_send("team", "before carol")
+        assert [m.text for m in await texts(b, 1)] == ["before carol"]
+        await b.group_send("team", "bob here")  # b learned the name from a's GroupInfo
+        assert [m.text for m in await texts(a, 1)] == ["bob here"]
+
+        await a.group_invite("team", c.ident.fingerprint)
+        await a.group_send("team", "welcome carol")
+        got_c = await texts(c, 1)
+        # Carol joined after "before carol": she only ever sees what came later.
+        assert [m.text for m in got_c] == ["welcome carol"]
+        assert got_c[0].conversation == "team"
+        assert sorted(await c.group_members("team")) == sorted(
+            [a.ident.fingerprint, b.ident.fingerprint, c.ident.fingerprint]
+        )
+        assert [m.text for m in await texts(b, 1)] == ["welcome carol"]
+
+        # Carol asks to leave; the committer (a) removes her on receipt.
+        await c.group_leave("team")
+        assert await texts(a, 1, wait=2.0) == []  # the request carries no text
+        assert c.ident.fingerprint not in await a.group_members("team")
+        await a.group_send("team", "after carol left")
+        assert [m.text for m in await texts(b, 2)] == ["after carol left"]
+        assert await texts(c, 1, wait=2.0) == []
+
+        # Remove b: b stops being able to read the group.
+        g_b = b.ident.group(_gid(b, "team"))
+        await a.group_remove("team", b.ident.fingerprint)
+        await texts(b, 1, wait=2.0)  # b processes the commit that removes it
+        assert "you were removed from 'team'" in b.stats.warnings[-1]
+        later = a.ident.group(_gid(a, "team")).encrypt(b"secret after removal")
+        with pytest.raises(crypto.MlsError):
+            g_b.process(later)
+
+
+def _gid(agent: Agent, name: str) -> bytes:
+    conv = agent._st.conversation(name)
+    assert conv is not None
+    return conv.group_id

@@ -90,3 +90,10 @@ def test_production_refuses_insecure(tmp_path: Path) -> None:
 )
 def test_parse_hostport(s: str, want: tuple[str, int]) -> None:
     assert parse_hostport(s) == want
+
+
+def test_ciphersuite_allowlist() -> None:
+    assert load_config(env={}).mls.ciphersuites == [1]
+    assert load_config(env={"QPC_MLS_CIPHERSUITES": "1, 3"}).mls.ciphersuites == [1, 3]
+    with pytest.raises(ConfigError, match="mls"):
+        load_config(env={"QPC_MLS_CIPHERSUITES": "0"})
