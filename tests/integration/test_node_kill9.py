@@ -1,0 +1,110 @@
+"""kill -9 the node process while 2,000 messages are being enqueued: every
+acknowledged enqueue is delivered after restart, none twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from node_harness import users
+
+from qpc_node.node import NodeInfo
+from qpc_node.ops.clock import ManualWallClock
+from qpc_node.rpc import RpcError
+from qpc_node.wire.envelope import Envelope
+from qpc_node.wire.gen.qpc.v1 import service_pb2
+
+pytestmark = pytest.mark.timeout(180)
+TOTAL = 2000
+KILL_AFTER = 500
+
+
+async def start_node(data: Path) -> tuple[trio.Process, NodeInfo]:
+    env = dict(os.environ, QPC_LIMITS_RATE_PER_SECOND="100000", QPC_LIMITS_RATE_BURST="100000")
+    proc = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "qpc_node.cli",
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    buf = b""
+    with trio.fail_after(30):
+        while b"\n" not in buf:
+            chunk = await proc.stdout.receive_some(4096)
+            assert chunk, "node exited before announcing its address"
+            buf += chunk
+    line = buf.split(b"\n", 1)[0].decode()
+    # "qpc node listening on HOST:PORT pin=FPR"
+    addr, pin = line.rsplit(" ", 2)[1:]
+    host, port = addr.rsplit(":", 1)
+    return proc, NodeInfo(host, int(port), pin.removeprefix("pin="), data)
+
+
+async def test_kill9_loses_no_acknowledged_enqueue(tmp_path: Path, wall: ManualWallClock) -> None:
+    data = tmp_path / "node"
+    proc, info = await start_node(data)
+    acked: list[bytes] = []
+    try:
+        async with users(tmp_path, info, wall, "a", "b") as (a, b):
+            bme = b.me
+            for i in range(TOTAL):
+                env = Envelope(
+                    os.urandom(16), bme, wall() + 86_400_000, 4, i.to_bytes(4, "big") * 64
+                )
+                try:
+                    await a._rpc.call(
+                        "qpc.v1.Delivery/Enqueue",
+                        service_pb2.EnqueueRequest(envelopes=[env.to_proto()]),
+                        service_pb2.EnqueueResponse,
+                        retries=0,
+                        timeout=5,
+                    )
+                except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    break
+                acked.append(env.msg_id)
+                if len(acked) == KILL_AFTER:
+                    proc.send_signal(signal.SIGKILL)
+    except* (RpcError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # closing the agents against a dead node
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert KILL_AFTER <= len(acked) < TOTAL
+
+    proc, info = await start_node(data)
+    try:
+        async with users(tmp_path, info, wall, "b") as (b,):
+            seen: list[bytes] = []
+            after = 0
+            for _ in range(100):  # bounded paging
+                resp = await b._rpc.call(
+                    "qpc.v1.Delivery/Fetch",
+                    service_pb2.FetchRequest(after_seq=after, limit=256),
+                    service_pb2.FetchResponse,
+                )
+                if not resp.messages:
+                    break
+                seen += [bytes(m.envelope.msg_id) for m in resp.messages]
+                after = resp.messages[-1].seq
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await proc.wait()
+        proc.kill()
+    assert len(seen) == len(set(seen)), "a message was stored twice"
+    missing = set(acked) - set(seen)
+    assert not missing, f"{len(missing)} acknowledged enqueues lost"
