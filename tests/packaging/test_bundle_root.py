@@ -1,0 +1,102 @@
+"""The packaged qpc runs in a root holding only busybox, /tmp and /proc — no libc."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from pkg_rootfs import BusyboxRoot
+
+FPR = re.compile(r"fingerprint:\s*([0-9A-Fa-f ]{16,})")
+
+
+def test_root_has_no_c_library(root: BusyboxRoot) -> None:
+    for d in ("lib", "lib64", "usr/lib64", "etc"):
+        assert not (root.path / d).exists(), d
+    assert sorted(p.name for p in (root.path / "usr/lib").iterdir()) == ["qpc"]
+
+
+def test_version(root: BusyboxRoot) -> None:
+    r = root.run("qpc", "version")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"qpc \d+\.\d+\.\d+\S* \(core \S+\)\n", r.stdout), r.stdout
+
+
+def test_start_unpacks_nothing(root: BusyboxRoot) -> None:
+    """The one-dir layout runs in place: /tmp (RAM on OpenWrt) stays as it was."""
+    before = root.tmp_used()
+    r = root.run("qpc", "version")
+    assert r.returncode == 0, r.stderr
+    assert root.tmp_used() == before
+    assert list((root.path / "tmp").iterdir()) == []
+
+
+def test_id_creates_then_reopens_identity(root: BusyboxRoot) -> None:
+    first = root.run("qpc", "id", "--data", "/data", "--no-qr")
+    assert first.returncode == 0, first.stderr
+    assert "created a new identity" in first.stdout
+    m = FPR.search(first.stdout)
+    assert m, first.stdout
+    key = root.path / "data/secret.key"
+    assert key.is_file() and key.stat().st_mode & 0o077 == 0
+    again = root.run("qpc", "id", "--data", "/data", "--no-qr")
+    assert again.returncode == 0, again.stderr
+    assert "created" not in again.stdout
+    m2 = FPR.search(again.stdout)
+    assert m2 and m2.group(1) == m.group(1)
+
+
+def has_subcommand(root: BusyboxRoot, name: str) -> bool:
+    return root.run("qpc", name, "--help", timeout=30).returncode == 0
+
+
+NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)")
+
+
+def wait_for_node(proc: "subprocess.Popen[str]", timeout: float = 30) -> tuple[str, int, str]:  # noqa: F821
+    """Read the node's stdout until its 'listening on HOST:PORT pin=FPR' line (bounded)."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    assert proc.stdout is not None
+    while time.monotonic() < deadline and len(seen) < 200:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = NODE_LINE.search(line)
+        if m:
+            return m.group(1), int(m.group(2)), m.group(3)
+    raise AssertionError("node did not report listening:\n" + "".join(seen))
+
+
+def stop(proc: "subprocess.Popen[str]") -> None:  # noqa: F821
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_node_answers_health(root: BusyboxRoot) -> None:
+    if not has_subcommand(root, "node"):
+        pytest.skip("`qpc node` is not in this build yet")
+    from health_probe import probe
+
+    proc = root.popen("qpc", "node", "--listen", "127.0.0.1:0", "--data", "/data/node",
+                      env={"QPC_METRICS_LISTEN": ""})
+    try:
+        _host, port, pin = wait_for_node(proc)
+        status = probe("127.0.0.1", port, pin)
+        assert status == "SERVING"
+        assert list((root.path / "tmp").iterdir()) == []
+    finally:
+        stop(proc)
