@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -62,3 +65,36 @@ async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
             if len(got) >= want:
                 break
     return got
+
+
+async def start_node_process(
+    data: Path, extra_env: dict[str, str] | None = None
+) -> tuple[trio.Process, NodeInfo]:
+    """``qpc node`` as a real process; returns it and what it announced."""
+    env = dict(os.environ, **(extra_env or {}))
+    proc = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "qpc_node.cli",
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None
+    buf = b""
+    with trio.fail_after(30):
+        while b"\n" not in buf:
+            chunk = await proc.stdout.receive_some(4096)
+            assert chunk, "node exited before announcing its address"
+            buf += chunk
+    line = buf.split(b"\n", 1)[0].decode()
+    # "qpc node listening on HOST:PORT pin=FPR"
+    addr, pin = line.rsplit(" ", 2)[1:]
+    host, port = addr.rsplit(":", 1)
+    return proc, NodeInfo(host, int(port), pin.removeprefix("pin="), data)

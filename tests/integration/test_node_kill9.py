@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
-from node_harness import users
+from node_harness import start_node_process, users
 
-from qpc_node.node import NodeInfo
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.rpc import RpcError
 from qpc_node.wire.envelope import Envelope
@@ -22,41 +19,12 @@ from qpc_node.wire.gen.qpc.v1 import service_pb2
 pytestmark = pytest.mark.timeout(180)
 TOTAL = 2000
 KILL_AFTER = 500
-
-
-async def start_node(data: Path) -> tuple[trio.Process, NodeInfo]:
-    env = dict(os.environ, QPC_LIMITS_RATE_PER_SECOND="100000", QPC_LIMITS_RATE_BURST="100000")
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "qpc_node.cli",
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            str(data),
-        ],
-        stdout=subprocess.PIPE,
-        env=env,
-    )
-    assert proc.stdout is not None
-    buf = b""
-    with trio.fail_after(30):
-        while b"\n" not in buf:
-            chunk = await proc.stdout.receive_some(4096)
-            assert chunk, "node exited before announcing its address"
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    # "qpc node listening on HOST:PORT pin=FPR"
-    addr, pin = line.rsplit(" ", 2)[1:]
-    host, port = addr.rsplit(":", 1)
-    return proc, NodeInfo(host, int(port), pin.removeprefix("pin="), data)
+FAST = {"QPC_LIMITS_RATE_PER_SECOND": "100000", "QPC_LIMITS_RATE_BURST": "100000"}
 
 
 async def test_kill9_loses_no_acknowledged_enqueue(tmp_path: Path, wall: ManualWallClock) -> None:
     data = tmp_path / "node"
-    proc, info = await start_node(data)
+    proc, info = await start_node_process(data, FAST)
     acked: list[bytes] = []
     try:
         async with users(tmp_path, info, wall, "a", "b") as (a, b):
@@ -85,7 +53,7 @@ async def test_kill9_loses_no_acknowledged_enqueue(tmp_path: Path, wall: ManualW
         await proc.wait()
     assert KILL_AFTER <= len(acked) < TOTAL
 
-    proc, info = await start_node(data)
+    proc, info = await start_node_process(data, FAST)
     try:
         async with users(tmp_path, info, wall, "b") as (b,):
             seen: list[bytes] = []
