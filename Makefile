@@ -10,6 +10,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/qpc/cargo-target
 STAMPS := .stamps
 RUST_SRC := $(wildcard rust/src/*.rs rust/src/**/*.rs) rust/Cargo.toml $(wildcard rust/Cargo.lock)
 
+.PHONY: package test-packaging
 .PHONY: all venv build run test check lint typecheck clippy proto proto-check unit bench clean
 
 all: build
@@ -54,7 +55,7 @@ check: lint typecheck clippy proto-check
 unit: build
 	$(PY) -m pytest tests/unit -q
 
-test: build check
+test: build check package
 	$(PY) -m pytest -q
 
 # Benchmarks run in their own venv so reference engines never become project deps.
@@ -71,3 +72,12 @@ bench: $(STAMPS)/bench-venv $(STAMPS)/ext
 
 clean:
 	rm -rf $(VENV) $(STAMPS) build dist qpc_node/_core*.so
+
+# Self-contained qpc (bundled Python + C library, one-dir, nothing unpacked at start) and the
+# OpenWrt .ipk for this machine's arch into dist/; fails past cross/budget.toml. Others:
+# cross/build.sh aarch64|armv7 (docs/packaging.md).
+package:
+	cross/build.sh
+
+test-packaging: package
+	$(PY) -m pytest -q tests/packaging

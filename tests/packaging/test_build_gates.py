@@ -1,0 +1,59 @@
+"""Build gates that need no binary: the size budget and the freeze excludes."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from pkg_rootfs import REPO
+
+CROSS = REPO / "cross"
+
+
+def size_report(tmp_path: Path, ipk_bytes: int, budget: int) -> subprocess.CompletedProcess[str]:
+    ipk = tmp_path / "qpc_1.0.0_x86_64.ipk"
+    ipk.write_bytes(b"\0" * ipk_bytes)
+    (tmp_path / "budget.toml").write_text(f"[ipk]\nx86_64 = {budget}\ngoal = 100\n")
+    return subprocess.run(
+        [sys.executable, str(CROSS / "size_report.py"), "--dist", str(tmp_path), "--arch", "x86_64",
+         "--version", "1.0.0", "--budget", str(tmp_path / "budget.toml"), "--ipk", str(ipk)],
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_budget_fails_the_build_when_the_package_grows(tmp_path: Path) -> None:
+    over = size_report(tmp_path, 2001, 2000)
+    assert over.returncode == 1 and "OVER BUDGET" in over.stdout
+    ok = size_report(tmp_path, 2000, 2000)
+    assert ok.returncode == 0 and "budget: OK" in ok.stdout
+    assert (tmp_path / "size-x86_64.txt").read_text() == ok.stdout
+
+
+def test_budget_file_has_the_x86_64_budget_and_the_goal() -> None:
+    import tomllib
+
+    b = tomllib.loads((CROSS / "budget.toml").read_text())["ipk"]
+    assert 0 < b["goal"] <= b["x86_64"]
+    assert b["goal"] == 12 * 1024 * 1024
+
+
+def excluded_modules() -> set[str]:
+    lines = (CROSS / "excludes.txt").read_text().splitlines()
+    return {ln.split("#", 1)[0].strip() for ln in lines} - {""}
+
+
+def test_qpc_node_imports_no_excluded_module() -> None:
+    """A module left out of the frozen build must not be imported by qpc_node."""
+    excluded = excluded_modules()
+    bad: list[str] = []
+    for path in (REPO / "qpc_node").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in excluded]
+    assert not bad, bad
