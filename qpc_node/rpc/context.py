@@ -17,7 +17,7 @@ class PeerInfo:
     """
 
     connection_id: str
-    remote_address: tuple[str, int] | None = None
+    remote_address: tuple[Any, ...] | None = None
     identity: Any = None
     alpn: str | None = None
 
@@ -52,7 +52,7 @@ class CallContext:
         return self.peer.identity
 
     @property
-    def remote_address(self) -> tuple[str, int] | None:
+    def remote_address(self) -> tuple[Any, ...] | None:
         return self.peer.remote_address
 
     def time_remaining(self) -> float:
