@@ -13,8 +13,9 @@
 #   dist/size-ARCH.txt            size report; the x86_64 package is checked against cross/budget.toml
 #
 # ARCH: x86_64 natively with Debian's /usr/bin/python3.11 (no RUNPATH, shared libpython) in
-# build/venv-ARCH; aarch64 / armv7 inside a debootstrapped Debian root under qemu-user (see
-# cross/guest.sh; binfmt is registered for the build and removed afterwards).
+# build/venv-ARCH. aarch64 / armv7 are meant to run this same native build inside a
+# debootstrapped Debian root under qemu-user (cross/guest.sh, NOT WRITTEN YET; the spike's
+# cross-arm64.sh shows the route). Until then they exit 3.
 # Environment: QPC_SRC (project source, default: this checkout), CARGO_TARGET_DIR (reused).
 set -euo pipefail
 
@@ -46,6 +47,7 @@ log() { echo "build.sh[$arch]: $*" >&2; }
 
 if [ "$arch" != "$host_arch" ]; then
   # Foreign arch: the same build runs inside an emulated Debian root (cross/guest.sh).
+  [ -x "$here/guest.sh" ] || { log "emulated builds (debootstrap + qemu-user) are not written yet: docs/packaging.md"; exit 3; }
   exec "$here/guest.sh" "$arch" "$layout" "$make_ipk"
 fi
 

@@ -27,7 +27,7 @@ async def _probe(host: str, port: int, pin: str, timeout: float) -> str:
                 )
             finally:
                 await conn.aclose()
-    return health_pb2.HealthResponse.Status.Name(resp.status)
+    return health_pb2.HealthResponse.ServingStatus.Name(resp.status)
 
 
 def probe(host: str, port: int, pin: str, timeout: float = 20.0) -> str:

@@ -54,7 +54,7 @@ def has_subcommand(root: BusyboxRoot, name: str) -> bool:
 NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)")
 
 
-def wait_for_node(proc: "subprocess.Popen[str]", timeout: float = 30) -> tuple[str, int, str]:  # noqa: F821
+def wait_for_node(proc: "subprocess.Popen[str]", timeout: float = 60) -> tuple[str, int, str]:  # noqa: F821
     """Read the node's stdout until its 'listening on HOST:PORT pin=FPR' line (bounded)."""
     import select
 
@@ -72,7 +72,7 @@ def wait_for_node(proc: "subprocess.Popen[str]", timeout: float = 30) -> tuple[s
         m = NODE_LINE.search(line)
         if m:
             return m.group(1), int(m.group(2)), m.group(3)
-    raise AssertionError("node did not report listening:\n" + "".join(seen))
+    raise AssertionError(f"node did not report listening (rc={proc.poll()}):\n" + "".join(seen))
 
 
 def stop(proc: "subprocess.Popen[str]") -> None:  # noqa: F821
@@ -84,6 +84,8 @@ def stop(proc: "subprocess.Popen[str]") -> None:  # noqa: F821
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def test_node_answers_health(root: BusyboxRoot) -> None:

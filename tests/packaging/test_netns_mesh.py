@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from pkg_rootfs import BusyboxRoot, VethPair
-from test_bundle_root import has_subcommand, stop, wait_for_node
+from test_bundle_root import FPR, has_subcommand, stop, wait_for_node
 
-HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+
+def fingerprint(whoami: str) -> str:
+    m = FPR.search(whoami)
+    assert m, whoami
+    return m.group(1).replace(" ", "").strip().lower()
 
 
 def test_harness_runs_qpc_and_pings_across_the_veth(
@@ -50,10 +52,10 @@ def test_dm_between_two_users_across_namespaces(
                    env={"QPC_METRICS_LISTEN": ""})
     try:
         _, _, pin = wait_for_node(node)
-        alice = HEX64.findall(repl(b, "alice", server, pin, "/whoami\n").lower())
-        bob = HEX64.findall(repl(b, "bob", server, pin, "/whoami\n").lower())
-        assert alice and bob and alice[0] != bob[0]
-        repl(b, "alice", server, pin, f"/dm {bob[0]} hello-from-alice-{family}\n")
+        alice = fingerprint(repl(b, "alice", server, pin, "/whoami\n"))
+        bob = fingerprint(repl(b, "bob", server, pin, "/whoami\n"))
+        assert alice != bob
+        repl(b, "alice", server, pin, f"/dm {bob} hello-from-alice-{family}\n")
         inbox = repl(b, "bob", server, pin, "/inbox --wait 10\n")
         assert f"hello-from-alice-{family}" in inbox, inbox
     finally:
