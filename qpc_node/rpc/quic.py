@@ -44,4 +44,3 @@ class QuicRpcHandler:
 
     async def __call__(self, conn: Connection, stream: QuicStream) -> None:
         await self.server.handle_stream(self.state(conn), stream)
-
