@@ -94,7 +94,11 @@ def idle_node(root: BusyboxRoot, cmd: list[str], idle: float) -> str:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = ""
+        for _ in range(50):  # log lines come first; bounded (the node prints within seconds)
+            line = proc.stdout.readline()
+            if not line or "listening" in line:
+                break
         if "listening" not in line:
             return f"node did not start: {line.strip()}"
         time.sleep(2)
