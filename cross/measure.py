@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/packaging"))
-from pkg_rootfs import DIST, BusyboxRoot, busybox_root  # noqa: E402
+from pkg_rootfs import DIST, BusyboxRoot, busybox_root
 
 MiB = 1024 * 1024
 
@@ -47,7 +47,9 @@ def one_run(root: BusyboxRoot, cmd: list[str]) -> tuple[float, int, int]:
     """wall seconds, peak tmpfs bytes, peak RSS bytes of the largest process of the tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.Popen(root.argv(*cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        root.argv(*cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     peak = peak_tmp(root, proc, threading.Event())
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -89,9 +91,20 @@ def rss_cpu(pids: list[int]) -> tuple[int, float]:
 
 
 def idle_node(root: BusyboxRoot, cmd: list[str], idle: float) -> str:
-    proc = subprocess.Popen(root.argv(*cmd, "node", "--listen", "127.0.0.1:0", "--data", "/data/node",
-                                      env={"QPC_METRICS_LISTEN": ""}),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        root.argv(
+            *cmd,
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            "/data/node",
+            env={"QPC_METRICS_LISTEN": ""},
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = ""
@@ -105,9 +118,11 @@ def idle_node(root: BusyboxRoot, cmd: list[str], idle: float) -> str:
         _, cpu0 = rss_cpu(tree_pids(proc.pid))
         time.sleep(idle)
         rss, cpu1 = rss_cpu(tree_pids(proc.pid))
-        return (f"idle node after {idle + 2:.0f} s: RSS {rss / MiB:.1f} MiB, "
-                f"CPU {cpu1 - cpu0:.2f} s over {idle:.0f} s ({100 * (cpu1 - cpu0) / idle:.2f} %), "
-                f"tmpfs {root.tmp_used() / MiB:.1f} MiB")
+        return (
+            f"idle node after {idle + 2:.0f} s: RSS {rss / MiB:.1f} MiB, "
+            f"CPU {cpu1 - cpu0:.2f} s over {idle:.0f} s ({100 * (cpu1 - cpu0) / idle:.2f} %), "
+            f"tmpfs {root.tmp_used() / MiB:.1f} MiB"
+        )
     finally:
         proc.terminate()
         try:
@@ -123,7 +138,6 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--idle", type=float, default=60)
     a = ap.parse_args()
-    tree = DIST / f"root-{a.arch}"
     onefile = DIST / f"qpc-{a.arch}.onefile"
     with tempfile.TemporaryDirectory() as tmp, busybox_root(Path(tmp) / "r") as root:
         variants = [("one-dir", ["qpc"])]
@@ -133,9 +147,11 @@ def main() -> int:
         for name, cmd in variants:
             runs = [one_run(root, [*cmd, "version"]) for _ in range(a.runs)]
             wall = statistics.median(r[0] for r in runs)
-            print(f"{name}: `qpc version` median {wall:.3f} s of {a.runs} "
-                  f"(min {min(r[0] for r in runs):.3f}); peak tmpfs {max(r[1] for r in runs) / MiB:.1f} MiB; "
-                  f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB")
+            print(
+                f"{name}: `qpc version` median {wall:.3f} s of {a.runs} "
+                f"(min {min(r[0] for r in runs):.3f}); peak tmpfs {max(r[1] for r in runs) / MiB:.1f} MiB; "
+                f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB"
+            )
             if a.idle > 0 and root.run(*cmd, "node", "--help").returncode == 0:
                 print(f"{name}: " + idle_node(root, cmd, a.idle))
             elif a.idle > 0:

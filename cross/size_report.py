@@ -52,7 +52,10 @@ def main() -> int:
         lines.append(f"installed tree (one-dir): {tree_size(root) / MiB:.2f} MiB  {root}")
         internal = root / "usr/lib/qpc/_internal"
         parts = sorted(
-            ((tree_size(p) if p.is_dir() else p.stat().st_size, p.name) for p in internal.iterdir()),
+            (
+                (tree_size(p) if p.is_dir() else p.stat().st_size, p.name)
+                for p in internal.iterdir()
+            ),
             reverse=True,
         )
         for size, name in parts[:12]:

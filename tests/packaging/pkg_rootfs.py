@@ -60,7 +60,15 @@ class BusyboxRoot:
         try:
             subprocess.run(["mount", "-t", "proc", "proc", str(path / "proc")], check=True)
             subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={tmp_size},mode=1777", "tmpfs", str(path / "tmp")],
+                [
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    f"size={tmp_size},mode=1777",
+                    "tmpfs",
+                    str(path / "tmp"),
+                ],
                 check=True,
             )
         except BaseException:
@@ -70,16 +78,32 @@ class BusyboxRoot:
 
     def argv(self, *cmd: str, env: dict[str, str] | None = None) -> list[str]:
         envs = [f"{k}={v}" for k, v in (env or {}).items()]
-        return [*self.prefix, "chroot", str(self.path), "/bin/busybox", "env", "-i",
-                "PATH=/usr/bin:/bin", "HOME=/data", *envs, *cmd]
+        return [
+            *self.prefix,
+            "chroot",
+            str(self.path),
+            "/bin/busybox",
+            "env",
+            "-i",
+            "PATH=/usr/bin:/bin",
+            "HOME=/data",
+            *envs,
+            *cmd,
+        ]
 
-    def run(self, *cmd: str, timeout: float = 60, env: dict[str, str] | None = None,
-            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *cmd: str,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+        stdin: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         return run(self.argv(*cmd, env=env), timeout=timeout, input=stdin)
 
     def popen(self, *cmd: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*cmd, env=env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            self.argv(*cmd, env=env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
     def tmp_used(self) -> int:
         st = os.statvfs(self.path / "tmp")
@@ -135,21 +159,38 @@ def _ip(*args: str) -> None:
 def veth_namespaces() -> Iterator[VethPair]:
     tag = secrets.token_hex(3)
     net = int(tag[:2], 16)
-    pair = VethPair(f"qpcA{tag}", f"qpcB{tag}", f"qa{tag}", f"qb{tag}",
-                    f"10.201.{net}.1", f"10.201.{net}.2")
+    pair = VethPair(
+        f"qpcA{tag}", f"qpcB{tag}", f"qa{tag}", f"qb{tag}", f"10.201.{net}.1", f"10.201.{net}.2"
+    )
     created: list[str] = []
     try:
         for ns in (pair.ns_a, pair.ns_b):
             _ip("netns", "add", ns)
             created.append(ns)
-        _ip("link", "add", pair.dev_a, "netns", pair.ns_a, "type", "veth",
-            "peer", "name", pair.dev_b, "netns", pair.ns_b)
-        for ns, dev, v4, ll in ((pair.ns_a, pair.dev_a, pair.v4_a, pair.ll_a),
-                                (pair.ns_b, pair.dev_b, pair.v4_b, pair.ll_b)):
+        _ip(
+            "link",
+            "add",
+            pair.dev_a,
+            "netns",
+            pair.ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            pair.dev_b,
+            "netns",
+            pair.ns_b,
+        )
+        for ns, dev, v4, ll in (
+            (pair.ns_a, pair.dev_a, pair.v4_a, pair.ll_a),
+            (pair.ns_b, pair.dev_b, pair.v4_b, pair.ll_b),
+        ):
             _ip("-n", ns, "link", "set", "lo", "up")
             # no duplicate address detection: the link-local address is usable at once
             run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.accept_dad=0"])
-            run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.addr_gen_mode=1"])
+            run(
+                ["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.addr_gen_mode=1"]
+            )
             _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
             _ip("-n", ns, "addr", "add", f"{ll}/64", "dev", dev, "nodad")
             _ip("-n", ns, "link", "set", dev, "up")

@@ -17,9 +17,23 @@ def size_report(tmp_path: Path, ipk_bytes: int, budget: int) -> subprocess.Compl
     ipk.write_bytes(b"\0" * ipk_bytes)
     (tmp_path / "budget.toml").write_text(f"[ipk]\nx86_64 = {budget}\ngoal = 100\n")
     return subprocess.run(
-        [sys.executable, str(CROSS / "size_report.py"), "--dist", str(tmp_path), "--arch", "x86_64",
-         "--version", "1.0.0", "--budget", str(tmp_path / "budget.toml"), "--ipk", str(ipk)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            str(CROSS / "size_report.py"),
+            "--dist",
+            str(tmp_path),
+            "--arch",
+            "x86_64",
+            "--version",
+            "1.0.0",
+            "--budget",
+            str(tmp_path / "budget.toml"),
+            "--ipk",
+            str(ipk),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 

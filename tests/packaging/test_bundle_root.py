@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import select
+import subprocess
 import time
 
 import pytest
@@ -54,10 +56,8 @@ def has_subcommand(root: BusyboxRoot, name: str) -> bool:
 NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)")
 
 
-def wait_for_node(proc: "subprocess.Popen[str]", timeout: float = 60) -> tuple[str, int, str]:  # noqa: F821
+def wait_for_node(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, int, str]:
     """Read the node's stdout until its 'listening on HOST:PORT pin=FPR' line (bounded)."""
-    import select
-
     deadline = time.monotonic() + timeout
     seen: list[str] = []
     assert proc.stdout is not None
@@ -75,9 +75,7 @@ def wait_for_node(proc: "subprocess.Popen[str]", timeout: float = 60) -> tuple[s
     raise AssertionError(f"node did not report listening (rc={proc.poll()}):\n" + "".join(seen))
 
 
-def stop(proc: "subprocess.Popen[str]") -> None:  # noqa: F821
-    import subprocess
-
+def stop(proc: subprocess.Popen[str]) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -93,8 +91,15 @@ def test_node_answers_health(root: BusyboxRoot) -> None:
         pytest.skip("`qpc node` is not in this build yet")
     from health_probe import probe
 
-    proc = root.popen("qpc", "node", "--listen", "127.0.0.1:0", "--data", "/data/node",
-                      env={"QPC_METRICS_LISTEN": ""})
+    proc = root.popen(
+        "qpc",
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        "/data/node",
+        env={"QPC_METRICS_LISTEN": ""},
+    )
     try:
         _host, port, pin = wait_for_node(proc)
         status = probe("127.0.0.1", port, pin)

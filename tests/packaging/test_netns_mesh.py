@@ -23,7 +23,9 @@ def test_harness_runs_qpc_and_pings_across_the_veth(
         assert v.returncode == 0 and v.stdout.startswith("qpc "), v.stderr
     p4 = a.run("ping", "-c", "1", "-W", "3", netns_pair.v4_b, timeout=10)
     assert p4.returncode == 0, p4.stdout + p4.stderr
-    p6 = b.run("ping", "-6", "-c", "1", "-W", "3", "-I", netns_pair.dev_b, netns_pair.ll_a, timeout=10)
+    p6 = b.run(
+        "ping", "-6", "-c", "1", "-W", "3", "-I", netns_pair.dev_b, netns_pair.ll_a, timeout=10
+    )
     assert p6.returncode == 0, p6.stdout + p6.stderr
     # isolation: the namespaces see only their own end of the link
     links = a.run("ip", "-o", "link").stdout
@@ -31,8 +33,20 @@ def test_harness_runs_qpc_and_pings_across_the_veth(
 
 
 def repl(root: BusyboxRoot, user: str, server: str, pin: str, script: str) -> str:
-    r = root.run("qpc", "repl", "--server", server, "--pin", pin, "--data", f"/data/{user}",
-                 "--script", "-", stdin=script, timeout=90)
+    r = root.run(
+        "qpc",
+        "repl",
+        "--server",
+        server,
+        "--pin",
+        pin,
+        "--data",
+        f"/data/{user}",
+        "--script",
+        "-",
+        stdin=script,
+        timeout=90,
+    )
     assert r.returncode == 0, f"{user}: rc={r.returncode}\n{r.stdout}\n{r.stderr}"
     return r.stdout
 
@@ -46,10 +60,14 @@ def test_dm_between_two_users_across_namespaces(
     if not (has_subcommand(a, "node") and has_subcommand(a, "repl")):
         pytest.skip("`qpc node` / `qpc repl` are not in this build yet")
     listen = f"{netns_pair.v4_a}:4201" if family == "ipv4" else "[::]:4201"
-    server = (f"{netns_pair.v4_a}:4201" if family == "ipv4"
-              else f"[{netns_pair.ll_a}%{netns_pair.dev_b}]:4201")
-    node = a.popen("qpc", "node", "--listen", listen, "--data", "/data/node",
-                   env={"QPC_METRICS_LISTEN": ""})
+    server = (
+        f"{netns_pair.v4_a}:4201"
+        if family == "ipv4"
+        else f"[{netns_pair.ll_a}%{netns_pair.dev_b}]:4201"
+    )
+    node = a.popen(
+        "qpc", "node", "--listen", listen, "--data", "/data/node", env={"QPC_METRICS_LISTEN": ""}
+    )
     try:
         _, _, pin = wait_for_node(node)
         alice = fingerprint(repl(b, "alice", server, pin, "/whoami\n"))

@@ -82,7 +82,10 @@ def test_build_ipk_from_single_binary(tmp_path: Path) -> None:
     fake.chmod(0o755)
     out = subprocess.run(
         [str(OPENWRT / "build-ipk.sh"), str(fake), "aarch64", "9.9.9", str(tmp_path / "out")],
-        capture_output=True, text=True, check=True, env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
     ).stdout.strip()
     ipk = Path(out)
     assert ipk.name == "qpc_9.9.9_aarch64_generic.ipk"
@@ -92,19 +95,25 @@ def test_build_ipk_from_single_binary(tmp_path: Path) -> None:
         assert t.extractfile("./usr/bin/qpc").read() == fake.read_bytes()  # type: ignore[union-attr]
     again = subprocess.run(
         [str(OPENWRT / "build-ipk.sh"), str(fake), "aarch64", "9.9.9", str(tmp_path / "o2")],
-        capture_output=True, text=True, check=True, env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": "0"},
     ).stdout.strip()
     assert Path(again).read_bytes() == ipk.read_bytes(), "not reproducible"
 
 
 @pytest.mark.parametrize(
-    "script", [INIT, OPENWRT / "control/postinst", OPENWRT / "control/prerm", OPENWRT / "build-ipk.sh", SHIM]
+    "script",
+    [INIT, OPENWRT / "control/postinst", OPENWRT / "control/prerm", OPENWRT / "build-ipk.sh", SHIM],
 )
 def test_shell_scripts_parse_and_pass_shellcheck(script: Path) -> None:
     assert subprocess.run(["sh", "-n", str(script)], capture_output=True).returncode == 0
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (apt install shellcheck)")
-    r = subprocess.run(["shellcheck", "-x", "-S", "warning", str(script)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["shellcheck", "-x", "-S", "warning", str(script)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout
 
 
@@ -112,7 +121,10 @@ def run_shim(tmp_path: Path, uci_text: str) -> list[str]:
     uci = tmp_path / "qpc.uci"
     uci.write_text(uci_text)
     r = subprocess.run(
-        ["sh", str(SHIM), str(INIT), str(uci)], capture_output=True, text=True, timeout=30,
+        ["sh", str(SHIM), str(INIT), str(uci)],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)},
     )
     assert r.returncode == 0, r.stderr
@@ -121,7 +133,9 @@ def run_shim(tmp_path: Path, uci_text: str) -> list[str]:
 
 def procd(lines: list[str]) -> tuple[list[str], dict[str, str], dict[str, str]]:
     command = next(shlex.split(ln)[1:] for ln in lines if ln.startswith("command "))
-    env = dict(kv.split("=", 1) for kv in next(ln for ln in lines if ln.startswith("env ")).split()[1:])
+    env = dict(
+        kv.split("=", 1) for kv in next(ln for ln in lines if ln.startswith("env ")).split()[1:]
+    )
     params = {ln.split()[0]: " ".join(ln.split()[1:]) for ln in lines}
     return command, env, params
 
