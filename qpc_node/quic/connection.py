@@ -32,6 +32,11 @@ from qpc_node.quic.tls import PeerIdentity
 
 log = logging.getLogger(__name__)
 
+# The core decides "lost" with `sent_time <= now - delay` but arms its timer at
+# `sent_time + delay`: in floating point the two can disagree by one ulp, and a
+# virtual clock (which never drifts past a deadline by itself) would spin on it.
+TIMER_EPSILON = 1e-6
+
 StreamHandler = Callable[["Connection", QuicStream], Awaitable[None]]
 
 
@@ -114,7 +119,8 @@ class Connection:
         self._draining = False
         self._alpn: str | None = None
         self._peer_identity: PeerIdentity | None = None
-        self._last_rx = trio.current_time()
+        self._core_now = trio.current_time()
+        self._last_rx = self._core_now
         self._last_ping = -math.inf
         self._ping_uid = 0
         self._active_handlers = 0
@@ -201,6 +207,7 @@ class Connection:
     # ---------------------------------------------------------- endpoint side
     def feed(self, datagrams: list[tuple[bytes, Address]], now: float) -> None:
         """Hand a batch of received datagrams to the core (no transmit here)."""
+        now = self._now(now)
         self._last_rx = now
         self._rx_datagrams += len(datagrams)
         for data, addr in datagrams:
@@ -208,7 +215,7 @@ class Connection:
         self._process_events()
 
     def transmit(self, now: float) -> None:
-        datagrams = self._core.datagrams_to_send(now)
+        datagrams = self._core.datagrams_to_send(self._now(now))
         self._process_events()  # CIDs are issued while the datagrams are built
         if datagrams:
             self._tx_datagrams += len(datagrams)
@@ -268,18 +275,34 @@ class Connection:
 
     async def _drive(self) -> None:
         slack = self._settings.timer_slack
+        due: float | None = None  # set when a deadline fired: the core's "now"
         while True:
             self._wake = trio.Event()
-            self.transmit(trio.current_time())
+            # ACK and pacing deadlines are served by datagrams_to_send(now), not
+            # handle_timer: both must see the deadline, or the core re-arms it.
+            self.transmit(self._now(due))
+            due = None
             if self._core_terminated:
                 return
             deadline = self._deadline()
             if deadline - trio.current_time() > slack:
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as scope:
                     await self._wake.wait()
+                if not scope.cancelled_caught:
+                    continue
             else:
                 await trio.lowlevel.checkpoint()  # fairness: let the receive loop run
-            self._on_timers(trio.current_time())
+            due = self._now(max(deadline + TIMER_EPSILON, trio.current_time()))
+            self._on_timers(due)
+
+    def _now(self, t: float | None = None) -> float:
+        """Monotonic per connection: firing a deadline within ``timer_slack`` runs
+        the core slightly ahead of the clock; never hand it an earlier time after."""
+        now = trio.current_time() if t is None else t
+        if now < self._core_now:
+            now = self._core_now
+        self._core_now = now
+        return now
 
     def _deadline(self) -> float:
         timer = self._core.get_timer()
@@ -292,15 +315,14 @@ class Connection:
         return max(self._last_rx, self._last_ping) + self._settings.keepalive_seconds
 
     def _on_timers(self, now: float) -> None:
-        slack = self._settings.timer_slack
-        if self._keepalive_at() - now <= slack:
+        if self._keepalive_at() <= now:
             self._ping_uid += 1
             self._core.send_ping(self._ping_uid)
             self._last_ping = now
             self._keepalives += 1
         timer = self._core.get_timer()
-        if timer is not None and timer - now <= slack:
-            self._core.handle_timer(max(timer, now))
+        if timer is not None and timer <= now:
+            self._core.handle_timer(now)
             self._process_events()
 
     # ----------------------------------------------------------------- events

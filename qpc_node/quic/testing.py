@@ -14,12 +14,16 @@ import heapq
 import itertools
 import math
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from qpc_node.errors import LocalProtocolError
 from qpc_node.quic.address import Address, parse_literal
+from qpc_node.quic.connection import StreamHandler
+from qpc_node.quic.endpoint import Endpoint
 from qpc_node.quic.tls import (
     CertificateAuthority,
     KeyType,
@@ -174,6 +178,15 @@ class FakeDatagramSocket:
         self._closed = True
         self._net._unbind(self._addr)
         self._arrival.set()
+
+
+@asynccontextmanager
+async def serving(endpoint: Endpoint, handler: StreamHandler) -> AsyncIterator[Endpoint]:
+    """``endpoint.serve(handler)`` in a nursery of our own for the block's duration."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(endpoint.serve, handler)
+        yield endpoint
+        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------- PKI
