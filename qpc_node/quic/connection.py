@@ -179,6 +179,7 @@ class Connection:
         await trio.lowlevel.checkpoint()
 
     def close_now(self, error_code: int = 0, reason: str = "") -> None:
+        check_error_code(error_code)
         if self._error is None:
             self._core.close(error_code, reason)
             self._fail(

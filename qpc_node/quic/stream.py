@@ -16,6 +16,7 @@ then in an unknown state and should be :meth:`reset` or :meth:`aclose`\\ d.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -51,8 +52,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
 
     # ------------------------------------------------------------------ receive
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)  # TypeError for 1.5, as Trio expects
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._receiving = True
@@ -139,9 +142,12 @@ class QuicStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed or self._eof_sent or self._send_error is not None or self._room() > 0:
+        if self._closed or self._eof_sent:
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            raise trio.ClosedResourceError("stream was closed by us")
+        if self._send_error is not None or self._room() > 0:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return  # send_all will not block (it will raise, or has room)
         await self._park_sender()
 
     async def send_eof(self) -> None:

@@ -169,13 +169,16 @@ class UdpSocket:
     async def resolve(self, host: str, port: int) -> Address:
         addr = parse_literal(host, port)
         if addr is None:
-            infos = await trio.socket.getaddrinfo(
-                host,
-                port,
-                family=self.family,
-                type=socket.SOCK_DGRAM,
-                flags=socket.AI_V4MAPPED if self.family == socket.AF_INET6 else 0,
-            )
+            try:
+                infos = await trio.socket.getaddrinfo(
+                    host,
+                    port,
+                    family=self.family,
+                    type=socket.SOCK_DGRAM,
+                    flags=socket.AI_V4MAPPED if self.family == socket.AF_INET6 else 0,
+                )
+            except socket.gaierror as exc:
+                raise LocalProtocolError(f"cannot resolve {host!r}: {exc}") from exc
             if not infos:
                 raise LocalProtocolError(f"cannot resolve {host!r}")
             addr = canonical(infos[0][4])

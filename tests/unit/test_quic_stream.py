@@ -1,0 +1,81 @@
+"""QuicStream against Trio's own HalfCloseableStream conformance suite, plus our extras."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from qpc_node.quic import (
+    ALPN_CLIENT,
+    ClientTLS,
+    Connection,
+    QuicSettings,
+    QuicStream,
+    ServerTLS,
+    open_endpoint,
+)
+from qpc_node.quic.testing import FakeNetwork, LinkProfile, PkiFixture, make_test_pki, serving
+
+
+@pytest.fixture(scope="module")
+def pki() -> PkiFixture:
+    return make_test_pki()
+
+
+@contextlib.asynccontextmanager
+async def stream_factory(
+    pki: PkiFixture, settings: QuicSettings | None = None
+) -> AsyncIterator[object]:
+    """Yields an async maker of connected (client stream, server stream) pairs."""
+    net = FakeNetwork(seed=1, profile=LinkProfile(delay=0.0005, jitter=0.0))
+    handed: trio.MemorySendChannel[QuicStream]
+    handed, received = trio.open_memory_channel[QuicStream](0)
+
+    async def handler(conn: Connection, stream: QuicStream) -> None:
+        assert await stream.receive_some(1) == b"!"  # the byte that made it visible
+        await handed.send(stream)
+        await trio.sleep_forever()  # the test owns the stream from here
+
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            open_endpoint(
+                sock=net.bind("10.0.0.1", 4201), server_tls=ServerTLS(pki.server), settings=settings
+            )
+        )
+        await stack.enter_async_context(serving(server, handler))
+        client = await stack.enter_async_context(
+            open_endpoint(sock=net.bind("10.0.0.2"), settings=settings)
+        )
+        conn = await client.connect(
+            "10.0.0.1", 4201, ClientTLS(ALPN_CLIENT, pin=pki.server.fingerprint)
+        )
+
+        async def make_pair() -> tuple[QuicStream, QuicStream]:
+            mine = await conn.open_stream()
+            await mine.send_all(b"!")
+            theirs = await received.receive()
+            return mine, theirs
+
+        yield make_pair
+
+
+async def test_trio_half_closeable_stream_conformance(pki: PkiFixture) -> None:
+    with trio.fail_after(30):
+        async with stream_factory(pki) as make_pair:
+            await trio.testing.check_half_closeable_stream(make_pair, None)  # type: ignore[arg-type]
+
+
+async def test_cancelled_receive_keeps_stream_usable(pki: PkiFixture) -> None:
+    with trio.fail_after(10):
+        async with stream_factory(pki) as make_pair:
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            with trio.move_on_after(0.05):
+                await theirs.receive_some()
+            await mine.send_all(b"after")
+            assert await theirs.receive_some() == b"after"
+            with pytest.raises(ValueError):
+                await theirs.receive_some(0)
