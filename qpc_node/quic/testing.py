@@ -183,10 +183,17 @@ class FakeDatagramSocket:
 @asynccontextmanager
 async def serving(endpoint: Endpoint, handler: StreamHandler) -> AsyncIterator[Endpoint]:
     """``endpoint.serve(handler)`` in a nursery of our own for the block's duration."""
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(endpoint.serve, handler)
-        yield endpoint
-        nursery.cancel_scope.cancel()
+        try:
+            yield endpoint
+        except BaseException as exc:  # re-raised unwrapped, as open_endpoint does
+            body_error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
 
 
 # --------------------------------------------------------------------------- PKI

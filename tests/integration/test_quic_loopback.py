@@ -21,7 +21,7 @@ from qpc_node.quic import (
     StreamReset,
     open_endpoint,
 )
-from qpc_node.quic.testing import PkiFixture, make_test_pki
+from qpc_node.quic.testing import PkiFixture, make_test_pki, serving
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +60,29 @@ def client_tls(pki: PkiFixture) -> ClientTLS:
 
 async def test_1000_echo_exchanges_over_loopback(pki: PkiFixture) -> None:
     with trio.fail_after(30):
-        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
-            await server._nursery.start(server.serve, echo)
-            async with open_endpoint("127.0.0.1", 0) as client:
-                conn = await client.connect(*server.local_address, client_tls(pki))
-                assert conn.peer_identity is not None
-                assert conn.peer_identity.cert_fingerprint == pki.server.fingerprint
-                results: dict[int, bytes] = {}
+        async with (
+            open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server,
+            serving(server, echo),
+            open_endpoint("127.0.0.1", 0) as client,
+        ):
+            conn = await client.connect(*server.local_address, client_tls(pki))
+            assert conn.peer_identity is not None
+            assert conn.peer_identity.cert_fingerprint == pki.server.fingerprint
+            results: dict[int, bytes] = {}
 
-                async def worker(w: int) -> None:
-                    for i in range(100):
-                        n = w * 100 + i
-                        results[n] = await call(conn, b"%d:" % n + os.urandom(n % 3000))
+            async def worker(w: int) -> None:
+                for i in range(100):
+                    n = w * 100 + i
+                    results[n] = await call(conn, b"%d:" % n + os.urandom(n % 3000))
 
-                async with trio.open_nursery() as nursery:
-                    for w in range(10):
-                        nursery.start_soon(worker, w)
-                assert len(results) == 1000
-                assert all(r.startswith(b"echo:%d:" % n) for n, r in results.items())
-                stats = conn.statistics()
-                assert stats.open_streams == 0 and stats.receive_buffered_bytes == 0
-                await conn.aclose()
+            async with trio.open_nursery() as nursery:
+                for w in range(10):
+                    nursery.start_soon(worker, w)
+            assert len(results) == 1000
+            assert all(r.startswith(b"echo:%d:" % n) for n, r in results.items())
+            stats = conn.statistics()
+            assert stats.open_streams == 0 and stats.receive_buffered_bytes == 0
+            await conn.aclose()
 
 
 @pytest.mark.parametrize(
@@ -91,8 +93,10 @@ async def test_dual_stack_and_ipv6(
     pki: PkiFixture, server_host: str, client_host: str, target: str
 ) -> None:
     with trio.fail_after(10):
-        async with open_endpoint(server_host, 0, server_tls=ServerTLS(pki.server)) as server:
-            await server._nursery.start(server.serve, echo)
+        async with (
+            open_endpoint(server_host, 0, server_tls=ServerTLS(pki.server)) as server,
+            serving(server, echo),
+        ):
             port = server.local_address[1]
             async with open_endpoint(client_host, 0) as client:
                 conn = await client.connect(target, port, client_tls(pki))
@@ -112,16 +116,18 @@ async def test_handler_error_resets_only_that_stream(pki: PkiFixture) -> None:
         await stream.send_all(b"echo:" + data)
 
     with trio.fail_after(10):
-        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
-            await server._nursery.start(server.serve, handler)
-            async with open_endpoint("127.0.0.1", 0) as client:
-                conn = await client.connect(*server.local_address, client_tls(pki))
-                with pytest.raises(StreamReset) as info:
-                    await call(conn, b"boom")
-                assert info.value.error_code == StatusCode.INTERNAL
-                assert await call(conn, b"ok") == b"echo:ok"
-                (sconn,) = server.connections()
-                assert sconn.statistics().handler_errors == 1
+        async with (
+            open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server,
+            serving(server, handler),
+            open_endpoint("127.0.0.1", 0) as client,
+        ):
+            conn = await client.connect(*server.local_address, client_tls(pki))
+            with pytest.raises(StreamReset) as info:
+                await call(conn, b"boom")
+            assert info.value.error_code == StatusCode.INTERNAL
+            assert await call(conn, b"ok") == b"echo:ok"
+            (sconn,) = server.connections()
+            assert sconn.statistics().handler_errors == 1
 
 
 async def test_reset_mid_transfer_gives_typed_error_both_ways(pki: PkiFixture) -> None:
@@ -141,28 +147,30 @@ async def test_reset_mid_transfer_gives_typed_error_both_ways(pki: PkiFixture) -
         stream.reset(77)
 
     with trio.fail_after(10):
-        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
-            await server._nursery.start(server.serve, handler)
-            async with open_endpoint("127.0.0.1", 0) as client:
-                conn = await client.connect(*server.local_address, client_tls(pki))
-                up = await conn.open_stream()
-                await up.send_all(b"upload" + b"y" * 10_000)
-                await got_some.wait()
-                up.reset(42)
-                with pytest.raises(trio.ClosedResourceError):
-                    await up.send_all(b"more")
-                down = await conn.open_stream()
-                await down.send_all(b"download")
-                with pytest.raises(StreamReset) as info:
-                    await read_all(down)
-                assert info.value.error_code == 77
-                for _ in range(100):
-                    if server_saw:
-                        break
-                    await trio.sleep(0.01)
-                assert isinstance(server_saw[0], StreamReset)
-                assert server_saw[0].error_code == 42
-                assert await call_ok(conn)
+        async with (
+            open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server,
+            serving(server, handler),
+            open_endpoint("127.0.0.1", 0) as client,
+        ):
+            conn = await client.connect(*server.local_address, client_tls(pki))
+            up = await conn.open_stream()
+            await up.send_all(b"upload" + b"y" * 10_000)
+            await got_some.wait()
+            up.reset(42)
+            with pytest.raises(trio.ClosedResourceError):
+                await up.send_all(b"more")
+            down = await conn.open_stream()
+            await down.send_all(b"download")
+            with pytest.raises(StreamReset) as info:
+                await read_all(down)
+            assert info.value.error_code == 77
+            for _ in range(100):
+                if server_saw:
+                    break
+                await trio.sleep(0.01)
+            assert isinstance(server_saw[0], StreamReset)
+            assert server_saw[0].error_code == 42
+            assert await call_ok(conn)
 
 
 async def call_ok(conn: Connection) -> bool:
@@ -175,8 +183,10 @@ async def call_ok(conn: Connection) -> bool:
 
 async def test_garbage_datagrams_are_dropped_and_server_keeps_serving(pki: PkiFixture) -> None:
     with trio.fail_after(10):
-        async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
-            await server._nursery.start(server.serve, echo)
+        async with (
+            open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server,
+            serving(server, echo),
+        ):
             raw = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             with raw:
                 for i in range(1000):
@@ -208,8 +218,10 @@ async def test_graceful_close_lets_inflight_calls_finish(pki: PkiFixture) -> Non
     with trio.fail_after(10):
         fast_fail = QuicSettings(handshake_timeout=0.3)
         async with open_endpoint("127.0.0.1", 0, settings=fast_fail) as client:
-            async with open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server:
-                await server._nursery.start(server.serve, slow)
+            async with (
+                open_endpoint("127.0.0.1", 0, server_tls=ServerTLS(pki.server)) as server,
+                serving(server, slow),
+            ):
                 conn = await client.connect(*server.local_address, client_tls(pki))
                 replies: list[bytes] = []
 

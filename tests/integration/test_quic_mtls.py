@@ -23,7 +23,7 @@ from qpc_node.quic import (
     load_or_create_node_credentials,
     open_endpoint,
 )
-from qpc_node.quic.testing import PkiFixture, make_test_pki
+from qpc_node.quic.testing import PkiFixture, make_test_pki, serving
 
 CRYPTO_ERROR = 0x100  # + TLS alert (RFC 9001 4.8)
 BAD_CERTIFICATE = CRYPTO_ERROR + 42
@@ -51,14 +51,16 @@ async def handshake(
         await stream.send_all(conn.alpn.encode())
 
     with trio.fail_after(10):
-        async with open_endpoint("127.0.0.1", 0, server_tls=server_tls, settings=FAST) as server:
-            await server._nursery.start(server.serve, handler)
-            async with open_endpoint("127.0.0.1", 0, settings=FAST) as client:
-                conn = await client.connect(*server.local_address, client_tls)
-                stream = await conn.open_stream()
-                await stream.send_eof()
-                reply = await stream.receive_some()
-                await conn.aclose()
+        async with (
+            open_endpoint("127.0.0.1", 0, server_tls=server_tls, settings=FAST) as server,
+            serving(server, handler),
+            open_endpoint("127.0.0.1", 0, settings=FAST) as client,
+        ):
+            conn = await client.connect(*server.local_address, client_tls)
+            stream = await conn.open_stream()
+            await stream.send_eof()
+            reply = await stream.receive_some()
+            await conn.aclose()
     return reply.decode(), seen[0]
 
 
