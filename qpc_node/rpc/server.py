@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,15 @@ log = logging.getLogger("qpc_node.rpc.server")
 
 RECEIVE_CHUNK = 64 * 1024
 """Largest read; bounds what a decoder holds beyond the frame it is assembling."""
+
+CallObserver = Callable[[str, str, float], None]
+"""``observer(method, status, seconds)`` after each dispatched call (metrics hook).
+
+Called only for registered methods (the name set is bounded: an attacker
+cannot mint label values); ``status`` is the StatusCode name, CANCELLED when
+the caller went away; ``seconds`` runs from the decoded request to the answer.
+Must be cheap and must not raise.
+"""
 
 # What a broken or reset stream raises; StreamReset is a RemoteProtocolError.
 _STREAM_GONE = (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -108,9 +118,16 @@ class _CallState:
 class RpcServer:
     """Dispatches calls to a MethodTable under per-call deadlines and per-connection limits."""
 
-    def __init__(self, methods: MethodTable, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        methods: MethodTable,
+        config: ServerConfig | None = None,
+        *,
+        observer: CallObserver | None = None,
+    ) -> None:
         self.methods = methods
         self.config = config or ServerConfig()
+        self.observer = observer
         self._stats = ServerStatistics()
 
     def statistics(self) -> ServerStatistics:
@@ -269,7 +286,13 @@ class RpcServer:
             peer=conn.peer,
             session=conn.session,
         )
-        return await self._run_handler(method, body, ctx, stream)
+        # -- metrics hook (observer): per-method status and latency --
+        started = trio.current_time()
+        response = await self._run_handler(method, body, ctx, stream)
+        if self.observer is not None:
+            status = "CANCELLED" if response is None else StatusCode(response.status).name
+            self.observer(method.name, status, trio.current_time() - started)
+        return response
 
     async def _run_handler(
         self,

@@ -18,9 +18,11 @@ before it is drained, then checkpoints and truncates the WAL.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -49,12 +51,28 @@ from qpc_node.store.records import (
     SweepResult,
 )
 from qpc_node.store.sql import Synchronous
-from qpc_node.store.store import EnqueueOutcome, Store
+from qpc_node.store.store import EnqueueOutcome, MailboxTotals, Store
 
 T = TypeVar("T")
 
 MAX_GROUP_BATCHES = 256
 """Upper bound of enqueue calls folded into one commit (bounds transaction size)."""
+
+OP_SECONDS_BOUNDS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+"""Upper bounds of the worker's operation-time histogram (metrics: SQLite latency)."""
 
 
 class _Waiter(Generic[T]):
@@ -104,6 +122,11 @@ class AsyncStoreStatistics(msgspec.Struct, frozen=True):
     group_commits: int  # enqueue transactions that carried more than one call
     grouped_batches: int  # enqueue calls that shared a transaction with others
     largest_group: int
+    # Worker time per operation (one job, or one group commit): counts per bucket of
+    # OP_SECONDS_BOUNDS, not cumulative, the last one past the largest bound.
+    op_seconds_buckets: tuple[int, ...] = ()
+    op_seconds_sum: float = 0.0
+    op_seconds_bounds: tuple[float, ...] = OP_SECONDS_BOUNDS
 
 
 class AsyncStore:
@@ -121,6 +144,8 @@ class AsyncStore:
         self._grouped_batches = 0
         self._largest_group = 0
         self._queued = 0
+        self._op_buckets = [0] * (len(OP_SECONDS_BOUNDS) + 1)
+        self._op_seconds = 0.0
 
     @classmethod
     async def open(
@@ -188,6 +213,9 @@ class AsyncStore:
             held = None
             if item is _STOP:
                 return
+            # Worker thread: trio.current_time() is not available here; perf_counter is
+            # the monotonic clock. Two calls and a bisect per job: no measurable cost.
+            started = time.perf_counter()
             if isinstance(item, _EnqueueJob):
                 group: list[_EnqueueJob] = [item]
                 while len(group) < MAX_GROUP_BATCHES:
@@ -205,6 +233,9 @@ class AsyncStore:
                 assert isinstance(item, _Job)
                 self._jobs += 1
                 item.finish(outcome.capture(item.fn, store))
+            took = time.perf_counter() - started
+            self._op_seconds += took
+            self._op_buckets[bisect.bisect_left(OP_SECONDS_BOUNDS, took)] += 1
 
     def _run_group(self, store: Store, group: list[_EnqueueJob]) -> None:
         self._jobs += len(group)
@@ -269,6 +300,19 @@ class AsyncStore:
             group_commits=self._group_commits,
             grouped_batches=self._grouped_batches,
             largest_group=self._largest_group,
+            op_seconds_buckets=tuple(self._op_buckets),
+            op_seconds_sum=self._op_seconds,
+        )
+
+    @property
+    def is_open(self) -> bool:
+        """Open, not closing, and its worker alive (readiness)."""
+        thread = self._thread
+        return (
+            self._store is not None
+            and not self._closing
+            and thread is not None
+            and thread.is_alive()
         )
 
     # -- mailbox -------------------------------------------------------------------
@@ -302,6 +346,10 @@ class AsyncStore:
 
     async def depth(self, recipient: bytes) -> MailboxDepth:
         return await self.run(lambda s: s.depth(recipient))
+
+    async def mailbox_totals(self) -> MailboxTotals:
+        """All mailboxes together (metrics); reads the O(1)-per-mailbox counters."""
+        return await self.run(Store.mailbox_totals)
 
     async def expire_messages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
         return await self.run(lambda s: s.expire_messages(now_ms, max_rows=max_rows))

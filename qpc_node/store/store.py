@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 from qpc_node.errors import QpcError
 from qpc_node.store import audit, keypackages, mailbox, meta
@@ -46,6 +47,14 @@ EnqueueBatch = tuple[Sequence[Envelope], int]
 EnqueueOutcome = list[EnqueueResult] | QpcError
 """Per batch of :meth:`Store.enqueue_many`: its results, or the typed error that
 rejected it (and only it)."""
+
+
+class MailboxTotals(NamedTuple):
+    """All mailboxes together: unacked messages and their bytes (metrics)."""
+
+    mailboxes: int
+    messages: int
+    bytes: int
 
 
 class Store:
@@ -205,6 +214,13 @@ class Store:
 
     def depth(self, recipient: bytes) -> MailboxDepth:
         return mailbox.depth(self.conn, recipient)
+
+    def mailbox_totals(self) -> MailboxTotals:
+        """Read-only, for metrics: one pass over ``mailboxes`` (a row per recipient)."""
+        row = self.conn.execute(
+            "SELECT count(*), coalesce(sum(depth), 0), coalesce(sum(bytes), 0) FROM mailboxes"
+        ).fetchone()
+        return MailboxTotals(mailboxes=row[0], messages=row[1], bytes=row[2])
 
     def expire_messages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
         with transaction(self.conn) as conn:

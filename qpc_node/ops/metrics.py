@@ -1,0 +1,465 @@
+"""Prometheus metrics of one node, pulled from its long-lived objects at scrape time.
+
+Why pull: the node's objects already keep counters for the REPL (``statistics()``);
+a custom collector reads them when a scraper asks, so the hot path pays nothing.
+The exceptions are per-method call counts and latency histograms, which the RPC
+server reports through its observer hook (one dict lookup and a locked add per call).
+
+Every node owns its own ``CollectorRegistry`` (never the process-wide default), so
+two nodes in one test process do not collide.
+
+Sources are found on the node object by attribute name (``store``, ``rpc``,
+``endpoint``, ``guard``, ``auth``, ``delivery``, ``audit``); one that is missing
+or still None is simply not exported -- no fake zeros. Layers built later (mesh
+discovery, gossip, store-and-forward) add their own collector with
+:meth:`NodeMetrics.register`.
+
+This module imports no outer layer: sources are described by Protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from qpc_node.errors import QpcError
+
+CALL_SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""RPC latency buckets: sub-millisecond lookups up to 30 s long-polls (FetchWait)."""
+
+MAILBOX_REFRESH_INTERVAL = 1.0
+"""Scrapes closer together than this reuse the last mailbox totals (no store query)."""
+MAILBOX_REFRESH_TIMEOUT = 2.0
+"""A busy store worker delays a scrape at most this long (then the last totals stand)."""
+
+
+# -- what the collector reads (structural: fakes in tests satisfy them too) ---------
+
+
+class RpcStats(Protocol):
+    @property
+    def connections(self) -> int: ...
+    @property
+    def streams(self) -> int: ...
+    @property
+    def active_calls(self) -> int: ...
+    @property
+    def refused_calls(self) -> int: ...
+    @property
+    def peer_resets(self) -> int: ...
+    @property
+    def protocol_errors(self) -> int: ...
+    @property
+    def internal_errors(self) -> int: ...
+    @property
+    def buffered_bytes(self) -> int: ...
+    @property
+    def statuses(self) -> Mapping[str, int]: ...
+
+
+class RpcSource(Protocol):
+    def statistics(self) -> RpcStats: ...
+
+
+class EndpointStats(Protocol):
+    @property
+    def connections(self) -> int: ...
+    @property
+    def server_connections(self) -> int: ...
+    @property
+    def rx_datagrams(self) -> int: ...
+    @property
+    def tx_datagrams(self) -> int: ...
+    @property
+    def tx_dropped(self) -> int: ...
+    @property
+    def dropped_unparseable(self) -> int: ...
+    @property
+    def dropped_unknown_cid(self) -> int: ...
+    @property
+    def refused_admission(self) -> int: ...
+    @property
+    def connection_failures(self) -> int: ...
+
+
+class EndpointSource(Protocol):
+    def statistics(self) -> EndpointStats: ...
+
+
+class StoreCounters(Protocol):
+    @property
+    def transactions(self) -> int: ...
+    @property
+    def enqueued(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def fetched(self) -> int: ...
+    @property
+    def acked(self) -> int: ...
+    @property
+    def expired_messages(self) -> int: ...
+    @property
+    def quota_rejections(self) -> int: ...
+    @property
+    def keypackages_uploaded(self) -> int: ...
+    @property
+    def keypackages_served(self) -> int: ...
+
+
+class StoreStats(Protocol):
+    @property
+    def store(self) -> StoreCounters: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def jobs(self) -> int: ...
+    @property
+    def group_commits(self) -> int: ...
+    @property
+    def op_seconds_buckets(self) -> Sequence[int]: ...
+    @property
+    def op_seconds_sum(self) -> float: ...
+    @property
+    def op_seconds_bounds(self) -> Sequence[float]: ...
+
+
+class MailboxTotalsLike(Protocol):
+    @property
+    def mailboxes(self) -> int: ...
+    @property
+    def messages(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+
+
+class StoreSource(Protocol):
+    @property
+    def is_open(self) -> bool: ...
+    def statistics(self) -> StoreStats: ...
+    async def mailbox_totals(self) -> MailboxTotalsLike: ...
+
+
+class GuardSource(Protocol):
+    @property
+    def refused(self) -> int: ...
+
+
+class DictStatsSource(Protocol):
+    def statistics(self) -> Mapping[str, int]: ...
+
+
+class AuthSource(Protocol):
+    @property
+    def book(self) -> DictStatsSource: ...
+
+
+class NodeView(Protocol):
+    """What the node must offer; the sources are optional attributes (see module doc)."""
+
+    def serving(self) -> bool: ...
+
+
+# -- samples, for the Stats RPC and the REPL ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One exported number: ``name`` with its suffix (``_total``, ``_count``...)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def histogram_family(
+    name: str, doc: str, bounds: Sequence[float], counts: Sequence[int], total: float
+) -> HistogramMetricFamily:
+    """A histogram from per-bucket (non-cumulative) counts; ``counts[-1]`` is +Inf."""
+    if len(counts) != len(bounds) + 1:
+        raise ValueError(f"{name}: {len(counts)} counts for {len(bounds)} bounds")
+    cumulative: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        running += count
+        cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+    return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=total)
+
+
+class NodeCollector(Collector):
+    """Reads the node's statistics when the registry is collected (scrape time)."""
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._m
+        yield _gauge("qpc_node_ready", "1 when the node serves calls (not draining)", m.ready())
+        if (rpc := m.source("rpc")) is not None:
+            yield from _rpc_families(rpc)
+        if (endpoint := m.source("endpoint")) is not None:
+            yield from _endpoint_families(endpoint)
+        if (store := m.source("store")) is not None and store.is_open:
+            yield from _store_families(store.statistics())
+        if (totals := m.mailbox_totals) is not None:
+            yield _gauge("qpc_mailboxes", "mailboxes known to this node", totals.mailboxes)
+            yield _gauge("qpc_mailbox_messages", "unacked messages, all mailboxes", totals.messages)
+            yield _gauge("qpc_mailbox_bytes", "unacked message bytes, all mailboxes", totals.bytes)
+        if (guard := m.source("guard")) is not None:
+            yield _counter("qpc_rate_limit_hits", "calls refused by a rate limit", guard.refused)
+        if (auth := m.source("auth")) is not None:
+            a = auth.book.statistics()
+            fam = CounterMetricFamily(
+                "qpc_auth_handshakes",
+                "Auth.Prove outcomes (session bound or refused)",
+                labels=["result"],
+            )
+            fam.add_metric(["ok"], a.get("verified", 0))
+            fam.add_metric(["failed"], a.get("failed", 0))
+            yield fam
+            yield _counter(
+                "qpc_auth_challenges", "Auth.Challenge nonces issued", a.get("issued", 0)
+            )
+        if (delivery := m.source("delivery")) is not None:
+            d = delivery.statistics()
+            yield _gauge(
+                "qpc_fetch_waiters", "long-poll fetches parked", d.get("parked_fetches", 0)
+            )
+            yield _counter("qpc_fetch_wakeups", "parked fetches woken by mail", d.get("wakeups", 0))
+        if (audit := m.source("audit")) is not None:
+            au = audit.statistics()
+            yield _counter("qpc_audit_written", "audit events persisted", au.get("written", 0))
+            yield _counter(
+                "qpc_audit_dropped", "audit events dropped (buffer full)", au.get("dropped", 0)
+            )
+            yield _gauge(
+                "qpc_audit_buffered", "audit events waiting to be written", au.get("buffered", 0)
+            )
+
+
+def _rpc_families(rpc: RpcSource) -> Iterator[Metric]:
+    s = rpc.statistics()
+    yield _counter("qpc_rpc_connections_opened", "connections that carried a call", s.connections)
+    yield _counter("qpc_rpc_streams", "call streams accepted", s.streams)
+    yield _gauge("qpc_rpc_active_calls", "calls in progress", s.active_calls)
+    yield _counter("qpc_rpc_refused_calls", "calls refused: per-connection limit", s.refused_calls)
+    yield _counter("qpc_rpc_peer_resets", "calls the peer abandoned", s.peer_resets)
+    yield _counter("qpc_rpc_protocol_errors", "malformed requests", s.protocol_errors)
+    yield _counter("qpc_rpc_internal_errors", "handler bugs answered INTERNAL", s.internal_errors)
+    yield _gauge("qpc_rpc_buffered_bytes", "request bytes buffered right now", s.buffered_bytes)
+    fam = CounterMetricFamily(
+        "qpc_rpc_responses",
+        "responses by status, including pre-dispatch refusals",
+        labels=["status"],
+    )
+    for status, count in sorted(s.statuses.items()):
+        fam.add_metric([status], count)
+    yield fam
+
+
+def _endpoint_families(endpoint: EndpointSource) -> Iterator[Metric]:
+    e = endpoint.statistics()
+    yield _gauge("qpc_quic_connections", "open QUIC connections (all)", e.connections)
+    yield _gauge(
+        "qpc_quic_server_connections", "open QUIC connections accepted", e.server_connections
+    )
+    yield _counter("qpc_quic_rx_datagrams", "UDP datagrams received", e.rx_datagrams)
+    yield _counter("qpc_quic_tx_datagrams", "UDP datagrams sent", e.tx_datagrams)
+    dropped = CounterMetricFamily(
+        "qpc_quic_dropped_datagrams", "datagrams dropped", labels=["reason"]
+    )
+    dropped.add_metric(["tx_backlog_full"], e.tx_dropped)
+    dropped.add_metric(["unparseable"], e.dropped_unparseable)
+    dropped.add_metric(["unknown_cid"], e.dropped_unknown_cid)
+    yield dropped
+    yield _counter(
+        "qpc_quic_refused_admission", "new connections over the limits", e.refused_admission
+    )
+    yield _counter(
+        "qpc_quic_connection_failures",
+        "connections dropped by a core failure",
+        e.connection_failures,
+    )
+
+
+def _store_families(a: StoreStats) -> Iterator[Metric]:
+    s = a.store
+    yield _counter("qpc_store_transactions", "SQLite write transactions", s.transactions)
+    yield _counter("qpc_store_enqueued", "messages stored", s.enqueued)
+    yield _counter("qpc_store_duplicates", "enqueues dropped as duplicates (msg_id)", s.duplicates)
+    yield _counter("qpc_store_fetched", "messages handed out", s.fetched)
+    yield _counter("qpc_store_acked", "messages acknowledged", s.acked)
+    yield _counter("qpc_store_expired_messages", "messages removed at expiry", s.expired_messages)
+    yield _counter(
+        "qpc_store_quota_rejections", "enqueues refused: mailbox full", s.quota_rejections
+    )
+    yield _counter("qpc_store_keypackages_uploaded", "KeyPackages stored", s.keypackages_uploaded)
+    yield _counter("qpc_store_keypackages_served", "KeyPackages handed out", s.keypackages_served)
+    yield _gauge("qpc_store_queued_jobs", "jobs waiting for the store worker", a.queued)
+    yield _counter("qpc_store_jobs", "jobs the store worker ran", a.jobs)
+    yield _counter("qpc_store_group_commits", "commits shared by several enqueues", a.group_commits)
+    if len(a.op_seconds_buckets) == len(a.op_seconds_bounds) + 1:
+        yield histogram_family(
+            "qpc_store_op_seconds",
+            "store worker time per operation (one job or one group commit)",
+            a.op_seconds_bounds,
+            a.op_seconds_buckets,
+            a.op_seconds_sum,
+        )
+
+
+class NodeMetrics:
+    """The metrics of one node: its registry, the RPC observer, readiness, a snapshot."""
+
+    def __init__(self, node: NodeView, *, process: bool = True) -> None:
+        self._node = node
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.mailbox_totals: MailboxTotalsLike | None = None
+        self._refreshed_at: float | None = None
+        self._calls = Counter(
+            "qpc_rpc_calls",
+            "dispatched calls by method and status",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "qpc_rpc_call_seconds",
+            "time from decoded request to answer, by method",
+            ["method"],
+            buckets=CALL_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(NodeCollector(self))
+        if process:  # RSS, CPU, open fds of this process (from /proc; nothing elsewhere)
+            ProcessCollector(registry=self.registry)
+
+    # -- wiring -------------------------------------------------------------------
+
+    def source(self, name: str) -> Any:
+        """The node's attribute ``name`` or None (not built yet / not on this node)."""
+        return getattr(self._node, name, None)
+
+    def register(self, collector: Collector) -> None:
+        """The seam for later layers: discovery peers, gossip sends/duplicates,
+        store-and-forward queue depth and expiries register their own collector here
+        (one family per number, read from their statistics() in ``collect``)."""
+        self.registry.register(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        self.registry.unregister(collector)
+
+    def observe_call(self, method: str, status: str, seconds: float) -> None:
+        """RpcServer observer: ``RpcServer(..., observer=metrics.observe_call)``."""
+        self._calls.labels(method, status).inc()
+        self._latency.labels(method).observe(seconds)
+
+    # -- reading ------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Store open, endpoint serving, not draining (/readyz)."""
+        store = self.source("store")
+        return bool(self._node.serving()) and store is not None and bool(store.is_open)
+
+    async def refresh(self) -> None:
+        """Update what needs a store query (mailbox totals), at most once a second."""
+        store: StoreSource | None = self.source("store")
+        now = trio.current_time()
+        if store is None or not store.is_open:
+            return
+        if self._refreshed_at is not None and now - self._refreshed_at < MAILBOX_REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+        with trio.move_on_after(MAILBOX_REFRESH_TIMEOUT):
+            try:
+                self.mailbox_totals = await store.mailbox_totals()
+            except QpcError:  # closed under us (draining): keep the last totals
+                return
+
+    def exposition(self) -> bytes:
+        """Prometheus text format of everything registered."""
+        return generate_latest(self.registry)
+
+    def samples(self, *, buckets: bool = False) -> list[Sample]:
+        """Flat samples (no ``_created``; no ``_bucket`` unless asked)."""
+        out: list[Sample] = []
+        for family in self.registry.collect():
+            for s in family.samples:
+                if s.name.endswith("_created") or (s.name.endswith("_bucket") and not buckets):
+                    continue
+                out.append(Sample(s.name, tuple(sorted(s.labels.items())), float(s.value)))
+        return out
+
+    async def snapshot(self, *, buckets: bool = False) -> list[Sample]:
+        await self.refresh()
+        return self.samples(buckets=buckets)
+
+
+def format_stats(samples: Iterable[Sample]) -> str:
+    """Human lines for the REPL's ``/stats``: the same numbers as /metrics.
+
+    A histogram's ``_count``/``_sum`` pair becomes one line with the mean; buckets
+    (if present) are left out.
+    """
+    rows: list[tuple[str, str]] = []
+    sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    listed = [s for s in samples if not s.name.endswith("_bucket")]
+    for s in listed:
+        if s.name.endswith("_sum"):
+            sums[(s.name.removesuffix("_sum"), s.labels)] = s.value
+    for s in listed:
+        base = s.name.removesuffix("_count")
+        if s.name.endswith("_sum") and (s.name.removesuffix("_sum"), s.labels) in sums:
+            continue
+        label = ",".join(f"{k}={v}" for k, v in s.labels)
+        braces = f"{{{label}}}" if label else ""
+        if s.name.endswith("_count") and (base, s.labels) in sums:
+            total = sums[(base, s.labels)]
+            mean = total / s.value if s.value else 0.0
+            key = base.removeprefix("qpc_") + braces
+            rows.append((key, f"n={_num(s.value)} mean={mean * 1000:.2f}ms"))
+        else:
+            rows.append((s.name.removeprefix("qpc_") + braces, _num(s.value)))
+    if not rows:
+        return "(no statistics)"
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value.is_integer() else f"{value:.6g}"

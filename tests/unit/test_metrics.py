@@ -1,0 +1,412 @@
+"""The node's metrics collector and the tiny HTTP server, with fake statistics."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
+
+from qpc_node.ops.http import (
+    BadRequest,
+    HttpServer,
+    Response,
+    metrics_routes,
+    parse_request_head,
+)
+from qpc_node.ops.metrics import NodeMetrics, Sample, format_stats, histogram_family
+from qpc_node.store.errors import StoreClosed
+
+
+@dataclass
+class FakeStore:
+    open: bool = True
+    totals: Any = field(default_factory=lambda: SimpleNamespace(mailboxes=2, messages=5, bytes=900))
+    queries: int = 0
+    fail: bool = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.open
+
+    def statistics(self) -> Any:
+        counters = SimpleNamespace(
+            transactions=7,
+            enqueued=5,
+            duplicates=1,
+            fetched=3,
+            acked=2,
+            expired_messages=4,
+            quota_rejections=0,
+            keypackages_uploaded=6,
+            keypackages_served=1,
+        )
+        return SimpleNamespace(
+            store=counters,
+            queued=0,
+            jobs=9,
+            group_commits=1,
+            op_seconds_bounds=(0.001, 0.01),
+            op_seconds_buckets=(3, 5, 1),
+            op_seconds_sum=0.25,
+        )
+
+    async def mailbox_totals(self) -> Any:
+        self.queries += 1
+        if self.fail:
+            raise StoreClosed("closed")
+        return self.totals
+
+
+class FakeNode:
+    def __init__(self, **sources: Any) -> None:
+        self.is_serving = True
+        for name, value in sources.items():
+            setattr(self, name, value)
+
+    def serving(self) -> bool:
+        return self.is_serving
+
+
+def rpc_source() -> Any:
+    stats = SimpleNamespace(
+        connections=3,
+        streams=11,
+        active_calls=1,
+        refused_calls=0,
+        peer_resets=2,
+        protocol_errors=1,
+        internal_errors=0,
+        buffered_bytes=64,
+        statuses=Counter({"OK": 9, "UNAUTHENTICATED": 2}),
+    )
+    return SimpleNamespace(statistics=lambda: stats)
+
+
+def parse(metrics: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_collector_reads_statistics_at_scrape_time() -> None:
+    store = FakeStore()
+    node = FakeNode(
+        store=store,
+        rpc=rpc_source(),
+        guard=SimpleNamespace(refused=4),
+        auth=SimpleNamespace(
+            book=SimpleNamespace(statistics=lambda: {"issued": 3, "verified": 2, "failed": 1})
+        ),
+    )
+    m = NodeMetrics(node, process=False)
+    await m.refresh()
+    got = parse(m)
+    assert got[("qpc_node_ready", ())] == 1
+    assert got[("qpc_rpc_streams_total", ())] == 11
+    assert got[("qpc_rpc_responses_total", (("status", "UNAUTHENTICATED"),))] == 2
+    assert got[("qpc_rate_limit_hits_total", ())] == 4
+    assert got[("qpc_auth_handshakes_total", (("result", "failed"),))] == 1
+    assert got[("qpc_store_expired_messages_total", ())] == 4
+    assert got[("qpc_mailbox_messages", ())] == 5 and got[("qpc_mailbox_bytes", ())] == 900
+    # Cumulative buckets from the store's per-bucket counts.
+    assert got[("qpc_store_op_seconds_bucket", (("le", "0.001"),))] == 3
+    assert got[("qpc_store_op_seconds_bucket", (("le", "0.01"),))] == 8
+    assert got[("qpc_store_op_seconds_bucket", (("le", "+Inf"),))] == 9
+    assert got[("qpc_store_op_seconds_count", ())] == 9
+    # Pulled, not copied: a later change shows in the next scrape.
+    node.guard.refused = 10
+    assert parse(m)[("qpc_rate_limit_hits_total", ())] == 10
+
+
+async def test_absent_sources_are_not_exported_as_zeros() -> None:
+    m = NodeMetrics(FakeNode(), process=False)
+    await m.refresh()
+    names = {name for name, _ in parse(m)}
+    assert names == {"qpc_node_ready"}  # nothing of endpoint, store, rpc, mailboxes
+    assert not m.ready()  # no store: not ready
+
+
+async def test_observer_counts_calls_and_latency_per_method() -> None:
+    m = NodeMetrics(FakeNode(), process=False)
+    for seconds in (0.002, 0.004, 0.2):
+        m.observe_call("qpc.v1.Delivery/Enqueue", "OK", seconds)
+    m.observe_call("qpc.v1.Delivery/Enqueue", "RESOURCE_EXHAUSTED", 0.001)
+    got = parse(m)
+    enq = ("method", "qpc.v1.Delivery/Enqueue")
+    assert got[("qpc_rpc_calls_total", (enq, ("status", "OK")))] == 3
+    assert got[("qpc_rpc_calls_total", (enq, ("status", "RESOURCE_EXHAUSTED")))] == 1
+    assert got[("qpc_rpc_call_seconds_count", (enq,))] == 4
+    assert got[("qpc_rpc_call_seconds_bucket", (("le", "0.005"), enq))] == 3
+    assert got[("qpc_rpc_call_seconds_sum", (enq,))] == pytest.approx(0.207)
+
+
+async def test_two_nodes_in_one_process_do_not_collide() -> None:
+    a = NodeMetrics(FakeNode(), process=True)
+    b = NodeMetrics(FakeNode(), process=True)
+    a.observe_call("m", "OK", 0.01)
+    assert ("qpc_rpc_calls_total", (("method", "m"), ("status", "OK"))) in parse(a)
+    assert not any(name == "qpc_rpc_calls_total" for name, _ in parse(b))
+
+
+async def test_ready_follows_serving_and_store() -> None:
+    store = FakeStore()
+    node = FakeNode(store=store)
+    m = NodeMetrics(node, process=False)
+    assert m.ready()
+    node.is_serving = False  # draining
+    assert not m.ready()
+    node.is_serving = True
+    store.open = False
+    assert not m.ready()
+
+
+async def test_mailbox_refresh_is_rate_limited_and_survives_a_closed_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FakeStore()
+    m = NodeMetrics(FakeNode(store=store), process=False)
+    await m.refresh()
+    await m.refresh()
+    assert store.queries == 1  # scrapes in the same second share one query
+    await trio.sleep(1.5)
+    store.fail = True
+    await m.refresh()
+    assert store.queries == 2
+    assert m.mailbox_totals is not None and m.mailbox_totals.messages == 5  # last totals stand
+
+
+async def test_registration_seam_for_later_layers() -> None:
+    from prometheus_client.core import GaugeMetricFamily
+
+    class GossipCollector:
+        def collect(self) -> Any:
+            yield GaugeMetricFamily("qpc_discovery_peers", "peers", value=3)
+
+    m = NodeMetrics(FakeNode(), process=False)
+    c = GossipCollector()
+    m.register(c)
+    assert parse(m)[("qpc_discovery_peers", ())] == 3
+    m.unregister(c)
+    assert ("qpc_discovery_peers", ()) not in parse(m)
+
+
+async def test_snapshot_and_format_stats() -> None:
+    m = NodeMetrics(FakeNode(store=FakeStore(), rpc=rpc_source()), process=False)
+    m.observe_call("qpc.v1.Delivery/Fetch", "OK", 0.010)
+    m.observe_call("qpc.v1.Delivery/Fetch", "OK", 0.030)
+    samples = await m.snapshot()
+    assert not any(s.name.endswith(("_bucket", "_created")) for s in samples)
+    assert any(s.name.endswith("_bucket") for s in await m.snapshot(buckets=True))
+    text = format_stats(samples)
+    assert re.search(
+        r"^rpc_call_seconds\{method=qpc.v1.Delivery/Fetch\} +n=2 mean=20.00ms$", text, re.M
+    )
+    assert "mailbox_messages" in text and "rpc_streams_total" in text
+    assert "_sum" not in text  # folded into the mean
+    assert format_stats([]) == "(no statistics)"
+    assert format_stats([Sample("x", (), 0.5)]).endswith("0.5")
+
+
+def test_histogram_family_checks_its_shape() -> None:
+    with pytest.raises(ValueError, match="counts"):
+        histogram_family("h", "doc", (1.0,), (1,), 0.0)
+
+
+# -- HTTP -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /metrics", 400),
+        (b"GET  /metrics HTTP/1.1", 400),
+        (b"GET http://x/metrics HTTP/1.1", 400),
+        (b"G(T /metrics HTTP/1.1", 400),
+        (b"GET /metrics HTTP/2.0", 505),
+        (b"GET /metrics HTTX/1.1", 400),
+        (b"GET /metrics HTTP/1.1\r\nno-colon", 400),
+        (b"GET /metrics HTTP/1.1\r\n folded: x", 400),
+        (b"GET /m\xff HTTP/1.1", 400),
+        (b"GET /metrics HTTP/1.1\r\nX: a\x00b", 400),
+    ],
+)
+def test_parser_refuses_malformed_heads(head: bytes, status: int) -> None:
+    with pytest.raises(BadRequest) as ei:
+        parse_request_head(head)
+    assert ei.value.status == status
+
+
+def test_parser_accepts_a_normal_request() -> None:
+    r = parse_request_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: 127.0.0.1:9201\r\nAccept: */*")
+    assert (r.method, r.path) == ("GET", "/metrics")
+
+
+async def exchange(server: HttpServer, data: bytes, *, eof: bool = True) -> bytes:
+    """Run one connection of ``server`` over an in-memory stream pair."""
+    client, srv = trio.testing.memory_stream_pair()
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, srv)
+        await client.send_all(data)
+        if eof:
+            await client.send_eof()
+        for _ in range(1000):  # bounded: the server closes after its answer
+            chunk = await client.receive_some(65536)
+            if not chunk:
+                break
+            got += chunk
+    return bytes(got)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_routes_and_readiness_over_a_stream() -> None:
+    store = FakeStore()
+    node = FakeNode(store=store, rpc=rpc_source())
+    m = NodeMetrics(node, process=False)
+    server = HttpServer(metrics_routes(m))
+    ok = await exchange(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(ok) == 200 and b"qpc_rpc_streams_total 11.0" in ok
+    assert b"Connection: close" in ok
+    assert status_of(await exchange(server, b"GET /healthz HTTP/1.0\r\n\r\n")) == 200
+    assert status_of(await exchange(server, b"GET /readyz HTTP/1.1\r\n\r\n")) == 200
+    node.is_serving = False
+    assert status_of(await exchange(server, b"GET /readyz HTTP/1.1\r\n\r\n")) == 503
+    assert status_of(await exchange(server, b"GET /healthz HTTP/1.1\r\n\r\n")) == 200
+    assert status_of(await exchange(server, b"GET /nope HTTP/1.1\r\n\r\n")) == 404
+    post = await exchange(server, b"POST /metrics HTTP/1.1\r\n\r\n")
+    assert status_of(post) == 405 and b"Allow: GET, HEAD" in post
+    head = await exchange(server, b"HEAD /healthz HTTP/1.1\r\n\r\n")
+    assert status_of(head) == 200 and head.endswith(b"\r\n\r\n")  # no body
+
+
+async def test_bad_bytes_oversize_and_slow_clients(autojump_clock: trio.testing.MockClock) -> None:
+    async def ok() -> Response:
+        return Response(200, b"ok\n")
+
+    server = HttpServer({"/": ok}, max_request_bytes=1024, timeout=5.0)
+    assert status_of(await exchange(server, b"\x16\x03\x01garbage\r\n\r\n")) == 400
+    assert status_of(await exchange(server, b"GET / HTTP/1.1\r\n")) == 400  # EOF mid-head
+    big = b"GET / HTTP/1.1\r\nX: " + b"a" * 4096 + b"\r\n\r\n"
+    assert status_of(await exchange(server, big)) == 431
+    slow = await exchange(server, b"GET / HTTP/1.1\r\n", eof=False)  # never finishes
+    assert status_of(slow) == 408
+    assert status_of(await exchange(server, b"GET / HTTP/1.1\r\n\r\n")) == 200
+    s = server.statistics()
+    assert (s.bad_requests, s.timeouts, s.responses) == (3, 1, 5)
+
+
+async def test_connections_beyond_the_cap_get_503() -> None:
+    gate = trio.Event()
+
+    async def slow() -> Response:
+        await gate.wait()
+        return Response(200)
+
+    server = HttpServer({"/": slow}, max_connections=1)
+    async with trio.open_nursery() as nursery:
+        client, srv = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.handle, srv)
+        await client.send_all(b"GET / HTTP/1.1\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert status_of(await exchange(server, b"GET / HTTP/1.1\r\n\r\n")) == 503
+        gate.set()
+        assert status_of(await client.receive_some(65536)) == 200
+    assert server.statistics().refused_busy == 1
+
+
+async def test_client_that_vanishes_does_not_escape() -> None:
+    async def ok() -> Response:
+        return Response(200, b"x" * 100_000)
+
+    server = HttpServer({"/": ok})
+    client, srv = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, srv)
+        await client.send_all(b"GET / HTTP/1.1\r\n\r\n")
+        await client.aclose()  # gone before the answer
+    assert server.statistics().client_gone == 1
+
+
+# -- the RPC observer hook and the Stats method ---------------------------------------
+
+
+async def test_rpc_observer_and_stats_method(nursery: trio.Nursery) -> None:
+    from google.protobuf.wrappers_pb2 import BytesValue
+
+    from qpc_node.errors import QpcError, StatusCode
+    from qpc_node.rpc import CallContext, MethodTable, RpcClient, RpcError, RpcServer
+    from qpc_node.rpc.inmemory import MemoryConnection
+    from qpc_node.service.guard import Guard
+    from qpc_node.service.ratelimit import TokenBucketLimiter
+    from qpc_node.service.stats import STATS_METHOD, StatsService, samples_from_proto
+    from qpc_node.wire.gen.qpc.v1 import ops_pb2
+
+    async def echo(req: BytesValue, ctx: CallContext) -> BytesValue:
+        return req
+
+    async def denied(req: BytesValue, ctx: CallContext) -> BytesValue:
+        raise QpcError("no", code=StatusCode.PERMISSION_DENIED)
+
+    seen: list[tuple[str, str]] = []
+    node = FakeNode(store=FakeStore())
+    metrics = NodeMetrics(node, process=False)
+
+    def observe(method: str, status: str, seconds: float) -> None:
+        assert seconds >= 0
+        seen.append((method, status))
+        metrics.observe_call(method, status, seconds)
+
+    audit: list[Any] = []
+    guard = Guard(
+        per_ip=TokenBucketLimiter[str](rate=100, burst=100),
+        per_identity=TokenBucketLimiter[str](rate=100, burst=100),
+        audit=audit.append,
+        wall_ms=lambda: 0,
+    )
+    table = MethodTable()
+    table.register("t.echo", BytesValue, BytesValue, echo)
+    table.register("t.denied", BytesValue, BytesValue, denied)
+    StatsService(metrics.snapshot, guard).register(table)
+    server = RpcServer(table, observer=observe)
+    node.rpc = server
+    conn = MemoryConnection(server, nursery)
+    client = RpcClient(conn.open_stream, retry_policy=None)
+
+    await client.call("t.echo", BytesValue(value=b"x"), BytesValue)
+    with pytest.raises(RpcError):
+        await client.call("t.denied", BytesValue(), BytesValue)
+    with pytest.raises(RpcError):
+        await client.call("t.nonexistent", BytesValue(), BytesValue)  # not a label value
+    with pytest.raises(RpcError) as ei:
+        await client.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
+    assert ei.value.code == StatusCode.UNAUTHENTICATED
+    assert seen == [
+        ("t.echo", "OK"),
+        ("t.denied", "PERMISSION_DENIED"),
+        (STATS_METHOD, "UNAUTHENTICATED"),
+    ]
+
+    user = bytes(range(32))
+    conn.state.session.user = user
+    resp = await client.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
+    samples = {(s.name, s.labels): s.value for s in samples_from_proto(resp)}
+    assert samples[("qpc_rpc_calls_total", (("method", "t.echo"), ("status", "OK")))] == 1
+    assert samples[("qpc_rpc_responses_total", (("status", "UNIMPLEMENTED"),))] == 1
+    assert samples[("qpc_mailbox_messages", ())] == 5
+    assert not any(name.endswith("_bucket") for name, _ in samples)
+    wire = resp.SerializeToString()
+    assert (
+        user not in wire and user.hex().encode() not in wire and user[:4].hex().encode() not in wire
+    )
