@@ -6,14 +6,14 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from qpc_node import __version__
-from qpc_node.errors import QpcError
+from qpc_node.errors import ConfigError, QpcError
 
 if TYPE_CHECKING:
     from qpc_node.ops.config import Config
@@ -63,9 +63,14 @@ def _load_cfg(args: argparse.Namespace) -> Config:
     return load_config(cfg_path, overrides={"node": node, "log": log})
 
 
-async def _until_signalled(nursery: trio.Nursery) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
+async def _until_signalled(nursery: trio.Nursery, on_hup: Callable[[], None] | None = None) -> None:
+    """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for sig in signals:
+            if sig == signal.SIGHUP:
+                if on_hup is not None:
+                    on_hup()
+                continue
             nursery.cancel_scope.cancel()
             return
 
@@ -85,7 +90,18 @@ def _cmd_node(args: argparse.Namespace) -> int:
                 f"qpc node listening on {info.host}:{info.port} pin={info.cert_fingerprint}",
                 flush=True,
             )
-            nursery.start_soon(_until_signalled, nursery)
+            nursery.start_soon(_until_signalled, nursery, reload)
+
+    def reload() -> None:
+        from qpc_node.ops.log import get_logger
+
+        try:
+            restart = node.reload(_load_cfg(args))
+        except ConfigError as exc:
+            get_logger("qpc.cli").error("config reload refused; keeping the old one: %s", exc)
+            return
+        if restart:
+            print(f"reloaded; restart needed for: {', '.join(restart)}", flush=True)
 
     trio.run(main)
     return 0
@@ -158,6 +174,50 @@ def _cmd_default(args: argparse.Namespace) -> int:
     return trio.run(main)
 
 
+def _backup_passphrase(confirm: bool) -> str:
+    pw = os.environ.get("QPC_BACKUP_PASSPHRASE")
+    if pw:
+        return pw
+    if not sys.stdin.isatty():
+        raise ConfigError("set QPC_BACKUP_PASSPHRASE (no terminal to ask on)")
+    import getpass
+
+    pw = getpass.getpass("backup passphrase: ")
+    if confirm and getpass.getpass("again: ") != pw:
+        raise ConfigError("passphrases differ")
+    if len(pw) < 8:
+        raise ConfigError("use a backup passphrase of at least 8 characters")
+    return pw
+
+
+def _node_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    from qpc_node.node import resolve_dirs
+
+    return resolve_dirs(_load_cfg(args), default_data_dir() / "node")
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from qpc_node.ops.backup import create_backup
+
+    data, keys = _node_dirs(args)
+    size = create_backup(data, keys, Path(args.file), _backup_passphrase(confirm=True))
+    print(f"backup written to {args.file} ({size} bytes, encrypted)")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from qpc_node.ops.backup import restore_backup
+
+    data, keys = _node_dirs(args)
+    manifest = restore_backup(
+        Path(args.file), data, keys, _backup_passphrase(confirm=False), force=args.force
+    )
+    print(
+        f"restored node {str(manifest.get('cert', ''))[:16]}… into {data}; previous files kept as *.old"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpc", description="quicprochat mesh messenger node")
     sub = p.add_subparsers(dest="command")
@@ -176,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--config", help="TOML config file")
     n.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     n.set_defaults(func=_cmd_node)
+
+    for name, fn, text in (
+        ("backup", _cmd_backup, "write an encrypted backup of the node (database + keys)"),
+        ("restore", _cmd_restore, "restore a node from a backup (node must be stopped)"),
+    ):
+        b = sub.add_parser(name, help=text)
+        b.add_argument("file")
+        b.add_argument("--data", help="node data dir")
+        b.add_argument("--config", help="TOML config file")
+        if name == "restore":
+            b.add_argument("--force", action="store_true", help="replace another node's keys")
+        b.set_defaults(func=fn)
 
     r = sub.add_parser("repl", help="attach a REPL to a node")
     r.add_argument("--server", default="127.0.0.1:4201", help="HOST:PORT of the node")

@@ -18,8 +18,9 @@ import trio
 from qpc_node import __version__
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, parse_hostport
-from qpc_node.ops.log import get_logger
-from qpc_node.quic import Connection, QuicStream, open_endpoint
+from qpc_node.ops.lockfile import DataDirLock
+from qpc_node.ops.log import get_logger, setup_logging
+from qpc_node.quic import Connection, Endpoint, QuicStream, open_endpoint
 from qpc_node.quic.settings import AdmissionLimits
 from qpc_node.quic.tls import ServerTLS, load_or_create_node_credentials
 from qpc_node.rpc import HealthService, MethodTable, PeerInfo, RpcServer, ServerConfig
@@ -30,7 +31,7 @@ from qpc_node.service.delivery import DeliveryService
 from qpc_node.service.directory import DirectoryService
 from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
-from qpc_node.store import AsyncStore, StoreLimits
+from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 
 log = get_logger("qpc.node")
 
@@ -70,6 +71,7 @@ class Node:
         self.rpc: RpcServer | None = None
         self.delivery: DeliveryService | None = None
         self.audit: AuditSink | None = None
+        self._guard: Guard | None = None
 
     def serving(self) -> bool:
         return self._serving
@@ -77,7 +79,7 @@ class Node:
     def _build(self, store: AsyncStore, cert_fpr: bytes) -> RpcServer:
         lim = self.cfg.limits
         audit = self.audit = AuditSink(store)
-        guard = Guard(
+        guard = self._guard = Guard(
             per_ip=TokenBucketLimiter[str](rate=lim.rate_per_second, burst=lim.rate_burst),
             per_identity=TokenBucketLimiter[str](rate=lim.rate_per_second, burst=lim.rate_burst),
             audit=audit,
@@ -129,8 +131,11 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        with DataDirLock(self.data_dir):
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[NodeInfo]) -> None:
         lim = self.cfg.limits
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         creds = load_or_create_node_credentials(self.key_dir)
         host, port = parse_hostport(self.cfg.node.listen)
         store = await AsyncStore.open(
@@ -167,10 +172,39 @@ class Node:
                 try:
                     await trio.sleep_forever()
                 finally:
-                    self._serving = False
                     with trio.CancelScope(shield=True):
-                        await ep.close(grace=5.0)
+                        await self._drain(ep)
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+
+    async def _drain(self, ep: Endpoint) -> None:
+        """Not ready, release parked long-polls, let running calls finish, then close."""
+        self._serving = False
+        grace = self.cfg.node.drain_grace_s
+        log.info("draining", extra={"grace_s": grace})
+        if self.delivery is not None:
+            self.delivery.begin_drain()
+        await ep.close(grace=grace, reason="node shutting down")
+
+    def reload(self, cfg: Config) -> list[str]:
+        """Apply what can change live (log level, rate limits); return what needs a restart."""
+        if self._guard is not None:
+            self._guard.set_rate(cfg.limits.rate_per_second, cfg.limits.rate_burst)
+        setup_logging(cfg.log.level, cfg.log.format)
+        restart = [
+            key
+            for key, old, new in (
+                ("node.listen", self.cfg.node.listen, cfg.node.listen),
+                ("node.data_dir", self.cfg.node.data_dir, cfg.node.data_dir),
+                ("node.key_dir", self.cfg.node.key_dir, cfg.node.key_dir),
+                ("limits.max_payload", self.cfg.limits.max_payload, cfg.limits.max_payload),
+            )
+            if old != new
+        ]
+        self.cfg = cfg
+        if self.audit is not None:
+            self.audit(AuditEvent(self._wall_ms(), "config.reload", "", {"needs_restart": restart}))
+        log.info("config reloaded", extra={"needs_restart": ",".join(restart)})
+        return restart

@@ -54,9 +54,13 @@ class NodeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     data_dir: str = ""
     key_dir: str = ""
     production: bool = False
+    # SIGTERM: seconds running calls get to finish before connections close.
+    drain_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen)
+        if not 0 <= self.drain_grace_s <= 300:
+            raise ValueError("drain_grace_s must be within 0..300")
 
 
 class LogSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -43,6 +43,11 @@ class Waiters:
             ev = self._events[recipient] = trio.Event()
         return ev
 
+    def wake_all(self) -> None:
+        for ev in self._events.values():
+            ev.set()
+        self._events.clear()
+
     def notify(self, recipient: bytes) -> None:
         ev = self._events.pop(recipient, None)
         if ev is not None:
@@ -72,7 +77,13 @@ class DeliveryService:
         self._wall_ms = wall_ms
         self._max_wait = max_wait
         self.waiters = Waiters()
+        self._draining = False
         self._known: set[bytes] = set()
+
+    def begin_drain(self) -> None:
+        """Answer parked long-polls now and park no more (the node is stopping)."""
+        self._draining = True
+        self.waiters.wake_all()
 
     async def mark_local(self, user: bytes) -> None:
         """Record that ``user`` is homed here (proved its key to this node)."""
@@ -140,13 +151,13 @@ class DeliveryService:
         limit = min(req.limit or 64, MAX_FETCH)
         wait = min(req.wait_ms / 1000.0, self._max_wait, max(ctx.time_remaining() - 1.0, 0.0))
         res = await self._fetch(user, req.after_seq, limit)
-        if not res.messages and wait > 0:
+        if not res.messages and wait > 0 and not self._draining:
             with trio.move_on_after(wait):
                 while True:
                     # Take the event before re-reading, so a commit in between still wakes us.
                     ev = self.waiters.event(user)
                     res = await self._fetch(user, req.after_seq, limit)
-                    if res.messages:
+                    if res.messages or self._draining:
                         break
                     await ev.wait()
         return service_pb2.FetchResponse(

@@ -33,6 +33,9 @@ class RateLimited(QpcError):
 
 
 class Limiter(Protocol):
+    rate: float
+    burst: float
+
     def allow(self, key: str, now: float) -> bool: ...
 
 
@@ -59,6 +62,11 @@ class Guard:
         self._audit = audit
         self.wall_ms = wall_ms
         self.refused = 0
+
+    def set_rate(self, rate: float, burst: float) -> None:
+        """Live reload (SIGHUP): new limits apply from the next refill."""
+        for lim in (self._per_ip, self._per_identity):
+            lim.rate, lim.burst = rate, burst
 
     def check(self, ctx: CallContext, *, auth: bool = True) -> bytes:
         """Apply limits; with ``auth`` also require a proven identity and return it."""
