@@ -110,6 +110,9 @@ def _cmd_node(args: argparse.Namespace) -> int:
 def _cmd_repl(args: argparse.Namespace) -> int:
     from qpc_node.ops.config import parse_hostport
 
+    from qpc_node.ops.log import setup_logging
+
+    setup_logging(os.environ.get("QPC_LOG", "warning"))
     host, port = parse_hostport(args.server)
     lines: list[str] | None = None
     if args.script is not None:

@@ -102,15 +102,21 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "kv", stream: TextIO | None = None) -> None:
-    """Configure the ``qpc`` logger tree (idempotent: replaces our handler)."""
-    root = logging.getLogger("qpc")
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    """Configure our logger trees (idempotent: replaces our handler).
+
+    ``qpc`` is where :func:`get_logger` puts loggers; modules that use
+    ``logging.getLogger(__name__)`` live under ``qpc_node``. Both get the same
+    redacting handler, so no line of ours escapes redaction.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KvFormatter())
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name in ("qpc", "qpc_node"):
+        root = logging.getLogger(name)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        root.addHandler(handler)
+        root.setLevel(level.upper())
+        root.propagate = False
 
 
 def get_logger(name: str) -> logging.Logger:

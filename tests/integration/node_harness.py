@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -67,25 +68,24 @@ async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
     return got
 
 
+async def _spawn(data: Path, env: dict[str, str], log: BinaryIO | None) -> trio.Process:
+    argv = [sys.executable, "-m", "qpc_node.cli", "node", "--listen", "127.0.0.1:0"]
+    return await trio.lowlevel.open_process(
+        [*argv, "--data", str(data)], stdout=subprocess.PIPE, stderr=log, env=env
+    )
+
+
 async def start_node_process(
-    data: Path, extra_env: dict[str, str] | None = None
+    data: Path, extra_env: dict[str, str] | None = None, log_file: Path | None = None
 ) -> tuple[trio.Process, NodeInfo]:
     """``qpc node`` as a real process; returns it and what it announced."""
     env = dict(os.environ, **(extra_env or {}))
-    proc = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "qpc_node.cli",
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            str(data),
-        ],
-        stdout=subprocess.PIPE,
-        env=env,
-    )
+    log = log_file.open("ab") if log_file is not None else None
+    try:
+        proc = await _spawn(data, env, log)
+    finally:
+        if log is not None:
+            log.close()  # the child holds its own copy of the descriptor
     assert proc.stdout is not None
     buf = b""
     with trio.fail_after(30):
