@@ -109,7 +109,6 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def _cmd_repl(args: argparse.Namespace) -> int:
     from qpc_node.ops.config import parse_hostport
-
     from qpc_node.ops.log import setup_logging
 
     setup_logging(os.environ.get("QPC_LOG", "warning"))
@@ -118,7 +117,23 @@ def _cmd_repl(args: argparse.Namespace) -> int:
     if args.script is not None:
         text = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
         lines = text.splitlines()
-    return trio.run(_repl_main, Path(args.data), host, port, args.pin, lines)
+    pin = args.pin or _local_node_pin(Path(args.data))
+    return trio.run(_repl_main, Path(args.data), host, port, pin, lines)
+
+
+def _local_node_pin(user_data: Path) -> str | None:
+    """No --pin and none remembered: trust the certificate of *our own* local node.
+
+    The key dir is on this machine and ours, so this is not trust on first use of
+    a remote party; a remote node always needs --pin once.
+    """
+    from qpc_node.client.connect import remembered_pin
+    from qpc_node.node import KEYS_SUBDIR
+    from qpc_node.ops.backup import node_cert_fingerprint
+
+    if remembered_pin(user_data):
+        return None
+    return node_cert_fingerprint(default_data_dir() / "node" / KEYS_SUBDIR) or None
 
 
 async def _repl_main(

@@ -116,7 +116,11 @@ def create_backup(data_dir: Path, key_dir: Path, out: Path, passphrase: str) -> 
             info = backup_to(src, work / DB_NAME)
         finally:
             src.close()
-        manifest = {"format": 1, "schema": info.schema_version, "cert": _cert_fpr(key_dir)}
+        manifest = {
+            "format": 1,
+            "schema": info.schema_version,
+            "cert": node_cert_fingerprint(key_dir),
+        }
         tar_path = work / "backup.tar"
         with tarfile.open(tar_path, "w") as tar:
             tar.add(work / DB_NAME, DB_NAME)
@@ -130,7 +134,8 @@ def create_backup(data_dir: Path, key_dir: Path, out: Path, passphrase: str) -> 
     return out.stat().st_size
 
 
-def _cert_fpr(key_dir: Path) -> str:
+def node_cert_fingerprint(key_dir: Path) -> str:
+    """Fingerprint of the node certificate in ``key_dir`` ("" when there is none)."""
     cert = key_dir / CERT_FILE
     if not cert.exists():
         return ""
@@ -159,7 +164,7 @@ def restore_backup(
         except (OSError, ValueError) as exc:
             raise BackupCorrupt(f"backup has no valid manifest: {exc}") from None
         verify_file(out / DB_NAME)
-        here = _cert_fpr(key_dir)
+        here = node_cert_fingerprint(key_dir)
         if here and manifest.get("cert") and here != manifest["cert"] and not force:
             raise ForeignBackup(
                 f"backup is of node {str(manifest['cert'])[:16]}…, these keys are {here[:16]}…;"
