@@ -34,6 +34,9 @@ from qpc_node.store.records import (
     SweepResult,
 )
 
+SEQ_MAX = 2**63 - 1
+"""Largest SQLite INTEGER; seqs from the wire (uint64) are clamped to it."""
+
 
 def validate_envelopes(envelopes: Sequence[Envelope], now_ms: int, limits: StoreLimits) -> None:
     """Refuse the whole batch on the first bad envelope, before touching the database."""
@@ -166,6 +169,8 @@ def fetch(
     check_fingerprint(recipient)
     if limit < 1 or max_bytes < 1 or after_seq < 0:
         raise InvalidRecord("fetch needs limit >= 1, max_bytes >= 1 and after_seq >= 0")
+    # Wire seqs are uint64, SQLite INTEGER is int64: no stored seq exceeds the clamp.
+    after_seq = min(after_seq, SEQ_MAX)
     last_seq = _mailbox_row(conn, recipient)[0]
     cursor = conn.execute(
         "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext FROM messages"
@@ -211,10 +216,12 @@ def ack(
             for r in conn.execute(
                 "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq <= ?"
                 " AND ciphertext IS NOT NULL RETURNING size",
-                (recipient, up_to_seq),
+                (recipient, min(up_to_seq, SEQ_MAX)),
             ).fetchall()
         ]
     for seq in sorted(set(seqs)):
+        if not 0 <= seq <= SEQ_MAX:
+            continue  # no such message can exist
         row = conn.execute(
             "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq = ?"
             " AND ciphertext IS NOT NULL RETURNING size",
