@@ -1,0 +1,223 @@
+"""What a user agent receives: padded payloads, Sealed wrappers, MLS messages, AppMessages.
+
+The "agent" environment is bob's real agent (real Identity, real ClientState
+in a tmp dir) after joining a group that alice (the committer) created; its
+RPC client has no node behind it, so a path that tried to call out would
+fail with a typed RpcError rather than touch a network. Inputs go through
+``Agent._handle`` -- the exact path ``Agent.receive`` runs for every fetched
+message -- which must drop what it cannot use and raise nothing untyped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qpc_node import crypto
+from qpc_node.client.agent import Agent, Incoming
+from qpc_node.client.state import AsyncClientState, ClientState
+from qpc_node.errors import QpcError
+from qpc_node.ops.clock import system_wall_ms
+from qpc_node.rpc.client import RetryPolicy, RpcClient
+from qpc_node.wire.envelope import pad
+from qpc_node.wire.gen.qpc.v1 import client_pb2
+from tests.fuzz.registry import Invariant, environment, register
+
+_C = client_pb2
+NODE_FPR = b"\x22" * 32
+
+
+@dataclass(slots=True)
+class AgentEnv:
+    agent: Agent
+    state: ClientState
+    alice: crypto.Identity
+    bob: crypto.Identity
+    group: crypto.Group  # alice's side of the group bob joined
+    alice_fpr: bytes
+    seq: int = 0
+
+
+async def _no_node() -> trio.abc.HalfCloseableStream:
+    raise trio.ClosedResourceError("the fuzz agent has no node")
+
+
+def _sealed(kind: int, gid: bytes, data: bytes) -> bytes:
+    return _C.Sealed(kind=kind, group_id=gid, data=data).SerializeToString()  # type: ignore[arg-type]
+
+
+@environment("agent")
+@contextlib.asynccontextmanager
+async def agent_env(tmp: Path) -> AsyncIterator[AgentEnv]:
+    alice = crypto.Identity.create(tmp / "alice", os.urandom(32), durable=False)
+    bob = crypto.Identity.create(tmp / "bob", os.urandom(32), durable=False)
+    (tmp / "bob-state").mkdir(exist_ok=True)
+    state = ClientState(tmp / "bob-state", os.urandom(32))
+    rpc = RpcClient(_no_node, retry_policy=RetryPolicy(max_attempts=1))
+    agent = Agent(
+        bob, AsyncClientState(state), rpc, node_cert_fingerprint=NODE_FPR, wall_ms=system_wall_ms
+    )
+    g = alice.create_group()
+    _commit, welcome = g.add([bob.key_package()])
+    a_fpr = bytes.fromhex(alice.fingerprint)
+    env = AgentEnv(agent, state, alice, bob, g, a_fpr)
+    gid = bytes(g.group_id)
+    if await agent._handle(0, pad(_sealed(_C.Sealed.WELCOME, gid, welcome))) is not None:
+        raise RuntimeError("welcome produced text")
+    info = _C.AppMessage(info=_C.GroupInfo(name="fuzz", direct=False, committer=a_fpr))
+    await agent._handle(
+        0, pad(_sealed(_C.Sealed.MLS_MESSAGE, gid, g.encrypt(info.SerializeToString())))
+    )
+    hello = _C.AppMessage(text="hello").SerializeToString()
+    got = await agent._handle(0, pad(_sealed(_C.Sealed.MLS_MESSAGE, gid, g.encrypt(hello))))
+    if not isinstance(got, Incoming) or got.text != "hello":
+        raise RuntimeError(f"agent setup failed: {got!r}")
+    try:
+        yield env
+    finally:
+        state.close()
+
+
+def _sealed_seeds(env: AgentEnv) -> list[bytes]:
+    g = env.group
+    gid = bytes(g.group_id)
+    app = [
+        _C.AppMessage(text="hi there", sent_ms=1),
+        _C.AppMessage(text=""),
+        _C.AppMessage(info=_C.GroupInfo(name="renamed", committer=env.alice_fpr)),
+        _C.AppMessage(leave=_C.LeaveRequest()),
+    ]
+    seeds = [_sealed(_C.Sealed.MLS_MESSAGE, gid, g.encrypt(m.SerializeToString())) for m in app]
+    # A second group of alice's: a Welcome for bob, then a commit he may not have seen.
+    g2 = env.alice.create_group()
+    commit, welcome = g2.add([env.bob.key_package()])
+    seeds.append(_sealed(_C.Sealed.WELCOME, bytes(g2.group_id), welcome))
+    seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, bytes(g2.group_id), g2.update()))
+    seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, gid, commit))  # commit of another group
+    seeds.append(_sealed(0, gid, b"\x00\x01"))
+    seeds.append(_sealed(7, b"", b""))
+    return seeds
+
+
+def handle_target(env: AgentEnv, wrap: Callable[[bytes], bytes]) -> Callable[[bytes], Any]:
+    async def run(data: bytes) -> str:
+        env.seq += 1
+        got = await env.agent._handle(env.seq, wrap(data))
+        return "text" if got is not None else "dropped"
+
+    return run
+
+
+def app_target(env: AgentEnv) -> Callable[[bytes], Any]:
+    """alice (a real member) encrypts arbitrary AppMessage bytes: content-level fuzzing."""
+    gid = bytes(env.group.group_id)
+
+    async def run(data: bytes) -> str:
+        env.seq += 1
+        ct = env.group.encrypt(data)
+        got = await env.agent._handle(env.seq, pad(_sealed(_C.Sealed.MLS_MESSAGE, gid, ct)))
+        try:
+            app = _C.AppMessage.FromString(data)
+        except Exception:
+            app = None
+        is_text = app is not None and app.WhichOneof("body") == "text"
+        if is_text and (got is None or app is None or got.text != app.text):
+            raise Invariant(f"a text from a member was lost: {got!r}")
+        return "text" if got is not None else "dropped"
+
+    return run
+
+
+register(
+    "client.payload",
+    env="agent",
+    seeds=lambda env: [pad(s) for s in _sealed_seeds(env)],
+    target=lambda env: handle_target(env, lambda d: d),
+    allowed=(QpcError,),
+    cost=2.0,
+)
+register(
+    "client.sealed",
+    env="agent",
+    seeds=_sealed_seeds,
+    target=lambda env: handle_target(env, pad),
+    allowed=(QpcError,),
+    cost=2.0,
+)
+register(
+    "client.app_message",
+    env="agent",
+    seeds=lambda env: [
+        m.SerializeToString()
+        for m in (
+            _C.AppMessage(text="hello \u00e9\U0001f600", sent_ms=2**64 - 1),
+            _C.AppMessage(info=_C.GroupInfo(name="g", direct=True, committer=env.alice_fpr)),
+            _C.AppMessage(info=_C.GroupInfo(name="x" * 80, committer=b"\0" * 32)),
+            _C.AppMessage(leave=_C.LeaveRequest()),
+        )
+    ],
+    target=app_target,
+    allowed=(QpcError,),
+    cost=3.0,
+)
+
+
+# -- the MLS core on its own (tests/unit/test_mls_fuzz.py runs 10k of these in CI;
+#    registered here so the long run covers them at scale) -----------------------------
+
+
+@dataclass(slots=True)
+class MlsEnv:
+    group: crypto.Group  # alice's
+    carol: crypto.Identity
+    seeds_process: list[bytes]
+    seeds_join: list[bytes]
+    seeds_kp: list[bytes]
+
+
+@environment("mls")
+@contextlib.asynccontextmanager
+async def mls_env(tmp: Path) -> AsyncIterator[MlsEnv]:
+    ids = [crypto.Identity.create(tmp / n, os.urandom(32), durable=False) for n in "abc"]
+    alice, bob, carol = ids
+    ga = alice.create_group()
+    commit, welcome = ga.add([bob.key_package()])
+    gb = bob.join(welcome)
+    gc = bob.create_group()
+    _c2, welcome_c = gc.add([carol.key_package()])
+    yield MlsEnv(
+        ga,
+        carol,
+        [gb.encrypt(b"application " * 8), gb.encrypt(b""), gb.update(), commit],
+        [welcome_c, welcome],
+        [carol.key_package(), bob.key_package(last_resort=True), alice.key_package()],
+    )
+
+
+register(
+    "mls.process",
+    env="mls",
+    seeds=lambda env: env.seeds_process,
+    target=lambda env: env.group.process,
+    allowed=(crypto.MlsError,),
+)
+register(
+    "mls.join",
+    env="mls",
+    seeds=lambda env: env.seeds_join,
+    target=lambda env: env.carol.join,
+    allowed=(crypto.MlsError,),
+)
+register(
+    "mls.key_package",
+    env="mls",
+    seeds=lambda env: env.seeds_kp,
+    target=lambda _env: crypto.inspect_key_package,
+    allowed=(crypto.MlsError,),
+)
