@@ -29,6 +29,11 @@ MAX_REQUEST_BYTES = 8 * 1024
 REQUEST_TIMEOUT = 5.0
 MAX_CONNECTIONS = 16
 RECEIVE_CHUNK = 4096
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 64 * 1024
+"""After answering, read and drop at most this much of what the client still sends
+before closing: closing on unread bytes makes the kernel send RST, which can destroy
+the answer (an error for an oversize request) before the client reads it."""
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
@@ -209,8 +214,22 @@ class HttpServer:
             await stream.send_all(data)
         if scope.cancelled_caught:
             self._stats.timeouts += 1
-        else:
-            self._stats.responses += 1
+            return
+        self._stats.responses += 1
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+            await _linger(stream)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Drain the client's leftovers, bounded in time and bytes (see LINGER_BYTES)."""
+    left = LINGER_BYTES
+    with trio.move_on_after(LINGER_SECONDS):
+        while left > 0:
+            data = await stream.receive_some(min(RECEIVE_CHUNK, left))
+            if not data:
+                return
+            left -= len(data)
 
 
 async def serve_http(

@@ -365,6 +365,9 @@ class NodeMetrics:
             buckets=CALL_SECONDS_BUCKETS,
             registry=self.registry,
         )
+        # Label children cached per (method, status): labels() takes a lock and
+        # validates on every call. Bounded: method names come from the method table.
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.registry.register(NodeCollector(self))
         if process:  # RSS, CPU, open fds of this process (from /proc; nothing elsewhere)
             ProcessCollector(registry=self.registry)
@@ -386,8 +389,12 @@ class NodeMetrics:
 
     def observe_call(self, method: str, status: str, seconds: float) -> None:
         """RpcServer observer: ``RpcServer(..., observer=metrics.observe_call)``."""
-        self._calls.labels(method, status).inc()
-        self._latency.labels(method).observe(seconds)
+        children = self._children.get((method, status))
+        if children is None:
+            children = (self._calls.labels(method, status), self._latency.labels(method))
+            self._children[(method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     # -- reading ------------------------------------------------------------------
 
