@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from google.protobuf.wrappers_pb2 import BytesValue
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from qpc_node.errors import QpcError, StatusCode
 from qpc_node.ops.http import (
     BadRequest,
     HttpServer,
@@ -21,7 +24,13 @@ from qpc_node.ops.http import (
     parse_request_head,
 )
 from qpc_node.ops.metrics import NodeMetrics, Sample, format_stats, histogram_family
+from qpc_node.rpc import CallContext, MethodTable, RpcClient, RpcError, RpcServer
+from qpc_node.rpc.inmemory import MemoryConnection
+from qpc_node.service.guard import Guard
+from qpc_node.service.ratelimit import TokenBucketLimiter
+from qpc_node.service.stats import STATS_METHOD, StatsService, samples_from_proto
 from qpc_node.store.errors import StoreClosed
+from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 
 @dataclass
@@ -185,8 +194,6 @@ async def test_mailbox_refresh_is_rate_limited_and_survives_a_closed_store(
 
 
 async def test_registration_seam_for_later_layers() -> None:
-    from prometheus_client.core import GaugeMetricFamily
-
     class GossipCollector:
         def collect(self) -> Any:
             yield GaugeMetricFamily("qpc_discovery_peers", "peers", value=3)
@@ -343,16 +350,6 @@ async def test_client_that_vanishes_does_not_escape() -> None:
 
 
 async def test_rpc_observer_and_stats_method(nursery: trio.Nursery) -> None:
-    from google.protobuf.wrappers_pb2 import BytesValue
-
-    from qpc_node.errors import QpcError, StatusCode
-    from qpc_node.rpc import CallContext, MethodTable, RpcClient, RpcError, RpcServer
-    from qpc_node.rpc.inmemory import MemoryConnection
-    from qpc_node.service.guard import Guard
-    from qpc_node.service.ratelimit import TokenBucketLimiter
-    from qpc_node.service.stats import STATS_METHOD, StatsService, samples_from_proto
-    from qpc_node.wire.gen.qpc.v1 import ops_pb2
-
     async def echo(req: BytesValue, ctx: CallContext) -> BytesValue:
         return req
 
