@@ -56,11 +56,15 @@ def _load_cfg(args: argparse.Namespace) -> Config:
         node["listen"] = args.listen
     if getattr(args, "data", None):
         node["data_dir"] = args.data
+    overrides: dict[str, dict[str, str]] = {"node": node}
+    if getattr(args, "metrics", None) is not None:
+        overrides["metrics"] = {"listen": args.metrics}
     log: dict[str, str] = {}
     if getattr(args, "log_level", None):
         log["level"] = args.log_level
     cfg_path = Path(args.config) if getattr(args, "config", None) else None
-    return load_config(cfg_path, overrides={"node": node, "log": log})
+    overrides["log"] = log
+    return load_config(cfg_path, overrides=overrides)
 
 
 async def _until_signalled(nursery: trio.Nursery, on_hup: Callable[[], None] | None = None) -> None:
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--data", help="data dir (queues, node keys)")
     n.add_argument("--config", help="TOML config file")
     n.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    n.add_argument("--metrics", help="HOST:PORT for /metrics, /healthz, /readyz ('' = off)")
     n.set_defaults(func=_cmd_node)
 
     for name, fn, text in (

@@ -18,8 +18,10 @@ import trio
 from qpc_node import __version__
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, parse_hostport
+from qpc_node.ops.http import HttpServer, serve_metrics
 from qpc_node.ops.lockfile import DataDirLock
 from qpc_node.ops.log import get_logger, setup_logging
+from qpc_node.ops.metrics import NodeMetrics
 from qpc_node.quic import Connection, Endpoint, QuicStream, open_endpoint
 from qpc_node.quic.settings import AdmissionLimits
 from qpc_node.quic.tls import ServerTLS, load_or_create_node_credentials
@@ -31,6 +33,7 @@ from qpc_node.service.delivery import DeliveryService
 from qpc_node.service.directory import DirectoryService
 from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
+from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 
 log = get_logger("qpc.node")
@@ -71,7 +74,11 @@ class Node:
         self.rpc: RpcServer | None = None
         self.delivery: DeliveryService | None = None
         self.audit: AuditSink | None = None
-        self._guard: Guard | None = None
+        self.guard: Guard | None = None
+        self.auth: AuthService | None = None
+        self.endpoint: Endpoint | None = None
+        self.metrics = NodeMetrics(self)
+        self.metrics_http: HttpServer | None = None
 
     def serving(self) -> bool:
         return self._serving
@@ -79,7 +86,7 @@ class Node:
     def _build(self, store: AsyncStore, cert_fpr: bytes) -> RpcServer:
         lim = self.cfg.limits
         audit = self.audit = AuditSink(store)
-        guard = self._guard = Guard(
+        guard = self.guard = Guard(
             per_ip=TokenBucketLimiter[str](rate=lim.rate_per_second, burst=lim.rate_burst),
             per_identity=TokenBucketLimiter[str](rate=lim.rate_per_second, burst=lim.rate_burst),
             audit=audit,
@@ -97,10 +104,16 @@ class Node:
             ttl_ms=lim.keypackage_ttl_s * 1000,
             allowed_suites=frozenset(self.cfg.mls.ciphersuites),
         ).register(table)
-        AuthService(
+        self.auth = AuthService(
             guard, audit, node_cert_fingerprint=cert_fpr, on_authenticated=delivery.mark_local
-        ).register(table)
-        return RpcServer(table, ServerConfig(max_frame_size=lim.max_payload + FRAME_OVERHEAD))
+        )
+        self.auth.register(table)
+        StatsService(self.metrics.snapshot, guard).register(table)
+        return RpcServer(
+            table,
+            ServerConfig(max_frame_size=lim.max_payload + FRAME_OVERHEAD),
+            observer=self.metrics.observe_call,
+        )
 
     async def _handle_stream(self, conn: Connection, stream: QuicStream) -> None:
         assert self.rpc is not None
@@ -164,6 +177,9 @@ class Node:
                 await nursery.start(self.audit.run)
                 nursery.start_soon(self._sweep, store)
                 await nursery.start(ep.serve, self._handle_stream)
+                self.endpoint = ep
+                if self.cfg.metrics.listen:
+                    await self._start_metrics(nursery)
                 self._serving = True
                 bound = ep.local_address
                 info = NodeInfo(bound[0], bound[1], creds.fingerprint, self.data_dir)
@@ -179,6 +195,21 @@ class Node:
             with trio.CancelScope(shield=True):
                 await store.aclose()
 
+    async def _start_metrics(self, nursery: trio.Nursery) -> None:
+        """Serve /metrics; stays up while draining so /readyz says 503 during the grace.
+
+        A taken port costs the operator the metrics, not the node its messages.
+        """
+        try:
+            self.metrics_http = await nursery.start(
+                serve_metrics, self.cfg.metrics.listen, self.metrics
+            )
+        except OSError as exc:
+            log.warning(
+                "metrics endpoint not started",
+                extra={"listen": self.cfg.metrics.listen, "err": exc.strerror or str(exc)},
+            )
+
     async def _drain(self, ep: Endpoint) -> None:
         """Not ready, release parked long-polls, let running calls finish, then close."""
         self._serving = False
@@ -190,8 +221,8 @@ class Node:
 
     def reload(self, cfg: Config) -> list[str]:
         """Apply what can change live (log level, rate limits); return what needs a restart."""
-        if self._guard is not None:
-            self._guard.set_rate(cfg.limits.rate_per_second, cfg.limits.rate_burst)
+        if self.guard is not None:
+            self.guard.set_rate(cfg.limits.rate_per_second, cfg.limits.rate_burst)
         setup_logging(cfg.log.level, cfg.log.format)
         restart = [
             key

@@ -26,11 +26,13 @@ from qpc_node.client.fingerprint import short_code
 from qpc_node.client.state import AsyncClientState, Conversation, Received
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.ops.log import get_logger
+from qpc_node.ops.metrics import Sample
 from qpc_node.rpc.client import ClientStatistics, RpcClient
 from qpc_node.rpc.errors import RpcError
 from qpc_node.service.auth import auth_message
+from qpc_node.service.stats import STATS_METHOD, samples_from_proto
 from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
-from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import client_pb2, ops_pb2, service_pb2
 
 log = get_logger("qpc.client")
 
@@ -93,6 +95,11 @@ class Agent:
 
     def rpc_statistics(self) -> ClientStatistics:
         return self._rpc.statistics()
+
+    async def node_stats(self) -> list[Sample]:
+        """The node's aggregate numbers (what /metrics shows), for /stats."""
+        resp = await self._rpc.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
+        return samples_from_proto(resp)
 
     # -- session ---------------------------------------------------------------
     async def authenticate(self) -> None:

@@ -16,6 +16,7 @@ import trio
 from qpc_node.client.agent import Agent
 from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
 from qpc_node.errors import QpcError
+from qpc_node.ops.metrics import format_stats
 from qpc_node.repl import commands as c
 from qpc_node.repl.commands import USAGE, UsageError, parse
 
@@ -108,6 +109,7 @@ class Repl:
                 self.out("compare it with your contact over another channel (in person, phone).")
             case c.Stats():
                 self._stats()
+                self.out(format_stats(await a.node_stats()))
             case c.Quit():
                 raise Quit
 

@@ -79,7 +79,7 @@ async def start_node_process(
     data: Path, extra_env: dict[str, str] | None = None, log_file: Path | None = None
 ) -> tuple[trio.Process, NodeInfo]:
     """``qpc node`` as a real process; returns it and what it announced."""
-    env = dict(os.environ, **(extra_env or {}))
+    env = dict(os.environ, QPC_METRICS_LISTEN="", **(extra_env or {}))
     log = log_file.open("ab") if log_file is not None else None
     try:
         proc = await _spawn(data, env, log)

@@ -18,10 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.ops.http import HttpServer, serve_metrics
-from qpc_node.ops.metrics import NodeMetrics, format_stats
-from qpc_node.service.guard import Guard
-from qpc_node.service.ratelimit import TokenBucketLimiter
-from qpc_node.service.stats import STATS_METHOD, StatsService, samples_from_proto
+from qpc_node.ops.metrics import format_stats
+from qpc_node.service.stats import STATS_METHOD, samples_from_proto
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,16 +60,9 @@ def calls(samples: Samples, method: str, status: str = "OK") -> float:
 async def test_scrape_during_a_scenario(tmp_path: Path, wall: ManualWallClock) -> None:
     async with trio.open_nursery() as outer:
         async with running_node(tmp_path, wall) as (node, info):
-            assert node.rpc is not None
-            metrics = NodeMetrics(node)
-            node.rpc.observer = metrics.observe_call
-            guard = Guard(
-                per_ip=TokenBucketLimiter[str](rate=50, burst=50),
-                per_identity=TokenBucketLimiter[str](rate=50, burst=50),
-                audit=lambda event: None,
-                wall_ms=wall,
-            )
-            StatsService(metrics.snapshot, guard).register(node.rpc.methods)
+            # The node's own metrics; served here from an outer nursery so the
+            # endpoint outlives the node and can report it not ready afterwards.
+            metrics = node.metrics
             server: HttpServer = await outer.start(serve_metrics, "127.0.0.1:0", metrics)
             port = server.port
 
@@ -125,3 +116,12 @@ async def test_scrape_during_a_scenario(tmp_path: Path, wall: ManualWallClock) -
         final = await scrape(port)
         assert final[("qpc_node_ready", ())] == 0
         outer.cancel_scope.cancel()
+
+
+async def test_node_serves_its_own_metrics_endpoint(tmp_path: Path, wall: ManualWallClock) -> None:
+    async with running_node(tmp_path, wall, metrics={"listen": "127.0.0.1:0"}) as (node, _):
+        assert node.metrics_http is not None
+        port = node.metrics_http.port
+        assert (await http(port, b"GET /readyz HTTP/1.1\r\n\r\n"))[0] == 200
+        assert (await http(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
+        assert (await scrape(port))[("qpc_node_ready", ())] == 1
