@@ -157,16 +157,22 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     for var, dotted in keys.items():
         if var not in env:
             continue
+        value = env[var]
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+            raise ConfigError(f"{var}: not valid UTF-8") from None
         section, field = dotted.split(".")
-        out.setdefault(section, {})[field] = env[var]
+        out.setdefault(section, {})[field] = value
     return out
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Mapping[str, Any]]) -> None:
     for section, values in over.items():
-        if not isinstance(values, Mapping):
+        target = base.setdefault(section, {})
+        if not isinstance(values, Mapping) or not isinstance(target, dict):
             raise ConfigError(f"{section}: expected a table")
-        base.setdefault(section, {}).update(values)
+        target.update(values)
 
 
 def _from_strings(raw: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +229,7 @@ def load_config(
                 merged = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
     _merge(merged, _from_strings(_env_overrides(os.environ if env is None else env)))
     if overrides:

@@ -7,7 +7,8 @@ message for that recipient commits or the (capped) wait ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -31,28 +32,42 @@ class UnknownRecipient(QpcError):
 
 
 class Waiters:
-    """One Event per recipient that has a parked fetch; set when mail arrives."""
+    """Parked fetches per recipient: one Event they share, set when mail arrives.
+
+    Entries are reference-counted so a long-poll that times out removes what it
+    added: the table holds only recipients with a fetch parked right now.
+    """
 
     def __init__(self) -> None:
-        self._events: dict[bytes, trio.Event] = {}
+        self._events: dict[bytes, tuple[trio.Event, int]] = {}
         self.wakeups = 0
 
-    def event(self, recipient: bytes) -> trio.Event:
-        ev = self._events.get(recipient)
-        if ev is None:
-            ev = self._events[recipient] = trio.Event()
-        return ev
+    @contextmanager
+    def parked(self, recipient: bytes) -> Iterator[trio.Event]:
+        ev, n = self._events.get(recipient, (None, 0))
+        if ev is None or ev.is_set():
+            # Fetchers of a fired event are on their way out and no longer count.
+            ev, n = trio.Event(), 0
+        self._events[recipient] = (ev, n + 1)
+        try:
+            yield ev
+        finally:
+            cur, count = self._events.get(recipient, (None, 0))
+            if cur is ev:
+                if count <= 1:
+                    del self._events[recipient]
+                else:
+                    self._events[recipient] = (ev, count - 1)
 
     def wake_all(self) -> None:
-        for ev in self._events.values():
+        for ev, _ in self._events.values():
             ev.set()
-        self._events.clear()
 
     def notify(self, recipient: bytes) -> None:
-        ev = self._events.pop(recipient, None)
-        if ev is not None:
+        entry = self._events.get(recipient)
+        if entry is not None and not entry[0].is_set():
             self.wakeups += 1
-            ev.set()
+            entry[0].set()
 
     def __len__(self) -> int:
         return len(self._events)
@@ -153,13 +168,13 @@ class DeliveryService:
         res = await self._fetch(user, req.after_seq, limit)
         if not res.messages and wait > 0 and not self._draining:
             with trio.move_on_after(wait):
-                while True:
-                    # Take the event before re-reading, so a commit in between still wakes us.
-                    ev = self.waiters.event(user)
-                    res = await self._fetch(user, req.after_seq, limit)
-                    if res.messages or self._draining:
-                        break
-                    await ev.wait()
+                for _ in range(1000):  # each round waits for a wakeup; bounded anyway
+                    # Park before re-reading, so a commit in between still wakes us.
+                    with self.waiters.parked(user) as ev:
+                        res = await self._fetch(user, req.after_seq, limit)
+                        if res.messages or self._draining:
+                            break
+                        await ev.wait()
         return service_pb2.FetchResponse(
             messages=[
                 service_pb2.StoredMessage(

@@ -935,7 +935,8 @@ pub fn verify(public_key: &[u8], data: &[u8], signature: &[u8]) -> PyResult<()> 
     let mut msg = Vec::with_capacity(SIGN_CONTEXT.len() + data.len());
     msg.extend_from_slice(SIGN_CONTEXT);
     msg.extend_from_slice(data);
-    vk.verify(&msg, &sig)
+    // Strict: refuses small-order keys and R (the fuzzer forged with the zero key).
+    vk.verify_strict(&msg, &sig)
         .map_err(|_| Error::new(Kind::InvalidSignature, "signature does not verify").into())
 }
 

@@ -1,8 +1,7 @@
 """Inputs the fuzzers (tests/fuzz) found crashing something, kept as regression tests.
 
-A strict xfail is a bug found, reported and not yet fixed in its owning module:
-when the fix lands the test passes, strict turns that into a failure, and the
-marker (and the matching KNOWN_BUGS entry in test_fuzz_ci.py) must go.
+Each test is a bug the fuzzers found, fixed in its owning module; the test keeps
+it fixed.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ async def test_uint64_seq_beyond_sqlite_integer_is_not_internal(
     assert result.outcomes == {"OK": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="reported: Rust verify() uses non-strict Ed25519")
 def test_small_order_public_key_signature_is_refused() -> None:
     # rust/src/mls.rs verify(): vk.verify(..) is not strict. The all-zero encoding is a
     # point of order 4; as public key AND as the signature's R (with S = 0) the equation
@@ -62,7 +60,6 @@ def test_small_order_public_key_signature_is_refused() -> None:
     assert accepted == []
 
 
-@pytest.mark.xfail(strict=True, reason="reported: Auth/Prove accepts a small-order key")
 async def test_auth_prove_with_zero_key_is_unauthenticated(tmp_path: Path) -> None:
     # Each attempt signs a fresh nonce: about one in four lets the zero key in.
     async with Session(["rpc.body.auth.prove"], tmp_path) as session:
@@ -73,7 +70,6 @@ async def test_auth_prove_with_zero_key_is_unauthenticated(tmp_path: Path) -> No
     assert result.outcomes == {"UNAUTHENTICATED": 32}
 
 
-@pytest.mark.xfail(strict=True, reason="reported: tomllib UnicodeDecodeError escapes load_config")
 def test_config_file_not_utf8_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "qpc.toml"
     path.write_bytes(b'[log]\nlevel = "debug\xa0"\n')
@@ -81,7 +77,6 @@ def test_config_file_not_utf8_is_config_error(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
-@pytest.mark.xfail(strict=True, reason="reported: _merge assumes TOML sections are tables")
 def test_config_section_not_a_table_with_env_override_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "qpc.toml"
     path.write_text("node = 1\n")
@@ -89,14 +84,12 @@ def test_config_section_not_a_table_with_env_override_is_config_error(tmp_path: 
         load_config(path, env={"QPC_NODE_LISTEN": "127.0.0.1:1"})
 
 
-@pytest.mark.xfail(strict=True, reason="reported: msgspec UnicodeEncodeError on surrogates")
 def test_config_env_value_not_utf8_is_config_error() -> None:
     # os.environ carries undecodable bytes as lone surrogates (surrogateescape).
     with pytest.raises(ConfigError):
         load_config(None, env={"QPC_LOG": "debug\udc85"})
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a timed-out long poll leaves its Event")
 async def test_long_poll_that_times_out_leaves_no_waiter(tmp_path: Path) -> None:
     # FetchRequest(wait_ms=3) on an empty mailbox: nothing is parked afterwards.
     async with Session(["rpc.body.delivery.fetch"], tmp_path) as session:
