@@ -64,8 +64,11 @@ async def test_gap_is_flagged(tmp_path: Path, wall: ManualWallClock) -> None:
         # A message that expires undelivered leaves a hole in b's sequence numbers.
         await enqueue(a, env_for(b, wall, ttl=1000))
         wall.advance(2000)
-        assert node.store is not None
-        assert (await node.store.expire_messages(wall())).expired == 1
+        assert node.store is not None and node.audit is not None
+        assert await node.sweep_once() == (1, 0)
+        await node.audit.flush()
+        (ev,) = await node.store.audit_query(kind="retention.evict")
+        assert ev.event.detail == {"messages": 1, "key_packages": 0}
         await a.dm(b.ident.fingerprint, "two")
         assert [m.text for m in await texts(b, 1)] == ["two"]
         assert len(b.stats.gaps) == 1
