@@ -124,6 +124,7 @@ class HttpStatistics:
     timeouts: int = 0
     refused_busy: int = 0
     client_gone: int = 0
+    route_errors: int = 0
 
 
 class HttpServer:
@@ -151,7 +152,13 @@ class HttpServer:
     def statistics(self) -> HttpStatistics:
         s = self._stats
         return HttpStatistics(
-            s.connections, s.responses, s.bad_requests, s.timeouts, s.refused_busy, s.client_gone
+            s.connections,
+            s.responses,
+            s.bad_requests,
+            s.timeouts,
+            s.refused_busy,
+            s.client_gone,
+            s.route_errors,
         )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -192,7 +199,17 @@ class HttpServer:
             await self._send(stream, answer)
             return
         route = self.routes.get(request.path)
-        response = Response(404, b"not found\n") if route is None else await route()
+        if route is None:
+            response = Response(404, b"not found\n")
+        else:
+            try:
+                response = await route()
+            # Supervisor boundary: a faulty collector (later layers register their
+            # own) costs one scrape a 500, never the node that serves the endpoint.
+            except Exception:
+                log.exception("metrics route %s failed", request.path)
+                self._stats.route_errors += 1
+                response = Response(500, b"internal error\n")
         await self._send(stream, render(response, head_only=request.method == "HEAD"))
 
     async def _read_head(self, stream: trio.abc.Stream) -> bytes:
