@@ -124,6 +124,7 @@ class _QpcQuicConnection(QuicConnection):
         self.qpc_connection_window = settings.connection_receive_window
         self.qpc_rx: dict[int, list[int]] = {}  # stream id -> [delivered, unread]
         self.qpc_unread_total = 0
+        self.qpc_dirty: set[int] = set()  # streams consumed from since the last packet
         # Peer stream credit: ours to choose (aioquic hardcodes 128); no uni streams.
         for limit, value in ((self._local_max_streams_bidi, settings.max_streams_bidi),
                              (self._local_max_streams_uni, 0)):  # fmt: skip
@@ -150,11 +151,21 @@ class _QpcQuicConnection(QuicConnection):
     def _write_stream_limits(
         self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
     ) -> None:
-        rx = self.qpc_rx.get(cast(int, stream.stream_id))
-        if rx is not None and stream.max_stream_data_local:
-            target = rx[0] - rx[1] + self.qpc_stream_window
-            if target - stream.max_stream_data_local >= self.qpc_stream_window // 2:
-                stream.max_stream_data_local = target
+        # aioquic calls this for every live stream in every packet it builds; only
+        # streams whose reader consumed since (qpc_dirty) can need a larger window,
+        # and only a lost or not yet written MAX_STREAM_DATA leaves sent != local.
+        sid = cast(int, stream.stream_id)
+        dirty = self.qpc_dirty
+        if sid not in dirty:
+            if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+                return
+        else:
+            dirty.discard(sid)
+            rx = self.qpc_rx.get(sid)
+            if rx is not None and stream.max_stream_data_local:
+                target = rx[0] - rx[1] + self.qpc_stream_window
+                if target - stream.max_stream_data_local >= self.qpc_stream_window // 2:
+                    stream.max_stream_data_local = target
         highest = stream.receiver.highest_offset
         stream.receiver.highest_offset = 0  # disarms aioquic's grow-on-arrival doubling
         try:
@@ -283,9 +294,11 @@ class AioquicCore:
             nbytes = min(nbytes, rx[1])
             rx[1] -= nbytes
             self._q.qpc_unread_total -= nbytes
+            self._q.qpc_dirty.add(stream_id)
 
     def stream_released(self, stream_id: int) -> None:
         rx = self._q.qpc_rx.pop(stream_id, None)
+        self._q.qpc_dirty.discard(stream_id)
         if rx is not None:
             self._q.qpc_unread_total -= rx[1]
 

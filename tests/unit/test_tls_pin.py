@@ -64,6 +64,14 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
     stream = AioquicStream(stream_id=0, max_stream_data_local=1, max_stream_data_remote=1)
     assert hasattr(stream.sender, "_buffer") and hasattr(stream.receiver, "highest_offset")
     assert hasattr(stream, "max_stream_data_local")
+    # Our fast path skips streams whose window is unchanged (sent == local); it
+    # relies on aioquic zeroing ``_sent`` when a MAX_STREAM_DATA frame is lost.
+    assert stream.max_stream_data_local_sent == stream.max_stream_data_local
+    assert "stream.max_stream_data_local_sent = 0" in inspect.getsource(
+        Q._on_max_stream_data_delivery
+    )
+    src = inspect.getsource(Q._write_application)
+    assert "self._write_stream_limits(builder=builder, space=space, stream=stream)" in src
 
 
 @pytest.fixture(scope="module")
