@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,6 +47,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._send_lot = trio.lowlevel.ParkingLot()
         self._receiving = False
         self._sending = False
+        self._rx_watcher: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<QuicStream {self.stream_id} of {self._conn!r}>"
@@ -96,6 +98,36 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._conn._consumed(self, n)
         self._conn._maybe_forget(self)
         return b"".join(parts)
+
+    def watch_receive(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` once, as soon as the receive side holds more than a
+        clean end of stream: data, a reset, the connection's loss or our own close
+        (at once if it already does). Returns a function that ends the watch.
+
+        For a reader that expects nothing but end-of-stream for a while (an RPC
+        server while its handler runs): it notices a peer giving up without a
+        task parked in :meth:`receive_some`. The callback runs synchronously from
+        the connection's event processing and must not block or raise; what
+        arrived is left for :meth:`receive_some` to report.
+        """
+        self._rx_watcher = callback
+        if self._rx_pending():
+            self._notify_watcher()
+
+        def unwatch() -> None:
+            if self._rx_watcher is callback:
+                self._rx_watcher = None
+
+        return unwatch
+
+    def _rx_pending(self) -> bool:
+        return bool(self._chunks) or self._recv_error is not None or self._closed
+
+    def _notify_watcher(self) -> None:
+        callback = self._rx_watcher
+        if callback is not None:
+            self._rx_watcher = None
+            callback()
 
     # --------------------------------------------------------------------- send
     def _check_send(self) -> None:
@@ -200,6 +232,7 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._closed = True
         self._drop_buffer()
         self._wake_all()
+        self._notify_watcher()
         self._conn._forget(self)
         self._conn._kick()
 
@@ -214,11 +247,14 @@ class QuicStream(trio.abc.HalfCloseableStream):
         if end_stream:
             self._recv_eof = True
         self._recv_lot.unpark_all()
+        if data:
+            self._notify_watcher()
 
     def _on_reset(self, error_code: int) -> None:
         self._recv_error = StreamReset(self.stream_id, error_code)
         self._drop_buffer()
         self._recv_lot.unpark_all()
+        self._notify_watcher()
         self._conn._maybe_forget(self)
 
     def _on_stop_sending(self, error_code: int) -> None:
@@ -232,6 +268,8 @@ class QuicStream(trio.abc.HalfCloseableStream):
         if self._send_error is None:
             self._send_error = exc
         self._wake_all()
+        if self._rx_pending():  # a clean EOF already read stays clean
+            self._notify_watcher()
 
     def _drop_buffer(self) -> None:
         if self._buffered:

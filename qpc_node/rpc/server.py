@@ -303,11 +303,24 @@ class RpcServer:
     ) -> rpc_pb2.Response | None:
         state = _CallState()
         response: rpc_pb2.Response | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_peer, stream, state, nursery.cancel_scope)
-            with trio.move_on_at(ctx.deadline) as deadline_scope:
-                response = await self._invoke(method, body, ctx)
-            nursery.cancel_scope.cancel()
+        watch = getattr(stream, "watch_receive", None)
+        if callable(watch):
+            # QUIC streams report what arrives without a task parked in receive_some.
+            with trio.CancelScope() as call_scope:
+                unwatch = watch(call_scope.cancel)
+                try:
+                    with trio.move_on_at(ctx.deadline) as deadline_scope:
+                        response = await self._invoke(method, body, ctx)
+                finally:
+                    unwatch()
+            if call_scope.cancel_called:
+                await _peer_verdict(stream, state)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_peer, stream, state, nursery.cancel_scope)
+                with trio.move_on_at(ctx.deadline) as deadline_scope:
+                    response = await self._invoke(method, body, ctx)
+                nursery.cancel_scope.cancel()
         if state.violation is not None:
             self._stats.protocol_errors += 1
             return error_response(
@@ -394,16 +407,22 @@ async def _watch_peer(
     The caller keeps its side open (or half-closes) after the request, so the
     only legal things left to read are end-of-stream and a reset. A reset
     cancels the handler: a long-poll must not hold a call slot for a caller
-    that is gone.
+    that is gone. (Streams with ``watch_receive`` get the same verdict from
+    :func:`_peer_verdict` without this task.)
     """
+    await _peer_verdict(stream, state)
+    if state.peer_gone or state.violation is not None:
+        scope.cancel()
+
+
+async def _peer_verdict(stream: trio.abc.HalfCloseableStream, state: _CallState) -> None:
+    """Read what the caller sent after its request: end-of-stream is fine."""
     try:
         data = await stream.receive_some(RECEIVE_CHUNK)
     except _STREAM_GONE:
         state.peer_gone = True
-        scope.cancel()
         return
     if data:
         state.violation = RemoteProtocolError(
             "data after the request frame", code=StatusCode.INVALID_ARGUMENT
         )
-        scope.cancel()

@@ -167,6 +167,31 @@ async def test_reset_mid_call_cancels_handler_over_quic(node: Node) -> None:
     assert (await node.client.call("t.echo", BytesValue(value=b"ok"), BytesValue)).value == b"ok"
 
 
+async def test_data_after_request_cancels_handler_over_quic(node: Node) -> None:
+    stream = await node.conn.open_stream()
+    await stream.send_all(request_frame("t.hold"))
+    with trio.fail_after(5):
+        while node.held[0] < 1:  # noqa: ASYNC110 -- the network, not a task, delivers it
+            await trio.sleep(0.005)
+    await stream.send_all(b"junk")
+    decoder = FrameDecoder(CAP)
+    frames: list[bytes] = []
+    with trio.fail_after(5):
+        while not frames:
+            chunk = await stream.receive_some()
+            assert chunk, "stream ended without a Response"
+            frames = decoder.feed(chunk)
+    await stream.aclose()
+    response = rpc_pb2.Response.FromString(frames[0])
+    assert StatusCode(response.status) is StatusCode.INVALID_ARGUMENT
+    assert response.call_id == 5
+    assert node.held[1] == 1  # the handler was cancelled, not left running
+    with trio.fail_after(5):
+        while node.server.statistics().active_calls:  # noqa: ASYNC110 -- slot freed after the send
+            await trio.sleep(0.005)
+    assert (await node.client.call("t.echo", BytesValue(value=b"ok"), BytesValue)).value == b"ok"
+
+
 async def test_calls_beyond_limit_refused_over_quic(node: Node) -> None:
     refused: list[StatusCode] = []
     results: list[bytes] = []

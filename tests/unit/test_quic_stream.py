@@ -16,6 +16,7 @@ from qpc_node.quic import (
     QuicSettings,
     QuicStream,
     ServerTLS,
+    StreamReset,
     open_endpoint,
 )
 from qpc_node.quic.testing import FakeNetwork, LinkProfile, PkiFixture, make_test_pki, serving
@@ -79,3 +80,44 @@ async def test_cancelled_receive_keeps_stream_usable(pki: PkiFixture) -> None:
             assert await theirs.receive_some() == b"after"
             with pytest.raises(ValueError):
                 await theirs.receive_some(0)
+
+
+async def test_watch_receive_reports_data_reset_and_not_a_clean_eof(pki: PkiFixture) -> None:
+    with trio.fail_after(10):
+        async with stream_factory(pki) as make_pair:
+            # A clean end of stream is not news; data after it is.
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            fired: list[str] = []
+            theirs.watch_receive(lambda: fired.append("data"))
+            await mine.send_eof()
+            assert await theirs.receive_some() == b""
+            assert fired == []
+
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            seen = trio.Event()
+            theirs.watch_receive(seen.set)
+            await mine.send_all(b"late")
+            await seen.wait()
+            assert await theirs.receive_some() == b"late"  # left for the reader
+
+            # A reset fires it; so does an already pending one, at once.
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            seen = trio.Event()
+            theirs.watch_receive(seen.set)
+            mine.reset(9)
+            await seen.wait()
+            again: list[int] = []
+            theirs.watch_receive(lambda: again.append(1))
+            assert again == [1]
+            with pytest.raises(StreamReset) as info:
+                await theirs.receive_some()
+            assert info.value.error_code == 9
+
+            # unwatch: later data is not reported.
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            stale: list[int] = []
+            unwatch = theirs.watch_receive(lambda: stale.append(1))
+            unwatch()
+            await mine.send_all(b"x")
+            assert await theirs.receive_some() == b"x"
+            assert stale == []
