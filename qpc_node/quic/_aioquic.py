@@ -30,7 +30,7 @@ from aioquic.quic import events as aev
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioquicStream
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -124,7 +124,8 @@ class _QpcQuicConnection(QuicConnection):
         self.qpc_connection_window = settings.connection_receive_window
         self.qpc_rx: dict[int, list[int]] = {}  # stream id -> [delivered, unread]
         self.qpc_unread_total = 0
-        self.qpc_dirty: set[int] = set()  # streams consumed from since the last packet
+        self.qpc_limits_due: set[int] = set()  # streams that may need MAX_STREAM_DATA
+        self._write_stream_limits = _skip_stream_limits  # type: ignore[method-assign]
         # Peer stream credit: ours to choose (aioquic hardcodes 128); no uni streams.
         for limit, value in ((self._local_max_streams_bidi, settings.max_streams_bidi),
                              (self._local_max_streams_uni, 0)):  # fmt: skip
@@ -148,31 +149,13 @@ class _QpcQuicConnection(QuicConnection):
             self.tls._request_client_certificate = True
 
     # -- flow control: grow windows as the reader consumes, not as data arrives
-    def _write_stream_limits(
-        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
-    ) -> None:
-        # aioquic calls this for every live stream in every packet it builds; only
-        # streams whose reader consumed since (qpc_dirty) can need a larger window,
-        # and only a lost or not yet written MAX_STREAM_DATA leaves sent != local.
-        sid = cast(int, stream.stream_id)
-        dirty = self.qpc_dirty
-        if sid not in dirty:
-            if stream.max_stream_data_local_sent == stream.max_stream_data_local:
-                return
-        else:
-            dirty.discard(sid)
-            rx = self.qpc_rx.get(sid)
-            if rx is not None and stream.max_stream_data_local:
-                target = rx[0] - rx[1] + self.qpc_stream_window
-                if target - stream.max_stream_data_local >= self.qpc_stream_window // 2:
-                    stream.max_stream_data_local = target
-        highest = stream.receiver.highest_offset
-        stream.receiver.highest_offset = 0  # disarms aioquic's grow-on-arrival doubling
-        try:
-            super()._write_stream_limits(builder, space, stream)
-        finally:
-            stream.receiver.highest_offset = highest
-
+    #
+    # aioquic offers MAX_STREAM_DATA from a loop over *every* live stream in
+    # *every* packet it builds (~100 streams at 64 calls in flight: the largest
+    # cost of building a packet). Only streams we listed in qpc_limits_due can
+    # need one -- their reader consumed, or such a frame was lost -- so the
+    # per-stream hook is a no-op and those streams are served from the
+    # connection-limits hook, which aioquic calls just before that loop.
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
         limit = self._local_max_data
         target = limit.used - self.qpc_unread_total + self.qpc_connection_window
@@ -184,6 +167,41 @@ class _QpcQuicConnection(QuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             limit.used = used
+        due = self.qpc_limits_due
+        while due:
+            sid = min(due)  # deterministic order; the set is small
+            stream = self._streams.get(sid)
+            if stream is not None:
+                self._qpc_write_stream_limits(builder, space, stream)
+            due.discard(sid)  # only once written: a full packet raises above
+
+    def _qpc_write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
+    ) -> None:
+        rx = self.qpc_rx.get(cast(int, stream.stream_id))
+        if rx is not None and stream.max_stream_data_local:
+            target = rx[0] - rx[1] + self.qpc_stream_window
+            if target - stream.max_stream_data_local >= self.qpc_stream_window // 2:
+                stream.max_stream_data_local = target
+        highest = stream.receiver.highest_offset
+        stream.receiver.highest_offset = 0  # disarms aioquic's grow-on-arrival doubling
+        try:
+            QuicConnection._write_stream_limits(self, builder, space, stream)
+        finally:
+            stream.receiver.highest_offset = highest
+
+    def _on_max_stream_data_delivery(
+        self, delivery: QuicDeliveryState, stream: _AioquicStream
+    ) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        if delivery != QuicDeliveryState.ACKED:  # lost: aioquic zeroed _sent, resend it
+            self.qpc_limits_due.add(cast(int, stream.stream_id))
+
+
+def _skip_stream_limits(
+    builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioquicStream
+) -> None:
+    """Stands in for aioquic's per-stream hook (see _write_connection_limits)."""
 
 
 def _configuration(settings: QuicSettings, *, is_client: bool) -> QuicConfiguration:
@@ -294,11 +312,11 @@ class AioquicCore:
             nbytes = min(nbytes, rx[1])
             rx[1] -= nbytes
             self._q.qpc_unread_total -= nbytes
-            self._q.qpc_dirty.add(stream_id)
+            self._q.qpc_limits_due.add(stream_id)
 
     def stream_released(self, stream_id: int) -> None:
         rx = self._q.qpc_rx.pop(stream_id, None)
-        self._q.qpc_dirty.discard(stream_id)
+        self._q.qpc_limits_due.discard(stream_id)
         if rx is not None:
             self._q.qpc_unread_total -= rx[1]
 

@@ -168,6 +168,38 @@ async def test_slow_reader_bounds_memory_through_flow_control(
         assert server_conn.statistics().receive_buffered_bytes == 0
 
 
+async def test_small_windows_keep_moving_over_a_lossy_network(
+    autojump_clock: trio.testing.MockClock, pki: PkiFixture
+) -> None:
+    # 1 MiB through 16 KiB stream windows: ~128 MAX_STREAM_DATA updates, some of
+    # them lost. A lost update must be re-sent, or the writer waits forever.
+    profile = LinkProfile(drop=0.1, reorder=0.05, delay=0.005, jitter=0.002)
+    net = FakeNetwork(seed=5, profile=profile)
+    settings = QuicSettings(stream_receive_window=16 * 1024, connection_receive_window=32 * 1024)
+    digests: list[str] = []
+
+    async def reader(conn: Connection, stream: QuicStream) -> None:
+        digests.append(hashlib.sha256(await read_all(stream)).hexdigest())
+
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    with trio.fail_after(600):  # virtual seconds
+        async with (
+            open_endpoint(
+                sock=net.bind(*SERVER), server_tls=ServerTLS(pki.server), settings=settings
+            ) as server,
+            serving(server, reader),
+            open_endpoint(sock=net.bind("10.0.0.2"), settings=settings) as client,
+        ):
+            conn = await client.connect(*SERVER, tls(pki))
+            stream = await conn.open_stream()
+            await stream.send_all(payload)
+            await stream.send_eof()
+            while not digests:  # noqa: ASYNC110 -- the network, not a task, delivers it
+                await trio.sleep(0.1)
+    assert digests == [hashlib.sha256(payload).hexdigest()]
+    assert net.stats.dropped > 20
+
+
 async def test_stream_flood_is_limited_while_other_clients_are_served(
     autojump_clock: trio.testing.MockClock, pki: PkiFixture
 ) -> None:

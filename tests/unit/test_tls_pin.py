@@ -13,6 +13,7 @@ import inspect
 from importlib.metadata import version
 
 import aioquic
+import aioquic.quic.connection
 import pytest
 from aioquic import tls as atls
 from aioquic.quic.connection import Limit, QuicConnection
@@ -64,14 +65,21 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
     stream = AioquicStream(stream_id=0, max_stream_data_local=1, max_stream_data_remote=1)
     assert hasattr(stream.sender, "_buffer") and hasattr(stream.receiver, "highest_offset")
     assert hasattr(stream, "max_stream_data_local")
-    # Our fast path skips streams whose window is unchanged (sent == local); it
-    # relies on aioquic zeroing ``_sent`` when a MAX_STREAM_DATA frame is lost.
+    # MAX_STREAM_DATA is written from the connection-limits hook for the streams
+    # we list; that needs: the per-stream hook called from _write_application
+    # only, after the connection-limits hook in the same packet; a lost frame
+    # reported to _on_max_stream_data_delivery (which zeroes ``_sent``).
     assert stream.max_stream_data_local_sent == stream.max_stream_data_local
+    assert params(Q._on_max_stream_data_delivery) == ["self", "delivery", "stream"]
     assert "stream.max_stream_data_local_sent = 0" in inspect.getsource(
         Q._on_max_stream_data_delivery
     )
+    assert inspect.getsource(aioquic.quic.connection).count("._write_stream_limits(") == 1
     src = inspect.getsource(Q._write_application)
-    assert "self._write_stream_limits(builder=builder, space=space, stream=stream)" in src
+    conn_limits = src.index("self._write_connection_limits(builder=builder, space=space)")
+    stream_loop = src.index("for stream in self._streams.values():")
+    assert conn_limits < stream_loop < src.index("self._write_stream_limits(builder=builder")
+    assert src.index("builder.start_packet(") < conn_limits  # once per packet
 
 
 @pytest.fixture(scope="module")
