@@ -129,16 +129,34 @@ class Node:
             state = self._conns[conn] = self.rpc.open_connection(peer)
         await self.rpc.handle_stream(state, stream)
 
-    async def _sweep(self, store: AsyncStore) -> None:
-        """Retention: drop expired messages and KeyPackages, rotate the audit trail."""
+    async def sweep_once(self) -> tuple[int, int]:
+        """Retention: drop expired messages and KeyPackages (audited), rotate the audit trail."""
+        store = self.store
+        assert store is not None
+        now = self._wall_ms()
+        expired_msgs = expired_kps = 0
+        for _ in range(100):  # bounded catch-up per round
+            m = await store.expire_messages(now)
+            k = await store.expire_keypackages(now)
+            expired_msgs += m.expired
+            expired_kps += k.expired
+            if not (m.more or k.more):
+                break
+        if (expired_msgs or expired_kps) and self.audit is not None:
+            self.audit(
+                AuditEvent(
+                    now,
+                    "retention.evict",
+                    "",
+                    {"messages": expired_msgs, "key_packages": expired_kps},
+                )
+            )
+        await store.audit_rotate(now_ms=now, keep_last=100_000, max_age_ms=30 * 86_400_000)
+        return expired_msgs, expired_kps
+
+    async def _sweep(self) -> None:
         while True:
-            now = self._wall_ms()
-            for _ in range(100):  # bounded catch-up per round
-                m = await store.expire_messages(now)
-                k = await store.expire_keypackages(now)
-                if not (m.more or k.more):
-                    break
-            await store.audit_rotate(now_ms=now, keep_last=100_000, max_age_ms=30 * 86_400_000)
+            await self.sweep_once()
             await trio.sleep(SWEEP_INTERVAL)
 
     async def run(
@@ -175,7 +193,7 @@ class Node:
             ):
                 assert self.audit is not None
                 await nursery.start(self.audit.run)
-                nursery.start_soon(self._sweep, store)
+                nursery.start_soon(self._sweep)
                 await nursery.start(ep.serve, self._handle_stream)
                 self.endpoint = ep
                 if self.cfg.metrics.listen:
