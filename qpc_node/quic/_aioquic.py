@@ -347,6 +347,10 @@ class AioquicBackend:
     name = "aioquic"
 
     def parse_header(self, data: bytes) -> PacketHeader | None:
+        if data and not data[0] & 0x80:  # short header (1-RTT): the common case
+            if not data[0] & 0x40 or len(data) < 1 + CID_LENGTH:  # fixed bit, DCID
+                return None
+            return PacketHeader(data[1 : 1 + CID_LENGTH], False, True)
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:  # includes aioquic.buffer.BufferReadError

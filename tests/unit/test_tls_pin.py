@@ -141,3 +141,33 @@ def test_missing_alpn_refused(pki: PkiFixture) -> None:
     client_tls = ClientTLS(ALPN_CLIENT, pin=pki.server.fingerprint)
     _, _, s_ev = handshake(ServerTLS(pki.server), client_tls, offer_no_alpn=True)
     assert closing(s_ev).error_code == 0x100 + 120
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x40",
+        b"\x40" + b"c" * 7,
+        b"\x40" + b"c" * 8,
+        b"\x5f" + bytes(range(40)),
+        b"\x00" + b"c" * 20,  # fixed bit zero
+        b"\x3f" + b"c" * 20,
+    ],
+)
+def test_short_header_routing_matches_aioquic(data: bytes) -> None:
+    from aioquic._buffer import Buffer
+    from aioquic.quic.packet import pull_quic_header
+
+    from qpc_node.quic._aioquic import CID_LENGTH
+
+    try:
+        header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
+    except ValueError:
+        expected = None
+    else:
+        expected = (header.destination_cid, False, True)
+    got = AioquicBackend().parse_header(data)
+    assert (
+        None if got is None else (got.destination_cid, got.is_initial, got.version_supported)
+    ) == expected
