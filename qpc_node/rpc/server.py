@@ -305,15 +305,22 @@ class RpcServer:
         response: rpc_pb2.Response | None = None
         watch = getattr(stream, "watch_receive", None)
         if callable(watch):
-            # QUIC streams report what arrives without a task parked in receive_some.
-            with trio.CancelScope() as call_scope:
-                unwatch = watch(call_scope.cancel)
+            # QUIC streams report what arrives without a task parked in receive_some;
+            # one scope serves both the deadline and the peer (told apart by the flag).
+            peer_moved = False
+            with trio.move_on_at(ctx.deadline) as deadline_scope:
+
+                def on_peer() -> None:
+                    nonlocal peer_moved
+                    peer_moved = True
+                    deadline_scope.cancel()
+
+                unwatch = watch(on_peer)
                 try:
-                    with trio.move_on_at(ctx.deadline) as deadline_scope:
-                        response = await self._invoke(method, body, ctx)
+                    response = await self._invoke(method, body, ctx)
                 finally:
                     unwatch()
-            if call_scope.cancel_called:
+            if peer_moved:
                 await _peer_verdict(stream, state)
         else:
             async with trio.open_nursery() as nursery:
