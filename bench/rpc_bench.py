@@ -15,8 +15,10 @@ The reference speaks the same frames (varint length prefix, rpc.proto
 Request/Response, BytesValue bodies) through ``aioquic.asyncio`` serve/connect;
 its server asks for and verifies the client certificate against the same CA
 (stock aioquic does neither, see _ref_mtls). The last line is
-``rpc calls/s ratio=<ours/reference>``. Every phase is bounded by its seconds
-and by a call count; the orchestrator kills only the processes it started.
+``rpc calls/s ratio=<ours/reference>``: the median of per-round ratios, rounds
+interleaved (``--rounds``) because the machine is shared. Every phase is bounded
+by its seconds and by a call count; the orchestrator kills only the processes it
+started.
 """
 
 from __future__ import annotations
@@ -437,12 +439,17 @@ def main() -> None:
         return
 
     results: dict[str, list[dict[str, Any]]] = {"qpc": [], "ref": []}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="qpc-rpc-bench-") as tmp:
         certs = Path(tmp)
         write_pki(certs)
-        for _ in range(a.rounds):
-            for impl in ("qpc", "ref"):
+        for n in range(a.rounds):
+            # Interleaved, and the order alternates: neither side always runs
+            # first after a quiet (or busy) spell of the shared machine.
+            order = ("qpc", "ref") if n % 2 == 0 else ("ref", "qpc")
+            for impl in order:
                 results[impl].append(run_pair(impl, a, certs))
+    load_after = os.getloadavg()[0]
 
     def med(impl: str, phase: str, key: str) -> float:
         return statistics.median(r[phase][key] for r in results[impl])
@@ -458,10 +465,23 @@ def main() -> None:
             f"{med(impl, 'rpc', 'p50_ms'):>9.2f}{med(impl, 'rpc', 'p99_ms'):>9.2f}"
             f"{med(impl, 'bulk', 'MB_per_s'):>11.1f}{med(impl, 'hs', 'per_s'):>8.1f}"
         )
-    print(f"bulk MB/s ratio={med('qpc', 'bulk', 'MB_per_s') / med('ref', 'bulk', 'MB_per_s'):.2f}")
-    print(f"handshakes/s ratio={med('qpc', 'hs', 'per_s') / med('ref', 'hs', 'per_s'):.2f}")
-    ratio = med("qpc", "rpc", "calls_per_s") / med("ref", "rpc", "calls_per_s")
-    print(f"rpc calls/s ratio={ratio:.2f}")
+
+    def ratio(phase: str, key: str) -> float:
+        """Median of the per-round ratios (each round's pair ran back to back)."""
+        return statistics.median(
+            float(q[phase][key] / r[phase][key])
+            for q, r in zip(results["qpc"], results["ref"], strict=True)
+        )
+
+    per_round = [
+        q["rpc"]["calls_per_s"] / r["rpc"]["calls_per_s"]
+        for q, r in zip(results["qpc"], results["ref"], strict=True)
+    ]
+    print(f"rpc calls/s ratio per round: {' '.join(f'{x:.2f}' for x in per_round)}")
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    print(f"bulk MB/s ratio={ratio('bulk', 'MB_per_s'):.2f}")
+    print(f"handshakes/s ratio={ratio('hs', 'per_s'):.2f}")
+    print(f"rpc calls/s ratio={ratio('rpc', 'calls_per_s'):.2f}")
 
 
 if __name__ == "__main__":
