@@ -406,7 +406,8 @@ class Connection:
                 log.exception("stream handler failed on %r", stream)
                 stream.reset(StatusCode.INTERNAL)
             else:
-                await stream.aclose()
+                if not stream.closed:  # handlers usually close it; skip a scheduler pass
+                    await stream.aclose()
         finally:
             if not stream.closed:
                 stream.reset(StatusCode.CANCELLED)
