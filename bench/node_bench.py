@@ -59,20 +59,10 @@ def start_node(data: Path) -> tuple[subprocess.Popen[bytes], int, str]:
         QPC_METRICS_LISTEN="",
         QPC_LOG="warning",
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qpc_node.cli",
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            str(data),
-        ],
-        stdout=subprocess.PIPE,
-        env=env,
-    )
+    prof = os.environ.get("QPC_BENCH_PROFILE")  # write a cProfile of the node there
+    prefix = ["-m", "cProfile", "-o", prof] if prof else []
+    argv = [sys.executable, *prefix, "-m", "qpc_node.cli", "node", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen([*argv, "--data", str(data)], stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     addr, pin = line.rsplit(" ", 2)[1:]
