@@ -17,6 +17,7 @@ from qpc_node.client.connect import open_agent
 from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.ops.config import Config, load_config
+from qpc_node.wire.gen.qpc.v1 import service_pb2
 
 
 def node_config(tmp: Path, **sections: dict[str, str]) -> Config:
@@ -98,3 +99,48 @@ async def start_node_process(
     addr, pin = line.rsplit(" ", 2)[1:]
     host, port = addr.rsplit(":", 1)
     return proc, NodeInfo(host, int(port), pin.removeprefix("pin="), data)
+
+
+async def run_repl(
+    data: Path, port: int, pin: str, script: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``qpc repl --script -`` as a real process against 127.0.0.1:PORT."""
+    argv = [sys.executable, "-m", "qpc_node.cli", "repl", "--server", f"127.0.0.1:{port}"]
+    return await trio.run_process(
+        [*argv, "--pin", pin, "--data", str(data), "--script", "-"],
+        stdin=script.encode(),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def cli_fingerprint(data: Path, env: dict[str, str] | None = None) -> str:
+    """``qpc id --data DATA``: creates the identity on first use, returns its fingerprint."""
+    out = subprocess.run(
+        [sys.executable, "-m", "qpc_node.cli", "id", "--data", str(data), "--no-qr"],
+        capture_output=True,
+        check=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("fingerprint:"))
+    return line.split(":", 1)[1].replace(" ", "")
+
+
+async def mailbox_ids(agent: Agent, pages: int = 100) -> list[bytes]:
+    """Every msg_id in the agent's mailbox, in order, without acking (bounded paging)."""
+    seen: list[bytes] = []
+    after = 0
+    for _ in range(pages):
+        resp = await agent._rpc.call(
+            "qpc.v1.Delivery/Fetch",
+            service_pb2.FetchRequest(after_seq=after, limit=256),
+            service_pb2.FetchResponse,
+        )
+        if not resp.messages:
+            break
+        seen += [bytes(m.envelope.msg_id) for m in resp.messages]
+        after = resp.messages[-1].seq
+    return seen

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import running_node, users
+from node_harness import mailbox_ids, running_node, users
 
 from qpc_node.ops.backup import BackupCorrupt, ForeignBackup, create_backup, restore_backup
 from qpc_node.ops.clock import ManualWallClock
@@ -61,18 +61,7 @@ async def test_backup_under_load_and_restore(tmp_path: Path, wall: ManualWallClo
     restore_backup(backup, fresh / "node", fresh / "node" / "node-keys", PW)
     async with running_node(fresh, wall) as (_, info2), users(tmp_path, info2, wall, "b") as (b2,):
         assert info2.cert_fingerprint == info.cert_fingerprint  # same node identity
-        seen: set[bytes] = set()
-        after = 0
-        for _ in range(20):
-            resp = await b2._rpc.call(
-                "qpc.v1.Delivery/Fetch",
-                service_pb2.FetchRequest(after_seq=after, limit=256),
-                service_pb2.FetchResponse,
-            )
-            if not resp.messages:
-                break
-            seen |= {bytes(m.envelope.msg_id) for m in resp.messages}
-            after = resp.messages[-1].seq
+        seen = set(await mailbox_ids(b2))
     assert set(snapshot) <= seen
 
     # Refusals.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import start_node_process, users
+from node_harness import mailbox_ids, start_node_process, users
 
 from qpc_node.crypto import Identity
 from qpc_node.errors import StatusCode
@@ -132,18 +132,7 @@ async def test_sigterm_drains(tmp_path: Path, wall: ManualWallClock) -> None:
     proc, info = await start_node_process(tmp_path / "node", ENV)
     try:
         async with users(tmp_path, info, wall, "b") as (b2,):
-            seen: set[bytes] = set()
-            after = 0
-            for _ in range(20):
-                resp = await b2._rpc.call(
-                    "qpc.v1.Delivery/Fetch",
-                    service_pb2.FetchRequest(after_seq=after, limit=256),
-                    service_pb2.FetchResponse,
-                )
-                if not resp.messages:
-                    break
-                seen |= {bytes(m.envelope.msg_id) for m in resp.messages}
-                after = resp.messages[-1].seq
+            seen = set(await mailbox_ids(b2))
     finally:
         proc.send_signal(signal.SIGTERM)
         with trio.move_on_after(20):

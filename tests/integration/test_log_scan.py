@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
-from node_harness import start_node_process
+from node_harness import cli_fingerprint, run_repl, start_node_process
 
 from qpc_node.client.keyfile import KEY_FILE
 
@@ -21,51 +18,16 @@ PASSPHRASE = "pangolin-passphrase-0004"
 
 
 async def repl(data: Path, port: int, pin: str, script: str, env: dict[str, str]) -> bytes:
-    r = await trio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "qpc_node.cli",
-            "repl",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--pin",
-            pin,
-            "--data",
-            str(data),
-            "--script",
-            "-",
-        ],
-        stdin=script.encode(),
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env={**os.environ, **env},
-    )
+    r = await run_repl(data, port, pin, script, env)
     assert r.returncode == 0, r.stderr
     return r.stderr  # logs; stdout is the user interface and shows texts by design
-
-
-def fpr(data: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "qpc_node.cli", "id", "--data", str(data), "--no-qr"],
-        capture_output=True,
-        check=True,
-        text=True,
-        env={**os.environ, **env},
-    ).stdout
-    return (
-        next(x for x in out.splitlines() if x.startswith("fingerprint:"))
-        .split(":", 1)[1]
-        .replace(" ", "")
-    )
 
 
 async def test_logs_hold_no_secrets(tmp_path: Path) -> None:
     dbg = {"QPC_LOG": "debug"}
     alice_env = {**dbg, "QPC_PASSPHRASE": PASSPHRASE}
     alice, bob = tmp_path / "alice", tmp_path / "bob"
-    a_fp, b_fp = fpr(alice, alice_env), fpr(bob, dbg)
+    a_fp, b_fp = cli_fingerprint(alice, alice_env), cli_fingerprint(bob, dbg)
     node_log = tmp_path / "node.log"
     proc, info = await start_node_process(tmp_path / "node", dbg, log_file=node_log)
     logs = b""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import start_node_process, users
+from node_harness import mailbox_ids, start_node_process, users
 
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.rpc import RpcError
@@ -56,18 +56,7 @@ async def test_kill9_loses_no_acknowledged_enqueue(tmp_path: Path, wall: ManualW
     proc, info = await start_node_process(data, FAST)
     try:
         async with users(tmp_path, info, wall, "b") as (b,):
-            seen: list[bytes] = []
-            after = 0
-            for _ in range(100):  # bounded paging
-                resp = await b._rpc.call(
-                    "qpc.v1.Delivery/Fetch",
-                    service_pb2.FetchRequest(after_seq=after, limit=256),
-                    service_pb2.FetchResponse,
-                )
-                if not resp.messages:
-                    break
-                seen += [bytes(m.envelope.msg_id) for m in resp.messages]
-                after = resp.messages[-1].seq
+            seen = await mailbox_ids(b)
     finally:
         proc.send_signal(signal.SIGTERM)
         with trio.move_on_after(10):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
-from node_harness import start_node_process
+from node_harness import cli_fingerprint, run_repl, start_node_process
 
 from qpc_node.client.fingerprint import short_code
 
@@ -16,42 +15,12 @@ pytestmark = pytest.mark.timeout(180)
 
 
 async def repl(data: Path, port: int, pin: str, script: str) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "qpc_node.cli",
-            "repl",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--pin",
-            pin,
-            "--data",
-            str(data),
-            "--script",
-            "-",
-        ],
-        stdin=script.encode(),
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-
-
-def fingerprint(data: Path) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "qpc_node.cli", "id", "--data", str(data), "--no-qr"],
-        capture_output=True,
-        check=True,
-        text=True,
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("fingerprint:"))
-    return line.split(":", 1)[1].replace(" ", "")
+    return await run_repl(data, port, pin, script)
 
 
 async def test_script_dm_and_group(tmp_path: Path) -> None:
     alice, bob = tmp_path / "alice", tmp_path / "bob"
-    a_fp, b_fp = fingerprint(alice), fingerprint(bob)
+    a_fp, b_fp = cli_fingerprint(alice), cli_fingerprint(bob)
     proc, info = await start_node_process(tmp_path / "node")
     try:
         # Bob connects once: that homes him here and uploads his KeyPackages.
