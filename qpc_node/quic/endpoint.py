@@ -17,6 +17,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from itertools import islice
 
 import trio
 
@@ -28,13 +29,14 @@ from qpc_node.quic.connection import Connection, StreamHandler
 from qpc_node.quic.errors import HandshakeError
 from qpc_node.quic.settings import AdmissionLimits, QuicSettings
 from qpc_node.quic.tls import ClientTLS, ServerTLS
-from qpc_node.quic.transport import DatagramSocket, UdpSocket
+from qpc_node.quic.transport import DatagramSocket, UdpSocket, batch_sender
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4201
 RECV_BATCH = 256
 TX_BACKLOG_MAX = 4096
+TX_FLUSH_CHUNK = 256  # backlog datagrams handed to the socket per batch
 MIN_INITIAL_SIZE = 1200  # RFC 9000 14.1: smaller client Initials are dropped
 
 
@@ -68,6 +70,7 @@ class Endpoint:
     ) -> None:
         self._nursery = nursery
         self._sock = sock
+        self._send_batch = batch_sender(sock)
         self._server_tls = server_tls
         self._admission = admission
         self._settings = settings
@@ -196,9 +199,7 @@ class Endpoint:
         backlog = self._tx_backlog
         i = 0
         if not backlog:
-            try_send = self._sock.try_send
-            while i < len(datagrams) and try_send(*datagrams[i]):
-                i += 1
+            i = self._send_batch(datagrams)
             self._tx_datagrams += i
         if i < len(datagrams):
             room = TX_BACKLOG_MAX - len(backlog)
@@ -275,9 +276,14 @@ class Endpoint:
             self._tx_pending = trio.Event()
             while backlog:
                 await self._sock.wait_writable()
-                while backlog and self._sock.try_send(*backlog[0]):
-                    backlog.popleft()
-                    self._tx_datagrams += 1
+                while backlog:
+                    chunk = list(islice(backlog, TX_FLUSH_CHUNK))
+                    sent = self._send_batch(chunk)
+                    for _ in range(sent):
+                        backlog.popleft()
+                    self._tx_datagrams += sent
+                    if sent < len(chunk):
+                        break
 
     def _admit(self, header: PacketHeader, data: bytes, addr: Address) -> Connection | None:
         tls = self._server_tls
