@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import subprocess
@@ -57,22 +58,29 @@ NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)")
 
 
 def wait_for_node(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, int, str]:
-    """Read the node's stdout until its 'listening on HOST:PORT pin=FPR' line (bounded)."""
+    """Read the node's output until its 'listening on HOST:PORT pin=FPR' line (bounded).
+
+    Reads the raw descriptor: select() cannot see lines already sitting in a
+    TextIOWrapper's buffer, so readline() after select() can miss the line we want.
+    """
     deadline = time.monotonic() + timeout
-    seen: list[str] = []
     assert proc.stdout is not None
-    while time.monotonic() < deadline and len(seen) < 200:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    fd = proc.stdout.fileno()
+    buf = b""
+    while time.monotonic() < deadline and len(buf) < 1 << 20:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
             break
-        line = proc.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        seen.append(line)
-        m = NODE_LINE.search(line)
+        buf += chunk
+        m = NODE_LINE.search(buf.decode(errors="replace"))
         if m:
             return m.group(1), int(m.group(2)), m.group(3)
-    raise AssertionError(f"node did not report listening (rc={proc.poll()}):\n" + "".join(seen))
+    raise AssertionError(
+        f"node did not report listening (rc={proc.poll()}):\n" + buf.decode(errors="replace")
+    )
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
