@@ -222,11 +222,9 @@ class Agent:
         await self._invite(conv, g, peer, kp)
 
     async def _invite(self, conv: Conversation, g: crypto.Group, peer: bytes, kp: bytes) -> None:
-        before = [bytes.fromhex(m) for m in g.members() if m != self.ident.fingerprint]
+        before = self._others(g)
         commit, welcome = g.add([kp])
-        envs = [
-            self._envelope(m, client_pb2.Sealed.MLS_MESSAGE, conv.group_id, commit) for m in before
-        ]
+        envs = self._to_each(before, conv.group_id, commit)
         envs.append(self._envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
         info = client_pb2.AppMessage(
             info=client_pb2.GroupInfo(
@@ -249,14 +247,7 @@ class Agent:
         self._must_commit(conv)
         if peer_hex not in g.members():
             raise AgentError(f"{short_code(peer_hex)} is not in {name!r}")
-        recipients = [bytes.fromhex(m) for m in g.members() if m != self.ident.fingerprint]
-        commit = g.remove([peer_hex])
-        await self._submit(
-            [
-                self._envelope(m, client_pb2.Sealed.MLS_MESSAGE, conv.group_id, commit)
-                for m in recipients
-            ]
-        )
+        await self._commit_removal(conv, g, peer_hex)
 
     async def group_leave(self, name: str) -> None:
         conv, g = await self._conversation(name)
@@ -307,15 +298,24 @@ class Agent:
         await self._submit(envs)
         self.stats.sent += 1
 
+    def _others(self, g: crypto.Group) -> list[bytes]:
+        """Every member but us: who gets a copy of what we send to the group."""
+        return [bytes.fromhex(m) for m in g.members() if m != self.ident.fingerprint]
+
+    def _to_each(self, recipients: list[bytes], gid: bytes, mls_message: bytes) -> list[Envelope]:
+        return [
+            self._envelope(m, client_pb2.Sealed.MLS_MESSAGE, gid, mls_message) for m in recipients
+        ]
+
+    async def _commit_removal(self, conv: Conversation, g: crypto.Group, member: str) -> None:
+        """Remove ``member`` and tell everyone who was in the group, the removed one too."""
+        recipients = self._others(g)
+        await self._submit(self._to_each(recipients, conv.group_id, g.remove([member])))
+
     def _app_envelopes(
         self, conv: Conversation, g: crypto.Group, msg: client_pb2.AppMessage
     ) -> list[Envelope]:
-        ct = g.encrypt(msg.SerializeToString())
-        return [
-            self._envelope(bytes.fromhex(m), client_pb2.Sealed.MLS_MESSAGE, conv.group_id, ct)
-            for m in g.members()
-            if m != self.ident.fingerprint
-        ]
+        return self._to_each(self._others(g), conv.group_id, g.encrypt(msg.SerializeToString()))
 
     def _envelope(
         self, recipient: bytes, kind: client_pb2.Sealed.Kind, gid: bytes, data: bytes
@@ -330,9 +330,8 @@ class Agent:
         )
 
     async def _submit(self, envs: list[Envelope]) -> None:
-        now = self._wall_ms()
-        for e in envs:
-            await self._state.call(self._st.outbox_add, e.msg_id, e.encode(), now)
+        batch = [(e.msg_id, e.encode()) for e in envs]
+        await self._state.call(self._st.outbox_add_many, batch, self._wall_ms())
         await self.flush_outbox()
 
     async def flush_outbox(self) -> int:
@@ -453,14 +452,7 @@ class Agent:
         if which == "info" and not conv.committer:
             await self._describe(conv, sender, app.info)
         elif which == "leave" and conv.committer == self.me and ev.sender in g.members():
-            recipients = [bytes.fromhex(m) for m in g.members() if m != self.ident.fingerprint]
-            commit = g.remove([ev.sender])
-            await self._submit(
-                [
-                    self._envelope(m, client_pb2.Sealed.MLS_MESSAGE, conv.group_id, commit)
-                    for m in recipients
-                ]
-            )
+            await self._commit_removal(conv, g, ev.sender)
         return None
 
     async def _describe(

@@ -256,11 +256,16 @@ class ClientState:
 
     # -- outbox --------------------------------------------------------------
     def outbox_add(self, msg_id: bytes, envelope: bytes, now_ms: int) -> None:
-        self._conn.execute(
-            "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
-            " VALUES (?, ?, ?, ?)",
-            (msg_id, envelope, now_ms, now_ms),
-        )
+        self.outbox_add_many([(msg_id, envelope)], now_ms)
+
+    def outbox_add_many(self, items: list[tuple[bytes, bytes]], now_ms: int) -> None:
+        """Queue envelopes (one transaction: a group fan-out is one fsync, not one each)."""
+        with transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+                " VALUES (?, ?, ?, ?)",
+                [(m, e, now_ms, now_ms) for m, e in items],
+            )
 
     def outbox_due(self, now_ms: int, limit: int = 64) -> list[Outgoing]:
         rows = self._conn.execute(
