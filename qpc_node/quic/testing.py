@@ -22,8 +22,9 @@ import trio
 
 from qpc_node.errors import LocalProtocolError
 from qpc_node.quic.address import Address, parse_literal
-from qpc_node.quic.connection import StreamHandler
+from qpc_node.quic.connection import Connection, StreamHandler
 from qpc_node.quic.endpoint import Endpoint
+from qpc_node.quic.stream import QuicStream
 from qpc_node.quic.tls import (
     CertificateAuthority,
     KeyType,
@@ -230,3 +231,31 @@ def make_test_pki(*, key_type: KeyType = "ed25519") -> PkiFixture:
             not_after=now - dt.timedelta(days=1),
         ),
     )
+
+
+async def read_all(stream: QuicStream) -> bytes:
+    """Read until the peer's FIN (bounded: a stream that never ends fails the test)."""
+    out = bytearray()
+    for _ in range(100_000):
+        chunk = await stream.receive_some()
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise AssertionError("stream never ended")
+
+
+async def echo(conn: Connection, stream: QuicStream) -> None:
+    """Stream handler that answers ``echo:`` + whatever it received."""
+    data = await read_all(stream)
+    await stream.send_all(b"echo:" + data)
+    await stream.send_eof()
+
+
+async def call(conn: Connection, payload: bytes) -> bytes:
+    """One request/response exchange on a new stream (the client side of :func:`echo`)."""
+    stream = await conn.open_stream()
+    await stream.send_all(payload)
+    await stream.send_eof()
+    reply = await read_all(stream)
+    await stream.aclose()
+    return reply

@@ -21,37 +21,12 @@ from qpc_node.quic import (
     StreamReset,
     open_endpoint,
 )
-from qpc_node.quic.testing import PkiFixture, make_test_pki, serving
+from qpc_node.quic.testing import PkiFixture, call, echo, make_test_pki, read_all, serving
 
 
 @pytest.fixture(scope="module")
 def pki() -> PkiFixture:
     return make_test_pki()
-
-
-async def read_all(stream: QuicStream) -> bytes:
-    out = bytearray()
-    for _ in range(100_000):
-        chunk = await stream.receive_some()
-        if not chunk:
-            return bytes(out)
-        out += chunk
-    raise AssertionError("stream never ended")
-
-
-async def echo(conn: Connection, stream: QuicStream) -> None:
-    data = await read_all(stream)
-    await stream.send_all(b"echo:" + data)
-    await stream.send_eof()
-
-
-async def call(conn: Connection, payload: bytes) -> bytes:
-    stream = await conn.open_stream()
-    await stream.send_all(payload)
-    await stream.send_eof()
-    reply = await read_all(stream)
-    await stream.aclose()
-    return reply
 
 
 def client_tls(pki: PkiFixture) -> ClientTLS:
