@@ -14,6 +14,7 @@ operator of a community CA needs and the tests use to mint certificates.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -275,16 +276,15 @@ def issue_certificate(
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write-then-rename so a crash never leaves a half-written key or certificate."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
+    with contextlib.ExitStack() as on_error:
+        on_error.callback(Path(tmp).unlink, missing_ok=True)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        on_error.pop_all()
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

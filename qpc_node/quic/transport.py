@@ -18,6 +18,7 @@ datagrams from one sender in one read (on loopback: a GSO send unsplit), which
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -190,13 +191,12 @@ class UdpSocket:
 
     @classmethod
     def _bind_socket(cls, sock: socket.socket, addr: Address, gso: bool) -> UdpSocket:
-        try:
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(sock.close)
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
             sock.bind(addr)
-        except BaseException:
-            sock.close()
-            raise
+            on_error.pop_all()
         return cls(sock, gso=gso)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ def connect(path: Path, *, synchronous: Synchronous = "FULL") -> sqlite3.Connect
     atomic. ``check_same_thread`` stays on: one thread owns a connection.
     """
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    try:
+    with contextlib.ExitStack() as on_error:
+        on_error.callback(conn.close)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -31,9 +33,7 @@ def connect(path: Path, *, synchronous: Synchronous = "FULL") -> sqlite3.Connect
         # Zero deleted content when it costs no extra page writes (FAST): ciphertext of
         # delivered messages should not linger, but flash writes are what we save.
         conn.execute("PRAGMA secure_delete = FAST")
-    except BaseException:
-        conn.close()
-        raise
+        on_error.pop_all()  # set up: the caller owns (and closes) it now
     return conn
 
 

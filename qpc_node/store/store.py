@@ -13,6 +13,7 @@ through its own savepoint.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,11 +87,10 @@ class Store:
         """Open (creating if needed) and migrate; raises ``SchemaTooNew`` for newer files."""
         path = Path(path)
         conn = connect(path, synchronous=synchronous)
-        try:
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(conn.close)
             migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
+            on_error.pop_all()
         return cls(conn, path, limits or StoreLimits())
 
     # -- lifecycle -----------------------------------------------------------------
