@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/qpc/cargo-target
 STAMPS := .stamps
 RUST_SRC := $(wildcard rust/src/*.rs rust/src/**/*.rs) rust/Cargo.toml $(wildcard rust/Cargo.lock)
 
-.PHONY: package test-packaging
+.PHONY: package test-packaging package-cross test-cross
 .PHONY: all venv build run test check lint typecheck clippy proto proto-check unit bench clean
 
 all: build
@@ -81,3 +81,12 @@ package:
 
 test-packaging: package
 	$(PY) -m pytest -q tests/packaging
+
+# ARM builds: emulated (debootstrap + qemu-user, Rust cross-compiled), minutes each; not in CI.
+# make test-cross CROSS_ARCH=armv7
+CROSS_ARCH ?= aarch64
+package-cross:
+	cross/build.sh $(CROSS_ARCH)
+
+test-cross: $(STAMPS)/venv package-cross
+	PYTHON=$(PY) cross/test-arch.sh $(CROSS_ARCH) -q

@@ -12,17 +12,19 @@
 #   dist/qpc_VERSION_ARCH.ipk     OpenWrt package of the one-dir tree (packaging/openwrt/build-ipk.sh)
 #   dist/size-ARCH.txt            size report; the x86_64 package is checked against cross/budget.toml
 #
-# ARCH: x86_64 natively with Debian's /usr/bin/python3.11 (no RUNPATH, shared libpython) in
-# build/venv-ARCH. aarch64 / armv7 are meant to run this same native build inside a
-# debootstrapped Debian root under qemu-user (cross/guest.sh, NOT WRITTEN YET; the spike's
-# cross-arm64.sh shows the route). Until then they exit 3.
-# Environment: QPC_SRC (project source, default: this checkout), CARGO_TARGET_DIR (reused).
+# ARCH: the machine's own arch natively with Debian's /usr/bin/python3.11 (no RUNPATH, shared
+# libpython) in build/venv-ARCH. Another ARCH (aarch64 / armv7 on an x86_64 host) runs this
+# same native build inside a debootstrapped Debian root under qemu-user: cross/guest.sh.
+# Environment: QPC_SRC (project source, default: this checkout), CARGO_TARGET_DIR (reused),
+# QPC_DIST (output, default dist/), QPC_WORK (work dir, default build/), QPC_WHEELS (a wheel
+# directory to install from offline), QPC_PREBUILT_WHEEL (use this project wheel, no maturin).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 src=${QPC_SRC:-$repo}
 host_arch=$(uname -m)
+case $host_arch in armv7*) host_arch=armv7 ;; esac  # qemu-arm and armhf boards say armv7l
 arch=$host_arch
 layout=onedir
 make_ipk=1
@@ -39,7 +41,7 @@ done
 case $layout in onedir|onefile|both) ;; *) echo "build.sh: --layout onedir|onefile|both" >&2; exit 2 ;; esac
 
 dist=${QPC_DIST:-$repo/dist}
-work=$repo/build
+work=${QPC_WORK:-$repo/build}
 mkdir -p "$dist" "$work"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/qpc/cargo-target}
 t0=$(date +%s)
@@ -47,7 +49,6 @@ log() { echo "build.sh[$arch]: $*" >&2; }
 
 if [ "$arch" != "$host_arch" ]; then
   # Foreign arch: the same build runs inside an emulated Debian root (cross/guest.sh).
-  [ -x "$here/guest.sh" ] || { log "emulated builds (debootstrap + qemu-user) are not written yet: docs/packaging.md"; exit 3; }
   exec "$here/guest.sh" "$arch" "$layout" "$make_ipk"
 fi
 
@@ -55,19 +56,33 @@ fi
 PY=/usr/bin/python3.11
 [ -x $PY ] || { log "needs Debian's python3.11 (apt install python3.11 python3.11-venv python3.11-dev)"; exit 1; }
 venv=$work/venv-$arch
-if [ ! -x "$venv/bin/pyinstaller" ] || ! cmp -s "$here/requirements-build.txt" "$venv/.qpc-req"; then
+# QPC_PREBUILT_WHEEL: the project wheel made elsewhere (cross/guest.sh cross-compiles the Rust
+# extension outside the emulator); then maturin is neither installed nor run here.
+reqs=$work/requirements-build-$arch.txt
+mkdir -p "$work"
+if [ -n "${QPC_PREBUILT_WHEEL:-}" ]; then
+  grep -v '^maturin==' "$here/requirements-build.txt" > "$reqs"
+else
+  cp "$here/requirements-build.txt" "$reqs"
+fi
+if [ ! -x "$venv/bin/pyinstaller" ] || ! cmp -s "$reqs" "$venv/.qpc-req"; then
   log "build venv $venv"
   rm -rf "$venv"
   $PY -m venv "$venv"
-  "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} -r "$here/requirements-build.txt"
-  cp "$here/requirements-build.txt" "$venv/.qpc-req"
+  "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} -r "$reqs"
+  cp "$reqs" "$venv/.qpc-req"
 fi
-log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-# `maturin build -o` rather than `pip install DIR`: pip's PEP 517 path puts the wheel in
-# $CARGO_TARGET_DIR/wheels, which a concurrent editable build of the checkout also uses.
 wheels=$work/wheels-$arch
 rm -rf "$wheels"
-(cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
+mkdir -p "$wheels"
+if [ -n "${QPC_PREBUILT_WHEEL:-}" ]; then
+  cp "$QPC_PREBUILT_WHEEL" "$wheels/"
+else
+  log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  # `maturin build -o` rather than `pip install DIR`: pip's PEP 517 path puts the wheel in
+  # $CARGO_TARGET_DIR/wheels, which a concurrent editable build of the checkout also uses.
+  (cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
+fi
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/quicprochat-*.whl
 "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} "$wheels"/quicprochat-*.whl
 version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("quicprochat"))')

@@ -1,6 +1,8 @@
 """Measure the packaged qpc in a busybox-only root: start time, RAM, tmpfs, idle node.
 
-Usage (root): python cross/measure.py [--runs 7] [--idle 60] [--arch x86_64]
+Usage (root): python cross/measure.py [--runs 7] [--idle 60]
+A cross build: QPC_TEST_ARCH=aarch64 QPC_BUSYBOX=<that arch's static busybox> with binfmt_misc
+on (as cross/test-arch.sh sets up); its figures are qemu-user's, not the hardware's.
 Compares the one-dir layout (dist/root-ARCH) with the onefile+staticx variant
 (dist/qpc-ARCH.onefile) when both were built (cross/build.sh --layout both).
 Prints a table; numbers are for the machine it runs on.
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/packaging"))
-from pkg_rootfs import DIST, BusyboxRoot, busybox_root
+from pkg_rootfs import ARCH, DIST, BusyboxRoot, busybox_root
 
 MiB = 1024 * 1024
 
@@ -134,11 +136,11 @@ def idle_node(root: BusyboxRoot, cmd: list[str], idle: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default=platform.machine())
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--idle", type=float, default=60)
     a = ap.parse_args()
-    onefile = DIST / f"qpc-{a.arch}.onefile"
+    print(f"arch {ARCH} on a {platform.machine()} host (load {os.getloadavg()[0]:.1f})")
+    onefile = DIST / f"qpc-{ARCH}.onefile"
     with tempfile.TemporaryDirectory() as tmp, busybox_root(Path(tmp) / "r") as root:
         variants = [("one-dir", ["qpc"])]
         if onefile.is_file():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from pkg_rootfs import (
-    ARCH,
     DIST,
+    OPKG_ARCH,
     TREE,
     BusyboxRoot,
     VethPair,
@@ -40,9 +40,9 @@ def tree() -> Path:
 
 @pytest.fixture
 def ipk() -> Path:
-    found = sorted(DIST.glob(f"qpc_*_{ARCH}.ipk"))
+    found = sorted(DIST.glob(f"qpc_*_{OPKG_ARCH}.ipk"))
     if not found:
-        pytest.skip(f"no qpc_*_{ARCH}.ipk in {DIST}: run `make package`")
+        pytest.skip(f"no qpc_*_{OPKG_ARCH}.ipk in {DIST}: run `make package`")
     return found[-1]
 
 

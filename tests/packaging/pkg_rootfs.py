@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ARCH = platform.machine()
+# QPC_TEST_ARCH=aarch64|armv7 tests a cross build (cross/test-arch.sh sets it, with
+# QPC_BUSYBOX the static busybox of that arch and binfmt_misc running it under qemu-user).
+ARCH = os.environ.get("QPC_TEST_ARCH") or platform.machine()
+# cross/build.sh's ARCH -> the OpenWrt architecture in the package (packaging/openwrt/build-ipk.sh)
+OPKG_ARCH = {"aarch64": "aarch64_generic", "armv7": "arm_cortex-a7_neon-vfpv4"}.get(ARCH, ARCH)
 DIST = Path(os.environ.get("QPC_DIST", REPO / "dist"))
 TREE = DIST / f"root-{ARCH}"
-BUSYBOX = Path("/bin/busybox")
+BUSYBOX = Path(os.environ.get("QPC_BUSYBOX", "/bin/busybox"))
 APPLETS = ("sh", "ls", "cat", "sleep", "ping", "ip", "ifconfig", "kill", "ps", "df", "du")
 
 

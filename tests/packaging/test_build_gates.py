@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pkg_rootfs import REPO
 
 CROSS = REPO / "cross"
@@ -71,3 +73,29 @@ def test_qpc_node_imports_no_excluded_module() -> None:
                 names = [node.module]
             bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in excluded]
     assert not bad, bad
+
+
+def test_cross_scripts_pass_shellcheck() -> None:
+    """cross/*.sh (the native and the emulated ARM builds) stay bash-clean: the ARM route is
+    not exercised in CI, so at least a syntax or quoting slip fails here."""
+    scripts = sorted(str(p.relative_to(REPO)) for p in CROSS.glob("*.sh"))
+    assert {"cross/build.sh", "cross/guest.sh", "cross/test-arch.sh", "cross/binfmt.sh"} <= set(
+        scripts
+    )
+    for s in scripts:
+        assert subprocess.run(["bash", "-n", s], cwd=REPO).returncode == 0, s
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt install shellcheck)")
+    r = subprocess.run(
+        ["shellcheck", "-x", "-S", "warning", *scripts], cwd=REPO, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout
+
+
+def test_cross_build_refuses_unknown_arch_and_onefile_for_arm() -> None:
+    r = subprocess.run([str(CROSS / "build.sh"), "mips"], capture_output=True, text=True)
+    assert r.returncode == 2 and "ARCH is x86_64, aarch64 or armv7" in r.stderr
+    r = subprocess.run(
+        [str(CROSS / "guest.sh"), "aarch64", "onefile", "1"], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "only --layout onedir" in r.stderr
