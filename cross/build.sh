@@ -17,7 +17,7 @@
 # same native build inside a debootstrapped Debian root under qemu-user: cross/guest.sh.
 # Environment: QPC_SRC (project source, default: this checkout), CARGO_TARGET_DIR (reused),
 # QPC_DIST (output, default dist/), QPC_WORK (work dir, default build/), QPC_WHEELS (a wheel
-# directory to install from offline), QPC_PREBUILT_WHEEL (use this project wheel, no maturin).
+# directory to install from offline), QPC_PREBUILT_WHEELS (use these wheels, no maturin).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -56,11 +56,12 @@ fi
 PY=/usr/bin/python3.11
 [ -x $PY ] || { log "needs Debian's python3.11 (apt install python3.11 python3.11-venv python3.11-dev)"; exit 1; }
 venv=$work/venv-$arch
-# QPC_PREBUILT_WHEEL: the project wheel made elsewhere (cross/guest.sh cross-compiles the Rust
-# extension outside the emulator); then maturin is neither installed nor run here.
+# QPC_PREBUILT_WHEELS: a directory with the project wheel and the cryptography wheel made
+# elsewhere (cross/guest.sh cross-compiles both outside the emulator); then maturin is
+# neither installed nor run here.
 reqs=$work/requirements-build-$arch.txt
 mkdir -p "$work"
-if [ -n "${QPC_PREBUILT_WHEEL:-}" ]; then
+if [ -n "${QPC_PREBUILT_WHEELS:-}" ]; then
   grep -v '^maturin==' "$here/requirements-build.txt" > "$reqs"
 else
   cp "$here/requirements-build.txt" "$reqs"
@@ -75,16 +76,37 @@ fi
 wheels=$work/wheels-$arch
 rm -rf "$wheels"
 mkdir -p "$wheels"
-if [ -n "${QPC_PREBUILT_WHEEL:-}" ]; then
-  cp "$QPC_PREBUILT_WHEEL" "$wheels/"
+crypto_pin=$(grep -E '^cryptography==' "$here/requirements-bundle.txt")
+if [ -n "${QPC_PREBUILT_WHEELS:-}" ]; then
+  cp "$QPC_PREBUILT_WHEELS"/*.whl "$wheels/"
 else
   log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
   # `maturin build -o` rather than `pip install DIR`: pip's PEP 517 path puts the wheel in
   # $CARGO_TARGET_DIR/wheels, which a concurrent editable build of the checkout also uses.
   (cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
+  # cryptography against the system OpenSSL, the one the bundle carries anyway
+  # (cross/requirements-bundle.txt says why); built once per version, then cached.
+  cache=$work/cryptography-$arch
+  if ! ls "$cache/cryptography-${crypto_pin#cryptography==}-"*.whl >/dev/null 2>&1; then
+    pkg-config --exists openssl 2>/dev/null || { log "needs OpenSSL headers: apt install libssl-dev pkg-config"; exit 1; }
+    log "build $crypto_pin from source against the system OpenSSL (once, cached in $cache)"
+    rm -rf "$cache"
+    CARGO_TARGET_DIR=$work/cargo-cryptography "$venv/bin/pip" wheel -q --no-deps --no-binary cryptography \
+      ${QPC_WHEELS:+--find-links "$QPC_WHEELS"} -w "$cache" "$crypto_pin"
+  fi
+  cp "$cache"/cryptography-*.whl "$wheels/"
 fi
-"$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/quicprochat-*.whl
+"$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/*.whl
 "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} "$wheels"/quicprochat-*.whl
+# Gate: one OpenSSL. Fails if pip swapped in PyPI's cryptography (its own OpenSSL) anyway.
+"$venv/bin/python" - "$crypto_pin" <<'PY' || { log "cryptography is not the source build against the system OpenSSL"; exit 1; }
+import importlib.metadata, ssl, sys
+from cryptography.hazmat.backends.openssl import backend
+pin = sys.argv[1].split("==")[1]
+have = importlib.metadata.version("cryptography")
+assert have == pin, f"cryptography {have}, expected {pin}"
+assert backend.openssl_version_text() == ssl.OPENSSL_VERSION, (backend.openssl_version_text(), ssl.OPENSSL_VERSION)
+PY
 version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("quicprochat"))')
 
 freeze() {  # freeze LAYOUT -> build/pyi-ARCH/dist-LAYOUT

@@ -9,8 +9,8 @@
 # the only Rust for arm reachable here is Debian's (rustup's servers are not), and the one
 # new enough is in Debian forky (testing): an x86_64 forky root, the "rustbox", holds
 # rustc + cargo, the arm64/armhf standard libraries and the cross gccs, and cross-compiles
-# the abi3 extension with the ARCH guest root as its sysroot, so it links against the
-# same glibc (2.36) it will run with. That is minutes natively instead of most of an hour
+# the abi3 extension — and cryptography, against the guest's OpenSSL — with the ARCH guest
+# root as sysroot, so both link against the glibc (2.36) and libssl they will run with. That is minutes natively instead of most of an hour
 # of rustc under qemu.
 #
 # Roots are cached under $QPC_CROSS_CACHE (default ~/.cache/qpc/cross) and rebuilt when
@@ -18,7 +18,8 @@
 # enabled here is undone on exit. Needs root. Output: the same files as a native build,
 # copied to $QPC_DIST (default dist/), plus the emulated-build timings in size-ARCH.txt.
 # Environment: QPC_SRC (source, default this checkout), QPC_CROSS_CACHE, QPC_DIST,
-# QPC_DEBIAN_MIRROR (default http://deb.debian.org/debian).
+# QPC_DEBIAN_MIRROR (default http://deb.debian.org/debian), QPC_WHEELS (install the Python
+# dependencies offline from this host directory instead of PyPI).
 set -euo pipefail
 
 arch=${1:?ARCH} layout=${2:-onedir} make_ipk=${3:-1}
@@ -52,8 +53,10 @@ GUEST_PKGS=$(printf '%s' "$GUEST_PKGS" | tr -s ' \n' '  ')  # one line: they go 
 RUSTBOX_PKGS=$(printf '%s' "$RUSTBOX_PKGS" | tr -s ' \n' '  ')
 maturin_pin=$(grep -E '^maturin==' "$here/requirements-build.txt" | head -1)
 [ -n "$maturin_pin" ] || die "no maturin== pin in cross/requirements-build.txt"
+crypto_pin=$(grep -E '^cryptography==' "$here/requirements-bundle.txt" | head -1)
+[ -n "$crypto_pin" ] || die "no cryptography== pin in cross/requirements-bundle.txt"
 guest_stamp="v1 $GUEST_SUITE $deb $GUEST_PKGS"
-rustbox_stamp="v2 $RUSTBOX_SUITE $RUSTBOX_PKGS $maturin_pin"
+rustbox_stamp="v3 $RUSTBOX_SUITE $RUSTBOX_PKGS $maturin_pin cffi setuptools"
 
 # shellcheck source=cross/binfmt.sh
 . "$here/binfmt.sh"
@@ -140,7 +143,7 @@ make_rustbox() {
   # shellcheck disable=SC2086
   enter "$rustbox" sh -c "dpkg --add-architecture arm64 && dpkg --add-architecture armhf \
     && apt-get update -qq && apt-get install -y -qq --no-install-recommends $RUSTBOX_PKGS >/dev/null \
-    && apt-get clean && python3 -m venv /opt/venv && /opt/venv/bin/pip install -q '$maturin_pin'"
+    && apt-get clean && python3 -m venv /opt/venv && /opt/venv/bin/pip install -q '$maturin_pin' cffi setuptools"
   echo "$rustbox_stamp" > "$rustbox/.qpc-stamp"
 }
 
@@ -195,16 +198,38 @@ main() {
     "CARGO_TARGET_${T}_LINKER=$cc-gcc" \
     "CARGO_TARGET_${T}_RUSTFLAGS=-C link-arg=--sysroot=$in/sysroot" \
     sh -c "cd $in/src && maturin build --quiet --release --locked --target $target --compatibility linux --out $in/out" >&2
+  # cryptography from its sdist against the guest's OpenSSL (cross/requirements-bundle.txt):
+  # openssl-sys and cc find the arm libssl/headers in the sysroot, cryptography's cffi part
+  # takes the guest's python3.11 headers through PYO3_CROSS_LIB_DIR.
+  log "cross-compile $crypto_pin against the guest's OpenSSL"
+  enter "$rustbox" env CARGO_TARGET_DIR=/root/target/cryptography \
+    "CARGO_TARGET_${T}_LINKER=$cc-gcc" \
+    "CARGO_TARGET_${T}_RUSTFLAGS=-C link-arg=--sysroot=$in/sysroot" \
+    "CC_${target//-/_}=$cc-gcc" "CFLAGS_${target//-/_}=--sysroot=$in/sysroot" \
+    "${T}_OPENSSL_LIB_DIR=$in/sysroot/usr/lib/$cc" "${T}_OPENSSL_INCLUDE_DIR=$in/sysroot/usr/include" \
+    PYO3_CROSS_LIB_DIR="$in/sysroot/usr/lib/python3.11" PYO3_PYTHON=/opt/venv/bin/python3 \
+    sh -c "rm -rf $in/crypto && mkdir -p $in/crypto && cd $in/crypto \
+      && pip download -q --no-binary :all: --no-deps '$crypto_pin' -d . \
+      && tar xzf cryptography-*.tar.gz && cd cryptography-*/ \
+      && maturin build --quiet --release --target $target --compatibility linux --out $in/out" >&2
   unmount_since "$mark"
   flock -u 9
   t_rust=$(date +%s)
-  wheel=$(cd "$guest/qpc/wheel" && ls quicprochat-*.whl)
-  [ -n "$wheel" ] || die "no wheel from maturin"
+  ls "$guest/qpc/wheel"/quicprochat-*.whl "$guest/qpc/wheel"/cryptography-*.whl >/dev/null ||
+    die "the rustbox made no project or cryptography wheel"
 
   with_proc "$guest"
   log "native build inside the emulated $GUEST_SUITE $deb root"
   ipk_flag=; [ "$make_ipk" = 1 ] || ipk_flag=--no-ipk
-  enter "$guest" env QPC_PREBUILT_WHEEL="/qpc/wheel/$wheel" QPC_DIST=/qpc/dist QPC_WORK=/qpc/work \
+  # QPC_WHEELS: a wheel directory prepared on the host (e.g. `pip download --platform ...`),
+  # for a guest that cannot reach PyPI; pip inside then installs offline from it.
+  local offline=()
+  rm -rf "$guest/qpc/wheels"
+  if [ -n "${QPC_WHEELS:-}" ]; then
+    cp -a "$QPC_WHEELS" "$guest/qpc/wheels"
+    offline=(QPC_WHEELS=/qpc/wheels)
+  fi
+  enter "$guest" env "${offline[@]}" QPC_PREBUILT_WHEELS=/qpc/wheel QPC_DIST=/qpc/dist QPC_WORK=/qpc/work \
     /qpc/src/cross/build.sh "$arch" --layout onedir $ipk_flag
   t_build=$(date +%s)
 

@@ -7,6 +7,7 @@ import re
 import select
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from pkg_rootfs import BusyboxRoot
@@ -115,3 +116,18 @@ def test_node_answers_health(root: BusyboxRoot) -> None:
         assert list((root.path / "tmp").iterdir()) == []
     finally:
         stop(proc)
+
+
+def test_bundle_carries_one_openssl(tree: Path) -> None:
+    """cryptography is built against the libcrypto Python's ssl uses (cross/requirements-bundle.txt),
+    not PyPI's wheel with a second, static OpenSSL inside."""
+    internal = tree / "usr/lib/qpc/_internal"
+    assert [p.name for p in internal.rglob("libcrypto*")] == ["libcrypto.so.3"]
+    rust = internal / "cryptography/hazmat/bindings/_rust.abi3.so"
+    dyn = subprocess.run(["readelf", "-d", str(rust)], capture_output=True, text=True, check=True)
+    assert "[libcrypto.so.3]" in dyn.stdout and "[libssl.so.3]" in dyn.stdout
+    ssl_mod = next(internal.glob("python3.11/lib-dynload/_ssl.*.so"))
+    dyn = subprocess.run(
+        ["readelf", "-d", str(ssl_mod)], capture_output=True, text=True, check=True
+    )
+    assert "[libcrypto.so.3]" in dyn.stdout
