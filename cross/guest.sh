@@ -178,10 +178,10 @@ main() {
   # mount points, and its mounts are gone again before the emulated part starts.
   exec 9>"$cache/rustbox.lock"
   flock 9
+  mark=${#mounts[@]}
   make_rustbox
   t_rustbox=$(date +%s)
   log "cross-compile the Rust extension for $target in the rustbox"
-  mark=${#mounts[@]}
   in=/qpc-$arch
   mkdir -p "$rustbox$in/src" "$rustbox$in/sysroot" "$rustbox$in/out" "$rustbox/root/target" \
     "$rustbox/root/.cargo/registry"
@@ -209,7 +209,7 @@ main() {
     "${T}_OPENSSL_LIB_DIR=$in/sysroot/usr/lib/$cc" "${T}_OPENSSL_INCLUDE_DIR=$in/sysroot/usr/include" \
     PYO3_CROSS_LIB_DIR="$in/sysroot/usr/lib/python3.11" PYO3_PYTHON=/opt/venv/bin/python3 \
     sh -c "rm -rf $in/crypto && mkdir -p $in/crypto && cd $in/crypto \
-      && pip download -q --no-binary :all: --no-deps '$crypto_pin' -d . \
+      && pip download -q --no-binary cryptography --no-deps '$crypto_pin' -d . \
       && tar xzf cryptography-*.tar.gz && cd cryptography-*/ \
       && maturin build --quiet --release --target $target --compatibility linux --out $in/out" >&2
   unmount_since "$mark"
