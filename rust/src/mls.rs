@@ -139,6 +139,13 @@ fn msg_bytes(m: &MlsMessageOut) -> Result<Vec<u8>> {
         .map_err(|e| Error::from_dbg(Kind::Mls, "serialize message", e))
 }
 
+/// Apply the commit we just created to our own state (the other members apply it when it
+/// reaches them); every committing operation ends with this.
+fn merge_own_commit(g: &mut MlsGroup, p: &Provider) -> Result<()> {
+    g.merge_pending_commit(p)
+        .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))
+}
+
 fn storage_put(st: &State, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
     let mut m = st
         .provider
@@ -799,8 +806,7 @@ impl Group {
                 }
                 _ => Error::from_dbg(Kind::Mls, "add members", e),
             })?;
-            g.merge_pending_commit(p)
-                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            merge_own_commit(g, p)?;
             Ok((msg_bytes(&commit)?, msg_bytes(&welcome)?))
         })?;
         Ok((PyBytes::new(py, &c), PyBytes::new(py, &w)))
@@ -832,8 +838,7 @@ impl Group {
                 }
                 _ => Error::from_dbg(Kind::Mls, "remove members", e),
             })?;
-            g.merge_pending_commit(p)
-                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            merge_own_commit(g, p)?;
             msg_bytes(&commit)
         })?;
         Ok(PyBytes::new(py, &out))
@@ -853,8 +858,7 @@ impl Group {
                         _ => Error::from_dbg(Kind::Mls, "self update", e),
                     })?;
             let (commit, _, _) = bundle.into_contents();
-            g.merge_pending_commit(p)
-                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            merge_own_commit(g, p)?;
             msg_bytes(&commit)
         })?;
         Ok(PyBytes::new(py, &out))
@@ -884,8 +888,7 @@ impl Group {
             let (commit, welcome, _) = g
                 .commit_to_pending_proposals(p, s)
                 .map_err(|e| Error::from_dbg(Kind::Mls, "commit pending proposals", e))?;
-            g.merge_pending_commit(p)
-                .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))?;
+            merge_own_commit(g, p)?;
             let w = match welcome {
                 Some(w) => Some(msg_bytes(&w)?),
                 None => None,
