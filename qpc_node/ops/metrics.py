@@ -108,6 +108,14 @@ class EndpointStats(Protocol):
     def refused_admission(self) -> int: ...
     @property
     def connection_failures(self) -> int: ...
+    @property
+    def handshakes_ok_server(self) -> int: ...
+    @property
+    def handshakes_ok_client(self) -> int: ...
+    @property
+    def handshakes_failed_server(self) -> int: ...
+    @property
+    def handshakes_failed_client(self) -> int: ...
 
 
 class EndpointSource(Protocol):
@@ -316,6 +324,16 @@ def _endpoint_families(endpoint: EndpointSource) -> Iterator[Metric]:
         "connections dropped by a core failure",
         e.connection_failures,
     )
+    hs = CounterMetricFamily(
+        "qpc_quic_handshakes",
+        "TLS handshakes: confirmed, or the connection ended unconfirmed (refused cert/ALPN, timeout)",
+        labels=["role", "result"],
+    )
+    hs.add_metric(["server", "ok"], e.handshakes_ok_server)
+    hs.add_metric(["server", "failed"], e.handshakes_failed_server)
+    hs.add_metric(["client", "ok"], e.handshakes_ok_client)
+    hs.add_metric(["client", "failed"], e.handshakes_failed_client)
+    yield hs
 
 
 def _store_families(a: StoreStats) -> Iterator[Metric]:

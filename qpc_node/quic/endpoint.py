@@ -53,6 +53,12 @@ class EndpointStatistics:
     dropped_unknown_cid: int
     refused_admission: int
     connection_failures: int
+    # TLS handshakes by role: confirmed (RFC 9001 4.1.2; the connection may have ended since)
+    # and ended unconfirmed (refused certificate or ALPN, timeout, garbage)
+    handshakes_ok_server: int
+    handshakes_ok_client: int
+    handshakes_failed_server: int
+    handshakes_failed_client: int
 
 
 class Endpoint:
@@ -92,6 +98,9 @@ class Endpoint:
         self._unknown_cid = 0
         self._refused = 0
         self._conn_failures = 0
+        # index 0: accepted (server role), 1: dialled (client role); of finished connections
+        self._hs_ok_finished = [0, 0]
+        self._hs_failed = [0, 0]
 
     # ------------------------------------------------------------------ public
     @property
@@ -180,6 +189,10 @@ class Endpoint:
         return list(self._connections)
 
     def statistics(self) -> EndpointStatistics:
+        ok = list(self._hs_ok_finished)
+        for c in self._connections:  # O(open connections), at scrape time only
+            if c.confirmed:
+                ok[c.is_client] += 1
         return EndpointStatistics(
             connections=len(self._connections),
             server_connections=len(self._server_conns),
@@ -192,6 +205,10 @@ class Endpoint:
             dropped_unknown_cid=self._unknown_cid,
             refused_admission=self._refused,
             connection_failures=self._conn_failures,
+            handshakes_ok_server=ok[0],
+            handshakes_ok_client=ok[1],
+            handshakes_failed_server=self._hs_failed[0],
+            handshakes_failed_client=self._hs_failed[1],
         )
 
     # ------------------------------------------------- ConnectionHost protocol
@@ -219,6 +236,8 @@ class Endpoint:
         return self._handler
 
     def connection_finished(self, conn: Connection) -> None:
+        if conn in self._connections:
+            (self._hs_ok_finished if conn.confirmed else self._hs_failed)[conn.is_client] += 1
         self._connections.discard(conn)
         if conn in self._server_conns:
             self._server_conns.discard(conn)

@@ -86,6 +86,8 @@ async def test_scrape_during_a_scenario(tmp_path: Path, wall: ManualWallClock) -
                 assert ("qpc_mailbox_messages", ()) in after  # totals over all mailboxes
                 assert after[("qpc_rpc_responses_total", (("status", "OK"),))] > 0
                 assert after[("process_resident_memory_bytes", ())] > 0
+                ok = (("result", "ok"), ("role", "server"))
+                assert after[("qpc_quic_handshakes_total", ok)] >= 2  # the two users
 
                 # Bad HTTP: 400 (or 405/404), and the next scrape still works.
                 assert (await http(port, b"\x16\x03\x01\x02\x00garbage\r\n\r\n"))[0] == 400

@@ -155,3 +155,34 @@ async def test_client_ca_mode_verifies_server_chain_and_name(pki: PkiFixture) ->
     assert (await refused(ServerTLS(pki.server), stranger)).error_code == UNKNOWN_CA
     wrong_name = ClientTLS(ALPN_CLIENT, ca=pki.ca.certificate_pem, server_name="node.example")
     assert (await refused(ServerTLS(pki.server), wrong_name)).error_code == BAD_CERTIFICATE
+
+
+async def test_handshake_counters_by_role_and_result(pki: PkiFixture) -> None:
+    """One accepted and one refused (no client certificate) federation handshake show up
+    on both endpoints (qpc_quic_handshakes{role,result})."""
+
+    async def handler(conn: Connection, stream: QuicStream) -> None:
+        await stream.send_all(b"ok")
+
+    with trio.fail_after(20):
+        async with (
+            open_endpoint("127.0.0.1", 0, server_tls=fed_server(pki), settings=FAST) as server,
+            serving(server, handler),
+            open_endpoint("127.0.0.1", 0, settings=FAST) as client,
+        ):
+            conn = await client.connect(*server.local_address, fed_client(pki, pki.client))
+            with pytest.raises(HandshakeError):
+                await client.connect(*server.local_address, fed_client(pki, None))
+            s, c = server.statistics(), client.statistics()
+            assert (s.handshakes_ok_server, c.handshakes_ok_client) == (1, 1)
+            assert (s.handshakes_ok_client, c.handshakes_ok_server) == (0, 0)
+            await conn.aclose()
+            # the refused connections end after their closing period: wait for both sides
+            for _ in range(200):
+                s, c = server.statistics(), client.statistics()
+                if s.handshakes_failed_server and c.handshakes_failed_client:
+                    break
+                await trio.sleep(0.05)
+            assert (s.handshakes_failed_server, c.handshakes_failed_client) == (1, 1)
+            # the accepted one, now closed, still counts as completed
+            assert (s.handshakes_ok_server, c.handshakes_ok_client) == (1, 1)
