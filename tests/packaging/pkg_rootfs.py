@@ -41,6 +41,15 @@ def run(cmd: Sequence[str], timeout: float = 30, **kw: object) -> subprocess.Com
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload, no-any-return]
 
 
+def shellcheck(*scripts: str | Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """``shellcheck -x -S warning`` over ``scripts``; skips the test when it is not installed."""
+    if shutil.which("shellcheck") is None:
+        import pytest
+
+        pytest.skip("shellcheck not installed (apt install shellcheck)")
+    return run(["shellcheck", "-x", "-S", "warning", *map(str, scripts)], cwd=cwd)
+
+
 def _mounted(path: Path) -> bool:
     return run(["mountpoint", "-q", str(path)]).returncode == 0
 
