@@ -117,7 +117,9 @@ def render(response: Response, *, head_only: bool = False, extra: str = "") -> b
 
 
 @dataclass(slots=True)
-class HttpStatistics:
+class _HttpCounters:
+    """The live counters; ``statistics()`` hands out a frozen copy."""
+
     connections: int = 0
     responses: int = 0
     bad_requests: int = 0
@@ -125,6 +127,17 @@ class HttpStatistics:
     refused_busy: int = 0
     client_gone: int = 0
     route_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpStatistics:
+    connections: int
+    responses: int
+    bad_requests: int
+    timeouts: int
+    refused_busy: int
+    client_gone: int
+    route_errors: int
 
 
 class HttpServer:
@@ -143,7 +156,7 @@ class HttpServer:
         self.timeout = timeout
         self._slots = trio.CapacityLimiter(max_connections)
         self.addresses: list[tuple[str, int]] = []
-        self._stats = HttpStatistics()
+        self._stats = _HttpCounters()
 
     @property
     def port(self) -> int:
@@ -152,13 +165,13 @@ class HttpServer:
     def statistics(self) -> HttpStatistics:
         s = self._stats
         return HttpStatistics(
-            s.connections,
-            s.responses,
-            s.bad_requests,
-            s.timeouts,
-            s.refused_busy,
-            s.client_gone,
-            s.route_errors,
+            connections=s.connections,
+            responses=s.responses,
+            bad_requests=s.bad_requests,
+            timeouts=s.timeouts,
+            refused_busy=s.refused_busy,
+            client_gone=s.client_gone,
+            route_errors=s.route_errors,
         )
 
     async def handle(self, stream: trio.abc.Stream) -> None:

@@ -8,11 +8,14 @@ server reports through its observer hook (one dict lookup and a locked add per c
 Every node owns its own ``CollectorRegistry`` (never the process-wide default), so
 two nodes in one test process do not collide.
 
-Sources are found on the node object by attribute name (``store``, ``rpc``,
-``endpoint``, ``guard``, ``auth``, ``delivery``, ``audit``); one that is missing
-or still None is simply not exported -- no fake zeros. Layers built later (mesh
-discovery, gossip, store-and-forward) add their own collector with
-:meth:`NodeMetrics.register`.
+Sources are the node's attributes ``store``, ``rpc``, ``endpoint``, ``guard``,
+``auth``, ``delivery`` and ``audit`` (:class:`NodeView`); one that is still None
+is simply not exported -- no fake zeros. Each source's ``statistics()`` returns a
+frozen, typed snapshot and the collector reads its attributes by name, never a
+dict with defaults: a renamed or removed field fails ``mypy --strict`` where the
+node is handed to :class:`NodeMetrics`, instead of exporting a silent zero.
+Layers built later (mesh discovery, gossip, store-and-forward) add their own
+collector with :meth:`NodeMetrics.register`.
 
 This module imports no outer layer: sources are described by Protocols.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -176,24 +179,80 @@ class StoreSource(Protocol):
     async def mailbox_totals(self) -> MailboxTotalsLike: ...
 
 
-class GuardSource(Protocol):
+class GuardStats(Protocol):
     @property
     def refused(self) -> int: ...
 
 
-class DictStatsSource(Protocol):
-    def statistics(self) -> Mapping[str, int]: ...
+class GuardSource(Protocol):
+    def statistics(self) -> GuardStats: ...
+
+
+class ChallengeStats(Protocol):
+    @property
+    def issued(self) -> int: ...
+    @property
+    def verified(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+
+
+class ChallengeSource(Protocol):
+    def statistics(self) -> ChallengeStats: ...
 
 
 class AuthSource(Protocol):
     @property
-    def book(self) -> DictStatsSource: ...
+    def book(self) -> ChallengeSource: ...
+
+
+class DeliveryStats(Protocol):
+    @property
+    def parked_fetches(self) -> int: ...
+    @property
+    def wakeups(self) -> int: ...
+
+
+class DeliverySource(Protocol):
+    def statistics(self) -> DeliveryStats: ...
+
+
+class AuditStats(Protocol):
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+
+
+class AuditSource(Protocol):
+    def statistics(self) -> AuditStats: ...
 
 
 class NodeView(Protocol):
-    """What the node must offer; the sources are optional attributes (see module doc)."""
+    """What the node must offer: ``serving()`` and its sources, each None until built.
+
+    Read-only properties, so ``Node``'s attributes typed with the concrete classes
+    (``endpoint: Endpoint | None``) satisfy them; ``NodeMetrics(node)`` in node.py is
+    where mypy checks every component's statistics type against what is read here.
+    """
 
     def serving(self) -> bool: ...
+    @property
+    def store(self) -> StoreSource | None: ...
+    @property
+    def rpc(self) -> RpcSource | None: ...
+    @property
+    def endpoint(self) -> EndpointSource | None: ...
+    @property
+    def guard(self) -> GuardSource | None: ...
+    @property
+    def auth(self) -> AuthSource | None: ...
+    @property
+    def delivery(self) -> DeliverySource | None: ...
+    @property
+    def audit(self) -> AuditSource | None: ...
 
 
 # -- samples, for the Stats RPC and the REPL ----------------------------------------
@@ -237,52 +296,46 @@ class NodeCollector(Collector):
         self._m = metrics
 
     def collect(self) -> Iterable[Metric]:
-        m = self._m
-        yield _gauge("qpc_node_ready", "1 when the node serves calls (not draining)", m.ready())
-        if (rpc := m.source("rpc")) is not None:
-            yield from _rpc_families(rpc)
-        if (endpoint := m.source("endpoint")) is not None:
-            yield from _endpoint_families(endpoint)
-        if (store := m.source("store")) is not None and store.is_open:
+        node = self._m.node
+        yield _gauge(
+            "qpc_node_ready", "1 when the node serves calls (not draining)", self._m.ready()
+        )
+        if (rpc := node.rpc) is not None:
+            yield from _rpc_families(rpc.statistics())
+        if (endpoint := node.endpoint) is not None:
+            yield from _endpoint_families(endpoint.statistics())
+        if (store := node.store) is not None and store.is_open:
             yield from _store_families(store.statistics())
-        if (totals := m.mailbox_totals) is not None:
+        if (totals := self._m.mailbox_totals) is not None:
             yield _gauge("qpc_mailboxes", "mailboxes known to this node", totals.mailboxes)
             yield _gauge("qpc_mailbox_messages", "unacked messages, all mailboxes", totals.messages)
             yield _gauge("qpc_mailbox_bytes", "unacked message bytes, all mailboxes", totals.bytes)
-        if (guard := m.source("guard")) is not None:
-            yield _counter("qpc_rate_limit_hits", "calls refused by a rate limit", guard.refused)
-        if (auth := m.source("auth")) is not None:
+        if (guard := node.guard) is not None:
+            g = guard.statistics()
+            yield _counter("qpc_rate_limit_hits", "calls refused by a rate limit", g.refused)
+        if (auth := node.auth) is not None:
             a = auth.book.statistics()
             fam = CounterMetricFamily(
                 "qpc_auth_handshakes",
                 "Auth.Prove outcomes (session bound or refused)",
                 labels=["result"],
             )
-            fam.add_metric(["ok"], a.get("verified", 0))
-            fam.add_metric(["failed"], a.get("failed", 0))
+            fam.add_metric(["ok"], a.verified)
+            fam.add_metric(["failed"], a.failed)
             yield fam
-            yield _counter(
-                "qpc_auth_challenges", "Auth.Challenge nonces issued", a.get("issued", 0)
-            )
-        if (delivery := m.source("delivery")) is not None:
+            yield _counter("qpc_auth_challenges", "Auth.Challenge nonces issued", a.issued)
+        if (delivery := node.delivery) is not None:
             d = delivery.statistics()
-            yield _gauge(
-                "qpc_fetch_waiters", "long-poll fetches parked", d.get("parked_fetches", 0)
-            )
-            yield _counter("qpc_fetch_wakeups", "parked fetches woken by mail", d.get("wakeups", 0))
-        if (audit := m.source("audit")) is not None:
+            yield _gauge("qpc_fetch_waiters", "long-poll fetches parked", d.parked_fetches)
+            yield _counter("qpc_fetch_wakeups", "parked fetches woken by mail", d.wakeups)
+        if (audit := node.audit) is not None:
             au = audit.statistics()
-            yield _counter("qpc_audit_written", "audit events persisted", au.get("written", 0))
-            yield _counter(
-                "qpc_audit_dropped", "audit events dropped (buffer full)", au.get("dropped", 0)
-            )
-            yield _gauge(
-                "qpc_audit_buffered", "audit events waiting to be written", au.get("buffered", 0)
-            )
+            yield _counter("qpc_audit_written", "audit events persisted", au.written)
+            yield _counter("qpc_audit_dropped", "audit events dropped (buffer full)", au.dropped)
+            yield _gauge("qpc_audit_buffered", "audit events waiting to be written", au.buffered)
 
 
-def _rpc_families(rpc: RpcSource) -> Iterator[Metric]:
-    s = rpc.statistics()
+def _rpc_families(s: RpcStats) -> Iterator[Metric]:
     yield _counter("qpc_rpc_connections_opened", "connections that carried a call", s.connections)
     yield _counter("qpc_rpc_streams", "call streams accepted", s.streams)
     yield _gauge("qpc_rpc_active_calls", "calls in progress", s.active_calls)
@@ -301,8 +354,7 @@ def _rpc_families(rpc: RpcSource) -> Iterator[Metric]:
     yield fam
 
 
-def _endpoint_families(endpoint: EndpointSource) -> Iterator[Metric]:
-    e = endpoint.statistics()
+def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
     yield _gauge("qpc_quic_connections", "open QUIC connections (all)", e.connections)
     yield _gauge(
         "qpc_quic_server_connections", "open QUIC connections accepted", e.server_connections
@@ -392,9 +444,9 @@ class NodeMetrics:
 
     # -- wiring -------------------------------------------------------------------
 
-    def source(self, name: str) -> Any:
-        """The node's attribute ``name`` or None (not built yet / not on this node)."""
-        return getattr(self._node, name, None)
+    @property
+    def node(self) -> NodeView:
+        return self._node
 
     def register(self, collector: Collector) -> None:
         """The seam for later layers: discovery peers, gossip sends/duplicates,
@@ -418,12 +470,12 @@ class NodeMetrics:
 
     def ready(self) -> bool:
         """Store open, endpoint serving, not draining (/readyz)."""
-        store = self.source("store")
-        return bool(self._node.serving()) and store is not None and bool(store.is_open)
+        store = self._node.store
+        return self._node.serving() and store is not None and store.is_open
 
     async def refresh(self) -> None:
         """Update what needs a store query (mailbox totals), at most once a second."""
-        store: StoreSource | None = self.source("store")
+        store = self._node.store
         now = trio.current_time()
         if store is None or not store.is_open:
             return

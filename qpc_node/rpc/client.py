@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeVar
 
 import trio
@@ -66,13 +67,27 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 @dataclass(slots=True)
-class ClientStatistics:
+class _ClientCounters:
+    """The live counters; ``statistics()`` hands out a frozen copy."""
+
     calls: int = 0
     attempts: int = 0
     retries: int = 0
     aborted_streams: int = 0
     backoff_seconds: float = 0.0
     failures: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """A snapshot of one client's calls; ``failures`` counts final errors by status name."""
+
+    calls: int
+    attempts: int
+    retries: int
+    aborted_streams: int
+    backoff_seconds: float
+    failures: Mapping[str, int]
 
 
 class _StreamGone(Exception):
@@ -99,17 +114,17 @@ class RpcClient:
         self._random = random_source
         self._version = version
         self._next_call_id = 1
-        self._stats = ClientStatistics()
+        self._stats = _ClientCounters()
 
     def statistics(self) -> ClientStatistics:
         s = self._stats
         return ClientStatistics(
-            s.calls,
-            s.attempts,
-            s.retries,
-            s.aborted_streams,
-            s.backoff_seconds,
-            Counter(s.failures),
+            calls=s.calls,
+            attempts=s.attempts,
+            retries=s.retries,
+            aborted_streams=s.aborted_streams,
+            backoff_seconds=s.backoff_seconds,
+            failures=MappingProxyType(dict(s.failures)),
         )
 
     async def call(

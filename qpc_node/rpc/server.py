@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import trio
@@ -78,20 +79,32 @@ class ServerConnection:
         self.refused_calls = 0
         self._next_local_id = 0
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "connection_id": self.peer.connection_id,
-            "active_calls": self.active_calls,
-            "peak_active_calls": self.peak_active_calls,
-            "calls": self.calls,
-            "refused_calls": self.refused_calls,
-            "limit": self._limit,
-        }
+    def statistics(self) -> ConnectionCallStatistics:
+        return ConnectionCallStatistics(
+            connection_id=self.peer.connection_id,
+            active_calls=self.active_calls,
+            peak_active_calls=self.peak_active_calls,
+            calls=self.calls,
+            refused_calls=self.refused_calls,
+            limit=self._limit,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCallStatistics:
+    """One connection's call slots (a snapshot)."""
+
+    connection_id: str
+    active_calls: int
+    peak_active_calls: int
+    calls: int
+    refused_calls: int
+    limit: int
 
 
 @dataclass(slots=True)
-class ServerStatistics:
-    """Counters a REPL or test reads; ``buffered_bytes`` is the memory to watch."""
+class _ServerCounters:
+    """The live counters; ``statistics()`` hands out a frozen copy."""
 
     connections: int = 0
     streams: int = 0
@@ -103,6 +116,24 @@ class ServerStatistics:
     buffered_bytes: int = 0
     peak_buffered_bytes: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """Counters a REPL, test or the metrics layer reads; ``buffered_bytes`` is the
+    memory to watch. A snapshot: later calls do not change it."""
+
+    connections: int
+    streams: int
+    active_calls: int
+    refused_calls: int
+    peer_resets: int
+    protocol_errors: int
+    internal_errors: int
+    buffered_bytes: int
+    peak_buffered_bytes: int
+    statuses: Mapping[str, int]
+    """Responses by StatusCode name, including pre-dispatch refusals (read-only)."""
 
 
 class _CallState:
@@ -128,7 +159,7 @@ class RpcServer:
         self.methods = methods
         self.config = config or ServerConfig()
         self.observer = observer
-        self._stats = ServerStatistics()
+        self._stats = _ServerCounters()
 
     def statistics(self) -> ServerStatistics:
         s = self._stats
@@ -142,7 +173,7 @@ class RpcServer:
             internal_errors=s.internal_errors,
             buffered_bytes=s.buffered_bytes,
             peak_buffered_bytes=s.peak_buffered_bytes,
-            statuses=Counter(s.statuses),
+            statuses=MappingProxyType(dict(s.statuses)),
         )
 
     def open_connection(self, peer: PeerInfo) -> ServerConnection:

@@ -8,6 +8,7 @@ behind, the oldest events are dropped and counted (never unbounded memory).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import trio
 
@@ -52,5 +53,12 @@ class AuditSink:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.flush()
 
-    def statistics(self) -> dict[str, int]:
-        return {"buffered": len(self._buf), "written": self.written, "dropped": self.dropped}
+    def statistics(self) -> AuditStatistics:
+        return AuditStatistics(buffered=len(self._buf), written=self.written, dropped=self.dropped)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStatistics:
+    buffered: int  # events waiting for the next flush
+    written: int  # events persisted
+    dropped: int  # oldest events dropped because the buffer was full

@@ -96,5 +96,14 @@ class ChallengeBook:
         self.verified += 1
         return fingerprint_of(public_key)
 
-    def statistics(self) -> dict[str, int]:
-        return {"issued": self.issued, "verified": self.verified, "failed": self.failed}
+    def statistics(self) -> ChallengeStatistics:
+        return ChallengeStatistics(issued=self.issued, verified=self.verified, failed=self.failed)
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeStatistics:
+    """Auth.Challenge nonces issued; Auth.Prove outcomes (a snapshot)."""
+
+    issued: int
+    verified: int
+    failed: int

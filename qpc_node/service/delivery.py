@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import trio
 
@@ -203,5 +204,11 @@ class DeliveryService:
         deleted = await self._store.ack(user, up_to_seq=req.up_to_seq)
         return service_pb2.AckResponse(deleted=deleted)
 
-    def statistics(self) -> dict[str, int]:
-        return {"parked_fetches": len(self.waiters), "wakeups": self.waiters.wakeups}
+    def statistics(self) -> DeliveryStatistics:
+        return DeliveryStatistics(parked_fetches=len(self.waiters), wakeups=self.waiters.wakeups)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStatistics:
+    parked_fetches: int  # recipients with a long-poll fetch parked right now
+    wakeups: int  # parked fetches woken by new mail

@@ -8,6 +8,7 @@ never reaches the store.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -63,6 +64,9 @@ class Guard:
         self.wall_ms = wall_ms
         self.refused = 0
 
+    def statistics(self) -> GuardStatistics:
+        return GuardStatistics(refused=self.refused)
+
     def set_rate(self, rate: float, burst: float) -> None:
         """Live reload (SIGHUP): new limits apply from the next refill."""
         for lim in (self._per_ip, self._per_identity):
@@ -88,3 +92,8 @@ class Guard:
         self._audit(AuditEvent(self.wall_ms(), "ratelimit.hit", subject, {"scope": scope}))
         log.info("rate limited", extra={"scope": scope, "method": ctx.method})
         raise RateLimited(f"rate limit exceeded ({scope}); slow down")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardStatistics:
+    refused: int  # calls refused by a rate limit (per IP or per identity)

@@ -22,7 +22,7 @@ def test_valid_proof_gives_fingerprint_once(tmp_path: Path) -> None:
     assert book.verify(c1, pk, sig, NODE, now=1.0) == fingerprint_of(pk)
     with pytest.raises(AuthError):  # nonce is single use
         book.verify(c1, pk, sig, NODE, now=1.0)
-    assert book.statistics()["verified"] == 1 and book.statistics()["failed"] == 1
+    assert book.statistics().verified == 1 and book.statistics().failed == 1
     assert c1 == {}
 
 

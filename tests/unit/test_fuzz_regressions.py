@@ -98,4 +98,4 @@ async def test_long_poll_that_times_out_leaves_no_waiter(tmp_path: Path) -> None
         await execute(o.harness, o.target, b"\x18\x03", result)
         assert result.outcomes == {"OK": 1}
         await trio.sleep(0.01)
-        assert o.env.delivery.statistics()["parked_fetches"] == 0
+        assert o.env.delivery.statistics().parked_fetches == 0

@@ -1,12 +1,17 @@
-"""The node's metrics collector and the tiny HTTP server, with fake statistics."""
+"""The node's metrics collector and the tiny HTTP server.
+
+The sources handed to ``NodeMetrics`` return the components' real statistics types
+(``ServerStatistics``, ``AsyncStoreStatistics``, ...), built by keyword: a renamed or
+removed field breaks these tests at once. The static half of that guarantee (mypy
+refusing a node whose statistics type drifted) is in test_statistics_types.py.
+"""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 import pytest
 import trio
@@ -23,20 +28,43 @@ from qpc_node.ops.http import (
     metrics_routes,
     parse_request_head,
 )
-from qpc_node.ops.metrics import NodeMetrics, Sample, format_stats, histogram_family
+from qpc_node.ops.metrics import (
+    AuditSource,
+    AuthSource,
+    DeliverySource,
+    EndpointSource,
+    EndpointStats,
+    GuardSource,
+    NodeMetrics,
+    RpcSource,
+    Sample,
+    StoreSource,
+    format_stats,
+    histogram_family,
+)
+from qpc_node.quic.endpoint import EndpointStatistics
 from qpc_node.rpc import CallContext, MethodTable, RpcClient, RpcError, RpcServer
 from qpc_node.rpc.inmemory import MemoryConnection
+from qpc_node.rpc.server import ServerStatistics
+from qpc_node.service.audit import AuditStatistics
+from qpc_node.service.auth import ChallengeBook
+from qpc_node.service.delivery import DeliveryStatistics
 from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import STATS_METHOD, StatsService, samples_from_proto
+from qpc_node.store.async_store import AsyncStoreStatistics
 from qpc_node.store.errors import StoreClosed
+from qpc_node.store.records import StoreStatistics
+from qpc_node.store.store import MailboxTotals
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 
 @dataclass
 class FakeStore:
+    """A store whose numbers the test picks; the types are AsyncStore's own."""
+
     open: bool = True
-    totals: Any = field(default_factory=lambda: SimpleNamespace(mailboxes=2, messages=5, bytes=900))
+    totals: MailboxTotals = field(default_factory=lambda: MailboxTotals(2, 5, 900))
     queries: int = 0
     fail: bool = False
 
@@ -44,58 +72,101 @@ class FakeStore:
     def is_open(self) -> bool:
         return self.open
 
-    def statistics(self) -> Any:
-        counters = SimpleNamespace(
-            transactions=7,
-            enqueued=5,
-            duplicates=1,
-            fetched=3,
-            acked=2,
-            expired_messages=4,
-            quota_rejections=0,
-            keypackages_uploaded=6,
-            keypackages_served=1,
-        )
-        return SimpleNamespace(
-            store=counters,
+    def statistics(self) -> AsyncStoreStatistics:
+        return AsyncStoreStatistics(
+            store=StoreStatistics(
+                schema_version=1,
+                transactions=7,
+                enqueued=5,
+                duplicates=1,
+                fetched=3,
+                acked=2,
+                expired_messages=4,
+                quota_rejections=0,
+                keypackages_uploaded=6,
+                keypackages_served=1,
+            ),
             queued=0,
             jobs=9,
             group_commits=1,
+            grouped_batches=2,
+            largest_group=2,
             op_seconds_bounds=(0.001, 0.01),
             op_seconds_buckets=(3, 5, 1),
             op_seconds_sum=0.25,
         )
 
-    async def mailbox_totals(self) -> Any:
+    async def mailbox_totals(self) -> MailboxTotals:
         self.queries += 1
         if self.fail:
             raise StoreClosed("closed")
         return self.totals
 
 
+S = TypeVar("S")
+
+
+@dataclass
+class Fixed(Generic[S]):
+    """A source whose ``statistics()`` returns a given snapshot of a real type."""
+
+    stats: S
+
+    def statistics(self) -> S:
+        return self.stats
+
+
+@dataclass
+class FakeAuth:
+    book: ChallengeBook = field(default_factory=ChallengeBook)
+
+
+@dataclass
 class FakeNode:
-    def __init__(self, **sources: Any) -> None:
-        self.is_serving = True
-        for name, value in sources.items():
-            setattr(self, name, value)
+    """What ``NodeMetrics`` reads (``NodeView``), each source None until given."""
+
+    is_serving: bool = True
+    store: StoreSource | None = None
+    rpc: RpcSource | None = None
+    endpoint: EndpointSource | None = None
+    guard: GuardSource | None = None
+    auth: AuthSource | None = None
+    delivery: DeliverySource | None = None
+    audit: AuditSource | None = None
 
     def serving(self) -> bool:
         return self.is_serving
 
 
-def rpc_source() -> Any:
-    stats = SimpleNamespace(
-        connections=3,
-        streams=11,
-        active_calls=1,
-        refused_calls=0,
-        peer_resets=2,
-        protocol_errors=1,
-        internal_errors=0,
-        buffered_bytes=64,
-        statuses=Counter({"OK": 9, "UNAUTHENTICATED": 2}),
+def rpc_source() -> Fixed[ServerStatistics]:
+    return Fixed(
+        ServerStatistics(
+            connections=3,
+            streams=11,
+            active_calls=1,
+            refused_calls=0,
+            peer_resets=2,
+            protocol_errors=1,
+            internal_errors=0,
+            buffered_bytes=64,
+            peak_buffered_bytes=128,
+            statuses=MappingProxyType({"OK": 9, "UNAUTHENTICATED": 2}),
+        )
     )
-    return SimpleNamespace(statistics=lambda: stats)
+
+
+def endpoint_source() -> Fixed[EndpointStatistics]:
+    names = [f for f in EndpointStatistics.__dataclass_fields__]
+    return Fixed(EndpointStatistics(**{name: i + 1 for i, name in enumerate(names)}))
+
+
+def real_guard() -> Guard:
+    return Guard(
+        per_ip=TokenBucketLimiter[str](rate=100, burst=100),
+        per_identity=TokenBucketLimiter[str](rate=100, burst=100),
+        audit=lambda event: None,
+        wall_ms=lambda: 0,
+    )
 
 
 def parse(metrics: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -108,13 +179,18 @@ def parse(metrics: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 
 async def test_collector_reads_statistics_at_scrape_time() -> None:
     store = FakeStore()
+    guard = real_guard()
+    guard.refused = 4
+    auth = FakeAuth()
+    auth.book.issued, auth.book.verified, auth.book.failed = 3, 2, 1
     node = FakeNode(
         store=store,
         rpc=rpc_source(),
-        guard=SimpleNamespace(refused=4),
-        auth=SimpleNamespace(
-            book=SimpleNamespace(statistics=lambda: {"issued": 3, "verified": 2, "failed": 1})
-        ),
+        endpoint=endpoint_source(),
+        guard=guard,
+        auth=auth,
+        delivery=Fixed(DeliveryStatistics(parked_fetches=2, wakeups=7)),
+        audit=Fixed(AuditStatistics(buffered=1, written=40, dropped=3)),
     )
     m = NodeMetrics(node, process=False)
     await m.refresh()
@@ -124,6 +200,21 @@ async def test_collector_reads_statistics_at_scrape_time() -> None:
     assert got[("qpc_rpc_responses_total", (("status", "UNAUTHENTICATED"),))] == 2
     assert got[("qpc_rate_limit_hits_total", ())] == 4
     assert got[("qpc_auth_handshakes_total", (("result", "failed"),))] == 1
+    assert got[("qpc_auth_handshakes_total", (("result", "ok"),))] == 2
+    assert got[("qpc_auth_challenges_total", ())] == 3
+    assert got[("qpc_fetch_waiters", ())] == 2 and got[("qpc_fetch_wakeups_total", ())] == 7
+    assert got[("qpc_audit_written_total", ())] == 40
+    assert got[("qpc_audit_dropped_total", ())] == 3
+    assert got[("qpc_audit_buffered", ())] == 1
+    e = node.endpoint.statistics() if node.endpoint else None
+    assert e is not None
+    assert got[("qpc_quic_rx_datagrams_total", ())] == e.rx_datagrams
+    assert got[("qpc_quic_dropped_datagrams_total", (("reason", "unknown_cid"),))] == (
+        e.dropped_unknown_cid
+    )
+    assert got[("qpc_quic_handshakes_total", (("result", "failed"), ("role", "client")))] == (
+        e.handshakes_failed_client
+    )
     assert got[("qpc_store_expired_messages_total", ())] == 4
     assert got[("qpc_mailbox_messages", ())] == 5 and got[("qpc_mailbox_bytes", ())] == 900
     # Cumulative buckets from the store's per-bucket counts.
@@ -132,8 +223,24 @@ async def test_collector_reads_statistics_at_scrape_time() -> None:
     assert got[("qpc_store_op_seconds_bucket", (("le", "+Inf"),))] == 9
     assert got[("qpc_store_op_seconds_count", ())] == 9
     # Pulled, not copied: a later change shows in the next scrape.
-    node.guard.refused = 10
+    guard.refused = 10
     assert parse(m)[("qpc_rate_limit_hits_total", ())] == 10
+
+
+async def test_every_field_read_is_exported_with_its_value() -> None:
+    """Distinct numbers in, each one found in a sample: nothing is read as a default zero."""
+    endpoint = endpoint_source()
+    node = FakeNode(
+        endpoint=endpoint,
+        delivery=Fixed(DeliveryStatistics(parked_fetches=101, wakeups=102)),
+        audit=Fixed(AuditStatistics(buffered=103, written=104, dropped=105)),
+    )
+    values = set(parse(NodeMetrics(node, process=False)).values())
+    read = [n for n in vars(EndpointStats) if not n.startswith("_")]
+    assert len(read) == 13
+    for name in read:
+        assert getattr(endpoint.stats, name) in values, name
+    assert {101, 102, 103, 104, 105} <= values
 
 
 async def test_absent_sources_are_not_exported_as_zeros() -> None:
@@ -329,7 +436,7 @@ async def test_connections_beyond_the_cap_get_503() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert status_of(await exchange(server, b"GET / HTTP/1.1\r\n\r\n")) == 503
         gate.set()
-        assert status_of(await client.receive_some(65536)) == 200
+        assert status_of(bytes(await client.receive_some(65536))) == 200
     assert server.statistics().refused_busy == 1
 
 
@@ -365,13 +472,7 @@ async def test_rpc_observer_and_stats_method(nursery: trio.Nursery) -> None:
         seen.append((method, status))
         metrics.observe_call(method, status, seconds)
 
-    audit: list[Any] = []
-    guard = Guard(
-        per_ip=TokenBucketLimiter[str](rate=100, burst=100),
-        per_identity=TokenBucketLimiter[str](rate=100, burst=100),
-        audit=audit.append,
-        wall_ms=lambda: 0,
-    )
+    guard = real_guard()
     table = MethodTable()
     table.register("t.echo", BytesValue, BytesValue, echo)
     table.register("t.denied", BytesValue, BytesValue, denied)

@@ -304,6 +304,6 @@ async def test_calls_beyond_limit_refused_immediately(
         assert stats.peak_buffered_bytes <= LIMIT * (CAP + 8)
         probe.release.set()
     assert results == [b"released"] * LIMIT
-    assert conn.state.statistics()["peak_active_calls"] == LIMIT
+    assert conn.state.statistics().peak_active_calls == LIMIT
     assert server.statistics().refused_calls == 3 * LIMIT
     await assert_still_serving(client)
