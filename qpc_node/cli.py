@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,13 +67,15 @@ def _load_cfg(args: argparse.Namespace) -> Config:
     return load_config(cfg_path, overrides=overrides)
 
 
-async def _until_signalled(nursery: trio.Nursery, on_hup: Callable[[], None] | None = None) -> None:
+async def _until_signalled(
+    nursery: trio.Nursery, on_hup: Callable[[], Awaitable[None]] | None = None
+) -> None:
     """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for sig in signals:
             if sig == signal.SIGHUP:
                 if on_hup is not None:
-                    on_hup()
+                    await on_hup()
                 continue
             nursery.cancel_scope.cancel()
             return
@@ -96,16 +98,25 @@ def _cmd_node(args: argparse.Namespace) -> int:
             )
             nursery.start_soon(_until_signalled, nursery, reload)
 
-    def reload() -> None:
+    async def reload() -> None:
         from qpc_node.ops.log import get_logger
 
         try:
-            restart = node.reload(_load_cfg(args))
+            report = await node.reload(_load_cfg(args))
         except ConfigError as exc:
             get_logger("qpc.cli").error("config reload refused; keeping the old one: %s", exc)
+            print(f"config reload refused; keeping the old one: {exc}", flush=True)
             return
-        if restart:
-            print(f"reloaded; restart needed for: {', '.join(restart)}", flush=True)
+        parts = [
+            f"{label}: {', '.join(keys)}"
+            for label, keys in (
+                ("applied live", report.applied),
+                ("restart needed for", report.needs_restart),
+                ("failed", report.errors),
+            )
+            if keys
+        ]
+        print(f"config reloaded; {'; '.join(parts) or 'no changes'}", flush=True)
 
     trio.run(main)
     return 0

@@ -10,12 +10,16 @@ grace period, close connections, flush the audit trail, close the store.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+import msgspec
 import trio
 
 from qpc_node import __version__
+from qpc_node.errors import QpcError
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
@@ -35,6 +39,7 @@ from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
+from qpc_node.store.store import Store
 
 log = get_logger("qpc.node")
 
@@ -51,6 +56,18 @@ class NodeInfo:
     port: int
     cert_fingerprint: str  # hex SHA-256 of the node certificate: what clients pin
     data_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    """What a reload did, key by key (``section.key``), for the log, audit and SIGHUP line."""
+
+    applied: tuple[str, ...]
+    """Changed and in effect now."""
+    needs_restart: tuple[str, ...]
+    """Changed in the file, not in effect: the node keeps the running value until restarted."""
+    errors: tuple[str, ...] = ()
+    """Live appliers that failed (e.g. the new metrics address is taken)."""
 
 
 def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
@@ -79,6 +96,10 @@ class Node:
         self.endpoint: Endpoint | None = None
         self.metrics = NodeMetrics(self)
         self.metrics_http: HttpServer | None = None
+        self._nursery: trio.Nursery | None = None
+        self._metrics_scope: trio.CancelScope | None = None
+        self._metrics_done: trio.Event | None = None
+        self._reload_lock = trio.Lock()
 
     def serving(self) -> bool:
         return self._serving
@@ -196,8 +217,9 @@ class Node:
                 nursery.start_soon(self._sweep)
                 await nursery.start(ep.serve, self._handle_stream)
                 self.endpoint = ep
+                self._nursery = nursery
                 if self.cfg.metrics.listen:
-                    await self._start_metrics(nursery)
+                    await self._start_metrics(self.cfg.metrics.listen)
                 self._serving = True
                 bound = ep.local_address
                 info = NodeInfo(bound[0], bound[1], creds.fingerprint, self.data_dir)
@@ -206,6 +228,7 @@ class Node:
                 try:
                     await trio.sleep_forever()
                 finally:
+                    self._nursery = None  # a reload while draining starts nothing new
                     with trio.CancelScope(shield=True):
                         await self._drain(ep)
                     nursery.cancel_scope.cancel()
@@ -213,20 +236,39 @@ class Node:
             with trio.CancelScope(shield=True):
                 await store.aclose()
 
-    async def _start_metrics(self, nursery: trio.Nursery) -> None:
+    async def _start_metrics(self, listen: str) -> str | None:
         """Serve /metrics; stays up while draining so /readyz says 503 during the grace.
 
-        A taken port costs the operator the metrics, not the node its messages.
+        A taken port costs the operator the metrics, not the node its messages:
+        the error is logged and returned (reload reports it), the node goes on.
         """
+        assert self._nursery is not None
         try:
-            self.metrics_http = await nursery.start(
-                serve_metrics, self.cfg.metrics.listen, self.metrics
-            )
+            self.metrics_http = await self._nursery.start(self._serve_metrics, listen)
         except OSError as exc:
-            log.warning(
-                "metrics endpoint not started",
-                extra={"listen": self.cfg.metrics.listen, "err": exc.strerror or str(exc)},
-            )
+            err = exc.strerror or str(exc)
+            log.warning("metrics endpoint not started", extra={"listen": listen, "err": err})
+            return f"metrics.listen: {listen}: {err}"
+        return None
+
+    async def _serve_metrics(
+        self, listen: str, *, task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        done = self._metrics_done = trio.Event()
+        try:
+            with trio.CancelScope() as self._metrics_scope:
+                await serve_metrics(listen, self.metrics, task_status=task_status)
+        finally:
+            done.set()
+
+    async def _stop_metrics(self) -> None:
+        """Close the metrics listener and wait until its port is free again."""
+        if self._metrics_scope is not None:
+            self._metrics_scope.cancel()
+        if self._metrics_done is not None:
+            await self._metrics_done.wait()
+        self._metrics_scope = self._metrics_done = None
+        self.metrics_http = None
 
     async def _drain(self, ep: Endpoint) -> None:
         """Not ready, release parked long-polls, let running calls finish, then close."""
@@ -237,23 +279,173 @@ class Node:
             self.delivery.begin_drain()
         await ep.close(grace=grace, reason="node shutting down")
 
-    def reload(self, cfg: Config) -> list[str]:
-        """Apply what can change live (log level, rate limits); return what needs a restart."""
-        if self.guard is not None:
-            self.guard.set_rate(cfg.limits.rate_per_second, cfg.limits.rate_burst)
-        setup_logging(cfg.log.level, cfg.log.format)
-        restart = [
-            key
-            for key, old, new in (
-                ("node.listen", self.cfg.node.listen, cfg.node.listen),
-                ("node.data_dir", self.cfg.node.data_dir, cfg.node.data_dir),
-                ("node.key_dir", self.cfg.node.key_dir, cfg.node.key_dir),
-                ("limits.max_payload", self.cfg.limits.max_payload, cfg.limits.max_payload),
-            )
-            if old != new
-        ]
-        self.cfg = cfg
+    async def reload(self, cfg: Config) -> ReloadReport:
+        """Apply ``cfg``: every changed key is applied live or reported as needing a restart.
+
+        ``RELOAD`` decides, key by key. Restart keys keep their running value in
+        ``self.cfg`` (which always describes what is in effect), so they stay
+        reported until the node restarts rather than looking applied.
+        """
+        async with self._reload_lock:
+            old = self.cfg
+            changed = [key for key in config_keys() if _value(old, key) != _value(cfg, key)]
+            live = [key for key in changed if RELOAD.get(key, RESTART) is not RESTART]
+            restart = [key for key in changed if key not in live]
+            self.cfg = _with_values(cfg, {key: _value(old, key) for key in restart})
+            errors: list[str] = []
+            appliers: list[LiveApplier] = []
+            for key in live:
+                applier = RELOAD[key]
+                if isinstance(applier, Live) and applier.apply not in appliers:
+                    appliers.append(applier.apply)
+            for apply in appliers:
+                if (err := await apply(self, old)) is not None:
+                    errors.append(err)
+            report = ReloadReport(tuple(live), tuple(restart), tuple(errors))
         if self.audit is not None:
-            self.audit(AuditEvent(self._wall_ms(), "config.reload", "", {"needs_restart": restart}))
-        log.info("config reloaded", extra={"needs_restart": ",".join(restart)})
-        return restart
+            self.audit(
+                AuditEvent(
+                    self._wall_ms(),
+                    "config.reload",
+                    "",
+                    {"applied": list(live), "needs_restart": restart, "errors": errors},
+                )
+            )
+        log.info(
+            "config reloaded",
+            extra={
+                "applied": ",".join(live),
+                "needs_restart": ",".join(restart),
+                "errors": "; ".join(errors),
+            },
+        )
+        return report
+
+    # -- live appliers (see RELOAD): each reads self.cfg, already the new config ----
+
+    async def _apply_log(self, old: Config) -> str | None:
+        setup_logging(self.cfg.log.level, self.cfg.log.format)
+        return None
+
+    async def _apply_rates(self, old: Config) -> str | None:
+        if self.guard is not None:
+            self.guard.set_rate(self.cfg.limits.rate_per_second, self.cfg.limits.rate_burst)
+        return None
+
+    async def _apply_store_limits(self, old: Config) -> str | None:
+        """Quotas and retention: swapped on the store's worker thread, between jobs, so
+        no enqueue sees half of them. Payload cap and KeyPackage TTL stay as started
+        (restart keys: the RPC frame cap and the directory hold them too)."""
+        store = self.store
+        if store is None:
+            return None
+        lim = self.cfg.limits
+
+        def swap(s: Store) -> None:
+            s.limits = msgspec.structs.replace(
+                s.limits,
+                mailbox_max_messages=lim.mailbox_max_messages,
+                mailbox_max_bytes=lim.mailbox_max_bytes,
+                message_retention_ms=lim.retention_s * 1000,
+            )
+
+        try:
+            await store.run(swap)
+        except QpcError as exc:  # closed under us (draining): nothing left to apply to
+            return f"limits: store not open ({exc})"
+        return None
+
+    async def _apply_metrics(self, old: Config) -> str | None:
+        if self._nursery is None:
+            return None  # not started yet: _run reads self.cfg
+        await self._stop_metrics()
+        if self.cfg.metrics.listen:
+            return await self._start_metrics(self.cfg.metrics.listen)
+        return None
+
+    async def _read_when_used(self, old: Config) -> str | None:
+        """For keys the node reads from ``self.cfg`` at the moment it needs them."""
+        return None
+
+
+LiveApplier = Callable[[Node, Config], Awaitable[str | None]]
+"""``await apply(node, old_cfg)`` with ``node.cfg`` already new; returns an error or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    apply: LiveApplier
+
+
+class _Restart:
+    def __repr__(self) -> str:
+        return "RESTART"
+
+
+RESTART: Final = _Restart()
+"""Takes effect at the next start; a reload reports it and keeps the running value."""
+
+RELOAD: Final[Mapping[str, Live | _Restart]] = {
+    # node
+    "node.listen": RESTART,  # the bound UDP socket
+    "node.data_dir": RESTART,  # the open database and its lock
+    "node.key_dir": RESTART,  # the TLS certificate clients pinned
+    "node.production": Live(Node._read_when_used),  # its checks run in load_config
+    "node.drain_grace_s": Live(Node._read_when_used),  # read by _drain
+    # log
+    "log.level": Live(Node._apply_log),
+    "log.format": Live(Node._apply_log),
+    # metrics
+    "metrics.listen": Live(Node._apply_metrics),
+    # limits
+    "limits.max_payload": RESTART,  # RPC frame cap, fixed when the server is built
+    "limits.rate_per_second": Live(Node._apply_rates),
+    "limits.rate_burst": Live(Node._apply_rates),
+    "limits.mailbox_max_messages": Live(Node._apply_store_limits),
+    "limits.mailbox_max_bytes": Live(Node._apply_store_limits),
+    "limits.retention_s": Live(Node._apply_store_limits),
+    "limits.max_connections": RESTART,  # the endpoint's admission limits
+    "limits.max_connections_per_ip": RESTART,
+    "limits.keypackage_ttl_s": RESTART,  # the directory's and the store's, set at start
+    # mls
+    "mls.ciphersuites": RESTART,  # the directory's allowlist, set at start
+    # mesh, federation: load_config refuses non-default values (not implemented yet),
+    # so a reload never sees them change.
+    "mesh.mdns": RESTART,
+    "mesh.interfaces": RESTART,
+    "mesh.static_peers": RESTART,
+    "federation.mode": RESTART,
+    "federation.ca": RESTART,
+    "federation.cert": RESTART,
+    "federation.key": RESTART,
+    "federation.pinned": RESTART,
+}
+"""Every config key -> live applier or RESTART. tests/integration/test_reload.py checks
+that it names every field of every Config section, and each decision key by key."""
+
+
+def config_keys() -> list[str]:
+    """``section.key`` for every field of every Config section."""
+    return [
+        f"{section.name}.{name}"
+        for section in msgspec.structs.fields(Config)
+        for name in section.type.__struct_fields__
+    ]
+
+
+def _value(cfg: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _with_values(cfg: Config, values: Mapping[str, object]) -> Config:
+    """``cfg`` with some ``section.key`` values replaced (the running ones)."""
+    sections: dict[str, dict[str, object]] = {}
+    for key, value in values.items():
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = value
+    changes = {
+        section: msgspec.structs.replace(getattr(cfg, section), **fields)
+        for section, fields in sections.items()
+    }
+    return msgspec.structs.replace(cfg, **changes)
