@@ -251,6 +251,23 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+NODE_EPILOG = """\
+configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; later wins):
+  node      listen, data_dir, key_dir, production, drain_grace_s
+  log       level, format (kv|json)
+  metrics   listen ('' = off)
+  limits    max_payload, rate_per_second, rate_burst, mailbox_max_messages,
+            mailbox_max_bytes, max_connections, max_connections_per_ip,
+            keypackage_ttl_s, retention_s
+  mls       ciphersuites
+  not yet:  mesh.* (mdns, interfaces, static_peers) and federation.* (mode, ca, cert,
+            key, pinned) have no code yet; a non-default value is refused.
+
+SIGHUP reloads the config and prints what was applied live and what needs a restart
+(docs/operations.md has the table). SIGTERM/SIGINT drain and stop.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpc", description="quicprochat mesh messenger node")
     sub = p.add_subparsers(dest="command")
@@ -263,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-qr", action="store_true", help="skip the QR code")
     i.set_defaults(func=_cmd_id)
 
-    n = sub.add_parser("node", help="run the node daemon")
+    n = sub.add_parser(
+        "node",
+        help="run the node daemon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=NODE_EPILOG,
+    )
     n.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:4201)")
     n.add_argument("--data", help="data dir (queues, node keys)")
     n.add_argument("--config", help="TOML config file")
