@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_ms INTEGER NOT NULL,
     created_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS held (
+    seq INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL,
+    expiry_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -87,6 +93,16 @@ class Received:
     sender: bytes
     text: str
     ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A delivered message we could not process yet (future epoch, group not joined)."""
+
+    seq: int
+    payload: bytes
+    expiry_ms: int
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +251,46 @@ class ClientState:
     def advance_cursor(self, cursor: int) -> None:
         self._advance(cursor)
 
+    def hold(self, seq: int, payload: bytes, expiry_ms: int, *, cursor: int) -> None:
+        """Keep a message to retry later and advance the cursor past it, atomically.
+
+        The node may then delete it (we ack past it): from here on client.db owns it.
+        """
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO held (seq, payload, expiry_ms) VALUES (?, ?, ?)",
+                (seq, payload, expiry_ms),
+            )
+            self._advance(cursor)
+
+    def held(self) -> list[Held]:
+        rows = self._conn.execute(
+            "SELECT seq, payload, expiry_ms, attempts FROM held ORDER BY seq"
+        ).fetchall()
+        return [Held(q, bytes(p), e, a) for q, p, e, a in rows]
+
+    def held_count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM held").fetchone()[0])
+
+    def held_tried(self, seq: int) -> None:
+        self._conn.execute("UPDATE held SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+
+    def held_done(self, seq: int) -> None:
+        self._conn.execute("DELETE FROM held WHERE seq = ?", (seq,))
+
+    def store_held_received(
+        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int
+    ) -> None:
+        """A held message finally decrypted: keep its text and forget it, atomically
+        (so it is shown once, never twice)."""
+        sealed = self._seal(sender + text.encode("utf-8"), conv.encode("utf-8"))
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO inbox (seq, conv, sealed, ts_ms) VALUES (?, ?, ?, ?)",
+                (seq, conv, sealed, ts_ms),
+            )
+            self._conn.execute("DELETE FROM held WHERE seq = ?", (seq,))
+
     def _advance(self, cursor: int) -> None:
         if cursor > self.cursor():
             self.set_meta("cursor", cursor.to_bytes(8, "big"))
@@ -280,6 +336,14 @@ class ClientState:
             "UPDATE outbox SET attempts = attempts + 1, next_ms = ? WHERE msg_id = ?",
             (next_ms, msg_id),
         )
+
+    def outbox_retry_many(self, items: list[tuple[bytes, int]]) -> None:
+        """Schedule each ``(msg_id, next_ms)`` again, one transaction for all."""
+        with transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_ms = ? WHERE msg_id = ?",
+                [(n, m) for m, n in items],
+            )
 
     def outbox_done(self, msg_ids: list[bytes]) -> None:
         with transaction(self._conn):

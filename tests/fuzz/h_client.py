@@ -21,8 +21,9 @@ import trio
 
 from qpc_node import crypto
 from qpc_node.client.agent import Agent, Incoming
+from qpc_node.client.mlsheader import PRIVATE_MESSAGE, PUBLIC_MESSAGE, parse_header
 from qpc_node.client.state import AsyncClientState, ClientState
-from qpc_node.errors import QpcError
+from qpc_node.errors import QpcError, RemoteProtocolError
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RetryPolicy, RpcClient
 from qpc_node.wire.envelope import pad
@@ -220,4 +221,39 @@ register(
     seeds=lambda env: env.seeds_kp,
     target=lambda _env: crypto.inspect_key_package,
     allowed=(crypto.MlsError,),
+)
+
+
+# -- the clear MLS header the agent reads to tell a future epoch from a past one -------
+
+
+def _mls_header_seeds() -> list[bytes]:
+    def msg(wire_format: int, gid: bytes, epoch: int, long_len: bool = False) -> bytes:
+        n = len(gid)
+        length = (0x4000 | n).to_bytes(2, "big") if long_len else bytes([n])
+        head = (1).to_bytes(2, "big") + wire_format.to_bytes(2, "big")
+        return head + length + gid + epoch.to_bytes(8, "big") + b"\x01rest"
+
+    return [
+        msg(PRIVATE_MESSAGE, b"g" * 16, 3),
+        msg(PUBLIC_MESSAGE, b"h" * 32, 2**64 - 1),
+        msg(PRIVATE_MESSAGE, b"i" * 100, 0, long_len=True),
+        msg(PUBLIC_MESSAGE, b"", 1),
+    ]
+
+
+def mls_header_target(data: bytes) -> str:
+    header = parse_header(data)
+    at = 4 + (1 << (data[4] >> 6))  # where the group id starts, after its length
+    end = at + len(header.group_id)
+    if data[at:end] != header.group_id or data[end : end + 8] != header.epoch.to_bytes(8, "big"):
+        raise Invariant("group id / epoch are not the bytes after the length")
+    return "valid"
+
+
+register(
+    "client.mls_header",
+    seeds=lambda _env: _mls_header_seeds(),
+    target=lambda _env: mls_header_target,
+    allowed=(RemoteProtocolError,),
 )
