@@ -224,6 +224,7 @@ class Agent:
     async def _invite(self, conv: Conversation, g: crypto.Group, peer: bytes, kp: bytes) -> None:
         before = self._others(g)
         commit, welcome = g.add([kp])
+        g.merge_pending_commit()  # placeholder: merge once the node stored the fan-out
         envs = self._to_each(before, conv.group_id, commit)
         envs.append(self._envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
         info = client_pb2.AppMessage(
@@ -310,7 +311,9 @@ class Agent:
     async def _commit_removal(self, conv: Conversation, g: crypto.Group, member: str) -> None:
         """Remove ``member`` and tell everyone who was in the group, the removed one too."""
         recipients = self._others(g)
-        await self._submit(self._to_each(recipients, conv.group_id, g.remove([member])))
+        commit = g.remove([member])
+        g.merge_pending_commit()  # placeholder: merge once the node stored the fan-out
+        await self._submit(self._to_each(recipients, conv.group_id, commit))
 
     def _app_envelopes(
         self, conv: Conversation, g: crypto.Group, msg: client_pb2.AppMessage
