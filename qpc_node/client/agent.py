@@ -305,6 +305,7 @@ class Agent:
     async def _invite(self, conv: Conversation, g: crypto.Group, peer: bytes, kp: bytes) -> None:
         before = await self._others(g)
         commit, welcome = await self._mls(g.add, [kp])
+        await self._mls(g.merge_pending_commit)  # placeholder: merge once the node stored it
         envs = self._to_each(before, conv.group_id, commit)
         envs.append(self._envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
         info = client_pb2.AppMessage(
@@ -395,6 +396,7 @@ class Agent:
         """Remove ``member`` and tell everyone who was in the group, the removed one too."""
         recipients = await self._others(g)
         commit = await self._mls(g.remove, [member])
+        await self._mls(g.merge_pending_commit)  # placeholder: merge once the node stored it
         await self._submit(self._to_each(recipients, conv.group_id, commit))
 
     async def _app_envelopes(

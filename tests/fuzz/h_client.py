@@ -66,6 +66,7 @@ async def agent_env(tmp: Path) -> AsyncIterator[AgentEnv]:
     )
     g = alice.create_group()
     _commit, welcome = g.add([bob.key_package()])
+    g.merge_pending_commit()
     a_fpr = bytes.fromhex(alice.fingerprint)
     env = AgentEnv(agent, state, alice, bob, g, a_fpr)
     gid = bytes(g.group_id)
@@ -98,6 +99,7 @@ def _sealed_seeds(env: AgentEnv) -> list[bytes]:
     # A second group of alice's: a Welcome for bob, then a commit he may not have seen.
     g2 = env.alice.create_group()
     commit, welcome = g2.add([env.bob.key_package()])
+    g2.merge_pending_commit()
     seeds.append(_sealed(_C.Sealed.WELCOME, bytes(g2.group_id), welcome))
     seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, bytes(g2.group_id), g2.update()))
     seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, gid, commit))  # commit of another group
@@ -189,6 +191,7 @@ async def mls_env(tmp: Path) -> AsyncIterator[MlsEnv]:
     alice, bob, carol = ids
     ga = alice.create_group()
     commit, welcome = ga.add([bob.key_package()])
+    ga.merge_pending_commit()
     gb = bob.join(welcome)
     gc = bob.create_group()
     _c2, welcome_c = gc.add([carol.key_package()])
