@@ -13,7 +13,7 @@ from typing import cast
 
 import trio
 
-from qpc_node.errors import QpcError, RemoteProtocolError, StatusCode
+from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.rpc.context import CallContext
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
@@ -72,6 +72,13 @@ class Waiters:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+def _aborted() -> QpcError:
+    return QpcError(
+        "not stored: another envelope of this all-or-nothing batch was refused",
+        code=StatusCode.ABORTED,
+    )
 
 
 def _mine(ctx_user: bytes, named: bytes) -> None:
@@ -142,6 +149,7 @@ class DeliveryService:
         time), so one unknown recipient, full mailbox or malformed envelope is that
         envelope's refusal, not the batch's. Only what concerns the call as a whole
         (session, batch size, the store itself) fails it, and then nothing is stored.
+        ``atomic`` batches (a commit's fan-out) are stored whole or not at all.
         """
         self._guard.check(ctx)
         if not 0 < len(req.envelopes) <= MAX_BATCH:
@@ -162,7 +170,11 @@ class DeliveryService:
             batch.append(
                 Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
             )
-        stored = iter(await self._store.enqueue_each(batch, now_ms) if batch else [])
+        stored: Iterator[EnqueueResult | QpcError] = iter([])
+        if req.atomic:
+            outcomes = await self._enqueue_all_or_nothing(outcomes, batch, now_ms)
+        elif batch:
+            stored = iter(await self._store.enqueue_each(batch, now_ms))
         results: list[service_pb2.EnqueueResult] = []
         woken: set[bytes] = set()
         for pb, got in zip(req.envelopes, outcomes, strict=True):
@@ -185,6 +197,26 @@ class DeliveryService:
         for rec in woken:
             self.waiters.notify(rec)
         return service_pb2.EnqueueResponse(results=results)
+
+    async def _enqueue_all_or_nothing(
+        self, outcomes: list[EnqueueResult | QpcError | None], batch: list[Envelope], now_ms: int
+    ) -> list[EnqueueResult | QpcError | None]:
+        """Store ``batch`` as one batch if nothing was refused yet; else store nothing.
+
+        Every envelope that was fine but not stored gets ABORTED, so the caller sees
+        per envelope which one was at fault.
+        """
+        if not any(isinstance(o, QpcError) for o in outcomes):
+            try:
+                results = iter(await self._store.enqueue(batch, now_ms))
+            except LocalProtocolError as exc:  # quota, size, expiry: the batch's fault
+                culprit = getattr(exc, "index", None)
+                out: list[EnqueueResult | QpcError | None] = []
+                for i in range(len(outcomes)):
+                    out.append(exc if culprit is None or culprit == i else _aborted())
+                return out
+            return [next(results) for _ in outcomes]
+        return [o if isinstance(o, QpcError) else _aborted() for o in outcomes]
 
     async def fetch(
         self, req: service_pb2.FetchRequest, ctx: CallContext

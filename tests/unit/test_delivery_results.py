@@ -169,3 +169,40 @@ async def test_a_parked_fetch_is_woken_by_a_partly_refused_batch(tmp_path: Path)
 
 async def _never() -> trio.abc.HalfCloseableStream:
     raise trio.ClosedResourceError("replaced by a session before use")
+
+
+async def enqueue_atomic(env: Env, *envs: Envelope) -> list[tuple[StatusCode, int]]:
+    resp = await env.rpc.call(
+        "qpc.v1.Delivery/Enqueue",
+        service_pb2.EnqueueRequest(envelopes=[e.to_proto() for e in envs], atomic=True),
+        service_pb2.EnqueueResponse,
+        retries=0,
+    )
+    assert [bytes(r.msg_id) for r in resp.results] == [e.msg_id for e in envs]
+    return [(StatusCode(r.status), r.seq) for r in resp.results]
+
+
+async def test_atomic_batch_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A commit's fan-out: one refused envelope means none is stored, each says why."""
+    async with node(tmp_path) as env:
+        assert await enqueue_atomic(env, env_for(LOCAL), env_for(STRANGER), env_for(FULL)) == [
+            (StatusCode.ABORTED, 0),
+            (StatusCode.NOT_FOUND, 0),
+            (StatusCode.ABORTED, 0),
+        ]
+        await enqueue(env, *[env_for(FULL) for _ in range(MAILBOX_MAX)])
+        # Over quota (the store's refusal names no single envelope): all retriable.
+        assert await enqueue_atomic(env, env_for(LOCAL), env_for(FULL)) == [
+            (StatusCode.RESOURCE_EXHAUSTED, 0),
+            (StatusCode.RESOURCE_EXHAUSTED, 0),
+        ]
+        # An expired envelope is the store's refusal of that one envelope.
+        assert await enqueue_atomic(env, env_for(LOCAL), env_for(LOCAL, expiry_ms=1)) == [
+            (StatusCode.ABORTED, 0),
+            (StatusCode.INVALID_ARGUMENT, 0),
+        ]
+        assert (await env.store.depth(LOCAL)).messages == 0
+        assert await enqueue_atomic(env, env_for(LOCAL), env_for(LOCAL)) == [
+            (StatusCode.OK, 1),
+            (StatusCode.OK, 2),
+        ]

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from qpc_node.errors import StatusCode
 from qpc_node.rpc import HEALTH_METHOD
 from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame, encode_varint
-from qpc_node.wire.gen.qpc.v1 import health_pb2, rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, health_pb2, rpc_pb2, service_pb2
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
 REGEN = os.environ.get("QPC_REGEN_FIXTURES") == "1"
@@ -78,6 +78,24 @@ MESSAGES.update(
             msg_id=bytes(range(16)), seq=7, duplicate=True
         ),
         "enqueue_result_refused": ENQUEUE_REFUSED,
+        "enqueue_result_aborted": service_pb2.EnqueueResult(
+            msg_id=bytes(range(48, 64)),
+            status=rpc_pb2.STATUS_CODE_ABORTED,
+            detail="not stored: another envelope of this all-or-nothing batch was refused",
+        ),
+        # A commit's fan-out: all or nothing (EnqueueRequest.atomic).
+        "enqueue_request_atomic": service_pb2.EnqueueRequest(
+            envelopes=[
+                envelope_pb2.Envelope(
+                    msg_id=bytes(range(16)),
+                    recipient=bytes(range(32)),
+                    expiry_ms=1_800_000_000_000,
+                    hop_limit=8,
+                    ciphertext=b"\x00" * 16,
+                )
+            ],
+            atomic=True,
+        ),
         "enqueue_response_mixed": service_pb2.EnqueueResponse(
             results=[
                 ENQUEUE_OK,

@@ -79,10 +79,12 @@ class CountKeyPackagesResponse(_message.Message):
     def __init__(self, available: _Optional[int] = ...) -> None: ...
 
 class EnqueueRequest(_message.Message):
-    __slots__ = ("envelopes",)
+    __slots__ = ("envelopes", "atomic")
     ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    ATOMIC_FIELD_NUMBER: _ClassVar[int]
     envelopes: _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]
-    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ...) -> None: ...
+    atomic: bool
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., atomic: _Optional[bool] = ...) -> None: ...
 
 class EnqueueResult(_message.Message):
     __slots__ = ("msg_id", "seq", "duplicate", "status", "detail")
