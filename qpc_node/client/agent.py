@@ -16,6 +16,14 @@ of key-package generation must not stall the node's QUIC timers.
 Group changes have one committer per group, its creator (documented in
 docs/client.md): others ask it (a LeaveRequest inside MLS) rather than commit
 themselves, so two members never race commits for the same epoch.
+
+A commit becomes our group state only once the node stored its whole fan-out
+(commit to every member, the Welcome of an invite: one all-or-nothing Enqueue).
+Until then MLS keeps it pending and client.db records which outbox messages
+carry it; a permanent refusal clears it (the group stays on the epoch every
+other member has: no fork), a retriable one keeps it queued, across restarts,
+and it is merged when the node finally takes it. What must be encrypted in the
+new epoch (the GroupInfo that follows a Welcome) is encrypted after the merge.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import enum
 import functools
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
@@ -157,6 +166,8 @@ class Agent:
         self._mls_limiter = trio.CapacityLimiter(1)
         self._mls_in_thread = mls_in_thread
         self._held_loaded = False
+        self._orphans_checked = False
+        self._commit_refusals: dict[bytes, str] = {}
 
     async def _mls(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run one MLS call off the Trio thread (the Rust core releases the GIL)."""
@@ -304,17 +315,17 @@ class Agent:
 
     async def _invite(self, conv: Conversation, g: crypto.Group, peer: bytes, kp: bytes) -> None:
         before = await self._others(g)
-        commit, welcome = await self._mls(g.add, [kp])
-        await self._mls(g.merge_pending_commit)  # placeholder: merge once the node stored it
+        with self._no_pending_commit(conv):
+            commit, welcome = await self._mls(g.add, [kp])
         envs = self._to_each(before, conv.group_id, commit)
         envs.append(self._envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
+        # Encrypted in the new epoch (the joiner has no other), so after the merge.
         info = client_pb2.AppMessage(
             info=client_pb2.GroupInfo(
                 name=conv.name if not conv.direct else "", direct=conv.direct, committer=self.me
             )
         )
-        envs += await self._app_envelopes(conv, g, info)
-        await self._submit(envs)
+        await self._send_commit(conv, envs, followup=info)
 
     async def group_send(self, name: str, text: str) -> None:
         conv, _ = await self._conversation(name)
@@ -337,11 +348,11 @@ class Agent:
             raise AgentError(
                 f"you commit changes for {name!r}: remove the others first (one committer per group)"
             )
-        await self._submit(
-            await self._app_envelopes(
+        with self._no_pending_commit(conv):
+            envs = await self._app_envelopes(
                 conv, g, client_pb2.AppMessage(leave=client_pb2.LeaveRequest())
             )
-        )
+        await self._submit(envs)
         await self._state.call(self._st.drop_conversation, name)
 
     def _must_commit(self, conv: Conversation) -> None:
@@ -376,7 +387,8 @@ class Agent:
     async def _send_text(self, conv: Conversation, text: str) -> None:
         g = await self._mls(self.ident.group, conv.group_id)
         msg = client_pb2.AppMessage(text=text, sent_ms=self._wall_ms())
-        envs = await self._app_envelopes(conv, g, msg)
+        with self._no_pending_commit(conv):
+            envs = await self._app_envelopes(conv, g, msg)
         if not envs:
             raise AgentError(f"{conv.name!r} has no other members yet")
         await self._submit(envs)
@@ -395,9 +407,49 @@ class Agent:
     async def _commit_removal(self, conv: Conversation, g: crypto.Group, member: str) -> None:
         """Remove ``member`` and tell everyone who was in the group, the removed one too."""
         recipients = await self._others(g)
-        commit = await self._mls(g.remove, [member])
-        await self._mls(g.merge_pending_commit)  # placeholder: merge once the node stored it
-        await self._submit(self._to_each(recipients, conv.group_id, commit))
+        with self._no_pending_commit(conv):
+            commit = await self._mls(g.remove, [member])
+        await self._send_commit(conv, self._to_each(recipients, conv.group_id, commit), None)
+
+    @contextmanager
+    def _no_pending_commit(self, conv: Conversation) -> Iterator[None]:
+        try:
+            yield
+        except crypto.PendingCommit:
+            raise AgentError(
+                f"a change to {conv.name!r} is still waiting for the node to take it;"
+                " it applies once delivered (the outbox retries it): try again then"
+            ) from None
+
+    async def _send_commit(
+        self, conv: Conversation, envs: list[Envelope], followup: client_pb2.AppMessage | None
+    ) -> None:
+        """Send a commit's fan-out all-or-nothing; merge it only once the node stored it.
+
+        Raises AgentError when the node refused it for good (the commit was cleared:
+        the group is as before for everyone); warns when it is queued for a retry.
+        """
+        commit_id = os.urandom(16)
+        await self._state.call(
+            self._st.commit_begin,
+            commit_id,
+            conv.group_id,
+            None if followup is None else followup.SerializeToString(),
+            [(e.msg_id, e.encode()) for e in envs],
+            self._wall_ms(),
+        )
+        fates = await self._flush({e.msg_id for e in envs})
+        got = {fates.get(e.msg_id) for e in envs}
+        if got == {Sent.DELIVERED}:
+            return
+        if Sent.DROPPED in got:
+            why = self._commit_refusals.pop(commit_id, "refused by the node")
+            raise AgentError(f"the change to {conv.name!r} was not made: {why}")
+        self._warn(
+            f"the change to {conv.name!r} is queued: the node could not take it yet;"
+            " it applies once delivered",
+            "commit queued",
+        )
 
     async def _app_envelopes(
         self, conv: Conversation, g: crypto.Group, msg: client_pb2.AppMessage
@@ -435,20 +487,145 @@ class Agent:
         return await self._state.call(self._st.outbox_len)
 
     async def _flush(self, own: set[bytes]) -> dict[bytes, Sent]:
-        """Flush due messages until every one of ``own`` has a fate (bounded rounds)."""
+        """Flush due messages until every one of ``own`` has a fate (bounded rounds).
+
+        A commit's messages go in their own all-or-nothing Enqueue; the rest share one.
+        """
         fates: dict[bytes, Sent] = {}
         async with self._send_lock:
+            own = own | await self._settle_commits()
             for _ in range(FLUSH_ROUNDS):
                 due = await self._state.call(self._st.outbox_due, self._wall_ms())
                 if not due:
                     break
-                got = await self._send(due)
+                got: dict[bytes, Sent] = {}
+                for commit_id in dict.fromkeys(o.commit for o in due if o.commit is not None):
+                    sent, followups = await self._send_commit_fanout(commit_id)
+                    got.update(sent)
+                    own |= followups
+                plain = [o for o in due if o.commit is None]
+                if plain:
+                    got.update(await self._send(plain))
                 fates.update(got)
                 if own and own <= fates.keys():
                     break
                 if not own and Sent.RETRY in got.values():
                     break  # what is left waits for its backoff
         return fates
+
+    async def _send_commit_fanout(self, commit_id: bytes) -> tuple[dict[bytes, Sent], set[bytes]]:
+        """One atomic Enqueue of a commit's messages: its fates and the follow-ups queued."""
+        msgs = await self._state.call(self._st.outbox_of_commit, commit_id)
+        if not msgs:
+            return {}, await self._settle_commit(commit_id)
+        now = self._wall_ms()
+        envs = [Envelope.decode(o.envelope) for o in msgs]
+        dropped = dict.fromkeys((o.msg_id for o in msgs), Sent.DROPPED)
+        if any(e.expiry_ms <= now for e in envs):
+            await self._cancel_commit(commit_id, "it expired before the node took it")
+            return dropped, set()
+        try:
+            resp = await self._rpc.call(
+                "qpc.v1.Delivery/Enqueue",
+                service_pb2.EnqueueRequest(envelopes=[e.to_proto() for e in envs], atomic=True),
+                service_pb2.EnqueueResponse,
+            )
+            results = list(resp.results)
+            if [bytes(r.msg_id) for r in results] != [o.msg_id for o in msgs]:
+                raise RemoteProtocolError("Enqueue answered results that do not match the batch")
+        except RpcError as exc:
+            if exc.code in _CALL_REFUSES_CONTENT:
+                await self._cancel_commit(commit_id, exc.message)
+                return dropped, set()
+            await self._retry(msgs)
+            raise
+        except RemoteProtocolError:
+            await self._retry(msgs)
+            raise
+        codes = [_status(r.status) for r in results]
+        if all(c == StatusCode.OK for c in codes):
+            await self._state.call(self._st.outbox_done, [o.msg_id for o in msgs])
+            delivered = dict.fromkeys((o.msg_id for o in msgs), Sent.DELIVERED)
+            return delivered, await self._settle_commit(commit_id)
+        for env, r, c in zip(envs, results, codes, strict=True):
+            if c not in (StatusCode.OK, StatusCode.ABORTED) and not c.retriable:
+                why = f"{short_code(env.recipient.hex())}: {r.detail or c.name}"
+                await self._cancel_commit(commit_id, why)
+                return dropped, set()
+        await self._retry(msgs)  # all-or-nothing: the node stored none of them
+        return dict.fromkeys((o.msg_id for o in msgs), Sent.RETRY), set()
+
+    async def _cancel_commit(self, commit_id: bytes, why: str) -> None:
+        """The node refused a commit's fan-out for good: never send it, clear it in MLS."""
+        rec = await self._state.call(self._st.pending_commit, commit_id)
+        await self._state.call(self._st.commit_cancel, commit_id)  # before the MLS clear
+        self.stats.send_dropped += 1
+        self._commit_refusals[commit_id] = why
+        await self._settle_commit(commit_id)
+        conv = None
+        if rec is not None:
+            conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
+        where = "a group" if conv is None else repr(conv.name)
+        self._warn(
+            f"the change to {where} was not made ({why}); the group stays as it was",
+            "commit refused",
+        )
+
+    async def _settle_commits(self) -> set[bytes]:
+        """Finish what a restart interrupted: merge or clear commits whose fan-out was
+        settled, and clear a pending MLS commit nothing in client.db knows of (made
+        just before a crash, never queued). Returns the follow-ups queued."""
+        followups: set[bytes] = set()
+        records = await self._state.call(self._st.pending_commits)
+        for rec in records:
+            if rec.cancelled or rec.remaining == 0:
+                followups |= await self._settle_commit(rec.commit_id)
+        if not self._orphans_checked:
+            self._orphans_checked = True
+            known = {rec.group_id for rec in records}
+
+            def clear_orphans() -> int:
+                n = 0
+                for gid in self.ident.groups():
+                    g = self.ident.group(gid)
+                    if bytes(gid) not in known and g.has_pending_commit():
+                        g.clear_pending_commit()
+                        n += 1
+                return n
+
+            if n := await self._mls(clear_orphans):
+                log.warning("cleared unsent pending commits", extra={"groups": n})
+        return followups
+
+    async def _settle_commit(self, commit_id: bytes) -> set[bytes]:
+        """Apply a commit whose fan-out the node stored, or clear a cancelled one."""
+        rec = await self._state.call(self._st.pending_commit, commit_id)
+        if rec is None or (rec.remaining and not rec.cancelled):
+            return set()
+        try:
+            g = await self._mls(self.ident.group, rec.group_id)
+        except crypto.UnknownGroup:
+            await self._state.call(self._st.commit_finished, commit_id, [], self._wall_ms())
+            return set()
+        if rec.cancelled:
+            await self._mls(g.clear_pending_commit)
+            await self._state.call(self._st.commit_finished, commit_id, [], self._wall_ms())
+            return set()
+        if await self._mls(g.has_pending_commit):  # else: merged before a crash
+            await self._mls(g.merge_pending_commit)
+        envs: list[Envelope] = []
+        conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
+        if rec.followup is not None and conv is not None:
+            envs = await self._app_envelopes(
+                conv, g, client_pb2.AppMessage.FromString(rec.followup)
+            )
+        await self._state.call(
+            self._st.commit_finished,
+            commit_id,
+            [(e.msg_id, e.encode()) for e in envs],
+            self._wall_ms(),
+        )
+        return {e.msg_id for e in envs}
 
     async def _send(self, due: list[Outgoing]) -> dict[bytes, Sent]:
         """One Enqueue of ``due``; settle each message on its own result."""
@@ -709,7 +886,13 @@ class Agent:
             and conv.committer == self.me
             and ev.sender in await self._mls(g.members)
         ):
-            await self._commit_removal(conv, g, ev.sender)
+            try:
+                await self._commit_removal(conv, g, ev.sender)
+            except AgentError as exc:  # refused or blocked: the member asks again
+                self._warn(
+                    f"{short_code(ev.sender)} asked to leave {conv.name!r}: {exc}",
+                    "leave request not applied",
+                )
         return None
 
     async def _describe(

@@ -16,7 +16,7 @@ import pytest
 from node_harness import mailbox_ids, running_node, texts, users
 
 from qpc_node import crypto
-from qpc_node.client.agent import KP_ROTATE_MS, KP_TARGET, Agent, Sent
+from qpc_node.client.agent import KP_ROTATE_MS, KP_TARGET, Agent, AgentError, Sent
 from qpc_node.client.fingerprint import short_code
 from qpc_node.errors import StatusCode
 from qpc_node.ops.clock import ManualWallClock
@@ -345,3 +345,88 @@ async def test_agent_runs_mls_calls_off_the_trio_thread(
             await b.group_send("team", "back")
             assert [m.text for m in await texts(a, 1)] == ["back"]
         assert on_trio == []
+
+
+# -- no fork from a failed send -------------------------------------------------------
+
+
+async def test_refused_commit_leaves_the_group_usable_on_the_old_epoch(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """Inviting someone the node refuses (not homed here) must not move the sender to
+    an epoch nobody else has: the commit is cleared, everyone keeps talking."""
+    stranger = crypto.Identity.create(tmp_path / "stranger", os.urandom(32), durable=False)
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c") as (a, b, c),
+    ):
+        await a.group_create("team")
+        await a.group_invite("team", b.ident.fingerprint)
+        await a.group_send("team", "hello")
+        assert [m.text for m in await texts(b, 1)] == ["hello"]
+        gid = _gid(a, "team")
+        epoch = a.ident.group(gid).epoch
+
+        conv, g = await a._conversation("team")
+        with pytest.raises(AgentError, match=r"was not made.*not homed here"):
+            await a._invite(conv, g, bytes.fromhex(stranger.fingerprint), stranger.key_package())
+        g = a.ident.group(gid)
+        assert (g.epoch, g.has_pending_commit()) == (epoch, False)
+        assert stranger.fingerprint not in g.members()
+        assert await a._state.call(a._st.pending_commits) == []
+        assert await a._state.call(a._st.outbox_len) == 0
+
+        await a.group_send("team", "still one group")
+        assert [m.text for m in await texts(b, 1)] == ["still one group"]
+        await b.group_send("team", "and b answers")
+        assert [m.text for m in await texts(a, 1)] == ["and b answers"]
+        assert (b.stats.undecryptable, b.stats.held) == (0, 0)
+        # The group moves on normally afterwards.
+        await a.group_invite("team", c.ident.fingerprint)
+        await a.group_send("team", "three now")
+        assert [m.text for m in await texts(c, 1)] == ["three now"]
+        assert [m.text for m in await texts(b, 1)] == ["three now"]
+
+
+async def test_commit_refused_for_now_is_applied_once_delivered_after_a_restart(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """A full mailbox refuses the Welcome for now: the commit stays pending (durably,
+    across a client restart), the group keeps working on the old epoch, and the
+    commit is merged (then the GroupInfo sent in the new epoch) once the node takes it."""
+    limits = {"mailbox_max_messages": str(MAILBOX_MAX)}
+    async with (
+        running_node(tmp_path, wall, limits=limits) as (_, info),
+        users(tmp_path, info, wall, "b", "c") as (b, c),
+    ):
+        async with users(tmp_path, info, wall, "a") as (a,):
+            await a.group_create("team")
+            await a.group_invite("team", b.ident.fingerprint)
+            await texts(b, 0, wait=0.5)
+            gid = _gid(a, "team")
+            epoch = a.ident.group(gid).epoch
+
+            await _fill_mailbox(a, c, wall)
+            await a.group_invite("team", c.ident.fingerprint)
+            assert "is queued" in a.stats.warnings[-1]
+            assert a.ident.group(gid).has_pending_commit()
+            assert a.ident.group(gid).epoch == epoch
+            with pytest.raises(AgentError, match="still waiting for the node"):
+                await a.group_send("team", "not now")
+            # b never saw the commit and still talks to a on the old epoch.
+            await b.group_send("team", "while pending")
+            assert [m.text for m in await texts(a, 1)] == ["while pending"]
+        assert await texts(c, 1, wait=1.0) == []  # c drains its mailbox (junk only)
+        wall.advance(120_000)
+        async with users(tmp_path, info, wall, "a") as (a,):  # its start flushes the outbox
+            g = a.ident.group(gid)
+            assert (g.epoch, g.has_pending_commit()) == (epoch + 1, False)
+            assert c.ident.fingerprint in g.members()
+            assert await a._state.call(a._st.pending_commits) == []
+            got_c = await texts(c, 0, wait=1.0)
+            assert got_c == []
+            assert c._st.conversation("team") is not None  # named by the GroupInfo
+            await a.group_send("team", "all three")
+            assert [m.text for m in await texts(c, 1)] == ["all three"]
+            assert [m.text for m in await texts(b, 1)] == ["all three"]
+            assert (b.stats.undecryptable, c.stats.held, b.stats.held) == (0, 0, 0)

@@ -118,3 +118,34 @@ def test_held_messages_survive_and_leave_once(tmp_path: Path) -> None:
     (r,) = st.unshown()
     assert (r.seq, r.text) == (4, "late")
     st.close()
+
+
+def test_pending_commit_records_survive_and_settle_atomically(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.outbox_add(b"plain", b"e0", 1)
+    st.commit_begin(b"c1", b"g1", b"info", [(b"m1", b"e1"), (b"m2", b"e2")], 2)
+    st.commit_begin(b"c2", b"g2", None, [(b"m3", b"e3")], 3)
+    st.close()
+    st = ClientState(tmp_path, b"k" * 32)
+    assert [(o.msg_id, o.commit) for o in st.outbox_due(10)] == [
+        (b"plain", None),
+        (b"m1", b"c1"),
+        (b"m2", b"c1"),
+        (b"m3", b"c2"),
+    ]
+    assert [o.msg_id for o in st.outbox_of_commit(b"c1")] == [b"m1", b"m2"]
+    st.outbox_done([b"m1", b"m2"])  # the node stored c1's fan-out
+    st.commit_cancel(b"c2")  # ... and refused c2's for good
+    recs = {p.commit_id: p for p in st.pending_commits()}
+    assert (recs[b"c1"].remaining, recs[b"c1"].cancelled, recs[b"c1"].followup) == (
+        0,
+        False,
+        b"info",
+    )
+    assert (recs[b"c2"].remaining, recs[b"c2"].cancelled) == (0, True)
+    assert [o.msg_id for o in st.outbox_due(10)] == [b"plain"]
+    st.commit_finished(b"c1", [(b"f1", b"ef")], 11)
+    st.commit_finished(b"c2", [], 11)
+    assert st.pending_commits() == [] and st.pending_commit(b"c1") is None
+    assert [o.msg_id for o in st.outbox_due(11)] == [b"plain", b"f1"]
+    st.close()
