@@ -430,3 +430,25 @@ async def test_commit_refused_for_now_is_applied_once_delivered_after_a_restart(
             assert [m.text for m in await texts(c, 1)] == ["all three"]
             assert [m.text for m in await texts(b, 1)] == ["all three"]
             assert (b.stats.undecryptable, c.stats.held, b.stats.held) == (0, 0, 0)
+
+
+async def test_a_pending_commit_never_queued_is_cleared_at_start(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """A crash between making a commit and queueing it leaves MLS with a pending commit
+    client.db knows nothing of: the next start clears it, the group stays usable."""
+    async with running_node(tmp_path, wall) as (_, info):
+        async with users(tmp_path, info, wall, "a", "b") as (a, b):
+            await a.group_create("team")
+            await a.group_invite("team", b.ident.fingerprint)
+            await texts(b, 0, wait=0.5)
+            gid = _gid(a, "team")
+            g = a.ident.group(gid)
+            epoch = g.epoch
+            g.update()  # made, never queued: the process "crashes" here
+            assert g.has_pending_commit()
+        async with users(tmp_path, info, wall, "a", "b") as (a, b):
+            g = a.ident.group(gid)
+            assert (g.epoch, g.has_pending_commit()) == (epoch, False)
+            await a.group_send("team", "after the crash")
+            assert [m.text for m in await texts(b, 1)] == ["after the crash"]
