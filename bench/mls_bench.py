@@ -61,6 +61,7 @@ class Ours:
         g0 = creator.create_group()
         others = [self.ident() for _ in range(n - 1)]
         _commit, welcome = g0.add([o.key_package() for o in others])
+        g0.merge_pending_commit()
         g1 = others[0].join(welcome)
         return creator, g0, others[0], g1
 
@@ -76,6 +77,7 @@ class Ours:
                 kp = newcomer.key_package()
                 t = time.perf_counter()
                 commit, welcome = g0.add([kp])
+                g0.merge_pending_commit()  # part of the figure, as before (add merged)
                 add_t.append(time.perf_counter() - t)
                 g1.process(commit)
                 t = time.perf_counter()

@@ -116,6 +116,7 @@ async def run(
             rrpc = await session(ep, port, pin, r)
             gs = s.create_group()
             _, welcome = gs.add([r.key_package()])
+            gs.merge_pending_commit()
             gr = r.join(welcome)
             setups.append((srpc, rrpc, gs, gr, bytes.fromhex(r.fingerprint)))
 

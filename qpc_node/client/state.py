@@ -63,6 +63,23 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_ms INTEGER NOT NULL,
     created_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pending_commits (
+    commit_id BLOB PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    followup BLOB,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS commit_msgs (
+    msg_id BLOB PRIMARY KEY,
+    commit_id BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS held (
+    seq INTEGER PRIMARY KEY,
+    payload BLOB NOT NULL,
+    expiry_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -90,11 +107,37 @@ class Received:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """A delivered message we could not process yet (future epoch, group not joined)."""
+
+    seq: int
+    payload: bytes
+    expiry_ms: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class Outgoing:
     msg_id: bytes
     envelope: bytes
     attempts: int
     next_ms: int
+    commit: bytes | None = None
+    """The pending commit this message is part of (sent all-or-nothing with it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    """Our commit to a group, made but not applied: it waits for the node to store
+    its whole fan-out (then merge) or to refuse it (then clear)."""
+
+    commit_id: bytes
+    group_id: bytes
+    followup: bytes | None
+    """An AppMessage to send in the new epoch once merged (the GroupInfo after a Welcome)."""
+    cancelled: bool
+    remaining: int
+    """Messages of its fan-out still in the outbox."""
 
 
 class ClientState:
@@ -235,6 +278,46 @@ class ClientState:
     def advance_cursor(self, cursor: int) -> None:
         self._advance(cursor)
 
+    def hold(self, seq: int, payload: bytes, expiry_ms: int, *, cursor: int) -> None:
+        """Keep a message to retry later and advance the cursor past it, atomically.
+
+        The node may then delete it (we ack past it): from here on client.db owns it.
+        """
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO held (seq, payload, expiry_ms) VALUES (?, ?, ?)",
+                (seq, payload, expiry_ms),
+            )
+            self._advance(cursor)
+
+    def held(self) -> list[Held]:
+        rows = self._conn.execute(
+            "SELECT seq, payload, expiry_ms, attempts FROM held ORDER BY seq"
+        ).fetchall()
+        return [Held(q, bytes(p), e, a) for q, p, e, a in rows]
+
+    def held_count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM held").fetchone()[0])
+
+    def held_tried(self, seq: int) -> None:
+        self._conn.execute("UPDATE held SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+
+    def held_done(self, seq: int) -> None:
+        self._conn.execute("DELETE FROM held WHERE seq = ?", (seq,))
+
+    def store_held_received(
+        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int
+    ) -> None:
+        """A held message finally decrypted: keep its text and forget it, atomically
+        (so it is shown once, never twice)."""
+        sealed = self._seal(sender + text.encode("utf-8"), conv.encode("utf-8"))
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO inbox (seq, conv, sealed, ts_ms) VALUES (?, ?, ?, ?)",
+                (seq, conv, sealed, ts_ms),
+            )
+            self._conn.execute("DELETE FROM held WHERE seq = ?", (seq,))
+
     def _advance(self, cursor: int) -> None:
         if cursor > self.cursor():
             self.set_meta("cursor", cursor.to_bytes(8, "big"))
@@ -269,17 +352,106 @@ class ClientState:
 
     def outbox_due(self, now_ms: int, limit: int = 64) -> list[Outgoing]:
         rows = self._conn.execute(
-            "SELECT msg_id, envelope, attempts, next_ms FROM outbox WHERE next_ms <= ?"
-            " ORDER BY created_ms LIMIT ?",
+            "SELECT o.msg_id, o.envelope, o.attempts, o.next_ms, c.commit_id FROM outbox o"
+            " LEFT JOIN commit_msgs c ON c.msg_id = o.msg_id WHERE o.next_ms <= ?"
+            " ORDER BY o.created_ms LIMIT ?",
             (now_ms, limit),
         ).fetchall()
-        return [Outgoing(bytes(m), bytes(e), a, n) for m, e, a, n in rows]
+        return [
+            Outgoing(bytes(m), bytes(e), a, n, None if c is None else bytes(c))
+            for m, e, a, n, c in rows
+        ]
+
+    # -- pending commits -------------------------------------------------------
+    def commit_begin(
+        self,
+        commit_id: bytes,
+        group_id: bytes,
+        followup: bytes | None,
+        items: list[tuple[bytes, bytes]],
+        now_ms: int,
+    ) -> None:
+        """Queue a commit's fan-out and remember which messages belong to it (one
+        transaction: after a crash the outbox and the record agree)."""
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO pending_commits (commit_id, group_id, followup, created_ms)"
+                " VALUES (?, ?, ?, ?)",
+                (commit_id, group_id, followup, now_ms),
+            )
+            self._conn.executemany(
+                "INSERT INTO outbox (msg_id, envelope, next_ms, created_ms) VALUES (?, ?, ?, ?)",
+                [(m, e, now_ms, now_ms) for m, e in items],
+            )
+            self._conn.executemany(
+                "INSERT INTO commit_msgs (msg_id, commit_id) VALUES (?, ?)",
+                [(m, commit_id) for m, _ in items],
+            )
+
+    def outbox_of_commit(self, commit_id: bytes) -> list[Outgoing]:
+        rows = self._conn.execute(
+            "SELECT o.msg_id, o.envelope, o.attempts, o.next_ms FROM outbox o"
+            " JOIN commit_msgs c ON c.msg_id = o.msg_id WHERE c.commit_id = ?"
+            " ORDER BY o.created_ms, o.rowid",
+            (commit_id,),
+        ).fetchall()
+        return [Outgoing(bytes(m), bytes(e), a, n, commit_id) for m, e, a, n in rows]
+
+    def pending_commits(self) -> list[CommitRecord]:
+        rows = self._conn.execute(
+            "SELECT p.commit_id, p.group_id, p.followup, p.cancelled,"
+            " (SELECT count(*) FROM commit_msgs c JOIN outbox o ON o.msg_id = c.msg_id"
+            "  WHERE c.commit_id = p.commit_id)"
+            " FROM pending_commits p ORDER BY p.created_ms, p.rowid"
+        ).fetchall()
+        return [
+            CommitRecord(bytes(c), bytes(g), None if f is None else bytes(f), bool(x), int(n))
+            for c, g, f, x, n in rows
+        ]
+
+    def pending_commit(self, commit_id: bytes) -> CommitRecord | None:
+        return next((p for p in self.pending_commits() if p.commit_id == commit_id), None)
+
+    def commit_cancel(self, commit_id: bytes) -> None:
+        """The node refused the fan-out for good: unqueue all of it, mark it cancelled
+        (one transaction, before the MLS commit is cleared: it is never sent again)."""
+        with transaction(self._conn):
+            self._conn.execute(
+                "DELETE FROM outbox WHERE msg_id IN"
+                " (SELECT msg_id FROM commit_msgs WHERE commit_id = ?)",
+                (commit_id,),
+            )
+            self._conn.execute(
+                "UPDATE pending_commits SET cancelled = 1 WHERE commit_id = ?", (commit_id,)
+            )
+
+    def commit_finished(
+        self, commit_id: bytes, followups: list[tuple[bytes, bytes]], now_ms: int
+    ) -> None:
+        """Forget a merged (or cleared) commit and queue its follow-ups, atomically, so a
+        crash can neither lose the follow-up nor queue it twice."""
+        with transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+                " VALUES (?, ?, ?, ?)",
+                [(m, e, now_ms, now_ms) for m, e in followups],
+            )
+            self._conn.execute("DELETE FROM commit_msgs WHERE commit_id = ?", (commit_id,))
+            self._conn.execute("DELETE FROM pending_commits WHERE commit_id = ?", (commit_id,))
 
     def outbox_retry_at(self, msg_id: bytes, next_ms: int) -> None:
         self._conn.execute(
             "UPDATE outbox SET attempts = attempts + 1, next_ms = ? WHERE msg_id = ?",
             (next_ms, msg_id),
         )
+
+    def outbox_retry_many(self, items: list[tuple[bytes, int]]) -> None:
+        """Schedule each ``(msg_id, next_ms)`` again, one transaction for all."""
+        with transaction(self._conn):
+            self._conn.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, next_ms = ? WHERE msg_id = ?",
+                [(n, m) for m, n in items],
+            )
 
     def outbox_done(self, msg_ids: list[bytes]) -> None:
         with transaction(self._conn):

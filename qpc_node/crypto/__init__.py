@@ -6,9 +6,19 @@ Everything here is re-exported from the compiled extension ``qpc_node._core``
 
     ident = Identity.create(state_dir, secret)   # or Identity.open(...)
     g = ident.create_group()
-    commit, welcome = g.add([peer_key_package])
+    commit, welcome = g.add([peer_key_package])  # the commit is only pending
+    send(commit, welcome)                        # ... the node stored the fan-out:
+    g.merge_pending_commit()                     # now the epoch advances
     ct = g.encrypt(b"hello")
     ev = peer_group.process(ct)                  # ev.kind, ev.sender, ev.data, ev.epoch
+
+``add``, ``remove``, ``update`` and ``commit_pending`` create a commit but leave it
+pending: the group stays on its epoch until ``merge_pending_commit()``, which the caller
+makes only once the commit reached the node. If the send fails, ``clear_pending_commit()``
+discards it and the group is usable on the old epoch, exactly as every other member
+still has it (merging first would fork the group). While a commit is pending,
+``encrypt`` and any further commit raise :class:`PendingCommit`; the pending commit is
+part of the persisted state and survives a reopen.
 
 Every failure raises a subclass of :class:`MlsError` (itself a ``QpcError``).
 State on disk is an encrypted append-only log in ``state_dir/store.qpc``; each
@@ -35,7 +45,9 @@ from qpc_node.crypto.errors import (
     InvalidSignature,
     MlsArgumentError,
     MlsError,
+    NoPendingCommit,
     NotAMember,
+    PendingCommit,
     StorageError,
     StoreExists,
     StoreNotFound,
@@ -56,7 +68,9 @@ __all__ = [
     "KeyPackageInfo",
     "MlsArgumentError",
     "MlsError",
+    "NoPendingCommit",
     "NotAMember",
+    "PendingCommit",
     "StorageError",
     "StoreExists",
     "StoreNotFound",

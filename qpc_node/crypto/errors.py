@@ -66,6 +66,27 @@ class MlsArgumentError(MlsError):
     code = StatusCode.INVALID_ARGUMENT
 
 
+class PendingCommit(MlsError):
+    """Our own commit awaits ``merge_pending_commit``/``clear_pending_commit``.
+
+    Raised by ``encrypt`` and by every call that would make another commit: a message
+    sent now would be for an epoch the commit is about to end, and a second commit would
+    fork from the first. Merge once the node stored the commit, clear if sending failed.
+    """
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
+class NoPendingCommit(MlsError):
+    """``merge_pending_commit`` found nothing to merge.
+
+    The commit was never made, was cleared, or was superseded by another member's commit
+    that ``process`` merged first; in the last case ours is lost and must be made again.
+    """
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
 class StorageError(MlsError):
     """The encrypted state on disk could not be read or written."""
 
@@ -96,7 +117,9 @@ __all__ = [
     "InvalidSignature",
     "MlsArgumentError",
     "MlsError",
+    "NoPendingCommit",
     "NotAMember",
+    "PendingCommit",
     "StorageError",
     "StoreExists",
     "StoreNotFound",

@@ -128,6 +128,7 @@ class Repl:
         r = self.agent.rpc_statistics()
         self.out(
             f"sent={s.sent} received={s.received} undecryptable={s.undecryptable} "
+            f"held={s.held} send_retries={s.send_retries} send_dropped={s.send_dropped} "
             f"gaps={len(s.gaps)} rpc_calls={r.calls} rpc_retries={r.retries} "
             f"rpc_failures={dict(r.failures)}"
         )

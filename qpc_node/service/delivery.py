@@ -10,17 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
-from qpc_node.errors import QpcError, RemoteProtocolError, StatusCode
+from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.rpc.context import CallContext
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
 from qpc_node.store.async_store import AsyncStore
-from qpc_node.store.records import Envelope, FetchResult
+from qpc_node.store.records import EnqueueResult, Envelope, FetchResult
 from qpc_node.wire.envelope import Envelope as WireEnvelope
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, rpc_pb2, service_pb2
 
 MAX_BATCH = 256
 MAX_FETCH = 256
@@ -72,6 +73,13 @@ class Waiters:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+def _aborted() -> QpcError:
+    return QpcError(
+        "not stored: another envelope of this all-or-nothing batch was refused",
+        code=StatusCode.ABORTED,
+    )
 
 
 def _mine(ctx_user: bytes, named: bytes) -> None:
@@ -136,28 +144,80 @@ class DeliveryService:
     async def enqueue(
         self, req: service_pb2.EnqueueRequest, ctx: CallContext
     ) -> service_pb2.EnqueueResponse:
+        """Store every envelope we can; answer one result per envelope, in request order.
+
+        A client's batch mixes unrelated recipients (its outbox sends up to 64 at a
+        time), so one unknown recipient, full mailbox or malformed envelope is that
+        envelope's refusal, not the batch's. Only what concerns the call as a whole
+        (session, batch size, the store itself) fails it, and then nothing is stored.
+        ``atomic`` batches (a commit's fan-out) are stored whole or not at all.
+        """
         self._guard.check(ctx)
         if not 0 < len(req.envelopes) <= MAX_BATCH:
             raise RemoteProtocolError(f"a batch holds 1..{MAX_BATCH} envelopes")
         now_ms = self._wall_ms()
+        outcomes: list[EnqueueResult | QpcError | None] = []
         batch: list[Envelope] = []
         for pb in req.envelopes:
-            env = WireEnvelope.from_proto(pb)  # typed error on any bad field
-            if not await self.is_local(env.recipient):
-                # Later: federation routing / store-and-forward take it from here.
-                raise UnknownRecipient(f"recipient {short(env.recipient)} is not homed here")
+            try:
+                env = WireEnvelope.from_proto(pb)  # typed error on any bad field
+                if not await self.is_local(env.recipient):
+                    # Later: federation routing / store-and-forward take it from here.
+                    raise UnknownRecipient(f"recipient {short(env.recipient)} is not homed here")
+            except QpcError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(None)  # filled from the store's answer below
             batch.append(
                 Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
             )
-        results = await self._store.enqueue(batch, now_ms)
-        for rec in {e.recipient for e in batch}:
+        stored: Iterator[EnqueueResult | QpcError] = iter([])
+        if req.atomic:
+            outcomes = await self._enqueue_all_or_nothing(outcomes, batch, now_ms)
+        elif batch:
+            stored = iter(await self._store.enqueue_each(batch, now_ms))
+        results: list[service_pb2.EnqueueResult] = []
+        woken: set[bytes] = set()
+        for pb, got in zip(req.envelopes, outcomes, strict=True):
+            if got is None:
+                got = next(stored)
+            if isinstance(got, QpcError):
+                results.append(
+                    service_pb2.EnqueueResult(
+                        msg_id=pb.msg_id,
+                        status=cast(rpc_pb2.StatusCode, int(got.code)),
+                        detail=got.message,
+                    )
+                )
+                continue
+            if not got.duplicate:
+                woken.add(pb.recipient)
+            results.append(
+                service_pb2.EnqueueResult(msg_id=got.msg_id, seq=got.seq, duplicate=got.duplicate)
+            )
+        for rec in woken:
             self.waiters.notify(rec)
-        return service_pb2.EnqueueResponse(
-            results=[
-                service_pb2.EnqueueResult(msg_id=r.msg_id, seq=r.seq, duplicate=r.duplicate)
-                for r in results
-            ]
-        )
+        return service_pb2.EnqueueResponse(results=results)
+
+    async def _enqueue_all_or_nothing(
+        self, outcomes: list[EnqueueResult | QpcError | None], batch: list[Envelope], now_ms: int
+    ) -> list[EnqueueResult | QpcError | None]:
+        """Store ``batch`` as one batch if nothing was refused yet; else store nothing.
+
+        Every envelope that was fine but not stored gets ABORTED, so the caller sees
+        per envelope which one was at fault.
+        """
+        if not any(isinstance(o, QpcError) for o in outcomes):
+            try:
+                results = iter(await self._store.enqueue(batch, now_ms))
+            except LocalProtocolError as exc:  # quota, size, expiry: the batch's fault
+                culprit = getattr(exc, "index", None)
+                out: list[EnqueueResult | QpcError | None] = []
+                for i in range(len(outcomes)):
+                    out.append(exc if culprit is None or culprit == i else _aborted())
+                return out
+            return [next(results) for _ in outcomes]
+        return [o if isinstance(o, QpcError) else _aborted() for o in outcomes]
 
     async def fetch(
         self, req: service_pb2.FetchRequest, ctx: CallContext

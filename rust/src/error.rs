@@ -20,6 +20,8 @@ pyo3::import_exception!(qpc_node.crypto.errors, InvalidSignature);
 pyo3::import_exception!(qpc_node.crypto.errors, MlsArgumentError);
 pyo3::import_exception!(qpc_node.crypto.errors, StoreExists);
 pyo3::import_exception!(qpc_node.crypto.errors, StoreNotFound);
+pyo3::import_exception!(qpc_node.crypto.errors, PendingCommit);
+pyo3::import_exception!(qpc_node.crypto.errors, NoPendingCommit);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -37,6 +39,10 @@ pub enum Kind {
     Argument,
     Exists,
     NotFound,
+    /// Our own commit awaits merge/clear; nothing else may change the group meanwhile.
+    PendingCommit,
+    /// merge_pending_commit with nothing pending (never created, cleared, or superseded).
+    NoPendingCommit,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +85,8 @@ impl From<Error> for PyErr {
             Kind::Argument => MlsArgumentError::new_err(m),
             Kind::Exists => StoreExists::new_err(m),
             Kind::NotFound => StoreNotFound::new_err(m),
+            Kind::PendingCommit => PendingCommit::new_err(m),
+            Kind::NoPendingCommit => NoPendingCommit::new_err(m),
         }
     }
 }

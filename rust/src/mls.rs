@@ -139,11 +139,19 @@ fn msg_bytes(m: &MlsMessageOut) -> Result<Vec<u8>> {
         .map_err(|e| Error::from_dbg(Kind::Mls, "serialize message", e))
 }
 
-/// Apply the commit we just created to our own state (the other members apply it when it
-/// reaches them); every committing operation ends with this.
-fn merge_own_commit(g: &mut MlsGroup, p: &Provider) -> Result<()> {
-    g.merge_pending_commit(p)
-        .map_err(|e| Error::from_dbg(Kind::Mls, "merge own commit", e))
+/// Refuse to send or to commit again while our own commit is pending: a message encrypted
+/// now would be for the old epoch, which nobody keeps once the commit is merged, and OpenMLS
+/// allows only one pending commit. The caller must first merge it (the node stored the
+/// fan-out) or clear it (the send failed).
+fn ensure_no_pending_commit(g: &MlsGroup) -> Result<()> {
+    if g.pending_commit().is_some() {
+        return Err(Error::new(
+            Kind::PendingCommit,
+            "our own commit is pending: merge_pending_commit() once the node stored it, \
+             or clear_pending_commit() if sending it failed",
+        ));
+    }
+    Ok(())
 }
 
 fn storage_put(st: &State, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
@@ -696,6 +704,7 @@ impl Group {
         let gid = &self.gid;
         let out = run(py, &self.shared, |st| {
             let (g, p, s) = group_parts(st, gid)?;
+            ensure_no_pending_commit(g)?;
             let m = g.create_message(p, s, data).map_err(|e| match e {
                 CreateMessageError::GroupStateError(_) => {
                     Error::from_dbg(Kind::NotAMember, "cannot send in this group", e)
@@ -778,7 +787,8 @@ impl Group {
         })
     }
 
-    /// Add members by KeyPackage; returns (commit, welcome). Our own commit is merged.
+    /// Add members by KeyPackage; returns (commit, welcome). The commit stays pending (the
+    /// epoch does not change) until `merge_pending_commit`; send the Welcome only after that.
     fn add<'py>(
         &self,
         py: Python<'py>,
@@ -793,6 +803,7 @@ impl Group {
                 ));
             }
             let (g, p, s) = group_parts(st, gid)?;
+            ensure_no_pending_commit(g)?;
             let kps = key_packages
                 .iter()
                 .map(|b| parse_key_package(&p.crypto, b))
@@ -806,13 +817,12 @@ impl Group {
                 }
                 _ => Error::from_dbg(Kind::Mls, "add members", e),
             })?;
-            merge_own_commit(g, p)?;
             Ok((msg_bytes(&commit)?, msg_bytes(&welcome)?))
         })?;
         Ok((PyBytes::new(py, &c), PyBytes::new(py, &w)))
     }
 
-    /// Remove members by fingerprint (hex); returns the commit.
+    /// Remove members by fingerprint (hex); returns the commit, left pending (see `add`).
     fn remove<'py>(
         &self,
         py: Python<'py>,
@@ -821,6 +831,7 @@ impl Group {
         let gid = &self.gid;
         let out = run(py, &self.shared, |st| {
             let (g, p, s) = group_parts(st, gid)?;
+            ensure_no_pending_commit(g)?;
             let mut leaves = Vec::with_capacity(fingerprints.len());
             for fp in &fingerprints {
                 let want = unhex(&fp.to_ascii_lowercase()).ok_or_else(|| {
@@ -838,17 +849,18 @@ impl Group {
                 }
                 _ => Error::from_dbg(Kind::Mls, "remove members", e),
             })?;
-            merge_own_commit(g, p)?;
             msg_bytes(&commit)
         })?;
         Ok(PyBytes::new(py, &out))
     }
 
-    /// Rotate our leaf keys (forward secrecy / post-compromise security); returns the commit.
+    /// Rotate our leaf keys (forward secrecy / post-compromise security); returns the commit,
+    /// left pending (see `add`).
     fn update<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let gid = &self.gid;
         let out = run(py, &self.shared, |st| {
             let (g, p, s) = group_parts(st, gid)?;
+            ensure_no_pending_commit(g)?;
             let bundle =
                 g.self_update(p, s, LeafNodeParameters::default())
                     .map_err(|e| match e {
@@ -858,7 +870,6 @@ impl Group {
                         _ => Error::from_dbg(Kind::Mls, "self update", e),
                     })?;
             let (commit, _, _) = bundle.into_contents();
-            merge_own_commit(g, p)?;
             msg_bytes(&commit)
         })?;
         Ok(PyBytes::new(py, &out))
@@ -869,6 +880,7 @@ impl Group {
         let gid = &self.gid;
         let out = run(py, &self.shared, |st| {
             let (g, p, s) = group_parts(st, gid)?;
+            ensure_no_pending_commit(g)?;
             let m = g
                 .leave_group(p, s)
                 .map_err(|e| Error::from_dbg(Kind::NotAMember, "leave group", e))?;
@@ -877,7 +889,8 @@ impl Group {
         Ok(PyBytes::new(py, &out))
     }
 
-    /// Commit every queued proposal (e.g. a member's leave); returns (commit, welcome or None).
+    /// Commit every queued proposal (e.g. a member's leave); returns (commit, welcome or None),
+    /// the commit left pending (see `add`).
     fn commit_pending<'py>(
         &self,
         py: Python<'py>,
@@ -885,10 +898,10 @@ impl Group {
         let gid = &self.gid;
         let (c, w) = run(py, &self.shared, |st| {
             let (g, p, s) = group_parts(st, gid)?;
+            ensure_no_pending_commit(g)?;
             let (commit, welcome, _) = g
                 .commit_to_pending_proposals(p, s)
                 .map_err(|e| Error::from_dbg(Kind::Mls, "commit pending proposals", e))?;
-            merge_own_commit(g, p)?;
             let w = match welcome {
                 Some(w) => Some(msg_bytes(&w)?),
                 None => None,
@@ -896,6 +909,51 @@ impl Group {
             Ok((msg_bytes(&commit)?, w))
         })?;
         Ok((PyBytes::new(py, &c), w.map(|w| PyBytes::new(py, &w))))
+    }
+
+    /// Make our pending commit our state: the epoch advances. Call it once the node has
+    /// stored the commit's fan-out, never before (a commit nobody else gets forks the group).
+    /// Raises NoPendingCommit when nothing is pending: never created, cleared, or superseded
+    /// by another member's commit for the same epoch that `process` merged first (then our
+    /// commit is lost and must be made again). An error, not a no-op, so the caller cannot
+    /// believe a change happened that did not.
+    fn merge_pending_commit(&self, py: Python<'_>) -> PyResult<()> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            let (g, p, _) = group_parts(st, gid)?;
+            if g.pending_commit().is_none() {
+                return Err(Error::new(
+                    Kind::NoPendingCommit,
+                    "no pending commit to merge (never created, cleared, or superseded)",
+                ));
+            }
+            g.merge_pending_commit(p).map_err(|e| match e {
+                MergePendingCommitError::MlsGroupStateError(_) => {
+                    Error::from_dbg(Kind::NotAMember, "merge own commit", e)
+                }
+                _ => Error::from_dbg(Kind::Mls, "merge own commit", e),
+            })
+        })
+    }
+
+    /// Discard our pending commit (its send failed): the group stays on the current epoch and
+    /// usable, as it is for every other member. A no-op when nothing is pending, so a failure
+    /// path may always call it.
+    fn clear_pending_commit(&self, py: Python<'_>) -> PyResult<()> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            let (g, p, _) = group_parts(st, gid)?;
+            g.clear_pending_commit(&p.storage)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "clear pending commit", e))
+        })
+    }
+
+    /// True while a commit we created awaits `merge_pending_commit`/`clear_pending_commit`.
+    fn has_pending_commit(&self, py: Python<'_>) -> PyResult<bool> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            Ok(group_parts(st, gid)?.0.pending_commit().is_some())
+        })
     }
 
     /// RFC 9420 exporter: a secret shared by all members of the current epoch.

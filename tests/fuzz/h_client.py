@@ -21,8 +21,9 @@ import trio
 
 from qpc_node import crypto
 from qpc_node.client.agent import Agent, Incoming
+from qpc_node.client.mlsheader import PRIVATE_MESSAGE, PUBLIC_MESSAGE, parse_header
 from qpc_node.client.state import AsyncClientState, ClientState
-from qpc_node.errors import QpcError
+from qpc_node.errors import QpcError, RemoteProtocolError
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RetryPolicy, RpcClient
 from qpc_node.wire.envelope import pad
@@ -65,6 +66,7 @@ async def agent_env(tmp: Path) -> AsyncIterator[AgentEnv]:
     )
     g = alice.create_group()
     _commit, welcome = g.add([bob.key_package()])
+    g.merge_pending_commit()
     a_fpr = bytes.fromhex(alice.fingerprint)
     env = AgentEnv(agent, state, alice, bob, g, a_fpr)
     gid = bytes(g.group_id)
@@ -97,6 +99,7 @@ def _sealed_seeds(env: AgentEnv) -> list[bytes]:
     # A second group of alice's: a Welcome for bob, then a commit he may not have seen.
     g2 = env.alice.create_group()
     commit, welcome = g2.add([env.bob.key_package()])
+    g2.merge_pending_commit()
     seeds.append(_sealed(_C.Sealed.WELCOME, bytes(g2.group_id), welcome))
     seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, bytes(g2.group_id), g2.update()))
     seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, gid, commit))  # commit of another group
@@ -188,6 +191,7 @@ async def mls_env(tmp: Path) -> AsyncIterator[MlsEnv]:
     alice, bob, carol = ids
     ga = alice.create_group()
     commit, welcome = ga.add([bob.key_package()])
+    ga.merge_pending_commit()
     gb = bob.join(welcome)
     gc = bob.create_group()
     _c2, welcome_c = gc.add([carol.key_package()])
@@ -220,4 +224,39 @@ register(
     seeds=lambda env: env.seeds_kp,
     target=lambda _env: crypto.inspect_key_package,
     allowed=(crypto.MlsError,),
+)
+
+
+# -- the clear MLS header the agent reads to tell a future epoch from a past one -------
+
+
+def _mls_header_seeds() -> list[bytes]:
+    def msg(wire_format: int, gid: bytes, epoch: int, long_len: bool = False) -> bytes:
+        n = len(gid)
+        length = (0x4000 | n).to_bytes(2, "big") if long_len else bytes([n])
+        head = (1).to_bytes(2, "big") + wire_format.to_bytes(2, "big")
+        return head + length + gid + epoch.to_bytes(8, "big") + b"\x01rest"
+
+    return [
+        msg(PRIVATE_MESSAGE, b"g" * 16, 3),
+        msg(PUBLIC_MESSAGE, b"h" * 32, 2**64 - 1),
+        msg(PRIVATE_MESSAGE, b"i" * 100, 0, long_len=True),
+        msg(PUBLIC_MESSAGE, b"", 1),
+    ]
+
+
+def mls_header_target(data: bytes) -> str:
+    header = parse_header(data)
+    at = 4 + (1 << (data[4] >> 6))  # where the group id starts, after its length
+    end = at + len(header.group_id)
+    if data[at:end] != header.group_id or data[end : end + 8] != header.epoch.to_bytes(8, "big"):
+        raise Invariant("group id / epoch are not the bytes after the length")
+    return "valid"
+
+
+register(
+    "client.mls_header",
+    seeds=lambda _env: _mls_header_seeds(),
+    target=lambda _env: mls_header_target,
+    allowed=(RemoteProtocolError,),
 )

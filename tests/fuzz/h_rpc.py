@@ -252,6 +252,7 @@ def body_seeds(env: NodeEnv, method: str) -> list[bytes]:
             _S.EnqueueRequest(envelopes=[_envelope(b, 2), _envelope(a, 3, hop_limit=16)]),
             _S.EnqueueRequest(envelopes=[_envelope(a, 4, expiry_ms=2**64 - 1, hop_limit=0)]),
             _S.EnqueueRequest(envelopes=[_envelope(b"\x42" * 32, 5)]),
+            _S.EnqueueRequest(envelopes=[_envelope(a, 6), _envelope(b"\x42" * 32, 7)], atomic=True),
         ]
     elif method == "qpc.v1.Delivery/Fetch":
         msgs = [

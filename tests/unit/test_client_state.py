@@ -1,7 +1,9 @@
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
+import trio
 
 from qpc_node.client.state import (
     DB_FILE,
@@ -68,10 +70,82 @@ def test_outbox_survives_and_retries(tmp_path: Path) -> None:
 
 
 async def test_async_facade_runs_off_thread(tmp_path: Path) -> None:
+    """Every call runs on a worker thread, never the Trio thread, one at a time."""
     st = ClientState(tmp_path, b"k" * 32)
     ast = AsyncClientState(st)
-    await ast.call(st.outbox_add, b"m", b"e", 1)
-    assert await ast.call(st.outbox_len) == 1
+    trio_thread = threading.get_ident()
+    ran_on: list[int] = []
+    active = 0
+    overlapped = False
+
+    def probe(tag: bytes) -> int:
+        nonlocal active, overlapped
+        active += 1
+        overlapped |= active > 1
+        ran_on.append(threading.get_ident())
+        st.outbox_add(tag, b"e", 1)
+        active -= 1
+        return st.outbox_len()
+
+    assert await ast.call(probe, b"m") == 1
+    async with trio.open_nursery() as n:
+        for i in range(8):
+            n.start_soon(ast.call, probe, bytes([i]))
+    assert await ast.call(st.outbox_len) == 9
+    assert len(ran_on) == 9 and trio_thread not in ran_on
+    assert not overlapped  # the limiter serialises: one connection, one caller at a time
     st.close()
     with pytest.raises(sqlite3.ProgrammingError):
         st.outbox_len()
+
+
+def test_held_messages_survive_and_leave_once(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.hold(4, b"p4", 1000, cursor=4)
+    st.hold(4, b"p4", 1000, cursor=4)  # idempotent on seq
+    st.hold(6, b"p6", 2000, cursor=6)
+    st.close()
+    st = ClientState(tmp_path, b"k" * 32)
+    assert st.cursor() == 6 and st.held_count() == 2
+    assert [(h.seq, h.payload, h.expiry_ms) for h in st.held()] == [
+        (4, b"p4", 1000),
+        (6, b"p6", 2000),
+    ]
+    st.held_tried(4)
+    st.store_held_received(4, "team", B, "late", 10)
+    st.held_done(6)
+    assert st.held() == []
+    (r,) = st.unshown()
+    assert (r.seq, r.text) == (4, "late")
+    st.close()
+
+
+def test_pending_commit_records_survive_and_settle_atomically(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.outbox_add(b"plain", b"e0", 1)
+    st.commit_begin(b"c1", b"g1", b"info", [(b"m1", b"e1"), (b"m2", b"e2")], 2)
+    st.commit_begin(b"c2", b"g2", None, [(b"m3", b"e3")], 3)
+    st.close()
+    st = ClientState(tmp_path, b"k" * 32)
+    assert [(o.msg_id, o.commit) for o in st.outbox_due(10)] == [
+        (b"plain", None),
+        (b"m1", b"c1"),
+        (b"m2", b"c1"),
+        (b"m3", b"c2"),
+    ]
+    assert [o.msg_id for o in st.outbox_of_commit(b"c1")] == [b"m1", b"m2"]
+    st.outbox_done([b"m1", b"m2"])  # the node stored c1's fan-out
+    st.commit_cancel(b"c2")  # ... and refused c2's for good
+    recs = {p.commit_id: p for p in st.pending_commits()}
+    assert (recs[b"c1"].remaining, recs[b"c1"].cancelled, recs[b"c1"].followup) == (
+        0,
+        False,
+        b"info",
+    )
+    assert (recs[b"c2"].remaining, recs[b"c2"].cancelled) == (0, True)
+    assert [o.msg_id for o in st.outbox_due(10)] == [b"plain"]
+    st.commit_finished(b"c1", [(b"f1", b"ef")], 11)
+    st.commit_finished(b"c2", [], 11)
+    assert st.pending_commits() == [] and st.pending_commit(b"c1") is None
+    assert [o.msg_id for o in st.outbox_due(11)] == [b"plain", b"f1"]
+    st.close()

@@ -46,6 +46,7 @@ def test_fuzz_process_and_join(tmp_path: Path) -> None:
     carol = Identity.create(tmp_path / "c", os.urandom(32), durable=False)
     ga = alice.create_group()
     commit0, welcome = ga.add([bob.key_package()])
+    ga.merge_pending_commit()
     gb = bob.join(welcome)
     carol_kp = carol.key_package()
     corpus = [

@@ -15,7 +15,9 @@ from qpc_node.crypto import (
     InvalidMessage,
     InvalidSignature,
     MlsError,
+    NoPendingCommit,
     NotAMember,
+    PendingCommit,
     UnknownGroup,
     WelcomeNotForUs,
     WrongEpoch,
@@ -25,7 +27,7 @@ from qpc_node.crypto import (
     key_package_identity,
     verify,
 )
-from qpc_node.errors import QpcError
+from qpc_node.errors import QpcError, StatusCode
 
 Member = tuple[Identity, Group]
 
@@ -43,6 +45,7 @@ def build_group(root: Path, n: int) -> list[Member]:
     others = [new_identity(root, f"m{i}") for i in range(1, n)]
     if others:
         _commit, welcome = g0.add([o.key_package() for o in others])
+        g0.merge_pending_commit()
         members += [(o, o.join(welcome)) for o in others]
     return members
 
@@ -83,6 +86,7 @@ def test_add_one_by_one_then_remove(tmp_path: Path) -> None:
     for i in range(1, 4):
         newcomer = new_identity(tmp_path, f"late{i}")
         commit, welcome = members[0][1].add([newcomer.key_package()])
+        members[0][1].merge_pending_commit()
         deliver_commit(members, 0, commit)
         members.append((newcomer, newcomer.join(welcome)))
     assert {g.epoch for _, g in members} == {3}
@@ -93,6 +97,7 @@ def test_removed_member_cannot_decrypt_after_removal(tmp_path: Path) -> None:
     members = build_group(tmp_path, 3)
     victim_ident, victim = members[2]
     commit = members[0][1].remove([victim_ident.fingerprint])
+    members[0][1].merge_pending_commit()
     assert members[1][1].process(commit).removed is False
     assert victim.process(commit).removed is True
     assert victim.is_active is False
@@ -118,6 +123,7 @@ def test_update_advances_epoch_for_all(tmp_path: Path) -> None:
     members = build_group(tmp_path, 4)
     before = members[0][1].epoch
     commit = members[1][1].update()
+    members[1][1].merge_pending_commit()
     deliver_commit(members, 1, commit)
     assert {g.epoch for _, g in members} == {before + 1}
     secrets = {g.export_secret("qpc test", b"ctx", 32) for _, g in members}
@@ -130,6 +136,7 @@ def test_old_epoch_message_is_rejected(tmp_path: Path) -> None:
     (_a, ga), (_b, gb) = members
     stale = ga.encrypt(b"sent in epoch 1")
     commit = ga.update()
+    ga.merge_pending_commit()
     gb.process(commit)
     with pytest.raises(WrongEpoch) as info:
         gb.process(stale)
@@ -172,6 +179,7 @@ def test_leave_by_self_remove_proposal(tmp_path: Path) -> None:
     assert ev.sender == leaver_ident.fingerprint
     assert members[1][1].process(proposal).kind == "proposal"
     commit, welcome = members[0][1].commit_pending()
+    members[0][1].merge_pending_commit()
     assert welcome is None
     assert members[1][1].process(commit).kind == "commit"
     assert leaver.process(commit).removed is True
@@ -232,3 +240,130 @@ def test_add_rejects_bad_key_package(tmp_path: Path) -> None:
     with pytest.raises(MlsError):
         members[0][1].add([])
     assert members[0][1].epoch == 0
+
+
+# --- Own commits stay pending until the caller merges them (issue 10: no fork from a failed
+# send). The agent merges only after the node stored the fan-out, and clears on failure.
+
+
+def test_add_leaves_commit_pending_and_clear_keeps_the_old_epoch(tmp_path: Path) -> None:
+    members = build_group(tmp_path, 2)
+    (_a, ga), (_b, gb) = members
+    carol = new_identity(tmp_path, "carol")
+    _commit, _welcome = ga.add([carol.key_package()])
+    # The send of this commit "failed": nobody else has it.
+    assert ga.has_pending_commit() is True
+    assert ga.epoch == gb.epoch == 1
+    assert len(ga.members()) == 2
+    ga.clear_pending_commit()
+    assert ga.has_pending_commit() is False
+    assert ga.epoch == 1
+    # Usable on the old epoch, both ways, for everyone.
+    broadcast(members, 0, b"still epoch 1")
+    broadcast(members, 1, b"and back")
+    # A new commit after the cleared one works normally.
+    commit, welcome = ga.add([carol.key_package()])
+    ga.merge_pending_commit()
+    deliver_commit(members, 0, commit)
+    members.append((carol, carol.join(welcome)))
+    broadcast(members, 2, b"carol is in")
+
+
+def test_pending_commit_refuses_encrypt_and_further_commits(tmp_path: Path) -> None:
+    members = build_group(tmp_path, 3)
+    ga = members[0][1]
+    ga.update()
+    with pytest.raises(PendingCommit) as info:
+        ga.encrypt(b"would be for an epoch that is about to end")
+    assert isinstance(info.value, MlsError)
+    assert info.value.code == StatusCode.FAILED_PRECONDITION
+    carol = new_identity(tmp_path, "carol")
+    with pytest.raises(PendingCommit):
+        ga.add([carol.key_package()])
+    with pytest.raises(PendingCommit):
+        ga.remove([members[2][0].fingerprint])
+    with pytest.raises(PendingCommit):
+        ga.update()
+    with pytest.raises(PendingCommit):
+        ga.commit_pending()
+    with pytest.raises(PendingCommit):
+        ga.leave()
+    # Reading the group still works meanwhile.
+    assert ga.epoch == 1
+    assert members[0][1].process(members[1][1].encrypt(b"incoming")).data == b"incoming"
+
+
+def test_merge_advances_epoch_and_the_welcomed_member_reads(tmp_path: Path) -> None:
+    members = build_group(tmp_path, 2)
+    ga = members[0][1]
+    carol = new_identity(tmp_path, "carol")
+    commit, welcome = ga.add([carol.key_package()])
+    assert ga.epoch == 1
+    ga.merge_pending_commit()
+    assert ga.has_pending_commit() is False
+    assert ga.epoch == 2
+    deliver_commit(members, 0, commit)
+    members.append((carol, carol.join(welcome)))
+    assert {g.epoch for _, g in members} == {2}
+    broadcast(members, 0, b"welcome, carol")
+    broadcast(members, 2, b"thanks")
+
+
+def test_merge_or_clear_without_pending_commit(tmp_path: Path) -> None:
+    """merge with nothing pending is an error (a change did not happen); clear is a no-op."""
+    members = build_group(tmp_path, 2)
+    ga = members[0][1]
+    with pytest.raises(NoPendingCommit) as info:
+        ga.merge_pending_commit()
+    assert info.value.code == StatusCode.FAILED_PRECONDITION
+    ga.clear_pending_commit()
+    assert ga.epoch == 1
+    broadcast(members, 0, b"unchanged")
+
+
+def test_commit_superseded_by_another_members_commit(tmp_path: Path) -> None:
+    """Another member's commit for the same epoch wins; ours is gone and merge says so."""
+    members = build_group(tmp_path, 2)
+    (_a, ga), (_b, gb) = members
+    ga.update()
+    theirs = gb.update()
+    gb.merge_pending_commit()
+    assert ga.process(theirs).kind == "commit"
+    assert ga.has_pending_commit() is False
+    with pytest.raises(NoPendingCommit):
+        ga.merge_pending_commit()
+    assert ga.epoch == gb.epoch == 2
+    broadcast(members, 0, b"on their epoch")
+
+
+@pytest.mark.parametrize("then", ["merge", "clear"])
+def test_pending_commit_survives_reopen(tmp_path: Path, then: str) -> None:
+    secret = os.urandom(32)
+    a = Identity.create(tmp_path / "a", secret)
+    b = new_identity(tmp_path, "b")
+    ga = a.create_group(b"chat")
+    _c, welcome = ga.add([b.key_package()])
+    ga.merge_pending_commit()
+    gb = b.join(welcome)
+    commit = ga.update()
+    del a, ga
+    a2 = Identity.open(tmp_path / "a", secret)
+    ga2 = a2.group(b"chat")
+    assert ga2.has_pending_commit() is True
+    assert ga2.epoch == 1
+    with pytest.raises(PendingCommit):
+        ga2.encrypt(b"not yet")
+    if then == "merge":
+        ga2.merge_pending_commit()
+        assert gb.process(commit).kind == "commit"
+        assert ga2.epoch == gb.epoch == 2
+    else:
+        ga2.clear_pending_commit()
+        assert ga2.epoch == gb.epoch == 1
+    assert gb.process(ga2.encrypt(b"after reopen")).data == b"after reopen"
+    assert ga2.process(gb.encrypt(b"and back")).data == b"and back"
+    # The merge/clear itself was persisted.
+    del a2, ga2
+    ga3 = Identity.open(tmp_path / "a", secret).group(b"chat")
+    assert ga3.has_pending_commit() is False
+    assert ga3.epoch == gb.epoch
