@@ -68,10 +68,18 @@ def _load_cfg(args: argparse.Namespace) -> Config:
 
 
 async def _until_signalled(
-    nursery: trio.Nursery, on_hup: Callable[[], Awaitable[None]] | None = None
+    nursery: trio.Nursery,
+    on_hup: Callable[[], Awaitable[None]] | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config."""
+    """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config.
+
+    Start it with ``nursery.start`` before announcing anything: until the receiver
+    is open a SIGHUP (procd's reload) would kill the process with the default action.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         async for sig in signals:
             if sig == signal.SIGHUP:
                 if on_hup is not None:
@@ -91,12 +99,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(_until_signalled, nursery, reload)
             info = await nursery.start(node.run)
             print(
                 f"qpc node listening on {info.host}:{info.port} pin={info.cert_fingerprint}",
                 flush=True,
             )
-            nursery.start_soon(_until_signalled, nursery, reload)
 
     async def reload() -> None:
         from qpc_node.ops.log import get_logger
