@@ -70,6 +70,8 @@ pub struct Log {
     size: u64,
     snapshot_size: u64,
     durable: bool,
+    /// A compaction's rename happened but fsync(dir) failed: retried before the next write.
+    dir_sync_pending: bool,
     pub stats: Stats,
 }
 
@@ -137,6 +139,8 @@ where
 }
 
 type Change = (Vec<u8>, Option<Vec<u8>>);
+/// One changed record as the tracked map hands it out: `(key, Some(value) | None = deleted)`.
+pub type ChangeRef<'a> = (&'a [u8], Option<&'a [u8]>);
 
 fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
     let end = pos.checked_add(n)?;
@@ -171,11 +175,17 @@ fn decode_changes(buf: &[u8]) -> Option<Vec<Change>> {
 }
 
 impl Log {
-    fn seal(&self, rng: &RustCrypto, seq: u64, plain: &[u8]) -> Result<Vec<u8>, Error> {
+    fn seal(
+        &self,
+        rng: &RustCrypto,
+        generation: u64,
+        seq: u64,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, Error> {
         let nonce: [u8; NONCE_LEN] = rng
             .random_array()
             .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
-        let aad = record_aad(&self.salt, self.generation, seq);
+        let aad = record_aad(&self.salt, generation, seq);
         let ct = self
             .cipher
             .encrypt(
@@ -195,11 +205,11 @@ impl Log {
         Ok(out)
     }
 
-    fn header(&self, rng: &RustCrypto) -> Result<Vec<u8>, Error> {
+    fn header(&self, rng: &RustCrypto, generation: u64) -> Result<Vec<u8>, Error> {
         let nonce: [u8; NONCE_LEN] = rng
             .random_array()
             .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
-        let prefix = header_prefix(&self.salt, self.generation);
+        let prefix = header_prefix(&self.salt, generation);
         let ct = self
             .cipher
             .encrypt(
@@ -216,33 +226,60 @@ impl Log {
         Ok(out)
     }
 
-    /// Write header + one snapshot record to a temp file and atomically move it in place.
-    fn write_snapshot(&mut self, rng: &RustCrypto, map: &TrackedMap) -> Result<(), Error> {
+    /// Write header + one snapshot record (of `generation`) to a temp file and move it in
+    /// place. Atomic for the caller: on Err the store file and `self` are unchanged; the
+    /// rename is the commit point, after which nothing fails (a failed fsync of the
+    /// directory only delays durability of the rename: it is retried before the next write).
+    fn write_snapshot(
+        &mut self,
+        rng: &RustCrypto,
+        map: &TrackedMap,
+        generation: u64,
+    ) -> Result<(), Error> {
         let tmp = self.dir.join(TMP_FILE);
-        let mut buf = self.header(rng)?;
+        let mut buf = self.header(rng, generation)?;
         let plain = Zeroizing::new(encode_changes(
             map.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
         ));
-        buf.extend_from_slice(&self.seal(rng, 0, &plain)?);
-        {
-            let mut f = File::create(&tmp).map_err(|e| io_err("create temp store", e))?;
+        buf.extend_from_slice(&self.seal(rng, generation, 0, &plain)?);
+        let written = (|| {
+            let _ = fs::remove_file(&tmp);
+            // Append mode: after a failed append is cut off, the next one lands at the end.
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| io_err("create temp store", e))?;
             f.write_all(&buf)
                 .map_err(|e| io_err("write temp store", e))?;
             f.sync_all().map_err(|e| io_err("fsync temp store", e))?;
-        }
-        let path = self.dir.join(STORE_FILE);
-        fs::rename(&tmp, &path).map_err(|e| io_err("rename store", e))?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err("reopen store", e))?;
+            fs::rename(&tmp, self.dir.join(STORE_FILE)).map_err(|e| io_err("rename store", e))?;
+            Ok(f)
+        })();
+        let f = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        // The handle follows the file through the rename; no reopen that could fail.
+        self.file = f;
+        self.generation = generation;
         self.seq = 1;
         self.size = buf.len() as u64;
         self.snapshot_size = self.size;
         self.stats.bytes_written += buf.len() as u64;
-        self.stats.fsyncs += 2;
+        self.stats.fsyncs += 1;
+        self.sync_dir_now();
         Ok(())
+    }
+
+    fn sync_dir_now(&mut self) {
+        self.dir_sync_pending = sync_dir(&self.dir).is_err();
+        if !self.dir_sync_pending {
+            self.stats.fsyncs += 1;
+        }
     }
 
     /// Create a new store; refuses to overwrite an existing one.
@@ -277,9 +314,13 @@ impl Log {
             size: 0,
             snapshot_size: 0,
             durable,
+            dir_sync_pending: false,
             stats: Stats::default(),
         };
-        log.write_snapshot(rng, map)?;
+        log.write_snapshot(rng, map, 0)?;
+        if log.dir_sync_pending {
+            sync_dir(dir)?;
+        }
         Ok(log)
     }
 
@@ -394,39 +435,50 @@ impl Log {
             size: pos as u64,
             snapshot_size,
             durable,
+            dir_sync_pending: false,
             stats: Stats::default(),
         })
     }
 
     /// Append one record holding every change of one operation; compact when large.
+    ///
+    /// All or nothing: on Err the store file holds exactly what it held before (a partly
+    /// written or unsynced record is cut off again), so the caller can roll its memory
+    /// back to match. `map` is the state including `changes` (written whole on compaction).
     pub fn commit(
         &mut self,
         rng: &RustCrypto,
-        changes: &[Change],
+        changes: &[ChangeRef<'_>],
         map: &TrackedMap,
     ) -> Result<(), Error> {
         if changes.is_empty() {
             return Ok(());
         }
-        if self.size > COMPACT_FLOOR.max(self.snapshot_size.saturating_mul(COMPACT_RATIO)) {
-            self.generation += 1;
-            self.stats.compactions += 1;
-            return self.write_snapshot(rng, map);
-        }
-        let plain = Zeroizing::new(encode_changes(
-            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
-        ));
-        let rec = self.seal(rng, self.seq, &plain)?;
-        if let Err(e) = self.file.write_all(&rec) {
-            // Never leave a half record in front of later ones (e.g. disk full).
-            let _ = self.file.set_len(self.size);
-            return Err(io_err("append store record", e));
-        }
-        if self.durable {
-            self.file
-                .sync_data()
-                .map_err(|e| io_err("fsync store", e))?;
+        if self.dir_sync_pending {
+            sync_dir(&self.dir)?;
+            self.dir_sync_pending = false;
             self.stats.fsyncs += 1;
+        }
+        if self.size > COMPACT_FLOOR.max(self.snapshot_size.saturating_mul(COMPACT_RATIO)) {
+            self.write_snapshot(rng, map, self.generation + 1)?;
+            self.stats.compactions += 1;
+            return Ok(());
+        }
+        let plain = Zeroizing::new(encode_changes(changes.iter().copied()));
+        let rec = self.seal(rng, self.generation, self.seq, &plain)?;
+        let mut written = self
+            .file
+            .write_all(&rec)
+            .map_err(|e| io_err("append store record", e));
+        if written.is_ok() && self.durable {
+            written = self.file.sync_data().map_err(|e| io_err("fsync store", e));
+            self.stats.fsyncs += 1;
+        }
+        if let Err(e) = written {
+            // Never leave a half (or unconfirmed) record in front of later ones: the next
+            // record reuses this sequence number, and the operation is rolled back.
+            let _ = self.file.set_len(self.size);
+            return Err(e);
         }
         self.seq += 1;
         self.size += rec.len() as u64;
