@@ -1168,3 +1168,166 @@ pub fn key_package_ciphersuite(py: Python<'_>, key_package: &[u8]) -> PyResult<u
 pub fn key_package_identity(py: Python<'_>, key_package: &[u8]) -> PyResult<String> {
     Ok(inspect_key_package(py, key_package)?.fingerprint)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TmpDir;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn new_state(tmp: &TmpDir, name: &str) -> State {
+        State::create(&tmp.path().join(name), SECRET, false).expect("create identity")
+    }
+
+    /// Every stored record, sorted: the in-memory image of the storage.
+    fn records(st: &State) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let m = st.provider.storage.values.read().expect("lock");
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort();
+        v
+    }
+
+    fn store_bytes(tmp: &TmpDir, name: &str) -> Vec<u8> {
+        std::fs::read(tmp.path().join(name).join(crate::persist::STORE_FILE)).expect("read store")
+    }
+
+    fn epoch(st: &mut State, gid: &[u8]) -> u64 {
+        run_tx(st, |st| Ok(st.group_view(gid)?.epoch().as_u64())).expect("epoch")
+    }
+
+    fn pending(st: &mut State, gid: &[u8]) -> bool {
+        run_tx(st, |st| Ok(st.group_view(gid)?.pending_commit().is_some())).expect("pending")
+    }
+
+    /// `creator` makes a group and adds every other member with one merged commit.
+    fn group_of(members: &mut [&mut State]) -> Vec<u8> {
+        let kps: Vec<Vec<u8>> = members[1..]
+            .iter_mut()
+            .map(|m| run_tx(m, |st| st.op_key_package(false)).expect("key package"))
+            .collect();
+        let gid =
+            run_tx(members[0], |st| st.op_create_group(Some(b"chat".to_vec()))).expect("group");
+        let (_c, welcome) = run_tx(members[0], |st| {
+            let out = st.op_add(&gid, &kps)?;
+            st.op_merge_pending_commit(&gid)?;
+            Ok(out)
+        })
+        .expect("add");
+        for m in members[1..].iter_mut() {
+            run_tx(m, |st| st.op_join(&welcome)).expect("join");
+        }
+        gid
+    }
+
+    fn talk(from: &mut State, to: &mut State, gid: &[u8], text: &[u8]) {
+        let ct = run_tx(from, |st| st.op_encrypt(gid, text)).expect("encrypt");
+        let (kind, _, data, _, _) = run_tx(to, |st| st.op_process(gid, &ct)).expect("process");
+        assert_eq!((kind, data.as_slice()), ("application", text));
+    }
+
+    /// A failing operation after real OpenMLS writes (commit created and merged, a new
+    /// KeyPackage stored) changes nothing: not the records in memory, not the log file,
+    /// not the cached group.
+    #[test]
+    fn rollback_on_error_leaves_memory_and_log_unchanged() {
+        let tmp = TmpDir::new("rollback-error");
+        let (mut a, mut b, mut c) = (
+            new_state(&tmp, "a"),
+            new_state(&tmp, "b"),
+            new_state(&tmp, "c"),
+        );
+        let gid = group_of(&mut [&mut a, &mut b]);
+        let kp_c = run_tx(&mut c, |st| st.op_key_package(false)).expect("kp");
+        let (mem, disk) = (records(&a), store_bytes(&tmp, "a"));
+
+        let r: Result<()> = run_tx(&mut a, |st| {
+            st.op_add(&gid, &[&kp_c])?;
+            st.op_merge_pending_commit(&gid)?;
+            st.op_key_package(false)?;
+            Err(Error::new(Kind::Mls, "injected failure"))
+        });
+        assert_eq!(r.expect_err("must fail").msg, "injected failure");
+        assert!(records(&a) == mem, "records in memory changed");
+        assert!(store_bytes(&tmp, "a") == disk, "log file changed");
+        assert_eq!(epoch(&mut a, &gid), 1);
+        assert!(!pending(&mut a, &gid));
+        talk(&mut a, &mut b, &gid, b"still epoch 1");
+        talk(&mut b, &mut a, &gid, b"and back");
+        // What is in memory is what a reopen reads back.
+        let mem = records(&a);
+        drop(a);
+        let a2 = State::open(&tmp.path().join("a"), SECRET, false).expect("reopen");
+        assert!(records(&a2) == mem, "disk and memory differ");
+    }
+
+    /// A panic inside the operation (deep in OpenMLS, simulated here after real writes, and
+    /// while the storage lock is held) is an error; everything is rolled back and the
+    /// identity stays usable: nothing is poisoned.
+    #[test]
+    fn rollback_on_panic_leaves_memory_and_log_unchanged() {
+        let tmp = TmpDir::new("rollback-panic");
+        let (mut a, mut b) = (new_state(&tmp, "a"), new_state(&tmp, "b"));
+        let gid = group_of(&mut [&mut a, &mut b]);
+        let ct = run_tx(&mut a, |st| st.op_encrypt(&gid, b"m1")).expect("encrypt");
+        let (mem, disk) = (records(&b), store_bytes(&tmp, "b"));
+
+        let r: Result<()> = run_tx(&mut b, |st| {
+            st.op_process(&gid, &ct)?; // advances b's ratchet: real writes
+            st.op_update(&gid)?;
+            panic!("injected panic in the MLS library");
+        });
+        assert_eq!(r.expect_err("must fail").kind, Kind::Mls);
+        assert!(records(&b) == mem, "records in memory changed");
+        assert!(store_bytes(&tmp, "b") == disk, "log file changed");
+
+        // A panic while the storage lock is held poisons it; the rollback clears that.
+        let r: Result<()> = run_tx(&mut b, |st| {
+            let mut m = st.provider.storage.values.write().expect("lock");
+            m.insert(b"half-written".to_vec(), b"x".to_vec());
+            panic!("injected panic holding the storage lock");
+        });
+        assert!(r.is_err());
+        assert!(!b.provider.storage.values.is_poisoned());
+        assert!(records(&b) == mem, "records in memory changed");
+        assert!(store_bytes(&tmp, "b") == disk, "log file changed");
+
+        // The message that was being processed is processed normally now.
+        let (kind, _, data, _, _) = run_tx(&mut b, |st| st.op_process(&gid, &ct)).expect("process");
+        assert_eq!((kind, data.as_slice()), ("application", b"m1".as_slice()));
+        assert!(!pending(&mut b, &gid));
+        talk(&mut b, &mut a, &gid, b"after the panic");
+    }
+
+    /// Processing a commit that includes queued proposals clears them from the store (the
+    /// original memory storage deleted them under a wrong key, so they stayed forever).
+    #[test]
+    fn committed_proposals_leave_the_store() {
+        let tmp = TmpDir::new("proposals");
+        let (mut a, mut b, mut c) = (
+            new_state(&tmp, "a"),
+            new_state(&tmp, "b"),
+            new_state(&tmp, "c"),
+        );
+        let gid = group_of(&mut [&mut a, &mut b, &mut c]);
+        let queued = |st: &State| {
+            records(st)
+                .iter()
+                .filter(|(k, _)| k.starts_with(b"QueuedProposal"))
+                .count()
+        };
+        let proposal = run_tx(&mut c, |st| st.op_leave(&gid)).expect("leave");
+        run_tx(&mut a, |st| st.op_process(&gid, &proposal)).expect("queue on a");
+        run_tx(&mut b, |st| st.op_process(&gid, &proposal)).expect("queue on b");
+        assert_eq!((queued(&a), queued(&b)), (1, 1));
+        let (commit, _) = run_tx(&mut a, |st| {
+            let out = st.op_commit_pending(&gid)?;
+            st.op_merge_pending_commit(&gid)?;
+            Ok(out)
+        })
+        .expect("commit");
+        run_tx(&mut b, |st| st.op_process(&gid, &commit)).expect("process commit");
+        assert_eq!((queued(&a), queued(&b)), (0, 0));
+        talk(&mut a, &mut b, &gid, b"two of us");
+    }
+}

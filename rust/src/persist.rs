@@ -491,3 +491,162 @@ impl Log {
         self.size
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TmpDir;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    /// One operation: change `key` in `map` and make it one log record.
+    fn put(log: &mut Log, map: &mut TrackedMap, key: &[u8], value: Vec<u8>) {
+        map.insert(key.to_vec(), value);
+        let changes = map.pending_changes();
+        log.commit(&RustCrypto::default(), &changes, map)
+            .expect("commit");
+        map.commit();
+    }
+
+    fn sorted(map: &TrackedMap) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort();
+        v
+    }
+
+    fn new_log(tmp: &TmpDir) -> (Log, TrackedMap) {
+        let map = TrackedMap::default();
+        let log =
+            Log::create(tmp.path(), SECRET, false, &RustCrypto::default(), &map).expect("create");
+        (log, map)
+    }
+
+    fn reopen(tmp: &TmpDir) -> (Log, TrackedMap) {
+        let mut map = TrackedMap::default();
+        let log = Log::open(tmp.path(), SECRET, false, &mut map).expect("open");
+        (log, map)
+    }
+
+    fn store(tmp: &TmpDir) -> PathBuf {
+        tmp.path().join(STORE_FILE)
+    }
+
+    #[test]
+    fn compaction_rewrites_the_live_state_and_keeps_it() {
+        let tmp = TmpDir::new("compact");
+        let (mut log, mut map) = new_log(&tmp);
+        // Rewrite four 32 KiB records until the log passes the compaction threshold.
+        let mut i = 0u32;
+        while log.stats.compactions == 0 {
+            let value = i.to_le_bytes().repeat(8 * 1024);
+            put(&mut log, &mut map, format!("k{}", i % 4).as_bytes(), value);
+            i += 1;
+            assert!(i < 100, "no compaction after {i} records");
+        }
+        let size = std::fs::metadata(store(&tmp)).expect("stat").len();
+        assert_eq!(size, log.file_size());
+        assert!(
+            size < COMPACT_FLOOR,
+            "compacted file still holds the history: {size}"
+        );
+        // Appends continue after the new snapshot, and everything reads back.
+        put(&mut log, &mut map, b"after", b"compaction".to_vec());
+        let want = sorted(&map);
+        drop(log);
+        let (log2, map2) = reopen(&tmp);
+        assert!(sorted(&map2) == want);
+        assert_eq!(log2.generation, 1);
+        assert!(!tmp.path().join(TMP_FILE).exists());
+    }
+
+    #[test]
+    fn failed_compaction_changes_nothing() {
+        let tmp = TmpDir::new("compact-fail");
+        let (mut log, mut map) = new_log(&tmp);
+        let mut i = 0u32;
+        while log.file_size() <= COMPACT_FLOOR.max(log.snapshot_size * COMPACT_RATIO) {
+            put(
+                &mut log,
+                &mut map,
+                format!("k{}", i % 4).as_bytes(),
+                vec![i as u8; 32 * 1024],
+            );
+            i += 1;
+        }
+        // The next commit compacts; make that fail (the temp file cannot be created).
+        std::fs::create_dir(tmp.path().join(TMP_FILE)).expect("mkdir");
+        let before = std::fs::read(store(&tmp)).expect("read");
+        map.insert(b"x".to_vec(), b"lost".to_vec());
+        let changes = map.pending_changes();
+        assert!(log.commit(&RustCrypto::default(), &changes, &map).is_err());
+        map.rollback();
+        assert!(std::fs::read(store(&tmp)).expect("read") == before);
+        assert_eq!((log.generation, log.stats.compactions), (0, 0));
+        std::fs::remove_dir(tmp.path().join(TMP_FILE)).expect("rmdir");
+        put(&mut log, &mut map, b"x", b"kept".to_vec());
+        assert_eq!(log.stats.compactions, 1);
+        put(&mut log, &mut map, b"y", b"appended".to_vec());
+        let want = sorted(&map);
+        drop(log);
+        assert!(sorted(&reopen(&tmp).1) == want);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_earlier_records_survive() {
+        let tmp = TmpDir::new("torn");
+        let (mut log, mut map) = new_log(&tmp);
+        put(&mut log, &mut map, b"one", b"1".to_vec());
+        put(&mut log, &mut map, b"two", b"2".to_vec());
+        let good = log.file_size();
+        put(&mut log, &mut map, b"three", vec![3; 100]);
+        drop(log);
+        // A crash in the middle of the third record's append.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(store(&tmp))
+            .expect("open");
+        f.set_len(good + 60).expect("truncate");
+        drop(f);
+        let (mut log, mut map) = reopen(&tmp);
+        assert_eq!(map.get(b"one").map(Vec::as_slice), Some(b"1".as_slice()));
+        assert_eq!(map.get(b"two").map(Vec::as_slice), Some(b"2".as_slice()));
+        assert!(map.get(b"three").is_none());
+        assert_eq!(std::fs::metadata(store(&tmp)).expect("stat").len(), good);
+        // The next record follows the good ones and is read back.
+        put(&mut log, &mut map, b"four", b"4".to_vec());
+        drop(log);
+        let (_, map) = reopen(&tmp);
+        assert!(map.get(b"four").is_some() && map.get(b"two").is_some());
+    }
+
+    #[test]
+    fn wrong_secret_is_detected_before_any_write() {
+        let tmp = TmpDir::new("secret");
+        let (mut log, mut map) = new_log(&tmp);
+        put(&mut log, &mut map, b"one", b"1".to_vec());
+        drop(log);
+        // A torn tail too: a wrong secret must not even cut that off.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(store(&tmp))
+            .expect("open");
+        f.write_all(&[0x40, 0, 0, 0, 1, 2, 3]).expect("append");
+        drop(f);
+        let before = std::fs::read(store(&tmp)).expect("read");
+        let mut map = TrackedMap::default();
+        let err = Log::open(
+            tmp.path(),
+            b"another secret, 32 bytes long...",
+            false,
+            &mut map,
+        )
+        .err()
+        .expect("wrong secret must fail");
+        assert_eq!(err.kind, Kind::WrongSecret);
+        assert!(std::fs::read(store(&tmp)).expect("read") == before);
+        assert!(!tmp.path().join(TMP_FILE).exists());
+        assert_eq!(map.iter().count(), 0);
+        let (_, map) = reopen(&tmp);
+        assert_eq!(map.get(b"one").map(Vec::as_slice), Some(b"1".as_slice()));
+    }
+}

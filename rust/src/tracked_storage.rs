@@ -847,3 +847,72 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         self.delete(QUEUED_PROPOSAL_LABEL, &json(&(group_id, proposal_ref))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn key_layout_is_label_key_version() {
+        // The layout of openmls_memory_storage: existing stores must stay readable.
+        let gid = json(&[1u8, 2]).expect("json");
+        assert_eq!(storage_key(TREE_LABEL, &gid), b"Tree[1,2]\x00\x01".to_vec());
+    }
+
+    #[test]
+    fn unserializable_key_is_a_typed_error_not_an_empty_key() {
+        // JSON object keys must be strings; the original built `label || "" || version`.
+        let bad: BTreeMap<Vec<u8>, u8> = [(vec![1u8], 1u8)].into_iter().collect();
+        assert_eq!(json(&bad), Err(StoreError::SerializationError));
+        assert_eq!(
+            json(&(1u8, &bad)).map(|k| storage_key(TREE_LABEL, &k)),
+            Err(StoreError::SerializationError)
+        );
+    }
+
+    #[test]
+    fn rollback_restores_prior_values_and_absences() {
+        let s = TrackedStorage::default();
+        s.write(TREE_LABEL, b"g", b"v1".to_vec()).expect("write");
+        s.append(OWN_LEAF_NODES_LABEL, b"g", b"1".to_vec())
+            .expect("append");
+        s.values.write().expect("lock").commit();
+        let before: Vec<_> = {
+            let m = s.values.read().expect("lock");
+            let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort();
+            v
+        };
+        s.write(TREE_LABEL, b"g", b"v2".to_vec()).expect("write");
+        s.write(TREE_LABEL, b"g", b"v3".to_vec())
+            .expect("write again");
+        s.write(GROUP_STATE_LABEL, b"g", b"new".to_vec())
+            .expect("write new");
+        s.append(OWN_LEAF_NODES_LABEL, b"g", b"2".to_vec())
+            .expect("append");
+        s.delete(TREE_LABEL, b"g").expect("delete");
+        {
+            let m = s.values.read().expect("lock");
+            let changed: Vec<&[u8]> = m.pending_changes().iter().map(|(k, _)| *k).collect();
+            assert_eq!(changed.len(), 3);
+        }
+        s.rollback();
+        let m = s.values.read().expect("lock");
+        let mut after: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        after.sort();
+        assert!(after == before);
+        assert!(!m.in_transaction());
+    }
+
+    #[test]
+    fn rewriting_the_prior_value_is_no_change() {
+        let s = TrackedStorage::default();
+        s.write(TREE_LABEL, b"g", b"v1".to_vec()).expect("write");
+        s.values.write().expect("lock").commit();
+        s.write(TREE_LABEL, b"g", b"v2".to_vec()).expect("write");
+        s.write(TREE_LABEL, b"g", b"v1".to_vec())
+            .expect("write back");
+        assert!(s.values.read().expect("lock").pending_changes().is_empty());
+    }
+}
