@@ -3,8 +3,9 @@
 //! One `Identity` owns one Ed25519 key, one OpenMLS provider (RustCrypto + our
 //! tracked storage) and one encrypted log on disk. Every `Group` object of that
 //! identity shares the same state behind a mutex, so two Python handles to the
-//! same group can never diverge. Every mutating call runs without the GIL, then
-//! persists exactly the storage records it changed as one log record.
+//! same group can never diverge. Every call runs without the GIL as a transaction
+//! (`run_tx`): on success exactly the storage records it changed become one log record;
+//! on error or panic they, and the cached groups, are put back as they were.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
