@@ -11,7 +11,7 @@ STAMPS := .stamps
 RUST_SRC := $(wildcard rust/src/*.rs rust/src/**/*.rs) rust/Cargo.toml $(wildcard rust/Cargo.lock)
 
 .PHONY: package test-packaging package-cross test-cross
-.PHONY: all venv build run test check lint typecheck clippy proto proto-check unit bench clean
+.PHONY: all venv build run test check lint typecheck clippy rust-test proto proto-check unit bench clean
 
 all: build
 
@@ -50,7 +50,13 @@ typecheck: build
 clippy:
 	cd rust && cargo clippy --all-targets -- -D warnings
 
-check: lint typecheck clippy proto-check
+# Rust unit tests (rust/src/*: transactions, rollback on error/panic, log compaction, torn
+# tail, wrong secret). cargo leaves pyo3/extension-module off (only maturin turns it on, see
+# [tool.maturin] in pyproject.toml), so the test binary links; they need no interpreter.
+rust-test:
+	cd rust && cargo test --quiet
+
+check: lint typecheck clippy rust-test proto-check
 
 unit: build
 	$(PY) -m pytest tests/unit -q

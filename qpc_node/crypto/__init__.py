@@ -23,6 +23,9 @@ part of the persisted state and survives a reopen.
 Every failure raises a subclass of :class:`MlsError` (itself a ``QpcError``).
 State on disk is an encrypted append-only log in ``state_dir/store.qpc``; each
 operation appends only the records it changed (``Identity.storage_stats()``).
+Every call is atomic: if it raises (including a failed write of its log record or an
+internal error in the MLS library), the identity in memory and on disk is exactly what
+it was before the call, and remains usable.
 """
 
 from __future__ import annotations

@@ -70,6 +70,8 @@ pub struct Log {
     size: u64,
     snapshot_size: u64,
     durable: bool,
+    /// A compaction's rename happened but fsync(dir) failed: retried before the next write.
+    dir_sync_pending: bool,
     pub stats: Stats,
 }
 
@@ -137,6 +139,8 @@ where
 }
 
 type Change = (Vec<u8>, Option<Vec<u8>>);
+/// One changed record as the tracked map hands it out: `(key, Some(value) | None = deleted)`.
+pub type ChangeRef<'a> = (&'a [u8], Option<&'a [u8]>);
 
 fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
     let end = pos.checked_add(n)?;
@@ -171,11 +175,17 @@ fn decode_changes(buf: &[u8]) -> Option<Vec<Change>> {
 }
 
 impl Log {
-    fn seal(&self, rng: &RustCrypto, seq: u64, plain: &[u8]) -> Result<Vec<u8>, Error> {
+    fn seal(
+        &self,
+        rng: &RustCrypto,
+        generation: u64,
+        seq: u64,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, Error> {
         let nonce: [u8; NONCE_LEN] = rng
             .random_array()
             .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
-        let aad = record_aad(&self.salt, self.generation, seq);
+        let aad = record_aad(&self.salt, generation, seq);
         let ct = self
             .cipher
             .encrypt(
@@ -195,11 +205,11 @@ impl Log {
         Ok(out)
     }
 
-    fn header(&self, rng: &RustCrypto) -> Result<Vec<u8>, Error> {
+    fn header(&self, rng: &RustCrypto, generation: u64) -> Result<Vec<u8>, Error> {
         let nonce: [u8; NONCE_LEN] = rng
             .random_array()
             .map_err(|_| Error::new(Kind::Storage, "no randomness"))?;
-        let prefix = header_prefix(&self.salt, self.generation);
+        let prefix = header_prefix(&self.salt, generation);
         let ct = self
             .cipher
             .encrypt(
@@ -216,33 +226,60 @@ impl Log {
         Ok(out)
     }
 
-    /// Write header + one snapshot record to a temp file and atomically move it in place.
-    fn write_snapshot(&mut self, rng: &RustCrypto, map: &TrackedMap) -> Result<(), Error> {
+    /// Write header + one snapshot record (of `generation`) to a temp file and move it in
+    /// place. Atomic for the caller: on Err the store file and `self` are unchanged; the
+    /// rename is the commit point, after which nothing fails (a failed fsync of the
+    /// directory only delays durability of the rename: it is retried before the next write).
+    fn write_snapshot(
+        &mut self,
+        rng: &RustCrypto,
+        map: &TrackedMap,
+        generation: u64,
+    ) -> Result<(), Error> {
         let tmp = self.dir.join(TMP_FILE);
-        let mut buf = self.header(rng)?;
+        let mut buf = self.header(rng, generation)?;
         let plain = Zeroizing::new(encode_changes(
             map.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
         ));
-        buf.extend_from_slice(&self.seal(rng, 0, &plain)?);
-        {
-            let mut f = File::create(&tmp).map_err(|e| io_err("create temp store", e))?;
+        buf.extend_from_slice(&self.seal(rng, generation, 0, &plain)?);
+        let written = (|| {
+            let _ = fs::remove_file(&tmp);
+            // Append mode: after a failed append is cut off, the next one lands at the end.
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| io_err("create temp store", e))?;
             f.write_all(&buf)
                 .map_err(|e| io_err("write temp store", e))?;
             f.sync_all().map_err(|e| io_err("fsync temp store", e))?;
-        }
-        let path = self.dir.join(STORE_FILE);
-        fs::rename(&tmp, &path).map_err(|e| io_err("rename store", e))?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err("reopen store", e))?;
+            fs::rename(&tmp, self.dir.join(STORE_FILE)).map_err(|e| io_err("rename store", e))?;
+            Ok(f)
+        })();
+        let f = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        // The handle follows the file through the rename; no reopen that could fail.
+        self.file = f;
+        self.generation = generation;
         self.seq = 1;
         self.size = buf.len() as u64;
         self.snapshot_size = self.size;
         self.stats.bytes_written += buf.len() as u64;
-        self.stats.fsyncs += 2;
+        self.stats.fsyncs += 1;
+        self.sync_dir_now();
         Ok(())
+    }
+
+    fn sync_dir_now(&mut self) {
+        self.dir_sync_pending = sync_dir(&self.dir).is_err();
+        if !self.dir_sync_pending {
+            self.stats.fsyncs += 1;
+        }
     }
 
     /// Create a new store; refuses to overwrite an existing one.
@@ -277,9 +314,13 @@ impl Log {
             size: 0,
             snapshot_size: 0,
             durable,
+            dir_sync_pending: false,
             stats: Stats::default(),
         };
-        log.write_snapshot(rng, map)?;
+        log.write_snapshot(rng, map, 0)?;
+        if log.dir_sync_pending {
+            sync_dir(dir)?;
+        }
         Ok(log)
     }
 
@@ -394,39 +435,50 @@ impl Log {
             size: pos as u64,
             snapshot_size,
             durable,
+            dir_sync_pending: false,
             stats: Stats::default(),
         })
     }
 
     /// Append one record holding every change of one operation; compact when large.
+    ///
+    /// All or nothing: on Err the store file holds exactly what it held before (a partly
+    /// written or unsynced record is cut off again), so the caller can roll its memory
+    /// back to match. `map` is the state including `changes` (written whole on compaction).
     pub fn commit(
         &mut self,
         rng: &RustCrypto,
-        changes: &[Change],
+        changes: &[ChangeRef<'_>],
         map: &TrackedMap,
     ) -> Result<(), Error> {
         if changes.is_empty() {
             return Ok(());
         }
-        if self.size > COMPACT_FLOOR.max(self.snapshot_size.saturating_mul(COMPACT_RATIO)) {
-            self.generation += 1;
-            self.stats.compactions += 1;
-            return self.write_snapshot(rng, map);
-        }
-        let plain = Zeroizing::new(encode_changes(
-            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
-        ));
-        let rec = self.seal(rng, self.seq, &plain)?;
-        if let Err(e) = self.file.write_all(&rec) {
-            // Never leave a half record in front of later ones (e.g. disk full).
-            let _ = self.file.set_len(self.size);
-            return Err(io_err("append store record", e));
-        }
-        if self.durable {
-            self.file
-                .sync_data()
-                .map_err(|e| io_err("fsync store", e))?;
+        if self.dir_sync_pending {
+            sync_dir(&self.dir)?;
+            self.dir_sync_pending = false;
             self.stats.fsyncs += 1;
+        }
+        if self.size > COMPACT_FLOOR.max(self.snapshot_size.saturating_mul(COMPACT_RATIO)) {
+            self.write_snapshot(rng, map, self.generation + 1)?;
+            self.stats.compactions += 1;
+            return Ok(());
+        }
+        let plain = Zeroizing::new(encode_changes(changes.iter().copied()));
+        let rec = self.seal(rng, self.generation, self.seq, &plain)?;
+        let mut written = self
+            .file
+            .write_all(&rec)
+            .map_err(|e| io_err("append store record", e));
+        if written.is_ok() && self.durable {
+            written = self.file.sync_data().map_err(|e| io_err("fsync store", e));
+            self.stats.fsyncs += 1;
+        }
+        if let Err(e) = written {
+            // Never leave a half (or unconfirmed) record in front of later ones: the next
+            // record reuses this sequence number, and the operation is rolled back.
+            let _ = self.file.set_len(self.size);
+            return Err(e);
         }
         self.seq += 1;
         self.size += rec.len() as u64;
@@ -437,5 +489,164 @@ impl Log {
 
     pub fn file_size(&self) -> u64 {
         self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TmpDir;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    /// One operation: change `key` in `map` and make it one log record.
+    fn put(log: &mut Log, map: &mut TrackedMap, key: &[u8], value: Vec<u8>) {
+        map.insert(key.to_vec(), value);
+        let changes = map.pending_changes();
+        log.commit(&RustCrypto::default(), &changes, map)
+            .expect("commit");
+        map.commit();
+    }
+
+    fn sorted(map: &TrackedMap) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut v: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort();
+        v
+    }
+
+    fn new_log(tmp: &TmpDir) -> (Log, TrackedMap) {
+        let map = TrackedMap::default();
+        let log =
+            Log::create(tmp.path(), SECRET, false, &RustCrypto::default(), &map).expect("create");
+        (log, map)
+    }
+
+    fn reopen(tmp: &TmpDir) -> (Log, TrackedMap) {
+        let mut map = TrackedMap::default();
+        let log = Log::open(tmp.path(), SECRET, false, &mut map).expect("open");
+        (log, map)
+    }
+
+    fn store(tmp: &TmpDir) -> PathBuf {
+        tmp.path().join(STORE_FILE)
+    }
+
+    #[test]
+    fn compaction_rewrites_the_live_state_and_keeps_it() {
+        let tmp = TmpDir::new("compact");
+        let (mut log, mut map) = new_log(&tmp);
+        // Rewrite four 32 KiB records until the log passes the compaction threshold.
+        let mut i = 0u32;
+        while log.stats.compactions == 0 {
+            let value = i.to_le_bytes().repeat(8 * 1024);
+            put(&mut log, &mut map, format!("k{}", i % 4).as_bytes(), value);
+            i += 1;
+            assert!(i < 100, "no compaction after {i} records");
+        }
+        let size = std::fs::metadata(store(&tmp)).expect("stat").len();
+        assert_eq!(size, log.file_size());
+        assert!(
+            size < COMPACT_FLOOR,
+            "compacted file still holds the history: {size}"
+        );
+        // Appends continue after the new snapshot, and everything reads back.
+        put(&mut log, &mut map, b"after", b"compaction".to_vec());
+        let want = sorted(&map);
+        drop(log);
+        let (log2, map2) = reopen(&tmp);
+        assert!(sorted(&map2) == want);
+        assert_eq!(log2.generation, 1);
+        assert!(!tmp.path().join(TMP_FILE).exists());
+    }
+
+    #[test]
+    fn failed_compaction_changes_nothing() {
+        let tmp = TmpDir::new("compact-fail");
+        let (mut log, mut map) = new_log(&tmp);
+        let mut i = 0u32;
+        while log.file_size() <= COMPACT_FLOOR.max(log.snapshot_size * COMPACT_RATIO) {
+            put(
+                &mut log,
+                &mut map,
+                format!("k{}", i % 4).as_bytes(),
+                vec![i as u8; 32 * 1024],
+            );
+            i += 1;
+        }
+        // The next commit compacts; make that fail (the temp file cannot be created).
+        std::fs::create_dir(tmp.path().join(TMP_FILE)).expect("mkdir");
+        let before = std::fs::read(store(&tmp)).expect("read");
+        map.insert(b"x".to_vec(), b"lost".to_vec());
+        let changes = map.pending_changes();
+        assert!(log.commit(&RustCrypto::default(), &changes, &map).is_err());
+        map.rollback();
+        assert!(std::fs::read(store(&tmp)).expect("read") == before);
+        assert_eq!((log.generation, log.stats.compactions), (0, 0));
+        std::fs::remove_dir(tmp.path().join(TMP_FILE)).expect("rmdir");
+        put(&mut log, &mut map, b"x", b"kept".to_vec());
+        assert_eq!(log.stats.compactions, 1);
+        put(&mut log, &mut map, b"y", b"appended".to_vec());
+        let want = sorted(&map);
+        drop(log);
+        assert!(sorted(&reopen(&tmp).1) == want);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_earlier_records_survive() {
+        let tmp = TmpDir::new("torn");
+        let (mut log, mut map) = new_log(&tmp);
+        put(&mut log, &mut map, b"one", b"1".to_vec());
+        put(&mut log, &mut map, b"two", b"2".to_vec());
+        let good = log.file_size();
+        put(&mut log, &mut map, b"three", vec![3; 100]);
+        drop(log);
+        // A crash in the middle of the third record's append.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(store(&tmp))
+            .expect("open");
+        f.set_len(good + 60).expect("truncate");
+        drop(f);
+        let (mut log, mut map) = reopen(&tmp);
+        assert_eq!(map.get(b"one").map(Vec::as_slice), Some(b"1".as_slice()));
+        assert_eq!(map.get(b"two").map(Vec::as_slice), Some(b"2".as_slice()));
+        assert!(map.get(b"three").is_none());
+        assert_eq!(std::fs::metadata(store(&tmp)).expect("stat").len(), good);
+        // The next record follows the good ones and is read back.
+        put(&mut log, &mut map, b"four", b"4".to_vec());
+        drop(log);
+        let (_, map) = reopen(&tmp);
+        assert!(map.get(b"four").is_some() && map.get(b"two").is_some());
+    }
+
+    #[test]
+    fn wrong_secret_is_detected_before_any_write() {
+        let tmp = TmpDir::new("secret");
+        let (mut log, mut map) = new_log(&tmp);
+        put(&mut log, &mut map, b"one", b"1".to_vec());
+        drop(log);
+        // A torn tail too: a wrong secret must not even cut that off.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(store(&tmp))
+            .expect("open");
+        f.write_all(&[0x40, 0, 0, 0, 1, 2, 3]).expect("append");
+        drop(f);
+        let before = std::fs::read(store(&tmp)).expect("read");
+        let mut map = TrackedMap::default();
+        let err = Log::open(
+            tmp.path(),
+            b"another secret, 32 bytes long...",
+            false,
+            &mut map,
+        )
+        .err()
+        .expect("wrong secret must fail");
+        assert_eq!(err.kind, Kind::WrongSecret);
+        assert!(std::fs::read(store(&tmp)).expect("read") == before);
+        assert!(!tmp.path().join(TMP_FILE).exists());
+        assert_eq!(map.iter().count(), 0);
+        let (_, map) = reopen(&tmp);
+        assert_eq!(map.get(b"one").map(Vec::as_slice), Some(b"1".as_slice()));
     }
 }

@@ -1,34 +1,45 @@
-//! OpenMLS storage provider that remembers which records changed.
+//! OpenMLS storage provider that remembers which records changed, and can undo them.
 //!
 //! Adapted from `openmls_memory_storage` 0.6.0 (MIT, the OpenMLS authors): same key
-//! layout and serialization, but the map is a [`TrackedMap`] that records every key
-//! written or deleted since the last [`TrackedStorage::take_dirty`]. The persistence
-//! layer (`persist.rs`) turns those into one authenticated log record per operation,
-//! so an encrypt writes only the records it touched instead of the whole group.
-//! `unwrap()`s of the original were replaced by typed errors.
+//! layout (`label || key || version`) and serialization, so existing stores stay readable,
+//! but the map is a [`TrackedMap`]: every write or delete of an operation is remembered
+//! together with the value the key had before. The identity (`mls.rs`) runs each
+//! operation as a transaction over it: on success the changed records become one log
+//! record (`persist.rs`), so an encrypt writes only the records it touched instead of the
+//! whole group; on error or panic they are put back exactly as they were.
+//!
+//! Differences from the original besides tracking: `unwrap()`s became typed errors; a
+//! key that fails to serialize is an error (the original's `unwrap_or_default()` turned it
+//! into an empty key, i.e. a silent read or write of the wrong record); every key is built
+//! by one helper ([`storage_key`]) instead of per-method copies, which also fixes
+//! `clear_proposal_queue` (the original deleted the queued proposals under a key without
+//! label and version, which never exists, so they stayed in the store forever).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
 
 use openmls_traits::storage::*;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Key-value map plus the set of keys touched since the last flush.
+/// Key-value map plus, for the open transaction, the prior value of every changed key.
 #[derive(Debug, Default)]
 pub struct TrackedMap {
     map: HashMap<Vec<u8>, Vec<u8>>,
-    dirty: HashSet<Vec<u8>>,
+    /// key -> value before the transaction's first change to it (`None`: it was absent).
+    undo: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl TrackedMap {
     pub fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.dirty.insert(key.clone());
-        self.map.insert(key, value);
+        // The replaced value is the prior one if this is the key's first change: no copy.
+        let old = self.map.insert(key.clone(), value);
+        self.undo.entry(key).or_insert(old);
     }
 
     pub fn remove(&mut self, key: &[u8]) {
-        if self.map.remove(key).is_some() {
-            self.dirty.insert(key.to_vec());
+        if let Some(old) = self.map.remove(key) {
+            self.undo.entry(key.to_vec()).or_insert(Some(old));
         }
     }
 
@@ -36,12 +47,15 @@ impl TrackedMap {
         self.map.get(key)
     }
 
+    /// The stored value, created from `default` if absent, for changing in place.
     fn entry_or_insert(&mut self, key: Vec<u8>, default: &[u8]) -> &mut Vec<u8> {
-        self.dirty.insert(key.clone());
+        if !self.undo.contains_key(&key) {
+            self.undo.insert(key.clone(), self.map.get(&key).cloned());
+        }
         self.map.entry(key).or_insert_with(|| default.to_vec())
     }
 
-    /// Load a record without marking it dirty (used when replaying the log).
+    /// Load a record without tracking it (replaying the log).
     pub fn load(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         match value {
             Some(v) => {
@@ -53,24 +67,47 @@ impl TrackedMap {
         }
     }
 
-    /// Changed records since the last call: `(key, Some(value))` or `(key, None)` = deleted.
-    pub fn take_dirty(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .map(|k| {
-                let v = self.map.get(&k).cloned();
-                (k, v)
+    /// What the open transaction changed, sorted by key: `(key, Some(value))`, or
+    /// `(key, None)` for a delete. A key written back to its prior value is left out.
+    pub fn pending_changes(&self) -> Vec<(&[u8], Option<&[u8]>)> {
+        let mut out: Vec<(&[u8], Option<&[u8]>)> = self
+            .undo
+            .iter()
+            .filter_map(|(k, prior)| {
+                let now = self.map.get(k);
+                (now != prior.as_ref()).then(|| (k.as_slice(), now.map(Vec::as_slice)))
             })
-            .collect()
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        out
+    }
+
+    /// True while changes are neither committed nor rolled back.
+    pub fn in_transaction(&self) -> bool {
+        !self.undo.is_empty()
+    }
+
+    /// The changes are durable (or deliberately kept): forget how to undo them.
+    pub fn commit(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Put every key changed since the last commit back to its prior value.
+    pub fn rollback(&mut self) {
+        for (k, prior) in self.undo.drain() {
+            match prior {
+                Some(v) => {
+                    self.map.insert(k, v);
+                }
+                None => {
+                    self.map.remove(&k);
+                }
+            }
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
         self.map.iter()
-    }
-
-    pub fn clear_dirty(&mut self) {
-        self.dirty.clear();
     }
 }
 
@@ -78,6 +115,18 @@ impl TrackedMap {
 #[derive(Debug, Default)]
 pub struct TrackedStorage {
     pub values: RwLock<TrackedMap>,
+}
+
+impl TrackedStorage {
+    /// Undo the open transaction, also after a panic poisoned the lock mid-change:
+    /// rolling back restores the state from before the operation, so the poison is
+    /// cleared with it.
+    pub fn rollback(&self) {
+        let mut m = self.values.write().unwrap_or_else(PoisonError::into_inner);
+        m.rollback();
+        drop(m);
+        self.values.clear_poison();
+    }
 }
 
 /// Errors of the storage provider (mapped to `StorageError` in Python).
@@ -91,7 +140,7 @@ pub enum StoreError {
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let msg = match self {
-            StoreError::SerializationError => "error (de)serializing a stored value",
+            StoreError::SerializationError => "error (de)serializing a stored key or value",
             StoreError::Poisoned => "storage lock poisoned",
             StoreError::Missing => "a referenced stored record is missing",
         };
@@ -101,132 +150,84 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+impl From<serde_json::Error> for StoreError {
+    fn from(_: serde_json::Error) -> Self {
+        Self::SerializationError
+    }
+}
+
+type Res<T> = Result<T, StoreError>;
+
+/// The one place a storage key is built: `label || key || CURRENT_VERSION (u16 BE)`, the
+/// layout of `openmls_memory_storage`.
+fn storage_key(label: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(label.len() + key.len() + 2);
+    out.extend_from_slice(label);
+    out.extend_from_slice(key);
+    out.extend_from_slice(&CURRENT_VERSION.to_be_bytes());
+    out
+}
+
+/// Serialize a key or a value; failing is an error, never an empty key.
+fn json<T: Serialize + ?Sized>(v: &T) -> Res<Vec<u8>> {
+    Ok(serde_json::to_vec(v)?)
+}
+
 impl TrackedStorage {
-    /// Internal helper to abstract write operations.
-    #[inline(always)]
-    fn write<const VERSION: u16>(
-        &self,
-        label: &[u8],
-        key: &[u8],
-        value: Vec<u8>,
-    ) -> Result<(), <Self as StorageProvider<CURRENT_VERSION>>::Error> {
+    fn write(&self, label: &[u8], key: &[u8], value: Vec<u8>) -> Res<()> {
         let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let storage_key = build_key_from_vec::<VERSION>(label, key.to_vec());
-
-        values.insert(storage_key, value.to_vec());
+        values.insert(storage_key(label, key), value);
         Ok(())
     }
 
-    fn append<const VERSION: u16>(
-        &self,
-        label: &[u8],
-        key: &[u8],
-        value: Vec<u8>,
-    ) -> Result<(), <Self as StorageProvider<CURRENT_VERSION>>::Error> {
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let storage_key = build_key_from_vec::<VERSION>(label, key.to_vec());
-
-        // fetch value from db, falling back to an empty list if doens't exist
-        let list_bytes = values.entry_or_insert(storage_key, b"[]");
-
-        // parse old value and push new data
-        let mut list: Vec<Vec<u8>> = serde_json::from_slice(list_bytes)?;
-        list.push(value);
-
-        // write back, reusing the old buffer
-        list_bytes.clear();
-        serde_json::to_writer(list_bytes, &list)?;
-
-        Ok(())
-    }
-
-    fn remove_item<const VERSION: u16>(
-        &self,
-        label: &[u8],
-        key: &[u8],
-        value: Vec<u8>,
-    ) -> Result<(), <Self as StorageProvider<CURRENT_VERSION>>::Error> {
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let storage_key = build_key_from_vec::<VERSION>(label, key.to_vec());
-
-        // fetch value from db, falling back to an empty list if doens't exist
-        let list_bytes = values.entry_or_insert(storage_key, b"[]");
-
-        // parse old value, find value to delete and remove it from list
-        let mut list: Vec<Vec<u8>> = serde_json::from_slice(list_bytes)?;
-        if let Some(pos) = list.iter().position(|stored_item| stored_item == &value) {
-            list.remove(pos);
-        }
-
-        // write back, reusing the old buffer
-        list_bytes.clear();
-        serde_json::to_writer(list_bytes, &list)?;
-
-        Ok(())
-    }
-
-    /// Internal helper to abstract read operations.
-    #[inline(always)]
-    fn read<const VERSION: u16, V: Entity<VERSION>>(
-        &self,
-        label: &[u8],
-        key: &[u8],
-    ) -> Result<Option<V>, <Self as StorageProvider<CURRENT_VERSION>>::Error> {
+    fn read<V: DeserializeOwned>(&self, label: &[u8], key: &[u8]) -> Res<Option<V>> {
         let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-        let storage_key = build_key_from_vec::<VERSION>(label, key.to_vec());
-
-        let value = values.get(&storage_key);
-
-        if let Some(value) = value {
-            serde_json::from_slice(value)
-                .map_err(|_| StoreError::SerializationError)
-                .map(|v| Some(v))
-        } else {
-            Ok(None)
+        match values.get(&storage_key(label, key)) {
+            Some(v) => Ok(Some(serde_json::from_slice(v)?)),
+            None => Ok(None),
         }
     }
 
-    /// Internal helper to abstract read operations.
-    #[inline(always)]
-    fn read_list<const VERSION: u16, V: Entity<VERSION>>(
-        &self,
-        label: &[u8],
-        key: &[u8],
-    ) -> Result<Vec<V>, <Self as StorageProvider<CURRENT_VERSION>>::Error> {
+    fn delete(&self, label: &[u8], key: &[u8]) -> Res<()> {
+        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
+        values.remove(&storage_key(label, key));
+        Ok(())
+    }
+
+    /// Lists are stored as a JSON array of the items' serializations.
+    fn read_list<V: DeserializeOwned>(&self, label: &[u8], key: &[u8]) -> Res<Vec<V>> {
         let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-
-        let mut storage_key = label.to_vec();
-        storage_key.extend_from_slice(key);
-        storage_key.extend_from_slice(&u16::to_be_bytes(VERSION));
-
-        let value: Vec<Vec<u8>> = match values.get(&storage_key) {
-            Some(list_bytes) => serde_json::from_slice(list_bytes)?,
-            None => vec![],
+        let items: Vec<Vec<u8>> = match values.get(&storage_key(label, key)) {
+            Some(list) => serde_json::from_slice(list)?,
+            None => return Ok(Vec::new()),
         };
-
-        value
+        items
             .iter()
-            .map(|value_bytes| serde_json::from_slice(value_bytes))
-            .collect::<Result<Vec<V>, _>>()
-            .map_err(|_| StoreError::SerializationError)
+            .map(|item| serde_json::from_slice(item).map_err(StoreError::from))
+            .collect()
     }
 
-    /// Internal helper to abstract delete operations.
-    #[inline(always)]
-    fn delete<const VERSION: u16>(
-        &self,
-        label: &[u8],
-        key: &[u8],
-    ) -> Result<(), <Self as StorageProvider<CURRENT_VERSION>>::Error> {
+    /// Change a stored list in place (created empty if absent).
+    fn edit_list(&self, label: &[u8], key: &[u8], edit: impl FnOnce(&mut Vec<Vec<u8>>)) -> Res<()> {
         let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-
-        let mut storage_key = label.to_vec();
-        storage_key.extend_from_slice(key);
-        storage_key.extend_from_slice(&u16::to_be_bytes(VERSION));
-
-        values.remove(&storage_key);
-
+        let bytes = values.entry_or_insert(storage_key(label, key), b"[]");
+        let mut list: Vec<Vec<u8>> = serde_json::from_slice(bytes)?;
+        edit(&mut list);
+        let new = json(&list)?;
+        *bytes = new;
         Ok(())
+    }
+
+    fn append(&self, label: &[u8], key: &[u8], item: Vec<u8>) -> Res<()> {
+        self.edit_list(label, key, |list| list.push(item))
+    }
+
+    fn remove_item(&self, label: &[u8], key: &[u8], item: Vec<u8>) -> Res<()> {
+        self.edit_list(label, key, |list| {
+            if let Some(pos) = list.iter().position(|stored| stored == &item) {
+                list.remove(pos);
+            }
+        })
     }
 }
 
@@ -253,6 +254,18 @@ const EPOCH_SECRETS_LABEL: &[u8] = b"EpochSecrets";
 const RESUMPTION_PSK_STORE_LABEL: &[u8] = b"ResumptionPsk";
 const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
 
+/// Key of the epoch key pairs: the three serializations concatenated (the original layout).
+fn epoch_key_pairs_id(
+    group_id: &impl traits::GroupId<CURRENT_VERSION>,
+    epoch: &impl traits::EpochKey<CURRENT_VERSION>,
+    leaf_index: u32,
+) -> Res<Vec<u8>> {
+    let mut key = json(group_id)?;
+    key.extend_from_slice(&json(epoch)?);
+    key.extend_from_slice(&json(&leaf_index)?);
+    Ok(key)
+}
+
 impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
     type Error = StoreError;
 
@@ -266,17 +279,16 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         proposal_ref: &ProposalRef,
         proposal: &QueuedProposal,
     ) -> Result<(), Self::Error> {
-        // write proposal to key (group_id, proposal_ref)
-        let key = serde_json::to_vec(&(group_id, proposal_ref))?;
-        let value = serde_json::to_vec(proposal)?;
-        self.write::<CURRENT_VERSION>(QUEUED_PROPOSAL_LABEL, &key, value)?;
-
-        // update proposal list for group_id
-        let key = serde_json::to_vec(group_id)?;
-        let value = serde_json::to_vec(proposal_ref)?;
-        self.append::<CURRENT_VERSION>(PROPOSAL_QUEUE_REFS_LABEL, &key, value)?;
-
-        Ok(())
+        self.write(
+            QUEUED_PROPOSAL_LABEL,
+            &json(&(group_id, proposal_ref))?,
+            json(proposal)?,
+        )?;
+        self.append(
+            PROPOSAL_QUEUE_REFS_LABEL,
+            &json(group_id)?,
+            json(proposal_ref)?,
+        )
     }
 
     fn write_tree<
@@ -287,11 +299,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         tree: &TreeSync,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
-            TREE_LABEL,
-            &serde_json::to_vec(&group_id)?,
-            serde_json::to_vec(&tree)?,
-        )
+        self.write(TREE_LABEL, &json(group_id)?, json(tree)?)
     }
 
     fn write_interim_transcript_hash<
@@ -302,12 +310,11 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         interim_transcript_hash: &InterimTranscriptHash,
     ) -> Result<(), Self::Error> {
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(INTERIM_TRANSCRIPT_HASH_LABEL, group_id);
-        let value = serde_json::to_vec(&interim_transcript_hash)?;
-
-        values.insert(key, value);
-        Ok(())
+        self.write(
+            INTERIM_TRANSCRIPT_HASH_LABEL,
+            &json(group_id)?,
+            json(interim_transcript_hash)?,
+        )
     }
 
     fn write_context<
@@ -318,12 +325,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         group_context: &GroupContext,
     ) -> Result<(), Self::Error> {
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(GROUP_CONTEXT_LABEL, group_id);
-        let value = serde_json::to_vec(&group_context)?;
-
-        values.insert(key, value);
-        Ok(())
+        self.write(GROUP_CONTEXT_LABEL, &json(group_id)?, json(group_context)?)
     }
 
     fn write_confirmation_tag<
@@ -334,12 +336,11 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         confirmation_tag: &ConfirmationTag,
     ) -> Result<(), Self::Error> {
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(CONFIRMATION_TAG_LABEL, group_id);
-        let value = serde_json::to_vec(&confirmation_tag)?;
-
-        values.insert(key, value);
-        Ok(())
+        self.write(
+            CONFIRMATION_TAG_LABEL,
+            &json(group_id)?,
+            json(confirmation_tag)?,
+        )
     }
 
     fn write_signature_key_pair<
@@ -350,13 +351,11 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         public_key: &SignaturePublicKey,
         signature_key_pair: &SignatureKeyPair,
     ) -> Result<(), Self::Error> {
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        let key =
-            build_key::<CURRENT_VERSION, &SignaturePublicKey>(SIGNATURE_KEY_PAIR_LABEL, public_key);
-        let value = serde_json::to_vec(&signature_key_pair)?;
-
-        values.insert(key, value);
-        Ok(())
+        self.write(
+            SIGNATURE_KEY_PAIR_LABEL,
+            &json(public_key)?,
+            json(signature_key_pair)?,
+        )
     }
 
     fn queued_proposal_refs<
@@ -366,7 +365,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Vec<ProposalRef>, Self::Error> {
-        self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &serde_json::to_vec(group_id)?)
+        self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?)
     }
 
     fn queued_proposals<
@@ -377,20 +376,15 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Vec<(ProposalRef, QueuedProposal)>, Self::Error> {
-        let refs: Vec<ProposalRef> =
-            self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &serde_json::to_vec(group_id)?)?;
-
+        let refs: Vec<ProposalRef> = self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &json(group_id)?)?;
         refs.into_iter()
-            .map(|proposal_ref| -> Result<_, _> {
-                let key = (group_id, &proposal_ref);
-                let key = serde_json::to_vec(&key)?;
-
+            .map(|proposal_ref| {
                 let proposal = self
-                    .read(QUEUED_PROPOSAL_LABEL, &key)?
+                    .read(QUEUED_PROPOSAL_LABEL, &json(&(group_id, &proposal_ref))?)?
                     .ok_or(StoreError::Missing)?;
                 Ok((proposal_ref, proposal))
             })
-            .collect::<Result<Vec<_>, _>>()
+            .collect()
     }
 
     fn tree<
@@ -400,15 +394,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<TreeSync>, Self::Error> {
-        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(TREE_LABEL, group_id);
-
-        let Some(value) = values.get(&key) else {
-            return Ok(None);
-        };
-        let value = serde_json::from_slice(value)?;
-
-        Ok(value)
+        self.read(TREE_LABEL, &json(group_id)?)
     }
 
     fn group_context<
@@ -418,15 +404,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<GroupContext>, Self::Error> {
-        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(GROUP_CONTEXT_LABEL, group_id);
-
-        let Some(value) = values.get(&key) else {
-            return Ok(None);
-        };
-        let value = serde_json::from_slice(value)?;
-
-        Ok(value)
+        self.read(GROUP_CONTEXT_LABEL, &json(group_id)?)
     }
 
     fn interim_transcript_hash<
@@ -436,15 +414,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<InterimTranscriptHash>, Self::Error> {
-        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(INTERIM_TRANSCRIPT_HASH_LABEL, group_id);
-
-        let Some(value) = values.get(&key) else {
-            return Ok(None);
-        };
-        let value = serde_json::from_slice(value)?;
-
-        Ok(value)
+        self.read(INTERIM_TRANSCRIPT_HASH_LABEL, &json(group_id)?)
     }
 
     fn confirmation_tag<
@@ -454,15 +424,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<ConfirmationTag>, Self::Error> {
-        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-        let key = build_key::<CURRENT_VERSION, &GroupId>(CONFIRMATION_TAG_LABEL, group_id);
-
-        let Some(value) = values.get(&key) else {
-            return Ok(None);
-        };
-        let value = serde_json::from_slice(value)?;
-
-        Ok(value)
+        self.read(CONFIRMATION_TAG_LABEL, &json(group_id)?)
     }
 
     fn signature_key_pair<
@@ -472,17 +434,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         public_key: &SignaturePublicKey,
     ) -> Result<Option<SignatureKeyPair>, Self::Error> {
-        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-
-        let key =
-            build_key::<CURRENT_VERSION, &SignaturePublicKey>(SIGNATURE_KEY_PAIR_LABEL, public_key);
-
-        let Some(value) = values.get(&key) else {
-            return Ok(None);
-        };
-        let value = serde_json::from_slice(value)?;
-
-        Ok(value)
+        self.read(SIGNATURE_KEY_PAIR_LABEL, &json(public_key)?)
     }
 
     fn write_key_package<
@@ -493,12 +445,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         hash_ref: &HashReference,
         key_package: &KeyPackage,
     ) -> Result<(), Self::Error> {
-        let key = serde_json::to_vec(&hash_ref)?;
-        let value = serde_json::to_vec(&key_package)?;
-
-        self.write::<CURRENT_VERSION>(KEY_PACKAGE_LABEL, &key, value)?;
-
-        Ok(())
+        self.write(KEY_PACKAGE_LABEL, &json(hash_ref)?, json(key_package)?)
     }
 
     fn write_psk<
@@ -509,11 +456,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         psk_id: &PskId,
         psk: &PskBundle,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
-            PSK_LABEL,
-            &serde_json::to_vec(&psk_id)?,
-            serde_json::to_vec(&psk)?,
-        )
+        self.write(PSK_LABEL, &json(psk_id)?, json(psk)?)
     }
 
     fn write_encryption_key_pair<
@@ -524,10 +467,10 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         public_key: &EncryptionKey,
         key_pair: &HpkeKeyPair,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
+        self.write(
             ENCRYPTION_KEY_PAIR_LABEL,
-            &serde_json::to_vec(public_key)?,
-            serde_json::to_vec(key_pair)?,
+            &json(public_key)?,
+            json(key_pair)?,
         )
     }
 
@@ -538,15 +481,14 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         hash_ref: &KeyPackageRef,
     ) -> Result<Option<KeyPackage>, Self::Error> {
-        let key = serde_json::to_vec(&hash_ref)?;
-        self.read(KEY_PACKAGE_LABEL, &key)
+        self.read(KEY_PACKAGE_LABEL, &json(hash_ref)?)
     }
 
     fn psk<PskBundle: traits::PskBundle<CURRENT_VERSION>, PskId: traits::PskId<CURRENT_VERSION>>(
         &self,
         psk_id: &PskId,
     ) -> Result<Option<PskBundle>, Self::Error> {
-        self.read(PSK_LABEL, &serde_json::to_vec(&psk_id)?)
+        self.read(PSK_LABEL, &json(psk_id)?)
     }
 
     fn encryption_key_pair<
@@ -556,37 +498,37 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         public_key: &EncryptionKey,
     ) -> Result<Option<HpkeKeyPair>, Self::Error> {
-        self.read(ENCRYPTION_KEY_PAIR_LABEL, &serde_json::to_vec(public_key)?)
+        self.read(ENCRYPTION_KEY_PAIR_LABEL, &json(public_key)?)
     }
 
     fn delete_signature_key_pair<
-        SignaturePublicKeuy: traits::SignaturePublicKey<CURRENT_VERSION>,
+        SignaturePublicKey: traits::SignaturePublicKey<CURRENT_VERSION>,
     >(
         &self,
-        public_key: &SignaturePublicKeuy,
+        public_key: &SignaturePublicKey,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(SIGNATURE_KEY_PAIR_LABEL, &serde_json::to_vec(public_key)?)
+        self.delete(SIGNATURE_KEY_PAIR_LABEL, &json(public_key)?)
     }
 
     fn delete_encryption_key_pair<EncryptionKey: traits::EncryptionKey<CURRENT_VERSION>>(
         &self,
         public_key: &EncryptionKey,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(ENCRYPTION_KEY_PAIR_LABEL, &serde_json::to_vec(&public_key)?)
+        self.delete(ENCRYPTION_KEY_PAIR_LABEL, &json(public_key)?)
     }
 
     fn delete_key_package<KeyPackageRef: traits::HashReference<CURRENT_VERSION>>(
         &self,
         hash_ref: &KeyPackageRef,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(KEY_PACKAGE_LABEL, &serde_json::to_vec(&hash_ref)?)
+        self.delete(KEY_PACKAGE_LABEL, &json(hash_ref)?)
     }
 
     fn delete_psk<PskKey: traits::PskId<CURRENT_VERSION>>(
         &self,
         psk_id: &PskKey,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(PSK_LABEL, &serde_json::to_vec(&psk_id)?)
+        self.delete(PSK_LABEL, &json(psk_id)?)
     }
 
     fn group_state<
@@ -596,7 +538,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<GroupState>, Self::Error> {
-        self.read(GROUP_STATE_LABEL, &serde_json::to_vec(&group_id)?)
+        self.read(GROUP_STATE_LABEL, &json(group_id)?)
     }
 
     fn write_group_state<
@@ -607,18 +549,14 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         group_state: &GroupState,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
-            GROUP_STATE_LABEL,
-            &serde_json::to_vec(group_id)?,
-            serde_json::to_vec(group_state)?,
-        )
+        self.write(GROUP_STATE_LABEL, &json(group_id)?, json(group_state)?)
     }
 
     fn delete_group_state<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(GROUP_STATE_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(GROUP_STATE_LABEL, &json(group_id)?)
     }
 
     fn message_secrets<
@@ -628,7 +566,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<MessageSecrets>, Self::Error> {
-        self.read(MESSAGE_SECRETS_LABEL, &serde_json::to_vec(group_id)?)
+        self.read(MESSAGE_SECRETS_LABEL, &json(group_id)?)
     }
 
     fn write_message_secrets<
@@ -639,10 +577,10 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         message_secrets: &MessageSecrets,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
+        self.write(
             MESSAGE_SECRETS_LABEL,
-            &serde_json::to_vec(group_id)?,
-            serde_json::to_vec(message_secrets)?,
+            &json(group_id)?,
+            json(message_secrets)?,
         )
     }
 
@@ -650,7 +588,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(MESSAGE_SECRETS_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(MESSAGE_SECRETS_LABEL, &json(group_id)?)
     }
 
     fn resumption_psk_store<
@@ -660,7 +598,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<ResumptionPskStore>, Self::Error> {
-        self.read(RESUMPTION_PSK_STORE_LABEL, &serde_json::to_vec(group_id)?)
+        self.read(RESUMPTION_PSK_STORE_LABEL, &json(group_id)?)
     }
 
     fn write_resumption_psk_store<
@@ -671,10 +609,10 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         resumption_psk_store: &ResumptionPskStore,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
+        self.write(
             RESUMPTION_PSK_STORE_LABEL,
-            &serde_json::to_vec(group_id)?,
-            serde_json::to_vec(resumption_psk_store)?,
+            &json(group_id)?,
+            json(resumption_psk_store)?,
         )
     }
 
@@ -682,7 +620,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(RESUMPTION_PSK_STORE_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(RESUMPTION_PSK_STORE_LABEL, &json(group_id)?)
     }
 
     fn own_leaf_index<
@@ -692,7 +630,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<LeafNodeIndex>, Self::Error> {
-        self.read(OWN_LEAF_NODE_INDEX_LABEL, &serde_json::to_vec(group_id)?)
+        self.read(OWN_LEAF_NODE_INDEX_LABEL, &json(group_id)?)
     }
 
     fn write_own_leaf_index<
@@ -703,10 +641,10 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         own_leaf_index: &LeafNodeIndex,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
+        self.write(
             OWN_LEAF_NODE_INDEX_LABEL,
-            &serde_json::to_vec(group_id)?,
-            serde_json::to_vec(own_leaf_index)?,
+            &json(group_id)?,
+            json(own_leaf_index)?,
         )
     }
 
@@ -714,7 +652,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(OWN_LEAF_NODE_INDEX_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(OWN_LEAF_NODE_INDEX_LABEL, &json(group_id)?)
     }
 
     fn group_epoch_secrets<
@@ -724,7 +662,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<GroupEpochSecrets>, Self::Error> {
-        self.read(EPOCH_SECRETS_LABEL, &serde_json::to_vec(group_id)?)
+        self.read(EPOCH_SECRETS_LABEL, &json(group_id)?)
     }
 
     fn write_group_epoch_secrets<
@@ -735,10 +673,10 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         group_epoch_secrets: &GroupEpochSecrets,
     ) -> Result<(), Self::Error> {
-        self.write::<CURRENT_VERSION>(
+        self.write(
             EPOCH_SECRETS_LABEL,
-            &serde_json::to_vec(group_id)?,
-            serde_json::to_vec(group_epoch_secrets)?,
+            &json(group_id)?,
+            json(group_epoch_secrets)?,
         )
     }
 
@@ -746,7 +684,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(EPOCH_SECRETS_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(EPOCH_SECRETS_LABEL, &json(group_id)?)
     }
 
     fn write_encryption_epoch_key_pairs<
@@ -760,10 +698,11 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         leaf_index: u32,
         key_pairs: &[HpkeKeyPair],
     ) -> Result<(), Self::Error> {
-        let key = epoch_key_pairs_id(group_id, epoch, leaf_index)?;
-        let value = serde_json::to_vec(key_pairs)?;
-
-        self.write::<CURRENT_VERSION>(EPOCH_KEY_PAIRS_LABEL, &key, value)
+        self.write(
+            EPOCH_KEY_PAIRS_LABEL,
+            &epoch_key_pairs_id(group_id, epoch, leaf_index)?,
+            json(key_pairs)?,
+        )
     }
 
     fn encryption_epoch_key_pairs<
@@ -777,16 +716,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         leaf_index: u32,
     ) -> Result<Vec<HpkeKeyPair>, Self::Error> {
         let key = epoch_key_pairs_id(group_id, epoch, leaf_index)?;
-        let storage_key = build_key_from_vec::<CURRENT_VERSION>(EPOCH_KEY_PAIRS_LABEL, key);
-
-        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
-        let value = values.get(&storage_key);
-
-        if let Some(value) = value {
-            return Ok(serde_json::from_slice(value)?);
-        }
-
-        Ok(vec![])
+        Ok(self.read(EPOCH_KEY_PAIRS_LABEL, &key)?.unwrap_or_default())
     }
 
     fn delete_encryption_epoch_key_pairs<
@@ -799,7 +729,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         leaf_index: u32,
     ) -> Result<(), Self::Error> {
         let key = epoch_key_pairs_id(group_id, epoch, leaf_index)?;
-        self.delete::<CURRENT_VERSION>(EPOCH_KEY_PAIRS_LABEL, &key)
+        self.delete(EPOCH_KEY_PAIRS_LABEL, &key)
     }
 
     fn clear_proposal_queue<
@@ -809,21 +739,12 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        // Get all proposal refs for this group.
-        let proposal_refs: Vec<ProposalRef> =
-            self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &serde_json::to_vec(group_id)?)?;
-        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
-        for proposal_ref in proposal_refs {
-            // Delete all proposals.
-            let key = serde_json::to_vec(&(group_id, proposal_ref))?;
-            values.remove(&key);
+        let gid = json(group_id)?;
+        let refs: Vec<ProposalRef> = self.read_list(PROPOSAL_QUEUE_REFS_LABEL, &gid)?;
+        for proposal_ref in refs {
+            self.delete(QUEUED_PROPOSAL_LABEL, &json(&(group_id, proposal_ref))?)?;
         }
-
-        // Delete the proposal refs from the store.
-        let key = build_key::<CURRENT_VERSION, &GroupId>(PROPOSAL_QUEUE_REFS_LABEL, group_id);
-        values.remove(&key);
-
-        Ok(())
+        self.delete(PROPOSAL_QUEUE_REFS_LABEL, &gid)
     }
 
     fn mls_group_join_config<
@@ -833,7 +754,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<MlsGroupJoinConfig>, Self::Error> {
-        self.read(JOIN_CONFIG_LABEL, &serde_json::to_vec(group_id)?)
+        self.read(JOIN_CONFIG_LABEL, &json(group_id)?)
     }
 
     fn write_mls_join_config<
@@ -844,10 +765,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         config: &MlsGroupJoinConfig,
     ) -> Result<(), Self::Error> {
-        let key = serde_json::to_vec(group_id)?;
-        let value = serde_json::to_vec(config)?;
-
-        self.write::<CURRENT_VERSION>(JOIN_CONFIG_LABEL, &key, value)
+        self.write(JOIN_CONFIG_LABEL, &json(group_id)?, json(config)?)
     }
 
     fn own_leaf_nodes<
@@ -857,7 +775,7 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Vec<LeafNode>, Self::Error> {
-        self.read_list(OWN_LEAF_NODES_LABEL, &serde_json::to_vec(group_id)?)
+        self.read_list(OWN_LEAF_NODES_LABEL, &json(group_id)?)
     }
 
     fn append_own_leaf_node<
@@ -868,54 +786,49 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         leaf_node: &LeafNode,
     ) -> Result<(), Self::Error> {
-        let key = serde_json::to_vec(group_id)?;
-        let value = serde_json::to_vec(leaf_node)?;
-        self.append::<CURRENT_VERSION>(OWN_LEAF_NODES_LABEL, &key, value)
+        self.append(OWN_LEAF_NODES_LABEL, &json(group_id)?, json(leaf_node)?)
     }
 
     fn delete_own_leaf_nodes<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(OWN_LEAF_NODES_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(OWN_LEAF_NODES_LABEL, &json(group_id)?)
     }
 
     fn delete_group_config<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(JOIN_CONFIG_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(JOIN_CONFIG_LABEL, &json(group_id)?)
     }
 
     fn delete_tree<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(TREE_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(TREE_LABEL, &json(group_id)?)
     }
 
     fn delete_confirmation_tag<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(CONFIRMATION_TAG_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(CONFIRMATION_TAG_LABEL, &json(group_id)?)
     }
 
     fn delete_context<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(GROUP_CONTEXT_LABEL, &serde_json::to_vec(group_id)?)
+        self.delete(GROUP_CONTEXT_LABEL, &json(group_id)?)
     }
 
     fn delete_interim_transcript_hash<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete::<CURRENT_VERSION>(
-            INTERIM_TRANSCRIPT_HASH_LABEL,
-            &serde_json::to_vec(group_id)?,
-        )
+        self.delete(INTERIM_TRANSCRIPT_HASH_LABEL, &json(group_id)?)
     }
 
     fn remove_proposal<
@@ -926,42 +839,80 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         proposal_ref: &ProposalRef,
     ) -> Result<(), Self::Error> {
-        let key = serde_json::to_vec(group_id)?;
-        let value = serde_json::to_vec(proposal_ref)?;
-
-        self.remove_item::<CURRENT_VERSION>(PROPOSAL_QUEUE_REFS_LABEL, &key, value)?;
-
-        let key = serde_json::to_vec(&(group_id, proposal_ref))?;
-        self.delete::<CURRENT_VERSION>(QUEUED_PROPOSAL_LABEL, &key)
+        self.remove_item(
+            PROPOSAL_QUEUE_REFS_LABEL,
+            &json(group_id)?,
+            json(proposal_ref)?,
+        )?;
+        self.delete(QUEUED_PROPOSAL_LABEL, &json(&(group_id, proposal_ref))?)
     }
 }
 
-/// Build a key with version and label.
-fn build_key_from_vec<const V: u16>(label: &[u8], key: Vec<u8>) -> Vec<u8> {
-    let mut key_out = label.to_vec();
-    key_out.extend_from_slice(&key);
-    key_out.extend_from_slice(&u16::to_be_bytes(V));
-    key_out
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
 
-/// Build a key with version and label.
-fn build_key<const V: u16, K: Serialize>(label: &[u8], key: K) -> Vec<u8> {
-    build_key_from_vec::<V>(label, serde_json::to_vec(&key).unwrap_or_default())
-}
+    #[test]
+    fn key_layout_is_label_key_version() {
+        // The layout of openmls_memory_storage: existing stores must stay readable.
+        let gid = json(&[1u8, 2]).expect("json");
+        assert_eq!(storage_key(TREE_LABEL, &gid), b"Tree[1,2]\x00\x01".to_vec());
+    }
 
-fn epoch_key_pairs_id(
-    group_id: &impl traits::GroupId<CURRENT_VERSION>,
-    epoch: &impl traits::EpochKey<CURRENT_VERSION>,
-    leaf_index: u32,
-) -> Result<Vec<u8>, <TrackedStorage as StorageProvider<CURRENT_VERSION>>::Error> {
-    let mut key = serde_json::to_vec(group_id)?;
-    key.extend_from_slice(&serde_json::to_vec(epoch)?);
-    key.extend_from_slice(&serde_json::to_vec(&leaf_index)?);
-    Ok(key)
-}
+    #[test]
+    fn unserializable_key_is_a_typed_error_not_an_empty_key() {
+        // JSON object keys must be strings; the original built `label || "" || version`.
+        let bad: BTreeMap<Vec<u8>, u8> = [(vec![1u8], 1u8)].into_iter().collect();
+        assert_eq!(json(&bad), Err(StoreError::SerializationError));
+        assert_eq!(
+            json(&(1u8, &bad)).map(|k| storage_key(TREE_LABEL, &k)),
+            Err(StoreError::SerializationError)
+        );
+    }
 
-impl From<serde_json::Error> for StoreError {
-    fn from(_: serde_json::Error) -> Self {
-        Self::SerializationError
+    #[test]
+    fn rollback_restores_prior_values_and_absences() {
+        let s = TrackedStorage::default();
+        s.write(TREE_LABEL, b"g", b"v1".to_vec()).expect("write");
+        s.append(OWN_LEAF_NODES_LABEL, b"g", b"1".to_vec())
+            .expect("append");
+        s.values.write().expect("lock").commit();
+        let before: Vec<_> = {
+            let m = s.values.read().expect("lock");
+            let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort();
+            v
+        };
+        s.write(TREE_LABEL, b"g", b"v2".to_vec()).expect("write");
+        s.write(TREE_LABEL, b"g", b"v3".to_vec())
+            .expect("write again");
+        s.write(GROUP_STATE_LABEL, b"g", b"new".to_vec())
+            .expect("write new");
+        s.append(OWN_LEAF_NODES_LABEL, b"g", b"2".to_vec())
+            .expect("append");
+        s.delete(TREE_LABEL, b"g").expect("delete");
+        {
+            let m = s.values.read().expect("lock");
+            let changed: Vec<&[u8]> = m.pending_changes().iter().map(|(k, _)| *k).collect();
+            assert_eq!(changed.len(), 3);
+        }
+        s.rollback();
+        let m = s.values.read().expect("lock");
+        let mut after: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        after.sort();
+        assert!(after == before);
+        assert!(!m.in_transaction());
+    }
+
+    #[test]
+    fn rewriting_the_prior_value_is_no_change() {
+        let s = TrackedStorage::default();
+        s.write(TREE_LABEL, b"g", b"v1".to_vec()).expect("write");
+        s.values.write().expect("lock").commit();
+        s.write(TREE_LABEL, b"g", b"v2".to_vec()).expect("write");
+        s.write(TREE_LABEL, b"g", b"v1".to_vec())
+            .expect("write back");
+        assert!(s.values.read().expect("lock").pending_changes().is_empty());
     }
 }

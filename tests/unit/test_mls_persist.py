@@ -181,3 +181,66 @@ def test_bytes_written_per_message_in_64_member_group(tmp_path: Path) -> None:
     assert per_decrypt < r0["file_size"] / 4
     assert per_encrypt < 16 * 1024
     assert per_decrypt < 16 * 1024
+
+
+FULL_DISK_CHILD = """
+import os, resource, sys
+from qpc_node.crypto import Identity, StorageError
+root = sys.argv[1]
+a = Identity.create(os.path.join(root, "a"), b"a" * 32)
+b = Identity.create(os.path.join(root, "b"), b"b" * 32)
+ga = a.create_group(b"chat")
+_c, welcome = ga.add([b.key_package()])
+ga.merge_pending_commit()
+gb = b.join(welcome)
+store_a, store_b = (os.path.join(root, n, "store.qpc") for n in "ab")
+size_a, size_b = os.path.getsize(store_a), os.path.getsize(store_b)
+commit = gb.update()
+gb.merge_pending_commit()
+size_b = os.path.getsize(store_b)
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+# From here on no file may grow: every operation's log record fails to be written
+# (EFBIG; Python ignores SIGXFSZ).
+resource.setrlimit(resource.RLIMIT_FSIZE, (max(size_a, size_b), hard))
+for name, op in [
+    ("update", ga.update),
+    ("encrypt", lambda: ga.encrypt(b"lost")),
+    ("process commit", lambda: ga.process(commit)),
+    ("key package", a.key_package),
+]:
+    try:
+        op()
+    except StorageError:
+        pass
+    else:
+        raise SystemExit(f"{name}: no StorageError with a full disk")
+    # Memory is what it was (and what is on disk): no pending commit, old epoch.
+    assert not ga.has_pending_commit(), name
+    assert ga.epoch == 1, (name, ga.epoch)
+    assert os.path.getsize(store_a) == size_a, name
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+# The same operations now succeed, and the group works on, before and after a reopen.
+assert ga.process(commit).kind == "commit"
+assert gb.process(ga.encrypt(b"after the full disk")).data == b"after the full disk"
+del ga, a
+ga = Identity.open(os.path.join(root, "a"), b"a" * 32).group(b"chat")
+assert ga.epoch == gb.epoch == 2
+assert gb.process(ga.encrypt(b"after reopen")).data == b"after reopen"
+print("ok")
+"""
+
+
+def test_failed_write_leaves_memory_as_on_disk(tmp_path: Path) -> None:
+    """An operation whose log record cannot be written is undone in memory too.
+
+    Before, the in-memory group kept the change (a pending commit, a merged commit) that the
+    disk never got, and the records it had touched were never written later either.
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
