@@ -141,7 +141,7 @@ def _cmd_repl(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
         lines = text.splitlines()
     pin = args.pin or _local_node_pin(Path(args.data))
-    return trio.run(_repl_main, Path(args.data), host, port, pin, lines)
+    return trio.run(_repl_main, Path(args.data), host, port, pin, lines, args.dead_peer_timeout)
 
 
 def _local_node_pin(user_data: Path) -> str | None:
@@ -160,9 +160,15 @@ def _local_node_pin(user_data: Path) -> str | None:
 
 
 async def _repl_main(
-    data: Path, host: str, port: int, pin: str | None, script: list[str] | None
+    data: Path,
+    host: str,
+    port: int,
+    pin: str | None,
+    script: list[str] | None,
+    dead_peer_timeout: float | None = None,
 ) -> int:
-    from qpc_node.client.connect import open_agent
+    from qpc_node.client.connect import open_session
+    from qpc_node.quic import QuicSettings
     from qpc_node.repl.runner import Repl
 
     def out(line: str) -> None:
@@ -171,10 +177,16 @@ async def _repl_main(
     def err(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    async with open_agent(
-        data, host, port, pin=pin, passphrase=os.environ.get("QPC_PASSPHRASE")
-    ) as agent:
-        repl = Repl(agent, out)
+    settings = None if dead_peer_timeout is None else QuicSettings(dead_peer_timeout)
+    async with open_session(
+        data,
+        host,
+        port,
+        pin=pin,
+        passphrase=os.environ.get("QPC_PASSPHRASE"),
+        settings=settings,
+    ) as (agent, session):
+        repl = Repl(agent, out, session)
         if script is not None:
             return await repl.run_script(script, err)
         from qpc_node.repl.interactive import run_interactive
@@ -276,6 +288,16 @@ SIGHUP reloads the config and prints what was applied live and what needs a rest
 """
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be within 0.5..3600 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpc", description="quicprochat mesh messenger node")
     sub = p.add_subparsers(dest="command")
@@ -318,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pin", help="node certificate fingerprint (remembered after first use)")
     r.add_argument("--data", default=str(default_data_dir()), help="your data dir")
     r.add_argument("--script", help="run commands from FILE ('-' for stdin) and exit")
+    r.add_argument(
+        "--dead-peer-timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="notice a silent node (killed, unreachable) within this long and reconnect "
+        "(default 30; lower costs more keepalive packets)",
+    )
     r.set_defaults(func=_cmd_repl)
     return p
 

@@ -189,14 +189,16 @@ class Agent:
         return samples_from_proto(resp)
 
     # -- session ---------------------------------------------------------------
-    async def authenticate(self) -> None:
-        ch = await self._rpc.call(
+    async def authenticate(self, rpc: RpcClient | None = None) -> None:
+        """Prove our identity to the node; ``rpc``: over a new connection (reconnect)."""
+        rpc = rpc or self._rpc
+        ch = await rpc.call(
             "qpc.v1.Auth/Challenge",
             service_pb2.AuthChallengeRequest(),
             service_pb2.AuthChallengeResponse,
         )
         sig = self.ident.sign(auth_message(ch.nonce, self._node_fpr))
-        resp = await self._rpc.call(
+        resp = await rpc.call(
             "qpc.v1.Auth/Prove",
             service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig),
             service_pb2.AuthProveResponse,

@@ -1,4 +1,4 @@
-"""Open a user agent on a node: QUIC with a pinned certificate, auth, KeyPackages."""
+"""Open a user agent on a node: QUIC with a pinned certificate, auth, KeyPackages, reconnect."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import trio
 
 from qpc_node.client.agent import Agent
 from qpc_node.client.identity_store import open_user
+from qpc_node.client.reconnect import ReconnectPolicy
+from qpc_node.client.session import Session
 from qpc_node.client.state import AsyncClientState, ClientState
 from qpc_node.errors import ConfigError
 from qpc_node.ops.clock import WallClock, system_wall_ms
-from qpc_node.quic import ALPN_CLIENT, ClientTLS, open_endpoint
+from qpc_node.quic import ALPN_CLIENT, ClientTLS, QuicSettings, open_endpoint
 from qpc_node.quic.tls import normalize_fingerprint
-from qpc_node.rpc import RpcClient
 
 PIN_FILE = "node.pin"
 
@@ -37,6 +38,29 @@ async def open_agent(
     passphrase: str | None = None,
     wall_ms: WallClock = system_wall_ms,
 ) -> AsyncIterator[Agent]:
+    async with open_session(
+        data_dir, host, port, pin=pin, passphrase=passphrase, wall_ms=wall_ms
+    ) as (agent, _session):
+        yield agent
+
+
+@asynccontextmanager
+async def open_session(
+    data_dir: Path,
+    host: str,
+    port: int,
+    *,
+    pin: str | None,
+    passphrase: str | None = None,
+    wall_ms: WallClock = system_wall_ms,
+    settings: QuicSettings | None = None,
+    policy: ReconnectPolicy | None = None,
+) -> AsyncIterator[tuple[Agent, Session]]:
+    """An agent whose session reconnects (and re-authenticates) when the connection dies.
+
+    The first connection must succeed (errors go to the caller); later losses
+    are the session's to repair while the block runs.
+    """
     pin = pin or remembered_pin(data_dir)
     if pin is None:
         raise ConfigError(
@@ -45,23 +69,41 @@ async def open_agent(
     pin = normalize_fingerprint(pin)
     user = await trio.to_thread.run_sync(open_user, data_dir, passphrase)
     state = ClientState(data_dir, user.secret)
+    astate = AsyncClientState(state)
     try:
-        async with open_endpoint("::", 0) as ep:
-            conn = await ep.connect(host, port, ClientTLS(ALPN_CLIENT, pin=pin))
+        async with open_endpoint("::", 0, settings=settings) as ep:
+            session = Session(ep, host, port, ClientTLS(ALPN_CLIENT, pin=pin), policy=policy)
+            await session.connect()
             (data_dir / PIN_FILE).write_text(pin + "\n")
             agent = Agent(
                 user.ident,
-                AsyncClientState(state),
-                RpcClient(conn.open_stream),
+                astate,
+                session.rpc,
                 node_cert_fingerprint=bytes.fromhex(pin),
                 wall_ms=wall_ms,
             )
             await agent.authenticate()
             await agent.top_up_key_packages()
             await agent.flush_outbox()
-            try:
-                yield agent
-            finally:
-                await conn.aclose()
+
+            async def after_up() -> None:
+                # What waited out the outage is sent now, not at its backoff time.
+                await astate.call(state.outbox_due_now, wall_ms())
+                await agent.flush_outbox()
+                await agent.top_up_key_packages()
+
+            body_error: BaseException | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run, agent.authenticate, after_up)
+                try:
+                    yield agent, session
+                # Re-raised outside the nursery: the caller gets its own exception,
+                # not an ExceptionGroup around it.
+                except BaseException as exc:
+                    body_error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+            if body_error is not None:
+                raise body_error
     finally:
         state.close()

@@ -457,6 +457,13 @@ class ClientState:
         with transaction(self._conn):
             self._conn.executemany("DELETE FROM outbox WHERE msg_id = ?", [(m,) for m in msg_ids])
 
+    def outbox_due_now(self, now_ms: int) -> int:
+        """Make every queued message due (the connection is back: its backoff is moot)."""
+        cur = self._conn.execute(
+            "UPDATE outbox SET next_ms = ? WHERE next_ms > ?", (now_ms, now_ms)
+        )
+        return int(cur.rowcount)
+
     def outbox_len(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 

@@ -264,6 +264,10 @@ class Connection:
                 await self._drive()
                 nursery.cancel_scope.cancel()  # connection is gone: so is their work
         finally:
+            if self._error is None and not self._core_terminated:
+                # Cancelled while open (endpoint or node stopping): say so with a
+                # CONNECTION_CLOSE, or the peer waits out its idle timeout for us.
+                self.close_now(0, "connection ended")
             self._fail(ConnectionClosed("connection ended"))
             for cid in self._cids:
                 self._host.unregister_cid(cid, self)

@@ -10,6 +10,7 @@ import trio
 from prompt_toolkit import PromptSession
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from qpc_node.client.session import NotConnected
 from qpc_node.errors import QpcError
 from qpc_node.ops.log import get_logger
 from qpc_node.repl.commands import UsageError
@@ -19,15 +20,30 @@ log = get_logger("qpc.repl")
 
 
 async def _receive_loop(repl: Repl) -> None:
+    """Receive, show, flush; while the session reconnects, wait for it quietly.
+
+    Connection loss and recovery are the session's to announce (once each); a
+    failure with the connection up is shown once per run of failures, then
+    retried with backoff.
+    """
     delay = 1.0
+    failing = False
     while True:
+        try:
+            await repl.wait_connected()
+        except NotConnected:
+            await trio.sleep_forever()  # refused for good: the session said why
         try:
             await repl.agent.receive(RECEIVE_POLL)
             await repl.show_unshown()
             await repl.agent.flush_outbox()
-            delay = 1.0
+            delay, failing = 1.0, False
         except QpcError as exc:
-            repl.out(f"(receive failed: {exc}; retrying in {delay:.0f} s)")
+            if not repl.connected:
+                continue
+            if not failing:
+                repl.out(f"(receive failed: {exc}; retrying with backoff)")
+            failing = True
             await trio.sleep(delay)
             delay = min(delay * 2, 60.0)
 

@@ -9,12 +9,15 @@ prints arriving messages above the prompt.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 
 import trio
 
 from qpc_node.client.agent import Agent
 from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
+from qpc_node.client.reconnect import Notice
+from qpc_node.client.session import Session
 from qpc_node.errors import QpcError
 from qpc_node.ops.metrics import format_stats
 from qpc_node.repl import commands as c
@@ -22,6 +25,11 @@ from qpc_node.repl.commands import USAGE, UsageError, parse
 
 Out = Callable[[str], None]
 RECEIVE_POLL = 20.0
+COMMAND_WAIT = 10.0
+"""How long a command typed while the session reconnects waits for it before failing.
+
+Long enough to ride out a node restart, short enough that the prompt never
+seems hung; a command that gives up has sent and queued nothing."""
 
 
 def safety_number(a: str, b: str) -> str:
@@ -57,11 +65,38 @@ class Quit(Exception):
     """Raised by /quit to end the session."""
 
 
+# Commands that work without the node; every other one needs the session up.
+_LOCAL = (c.Help, c.WhoAmI, c.GroupCreate, c.GroupMembers, c.Verify, c.Quit)
+
+
 class Repl:
-    def __init__(self, agent: Agent, out: Out) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        out: Out,
+        session: Session | None = None,
+        *,
+        command_wait: float = COMMAND_WAIT,
+    ) -> None:
         self.agent = agent
         self.out = out
+        self.session = session
+        self.command_wait = command_wait
         agent.on_warning = lambda msg: out(f"!! {msg}")
+        if session is not None:
+            session.on_notice = self._notice
+
+    def _notice(self, notice: Notice) -> None:
+        self.out(f"{'!!' if notice.kind == 'refused' else '--'} {notice.text}")
+
+    @property
+    def connected(self) -> bool:
+        return self.session is None or self.session.connected
+
+    async def wait_connected(self, timeout: float = math.inf) -> None:  # noqa: ASYNC109 -- a bound on waiting
+        """Until the session is up; NotConnected after ``timeout`` or once refused for good."""
+        if self.session is not None:
+            await self.session.wait_up(timeout)
 
     async def show_unshown(self) -> int:
         got = await self.agent.unshown()
@@ -71,6 +106,8 @@ class Repl:
 
     async def execute(self, cmd: c.Command) -> None:
         a = self.agent
+        if not isinstance(cmd, _LOCAL):
+            await self.wait_connected(self.command_wait)
         match cmd:
             case c.Help(topic=topic):
                 self.out(USAGE.get(topic, HELP) if topic else "commands:\n" + HELP)
@@ -131,6 +168,7 @@ class Repl:
             f"held={s.held} send_retries={s.send_retries} send_dropped={s.send_dropped} "
             f"gaps={len(s.gaps)} rpc_calls={r.calls} rpc_retries={r.retries} "
             f"rpc_failures={dict(r.failures)}"
+            + (f" connection_losses={self.session.outages}" if self.session is not None else "")
         )
 
     async def run_line(self, line: str) -> None:

@@ -69,21 +69,29 @@ async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
     return got
 
 
-async def _spawn(data: Path, env: dict[str, str], log: BinaryIO | None) -> trio.Process:
-    argv = [sys.executable, "-m", "qpc_node.cli", "node", "--listen", "127.0.0.1:0"]
+async def _spawn(
+    data: Path, env: dict[str, str], log: BinaryIO | None, listen: str = "127.0.0.1:0"
+) -> trio.Process:
+    argv = [sys.executable, "-m", "qpc_node.cli", "node", "--listen", listen]
     return await trio.lowlevel.open_process(
         [*argv, "--data", str(data)], stdout=subprocess.PIPE, stderr=log, env=env
     )
 
 
 async def start_node_process(
-    data: Path, extra_env: dict[str, str] | None = None, log_file: Path | None = None
+    data: Path,
+    extra_env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+    listen: str = "127.0.0.1:0",
 ) -> tuple[trio.Process, NodeInfo]:
-    """``qpc node`` as a real process; returns it and what it announced."""
+    """``qpc node`` as a real process; returns it and what it announced.
+
+    ``listen``: a fixed HOST:PORT to restart a node where its clients knew it.
+    """
     env = dict(os.environ, QPC_METRICS_LISTEN="", **(extra_env or {}))
     log = log_file.open("ab") if log_file is not None else None
     try:
-        proc = await _spawn(data, env, log)
+        proc = await _spawn(data, env, log, listen)
     finally:
         if log is not None:
             log.close()  # the child holds its own copy of the descriptor
