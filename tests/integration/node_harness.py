@@ -17,7 +17,8 @@ from qpc_node.client.connect import open_agent
 from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.ops.config import Config, load_config
-from qpc_node.wire.gen.qpc.v1 import service_pb2
+from qpc_node.service.stats import STATS_METHOD, samples_from_proto
+from qpc_node.wire.gen.qpc.v1 import ops_pb2, service_pb2
 
 
 def node_config(tmp: Path, **sections: dict[str, str]) -> Config:
@@ -69,21 +70,29 @@ async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
     return got
 
 
-async def _spawn(data: Path, env: dict[str, str], log: BinaryIO | None) -> trio.Process:
-    argv = [sys.executable, "-m", "qpc_node.cli", "node", "--listen", "127.0.0.1:0"]
+async def _spawn(
+    data: Path, env: dict[str, str], log: BinaryIO | None, listen: str = "127.0.0.1:0"
+) -> trio.Process:
+    argv = [sys.executable, "-m", "qpc_node.cli", "node", "--listen", listen]
     return await trio.lowlevel.open_process(
         [*argv, "--data", str(data)], stdout=subprocess.PIPE, stderr=log, env=env
     )
 
 
 async def start_node_process(
-    data: Path, extra_env: dict[str, str] | None = None, log_file: Path | None = None
+    data: Path,
+    extra_env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+    listen: str = "127.0.0.1:0",
 ) -> tuple[trio.Process, NodeInfo]:
-    """``qpc node`` as a real process; returns it and what it announced."""
+    """``qpc node`` as a real process; returns it and what it announced.
+
+    ``listen`` with a fixed port restarts a node where its clients expect it.
+    """
     env = dict(os.environ, QPC_METRICS_LISTEN="", **(extra_env or {}))
     log = log_file.open("ab") if log_file is not None else None
     try:
-        proc = await _spawn(data, env, log)
+        proc = await _spawn(data, env, log, listen)
     finally:
         if log is not None:
             log.close()  # the child holds its own copy of the descriptor
@@ -114,6 +123,16 @@ async def run_repl(
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+async def node_stats(tmp: Path, info: NodeInfo, wall: ManualWallClock) -> dict[str, float]:
+    """The node's metrics over the authenticated Stats RPC: ``name,label=value,...`` -> value."""
+    async with users(tmp, info, wall, "stats-watcher") as (w,):
+        resp = await w._rpc.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
+    return {
+        s.name + "".join(f",{k}={v}" for k, v in s.labels): s.value
+        for s in samples_from_proto(resp)
+    }
 
 
 def cli_fingerprint(data: Path, env: dict[str, str] | None = None) -> str:
