@@ -198,17 +198,13 @@ class Connection:
         self._process_events()
         self._kick()
 
-    def discard(self, error_code: int | None = None, reason: str = "") -> None:
-        """End now, freeing everything at once (no closing period).
+    def discard(self, error_code: int, reason: str) -> None:
+        """Send one CONNECTION_CLOSE and end now, freeing everything at once.
 
-        For a handshake that never became a connection: with ``error_code``
-        one CONNECTION_CLOSE is sent first, without it nothing is (the peer
-        sent nothing that decrypted, or is not worth an answer).
+        For a handshake that never became a connection (deadline passed, no
+        room when it completed): no closing period keeps its slot or memory.
         """
-        if error_code is not None:
-            self.close_now(error_code, reason)
-        else:
-            self._fail(ConnectionClosed(f"dropped: {reason}", reason=reason))
+        self.close_now(error_code, reason)
         self._discarded = True
         self._kick()
 
