@@ -207,6 +207,10 @@ class Node:
             admission = AdmissionLimits(
                 max_connections=lim.max_connections,
                 max_connections_per_ip=lim.max_connections_per_ip,
+                max_half_open=lim.max_half_open,
+                max_half_open_per_ip=lim.max_half_open_per_ip,
+                half_open_timeout=lim.half_open_timeout_s,
+                retry_threshold=lim.retry_threshold,
             )
             async with (
                 open_endpoint(host, port, server_tls=tls, admission=admission) as ep,

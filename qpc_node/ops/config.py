@@ -85,6 +85,12 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mailbox_max_bytes: int = 256 * 1024 * 1024
     max_connections: int = 1024
     max_connections_per_ip: int = 64
+    # QUIC handshakes in flight (not counted in max_connections), their deadline,
+    # and how many may be in flight before new clients must pass a Retry.
+    max_half_open: int = 256
+    max_half_open_per_ip: int = 16
+    half_open_timeout_s: float = 5.0
+    retry_threshold: int = 32
     keypackage_ttl_s: int = 24 * 3600
     retention_s: int = 7 * 24 * 3600
 

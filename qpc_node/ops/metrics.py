@@ -119,6 +119,24 @@ class EndpointStats(Protocol):
     def handshakes_failed_server(self) -> int: ...
     @property
     def handshakes_failed_client(self) -> int: ...
+    @property
+    def half_open_connections(self) -> int: ...
+    @property
+    def dropped_undecryptable(self) -> int: ...
+    @property
+    def half_open_timeouts(self) -> int: ...
+    @property
+    def retries_sent(self) -> int: ...
+    @property
+    def invalid_tokens(self) -> int: ...
+    @property
+    def resets_sent(self) -> int: ...
+    @property
+    def resets_suppressed(self) -> int: ...
+    @property
+    def resets_received(self) -> int: ...
+    @property
+    def refusals(self) -> Mapping[str, int]: ...
 
 
 class EndpointSource(Protocol):
@@ -367,10 +385,42 @@ def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
     dropped.add_metric(["tx_backlog_full"], e.tx_dropped)
     dropped.add_metric(["unparseable"], e.dropped_unparseable)
     dropped.add_metric(["unknown_cid"], e.dropped_unknown_cid)
+    dropped.add_metric(["undecryptable_initial"], e.dropped_undecryptable)
     yield dropped
     yield _counter(
         "qpc_quic_refused_admission", "new connections over the limits", e.refused_admission
     )
+    refusals = CounterMetricFamily(
+        "qpc_quic_admission_refusals",
+        "new connections refused (or dropped when confirmed), by limit",
+        labels=["reason"],
+    )
+    for reason, count in sorted(e.refusals.items()):
+        refusals.add_metric([reason], count)
+    yield refusals
+    yield _gauge(
+        "qpc_quic_half_open_connections",
+        "server handshakes in flight (not yet confirmed)",
+        e.half_open_connections,
+    )
+    yield _counter(
+        "qpc_quic_half_open_timeouts",
+        "handshakes dropped at the half-open deadline",
+        e.half_open_timeouts,
+    )
+    yield _counter(
+        "qpc_quic_retries_sent", "stateless Retry packets sent (address validation)", e.retries_sent
+    )
+    yield _counter("qpc_quic_invalid_tokens", "Initials with a bad Retry token", e.invalid_tokens)
+    resets = CounterMetricFamily(
+        "qpc_quic_stateless_resets",
+        "stateless resets for packets of unknown connections",
+        labels=["result"],
+    )
+    resets.add_metric(["sent"], e.resets_sent)
+    resets.add_metric(["suppressed"], e.resets_suppressed)
+    resets.add_metric(["received"], e.resets_received)
+    yield resets
     yield _counter(
         "qpc_quic_connection_failures",
         "connections dropped by a core failure",

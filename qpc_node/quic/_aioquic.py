@@ -16,20 +16,34 @@ below still exists with the expected signature and fails loudly on upgrade:
   as the application consumes.
 * **Send backlog / stream credit / peer certificate / handshake confirmed**
   are read from private attributes (no public API exists).
+* **Stateless reset.** aioquic picks reset tokens with ``os.urandom`` and
+  never recognises a reset it receives. We derive the tokens of our connection
+  IDs from a static key (``__init__`` for the first, ``_replenish_connection_ids``
+  for NEW_CONNECTION_ID), so a restarted node can reset its old connections;
+  the endpoint recognises a reset by the peer's token (``_peer_cid``) and ends
+  the connection through ``_close_end`` (RFC 9000 10.3.1: no closing period).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from typing import cast
 
 from aioquic import tls as atls
 from aioquic._buffer import Buffer
 from aioquic.quic import events as aev
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_retry,
+    pull_quic_header,
+)
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioquicStream
@@ -38,6 +52,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from qpc_node.errors import LocalProtocolError
 from qpc_node.quic import events as ev
 from qpc_node.quic.address import Address
+from qpc_node.quic.admission import ResetTokens
 from qpc_node.quic.backend import PacketHeader
 from qpc_node.quic.settings import QuicSettings
 from qpc_node.quic.tls import CertificateRejected, ClientTLS, RejectKind, ServerTLS
@@ -113,11 +128,16 @@ class _QpcQuicConnection(QuicConnection):
         server_tls: ServerTLS | None = None,
         client_tls: ClientTLS | None = None,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
+        reset_tokens: ResetTokens | None = None,
     ) -> None:
         super().__init__(
             configuration=configuration,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
+        self.qpc_reset_tokens = reset_tokens or ResetTokens.random()
+        self._qpc_derive_reset_tokens()
         self.qpc_server_tls = server_tls
         self.qpc_client_tls = client_tls
         self.qpc_stream_window = settings.stream_receive_window
@@ -147,6 +167,24 @@ class _QpcQuicConnection(QuicConnection):
         if server is not None and server.requires_client_certificate(alpn_protocol):
             # Read by the server hello handler right after this callback returns.
             self.tls._request_client_certificate = True
+
+    # -- stateless reset: tokens we hand out, and resets we receive
+    def _qpc_derive_reset_tokens(self) -> None:
+        for host_cid in self._host_cids:
+            if host_cid.stateless_reset_token is not None:  # None: a client's first CID
+                host_cid.stateless_reset_token = self.qpc_reset_tokens.token(host_cid.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        self._qpc_derive_reset_tokens()
+
+    def _qpc_on_stateless_reset(self) -> None:
+        """The peer has no state for us: end now, sending nothing (draining, 10.3.1)."""
+        if self._close_event is None:
+            self._close_event = aev.ConnectionTerminated(
+                error_code=QuicErrorCode.NO_ERROR, frame_type=None, reason_phrase="stateless reset"
+            )
+        self._close_end()
 
     # -- flow control: grow windows as the reader consumes, not as data arrives
     #
@@ -342,6 +380,14 @@ class AioquicCore:
     def receive_buffered(self) -> int:
         return self._q.qpc_unread_total
 
+    @property
+    def peer_reset_token(self) -> bytes | None:
+        return self._q._peer_cid.stateless_reset_token or None
+
+    def stateless_reset_received(self) -> None:
+        if self._q._state not in END_STATES:
+            self._q._qpc_on_stateless_reset()
+
 
 class AioquicBackend:
     name = "aioquic"
@@ -357,10 +403,68 @@ class AioquicBackend:
             return None
         supported = header.version is None or header.version in _SUPPORTED_VERSIONS
         return PacketHeader(
-            header.destination_cid, header.packet_type == QuicPacketType.INITIAL, supported
+            header.destination_cid,
+            header.packet_type == QuicPacketType.INITIAL,
+            supported,
+            version=header.version,
+            source_cid=header.source_cid,
+            token=header.token,
         )
 
-    def create_client(self, tls: ClientTLS, settings: QuicSettings) -> AioquicCore:
+    def initial_decrypts(self, data: bytes) -> bool:
+        """Does the datagram's first packet, a client Initial, decrypt (RFC 9001 5.2)?
+
+        Initial keys come from the DCID, so anyone can make a valid one; but
+        random bytes never pass the AEAD, and this costs no connection state.
+        """
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=CID_LENGTH)
+            if header.packet_type != QuicPacketType.INITIAL or header.version is None:
+                return False
+            crypto = CryptoPair()
+            crypto.setup_initial(header.destination_cid, is_client=False, version=header.version)
+            crypto.decrypt_packet(data[: header.packet_length], buf.tell(), 0)
+        except ValueError:  # truncated header, bad tag (aioquic CryptoError is one)
+            return False
+        return True
+
+    def retry_packet(self, header: PacketHeader, retry_scid: bytes, token: bytes) -> bytes:
+        assert header.version is not None
+        return encode_quic_retry(
+            version=header.version,
+            source_cid=retry_scid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=token,
+        )
+
+    def invalid_token_close(self, header: PacketHeader) -> bytes:
+        """A server Initial with CONNECTION_CLOSE(INVALID_TOKEN) (RFC 9000 8.1.3)."""
+        assert header.version is not None
+        crypto = CryptoPair()
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+        builder = QuicPacketBuilder(
+            host_cid=header.destination_cid,
+            is_client=False,
+            max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+            peer_cid=header.source_cid,
+            version=header.version,
+        )
+        builder.start_packet(QuicPacketType.INITIAL, crypto)
+        buf = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=16)
+        buf.push_uint_var(QuicErrorCode.INVALID_TOKEN)
+        buf.push_uint_var(QuicFrameType.PADDING)
+        buf.push_uint_var(0)  # no reason phrase
+        datagrams, _ = builder.flush()
+        return datagrams[0]
+
+    def new_cid(self) -> bytes:
+        return os.urandom(CID_LENGTH)
+
+    def create_client(
+        self, tls: ClientTLS, settings: QuicSettings, *, reset_tokens: ResetTokens | None = None
+    ) -> AioquicCore:
         config = _configuration(settings, is_client=True)
         config.alpn_protocols = [tls.alpn]
         config.server_name = tls.server_name
@@ -369,11 +473,19 @@ class AioquicBackend:
             config.certificate_chain = tls.credentials.chain
             config.private_key = tls.credentials.private_key()
         return AioquicCore(
-            _QpcQuicConnection(configuration=config, settings=settings, client_tls=tls)
+            _QpcQuicConnection(
+                configuration=config, settings=settings, client_tls=tls, reset_tokens=reset_tokens
+            )
         )
 
     def create_server(
-        self, tls: ServerTLS, settings: QuicSettings, original_dcid: bytes
+        self,
+        tls: ServerTLS,
+        settings: QuicSettings,
+        original_dcid: bytes,
+        *,
+        retry_source_cid: bytes | None = None,
+        reset_tokens: ResetTokens | None = None,
     ) -> AioquicCore:
         config = _configuration(settings, is_client=False)
         config.alpn_protocols = list(tls.alpns)
@@ -386,6 +498,8 @@ class AioquicBackend:
                 settings=settings,
                 server_tls=tls,
                 original_destination_connection_id=original_dcid,
+                retry_source_connection_id=retry_source_cid,
+                reset_tokens=reset_tokens,
             )
         )
 

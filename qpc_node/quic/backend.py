@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qpc_node.quic.address import Address
+from qpc_node.quic.admission import ResetTokens
 from qpc_node.quic.events import QuicEvent
 from qpc_node.quic.settings import QuicSettings
 from qpc_node.quic.tls import ClientTLS, ServerTLS
@@ -22,6 +23,9 @@ class PacketHeader:
     destination_cid: bytes
     is_initial: bool
     version_supported: bool
+    version: int | None = None  # None: short header (1-RTT)
+    source_cid: bytes = b""
+    token: bytes = b""  # Initial only: a Retry token, if the client has one
 
 
 class QuicCore(Protocol):
@@ -82,6 +86,15 @@ class QuicCore(Protocol):
         """Bytes delivered to us but not yet consumed by readers."""
         ...
 
+    @property
+    def peer_reset_token(self) -> bytes | None:
+        """The stateless reset token of the CID we send to (None before the handshake)."""
+        ...
+
+    def stateless_reset_received(self) -> None:
+        """The peer sent a stateless reset: end at once, sending nothing (RFC 9000 10.3.1)."""
+        ...
+
 
 class QuicBackend(Protocol):
     name: str
@@ -90,8 +103,30 @@ class QuicBackend(Protocol):
         """Routing view of a datagram, or None if it is not QUIC we can route."""
         ...
 
-    def create_client(self, tls: ClientTLS, settings: QuicSettings) -> QuicCore: ...
+    def initial_decrypts(self, data: bytes) -> bool:
+        """The datagram starts with a client Initial that decrypts (stateless check)."""
+        ...
+
+    def retry_packet(self, header: PacketHeader, retry_scid: bytes, token: bytes) -> bytes: ...
+
+    def invalid_token_close(self, header: PacketHeader) -> bytes: ...
+
+    def new_cid(self) -> bytes:
+        """A fresh random connection ID of the length this backend routes on."""
+        ...
+
+    def create_client(
+        self, tls: ClientTLS, settings: QuicSettings, *, reset_tokens: ResetTokens | None = None
+    ) -> QuicCore: ...
 
     def create_server(
-        self, tls: ServerTLS, settings: QuicSettings, original_dcid: bytes
-    ) -> QuicCore: ...
+        self,
+        tls: ServerTLS,
+        settings: QuicSettings,
+        original_dcid: bytes,
+        *,
+        retry_source_cid: bytes | None = None,
+        reset_tokens: ResetTokens | None = None,
+    ) -> QuicCore:
+        """``original_dcid``: the client's first DCID (from the token after a Retry)."""
+        ...

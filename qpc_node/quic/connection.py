@@ -53,6 +53,10 @@ class ConnectionHost(Protocol):
 
     def connection_finished(self, conn: Connection) -> None: ...
 
+    def connection_confirmed(self, conn: Connection) -> bool:
+        """The handshake is confirmed; False: no room for it (it is dropped)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionStatistics:
@@ -116,6 +120,11 @@ class Connection:
         self._confirmed = trio.Event()
         self._error: ConnectionClosed | None = None
         self._core_terminated = False
+        self._discarded = False
+        # Server side, until confirmed: when the handshake must be done by, and
+        # the connection is dropped (after its CONNECTION_CLOSE) once it closes.
+        self.half_open_deadline: float | None = None
+        self.half_open_expired = False
         self._draining = False
         self._alpn: str | None = None
         self._peer_identity: PeerIdentity | None = None
@@ -177,6 +186,27 @@ class Connection:
         """Send CONNECTION_CLOSE now; streams and handlers see ConnectionClosed."""
         self.close_now(error_code, reason)
         await trio.lowlevel.checkpoint()
+
+    @property
+    def peer_reset_token(self) -> bytes | None:
+        """What a stateless reset from our peer ends with (known once the handshake is)."""
+        return self._core.peer_reset_token
+
+    def stateless_reset_received(self) -> None:
+        """The endpoint matched a datagram to our peer's reset token: we are gone there."""
+        self._core.stateless_reset_received()
+        self._process_events()
+        self._kick()
+
+    def discard(self, error_code: int, reason: str) -> None:
+        """Send one CONNECTION_CLOSE and end now, freeing everything at once.
+
+        For a handshake that never became a connection (deadline passed, no
+        room when it completed): no closing period keeps its slot or memory.
+        """
+        self.close_now(error_code, reason)
+        self._discarded = True
+        self._kick()
 
     def close_now(self, error_code: int = 0, reason: str = "") -> None:
         check_error_code(error_code)
@@ -287,8 +317,10 @@ class Connection:
             # handle_timer: both must see the deadline, or the core re-arms it.
             self.transmit(self._now(due))
             due = None
-            if self._core_terminated:
+            if self._core_terminated or self._discarded:
                 return
+            if self._error is not None and self.half_open_deadline is not None:
+                return  # a handshake that failed: its CONNECTION_CLOSE is out, nothing to keep
             deadline = self._deadline()
             if deadline - trio.current_time() > slack:
                 with trio.move_on_at(deadline) as scope:
@@ -312,7 +344,8 @@ class Connection:
     def _deadline(self) -> float:
         timer = self._core.get_timer()
         keepalive = self._keepalive_at()
-        return min(math.inf if timer is None else timer, keepalive)
+        half_open = math.inf if self.half_open_deadline is None else self.half_open_deadline
+        return min(math.inf if timer is None else timer, keepalive, half_open)
 
     def _keepalive_at(self) -> float:
         if not self._confirmed.is_set() or self._error is not None:
@@ -320,6 +353,10 @@ class Connection:
         return max(self._last_rx, self._last_ping) + self._settings.keepalive_seconds
 
     def _on_timers(self, now: float) -> None:
+        if self.half_open_deadline is not None and self.half_open_deadline <= now:
+            self.half_open_expired = True
+            self.discard(0x2, "handshake timeout")  # CONNECTION_REFUSED
+            return
         if self._keepalive_at() <= now:
             self._ping_uid += 1
             self._core.send_ping(self._ping_uid)
@@ -333,6 +370,7 @@ class Connection:
     # ----------------------------------------------------------------- events
     def _process_events(self) -> None:
         core = self._core
+        refused = False
         while (e := core.next_event()) is not None:
             if isinstance(e, ev.StreamDataReceived):
                 self._on_stream_data(e)
@@ -354,7 +392,11 @@ class Connection:
             elif isinstance(e, ev.HandshakeCompleted):
                 self._on_handshake_completed(e)
             elif isinstance(e, ev.HandshakeConfirmed):
-                self._confirmed.set()
+                if self._host.connection_confirmed(self):
+                    self.half_open_deadline = None
+                    self._confirmed.set()
+                else:
+                    refused = True
             elif isinstance(e, ev.ConnectionClosing | ev.ConnectionTerminated):
                 self._core_terminated |= isinstance(e, ev.ConnectionTerminated)
                 self._fail(
@@ -365,6 +407,8 @@ class Connection:
                     )
                 )
         self._wake_waiters()
+        if refused:
+            self.discard(0x2, "server full")  # CONNECTION_REFUSED
 
     def _on_handshake_completed(self, e: ev.HandshakeCompleted) -> None:
         self._alpn = e.alpn

@@ -5,15 +5,20 @@ datagrams, routes each by destination connection ID, feeds every touched
 connection its share, and only then lets each transmit once -- so ACKs and
 replies for a burst leave in one pass instead of one per datagram.
 
-New connections are admitted only from well-formed Initial packets of a
-supported version, within :class:`AdmissionLimits` (overall and per source
-IP); everything else that matches no connection ID is dropped and counted.
+New connections are admitted only from Initial packets of a supported
+version that decrypt, within :class:`AdmissionLimits`: half-open handshakes
+and established connections have separate caps, half-open ones a short
+deadline, and under load a client first proves its address with a stateless
+Retry (:mod:`qpc_node.quic.admission` decides, this module does the I/O).
+A short-header packet of no connection gets a stateless reset (rate-limited,
+always smaller than its trigger), and one that *is* a reset for one of our
+connections ends it. Everything else is dropped and counted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +29,15 @@ import trio
 from qpc_node.errors import LocalProtocolError
 from qpc_node.quic._aioquic import AioquicBackend
 from qpc_node.quic.address import Address, host_of
+from qpc_node.quic.admission import (
+    RESET_TOKEN_SIZE,
+    Admission,
+    ReplyBudget,
+    ResetTokens,
+    RetryTokens,
+    Verdict,
+    stateless_reset,
+)
 from qpc_node.quic.backend import PacketHeader, QuicBackend
 from qpc_node.quic.connection import Connection, StreamHandler
 from qpc_node.quic.errors import HandshakeError
@@ -59,6 +73,17 @@ class EndpointStatistics:
     handshakes_ok_client: int
     handshakes_failed_server: int
     handshakes_failed_client: int
+    # admission under attack (issue 11): server connections by phase, what was
+    # refused and why, and the stateless replies sent instead of keeping state
+    half_open_connections: int
+    dropped_undecryptable: int  # Initials that did not decrypt: no connection made
+    half_open_timeouts: int
+    retries_sent: int
+    invalid_tokens: int
+    resets_sent: int
+    resets_suppressed: int  # too small a trigger, or over the rate
+    resets_received: int
+    refusals: dict[str, int]  # refused_admission by reason
 
 
 class Endpoint:
@@ -84,7 +109,19 @@ class Endpoint:
         self._routes: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
         self._server_conns: set[Connection] = set()
-        self._per_ip: Counter[str] = Counter()
+        self._established: set[Connection] = set()  # server side, handshake confirmed
+        self._gate = Admission(admission, RetryTokens())
+        self._retry_budget = ReplyBudget(admission.retry_rate, admission.retry_rate)
+        self._reset_budget = ReplyBudget(admission.reset_rate, admission.reset_rate)
+        # The reset key must survive restarts: a node derives it from its TLS key.
+        self._reset_tokens = (
+            ResetTokens.from_secret(server_tls.credentials.private_key_pem)
+            if server_tls is not None
+            else ResetTokens.random()
+        )
+        # Peer's stateless reset token -> its connection (and back, to forget it).
+        self._peer_tokens: dict[bytes, Connection] = {}
+        self._token_of: dict[Connection, bytes] = {}
         self._handler: StreamHandler | None = None
         self._accepting = False
         self._closing = False
@@ -101,6 +138,13 @@ class Endpoint:
         # index 0: accepted (server role), 1: dialled (client role); of finished connections
         self._hs_ok_finished = [0, 0]
         self._hs_failed = [0, 0]
+        self._undecryptable = 0
+        self._half_open_timeouts = 0
+        self._retries = 0
+        self._invalid_tokens = 0
+        self._resets_sent = 0
+        self._resets_suppressed = 0
+        self._resets_received = 0
 
     # ------------------------------------------------------------------ public
     @property
@@ -139,7 +183,9 @@ class Endpoint:
         if self._closing:
             raise LocalProtocolError("endpoint is closing")
         addr = await self._sock.resolve(host, port)
-        core = self._backend.create_client(client_tls, self._settings)
+        core = self._backend.create_client(
+            client_tls, self._settings, reset_tokens=self._reset_tokens
+        )
         conn = Connection(self, core, addr, self._settings)
         conn.register_cid(core.host_cid)
         core.connect(addr, trio.current_time())
@@ -209,6 +255,15 @@ class Endpoint:
             handshakes_ok_client=ok[1],
             handshakes_failed_server=self._hs_failed[0],
             handshakes_failed_client=self._hs_failed[1],
+            half_open_connections=self._gate.half_open,
+            dropped_undecryptable=self._undecryptable,
+            half_open_timeouts=self._half_open_timeouts,
+            retries_sent=self._retries,
+            invalid_tokens=self._invalid_tokens,
+            resets_sent=self._resets_sent,
+            resets_suppressed=self._resets_suppressed,
+            resets_received=self._resets_received,
+            refusals=dict(self._gate.refusals),
         )
 
     # ------------------------------------------------- ConnectionHost protocol
@@ -235,16 +290,31 @@ class Endpoint:
     def stream_handler(self) -> StreamHandler | None:
         return self._handler
 
+    def connection_confirmed(self, conn: Connection) -> bool:
+        if conn in self._server_conns:
+            if not self._gate.promote(host_of(conn.remote_address)):
+                self._refused += 1
+                return False
+            self._established.add(conn)
+        token = conn.peer_reset_token
+        if token is not None:
+            self._peer_tokens[token] = conn
+            self._token_of[conn] = token
+        return True
+
     def connection_finished(self, conn: Connection) -> None:
         if conn in self._connections:
             (self._hs_ok_finished if conn.confirmed else self._hs_failed)[conn.is_client] += 1
+            self._half_open_timeouts += conn.half_open_expired
         self._connections.discard(conn)
+        token = self._token_of.pop(conn, None)
+        if token is not None and self._peer_tokens.get(token) is conn:
+            del self._peer_tokens[token]
         if conn in self._server_conns:
             self._server_conns.discard(conn)
-            ip = host_of(conn.remote_address)
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
+            established = conn in self._established
+            self._established.discard(conn)
+            self._gate.finished(host_of(conn.remote_address), established=established)
 
     # ------------------------------------------------------------------ loops
     async def _receive_loop(self) -> None:
@@ -266,7 +336,7 @@ class Endpoint:
                     continue
                 conn = self._routes.get(header.destination_cid)
                 if conn is None:
-                    conn = self._admit(header, data, addr)
+                    conn = self._unrouted(header, data, addr, now)
                     if conn is None:
                         continue
                 touched.setdefault(conn, []).append((data, addr))
@@ -304,7 +374,13 @@ class Endpoint:
                     if sent < len(chunk):
                         break
 
-    def _admit(self, header: PacketHeader, data: bytes, addr: Address) -> Connection | None:
+    def _unrouted(
+        self, header: PacketHeader, data: bytes, addr: Address, now: float
+    ) -> Connection | None:
+        """A datagram matching no connection ID: a new client, a reset, or nothing."""
+        if header.version is None:
+            self._short_unrouted(header, data, addr, now)
+            return None
         tls = self._server_tls
         if (
             tls is None
@@ -315,23 +391,65 @@ class Endpoint:
         ):
             self._unknown_cid += 1
             return None
-        ip = host_of(addr)
-        limits = self._admission
-        if (
-            len(self._server_conns) >= limits.max_connections
-            or self._per_ip[ip] >= limits.max_connections_per_ip
-        ):
-            self._refused += 1
+        if not self._backend.initial_decrypts(data):
+            self._undecryptable += 1  # random bytes: no state, no reply
             return None
-        core = self._backend.create_server(tls, self._settings, header.destination_cid)
+        ip = host_of(addr)
+        decision = self._gate.decide(addr, ip, header.destination_cid, header.token, now)
+        if decision.verdict is Verdict.RETRY:
+            if self._retry_budget.take(now):
+                scid = self._backend.new_cid()
+                token = self._gate.tokens.mint(addr, header.destination_cid, scid, now)
+                self.send_datagrams([(self._backend.retry_packet(header, scid, token), addr)])
+                self._retries += 1
+            else:
+                self._gate.refusals["retry_rate"] += 1
+                self._refused += 1
+            return None
+        if decision.verdict is not Verdict.ADMIT:
+            self._refused += 1
+            if decision.verdict is Verdict.INVALID_TOKEN:
+                self._invalid_tokens += 1
+                if self._reset_budget.take(now):
+                    self.send_datagrams([(self._backend.invalid_token_close(header), addr)])
+            return None
+        core = self._backend.create_server(
+            tls,
+            self._settings,
+            decision.original_dcid,
+            retry_source_cid=decision.retry_source_cid,
+            reset_tokens=self._reset_tokens,
+        )
         conn = Connection(self, core, addr, self._settings)
+        conn.half_open_deadline = now + self._admission.half_open_timeout
         conn.register_cid(header.destination_cid)
         conn.register_cid(core.host_cid)
         self._connections.add(conn)
         self._server_conns.add(conn)
-        self._per_ip[ip] += 1
+        self._gate.opened(ip)
         self._nursery.start_soon(conn.run)
         return conn
+
+    def _short_unrouted(self, header: PacketHeader, data: bytes, addr: Address, now: float) -> None:
+        """A 1-RTT packet of no connection: a peer's reset for us, or we lost its state.
+
+        RFC 9000 10.3: our reset carries the token the (maybe previous) process
+        gave for that CID, derived from the static key, so the peer stops at once
+        instead of waiting out its idle timeout.
+        """
+        self._unknown_cid += 1
+        if len(data) > RESET_TOKEN_SIZE:
+            conn = self._peer_tokens.get(data[-RESET_TOKEN_SIZE:])
+            if conn is not None and conn.peer_reset_token == data[-RESET_TOKEN_SIZE:]:
+                self._resets_received += 1
+                self._guarded(conn, conn.stateless_reset_received)
+                return  # never answer a reset with a reset
+        packet = stateless_reset(self._reset_tokens.token(header.destination_cid), len(data))
+        if packet is None or not self._reset_budget.take(now):
+            self._resets_suppressed += 1
+            return
+        self.send_datagrams([(packet, addr)])
+        self._resets_sent += 1
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from qpc_node.errors import ConfigError
@@ -57,11 +58,35 @@ class QuicSettings:
 
 @dataclass(frozen=True, slots=True)
 class AdmissionLimits:
-    """Caps on server-side connections; new Initials beyond them are dropped."""
+    """Caps on server-side connections; new Initials beyond them are dropped.
 
-    max_connections: int = 1024
-    max_connections_per_ip: int = 32
+    A connection is *half-open* from its first Initial until the handshake is
+    confirmed, then *established*. The two phases have separate caps so that a
+    handshake flood (spoofed or real ClientHellos) can never take the slots of
+    users who are already in, and half-open ones get a short life of their own
+    (``half_open_timeout``) instead of the idle timeout. Once
+    ``retry_threshold`` handshakes are in flight, a new client must first prove
+    its address with a stateless Retry (0: always). Replies to packets of no
+    connection (Retry, stateless reset, INVALID_TOKEN close) are rate-limited.
+    """
+
+    max_connections: int = 1024  # established
+    max_connections_per_ip: int = 32  # both phases
+    max_half_open: int = 256
+    max_half_open_per_ip: int = 16
+    half_open_timeout: float = 5.0
+    retry_threshold: int = 32
+    retry_rate: float = 2000.0  # Retry packets per second (burst: one second's worth)
+    reset_rate: float = 200.0  # stateless resets and closes per second (same burst rule)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ConfigError("admission limits must be >= 1")
+        if self.max_half_open < 1 or self.max_half_open_per_ip < 1:
+            raise ConfigError("half-open limits must be >= 1")
+        if not 0 <= self.retry_threshold <= self.max_half_open:
+            raise ConfigError("retry_threshold must be within [0, max_half_open]")
+        if not 0 < self.half_open_timeout <= 120:
+            raise ConfigError("half_open_timeout must be within (0, 120] seconds")
+        if not (1 <= self.retry_rate < math.inf and 1 <= self.reset_rate < math.inf):
+            raise ConfigError("retry_rate and reset_rate must be >= 1 per second")

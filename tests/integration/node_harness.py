@@ -124,6 +124,13 @@ async def run_repl(
     )
 
 
+async def node_stats(tmp: Path, info: NodeInfo, wall: ManualWallClock) -> dict[str, float]:
+    """The node's metrics over the authenticated Stats RPC: ``name,label=value,...`` -> value."""
+    async with users(tmp, info, wall, "stats-watcher") as (w,):
+        samples = await w.node_stats()
+    return {s.name + "".join(f",{k}={v}" for k, v in s.labels): s.value for s in samples}
+
+
 def cli_fingerprint(data: Path, env: dict[str, str] | None = None) -> str:
     """``qpc id --data DATA``: creates the identity on first use, returns its fingerprint."""
     out = subprocess.run(
