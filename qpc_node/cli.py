@@ -278,7 +278,8 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
   metrics   listen ('' = off)
   limits    max_payload, rate_per_second, rate_burst, mailbox_max_messages,
             mailbox_max_bytes, max_connections, max_connections_per_ip,
-            keypackage_ttl_s, retention_s
+            max_half_open, max_half_open_per_ip, half_open_timeout_s,
+            retry_threshold, keypackage_ttl_s, retention_s
   mls       ciphersuites
   not yet:  mesh.* (mdns, interfaces, static_peers) and federation.* (mode, ca, cert,
             key, pinned) have no code yet; a non-default value is refused.

@@ -21,7 +21,7 @@ import trio
 from qpc_node import __version__
 from qpc_node.errors import QpcError
 from qpc_node.ops.clock import WallClock, system_wall_ms
-from qpc_node.ops.config import Config, parse_hostport
+from qpc_node.ops.config import Config, LimitsSection, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
 from qpc_node.ops.lockfile import DataDirLock
 from qpc_node.ops.log import get_logger, setup_logging
@@ -68,6 +68,17 @@ class ReloadReport:
     """Changed in the file, not in effect: the node keeps the running value until restarted."""
     errors: tuple[str, ...] = ()
     """Live appliers that failed (e.g. the new metrics address is taken)."""
+
+
+def _admission(lim: LimitsSection) -> AdmissionLimits:
+    return AdmissionLimits(
+        max_connections=lim.max_connections,
+        max_connections_per_ip=lim.max_connections_per_ip,
+        max_half_open=lim.max_half_open,
+        max_half_open_per_ip=lim.max_half_open_per_ip,
+        half_open_timeout=lim.half_open_timeout_s,
+        retry_threshold=lim.retry_threshold,
+    )
 
 
 def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
@@ -204,16 +215,8 @@ class Node:
         try:
             self.rpc = self._build(store, bytes.fromhex(creds.fingerprint))
             tls = ServerTLS(creds)
-            admission = AdmissionLimits(
-                max_connections=lim.max_connections,
-                max_connections_per_ip=lim.max_connections_per_ip,
-                max_half_open=lim.max_half_open,
-                max_half_open_per_ip=lim.max_half_open_per_ip,
-                half_open_timeout=lim.half_open_timeout_s,
-                retry_threshold=lim.retry_threshold,
-            )
             async with (
-                open_endpoint(host, port, server_tls=tls, admission=admission) as ep,
+                open_endpoint(host, port, server_tls=tls, admission=_admission(lim)) as ep,
                 trio.open_nursery() as nursery,
             ):
                 assert self.audit is not None
@@ -367,6 +370,11 @@ class Node:
             return await self._start_metrics(self.cfg.metrics.listen)
         return None
 
+    async def _apply_admission(self, old: Config) -> str | None:
+        if self.endpoint is not None:
+            self.endpoint.set_admission_limits(_admission(self.cfg.limits))
+        return None
+
     async def _read_when_used(self, old: Config) -> str | None:
         """For keys the node reads from ``self.cfg`` at the moment it needs them."""
         return None
@@ -408,8 +416,12 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "limits.mailbox_max_messages": Live(Node._apply_store_limits),
     "limits.mailbox_max_bytes": Live(Node._apply_store_limits),
     "limits.retention_s": Live(Node._apply_store_limits),
-    "limits.max_connections": RESTART,  # the endpoint's admission limits
-    "limits.max_connections_per_ip": RESTART,
+    "limits.max_connections": Live(Node._apply_admission),  # the endpoint's admission gate
+    "limits.max_connections_per_ip": Live(Node._apply_admission),
+    "limits.max_half_open": Live(Node._apply_admission),
+    "limits.max_half_open_per_ip": Live(Node._apply_admission),
+    "limits.half_open_timeout_s": Live(Node._apply_admission),
+    "limits.retry_threshold": Live(Node._apply_admission),
     "limits.keypackage_ttl_s": RESTART,  # the directory's and the store's, set at start
     # mls
     "mls.ciphersuites": RESTART,  # the directory's allowlist, set at start

@@ -136,7 +136,22 @@ class EndpointStats(Protocol):
     @property
     def resets_received(self) -> int: ...
     @property
-    def refusals(self) -> Mapping[str, int]: ...
+    def refusals(self) -> RefusalStats: ...
+
+
+class RefusalStats(Protocol):
+    @property
+    def invalid_token(self) -> int: ...
+    @property
+    def established_full(self) -> int: ...
+    @property
+    def per_ip(self) -> int: ...
+    @property
+    def half_open_per_ip(self) -> int: ...
+    @property
+    def half_open_full(self) -> int: ...
+    @property
+    def retry_rate(self) -> int: ...
 
 
 class EndpointSource(Protocol):
@@ -395,7 +410,15 @@ def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
         "new connections refused (or dropped when confirmed), by limit",
         labels=["reason"],
     )
-    for reason, count in sorted(e.refusals.items()):
+    r = e.refusals
+    for reason, count in (
+        ("invalid_token", r.invalid_token),
+        ("established_full", r.established_full),
+        ("per_ip", r.per_ip),
+        ("half_open_per_ip", r.half_open_per_ip),
+        ("half_open_full", r.half_open_full),
+        ("retry_rate", r.retry_rate),
+    ):
         refusals.add_metric([reason], count)
     yield refusals
     yield _gauge(

@@ -30,6 +30,7 @@ import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -169,6 +170,29 @@ class Verdict(enum.Enum):
     REFUSE = "refuse"  # drop silently
 
 
+RefusalReason = Literal[
+    "invalid_token",
+    "established_full",
+    "per_ip",
+    "half_open_per_ip",
+    "half_open_full",
+    "retry_rate",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRefusals:
+    """Refused new connections by the limit that refused them (a typed snapshot: a renamed
+    reason fails mypy in the metrics layer instead of exporting a silent zero)."""
+
+    invalid_token: int = 0
+    established_full: int = 0
+    per_ip: int = 0
+    half_open_per_ip: int = 0
+    half_open_full: int = 0
+    retry_rate: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     verdict: Verdict
@@ -193,7 +217,7 @@ class Admission:
         self.established = 0
         self._per_ip: Counter[str] = Counter()  # both phases
         self._half_open_per_ip: Counter[str] = Counter()
-        self.refusals: Counter[str] = Counter()
+        self._refusals: Counter[RefusalReason] = Counter()
 
     def decide(self, addr: Address, ip: str, dcid: bytes, token: bytes, now: float) -> Decision:
         lim = self.limits
@@ -220,9 +244,24 @@ class Admission:
             retry_source_cid=dcid if validated else None,
         )
 
-    def _refuse(self, reason: str, verdict: Verdict = Verdict.REFUSE) -> Decision:
-        self.refusals[reason] += 1
+    def _refuse(self, reason: RefusalReason, verdict: Verdict = Verdict.REFUSE) -> Decision:
+        self.refuse(reason)
         return Decision(verdict, reason=reason)
+
+    def refuse(self, reason: RefusalReason) -> None:
+        """Count a refusal (also for the ones the endpoint decides, e.g. the Retry rate)."""
+        self._refusals[reason] += 1
+
+    def refusals(self) -> AdmissionRefusals:
+        c = self._refusals
+        return AdmissionRefusals(
+            invalid_token=c["invalid_token"],
+            established_full=c["established_full"],
+            per_ip=c["per_ip"],
+            half_open_per_ip=c["half_open_per_ip"],
+            half_open_full=c["half_open_full"],
+            retry_rate=c["retry_rate"],
+        )
 
     def opened(self, ip: str) -> None:
         self.half_open += 1
@@ -232,7 +271,7 @@ class Admission:
     def promote(self, ip: str) -> bool:
         """Half-open -> established; False (and no change) when established is full."""
         if self.established >= self.limits.max_connections:
-            self.refusals["established_full"] += 1
+            self.refuse("established_full")
             return False
         self.half_open -= 1
         self.established += 1

@@ -32,6 +32,7 @@ from qpc_node.quic.address import Address, host_of
 from qpc_node.quic.admission import (
     RESET_TOKEN_SIZE,
     Admission,
+    AdmissionRefusals,
     ReplyBudget,
     ResetTokens,
     RetryTokens,
@@ -83,7 +84,7 @@ class EndpointStatistics:
     resets_sent: int
     resets_suppressed: int  # too small a trigger, or over the rate
     resets_received: int
-    refusals: dict[str, int]  # refused_admission by reason
+    refusals: AdmissionRefusals  # refused_admission by reason
 
 
 class Endpoint:
@@ -174,6 +175,14 @@ class Endpoint:
         finally:
             self._accepting = False
 
+    def set_admission_limits(self, limits: AdmissionLimits) -> None:
+        """Apply new connection caps live (config reload). Connections already admitted
+        stay; the new caps decide from the next Initial on, and a half-open connection
+        keeps the deadline it was given. The reply budgets (Retry/reset rates) are not
+        config keys and stay as started."""
+        self._admission = limits
+        self._gate.limits = limits
+
     async def connect(self, host: str, port: int, client_tls: ClientTLS) -> Connection:
         """Dial ``host``; returns once the server has confirmed the handshake.
 
@@ -263,7 +272,7 @@ class Endpoint:
             resets_sent=self._resets_sent,
             resets_suppressed=self._resets_suppressed,
             resets_received=self._resets_received,
-            refusals=dict(self._gate.refusals),
+            refusals=self._gate.refusals(),
         )
 
     # ------------------------------------------------- ConnectionHost protocol
@@ -403,7 +412,7 @@ class Endpoint:
                 self.send_datagrams([(self._backend.retry_packet(header, scid, token), addr)])
                 self._retries += 1
             else:
-                self._gate.refusals["retry_rate"] += 1
+                self._gate.refuse("retry_rate")
                 self._refused += 1
             return None
         if decision.verdict is not Verdict.ADMIT:

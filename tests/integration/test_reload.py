@@ -23,7 +23,7 @@ from qpc_node.errors import StatusCode
 from qpc_node.node import RELOAD, RESTART, NodeInfo
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.ops.config import Config
-from qpc_node.quic import ALPN_CLIENT, ClientTLS, open_endpoint
+from qpc_node.quic import ALPN_CLIENT, ClientTLS, HandshakeError, open_endpoint
 from qpc_node.rpc import RpcClient, RpcError
 from qpc_node.rpc.client import NO_RETRY
 from qpc_node.store.errors import QuotaExceeded
@@ -83,7 +83,7 @@ async def test_every_restart_key_is_reported_and_keeps_its_running_value(
     tmp_path: Path, wall: ManualWallClock
 ) -> None:
     restart_keys = [k for k, d in RELOAD.items() if d is RESTART]
-    assert "limits.max_connections" in restart_keys and "mls.ciphersuites" in restart_keys
+    assert "limits.max_payload" in restart_keys and "mls.ciphersuites" in restart_keys
     async with running_node(tmp_path, wall) as (node, _):
         for key in restart_keys:
             section, name = key.split(".")
@@ -204,6 +204,30 @@ async def test_rate_limits_apply_live(tmp_path: Path, wall: ManualWallClock) -> 
         report = await node.reload(changed(node.cfg, limits__rate_burst=5))
         assert report.applied == ("limits.rate_burst",)
         assert await challenges(info, 6, "127.0.0.3") == [ok] * 5 + [refused]
+
+
+async def test_connection_caps_apply_live(tmp_path: Path, wall: ManualWallClock) -> None:
+    """The endpoint's admission gate takes the new caps from the next Initial on; a
+    connection already admitted stays."""
+    async with running_node(tmp_path, wall) as (node, info):
+        tls = ClientTLS(ALPN_CLIENT, pin=info.cert_fingerprint)
+        async with open_endpoint("127.0.0.4", 0) as ep:
+            first = await ep.connect(info.host, info.port, tls)
+            assert await challenges(info, 1, "127.0.0.4") == [StatusCode.OK]  # 2 per IP: fine
+            report = await node.reload(changed(node.cfg, limits__max_connections_per_ip=1))
+            assert report.applied == ("limits.max_connections_per_ip",)
+            with pytest.raises(HandshakeError):
+                await challenges(info, 1, "127.0.0.4")  # a second one from that IP: refused
+            assert await challenges(info, 1, "127.0.0.5") == [StatusCode.OK]  # others: fine
+            rpc = RpcClient(first.open_stream, retry_policy=NO_RETRY)
+            await rpc.call(  # the admitted connection still serves
+                "qpc.v1.Auth/Challenge",
+                service_pb2.AuthChallengeRequest(),
+                service_pb2.AuthChallengeResponse,
+            )
+            await first.aclose()
+        assert node.endpoint is not None
+        assert node.endpoint.statistics().refusals.per_ip >= 1
 
 
 async def http_status(port: int, path: str) -> int:
@@ -332,12 +356,12 @@ async def test_sighup_prints_what_was_applied_and_what_needs_a_restart(tmp_path:
         assert (await read_line(proc, buf)).startswith("qpc node listening on ")
         conf.write_text(
             '[metrics]\nlisten = ""\n[log]\nlevel = "warning"\n'
-            "[limits]\nrate_burst = 7\nmax_connections = 5\n"
+            "[limits]\nrate_burst = 7\nmax_payload = 100000\n"
         )
         proc.send_signal(signal.SIGHUP)
         assert await read_line(proc, buf) == (
             "config reloaded; applied live: log.level, limits.rate_burst; "
-            "restart needed for: limits.max_connections"
+            "restart needed for: limits.max_payload"
         )
         # A refused file (production mode, metrics on a public address) keeps the old one.
         conf.write_text('[node]\nproduction = true\n[metrics]\nlisten = "0.0.0.0:0"\n')
@@ -346,7 +370,7 @@ async def test_sighup_prints_what_was_applied_and_what_needs_a_restart(tmp_path:
         assert refused.startswith("config reload refused; keeping the old one:"), refused
         assert "metrics.listen" in refused
         # The refused file changed nothing: log.level is still warning; rate_burst goes
-        # back to its default; max_connections is back to the running value (no restart).
+        # back to its default; max_payload is back to the running value (no restart).
         conf.write_text('[metrics]\nlisten = ""\n[log]\nlevel = "warning"\n')
         proc.send_signal(signal.SIGHUP)
         assert await read_line(proc, buf) == "config reloaded; applied live: limits.rate_burst"

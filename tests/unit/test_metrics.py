@@ -36,12 +36,14 @@ from qpc_node.ops.metrics import (
     EndpointStats,
     GuardSource,
     NodeMetrics,
+    RefusalStats,
     RpcSource,
     Sample,
     StoreSource,
     format_stats,
     histogram_family,
 )
+from qpc_node.quic.admission import AdmissionRefusals
 from qpc_node.quic.endpoint import EndpointStatistics
 from qpc_node.rpc import CallContext, MethodTable, RpcClient, RpcError, RpcServer
 from qpc_node.rpc.inmemory import MemoryConnection
@@ -156,8 +158,12 @@ def rpc_source() -> Fixed[ServerStatistics]:
 
 
 def endpoint_source() -> Fixed[EndpointStatistics]:
-    names = [f for f in EndpointStatistics.__dataclass_fields__]
-    return Fixed(EndpointStatistics(**{name: i + 1 for i, name in enumerate(names)}))
+    """Every counter a distinct value, so an exported sample shows which field it read."""
+    names = [f for f in EndpointStatistics.__dataclass_fields__ if f != "refusals"]
+    reasons = list(AdmissionRefusals.__dataclass_fields__)
+    refusals = AdmissionRefusals(**{r: 100 + i for i, r in enumerate(reasons)})
+    counts = {name: i + 1 for i, name in enumerate(names)}
+    return Fixed(EndpointStatistics(**counts, refusals=refusals))
 
 
 def real_guard() -> Guard:
@@ -236,10 +242,14 @@ async def test_every_field_read_is_exported_with_its_value() -> None:
         audit=Fixed(AuditStatistics(buffered=103, written=104, dropped=105)),
     )
     values = set(parse(NodeMetrics(node, process=False)).values())
-    read = [n for n in vars(EndpointStats) if not n.startswith("_")]
-    assert len(read) == 13
+    read = [n for n in vars(EndpointStats) if not n.startswith("_") and n != "refusals"]
+    assert len(read) == 21
     for name in read:
         assert getattr(endpoint.stats, name) in values, name
+    reasons = [n for n in vars(RefusalStats) if not n.startswith("_")]
+    assert len(reasons) == 6
+    for name in reasons:
+        assert getattr(endpoint.stats.refusals, name) in values, name
     assert {101, 102, 103, 104, 105} <= values
 
 

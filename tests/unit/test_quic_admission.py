@@ -23,6 +23,7 @@ from qpc_node.quic.admission import (
     MIN_RESET_SIZE,
     RETRY_TOKEN_LIFETIME,
     Admission,
+    AdmissionRefusals,
     InvalidToken,
     ReplyBudget,
     ResetTokens,
@@ -180,7 +181,7 @@ def test_half_open_cap_and_per_ip_cap() -> None:
     assert (d.verdict, d.reason) == (Verdict.REFUSE, "half_open_full")
     gate.finished("10.0.0.3", established=False)  # its deadline passed
     assert gate.decide(other, "10.0.0.3", SCID, t3, 0.0).verdict is Verdict.ADMIT
-    assert gate.refusals == {"half_open_per_ip": 1, "half_open_full": 1}
+    assert gate.refusals() == AdmissionRefusals(half_open_per_ip=1, half_open_full=1)
 
 
 def test_established_users_keep_their_slots() -> None:

@@ -24,6 +24,7 @@ from qpc_node.quic import (
     ServerTLS,
     open_endpoint,
 )
+from qpc_node.quic.admission import AdmissionRefusals
 from qpc_node.quic.testing import FakeDatagramSocket, FakeNetwork, PkiFixture, call, echo, serving
 from qpc_node.quic.testing import make_test_pki as _make_test_pki
 
@@ -140,7 +141,7 @@ async def test_retry_under_load_and_forged_tokens(
         assert len(await drain(attacker)) == 1  # CONNECTION_CLOSE(INVALID_TOKEN)
         st = server.statistics()
         assert (st.retries_sent, st.invalid_tokens, st.half_open_connections) == (2, 1, 0)
-        assert st.refusals == {"invalid_token": 1}
+        assert st.refusals == AdmissionRefusals(invalid_token=1)
 
 
 async def test_established_users_are_never_starved(
