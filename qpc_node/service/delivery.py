@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
@@ -18,9 +19,9 @@ from qpc_node.rpc.context import CallContext
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
 from qpc_node.store.async_store import AsyncStore
-from qpc_node.store.records import Envelope, FetchResult
+from qpc_node.store.records import EnqueueResult, Envelope, FetchResult
 from qpc_node.wire.envelope import Envelope as WireEnvelope
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, rpc_pb2, service_pb2
 
 MAX_BATCH = 256
 MAX_FETCH = 256
@@ -136,28 +137,55 @@ class DeliveryService:
     async def enqueue(
         self, req: service_pb2.EnqueueRequest, ctx: CallContext
     ) -> service_pb2.EnqueueResponse:
+        """Store every envelope we can; answer one result per envelope, in request order.
+
+        A client's batch mixes unrelated recipients (its outbox sends up to 64 at a
+        time), so one unknown recipient, full mailbox or malformed envelope is that
+        envelope's refusal, not the batch's. Only what concerns the call as a whole
+        (session, batch size, the store itself) fails it, and then nothing is stored.
+        """
         self._guard.check(ctx)
         if not 0 < len(req.envelopes) <= MAX_BATCH:
             raise RemoteProtocolError(f"a batch holds 1..{MAX_BATCH} envelopes")
         now_ms = self._wall_ms()
+        outcomes: list[EnqueueResult | QpcError | None] = []
         batch: list[Envelope] = []
         for pb in req.envelopes:
-            env = WireEnvelope.from_proto(pb)  # typed error on any bad field
-            if not await self.is_local(env.recipient):
-                # Later: federation routing / store-and-forward take it from here.
-                raise UnknownRecipient(f"recipient {short(env.recipient)} is not homed here")
+            try:
+                env = WireEnvelope.from_proto(pb)  # typed error on any bad field
+                if not await self.is_local(env.recipient):
+                    # Later: federation routing / store-and-forward take it from here.
+                    raise UnknownRecipient(f"recipient {short(env.recipient)} is not homed here")
+            except QpcError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(None)  # filled from the store's answer below
             batch.append(
                 Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
             )
-        results = await self._store.enqueue(batch, now_ms)
-        for rec in {e.recipient for e in batch}:
+        stored = iter(await self._store.enqueue_each(batch, now_ms) if batch else [])
+        results: list[service_pb2.EnqueueResult] = []
+        woken: set[bytes] = set()
+        for pb, got in zip(req.envelopes, outcomes, strict=True):
+            if got is None:
+                got = next(stored)
+            if isinstance(got, QpcError):
+                results.append(
+                    service_pb2.EnqueueResult(
+                        msg_id=pb.msg_id,
+                        status=cast(rpc_pb2.StatusCode, int(got.code)),
+                        detail=got.message,
+                    )
+                )
+                continue
+            if not got.duplicate:
+                woken.add(pb.recipient)
+            results.append(
+                service_pb2.EnqueueResult(msg_id=got.msg_id, seq=got.seq, duplicate=got.duplicate)
+            )
+        for rec in woken:
             self.waiters.notify(rec)
-        return service_pb2.EnqueueResponse(
-            results=[
-                service_pb2.EnqueueResult(msg_id=r.msg_id, seq=r.seq, duplicate=r.duplicate)
-                for r in results
-            ]
-        )
+        return service_pb2.EnqueueResponse(results=results)
 
     async def fetch(
         self, req: service_pb2.FetchRequest, ctx: CallContext

@@ -51,7 +51,7 @@ from qpc_node.store.records import (
     SweepResult,
 )
 from qpc_node.store.sql import Synchronous
-from qpc_node.store.store import EnqueueOutcome, MailboxTotals, Store
+from qpc_node.store.store import EnqueueBatch, EnqueueOutcome, MailboxTotals, Store
 
 T = TypeVar("T")
 
@@ -102,14 +102,39 @@ class _Job(_Waiter[T]):
         self.fn = fn
 
 
-class _EnqueueJob(_Job[list[EnqueueResult]]):
-    __slots__ = ("batch",)
+class _EnqueueJob(_Job[T]):
+    """Enqueue batches of one caller; ``split`` turns their outcomes into its result.
+
+    The worker folds the batches of every queued enqueue job into one
+    ``Store.enqueue_many`` (one commit) and hands each job its own slice.
+    """
+
+    __slots__ = ("batches", "split")
 
     def __init__(
-        self, envelopes: Sequence[Envelope], now_ms: int, token: trio.lowlevel.TrioToken
+        self,
+        batches: Sequence[EnqueueBatch],
+        split: Callable[[list[EnqueueOutcome]], outcome.Outcome[T]],
+        token: trio.lowlevel.TrioToken,
     ) -> None:
-        super().__init__(lambda store: store.enqueue(envelopes, now_ms), token)
-        self.batch = (envelopes, now_ms)
+        super().__init__(lambda store: split(store.enqueue_many(batches)).unwrap(), token)
+        self.batches = batches
+        self.split = split
+
+
+def _whole_batch(outcomes: list[EnqueueOutcome]) -> outcome.Outcome[list[EnqueueResult]]:
+    """One batch, all-or-nothing: its results, or the typed error that refused it."""
+    (item,) = outcomes
+    if isinstance(item, QpcError):
+        return outcome.Error(item)
+    return outcome.Value(item)
+
+
+def _each_envelope(
+    outcomes: list[EnqueueOutcome],
+) -> outcome.Outcome[list[EnqueueResult | QpcError]]:
+    """One single-envelope batch per envelope: a result or a refusal for each."""
+    return outcome.Value([o if isinstance(o, QpcError) else o[0] for o in outcomes])
 
 
 _STOP = object()
@@ -217,7 +242,7 @@ class AsyncStore:
             # the monotonic clock. Two calls and a bisect per job: no measurable cost.
             started = time.perf_counter()
             if isinstance(item, _EnqueueJob):
-                group: list[_EnqueueJob] = [item]
+                group: list[_EnqueueJob[object]] = [item]
                 while len(group) < MAX_GROUP_BATCHES:
                     try:
                         nxt = self._queue.get_nowait()
@@ -237,7 +262,7 @@ class AsyncStore:
             self._op_seconds += took
             self._op_buckets[bisect.bisect_left(OP_SECONDS_BOUNDS, took)] += 1
 
-    def _run_group(self, store: Store, group: list[_EnqueueJob]) -> None:
+    def _run_group(self, store: Store, group: list[_EnqueueJob[object]]) -> None:
         self._jobs += len(group)
         if len(group) == 1:
             group[0].finish(outcome.capture(group[0].fn, store))
@@ -245,9 +270,14 @@ class AsyncStore:
         self._group_commits += 1
         self._grouped_batches += len(group)
         self._largest_group = max(self._largest_group, len(group))
-        results = outcome.capture(store.enqueue_many, [job.batch for job in group])
-        for index, job in enumerate(group):
-            job.finish(_per_batch(results, index))
+        results = outcome.capture(
+            store.enqueue_many, [batch for job in group for batch in job.batches]
+        )
+        start = 0
+        for job in group:
+            end = start + len(job.batches)
+            job.finish(_per_job(results, job, start, end))
+            start = end
 
     # -- Trio side -----------------------------------------------------------------
 
@@ -320,7 +350,27 @@ class AsyncStore:
     async def enqueue(self, envelopes: Sequence[Envelope], now_ms: int) -> list[EnqueueResult]:
         """Durable once it returns (see docs/storage.md); may share a commit with others."""
         return await self._submit(
-            _EnqueueJob(tuple(envelopes), now_ms, trio.lowlevel.current_trio_token())
+            _EnqueueJob(
+                ((tuple(envelopes), now_ms),), _whole_batch, trio.lowlevel.current_trio_token()
+            )
+        )
+
+    async def enqueue_each(
+        self, envelopes: Sequence[Envelope], now_ms: int
+    ) -> list[EnqueueResult | QpcError]:
+        """Each envelope on its own: a result, or the typed error that refused it alone.
+
+        Why: a client's batch mixes unrelated recipients, so one full mailbox or bad
+        envelope must not hold back the rest. Each envelope is its own savepoint in one
+        commit (one fsync), in order, so a later envelope sees the quota the earlier
+        ones used. A database error still fails the whole call: nothing was stored.
+        """
+        return await self._submit(
+            _EnqueueJob(
+                tuple(((env,), now_ms) for env in envelopes),
+                _each_envelope,
+                trio.lowlevel.current_trio_token(),
+            )
         )
 
     async def fetch(
@@ -416,14 +466,11 @@ class AsyncStore:
         return await self.run(lambda s: s.backup(destination, finalize=finalize))
 
 
-def _per_batch(
-    results: outcome.Outcome[list[EnqueueOutcome]], index: int
-) -> outcome.Outcome[list[EnqueueResult]]:
+def _per_job(
+    results: outcome.Outcome[list[EnqueueOutcome]], job: _EnqueueJob[T], start: int, end: int
+) -> outcome.Outcome[T]:
     """Split a group's outcome: a database error fails every batch of the group."""
     if isinstance(results, outcome.Error):
         return outcome.Error(results.error)  # an Outcome is single-use: one per waiter
     assert isinstance(results, outcome.Value)
-    item = results.value[index]
-    if isinstance(item, QpcError):
-        return outcome.Error(item)
-    return outcome.Value(item)
+    return job.split(results.value[start:end])

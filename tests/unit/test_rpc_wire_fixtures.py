@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from qpc_node.errors import StatusCode
 from qpc_node.rpc import HEALTH_METHOD
 from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame, encode_varint
-from qpc_node.wire.gen.qpc.v1 import health_pb2, rpc_pb2
+from qpc_node.wire.gen.qpc.v1 import health_pb2, rpc_pb2, service_pb2
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
 REGEN = os.environ.get("QPC_REGEN_FIXTURES") == "1"
@@ -62,6 +62,35 @@ MESSAGES: dict[str, Message] = {
         message="too many concurrent calls on this connection (limit 32)",
     ),
 }
+# Enqueue answers one result per envelope (issue 10): an OK result encodes exactly as
+# before the status field existed (readers that predate it keep working), a refused one
+# carries status + detail.
+ENQUEUE_OK = service_pb2.EnqueueResult(msg_id=bytes(range(16)), seq=7)
+ENQUEUE_REFUSED = service_pb2.EnqueueResult(
+    msg_id=bytes(range(16, 32)),
+    status=rpc_pb2.STATUS_CODE_NOT_FOUND,
+    detail="recipient 04040404 is not homed here",
+)
+MESSAGES.update(
+    {
+        "enqueue_result_ok": ENQUEUE_OK,
+        "enqueue_result_duplicate": service_pb2.EnqueueResult(
+            msg_id=bytes(range(16)), seq=7, duplicate=True
+        ),
+        "enqueue_result_refused": ENQUEUE_REFUSED,
+        "enqueue_response_mixed": service_pb2.EnqueueResponse(
+            results=[
+                ENQUEUE_OK,
+                ENQUEUE_REFUSED,
+                service_pb2.EnqueueResult(
+                    msg_id=bytes(range(32, 48)),
+                    status=rpc_pb2.STATUS_CODE_RESOURCE_EXHAUSTED,
+                    detail="mailbox messages quota exceeded: limit 3, would reach 4",
+                ),
+            ]
+        ),
+    }
+)
 HEADER_LENGTHS = [0, 1, 127, 128, 300, 16383, 16384, 2**21 - 1, 2**21, DEFAULT_MAX_FRAME_SIZE]
 
 
@@ -100,6 +129,15 @@ def test_framed_bytes_are_pinned(name: str) -> None:
 @pytest.mark.parametrize("length", HEADER_LENGTHS)
 def test_frame_header_bytes_are_pinned(length: int) -> None:
     golden(f"frame_header_{length}", encode_varint(length))
+
+
+def test_enqueue_result_ok_is_readable_as_before_the_status_field() -> None:
+    """The pre-issue-10 EnqueueResult (fields 1-3) parses the new OK bytes unchanged,
+    and the new reader sees OK in bytes an old node wrote."""
+    old_bytes = bytes.fromhex("0a10" + bytes(range(16)).hex() + "1007")
+    assert ENQUEUE_OK.SerializeToString(deterministic=True) == old_bytes
+    parsed = service_pb2.EnqueueResult.FromString(old_bytes)
+    assert (parsed.status, parsed.detail) == (rpc_pb2.STATUS_CODE_OK, "")
 
 
 def test_status_enum_mirrors_error_codes() -> None:

@@ -23,51 +23,52 @@ _sym_db = _symbol_database.Default()
 
 
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2 as qpc_dot_v1_dot_envelope__pb2
+from qpc_node.wire.gen.qpc.v1 import rpc_pb2 as qpc_dot_v1_dot_rpc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qpc/v1/service.proto\x12\x06qpc.v1\x1a\x15qpc/v1/envelope.proto\"\x16\n\x14\x41uthChallengeRequest\"&\n\x15\x41uthChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"9\n\x10\x41uthProveRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"(\n\x11\x41uthProveResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\"<\n\x10KeyPackageUpload\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"F\n\x18UploadKeyPackagesRequest\x12*\n\x08packages\x18\x01 \x03(\x0b\x32\x18.qpc.v1.KeyPackageUpload\">\n\x19UploadKeyPackagesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x11\n\tavailable\x18\x02 \x01(\r\"*\n\x16\x46\x65tchKeyPackageRequest\x12\x10\n\x08identity\x18\x01 \x01(\x0c\"C\n\x17\x46\x65tchKeyPackageResponse\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"\x19\n\x17\x43ountKeyPackagesRequest\"-\n\x18\x43ountKeyPackagesResponse\x12\x11\n\tavailable\x18\x01 \x01(\r\"5\n\x0e\x45nqueueRequest\x12#\n\tenvelopes\x18\x01 \x03(\x0b\x32\x10.qpc.v1.Envelope\"?\n\rEnqueueResult\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"9\n\x0f\x45nqueueResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.qpc.v1.EnqueueResult\"@\n\rStoredMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x10.qpc.v1.Envelope\"S\n\x0c\x46\x65tchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\x0c\"J\n\rFetchResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.qpc.v1.StoredMessage\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\"1\n\nAckRequest\x12\x11\n\tup_to_seq\x18\x01 \x01(\x04\x12\x10\n\x08identity\x18\x02 \x01(\x0c\"\x1e\n\x0b\x41\x63kResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qpc/v1/service.proto\x12\x06qpc.v1\x1a\x15qpc/v1/envelope.proto\x1a\x10qpc/v1/rpc.proto\"\x16\n\x14\x41uthChallengeRequest\"&\n\x15\x41uthChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"9\n\x10\x41uthProveRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"(\n\x11\x41uthProveResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\"<\n\x10KeyPackageUpload\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"F\n\x18UploadKeyPackagesRequest\x12*\n\x08packages\x18\x01 \x03(\x0b\x32\x18.qpc.v1.KeyPackageUpload\">\n\x19UploadKeyPackagesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x11\n\tavailable\x18\x02 \x01(\r\"*\n\x16\x46\x65tchKeyPackageRequest\x12\x10\n\x08identity\x18\x01 \x01(\x0c\"C\n\x17\x46\x65tchKeyPackageResponse\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"\x19\n\x17\x43ountKeyPackagesRequest\"-\n\x18\x43ountKeyPackagesResponse\x12\x11\n\tavailable\x18\x01 \x01(\r\"5\n\x0e\x45nqueueRequest\x12#\n\tenvelopes\x18\x01 \x03(\x0b\x32\x10.qpc.v1.Envelope\"s\n\rEnqueueResult\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\"\n\x06status\x18\x04 \x01(\x0e\x32\x12.qpc.v1.StatusCode\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"9\n\x0f\x45nqueueResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.qpc.v1.EnqueueResult\"@\n\rStoredMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x10.qpc.v1.Envelope\"S\n\x0c\x46\x65tchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\x0c\"J\n\rFetchResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.qpc.v1.StoredMessage\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\"1\n\nAckRequest\x12\x11\n\tup_to_seq\x18\x01 \x01(\x04\x12\x10\n\x08identity\x18\x02 \x01(\x0c\"\x1e\n\x0b\x41\x63kResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qpc.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHCHALLENGEREQUEST']._serialized_start=55
-  _globals['_AUTHCHALLENGEREQUEST']._serialized_end=77
-  _globals['_AUTHCHALLENGERESPONSE']._serialized_start=79
-  _globals['_AUTHCHALLENGERESPONSE']._serialized_end=117
-  _globals['_AUTHPROVEREQUEST']._serialized_start=119
-  _globals['_AUTHPROVEREQUEST']._serialized_end=176
-  _globals['_AUTHPROVERESPONSE']._serialized_start=178
-  _globals['_AUTHPROVERESPONSE']._serialized_end=218
-  _globals['_KEYPACKAGEUPLOAD']._serialized_start=220
-  _globals['_KEYPACKAGEUPLOAD']._serialized_end=280
-  _globals['_UPLOADKEYPACKAGESREQUEST']._serialized_start=282
-  _globals['_UPLOADKEYPACKAGESREQUEST']._serialized_end=352
-  _globals['_UPLOADKEYPACKAGESRESPONSE']._serialized_start=354
-  _globals['_UPLOADKEYPACKAGESRESPONSE']._serialized_end=416
-  _globals['_FETCHKEYPACKAGEREQUEST']._serialized_start=418
-  _globals['_FETCHKEYPACKAGEREQUEST']._serialized_end=460
-  _globals['_FETCHKEYPACKAGERESPONSE']._serialized_start=462
-  _globals['_FETCHKEYPACKAGERESPONSE']._serialized_end=529
-  _globals['_COUNTKEYPACKAGESREQUEST']._serialized_start=531
-  _globals['_COUNTKEYPACKAGESREQUEST']._serialized_end=556
-  _globals['_COUNTKEYPACKAGESRESPONSE']._serialized_start=558
-  _globals['_COUNTKEYPACKAGESRESPONSE']._serialized_end=603
-  _globals['_ENQUEUEREQUEST']._serialized_start=605
-  _globals['_ENQUEUEREQUEST']._serialized_end=658
-  _globals['_ENQUEUERESULT']._serialized_start=660
-  _globals['_ENQUEUERESULT']._serialized_end=723
-  _globals['_ENQUEUERESPONSE']._serialized_start=725
-  _globals['_ENQUEUERESPONSE']._serialized_end=782
-  _globals['_STOREDMESSAGE']._serialized_start=784
-  _globals['_STOREDMESSAGE']._serialized_end=848
-  _globals['_FETCHREQUEST']._serialized_start=850
-  _globals['_FETCHREQUEST']._serialized_end=933
-  _globals['_FETCHRESPONSE']._serialized_start=935
-  _globals['_FETCHRESPONSE']._serialized_end=1009
-  _globals['_ACKREQUEST']._serialized_start=1011
-  _globals['_ACKREQUEST']._serialized_end=1060
-  _globals['_ACKRESPONSE']._serialized_start=1062
-  _globals['_ACKRESPONSE']._serialized_end=1092
+  _globals['_AUTHCHALLENGEREQUEST']._serialized_start=73
+  _globals['_AUTHCHALLENGEREQUEST']._serialized_end=95
+  _globals['_AUTHCHALLENGERESPONSE']._serialized_start=97
+  _globals['_AUTHCHALLENGERESPONSE']._serialized_end=135
+  _globals['_AUTHPROVEREQUEST']._serialized_start=137
+  _globals['_AUTHPROVEREQUEST']._serialized_end=194
+  _globals['_AUTHPROVERESPONSE']._serialized_start=196
+  _globals['_AUTHPROVERESPONSE']._serialized_end=236
+  _globals['_KEYPACKAGEUPLOAD']._serialized_start=238
+  _globals['_KEYPACKAGEUPLOAD']._serialized_end=298
+  _globals['_UPLOADKEYPACKAGESREQUEST']._serialized_start=300
+  _globals['_UPLOADKEYPACKAGESREQUEST']._serialized_end=370
+  _globals['_UPLOADKEYPACKAGESRESPONSE']._serialized_start=372
+  _globals['_UPLOADKEYPACKAGESRESPONSE']._serialized_end=434
+  _globals['_FETCHKEYPACKAGEREQUEST']._serialized_start=436
+  _globals['_FETCHKEYPACKAGEREQUEST']._serialized_end=478
+  _globals['_FETCHKEYPACKAGERESPONSE']._serialized_start=480
+  _globals['_FETCHKEYPACKAGERESPONSE']._serialized_end=547
+  _globals['_COUNTKEYPACKAGESREQUEST']._serialized_start=549
+  _globals['_COUNTKEYPACKAGESREQUEST']._serialized_end=574
+  _globals['_COUNTKEYPACKAGESRESPONSE']._serialized_start=576
+  _globals['_COUNTKEYPACKAGESRESPONSE']._serialized_end=621
+  _globals['_ENQUEUEREQUEST']._serialized_start=623
+  _globals['_ENQUEUEREQUEST']._serialized_end=676
+  _globals['_ENQUEUERESULT']._serialized_start=678
+  _globals['_ENQUEUERESULT']._serialized_end=793
+  _globals['_ENQUEUERESPONSE']._serialized_start=795
+  _globals['_ENQUEUERESPONSE']._serialized_end=852
+  _globals['_STOREDMESSAGE']._serialized_start=854
+  _globals['_STOREDMESSAGE']._serialized_end=918
+  _globals['_FETCHREQUEST']._serialized_start=920
+  _globals['_FETCHREQUEST']._serialized_end=1003
+  _globals['_FETCHRESPONSE']._serialized_start=1005
+  _globals['_FETCHRESPONSE']._serialized_end=1079
+  _globals['_ACKREQUEST']._serialized_start=1081
+  _globals['_ACKREQUEST']._serialized_end=1130
+  _globals['_ACKRESPONSE']._serialized_start=1132
+  _globals['_ACKRESPONSE']._serialized_end=1162
 # @@protoc_insertion_point(module_scope)

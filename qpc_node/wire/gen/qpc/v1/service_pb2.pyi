@@ -1,4 +1,5 @@
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2 as _envelope_pb2
+from qpc_node.wire.gen.qpc.v1 import rpc_pb2 as _rpc_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -84,14 +85,18 @@ class EnqueueRequest(_message.Message):
     def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ...) -> None: ...
 
 class EnqueueResult(_message.Message):
-    __slots__ = ("msg_id", "seq", "duplicate")
+    __slots__ = ("msg_id", "seq", "duplicate", "status", "detail")
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     msg_id: bytes
     seq: int
     duplicate: bool
-    def __init__(self, msg_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    status: _rpc_pb2.StatusCode
+    detail: str
+    def __init__(self, msg_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., status: _Optional[_Union[_rpc_pb2.StatusCode, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class EnqueueResponse(_message.Message):
     __slots__ = ("results",)

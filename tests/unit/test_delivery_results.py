@@ -1,0 +1,171 @@
+"""Per-envelope Enqueue results: the node stores the good envelopes of a mixed batch.
+
+A real RpcServer, DeliveryService and SQLite store (in-memory transport, no QUIC):
+one batch carries envelopes for a local mailbox, a recipient not homed here, a
+mailbox that is full, an expired envelope and a duplicate; each gets its own
+status, in request order, and only the good ones are stored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from qpc_node.errors import StatusCode
+from qpc_node.ops.clock import system_wall_ms
+from qpc_node.rpc.client import RpcClient
+from qpc_node.rpc.context import PeerInfo
+from qpc_node.rpc.inmemory import MemoryConnection
+from qpc_node.rpc.methods import MethodTable
+from qpc_node.rpc.server import RpcServer
+from qpc_node.service.audit import AuditSink
+from qpc_node.service.delivery import DeliveryService
+from qpc_node.service.guard import Guard
+from qpc_node.service.ratelimit import TokenBucketLimiter
+from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.records import StoreLimits
+from qpc_node.wire.envelope import Envelope
+from qpc_node.wire.gen.qpc.v1 import service_pb2
+
+SENDER = b"\x01" * 32
+LOCAL = b"\x02" * 32
+FULL = b"\x03" * 32
+STRANGER = b"\x04" * 32
+DAY_MS = 86_400_000
+MAILBOX_MAX = 3
+
+
+@dataclass(slots=True)
+class Env:
+    store: AsyncStore
+    delivery: DeliveryService
+    server: RpcServer
+    nursery: trio.Nursery
+    rpc: RpcClient  # SENDER's session
+
+    def session(self, user: bytes) -> RpcClient:
+        conn = MemoryConnection(self.server, self.nursery, PeerInfo(user.hex()[:8]))
+        conn.state.session.user = user
+        return RpcClient(conn.open_stream)
+
+
+@asynccontextmanager
+async def node(tmp: Path) -> AsyncIterator[Env]:
+    store = await AsyncStore.open(
+        tmp / "node.db", limits=StoreLimits(mailbox_max_messages=MAILBOX_MAX)
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            audit = AuditSink(store)
+            await nursery.start(audit.run)
+
+            def limiter() -> TokenBucketLimiter[str]:
+                return TokenBucketLimiter[str](rate=1e9, burst=1e9)
+
+            guard = Guard(
+                per_ip=limiter(), per_identity=limiter(), audit=audit, wall_ms=system_wall_ms
+            )
+            table = MethodTable()
+            delivery = DeliveryService(store, guard, wall_ms=system_wall_ms)
+            delivery.register(table)
+            server = RpcServer(table)
+            for user in (SENDER, LOCAL, FULL):
+                await delivery.mark_local(user)
+            env = Env(store, delivery, server, nursery, RpcClient(lambda: _never()))
+            env.rpc = env.session(SENDER)
+            yield env
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+def env_for(recipient: bytes, *, expiry_ms: int | None = None) -> Envelope:
+    expiry = system_wall_ms() + DAY_MS if expiry_ms is None else expiry_ms
+    return Envelope(os.urandom(16), recipient, expiry, 4, os.urandom(256))
+
+
+async def enqueue(env: Env, *envs: Envelope) -> list[service_pb2.EnqueueResult]:
+    resp = await env.rpc.call(
+        "qpc.v1.Delivery/Enqueue",
+        service_pb2.EnqueueRequest(envelopes=[e.to_proto() for e in envs]),
+        service_pb2.EnqueueResponse,
+        retries=0,
+    )
+    return list(resp.results)
+
+
+async def test_mixed_batch_stores_the_good_ones(tmp_path: Path) -> None:
+    async with node(tmp_path) as env:
+        # FULL's mailbox holds MAILBOX_MAX - 1: one more fits, the second does not.
+        await enqueue(env, *[env_for(FULL) for _ in range(MAILBOX_MAX - 1)])
+        good = env_for(LOCAL)
+        batch = [
+            good,
+            env_for(STRANGER),
+            fits := env_for(FULL),
+            env_for(FULL),
+            env_for(LOCAL, expiry_ms=1),
+            good,  # the same msg_id again within one batch: a duplicate, not a refusal
+            good2 := env_for(LOCAL),
+        ]
+        results = await enqueue(env, *batch)
+
+        assert [bytes(r.msg_id) for r in results] == [e.msg_id for e in batch]
+        assert [StatusCode(r.status) for r in results] == [
+            StatusCode.OK,
+            StatusCode.NOT_FOUND,
+            StatusCode.OK,
+            StatusCode.RESOURCE_EXHAUSTED,
+            StatusCode.INVALID_ARGUMENT,
+            StatusCode.OK,
+            StatusCode.OK,
+        ]
+        assert "not homed here" in results[1].detail
+        assert "quota" in results[3].detail
+        assert results[0].detail == ""
+        assert (results[0].seq, results[5].seq, results[5].duplicate) == (1, 1, True)
+        assert results[6].seq == 2 and results[1].seq == results[3].seq == 0
+
+        local = await env.store.fetch(LOCAL, now_ms=system_wall_ms())
+        assert [m.envelope.msg_id for m in local.messages] == [good.msg_id, good2.msg_id]
+        full = await env.store.fetch(FULL, now_ms=system_wall_ms())
+        assert len(full.messages) == MAILBOX_MAX
+        assert full.messages[-1].envelope.msg_id == fits.msg_id
+        assert (await env.store.depth(STRANGER)).messages == 0
+
+
+async def test_a_parked_fetch_is_woken_by_a_partly_refused_batch(tmp_path: Path) -> None:
+    async with node(tmp_path) as env:
+        woken = trio.Event()
+
+        async def park() -> None:
+            res = await env.session(LOCAL).call(
+                "qpc.v1.Delivery/Fetch",
+                service_pb2.FetchRequest(wait_ms=20_000),
+                service_pb2.FetchResponse,
+                timeout=30.0,
+            )
+            assert len(res.messages) == 1
+            woken.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(park)
+            # The fetch reads the store (a worker thread) before it parks: poll, bounded.
+            for _ in range(2000):
+                if len(env.delivery.waiters) == 1:
+                    break
+                await trio.sleep(0.005)
+            assert len(env.delivery.waiters) == 1
+            await enqueue(env, env_for(STRANGER), env_for(LOCAL))
+            with trio.fail_after(10):
+                await woken.wait()
+
+
+async def _never() -> trio.abc.HalfCloseableStream:
+    raise trio.ClosedResourceError("replaced by a session before use")
