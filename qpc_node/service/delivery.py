@@ -19,6 +19,7 @@ from qpc_node.rpc.context import CallContext
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.fairness import SenderKey
 from qpc_node.store.records import EnqueueResult, Envelope, FetchResult
 from qpc_node.wire.envelope import Envelope as WireEnvelope
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, rpc_pb2, service_pb2
@@ -143,8 +144,12 @@ class DeliveryService:
         time), so one unknown recipient, full mailbox or malformed envelope is that
         envelope's refusal, not the batch's. Only what concerns the call as a whole
         (session, batch size, the store itself) fails it, and then nothing is stored.
+
+        Admission is the store's fairness rule applied to the session's identity: a
+        sender the recipient has not accepted gets a bounded share, and each envelope
+        past it is refused alone (RESOURCE_EXHAUSTED) while the rest is stored.
         """
-        self._guard.check(ctx)
+        user = self._guard.check(ctx)
         if not 0 < len(req.envelopes) <= MAX_BATCH:
             raise RemoteProtocolError(f"a batch holds 1..{MAX_BATCH} envelopes")
         now_ms = self._wall_ms()
@@ -163,7 +168,8 @@ class DeliveryService:
             batch.append(
                 Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
             )
-        stored = iter(await self._store.enqueue_each(batch, now_ms) if batch else [])
+        sender = SenderKey.local(user)
+        stored = iter(await self._store.enqueue_each(batch, now_ms, sender=sender) if batch else [])
         results: list[service_pb2.EnqueueResult] = []
         woken: set[bytes] = set()
         for pb, got in zip(req.envelopes, outcomes, strict=True):
