@@ -401,7 +401,9 @@ def _store_families(a: StoreStats) -> Iterator[Metric]:
     yield _counter("qpc_store_acked", "messages acknowledged", s.acked)
     yield _counter("qpc_store_expired_messages", "messages removed at expiry", s.expired_messages)
     yield _counter(
-        "qpc_store_quota_rejections", "enqueues refused: mailbox full", s.quota_rejections
+        "qpc_store_quota_rejections",
+        "enqueues refused by a mailbox quota (all reasons: qpc_mailbox_refusals)",
+        s.quota_rejections,
     )
     fair = CounterMetricFamily(
         "qpc_mailbox_refusals",
