@@ -133,6 +133,13 @@ async def test_contacts_get_through_a_stranger_flood(
         assert [m.text for m in await texts(victim, 1)] == ["hi, it's me"]
         await victim.dm(contact.ident.fingerprint, "hello you")
         assert [m.text for m in await texts(contact, 1)] == ["hello you"]
+        # The contact's send latency without an attack, for comparison.
+        quiet: list[float] = []
+        for i in range(10):
+            t0 = trio.current_time()
+            await contact.dm(victim.ident.fingerprint, f"quiet {i}")
+            quiet.append(trio.current_time() - t0)
+        assert len(await texts(victim, 10)) == 10
 
         # The victim is offline from here on (the worst case: nothing is fetched or
         # acked). The flood runs; once it has hit its wall the contact writes, while
@@ -159,6 +166,7 @@ async def test_contacts_get_through_a_stranger_flood(
             f" ({result.sent / max(result.seconds, 1e-9):.0f} envelopes/s) stored={ok}"
             f" refused={refused} contact={len(texts_got)}/{CONTACT_TEXTS}"
             f" contact_send_median={statistics.median(latencies) * 1000:.1f}ms"
+            f" (no attack: {statistics.median(quiet) * 1000:.1f}ms)"
             f" metrics={stranger_refusals} details={dict(result.details)}"
         )
 
