@@ -118,6 +118,20 @@ async def run(
             _, welcome = gs.add([r.key_package()])
             gs.merge_pending_commit()
             gr = r.join(welcome)
+            # r writes to s once: its node then counts s as r's contact, not a stranger
+            # held to a bounded share of r's mailbox (docs/threat-model.md).
+            hello = Envelope(
+                os.urandom(16),
+                bytes.fromhex(s.fingerprint),
+                int(time.time() * 1000) + 3_600_000,
+                4,
+                pad(b"hi"),
+            )
+            await rrpc.call(
+                "qpc.v1.Delivery/Enqueue",
+                service_pb2.EnqueueRequest(envelopes=[hello.to_proto()]),
+                service_pb2.EnqueueResponse,
+            )
             setups.append((srpc, rrpc, gs, gr, bytes.fromhex(r.fingerprint)))
 
         async def sender(rpc: RpcClient, g: Group, to: bytes) -> None:

@@ -174,6 +174,10 @@ class StoreCounters(Protocol):
     @property
     def quota_rejections(self) -> int: ...
     @property
+    def refused_stranger_pool(self) -> int: ...
+    @property
+    def refused_stranger_share(self) -> int: ...
+    @property
     def keypackages_uploaded(self) -> int: ...
     @property
     def keypackages_served(self) -> int: ...
@@ -470,8 +474,21 @@ def _store_families(a: StoreStats) -> Iterator[Metric]:
     yield _counter("qpc_store_acked", "messages acknowledged", s.acked)
     yield _counter("qpc_store_expired_messages", "messages removed at expiry", s.expired_messages)
     yield _counter(
-        "qpc_store_quota_rejections", "enqueues refused: mailbox full", s.quota_rejections
+        "qpc_store_quota_rejections",
+        "enqueues refused by a mailbox quota (all reasons: qpc_mailbox_refusals)",
+        s.quota_rejections,
     )
+    fair = CounterMetricFamily(
+        "qpc_mailbox_refusals",
+        "enqueues refused by mailbox fairness: whole mailbox full, or the pool / own"
+        " share of senders the recipient has not accepted used up",
+        labels=["reason"],
+    )
+    strangers = s.refused_stranger_pool + s.refused_stranger_share
+    fair.add_metric(["mailbox_full"], s.quota_rejections - strangers)
+    fair.add_metric(["stranger_pool_full"], s.refused_stranger_pool)
+    fair.add_metric(["stranger_share_used"], s.refused_stranger_share)
+    yield fair
     yield _counter("qpc_store_keypackages_uploaded", "KeyPackages stored", s.keypackages_uploaded)
     yield _counter("qpc_store_keypackages_served", "KeyPackages handed out", s.keypackages_served)
     yield _gauge("qpc_store_queued_jobs", "jobs waiting for the store worker", a.queued)

@@ -19,6 +19,7 @@ from qpc_node.rpc.context import CallContext
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.fairness import SenderKey
 from qpc_node.store.records import EnqueueResult, Envelope, FetchResult
 from qpc_node.wire.envelope import Envelope as WireEnvelope
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, rpc_pb2, service_pb2
@@ -151,8 +152,12 @@ class DeliveryService:
         envelope's refusal, not the batch's. Only what concerns the call as a whole
         (session, batch size, the store itself) fails it, and then nothing is stored.
         ``atomic`` batches (a commit's fan-out) are stored whole or not at all.
+
+        Admission is the store's fairness rule applied to the session's identity: a
+        sender the recipient has not accepted gets a bounded share, and each envelope
+        past it is refused alone (RESOURCE_EXHAUSTED) while the rest is stored.
         """
-        self._guard.check(ctx)
+        user = self._guard.check(ctx)
         if not 0 < len(req.envelopes) <= MAX_BATCH:
             raise RemoteProtocolError(f"a batch holds 1..{MAX_BATCH} envelopes")
         now_ms = self._wall_ms()
@@ -171,11 +176,12 @@ class DeliveryService:
             batch.append(
                 Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
             )
+        sender = SenderKey.local(user)
         stored: Iterator[EnqueueResult | QpcError] = iter([])
         if req.atomic:
-            outcomes = await self._enqueue_all_or_nothing(outcomes, batch, now_ms)
+            outcomes = await self._enqueue_all_or_nothing(outcomes, batch, now_ms, sender)
         elif batch:
-            stored = iter(await self._store.enqueue_each(batch, now_ms))
+            stored = iter(await self._store.enqueue_each(batch, now_ms, sender=sender))
         results: list[service_pb2.EnqueueResult] = []
         woken: set[bytes] = set()
         for pb, got in zip(req.envelopes, outcomes, strict=True):
@@ -200,7 +206,11 @@ class DeliveryService:
         return service_pb2.EnqueueResponse(results=results)
 
     async def _enqueue_all_or_nothing(
-        self, outcomes: list[EnqueueResult | QpcError | None], batch: list[Envelope], now_ms: int
+        self,
+        outcomes: list[EnqueueResult | QpcError | None],
+        batch: list[Envelope],
+        now_ms: int,
+        sender: SenderKey,
     ) -> list[EnqueueResult | QpcError | None]:
         """Store ``batch`` as one batch if nothing was refused yet; else store nothing.
 
@@ -209,7 +219,7 @@ class DeliveryService:
         """
         if not any(isinstance(o, QpcError) for o in outcomes):
             try:
-                results = iter(await self._store.enqueue(batch, now_ms))
+                results = iter(await self._store.enqueue(batch, now_ms, sender=sender))
             except LocalProtocolError as exc:  # quota, size, expiry: the batch's fault
                 culprit = getattr(exc, "index", None)
                 out: list[EnqueueResult | QpcError | None] = []

@@ -35,6 +35,7 @@ import trio
 from qpc_node.errors import QpcError
 from qpc_node.store.backup import BackupInfo, Finalizer
 from qpc_node.store.errors import StoreClosed
+from qpc_node.store.fairness import SenderKey
 from qpc_node.store.records import (
     MIB,
     AuditEvent,
@@ -347,16 +348,20 @@ class AsyncStore:
 
     # -- mailbox -------------------------------------------------------------------
 
-    async def enqueue(self, envelopes: Sequence[Envelope], now_ms: int) -> list[EnqueueResult]:
+    async def enqueue(
+        self, envelopes: Sequence[Envelope], now_ms: int, *, sender: SenderKey | None = None
+    ) -> list[EnqueueResult]:
         """Durable once it returns (see docs/storage.md); may share a commit with others."""
         return await self._submit(
             _EnqueueJob(
-                ((tuple(envelopes), now_ms),), _whole_batch, trio.lowlevel.current_trio_token()
+                (EnqueueBatch(tuple(envelopes), now_ms, sender),),
+                _whole_batch,
+                trio.lowlevel.current_trio_token(),
             )
         )
 
     async def enqueue_each(
-        self, envelopes: Sequence[Envelope], now_ms: int
+        self, envelopes: Sequence[Envelope], now_ms: int, *, sender: SenderKey | None = None
     ) -> list[EnqueueResult | QpcError]:
         """Each envelope on its own: a result, or the typed error that refused it alone.
 
@@ -364,10 +369,13 @@ class AsyncStore:
         envelope must not hold back the rest. Each envelope is its own savepoint in one
         commit (one fsync), in order, so a later envelope sees the quota the earlier
         ones used. A database error still fails the whole call: nothing was stored.
+
+        ``sender`` (who puts them in) is what the fairness rules of store/fairness.py
+        judge, envelope by envelope: one beyond the sender's share is refused alone.
         """
         return await self._submit(
             _EnqueueJob(
-                tuple(((env,), now_ms) for env in envelopes),
+                tuple(EnqueueBatch((env,), now_ms, sender) for env in envelopes),
                 _each_envelope,
                 trio.lowlevel.current_trio_token(),
             )

@@ -63,15 +63,23 @@ class PayloadTooLarge(LocalProtocolError):
 
 
 class QuotaExceeded(LocalProtocolError):
-    """Accepting the batch would overflow a quota; nothing of it was stored."""
+    """Accepting the batch would overflow a quota; nothing of it was stored.
+
+    ``reason`` names the ceiling (a :class:`~qpc_node.store.fairness.Reason` value:
+    the whole mailbox, or the pool / per-sender share of senders the recipient has not
+    accepted); it is what the refusal metrics count by.
+    """
 
     code = StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, what: str, *, limit: int, requested: int) -> None:
+    def __init__(
+        self, what: str, *, limit: int, requested: int, reason: str = "mailbox_full"
+    ) -> None:
         super().__init__(f"{what} quota exceeded: limit {limit}, would reach {requested}")
         self.what = what
         self.limit = limit
         self.requested = requested
+        self.reason = reason
 
 
 class EnvelopeExpired(InvalidRecord):

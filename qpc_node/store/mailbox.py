@@ -9,12 +9,18 @@ Idempotency: ``(recipient, msg_id)`` is unique. Acked messages keep a tombstone 
 ciphertext) until their expiry, so a retry that arrives after delivery is still
 recognised as a duplicate instead of being delivered twice; after expiry the envelope
 itself is refused as expired, so the window is closed on both sides.
+
+Fairness (store/fairness.py): each unacked message from a sender the recipient had not
+accepted carries that sender's tag, and counters per mailbox (``stranger_*``) and per
+such sender (``mailbox_senders``) keep the pool and share checks O(1). Every path that
+removes an unacked message (ack, expiry, purge) gives its room back through
+:func:`_release`.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from qpc_node.store.errors import (
     EnvelopeExpired,
@@ -22,7 +28,9 @@ from qpc_node.store.errors import (
     PayloadTooLarge,
     QuotaExceeded,
 )
+from qpc_node.store.fairness import FairnessLimits, MailboxUsage, SenderKey, Usage, admit
 from qpc_node.store.records import (
+    DAY_MS,
     FINGERPRINT_LEN,
     MSG_ID_LEN,
     EnqueueResult,
@@ -66,10 +74,15 @@ def enqueue(
     envelopes: Sequence[Envelope],
     now_ms: int,
     limits: StoreLimits,
+    sender: SenderKey | None = None,
 ) -> list[EnqueueResult]:
     """Store a validated batch; raise :class:`QuotaExceeded` before writing anything.
 
-    Must run inside a transaction (or savepoint) so the batch is all-or-nothing.
+    ``sender`` is who puts the batch in (the fairness rules of store/fairness.py apply
+    to it, and a local sender's recipients become senders it accepts). ``None`` is an
+    operator path (tools, tests) that only the plain mailbox quota binds; every network
+    path names its sender. Must run inside a transaction (or savepoint) so the batch is
+    all-or-nothing.
     """
     # Pass 1: classify each envelope as a duplicate (of an earlier copy, possibly in
     # this very batch) or new, and count what the new ones add to each mailbox.
@@ -92,29 +105,35 @@ def enqueue(
             totals[1] += len(env.ciphertext)
             results.append(None)
 
-    # Quota check per mailbox, before any write; expired messages do not count.
-    state: dict[bytes, tuple[int, int, int]] = {}
+    # Admission per mailbox, before any write; expired messages do not count.
+    fair = fairness_limits(limits)
+    state: dict[bytes, int] = {}  # recipient -> last_seq
+    stranger_tag: dict[bytes, bytes] = {}  # recipients for whom the sender is a stranger
     for recipient, (count, size) in added.items():
-        last_seq, depth, used = _mailbox_row(conn, recipient)
-        if depth + count > limits.mailbox_max_messages or used + size > limits.mailbox_max_bytes:
+        accepted = sender is None or is_accepted(conn, recipient, sender, now_ms, limits)
+        tag = None if accepted or sender is None else sender.tag()
+        adding = Usage(count, size)
+        refusal = admit(fair, _usage(conn, recipient, tag), adding, accepted=accepted)
+        if refusal is not None:
             _purge_expired_of(conn, recipient, now_ms)
-            last_seq, depth, used = _mailbox_row(conn, recipient)
-        if depth + count > limits.mailbox_max_messages:
+            refusal = admit(fair, _usage(conn, recipient, tag), adding, accepted=accepted)
+        if refusal is not None:
             raise QuotaExceeded(
-                "mailbox messages", limit=limits.mailbox_max_messages, requested=depth + count
+                refusal.what,
+                limit=refusal.limit,
+                requested=refusal.requested,
+                reason=refusal.reason.value,
             )
-        if used + size > limits.mailbox_max_bytes:
-            raise QuotaExceeded(
-                "mailbox bytes", limit=limits.mailbox_max_bytes, requested=used + size
-            )
-        state[recipient] = (last_seq, depth, used)
+        state[recipient] = _mailbox_row(conn, recipient)[0]
+        if tag is not None:
+            stranger_tag[recipient] = tag
 
     # Pass 2: write.
     for recipient in added:
         conn.execute(
             "INSERT INTO mailboxes (recipient) VALUES (?) ON CONFLICT DO NOTHING", (recipient,)
         )
-    next_seq = {recipient: s[0] for recipient, s in state.items()}
+    next_seq = dict(state)
     assigned: dict[tuple[bytes, bytes], int] = {}
     horizon = now_ms + limits.message_retention_ms
     out: list[EnqueueResult] = []
@@ -130,7 +149,7 @@ def enqueue(
             assigned[key] = seq
             conn.execute(
                 "INSERT INTO messages (recipient, seq, msg_id, expiry_ms, hop_limit,"
-                " enqueued_ms, size, ciphertext) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " enqueued_ms, size, ciphertext, sender) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     env.recipient,
                     seq,
@@ -140,6 +159,7 @@ def enqueue(
                     now_ms,
                     len(env.ciphertext),
                     env.ciphertext,
+                    stranger_tag.get(env.recipient),
                 ),
             )
             out.append(EnqueueResult(env.msg_id, seq, duplicate=False))
@@ -149,7 +169,127 @@ def enqueue(
             " WHERE recipient = ?",
             (next_seq[recipient], count, size, recipient),
         )
+        tag = stranger_tag.get(recipient)
+        if tag is not None:
+            _charge_stranger(conn, recipient, tag, count, size)
+    if sender is not None and sender.is_local:
+        note_sent(conn, sender.origin, {env.recipient for env in envelopes}, now_ms)
     return out
+
+
+def fairness_limits(limits: StoreLimits) -> FairnessLimits:
+    return FairnessLimits.derive(
+        mailbox_messages=limits.mailbox_max_messages,
+        mailbox_bytes=limits.mailbox_max_bytes,
+        max_payload_bytes=limits.max_payload_bytes,
+        pool_percent=limits.stranger_pool_percent,
+        shares=limits.stranger_shares,
+    )
+
+
+def is_accepted(
+    conn: sqlite3.Connection,
+    recipient: bytes,
+    sender: SenderKey,
+    now_ms: int,
+    limits: StoreLimits,
+) -> bool:
+    """Has ``recipient`` sent to ``sender``'s origin within the acceptance TTL?
+
+    For relayed mail this trusts the origin the neighbour declares (see the threat
+    model); the per-sender share still keys on (neighbour, origin).
+    """
+    if sender.accepted_by_default(recipient):
+        return True
+    row = conn.execute(
+        "SELECT 1 FROM accepted WHERE recipient = ? AND peer = ? AND last_ms > ?",
+        (recipient, sender.origin, now_ms - limits.accepted_ttl_ms),
+    ).fetchone()
+    return row is not None
+
+
+ACCEPT_REFRESH_MS = DAY_MS
+"""An acceptance's timestamp is rewritten at most once a day: a chatty user costs no
+flash write per message, and the TTL (months) does not need finer ticks."""
+
+
+def note_sent(conn: sqlite3.Connection, user: bytes, peers: Iterable[bytes], now_ms: int) -> None:
+    """``user`` sent to each of ``peers``: from now on it accepts their mail."""
+    conn.executemany(
+        "INSERT INTO accepted (recipient, peer, last_ms) VALUES (?, ?, ?)"
+        " ON CONFLICT (recipient, peer) DO UPDATE SET last_ms = excluded.last_ms"
+        " WHERE excluded.last_ms >= accepted.last_ms + ?",
+        [(user, peer, now_ms, ACCEPT_REFRESH_MS) for peer in peers if peer != user],
+    )
+
+
+def _usage(conn: sqlite3.Connection, recipient: bytes, stranger: bytes | None) -> MailboxUsage:
+    row = conn.execute(
+        "SELECT depth, bytes, stranger_depth, stranger_bytes FROM mailboxes WHERE recipient = ?",
+        (recipient,),
+    ).fetchone()
+    total, strangers = (Usage(row[0], row[1]), Usage(row[2], row[3])) if row else (Usage(), Usage())
+    mine = Usage()
+    if stranger is not None:
+        got = conn.execute(
+            "SELECT depth, bytes FROM mailbox_senders WHERE recipient = ? AND sender = ?",
+            (recipient, stranger),
+        ).fetchone()
+        if got is not None:
+            mine = Usage(got[0], got[1])
+    return MailboxUsage(total=total, strangers=strangers, sender=mine)
+
+
+def _charge_stranger(
+    conn: sqlite3.Connection, recipient: bytes, tag: bytes, count: int, size: int
+) -> None:
+    conn.execute(
+        "UPDATE mailboxes SET stranger_depth = stranger_depth + ?,"
+        " stranger_bytes = stranger_bytes + ? WHERE recipient = ?",
+        (count, size, recipient),
+    )
+    conn.execute(
+        "INSERT INTO mailbox_senders (recipient, sender, depth, bytes) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (recipient, sender) DO UPDATE"
+        " SET depth = depth + excluded.depth, bytes = bytes + excluded.bytes",
+        (recipient, tag, count, size),
+    )
+
+
+def _release(
+    conn: sqlite3.Connection, recipient: bytes, gone: Iterable[tuple[bytes | None, int]]
+) -> None:
+    """Unacked messages (sender tag or None, size) left ``recipient``'s mailbox: lower
+    its counters, and the stranger pool's and each stranger's share for theirs."""
+    count = size = s_count = s_size = 0
+    per: dict[bytes, list[int]] = {}
+    for tag, n in gone:
+        count += 1
+        size += n
+        if tag is not None:
+            s_count += 1
+            s_size += n
+            t = per.setdefault(tag, [0, 0])
+            t[0] += 1
+            t[1] += n
+    if not count:
+        return
+    conn.execute(
+        "UPDATE mailboxes SET depth = depth - ?, bytes = bytes - ?,"
+        " stranger_depth = stranger_depth - ?, stranger_bytes = stranger_bytes - ?"
+        " WHERE recipient = ?",
+        (count, size, s_count, s_size, recipient),
+    )
+    for tag, (c, b) in per.items():
+        conn.execute(
+            "UPDATE mailbox_senders SET depth = depth - ?, bytes = bytes - ?"
+            " WHERE recipient = ? AND sender = ?",
+            (c, b, recipient, tag),
+        )
+        conn.execute(
+            "DELETE FROM mailbox_senders WHERE recipient = ? AND sender = ? AND depth <= 0",
+            (recipient, tag),
+        )
 
 
 def fetch(
@@ -209,65 +349,78 @@ def ack(
     check_fingerprint(recipient)
     if up_to_seq is None and not seqs:
         raise InvalidRecord("ack needs up_to_seq or seqs")
-    sizes: list[int] = []
+    rows: list[tuple[int, bytes | None, int]] = []  # (id, sender tag, size)
     if up_to_seq is not None:
-        sizes += [
-            int(r[0])
-            for r in conn.execute(
-                "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq <= ?"
-                " AND ciphertext IS NOT NULL RETURNING size",
-                (recipient, min(up_to_seq, SEQ_MAX)),
-            ).fetchall()
-        ]
+        rows += conn.execute(
+            "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq <= ?"
+            " AND ciphertext IS NOT NULL RETURNING id, sender, size",
+            (recipient, min(up_to_seq, SEQ_MAX)),
+        ).fetchall()
     for seq in sorted(set(seqs)):
         if not 0 <= seq <= SEQ_MAX:
             continue  # no such message can exist
         row = conn.execute(
             "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq = ?"
-            " AND ciphertext IS NOT NULL RETURNING size",
+            " AND ciphertext IS NOT NULL RETURNING id, sender, size",
             (recipient, seq),
         ).fetchone()
         if row is not None:
-            sizes.append(int(row[0]))
-    if sizes:
-        conn.execute(
-            "UPDATE mailboxes SET depth = depth - ?, bytes = bytes - ? WHERE recipient = ?",
-            (len(sizes), sum(sizes), recipient),
-        )
-    return len(sizes)
+            rows.append(row)
+    # The sender tag goes with the payload: a tombstone keeps no trace of who sent it.
+    conn.executemany(
+        "UPDATE messages SET sender = NULL WHERE id = ?",
+        [(row_id,) for row_id, tag, _ in rows if tag is not None],
+    )
+    _release(conn, recipient, [(tag, int(size)) for _, tag, size in rows])
+    return len(rows)
 
 
 def depth(conn: sqlite3.Connection, recipient: bytes) -> MailboxDepth:
     """Unacked messages and bytes; expired ones count until the next sweep."""
     check_fingerprint(recipient)
     last_seq, count, used = _mailbox_row(conn, recipient)
-    return MailboxDepth(messages=count, bytes=used, last_seq=last_seq)
+    strangers = _usage(conn, recipient, None).strangers
+    return MailboxDepth(
+        messages=count,
+        bytes=used,
+        last_seq=last_seq,
+        stranger_messages=strangers.messages,
+        stranger_bytes=strangers.bytes,
+    )
 
 
-def expire(conn: sqlite3.Connection, now_ms: int, *, max_rows: int) -> SweepResult:
-    """Delete rows whose expiry has passed (at most ``max_rows``). In a transaction."""
+def expire(
+    conn: sqlite3.Connection, now_ms: int, *, max_rows: int, accepted_ttl_ms: int | None = None
+) -> SweepResult:
+    """Delete rows whose expiry has passed (at most ``max_rows``). In a transaction.
+
+    With ``accepted_ttl_ms``, also forget acceptances not renewed for that long (at
+    most ``max_rows``): the contact graph the node keeps is only as old as it must be.
+    """
     rows = conn.execute(
         "DELETE FROM messages WHERE id IN"
         " (SELECT id FROM messages WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)"
-        " RETURNING recipient, size, ciphertext IS NOT NULL",
+        " RETURNING recipient, size, ciphertext IS NOT NULL, sender",
         (now_ms, max_rows),
     ).fetchall()
     more = len(rows) >= max_rows
-    live: dict[bytes, list[int]] = {}
+    live: dict[bytes, list[tuple[bytes | None, int]]] = {}
     tombstones = 0
-    for recipient, size, unacked in rows:
+    for recipient, size, unacked, tag in rows:
         if unacked:
-            totals = live.setdefault(recipient, [0, 0])
-            totals[0] += 1
-            totals[1] += size
+            live.setdefault(recipient, []).append((tag, int(size)))
         else:
             tombstones += 1
-    for recipient, (count, size) in live.items():
-        conn.execute(
-            "UPDATE mailboxes SET depth = depth - ?, bytes = bytes - ? WHERE recipient = ?",
-            (count, size, recipient),
-        )
-    expired = sum(c for c, _ in live.values())
+    for recipient, gone in live.items():
+        _release(conn, recipient, gone)
+    if accepted_ttl_ms is not None:
+        lapsed = conn.execute(
+            "DELETE FROM accepted WHERE (recipient, peer) IN (SELECT recipient, peer"
+            " FROM accepted WHERE last_ms <= ? ORDER BY last_ms LIMIT ?)",
+            (now_ms - accepted_ttl_ms, max_rows),
+        ).rowcount
+        more = more or lapsed >= max_rows
+    expired = sum(len(g) for g in live.values())
     return SweepResult(expired=expired, tombstones=tombstones, more=more)
 
 
@@ -275,15 +428,10 @@ def _purge_expired_of(conn: sqlite3.Connection, recipient: bytes, now_ms: int) -
     """Make room by dropping this mailbox's expired messages (quota is about live ones)."""
     rows = conn.execute(
         "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ?"
-        " RETURNING size, ciphertext IS NOT NULL",
+        " RETURNING size, ciphertext IS NOT NULL, sender",
         (recipient, now_ms),
     ).fetchall()
-    live = [int(size) for size, unacked in rows if unacked]
-    if live:
-        conn.execute(
-            "UPDATE mailboxes SET depth = depth - ?, bytes = bytes - ? WHERE recipient = ?",
-            (len(live), sum(live), recipient),
-        )
+    _release(conn, recipient, [(tag, int(size)) for size, unacked, tag in rows if unacked])
 
 
 def _mailbox_row(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int, int]:

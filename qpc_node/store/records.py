@@ -61,6 +61,9 @@ class MailboxDepth(msgspec.Struct, frozen=True):
     messages: int
     bytes: int
     last_seq: int
+    # Of these, stored from senders the recipient had not accepted (the stranger pool).
+    stranger_messages: int = 0
+    stranger_bytes: int = 0
 
 
 class KeyPackageUpload(msgspec.Struct, frozen=True):
@@ -111,6 +114,12 @@ class StoreLimits(msgspec.Struct, frozen=True):
     keypackage_ttl_ms: int = 24 * HOUR_MS
     keypackage_max_per_identity: int = 100
     keypackage_max_bytes: int = 64 * 1024
+    # Fairness (store/fairness.py): senders the recipient has not accepted share this
+    # percentage of the mailbox, split into this many per-sender shares; an acceptance
+    # (the recipient sent to that peer) lapses after this long without a new send.
+    stranger_pool_percent: int = 10
+    stranger_shares: int = 10
+    accepted_ttl_ms: int = 90 * DAY_MS
 
 
 class StoreStatistics(msgspec.Struct, frozen=True):
@@ -121,9 +130,11 @@ class StoreStatistics(msgspec.Struct, frozen=True):
     fetched: int
     acked: int
     expired_messages: int
-    quota_rejections: int
+    quota_rejections: int  # envelope batches refused by any quota (all reasons below)
     keypackages_uploaded: int
     keypackages_served: int
+    refused_stranger_pool: int = 0  # of those: the stranger pool was full
+    refused_stranger_share: int = 0  # of those: the stranger had used its own share
 
 
 class SweepResult(msgspec.Struct, frozen=True):

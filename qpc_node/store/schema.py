@@ -75,6 +75,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX audit_by_ts ON audit(ts_ms)",
         "CREATE INDEX audit_by_kind ON audit(kind, id)",
     ),
+    # 4: mailbox fairness (store/fairness.py). Rows stored before it count as mail from
+    # accepted senders (sender NULL), which is what they were treated as.
+    (
+        # Set only while a message from a stranger is unacked: whose share to credit
+        # when it is acked or expires (NULL for accepted senders: nothing is recorded).
+        "ALTER TABLE messages ADD COLUMN sender BLOB",
+        "ALTER TABLE mailboxes ADD COLUMN stranger_depth INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE mailboxes ADD COLUMN stranger_bytes INTEGER NOT NULL DEFAULT 0",
+        # Per-stranger counters so the share check is O(1); a row lives while it is > 0.
+        """CREATE TABLE mailbox_senders (
+            recipient BLOB NOT NULL,
+            sender BLOB NOT NULL,
+            depth INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            PRIMARY KEY (recipient, sender)
+        ) WITHOUT ROWID""",
+        # recipient accepts mail from peer: recipient sent to peer, last at last_ms.
+        """CREATE TABLE accepted (
+            recipient BLOB NOT NULL,
+            peer BLOB NOT NULL,
+            last_ms INTEGER NOT NULL,
+            PRIMARY KEY (recipient, peer)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX accepted_by_age ON accepted(last_ms)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

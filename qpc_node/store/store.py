@@ -24,6 +24,7 @@ from qpc_node.errors import QpcError
 from qpc_node.store import audit, keypackages, mailbox, meta
 from qpc_node.store.backup import BackupInfo, Finalizer, backup_to
 from qpc_node.store.errors import QuotaExceeded, StoreClosed
+from qpc_node.store.fairness import Reason, SenderKey
 from qpc_node.store.records import (
     MIB,
     AuditEvent,
@@ -42,8 +43,15 @@ from qpc_node.store.records import (
 from qpc_node.store.schema import migrate, schema_version
 from qpc_node.store.sql import Synchronous, connect, savepoint, transaction
 
-EnqueueBatch = tuple[Sequence[Envelope], int]
-"""One enqueue call: ``(envelopes, now_ms)``."""
+
+class EnqueueBatch(NamedTuple):
+    """One enqueue call: its envelopes, the caller's wall clock, and who sends them
+    (``None``: an operator path that only the plain mailbox quota binds)."""
+
+    envelopes: Sequence[Envelope]
+    now_ms: int
+    sender: SenderKey | None = None
+
 
 EnqueueOutcome = list[EnqueueResult] | QpcError
 """Per batch of :meth:`Store.enqueue_many`: its results, or the typed error that
@@ -73,6 +81,7 @@ class Store:
         self._acked = 0
         self._expired = 0
         self._quota_rejections = 0
+        self._refused: dict[str, int] = {}  # quota rejections by reason
         self._kp_uploaded = 0
         self._kp_served = 0
 
@@ -128,9 +137,11 @@ class Store:
 
     # -- mailbox -------------------------------------------------------------------
 
-    def enqueue(self, envelopes: Sequence[Envelope], now_ms: int) -> list[EnqueueResult]:
+    def enqueue(
+        self, envelopes: Sequence[Envelope], now_ms: int, *, sender: SenderKey | None = None
+    ) -> list[EnqueueResult]:
         """Store one batch atomically (one commit); raise its typed error if refused."""
-        outcome = self.enqueue_many([(envelopes, now_ms)])[0]
+        outcome = self.enqueue_many([EnqueueBatch(envelopes, now_ms, sender)])[0]
         if isinstance(outcome, QpcError):
             raise outcome
         return outcome
@@ -142,9 +153,10 @@ class Store:
         leaves no trace; the others still commit. A database error (disk full, I/O)
         rolls everything back and propagates: nothing was acknowledged.
         """
+        batches = [EnqueueBatch(*b) for b in batches]  # plain (envelopes, now_ms) too
         outcomes: list[EnqueueOutcome] = []
         valid: list[int] = []
-        for index, (envelopes, now_ms) in enumerate(batches):
+        for index, (envelopes, now_ms, _) in enumerate(batches):
             try:
                 mailbox.validate_envelopes(envelopes, now_ms, self.limits)
             except QpcError as exc:
@@ -156,15 +168,17 @@ class Store:
             return outcomes
         conn = self.conn
         enqueued = duplicates = rejections = 0
+        refused: dict[str, int] = {}
         with transaction(conn):
             for index in valid:
-                envelopes, now_ms = batches[index]
+                envelopes, now_ms, sender = batches[index]
                 try:
                     with savepoint(conn, "batch"):
-                        results = mailbox.enqueue(conn, envelopes, now_ms, self.limits)
+                        results = mailbox.enqueue(conn, envelopes, now_ms, self.limits, sender)
                 except QuotaExceeded as exc:
                     outcomes[index] = exc
                     rejections += 1
+                    refused[exc.reason] = refused.get(exc.reason, 0) + 1
                     continue
                 outcomes[index] = results
                 dup = sum(r.duplicate for r in results)
@@ -174,6 +188,8 @@ class Store:
         self._enqueued += enqueued
         self._duplicates += duplicates
         self._quota_rejections += rejections
+        for reason, n in refused.items():
+            self._refused[reason] = self._refused.get(reason, 0) + n
         return outcomes
 
     def fetch(
@@ -224,7 +240,9 @@ class Store:
 
     def expire_messages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
         with transaction(self.conn) as conn:
-            result = mailbox.expire(conn, now_ms, max_rows=max_rows)
+            result = mailbox.expire(
+                conn, now_ms, max_rows=max_rows, accepted_ttl_ms=self.limits.accepted_ttl_ms
+            )
         self._transactions += 1
         self._expired += result.expired
         return result
@@ -326,4 +344,6 @@ class Store:
             quota_rejections=self._quota_rejections,
             keypackages_uploaded=self._kp_uploaded,
             keypackages_served=self._kp_served,
+            refused_stranger_pool=self._refused.get(Reason.STRANGER_POOL_FULL.value, 0),
+            refused_stranger_share=self._refused.get(Reason.STRANGER_SHARE_USED.value, 0),
         )

@@ -17,6 +17,7 @@ from qpc_node.client.connect import open_agent
 from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.ops.config import Config, load_config
+from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import service_pb2
 
 
@@ -56,6 +57,20 @@ async def users(
             )
             for n in names
         ]
+
+
+async def accept(recipient: Agent, sender: Agent, wall: ManualWallClock) -> None:
+    """``recipient`` writes to ``sender`` once (one opaque envelope), which is how its node
+    learns that ``recipient`` accepts mail from ``sender``. Mailbox fairness gives senders
+    a recipient has not accepted only a bounded share of its mailbox (docs/threat-model.md),
+    so a test that has one user send hundreds of envelopes to another starts with this."""
+    env = Envelope(os.urandom(16), sender.me, wall() + 86_400_000, 4, os.urandom(256))
+    resp = await recipient._rpc.call(
+        "qpc.v1.Delivery/Enqueue",
+        service_pb2.EnqueueRequest(envelopes=[env.to_proto()]),
+        service_pb2.EnqueueResponse,
+    )
+    assert resp.results[0].status == 0, resp.results[0].detail
 
 
 async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import mailbox_ids, running_node, users
+from node_harness import accept, mailbox_ids, running_node, users
 
 from qpc_node.ops.backup import BackupCorrupt, ForeignBackup, create_backup, restore_backup
 from qpc_node.ops.clock import ManualWallClock
@@ -29,6 +29,7 @@ async def test_backup_under_load_and_restore(tmp_path: Path, wall: ManualWallClo
         users(tmp_path, info, wall, "a", "b") as (a, b),
     ):
         bme = b.me
+        await accept(b, a, wall)  # b's contact: not bound by a stranger's share
         started = trio.Event()
         done = trio.Event()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import mailbox_ids, start_node_process, users
+from node_harness import accept, mailbox_ids, start_node_process, users
 
 from qpc_node.crypto import Identity
 from qpc_node.errors import StatusCode
@@ -59,6 +59,7 @@ async def test_sigterm_drains(tmp_path: Path, wall: ManualWallClock) -> None:
     try:
         async with users(tmp_path, info, wall, "a", "b") as (a, b):
             bme = b.me
+            await accept(b, a, wall)  # b's contact: not bound by a stranger's share
             async with open_endpoint("127.0.0.1", 0) as ep:
                 sessions = [
                     await session(ep, info.host, info.port, info.cert_fingerprint, a.ident)

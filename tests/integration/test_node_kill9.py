@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import mailbox_ids, start_node_process, users
+from node_harness import accept, mailbox_ids, start_node_process, users
 
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.rpc import RpcError
@@ -29,6 +29,7 @@ async def test_kill9_loses_no_acknowledged_enqueue(tmp_path: Path, wall: ManualW
     try:
         async with users(tmp_path, info, wall, "a", "b") as (a, b):
             bme = b.me
+            await accept(b, a, wall)  # b's contact: not bound by a stranger's share
             for i in range(TOTAL):
                 env = Envelope(
                     os.urandom(16), bme, wall() + 86_400_000, 4, i.to_bytes(4, "big") * 64

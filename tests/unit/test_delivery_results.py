@@ -56,9 +56,12 @@ class Env:
 
 @asynccontextmanager
 async def node(tmp: Path) -> AsyncIterator[Env]:
-    store = await AsyncStore.open(
-        tmp / "node.db", limits=StoreLimits(mailbox_max_messages=MAILBOX_MAX)
+    # Every sender may fill a whole mailbox here (stranger pool = 100 %, one share):
+    # this is about per-envelope results; fairness has its own tests (test_fairness*).
+    limits = StoreLimits(
+        mailbox_max_messages=MAILBOX_MAX, stranger_pool_percent=100, stranger_shares=1
     )
+    store = await AsyncStore.open(tmp / "node.db", limits=limits)
     try:
         async with trio.open_nursery() as nursery:
             audit = AuditSink(store)
