@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-from node_harness import mailbox_ids, running_node, texts, users
+from node_harness import accept, mailbox_ids, running_node, texts, users
 
 from qpc_node import crypto
 from qpc_node.client.agent import KP_ROTATE_MS, KP_TARGET, Agent, AgentError, Sent
@@ -51,6 +51,16 @@ async def _fill_mailbox(sender: Agent, recipient: Agent, wall: ManualWallClock) 
     raise AssertionError("the mailbox never filled up")
 
 
+async def accepted_by(a: Agent, *members: Agent, wall: ManualWallClock) -> None:
+    """Each member writes to ``a`` first, so ``a`` is their contact (mailbox fairness).
+
+    A 6-message mailbox leaves strangers one message in all: ``a`` reads (acks) each
+    member's note before the next one comes, so its stranger pool is free again."""
+    for member in members:
+        await accept(member, a, wall)
+        await texts(a, 0, wait=0.2)
+
+
 async def test_outbox_settles_each_message_of_a_mixed_batch(
     tmp_path: Path, wall: ManualWallClock
 ) -> None:
@@ -61,6 +71,7 @@ async def test_outbox_settles_each_message_of_a_mixed_batch(
         running_node(tmp_path, wall, limits=limits) as (_, info),
         users(tmp_path, info, wall, "a", "b", "c") as (a, b, c),
     ):
+        await accepted_by(a, b, c, wall=wall)
         await a.group_create("team")
         await a.group_invite("team", b.ident.fingerprint)
         await a.group_invite("team", c.ident.fingerprint)
@@ -400,6 +411,7 @@ async def test_commit_refused_for_now_is_applied_once_delivered_after_a_restart(
         users(tmp_path, info, wall, "b", "c") as (b, c),
     ):
         async with users(tmp_path, info, wall, "a") as (a,):
+            await accepted_by(a, b, c, wall=wall)
             await a.group_create("team")
             await a.group_invite("team", b.ident.fingerprint)
             await texts(b, 0, wait=0.5)
