@@ -21,6 +21,7 @@ from qpc_node.ops.config import Config, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
 from qpc_node.ops.lockfile import DataDirLock
 from qpc_node.ops.log import get_logger, setup_logging
+from qpc_node.ops.memory import release_large_buffers
 from qpc_node.ops.metrics import NodeMetrics
 from qpc_node.quic import Connection, Endpoint, QuicStream, open_endpoint
 from qpc_node.quic.settings import AdmissionLimits
@@ -111,7 +112,14 @@ class Node:
         StatsService(self.metrics.snapshot, guard).register(table)
         return RpcServer(
             table,
-            ServerConfig(max_frame_size=lim.max_payload + FRAME_OVERHEAD),
+            ServerConfig(
+                max_frame_size=lim.max_payload + FRAME_OVERHEAD,
+                send_timeout=lim.send_timeout_s,
+                request_budget=lim.rpc_buffer_bytes,
+                request_budget_per_ip=lim.rpc_buffer_bytes_per_ip,
+                send_budget=lim.send_queue_bytes,
+                send_budget_per_ip=lim.send_queue_bytes_per_ip,
+            ),
             observer=self.metrics.observe_call,
         )
 
@@ -162,6 +170,7 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        release_large_buffers()  # freed messages go back to the OS (ops/memory.py)
         with DataDirLock(self.data_dir):
             await self._run(task_status)
 

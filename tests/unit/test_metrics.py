@@ -93,6 +93,10 @@ def rpc_source() -> Any:
         protocol_errors=1,
         internal_errors=0,
         buffered_bytes=64,
+        send_queued_bytes=0,
+        request_budget_refusals=0,
+        send_budget_refusals=0,
+        send_timeouts=0,
         statuses=Counter({"OK": 9, "UNAUTHENTICATED": 2}),
     )
     return SimpleNamespace(statistics=lambda: stats)
