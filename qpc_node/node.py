@@ -19,7 +19,7 @@ from qpc_node import __version__
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
-from qpc_node.ops.lockfile import DataDirLock
+from qpc_node.ops.lockfile import DataDirLock, secure_private_dir
 from qpc_node.ops.log import get_logger, setup_logging
 from qpc_node.ops.memory import release_large_buffers
 from qpc_node.ops.metrics import NodeMetrics
@@ -58,6 +58,12 @@ def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
     data = Path(cfg.node.data_dir) if cfg.node.data_dir else default_data
     keys = Path(cfg.node.key_dir) if cfg.node.key_dir else data / KEYS_SUBDIR
     return data, keys
+
+
+def _secure_dir(path: Path, create_files: tuple[str, ...] = ()) -> None:
+    """0700 dir, 0600 files (ops/lockfile.py); a fix is logged, not fatal."""
+    for fix in secure_private_dir(path, create_files):
+        log.warning("data dir was readable by other users; fixed", extra={"fix": fix})
 
 
 class Node:
@@ -171,12 +177,16 @@ class Node:
         self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
         release_large_buffers()  # freed messages go back to the OS (ops/memory.py)
+        # Before anything is opened in it: node.db first, so SQLite's WAL and -shm
+        # files inherit its 0600.
+        _secure_dir(self.data_dir, (DB_FILE,))
         with DataDirLock(self.data_dir):
             await self._run(task_status)
 
     async def _run(self, task_status: trio.TaskStatus[NodeInfo]) -> None:
         lim = self.cfg.limits
         creds = load_or_create_node_credentials(self.key_dir)
+        _secure_dir(self.key_dir)  # after: a fresh node.crt is written 0644
         host, port = parse_hostport(self.cfg.node.listen)
         store = await AsyncStore.open(
             self.data_dir / DB_FILE,
