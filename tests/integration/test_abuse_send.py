@@ -16,7 +16,8 @@ trips: all must succeed.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from abuse_rpc import (
     RoundTrips,
     RssPeak,
     node_stats,
+    request_frame,
     round_trip,
     round_trips_until,
     rss_mib,
@@ -33,8 +35,13 @@ from abuse_rpc import (
     unread_calls,
     user,
 )
+from google.protobuf.wrappers_pb2 import BytesValue
 from node_harness import start_node_process
 
+from qpc_node.quic import ALPN_FEDERATION, ClientTLS, Connection, ServerTLS, open_endpoint
+from qpc_node.quic.testing import PkiFixture, make_test_pki
+from qpc_node.rpc import CallContext, MethodTable, RpcServer, ServerConfig
+from qpc_node.rpc.quic import QuicRpcHandler
 from qpc_node.wire.gen.qpc.v1 import service_pb2
 
 pytestmark = pytest.mark.timeout(90)
@@ -138,3 +145,87 @@ async def test_unread_responses_are_refused_reset_and_released(tmp_path: Path) -
     assert during["qpc_rpc_send_queued_bytes"] == 0
     assert final["qpc_rpc_send_queued_bytes"] == 0
     assert after <= baseline + RSS_RETURN_MIB, f"RSS after {after:.0f} MiB, base {baseline:.0f}"
+
+
+# -- the same mechanics in-process, over real QUIC on loopback (fast, exact counts) --
+
+
+@pytest.fixture(scope="module")
+def pki() -> PkiFixture:
+    return make_test_pki()
+
+
+@asynccontextmanager
+async def big_answer_server(pki: PkiFixture, send_timeout: float) -> AsyncIterator[
+    tuple[RpcServer, Connection]
+]:  # fmt: skip
+    """An RpcServer whose ``t.big`` answers 1 MiB, and a client connection to it."""
+
+    async def big(req: BytesValue, ctx: CallContext) -> BytesValue:
+        return BytesValue(value=b"x" * MIB)
+
+    methods = MethodTable()
+    methods.register("t.big", BytesValue, BytesValue, big)
+    config = ServerConfig(
+        max_frame_size=2 * MIB,
+        send_timeout=send_timeout,
+        send_budget=4 * MIB,
+        send_budget_per_ip=3 * MIB,  # two 1 MiB answers per IP
+    )
+    server = RpcServer(methods, config)
+    tls = ServerTLS(pki.server, federation_ca=pki.ca.certificate_pem)
+    async with (
+        open_endpoint("127.0.0.1", 0, server_tls=tls) as sep,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(sep.serve, QuicRpcHandler(server))
+        async with open_endpoint("127.0.0.1", 0) as cep:
+            ctls = ClientTLS(ALPN_FEDERATION, ca=pki.ca.certificate_pem, credentials=pki.client)
+            conn = await cep.connect(sep.local_address[0], sep.local_address[1], ctls)
+            yield server, conn
+        nursery.cancel_scope.cancel()
+
+
+async def until(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll ``predicate`` (server counters have no event to wait on), bounded."""
+    with trio.fail_after(limit):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.01)
+
+
+async def test_unread_answers_are_refused_beyond_the_share_and_reset_after_the_timeout(
+    pki: PkiFixture,
+) -> None:
+    async with big_answer_server(pki, send_timeout=0.5) as (server, conn):
+        body = BytesValue(value=b"q").SerializeToString()
+        for i in range(6):
+            stream = await conn.open_stream()
+            await stream.send_all(request_frame("t.big", body, i + 1))  # never read
+
+        def settled() -> bool:
+            s = server.statistics()
+            return s.send_timeouts + s.send_budget_refusals == 6 and s.active_calls == 0
+
+        await until(settled)
+        s = server.statistics()
+        assert (s.send_timeouts, s.send_budget_refusals) == (2, 4)
+        assert s.send_queued_bytes == 0 and s.peak_send_queued_bytes <= 3 * MIB
+        assert s.statuses["RESOURCE_EXHAUSTED"] == 4
+
+
+async def test_connection_close_releases_what_was_queued(pki: PkiFixture) -> None:
+    async with big_answer_server(pki, send_timeout=60.0) as (server, conn):
+        body = BytesValue(value=b"q").SerializeToString()
+        for i in range(2):
+            stream = await conn.open_stream()
+            await stream.send_all(request_frame("t.big", body, i + 1))  # never read
+        await until(lambda: server.statistics().send_queued_bytes > 2 * MIB)
+        await conn.aclose()  # long before the 60 s send timeout
+        await until(
+            lambda: (
+                server.statistics().send_queued_bytes == 0 and server.statistics().active_calls == 0
+            )
+        )
+        assert server.statistics().send_timeouts == 0
