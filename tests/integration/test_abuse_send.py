@@ -142,7 +142,7 @@ async def test_unread_responses_are_refused_reset_and_released(tmp_path: Path) -
     refused = during["qpc_rpc_budget_refusals_total{budget=send}"]
     timeouts = during["qpc_rpc_send_timeouts_total"]
     assert refused > 0 and timeouts > 0 and refused + timeouts >= total
-    assert during["qpc_rpc_send_queued_bytes"] == 0
+    assert during["qpc_rpc_send_queued_bytes"] < 64 * 1024  # the legitimate user's, if any
     assert final["qpc_rpc_send_queued_bytes"] == 0
     assert after <= baseline + RSS_RETURN_MIB, f"RSS after {after:.0f} MiB, base {baseline:.0f}"
 
