@@ -12,6 +12,7 @@ read none of it. Directories are 0700, files 0600.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -31,22 +32,22 @@ def secure_private_dir(directory: Path, create_files: Iterable[str] = ()) -> lis
     Fix rather than refuse: a dir made by an older version, a package script or
     ``mkdir`` under umask 022 is the common case and the fix is safe, so the node
     starts and the caller logs each fix as a warning. Refused (ConfigError) only
-    what we cannot fix: a dir or file owned by another user, or a symlink or
-    non-regular entry where a node file belongs. ``create_files`` are created
-    empty with 0600 when missing, so that e.g. SQLite (which gives its WAL and
+    what we cannot fix: a dir or file owned by another user, or a non-regular
+    entry where a node file belongs. ``create_files`` are created empty with
+    0600 when missing, so that e.g. SQLite (which gives its WAL and
     shared-memory files the database file's mode) never creates them 0644.
-    Only the top level is touched: the node keeps nothing deeper.
+    The dir and ``create_files`` may be symlinks (a mailbox on a USB disk of a
+    router): their targets are checked. Other symlinks at the top level are
+    not followed. Only the top level is touched: the node keeps nothing deeper.
     """
     fixed: list[str] = []
     directory.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     _fix_mode(directory, PRIVATE_DIR_MODE, fixed, want_dir=True)
     for name in create_files:
         path = directory / name
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue
-        os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        _fix_mode(path, PRIVATE_FILE_MODE, fixed, want_dir=False)
     with os.scandir(directory) as entries:
         for entry in entries:
             if entry.is_file(follow_symlinks=False):
@@ -55,7 +56,10 @@ def secure_private_dir(directory: Path, create_files: Iterable[str] = ()) -> lis
 
 
 def _fix_mode(path: Path, mode: int, fixed: list[str], *, want_dir: bool) -> None:
-    st = path.lstat()
+    try:
+        st = path.stat()  # callers pass no symlinks they have not chosen to follow
+    except OSError as exc:  # e.g. a dangling symlink where node.db belongs
+        raise ConfigError(f"{path}: {exc.strerror}") from None
     kind_ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
     if not kind_ok:
         raise ConfigError(f"{path}: expected a {'directory' if want_dir else 'regular file'}")

@@ -17,6 +17,9 @@ import trio
 from abuse_rpc import store_to_self, user
 from node_harness import start_node_process
 
+from qpc_node.errors import ConfigError
+from qpc_node.ops.lockfile import secure_private_dir
+
 pytestmark = pytest.mark.timeout(90)
 
 ENV = {"QPC_LIMITS_RATE_PER_SECOND": "100000", "QPC_LIMITS_RATE_BURST": "100000"}
@@ -103,3 +106,29 @@ async def test_lax_file_of_another_user_is_refused(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert b"owned by uid 4242" in done.stderr
     assert mode(db) == 0o644  # not ours: left alone
+
+
+def test_symlinked_dir_and_db_are_checked_at_their_targets(tmp_path: Path) -> None:
+    """A router keeping its mailbox on a USB disk: the targets get 0700/0600."""
+    usb = tmp_path / "usb"
+    (usb / "qpc").mkdir(parents=True, mode=0o755)
+    (usb / "qpc").chmod(0o755)
+    (usb / "node.db").write_bytes(b"")
+    (usb / "node.db").chmod(0o644)
+    data = tmp_path / "data"
+    data.symlink_to(usb / "qpc")
+    (data / "node.db").symlink_to(usb / "node.db")
+    (data / "elsewhere").symlink_to(usb)  # not a node file: not followed
+    fixed = secure_private_dir(data, ("node.db",))
+    assert mode(usb / "qpc") == 0o700 and mode(usb / "node.db") == 0o600
+    assert mode(usb) == 0o755 and len(fixed) == 2
+
+
+def test_a_non_file_where_node_db_belongs_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "node.db").mkdir()
+    with pytest.raises(ConfigError, match="expected a regular file"):
+        secure_private_dir(tmp_path, ("node.db",))
+    (tmp_path / "node.db").rmdir()
+    (tmp_path / "node.db").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"node\.db: No such file"):
+        secure_private_dir(tmp_path, ("node.db",))
