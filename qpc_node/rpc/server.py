@@ -6,6 +6,12 @@ can get wrong -- oversize or truncated frames, garbage protobuf, unknown
 versions or methods, too many calls at once, resets mid-call -- ends in a
 typed error Response (when the stream still allows one) and a closed stream;
 nothing a peer sends escapes ``handle_stream``.
+
+Memory a peer decides the size of is budgeted node-wide and per source IP
+(``rpc.budget``): request frames from the moment their length is known until
+their handler is done, response frames until the peer took them -- which it
+must within ``send_timeout``, or the stream is reset. Over a budget the call
+is refused RESOURCE_EXHAUSTED; nothing waits for room while holding bytes.
 """
 
 from __future__ import annotations
