@@ -279,7 +279,9 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
   limits    max_payload, rate_per_second, rate_burst, mailbox_max_messages,
             mailbox_max_bytes, max_connections, max_connections_per_ip,
             max_half_open, max_half_open_per_ip, half_open_timeout_s,
-            retry_threshold, keypackage_ttl_s, retention_s
+            retry_threshold, rpc_buffer_bytes, rpc_buffer_bytes_per_ip,
+            send_queue_bytes, send_queue_bytes_per_ip, send_timeout_s,
+            keypackage_ttl_s, retention_s
   mls       ciphersuites
   not yet:  mesh.* (mdns, interfaces, static_peers) and federation.* (mode, ca, cert,
             key, pinned) have no code yet; a non-default value is refused.

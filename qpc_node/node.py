@@ -23,8 +23,9 @@ from qpc_node.errors import QpcError
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, LimitsSection, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
-from qpc_node.ops.lockfile import DataDirLock
+from qpc_node.ops.lockfile import DataDirLock, secure_private_dir
 from qpc_node.ops.log import get_logger, setup_logging
+from qpc_node.ops.memory import release_large_buffers
 from qpc_node.ops.metrics import NodeMetrics
 from qpc_node.quic import Connection, Endpoint, QuicStream, open_endpoint
 from qpc_node.quic.settings import AdmissionLimits
@@ -87,6 +88,12 @@ def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
     return data, keys
 
 
+def _secure_dir(path: Path, create_files: tuple[str, ...] = ()) -> None:
+    """0700 dir, 0600 files (ops/lockfile.py); a fix is logged, not fatal."""
+    for fix in secure_private_dir(path, create_files):
+        log.warning("data dir was readable by other users; fixed", extra={"fix": fix})
+
+
 class Node:
     def __init__(
         self, cfg: Config, *, default_data: Path, wall_ms: WallClock = system_wall_ms
@@ -143,7 +150,14 @@ class Node:
         StatsService(self.metrics.snapshot, guard).register(table)
         return RpcServer(
             table,
-            ServerConfig(max_frame_size=lim.max_payload + FRAME_OVERHEAD),
+            ServerConfig(
+                max_frame_size=lim.max_payload + FRAME_OVERHEAD,
+                send_timeout=lim.send_timeout_s,
+                request_budget=lim.rpc_buffer_bytes,
+                request_budget_per_ip=lim.rpc_buffer_bytes_per_ip,
+                send_budget=lim.send_queue_bytes,
+                send_budget_per_ip=lim.send_queue_bytes_per_ip,
+            ),
             observer=self.metrics.observe_call,
         )
 
@@ -194,12 +208,17 @@ class Node:
     async def run(
         self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        release_large_buffers()  # freed messages go back to the OS (ops/memory.py)
+        # Before anything is opened in it: node.db first, so SQLite's WAL and -shm
+        # files inherit its 0600.
+        _secure_dir(self.data_dir, (DB_FILE,))
         with DataDirLock(self.data_dir):
             await self._run(task_status)
 
     async def _run(self, task_status: trio.TaskStatus[NodeInfo]) -> None:
         lim = self.cfg.limits
         creds = load_or_create_node_credentials(self.key_dir)
+        _secure_dir(self.key_dir)  # after: a fresh node.crt is written 0644
         host, port = parse_hostport(self.cfg.node.listen)
         store = await AsyncStore.open(
             self.data_dir / DB_FILE,
@@ -411,6 +430,11 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "metrics.listen": Live(Node._apply_metrics),
     # limits
     "limits.max_payload": RESTART,  # RPC frame cap, fixed when the server is built
+    "limits.rpc_buffer_bytes": RESTART,  # the RPC server's byte budgets, fixed likewise
+    "limits.rpc_buffer_bytes_per_ip": RESTART,
+    "limits.send_queue_bytes": RESTART,
+    "limits.send_queue_bytes_per_ip": RESTART,
+    "limits.send_timeout_s": RESTART,
     "limits.rate_per_second": Live(Node._apply_rates),
     "limits.rate_burst": Live(Node._apply_rates),
     "limits.mailbox_max_messages": Live(Node._apply_store_limits),

@@ -93,11 +93,29 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     retry_threshold: int = 32
     keypackage_ttl_s: int = 24 * 3600
     retention_s: int = 7 * 24 * 3600
+    # Node-wide caps on bytes a peer decides the size of (docs/threat-model.md):
+    # request frames held (reading + handling), responses waiting for the peer's
+    # flow control; each with one remote IP's (IPv6 /64's) share. Over a cap the
+    # call gets RESOURCE_EXHAUSTED (retriable). A share must hold one max_payload.
+    rpc_buffer_bytes: int = 24 * 1024 * 1024
+    rpc_buffer_bytes_per_ip: int = 8 * 1024 * 1024
+    send_queue_bytes: int = 24 * 1024 * 1024
+    send_queue_bytes_per_ip: int = 8 * 1024 * 1024
+    # A response not taken by the peer within this is dropped (stream reset).
+    send_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        for share, total in (
+            ("rpc_buffer_bytes_per_ip", "rpc_buffer_bytes"),
+            ("send_queue_bytes_per_ip", "send_queue_bytes"),
+        ):
+            if getattr(self, share) > getattr(self, total):
+                raise ValueError(f"{share} must be <= {total}")
+            if getattr(self, share) < self.max_payload + 64 * 1024:
+                raise ValueError(f"{share} must hold one max_payload (+ 64 KiB framing)")
 
 
 class MlsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -85,6 +85,14 @@ class RpcStats(Protocol):
     @property
     def buffered_bytes(self) -> int: ...
     @property
+    def send_queued_bytes(self) -> int: ...
+    @property
+    def request_budget_refusals(self) -> int: ...
+    @property
+    def send_budget_refusals(self) -> int: ...
+    @property
+    def send_timeouts(self) -> int: ...
+    @property
     def statuses(self) -> Mapping[str, int]: ...
 
 
@@ -381,6 +389,20 @@ def _rpc_families(s: RpcStats) -> Iterator[Metric]:
     yield _counter("qpc_rpc_protocol_errors", "malformed requests", s.protocol_errors)
     yield _counter("qpc_rpc_internal_errors", "handler bugs answered INTERNAL", s.internal_errors)
     yield _gauge("qpc_rpc_buffered_bytes", "request bytes buffered right now", s.buffered_bytes)
+    yield _gauge(
+        "qpc_rpc_send_queued_bytes", "response bytes waiting for peers", s.send_queued_bytes
+    )
+    budget = CounterMetricFamily(
+        "qpc_rpc_budget_refusals",
+        "calls refused RESOURCE_EXHAUSTED: node-wide or per-IP byte budget full",
+        labels=["budget"],
+    )
+    budget.add_metric(["request"], s.request_budget_refusals)
+    budget.add_metric(["send"], s.send_budget_refusals)
+    yield budget
+    yield _counter(
+        "qpc_rpc_send_timeouts", "responses not taken within send_timeout (reset)", s.send_timeouts
+    )
     fam = CounterMetricFamily(
         "qpc_rpc_responses",
         "responses by status, including pre-dispatch refusals",

@@ -6,11 +6,18 @@ can get wrong -- oversize or truncated frames, garbage protobuf, unknown
 versions or methods, too many calls at once, resets mid-call -- ends in a
 typed error Response (when the stream still allows one) and a closed stream;
 nothing a peer sends escapes ``handle_stream``.
+
+Memory a peer decides the size of is budgeted node-wide and per source IP
+(``rpc.budget``): request frames from the moment their length is known until
+their handler is done, response frames until the peer took them -- which it
+must within ``send_timeout``, or the stream is reset. Over a budget the call
+is refused RESOURCE_EXHAUSTED; nothing waits for room while holding bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -21,9 +28,21 @@ from typing import Any
 import trio
 from google.protobuf.message import DecodeError, Message
 
-from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
+from qpc_node.errors import (
+    ConfigError,
+    LocalProtocolError,
+    QpcError,
+    RemoteProtocolError,
+    StatusCode,
+)
+from qpc_node.rpc.budget import BudgetStatistics, ByteBudget
 from qpc_node.rpc.context import CallContext, PeerInfo, Session
-from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame
+from qpc_node.rpc.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FrameDecoder,
+    encode_frame,
+    encode_frame_header,
+)
 from qpc_node.rpc.methods import Method, MethodTable
 from qpc_node.rpc.protocol import (
     WIRE_VERSION,
@@ -64,6 +83,56 @@ class ServerConfig:
     """Cap on any caller's deadline unless the method sets its own."""
     read_timeout: float = 10.0
     """Time a peer gets to deliver its request frame (slow senders hold a call slot)."""
+    send_timeout: float = 30.0
+    """Time a response gets to reach the peer once it is ready; then the stream is reset.
+
+    The peer's flow control decides how fast we may send: without this, a peer
+    that never reads would hold the response, its call slot and its task forever.
+    """
+    request_budget: int = 24 * 1024 * 1024
+    """Node-wide request bytes held (frames being read, requests being handled)."""
+    request_budget_per_ip: int = 8 * 1024 * 1024
+    """One remote IP's (IPv6: /64's) share of ``request_budget``."""
+    send_budget: int = 24 * 1024 * 1024
+    """Node-wide response bytes waiting for peers' flow control."""
+    send_budget_per_ip: int = 8 * 1024 * 1024
+    """One remote IP's (IPv6: /64's) share of ``send_budget``."""
+    budget_floor: int = 64 * 1024
+    """Frames up to this size always fit a budget (and are counted): see ``rpc.budget``."""
+
+    def __post_init__(self) -> None:
+        for name, share in (
+            ("request_budget_per_ip", self.request_budget_per_ip),
+            ("send_budget_per_ip", self.send_budget_per_ip),
+        ):
+            if share < self.max_frame_size + 8:
+                raise ConfigError(
+                    f"{name} ({share}) must hold one frame of max_frame_size "
+                    f"({self.max_frame_size}) or such calls could never succeed"
+                )
+        if self.send_timeout <= 0 or self.read_timeout <= 0:
+            raise ConfigError("send_timeout and read_timeout must be > 0")
+
+
+def budget_source(peer: PeerInfo) -> str:
+    """The key a peer's bytes are budgeted under: its IP; an IPv6 /64 as one.
+
+    One host on a mesh may hold a whole /64 (SLAAC privacy addresses), so
+    per-address shares would be no limit there. Without an address (in-memory
+    transports) the connection is its own source.
+    """
+    addr = peer.remote_address[0] if peer.remote_address else None
+    if not isinstance(addr, str):
+        return peer.connection_id
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class ServerConnection:
@@ -71,6 +140,7 @@ class ServerConnection:
 
     def __init__(self, peer: PeerInfo, limit: int) -> None:
         self.peer = peer
+        self.source = budget_source(peer)
         self.session = Session()
         self._limit = limit
         self.active_calls = 0
@@ -113,8 +183,10 @@ class _ServerCounters:
     peer_resets: int = 0
     protocol_errors: int = 0
     internal_errors: int = 0
-    buffered_bytes: int = 0
-    peak_buffered_bytes: int = 0
+    request_budget_refusals: int = 0
+    send_budget_refusals: int = 0
+    send_timeouts: int = 0
+    """Responses the peer did not take within ``send_timeout``: stream reset."""
     statuses: Counter[str] = field(default_factory=Counter)
 
 
@@ -131,7 +203,15 @@ class ServerStatistics:
     protocol_errors: int
     internal_errors: int
     buffered_bytes: int
+    """Request bytes held under the request budget (what ``request_budget`` caps)."""
     peak_buffered_bytes: int
+    send_queued_bytes: int
+    """Response bytes held under the send budget (waiting for peers' flow control)."""
+    peak_send_queued_bytes: int
+    request_budget_refusals: int
+    send_budget_refusals: int
+    send_timeouts: int
+    """Responses the peer did not take within ``send_timeout``: stream reset."""
     statuses: Mapping[str, int]
     """Responses by StatusCode name, including pre-dispatch refusals (read-only)."""
 
@@ -146,6 +226,12 @@ class _CallState:
         self.violation: RemoteProtocolError | None = None
 
 
+class _OverBudget(QpcError):
+    """A request frame that does not fit the node's request budget."""
+
+    code = StatusCode.RESOURCE_EXHAUSTED
+
+
 class RpcServer:
     """Dispatches calls to a MethodTable under per-call deadlines and per-connection limits."""
 
@@ -157,12 +243,17 @@ class RpcServer:
         observer: CallObserver | None = None,
     ) -> None:
         self.methods = methods
-        self.config = config or ServerConfig()
+        self.config = cfg = config or ServerConfig()
         self.observer = observer
         self._stats = _ServerCounters()
+        self._requests = ByteBudget(
+            cfg.request_budget, cfg.request_budget_per_ip, floor=cfg.budget_floor
+        )
+        self._sends = ByteBudget(cfg.send_budget, cfg.send_budget_per_ip, floor=cfg.budget_floor)
 
     def statistics(self) -> ServerStatistics:
         s = self._stats
+        req, snd = self._requests.statistics(), self._sends.statistics()
         return ServerStatistics(
             connections=s.connections,
             streams=s.streams,
@@ -171,10 +262,19 @@ class RpcServer:
             peer_resets=s.peer_resets,
             protocol_errors=s.protocol_errors,
             internal_errors=s.internal_errors,
-            buffered_bytes=s.buffered_bytes,
-            peak_buffered_bytes=s.peak_buffered_bytes,
+            buffered_bytes=req.used,
+            peak_buffered_bytes=req.peak,
+            send_queued_bytes=snd.used,
+            peak_send_queued_bytes=snd.peak,
+            request_budget_refusals=s.request_budget_refusals,
+            send_budget_refusals=s.send_budget_refusals,
+            send_timeouts=s.send_timeouts,
             statuses=MappingProxyType(dict(s.statuses)),
         )
+
+    def budgets(self) -> tuple[BudgetStatistics, BudgetStatistics]:
+        """(request budget, send budget) as they stand."""
+        return self._requests.statistics(), self._sends.statistics()
 
     def open_connection(self, peer: PeerInfo) -> ServerConnection:
         """State for a new transport connection; pass it with each of its streams."""
@@ -190,14 +290,12 @@ class RpcServer:
             conn.refused_calls += 1
             self._stats.refused_calls += 1
             # Answer without reading: the refusal costs no buffer.
-            await self._finish(
-                stream,
-                error_response(
-                    StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many concurrent calls on this connection "
-                    f"(limit {self.config.max_concurrent_calls})",
-                ),
+            refusal = error_response(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"too many concurrent calls on this connection "
+                f"(limit {self.config.max_concurrent_calls})",
             )
+            await self._send(stream, conn.source, *self._prepare(conn.source, refusal))
             return
         conn.active_calls += 1
         conn.calls += 1
@@ -214,65 +312,72 @@ class RpcServer:
     async def _serve_call(
         self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream
     ) -> None:
+        held = _Held(self._requests, conn.source)
+        try:
+            response = await self._receive_and_dispatch(conn, stream, held)
+        finally:
+            held.release()  # the request and its decoded form are gone by now
+        if response is None:
+            return
+        frame, reserved = self._prepare(conn.source, response)
+        del response  # the frame is all we keep while the peer takes its time
+        await self._send(stream, conn.source, frame, reserved)
+
+    async def _receive_and_dispatch(
+        self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream, held: _Held
+    ) -> rpc_pb2.Response | None:
+        """The call up to its answer (None: nothing to answer, the stream is done)."""
         decoder = FrameDecoder(self.config.max_frame_size)
         frame: bytes | None = None
         try:
             with trio.move_on_after(self.config.read_timeout) as read_scope:
-                frame = await self._read_request(stream, decoder)
+                frame = await self._read_request(stream, decoder, held)
+        except _OverBudget as exc:
+            self._stats.request_budget_refusals += 1
+            return error_response(exc.code, exc.message)
         except RemoteProtocolError as exc:  # the decoder's verdict on the peer's bytes
             self._stats.protocol_errors += 1
-            await self._finish(stream, error_response(exc.code, exc.message))
-            return
+            return error_response(exc.code, exc.message)
         except _STREAM_GONE:
             self._stats.peer_resets += 1
             await trio.aclose_forcefully(stream)
-            return
-        finally:
-            self._account(-decoder.buffered_bytes)
+            return None
+        del decoder  # what it held is in ``frame`` now (or refused)
         if read_scope.cancelled_caught or frame is None:
-            await self._finish(
-                stream,
-                error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time"),
-            )
-            return
+            return error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time")
         response = await self._dispatch(conn, stream, frame)
         if response is None:  # the peer went away; nobody to answer
             self._stats.peer_resets += 1
             await self._abort(stream)
-            return
-        await self._finish(stream, response)
+        return response
 
     async def _read_request(
-        self, stream: trio.abc.HalfCloseableStream, decoder: FrameDecoder
+        self, stream: trio.abc.HalfCloseableStream, decoder: FrameDecoder, held: _Held
     ) -> bytes | None:
         while True:
             data = await stream.receive_some(RECEIVE_CHUNK)
             if not data:
-                before = decoder.buffered_bytes
-                try:
-                    decoder.close()  # raises on a partial frame (and drops it)
-                finally:
-                    self._account(decoder.buffered_bytes - before)
+                decoder.close()  # raises on a partial frame (and drops it)
                 raise RemoteProtocolError(
                     "stream ended without a request", code=StatusCode.INVALID_ARGUMENT
                 )
-            before = decoder.buffered_bytes
-            try:
-                frames = decoder.feed(data)
-            finally:
-                self._account(decoder.buffered_bytes - before)
+            frames = decoder.feed(data)
+            # Budget the whole frame as soon as its length is known (one
+            # reservation per call): refusing then costs at most one chunk.
+            announced = decoder.announced_frame_size
+            if announced is None and frames:
+                announced = len(frames[0])
+            if announced is not None and not held.nbytes and not held.reserve(announced):
+                raise _OverBudget(
+                    f"node is holding too many request bytes; retry later "
+                    f"(frame of {announced} bytes)"
+                )
             if frames:
                 if len(frames) > 1 or decoder.buffered_bytes:
                     raise RemoteProtocolError(
                         "more than one frame on a call stream", code=StatusCode.INVALID_ARGUMENT
                     )
                 return frames[0]
-
-    def _account(self, delta: int) -> None:
-        s = self._stats
-        s.buffered_bytes += delta
-        if s.buffered_bytes > s.peak_buffered_bytes:
-            s.peak_buffered_bytes = s.buffered_bytes
 
     async def _dispatch(
         self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream, frame: bytes
@@ -382,6 +487,7 @@ class RpcServer:
                     f"handler returned {type(result).__name__}, not {method.response_type.__name__}"
                 )
             payload = result.SerializeToString()
+            del result  # a Fetch answer can be 5 MiB: one copy at a time
         except QpcError as exc:
             return error_response(exc.code, exc.message, call_id=ctx.call_id)
         except Exception:  # deliberately broad (BLE001): the one handler boundary.
@@ -398,38 +504,107 @@ class RpcServer:
 
     # -- ending a stream ----------------------------------------------------
 
-    async def _finish(
-        self, stream: trio.abc.HalfCloseableStream, response: rpc_pb2.Response
-    ) -> None:
-        """Send ``response``, half-close, close; a peer that left just gets a forceful close."""
-        self._stats.statuses[StatusCode(response.status).name] += 1
+    def _prepare(self, source: str, response: rpc_pb2.Response) -> tuple[list[bytes], int]:
+        """Encode ``response`` and reserve its bytes in the send budget:
+        (frame as header + payload, reserved bytes).
+
+        A response that does not fit the budget is replaced by a small
+        RESOURCE_EXHAUSTED (retriable): waiting for room instead would keep the
+        large response in memory, which is what the budget bounds. Only reads
+        answer large (Fetch), so a refused answer loses nothing: the messages
+        stay until acknowledged and the client retries.
+        """
+        status = StatusCode(response.status)
+        payload = response.SerializeToString()
         try:
-            frame = encode_frame(
-                response.SerializeToString(), max_frame_size=self.config.max_frame_size
-            )
+            header = encode_frame_header(len(payload), max_frame_size=self.config.max_frame_size)
+            # Large: write header and payload apart (joining copies the payload).
+            frame = [header, payload] if len(payload) > RECEIVE_CHUNK else [header + payload]
         except LocalProtocolError as exc:
-            self._stats.statuses[StatusCode(response.status).name] -= 1
-            self._stats.statuses[exc.code.name] += 1
-            frame = encode_frame(
-                error_response(
-                    exc.code, "response exceeds the frame cap", call_id=response.call_id
-                ).SerializeToString()
+            status = exc.code
+            frame = _error_frame(exc.code, "response exceeds the frame cap", response.call_id)
+        del payload
+        reserved = sum(map(len, frame))
+        if not self._sends.try_reserve(source, reserved):
+            self._stats.send_budget_refusals += 1
+            status = StatusCode.RESOURCE_EXHAUSTED
+            frame = _error_frame(
+                status,
+                f"node is holding too many response bytes; retry later "
+                f"(response of {reserved} bytes)",
+                response.call_id,
             )
+            # Under the floor this always fits; with floor 0 it may not (then it
+            # goes out unbudgeted: a refusal must still reach the caller).
+            reserved = len(frame[0]) if self._sends.try_reserve(source, len(frame[0])) else 0
+        self._stats.statuses[status.name] += 1
+        return frame, reserved
+
+    async def _send(
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        source: str,
+        frame: list[bytes],
+        reserved: int,
+    ) -> None:
+        """Send ``frame``, half-close, close -- within ``send_timeout``; then release
+        its ``reserved`` budget bytes.
+
+        The peer's flow control paces the send: a peer that does not take the
+        response in time (it grants no credit) gets its stream reset, so neither
+        the bytes nor the call slot stay pinned. A peer that left just gets a
+        forceful close.
+        """
         try:
-            await stream.send_all(frame)
-            await stream.send_eof()
+            with trio.move_on_after(self.config.send_timeout) as send_scope:
+                for part in frame:
+                    await stream.send_all(part)
+                await stream.send_eof()
         except _STREAM_GONE:
             self._stats.peer_resets += 1
             await self._abort(stream)
             return
+        finally:
+            self._sends.release(source, reserved)
+        if send_scope.cancelled_caught:
+            self._stats.send_timeouts += 1
+            await self._abort(stream, StatusCode.DEADLINE_EXCEEDED)
+            return
         await _close(stream)
 
-    async def _abort(self, stream: trio.abc.HalfCloseableStream) -> None:
+    async def _abort(
+        self, stream: trio.abc.HalfCloseableStream, code: StatusCode = StatusCode.CANCELLED
+    ) -> None:
         reset = getattr(stream, "reset", None)
         if callable(reset):
             with contextlib.suppress(*_STREAM_GONE):
-                reset(int(StatusCode.CANCELLED))
+                reset(int(code))
         await trio.aclose_forcefully(stream)
+
+
+class _Held:
+    """One call's reservation in a budget (request bytes): reserve once, release once."""
+
+    __slots__ = ("_budget", "_source", "nbytes")
+
+    def __init__(self, budget: ByteBudget, source: str) -> None:
+        self._budget = budget
+        self._source = source
+        self.nbytes = 0
+
+    def reserve(self, nbytes: int) -> bool:
+        if self._budget.try_reserve(self._source, nbytes):
+            self.nbytes = nbytes
+            return True
+        return False
+
+    def release(self) -> None:
+        self._budget.release(self._source, self.nbytes)
+        self.nbytes = 0
+
+
+def _error_frame(code: StatusCode, message: str, call_id: int) -> list[bytes]:
+    return [encode_frame(error_response(code, message, call_id=call_id).SerializeToString())]
 
 
 async def _close(stream: trio.abc.HalfCloseableStream) -> None:

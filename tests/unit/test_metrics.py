@@ -152,6 +152,11 @@ def rpc_source() -> Fixed[ServerStatistics]:
             internal_errors=0,
             buffered_bytes=64,
             peak_buffered_bytes=128,
+            send_queued_bytes=0,
+            peak_send_queued_bytes=0,
+            request_budget_refusals=0,
+            send_budget_refusals=0,
+            send_timeouts=0,
             statuses=MappingProxyType({"OK": 9, "UNAUTHENTICATED": 2}),
         )
     )
