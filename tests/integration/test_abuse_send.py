@@ -102,7 +102,12 @@ async def test_unread_responses_are_refused_reset_and_released(tmp_path: Path) -
                     while True:
                         st = await node_stats(legit)
                         ended = st.get(REFUSED, 0) + st.get(TIMEOUTS, 0)
-                        if ended >= len(ATTACKER_IPS) * CALLS_PER_ATTACKER:
+                        # A refused call is counted before its slot is released: wait
+                        # for both (what is left: this Stats call + one legit call).
+                        if (
+                            ended >= len(ATTACKER_IPS) * CALLS_PER_ATTACKER
+                            and st["qpc_rpc_active_calls"] <= 2
+                        ):
                             break
                         await trio.sleep(0.1)
                 during = await node_stats(legit)
