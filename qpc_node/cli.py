@@ -67,9 +67,19 @@ def _load_cfg(args: argparse.Namespace) -> Config:
     return load_config(cfg_path, overrides=overrides)
 
 
-async def _until_signalled(nursery: trio.Nursery, on_hup: Callable[[], None] | None = None) -> None:
-    """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config."""
+async def _until_signalled(
+    nursery: trio.Nursery,
+    on_hup: Callable[[], None] | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config.
+
+    Started (receiver installed) before the node announces itself: a supervisor's
+    SIGTERM right after the announcement must drain, not kill with the default action.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         async for sig in signals:
             if sig == signal.SIGHUP:
                 if on_hup is not None:
@@ -89,12 +99,12 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(_until_signalled, nursery, reload)
             info = await nursery.start(node.run)
             print(
                 f"qpc node listening on {info.host}:{info.port} pin={info.cert_fingerprint}",
                 flush=True,
             )
-            nursery.start_soon(_until_signalled, nursery, reload)
 
     def reload() -> None:
         from qpc_node.ops.log import get_logger
@@ -281,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sole_qpc_error(group: BaseExceptionGroup[BaseException]) -> QpcError | None:
+    """The one QpcError a nursery wrapped (e.g. NodeBusy from ``nursery.start(node.run)``).
+
+    Trio's strict exception groups would otherwise turn a clear refusal into a traceback.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, QpcError) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -288,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func = _cmd_default
         args.data = None
     try:
-        rc: int = args.func(args)
+        try:
+            rc: int = args.func(args)
+        except BaseExceptionGroup as group:
+            raise _sole_qpc_error(group) or group from None
     except QpcError as exc:
         print(f"qpc: error: {exc}", file=sys.stderr)
         return 2
