@@ -163,9 +163,25 @@ class Node:
         self, *, task_status: trio.TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED
     ) -> None:
         with DataDirLock(self.data_dir):
-            await self._run(task_status)
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                try:
+                    info: NodeInfo = await nursery.start(self._run_shielded, stop)
+                    task_status.started(info)
+                    await trio.sleep_forever()
+                finally:
+                    stop.set()  # the shielded services see it, drain, and return
 
-    async def _run(self, task_status: trio.TaskStatus[NodeInfo]) -> None:
+    async def _run_shielded(
+        self, stop: trio.Event, *, task_status: trio.TaskStatus[NodeInfo]
+    ) -> None:
+        """The services run shielded: a cancellation of ``run`` must start the drain,
+        not reach the endpoint's connections and handlers (they would be cut off
+        without an answer or a CONNECTION_CLOSE). ``stop`` is the only way in."""
+        with trio.CancelScope(shield=True):
+            await self._run(task_status, stop)
+
+    async def _run(self, task_status: trio.TaskStatus[NodeInfo], stop: trio.Event) -> None:
         lim = self.cfg.limits
         creds = load_or_create_node_credentials(self.key_dir)
         host, port = parse_hostport(self.cfg.node.listen)
@@ -204,7 +220,7 @@ class Node:
                 log.info("node serving", extra={"addr": f"{bound[0]}:{bound[1]}"})
                 task_status.started(info)
                 try:
-                    await trio.sleep_forever()
+                    await stop.wait()
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._drain(ep)

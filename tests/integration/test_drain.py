@@ -1,5 +1,6 @@
-"""SIGTERM during 500 in-flight calls: each completes or gets a retriable error,
-no acknowledged message is lost, and the process exits within its drain grace."""
+"""Draining: SIGTERM during 500 in-flight calls (each completes or gets a retriable
+error, no acknowledged message is lost, the process exits within its drain grace), and
+parked long-polls answered at once when the node starts draining."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import mailbox_ids, start_node_process, users
+from node_harness import mailbox_ids, node_config, start_node_process, users
 
 from qpc_node.crypto import Identity
 from qpc_node.errors import StatusCode
+from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.quic import ALPN_CLIENT, ClientTLS, Connection, Endpoint, open_endpoint
 from qpc_node.rpc import RpcClient, RpcError
@@ -139,3 +141,72 @@ async def test_sigterm_drains(tmp_path: Path, wall: ManualWallClock) -> None:
             await proc.wait()
         proc.kill()
     assert set(acked) <= seen
+
+
+async def _wait_parked(node: Node, recipients: int) -> None:
+    assert node.delivery is not None
+    with trio.fail_after(20):
+        # Parked fetches are counted by the node; poll it (bounded) rather than guess a delay.
+        while len(node.delivery.waiters) < recipients:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_drain_answers_parked_long_polls(tmp_path: Path, wall: ManualWallClock) -> None:
+    """Fetches parked with a wait longer than the grace get their (empty) answer as
+    soon as the drain starts, and the node then exits well inside its grace; a drain
+    that left them parked would hold the node for the whole grace and then cut them off."""
+    grace, wait_ms = 10.0, 25_000
+    assert wait_ms / 1000 > grace
+    cfg = node_config(tmp_path, node={"drain_grace_s": str(grace)})
+    node = Node(cfg, default_data=tmp_path / "node", wall_ms=wall)
+    idents = [Identity.create(tmp_path / f"u{i}", os.urandom(32), durable=False) for i in range(3)]
+    answered: list[tuple[float, service_pb2.FetchResponse | StatusCode]] = []
+    node_scope = trio.CancelScope()
+    node_exited = trio.Event()
+
+    async def run_node(*, task_status: trio.TaskStatus[NodeInfo]) -> None:
+        with node_scope:
+            await node.run(task_status=task_status)
+        node_exited.set()
+
+    async with trio.open_nursery() as outer:
+        info: NodeInfo = await outer.start(run_node)
+        async with open_endpoint("127.0.0.1", 0) as ep:
+            rpcs = [
+                (await session(ep, info.host, info.port, info.cert_fingerprint, ident))[1]
+                for ident in idents
+            ]
+
+            async def park(rpc: RpcClient) -> None:
+                try:
+                    resp = await rpc.call(
+                        "qpc.v1.Delivery/Fetch",
+                        service_pb2.FetchRequest(wait_ms=wait_ms),
+                        service_pb2.FetchResponse,
+                        timeout=wait_ms / 1000 + 10,
+                    )
+                except RpcError as exc:
+                    answered.append((trio.current_time(), exc.code))
+                else:
+                    answered.append((trio.current_time(), resp))
+
+            async with trio.open_nursery() as clients:
+                for rpc in rpcs:
+                    clients.start_soon(park, rpc)
+                await _wait_parked(node, len(rpcs))
+                t_drain = trio.current_time()
+                node_scope.cancel()  # what SIGTERM does in `qpc node`
+                with trio.fail_after(grace * 2):
+                    await node_exited.wait()
+                exit_after = trio.current_time() - t_drain
+            ep.abort()
+    print(
+        f"long-polls answered after {[round(t - t_drain, 3) for t, _ in answered]}s,"
+        f" exit after {exit_after:.3f}s (grace {grace}s)"
+    )
+    assert len(answered) == len(rpcs)
+    for t, resp in answered:
+        assert isinstance(resp, service_pb2.FetchResponse), resp  # an answer, not a cut-off
+        assert list(resp.messages) == []
+        assert t - t_drain < grace / 2
+    assert exit_after < grace / 2
