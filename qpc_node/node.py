@@ -53,6 +53,13 @@ class NodeInfo:
     data_dir: Path
 
 
+async def _set_when_cancelled(event: trio.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        event.set()
+
+
 def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
     data = Path(cfg.node.data_dir) if cfg.node.data_dir else default_data
     keys = Path(cfg.node.key_dir) if cfg.node.key_dir else data / KEYS_SUBDIR
@@ -164,13 +171,23 @@ class Node:
     ) -> None:
         with DataDirLock(self.data_dir):
             stop = trio.Event()
+            raised: BaseException | None = None
             async with trio.open_nursery() as nursery:
+                # Also covers a cancellation while the services are still starting,
+                # when nursery.start waits for the shielded task to end.
+                nursery.start_soon(_set_when_cancelled, stop)
                 try:
                     info: NodeInfo = await nursery.start(self._run_shielded, stop)
                     task_status.started(info)
                     await trio.sleep_forever()
+                # Re-raised below, outside the nursery: a startup error (a taken port)
+                # reaches the caller as itself, not wrapped in an ExceptionGroup.
+                except BaseException as exc:
+                    raised = exc
                 finally:
-                    stop.set()  # the shielded services see it, drain, and return
+                    nursery.cancel_scope.cancel()  # stop: the services drain and return
+            if raised is not None:
+                raise raised
 
     async def _run_shielded(
         self, stop: trio.Event, *, task_status: trio.TaskStatus[NodeInfo]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from node_harness import mailbox_ids, node_config, start_node_process, users
+from node_harness import mailbox_ids, node_config, running_node, start_node_process, users
 
 from qpc_node.crypto import Identity
 from qpc_node.errors import StatusCode
@@ -236,3 +236,26 @@ async def test_drain_answers_parked_long_polls(tmp_path: Path, wall: ManualWallC
         assert list(resp.messages) == []
         assert t - t_drain < grace / 2
     assert exit_after < grace / 2
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.05])
+async def test_cancel_while_starting_stops_cleanly(tmp_path: Path, delay: float) -> None:
+    """The services run shielded; a cancellation that lands while they start must
+    still stop them (nursery.start waits for the shielded task), not hang."""
+    node = Node(node_config(tmp_path), default_data=tmp_path / "node")
+    with trio.fail_after(20), trio.move_on_after(delay):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await trio.sleep_forever()
+    assert node.store is None or not node.store.is_open  # closed, not leaked
+
+
+async def test_startup_error_reaches_the_caller_unwrapped(tmp_path: Path) -> None:
+    """``qpc`` attaches to the node already on its port by catching OSError from
+    ``nursery.start(node.run)``: the error must not come wrapped in a group."""
+    async with running_node(tmp_path / "a") as (_, info):
+        cfg = node_config(tmp_path / "b", node={"listen": f"127.0.0.1:{info.port}"})
+        second = Node(cfg, default_data=tmp_path / "b" / "node")
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(20), pytest.raises(OSError):
+                await nursery.start(second.run)
