@@ -176,6 +176,7 @@ async def _repl_main(
 def _cmd_default(args: argparse.Namespace) -> int:
     """``qpc`` alone: a node of your own plus a REPL on it."""
     from qpc_node.node import Node
+    from qpc_node.ops.lockfile import NodeBusy
     from qpc_node.ops.log import setup_logging
 
     cfg = _load_cfg(args)
@@ -187,13 +188,15 @@ def _cmd_default(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 info = await nursery.start(node.run)
-            except OSError as exc:
-                # Port taken: probably our own node already runs; attach to it.
+            except (OSError, NodeBusy) as exc:
+                # Our own node already runs (its data dir is locked, or the port is
+                # taken): attach to it.
                 from qpc_node.node import KEYS_SUBDIR
                 from qpc_node.quic.tls import load_or_create_node_credentials
 
                 host, port = cfg.node.listen.rsplit(":", 1)
-                print(f"({exc.strerror}: attaching to the node on {cfg.node.listen})")
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                print(f"({why}: attaching to the node on {cfg.node.listen})")
                 pin = load_or_create_node_credentials(base / "node" / KEYS_SUBDIR).fingerprint
                 rc = await _repl_main(base, host, int(port), pin, None)
                 nursery.cancel_scope.cancel()
