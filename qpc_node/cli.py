@@ -75,8 +75,10 @@ async def _until_signalled(
 ) -> None:
     """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config.
 
-    Start it with ``nursery.start`` before announcing anything: until the receiver
-    is open a SIGHUP (procd's reload) would kill the process with the default action.
+    Started (receiver installed) before the node announces itself: until the receiver
+    is open a SIGHUP (procd's reload) or a supervisor's SIGTERM right after the
+    announcement would kill the process with the default action instead of
+    reloading or draining.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
@@ -197,6 +199,7 @@ async def _repl_main(
 def _cmd_default(args: argparse.Namespace) -> int:
     """``qpc`` alone: a node of your own plus a REPL on it."""
     from qpc_node.node import Node
+    from qpc_node.ops.lockfile import NodeBusy
     from qpc_node.ops.log import setup_logging
 
     cfg = _load_cfg(args)
@@ -208,13 +211,15 @@ def _cmd_default(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 info = await nursery.start(node.run)
-            except OSError as exc:
-                # Port taken: probably our own node already runs; attach to it.
+            except (OSError, NodeBusy) as exc:
+                # Our own node already runs (its data dir is locked, or the port is
+                # taken): attach to it.
                 from qpc_node.node import KEYS_SUBDIR
                 from qpc_node.quic.tls import load_or_create_node_credentials
 
                 host, port = cfg.node.listen.rsplit(":", 1)
-                print(f"({exc.strerror}: attaching to the node on {cfg.node.listen})")
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                print(f"({why}: attaching to the node on {cfg.node.listen})")
                 pin = load_or_create_node_credentials(base / "node" / KEYS_SUBDIR).fingerprint
                 rc = await _repl_main(base, host, int(port), pin, None)
                 nursery.cancel_scope.cancel()
@@ -354,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sole_qpc_error(group: BaseExceptionGroup[BaseException]) -> QpcError | None:
+    """The one QpcError a nursery wrapped (e.g. NodeBusy from ``nursery.start(node.run)``).
+
+    Trio's strict exception groups would otherwise turn a clear refusal into a traceback.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, QpcError) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -361,7 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func = _cmd_default
         args.data = None
     try:
-        rc: int = args.func(args)
+        try:
+            rc: int = args.func(args)
+        except BaseExceptionGroup as group:
+            raise _sole_qpc_error(group) or group from None
     except QpcError as exc:
         print(f"qpc: error: {exc}", file=sys.stderr)
         return 2

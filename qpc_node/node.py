@@ -82,6 +82,13 @@ def _admission(lim: LimitsSection) -> AdmissionLimits:
     )
 
 
+async def _set_when_cancelled(event: trio.Event) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        event.set()
+
+
 def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
     data = Path(cfg.node.data_dir) if cfg.node.data_dir else default_data
     keys = Path(cfg.node.key_dir) if cfg.node.key_dir else data / KEYS_SUBDIR
@@ -213,9 +220,35 @@ class Node:
         # files inherit its 0600.
         _secure_dir(self.data_dir, (DB_FILE,))
         with DataDirLock(self.data_dir):
-            await self._run(task_status)
+            stop = trio.Event()
+            raised: BaseException | None = None
+            async with trio.open_nursery() as nursery:
+                # Also covers a cancellation while the services are still starting,
+                # when nursery.start waits for the shielded task to end.
+                nursery.start_soon(_set_when_cancelled, stop)
+                try:
+                    info: NodeInfo = await nursery.start(self._run_shielded, stop)
+                    task_status.started(info)
+                    await trio.sleep_forever()
+                # Re-raised below, outside the nursery: a startup error (a taken port)
+                # reaches the caller as itself, not wrapped in an ExceptionGroup.
+                except BaseException as exc:
+                    raised = exc
+                finally:
+                    nursery.cancel_scope.cancel()  # stop: the services drain and return
+            if raised is not None:
+                raise raised
 
-    async def _run(self, task_status: trio.TaskStatus[NodeInfo]) -> None:
+    async def _run_shielded(
+        self, stop: trio.Event, *, task_status: trio.TaskStatus[NodeInfo]
+    ) -> None:
+        """The services run shielded: a cancellation of ``run`` must start the drain,
+        not reach the endpoint's connections and handlers (they would be cut off
+        without an answer or a CONNECTION_CLOSE). ``stop`` is the only way in."""
+        with trio.CancelScope(shield=True):
+            await self._run(task_status, stop)
+
+    async def _run(self, task_status: trio.TaskStatus[NodeInfo], stop: trio.Event) -> None:
         lim = self.cfg.limits
         creds = load_or_create_node_credentials(self.key_dir)
         _secure_dir(self.key_dir)  # after: a fresh node.crt is written 0644
@@ -252,7 +285,7 @@ class Node:
                 log.info("node serving", extra={"addr": f"{bound[0]}:{bound[1]}"})
                 task_status.started(info)
                 try:
-                    await trio.sleep_forever()
+                    await stop.wait()
                 finally:
                     self._nursery = None  # a reload while draining starts nothing new
                     with trio.CancelScope(shield=True):

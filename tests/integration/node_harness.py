@@ -84,6 +84,20 @@ async def texts(agent: Agent, want: int, wait: float = 5.0) -> list[Incoming]:
     return got
 
 
+async def flush_inbox(agent: Agent, rounds: int = 20) -> list[Incoming]:
+    """Handle everything already in ``agent``'s mailbox, without waiting for more.
+
+    A send returns once the node stored its fan-out, so after ``flush_inbox`` the
+    recipient has seen all of it: "nothing arrived" is checked without a fixed wait.
+    """
+    got: list[Incoming] = []
+    for _ in range(rounds):
+        got += await agent.receive(wait=0)
+        if not await mailbox_ids(agent, pages=1):
+            return got
+    raise AssertionError(f"mailbox still not empty after {rounds} rounds")
+
+
 async def _spawn(
     data: Path, env: dict[str, str], log: BinaryIO | None, listen: str = "127.0.0.1:0"
 ) -> trio.Process:

@@ -136,7 +136,8 @@ async def test_close_drains_pending_enqueues(tmp_path: Path) -> None:
             nursery.start_soon(one, n)
         await _wait_queued(store, 20)
         nursery.start_soon(store.aclose)
-        await trio.sleep(0.01)
+        # aclose queues its stop marker behind the 20 enqueues before it blocks.
+        await _wait_queued(store, 21)
         release.set()
     assert sorted(acked) == list(range(20))
     with Store.open(tmp_path / "n.db") as reopened:
@@ -146,8 +147,16 @@ async def test_close_drains_pending_enqueues(tmp_path: Path) -> None:
 async def test_cancelled_caller_does_not_break_the_store(tmp_path: Path) -> None:
     async with await AsyncStore.open(tmp_path / "n.db") as store:
         release = await _hold_worker(store)
-        with trio.move_on_after(0.01):
-            await store.enqueue([env(1)], NOW)
+
+        async def cancel_once_queued(scope: trio.CancelScope) -> None:
+            await _wait_queued(store, 1)
+            scope.cancel()
+
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_queued, scope)
+                await store.enqueue([env(1)], NOW)
+        assert scope.cancelled_caught  # the caller gave up while its job was queued
         release.set()
         # The abandoned enqueue still commits; a retry sees it as a duplicate.
         assert (await store.enqueue([env(1)], NOW))[0].duplicate
