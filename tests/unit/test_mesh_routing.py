@@ -445,3 +445,25 @@ def test_binding_signed_by_a_client_identity_verifies_with_the_mls_core(tmp_path
     assert a.router.resolve(node_id_of(ident.public_key), T0) == Local()
     raw = sign_binding(user(1)[1], user(1)[0].sign, a.id, 1, T0 + 60_000)
     assert a.router.home(raw, T0) is Outcome.FORGED  # no context: not a client signature
+
+
+def test_rehoming_spreads_and_wins_everywhere() -> None:
+    """A user homed on D moves to A with seq + 1; after the exchange every node
+    resolves to A, including D (which now forwards towards A)."""
+    nodes, links = line(4)
+    a, _b, _c, d = nodes
+    now = exchange(nodes, links, T0, T0 + 3_000)
+    k, pub = user(1)
+    assert d.router.home(sign_binding(pub, k.sign, d.id, 1, T0 + 3_600_000), now) is (
+        Outcome.ACCEPTED
+    )
+    now = exchange(nodes, links, now, now + 2_000)
+    fp = node_id_of(pub)
+    assert a.router.resolve(fp, now) == NextHop(nodes[1].id, 3, d.id)
+    assert a.router.home(sign_binding(pub, k.sign, a.id, 2, T0 + 3_600_000), now) is (
+        Outcome.ACCEPTED
+    )
+    now = exchange(nodes, links, now, now + 2_000)
+    assert a.router.resolve(fp, now) == Local()
+    assert d.router.resolve(fp, now) == NextHop(nodes[2].id, 3, a.id)
+    assert all(n.router.binding(fp).seq == 2 for n in nodes)  # type: ignore[union-attr]
