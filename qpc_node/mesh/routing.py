@@ -1066,6 +1066,14 @@ class Router:
 
     def _gc(self, now: int) -> None:
         self._next_gc = now + self._p.gc_interval_ms
+        live = sum(len(t) for t in self._routes.values())
+        if len(self._expiry_heap) > 2 * live + 64:
+            # Each refresh pushes an entry and leaves the old one until it is due: a
+            # neighbour repeating itself quickly must not grow the heap without bound.
+            self._expiry_heap = [
+                (r.expires, origin, nb) for origin, t in self._routes.items() for nb, r in t.items()
+            ]
+            heapq.heapify(self._expiry_heap)
         for user in [u for u, b in self._bindings.items() if b.expiry_ms <= now]:
             del self._bindings[user]
         for origin in [o for o, a in self._retracted.items() if a.expiry_ms <= now]:

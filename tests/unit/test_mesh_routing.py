@@ -467,3 +467,16 @@ def test_rehoming_spreads_and_wins_everywhere() -> None:
     assert a.router.resolve(fp, now) == Local()
     assert d.router.resolve(fp, now) == NextHop(nodes[2].id, 3, a.id)
     assert all(n.router.binding(fp).seq == 2 for n in nodes)  # type: ignore[union-attr]
+
+
+def test_a_neighbour_repeating_itself_does_not_grow_memory() -> None:
+    a, b = linked()
+    c = Node(3)
+    ann = c.ann(1, hops=1, life=110_000)
+    now = T0
+    for _ in range(5_000):
+        a.router.receive(b.id, RouteUpdate((ann,)), now)
+        now += 7
+        a.router.poll(now)
+    assert len(a.router._expiry_heap) <= 2 * 1 + 64 + 1_500  # type: ignore[attr-defined]
+    assert a.router.statistics().routes_refreshed == 4_999
