@@ -437,7 +437,7 @@ class Outcome(enum.Enum):
     """The same signed content again: timers renewed, nothing re-verified or re-sent."""
     RETRACTED = "retracted"
     FORGED = "forged"
-    """Bad signature, or id != SHA-256(key)."""
+    """Bad signature, id != SHA-256(key), or a neighbour claiming to be the origin."""
     EXPIRED = "expired"
     FUTURE = "future"
     """Expiry further ahead than any honest signer sets it (lifetime + clock skew)."""
@@ -844,7 +844,8 @@ class Router:
                 assert table is not None
                 self._set_route(table, a.origin, nb, a, now)
                 return Outcome.REFRESHED
-        if a.origin != node_id_of(a.origin_key):
+        if a.origin != node_id_of(a.origin_key) or (a.hops == 0 and a.origin != nb):
+            # Only the origin itself is 0 hops from the origin.
             return Outcome.FORGED
         if not self._verified_sig(self._verify_node, a.origin_key, a.signed_bytes(), a.signature):
             return Outcome.FORGED

@@ -178,10 +178,12 @@ def test_forged_announcements_are_ignored() -> None:
     wrong_id = dataclasses.replace(attacker.ann(7, hops=1), origin=c.id)
     # ... or presents the victim's id and key with its own signature.
     stolen_key = dataclasses.replace(attacker.ann(7, hops=1), origin=c.id, origin_key=c.pub)
-    rep = a.router.receive(b.id, RouteUpdate((flipped, wrong_id, stolen_key)), now)
-    assert rep.routes == (Outcome.FORGED,) * 3
+    # ... or relays the genuine announcement as if it were the origin (hops 0).
+    as_origin = dataclasses.replace(good, hops=0)
+    rep = a.router.receive(b.id, RouteUpdate((flipped, wrong_id, stolen_key, as_origin)), now)
+    assert rep.routes == (Outcome.FORGED,) * 4
     assert isinstance(a.router.route(c.id, now), NoRoute)
-    assert a.router.statistics().routes_forged == 3
+    assert a.router.statistics().routes_forged == 4
     assert a.router.receive(b.id, RouteUpdate((good,)), now).routes == (Outcome.ACCEPTED,)
     assert a.router.route(c.id, now) == NextHop(b.id, 2, c.id)
 
