@@ -422,17 +422,19 @@ class PeerTable:
         """When :meth:`poll` next has something to do (None: only an input can change things)."""
         p = self._policy
         best: float | None = None
-        connecting = 0
+        busy = sum(1 for q in self._peers.values() if q.state is PeerState.CONNECTING)
+        # With every dial slot taken, a due dial waits for a dial to end (an input or a
+        # dial timeout), not for the clock: counting it would make the driver spin.
+        room = busy < p.max_connecting
         for peer in self._peers.values():
             t: float | None = None
             if peer.state is PeerState.UP:
                 assert peer.last_seen is not None
                 t = peer.last_seen + p.liveness_timeout
             elif peer.state is PeerState.CONNECTING:
-                connecting += 1
                 t = peer.state_since + p.dial_timeout
             elif peer.state in (PeerState.BACKOFF, PeerState.DISCOVERED):
-                if peer.next_attempt_at is not None:
+                if room and peer.next_attempt_at is not None:
                     t = peer.next_attempt_at
                 if peer.state is PeerState.BACKOFF and not self._is_static(peer):
                     forget = peer.down_since + p.forget_after

@@ -184,7 +184,8 @@ def test_dial_selection_static_first_and_bounded() -> None:
     t.discovered(nid(3), [PeerAddress("192.0.2.3", 1)], Source.STATIC, 0.0)
     dials = [e for e in t.poll(0.0) if isinstance(e, Dial)]
     assert len(dials) == 2 and dials[0].node == nid(3)
-    assert t.poll(0.0) == []  # the third waits for a slot
+    assert t.poll(0.0) == []  # the third waits for a slot ...
+    assert t.next_deadline() == PeerPolicy().dial_timeout  # ... not for the clock
     t.link_up(dials[0].node, 0.1)
     assert [e for e in t.poll(0.1) if isinstance(e, Dial)] != []
 
