@@ -270,7 +270,10 @@ class Net:
             payload = out.update.encode()
             t = self.now + self.rng.randint(*self.latency_ms)
             self._push(t, "deliver", (i, j, session, payload))
-        self._schedule_poll(i, router.next_deadline())
+        deadline = router.next_deadline()
+        if deadline <= self.now:
+            raise SimError(f"node {i}: next deadline {deadline} not after poll at {self.now}")
+        self._schedule_poll(i, deadline)
         self.check_node(i)
 
     # -- invariants -------------------------------------------------------------------------

@@ -241,6 +241,8 @@ def test_random_event_sequences_keep_the_table_consistent() -> None:
             for e in t.poll(now):
                 if isinstance(e, Dial):
                     assert e.address in t.get(e.node).addresses  # type: ignore[union-attr]
+            deadline = t.next_deadline()
+            assert deadline is None or deadline > now  # a driver never spins
             s = t.statistics()
             assert s.up == len(t.up()) and s.peers == len(t.peers())
             for info in t.peers():
