@@ -51,6 +51,7 @@ from qpc_node.mesh.discovery_core import (
     PeerTxt,
     PeerUpdated,
     ResolvedService,
+    has_unscoped_link_local,
     parse_domain,
 )
 from qpc_node.mesh.interfaces import (
@@ -74,6 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+SCOPE_WAIT_S = 0.5
 _IP_VERSIONS = {"all": IPVersion.All, "v6": IPVersion.V6Only, "v4": IPVersion.V4Only}
 
 
@@ -133,6 +135,17 @@ def _snapshot(zc: Zeroconf, name: str, timeout_ms: int) -> ResolvedService | Non
         return None
 
 
+def _cached(zc: Zeroconf, name: str) -> ResolvedService | None:
+    """Cache only: never blocks, safe from the Trio thread."""
+    try:
+        info = ServiceInfo(SERVICE_TYPE, name)
+        if not info.load_from_cache(zc):
+            return None
+        return ResolvedService(name, bytes(info.text), tuple(info.parsed_scoped_addresses()))
+    except Exception:
+        return None
+
+
 class MdnsDiscovery:
     """Announce this node and report the others; ``await nursery.start(d.run)``.
 
@@ -153,6 +166,7 @@ class MdnsDiscovery:
         self._resolving: set[str] = set()
         self._interfaces: tuple[MeshInterface, ...] = ()
         self._announced = False
+        self._uses_ipv6 = False
         self._shutdown_timeouts = 0
         self._limiter = trio.CapacityLimiter(config.resolvers)
 
@@ -176,6 +190,7 @@ class MdnsDiscovery:
                 select_interfaces, self.config.interfaces
             )
             choice, version = zeroconf_interfaces(self._interfaces)
+            self._uses_ipv6 = version != "v4"
             if self.config.interfaces is not None:
                 self._core = DiscoveryCore(
                     self.config.node_id,
@@ -263,6 +278,10 @@ class MdnsDiscovery:
                     if self._latest.get(name) is ServiceStateChange.Removed:
                         return  # said goodbye while we looked: the answer is stale
                     continue  # changed (or removed and re-added) meanwhile: look again
+                if snap is not None and self._uses_ipv6:
+                    snap = await self._await_scopes(zc, snap)
+                    if self._generation.get(name, 0) != gen:
+                        continue
                 if snap is None:
                     self._core.unresolved(name)
                 else:
@@ -270,6 +289,19 @@ class MdnsDiscovery:
                 return
         finally:
             self._resolving.discard(name)
+
+    async def _await_scopes(self, zc: Zeroconf, snap: ResolvedService) -> ResolvedService:
+        """A response is sent on the IPv4 and the IPv6 socket at once; if the IPv4 copy
+        won, its link-local AAAA has no scope (unusable) and the scoped copy is a few
+        ms behind. Wait for it (bounded) so PeerSeen already carries the IPv6 route."""
+        deadline = trio.current_time() + SCOPE_WAIT_S
+        while has_unscoped_link_local(snap.addresses) and trio.current_time() < deadline:
+            await trio.sleep(0.02)
+            again = _cached(zc, snap.name)
+            if again is None:
+                break
+            snap = again
+        return snap
 
     def _emit(self, events: list[DiscoveryEvent]) -> None:
         if events:

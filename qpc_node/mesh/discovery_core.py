@@ -21,10 +21,13 @@ import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from qpc_node.errors import RemoteProtocolError
-from qpc_node.quic.address import Address, format_address
+
+# Same shape as qpc_node.quic.address.Address; not imported from there because that
+# package pulls in aioquic, and this core (and the debug tool) should start fast.
+Address = tuple[Any, ...]
 
 SERVICE_TYPE = "_quicprochat._udp.local."
 PROTOCOL_VERSION = 1
@@ -73,13 +76,16 @@ class PeerAddress(NamedTuple):
         return (self.host, self.port)
 
     def __str__(self) -> str:
-        if self.scope_id:
-            try:
-                scope = socket.if_indextoname(self.scope_id)
-            except OSError:
-                scope = str(self.scope_id)
-            return f"[{self.host}%{scope}]:{self.port}"
-        return format_address(self.to_address())
+        """``[fe80::1%mesh0]:4201`` (interface name when this host knows the index)."""
+        if ":" not in self.host:
+            return f"{self.host}:{self.port}"
+        if not self.scope_id:
+            return f"[{self.host}]:{self.port}"
+        try:
+            scope = socket.if_indextoname(self.scope_id)
+        except OSError:
+            scope = str(self.scope_id)
+        return f"[{self.host}%{scope}]:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +275,19 @@ def map_addresses(
             seen.add(addr)
             bucket.append(addr)
     return tuple([*v6_ll, *v6, *v4][:MAX_ADDRESSES])
+
+
+def has_unscoped_link_local(scoped: Iterable[str]) -> bool:
+    """An IPv6 link-local address heard without its interface (via the IPv4 socket)."""
+    for text in scoped:
+        if "%" in text or ":" not in text:
+            continue
+        try:
+            if ipaddress.IPv6Address(text).is_link_local:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 @dataclass(frozen=True, slots=True)
