@@ -374,6 +374,18 @@ def _print(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+async def _print_stats_changes(disc: MdnsDiscovery) -> None:
+    """Counters as they change: why a node does not show up (bad records, own
+    announcement, unresolved) is visible without a packet capture."""
+    last = disc.statistics()
+    while True:
+        await trio.sleep(0.25)
+        now = disc.statistics()
+        if now != last:
+            _print({"ev": "stats", **dataclasses.asdict(now)})
+            last = now
+
+
 async def _main(config: DiscoveryConfig, seconds: float) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -395,6 +407,7 @@ async def _main(config: DiscoveryConfig, seconds: float) -> None:
                         "interfaces": list(disc.statistics().interfaces),
                     }
                 )
+                nursery.start_soon(_print_stats_changes, disc)
                 async for ev in disc.events:
                     _print(event_json(ev))
             finally:

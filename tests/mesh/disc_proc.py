@@ -9,7 +9,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ def node_id(i: int) -> str:
 
 
 class DiscProc:
-    def __init__(self, host: Host, index: int, *, port: int | None = None) -> None:
+    def __init__(
+        self, host: Host, index: int, *, port: int | None = None, extra: Sequence[str] = ()
+    ) -> None:
         self.host = host
         self.node = node_id(index)
         self.port = port if port is not None else 4201 + index
@@ -34,7 +36,7 @@ class DiscProc:
         self.launched = time.time()
         self.proc = host.popen(
             [sys.executable, "-m", "qpc_node.mesh.discovery",
-             "--node-id", self.node, "--port", str(self.port), "--seconds", "120"],
+             "--node-id", self.node, "--port", str(self.port), "--seconds", "120", *extra],
             stdout=subprocess.PIPE, stderr=self._err, cwd=REPO,
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -81,6 +83,11 @@ class DiscProc:
             return [
                 e for e in self.events if e["ev"] == kind and (node is None or e["node"] == node)
             ]
+
+    def stats(self) -> dict[str, Any]:
+        """The latest statistics line ({} before the first)."""
+        lines = self.of("stats")
+        return lines[-1] if lines else {}
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
