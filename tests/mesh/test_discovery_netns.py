@@ -101,6 +101,22 @@ def test_ipv6_link_local_only(net: Netns) -> None:
     _print_discovery_times("3 nodes, IPv6 link-local only", procs)
 
 
+def test_stopped_while_still_announcing_exits_promptly_and_leaves_no_ghost(net: Netns) -> None:
+    """Cancelled during probing (the first ~1.5 s): shutdown waits for the bounded
+    probe, then says goodbye, so a peer that saw the node also sees it leave."""
+    a, b = net.host("sa"), net.host("sb")
+    net.connect(a, "brs")
+    net.connect(b, "brs")
+    watcher = DiscProc(a, 50)
+    assert watcher.wait_for(lambda e: any(x["ev"] == "ready" for x in e), FULL_MESH_S)
+    brief = DiscProc(b, 51, extra=["--seconds", "0.2"])
+    assert brief.proc.wait(20) == 0, brief.stderr()
+    assert [e["ev"] for e in brief.events if e["ev"] in ("stats", "closed")][-1] == "closed"
+    assert brief.stats()["shutdown_timeouts"] == 0
+    if watcher.of("peer_seen", brief.node):
+        assert watcher.wait_for(lambda _e: watcher.of("peer_gone", brief.node), 10)
+
+
 def test_kill9_then_restart_replaces_the_stale_entry(net: Netns) -> None:
     """kill -9 sends no goodbye: the others keep the cached entry (liveness is the
     federation link's job). The restarted node reuses its instance name, so its new
