@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import logging
 import math
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -146,6 +148,65 @@ def _cached(zc: Zeroconf, name: str) -> ResolvedService | None:
         return None
 
 
+_IP_MULTICAST_ALL = 49  # linux/in.h
+_IPV6_MULTICAST_ALL = 29  # linux/in6.h (Linux >= 4.20)
+
+
+def _isolate_multicast(zc: Zeroconf, ifaces: Sequence[MeshInterface]) -> bool:
+    """Hear mDNS only from the chosen interfaces; True when that is guaranteed.
+
+    Linux delivers a multicast group's traffic to a wildcard-bound socket from every
+    interface on which *any* socket of the host joined the group (umdns or avahi on
+    a router does). Our socket restricted to the mesh would then hear the LAN and
+    answer its queries by unicast, so LAN hosts would see the router.
+    IP_MULTICAST_ALL=0 stops that for IPv4 (the kernel checks group *and*
+    interface); for IPv6 it checks the group only, so with one chosen interface the
+    listening socket is also bound to that device (SO_BINDTODEVICE), which covers
+    both families. With several interfaces and IPv6, isolation is not guaranteed and
+    the core's on-link address filter is what keeps foreign peers out of the view.
+
+    zeroconf does not expose its sockets: they are reached through attributes that
+    are public in name; if those move this returns False and the netns test of
+    interface choice fails loudly.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    readers = list(getattr(zc.engine, "readers", []))
+    socks = []
+    for wrapped in readers:
+        sock = getattr(wrapped, "sock", None)
+        if sock is None:
+            sock = wrapped.transport.get_extra_info("socket")
+        if sock is not None:
+            socks.append(sock)
+    if not socks or len(socks) != len(readers):
+        return False
+    mc_all_off = True
+    for sock in socks:
+        opts = [(socket.IPPROTO_IP, _IP_MULTICAST_ALL)]
+        if sock.family == socket.AF_INET6:
+            opts.append((socket.IPPROTO_IPV6, _IPV6_MULTICAST_ALL))
+        for level, opt in opts:
+            try:
+                sock.setsockopt(level, opt, 0)
+            except OSError as exc:
+                log.debug("mdns: setsockopt(%d, %d): %r", level, opt, exc)
+                mc_all_off = False
+    if len(ifaces) == 1:
+        device = ifaces[0].name.encode()
+        bound = True
+        for sock in socks:
+            if sock.getsockname()[0] in ("0.0.0.0", "::"):  # the shared listening socket
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
+                except OSError as exc:
+                    log.debug("mdns: SO_BINDTODEVICE %s: %r", ifaces[0].name, exc)
+                    bound = False
+        if bound:
+            return True
+    return mc_all_off and not any(i.ipv6 for i in ifaces)
+
+
 class MdnsDiscovery:
     """Announce this node and report the others; ``await nursery.start(d.run)``.
 
@@ -167,6 +228,7 @@ class MdnsDiscovery:
         self._interfaces: tuple[MeshInterface, ...] = ()
         self._announced = False
         self._uses_ipv6 = False
+        self._multicast_isolated = False
         self._shutdown_timeouts = 0
         self._limiter = trio.CapacityLimiter(config.resolvers)
 
@@ -175,6 +237,7 @@ class MdnsDiscovery:
             announced=self._announced,
             interfaces=tuple(i.name for i in self._interfaces),
             shutdown_timeouts=self._shutdown_timeouts,
+            multicast_isolated=self._multicast_isolated,
         )
 
     def peers(self) -> dict[bytes, PeerSeen]:
@@ -195,6 +258,9 @@ class MdnsDiscovery:
                 self._core = DiscoveryCore(
                     self.config.node_id,
                     allowed_scopes=frozenset(i.index for i in self._interfaces),
+                    allowed_networks=tuple(
+                        ipaddress.ip_network(n) for i in self._interfaces for n in i.networks
+                    ),
                     max_instances=self.config.max_instances,
                 )
             self._core.add_own_name(self.config.instance_name)
@@ -219,6 +285,13 @@ class MdnsDiscovery:
             )
             browser: ServiceBrowser | None = None
             try:
+                if self.config.interfaces is not None:
+                    self._multicast_isolated = _isolate_multicast(zc, self._interfaces)
+                    if not self._multicast_isolated:
+                        log.warning(
+                            "mdns: cannot keep other interfaces' mDNS out (see _isolate_multicast); "
+                            "peers' addresses are still filtered to the chosen links"
+                        )
                 browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._register, zc, info)

@@ -163,6 +163,7 @@ class DiscoveryStatistics:
     announced: bool = False
     interfaces: tuple[str, ...] = ()
     shutdown_timeouts: int = 0
+    multicast_isolated: bool = False  # IP_MULTICAST_ALL off (only with chosen interfaces)
 
 
 def _split_txt(text: bytes) -> dict[str, bytes | None]:
@@ -236,16 +237,25 @@ def parse_domain(value: bytes | None) -> str | None:
     return name.rstrip(".").lower()
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def map_addresses(
-    scoped: Iterable[str], port: int, *, allowed_scopes: frozenset[int] | None = None
+    scoped: Iterable[str],
+    port: int,
+    *,
+    allowed_scopes: frozenset[int] | None = None,
+    allowed_networks: tuple[Network, ...] | None = None,
 ) -> tuple[PeerAddress, ...]:
     """zeroconf's scoped address strings -> usable ``PeerAddress``es, IPv6 first.
 
     Order: IPv6 link-local (always on-link for a neighbour found by multicast),
     other IPv6, then IPv4. Dropped: loopback, unspecified, multicast, link-local
-    IPv6 with no scope (unreachable), and link-local on an interface we were not
-    told to use (``allowed_scopes``: zeroconf's wildcard socket may hear other
-    interfaces when another program joined the group there).
+    IPv6 with no scope (unreachable), and, when the interfaces were chosen, any
+    address not on their links: link-local on another interface (``allowed_scopes``)
+    and others outside their prefixes (``allowed_networks``). A neighbour found by
+    multicast is on-link; an address elsewhere means we heard it on an interface we
+    were told not to use (see discovery._isolate_multicast).
     """
     v6_ll: list[PeerAddress] = []
     v6: list[PeerAddress] = []
@@ -262,14 +272,14 @@ def map_addresses(
         scope = int(scope_s) if scope_s.isdigit() else 0
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if isinstance(ip, ipaddress.IPv4Address):
-            bucket, scope = v4, 0
-        elif ip.is_link_local:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local:
             if not scope or (allowed_scopes is not None and scope not in allowed_scopes):
                 continue
             bucket = v6_ll
         else:
-            bucket, scope = v6, 0
+            if allowed_networks is not None and not any(ip in n for n in allowed_networks):
+                continue
+            bucket, scope = (v4 if ip.version == 4 else v6), 0
         addr = PeerAddress(str(ip), port, scope)
         if addr not in seen:
             seen.add(addr)
@@ -312,11 +322,13 @@ class DiscoveryCore:
         own_node_id: bytes,
         *,
         allowed_scopes: frozenset[int] | None = None,
+        allowed_networks: tuple[Network, ...] | None = None,
         max_instances: int = 256,
     ) -> None:
         self._own = own_node_id
         self._own_names: set[str] = set()
         self._allowed_scopes = allowed_scopes
+        self._allowed_networks = allowed_networks
         self._max = max_instances
         self._instances: dict[str, _Instance] = {}  # key: lower-case instance name
         self._by_node: dict[bytes, list[str]] = {}  # node -> keys, most recent last
@@ -338,7 +350,12 @@ class DiscoveryCore:
             return []
         try:
             txt = parse_txt(svc.text)
-            addresses = map_addresses(svc.addresses, txt.port, allowed_scopes=self._allowed_scopes)
+            addresses = map_addresses(
+                svc.addresses,
+                txt.port,
+                allowed_scopes=self._allowed_scopes,
+                allowed_networks=self._allowed_networks,
+            )
             if not addresses:
                 raise BadTxtRecord(BadRecord.NO_ADDRESS, f"{len(svc.addresses)} unusable")
         except BadTxtRecord as exc:
@@ -409,6 +426,7 @@ class DiscoveryCore:
         announced: bool = False,
         interfaces: tuple[str, ...] = (),
         shutdown_timeouts: int = 0,
+        multicast_isolated: bool = False,
     ) -> DiscoveryStatistics:
         return DiscoveryStatistics(
             peers=len(self._by_node),
@@ -424,4 +442,5 @@ class DiscoveryCore:
             announced=announced,
             interfaces=interfaces,
             shutdown_timeouts=shutdown_timeouts,
+            multicast_isolated=multicast_isolated,
         )

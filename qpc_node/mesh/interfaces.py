@@ -34,6 +34,7 @@ class MeshInterface:
     index: int
     ipv4: tuple[str, ...]
     ipv6: tuple[str, ...]  # without scope; link-local ones included
+    networks: tuple[str, ...] = ()  # on-link prefixes ("10.0.0.0/24", "2001:db8::/64")
 
 
 def _flags(name: str) -> int | None:
@@ -56,14 +57,20 @@ def list_interfaces() -> list[MeshInterface]:
             continue
         v4: list[str] = []
         v6: list[str] = []
+        nets: list[str] = []
         for ip in ad.ips:
-            if isinstance(ip.ip, tuple):
-                if not ipaddress.IPv6Address(ip.ip[0]).is_loopback:
-                    v6.append(ip.ip[0])
-            elif not ipaddress.IPv4Address(ip.ip).is_loopback:
-                v4.append(ip.ip)
+            host = ip.ip[0] if isinstance(ip.ip, tuple) else ip.ip
+            addr = ipaddress.ip_address(host)
+            if addr.is_loopback:
+                continue
+            (v6 if addr.version == 6 else v4).append(host)
+            if not addr.is_link_local:
+                net = ipaddress.ip_network(f"{host}/{ip.network_prefix}", strict=False)
+                nets.append(str(net))
         if (v4 or v6) and ad.index is not None:
-            out.append(MeshInterface(ad.name, ad.index, tuple(v4), tuple(v6)))
+            out.append(
+                MeshInterface(ad.name, ad.index, tuple(v4), tuple(v6), tuple(dict.fromkeys(nets)))
+            )
     return out
 
 

@@ -98,7 +98,7 @@ class Netns:
         self.prefix = f"{PREFIX_ROOT}{os.getpid()}-{tag}-"
         # 10.N.M.0/24 per bridge; N from the tag so two runs rarely share a prefix
         # (and they could not collide anyway: each kit has its own namespaces).
-        self._net = ipv4_net if ipv4_net is not None else 100 + int(tag, 16) % 100
+        self.ipv4_net = ipv4_net if ipv4_net is not None else 100 + int(tag, 16) % 100
         self.switch = f"{self.prefix}sw"
         self.hosts: dict[str, Host] = {}
         self.bridges: dict[str, int] = {}
@@ -196,7 +196,7 @@ class Netns:
         _run(["ip", "netns", "exec", host.ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.accept_dad=0"])
         addr = None
         if ipv4:
-            addr = f"10.{self._net}.{self.bridges[bridge]}.{len(self.hosts_on(bridge)) + 1}"
+            addr = f"10.{self.ipv4_net}.{self.bridges[bridge]}.{len(self.hosts_on(bridge)) + 1}"
             _ip("-n", host.ns, "addr", "add", f"{addr}/24", "dev", dev)
         _ip("-n", host.ns, "link", "set", dev, "up")
         link = Link(host, dev, port, bridge, addr)

@@ -233,3 +233,19 @@ def test_peer_address_display() -> None:
     assert str(PeerAddress("2001:db8::1", 4201, 0)) == "[2001:db8::1]:4201"
     assert str(PeerAddress("fe80::1", 4201, 1)) == "[fe80::1%lo]:4201"  # index 1 is lo
     assert str(PeerAddress("fe80::1", 4201, 99999)) == "[fe80::1%99999]:4201"
+
+
+def test_chosen_interfaces_keep_only_on_link_addresses() -> None:
+    """A peer heard on an interface we were told not to use (another mDNS program on
+    the host joined the group there) must not enter the view."""
+    import ipaddress
+
+    nets = (ipaddress.ip_network("10.1.1.0/24"), ipaddress.ip_network("2001:db8:1::/64"))
+    core = DiscoveryCore(OWN, allowed_scopes=frozenset({3}), allowed_networks=nets)
+    (seen,) = core.resolved(
+        svc(A, "10.1.0.7", "10.1.1.7", "fe80::7%2", "fe80::7%3", "2001:db8:2::7", "2001:db8:1::7"),
+        1.0,
+    )
+    assert [a.host for a in seen.addresses] == ["fe80::7", "2001:db8:1::7", "10.1.1.7"]
+    assert core.resolved(svc(B, "10.1.0.8", "fe80::8%2", "2001:db8:2::8"), 1.0) == []
+    assert dict(core.statistics().bad_by_reason) == {"no_address": 1}
