@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import string
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from qpc_node.quic.address import Address, parse_literal
 DEFAULT_PORT = 4201
 _MAX_TEXT = 600
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+# what interface names are made of in practice (the kernel refuses '/', ':', spaces)
+_IFNAME_CHARS = frozenset(string.ascii_letters + string.digits + "_.-@")
 
 
 class BadStaticPeer(ConfigError):
@@ -125,7 +128,7 @@ def parse_static_peer(entry: str) -> StaticPeer:
         return StaticPeer(str(ip), port, node_id)
     if not bracketed:
         raise BadStaticPeer(f"static peer {entry!r}: write an IPv6 address in brackets")
-    if pct and (not scope or len(scope) > 15 or "/" in scope):
+    if pct and (not scope or len(scope) > 15 or not set(scope) <= _IFNAME_CHARS):
         raise BadStaticPeer(f"static peer {entry!r}: bad interface scope {scope!r}")
     if pct and not ip.is_link_local:
         raise BadStaticPeer(f"static peer {entry!r}: a scope only makes sense on fe80::/10")

@@ -69,6 +69,8 @@ def test_link_local_scope_resolves_when_dialling() -> None:
         (f"[fe80::1]:4201#{FPR}", "needs its interface"),
         (f"[2001:db8::1%mesh0]:4201#{FPR}", "only makes sense on fe80"),
         (f"[fe80::1%]:4201#{FPR}", "bad interface scope"),
+        (f"[fe80::1%m1%mesh0]:4201#{FPR}", "bad interface scope"),  # found by fuzzing
+        (f"[fe80::1%\x0bmesh0]:4201#{FPR}", "bad interface scope"),  # found by fuzzing
         (f"[10.0.0.1]:4201#{FPR}", "no brackets"),
         (f"[router]:4201#{FPR}", "not an IPv6 address"),
         (f"rou ter:4201#{FPR}", "bad host name"),
