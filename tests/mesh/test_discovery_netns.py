@@ -167,14 +167,15 @@ def test_hostile_announcements_are_counted_and_ignored(net: Netns) -> None:
     good, obs = DiscProc(hosts[0], 30), DiscProc(hosts[1], 31)
     assert evil.stdout is not None and evil.stdout.readline().strip() == "registered"
     ok = obs.wait_for(
-        lambda _e: good.node in obs.seen() and obs.stats().get("bad_records", 0) >= 4, 30
+        lambda _e: good.node in obs.seen() and len(obs.stats().get("bad_by_reason", [])) >= 4, 30
     )
     assert ok, _report([good, obs])
-    assert dict(obs.stats()["bad_by_reason"]) == {
-        "missing_field": 1,
-        "bad_node": 1,
-        "oversize": 1,
-        "bad_port": 1,
+    # counted per resolution (a record announced again is counted again)
+    assert set(dict(obs.stats()["bad_by_reason"])) == {
+        "missing_field",
+        "bad_node",
+        "oversize",
+        "bad_port",
     }
     assert list(obs.seen()) == [good.node]  # and the process is alive and well:
     obs.terminate()
