@@ -460,6 +460,7 @@ async def _print_stats_changes(disc: MdnsDiscovery) -> None:
 
 
 async def _main(config: DiscoveryConfig, seconds: float) -> None:
+    opened: list[MdnsDiscovery] = []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -470,9 +471,8 @@ async def _main(config: DiscoveryConfig, seconds: float) -> None:
 
             nursery.start_soon(on_signal)
             nursery.cancel_scope.deadline = trio.current_time() + seconds
-            disc = MdnsDiscovery(config)
-            try:
-                await nursery.start(disc.run)
+            async with open_discovery(config) as disc:
+                opened.append(disc)
                 _print(
                     {
                         "ev": "ready",
@@ -483,8 +483,8 @@ async def _main(config: DiscoveryConfig, seconds: float) -> None:
                 nursery.start_soon(_print_stats_changes, disc)
                 async for ev in disc.events:
                     _print(event_json(ev))
-            finally:
-                _print({"ev": "stats", **dataclasses.asdict(disc.statistics())})
+    if opened:  # after the shutdown (goodbyes sent or timed out): the final counters
+        _print({"ev": "stats", **dataclasses.asdict(opened[0].statistics())})
     _print({"ev": "closed"})
 
 

@@ -249,3 +249,13 @@ def test_chosen_interfaces_keep_only_on_link_addresses() -> None:
     assert [a.host for a in seen.addresses] == ["fe80::7", "2001:db8:1::7", "10.1.1.7"]
     assert core.resolved(svc(B, "10.1.0.8", "fe80::8%2", "2001:db8:2::8"), 1.0) == []
     assert dict(core.statistics().bad_by_reason) == {"no_address": 1}
+
+
+async def test_open_discovery_local_only_yields_a_quiet_service() -> None:
+    from qpc_node.mesh.discovery import open_discovery
+
+    async with open_discovery(DiscoveryConfig(node_id=A, port=4201, local_only=True)) as disc:
+        assert disc.peers() == {}
+        with trio.move_on_after(0.05) as cs:
+            await disc.events.receive()
+        assert cs.cancelled_caught  # nothing announced, nothing heard
