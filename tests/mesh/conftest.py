@@ -6,20 +6,10 @@ in CI (``CI`` set) that is a failure: a skipped mesh test is not a passed one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
-from netns_kit import Netns, sweep_stale, unavailable_reason
-
-
-def _require_netns() -> None:
-    reason = unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"mesh tests must run in CI: {reason}")
-    pytest.skip(reason)
+from netns_kit import Netns, require_netns, sweep_stale, unavailable_reason
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,6 +20,6 @@ def _sweep_leftovers() -> None:
 
 @pytest.fixture
 def net() -> Iterator[Netns]:
-    _require_netns()
+    require_netns()
     with Netns() as kit:
         yield kit

@@ -43,6 +43,19 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def require_netns() -> None:
+    """Skip with the reason where namespaces cannot be made; in CI (``CI`` set) fail
+    instead: a skipped mesh test is not a passed one."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"mesh tests must run in CI: {reason}")
+    pytest.skip(reason)
+
+
 def _run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
     if check and r.returncode != 0:

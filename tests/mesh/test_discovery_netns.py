@@ -15,7 +15,7 @@ import time
 
 import pytest
 from disc_proc import DiscProc, node_id
-from netns_kit import Host, Netns
+from netns_kit import Host, Netns, live_namespaces, require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -242,10 +242,7 @@ def test_cable_pulled_and_plugged(net: Netns) -> None:
 
 
 def test_kit_removes_everything_even_when_the_body_fails() -> None:
-    from conftest import _require_netns
-    from netns_kit import live_namespaces
-
-    _require_netns()
+    require_netns()
     with pytest.raises(RuntimeError, match="boom"), Netns() as kit:
         kit.connect(kit.host("x"), "br0")
         p = kit.hosts["x"].popen(["sleep", "60"])
