@@ -1,1 +1,1 @@
-"""mesh layer (see docs/DESIGN map)."""
+"""The mesh: discovery (mDNS, static peers), peer table and routing (see DESIGN.md)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from tests.fuzz import h_client, h_local, h_mesh, h_rpc, h_wire
+from tests.fuzz import h_client, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
 
-__all__ = ["h_client", "h_local", "h_mesh", "h_rpc", "h_wire"]
+__all__ = ["h_client", "h_local", "h_mesh", "h_mesh_discovery", "h_rpc", "h_wire"]
 
-# Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh; inventories
+# Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
+# static peers h_mesh_discovery; inventories
 # and broadcast channel messages register with ``registry.pure`` when they land.
