@@ -804,8 +804,11 @@ class Federation:
         c.calls += 1
         c.bytes_in += nbytes
         now = trio.current_time()
+        # Cost within (0, burst]: an empty message still costs a byte, and a frame
+        # larger than the burst drains the bucket instead of being unpayable.
+        cost = min(max(1.0, float(nbytes)), self.limits.byte_burst)
         if not self._call_budget.allow(nid, now) or not self._byte_budget.allow(
-            nid, now, cost=float(nbytes)
+            nid, now, cost=cost
         ):
             c.limited_calls += 1
             raise QpcError(
