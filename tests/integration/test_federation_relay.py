@@ -5,11 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import trio
 
+from qpc_node.errors import StatusCode
 from qpc_node.federation.core import M_RELAY
+from qpc_node.federation.routes import StaticRoutes
+from qpc_node.ops.clock import system_wall_ms
+from qpc_node.rpc.errors import RpcError
+from qpc_node.store import KeyPackageUpload
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
-from tests.integration.fed_nodes import USER_C, envelope, line_abc, mailbox, until
+from tests.integration.fed_nodes import (
+    USER_C,
+    envelope,
+    fed_node,
+    identity,
+    line_abc,
+    mailbox,
+    peer,
+    until,
+)
 
 
 async def test_relay_a_b_c_decrements_hop_limit(tmp_path: Path) -> None:
@@ -91,3 +106,40 @@ async def test_same_msg_id_over_two_paths_stored_once(tmp_path: Path) -> None:
             (res,) = await a.fed.submit([env])
             assert res.status == federation_pb2.RELAY_DUPLICATE
             assert [e.msg_id for e in await mailbox(c, USER_C)] == [m]
+
+
+async def test_proxy_keypackage_fetch_and_announce(tmp_path: Path) -> None:
+    """A fetches a KeyPackage of a user homed on its neighbour B; announces reach B's sink."""
+    seen: list[tuple[bytes, bytes]] = []
+
+    def sink(node: bytes, payload: bytes) -> bool:
+        seen.append((node, payload))
+        return True
+
+    user_b, stranger = os.urandom(32), os.urandom(32)
+    _, a_id = identity(tmp_path, "a")
+    _, b_id = identity(tmp_path, "b")
+    with trio.fail_after(30):
+        async with (
+            fed_node(
+                tmp_path, "b", routes=StaticRoutes(b_id, {user_b: b_id}), announce_sink=sink
+            ) as b,
+            fed_node(
+                tmp_path,
+                "a",
+                routes=StaticRoutes(a_id, {user_b: b_id, stranger: b_id}),
+                peers=(peer(b.info.port, b_id),),
+            ) as a,
+        ):
+            await a.fed.wait_link(b_id)
+            assert b.node.store is not None
+            await b.node.store.upload_keypackages(
+                user_b, [KeyPackageUpload(b"kp-of-b" * 10, 1)], system_wall_ms()
+            )
+            kp, last_resort = await a.fed.fetch_key_package(user_b)
+            assert (kp, last_resort) == (b"kp-of-b" * 10, False)
+            with pytest.raises(RpcError) as info:  # B has none for a user it does not home
+                await a.fed.fetch_key_package(stranger)
+            assert info.value.code == StatusCode.NOT_FOUND
+            assert await a.fed.announce(b_id, b"opaque route update") is True
+            assert seen == [(a_id, b"opaque route update")]
