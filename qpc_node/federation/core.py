@@ -30,8 +30,9 @@ import functools
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal, cast
 
 import trio
@@ -187,9 +188,9 @@ class NeighbourStatistics:
     calls: int
     limited_calls: int  # refused by the per-neighbour call or byte budget
     bytes_in: int
-    relay_in: dict[str, int]  # envelopes it handed us, by our answer
+    relay_in: Mapping[str, int]  # envelopes it handed us, by our answer (read-only)
     relayed_out: int  # envelopes it took custody of from us
-    refused_out: dict[str, int]  # envelopes it refused for good, by status
+    refused_out: Mapping[str, int]  # envelopes it refused for good, by status (read-only)
     queued_toward: int  # envelopes we hold for it right now
 
 
@@ -880,9 +881,9 @@ class Federation:
                     calls=c.calls,
                     limited_calls=c.limited_calls,
                     bytes_in=c.bytes_in,
-                    relay_in=dict(c.relay_in),
+                    relay_in=MappingProxyType(dict(c.relay_in)),
                     relayed_out=c.relayed_out,
-                    refused_out=dict(c.refused_out),
+                    refused_out=MappingProxyType(dict(c.refused_out)),
                     queued_toward=max(0, self._queued[nid]),
                 )
             )
