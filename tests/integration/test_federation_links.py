@@ -173,7 +173,7 @@ async def test_one_abusive_neighbour_cannot_starve_the_others(tmp_path: Path) ->
                 assert refused > 0
                 assert await c.fed.ping(b_id) > 0  # C's budget is its own
                 stats = {n.node_id: n for n in b.fed.statistics().neighbours}
-                assert stats[a_id].limited_calls == refused
+                assert stats[a_id].limited_calls >= refused  # (+ its link pings, if refused)
                 assert stats[c_id].limited_calls == 0
 
                 a_msgs = [envelope(os.urandom(16), user) for _ in range(6)]
