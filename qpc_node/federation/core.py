@@ -133,6 +133,8 @@ class LinkTimers:
     retry_max: float = 30.0
     call_timeout: float = 10.0
     sweep_interval: float = 60.0
+    race_window: float = 5.0
+    """Two links to one node made this close together are a simultaneous dial."""
 
     def __post_init__(self) -> None:
         if min(self.ping_interval, self.ping_timeout, self.dead_after) <= 0:
@@ -466,7 +468,16 @@ class Federation:
         return new
 
     def _preferred(self, old: _Link, new: _Link) -> _Link:
-        """The connection dialled by the lower node id; of two such, the newer."""
+        """Which of two connections to one neighbour to keep.
+
+        Within ``race_window`` of the old link coming up, this is two nodes
+        dialling each other at once: both keep the one dialled by the lower node
+        id (of two such, the newer), a rule each side applies alone. Later, a new
+        connection means the peer lost the old one (it restarted, maybe after a
+        kill -9 that sent no close): the new one wins at once instead of after
+        the old one is found dead."""
+        if trio.current_time() - old.up_since > self.timers.race_window:
+            return new
         low = min(self.node_id, new.node_id)
         if (old.dialler == low) == (new.dialler == low):
             return new

@@ -19,6 +19,7 @@ from qpc_node.federation.core import (
 )
 from qpc_node.federation.routes import StaticRoutes
 from qpc_node.federation.trust import MeshTrust
+from qpc_node.mesh.nodeid import node_id_of_credentials
 from qpc_node.quic import ALPN_FEDERATION, open_endpoint
 from qpc_node.quic.settings import QuicSettings
 from qpc_node.quic.testing import FakeNetwork
@@ -209,3 +210,30 @@ def _free_port() -> int:
 
 def test_test_timers_are_fast() -> None:
     assert FAST.detection_bound < 5
+
+
+async def test_a_restarted_peer_that_redials_replaces_the_dead_link_at_once(
+    tmp_path: Path,
+) -> None:
+    """The lower node id dialled; the other dies without a word (kill -9) and, restarted,
+    dials back. Its new connection must win now, not after the old one is found dead."""
+    net = FakeNetwork()
+    slow = LinkTimers(ping_interval=5.0, ping_timeout=5.0, dead_after=20.0, call_timeout=2.0)
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_id = node_id_of_credentials(load_or_create_node_credentials(a_dir / "keys"))
+    b_id = node_id_of_credentials(load_or_create_node_credentials(b_dir / "keys"))
+    lo, hi = ("a", "b") if a_id < b_id else ("b", "a")
+    lo_host, hi_host = "10.0.0.1", "10.0.0.2"
+    with trio.fail_after(30):
+        async with bare_federation(tmp_path, net, lo, lo_host, slow) as low:
+            async with bare_federation(tmp_path, net, hi, hi_host, slow) as high:
+                assert await low.connect(hi_host, 4201) == high.node_id
+                await high.wait_link(low.node_id)
+                net.blackhole(net_addr(hi_host))  # dies silently: no CONNECTION_CLOSE
+            net.blackhole(net_addr(hi_host), enabled=False)
+            assert low.link_up(high.node_id)  # not noticed yet (slow pings)
+            async with bare_federation(tmp_path, net, hi, hi_host, slow) as again:
+                await again.connect(lo_host, 4201)
+                with trio.fail_after(3):  # well before the old link could be found dead
+                    assert await again.ping(low.node_id) > 0
+                    assert await low.ping(again.node_id) > 0
