@@ -218,7 +218,11 @@ async def test_a_restarted_peer_that_redials_replaces_the_dead_link_at_once(
     """The lower node id dialled; the other dies without a word (kill -9) and, restarted,
     dials back. Its new connection must win now, not after the old one is found dead."""
     net = FakeNetwork()
-    slow = LinkTimers(ping_interval=5.0, ping_timeout=5.0, dead_after=20.0, call_timeout=2.0)
+    # race_window 0: the redial counts as "later" without the test waiting out a window
+    # (the window itself is what test_when_both_dial_at_once... exercises).
+    slow = LinkTimers(
+        ping_interval=5.0, ping_timeout=5.0, dead_after=20.0, call_timeout=2.0, race_window=0.0
+    )
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_id = node_id_of_credentials(load_or_create_node_credentials(a_dir / "keys"))
     b_id = node_id_of_credentials(load_or_create_node_credentials(b_dir / "keys"))
