@@ -12,6 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -20,6 +21,7 @@ import trio
 
 from qpc_node import __version__
 from qpc_node.errors import QpcError
+from qpc_node.federation.core import Federation, FederationSetup, build_federation
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, LimitsSection, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
@@ -29,7 +31,7 @@ from qpc_node.ops.memory import release_large_buffers
 from qpc_node.ops.metrics import NodeMetrics
 from qpc_node.quic import Connection, Endpoint, QuicStream, open_endpoint
 from qpc_node.quic.settings import AdmissionLimits
-from qpc_node.quic.tls import ServerTLS, load_or_create_node_credentials
+from qpc_node.quic.tls import ALPN_FEDERATION, ServerTLS, load_or_create_node_credentials
 from qpc_node.rpc import HealthService, MethodTable, PeerInfo, RpcServer, ServerConfig
 from qpc_node.rpc.server import ServerConnection
 from qpc_node.service.audit import AuditSink
@@ -103,9 +105,17 @@ def _secure_dir(path: Path, create_files: tuple[str, ...] = ()) -> None:
 
 class Node:
     def __init__(
-        self, cfg: Config, *, default_data: Path, wall_ms: WallClock = system_wall_ms
+        self,
+        cfg: Config,
+        *,
+        default_data: Path,
+        wall_ms: WallClock = system_wall_ms,
+        federation: FederationSetup | None = None,
     ) -> None:
         self.cfg = cfg
+        # Opt-in (tests, demo) until the mesh config keys are wired; see FederationSetup.
+        self._federation_setup = federation
+        self.federation: Federation | None = None
         self.data_dir, self.key_dir = resolve_dirs(cfg, default_data)
         self._wall_ms = wall_ms
         self._conns: weakref.WeakKeyDictionary[Connection, ServerConnection] = (
@@ -170,6 +180,12 @@ class Node:
 
     async def _handle_stream(self, conn: Connection, stream: QuicStream) -> None:
         assert self.rpc is not None
+        if conn.alpn == ALPN_FEDERATION:  # peers never reach the user services, nor users these
+            if self.federation is not None:
+                await self.federation.handle_stream(conn, stream)
+            else:
+                await stream.aclose()
+            return
         state = self._conns.get(conn)
         if state is None:
             addr = conn.remote_address
@@ -267,6 +283,16 @@ class Node:
         try:
             self.rpc = self._build(store, bytes.fromhex(creds.fingerprint))
             tls = ServerTLS(creds)
+            if self._federation_setup is not None:
+                assert self.delivery is not None
+                self.federation = await build_federation(
+                    self._federation_setup,
+                    creds,
+                    store,
+                    on_local=self.delivery.waiters.notify,
+                    wall_ms=self._wall_ms,
+                )
+                tls = self.federation.server_tls
             async with (
                 open_endpoint(host, port, server_tls=tls, admission=_admission(lim)) as ep,
                 trio.open_nursery() as nursery,
@@ -276,6 +302,17 @@ class Node:
                 nursery.start_soon(self._sweep)
                 await nursery.start(ep.serve, self._handle_stream)
                 self.endpoint = ep
+                if self.federation is not None and self._federation_setup is not None:
+                    await nursery.start(self.federation.run, ep)
+                    for peer in self._federation_setup.static_peers:
+                        await nursery.start(
+                            partial(
+                                self.federation.maintain,
+                                peer.host,
+                                peer.port,
+                                expected=peer.node_id,
+                            )
+                        )
                 self._nursery = nursery
                 if self.cfg.metrics.listen:
                     await self._start_metrics(self.cfg.metrics.listen)

@@ -128,6 +128,7 @@ class Connection:
         self._draining = False
         self._alpn: str | None = None
         self._peer_identity: PeerIdentity | None = None
+        self._peer_chain: tuple[bytes, ...] = ()
         self._core_now = trio.current_time()
         self._last_rx = self._core_now
         self._last_ping = -math.inf
@@ -151,6 +152,14 @@ class Connection:
     def peer_identity(self) -> PeerIdentity | None:
         """The peer's verified certificate identity (servers: None for ``qpc/1``)."""
         return self._peer_identity
+
+    @property
+    def peer_certificate_chain(self) -> tuple[bytes, ...]:
+        """The peer's verified certificates (DER, leaf first); empty without one.
+
+        For policies that name a peer by more than the fingerprint (the mesh's
+        node id is the leaf's public key; managed mode re-checks the chain)."""
+        return self._peer_chain
 
     @property
     def is_client(self) -> bool:
@@ -413,6 +422,7 @@ class Connection:
     def _on_handshake_completed(self, e: ev.HandshakeCompleted) -> None:
         self._alpn = e.alpn
         chain = self._core.peer_certificate_chain()
+        self._peer_chain = tuple(chain)
         self._peer_identity = PeerIdentity.from_der(chain[0]) if chain else None
 
     def _on_stream_data(self, e: ev.StreamDataReceived) -> None:

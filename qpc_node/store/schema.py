@@ -100,6 +100,51 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX accepted_by_age ON accepted(last_ms)",
     ),
+    # 5: federation (store/federation.py): trust pins, relay custody queue, relay seen-set.
+    (
+        # Mesh-mode trust on first use: node id -> its key and whether we trust it.
+        # state 'refused': seen presenting a changed key; refused until trust() (qpc trust).
+        """CREATE TABLE fed_pins (
+            node_id BLOB PRIMARY KEY,
+            public_key BLOB,
+            state TEXT NOT NULL CHECK (state IN ('trusted', 'refused')),
+            address TEXT NOT NULL,
+            first_seen_ms INTEGER NOT NULL,
+            last_seen_ms INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        # Which node answered at an address: a different key there is a changed key.
+        """CREATE TABLE fed_addresses (
+            address TEXT PRIMARY KEY,
+            node_id BLOB NOT NULL,
+            bound_ms INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        # Hop-by-hop custody: what this node acknowledged and still owes its next hop.
+        # A row leaves only when the next hop acknowledged storing it (or it expired).
+        """CREATE TABLE relay_queue (
+            id INTEGER PRIMARY KEY,
+            next_hop BLOB NOT NULL,
+            from_node BLOB NOT NULL,
+            msg_id BLOB NOT NULL,
+            recipient BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            hop_limit INTEGER NOT NULL,
+            ciphertext BLOB NOT NULL,
+            enqueued_ms INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE UNIQUE INDEX relay_queue_by_msg_id ON relay_queue(msg_id)",
+        "CREATE INDEX relay_queue_by_hop ON relay_queue(next_hop, next_attempt_ms, id)",
+        "CREATE INDEX relay_queue_by_source ON relay_queue(from_node)",
+        "CREATE INDEX relay_queue_by_expiry ON relay_queue(expiry_ms)",
+        # msg_ids this node relayed, kept until their expiry: a second copy (another
+        # path, a retry after a lost ack) is a duplicate, not a second relay.
+        """CREATE TABLE relay_seen (
+            msg_id BLOB PRIMARY KEY,
+            expiry_ms INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX relay_seen_by_expiry ON relay_seen(expiry_ms)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

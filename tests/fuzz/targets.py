@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from tests.fuzz import h_client, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
+from tests.fuzz import h_client, h_federation, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
 
-__all__ = ["h_client", "h_local", "h_mesh", "h_mesh_discovery", "h_rpc", "h_wire"]
+__all__ = [
+    "h_client",
+    "h_federation",
+    "h_local",
+    "h_mesh",
+    "h_mesh_discovery",
+    "h_rpc",
+    "h_wire",
+]
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
 # static peers h_mesh_discovery; inventories

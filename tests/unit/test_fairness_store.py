@@ -272,7 +272,7 @@ def test_old_file_migrates_and_its_mail_counts_as_accepted(tmp_path: Path) -> No
     finally:
         conn.close()
     with Store.open(path, limits=LIMITS) as store:
-        assert store.statistics().schema_version == SCHEMA_VERSION == 4
+        assert store.statistics().schema_version == SCHEMA_VERSION >= 4
         depth = store.depth(VICTIM)
         assert (depth.messages, depth.stranger_messages) == (1, 0)
         store.enqueue([env()], NOW, sender=local(STRANGER))

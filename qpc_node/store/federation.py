@@ -1,0 +1,238 @@
+"""Federation state in the node's SQLite file: trust pins and the relay custody queue.
+
+Plain functions over a :class:`~qpc_node.store.store.Store`, run on the store's
+worker thread with ``await async_store.run(lambda s: fn(s, ...))``. Every
+multi-row change is one transaction: when :func:`relay_accept` returns, what it
+reports as queued is on disk (WAL, ``synchronous=FULL``) -- that is the moment a
+relay may acknowledge custody to the previous hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from qpc_node.store.records import Envelope
+from qpc_node.store.sql import transaction
+from qpc_node.store.store import Store
+
+PinState = Literal["trusted", "refused"]
+AcceptOutcome = Literal["queued", "duplicate", "hop_full", "source_full"]
+
+
+@dataclass(frozen=True, slots=True)
+class PinRecord:
+    node_id: bytes
+    public_key: bytes | None  # None: trusted by id before we ever saw its key
+    state: PinState
+    address: str  # where it was last seen ("" if never)
+    first_seen_ms: int
+    last_seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSnapshot:
+    pins: tuple[PinRecord, ...]
+    addresses: tuple[tuple[str, bytes], ...]  # address -> node id that answered there
+
+
+@dataclass(frozen=True, slots=True)
+class TrustChange:
+    """One change a trust decision made: a pin (new or changed) and/or an address binding."""
+
+    pin: PinRecord | None = None
+    bind: tuple[str, bytes] | None = None
+
+
+def load_trust(store: Store) -> TrustSnapshot:
+    conn = store.conn
+    pins = tuple(
+        PinRecord(bytes(r[0]), None if r[1] is None else bytes(r[1]), r[2], r[3], r[4], r[5])
+        for r in conn.execute(
+            "SELECT node_id, public_key, state, address, first_seen_ms, last_seen_ms FROM fed_pins"
+        )
+    )
+    addrs = tuple(
+        (str(r[0]), bytes(r[1])) for r in conn.execute("SELECT address, node_id FROM fed_addresses")
+    )
+    return TrustSnapshot(pins, addrs)
+
+
+def save_trust(store: Store, changes: Sequence[TrustChange], now_ms: int) -> None:
+    with transaction(store.conn) as conn:
+        for ch in changes:
+            if ch.pin is not None:
+                p = ch.pin
+                conn.execute(
+                    "INSERT INTO fed_pins (node_id, public_key, state, address, first_seen_ms,"
+                    " last_seen_ms) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE"
+                    " SET public_key = coalesce(excluded.public_key, public_key),"
+                    " state = excluded.state, address = excluded.address,"
+                    " last_seen_ms = excluded.last_seen_ms",
+                    (p.node_id, p.public_key, p.state, p.address, p.first_seen_ms, p.last_seen_ms),
+                )
+            if ch.bind is not None:
+                conn.execute(
+                    "INSERT INTO fed_addresses (address, node_id, bound_ms) VALUES (?, ?, ?)"
+                    " ON CONFLICT(address) DO UPDATE SET node_id = excluded.node_id,"
+                    " bound_ms = excluded.bound_ms",
+                    (ch.bind[0], ch.bind[1], now_ms),
+                )
+
+
+# --------------------------------------------------------------------------- custody
+
+
+@dataclass(frozen=True, slots=True)
+class RelayItem:
+    """An envelope to hand to ``next_hop``: ``hop_limit`` is already decremented."""
+
+    next_hop: bytes
+    from_node: bytes
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRelay:
+    id: int
+    next_hop: bytes
+    envelope: Envelope
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayQueueLimits:
+    max_per_hop: int = 10_000
+    """Envelopes held toward one next hop."""
+    max_per_source: int = 2_000
+    """Envelopes held that one neighbour handed us: it cannot fill the queue of others."""
+
+
+def relay_accept(
+    store: Store, items: Sequence[RelayItem], now_ms: int, limits: RelayQueueLimits
+) -> list[AcceptOutcome]:
+    """Take custody of ``items`` in one transaction; one outcome per item, in order.
+
+    Idempotent on msg_id: an id already queued or relayed before (and not yet
+    expired) is ``duplicate`` and stored no second time.
+    """
+    out: list[AcceptOutcome] = []
+    with transaction(store.conn) as conn:
+        hop_depth: dict[bytes, int] = {}
+        src_depth: dict[bytes, int] = {}
+        for item in items:
+            env = item.envelope
+            seen = conn.execute(
+                "SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)
+            ).fetchone()
+            if seen is not None:
+                out.append("duplicate")
+                continue
+            if item.next_hop not in hop_depth:
+                hop_depth[item.next_hop] = conn.execute(
+                    "SELECT count(*) FROM relay_queue WHERE next_hop = ?", (item.next_hop,)
+                ).fetchone()[0]
+            if item.from_node not in src_depth:
+                src_depth[item.from_node] = conn.execute(
+                    "SELECT count(*) FROM relay_queue WHERE from_node = ?", (item.from_node,)
+                ).fetchone()[0]
+            if hop_depth[item.next_hop] >= limits.max_per_hop:
+                out.append("hop_full")
+                continue
+            if src_depth[item.from_node] >= limits.max_per_source:
+                out.append("source_full")
+                continue
+            conn.execute(
+                "INSERT INTO relay_queue (next_hop, from_node, msg_id, recipient, expiry_ms,"
+                " hop_limit, ciphertext, enqueued_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    item.next_hop,
+                    item.from_node,
+                    env.msg_id,
+                    env.recipient,
+                    env.expiry_ms,
+                    env.hop_limit,
+                    env.ciphertext,
+                    now_ms,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)",
+                (env.msg_id, env.expiry_ms),
+            )
+            hop_depth[item.next_hop] += 1
+            src_depth[item.from_node] += 1
+            out.append("queued")
+    return out
+
+
+def relay_due(store: Store, next_hop: bytes, now_ms: int, limit: int) -> list[QueuedRelay]:
+    """The oldest envelopes toward ``next_hop`` whose retry time has come."""
+    rows = store.conn.execute(
+        "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts"
+        " FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
+        " ORDER BY id LIMIT ?",
+        (next_hop, now_ms, now_ms, limit),
+    ).fetchall()
+    return [
+        QueuedRelay(
+            r[0], next_hop, Envelope(bytes(r[1]), bytes(r[2]), r[3], r[4], bytes(r[5])), r[6]
+        )
+        for r in rows
+    ]
+
+
+def relay_next_attempt(store: Store, next_hop: bytes, now_ms: int) -> int | None:
+    """When the earliest unexpired envelope toward ``next_hop`` may be tried (None: empty)."""
+    row = store.conn.execute(
+        "SELECT min(next_attempt_ms) FROM relay_queue WHERE next_hop = ? AND expiry_ms > ?",
+        (next_hop, now_ms),
+    ).fetchone()
+    return None if row[0] is None else int(row[0])
+
+
+def relay_done(store: Store, ids: Sequence[int]) -> int:
+    """The next hop acknowledged (or finally refused) these: custody ends here."""
+    if not ids:
+        return 0
+    with transaction(store.conn) as conn:
+        n = 0
+        for i in ids:
+            n += conn.execute("DELETE FROM relay_queue WHERE id = ?", (i,)).rowcount
+    return n
+
+
+def relay_retry_later(store: Store, ids: Sequence[int], at_ms: int) -> None:
+    if not ids:
+        return
+    with transaction(store.conn) as conn:
+        for i in ids:
+            conn.execute(
+                "UPDATE relay_queue SET attempts = attempts + 1, next_attempt_ms = ? WHERE id = ?",
+                (at_ms, i),
+            )
+
+
+def relay_hops(store: Store) -> dict[bytes, int]:
+    """Next hop -> envelopes held for it (what a restart must drain)."""
+    return {
+        bytes(r[0]): int(r[1])
+        for r in store.conn.execute("SELECT next_hop, count(*) FROM relay_queue GROUP BY next_hop")
+    }
+
+
+def relay_expire(store: Store, now_ms: int, *, max_rows: int = 10_000) -> tuple[int, int]:
+    """Drop expired custody (never delivered: counted by the caller) and old seen-marks."""
+    with transaction(store.conn) as conn:
+        q = conn.execute(
+            "DELETE FROM relay_queue WHERE id IN"
+            " (SELECT id FROM relay_queue WHERE expiry_ms <= ? LIMIT ?)",
+            (now_ms, max_rows),
+        ).rowcount
+        s = conn.execute(
+            "DELETE FROM relay_seen WHERE msg_id IN"
+            " (SELECT msg_id FROM relay_seen WHERE expiry_ms <= ? LIMIT ?)",
+            (now_ms, max_rows),
+        ).rowcount
+    return q, s

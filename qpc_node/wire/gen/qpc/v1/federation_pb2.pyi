@@ -1,0 +1,98 @@
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2 as _envelope_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RelayStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELAY_STATUS_UNSPECIFIED: _ClassVar[RelayStatus]
+    RELAY_STORED_LOCAL: _ClassVar[RelayStatus]
+    RELAY_QUEUED: _ClassVar[RelayStatus]
+    RELAY_DUPLICATE: _ClassVar[RelayStatus]
+    RELAY_HOP_LIMIT_EXCEEDED: _ClassVar[RelayStatus]
+    RELAY_EXPIRED: _ClassVar[RelayStatus]
+    RELAY_NO_ROUTE: _ClassVar[RelayStatus]
+    RELAY_QUEUE_FULL: _ClassVar[RelayStatus]
+    RELAY_INVALID: _ClassVar[RelayStatus]
+    RELAY_LOOP: _ClassVar[RelayStatus]
+    RELAY_REFUSED: _ClassVar[RelayStatus]
+RELAY_STATUS_UNSPECIFIED: RelayStatus
+RELAY_STORED_LOCAL: RelayStatus
+RELAY_QUEUED: RelayStatus
+RELAY_DUPLICATE: RelayStatus
+RELAY_HOP_LIMIT_EXCEEDED: RelayStatus
+RELAY_EXPIRED: RelayStatus
+RELAY_NO_ROUTE: RelayStatus
+RELAY_QUEUE_FULL: RelayStatus
+RELAY_INVALID: RelayStatus
+RELAY_LOOP: RelayStatus
+RELAY_REFUSED: RelayStatus
+
+class RelayEnqueueRequest(_message.Message):
+    __slots__ = ("envelopes",)
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    envelopes: _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ...) -> None: ...
+
+class RelayResult(_message.Message):
+    __slots__ = ("msg_id", "status", "detail")
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    msg_id: bytes
+    status: RelayStatus
+    detail: str
+    def __init__(self, msg_id: _Optional[bytes] = ..., status: _Optional[_Union[RelayStatus, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class RelayEnqueueResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RelayResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RelayResult, _Mapping]]] = ...) -> None: ...
+
+class ProxyKeyPackageFetchRequest(_message.Message):
+    __slots__ = ("identity",)
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    identity: bytes
+    def __init__(self, identity: _Optional[bytes] = ...) -> None: ...
+
+class ProxyKeyPackageFetchResponse(_message.Message):
+    __slots__ = ("key_package", "last_resort")
+    KEY_PACKAGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESORT_FIELD_NUMBER: _ClassVar[int]
+    key_package: bytes
+    last_resort: bool
+    def __init__(self, key_package: _Optional[bytes] = ..., last_resort: _Optional[bool] = ...) -> None: ...
+
+class AnnounceRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class AnnounceResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("nonce", "node_id", "relay_queue")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAY_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    node_id: bytes
+    relay_queue: int
+    def __init__(self, nonce: _Optional[int] = ..., node_id: _Optional[bytes] = ..., relay_queue: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,107 @@
+"""Federation tables: the custody queue (idempotent, capped, durable) and trust pins."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qpc_node.store import Envelope, Store
+from qpc_node.store.federation import (
+    PinRecord,
+    RelayItem,
+    RelayQueueLimits,
+    TrustChange,
+    load_trust,
+    relay_accept,
+    relay_done,
+    relay_due,
+    relay_expire,
+    relay_hops,
+    relay_next_attempt,
+    relay_retry_later,
+    save_trust,
+)
+
+NOW = 1_700_000_000_000
+HOP1, HOP2 = b"\x01" * 32, b"\x02" * 32
+SRC1, SRC2 = b"\x11" * 32, b"\x12" * 32
+LIMITS = RelayQueueLimits(max_per_hop=5, max_per_source=3)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "node.db") as s:
+        yield s
+
+
+def item(n: int, hop: bytes = HOP1, src: bytes = SRC1, expiry: int = NOW + 60_000) -> RelayItem:
+    return RelayItem(hop, src, Envelope(n.to_bytes(16, "big"), b"r" * 32, expiry, 3, b"x" * 32))
+
+
+def test_accept_is_idempotent_on_msg_id_even_after_delivery(store: Store) -> None:
+    assert relay_accept(store, [item(1), item(2), item(1)], NOW, LIMITS) == [
+        "queued",
+        "queued",
+        "duplicate",
+    ]
+    due = relay_due(store, HOP1, NOW, 10)
+    assert [q.envelope.msg_id[-1] for q in due] == [1, 2]
+    assert relay_done(store, [q.id for q in due]) == 2
+    # Delivered and gone from the queue: a late copy is still a duplicate (seen-set).
+    assert relay_accept(store, [item(1, hop=HOP2)], NOW, LIMITS) == ["duplicate"]
+    assert relay_hops(store) == {}
+
+
+def test_caps_per_source_and_per_hop(store: Store) -> None:
+    out = relay_accept(store, [item(i) for i in range(5)], NOW, LIMITS)
+    assert out == ["queued"] * 3 + ["source_full"] * 2
+    out = relay_accept(store, [item(10 + i, src=SRC2) for i in range(3)], NOW, LIMITS)
+    assert out == ["queued", "queued", "hop_full"]  # the hop's own cap (5) is the other bound
+    # Refused ones were not marked seen: they may come again once there is room.
+    relay_done(store, [q.id for q in relay_due(store, HOP1, NOW, 1)])
+    assert relay_accept(store, [item(3, src=SRC2)], NOW, LIMITS) == ["queued"]
+
+
+def test_retry_later_and_next_attempt(store: Store) -> None:
+    relay_accept(store, [item(1), item(2)], NOW, LIMITS)
+    first = relay_due(store, HOP1, NOW, 1)
+    relay_retry_later(store, [first[0].id], NOW + 5_000)
+    assert [q.envelope.msg_id[-1] for q in relay_due(store, HOP1, NOW, 10)] == [2]
+    relay_done(store, [q.id for q in relay_due(store, HOP1, NOW, 10)])
+    assert relay_next_attempt(store, HOP1, NOW) == NOW + 5_000
+    (later,) = relay_due(store, HOP1, NOW + 5_000, 10)
+    assert later.attempts == 1
+    assert relay_next_attempt(store, HOP2, NOW) is None
+
+
+def test_expiry_drops_custody_and_old_seen_marks(store: Store) -> None:
+    relay_accept(store, [item(1, expiry=NOW + 10), item(2)], NOW, LIMITS)
+    assert relay_due(store, HOP1, NOW + 10, 10)[0].envelope.msg_id[-1] == 2  # expired: not sent
+    assert relay_expire(store, NOW + 10) == (1, 1)
+    assert relay_hops(store) == {HOP1: 1}
+
+
+def test_custody_survives_reopen(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "n.db") as s:
+        relay_accept(s, [item(1), item(2, hop=HOP2)], NOW, LIMITS)
+    with Store.open(tmp_path / "n.db") as s:
+        assert relay_hops(s) == {HOP1: 1, HOP2: 1}
+
+
+def test_trust_roundtrip(store: Store) -> None:
+    pin = PinRecord(b"\x05" * 32, b"k" * 32, "trusted", "127.0.0.1:1", NOW, NOW)
+    save_trust(store, [TrustChange(pin=pin, bind=("127.0.0.1:1", pin.node_id))], NOW)
+    refused = PinRecord(b"\x06" * 32, b"j" * 32, "refused", "127.0.0.1:1", NOW, NOW + 1)
+    save_trust(store, [TrustChange(pin=refused)], NOW + 1)
+    # Trusting by id only (no key yet) keeps a key we already know.
+    save_trust(
+        store, [TrustChange(pin=PinRecord(refused.node_id, None, "trusted", "", 0, NOW + 2))], NOW
+    )
+    snap = load_trust(store)
+    pins = {p.node_id: p for p in snap.pins}
+    assert pins[pin.node_id] == pin
+    assert pins[refused.node_id].state == "trusted"
+    assert pins[refused.node_id].public_key == b"j" * 32
+    assert dict(snap.addresses) == {"127.0.0.1:1": pin.node_id}

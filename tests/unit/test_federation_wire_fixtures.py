@@ -1,0 +1,116 @@
+"""Golden wire fixtures of the federation messages (proto/qpc/v1/federation.proto).
+
+Kept under ``tests/fixtures/wire/federation/`` (own directory: the RPC fixture
+test owns the top level and refuses files it does not know). A failure means an
+encoding changed; if deliberate, regenerate and commit with the schema change:
+
+    QPC_REGEN_FIXTURES=1 .venv/bin/pytest tests/unit/test_federation_wire_fixtures.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+
+from qpc_node.federation.core import M_PING
+from qpc_node.rpc.framing import FrameDecoder, encode_frame
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2, rpc_pb2
+
+F = federation_pb2
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire" / "federation"
+REGEN = os.environ.get("QPC_REGEN_FIXTURES") == "1"
+
+ENVELOPE = envelope_pb2.Envelope(
+    msg_id=bytes(range(16)),
+    recipient=bytes(range(32)),
+    expiry_ms=1_800_000_000_000,
+    hop_limit=7,
+    ciphertext=b"\x00" * 16,
+)
+MESSAGES: dict[str, Message] = {
+    "relay_enqueue_request": F.RelayEnqueueRequest(envelopes=[ENVELOPE, ENVELOPE]),
+    "relay_enqueue_response": F.RelayEnqueueResponse(
+        results=[
+            F.RelayResult(msg_id=bytes(range(16)), status=F.RELAY_QUEUED),
+            F.RelayResult(msg_id=bytes(range(16)), status=F.RELAY_DUPLICATE),
+            F.RelayResult(
+                msg_id=bytes(range(16, 32)), status=F.RELAY_HOP_LIMIT_EXCEEDED, detail="hop_limit 0"
+            ),
+            F.RelayResult(
+                msg_id=bytes(range(32, 48)), status=F.RELAY_QUEUE_FULL, detail="source full"
+            ),
+        ]
+    ),
+    "relay_result_stored_local": F.RelayResult(
+        msg_id=bytes(range(16)), status=F.RELAY_STORED_LOCAL
+    ),
+    "proxy_keypackage_request": F.ProxyKeyPackageFetchRequest(identity=bytes(range(32))),
+    "proxy_keypackage_response": F.ProxyKeyPackageFetchResponse(
+        key_package=b"\x01\x02" * 8, last_resort=True
+    ),
+    "announce_request": F.AnnounceRequest(payload=b"route-update-bytes"),
+    "announce_response": F.AnnounceResponse(accepted=True),
+    "ping_request": F.PingRequest(nonce=2**63 + 5),
+    "ping_response": F.PingResponse(nonce=2**63 + 5, node_id=bytes(range(32)), relay_queue=3),
+    "request_ping": rpc_pb2.Request(
+        version=1,
+        method=M_PING,
+        call_id=9,
+        body=F.PingRequest(nonce=1).SerializeToString(),
+        deadline_ms=2500,
+    ),
+}
+
+# The numbers are the wire: renumbering a status would make old relays misread answers.
+STATUS_NUMBERS = {
+    "RELAY_STATUS_UNSPECIFIED": 0,
+    "RELAY_STORED_LOCAL": 1,
+    "RELAY_QUEUED": 2,
+    "RELAY_DUPLICATE": 3,
+    "RELAY_HOP_LIMIT_EXCEEDED": 4,
+    "RELAY_EXPIRED": 5,
+    "RELAY_NO_ROUTE": 6,
+    "RELAY_QUEUE_FULL": 7,
+    "RELAY_INVALID": 8,
+    "RELAY_LOOP": 9,
+    "RELAY_REFUSED": 10,
+}
+
+
+def golden(name: str, data: bytes) -> None:
+    path = FIXTURES / f"{name}.hex"
+    if REGEN:
+        FIXTURES.mkdir(parents=True, exist_ok=True)
+        path.write_text(data.hex() + "\n")
+        return
+    assert path.exists(), f"missing fixture {path.name}: regenerate with QPC_REGEN_FIXTURES=1"
+    assert data == bytes.fromhex(path.read_text().strip()), (
+        f"wire encoding of {name} changed; if deliberate, regenerate (QPC_REGEN_FIXTURES=1)"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+def test_message_bytes_are_pinned(name: str) -> None:
+    message = MESSAGES[name]
+    data = message.SerializeToString(deterministic=True)
+    golden(f"msg_{name}", data)
+    assert type(message).FromString(data) == message
+
+
+def test_framed_ping_request_is_pinned() -> None:
+    payload = MESSAGES["request_ping"].SerializeToString(deterministic=True)
+    frame = encode_frame(payload)
+    golden("frame_request_ping", frame)
+    assert FrameDecoder().feed(frame) == [payload]
+
+
+def test_relay_status_numbers() -> None:
+    assert dict(F.RelayStatus.items()) == STATUS_NUMBERS
+
+
+def test_no_stray_fixtures() -> None:
+    expected = {f"msg_{n}.hex" for n in MESSAGES} | {"frame_request_ping.hex"}
+    assert {p.name for p in FIXTURES.glob("*.hex")} == expected
