@@ -353,7 +353,9 @@ class RpcServer:
         del decoder  # what it held is in ``frame`` now (or refused)
         if read_scope.cancelled_caught or frame is None:
             return error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time")
-        response = await self._dispatch(conn, stream, frame, answer)
+        # Handed over, not shared: _dispatch drops the frame once parsed.
+        parts, frame = [frame], None
+        response = await self._dispatch(conn, stream, parts, answer)
         if response is None:  # the peer went away; nobody to answer
             self._stats.peer_resets += 1
             await self._abort(stream)
@@ -391,12 +393,17 @@ class RpcServer:
         self,
         conn: ServerConnection,
         stream: trio.abc.HalfCloseableStream,
-        frame: bytes,
+        parts: list[bytes],
         answer: _Answer,
     ) -> _Reply | None:
+        """Decode the call in ``parts`` (the frame, taken out) and run its handler.
+
+        A 5 MiB request exists as frame, Request and decoded body in turn; only the
+        body stays while the handler runs (the request budget still counts it).
+        """
         request = rpc_pb2.Request()
         try:
-            request.ParseFromString(frame)
+            request.ParseFromString(parts.pop())  # the frame is freed once parsed
         except DecodeError:
             self._stats.protocol_errors += 1
             return error_response(StatusCode.INVALID_ARGUMENT, "request frame is not a Request")
@@ -426,10 +433,12 @@ class RpcServer:
             )
         cap = method.max_timeout if method.max_timeout is not None else self.config.max_timeout
         timeout = request.deadline_ms / 1000 if request.deadline_ms else self.config.default_timeout
+        correlation_id = request.correlation_id or f"{conn.peer.connection_id}/{call_id}"
+        del request  # its body is decoded; the handler needs only that
         ctx = CallContext(
             method=method.name,
             call_id=call_id,
-            correlation_id=request.correlation_id or f"{conn.peer.connection_id}/{call_id}",
+            correlation_id=correlation_id,
             deadline=trio.current_time() + min(timeout, cap),
             peer=conn.peer,
             session=conn.session,
