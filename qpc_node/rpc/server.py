@@ -10,8 +10,10 @@ nothing a peer sends escapes ``handle_stream``.
 Memory a peer decides the size of is budgeted node-wide and per source IP
 (``rpc.budget``): request frames from the moment their length is known until
 their handler is done, response frames until the peer took them -- which it
-must within ``send_timeout``, or the stream is reset. Over a budget the call
-is refused RESOURCE_EXHAUSTED; nothing waits for room while holding bytes.
+must within ``send_timeout``, or the stream is reset. A handler whose answer
+can be large reserves it earlier, before reading what it answers
+(``ctx.answer``); the frame then takes that reservation over. Over a budget the
+call is refused RESOURCE_EXHAUSTED; nothing waits for room while holding bytes.
 """
 
 from __future__ import annotations
