@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import trio
 
 from qpc_node.errors import QpcError, StatusCode
+from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,11 @@ class AnswerBytes(Protocol):
     materialized, not after; the server then keeps the reservation for the frame.
     """
 
+    @property
+    def frame_cap(self) -> int:
+        """The largest answer the server can frame (what asking for more is pointless)."""
+        ...
+
     def reserve(self, nbytes: int) -> int:
         """Hold up to ``nbytes`` in total; returns what is held (may be less, >= 0)."""
         ...
@@ -58,6 +64,10 @@ class UnbudgetedAnswer:
     """Grants everything: for contexts built outside an RpcServer (tests, tools)."""
 
     __slots__ = ()
+
+    @property
+    def frame_cap(self) -> int:
+        return DEFAULT_MAX_FRAME_SIZE
 
     def reserve(self, nbytes: int) -> int:
         return nbytes

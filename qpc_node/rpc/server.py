@@ -315,7 +315,9 @@ class RpcServer:
         self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream
     ) -> None:
         held = _Held(self._requests, conn.source)
-        answer = _Answer(self._sends, conn.source, self.config.budget_floor)
+        answer = _Answer(
+            self._sends, conn.source, self.config.budget_floor, self.config.max_frame_size
+        )
         try:
             try:
                 reply = await self._receive_and_dispatch(conn, stream, held, answer)
@@ -674,12 +676,15 @@ class _Answer:
     handler under pressure answers fewer items instead of none.
     """
 
-    __slots__ = ("_budget", "_floor", "_source", "held")
+    __slots__ = ("_budget", "_floor", "_source", "frame_cap", "held")
 
-    def __init__(self, budget: ByteBudget, source: str, floor: int) -> None:
+    def __init__(
+        self, budget: ByteBudget, source: str, floor: int, frame_cap: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> None:
         self._budget = budget
         self._source = source
         self._floor = floor
+        self.frame_cap = frame_cap
         self.held = 0
 
     def reserve(self, nbytes: int) -> int:

@@ -16,7 +16,6 @@ import trio
 
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.rpc.context import AnswerOverBudget, CallContext
-from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
 from qpc_node.store.async_store import AsyncStore
@@ -28,8 +27,6 @@ from qpc_node.wire.gen.qpc.v1 import rpc_pb2, service_pb2
 MAX_BATCH = 256
 MAX_FETCH = 256
 MAX_WAIT_S = 30.0
-FETCH_MAX_BYTES = DEFAULT_MAX_FRAME_SIZE
-"""Most a Fetch answer holds (one frame); the client pages on with ``after_seq``."""
 ANSWER_OVERHEAD = 64
 """Response and FetchResponse fields around the messages (version, call id, head_seq)."""
 MESSAGE_OVERHEAD = 128
@@ -267,7 +264,9 @@ class DeliveryService:
         means fewer messages (the client pages on with ``after_seq``); a grant
         too short for the first message is a retriable RESOURCE_EXHAUSTED.
         """
-        granted = ctx.answer.reserve(FETCH_MAX_BYTES)
+        # At most one frame (the client pages on with ``after_seq``); its header
+        # is counted with the answer overhead.
+        granted = ctx.answer.reserve(ctx.answer.frame_cap + ANSWER_OVERHEAD)
         try:
             res = await self._store.fetch(
                 user,

@@ -196,3 +196,15 @@ async def test_a_parked_long_poll_holds_no_budget(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await answered.wait()
         assert [m.seq for m in got[0].messages] == [1] and answer.held > 1000
+
+
+async def test_a_message_of_the_largest_payload_is_fetched(tmp_path: Path) -> None:
+    """The node frames max_payload + 64 KiB: a full-size message must still fit an answer
+    (asking for a fixed 5 MiB instead would refuse it forever)."""
+    budget = ByteBudget(24 * MIB, 8 * MIB, floor=FLOOR)
+    async with delivery(tmp_path) as (store, service):
+        await fill(store, 2, 5 * MIB)
+        answer = _Answer(budget, SOURCE, FLOOR, frame_cap=5 * MIB + 64 * KIB)
+        resp = await service.fetch(service_pb2.FetchRequest(), ctx_for(answer))
+        assert [m.seq for m in resp.messages] == [1]  # one per frame; the next page has 2
+        assert len(resp.SerializeToString()) <= answer.held <= 5 * MIB + 64 * KIB + 64
