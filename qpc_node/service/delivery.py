@@ -31,6 +31,8 @@ ANSWER_OVERHEAD = 64
 """Response and FetchResponse fields around the messages (version, call id, head_seq)."""
 MESSAGE_OVERHEAD = 128
 """A StoredMessage's bytes besides its ciphertext (seq, ids, tags, lengths), rounded up."""
+FIRST_READ_BYTES = 16 * 1024
+"""What a Fetch reserves for its first read: a few chat messages (see ``_fetch``)."""
 _USER_KEY = "user:"
 
 
@@ -260,13 +262,29 @@ class DeliveryService:
         The bytes are reserved *before* the store reads them: the answer is
         materialized (store row, protobuf, serialized frame) before the server
         can budget the frame, so budgeting only the frame let every call in
-        flight hold several copies of a 5 MiB message at once. A short grant
-        means fewer messages (the client pages on with ``after_seq``); a grant
-        too short for the first message is a retriable RESOURCE_EXHAUSTED.
+        flight hold several copies of a 5 MiB message at once. Most answers are
+        a few chat messages: the first read asks for FIRST_READ_BYTES only, and
+        only a page cut short by size (a backlog, a large message) is read again
+        with room for a whole frame -- so a busy node's small fetches do not each
+        claim a frame of the budget for the length of a store read. A short grant
+        means fewer messages (the client pages on with ``after_seq``); a grant too
+        short for the first message is a retriable RESOURCE_EXHAUSTED.
         """
-        # At most one frame (the client pages on with ``after_seq``); its header
-        # is counted with the answer overhead.
-        granted = ctx.answer.reserve(ctx.answer.frame_cap + ANSWER_OVERHEAD)
+        res = await self._read(ctx, user, after_seq, limit, FIRST_READ_BYTES)
+        if res.more and len(res.messages) < limit:  # cut by size, not by count
+            frame = ctx.answer.frame_cap + ANSWER_OVERHEAD  # the header counts as overhead
+            res = await self._read(ctx, user, after_seq, limit, frame)
+            if not res.messages and res.more:
+                raise AnswerOverBudget(
+                    f"node is holding too many response bytes; retry later "
+                    f"(message after seq {after_seq} does not fit what is free)"
+                )
+        return res
+
+    async def _read(
+        self, ctx: CallContext, user: bytes, after_seq: int, limit: int, want: int
+    ) -> FetchResult:
+        granted = ctx.answer.reserve(want)
         try:
             res = await self._store.fetch(
                 user,
@@ -282,11 +300,6 @@ class DeliveryService:
             raise
         # Keep what the answer needs (nothing while a long-poll is parked).
         ctx.answer.shrink(_answer_bound(res))
-        if not res.messages and res.more:
-            raise AnswerOverBudget(
-                f"node is holding too many response bytes; retry later "
-                f"({granted} bytes free for this answer)"
-            )
         return res
 
     async def ack(self, req: service_pb2.AckRequest, ctx: CallContext) -> service_pb2.AckResponse:

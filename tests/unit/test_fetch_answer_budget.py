@@ -23,7 +23,12 @@ from qpc_node.rpc.budget import ByteBudget
 from qpc_node.rpc.context import AnswerOverBudget, CallContext, PeerInfo, Session
 from qpc_node.rpc.server import _Answer, _OkReply
 from qpc_node.service.audit import AuditSink
-from qpc_node.service.delivery import ANSWER_OVERHEAD, MESSAGE_OVERHEAD, DeliveryService
+from qpc_node.service.delivery import (
+    ANSWER_OVERHEAD,
+    FIRST_READ_BYTES,
+    MESSAGE_OVERHEAD,
+    DeliveryService,
+)
 from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.store import Envelope, Store
@@ -169,6 +174,11 @@ async def test_small_messages_fit_the_floor_of_a_full_budget(tmp_path: Path) -> 
         answer = _Answer(budget, SOURCE, FLOOR)
         resp = await service.fetch(service_pb2.FetchRequest(), ctx_for(answer))
         assert [m.seq for m in resp.messages] == [1, 2, 3]
+        # Small answers never claim a frame of the budget, not even during the read.
+        calm = ByteBudget(24 * MIB, 8 * MIB, floor=FLOOR)
+        small = _Answer(calm, SOURCE, FLOOR)
+        resp = await service.fetch(service_pb2.FetchRequest(), ctx_for(small))
+        assert len(resp.messages) == 3 and calm.statistics().peak <= FIRST_READ_BYTES
 
 
 async def test_a_parked_long_poll_holds_no_budget(tmp_path: Path) -> None:
