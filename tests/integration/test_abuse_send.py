@@ -59,7 +59,7 @@ ENV = {
 #: RSS <= 2x idle. A Fetch reserves its answer in the send budget (24 MiB node-wide)
 #: before the store reads it, and the frame is built without re-copying the
 #: payload, so what the attack can materialize is the budget, not calls x ~4 copies.
-#: Measured +33..+37 MiB over a 56 MiB baseline; before +101..+114 MiB (and before
+#: Measured +23..+38 MiB over a 56 MiB baseline; before +101..+114 MiB (and before
 #: the send budget +304 MiB, which stayed).
 RSS_PEAK_FACTOR = 2.0
 #: "Near baseline" once the attackers are gone.
