@@ -44,6 +44,7 @@ from qpc_node.rpc.framing import (
     FrameDecoder,
     encode_frame,
     encode_frame_header,
+    encode_varint,
 )
 from qpc_node.rpc.methods import Method, MethodTable
 from qpc_node.rpc.protocol import (
@@ -653,19 +654,10 @@ class _OkReply:
         head = rpc_pb2.Response(version=WIRE_VERSION, call_id=self.call_id).SerializeToString()
         if not self.payload:
             return head  # proto3 leaves an empty bytes field out
-        return head + b"\x1a" + _varint(len(self.payload))  # field 3, length-delimited
+        return head + b"\x1a" + encode_varint(len(self.payload))  # field 3, length-delimited
 
 
 _Reply = rpc_pb2.Response | _OkReply
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class _Answer:
