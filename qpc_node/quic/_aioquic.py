@@ -35,7 +35,7 @@ from aioquic import tls as atls
 from aioquic._buffer import Buffer
 from aioquic.quic import events as aev
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import END_STATES, QuicConnection
+from aioquic.quic.connection import END_STATES, QuicConnection, QuicReceiveContext
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
@@ -45,6 +45,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioquicStream
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -167,6 +168,36 @@ class _QpcQuicConnection(QuicConnection):
         if server is not None and server.requires_client_certificate(alpn_protocol):
             # Read by the server hello handler right after this callback returns.
             self.tls._request_client_certificate = True
+
+    # -- reset streams: their send buffer is dead, free it now
+    #
+    # aioquic keeps a reset stream's send buffer (up to send_high_water bytes)
+    # until the stream is discarded, which needs the peer to end its own side as
+    # well: a peer that sends a request, never reads the answer and never
+    # half-closes pins it until the connection ends. After a reset nothing in the
+    # buffer is sent, re-sent (lost data is not rescheduled) or acknowledged.
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._qpc_free_reset_sender(stream_id)
+
+    def _handle_stop_sending_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        super()._handle_stop_sending_frame(context, frame_type, buf)
+        self._qpc_free_reset_sender(stream_id)
+
+    def _qpc_free_reset_sender(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.sender._reset_error_code is None:
+            return  # not reset (it had finished already): its buffer drains as acked
+        sender = stream.sender
+        sender._buffer = bytearray()  # a fresh object: the old allocation is returned
+        sender._buffer_start = sender._buffer_stop
+        sender._pending = RangeSet()
+        sender._acked = RangeSet()
 
     # -- stateless reset: tokens we hand out, and resets we receive
     def _qpc_derive_reset_tokens(self) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
+
+from qpc_node.errors import QpcError, StatusCode
+from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,53 @@ class Session:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+class AnswerBytes(Protocol):
+    """The call's share of the node's send budget, reserved *before* its answer exists.
+
+    A handler whose answer can be large (Fetch: up to a frame of stored messages)
+    reserves what it is about to read, so the bytes are bounded before they are
+    materialized, not after; the server then keeps the reservation for the frame.
+    """
+
+    @property
+    def frame_cap(self) -> int:
+        """The largest answer the server can frame (what asking for more is pointless)."""
+        ...
+
+    def reserve(self, nbytes: int) -> int:
+        """Hold up to ``nbytes`` in total; returns what is held (may be less, >= 0)."""
+        ...
+
+    def shrink(self, nbytes: int) -> None:
+        """Hold at most ``nbytes`` from now on (give the rest back)."""
+        ...
+
+
+class UnbudgetedAnswer:
+    """Grants everything: for contexts built outside an RpcServer (tests, tools)."""
+
+    __slots__ = ()
+
+    @property
+    def frame_cap(self) -> int:
+        return DEFAULT_MAX_FRAME_SIZE
+
+    def reserve(self, nbytes: int) -> int:
+        return nbytes
+
+    def shrink(self, nbytes: int) -> None:
+        return None
+
+
+class AnswerOverBudget(QpcError):
+    """Not even the smallest possible answer fits the send budget now (retriable).
+
+    The server counts it as a send-budget refusal.
+    """
+
+    code = StatusCode.RESOURCE_EXHAUSTED
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """Passed to every handler next to its decoded request."""
@@ -46,6 +96,8 @@ class CallContext:
     """trio.current_time() by which the answer must be sent."""
     peer: PeerInfo
     session: Session
+    answer: AnswerBytes = field(default_factory=UnbudgetedAnswer)
+    """Where a handler reserves its answer's bytes before building it."""
 
     @property
     def peer_identity(self) -> Any:

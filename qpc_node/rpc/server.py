@@ -10,8 +10,10 @@ nothing a peer sends escapes ``handle_stream``.
 Memory a peer decides the size of is budgeted node-wide and per source IP
 (``rpc.budget``): request frames from the moment their length is known until
 their handler is done, response frames until the peer took them -- which it
-must within ``send_timeout``, or the stream is reset. Over a budget the call
-is refused RESOURCE_EXHAUSTED; nothing waits for room while holding bytes.
+must within ``send_timeout``, or the stream is reset. A handler whose answer
+can be large reserves it earlier, before reading what it answers
+(``ctx.answer``); the frame then takes that reservation over. Over a budget the
+call is refused RESOURCE_EXHAUSTED; nothing waits for room while holding bytes.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from qpc_node.errors import (
     StatusCode,
 )
 from qpc_node.rpc.budget import BudgetStatistics, ByteBudget
-from qpc_node.rpc.context import CallContext, PeerInfo, Session
+from qpc_node.rpc.context import AnswerOverBudget, CallContext, PeerInfo, Session
 from qpc_node.rpc.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
     encode_frame,
     encode_frame_header,
+    encode_varint,
 )
 from qpc_node.rpc.methods import Method, MethodTable
 from qpc_node.rpc.protocol import (
@@ -313,19 +316,29 @@ class RpcServer:
         self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream
     ) -> None:
         held = _Held(self._requests, conn.source)
+        answer = _Answer(
+            self._sends, conn.source, self.config.budget_floor, self.config.max_frame_size
+        )
         try:
-            response = await self._receive_and_dispatch(conn, stream, held)
+            try:
+                reply = await self._receive_and_dispatch(conn, stream, held, answer)
+            finally:
+                held.release()  # the request and its decoded form are gone by now
+            if reply is None:
+                return
+            frame, reserved = self._prepare(conn.source, reply, answer)
         finally:
-            held.release()  # the request and its decoded form are gone by now
-        if response is None:
-            return
-        frame, reserved = self._prepare(conn.source, response)
-        del response  # the frame is all we keep while the peer takes its time
+            answer.shrink(0)  # what the handler reserved and the frame did not take
+        del reply  # the frame is all we keep while the peer takes its time
         await self._send(stream, conn.source, frame, reserved)
 
     async def _receive_and_dispatch(
-        self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream, held: _Held
-    ) -> rpc_pb2.Response | None:
+        self,
+        conn: ServerConnection,
+        stream: trio.abc.HalfCloseableStream,
+        held: _Held,
+        answer: _Answer,
+    ) -> _Reply | None:
         """The call up to its answer (None: nothing to answer, the stream is done)."""
         decoder = FrameDecoder(self.config.max_frame_size)
         frame: bytes | None = None
@@ -345,7 +358,9 @@ class RpcServer:
         del decoder  # what it held is in ``frame`` now (or refused)
         if read_scope.cancelled_caught or frame is None:
             return error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time")
-        response = await self._dispatch(conn, stream, frame)
+        # Handed over, not shared: _dispatch drops the frame once parsed.
+        parts, frame = [frame], None
+        response = await self._dispatch(conn, stream, parts, answer)
         if response is None:  # the peer went away; nobody to answer
             self._stats.peer_resets += 1
             await self._abort(stream)
@@ -380,11 +395,20 @@ class RpcServer:
                 return frames[0]
 
     async def _dispatch(
-        self, conn: ServerConnection, stream: trio.abc.HalfCloseableStream, frame: bytes
-    ) -> rpc_pb2.Response | None:
+        self,
+        conn: ServerConnection,
+        stream: trio.abc.HalfCloseableStream,
+        parts: list[bytes],
+        answer: _Answer,
+    ) -> _Reply | None:
+        """Decode the call in ``parts`` (the frame, taken out) and run its handler.
+
+        A 5 MiB request exists as frame, Request and decoded body in turn; only the
+        body stays while the handler runs (the request budget still counts it).
+        """
         request = rpc_pb2.Request()
         try:
-            request.ParseFromString(frame)
+            request.ParseFromString(parts.pop())  # the frame is freed once parsed
         except DecodeError:
             self._stats.protocol_errors += 1
             return error_response(StatusCode.INVALID_ARGUMENT, "request frame is not a Request")
@@ -414,13 +438,16 @@ class RpcServer:
             )
         cap = method.max_timeout if method.max_timeout is not None else self.config.max_timeout
         timeout = request.deadline_ms / 1000 if request.deadline_ms else self.config.default_timeout
+        correlation_id = request.correlation_id or f"{conn.peer.connection_id}/{call_id}"
+        del request  # its body is decoded; the handler needs only that
         ctx = CallContext(
             method=method.name,
             call_id=call_id,
-            correlation_id=request.correlation_id or f"{conn.peer.connection_id}/{call_id}",
+            correlation_id=correlation_id,
             deadline=trio.current_time() + min(timeout, cap),
             peer=conn.peer,
             session=conn.session,
+            answer=answer,
         )
         # -- metrics hook (observer): per-method status and latency --
         started = trio.current_time()
@@ -436,9 +463,9 @@ class RpcServer:
         body: Message,
         ctx: CallContext,
         stream: trio.abc.HalfCloseableStream,
-    ) -> rpc_pb2.Response | None:
+    ) -> _Reply | None:
         state = _CallState()
-        response: rpc_pb2.Response | None = None
+        response: _Reply | None = None
         watch = getattr(stream, "watch_receive", None)
         if callable(watch):
             # QUIC streams report what arrives without a task parked in receive_some;
@@ -477,9 +504,7 @@ class RpcServer:
             )
         return response
 
-    async def _invoke(
-        self, method: Method[Any, Any], body: Message, ctx: CallContext
-    ) -> rpc_pb2.Response:
+    async def _invoke(self, method: Method[Any, Any], body: Message, ctx: CallContext) -> _Reply:
         try:
             result = await method.handler(body, ctx)
             if not isinstance(result, method.response_type):
@@ -488,6 +513,9 @@ class RpcServer:
                 )
             payload = result.SerializeToString()
             del result  # a Fetch answer can be 5 MiB: one copy at a time
+        except AnswerOverBudget as exc:
+            self._stats.send_budget_refusals += 1
+            return error_response(exc.code, exc.message, call_id=ctx.call_id)
         except QpcError as exc:
             return error_response(exc.code, exc.message, call_id=ctx.call_id)
         except Exception:  # deliberately broad (BLE001): the one handler boundary.
@@ -500,13 +528,20 @@ class RpcServer:
                 f"internal error (correlation id {ctx.correlation_id})",
                 call_id=ctx.call_id,
             )
-        return rpc_pb2.Response(version=WIRE_VERSION, call_id=ctx.call_id, body=payload)
+        # Not a Response(body=payload): that would copy the payload once more, and
+        # serializing it again for the frame a third time (see ``_OkReply``).
+        return _OkReply(ctx.call_id, payload)
 
     # -- ending a stream ----------------------------------------------------
 
-    def _prepare(self, source: str, response: rpc_pb2.Response) -> tuple[list[bytes], int]:
+    def _prepare(
+        self, source: str, response: _Reply, answer: _Answer | None = None
+    ) -> tuple[list[bytes], int]:
         """Encode ``response`` and reserve its bytes in the send budget:
         (frame as header + payload, reserved bytes).
+
+        What the handler reserved through ``ctx.answer`` (before it read what it
+        answers) is taken over first; only a shortfall is reserved here.
 
         A response that does not fit the budget is replaced by a small
         RESOURCE_EXHAUSTED (retriable): waiting for room instead would keep the
@@ -515,17 +550,33 @@ class RpcServer:
         stay until acknowledged and the client retries.
         """
         status = StatusCode(response.status)
-        payload = response.SerializeToString()
+        if isinstance(response, _OkReply):
+            head, payload = response.prefix(), response.payload
+        else:
+            head, payload = b"", response.SerializeToString()
         try:
-            header = encode_frame_header(len(payload), max_frame_size=self.config.max_frame_size)
+            header = encode_frame_header(
+                len(head) + len(payload), max_frame_size=self.config.max_frame_size
+            )
             # Large: write header and payload apart (joining copies the payload).
-            frame = [header, payload] if len(payload) > RECEIVE_CHUNK else [header + payload]
+            if len(payload) > RECEIVE_CHUNK:
+                frame = [header + head, payload]
+            else:
+                frame = [header + head + payload]
         except LocalProtocolError as exc:
             status = exc.code
             frame = _error_frame(exc.code, "response exceeds the frame cap", response.call_id)
         del payload
         reserved = sum(map(len, frame))
-        if not self._sends.try_reserve(source, reserved):
+        pre = answer.take() if answer is not None else 0
+        if reserved <= pre:
+            self._sends.release(source, pre - reserved)
+            fits = True
+        else:
+            fits = self._sends.try_reserve(source, reserved - pre)
+            if not fits:
+                self._sends.release(source, pre)
+        if not fits:
             self._stats.send_budget_refusals += 1
             status = StatusCode.RESOURCE_EXHAUSTED
             frame = _error_frame(
@@ -580,6 +631,76 @@ class RpcServer:
             with contextlib.suppress(*_STREAM_GONE):
                 reset(int(code))
         await trio.aclose_forcefully(stream)
+
+
+class _OkReply:
+    """A handler's answer: its serialized body, framed without another copy.
+
+    ``Response(version, call_id, body)`` serializes as its small fields followed
+    by field 3 (body) -- the highest-numbered field an OK response sets -- so the
+    frame is ``header + prefix`` and then the payload object itself, byte for
+    byte what ``Response.SerializeToString()`` gives (tests/unit check that).
+    """
+
+    __slots__ = ("call_id", "payload")
+
+    status = StatusCode.OK
+
+    def __init__(self, call_id: int, payload: bytes) -> None:
+        self.call_id = call_id
+        self.payload = payload
+
+    def prefix(self) -> bytes:
+        head = rpc_pb2.Response(version=WIRE_VERSION, call_id=self.call_id).SerializeToString()
+        if not self.payload:
+            return head  # proto3 leaves an empty bytes field out
+        return head + b"\x1a" + encode_varint(len(self.payload))  # field 3, length-delimited
+
+
+_Reply = rpc_pb2.Response | _OkReply
+
+
+class _Answer:
+    """One call's send-budget reservation made by its handler (``ctx.answer``).
+
+    A grant may be smaller than asked: what the budget has room for, and never
+    less than its floor (small answers always fit, as in ``rpc.budget``), so a
+    handler under pressure answers fewer items instead of none.
+    """
+
+    __slots__ = ("_budget", "_floor", "_source", "frame_cap", "held")
+
+    def __init__(
+        self, budget: ByteBudget, source: str, floor: int, frame_cap: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> None:
+        self._budget = budget
+        self._source = source
+        self._floor = floor
+        self.frame_cap = frame_cap
+        self.held = 0
+
+    def reserve(self, nbytes: int) -> int:
+        extra = nbytes - self.held
+        if extra <= 0:
+            return self.held
+        b = self._budget
+        if not b.fits(self._source, extra):
+            room = min(b.limit - b.used, b.per_source - b.held_by(self._source))
+            extra = max(room, min(extra, self._floor - self.held))
+        if extra > 0 and b.try_reserve(self._source, extra):
+            self.held += extra
+        return self.held
+
+    def shrink(self, nbytes: int) -> None:
+        give = self.held - max(nbytes, 0)
+        if give > 0:
+            self._budget.release(self._source, give)
+            self.held -= give
+
+    def take(self) -> int:
+        """Hand the reservation over (to the frame): it is no longer ours to release."""
+        held, self.held = self.held, 0
+        return held
 
 
 class _Held:

@@ -15,18 +15,24 @@ from typing import cast
 import trio
 
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
-from qpc_node.rpc.context import CallContext
+from qpc_node.rpc.context import AnswerOverBudget, CallContext
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.service.guard import Guard, PermissionDenied, short
 from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.fairness import SenderKey
 from qpc_node.store.records import EnqueueResult, Envelope, FetchResult
 from qpc_node.wire.envelope import Envelope as WireEnvelope
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import rpc_pb2, service_pb2
 
 MAX_BATCH = 256
 MAX_FETCH = 256
 MAX_WAIT_S = 30.0
+ANSWER_OVERHEAD = 64
+"""Response and FetchResponse fields around the messages (version, call id, head_seq)."""
+MESSAGE_OVERHEAD = 128
+"""A StoredMessage's bytes besides its ciphertext (seq, ids, tags, lengths), rounded up."""
+FIRST_READ_BYTES = 16 * 1024
+"""What a Fetch reserves for its first read: a few chat messages (see ``_fetch``)."""
 _USER_KEY = "user:"
 
 
@@ -236,37 +242,65 @@ class DeliveryService:
         _mine(user, req.identity)
         limit = min(req.limit or 64, MAX_FETCH)
         wait = min(req.wait_ms / 1000.0, self._max_wait, max(ctx.time_remaining() - 1.0, 0.0))
-        res = await self._fetch(user, req.after_seq, limit)
+        res = await self._fetch(ctx, user, req.after_seq, limit)
         if not res.messages and wait > 0 and not self._draining:
             with trio.move_on_after(wait):
                 for _ in range(1000):  # each round waits for a wakeup; bounded anyway
                     # Park before re-reading, so a commit in between still wakes us.
                     with self.waiters.parked(user) as ev:
-                        res = await self._fetch(user, req.after_seq, limit)
+                        res = await self._fetch(ctx, user, req.after_seq, limit)
                         if res.messages or self._draining:
                             break
                         await ev.wait()
-        return service_pb2.FetchResponse(
-            messages=[
-                service_pb2.StoredMessage(
-                    seq=m.seq,
-                    envelope=envelope_pb2.Envelope(
-                        msg_id=m.envelope.msg_id,
-                        recipient=m.envelope.recipient,
-                        expiry_ms=m.envelope.expiry_ms,
-                        hop_limit=m.envelope.hop_limit,
-                        ciphertext=m.envelope.ciphertext,
-                    ),
-                )
-                for m in res.messages
-            ],
-            head_seq=res.last_seq,
-        )
+        return _answer(res)
 
-    async def _fetch(self, user: bytes, after_seq: int, limit: int) -> FetchResult:
-        return await self._store.fetch(
-            user, now_ms=self._wall_ms(), after_seq=after_seq, limit=limit
-        )
+    async def _fetch(
+        self, ctx: CallContext, user: bytes, after_seq: int, limit: int
+    ) -> FetchResult:
+        """Read what the answer has room for in the node's send budget, and no more.
+
+        The bytes are reserved *before* the store reads them: the answer is
+        materialized (store row, protobuf, serialized frame) before the server
+        can budget the frame, so budgeting only the frame let every call in
+        flight hold several copies of a 5 MiB message at once. Most answers are
+        a few chat messages: the first read asks for FIRST_READ_BYTES only, and
+        only a page cut short by size (a backlog, a large message) is read again
+        with room for a whole frame -- so a busy node's small fetches do not each
+        claim a frame of the budget for the length of a store read. A short grant
+        means fewer messages (the client pages on with ``after_seq``); a grant too
+        short for the first message is a retriable RESOURCE_EXHAUSTED.
+        """
+        res = await self._read(ctx, user, after_seq, limit, FIRST_READ_BYTES)
+        if res.more and len(res.messages) < limit:  # cut by size, not by count
+            frame = ctx.answer.frame_cap + ANSWER_OVERHEAD  # the header counts as overhead
+            res = await self._read(ctx, user, after_seq, limit, frame)
+            if not res.messages and res.more:
+                raise AnswerOverBudget(
+                    f"node is holding too many response bytes; retry later "
+                    f"(message after seq {after_seq} does not fit what is free)"
+                )
+        return res
+
+    async def _read(
+        self, ctx: CallContext, user: bytes, after_seq: int, limit: int, want: int
+    ) -> FetchResult:
+        granted = ctx.answer.reserve(want)
+        try:
+            res = await self._store.fetch(
+                user,
+                now_ms=self._wall_ms(),
+                after_seq=after_seq,
+                limit=limit,
+                max_bytes=max(granted - ANSWER_OVERHEAD, 0),
+                overhead=MESSAGE_OVERHEAD,
+                strict=True,
+            )
+        except BaseException:
+            ctx.answer.shrink(0)
+            raise
+        # Keep what the answer needs (nothing while a long-poll is parked).
+        ctx.answer.shrink(_answer_bound(res))
+        return res
 
     async def ack(self, req: service_pb2.AckRequest, ctx: CallContext) -> service_pb2.AckResponse:
         user = self._guard.check(ctx)
@@ -276,6 +310,28 @@ class DeliveryService:
 
     def statistics(self) -> DeliveryStatistics:
         return DeliveryStatistics(parked_fetches=len(self.waiters), wakeups=self.waiters.wakeups)
+
+
+def _answer_bound(res: FetchResult) -> int:
+    """Upper bound of ``res`` as a framed answer (what its reservation must cover)."""
+    if not res.messages:
+        return 0
+    return ANSWER_OVERHEAD + sum(
+        MESSAGE_OVERHEAD + len(m.envelope.ciphertext) for m in res.messages
+    )
+
+
+def _answer(res: FetchResult) -> service_pb2.FetchResponse:
+    out = service_pb2.FetchResponse(head_seq=res.last_seq)
+    for m in res.messages:  # added in place: no intermediate list of messages
+        pb = out.messages.add(seq=m.seq)
+        env = pb.envelope
+        env.msg_id = m.envelope.msg_id
+        env.recipient = m.envelope.recipient
+        env.expiry_ms = m.envelope.expiry_ms
+        env.hop_limit = m.envelope.hop_limit
+        env.ciphertext = m.envelope.ciphertext
+    return out
 
 
 @dataclass(frozen=True, slots=True)

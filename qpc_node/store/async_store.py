@@ -389,10 +389,18 @@ class AsyncStore:
         after_seq: int = 0,
         limit: int = 100,
         max_bytes: int = 4 * MIB,
+        overhead: int = 0,
+        strict: bool = False,
     ) -> FetchResult:
         return await self.run(
             lambda s: s.fetch(
-                recipient, now_ms=now_ms, after_seq=after_seq, limit=limit, max_bytes=max_bytes
+                recipient,
+                now_ms=now_ms,
+                after_seq=after_seq,
+                limit=limit,
+                max_bytes=max_bytes,
+                overhead=overhead,
+                strict=strict,
             )
         )
 

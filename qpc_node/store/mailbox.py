@@ -300,33 +300,54 @@ def fetch(
     limit: int,
     max_bytes: int,
     now_ms: int,
+    overhead: int = 0,
+    strict: bool = False,
 ) -> FetchResult:
     """Messages with ``seq > after_seq`` in order, never an expired one.
 
-    ``max_bytes`` bounds the page, but the first message is always returned so that a
-    message larger than the page size can still be delivered.
+    ``max_bytes`` bounds the page, each message counted as its ciphertext plus
+    ``overhead``. Unless ``strict``, the first message is always returned so that
+    a message larger than the page size can still be delivered; ``strict`` (the
+    caller reserved exactly ``max_bytes`` for its answer) returns none then, with
+    ``more`` set. Only the returned messages' ciphertexts are read: sizes come
+    first, so a large message past the page costs nothing.
+    Must run inside a (read) transaction: both queries see one snapshot.
     """
     check_fingerprint(recipient)
-    if limit < 1 or max_bytes < 1 or after_seq < 0:
+    if limit < 1 or max_bytes < 0 or (max_bytes < 1 and not strict) or after_seq < 0:
         raise InvalidRecord("fetch needs limit >= 1, max_bytes >= 1 and after_seq >= 0")
+    if overhead < 0:
+        raise InvalidRecord("fetch needs overhead >= 0")
     # Wire seqs are uint64, SQLite INTEGER is int64: no stored seq exceeds the clamp.
     after_seq = min(after_seq, SEQ_MAX)
     last_seq = _mailbox_row(conn, recipient)[0]
+    where = (
+        " WHERE recipient = ? AND seq > ? AND seq <= ? AND ciphertext IS NOT NULL"
+        " AND expiry_ms > ? ORDER BY seq"
+    )
+    # length() of a BLOB reads its size from the record header, not its pages.
+    sizes = conn.execute(
+        "SELECT seq, length(ciphertext) FROM messages" + where + " LIMIT ?",
+        (recipient, after_seq, SEQ_MAX, now_ms, limit + 1),
+    ).fetchall()
+    used = 0
+    taken = 0
+    for _seq, size in sizes:
+        cost = size + overhead
+        if taken == limit or (used + cost > max_bytes and (taken or strict)):
+            break
+        used += cost
+        taken += 1
+    more = taken < len(sizes)
+    if not taken:
+        return FetchResult((), more=more, last_seq=last_seq)
     cursor = conn.execute(
-        "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext FROM messages"
-        " WHERE recipient = ? AND seq > ? AND ciphertext IS NOT NULL AND expiry_ms > ?"
-        " ORDER BY seq LIMIT ?",
-        (recipient, after_seq, now_ms, limit + 1),
+        "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext FROM messages" + where,
+        (recipient, after_seq, sizes[taken - 1][0], now_ms),
     )
     messages: list[StoredMessage] = []
-    used = 0
-    more = False
     try:
         for seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext in cursor:
-            if len(messages) == limit or (messages and used + len(ciphertext) > max_bytes):
-                more = True
-                break
-            used += len(ciphertext)
             envelope = Envelope(msg_id, recipient, expiry_ms, hop_limit, ciphertext)
             messages.append(StoredMessage(seq, envelope, enqueued_ms))
     finally:

@@ -200,7 +200,10 @@ class Store:
         after_seq: int = 0,
         limit: int = 100,
         max_bytes: int = 4 * MIB,
+        overhead: int = 0,
+        strict: bool = False,
     ) -> FetchResult:
+        """See :func:`mailbox.fetch` (``overhead``, ``strict``: a reserved answer size)."""
         # A read transaction gives last_seq and the rows from one snapshot.
         conn = self.conn
         conn.execute("BEGIN")
@@ -212,6 +215,8 @@ class Store:
                 limit=limit,
                 max_bytes=max_bytes,
                 now_ms=now_ms,
+                overhead=overhead,
+                strict=strict,
             )
         finally:
             conn.execute("COMMIT")

@@ -1,6 +1,8 @@
-"""Raw RPC clients for the abuse tests: an attacker that authenticates and then
-misbehaves at the stream level, a legitimate user timing round trips, and
-readings of a real node process (RSS from /proc, metrics over Node/Stats).
+"""Attackers and legitimate users for the abuse tests and ``bench/abuse_bench.py``:
+raw RPC clients that authenticate and then misbehave at the stream level, raw
+UDP senders of Initials (undecryptable, or real ClientHellos), a legitimate
+user timing round trips, and readings of a real node process (RSS from /proc,
+metrics over Node/Stats). One module, so the tests and the bench attack alike.
 
 The attacker uses the project's own QUIC client: a :class:`QuicStream` whose
 ``receive_some`` is never called grants the node no flow-control credit (the
@@ -20,19 +22,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 
 from qpc_node import crypto
 from qpc_node.ops.clock import system_wall_ms
-from qpc_node.quic import ALPN_CLIENT, ClientTLS, Connection, QuicStream, open_endpoint
+from qpc_node.quic import (
+    ALPN_CLIENT,
+    ClientTLS,
+    Connection,
+    Endpoint,
+    QuicStream,
+    open_endpoint,
+)
 from qpc_node.rpc import RpcClient
 from qpc_node.rpc.client import NO_RETRY
 from qpc_node.rpc.errors import RpcError
 from qpc_node.rpc.framing import encode_frame
+from qpc_node.rpc.health import HEALTH_METHOD
 from qpc_node.rpc.protocol import WIRE_VERSION
 from qpc_node.service.auth import auth_message
 from qpc_node.service.stats import STATS_METHOD, samples_from_proto
 from qpc_node.wire.envelope import Envelope, pad
-from qpc_node.wire.gen.qpc.v1 import ops_pb2, rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import health_pb2, ops_pb2, rpc_pb2, service_pb2
 
 MIB = 1024 * 1024
 
@@ -188,3 +200,73 @@ async def node_stats(u: User) -> dict[str, float]:
         label = ",".join(f"{k}={v}" for k, v in s.labels)
         out[f"{s.name}{{{label}}}" if label else s.name] = s.value
     return out
+
+
+async def enqueue_statuses(u: User, recipient: bytes, n: int, size: int = 256) -> list[int]:
+    """One Enqueue of ``n`` envelopes to ``recipient``: each envelope's status."""
+    envs = [envelope_to(recipient, size).envelopes[0] for _ in range(n)]
+    resp = await u.rpc.call(
+        "qpc.v1.Delivery/Enqueue",
+        service_pb2.EnqueueRequest(envelopes=envs),
+        service_pb2.EnqueueResponse,
+    )
+    return [r.status for r in resp.results]
+
+
+# -- handshake floods (raw UDP) and a user who connects anew each time ---------
+
+
+def garbage_initial() -> bytes:
+    """A long-header v1 Initial of 1,200 bytes that parses but never decrypts."""
+    head = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00"
+    rest = 1200 - len(head) - 2
+    return head + (0x4000 | rest).to_bytes(2, "big") + os.urandom(rest)
+
+
+def client_hellos(n: int) -> list[bytes]:
+    """Real, decryptable ClientHello Initials (a fresh connection each)."""
+    out = []
+    for _ in range(n):
+        config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_CLIENT], server_name="x")
+        q = QuicConnection(configuration=config)
+        q.connect(("127.0.0.1", 4201), now=0.0)
+        out.append(q.datagrams_to_send(0.0)[0][0])
+    return out
+
+
+async def bind_sources(hosts: list[str]) -> list[trio.socket.SocketType]:
+    """One UDP socket per source address (127.x: Linux routes all of 127/8 to lo),
+    with a tiny receive buffer: the attacker never reads, as a spoofer could not."""
+    socks = []
+    for host in hosts:
+        s = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await s.bind((host, 0))
+        socks.append(s)
+    return socks
+
+
+async def blast(
+    socks: list[trio.socket.SocketType], port: int, packets: list[bytes], rate: float | None
+) -> None:
+    """Send ``packets`` round-robin over the sources; ``rate`` per second (None: at once)."""
+    start = trio.current_time()
+    for i, data in enumerate(packets):
+        await socks[i % len(socks)].sendto(data, ("127.0.0.1", port))
+        if rate is not None:
+            await trio.sleep_until(start + (i + 1) / rate)
+        elif i % 64 == 63:
+            await trio.lowlevel.checkpoint()
+
+
+async def health_round_trip(ep: Endpoint, host: str, port: int, pin: str) -> float:
+    """Connect (full handshake, a Retry when the node asks), one Health call, close."""
+    start = trio.current_time()
+    conn = await ep.connect(host, port, ClientTLS(ALPN_CLIENT, pin=pin))
+    resp = await RpcClient(conn.open_stream).call(
+        HEALTH_METHOD, health_pb2.HealthRequest(), health_pb2.HealthResponse, retries=0
+    )
+    assert resp.status == health_pb2.HealthResponse.SERVING
+    elapsed = trio.current_time() - start
+    await conn.aclose()
+    return elapsed

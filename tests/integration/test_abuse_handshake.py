@@ -15,7 +15,6 @@ handshake timeout.
 
 from __future__ import annotations
 
-import os
 import signal
 import statistics
 from collections.abc import Awaitable, Callable
@@ -23,20 +22,15 @@ from pathlib import Path
 
 import pytest
 import trio
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from abuse_rpc import bind_sources, blast, client_hellos, garbage_initial, health_round_trip
 from node_harness import node_stats, start_node_process
 
-from qpc_node.node import NodeInfo
 from qpc_node.ops.clock import ManualWallClock
-from qpc_node.quic import ALPN_CLIENT, ClientTLS, Endpoint, open_endpoint
-from qpc_node.rpc import RpcClient
-from qpc_node.rpc.health import HEALTH_METHOD
-from qpc_node.wire.gen.qpc.v1 import health_pb2
+from qpc_node.quic import open_endpoint
 
 pytestmark = pytest.mark.timeout(90)
 
-SOURCES = [f"127.0.1.{i}" for i in range(1, 21)]
+SOURCES = [f"127.0.1.{i}" for i in range(1, 21)]  # loopback: no spoofing needed
 BURST = 1100  # what filled all 1,024 slots in the report
 HELLO_RATE, HELLO_SECONDS = 400, 7  # the report's steady ClientHello rate; past the 5 s deadline
 ROUND_TRIPS = 8  # at least; more while the attack lasts
@@ -45,70 +39,12 @@ PAUSE = 0.1  # between the user's round trips
 SLOWDOWN = 10
 
 
-def garbage_initial() -> bytes:
-    """A long-header v1 Initial of 1,200 bytes that parses but never decrypts."""
-    head = b"\xc3\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + b"\x00"
-    rest = 1200 - len(head) - 2
-    return head + (0x4000 | rest).to_bytes(2, "big") + os.urandom(rest)
-
-
-def client_hellos(n: int) -> list[bytes]:
-    """Real, decryptable ClientHello Initials (a fresh connection each)."""
-    out = []
-    for _ in range(n):
-        config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN_CLIENT], server_name="x")
-        q = QuicConnection(configuration=config)
-        q.connect(("127.0.0.1", 4201), now=0.0)
-        out.append(q.datagrams_to_send(0.0)[0][0])
-    return out
-
-
-def open_sources() -> list[trio.socket.SocketType]:
-    socks = []
-    for _ in SOURCES:
-        s = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
-        s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)  # never read
-        socks.append(s)
-    return socks
-
-
-async def bind_sources(socks: list[trio.socket.SocketType]) -> None:
-    for s, host in zip(socks, SOURCES, strict=True):
-        await s.bind((host, 0))
-
-
-async def blast(
-    socks: list[trio.socket.SocketType], port: int, packets: list[bytes], rate: float | None
-) -> None:
-    """Send ``packets`` round-robin over the sources; ``rate`` per second (None: at once)."""
-    start = trio.current_time()
-    for i, data in enumerate(packets):
-        await socks[i % len(socks)].sendto(data, ("127.0.0.1", port))
-        if rate is not None:
-            await trio.sleep_until(start + (i + 1) / rate)
-        elif i % 64 == 63:
-            await trio.lowlevel.checkpoint()
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-async def round_trip(ep: Endpoint, info: NodeInfo) -> float:
-    """Connect (full handshake, a Retry when the node asks), one Health call, close."""
-    start = trio.current_time()
-    conn = await ep.connect(info.host, info.port, ClientTLS(ALPN_CLIENT, pin=info.cert_fingerprint))
-    resp = await RpcClient(conn.open_stream).call(
-        HEALTH_METHOD, health_pb2.HealthRequest(), health_pb2.HealthResponse, retries=0
-    )
-    assert resp.status == health_pb2.HealthResponse.SERVING
-    elapsed = trio.current_time() - start
-    await conn.aclose()
-    return elapsed
 
 
 async def under_attack(
@@ -120,11 +56,13 @@ async def under_attack(
     proc, info = await start_node_process(tmp / "node", log_file=tmp / "node.log")
     try:
         async with open_endpoint("127.0.0.1", 0) as ep:
-            baseline = [await round_trip(ep, info) for _ in range(ROUND_TRIPS)]
+            baseline = [
+                await health_round_trip(ep, info.host, info.port, info.cert_fingerprint)
+                for _ in range(ROUND_TRIPS)
+            ]
             idle_rss = rss_kib(proc.pid)
             peak_rss = idle_rss
-            socks = open_sources()
-            await bind_sources(socks)
+            socks = await bind_sources(SOURCES)
             attacked: list[float] = []
             underway, over = trio.Event(), trio.Event()
 
@@ -136,7 +74,9 @@ async def under_attack(
                 nursery.start_soon(attacker)
                 await underway.wait()
                 while not over.is_set() or len(attacked) < ROUND_TRIPS:  # each one must succeed
-                    attacked.append(await round_trip(ep, info))
+                    attacked.append(
+                        await health_round_trip(ep, info.host, info.port, info.cert_fingerprint)
+                    )
                     peak_rss = max(peak_rss, rss_kib(proc.pid))
                     await trio.sleep(PAUSE)
             for s in socks:

@@ -55,12 +55,13 @@ ENV = {
     "QPC_LIMITS_RATE_BURST": "100000",
     "QPC_LIMITS_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
 }
-#: Stated bound while under attack (sampled every 5 ms): the send budget (24 MiB)
-#: plus what the budget does not cover -- Fetch answers being materialized by their
-#: handlers (~4 copies of the 5 MiB message each, several at once while the store
-#: worker runs ahead; see docs/threat-model.md). Measured +100..+114 MiB;
-#: before the fix +304 MiB, and it stayed.
-RSS_GROWTH_BOUND_MIB = 160
+#: Stated bound while under attack (sampled every 5 ms): the issue's target, peak
+#: RSS <= 2x idle. A Fetch reserves its answer in the send budget (24 MiB node-wide)
+#: before the store reads it, and the frame is built without re-copying the
+#: payload, so what the attack can materialize is the budget, not calls x ~4 copies.
+#: Measured +23..+38 MiB over a 56 MiB baseline; before +101..+114 MiB (and before
+#: the send budget +304 MiB, which stayed).
+RSS_PEAK_FACTOR = 2.0
 #: "Near baseline" once the attackers are gone.
 RSS_RETURN_MIB = 24
 REFUSED = "qpc_rpc_budget_refusals_total{budget=send}"
@@ -110,7 +111,15 @@ async def test_unread_responses_are_refused_reset_and_released(tmp_path: Path) -
                         ):
                             break
                         await trio.sleep(0.1)
-                during = await node_stats(legit)
+                # Active calls: the Stats call, and the legitimate user's -- whose
+                # previous call may still be closing on the node while its next one
+                # runs (seen under load). Read until that settles (bounded, 2 s: the
+                # unread calls stayed active for 70 s before the fix).
+                for _ in range(40):
+                    during = await node_stats(legit)
+                    if during["qpc_rpc_active_calls"] <= 2:
+                        break
+                    await trio.sleep(0.05)
                 attacker_rss = rss_mib(pid)
                 done.set()
                 await attackers_leave.aclose()  # the attackers go away
@@ -138,7 +147,7 @@ async def test_unread_responses_are_refused_reset_and_released(tmp_path: Path) -
         f"send timeouts={during.get('qpc_rpc_send_timeouts_total')} "
         f"active calls={during['qpc_rpc_active_calls']}"
     )
-    assert peak - baseline <= RSS_GROWTH_BOUND_MIB, f"RSS {baseline:.0f} -> {peak:.0f} MiB"
+    assert peak <= RSS_PEAK_FACTOR * baseline, f"RSS {baseline:.0f} -> {peak:.0f} MiB"
     assert under_attack.ok >= 10 and under_attack.success >= 0.99, under_attack.failed[:3]
     # Every unread call ended while its attacker was still connected: what is left
     # is the Stats call itself and at most one call of the legitimate user.
