@@ -29,19 +29,18 @@ new epoch (the GroupInfo that follows a Welcome) is encrypted after the merge.
 from __future__ import annotations
 
 import enum
-import functools
 import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
 
 import trio
 from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.fingerprint import short_code
+from qpc_node.client.mls_worker import MlsWorker
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.state import AsyncClientState, Conversation, Outgoing, Received
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
@@ -55,9 +54,6 @@ from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, ops_pb2, service_pb2
 
 log = get_logger("qpc.client")
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 RETENTION_MS = 7 * 24 * 3600 * 1000
 KP_TARGET = 16
@@ -147,8 +143,7 @@ class Agent:
         rng: random.Random | None = None,
         mls_in_thread: bool = True,
     ) -> None:
-        """``mls_in_thread=False`` runs MLS calls on the Trio thread, as before issue 10:
-        only for ``bench/agent_stall_bench.py`` to measure what the worker thread saves."""
+        """``mls_in_thread``: see :class:`MlsWorker` (False only for the stall bench)."""
         self.ident = ident
         self.me = bytes.fromhex(ident.fingerprint)
         self._state = state
@@ -161,20 +156,10 @@ class Agent:
         self._recv_lock = trio.Lock()
         self.stats = AgentStatistics()
         self.on_warning: Callable[[str], None] = lambda _m: None
-        # One worker at a time for this identity's MLS calls: they share one state
-        # file and their order matters (a commit before the message that follows it).
-        self._mls_limiter = trio.CapacityLimiter(1)
-        self._mls_in_thread = mls_in_thread
+        self._mls = MlsWorker(in_thread=mls_in_thread)
         self._held_loaded = False
         self._orphans_checked = False
         self._commit_refusals: dict[bytes, str] = {}
-
-    async def _mls(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run one MLS call off the Trio thread (the Rust core releases the GIL)."""
-        call = functools.partial(fn, *args, **kwargs)
-        if not self._mls_in_thread:
-            return call()
-        return await trio.to_thread.run_sync(call, limiter=self._mls_limiter)
 
     async def unshown(self) -> list[Received]:
         """Stored texts not yet shown to the user (marks them shown)."""
