@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.fingerprint import short_code
+from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
 from qpc_node.client.mls_worker import MlsWorker
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.state import AsyncClientState, Conversation, Outgoing, Received
@@ -53,12 +54,21 @@ from qpc_node.service.stats import STATS_METHOD, samples_from_proto
 from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, ops_pb2, service_pb2
 
+__all__ = [
+    "KP_LOW_WATER",
+    "KP_ROTATE_MS",
+    "KP_TARGET",
+    "Agent",
+    "AgentError",
+    "AgentStatistics",
+    "Incoming",
+    "Sent",
+]
+"""The agent's public names; the KeyPackage constants stay importable from here."""
+
 log = get_logger("qpc.client")
 
 RETENTION_MS = 7 * 24 * 3600 * 1000
-KP_TARGET = 16
-KP_LOW_WATER = 6
-KP_ROTATE_MS = 12 * 3600 * 1000  # packages live 24 h on the node: refresh at half-life
 OUTBOX_BACKOFF_MS = (500, 60_000)
 FLUSH_ROUNDS = 16
 """Enqueue calls one flush makes at most (64 messages each)."""
@@ -198,41 +208,9 @@ class Agent:
         Also refreshes the pool at half its 24 h lifetime and keeps one
         last-resort package there, so we stay invitable while offline.
         """
-        now = self._wall_ms()
-        count = await self._rpc.call(
-            "qpc.v1.Directory/Count",
-            service_pb2.CountKeyPackagesRequest(),
-            service_pb2.CountKeyPackagesResponse,
+        return await top_up_key_packages(
+            self.ident, self._state, self._rpc, self._mls, self._wall_ms()
         )
-        last = await self._state.call(self._st.get_meta, "kp_uploaded_ms")
-        stale = last is None or now - int.from_bytes(last, "big") > KP_ROTATE_MS
-        n = KP_TARGET if stale else (KP_TARGET - count.available)
-        if not stale and count.available >= KP_LOW_WATER:
-            return 0
-
-        def make() -> list[service_pb2.KeyPackageUpload]:
-            pkgs = [
-                service_pb2.KeyPackageUpload(key_package=self.ident.key_package())
-                for _ in range(max(n, 0))
-            ]
-            if stale:
-                pkgs.append(
-                    service_pb2.KeyPackageUpload(
-                        key_package=self.ident.key_package(last_resort=True), last_resort=True
-                    )
-                )
-            return pkgs
-
-        pkgs = await self._mls(make)
-        if not pkgs:
-            return 0
-        resp = await self._rpc.call(
-            "qpc.v1.Directory/Upload",
-            service_pb2.UploadKeyPackagesRequest(packages=pkgs),
-            service_pb2.UploadKeyPackagesResponse,
-        )
-        await self._state.call(self._st.set_meta, "kp_uploaded_ms", now.to_bytes(8, "big"))
-        return int(resp.stored)
 
     # -- conversations -----------------------------------------------------------
     async def _fetch_key_package(self, peer: bytes) -> bytes:
