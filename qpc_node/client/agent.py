@@ -29,29 +29,29 @@ new epoch (the GroupInfo that follows a Welcome) is encrypted after the merge.
 from __future__ import annotations
 
 import enum
-import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import trio
 from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
+from qpc_node.client.agent_types import AgentError, AgentStatistics, Incoming
 from qpc_node.client.fingerprint import short_code
 from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
 from qpc_node.client.mls_worker import MlsWorker
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
-from qpc_node.client.state import AsyncClientState, Conversation, Outgoing, Received
-from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
+from qpc_node.client.outbox import Outbox, Sent
+from qpc_node.client.state import AsyncClientState, Conversation, Received
+from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
 from qpc_node.ops.log import get_logger
 from qpc_node.ops.metrics import Sample
 from qpc_node.rpc.client import ClientStatistics, RpcClient
 from qpc_node.rpc.errors import RpcError
 from qpc_node.service.auth import auth_message
 from qpc_node.service.stats import STATS_METHOD, samples_from_proto
-from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
+from qpc_node.wire.envelope import Envelope, unpad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, ops_pb2, service_pb2
 
 __all__ = [
@@ -68,47 +68,10 @@ __all__ = [
 
 log = get_logger("qpc.client")
 
-RETENTION_MS = 7 * 24 * 3600 * 1000
-OUTBOX_BACKOFF_MS = (500, 60_000)
-FLUSH_ROUNDS = 16
-"""Enqueue calls one flush makes at most (64 messages each)."""
 MAX_HELD = 1000
 """Messages kept for a later retry at most; beyond, the oldest is given up (reported)."""
 HELD_PASSES = 8
 """Rounds over the held messages per retry: a held commit can unblock another."""
-
-# Whole-call refusals that say something in the batch is bad (an older node answers
-# one bad envelope this way): each message is then sent alone to find it. Any other
-# whole-call failure (transport, session, node busy) retries every message.
-_CALL_REFUSES_CONTENT = frozenset(
-    {
-        StatusCode.INVALID_ARGUMENT,
-        StatusCode.NOT_FOUND,
-        StatusCode.PAYLOAD_TOO_LARGE,
-        StatusCode.FAILED_PRECONDITION,
-        StatusCode.ALREADY_EXISTS,
-    }
-)
-
-
-class AgentError(QpcError):
-    code = StatusCode.FAILED_PRECONDITION
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    seq: int
-    conversation: str
-    sender: str  # fingerprint hex
-    text: str
-
-
-class Sent(enum.Enum):
-    """What became of one outbox message in a flush."""
-
-    DELIVERED = "delivered"  # the node stored it (or already held it)
-    RETRY = "retry"  # still queued, with backoff
-    DROPPED = "dropped"  # refused for good (or expired): the user was warned
 
 
 class _Later(enum.Enum):
@@ -117,28 +80,6 @@ class _Later(enum.Enum):
 
 HOLD = _Later.HOLD
 """``_handle``'s answer for a message that cannot be processed yet: keep it."""
-
-
-@dataclass(slots=True)
-class AgentStatistics:
-    sent: int = 0
-    received: int = 0
-    undecryptable: int = 0
-    """Delivered messages that can never be processed (bad encoding, signature, an
-    epoch we left): counted, reported with a warning, then discarded."""
-    held: int = 0
-    """Messages kept in client.db right now because they cannot be processed yet."""
-    recovered: int = 0
-    """Held messages that were processed later (their commit or Welcome arrived)."""
-    held_expired: int = 0
-    """Held messages given up: expired, or over MAX_HELD."""
-    send_retries: int = 0
-    """Outbox messages scheduled again (node busy, connection lost)."""
-    send_dropped: int = 0
-    """Outbox messages the node refused for good (or that expired unsent)."""
-    gaps: list[tuple[int, int]] = field(default_factory=list)
-    """(expected, got) sequence pairs where messages went missing."""
-    warnings: list[str] = field(default_factory=list)
 
 
 class Agent:
@@ -161,15 +102,21 @@ class Agent:
         self._rpc = rpc
         self._node_fpr = node_cert_fingerprint
         self._wall_ms = wall_ms
-        self._rng = rng or random.Random()
-        self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
         self.stats = AgentStatistics()
         self.on_warning: Callable[[str], None] = lambda _m: None
         self._mls = MlsWorker(in_thread=mls_in_thread)
+        self._outbox = Outbox(
+            ident,
+            state,
+            rpc,
+            self._mls,
+            wall_ms=wall_ms,
+            rng=rng or random.Random(),
+            stats=self.stats,
+            warn=self._warn,
+        )
         self._held_loaded = False
-        self._orphans_checked = False
-        self._commit_refusals: dict[bytes, str] = {}
 
     async def unshown(self) -> list[Received]:
         """Stored texts not yet shown to the user (marks them shown)."""
@@ -279,18 +226,18 @@ class Agent:
         await self._invite(conv, g, peer, kp)
 
     async def _invite(self, conv: Conversation, g: crypto.Group, peer: bytes, kp: bytes) -> None:
-        before = await self._others(g)
+        before = await self._outbox.others(g)
         with self._no_pending_commit(conv):
             commit, welcome = await self._mls(g.add, [kp])
-        envs = self._to_each(before, conv.group_id, commit)
-        envs.append(self._envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
+        envs = self._outbox.to_each(before, conv.group_id, commit)
+        envs.append(self._outbox.envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
         # Encrypted in the new epoch (the joiner has no other), so after the merge.
         info = client_pb2.AppMessage(
             info=client_pb2.GroupInfo(
                 name=conv.name if not conv.direct else "", direct=conv.direct, committer=self.me
             )
         )
-        await self._send_commit(conv, envs, followup=info)
+        await self._outbox.send_commit(conv, envs, followup=info)
 
     async def group_send(self, name: str, text: str) -> None:
         conv, _ = await self._conversation(name)
@@ -314,10 +261,10 @@ class Agent:
                 f"you commit changes for {name!r}: remove the others first (one committer per group)"
             )
         with self._no_pending_commit(conv):
-            envs = await self._app_envelopes(
+            envs = await self._outbox.app_envelopes(
                 conv, g, client_pb2.AppMessage(leave=client_pb2.LeaveRequest())
             )
-        await self._submit(envs)
+        await self._outbox.submit(envs)
         await self._state.call(self._st.drop_conversation, name)
 
     def _must_commit(self, conv: Conversation) -> None:
@@ -353,28 +300,20 @@ class Agent:
         g = await self._mls(self.ident.group, conv.group_id)
         msg = client_pb2.AppMessage(text=text, sent_ms=self._wall_ms())
         with self._no_pending_commit(conv):
-            envs = await self._app_envelopes(conv, g, msg)
+            envs = await self._outbox.app_envelopes(conv, g, msg)
         if not envs:
             raise AgentError(f"{conv.name!r} has no other members yet")
-        await self._submit(envs)
+        await self._outbox.submit(envs)
         self.stats.sent += 1
-
-    async def _others(self, g: crypto.Group) -> list[bytes]:
-        """Every member but us: who gets a copy of what we send to the group."""
-        members = await self._mls(g.members)
-        return [bytes.fromhex(m) for m in members if m != self.ident.fingerprint]
-
-    def _to_each(self, recipients: list[bytes], gid: bytes, mls_message: bytes) -> list[Envelope]:
-        return [
-            self._envelope(m, client_pb2.Sealed.MLS_MESSAGE, gid, mls_message) for m in recipients
-        ]
 
     async def _commit_removal(self, conv: Conversation, g: crypto.Group, member: str) -> None:
         """Remove ``member`` and tell everyone who was in the group, the removed one too."""
-        recipients = await self._others(g)
+        recipients = await self._outbox.others(g)
         with self._no_pending_commit(conv):
             commit = await self._mls(g.remove, [member])
-        await self._send_commit(conv, self._to_each(recipients, conv.group_id, commit), None)
+        await self._outbox.send_commit(
+            conv, self._outbox.to_each(recipients, conv.group_id, commit), None
+        )
 
     @contextmanager
     def _no_pending_commit(self, conv: Conversation) -> Iterator[None]:
@@ -386,288 +325,24 @@ class Agent:
                 " it applies once delivered (the outbox retries it): try again then"
             ) from None
 
-    async def _send_commit(
-        self, conv: Conversation, envs: list[Envelope], followup: client_pb2.AppMessage | None
-    ) -> None:
-        """Send a commit's fan-out all-or-nothing; merge it only once the node stored it.
-
-        Raises AgentError when the node refused it for good (the commit was cleared:
-        the group is as before for everyone); warns when it is queued for a retry.
-        """
-        commit_id = os.urandom(16)
-        await self._state.call(
-            self._st.commit_begin,
-            commit_id,
-            conv.group_id,
-            None if followup is None else followup.SerializeToString(),
-            [(e.msg_id, e.encode()) for e in envs],
-            self._wall_ms(),
-        )
-        fates = await self._flush({e.msg_id for e in envs})
-        got = {fates.get(e.msg_id) for e in envs}
-        if got == {Sent.DELIVERED}:
-            return
-        if Sent.DROPPED in got:
-            why = self._commit_refusals.pop(commit_id, "refused by the node")
-            raise AgentError(f"the change to {conv.name!r} was not made: {why}")
-        self._warn(
-            f"the change to {conv.name!r} is queued: the node could not take it yet;"
-            " it applies once delivered",
-            "commit queued",
-        )
-
-    async def _app_envelopes(
-        self, conv: Conversation, g: crypto.Group, msg: client_pb2.AppMessage
-    ) -> list[Envelope]:
-        others = await self._others(g)
-        ct = await self._mls(g.encrypt, msg.SerializeToString())
-        return self._to_each(others, conv.group_id, ct)
-
+    # -- the outbox (kept on the facade: tests drive the send path through these) --
     def _envelope(
         self, recipient: bytes, kind: client_pb2.Sealed.Kind, gid: bytes, data: bytes
     ) -> Envelope:
-        sealed = client_pb2.Sealed(kind=kind, group_id=gid, data=data).SerializeToString()
-        return Envelope(
-            msg_id=os.urandom(16),
-            recipient=recipient,
-            expiry_ms=self._wall_ms() + RETENTION_MS,
-            hop_limit=DEFAULT_HOP_LIMIT,
-            ciphertext=pad(sealed),
-        )
+        return self._outbox.envelope(recipient, kind, gid, data)
 
     async def _submit(self, envs: list[Envelope]) -> dict[bytes, Sent]:
         """Queue ``envs`` durably, then flush: what became of each of them."""
-        batch = [(e.msg_id, e.encode()) for e in envs]
-        await self._state.call(self._st.outbox_add_many, batch, self._wall_ms())
-        return await self._flush({e.msg_id for e in envs})
+        return await self._outbox.submit(envs)
 
     async def flush_outbox(self) -> int:
         """Send what the outbox holds that is due; return how many are still queued.
 
-        Each message has its own fate (see ``_send``): delivered, retried with
+        Each message has its own fate (see :class:`Outbox`): delivered, retried with
         backoff and jitter, or dropped with a warning when the node refuses it for
         good. A failure of the whole call re-raises after scheduling the retries.
         """
-        await self._flush(set())
-        return await self._state.call(self._st.outbox_len)
-
-    async def _flush(self, own: set[bytes]) -> dict[bytes, Sent]:
-        """Flush due messages until every one of ``own`` has a fate (bounded rounds).
-
-        A commit's messages go in their own all-or-nothing Enqueue; the rest share one.
-        """
-        fates: dict[bytes, Sent] = {}
-        async with self._send_lock:
-            own = own | await self._settle_commits()
-            for _ in range(FLUSH_ROUNDS):
-                due = await self._state.call(self._st.outbox_due, self._wall_ms())
-                if not due:
-                    break
-                got: dict[bytes, Sent] = {}
-                for commit_id in dict.fromkeys(o.commit for o in due if o.commit is not None):
-                    sent, followups = await self._send_commit_fanout(commit_id)
-                    got.update(sent)
-                    own |= followups
-                plain = [o for o in due if o.commit is None]
-                if plain:
-                    got.update(await self._send(plain))
-                fates.update(got)
-                if own and own <= fates.keys():
-                    break
-                if not own and Sent.RETRY in got.values():
-                    break  # what is left waits for its backoff
-        return fates
-
-    async def _send_commit_fanout(self, commit_id: bytes) -> tuple[dict[bytes, Sent], set[bytes]]:
-        """One atomic Enqueue of a commit's messages: its fates and the follow-ups queued."""
-        msgs = await self._state.call(self._st.outbox_of_commit, commit_id)
-        if not msgs:
-            return {}, await self._settle_commit(commit_id)
-        now = self._wall_ms()
-        envs = [Envelope.decode(o.envelope) for o in msgs]
-        dropped = dict.fromkeys((o.msg_id for o in msgs), Sent.DROPPED)
-        if any(e.expiry_ms <= now for e in envs):
-            await self._cancel_commit(commit_id, "it expired before the node took it")
-            return dropped, set()
-        try:
-            resp = await self._rpc.call(
-                "qpc.v1.Delivery/Enqueue",
-                service_pb2.EnqueueRequest(envelopes=[e.to_proto() for e in envs], atomic=True),
-                service_pb2.EnqueueResponse,
-            )
-            results = list(resp.results)
-            if [bytes(r.msg_id) for r in results] != [o.msg_id for o in msgs]:
-                raise RemoteProtocolError("Enqueue answered results that do not match the batch")
-        except RpcError as exc:
-            if exc.code in _CALL_REFUSES_CONTENT:
-                await self._cancel_commit(commit_id, exc.message)
-                return dropped, set()
-            await self._retry(msgs)
-            raise
-        except RemoteProtocolError:
-            await self._retry(msgs)
-            raise
-        codes = [_status(r.status) for r in results]
-        if all(c == StatusCode.OK for c in codes):
-            await self._state.call(self._st.outbox_done, [o.msg_id for o in msgs])
-            delivered = dict.fromkeys((o.msg_id for o in msgs), Sent.DELIVERED)
-            return delivered, await self._settle_commit(commit_id)
-        for env, r, c in zip(envs, results, codes, strict=True):
-            if c not in (StatusCode.OK, StatusCode.ABORTED) and not c.retriable:
-                why = f"{short_code(env.recipient.hex())}: {r.detail or c.name}"
-                await self._cancel_commit(commit_id, why)
-                return dropped, set()
-        await self._retry(msgs)  # all-or-nothing: the node stored none of them
-        return dict.fromkeys((o.msg_id for o in msgs), Sent.RETRY), set()
-
-    async def _cancel_commit(self, commit_id: bytes, why: str) -> None:
-        """The node refused a commit's fan-out for good: never send it, clear it in MLS."""
-        rec = await self._state.call(self._st.pending_commit, commit_id)
-        await self._state.call(self._st.commit_cancel, commit_id)  # before the MLS clear
-        self.stats.send_dropped += 1
-        self._commit_refusals[commit_id] = why
-        await self._settle_commit(commit_id)
-        conv = None
-        if rec is not None:
-            conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
-        where = "a group" if conv is None else repr(conv.name)
-        self._warn(
-            f"the change to {where} was not made ({why}); the group stays as it was",
-            "commit refused",
-        )
-
-    async def _settle_commits(self) -> set[bytes]:
-        """Finish what a restart interrupted: merge or clear commits whose fan-out was
-        settled, and clear a pending MLS commit nothing in client.db knows of (made
-        just before a crash, never queued). Returns the follow-ups queued."""
-        followups: set[bytes] = set()
-        records = await self._state.call(self._st.pending_commits)
-        for rec in records:
-            if rec.cancelled or rec.remaining == 0:
-                followups |= await self._settle_commit(rec.commit_id)
-        if not self._orphans_checked:
-            self._orphans_checked = True
-            known = {rec.group_id for rec in records}
-
-            def clear_orphans() -> int:
-                n = 0
-                for gid in self.ident.groups():
-                    g = self.ident.group(gid)
-                    if bytes(gid) not in known and g.has_pending_commit():
-                        g.clear_pending_commit()
-                        n += 1
-                return n
-
-            if n := await self._mls(clear_orphans):
-                log.warning("cleared unsent pending commits", extra={"groups": n})
-        return followups
-
-    async def _settle_commit(self, commit_id: bytes) -> set[bytes]:
-        """Apply a commit whose fan-out the node stored, or clear a cancelled one."""
-        rec = await self._state.call(self._st.pending_commit, commit_id)
-        if rec is None or (rec.remaining and not rec.cancelled):
-            return set()
-        try:
-            g = await self._mls(self.ident.group, rec.group_id)
-        except crypto.UnknownGroup:
-            await self._state.call(self._st.commit_finished, commit_id, [], self._wall_ms())
-            return set()
-        if rec.cancelled:
-            await self._mls(g.clear_pending_commit)
-            await self._state.call(self._st.commit_finished, commit_id, [], self._wall_ms())
-            return set()
-        if await self._mls(g.has_pending_commit):  # else: merged before a crash
-            await self._mls(g.merge_pending_commit)
-        envs: list[Envelope] = []
-        conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
-        if rec.followup is not None and conv is not None:
-            envs = await self._app_envelopes(
-                conv, g, client_pb2.AppMessage.FromString(rec.followup)
-            )
-        await self._state.call(
-            self._st.commit_finished,
-            commit_id,
-            [(e.msg_id, e.encode()) for e in envs],
-            self._wall_ms(),
-        )
-        return {e.msg_id for e in envs}
-
-    async def _send(self, due: list[Outgoing]) -> dict[bytes, Sent]:
-        """One Enqueue of ``due``; settle each message on its own result."""
-        now = self._wall_ms()
-        envs = {o.msg_id: Envelope.decode(o.envelope) for o in due}
-        fates: dict[bytes, Sent] = {}
-        live: list[Outgoing] = []
-        for o in due:
-            if envs[o.msg_id].expiry_ms <= now:
-                await self._drop(o, envs[o.msg_id], "it expired before the node took it")
-                fates[o.msg_id] = Sent.DROPPED
-            else:
-                live.append(o)
-        if not live:
-            return fates
-        try:
-            resp = await self._rpc.call(
-                "qpc.v1.Delivery/Enqueue",
-                service_pb2.EnqueueRequest(envelopes=[envs[o.msg_id].to_proto() for o in live]),
-                service_pb2.EnqueueResponse,
-            )
-            results = list(resp.results)
-            if [bytes(r.msg_id) for r in results] != [o.msg_id for o in live]:
-                raise RemoteProtocolError("Enqueue answered results that do not match the batch")
-        except RpcError as exc:
-            if exc.code in _CALL_REFUSES_CONTENT:
-                if len(live) > 1:
-                    # An older node refuses a whole batch for one bad envelope: send
-                    # each alone so the others still go out.
-                    for o in live:
-                        fates.update(await self._send([o]))
-                    return fates
-                await self._drop(live[0], envs[live[0].msg_id], exc.message)
-                fates[live[0].msg_id] = Sent.DROPPED
-                return fates
-            await self._retry(live)
-            raise
-        except RemoteProtocolError:
-            await self._retry(live)  # idempotent on msg_id: resending is safe
-            raise
-        done: list[bytes] = []
-        again: list[Outgoing] = []
-        for o, r in zip(live, results, strict=True):
-            code = _status(r.status)
-            if code == StatusCode.OK:
-                done.append(o.msg_id)
-                fates[o.msg_id] = Sent.DELIVERED
-            elif code.retriable:
-                again.append(o)
-                fates[o.msg_id] = Sent.RETRY
-            else:
-                await self._drop(o, envs[o.msg_id], r.detail or code.name)
-                fates[o.msg_id] = Sent.DROPPED
-        if done:
-            await self._state.call(self._st.outbox_done, done)
-        if again:
-            await self._retry(again)
-        return fates
-
-    async def _retry(self, msgs: list[Outgoing]) -> None:
-        self.stats.send_retries += len(msgs)
-        await self._state.call(
-            self._st.outbox_retry_many, [(o.msg_id, self._backoff(o.attempts)) for o in msgs]
-        )
-
-    async def _drop(self, o: Outgoing, env: Envelope, why: str) -> None:
-        await self._state.call(self._st.outbox_done, [o.msg_id])
-        self.stats.send_dropped += 1
-        self._warn(
-            f"a message to {short_code(env.recipient.hex())} was not delivered: {why}",
-            "outbox message dropped",
-        )
-
-    def _backoff(self, attempts: int) -> int:
-        lo, hi = OUTBOX_BACKOFF_MS
-        cap = min(hi, lo * (2**attempts))
-        return self._wall_ms() + int(self._rng.uniform(0, cap))
+        return await self._outbox.flush_outbox()
 
     # -- receiving ---------------------------------------------------------------
     async def receive(self, wait: float = 0.0) -> list[Incoming]:
@@ -878,14 +553,6 @@ class Agent:
             peer=sender if info.direct else None,
             committer=sender,
         )
-
-
-def _status(value: int) -> StatusCode:
-    """A wire status as our enum; a number we do not know counts as UNKNOWN (permanent)."""
-    try:
-        return StatusCode(value)
-    except ValueError:
-        return StatusCode.UNKNOWN
 
 
 def _active(g: crypto.Group) -> bool:
