@@ -1,47 +1,36 @@
 """A user's agent: MLS identity + local state + an authenticated session on its node.
 
-Flow of a send: encrypt with MLS, wrap in ``Sealed``, pad to 256-byte buckets,
-put one Envelope per recipient in the durable outbox, then flush the outbox
-with a batch Enqueue (idempotent on msg_id, so a retry never duplicates).
-Flow of a receive: Fetch after the local cursor (long-poll), process each
-message with MLS, store the text, advance the cursor, then Ack. A message we
-cannot process *yet* (its commit or Welcome has not arrived) is kept in
-client.db and retried after later messages, never acked away; one that can
-never be processed is counted and reported.
+``Agent`` is the facade the REPL, ``qpc`` and the tests use. It owns the session
+(authentication), the user's conversations and groups, and wires the parts that
+do the rest, each in its own module:
 
-Every MLS call (and the fsync of its state) runs on a worker thread, one at a
-time per identity: in ``qpc`` the node and the REPL share a process, and a burst
-of key-package generation must not stall the node's QUIC timers.
+- :mod:`.outbox`: the send path. Envelopes go to the durable outbox, then out in
+  a batch Enqueue, each message with its own fate; a commit's fan-out goes
+  all-or-nothing and the commit is merged only once the node stored it.
+- :mod:`.inbox`: the receive path. Fetch, process with MLS, store, ack; what
+  cannot be processed *yet* is held in client.db and retried.
+- :mod:`.keypackages`: keeps the node's pool of our KeyPackages topped up.
+- :mod:`.mls_worker`: runs every MLS call on a worker thread, one at a time, so
+  the node sharing the process (``qpc``) keeps its timers.
 
 Group changes have one committer per group, its creator (documented in
 docs/client.md): others ask it (a LeaveRequest inside MLS) rather than commit
-themselves, so two members never race commits for the same epoch.
-
-A commit becomes our group state only once the node stored its whole fan-out
-(commit to every member, the Welcome of an invite: one all-or-nothing Enqueue).
-Until then MLS keeps it pending and client.db records which outbox messages
-carry it; a permanent refusal clears it (the group stays on the epoch every
-other member has: no fork), a retriable one keeps it queued, across restarts,
-and it is merged when the node finally takes it. What must be encrypted in the
-new epoch (the GroupInfo that follows a Welcome) is encrypted after the merge.
+themselves, so two members never race commits for the same epoch. The inbox
+hands such requests (and the GroupInfo naming a group we joined) back here.
 """
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import trio
-from google.protobuf.message import DecodeError
-
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentError, AgentStatistics, Incoming
 from qpc_node.client.fingerprint import short_code
+from qpc_node.client.inbox import Inbox, Later
 from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
 from qpc_node.client.mls_worker import MlsWorker
-from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.outbox import Outbox, Sent
 from qpc_node.client.state import AsyncClientState, Conversation, Received
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
@@ -51,7 +40,7 @@ from qpc_node.rpc.client import ClientStatistics, RpcClient
 from qpc_node.rpc.errors import RpcError
 from qpc_node.service.auth import auth_message
 from qpc_node.service.stats import STATS_METHOD, samples_from_proto
-from qpc_node.wire.envelope import Envelope, unpad
+from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import client_pb2, ops_pb2, service_pb2
 
 __all__ = [
@@ -67,19 +56,6 @@ __all__ = [
 """The agent's public names; the KeyPackage constants stay importable from here."""
 
 log = get_logger("qpc.client")
-
-MAX_HELD = 1000
-"""Messages kept for a later retry at most; beyond, the oldest is given up (reported)."""
-HELD_PASSES = 8
-"""Rounds over the held messages per retry: a held commit can unblock another."""
-
-
-class _Later(enum.Enum):
-    HOLD = "hold"
-
-
-HOLD = _Later.HOLD
-"""``_handle``'s answer for a message that cannot be processed yet: keep it."""
 
 
 class Agent:
@@ -102,7 +78,6 @@ class Agent:
         self._rpc = rpc
         self._node_fpr = node_cert_fingerprint
         self._wall_ms = wall_ms
-        self._recv_lock = trio.Lock()
         self.stats = AgentStatistics()
         self.on_warning: Callable[[str], None] = lambda _m: None
         self._mls = MlsWorker(in_thread=mls_in_thread)
@@ -116,7 +91,16 @@ class Agent:
             stats=self.stats,
             warn=self._warn,
         )
-        self._held_loaded = False
+        self._inbox = Inbox(
+            ident,
+            state,
+            rpc,
+            self._mls,
+            wall_ms=wall_ms,
+            stats=self.stats,
+            warn=self._warn,
+            control=self._group_control,
+        )
 
     async def unshown(self) -> list[Received]:
         """Stored texts not yet shown to the user (marks them shown)."""
@@ -344,196 +328,36 @@ class Agent:
         """
         return await self._outbox.flush_outbox()
 
-    # -- receiving ---------------------------------------------------------------
+    # -- receiving -------------------------------------------------------------
     async def receive(self, wait: float = 0.0) -> list[Incoming]:
-        """Fetch, process, store and ack what arrived; long-poll up to ``wait`` seconds.
+        """Fetch, process, store and ack what arrived; long-poll up to ``wait`` seconds
+        (see :class:`Inbox`: what cannot be processed yet is held and retried)."""
+        return await self._inbox.receive(wait)
 
-        A message that cannot be processed yet is held in client.db (the cursor and
-        the ack move past it: the node no longer needs to keep it) and retried after
-        each message that may unblock it and on every later receive.
-        """
-        async with self._recv_lock:
-            if not self._held_loaded:
-                self.stats.held = await self._state.call(self._st.held_count)
-                self._held_loaded = True
-            cursor = await self._state.call(self._st.cursor)
-            resp = await self._rpc.call(
-                "qpc.v1.Delivery/Fetch",
-                service_pb2.FetchRequest(after_seq=cursor, limit=128, wait_ms=int(wait * 1000)),
-                service_pb2.FetchResponse,
-                timeout=wait + 15.0,
-            )
-            out: list[Incoming] = []
-            for m in resp.messages:
-                if cursor and m.seq != cursor + 1:
-                    self.stats.gaps.append((cursor + 1, m.seq))
-                    log.warning("mailbox gap", extra={"expected": cursor + 1, "got": m.seq})
-                payload = bytes(m.envelope.ciphertext)
-                got = await self._handle(m.seq, payload)
-                if got is HOLD:
-                    await self._hold(m.seq, payload, m.envelope.expiry_ms)
-                elif got is None:
-                    await self._state.call(self._st.advance_cursor, m.seq)
-                    if self.stats.held:
-                        # A commit or Welcome may be what a held message waited for.
-                        out += await self._retry_held()
-                else:
-                    await self._state.call(
-                        self._st.store_received,
-                        m.seq,
-                        got.conversation,
-                        bytes.fromhex(got.sender),
-                        got.text,
-                        self._wall_ms(),
-                        cursor=m.seq,
-                    )
-                    out.append(got)
-                cursor = m.seq
-            if resp.messages:
-                await self._rpc.call(
-                    "qpc.v1.Delivery/Ack",
-                    service_pb2.AckRequest(up_to_seq=cursor),
-                    service_pb2.AckResponse,
-                )
-            if self.stats.held:
-                out += await self._retry_held()
-            self.stats.received += len(out)
-            return out
+    async def _handle(self, seq: int, padded: bytes) -> Incoming | Later | None:
+        """Process one delivered payload: the path ``receive`` runs for each (fuzzed)."""
+        return await self._inbox.handle(seq, padded)
 
-    async def _hold(self, seq: int, payload: bytes, expiry_ms: int) -> None:
-        await self._state.call(self._st.hold, seq, payload, expiry_ms, cursor=seq)
-        self.stats.held += 1
-        log.info("holding a message for later", extra={"seq": seq})
-        if self.stats.held > MAX_HELD:
-            oldest = (await self._state.call(self._st.held))[0]
-            await self._give_up(oldest.seq, "too many messages waiting for their commit")
-
-    async def _give_up(self, seq: int, why: str) -> None:
-        await self._state.call(self._st.held_done, seq)
-        self.stats.held -= 1
-        self.stats.held_expired += 1
-        self._warn(f"a message (mailbox seq {seq}) could not be read: {why}", "held message lost")
-
-    async def _retry_held(self) -> list[Incoming]:
-        """Process held messages that have become processable, oldest first."""
-        out: list[Incoming] = []
-        for _ in range(HELD_PASSES):
-            progress = False
-            for h in await self._state.call(self._st.held):
-                if h.expiry_ms <= self._wall_ms():
-                    await self._give_up(h.seq, "its commit never arrived before it expired")
-                    continue
-                got = await self._handle(h.seq, h.payload)
-                if got is HOLD:
-                    await self._state.call(self._st.held_tried, h.seq)
-                    continue
-                progress = True
-                self.stats.held -= 1
-                if got is None:
-                    await self._state.call(self._st.held_done, h.seq)
-                    continue
-                self.stats.recovered += 1
-                await self._state.call(
-                    self._st.store_held_received,
-                    h.seq,
-                    got.conversation,
-                    bytes.fromhex(got.sender),
-                    got.text,
-                    self._wall_ms(),
-                )
-                out.append(got)
-            if not progress:
-                break
-        return out
-
-    async def _handle(self, seq: int, padded: bytes) -> Incoming | _Later | None:
-        """Process one delivered payload.
-
-        Returns the text for the user, None when it carries none (or can never be
-        processed: counted and reported), or HOLD when it cannot be processed *yet*
-        (its group's Welcome or the commit to its epoch has not arrived).
-        """
-        try:
-            sealed = client_pb2.Sealed.FromString(unpad(padded))
-            if sealed.kind == client_pb2.Sealed.WELCOME:
-                await self._joined(await self._mls(self.ident.join, sealed.data))
-                return None
-            if sealed.kind != client_pb2.Sealed.MLS_MESSAGE:
-                raise RemoteProtocolError(f"unknown sealed kind {sealed.kind}")
-            try:
-                g = await self._mls(self.ident.group, sealed.group_id)
-            except crypto.UnknownGroup:
-                return HOLD  # its Welcome may still be on the way
-            try:
-                ev = await self._mls(g.process, sealed.data)
-            except crypto.WrongEpoch:
-                if await self._from_future(g, sealed.data):
-                    return HOLD
-                raise
-        except (crypto.MlsError, RemoteProtocolError, DecodeError) as exc:
-            self._unreadable(seq, type(exc).__name__)
-            return None
-        conv = await self._state.call(self._st.conversation_by_group, bytes(sealed.group_id))
-        if ev.kind != "application" or conv is None:
-            if ev.kind == "commit" and conv is not None and not await self._mls(_active, g):
-                self._warn(f"you were removed from {conv.name!r}")
-                await self._state.call(self._st.drop_conversation, conv.name)
-            return None
-        return await self._application(conv, g, ev)
-
-    async def _from_future(self, g: crypto.Group, message: bytes) -> bool:
-        """True when ``message`` is from an epoch this (active) group has not reached."""
-        try:
-            header = parse_header(message)
-        except InvalidMlsHeader:
-            return False
-
-        def ahead() -> bool:
-            return g.is_active and header.epoch > g.epoch
-
-        return await self._mls(ahead)
-
-    def _unreadable(self, seq: int, why: str) -> None:
-        self.stats.undecryptable += 1
-        log.info("dropped undecryptable message", extra={"seq": seq, "err": why})
-        self._warn(
-            f"a message (mailbox seq {seq}) could not be read and was dropped ({why})",
-            "undecryptable message",
-        )
-
-    async def _joined(self, g: crypto.Group) -> None:
-        gid = bytes(g.group_id)
-        if await self._state.call(self._st.conversation_by_group, gid) is None:
-            placeholder = Conversation(f"pending-{gid[:4].hex()}", gid, False, None, b"")
-            await self._state.call(self._st.add_conversation, placeholder, self._wall_ms())
-
-    async def _application(
-        self, conv: Conversation, g: crypto.Group, ev: crypto.Event
-    ) -> Incoming | None:
-        try:
-            app = client_pb2.AppMessage.FromString(ev.data)
-        except DecodeError:
-            self._unreadable(0, "DecodeError")
-            return None
-        sender = bytes.fromhex(ev.sender)
+    async def _group_control(
+        self, conv: Conversation, g: crypto.Group, sender_hex: str, app: client_pb2.AppMessage
+    ) -> None:
+        """What a received GroupInfo or LeaveRequest does to our conversation."""
+        sender = bytes.fromhex(sender_hex)
         which = app.WhichOneof("body")
-        if which == "text":
-            return Incoming(0, conv.name, ev.sender, app.text)
         if which == "info" and not conv.committer:
             await self._describe(conv, sender, app.info)
         elif (
             which == "leave"
             and conv.committer == self.me
-            and ev.sender in await self._mls(g.members)
+            and sender_hex in await self._mls(g.members)
         ):
             try:
-                await self._commit_removal(conv, g, ev.sender)
+                await self._commit_removal(conv, g, sender_hex)
             except AgentError as exc:  # refused or blocked: the member asks again
                 self._warn(
-                    f"{short_code(ev.sender)} asked to leave {conv.name!r}: {exc}",
+                    f"{short_code(sender_hex)} asked to leave {conv.name!r}: {exc}",
                     "leave request not applied",
                 )
-        return None
 
     async def _describe(
         self, conv: Conversation, sender: bytes, info: client_pb2.GroupInfo
@@ -553,7 +377,3 @@ class Agent:
             peer=sender if info.direct else None,
             committer=sender,
         )
-
-
-def _active(g: crypto.Group) -> bool:
-    return g.is_active
