@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from qpc_node import crypto
-from qpc_node.client.agent_types import AgentError, AgentStatistics, Incoming
+from qpc_node.client.agent_types import AgentContext, AgentError, AgentStatistics, Incoming
 from qpc_node.client.fingerprint import short_code
 from qpc_node.client.inbox import Inbox, Later
 from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
@@ -81,26 +81,9 @@ class Agent:
         self.stats = AgentStatistics()
         self.on_warning: Callable[[str], None] = lambda _m: None
         self._mls = MlsWorker(in_thread=mls_in_thread)
-        self._outbox = Outbox(
-            ident,
-            state,
-            rpc,
-            self._mls,
-            wall_ms=wall_ms,
-            rng=rng or random.Random(),
-            stats=self.stats,
-            warn=self._warn,
-        )
-        self._inbox = Inbox(
-            ident,
-            state,
-            rpc,
-            self._mls,
-            wall_ms=wall_ms,
-            stats=self.stats,
-            warn=self._warn,
-            control=self._group_control,
-        )
+        self._ctx = AgentContext(ident, state, rpc, self._mls, wall_ms, self.stats, self._warn)
+        self._outbox = Outbox(self._ctx, rng=rng or random.Random())
+        self._inbox = Inbox(self._ctx, control=self._group_control)
 
     async def unshown(self) -> list[Received]:
         """Stored texts not yet shown to the user (marks them shown)."""
@@ -139,9 +122,7 @@ class Agent:
         Also refreshes the pool at half its 24 h lifetime and keeps one
         last-resort package there, so we stay invitable while offline.
         """
-        return await top_up_key_packages(
-            self.ident, self._state, self._rpc, self._mls, self._wall_ms()
-        )
+        return await top_up_key_packages(self._ctx)
 
     # -- conversations -----------------------------------------------------------
     async def _fetch_key_package(self, peer: bytes) -> bytes:

@@ -21,13 +21,11 @@ import trio
 from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
-from qpc_node.client.agent_types import AgentStatistics, Incoming, Warn
-from qpc_node.client.mls_worker import MlsWorker
+from qpc_node.client.agent_types import AgentContext, AgentPart, Incoming
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
-from qpc_node.client.state import AsyncClientState, Conversation
+from qpc_node.client.state import Conversation
 from qpc_node.errors import RemoteProtocolError
 from qpc_node.ops.log import get_logger
-from qpc_node.rpc.client import RpcClient
 from qpc_node.wire.envelope import unpad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
 
@@ -51,29 +49,11 @@ GroupControl = Callable[[Conversation, crypto.Group, str, client_pb2.AppMessage]
 message that carries no text (GroupInfo, LeaveRequest)."""
 
 
-class Inbox:
+class Inbox(AgentPart):
     """One identity's incoming messages, from the node's mailbox to client.db."""
 
-    def __init__(
-        self,
-        ident: crypto.Identity,
-        state: AsyncClientState,
-        rpc: RpcClient,
-        mls: MlsWorker,
-        *,
-        wall_ms: Callable[[], int],
-        stats: AgentStatistics,
-        warn: Warn,
-        control: GroupControl,
-    ) -> None:
-        self._ident = ident
-        self._state = state
-        self._st = state.sync
-        self._rpc = rpc
-        self._mls = mls
-        self._wall_ms = wall_ms
-        self._stats = stats
-        self._warn = warn
+    def __init__(self, ctx: AgentContext, *, control: GroupControl) -> None:
+        super().__init__(ctx)
         self._control = control
         self._lock = trio.Lock()
         self._held_loaded = False
@@ -112,13 +92,7 @@ class Inbox:
                         out += await self._retry_held()
                 else:
                     await self._state.call(
-                        self._st.store_received,
-                        m.seq,
-                        got.conversation,
-                        bytes.fromhex(got.sender),
-                        got.text,
-                        self._wall_ms(),
-                        cursor=m.seq,
+                        self._st.store_received, *self._row(m.seq, got), cursor=m.seq
                     )
                     out.append(got)
                 cursor = m.seq
@@ -167,18 +141,15 @@ class Inbox:
                     await self._state.call(self._st.held_done, h.seq)
                     continue
                 self._stats.recovered += 1
-                await self._state.call(
-                    self._st.store_held_received,
-                    h.seq,
-                    got.conversation,
-                    bytes.fromhex(got.sender),
-                    got.text,
-                    self._wall_ms(),
-                )
+                await self._state.call(self._st.store_held_received, *self._row(h.seq, got))
                 out.append(got)
             if not progress:
                 break
         return out
+
+    def _row(self, seq: int, got: Incoming) -> tuple[int, str, bytes, str, int]:
+        """A received text as client.db stores it: seq, conversation, sender, text, now."""
+        return seq, got.conversation, bytes.fromhex(got.sender), got.text, self._wall_ms()
 
     # -- one message -------------------------------------------------------------
     async def handle(self, seq: int, padded: bytes) -> Incoming | Later | None:

@@ -8,10 +8,7 @@ out again and again) so a user offline for longer than a day stays invitable.
 
 from __future__ import annotations
 
-from qpc_node import crypto
-from qpc_node.client.mls_worker import MlsWorker
-from qpc_node.client.state import AsyncClientState
-from qpc_node.rpc.client import RpcClient
+from qpc_node.client.agent_types import AgentContext
 from qpc_node.wire.gen.qpc.v1 import service_pb2
 
 KP_TARGET = 16
@@ -19,11 +16,10 @@ KP_LOW_WATER = 6
 KP_ROTATE_MS = 12 * 3600 * 1000  # packages live 24 h on the node: refresh at half-life
 
 
-async def top_up_key_packages(
-    ident: crypto.Identity, state: AsyncClientState, rpc: RpcClient, mls: MlsWorker, now: int
-) -> int:
-    """Top the node's pool of ``ident``'s KeyPackages up; return how many it stored."""
-    st = state.sync
+async def top_up_key_packages(ctx: AgentContext) -> int:
+    """Top the node's pool of our KeyPackages up; return how many it stored."""
+    now = ctx.wall_ms()
+    ident, state, st, rpc = ctx.ident, ctx.state, ctx.state.sync, ctx.rpc
     count = await rpc.call(
         "qpc.v1.Directory/Count",
         service_pb2.CountKeyPackagesRequest(),
@@ -47,7 +43,7 @@ async def top_up_key_packages(
             )
         return pkgs
 
-    pkgs = await mls(make)
+    pkgs = await ctx.mls(make)
     if not pkgs:
         return 0
     resp = await rpc.call(

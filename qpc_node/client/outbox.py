@@ -21,18 +21,15 @@ from __future__ import annotations
 import enum
 import os
 import random
-from collections.abc import Callable
 
 import trio
 
 from qpc_node import crypto
-from qpc_node.client.agent_types import AgentError, AgentStatistics, Warn
+from qpc_node.client.agent_types import AgentContext, AgentError, AgentPart
 from qpc_node.client.fingerprint import short_code
-from qpc_node.client.mls_worker import MlsWorker
-from qpc_node.client.state import AsyncClientState, Conversation, Outgoing
+from qpc_node.client.state import Conversation, Outgoing
 from qpc_node.errors import RemoteProtocolError, StatusCode
 from qpc_node.ops.log import get_logger
-from qpc_node.rpc.client import RpcClient
 from qpc_node.rpc.errors import RpcError
 from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
@@ -66,30 +63,12 @@ class Sent(enum.Enum):
     DROPPED = "dropped"  # refused for good (or expired): the user was warned
 
 
-class Outbox:
+class Outbox(AgentPart):
     """One identity's outgoing messages: built, queued durably, sent, settled."""
 
-    def __init__(
-        self,
-        ident: crypto.Identity,
-        state: AsyncClientState,
-        rpc: RpcClient,
-        mls: MlsWorker,
-        *,
-        wall_ms: Callable[[], int],
-        rng: random.Random,
-        stats: AgentStatistics,
-        warn: Warn,
-    ) -> None:
-        self._ident = ident
-        self._state = state
-        self._st = state.sync
-        self._rpc = rpc
-        self._mls = mls
-        self._wall_ms = wall_ms
+    def __init__(self, ctx: AgentContext, *, rng: random.Random) -> None:
+        super().__init__(ctx)
         self._rng = rng
-        self._stats = stats
-        self._warn = warn
         self._lock = trio.Lock()
         self._orphans_checked = False
         self._commit_refusals: dict[bytes, str] = {}
