@@ -334,5 +334,5 @@ class Outcome(enum.Enum):
     """Beyond ``max_hops``: treated as a retraction from that neighbour."""
     FULL = "full"
     FOREIGN = "foreign"
-    """A binding handed to :meth:`Router.home` that names another node."""
+    """A binding handed to :meth:`.routing.Router.home` that names another node."""
     NO_LINK = "no link"
