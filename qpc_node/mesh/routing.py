@@ -1,4 +1,4 @@
-"""Mesh routing core (sans-IO): node routes by signed distance vector, user home bindings.
+"""Mesh routing core (sans-IO): node routes by signed distance vector; resolves users.
 
 **Node routes** work as Babel (RFC 8966) does, with hop count as the metric:
 
@@ -39,17 +39,10 @@ that store is lost anyway, a neighbour's copy of an announcement with a higher
 seq than ours makes us jump past it (Babel does the same), so the mesh heals at
 the next exchange instead of at expiry.
 
-**Home bindings** say "user U is homed on node N": signed by U's client (fields
-below), spread by nodes to every neighbour, stored bounded (cap, LRU, expiry).
-A forged, expired or older-seq binding is ignored; a higher seq re-homes.
-
-**Signed bytes** are a fixed-width encoding with a domain-separation prefix, never
-protobuf bytes (see :func:`route_signed_bytes`, :func:`binding_signed_bytes`).
-Signature checks go through injected ``verify(public_key, message, signature) ->
-bool`` callables (a node's key signs raw Ed25519; a user's client signs through
-``Identity.sign``, which prefixes its own context, so the node passes a matching
-verify), and results are cached (bounded) because the same announcement arrives
-from every neighbour, every interval.
+**Home bindings** (user -> home node, signed by the user's client) are kept in
+:mod:`.bindings` and spread by the router; the wire records, what is signed and
+the signature cache are in :mod:`.signed`. This module re-exports their public
+names, so ``from qpc_node.mesh.routing import ...`` keeps working.
 
 Time: every method takes ``now_ms``, unix wall-clock milliseconds, because
 expiries are absolute and signed (they must mean the same on every node; nodes
@@ -58,277 +51,74 @@ need clocks within ``max_clock_skew_ms``).
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import heapq
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from google.protobuf.message import DecodeError
+from qpc_node.errors import ConfigError, LocalProtocolError
+from qpc_node.mesh.bindings import BindingStore
+from qpc_node.mesh.signed import (
+    HOME_DOMAIN,
+    ID_LEN,
+    INFINITY,
+    KEY_LEN,
+    MAX_U64,
+    MAX_UPDATE_BYTES,
+    MAX_UPDATE_ENTRIES,
+    ROUTE_DOMAIN,
+    SIG_LEN,
+    Announcement,
+    HomeBinding,
+    Outcome,
+    RouteUpdate,
+    SeqRequest,
+    Sign,
+    Verify,
+    VerifyCache,
+    binding_signed_bytes,
+    node_id_of,
+    route_signed_bytes,
+    sign_announcement,
+    sign_binding,
+)
 
-from qpc_node.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from qpc_node.wire.gen.qpc.v1 import mesh_pb2
-
-ROUTE_DOMAIN = b"qpc-mesh-route-v1\x00"
-HOME_DOMAIN = b"qpc-mesh-home-v1\x00"
-ID_LEN = 32
-KEY_LEN = 32
-SIG_LEN = 64
-INFINITY = 0xFFFF
-"""``hops`` of a retraction: the sender has no route to the origin any more."""
-MAX_U64 = (1 << 64) - 1
-MAX_UPDATE_BYTES = 256 * 1024
-MAX_UPDATE_ENTRIES = 2048
-"""Decoder caps: a batch is at most ``max_batch_entries`` (default 128) entries."""
-
-Verify = Callable[[bytes, bytes, bytes], bool]
-"""``verify(public_key, message, signature)``: True iff the signature is valid."""
-Sign = Callable[[bytes], bytes]
-
-
-def node_id_of(public_key: bytes) -> bytes:
-    """Node id (and user fingerprint): SHA-256 of the raw 32-byte Ed25519 public key."""
-    return hashlib.sha256(public_key).digest()
-
-
-def route_signed_bytes(origin: bytes, origin_key: bytes, seq: int, expiry_ms: int) -> bytes:
-    """Exactly what an origin signs: prefix || origin || key || seq (u64 BE) || expiry (u64 BE)."""
-    return (
-        ROUTE_DOMAIN + origin + origin_key + seq.to_bytes(8, "big") + expiry_ms.to_bytes(8, "big")
-    )
-
-
-def binding_signed_bytes(
-    user: bytes, user_key: bytes, node: bytes, seq: int, expiry_ms: int
-) -> bytes:
-    """Exactly what a user's client signs for a home binding (same layout rules)."""
-    return (
-        HOME_DOMAIN + user + user_key + node + seq.to_bytes(8, "big") + expiry_ms.to_bytes(8, "big")
-    )
-
-
-# -- wire records ---------------------------------------------------------------------------
-
-
-def _check_len(
-    err: type[LocalProtocolError | RemoteProtocolError], what: str, v: bytes, n: int
-) -> None:
-    if len(v) != n:
-        raise err(f"{what} must be {n} bytes, got {len(v)}")
-
-
-@dataclass(frozen=True, slots=True)
-class Announcement:
-    """A node route as it travels one link: origin-signed fields plus the sender's ``hops``."""
-
-    origin: bytes
-    origin_key: bytes
-    seq: int
-    expiry_ms: int
-    signature: bytes
-    hops: int
-
-    def validate(self, *, remote: bool) -> None:
-        """Shape only (lengths, ranges); signatures and ids are the router's job."""
-        err = RemoteProtocolError if remote else LocalProtocolError
-        _check_len(err, "route origin", self.origin, ID_LEN)
-        _check_len(err, "route origin_key", self.origin_key, KEY_LEN)
-        _check_len(err, "route signature", self.signature, SIG_LEN)
-        if not 0 < self.seq <= MAX_U64:
-            raise err("route seq must be in 1..2^64-1")
-        if not 0 < self.expiry_ms <= MAX_U64:
-            raise err("route expiry_ms must be set")
-        if not 0 <= self.hops <= INFINITY:
-            raise err(f"route hops must be in 0..{INFINITY}")
-
-    def signed_bytes(self) -> bytes:
-        return route_signed_bytes(self.origin, self.origin_key, self.seq, self.expiry_ms)
-
-    @property
-    def retraction(self) -> bool:
-        return self.hops == INFINITY
-
-    def to_proto(self) -> mesh_pb2.RouteAnnouncement:
-        return mesh_pb2.RouteAnnouncement(
-            origin=self.origin,
-            origin_key=self.origin_key,
-            seq=self.seq,
-            expiry_ms=self.expiry_ms,
-            signature=self.signature,
-            hops=self.hops,
-        )
-
-    @classmethod
-    def from_proto(cls, pb: mesh_pb2.RouteAnnouncement) -> Announcement:
-        a = cls(pb.origin, pb.origin_key, pb.seq, pb.expiry_ms, pb.signature, pb.hops)
-        a.validate(remote=True)
-        return a
-
-    def encode(self) -> bytes:
-        self.validate(remote=False)
-        return self.to_proto().SerializeToString(deterministic=True)
-
-    @classmethod
-    def decode(cls, data: bytes) -> Announcement:
-        return cls.from_proto(_parse(mesh_pb2.RouteAnnouncement(), data, "route announcement"))
-
-
-@dataclass(frozen=True, slots=True)
-class HomeBinding:
-    """ "User ``user`` is homed on node ``node``", signed by the user's client."""
-
-    user: bytes
-    user_key: bytes
-    node: bytes
-    seq: int
-    expiry_ms: int
-    signature: bytes
-
-    def validate(self, *, remote: bool) -> None:
-        err = RemoteProtocolError if remote else LocalProtocolError
-        _check_len(err, "binding user", self.user, ID_LEN)
-        _check_len(err, "binding user_key", self.user_key, KEY_LEN)
-        _check_len(err, "binding node", self.node, ID_LEN)
-        _check_len(err, "binding signature", self.signature, SIG_LEN)
-        if not 0 < self.seq <= MAX_U64:
-            raise err("binding seq must be in 1..2^64-1")
-        if not 0 < self.expiry_ms <= MAX_U64:
-            raise err("binding expiry_ms must be set")
-
-    def signed_bytes(self) -> bytes:
-        return binding_signed_bytes(self.user, self.user_key, self.node, self.seq, self.expiry_ms)
-
-    def to_proto(self) -> mesh_pb2.HomeBinding:
-        return mesh_pb2.HomeBinding(
-            user=self.user,
-            user_key=self.user_key,
-            node=self.node,
-            seq=self.seq,
-            expiry_ms=self.expiry_ms,
-            signature=self.signature,
-        )
-
-    @classmethod
-    def from_proto(cls, pb: mesh_pb2.HomeBinding) -> HomeBinding:
-        b = cls(pb.user, pb.user_key, pb.node, pb.seq, pb.expiry_ms, pb.signature)
-        b.validate(remote=True)
-        return b
-
-    def encode(self) -> bytes:
-        self.validate(remote=False)
-        return self.to_proto().SerializeToString(deterministic=True)
-
-    @classmethod
-    def decode(cls, data: bytes) -> HomeBinding:
-        return cls.from_proto(_parse(mesh_pb2.HomeBinding(), data, "home binding"))
-
-
-@dataclass(frozen=True, slots=True)
-class SeqRequest:
-    """ "Announce ``origin`` with a seq >= ``seq``", forwarded at most ``hop_limit`` hops."""
-
-    origin: bytes
-    seq: int
-    hop_limit: int
-
-    def validate(self, *, remote: bool) -> None:
-        err = RemoteProtocolError if remote else LocalProtocolError
-        _check_len(err, "seq request origin", self.origin, ID_LEN)
-        if not 0 < self.seq <= MAX_U64:
-            raise err("seq request seq must be in 1..2^64-1")
-        if not 0 < self.hop_limit <= 255:
-            raise err("seq request hop_limit must be in 1..255")
-
-    def to_proto(self) -> mesh_pb2.SeqRequest:
-        return mesh_pb2.SeqRequest(origin=self.origin, seq=self.seq, hop_limit=self.hop_limit)
-
-    @classmethod
-    def from_proto(cls, pb: mesh_pb2.SeqRequest) -> SeqRequest:
-        r = cls(pb.origin, pb.seq, pb.hop_limit)
-        r.validate(remote=True)
-        return r
-
-
-@dataclass(frozen=True, slots=True)
-class RouteUpdate:
-    """One batch on a link."""
-
-    routes: tuple[Announcement, ...] = ()
-    bindings: tuple[HomeBinding, ...] = ()
-    requests: tuple[SeqRequest, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.routes) + len(self.bindings) + len(self.requests)
-
-    def encode(self) -> bytes:
-        if len(self) > MAX_UPDATE_ENTRIES:
-            raise LocalProtocolError(f"route update of {len(self)} entries")
-        for a in self.routes:
-            a.validate(remote=False)
-        for b in self.bindings:
-            b.validate(remote=False)
-        for r in self.requests:
-            r.validate(remote=False)
-        pb = mesh_pb2.RouteUpdate(
-            routes=[a.to_proto() for a in self.routes],
-            bindings=[b.to_proto() for b in self.bindings],
-            requests=[r.to_proto() for r in self.requests],
-        )
-        data = pb.SerializeToString(deterministic=True)
-        if len(data) > MAX_UPDATE_BYTES:
-            raise LocalProtocolError(f"route update of {len(data)} bytes")
-        return data
-
-    @classmethod
-    def decode(cls, data: bytes) -> RouteUpdate:
-        """Parse a neighbour's batch; any defect is a RemoteProtocolError (nothing applied)."""
-        if len(data) > MAX_UPDATE_BYTES:
-            raise RemoteProtocolError(f"route update of {len(data)} bytes")
-        pb = _parse(mesh_pb2.RouteUpdate(), data, "route update")
-        n = len(pb.routes) + len(pb.bindings) + len(pb.requests)
-        if n > MAX_UPDATE_ENTRIES:
-            raise RemoteProtocolError(f"route update of {n} entries")
-        return cls(
-            tuple(Announcement.from_proto(a) for a in pb.routes),
-            tuple(HomeBinding.from_proto(b) for b in pb.bindings),
-            tuple(SeqRequest.from_proto(r) for r in pb.requests),
-        )
-
-
-_M = TypeVar("_M", mesh_pb2.RouteAnnouncement, mesh_pb2.HomeBinding, mesh_pb2.RouteUpdate)
-
-
-def _parse(pb: _M, data: bytes, what: str) -> _M:
-    if len(data) > MAX_UPDATE_BYTES:
-        raise RemoteProtocolError(f"{what} of {len(data)} bytes")
-    try:
-        pb.ParseFromString(data)
-    except DecodeError as exc:
-        raise RemoteProtocolError(f"malformed {what}: {exc}") from None
-    return pb
-
-
-def sign_announcement(
-    public_key: bytes, sign: Sign, seq: int, expiry_ms: int, hops: int = 0
-) -> Announcement:
-    """A node's own announcement (``sign`` = its node key's raw Ed25519 signature)."""
-    origin = node_id_of(public_key)
-    sig = sign(route_signed_bytes(origin, public_key, seq, expiry_ms))
-    a = Announcement(origin, public_key, seq, expiry_ms, sig, hops)
-    a.validate(remote=False)
-    return a
-
-
-def sign_binding(user_key: bytes, sign: Sign, node: bytes, seq: int, expiry_ms: int) -> HomeBinding:
-    """A client's home binding (``sign`` = the user identity's signing function)."""
-    user = node_id_of(user_key)
-    sig = sign(binding_signed_bytes(user, user_key, node, seq, expiry_ms))
-    b = HomeBinding(user, user_key, node, seq, expiry_ms, sig)
-    b.validate(remote=False)
-    return b
-
+__all__ = [
+    "HOME_DOMAIN",
+    "ID_LEN",
+    "INFINITY",
+    "KEY_LEN",
+    "MAX_U64",
+    "MAX_UPDATE_BYTES",
+    "MAX_UPDATE_ENTRIES",
+    "ROUTE_DOMAIN",
+    "SIG_LEN",
+    "Announcement",
+    "HomeBinding",
+    "Local",
+    "NextHop",
+    "NoRoute",
+    "Outcome",
+    "PersistSeq",
+    "ReceiveReport",
+    "Resolution",
+    "RouteEntry",
+    "RouteUpdate",
+    "Router",
+    "RouterOutput",
+    "RoutingPolicy",
+    "RoutingStatistics",
+    "Send",
+    "SeqRequest",
+    "Sign",
+    "Verify",
+    "binding_signed_bytes",
+    "node_id_of",
+    "route_signed_bytes",
+    "sign_announcement",
+    "sign_binding",
+]
+"""Public names, including the wire records and signing helpers of :mod:`.signed`."""
 
 # -- the router -----------------------------------------------------------------------------
 
@@ -427,29 +217,6 @@ class NoRoute:
 
 
 Resolution = Local | NextHop | NoRoute
-
-
-class Outcome(enum.Enum):
-    """What the router did with one received announcement or binding."""
-
-    ACCEPTED = "accepted"
-    REFRESHED = "refreshed"
-    """The same signed content again: timers renewed, nothing re-verified or re-sent."""
-    RETRACTED = "retracted"
-    FORGED = "forged"
-    """Bad signature, id != SHA-256(key), or a neighbour claiming to be the origin."""
-    EXPIRED = "expired"
-    FUTURE = "future"
-    """Expiry further ahead than any honest signer sets it (lifetime + clock skew)."""
-    REPLAYED = "replayed"
-    """Older than what we hold (lower seq, or an equal seq that loses the tie)."""
-    OWN = "own"
-    UNREACHABLE = "unreachable"
-    """Beyond ``max_hops``: treated as a retraction from that neighbour."""
-    FULL = "full"
-    FOREIGN = "foreign"
-    """A binding handed to :meth:`Router.home` that names another node."""
-    NO_LINK = "no link"
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,13 +361,18 @@ class Router:
         self._expiry_heap: list[tuple[int, bytes, bytes]] = []
         self._selected: dict[bytes, _Selected] = {}
         self._sources: dict[bytes, _Source] = {}
-        self._bindings: OrderedDict[bytes, HomeBinding] = OrderedDict()
+        self._bindings = BindingStore(
+            cap=self._p.max_bindings,
+            max_lifetime_ms=self._p.binding_max_lifetime_ms,
+            max_clock_skew_ms=self._p.max_clock_skew_ms,
+            verify=self._verify_binding,
+        )
         self._requested: dict[bytes, tuple[int, int]] = {}
         """origin -> (seq, when) of our last seq request (rate limit)."""
         self._retry: dict[bytes, int] = {}
         """origin -> when to look again whether our seq request is still needed (a request
         or its answer may be lost; the periodic dump that would heal it is much later)."""
-        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._verified = VerifyCache(self._p.verify_cache)
         self._retracted: dict[bytes, Announcement] = {}
         """Our recent retractions, repeated in full dumps until the announcement expires
         (a lost retraction must not leave a neighbour on a dead route until stale_after)."""
@@ -614,9 +386,6 @@ class Router:
                 "requests_received",
                 "updates_sent",
                 "entries_sent",
-                "signatures_verified",
-                "verify_cache_hits",
-                "bindings_evicted",
             ),
             0,
         )
@@ -753,7 +522,7 @@ class Router:
             return NoRoute("unknown user")
         if b.expiry_ms <= now_ms:
             return NoRoute("binding expired", b.node)
-        self._bindings.move_to_end(user)
+        self._bindings.touch(user)
         return self.route(b.node, now_ms)
 
     def binding(self, user: bytes) -> HomeBinding | None:
@@ -795,14 +564,14 @@ class Router:
             bindings_forged=bo[Outcome.FORGED],
             bindings_expired=bo[Outcome.EXPIRED],
             bindings_replayed=bo[Outcome.REPLAYED],
-            bindings_evicted=c["bindings_evicted"],
+            bindings_evicted=self._bindings.evicted,
             retractions_sent=c["retractions_sent"],
             requests_sent=c["requests_sent"],
             requests_received=c["requests_received"],
             updates_sent=c["updates_sent"],
             entries_sent=c["entries_sent"],
-            signatures_verified=c["signatures_verified"],
-            verify_cache_hits=c["verify_cache_hits"],
+            signatures_verified=self._verified.verified,
+            verify_cache_hits=self._verified.hits,
         )
 
     # -- announcements ----------------------------------------------------------------------
@@ -847,7 +616,7 @@ class Router:
         if a.origin != node_id_of(a.origin_key) or (a.hops == 0 and a.origin != nb):
             # Only the origin itself is 0 hops from the origin.
             return Outcome.FORGED
-        if not self._verified_sig(self._verify_node, a.origin_key, a.signed_bytes(), a.signature):
+        if not self._verified.check(self._verify_node, a.origin_key, a.signed_bytes(), a.signature):
             return Outcome.FORGED
         if a.origin == self.node_id:
             if a.seq >= self._next_seq:
@@ -986,37 +755,16 @@ class Router:
     # -- bindings ---------------------------------------------------------------------------
 
     def _on_binding(self, b: HomeBinding, now: int, from_nb: bytes | None) -> Outcome:
-        p = self._p
-        if b.expiry_ms <= now:
-            return Outcome.EXPIRED
-        if b.expiry_ms > now + p.binding_max_lifetime_ms + p.max_clock_skew_ms:
-            return Outcome.FUTURE
-        old = self._bindings.get(b.user)
-        if old is not None:
-            if b == old:
-                return Outcome.REFRESHED
-            # Equal seqs (one user signing twice) resolve the same way on every node.
-            if (b.seq, b.expiry_ms, b.node, b.signature) < (
-                old.seq,
-                old.expiry_ms,
-                old.node,
-                old.signature,
-            ):
-                return Outcome.REPLAYED
-        if b.user != node_id_of(b.user_key):
-            return Outcome.FORGED
-        if not self._verified_sig(self._verify_user, b.user_key, b.signed_bytes(), b.signature):
-            return Outcome.FORGED
-        self._bindings[b.user] = b
-        self._bindings.move_to_end(b.user)
-        while len(self._bindings) > p.max_bindings:
-            self._bindings.popitem(last=False)
-            self._c["bindings_evicted"] += 1
-        for lnb, link in self._links.items():
-            if lnb != from_nb:
-                link.bindings[b.user] = b
-                self._arm(link, now)
-        return Outcome.ACCEPTED
+        o = self._bindings.offer(b, now)
+        if o is Outcome.ACCEPTED:
+            for lnb, link in self._links.items():
+                if lnb != from_nb:
+                    link.bindings[b.user] = b
+                    self._arm(link, now)
+        return o
+
+    def _verify_binding(self, user_key: bytes, msg: bytes, sig: bytes) -> bool:
+        return self._verified.check(self._verify_user, user_key, msg, sig)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -1038,9 +786,8 @@ class Router:
         for origin, retract in self._retracted.items():
             if retract.expiry_ms > now:
                 link.routes[origin] = retract
-        for user, b in self._bindings.items():
-            if b.expiry_ms > now:
-                link.bindings[user] = b
+        for b in self._bindings.live(now):
+            link.bindings[b.user] = b
         if link.pending():
             self._arm(link, now)
 
@@ -1075,8 +822,7 @@ class Router:
                 (r.expires, origin, nb) for origin, t in self._routes.items() for nb, r in t.items()
             ]
             heapq.heapify(self._expiry_heap)
-        for user in [u for u, b in self._bindings.items() if b.expiry_ms <= now]:
-            del self._bindings[user]
+        self._bindings.expire(now)
         for origin in [o for o, a in self._retracted.items() if a.expiry_ms <= now]:
             del self._retracted[origin]
         horizon = now - self._p.min_send_interval_ms
@@ -1088,17 +834,3 @@ class Router:
         cutoff = now - self._p.request_interval_ms
         for origin in [o for o, (_s, t) in self._requested.items() if t < cutoff]:
             del self._requested[origin]
-
-    def _verified_sig(self, verify: Verify, key: bytes, msg: bytes, sig: bytes) -> bool:
-        cache_key = msg + sig
-        if cache_key in self._verified:
-            self._verified.move_to_end(cache_key)
-            self._c["verify_cache_hits"] += 1
-            return True
-        self._c["signatures_verified"] += 1
-        if not verify(key, msg, sig):
-            return False
-        self._verified[cache_key] = None
-        if len(self._verified) > self._p.verify_cache:
-            self._verified.popitem(last=False)
-        return True
