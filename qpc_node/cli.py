@@ -288,8 +288,12 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             send_queue_bytes, send_queue_bytes_per_ip, send_timeout_s,
             keypackage_ttl_s, retention_s
   mls       ciphersuites
-  not yet:  mesh.* (mdns, interfaces, static_peers) and federation.* (mode, ca, cert,
-            key, pinned) have no code yet; a non-default value is refused.
+  mesh      mdns (announce/browse on interfaces, '' = all non-loopback),
+            interfaces, static_peers (host:port#nodefingerprint, comma-separated);
+            either one puts the node on the mesh: federation links with trust on
+            first use (federation.mode mesh), routing, relay to users homed elsewhere
+  not yet:  federation.* (mode managed, ca, cert, key, pinned) have no code yet;
+            a non-default value is refused.
 
 SIGHUP reloads the config and prints what was applied live and what needs a restart
 (docs/operations.md has the table). SIGTERM/SIGINT drain and stop.

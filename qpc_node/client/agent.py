@@ -45,6 +45,7 @@ from qpc_node.client.fingerprint import short_code
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.state import AsyncClientState, Conversation, Outgoing, Received
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
+from qpc_node.mesh.routing import sign_binding
 from qpc_node.ops.log import get_logger
 from qpc_node.ops.metrics import Sample
 from qpc_node.rpc.client import ClientStatistics, RpcClient
@@ -61,6 +62,7 @@ T = TypeVar("T")
 
 RETENTION_MS = 7 * 24 * 3600 * 1000
 KP_TARGET = 16
+HOME_TTL_MS = 2 * 24 * 3600 * 1000  # a home binding's lifetime; re-signed at every login
 KP_LOW_WATER = 6
 KP_ROTATE_MS = 12 * 3600 * 1000  # packages live 24 h on the node: refresh at half-life
 OUTBOX_BACKOFF_MS = (500, 60_000)
@@ -198,9 +200,17 @@ class Agent:
             service_pb2.AuthChallengeResponse,
         )
         sig = self.ident.sign(auth_message(ch.nonce, self._node_fpr))
+        prove = service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig)
+        if len(ch.node_id) == 32:  # a mesh node: home us there (the node spreads it)
+            now = self._wall_ms()
+            prove.home.CopyFrom(
+                sign_binding(
+                    self.ident.public_key, self.ident.sign, ch.node_id, now, now + HOME_TTL_MS
+                ).to_proto()
+            )
         resp = await rpc.call(
             "qpc.v1.Auth/Prove",
-            service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig),
+            prove,
             service_pb2.AuthProveResponse,
             retries=0,
         )
