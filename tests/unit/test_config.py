@@ -111,9 +111,7 @@ def test_a_setting_the_node_does_not_read_is_refused(section: str, name: str, te
 
 def test_not_yet_settings_in_a_file_are_refused_by_name(tmp_path: Path) -> None:
     f = tmp_path / "qpc.toml"
-    f.write_text(
-        '[federation]\nca = "/etc/qpc/ca.pem"\npinned = ["ab"]\n'
-    )
+    f.write_text('[federation]\nca = "/etc/qpc/ca.pem"\npinned = ["ab"]\n')
     with pytest.raises(NotImplementedSetting, match=r"federation\.ca.*federation\.pinned"):
         load_config(f, env={})
 
