@@ -64,6 +64,8 @@ from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
 log = get_logger("qpc.mesh")
 
+PEER_TICK_MIN = 0.05
+"""Floor of the peer loop's sleep: a deadline already due never makes it spin."""
 ANNOUNCE_ATTEMPTS = 4
 ANNOUNCE_RETRY = 0.25
 """Seconds before the first retry of a failed announce (then 2x, 3x)."""
@@ -336,7 +338,7 @@ class MeshService:
         except LocalProtocolError as exc:  # a state the table has no row for: log, go on
             log.warning("mesh: link event not applied", extra={"event": ev.kind, "err": str(exc)})
         log.info(
-            f"mesh: link {ev.kind} {short(self.node_id)}->{short(ev.node_id)} {ev.reason}",
+            f"mesh: link {ev.kind}",
             extra={"node": short(ev.node_id), "addr": ev.address, "reason": ev.reason},
         )
         self._wake.set()
@@ -385,10 +387,7 @@ class MeshService:
         while True:
             now = trio.current_time()
             for info in fed.links():  # the link's own pings keep it alive; RTT from them
-                try:
-                    self.peers.link_activity(info.node_id, now, rtt=info.rtt)
-                except LocalProtocolError:
-                    pass
+                self.peers.link_activity(info.node_id, now, rtt=info.rtt)
             for ev in self.peers.poll(now):
                 if isinstance(ev, pt.Dial):
                     assert self._nursery is not None
@@ -400,8 +399,8 @@ class MeshService:
                 elif isinstance(ev, pt.PeerDown):
                     log.info("mesh: peer down", extra={"node": short(ev.node), "why": ev.reason})
             deadline = self.peers.next_deadline()
-            wait = interval if deadline is None else min(interval, max(0.0, deadline - now))
-            await trio.sleep(wait)
+            wait = interval if deadline is None else min(interval, deadline - now)
+            await trio.sleep(max(PEER_TICK_MIN, wait))
 
     async def _dial(self, fed: Federation, dial: pt.Dial) -> None:
         a = dial.address
