@@ -9,6 +9,7 @@ toward the next hop; Directory/Fetch proxies the KeyPackage, so /dm works.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -24,8 +25,11 @@ from qpc_node.client.agent import Agent
 from qpc_node.client.connect import open_agent
 from qpc_node.client.identity_store import open_user
 from qpc_node.errors import StatusCode
+from qpc_node.mesh.routing import HomeBinding, sign_binding
 from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock
+from qpc_node.rpc.errors import RpcError
+from qpc_node.service.auth import auth_message
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
 from tests.integration.fed_nodes import identity, node_dir, until
@@ -206,3 +210,50 @@ async def test_hop_limit_one_stops_at_b_and_no_route_is_retried(
                     return raw.msg_id in await mailbox_ids(y)
 
                 await until(y_has_it, within=20)
+
+
+async def test_prove_refuses_a_binding_not_for_this_node_or_key(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """A home binding must be signed by the proving identity, for this node, and
+    verify; anything else fails Auth/Prove with a typed INVALID_ARGUMENT."""
+    with trio.fail_after(100):
+        async with (
+            line(tmp_path) as ((a_node, a_info), _, (_, c_info)),
+            user(tmp_path, "a", a_info, wall) as a,
+            user(tmp_path, "c", c_info, wall) as c,
+        ):
+            here = mesh_of(a_node).node_id
+            now = wall()
+
+            async def prove(home: HomeBinding) -> RpcError:
+                ch = await a._rpc.call(
+                    "qpc.v1.Auth/Challenge",
+                    service_pb2.AuthChallengeRequest(),
+                    service_pb2.AuthChallengeResponse,
+                )
+                assert ch.node_id == here
+                req = service_pb2.AuthProveRequest(
+                    public_key=a.ident.public_key,
+                    signature=a.ident.sign(auth_message(ch.nonce, a._node_fpr)),
+                    home=home.to_proto(),
+                )
+                with pytest.raises(RpcError) as ei:
+                    await a._rpc.call(
+                        "qpc.v1.Auth/Prove", req, service_pb2.AuthProveResponse, retries=0
+                    )
+                assert ei.value.code == StatusCode.INVALID_ARGUMENT
+                return ei.value
+
+            def signed(ident: Any, node: bytes, seq: int) -> HomeBinding:
+                return sign_binding(ident.public_key, ident.sign, node, seq, now + 3_600_000)
+
+            err = await prove(signed(a.ident, b"\x07" * 32, now + 1))
+            assert "another node" in err.message
+            err = await prove(signed(c.ident, here, now + 1))
+            assert "proving identity" in err.message
+            forged = dataclasses.replace(signed(a.ident, here, now + 1), seq=now + 2)
+            err = await prove(forged)
+            assert "forged" in err.message
+            b = mesh_of(a_node).router.binding(a.me)
+            assert b is not None and b.seq <= now  # the good one from login stands
