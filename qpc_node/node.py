@@ -40,6 +40,7 @@ from qpc_node.service.auth_service import AuthService
 from qpc_node.service.delivery import DeliveryService
 from qpc_node.service.directory import DirectoryService
 from qpc_node.service.guard import Guard
+from qpc_node.service.mesh_status import MeshStatusService
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
@@ -174,6 +175,7 @@ class Node:
         )
         self.auth.register(table)
         StatsService(self.metrics.snapshot, guard).register(table)
+        MeshStatusService(mesh, guard).register(table)
         return RpcServer(
             table,
             ServerConfig(

@@ -190,6 +190,10 @@ class Agent:
         resp = await self._rpc.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
         return samples_from_proto(resp)
 
+    async def mesh_status(self) -> ops_pb2.MeshResponse:
+        """The node's neighbours and routes, for /mesh peers and /mesh routes."""
+        return await self._rpc.call("qpc.v1.Node/Mesh", ops_pb2.MeshRequest(), ops_pb2.MeshResponse)
+
     # -- session ---------------------------------------------------------------
     async def authenticate(self, rpc: RpcClient | None = None) -> None:
         """Prove our identity to the node; ``rpc``: over a new connection (reconnect)."""

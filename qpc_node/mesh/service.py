@@ -177,6 +177,9 @@ class MeshService:
             credentials, store, settings, is_local=is_local, seq_floor=floor, wall_ms=wall_ms
         )
 
+    def wall_ms(self) -> int:
+        return self._wall_ms()
+
     def federation_setup(self) -> FederationSetup:
         """Mesh mode (trust on first use); resolve and announce intake come from here."""
         return FederationSetup(

@@ -28,6 +28,7 @@ from qpc_node.errors import StatusCode
 from qpc_node.mesh.routing import HomeBinding, sign_binding
 from qpc_node.node import Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock
+from qpc_node.repl.runner import format_mesh
 from qpc_node.rpc.errors import RpcError
 from qpc_node.service.auth import auth_message
 from qpc_node.wire.envelope import Envelope
@@ -113,6 +114,19 @@ async def test_dm_across_two_hops_and_reply(tmp_path: Path, wall: ManualWallCloc
             await homed(a_node, c, c_node)
             await homed(c_node, a, a_node)
             await homed(a_node, b, b_node)
+
+            # /mesh peers and /mesh routes, as a's REPL shows them.
+            view = await a.mesh_status()
+            assert view.on_mesh and bytes(view.node_id) == mesh_of(a_node).node_id
+            assert [(bytes(p.node_id), p.state) for p in view.peers] == [
+                (mesh_of(b_node).node_id, "up")
+            ]
+            routes = {bytes(r.destination): (bytes(r.next_hop), r.hops) for r in view.routes}
+            b_id, c_id = mesh_of(b_node).node_id, mesh_of(c_node).node_id
+            assert routes[c_id] == (b_id, 2) and routes[b_id] == (b_id, 1)
+            shown = format_mesh(view, "routes")
+            assert f"{c_id.hex()[:16]}  via {b_id.hex()[:16]}  2 hops" in shown
+            assert "rtt" in format_mesh(view, "peers")
 
             # a DMs c by fingerprint: KeyPackage proxied A -> B -> C, Welcome and text
             # relayed A -> B -> C.

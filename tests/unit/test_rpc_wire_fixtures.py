@@ -20,7 +20,14 @@ from google.protobuf.message import Message
 from qpc_node.errors import StatusCode
 from qpc_node.rpc import HEALTH_METHOD
 from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame, encode_varint
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, health_pb2, mesh_pb2, rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import (
+    envelope_pb2,
+    health_pb2,
+    mesh_pb2,
+    ops_pb2,
+    rpc_pb2,
+    service_pb2,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
 REGEN = os.environ.get("QPC_REGEN_FIXTURES") == "1"
@@ -128,6 +135,36 @@ MESSAGES.update(
                 expiry_ms=1_800_172_800_000,
                 signature=bytes(range(64, 128)),
             ),
+        ),
+    }
+)
+# /mesh peers and /mesh routes (qpc.v1.Node/Mesh).
+MESSAGES.update(
+    {
+        "mesh_request": ops_pb2.MeshRequest(),
+        "mesh_response_off": ops_pb2.MeshResponse(on_mesh=False),
+        "mesh_response": ops_pb2.MeshResponse(
+            on_mesh=True,
+            node_id=bytes(range(32)),
+            bindings=3,
+            peers=[
+                ops_pb2.MeshPeer(
+                    node_id=bytes(range(32, 64)),
+                    address="[fe80::1%3]:4201",
+                    state="up",
+                    srtt_ms=1.5,
+                    sources=["mdns", "static"],
+                )
+            ],
+            routes=[
+                ops_pb2.MeshRoute(
+                    destination=bytes(range(64, 96)),
+                    next_hop=bytes(range(32, 64)),
+                    hops=2,
+                    seq=1025,
+                    expires_ms=1_800_000_300_000,
+                )
+            ],
         ),
     }
 )
