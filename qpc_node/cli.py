@@ -107,6 +107,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
                 f"qpc node listening on {info.host}:{info.port} pin={info.cert_fingerprint}",
                 flush=True,
             )
+            if node.mesh is not None:  # what other nodes put after '#' in static_peers
+                print(f"qpc node mesh id {node.mesh.node_id.hex()}", flush=True)
 
     async def reload() -> None:
         from qpc_node.ops.log import get_logger
@@ -288,10 +290,11 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             send_queue_bytes, send_queue_bytes_per_ip, send_timeout_s,
             keypackage_ttl_s, retention_s
   mls       ciphersuites
-  mesh      mdns (announce/browse on interfaces, '' = all non-loopback),
-            interfaces, static_peers (host:port#nodefingerprint, comma-separated);
-            either one puts the node on the mesh: federation links with trust on
-            first use (federation.mode mesh), routing, relay to users homed elsewhere
+  mesh      mdns (announce and browse), interfaces (for mDNS; empty = every
+            non-loopback interface), static_peers (host:port#nodefingerprint,
+            comma-separated; a node prints its mesh id at start); mdns or a static
+            peer puts the node on the mesh: federation links with trust on first
+            use (federation.mode mesh), routing, relay to users homed elsewhere
   not yet:  federation.* (mode managed, ca, cert, key, pinned) have no code yet;
             a non-default value is refused.
 

@@ -44,6 +44,9 @@ class NodeProc:
         line = self.proc.stdout.readline()  # "qpc node listening on HOST:PORT pin=FPR"
         assert line, self.stderr()
         self.pin = line.rsplit(" ", 1)[1].strip().removeprefix("pin=")
+        mesh_line = self.proc.stdout.readline()  # "qpc node mesh id HEX"
+        assert mesh_line.startswith("qpc node mesh id "), (mesh_line, self.stderr())
+        self.node_id = mesh_line.split()[-1]
         host.kit.add_cleanup(self._log.close)
 
     def stderr(self) -> str:
@@ -81,7 +84,7 @@ def test_three_nodes_by_mdns_relay_a_dm_over_two_hops(net: Netns, tmp_path: Path
     net.connect(c_host, "br1")
     t0 = time.monotonic()
     a = NodeProc(a_host, tmp_path / "na", "mesh0")
-    NodeProc(b_host, tmp_path / "nb", "mesh0,mesh1")
+    b = NodeProc(b_host, tmp_path / "nb", "mesh0,mesh1")
     c = NodeProc(c_host, tmp_path / "nc", "mesh0")
     ua, uc = tmp_path / "ua", tmp_path / "uc"
     c_fpr = fingerprint(uc)
@@ -98,6 +101,7 @@ def test_three_nodes_by_mdns_relay_a_dm_over_two_hops(net: Netns, tmp_path: Path
     converged = time.monotonic() - t0
     peers = repl(a_host, a, ua, "/mesh peers\n")
     assert peers.count(" up ") == 1, peers  # only B: A and C share no bridge
+    assert b.node_id[:16] in peers and c.node_id[:16] in routes
 
     t1 = time.monotonic()
     repl(a_host, a, ua, f"/dm {c_fpr} hello over two hops\n")
