@@ -140,6 +140,15 @@ async def test_dm_across_two_hops_and_reply(tmp_path: Path, wall: ManualWallCloc
             await c.dm(a.ident.fingerprint, "hi a")
             assert [m.text for m in await texts(a, 1, wait=20)] == ["hi a"]
 
+            # A group whose members live on three nodes: the commit's fan-out (atomic)
+            # and the message go to each member's home.
+            await a.group_create("team")
+            await a.group_invite("team", b.ident.fingerprint)
+            await a.group_invite("team", c.ident.fingerprint)
+            await a.group_send("team", "hello team")
+            assert "hello team" in [m.text for m in await texts(b, 1, wait=20)]
+            assert "hello team" in [m.text for m in await texts(c, 1, wait=20)]
+
             # Latency of one more text: 2 hops (a -> c) vs 1 hop (a -> b).
             await a.dm(b.ident.fingerprint, "hello b")
             assert [m.text for m in await texts(b, 1, wait=20)] == ["hello b"]
