@@ -107,6 +107,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
                 f"qpc node listening on {info.host}:{info.port} pin={info.cert_fingerprint}",
                 flush=True,
             )
+            if node.mesh is not None:  # what other nodes put after '#' in static_peers
+                print(f"qpc node mesh id {node.mesh.node_id.hex()}", flush=True)
 
     async def reload() -> None:
         from qpc_node.ops.log import get_logger
@@ -288,8 +290,13 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             send_queue_bytes, send_queue_bytes_per_ip, send_timeout_s,
             keypackage_ttl_s, retention_s
   mls       ciphersuites
-  not yet:  mesh.* (mdns, interfaces, static_peers) and federation.* (mode, ca, cert,
-            key, pinned) have no code yet; a non-default value is refused.
+  mesh      mdns (announce and browse), interfaces (for mDNS; empty = every
+            non-loopback interface), static_peers (host:port#nodefingerprint,
+            comma-separated; a node prints its mesh id at start); mdns or a static
+            peer puts the node on the mesh: federation links with trust on first
+            use (federation.mode mesh), routing, relay to users homed elsewhere
+  not yet:  federation.* (mode managed, ca, cert, key, pinned) have no code yet;
+            a non-default value is refused.
 
 SIGHUP reloads the config and prints what was applied live and what needs a restart
 (docs/operations.md has the table). SIGTERM/SIGINT drain and stop.

@@ -22,6 +22,7 @@ import trio
 from qpc_node import __version__
 from qpc_node.errors import QpcError
 from qpc_node.federation.core import Federation, FederationSetup, build_federation
+from qpc_node.mesh.service import MeshService, settings_from_config
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, LimitsSection, parse_hostport
 from qpc_node.ops.http import HttpServer, serve_metrics
@@ -39,6 +40,7 @@ from qpc_node.service.auth_service import AuthService
 from qpc_node.service.delivery import DeliveryService
 from qpc_node.service.directory import DirectoryService
 from qpc_node.service.guard import Guard
+from qpc_node.service.mesh_status import MeshStatusService
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
@@ -116,6 +118,7 @@ class Node:
         # Opt-in (tests, demo) until the mesh config keys are wired; see FederationSetup.
         self._federation_setup = federation
         self.federation: Federation | None = None
+        self.mesh: MeshService | None = None
         self.data_dir, self.key_dir = resolve_dirs(cfg, default_data)
         self._wall_ms = wall_ms
         self._conns: weakref.WeakKeyDictionary[Connection, ServerConnection] = (
@@ -150,7 +153,8 @@ class Node:
         )
         table = MethodTable()
         HealthService(serving=self.serving, version=__version__).register(table)
-        delivery = self.delivery = DeliveryService(store, guard, wall_ms=self._wall_ms)
+        mesh = self.mesh
+        delivery = self.delivery = DeliveryService(store, guard, wall_ms=self._wall_ms, relay=mesh)
         delivery.register(table)
         DirectoryService(
             store,
@@ -159,12 +163,19 @@ class Node:
             wall_ms=self._wall_ms,
             ttl_ms=lim.keypackage_ttl_s * 1000,
             allowed_suites=frozenset(self.cfg.mls.ciphersuites),
+            remote=mesh.remote_key_package if mesh is not None else None,
         ).register(table)
         self.auth = AuthService(
-            guard, audit, node_cert_fingerprint=cert_fpr, on_authenticated=delivery.mark_local
+            guard,
+            audit,
+            node_cert_fingerprint=cert_fpr,
+            on_authenticated=delivery.mark_local,
+            mesh_node_id=mesh.node_id if mesh is not None else b"",
+            on_home=mesh.home if mesh is not None else None,
         )
         self.auth.register(table)
         StatsService(self.metrics.snapshot, guard).register(table)
+        MeshStatusService(mesh, guard).register(table)
         return RpcServer(
             table,
             ServerConfig(
@@ -197,6 +208,9 @@ class Node:
             )
             state = self._conns[conn] = self.rpc.open_connection(peer)
         await self.rpc.handle_stream(state, stream)
+
+    def _known_local(self, user: bytes) -> bool:
+        return self.delivery is not None and self.delivery.known_local(user)
 
     async def sweep_once(self) -> tuple[int, int]:
         """Retention: drop expired messages and KeyPackages (audited), rotate the audit trail."""
@@ -281,18 +295,31 @@ class Node:
         )
         self.store = store
         try:
+            setup = self._federation_setup
+            if setup is None and self.cfg.mesh.enabled:
+                m = self.cfg.mesh
+                self.mesh = await MeshService.open(
+                    creds,
+                    store,
+                    settings_from_config(m.static_peers, m.mdns, m.interfaces),
+                    is_local=self._known_local,
+                    wall_ms=self._wall_ms,
+                )
+                setup = self.mesh.federation_setup()
             self.rpc = self._build(store, bytes.fromhex(creds.fingerprint))
             tls = ServerTLS(creds)
-            if self._federation_setup is not None:
+            if setup is not None:
                 assert self.delivery is not None
                 self.federation = await build_federation(
-                    self._federation_setup,
+                    setup,
                     creds,
                     store,
                     on_local=self.delivery.waiters.notify,
                     wall_ms=self._wall_ms,
                 )
                 tls = self.federation.server_tls
+                if self.mesh is not None:
+                    self.mesh.attach(self.federation)
             async with (
                 open_endpoint(host, port, server_tls=tls, admission=_admission(lim)) as ep,
                 trio.open_nursery() as nursery,
@@ -302,8 +329,11 @@ class Node:
                 nursery.start_soon(self._sweep)
                 await nursery.start(ep.serve, self._handle_stream)
                 self.endpoint = ep
-                if self.federation is not None and self._federation_setup is not None:
+                if self.federation is not None:
                     await nursery.start(self.federation.run, ep)
+                if self.mesh is not None:
+                    await nursery.start(self.mesh.run, ep.local_address[1])
+                if self.federation is not None and self._federation_setup is not None:
                     for peer in self._federation_setup.static_peers:
                         await nursery.start(
                             partial(
@@ -519,11 +549,11 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "limits.keypackage_ttl_s": RESTART,  # the directory's and the store's, set at start
     # mls
     "mls.ciphersuites": RESTART,  # the directory's allowlist, set at start
-    # mesh, federation: load_config refuses non-default values (not implemented yet),
-    # so a reload never sees them change.
+    # mesh: read when the node starts (peer table, discovery, the federation's TLS)
     "mesh.mdns": RESTART,
     "mesh.interfaces": RESTART,
     "mesh.static_peers": RESTART,
+    # federation: only the default (mesh mode) loads; the rest is refused (NOT_YET)
     "federation.mode": RESTART,
     "federation.ca": RESTART,
     "federation.cert": RESTART,

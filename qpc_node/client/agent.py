@@ -34,6 +34,7 @@ from qpc_node.client.mls_worker import MlsWorker
 from qpc_node.client.outbox import Outbox, Sent
 from qpc_node.client.state import AsyncClientState, Conversation, Received
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
+from qpc_node.mesh.routing import sign_binding
 from qpc_node.ops.log import get_logger
 from qpc_node.ops.metrics import Sample
 from qpc_node.rpc.client import ClientStatistics, RpcClient
@@ -56,6 +57,8 @@ __all__ = [
 """The agent's public names; the KeyPackage constants stay importable from here."""
 
 log = get_logger("qpc.client")
+
+HOME_TTL_MS = 2 * 24 * 3600 * 1000  # a home binding's lifetime; re-signed at every login
 
 
 class Agent:
@@ -97,6 +100,10 @@ class Agent:
         resp = await self._rpc.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
         return samples_from_proto(resp)
 
+    async def mesh_status(self) -> ops_pb2.MeshResponse:
+        """The node's neighbours and routes, for /mesh peers and /mesh routes."""
+        return await self._rpc.call("qpc.v1.Node/Mesh", ops_pb2.MeshRequest(), ops_pb2.MeshResponse)
+
     # -- session ---------------------------------------------------------------
     async def authenticate(self, rpc: RpcClient | None = None) -> None:
         """Prove our identity to the node; ``rpc``: over a new connection (reconnect)."""
@@ -107,9 +114,17 @@ class Agent:
             service_pb2.AuthChallengeResponse,
         )
         sig = self.ident.sign(auth_message(ch.nonce, self._node_fpr))
+        prove = service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig)
+        if len(ch.node_id) == 32:  # a mesh node: home us there (the node spreads it)
+            now = self._wall_ms()
+            prove.home.CopyFrom(
+                sign_binding(
+                    self.ident.public_key, self.ident.sign, ch.node_id, now, now + HOME_TTL_MS
+                ).to_proto()
+            )
         resp = await rpc.call(
             "qpc.v1.Auth/Prove",
-            service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig),
+            prove,
             service_pb2.AuthProveResponse,
             retries=0,
         )

@@ -281,6 +281,7 @@ class Federation:
             rate=lim.bytes_per_second, burst=lim.byte_burst
         )
         self._links: dict[bytes, _Link] = {}
+        self._kp_forwarding: set[bytes] = set()
         self._by_conn: dict[Connection, _Link] = {}
         self._admitting: dict[Connection, trio.Event] = {}
         self._wake: dict[bytes, trio.Event] = {}  # per next hop: its drainer's wakeup
@@ -847,7 +848,10 @@ class Federation:
         self._caller(ctx, req.ByteSize())
         if len(req.identity) != 32:
             raise RemoteProtocolError("identity must be a 32-byte fingerprint")
-        if not isinstance(self._resolve(req.identity), Local):
+        route = self._resolve(req.identity)
+        if isinstance(route, NextHop) and route.node_id != self.node_id:
+            return await self._forward_keypackage(req.identity)
+        if not isinstance(route, Local):
             raise QpcError(
                 f"user {short(req.identity)} is not homed here", code=StatusCode.NOT_FOUND
             )
@@ -859,6 +863,26 @@ class Federation:
         return federation_pb2.ProxyKeyPackageFetchResponse(
             key_package=rec.data, last_resort=rec.last_resort
         )
+
+    async def _forward_keypackage(
+        self, identity: bytes
+    ) -> federation_pb2.ProxyKeyPackageFetchResponse:
+        """A fetch for a user homed further away goes on via our next hop.
+
+        Routes are loop-free once converged; while they are not, a request could
+        come back here: one forwarded fetch per identity at a time, a second one
+        (the loop, or a concurrent inviter) is refused retriably.
+        """
+        if identity in self._kp_forwarding:
+            raise QpcError(
+                f"a fetch for {short(identity)} is already on its way", code=StatusCode.UNAVAILABLE
+            )
+        self._kp_forwarding.add(identity)
+        try:
+            kp, last_resort = await self.fetch_key_package(identity)
+        finally:
+            self._kp_forwarding.discard(identity)
+        return federation_pb2.ProxyKeyPackageFetchResponse(key_package=kp, last_resort=last_resort)
 
     async def _h_announce(
         self, req: federation_pb2.AnnounceRequest, ctx: CallContext

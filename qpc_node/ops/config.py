@@ -18,6 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from qpc_node.errors import ConfigError
+from qpc_node.mesh.static_peers import parse_static_peers
 
 DEFAULT_PORT = 4201
 ENV_PREFIX = "QPC_"
@@ -129,20 +130,34 @@ class MlsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Not read by the node yet: any non-default value is refused (see NOT_YET)."""
+    """The mesh (qpc_node/mesh/service.py). The node joins it when ``mdns`` is on or
+    ``static_peers`` names a peer: it then accepts and dials federation links
+    (mesh-mode trust: first use of a node id pins it), routes and relays."""
 
-    # False until mDNS discovery exists: a default of True announced nothing.
+    # Off by default for now: on, the node announces itself and browses on
+    # ``interfaces`` (empty: every non-loopback interface that is up).
     mdns: bool = False
     interfaces: list[str] = msgspec.field(default_factory=list)
+    # ``host:port#nodefingerprint`` (qpc_node/mesh/static_peers.py), the fingerprint
+    # pinning the node: for meshes where multicast is filtered.
     static_peers: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for p in self.static_peers:
-            parse_hostport(p)
+        try:
+            parse_static_peers(self.static_peers)
+        except ConfigError as exc:  # as ValueError msgspec names the key: mesh.static_peers
+            raise ValueError(str(exc)) from None
+        if any(not name or "/" in name for name in self.interfaces):
+            raise ValueError("interfaces must be interface names")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mdns or bool(self.static_peers)
 
 
 class FederationSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Not read by the node yet: any non-default value is refused (see NOT_YET)."""
+    """Only the default is wired (mesh mode, trust on first use): managed mode and its
+    CA/cert/key, and operator pins, are refused (see NOT_YET)."""
 
     mode: Literal["mesh", "managed"] = "mesh"
     ca: str = ""
@@ -174,8 +189,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     )
 }
 NOT_YET: dict[str, str] = {
-    "mesh": "mesh discovery and node-to-node relay",
-    "federation": "federation between nodes",
+    "federation": "managed federation (community CA) and operator pins",
 }
 """Sections the schema already has but the node does not read yet. A non-default value
 is refused (NotImplementedSetting) instead of being accepted and doing nothing; the

@@ -86,6 +86,11 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class MeshView:
+    what: str  # "peers" | "routes"
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -103,6 +108,7 @@ Command = (
     | Inbox
     | Verify
     | Stats
+    | MeshView
     | Quit
 )
 
@@ -110,6 +116,7 @@ USAGE: dict[str, str] = {
     "help": "/help [COMMAND]",
     "whoami": "/whoami",
     "dm": "/dm FINGERPRINT TEXT   (also /mesh dm FINGERPRINT TEXT)",
+    "mesh": "/mesh peers|routes|dm FINGERPRINT TEXT",
     "group": "/group create|invite|send|members|leave|remove NAME [FINGERPRINT|TEXT]",
     "group create": "/group create NAME",
     "group invite": "/group invite NAME FINGERPRINT",
@@ -162,10 +169,15 @@ def parse(line: str) -> Command | None:
     head = head.lower()
     if head == "mesh":
         sub, _, rest2 = rest.strip().partition(" ")
-        if sub.lower() == "dm":
+        sub = sub.lower()
+        if sub == "dm":
             head, rest = "dm", rest2
+        elif sub in ("peers", "routes"):
+            if rest2.strip():
+                raise UsageError(f"/mesh {sub} takes no arguments", USAGE["mesh"])
+            return MeshView(sub)
         else:
-            raise UsageError(f"unknown /mesh command {sub!r}", USAGE["dm"])
+            raise UsageError(f"unknown /mesh command {sub!r}", USAGE["mesh"])
     if head == "help":
         return Help(rest.strip())
     if head in ("whoami", "stats", "quit", "exit"):

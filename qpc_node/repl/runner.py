@@ -22,6 +22,7 @@ from qpc_node.errors import QpcError
 from qpc_node.ops.metrics import format_stats
 from qpc_node.repl import commands as c
 from qpc_node.repl.commands import USAGE, UsageError, parse
+from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 Out = Callable[[str], None]
 RECEIVE_POLL = 20.0
@@ -147,6 +148,8 @@ class Repl:
             case c.Stats():
                 self._stats()
                 self.out(format_stats(await a.node_stats()))
+            case c.MeshView(what=what):
+                self.out(format_mesh(await a.mesh_status(), what))
             case c.Quit():
                 raise Quit
 
@@ -190,3 +193,30 @@ class Repl:
                 err(f"line {n}: error: {exc}")
                 return 1
         return 0
+
+
+def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:
+    """``/mesh peers`` / ``/mesh routes``: one line per neighbour or destination."""
+    if not resp.on_mesh:
+        return "this node is not on a mesh (mesh.static_peers / mesh.mdns are off)"
+    me = bytes(resp.node_id).hex()
+    head = f"node {me[:16]}  ({resp.bindings} users homed mesh-wide)"
+    if what == "peers":
+        if not resp.peers:
+            return head + "\n  no peers"
+        lines = [
+            f"  {bytes(p.node_id).hex()[:16]}  {p.address or '-':<28} {p.state:<10} "
+            + (f"rtt {p.srtt_ms:.1f} ms" if p.srtt_ms else "rtt -")
+            + (f"  failures {p.failures}" if p.failures else "")
+            + f"  [{','.join(p.sources)}]"
+            for p in resp.peers
+        ]
+        return "\n".join([head, *lines])
+    if not resp.routes:
+        return head + "\n  no routes"
+    lines = [
+        f"  {bytes(r.destination).hex()[:16]}  via {bytes(r.next_hop).hex()[:16]}  "
+        f"{r.hops} hop{'s' if r.hops != 1 else ''}  seq {r.seq}"
+        for r in resp.routes
+    ]
+    return "\n".join([head, *lines])

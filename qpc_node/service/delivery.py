@@ -7,10 +7,10 @@ message for that recipient commits or the (capped) wait ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import trio
 
@@ -22,7 +22,7 @@ from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.fairness import SenderKey
 from qpc_node.store.records import EnqueueResult, Envelope, FetchResult
 from qpc_node.wire.envelope import Envelope as WireEnvelope
-from qpc_node.wire.gen.qpc.v1 import rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, rpc_pb2, service_pb2
 
 MAX_BATCH = 256
 MAX_FETCH = 256
@@ -38,6 +38,24 @@ _USER_KEY = "user:"
 
 class UnknownRecipient(QpcError):
     code = StatusCode.NOT_FOUND
+
+
+class Relay(Protocol):
+    """Where envelopes for users not homed here go (the mesh; see mesh/service.py)."""
+
+    def homed_elsewhere(self, user: bytes) -> bool:
+        """The user's newest home binding names another node."""
+        ...
+
+    async def submit(
+        self, envelopes: Sequence[envelope_pb2.Envelope]
+    ) -> list[EnqueueResult | QpcError]:
+        """Take each envelope into durable custody toward its home, or refuse it typed."""
+        ...
+
+    def check(self, recipient: bytes) -> QpcError | None:
+        """Would ``submit`` take it now (a route exists)? For all-or-nothing batches."""
+        ...
 
 
 class Waiters:
@@ -102,8 +120,11 @@ class DeliveryService:
         *,
         wall_ms: Callable[[], int],
         max_wait: float = MAX_WAIT_S,
+        relay: Relay | None = None,
     ) -> None:
         self._store = store
+        self._relay = relay
+        self.relayed = 0
         self._guard = guard
         self._wall_ms = wall_ms
         self._max_wait = max_wait
@@ -121,6 +142,10 @@ class DeliveryService:
         if user not in self._known:
             await self._store.meta_put(_USER_KEY + user.hex(), b"1")
             self._known.add(user)
+
+    def known_local(self, user: bytes) -> bool:
+        """Without a store read: proved its key here since start (or looked up since)."""
+        return user in self._known
 
     async def is_local(self, user: bytes) -> bool:
         if user in self._known:
@@ -169,12 +194,21 @@ class DeliveryService:
         now_ms = self._wall_ms()
         outcomes: list[EnqueueResult | QpcError | None] = []
         batch: list[Envelope] = []
+        remote: list[int] = []  # indexes of envelopes for users homed elsewhere
         for pb in req.envelopes:
             try:
                 env = WireEnvelope.from_proto(pb)  # typed error on any bad field
-                if not await self.is_local(env.recipient):
-                    # Later: federation routing / store-and-forward take it from here.
-                    raise UnknownRecipient(f"recipient {short(env.recipient)} is not homed here")
+                if not await self._here(env.recipient):
+                    if self._relay is None:
+                        raise UnknownRecipient(
+                            f"recipient {short(env.recipient)} is not homed here"
+                        )
+                    refused = self._relay.check(env.recipient) if req.atomic else None
+                    if refused is not None:
+                        raise refused
+                    remote.append(len(outcomes))
+                    outcomes.append(None)
+                    continue
             except QpcError as exc:
                 outcomes.append(exc)
                 continue
@@ -184,10 +218,27 @@ class DeliveryService:
             )
         sender = SenderKey.local(user)
         stored: Iterator[EnqueueResult | QpcError] = iter([])
+        remote_set = set(remote)
+        local_outcomes = [o for i, o in enumerate(outcomes) if i not in remote_set]
         if req.atomic:
-            outcomes = await self._enqueue_all_or_nothing(outcomes, batch, now_ms, sender)
+            local_outcomes = await self._enqueue_all_or_nothing(
+                local_outcomes, batch, now_ms, sender
+            )
         elif batch:
             stored = iter(await self._store.enqueue_each(batch, now_ms, sender=sender))
+        relayed: dict[int, EnqueueResult | QpcError] = {}
+        if remote and not (req.atomic and any(isinstance(o, QpcError) for o in local_outcomes)):
+            # Atomic batches mixing local and remote members: the local part is stored
+            # all-or-nothing first, then the remote part goes into custody (each hop's
+            # queue is durable; only a full queue refuses there, reported per envelope).
+            assert self._relay is not None
+            got_remote = await self._relay.submit([req.envelopes[i] for i in remote])
+            relayed = dict(zip(remote, got_remote, strict=True))
+            self.relayed += sum(1 for g in got_remote if not isinstance(g, QpcError))
+        elif remote:
+            relayed = dict.fromkeys(remote, _aborted())
+        it_local = iter(local_outcomes)
+        outcomes = [relayed[i] if i in remote_set else next(it_local) for i in range(len(outcomes))]
         results: list[service_pb2.EnqueueResult] = []
         woken: set[bytes] = set()
         for pb, got in zip(req.envelopes, outcomes, strict=True):
@@ -202,7 +253,7 @@ class DeliveryService:
                     )
                 )
                 continue
-            if not got.duplicate:
+            if not got.duplicate and got.seq:
                 woken.add(pb.recipient)
             results.append(
                 service_pb2.EnqueueResult(msg_id=got.msg_id, seq=got.seq, duplicate=got.duplicate)
@@ -210,6 +261,12 @@ class DeliveryService:
         for rec in woken:
             self.waiters.notify(rec)
         return service_pb2.EnqueueResponse(results=results)
+
+    async def _here(self, user: bytes) -> bool:
+        """The mailbox is here: proved its key here, and has not re-homed since."""
+        if self._relay is not None and self._relay.homed_elsewhere(user):
+            return False
+        return await self.is_local(user)
 
     async def _enqueue_all_or_nothing(
         self,

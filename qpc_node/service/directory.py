@@ -8,7 +8,7 @@ out (and kept) only when no other is left.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -48,8 +48,12 @@ class DirectoryService:
         wall_ms: Callable[[], int],
         ttl_ms: int = 24 * 3600 * 1000,
         allowed_suites: frozenset[int] = DEFAULT_ALLOWED_SUITES,
+        remote: Callable[[bytes], Awaitable[tuple[bytes, bool] | None]] | None = None,
     ) -> None:
+        """``remote(identity)``: a KeyPackage of a user homed elsewhere (the mesh's
+        proxied fetch via the next hop), None when it knows no route to them."""
         self._store = store
+        self._remote = remote
         self._guard = guard
         self._audit = audit
         self._wall_ms = wall_ms
@@ -116,12 +120,34 @@ class DirectoryService:
             raise RemoteProtocolError("identity must be a 32-byte fingerprint")
         now_ms = self._wall_ms()
         rec = await self._store.fetch_keypackage(req.identity, now_ms)
+        if rec is None and self._remote is not None:
+            got = await self._remote(req.identity)
+            if got is not None:
+                return self._checked_remote(req.identity, *got)
         if rec is None:
             self._audit(AuditEvent(now_ms, "keypackage.exhausted", short(req.identity)))
             raise NoKeyPackage(f"no KeyPackage available for {short(req.identity)}")
         return service_pb2.FetchKeyPackageResponse(
             key_package=rec.data, last_resort=rec.last_resort
         )
+
+    def _checked_remote(
+        self, identity: bytes, key_package: bytes, last_resort: bool
+    ) -> service_pb2.FetchKeyPackageResponse:
+        """A proxied package must be the requested user's: a relay cannot swap in another."""
+        try:
+            owner = crypto.key_package_identity(key_package)
+        except crypto.MlsError as exc:
+            raise QpcError(
+                f"remote KeyPackage for {short(identity)} is invalid: {exc}",
+                code=StatusCode.UNAVAILABLE,
+            ) from None
+        if owner != identity.hex():
+            raise QpcError(
+                f"remote KeyPackage for {short(identity)} belongs to someone else",
+                code=StatusCode.UNAVAILABLE,
+            )
+        return service_pb2.FetchKeyPackageResponse(key_package=key_package, last_resort=last_resort)
 
     async def count(
         self, req: service_pb2.CountKeyPackagesRequest, ctx: CallContext

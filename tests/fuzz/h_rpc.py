@@ -16,19 +16,25 @@ run the server holds no buffers and no active calls.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.message import DecodeError, Message
 
 from qpc_node import crypto
 from qpc_node.errors import StatusCode
+from qpc_node.mesh.routing import Router, sign_binding
+from qpc_node.mesh.service import verify_node, verify_user
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc import HealthService, MethodTable, PeerInfo, RpcServer, ServerConfig
 from qpc_node.rpc.client import RetryPolicy, RpcClient
@@ -52,6 +58,10 @@ from tests.fuzz.registry import Invariant, environment, register
 
 MAX_FRAME = 1024 * 1024
 NODE_FPR = b"\x11" * 32
+# The node is on a mesh: Prove's home binding goes to a real routing core.
+MESH_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"fuzz-rpc-mesh").digest())
+MESH_PUB = MESH_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+MESH_NODE = hashlib.sha256(MESH_PUB).digest()
 LONG_POLL_CAP = 0.005
 _S = service_pb2
 
@@ -109,8 +119,21 @@ async def node_env(tmp: Path) -> AsyncIterator[NodeEnv]:
             delivery = DeliveryService(store, guard, wall_ms=system_wall_ms, max_wait=LONG_POLL_CAP)
             delivery.register(table)
             DirectoryService(store, guard, audit, wall_ms=system_wall_ms).register(table)
+            router = Router(
+                MESH_PUB,
+                MESH_KEY.sign,
+                verify_node,
+                verify_user=verify_user,
+                rand=random.Random(1).random,
+                now_ms=system_wall_ms(),
+            )
             AuthService(
-                guard, audit, node_cert_fingerprint=NODE_FPR, on_authenticated=delivery.mark_local
+                guard,
+                audit,
+                node_cert_fingerprint=NODE_FPR,
+                on_authenticated=delivery.mark_local,
+                mesh_node_id=router.node_id,
+                on_home=lambda b: router.home(b, system_wall_ms()),
             ).register(table)
             server = RpcServer(table, ServerConfig(max_frame_size=MAX_FRAME, read_timeout=5.0))
             alice = crypto.Identity.create(tmp / "alice", os.urandom(32), durable=False)
@@ -227,8 +250,17 @@ def body_seeds(env: NodeEnv, method: str) -> list[bytes]:
         msgs = [METHODS[method][0]()]
     elif method == "qpc.v1.Auth/Prove":
         sig = env.alice.sign(auth_message(b"\0" * 32, NODE_FPR))
+        now = system_wall_ms()
+        home = sign_binding(env.alice.public_key, env.alice.sign, MESH_NODE, now, now + 3_600_000)
+        elsewhere = sign_binding(env.alice.public_key, env.alice.sign, b"\x07" * 32, 1, now + 1)
         msgs = [
             _S.AuthProveRequest(public_key=env.alice.public_key, signature=sig),
+            _S.AuthProveRequest(
+                public_key=env.alice.public_key, signature=sig, home=home.to_proto()
+            ),
+            _S.AuthProveRequest(
+                public_key=env.alice.public_key, signature=sig, home=elsewhere.to_proto()
+            ),
             _S.AuthProveRequest(public_key=env.bob.public_key, signature=sig),
             _S.AuthProveRequest(public_key=b"\0" * 32, signature=b"\0" * 64),
         ]

@@ -55,6 +55,8 @@ def other_value(key: str, value: object) -> object:
     if isinstance(value, int | float):
         return value + 1
     if isinstance(value, list):
+        if key == "mesh.static_peers":
+            return [*value, "10.0.0.9:4201#" + "ab" * 32]
         return [*value, 2] if key == "mls.ciphersuites" else [*value, "10.0.0.9:4201"]
     assert isinstance(value, str), key
     return "127.0.0.1:1" if key.endswith("listen") else f"/nonexistent/{key}"

@@ -165,8 +165,8 @@ config mesh 'mesh'
 	option mdns '0'
 	list interface 'br-lan'
 	list interface 'bat0'
-	list static_peer '[fe80::1%br-lan]:4201'
-	list static_peer '10.0.0.2:4201'
+	list static_peer '[fe80::1%br-lan]:4201#abababababababababababababababababababababababababababababababab'
+	list static_peer '10.0.0.2:4201#abababababababababababababababababababababababababababababababab'
 
 config federation 'federation'
 	option mode 'managed'
@@ -192,7 +192,7 @@ def test_custom_uci_options_map_to_flags_and_env(tmp_path: Path) -> None:
         "QPC_NODE_KEY_DIR": f"{tmp_path}/d/keys",
         "QPC_MESH_MDNS": "false",
         "QPC_MESH_INTERFACES": "br-lan,bat0",
-        "QPC_MESH_STATIC_PEERS": "[fe80::1%br-lan]:4201,10.0.0.2:4201",
+        "QPC_MESH_STATIC_PEERS": "[fe80::1%br-lan]:4201#abababababababababababababababababababababababababababababababab,10.0.0.2:4201#abababababababababababababababababababababababababababababababab",
         "QPC_FEDERATION_MODE": "managed",
         "QPC_FEDERATION_CA": "/etc/qpc/ca.pem",
         "QPC_FEDERATION_CERT": "/etc/qpc/node.pem",
@@ -204,27 +204,28 @@ def test_custom_uci_options_map_to_flags_and_env(tmp_path: Path) -> None:
     # the node's own config loader accepts exactly this (names, types, lists) ...
     from qpc_node.ops.config import NotImplementedSetting, load_config
 
-    supported = {k: v for k, v in env.items() if not k.startswith(("QPC_MESH_", "QPC_FEDERATION_"))}
+    supported = {k: v for k, v in env.items() if not k.startswith("QPC_FEDERATION_")}
     cfg = load_config(env=supported, overrides={"node": {"listen": command[3]}})
+    assert cfg.mesh.interfaces == ["br-lan", "bat0"] and len(cfg.mesh.static_peers) == 2
     assert cfg.limits.max_connections == 64 and cfg.limits.rate_per_second == 7.5
     assert cfg.log.level == "debug" and cfg.node.key_dir == f"{tmp_path}/d/keys"
-    # ... and refuses, by name, the mesh/federation options it has no code for yet
-    # (mdns '0' is the default and passes; the init script drops none of them).
+    # ... and refuses, by name, the federation options it has no code for yet
+    # (managed mode, pins); the init script drops none of them.
     with pytest.raises(NotImplementedSetting) as ei:
         load_config(env=env, overrides={"node": {"listen": command[3]}})
-    for key in ("mesh.interfaces", "mesh.static_peers", "federation.mode", "federation.pinned"):
+    for key in ("federation.mode", "federation.pinned"):
         assert key in str(ei.value)
-    assert "mesh.mdns" not in str(ei.value) and "not implemented yet" in str(ei.value)
+    assert "mesh." not in str(ei.value) and "not implemented yet" in str(ei.value)
 
 
-def test_mdns_on_in_uci_is_refused_not_dropped(tmp_path: Path) -> None:
+def test_mdns_on_in_uci_reaches_the_node(tmp_path: Path) -> None:
     text = UCI.read_text().replace("'/etc/qpc'", f"'{tmp_path}'")
     _, env, _ = procd(run_shim(tmp_path, text + "\nconfig mesh 'mesh'\n\toption mdns '1'\n"))
     assert env["QPC_MESH_MDNS"] == "true"
-    from qpc_node.ops.config import NotImplementedSetting, load_config
+    from qpc_node.ops.config import load_config
 
-    with pytest.raises(NotImplementedSetting, match=r"mesh\.mdns"):
-        load_config(env=env)
+    cfg = load_config(env=env)
+    assert cfg.mesh.mdns and cfg.mesh.enabled
 
 
 def test_default_uci_is_a_valid_node_config(tmp_path: Path) -> None:

@@ -93,9 +93,11 @@ def not_yet_keys() -> list[tuple[str, str, str]]:
     return out
 
 
-def test_not_yet_covers_mesh_and_federation() -> None:
-    assert set(NOT_YET) == {"mesh", "federation"}
-    assert len(not_yet_keys()) == 8
+def test_not_yet_covers_federation_only() -> None:
+    """The mesh section is wired (mesh/service.py); federation's default (mesh mode) is
+    what it runs, so only managed mode and pins are refused."""
+    assert set(NOT_YET) == {"federation"}
+    assert len(not_yet_keys()) == 5
 
 
 @pytest.mark.parametrize(("section", "name", "text"), not_yet_keys())
@@ -109,10 +111,8 @@ def test_a_setting_the_node_does_not_read_is_refused(section: str, name: str, te
 
 def test_not_yet_settings_in_a_file_are_refused_by_name(tmp_path: Path) -> None:
     f = tmp_path / "qpc.toml"
-    f.write_text(
-        '[mesh]\nstatic_peers = ["[fe80::1%br-lan]:4201"]\n[federation]\npinned = ["ab"]\n'
-    )
-    with pytest.raises(NotImplementedSetting, match=r"mesh\.static_peers.*federation\.pinned"):
+    f.write_text('[federation]\nca = "/etc/qpc/ca.pem"\npinned = ["ab"]\n')
+    with pytest.raises(NotImplementedSetting, match=r"federation\.ca.*federation\.pinned"):
         load_config(f, env={})
 
 
@@ -162,6 +162,7 @@ def test_node_help_lists_every_key_and_marks_not_yet() -> None:
     from qpc_node.cli import NODE_EPILOG
 
     supported, _, not_yet = NODE_EPILOG.partition("not yet:")
+    assert "host:port#nodefingerprint" in supported
     for section in Config.__struct_fields__:
         names = getattr(Config(), section).__struct_fields__
         if section in NOT_YET:
@@ -177,9 +178,24 @@ def test_cli_refuses_a_not_yet_setting_with_its_name(
 ) -> None:
     from qpc_node.cli import main
 
-    monkeypatch.setenv("QPC_MESH_STATIC_PEERS", "10.0.0.1:4201")
+    monkeypatch.setenv("QPC_FEDERATION_MODE", "managed")
     rc = main(["node", "--listen", "127.0.0.1:0", "--data", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "mesh.static_peers" in err and "not implemented yet" in err
+    assert "federation.mode" in err and "not implemented yet" in err
     assert not (tmp_path / "node.db").exists()  # refused before anything started
+
+
+def test_mesh_keys_load_and_static_peers_are_checked() -> None:
+    fpr = "ab" * 32
+    cfg = load_config(
+        env={
+            "QPC_MESH_STATIC_PEERS": f"10.0.0.1:4201#{fpr}, [fe80::1%mesh0]:4201#{fpr}",
+            "QPC_MESH_INTERFACES": "mesh0",
+            "QPC_MESH_MDNS": "1",
+        }
+    )
+    assert cfg.mesh.enabled and cfg.mesh.interfaces == ["mesh0"]
+    assert not Config().mesh.enabled
+    with pytest.raises(ConfigError, match="nodefingerprint"):
+        load_config(env={"QPC_MESH_STATIC_PEERS": "10.0.0.1:4201"})

@@ -26,6 +26,8 @@ F = "ab" * 32
         ("/inbox --wait 2.5", c.Inbox(2.5)),
         (f"/verify {F}", c.Verify(F)),
         ("/stats", c.Stats()),
+        ("/mesh peers", c.MeshView("peers")),
+        ("/mesh ROUTES", c.MeshView("routes")),
         ("/quit", c.Quit()),
         ("/exit", c.Quit()),
     ],
@@ -55,6 +57,7 @@ def test_parses(line: str, want: object) -> None:
         "/inbox 'unterminated",
         "/whoami extra",
         "/mesh fly",
+        "/mesh peers now",
         "/verify",
     ],
 )

@@ -20,7 +20,14 @@ from google.protobuf.message import Message
 from qpc_node.errors import StatusCode
 from qpc_node.rpc import HEALTH_METHOD
 from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_frame, encode_varint
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, health_pb2, rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import (
+    envelope_pb2,
+    health_pb2,
+    mesh_pb2,
+    ops_pb2,
+    rpc_pb2,
+    service_pb2,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
 REGEN = os.environ.get("QPC_REGEN_FIXTURES") == "1"
@@ -109,6 +116,58 @@ MESSAGES.update(
         ),
     }
 )
+# Issue 12: on a mesh the challenge names the node, and Prove carries the client's
+# signed home binding (new fields; a node off the mesh leaves node_id empty and the
+# bytes are as before).
+MESSAGES.update(
+    {
+        "auth_challenge_response_mesh": service_pb2.AuthChallengeResponse(
+            nonce=bytes(range(32)), node_id=bytes(range(100, 132))
+        ),
+        "auth_prove_request_home": service_pb2.AuthProveRequest(
+            public_key=bytes(range(32)),
+            signature=bytes(range(64)),
+            home=mesh_pb2.HomeBinding(
+                user=bytes(range(32, 64)),
+                user_key=bytes(range(32)),
+                node=bytes(range(100, 132)),
+                seq=1_800_000_000_000,
+                expiry_ms=1_800_172_800_000,
+                signature=bytes(range(64, 128)),
+            ),
+        ),
+    }
+)
+# /mesh peers and /mesh routes (qpc.v1.Node/Mesh).
+MESSAGES.update(
+    {
+        "mesh_request": ops_pb2.MeshRequest(),
+        "mesh_response_off": ops_pb2.MeshResponse(on_mesh=False),
+        "mesh_response": ops_pb2.MeshResponse(
+            on_mesh=True,
+            node_id=bytes(range(32)),
+            bindings=3,
+            peers=[
+                ops_pb2.MeshPeer(
+                    node_id=bytes(range(32, 64)),
+                    address="[fe80::1%3]:4201",
+                    state="up",
+                    srtt_ms=1.5,
+                    sources=["mdns", "static"],
+                )
+            ],
+            routes=[
+                ops_pb2.MeshRoute(
+                    destination=bytes(range(64, 96)),
+                    next_hop=bytes(range(32, 64)),
+                    hops=2,
+                    seq=1025,
+                    expires_ms=1_800_000_300_000,
+                )
+            ],
+        ),
+    }
+)
 HEADER_LENGTHS = [0, 1, 127, 128, 300, 16383, 16384, 2**21 - 1, 2**21, DEFAULT_MAX_FRAME_SIZE]
 
 
@@ -156,6 +215,14 @@ def test_enqueue_result_ok_is_readable_as_before_the_status_field() -> None:
     assert ENQUEUE_OK.SerializeToString(deterministic=True) == old_bytes
     parsed = service_pb2.EnqueueResult.FromString(old_bytes)
     assert (parsed.status, parsed.detail) == (rpc_pb2.STATUS_CODE_OK, "")
+
+
+def test_auth_messages_off_the_mesh_encode_as_before() -> None:
+    """Without the new fields, Challenge/Prove bytes are the pre-issue-12 ones."""
+    ch = service_pb2.AuthChallengeResponse(nonce=b"\x01" * 32)
+    assert ch.SerializeToString() == bytes.fromhex("0a20" + "01" * 32)
+    prove = service_pb2.AuthProveRequest(public_key=b"\x02" * 32, signature=b"\x03" * 64)
+    assert prove.SerializeToString() == bytes.fromhex("0a20" + "02" * 32 + "1240" + "03" * 64)
 
 
 def test_status_enum_mirrors_error_codes() -> None:

@@ -34,3 +34,51 @@ class StatsResponse(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[StatsSample]
     def __init__(self, samples: _Optional[_Iterable[_Union[StatsSample, _Mapping]]] = ...) -> None: ...
+
+class MeshRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MeshPeer(_message.Message):
+    __slots__ = ("node_id", "address", "state", "srtt_ms", "failures", "sources")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SRTT_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    node_id: bytes
+    address: str
+    state: str
+    srtt_ms: float
+    failures: int
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., srtt_ms: _Optional[float] = ..., failures: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MeshRoute(_message.Message):
+    __slots__ = ("destination", "next_hop", "hops", "seq", "expires_ms")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    destination: bytes
+    next_hop: bytes
+    hops: int
+    seq: int
+    expires_ms: int
+    def __init__(self, destination: _Optional[bytes] = ..., next_hop: _Optional[bytes] = ..., hops: _Optional[int] = ..., seq: _Optional[int] = ..., expires_ms: _Optional[int] = ...) -> None: ...
+
+class MeshResponse(_message.Message):
+    __slots__ = ("on_mesh", "node_id", "peers", "routes", "bindings")
+    ON_MESH_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    on_mesh: bool
+    node_id: bytes
+    peers: _containers.RepeatedCompositeFieldContainer[MeshPeer]
+    routes: _containers.RepeatedCompositeFieldContainer[MeshRoute]
+    bindings: int
+    def __init__(self, on_mesh: _Optional[bool] = ..., node_id: _Optional[bytes] = ..., peers: _Optional[_Iterable[_Union[MeshPeer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[MeshRoute, _Mapping]]] = ..., bindings: _Optional[int] = ...) -> None: ...

@@ -1,4 +1,5 @@
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2 as _envelope_pb2
+from qpc_node.wire.gen.qpc.v1 import mesh_pb2 as _mesh_pb2
 from qpc_node.wire.gen.qpc.v1 import rpc_pb2 as _rpc_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -13,18 +14,22 @@ class AuthChallengeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AuthChallengeResponse(_message.Message):
-    __slots__ = ("nonce",)
+    __slots__ = ("nonce", "node_id")
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
-    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+    node_id: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., node_id: _Optional[bytes] = ...) -> None: ...
 
 class AuthProveRequest(_message.Message):
-    __slots__ = ("public_key", "signature")
+    __slots__ = ("public_key", "signature", "home")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    HOME_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     signature: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    home: _mesh_pb2.HomeBinding
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., home: _Optional[_Union[_mesh_pb2.HomeBinding, _Mapping]] = ...) -> None: ...
 
 class AuthProveResponse(_message.Message):
     __slots__ = ("fingerprint",)
