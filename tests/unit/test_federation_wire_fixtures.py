@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from qpc_node.federation.core import M_PING
+from qpc_node.federation.core import M_PING, status_name
 from qpc_node.rpc.framing import FrameDecoder, encode_frame
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2, rpc_pb2
 
@@ -175,3 +175,10 @@ def test_origins_are_a_compatible_extension() -> None:
 def test_no_stray_fixtures() -> None:
     expected = {f"msg_{n}.hex" for n in MESSAGES} | {"frame_request_ping.hex"}
     assert {p.name for p in FIXTURES.glob("*.hex")} == expected
+
+
+def test_a_status_from_a_newer_peer_is_named_not_raised() -> None:
+    """Enums are open on the wire: a value this build lacks must not raise in the
+    drainer (which names every refusal it counts); it is a final refusal, by number."""
+    assert status_name(F.RELAY_MAILBOX_FULL) == "RELAY_MAILBOX_FULL"
+    assert status_name(99) == "RELAY_STATUS_99"
