@@ -21,6 +21,17 @@ row only when the next hop took custody (or refused it for good: counted and
 logged, never silently), and backs off on retriable refusals and errors.
 Every hop is idempotent on msg_id (the mailbox's unique index and the
 relay seen-set), so retries after a lost answer never store twice.
+
+Fairness. Each relayed envelope carries its declared origin (the sending
+user's fingerprint, proven to the node where it entered the federation) hop
+by hop, in the custody queue and on the wire. The recipient's home node
+stores it as from ``SenderKey.relayed(calling node, origin)``, so relayed
+mail faces the same mailbox fairness as local mail (store/fairness.py): a
+stranger gets its share of the stranger pool, keyed by (neighbour, origin),
+and the recipient's contacts keep the rest. A stranger-limit refusal is
+final for the sending hop (RELAY_STRANGER_LIMIT: retrying would let a flood
+occupy the custody queue toward this node, the same exhaustion one hop up);
+a full mailbox is retried with backoff until expiry (RELAY_MAILBOX_FULL).
 """
 
 from __future__ import annotations
@@ -37,7 +48,13 @@ from typing import Literal, cast
 
 import trio
 
-from qpc_node.errors import ConfigError, QpcError, RemoteProtocolError, StatusCode
+from qpc_node.errors import (
+    ConfigError,
+    LocalProtocolError,
+    QpcError,
+    RemoteProtocolError,
+    StatusCode,
+)
 from qpc_node.federation.routes import Local, NextHop, Resolver
 from qpc_node.federation.trust import (
     FederationClientTLS,
@@ -59,6 +76,8 @@ from qpc_node.rpc.methods import MethodTable
 from qpc_node.rpc.server import RpcServer, ServerConfig, ServerConnection
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.errors import QuotaExceeded
+from qpc_node.store.fairness import Reason, SenderKey
 from qpc_node.store.federation import (
     QueuedRelay,
     RelayItem,
@@ -73,7 +92,8 @@ from qpc_node.store.federation import (
     relay_retry_later,
     save_trust,
 )
-from qpc_node.store.records import Envelope
+from qpc_node.store.records import FINGERPRINT_LEN, Envelope
+from qpc_node.store.store import EnqueueBatch
 from qpc_node.wire.envelope import Envelope as WireEnvelope
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
@@ -95,15 +115,30 @@ CLOSE_DEAD = 0x103
 _TAKEN = frozenset(
     {federation_pb2.RELAY_STORED_LOCAL, federation_pb2.RELAY_QUEUED, federation_pb2.RELAY_DUPLICATE}
 )
-# May succeed later: keep it and retry with backoff.
+# May succeed later: keep it and retry with backoff (until it expires).
 _RETRY = frozenset({federation_pb2.RELAY_NO_ROUTE, federation_pb2.RELAY_QUEUE_FULL})
+# The recipient's mailbox is full: retry too, but on the slower full-mailbox backoff.
+_RETRY_FULL = frozenset({federation_pb2.RELAY_MAILBOX_FULL})
+
+UNKNOWN_ORIGIN = bytes(FINGERPRINT_LEN)
+"""The origin fairness uses for an envelope whose previous hop declared none (a peer
+predating ``RelayEnqueueRequest.origins``): with the relaying node it makes one sender
+key per neighbour, so all such mail from one neighbour shares one stranger share. No
+user has this fingerprint (it would be a SHA-256 preimage of zero)."""
+
+_STRANGER_REASONS = frozenset({Reason.STRANGER_SHARE_USED.value, Reason.STRANGER_POOL_FULL.value})
 
 AnnounceSink = Callable[[bytes, bytes], bool]
 """``sink(from_node, payload) -> accepted``: the routing core's intake (sans-IO, sync)."""
 
 
 def status_name(status: int) -> str:
-    return federation_pb2.RelayStatus.Name(cast(federation_pb2.RelayStatus, status))
+    """The enum name; a value this build does not know (a newer peer's) stays a number
+    instead of raising in the drainer."""
+    try:
+        return federation_pb2.RelayStatus.Name(cast(federation_pb2.RelayStatus, status))
+    except ValueError:
+        return f"RELAY_STATUS_{status:d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +166,10 @@ class LinkTimers:
     redial_max: float = 30.0
     retry_initial: float = 0.2
     retry_max: float = 30.0
+    full_retry_max: float = 300.0
+    """Longest wait between tries of an envelope whose recipient's mailbox is full
+    (RELAY_MAILBOX_FULL): the recipient must come back and fetch first, so retrying
+    often only costs both nodes work."""
     call_timeout: float = 10.0
     sweep_interval: float = 60.0
     race_window: float = 5.0
@@ -193,6 +232,7 @@ class NeighbourStatistics:
     relay_in: Mapping[str, int]  # envelopes it handed us, by our answer (read-only)
     relayed_out: int  # envelopes it took custody of from us
     refused_out: Mapping[str, int]  # envelopes it refused for good, by status (read-only)
+    deferred_out: Mapping[str, int]  # answers "not yet" (kept, retried), by status (read-only)
     queued_toward: int  # envelopes we hold for it right now
 
 
@@ -216,6 +256,7 @@ class _Counters:
     relay_in: Counter[str] = field(default_factory=Counter)
     relayed_out: int = 0
     refused_out: Counter[str] = field(default_factory=Counter)
+    deferred_out: Counter[str] = field(default_factory=Counter)
 
 
 class _Link:
@@ -564,22 +605,62 @@ class Federation:
 
     # ------------------------------------------------------------------ custody
     async def submit(
-        self, envelopes: Sequence[envelope_pb2.Envelope]
+        self, envelopes: Sequence[envelope_pb2.Envelope], *, origin: bytes
     ) -> list[federation_pb2.RelayResult]:
-        """Route envelopes that start here (the node's Delivery/Enqueue, later)."""
-        return await self.take_custody(envelopes, from_node=self.node_id)
+        """Route envelopes that start here (the node's Delivery/Enqueue, later).
+
+        ``origin`` is the fingerprint the sending user proved on its session: it goes
+        with each envelope to every hop (mailbox fairness at the recipient's home node
+        judges it), and the user accepts mail from each recipient from now on, as a
+        local send does. A recipient homed here is stored as a local send.
+        """
+        if len(origin) != FINGERPRINT_LEN:
+            raise LocalProtocolError(f"origin must be a {FINGERPRINT_LEN}-byte fingerprint")
+        return await self._custody(
+            envelopes, from_node=self.node_id, origins=[origin] * len(envelopes), proven=True
+        )
 
     async def take_custody(
-        self, envelopes: Sequence[envelope_pb2.Envelope], *, from_node: bytes
+        self,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        *,
+        from_node: bytes,
+        origins: Sequence[bytes] = (),
     ) -> list[federation_pb2.RelayResult]:
-        """Store each envelope durably here (mailbox or custody queue) or refuse it typed.
+        """Store each envelope a neighbour hands us durably here (mailbox or custody
+        queue) or refuse it typed.
 
-        One result per envelope, in order. What is reported STORED_LOCAL or
-        QUEUED is committed when this returns.
+        ``origins`` as on the wire (``RelayEnqueueRequest.origins``): none, or one per
+        envelope, each empty (unknown) or a fingerprint; a wrong count is refused
+        whole (RemoteProtocolError), a malformed entry refuses its envelope alone.
+        One result per envelope, in order. What is reported STORED_LOCAL or QUEUED is
+        committed when this returns.
         """
+        if len(origins) not in (0, len(envelopes)):
+            raise RemoteProtocolError(
+                f"{len(origins)} origins for {len(envelopes)} envelopes (0 or one each)"
+            )
+        declared: list[bytes | None] = [o or None for o in origins] or [None] * len(envelopes)
+        return await self._custody(envelopes, from_node=from_node, origins=declared, proven=False)
+
+    def _sender(self, from_node: bytes, origin: bytes | None, *, proven: bool) -> SenderKey:
+        """Whom mailbox fairness judges for an envelope stored here."""
+        if proven:
+            assert origin is not None
+            return SenderKey.local(origin)
+        return SenderKey.relayed(from_node, origin if origin is not None else UNKNOWN_ORIGIN)
+
+    async def _custody(
+        self,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        *,
+        from_node: bytes,
+        origins: Sequence[bytes | None],
+        proven: bool,
+    ) -> list[federation_pb2.RelayResult]:
         now = self._wall_ms()
         results: list[federation_pb2.RelayResult | None] = [None] * len(envelopes)
-        local: list[tuple[int, Envelope]] = []
+        local: list[tuple[int, Envelope, SenderKey]] = []
         relay: list[tuple[int, RelayItem]] = []
 
         def refuse(i: int, status: int, detail: str) -> None:
@@ -589,7 +670,10 @@ class Federation:
                 detail=detail,
             )
 
-        for i, pb in enumerate(envelopes):
+        for i, (pb, origin) in enumerate(zip(envelopes, origins, strict=True)):
+            if origin is not None and len(origin) != FINGERPRINT_LEN:
+                refuse(i, federation_pb2.RELAY_INVALID, f"origin of {len(origin)} bytes")
+                continue
             try:
                 env = WireEnvelope.from_proto(pb)
             except QpcError as exc:
@@ -603,7 +687,7 @@ class Federation:
             if isinstance(route, Local) or (
                 isinstance(route, NextHop) and route.node_id == self.node_id
             ):
-                local.append((i, rec))
+                local.append((i, rec, self._sender(from_node, origin, proven=proven)))
             elif isinstance(route, NextHop):
                 if route.node_id == from_node:
                     refuse(i, federation_pb2.RELAY_LOOP, "the next hop is the sender")
@@ -613,28 +697,39 @@ class Federation:
                     fwd = Envelope(
                         rec.msg_id, rec.recipient, rec.expiry_ms, rec.hop_limit - 1, rec.ciphertext
                     )
-                    relay.append((i, RelayItem(route.node_id, from_node, fwd)))
+                    relay.append((i, RelayItem(route.node_id, from_node, fwd, origin)))
             else:
                 refuse(i, federation_pb2.RELAY_NO_ROUTE, "no route to the recipient yet")
         if local:
-            stored = await self._store.enqueue_each([e for _, e in local], now)
-            for (i, rec), got in zip(local, stored, strict=True):
+            # Each envelope its own savepoint, with its own sender, in one commit.
+            batches = [EnqueueBatch((rec,), now, sender) for _, rec, sender in local]
+            stored = await self._store.run(lambda s: s.enqueue_many(batches))
+            for (i, rec, _), got in zip(local, stored, strict=True):
+                if isinstance(got, QuotaExceeded):
+                    status = (
+                        federation_pb2.RELAY_STRANGER_LIMIT
+                        if got.reason in _STRANGER_REASONS
+                        else federation_pb2.RELAY_MAILBOX_FULL
+                    )
+                    refuse(i, status, f"{got.reason}: {got.message}")
+                    continue
                 if isinstance(got, QpcError):
                     refuse(i, federation_pb2.RELAY_REFUSED, got.message)
                     continue
+                (res,) = got
                 refuse(
                     i,
                     federation_pb2.RELAY_DUPLICATE
-                    if got.duplicate
+                    if res.duplicate
                     else federation_pb2.RELAY_STORED_LOCAL,
                     "",
                 )
-                if not got.duplicate and self._on_local is not None:
+                if not res.duplicate and self._on_local is not None:
                     self._on_local(rec.recipient)
         if relay:
             items = [it for _, it in relay]
             qlim = self.limits.queue
-            outs = await self._store.run(lambda s: relay_accept(s, items, now, qlim))
+            outs = await self._store.run(lambda s: relay_accept(s, items, now, qlim, proven=proven))
             for (i, item), out in zip(relay, outs, strict=True):
                 if out == "queued":
                     refuse(i, federation_pb2.RELAY_QUEUED, "")
@@ -701,7 +796,8 @@ class Federation:
                     ciphertext=q.envelope.ciphertext,
                 )
                 for q in batch
-            ]
+            ],
+            origins=[q.origin or b"" for q in batch],  # forwarded as declared to us
         )
         try:
             resp = await link.rpc.call(
@@ -720,32 +816,40 @@ class Federation:
             return False
         counters = self._count(link.node_id)
         done: list[int] = []
-        later: list[int] = []
+        later: list[tuple[int, int]] = []
+        refused: Counter[str] = Counter()
+        details: dict[str, str] = {}  # first detail per status, for the log
+        now = self._wall_ms()
+        t = self.timers
         for q, res in zip(batch, resp.results, strict=True):
             if res.status in _TAKEN:
                 done.append(q.id)
                 counters.relayed_out += 1
-            elif res.status in _RETRY:
-                later.append(q.id)
+            elif res.status in _RETRY or res.status in _RETRY_FULL:
+                counters.deferred_out[status_name(res.status)] += 1
+                delay = t.retry_initial * 2 ** min(q.attempts, 8)
+                if res.status in _RETRY_FULL:
+                    delay = min(t.retry_initial * 2 ** min(q.attempts, 30), t.full_retry_max)
+                later.append((q.id, now + int(1000 * delay)))
             else:
                 done.append(q.id)
                 name = status_name(res.status)
                 counters.refused_out[name] += 1
+                refused[name] += 1
                 self._refusals.append(
                     RelayRefusal(q.envelope.msg_id, link.node_id, res.status, res.detail)
                 )
-                log.warning(
-                    "federation: next hop refused an envelope",
-                    extra={"node": link.node_id.hex(), "status": name, "detail": res.detail},
-                )
+                details.setdefault(name, res.detail)
+        if refused:  # one line per batch: a relayed flood must not flood the log too
+            log.warning(
+                "federation: next hop refused envelopes",
+                extra={"node": link.node_id.hex(), "refused": dict(refused), "detail": details},
+            )
         if done:
             n = await self._store.run(lambda s: relay_done(s, done))
             self._queued[link.node_id] -= n
         if later:
-            at = self._wall_ms() + int(
-                1000 * self.timers.retry_initial * 2 ** min(batch[0].attempts, 8)
-            )
-            await self._store.run(lambda s: relay_retry_later(s, later, at))
+            await self._store.run(lambda s: relay_retry_later(s, later))
         return True
 
     async def _sweep(self) -> None:
@@ -836,7 +940,9 @@ class Federation:
         src = self._caller(ctx, req.ByteSize())
         if not 0 < len(req.envelopes) <= MAX_BATCH:
             raise RemoteProtocolError(f"a relay batch holds 1..{MAX_BATCH} envelopes")
-        results = await self.take_custody(list(req.envelopes), from_node=src)
+        results = await self.take_custody(
+            list(req.envelopes), from_node=src, origins=list(req.origins)
+        )
         c = self._count(src)
         for r in results:
             c.relay_in[status_name(r.status)] += 1
@@ -919,6 +1025,7 @@ class Federation:
                     relay_in=MappingProxyType(dict(c.relay_in)),
                     relayed_out=c.relayed_out,
                     refused_out=MappingProxyType(dict(c.refused_out)),
+                    deferred_out=MappingProxyType(dict(c.deferred_out)),
                     queued_toward=max(0, self._queued[nid]),
                 )
             )

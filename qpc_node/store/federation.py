@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from qpc_node.store.mailbox import note_sent
 from qpc_node.store.records import Envelope
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
@@ -86,11 +87,17 @@ def save_trust(store: Store, changes: Sequence[TrustChange], now_ms: int) -> Non
 
 @dataclass(frozen=True, slots=True)
 class RelayItem:
-    """An envelope to hand to ``next_hop``: ``hop_limit`` is already decremented."""
+    """An envelope to hand to ``next_hop``: ``hop_limit`` is already decremented.
+
+    ``origin`` is the sending user's fingerprint as declared with the envelope (proven
+    here if it entered here), ``None`` if the previous hop declared none; it travels
+    with the envelope unchanged (federation.proto, ``RelayEnqueueRequest.origins``).
+    """
 
     next_hop: bytes
     from_node: bytes
     envelope: Envelope
+    origin: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,7 @@ class QueuedRelay:
     next_hop: bytes
     envelope: Envelope
     attempts: int
+    origin: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +118,23 @@ class RelayQueueLimits:
 
 
 def relay_accept(
-    store: Store, items: Sequence[RelayItem], now_ms: int, limits: RelayQueueLimits
+    store: Store,
+    items: Sequence[RelayItem],
+    now_ms: int,
+    limits: RelayQueueLimits,
+    *,
+    proven: bool = False,
 ) -> list[AcceptOutcome]:
     """Take custody of ``items`` in one transaction; one outcome per item, in order.
 
     Idempotent on msg_id: an id already queued or relayed before (and not yet
     expired) is ``duplicate`` and stored no second time.
+
+    ``proven``: the items entered the federation here, and each origin is the user
+    who proved that key on its session. Then, as for a local send
+    (:func:`~qpc_node.store.mailbox.note_sent`), each origin accepts mail from the
+    recipients it sent to -- in the same transaction -- or a user's remote contacts
+    would stay strangers to its mailbox.
     """
     out: list[AcceptOutcome] = []
     with transaction(store.conn) as conn:
@@ -144,11 +163,13 @@ def relay_accept(
                 out.append("source_full")
                 continue
             conn.execute(
-                "INSERT INTO relay_queue (next_hop, from_node, msg_id, recipient, expiry_ms,"
-                " hop_limit, ciphertext, enqueued_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
+                " expiry_ms, hop_limit, ciphertext, enqueued_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     item.next_hop,
                     item.from_node,
+                    item.origin,
                     env.msg_id,
                     env.recipient,
                     env.expiry_ms,
@@ -164,20 +185,26 @@ def relay_accept(
             hop_depth[item.next_hop] += 1
             src_depth[item.from_node] += 1
             out.append("queued")
+            if proven and item.origin is not None:
+                note_sent(conn, item.origin, (env.recipient,), now_ms)
     return out
 
 
 def relay_due(store: Store, next_hop: bytes, now_ms: int, limit: int) -> list[QueuedRelay]:
     """The oldest envelopes toward ``next_hop`` whose retry time has come."""
     rows = store.conn.execute(
-        "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts"
+        "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts, origin"
         " FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
         " ORDER BY id LIMIT ?",
         (next_hop, now_ms, now_ms, limit),
     ).fetchall()
     return [
         QueuedRelay(
-            r[0], next_hop, Envelope(bytes(r[1]), bytes(r[2]), r[3], r[4], bytes(r[5])), r[6]
+            r[0],
+            next_hop,
+            Envelope(bytes(r[1]), bytes(r[2]), r[3], r[4], bytes(r[5])),
+            r[6],
+            None if r[7] is None else bytes(r[7]),
         )
         for r in rows
     ]
@@ -203,15 +230,15 @@ def relay_done(store: Store, ids: Sequence[int]) -> int:
     return n
 
 
-def relay_retry_later(store: Store, ids: Sequence[int], at_ms: int) -> None:
-    if not ids:
+def relay_retry_later(store: Store, retries: Sequence[tuple[int, int]]) -> None:
+    """``(id, at_ms)``: the next hop could not take these yet; try each again at its time."""
+    if not retries:
         return
     with transaction(store.conn) as conn:
-        for i in ids:
-            conn.execute(
-                "UPDATE relay_queue SET attempts = attempts + 1, next_attempt_ms = ? WHERE id = ?",
-                (at_ms, i),
-            )
+        conn.executemany(
+            "UPDATE relay_queue SET attempts = attempts + 1, next_attempt_ms = ? WHERE id = ?",
+            [(at_ms, i) for i, at_ms in retries],
+        )
 
 
 def relay_hops(store: Store) -> dict[bytes, int]:

@@ -120,10 +120,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         # Hop-by-hop custody: what this node acknowledged and still owes its next hop.
         # A row leaves only when the next hop acknowledged storing it (or it expired).
+        # origin: the sending user's fingerprint as declared with the envelope (proven
+        # to this node if it entered here), forwarded unchanged so the recipient's home
+        # node can apply mailbox fairness to it; NULL when the previous hop declared none.
         """CREATE TABLE relay_queue (
             id INTEGER PRIMARY KEY,
             next_hop BLOB NOT NULL,
             from_node BLOB NOT NULL,
+            origin BLOB CHECK (origin IS NULL OR length(origin) = 32),
             msg_id BLOB NOT NULL,
             recipient BLOB NOT NULL,
             expiry_ms INTEGER NOT NULL,

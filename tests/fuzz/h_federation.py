@@ -118,6 +118,14 @@ def body_seeds(method: str) -> list[bytes]:
                 envelopes=[_env(4, b"\x99" * 32), _env(5, HERE_USER, expiry_ms=1)]
             ),
             F.RelayEnqueueRequest(envelopes=[_env(6, FAR_USER, hop_limit=16)]),
+            # Declared origins: a stranger's (judged by the fairness rule), an unknown
+            # one (empty), a malformed one (its envelope alone is INVALID), and a
+            # count that does not match the envelopes (the call is refused).
+            F.RelayEnqueueRequest(
+                envelopes=[_env(7, HERE_USER), _env(8, HERE_USER), _env(9, FAR_USER)],
+                origins=[b"\x5a" * 32, b"", b"\x5a" * 31],
+            ),
+            F.RelayEnqueueRequest(envelopes=[_env(10, HERE_USER)], origins=[b"o" * 32] * 2),
         ]
     elif method == M_KEYPACKAGE:
         msgs = [F.ProxyKeyPackageFetchRequest(identity=x) for x in (HERE_USER, FAR_USER, b"x")]
@@ -143,6 +151,11 @@ def body_target(env: FedEnv, method: str) -> object:
             for r in out.results:
                 if r.status not in _STATUSES or r.status == F.RELAY_STATUS_UNSPECIFIED:
                     raise Invariant(f"relay result with status {r.status}")
+            if len(req.origins) not in (0, len(req.envelopes)):
+                raise Invariant("RelayEnqueue took origins that do not match its envelopes")
+            for origin, r in zip(req.origins, out.results, strict=False):
+                if len(origin) not in (0, 32) and r.status != F.RELAY_INVALID:
+                    raise Invariant(f"an origin of {len(origin)} bytes was taken")
         return "OK" if resp.status == 0 else f"status {resp.status}"
 
     return target

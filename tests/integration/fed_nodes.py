@@ -22,6 +22,8 @@ from qpc_node.mesh.nodeid import node_id_of_credentials
 from qpc_node.node import KEYS_SUBDIR, Node, NodeInfo
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.quic.tls import NodeCredentials, load_or_create_node_credentials
+from qpc_node.store import Envelope
+from qpc_node.store.fairness import SenderKey
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2
 from tests.integration.node_harness import node_config
 
@@ -84,6 +86,7 @@ async def fed_node(
     timers: LinkTimers = FAST,
     wall: ManualWallClock | None = None,
     announce_sink: object = None,
+    config: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[FedNode]:
     _, nid = identity(tmp, name)
     routes = routes if routes is not None else StaticRoutes(nid)
@@ -96,10 +99,13 @@ async def fed_node(
         timers=timers,
         announce_sink=announce_sink,  # type: ignore[arg-type]
     )
-    cfg = node_config(
-        tmp / name,
-        node={"listen": f"127.0.0.1:{port}", "drain_grace_s": "0.2"},
-    )
+    sections = dict(config or {})
+    sections["node"] = {
+        "listen": f"127.0.0.1:{port}",
+        "drain_grace_s": "0.2",
+        **sections.get("node", {}),
+    }
+    cfg = node_config(tmp / name, **sections)
     node = Node(
         cfg,
         default_data=node_dir(tmp, name),
@@ -154,6 +160,20 @@ async def until(predicate: object, within: float = 10.0, step: float = 0.02) -> 
 
 USER_C = b"\xcc" * 32
 """A user homed on C in the line topologies."""
+
+USER_A = b"\xaa" * 32
+"""A user homed on A: the proven origin of what A submits in the line topologies."""
+
+
+async def wrote_to(node: FedNode, user: bytes, contact: bytes) -> None:
+    """``user``, homed on ``node``, sends ``contact`` one message through its node's
+    store as a local session would: from then on ``contact``'s mail to ``user`` is an
+    accepted sender's, not a stranger's (store/fairness.py)."""
+    store = node.node.store
+    assert store is not None
+    now = system_wall_ms()
+    env = Envelope(os.urandom(16), contact, now + 3_600_000, 8, b"hello" * 8)
+    await store.enqueue([env], now, sender=SenderKey.local(user))
 
 
 def peer(port: int, nid: bytes) -> StaticPeer:

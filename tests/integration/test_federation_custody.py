@@ -17,6 +17,7 @@ from qpc_node.federation.core import FederationLimits
 from qpc_node.federation.routes import StaticRoutes
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
 from tests.integration.fed_nodes import (
+    USER_A,
     USER_C,
     FedNode,
     envelope,
@@ -25,6 +26,7 @@ from tests.integration.fed_nodes import (
     mailbox,
     peer,
     until,
+    wrote_to,
 )
 
 N = 300
@@ -69,7 +71,7 @@ async def test_relay_killed_mid_way_loses_nothing_it_acknowledged(tmp_path: Path
         ) as a:
             # Life 1 of B: C is down, so B can only hold what it takes.
             async with b_node() as b:  # type: ignore[attr-defined]
-                res = await a.fed.submit([envelope(m, USER_C) for m in first])
+                res = await a.fed.submit([envelope(m, USER_C) for m in first], origin=USER_A)
                 assert {r.status for r in res} == {federation_pb2.RELAY_QUEUED}
                 await until(lambda: a.fed.statistics().queued == 0)  # all acknowledged by B
                 assert b.fed.statistics().queued == len(first)
@@ -77,6 +79,7 @@ async def test_relay_killed_mid_way_loses_nothing_it_acknowledged(tmp_path: Path
             async with fed_node(
                 tmp_path, "c", port=pc, routes=StaticRoutes(c_id, {USER_C: c_id})
             ) as c:
+                await wrote_to(c, USER_C, USER_A)  # N from USER_A: more than a stranger's share
                 # Life 2 of B: drains what it held; dies again mid-way through the rest.
                 async with b_node() as b:  # type: ignore[attr-defined]
                     # What B acknowledged in life 1 reaches C from B's SQLite queue alone.
@@ -85,7 +88,7 @@ async def test_relay_killed_mid_way_loses_nothing_it_acknowledged(tmp_path: Path
 
                     await until(first_half, within=30)
                     await a.fed.wait_link(b_id)
-                    await a.fed.submit([envelope(m, USER_C) for m in second])
+                    await a.fed.submit([envelope(m, USER_C) for m in second], origin=USER_A)
 
                     async def mid_way() -> bool:
                         return await count_at(c) >= len(first) + 10

@@ -15,7 +15,17 @@ import trio
 
 from qpc_node.federation.routes import StaticRoutes
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
-from tests.integration.fed_nodes import USER_C, envelope, fed_node, identity, mailbox, peer, until
+from tests.integration.fed_nodes import (
+    USER_A,
+    USER_C,
+    envelope,
+    fed_node,
+    identity,
+    mailbox,
+    peer,
+    until,
+    wrote_to,
+)
 
 N = 1000
 REPO = Path(__file__).resolve().parents[2]
@@ -70,10 +80,13 @@ async def test_relay_kill9_mid_way_loses_nothing_acknowledged(tmp_path: Path) ->
                     peers=(peer(pb, b_id),),
                 ) as a,
             ):
+                await wrote_to(c, USER_C, USER_A)  # N from USER_A: more than a stranger's share
                 proc = await start_relay(spec)
                 await a.fed.wait_link(b_id)
                 for i in range(0, N, 100):
-                    res = await a.fed.submit([envelope(m, USER_C) for m in msgs[i : i + 100]])
+                    res = await a.fed.submit(
+                        [envelope(m, USER_C) for m in msgs[i : i + 100]], origin=USER_A
+                    )
                     assert {r.status for r in res} == {federation_pb2.RELAY_QUEUED}
 
                 async def mid_way() -> bool:

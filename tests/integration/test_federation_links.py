@@ -28,7 +28,7 @@ from qpc_node.rpc.errors import RpcError
 from qpc_node.store import AsyncStore
 from qpc_node.store.federation import RelayQueueLimits
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
-from tests.integration.fed_nodes import FAST, envelope, fed_node, identity, peer, until
+from tests.integration.fed_nodes import FAST, USER_A, envelope, fed_node, identity, peer, until
 
 
 def fed_connections(node: Federation) -> int:
@@ -179,7 +179,7 @@ async def test_one_abusive_neighbour_cannot_starve_the_others(tmp_path: Path) ->
 
                 a_msgs = [envelope(os.urandom(16), user) for _ in range(6)]
                 c_msgs = [envelope(os.urandom(16), user) for _ in range(2)]
-                await a.fed.submit(a_msgs)
+                await a.fed.submit(a_msgs, origin=USER_A)
                 await until(
                     lambda: (
                         b.fed.statistics().neighbours
@@ -189,7 +189,7 @@ async def test_one_abusive_neighbour_cannot_starve_the_others(tmp_path: Path) ->
                         > 0
                     )
                 )
-                await c.fed.submit(c_msgs)
+                await c.fed.submit(c_msgs, origin=USER_A)
                 await until(
                     lambda: a.fed.statistics().queued == 3 and c.fed.statistics().queued == 0
                 )

@@ -16,6 +16,7 @@ from qpc_node.rpc.errors import RpcError
 from qpc_node.store import KeyPackageUpload
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
 from tests.integration.fed_nodes import (
+    USER_A,
     USER_C,
     envelope,
     fed_node,
@@ -33,7 +34,9 @@ async def test_relay_a_b_c_decrements_hop_limit(tmp_path: Path) -> None:
         async with line_abc(tmp_path) as (a, b, c):
             assert not a.fed.link_up(c.node_id)
             msgs = [os.urandom(16) for _ in range(5)]
-            res = await a.fed.submit([envelope(m, USER_C, hop_limit=3) for m in msgs])
+            res = await a.fed.submit(
+                [envelope(m, USER_C, hop_limit=3) for m in msgs], origin=USER_A
+            )
             assert [r.status for r in res] == [federation_pb2.RELAY_QUEUED] * 5
 
             async def delivered() -> bool:
@@ -53,8 +56,8 @@ async def test_hop_limit_one_stops_at_b_with_typed_status(tmp_path: Path) -> Non
     with trio.fail_after(30):
         async with line_abc(tmp_path) as (a, b, c):
             stop, go = os.urandom(16), os.urandom(16)
-            await a.fed.submit([envelope(stop, USER_C, hop_limit=1)])
-            await a.fed.submit([envelope(go, USER_C, hop_limit=2)])
+            await a.fed.submit([envelope(stop, USER_C, hop_limit=1)], origin=USER_A)
+            await a.fed.submit([envelope(go, USER_C, hop_limit=2)], origin=USER_A)
             await until(lambda: len(a.fed.refusals()) == 1)
             (refusal,) = a.fed.refusals()
             assert (refusal.msg_id, refusal.next_hop) == (stop, b.node_id)
@@ -67,10 +70,14 @@ async def test_hop_limit_one_stops_at_b_with_typed_status(tmp_path: Path) -> Non
             (only,) = await mailbox(c, USER_C)
             assert only.msg_id == go and only.hop_limit == 0
             # Nothing at 0 is relayed: the origin refuses it too, typed ...
-            (res,) = await a.fed.submit([envelope(os.urandom(16), USER_C, hop_limit=0)])
+            (res,) = await a.fed.submit(
+                [envelope(os.urandom(16), USER_C, hop_limit=0)], origin=USER_A
+            )
             assert res.status == federation_pb2.RELAY_HOP_LIMIT_EXCEEDED
             # ... and nothing after expiry.
-            (res,) = await a.fed.submit([envelope(os.urandom(16), USER_C, expiry_ms=1000)])
+            (res,) = await a.fed.submit(
+                [envelope(os.urandom(16), USER_C, expiry_ms=1000)], origin=USER_A
+            )
             assert res.status == federation_pb2.RELAY_EXPIRED
             assert a.fed.statistics().queued == 0
             assert {n.node_id: n for n in a.fed.statistics().neighbours}[b.node_id].refused_out == {
@@ -85,7 +92,7 @@ async def test_same_msg_id_over_two_paths_stored_once(tmp_path: Path) -> None:
             await a.fed.wait_link(c.node_id)
             m = os.urandom(16)
             env = envelope(m, USER_C, hop_limit=4)
-            await a.fed.submit([env])
+            await a.fed.submit([env], origin=USER_A)
 
             async def delivered() -> bool:
                 return len(await mailbox(c, USER_C)) == 1
@@ -103,7 +110,7 @@ async def test_same_msg_id_over_two_paths_stored_once(tmp_path: Path) -> None:
             )
             assert [r.status for r in again.results] == [federation_pb2.RELAY_DUPLICATE]
             # ... and to A itself: its own seen-set.
-            (res,) = await a.fed.submit([env])
+            (res,) = await a.fed.submit([env], origin=USER_A)
             assert res.status == federation_pb2.RELAY_DUPLICATE
             assert [e.msg_id for e in await mailbox(c, USER_C)] == [m]
 

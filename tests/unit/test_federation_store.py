@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,8 +37,19 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield s
 
 
-def item(n: int, hop: bytes = HOP1, src: bytes = SRC1, expiry: int = NOW + 60_000) -> RelayItem:
-    return RelayItem(hop, src, Envelope(n.to_bytes(16, "big"), b"r" * 32, expiry, 3, b"x" * 32))
+ORIGIN = b"\x0a" * 32
+
+
+def item(
+    n: int,
+    hop: bytes = HOP1,
+    src: bytes = SRC1,
+    expiry: int = NOW + 60_000,
+    origin: bytes | None = ORIGIN,
+    recipient: bytes = b"r" * 32,
+) -> RelayItem:
+    env = Envelope(n.to_bytes(16, "big"), recipient, expiry, 3, b"x" * 32)
+    return RelayItem(hop, src, env, origin)
 
 
 def test_accept_is_idempotent_on_msg_id_even_after_delivery(store: Store) -> None:
@@ -67,13 +79,42 @@ def test_caps_per_source_and_per_hop(store: Store) -> None:
 def test_retry_later_and_next_attempt(store: Store) -> None:
     relay_accept(store, [item(1), item(2)], NOW, LIMITS)
     first = relay_due(store, HOP1, NOW, 1)
-    relay_retry_later(store, [first[0].id], NOW + 5_000)
+    relay_retry_later(store, [(first[0].id, NOW + 5_000)])
     assert [q.envelope.msg_id[-1] for q in relay_due(store, HOP1, NOW, 10)] == [2]
     relay_done(store, [q.id for q in relay_due(store, HOP1, NOW, 10)])
     assert relay_next_attempt(store, HOP1, NOW) == NOW + 5_000
     (later,) = relay_due(store, HOP1, NOW + 5_000, 10)
     assert later.attempts == 1
     assert relay_next_attempt(store, HOP2, NOW) is None
+
+
+def test_origin_is_kept_with_custody_and_unknown_stays_unknown(tmp_path: Path) -> None:
+    """The declared origin goes into the queue and comes out unchanged (across a reopen:
+    it is on disk); an envelope that arrived without one is held as unknown (None)."""
+    with Store.open(tmp_path / "n.db") as s:
+        relay_accept(s, [item(1), item(2, origin=None)], NOW, LIMITS)
+    with Store.open(tmp_path / "n.db") as s:
+        due = relay_due(s, HOP1, NOW, 10)
+    assert [(q.envelope.msg_id[-1], q.origin) for q in due] == [(1, ORIGIN), (2, None)]
+
+
+def test_queue_refuses_a_malformed_origin(store: Store) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        relay_accept(store, [item(1, origin=b"short")], NOW, LIMITS)
+    assert relay_hops(store) == {}
+
+
+def test_proven_origin_accepts_its_recipients_like_a_local_send(store: Store) -> None:
+    """A user who sends to a remote contact through the federation accepts that
+    contact's mail from then on (as store.enqueue records for local sends); a relayed
+    (unproven) origin records nothing, and neither does a refused item."""
+    contact, other, third = b"\xc1" * 32, b"\xc2" * 32, b"\xc3" * 32
+    relay_accept(store, [item(1, recipient=contact)], NOW, LIMITS, proven=True)
+    relay_accept(store, [item(2, recipient=other)], NOW, LIMITS)  # a neighbour's: unproven
+    full = RelayQueueLimits(max_per_hop=2, max_per_source=3)
+    assert relay_accept(store, [item(3, recipient=third)], NOW, full, proven=True) == ["hop_full"]
+    rows = store.conn.execute("SELECT recipient, peer FROM accepted").fetchall()
+    assert [(bytes(r), bytes(p)) for r, p in rows] == [(ORIGIN, contact)]
 
 
 def test_expiry_drops_custody_and_old_seen_marks(store: Store) -> None:

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from qpc_node.federation.core import M_PING
+from qpc_node.federation.core import M_PING, status_name
 from qpc_node.rpc.framing import FrameDecoder, encode_frame
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2, rpc_pb2
 
@@ -32,6 +33,10 @@ ENVELOPE = envelope_pb2.Envelope(
 )
 MESSAGES: dict[str, Message] = {
     "relay_enqueue_request": F.RelayEnqueueRequest(envelopes=[ENVELOPE, ENVELOPE]),
+    # Declared origins (field 2): one per envelope, the second unknown (empty).
+    "relay_enqueue_request_origins": F.RelayEnqueueRequest(
+        envelopes=[ENVELOPE, ENVELOPE], origins=[bytes(range(32, 64)), b""]
+    ),
     "relay_enqueue_response": F.RelayEnqueueResponse(
         results=[
             F.RelayResult(msg_id=bytes(range(16)), status=F.RELAY_QUEUED),
@@ -41,6 +46,19 @@ MESSAGES: dict[str, Message] = {
             ),
             F.RelayResult(
                 msg_id=bytes(range(32, 48)), status=F.RELAY_QUEUE_FULL, detail="source full"
+            ),
+        ]
+    ),
+    "relay_enqueue_response_fairness": F.RelayEnqueueResponse(
+        results=[
+            F.RelayResult(
+                msg_id=bytes(range(16)),
+                status=F.RELAY_STRANGER_LIMIT,
+                detail="stranger_share_used: share of a sender the recipient has not accepted,"
+                " messages",
+            ),
+            F.RelayResult(
+                msg_id=bytes(range(16, 32)), status=F.RELAY_MAILBOX_FULL, detail="mailbox_full"
             ),
         ]
     ),
@@ -77,6 +95,8 @@ STATUS_NUMBERS = {
     "RELAY_INVALID": 8,
     "RELAY_LOOP": 9,
     "RELAY_REFUSED": 10,
+    "RELAY_STRANGER_LIMIT": 11,
+    "RELAY_MAILBOX_FULL": 12,
 }
 
 
@@ -111,6 +131,54 @@ def test_relay_status_numbers() -> None:
     assert dict(F.RelayStatus.items()) == STATUS_NUMBERS
 
 
+def _old_relay_request_type() -> type[Message]:
+    """RelayEnqueueRequest as a peer built before ``origins`` (field 2) knows it."""
+    fdp = descriptor_pb2.FileDescriptorProto()
+    F.DESCRIPTOR.CopyToProto(fdp)
+    fdp.name = "old/qpc/v1/federation.proto"
+    fdp.package = "old.qpc.v1"
+    fdp.dependency[:] = []
+    fdp.ClearField("enum_type")
+    fdp.ClearField("service")
+    (req,) = [m for m in fdp.message_type if m.name == "RelayEnqueueRequest"]
+    env = descriptor_pb2.DescriptorProto()
+    envelope_pb2.Envelope.DESCRIPTOR.CopyToProto(env)
+    fdp.ClearField("message_type")
+    fdp.message_type.extend([env, req])
+    del req.field[1:]  # keeps only envelopes = 1
+    fdp.message_type[1].field[0].type_name = ".old.qpc.v1.Envelope"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("old.qpc.v1.RelayEnqueueRequest")
+    )
+
+
+def test_origins_are_a_compatible_extension() -> None:
+    """Old and new peers read each other's RelayEnqueue: without origins the bytes are
+    what they were before the field existed; an old peer reads a new request's
+    envelopes unchanged (it skips field 2); a new peer reads an old request as having
+    no origins (every origin unknown)."""
+    new = MESSAGES["relay_enqueue_request_origins"]
+    assert isinstance(new, F.RelayEnqueueRequest)
+    old_type = _old_relay_request_type()
+    old = old_type.FromString(new.SerializeToString())
+    assert [e.SerializeToString() for e in old.envelopes] == [  # type: ignore[attr-defined]
+        e.SerializeToString() for e in new.envelopes
+    ]
+    old_bytes = bytes.fromhex((FIXTURES / "msg_relay_enqueue_request.hex").read_text().strip())
+    parsed = F.RelayEnqueueRequest.FromString(old_bytes)
+    assert len(parsed.envelopes) == 2 and list(parsed.origins) == []
+    assert F.RelayEnqueueRequest(envelopes=new.envelopes).SerializeToString() == old_bytes
+
+
 def test_no_stray_fixtures() -> None:
     expected = {f"msg_{n}.hex" for n in MESSAGES} | {"frame_request_ping.hex"}
     assert {p.name for p in FIXTURES.glob("*.hex")} == expected
+
+
+def test_a_status_from_a_newer_peer_is_named_not_raised() -> None:
+    """Enums are open on the wire: a value this build lacks must not raise in the
+    drainer (which names every refusal it counts); it is a final refusal, by number."""
+    assert status_name(F.RELAY_MAILBOX_FULL) == "RELAY_MAILBOX_FULL"
+    assert status_name(99) == "RELAY_STATUS_99"

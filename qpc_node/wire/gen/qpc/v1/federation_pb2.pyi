@@ -21,6 +21,8 @@ class RelayStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RELAY_INVALID: _ClassVar[RelayStatus]
     RELAY_LOOP: _ClassVar[RelayStatus]
     RELAY_REFUSED: _ClassVar[RelayStatus]
+    RELAY_STRANGER_LIMIT: _ClassVar[RelayStatus]
+    RELAY_MAILBOX_FULL: _ClassVar[RelayStatus]
 RELAY_STATUS_UNSPECIFIED: RelayStatus
 RELAY_STORED_LOCAL: RelayStatus
 RELAY_QUEUED: RelayStatus
@@ -32,12 +34,16 @@ RELAY_QUEUE_FULL: RelayStatus
 RELAY_INVALID: RelayStatus
 RELAY_LOOP: RelayStatus
 RELAY_REFUSED: RelayStatus
+RELAY_STRANGER_LIMIT: RelayStatus
+RELAY_MAILBOX_FULL: RelayStatus
 
 class RelayEnqueueRequest(_message.Message):
-    __slots__ = ("envelopes",)
+    __slots__ = ("envelopes", "origins")
     ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    ORIGINS_FIELD_NUMBER: _ClassVar[int]
     envelopes: _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]
-    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ...) -> None: ...
+    origins: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., origins: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class RelayResult(_message.Message):
     __slots__ = ("msg_id", "status", "detail")
