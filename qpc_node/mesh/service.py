@@ -218,7 +218,7 @@ class MeshService:
         return None
 
     async def submit(
-        self, envelopes: Sequence[envelope_pb2.Envelope]
+        self, envelopes: Sequence[envelope_pb2.Envelope], *, origin: bytes
     ) -> list[EnqueueResult | QpcError]:
         """Delivery's relay: each envelope into durable custody (or refused, typed).
 
@@ -229,9 +229,7 @@ class MeshService:
         if fed is None:
             err = QpcError("the mesh is not running", code=StatusCode.UNAVAILABLE)
             return [err for _ in envelopes]
-        # TODO(wip/origin): pass the sender's fingerprint as the declared origin once
-        # the federation API takes it (the branch adding `origin` to relayed envelopes).
-        results = await fed.submit(envelopes)
+        results = await fed.submit(envelopes, origin=origin)
         return [_enqueue_result(r) for r in results]
 
     async def remote_key_package(self, identity: bytes) -> tuple[bytes, bool] | None:
@@ -461,6 +459,8 @@ _RELAY_CODES: dict[int, StatusCode] = {
     federation_pb2.RELAY_INVALID: StatusCode.INVALID_ARGUMENT,
     federation_pb2.RELAY_LOOP: StatusCode.UNAVAILABLE,
     federation_pb2.RELAY_REFUSED: StatusCode.RESOURCE_EXHAUSTED,
+    federation_pb2.RELAY_STRANGER_LIMIT: StatusCode.RESOURCE_EXHAUSTED,
+    federation_pb2.RELAY_MAILBOX_FULL: StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -48,9 +48,12 @@ class Relay(Protocol):
         ...
 
     async def submit(
-        self, envelopes: Sequence[envelope_pb2.Envelope]
+        self, envelopes: Sequence[envelope_pb2.Envelope], *, origin: bytes
     ) -> list[EnqueueResult | QpcError]:
-        """Take each envelope into durable custody toward its home, or refuse it typed."""
+        """Take each envelope into durable custody toward its home, or refuse it typed.
+
+        ``origin`` is the sender's fingerprint as proven on its session: every hop
+        carries it, and the recipient's home node judges mailbox fairness by it."""
         ...
 
     def check(self, recipient: bytes) -> QpcError | None:
@@ -232,7 +235,7 @@ class DeliveryService:
             # all-or-nothing first, then the remote part goes into custody (each hop's
             # queue is durable; only a full queue refuses there, reported per envelope).
             assert self._relay is not None
-            got_remote = await self._relay.submit([req.envelopes[i] for i in remote])
+            got_remote = await self._relay.submit([req.envelopes[i] for i in remote], origin=user)
             relayed = dict(zip(remote, got_remote, strict=True))
             self.relayed += sum(1 for g in got_remote if not isinstance(g, QpcError))
         elif remote:
