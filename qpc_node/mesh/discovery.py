@@ -144,7 +144,8 @@ def _cached(zc: Zeroconf, name: str) -> ResolvedService | None:
         if not info.load_from_cache(zc):
             return None
         return ResolvedService(name, bytes(info.text), tuple(info.parsed_scoped_addresses()))
-    except Exception:
+    except Exception as exc:  # a name or record zeroconf cannot parse: same as not cached
+        log.debug("mdns cache lookup %r failed: %r", name, exc)
         return None
 
 
