@@ -19,18 +19,12 @@ import trio
 from qpc_node.errors import StatusCode
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RpcClient
-from qpc_node.rpc.context import PeerInfo
-from qpc_node.rpc.inmemory import MemoryConnection
-from qpc_node.rpc.methods import MethodTable
-from qpc_node.rpc.server import RpcServer
-from qpc_node.service.audit import AuditSink
 from qpc_node.service.delivery import DeliveryService
-from qpc_node.service.guard import Guard
-from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.records import StoreLimits
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import service_pb2
+from tests.unit.delivery_kit import DeliveryNode, delivery_node
 
 SENDER = b"\x01" * 32
 LOCAL = b"\x02" * 32
@@ -42,16 +36,19 @@ MAILBOX_MAX = 3
 
 @dataclass(slots=True)
 class Env:
-    store: AsyncStore
-    delivery: DeliveryService
-    server: RpcServer
-    nursery: trio.Nursery
+    node: DeliveryNode
     rpc: RpcClient  # SENDER's session
 
+    @property
+    def store(self) -> AsyncStore:
+        return self.node.store
+
+    @property
+    def delivery(self) -> DeliveryService:
+        return self.node.delivery
+
     def session(self, user: bytes) -> RpcClient:
-        conn = MemoryConnection(self.server, self.nursery, PeerInfo(user.hex()[:8]))
-        conn.state.session.user = user
-        return RpcClient(conn.open_stream)
+        return self.node.session(user)
 
 
 @asynccontextmanager
@@ -61,31 +58,8 @@ async def node(tmp: Path) -> AsyncIterator[Env]:
     limits = StoreLimits(
         mailbox_max_messages=MAILBOX_MAX, stranger_pool_percent=100, stranger_shares=1
     )
-    store = await AsyncStore.open(tmp / "node.db", limits=limits)
-    try:
-        async with trio.open_nursery() as nursery:
-            audit = AuditSink(store)
-            await nursery.start(audit.run)
-
-            def limiter() -> TokenBucketLimiter[str]:
-                return TokenBucketLimiter[str](rate=1e9, burst=1e9)
-
-            guard = Guard(
-                per_ip=limiter(), per_identity=limiter(), audit=audit, wall_ms=system_wall_ms
-            )
-            table = MethodTable()
-            delivery = DeliveryService(store, guard, wall_ms=system_wall_ms)
-            delivery.register(table)
-            server = RpcServer(table)
-            for user in (SENDER, LOCAL, FULL):
-                await delivery.mark_local(user)
-            env = Env(store, delivery, server, nursery, RpcClient(lambda: _never()))
-            env.rpc = env.session(SENDER)
-            yield env
-            nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store.aclose()
+    async with delivery_node(tmp, limits, (SENDER, LOCAL, FULL)) as dn:
+        yield Env(dn, dn.session(SENDER))
 
 
 def env_for(recipient: bytes, *, expiry_ms: int | None = None) -> Envelope:
@@ -168,10 +142,6 @@ async def test_a_parked_fetch_is_woken_by_a_partly_refused_batch(tmp_path: Path)
             await enqueue(env, env_for(STRANGER), env_for(LOCAL))
             with trio.fail_after(10):
                 await woken.wait()
-
-
-async def _never() -> trio.abc.HalfCloseableStream:
-    raise trio.ClosedResourceError("replaced by a session before use")
 
 
 async def enqueue_atomic(env: Env, *envs: Envelope) -> list[tuple[StatusCode, int]]:

@@ -8,26 +8,15 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-
-import trio
 
 from qpc_node.errors import StatusCode
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RpcClient
-from qpc_node.rpc.context import PeerInfo
-from qpc_node.rpc.inmemory import MemoryConnection
-from qpc_node.rpc.methods import MethodTable
-from qpc_node.rpc.server import RpcServer
-from qpc_node.service.audit import AuditSink
-from qpc_node.service.delivery import DeliveryService
-from qpc_node.service.guard import Guard
-from qpc_node.service.ratelimit import TokenBucketLimiter
-from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.records import StoreLimits
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import service_pb2
+from tests.unit.delivery_kit import DeliveryNode, delivery_node
 
 VICTIM = b"\x01" * 32
 CONTACT = b"\x02" * 32
@@ -37,42 +26,10 @@ STRANGER = b"\x04" * 32
 LIMITS = StoreLimits(mailbox_max_messages=200)
 
 
-@dataclass(slots=True)
-class Env:
-    store: AsyncStore
-    server: RpcServer
-    nursery: trio.Nursery
-
-    def session(self, user: bytes) -> RpcClient:
-        conn = MemoryConnection(self.server, self.nursery, PeerInfo(user.hex()[:8]))
-        conn.state.session.user = user
-        return RpcClient(conn.open_stream)
-
-
 @asynccontextmanager
-async def node(tmp: Path) -> AsyncIterator[Env]:
-    store = await AsyncStore.open(tmp / "node.db", limits=LIMITS)
-    try:
-        async with trio.open_nursery() as nursery:
-            audit = AuditSink(store)
-            await nursery.start(audit.run)
-
-            def limiter() -> TokenBucketLimiter[str]:
-                return TokenBucketLimiter[str](rate=1e9, burst=1e9)
-
-            guard = Guard(
-                per_ip=limiter(), per_identity=limiter(), audit=audit, wall_ms=system_wall_ms
-            )
-            table = MethodTable()
-            delivery = DeliveryService(store, guard, wall_ms=system_wall_ms)
-            delivery.register(table)
-            for user in (VICTIM, CONTACT, OTHER, STRANGER):
-                await delivery.mark_local(user)
-            yield Env(store, RpcServer(table), nursery)
-            nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await store.aclose()
+async def node(tmp: Path) -> AsyncIterator[DeliveryNode]:
+    async with delivery_node(tmp, LIMITS, (VICTIM, CONTACT, OTHER, STRANGER)) as dn:
+        yield dn
 
 
 def to(recipient: bytes) -> Envelope:
