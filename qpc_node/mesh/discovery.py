@@ -28,7 +28,6 @@ import math
 import signal
 import socket
 import sys
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -62,6 +61,7 @@ from qpc_node.mesh.interfaces import (
     select_interfaces,
     zeroconf_interfaces,
 )
+from qpc_node.ops.clock import system_wall_ms
 
 __all__ = [
     "SERVICE_TYPE",
@@ -443,7 +443,7 @@ def event_json(ev: DiscoveryEvent) -> dict[str, Any]:
 
 
 def _print(obj: dict[str, Any]) -> None:
-    obj["t"] = time.time()
+    obj["t"] = system_wall_ms() / 1000  # the debug line's wall time, as every log line has
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
