@@ -24,6 +24,7 @@ from qpc_node import __version__
 from qpc_node.errors import ConfigError, QpcError
 from qpc_node.federation.core import Federation, FederationSetup, build_federation
 from qpc_node.federation.trust import load_managed_credentials
+from qpc_node.mesh.interfaces import list_interfaces
 from qpc_node.mesh.service import MeshService, settings_from_config
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, LimitsSection, parse_hostport
@@ -278,6 +279,19 @@ class Node:
             if raised is not None:
                 raise raised
 
+    def _mdns_at_start(self) -> bool:
+        """``mesh.mdns`` resolved; "auto" on a machine with no network up (a laptop with
+        its WiFi off) runs without discovery instead of refusing to start."""
+        if not self.cfg.mdns_on:
+            return False
+        if self.cfg.mesh.mdns == "auto" and not self.cfg.mesh.interfaces and not list_interfaces():
+            log.warning(
+                "mesh: no interface is up besides loopback; mDNS discovery stays off "
+                "until the node restarts (mesh.mdns = auto)"
+            )
+            return False
+        return True
+
     async def _run_shielded(
         self, stop: trio.Event, *, task_status: trio.TaskStatus[NodeInfo]
     ) -> None:
@@ -317,12 +331,13 @@ class Node:
         self.store = store
         try:
             setup = self._federation_setup
-            if setup is None and self.cfg.mesh_on:
+            mdns = self._mdns_at_start()
+            if setup is None and (mdns or self.cfg.mesh.static_peers):
                 m = self.cfg.mesh
                 self.mesh = await MeshService.open(
                     creds,
                     store,
-                    settings_from_config(m.static_peers, self.cfg.mdns_on, m.interfaces),
+                    settings_from_config(m.static_peers, mdns, m.interfaces),
                     is_local=self._known_local,
                     wall_ms=self._wall_ms,
                 )
