@@ -248,3 +248,61 @@ def test_an_untrusted_peer_cannot_relay(net: Netns, tmp_path: Path) -> None:
     finally:
         db.close()
     print(f"\nuntrusted relay: nocert {nocert}; impostor {impostor}")
+
+
+def zero_config_node(host: Host, data: Path, *flags: str) -> tuple[subprocess.Popen[str], str]:
+    """``qpc node`` with no --listen, no config and no QPC_* settings (metrics off: its
+    port would be the same in every namespace anyway); returns it and its pin."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPC_")}
+    env["QPC_METRICS_LISTEN"] = ""
+    proc = host.popen(
+        [sys.executable, "-m", "qpc_node.cli", "node", "--data", str(data), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "qpc node listening on HOST:PORT pin=FPR"
+    assert line.startswith("qpc node listening on "), line
+    return proc, line.rsplit(" ", 1)[1].strip().removeprefix("pin=")
+
+
+def loopback_repl(host: Host, pin: str, user: Path, script: str) -> str:
+    r = subprocess.run(
+        host.cmd(
+            [sys.executable, "-m", "qpc_node.cli", "repl", "--server", "127.0.0.1:4201",
+             "--pin", pin, "--data", str(user), "--script", "-"]
+        ),
+        input=script, capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return r.stdout
+
+
+def test_zero_config_nodes_discover_each_other_and_local_only_stays_alone(
+    net: Netns, tmp_path: Path
+) -> None:
+    """Two laptops on one WiFi with no uplink, no config: they link by mDNS and TOFU.
+    A third with --local-only on the same segment is on no mesh. A machine with no
+    network up at all still starts (discovery off)."""
+    a_host, b_host, c_host, d_host = (net.host(n) for n in "abcd")
+    for h in (a_host, b_host, c_host):
+        net.connect(h, "br0")
+    a, a_pin = zero_config_node(a_host, tmp_path / "na")
+    zero_config_node(b_host, tmp_path / "nb")
+    _, c_pin = zero_config_node(c_host, tmp_path / "nc", "--local-only")
+    _, d_pin = zero_config_node(d_host, tmp_path / "nd")  # only loopback in its namespace
+    _, b_id = node_key(tmp_path / "nb")
+    _, c_id = node_key(tmp_path / "nc")
+    ua = tmp_path / "ua"
+
+    def linked() -> str | None:
+        peers = loopback_repl(a_host, a_pin, ua, "/mesh peers\n")
+        return peers if is_up(peers, b_id) else None
+
+    took = wait_for(linked, CONVERGE_S, "zero-config nodes never linked")
+    peers = loopback_repl(a_host, a_pin, ua, "/mesh peers\n")
+    assert c_id[:16] not in peers, peers  # --local-only: not announced, not linked
+    alone = "this node is not on a mesh"
+    assert alone in loopback_repl(c_host, c_pin, tmp_path / "uc", "/mesh peers\n")
+    assert alone in loopback_repl(d_host, d_pin, tmp_path / "ud", "/mesh peers\n")
+    assert a.poll() is None
+    print(f"\nzero config: two nodes linked by mDNS + TOFU in {took:.1f} s")
