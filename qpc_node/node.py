@@ -23,7 +23,7 @@ import trio
 from qpc_node import __version__
 from qpc_node.errors import ConfigError, QpcError
 from qpc_node.federation.core import Federation, FederationSetup, build_federation
-from qpc_node.federation.trust import load_managed_credentials
+from qpc_node.federation.trust import TrustRefusalsCollector, load_managed_credentials
 from qpc_node.mesh.interfaces import list_interfaces
 from qpc_node.mesh.service import MeshService, settings_from_config
 from qpc_node.ops.clock import WallClock, system_wall_ms
@@ -329,6 +329,7 @@ class Node:
             ),
         )
         self.store = store
+        refusals: TrustRefusalsCollector | None = None
         try:
             setup = self._federation_setup
             mdns = self._mdns_at_start()
@@ -358,6 +359,8 @@ class Node:
                 tls = self.federation.server_tls
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
+                refusals = TrustRefusalsCollector(self.federation.policy)
+                self.metrics.register(refusals)
             async with (
                 open_endpoint(host, port, server_tls=tls, admission=_admission(lim)) as ep,
                 trio.open_nursery() as nursery,
@@ -397,6 +400,8 @@ class Node:
                         await self._drain(ep)
                     nursery.cancel_scope.cancel()
         finally:
+            if refusals is not None:
+                self.metrics.unregister(refusals)
             with trio.CancelScope(shield=True):
                 await store.aclose()
 

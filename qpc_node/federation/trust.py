@@ -20,7 +20,7 @@ accepts the new node id (``qpc trust FPR`` / ``/mesh trust FPR``).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client.core import CounterMetricFamily
 
 from qpc_node.errors import ConfigError, QpcError, StatusCode
 from qpc_node.mesh.nodeid import NotANodeKey, node_id, public_key_of_certificate, short
@@ -364,6 +365,24 @@ def load_managed_credentials(
             },
         )
     return creds
+
+
+class TrustRefusalsCollector:
+    """``qpc_federation_trust_refusals_total{mode}``: peers the trust policy refused
+    (foreign CA, out of date, not Ed25519, changed key). Registered with the node's
+    metrics while its federation runs (``/metrics`` and the REPL's ``/stats``)."""
+
+    def __init__(self, policy: TrustPolicy) -> None:
+        self._policy = policy
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "qpc_federation_trust_refusals",
+            "Federation peers refused by the trust policy",
+            labels=["mode"],
+        )
+        family.add_metric([self._policy.mode], float(getattr(self._policy, "refusals", 0)))
+        yield family
 
 
 class FederationServerTLS(ServerTLS):

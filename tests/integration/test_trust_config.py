@@ -138,6 +138,14 @@ async def test_managed_mode_from_config_links_its_ca_and_refuses_another(
             peer_x = mesh_of(a).peers.get(ids["x"])
             assert peer_x is not None and peer_x.state.value != "up"
             assert b.federation is not None and b.federation.link_up(ids["a"])
+            # ... and counted where an operator looks (/metrics, /stats).
+            counted = {
+                (smp.name, smp.labels): smp.value
+                for smp in a.metrics.samples()
+                if smp.name.startswith("qpc_federation_trust_refusals")
+            }
+            key = ("qpc_federation_trust_refusals_total", (("mode", "managed"),))
+            assert counted.get(key, 0) >= 2, counted
     refusals = [r.getMessage() for r in caplog.records if "managed mode" in r.getMessage()]
     assert refusals, "the refusal of the foreign CA is logged"
 

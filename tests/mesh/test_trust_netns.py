@@ -128,6 +128,12 @@ def test_managed_mode_links_its_ca_and_refuses_a_foreign_ca(net: Netns, tmp_path
         f"no refusal logged by X: {x.stderr()}",
     )
     assert x.node_id in a.stderr() or "unknown_ca" in a.stderr(), a.stderr()
+    stats = repl(a_host, a, ua, "/stats\n")
+    refused = next(
+        (ln for ln in stats.splitlines() if "federation_trust_refusals_total{mode=managed}" in ln),
+        "",
+    )
+    assert refused and int(refused.split()[-1]) >= 1, stats
 
     repl(a_host, a, ua, f"/dm {b_user} hello within the community\n")
     got = repl(b_host, b, ub, "/inbox --wait 20\n")
