@@ -145,15 +145,24 @@ def test_managed_mode_links_its_ca_and_refuses_a_foreign_ca(net: Netns, tmp_path
     print(f"\nmanaged netns: A-B linked and routed in {took:.1f} s; X (foreign CA) refused")
 
 
-def test_changed_key_refused_until_the_operator_trusts_it(net: Netns, tmp_path: Path) -> None:
+@pytest.mark.parametrize("discovery", ["static", "mdns"])
+def test_changed_key_refused_until_the_operator_trusts_it(
+    net: Netns, tmp_path: Path, discovery: str
+) -> None:
+    """``static``: each lists the other as ``ip:4201#id`` (A dials B for its pinned id);
+    ``mdns``: zero-config discovery (B's new id arrives in its TXT record)."""
     a_host, b_host = net.host("a"), net.host("b")
     a_ip = net.connect(a_host, "br0").ipv4
     b_ip = net.connect(b_host, "br0").ipv4
     assert a_ip is not None and b_ip is not None
     _, a_id = node_key(tmp_path / "na")
     _, b_old = node_key(tmp_path / "nb1")
-    a = NodeProc(a_host, tmp_path / "na", "mesh0", static_env(b_ip, b_old))
-    b = NodeProc(b_host, tmp_path / "nb1", "mesh0", static_env(a_ip, a_id))
+
+    def env(peer_ip: str, peer_id: str) -> dict[str, str]:
+        return static_env(peer_ip, peer_id) if discovery == "static" else {}
+
+    a = NodeProc(a_host, tmp_path / "na", "mesh0", env(b_ip, b_old))
+    b = NodeProc(b_host, tmp_path / "nb1", "mesh0", env(a_ip, a_id))
     ua = tmp_path / "ua"
 
     def peers_of_a() -> str:
@@ -163,7 +172,7 @@ def test_changed_key_refused_until_the_operator_trusts_it(net: Netns, tmp_path: 
     # B restarts at the same address with a new key (a new data dir): a new node id.
     b.proc.kill()
     b.proc.wait(10)
-    b2 = NodeProc(b_host, tmp_path / "nb2", "mesh0", static_env(a_ip, a_id))
+    b2 = NodeProc(b_host, tmp_path / "nb2", "mesh0", env(a_ip, a_id))
     assert b2.node_id != b_old
     wait_for(
         lambda: "" if "KEY CHANGED" in a.stderr() else None,
@@ -198,7 +207,10 @@ def test_changed_key_refused_until_the_operator_trusts_it(net: Netns, tmp_path: 
         30,
         f"no link after trust: {a.stderr()}",
     )
-    print(f"\nmesh netns: changed key refused; link up {time.monotonic() - t0:.1f} s after trust")
+    print(
+        f"\nmesh netns ({discovery}): changed key refused; link up "
+        f"{time.monotonic() - t0:.1f} s after trust"
+    )
 
 
 def test_an_untrusted_peer_cannot_relay(net: Netns, tmp_path: Path) -> None:
