@@ -185,7 +185,7 @@ class Node:
         )
         self.auth.register(table)
         StatsService(self.metrics.snapshot, guard).register(table)
-        MeshStatusService(mesh, guard).register(table)
+        MeshStatusService(mesh, guard, audit).register(table)
         return RpcServer(
             table,
             ServerConfig(

@@ -20,7 +20,9 @@ from qpc_node.ops.config import is_loopback_host
 from qpc_node.ops.log import get_logger
 from qpc_node.rpc.context import CallContext
 from qpc_node.rpc.methods import MethodTable
-from qpc_node.service.guard import Guard
+from qpc_node.service.guard import Auditor, Guard
+from qpc_node.service.guard import short as short_user
+from qpc_node.store.records import AuditEvent
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 MESH_METHOD = "qpc.v1.Node/Mesh"
@@ -36,9 +38,17 @@ class NotTheOperator(QpcError):
 
 
 class MeshStatusService:
-    def __init__(self, mesh: MeshService | None, guard: Guard) -> None:
+    def __init__(
+        self, mesh: MeshService | None, guard: Guard, audit: Auditor | None = None
+    ) -> None:
         self._mesh = mesh
         self._guard = guard
+        self._audit = audit
+        """Trust changes and refused attempts go to the audit trail (who, which node)."""
+
+    def _record(self, kind: str, subject: str, detail: dict[str, str]) -> None:
+        if self._audit is not None:
+            self._audit(AuditEvent(self._guard.wall_ms(), kind, subject, detail))
 
     def register(self, table: MethodTable) -> None:
         table.register(MESH_METHOD, ops_pb2.MeshRequest, ops_pb2.MeshResponse, self.mesh)
@@ -49,13 +59,14 @@ class MeshStatusService:
     async def trust(
         self, request: ops_pb2.MeshTrustRequest, ctx: CallContext
     ) -> ops_pb2.MeshTrustResponse:
-        self._guard.check(ctx)  # authenticated session required
+        user = self._guard.check(ctx)  # authenticated session required
         addr = ctx.remote_address
         host = str(addr[0]) if addr else ""
         if not is_loopback_host(host):
             log.warning(
                 "mesh: trust change refused: not from loopback", extra={"addr": host or "?"}
             )
+            self._record("federation.trust_denied", host or "?", {"user": short_user(user)})
             raise NotTheOperator(
                 "only the node's operator may trust a node key: run `qpc trust` or "
                 "/mesh trust on the node's own machine (loopback)"
@@ -74,6 +85,7 @@ class MeshStatusService:
         nid = resolve_node_prefix(request.fingerprint, known)
         before = next((p for p in policy.pins() if p.node_id == nid), None)
         await fed.trust(nid)
+        self._record("federation.trust", short_user(user), {"node": nid.hex()})
         after = next((p for p in policy.pins() if p.node_id == nid), None)
         address = after.address if after is not None else ""
         if address:

@@ -215,6 +215,15 @@ async def test_changed_key_accepted_with_mesh_trust_over_loopback_links_without_
                     assert b_new.hex() in format_trust(resp)
                     # No restart of either node: the link comes up by itself.
                     await fed.wait_link(b_new)
+                    # The trust change is in A's audit trail: who and which node.
+                    store = a.store
+                    assert store is not None
+
+                    async def audited() -> bool:
+                        rows = await store.audit_query(kind="federation.trust")  # type: ignore[union-attr]
+                        return [r.event.detail.get("node") for r in rows] == [b_new.hex()]
+
+                    await until(audited, within=10)
                     assert b.federation is not None
                     await b.federation.wait_link(ids["a"])
                     await until(lambda: mesh_of(a).peers.get(b_new) is not None, within=20)

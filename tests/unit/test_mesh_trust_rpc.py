@@ -27,9 +27,11 @@ from qpc_node.service.guard import Guard
 from qpc_node.service.mesh_status import MESH_TRUST_METHOD, MeshStatusService
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.records import AuditEvent
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 USER = b"\x42" * 32
+AUDITED: list[AuditEvent] = []
 
 
 @asynccontextmanager
@@ -47,7 +49,7 @@ async def trust_rpc(tmp: Path) -> AsyncIterator[tuple[RpcServer, trio.Nursery]]:
                 per_ip=limiter(), per_identity=limiter(), audit=audit, wall_ms=system_wall_ms
             )
             table = MethodTable()
-            MeshStatusService(None, guard).register(table)
+            MeshStatusService(None, guard, AUDITED.append).register(table)
             yield RpcServer(table), nursery
             nursery.cancel_scope.cancel()
     finally:
@@ -84,9 +86,15 @@ async def call_from(
     ],
 )
 async def test_only_loopback_callers_may_trust(tmp_path: Path, host: str, want: StatusCode) -> None:
+    AUDITED.clear()
     with trio.fail_after(10):
         async with trust_rpc(tmp_path) as (server, nursery):
             assert await call_from(server, nursery, host) == want
+    denied = [(e.kind, e.subject) for e in AUDITED if e.kind == "federation.trust_denied"]
+    if want is StatusCode.PERMISSION_DENIED:  # a refused attempt is in the audit trail
+        assert denied == [("federation.trust_denied", host)]
+    else:
+        assert denied == []
 
 
 async def test_trust_needs_a_session_even_on_loopback(tmp_path: Path) -> None:
