@@ -64,7 +64,35 @@ def _load_cfg(args: argparse.Namespace) -> Config:
         log["level"] = args.log_level
     cfg_path = Path(args.config) if getattr(args, "config", None) else None
     overrides["log"] = log
-    return load_config(cfg_path, overrides=overrides)
+    if getattr(args, "local_only", False):
+        from qpc_node.ops.config import LOCAL_LISTEN
+
+        # Loopback only, no mDNS, no static peers: nobody else can reach this node.
+        if node.get("listen"):
+            raise ConfigError("--local-only and --listen: choose one")
+        node["listen"] = LOCAL_LISTEN
+        overrides["mesh"] = {"mdns": "false", "static_peers": ""}
+    cfg = load_config(cfg_path, overrides=overrides)
+    if getattr(args, "local_only", False):
+        _note_ignored_peers(cfg_path)
+    return cfg
+
+
+def _note_ignored_peers(cfg_path: Path | None) -> None:
+    """--local-only drops configured static peers: say so rather than silently."""
+    from qpc_node.ops.config import load_config
+
+    peers = load_config(cfg_path).mesh.static_peers
+    if peers:
+        print(f"--local-only: ignoring {len(peers)} static peer(s) from the config", flush=True)
+
+
+def _loopback_for(host: str) -> str:
+    """Where a REPL on this machine reaches a node bound to ``host``: the node's own
+    address, or loopback when it listens on every address (``::``/``0.0.0.0``)."""
+    if host in ("::", "0.0.0.0", ""):
+        return "127.0.0.1"  # [::] is dual-stack; 127.0.0.1 also works for 0.0.0.0
+    return host
 
 
 async def _until_signalled(
@@ -217,21 +245,49 @@ def _cmd_default(args: argparse.Namespace) -> int:
                 # Our own node already runs (its data dir is locked, or the port is
                 # taken): attach to it.
                 from qpc_node.node import KEYS_SUBDIR
+                from qpc_node.ops.config import parse_hostport
                 from qpc_node.quic.tls import load_or_create_node_credentials
 
-                host, port = cfg.node.listen.rsplit(":", 1)
+                host, port = parse_hostport(cfg.node.listen)
                 why = exc.strerror if isinstance(exc, OSError) else str(exc)
                 print(f"({why}: attaching to the node on {cfg.node.listen})")
                 pin = load_or_create_node_credentials(base / "node" / KEYS_SUBDIR).fingerprint
-                rc = await _repl_main(base, host, int(port), pin, None)
+                rc = await _repl_main(base, _loopback_for(host), port, pin, None)
                 nursery.cancel_scope.cancel()
                 return rc
             print(f"node on {info.host}:{info.port} pin={info.cert_fingerprint}")
-            rc = await _repl_main(base, info.host, info.port, info.cert_fingerprint, None)
+            host = _loopback_for(info.host)
+            rc = await _repl_main(base, host, info.port, info.cert_fingerprint, None)
             nursery.cancel_scope.cancel()
             return rc
 
     return trio.run(main)
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    """``qpc trust FPR``: the node accepts a node id whose key it refused (changed key).
+
+    The same call as ``/mesh trust``; the node answers it only over loopback, so
+    this runs on the node's machine (``--server`` defaults to the local node).
+    """
+    from qpc_node.ops.config import parse_hostport
+    from qpc_node.ops.log import setup_logging
+
+    setup_logging(os.environ.get("QPC_LOG", "warning"))
+    host, port = parse_hostport(args.server)
+    pin = args.pin or _local_node_pin(Path(args.data))
+    return trio.run(_trust_main, Path(args.data), host, port, pin, args.fingerprint)
+
+
+async def _trust_main(data: Path, host: str, port: int, pin: str | None, fpr: str) -> int:
+    from qpc_node.client.connect import open_session
+    from qpc_node.repl.runner import format_trust
+
+    async with open_session(
+        data, host, port, pin=pin, passphrase=os.environ.get("QPC_PASSPHRASE")
+    ) as (agent, _session):
+        print(format_trust(await agent.mesh_trust(fpr)), flush=True)
+    return 0
 
 
 def _backup_passphrase(confirm: bool) -> str:
@@ -290,13 +346,20 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             send_queue_bytes, send_queue_bytes_per_ip, send_timeout_s,
             keypackage_ttl_s, retention_s
   mls       ciphersuites
-  mesh      mdns (announce and browse), interfaces (for mDNS; empty = every
-            non-loopback interface), static_peers (host:port#nodefingerprint,
+  mesh      mdns (announce and browse: true, false, or auto = on unless
+            node.listen is loopback; default auto), interfaces (for mDNS; empty =
+            every non-loopback interface), static_peers (host:port#nodefingerprint,
             comma-separated; a node prints its mesh id at start); mdns or a static
-            peer puts the node on the mesh: federation links with trust on first
-            use (federation.mode mesh), routing, relay to users homed elsewhere
-  not yet:  federation.* (mode managed, ca, cert, key, pinned) have no code yet;
-            a non-default value is refused.
+            peer puts the node on the mesh: federation links, routing, relay to
+            users homed elsewhere
+  federation mode (mesh = trust on first use, a changed key refused until
+            `qpc trust FPR`; managed = community CA), ca, cert, key (managed: PEM
+            files; cert+key, Ed25519, become the node's identity), pinned (not
+            yet: refused)
+
+With no config a node listens on [::]:4201 and discovers peers by mDNS on every
+non-loopback interface; --local-only keeps it on 127.0.0.1:4201 without mDNS
+or static peers.
 
 SIGHUP reloads the config and prints what was applied live and what needs a restart
 (docs/operations.md has the table). SIGTERM/SIGINT drain and stop.
@@ -315,6 +378,11 @@ def _positive_seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qpc", description="quicprochat mesh messenger node")
+    p.add_argument(
+        "--local-only",
+        action="store_true",
+        help="(qpc alone) keep your node on 127.0.0.1:4201, no mDNS, no static peers",
+    )
     sub = p.add_subparsers(dest="command")
 
     v = sub.add_parser("version", help="print the version")
@@ -331,7 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=NODE_EPILOG,
     )
-    n.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:4201)")
+    n.add_argument("--listen", help="HOST:PORT (default [::]:4201, every address)")
+    n.add_argument(
+        "--local-only",
+        action="store_true",
+        help="listen on 127.0.0.1:4201 only, no mDNS, no static peers",
+    )
     n.add_argument("--data", help="data dir (queues, node keys)")
     n.add_argument("--config", help="TOML config file")
     n.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -363,6 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 30; lower costs more keepalive packets)",
     )
     r.set_defaults(func=_cmd_repl)
+
+    t = sub.add_parser(
+        "trust",
+        help="accept a node's changed federation key (run on the node's machine)",
+    )
+    t.add_argument("fingerprint", help="the node id, or a unique hex prefix of it")
+    t.add_argument("--server", default="127.0.0.1:4201", help="HOST:PORT of the local node")
+    t.add_argument("--pin", help="node certificate fingerprint (remembered after first use)")
+    t.add_argument("--data", default=str(default_data_dir()), help="your data dir")
+    t.set_defaults(func=_cmd_trust)
     return p
 
 

@@ -9,9 +9,10 @@ grace period, close connections, flush the audit trail, close the store.
 
 from __future__ import annotations
 
+import datetime as dt
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -20,8 +21,10 @@ import msgspec
 import trio
 
 from qpc_node import __version__
-from qpc_node.errors import QpcError
+from qpc_node.errors import ConfigError, QpcError
 from qpc_node.federation.core import Federation, FederationSetup, build_federation
+from qpc_node.federation.trust import TrustRefusalsCollector, load_managed_credentials
+from qpc_node.mesh.interfaces import list_interfaces
 from qpc_node.mesh.service import MeshService, settings_from_config
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, LimitsSection, parse_hostport
@@ -97,6 +100,13 @@ def resolve_dirs(cfg: Config, default_data: Path) -> tuple[Path, Path]:
     data = Path(cfg.node.data_dir) if cfg.node.data_dir else default_data
     keys = Path(cfg.node.key_dir) if cfg.node.key_dir else data / KEYS_SUBDIR
     return data, keys
+
+
+def _read_config_file(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path}: {exc.strerror}") from None
 
 
 def _secure_dir(path: Path, create_files: tuple[str, ...] = ()) -> None:
@@ -175,7 +185,7 @@ class Node:
         )
         self.auth.register(table)
         StatsService(self.metrics.snapshot, guard).register(table)
-        MeshStatusService(mesh, guard).register(table)
+        MeshStatusService(mesh, guard, audit).register(table)
         return RpcServer(
             table,
             ServerConfig(
@@ -269,6 +279,19 @@ class Node:
             if raised is not None:
                 raise raised
 
+    def _mdns_at_start(self) -> bool:
+        """``mesh.mdns`` resolved; "auto" on a machine with no network up (a laptop with
+        its WiFi off) runs without discovery instead of refusing to start."""
+        if not self.cfg.mdns_on:
+            return False
+        if self.cfg.mesh.mdns == "auto" and not self.cfg.mesh.interfaces and not list_interfaces():
+            log.warning(
+                "mesh: no interface is up besides loopback; mDNS discovery stays off "
+                "until the node restarts (mesh.mdns = auto)"
+            )
+            return False
+        return True
+
     async def _run_shielded(
         self, stop: trio.Event, *, task_status: trio.TaskStatus[NodeInfo]
     ) -> None:
@@ -280,8 +303,20 @@ class Node:
 
     async def _run(self, task_status: trio.TaskStatus[NodeInfo], stop: trio.Event) -> None:
         lim = self.cfg.limits
-        creds = load_or_create_node_credentials(self.key_dir)
-        _secure_dir(self.key_dir)  # after: a fresh node.crt is written 0644
+        fed_cfg = self.cfg.federation
+        ca_pem: bytes | None = None
+        if fed_cfg.mode == "managed":
+            # The CA-issued pair is the node's identity (config.FederationSection).
+            ca_pem = _read_config_file("federation.ca", fed_cfg.ca)
+            creds = load_managed_credentials(
+                fed_cfg.cert,
+                fed_cfg.key,
+                ca_pem,
+                now=dt.datetime.fromtimestamp(self._wall_ms() / 1000, dt.UTC),
+            )
+        else:
+            creds = load_or_create_node_credentials(self.key_dir)
+            _secure_dir(self.key_dir)  # after: a fresh node.crt is written 0644
         host, port = parse_hostport(self.cfg.node.listen)
         store = await AsyncStore.open(
             self.data_dir / DB_FILE,
@@ -294,18 +329,22 @@ class Node:
             ),
         )
         self.store = store
+        refusals: TrustRefusalsCollector | None = None
         try:
             setup = self._federation_setup
-            if setup is None and self.cfg.mesh.enabled:
+            mdns = self._mdns_at_start()
+            if setup is None and (mdns or self.cfg.mesh.static_peers):
                 m = self.cfg.mesh
                 self.mesh = await MeshService.open(
                     creds,
                     store,
-                    settings_from_config(m.static_peers, m.mdns, m.interfaces),
+                    settings_from_config(m.static_peers, mdns, m.interfaces),
                     is_local=self._known_local,
                     wall_ms=self._wall_ms,
                 )
                 setup = self.mesh.federation_setup()
+                if ca_pem is not None:
+                    setup = replace(setup, mode="managed", ca_pem=ca_pem)
             self.rpc = self._build(store, bytes.fromhex(creds.fingerprint))
             tls = ServerTLS(creds)
             if setup is not None:
@@ -320,6 +359,8 @@ class Node:
                 tls = self.federation.server_tls
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
+                refusals = TrustRefusalsCollector(self.federation.policy)
+                self.metrics.register(refusals)
             async with (
                 open_endpoint(host, port, server_tls=tls, admission=_admission(lim)) as ep,
                 trio.open_nursery() as nursery,
@@ -359,6 +400,8 @@ class Node:
                         await self._drain(ep)
                     nursery.cancel_scope.cancel()
         finally:
+            if refusals is not None:
+                self.metrics.unregister(refusals)
             with trio.CancelScope(shield=True):
                 await store.aclose()
 
@@ -553,7 +596,8 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "mesh.mdns": RESTART,
     "mesh.interfaces": RESTART,
     "mesh.static_peers": RESTART,
-    # federation: only the default (mesh mode) loads; the rest is refused (NOT_YET)
+    # federation: the trust policy and the node's credentials, built at start
+    # (federation.pinned is refused: NOT_YET)
     "federation.mode": RESTART,
     "federation.ca": RESTART,
     "federation.cert": RESTART,

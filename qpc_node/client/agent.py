@@ -104,6 +104,15 @@ class Agent:
         """The node's neighbours and routes, for /mesh peers and /mesh routes."""
         return await self._rpc.call("qpc.v1.Node/Mesh", ops_pb2.MeshRequest(), ops_pb2.MeshResponse)
 
+    async def mesh_trust(self, fingerprint: str) -> ops_pb2.MeshTrustResponse:
+        """Accept a node's (changed) federation key: /mesh trust, ``qpc trust``. The
+        node answers only over loopback (the operator on its own machine)."""
+        return await self._rpc.call(
+            "qpc.v1.Node/MeshTrust",
+            ops_pb2.MeshTrustRequest(fingerprint=fingerprint),
+            ops_pb2.MeshTrustResponse,
+        )
+
     # -- session ---------------------------------------------------------------
     async def authenticate(self, rpc: RpcClient | None = None) -> None:
         """Prove our identity to the node; ``rpc``: over a new connection (reconnect)."""

@@ -20,14 +20,18 @@ accepts the new node id (``qpc trust FPR`` / ``/mesh trust FPR``).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client.core import CounterMetricFamily
 
-from qpc_node.errors import ConfigError
+from qpc_node.errors import ConfigError, QpcError, StatusCode
 from qpc_node.mesh.nodeid import NotANodeKey, node_id, public_key_of_certificate, short
 from qpc_node.ops.log import get_logger
 from qpc_node.quic.tls import (
@@ -107,6 +111,43 @@ def _check_dates(der: bytes, now: dt.datetime) -> None:
         )
 
 
+MAX_REFUSED_SEEN = 1024
+"""Bound on refused node ids remembered in memory only (a peer could mint new keys)."""
+
+
+class AmbiguousNode(QpcError):
+    """A fingerprint prefix matches more than one node id; the message lists them."""
+
+    code = StatusCode.INVALID_ARGUMENT
+
+
+class UnknownNode(QpcError):
+    """A fingerprint prefix matches no node id this node knows."""
+
+    code = StatusCode.NOT_FOUND
+
+
+def resolve_node_prefix(text: str, known: Iterable[bytes]) -> bytes:
+    """The node id ``text`` names: all 64 hex digits (known or not), or a unique hex
+    prefix of a ``known`` id (``:``/spaces ignored, case-insensitive)."""
+    digits = "".join(c for c in text.lower() if c not in ": ")
+    if not digits or any(c not in "0123456789abcdef" for c in digits) or len(digits) > 64:
+        raise QpcError(
+            f"not a node fingerprint or a hex prefix of one: {text!r}",
+            code=StatusCode.INVALID_ARGUMENT,
+        )
+    if len(digits) == 64:
+        return bytes.fromhex(digits)
+    matches = sorted({k for k in known if k.hex().startswith(digits)})
+    if not matches:
+        raise UnknownNode(f"no known node id starts with {digits}")
+    if len(matches) > 1:
+        raise AmbiguousNode(
+            f"{digits} matches {len(matches)} nodes: " + ", ".join(m.hex() for m in matches)
+        )
+    return matches[0]
+
+
 class MeshTrust:
     """Trust on first use of node ids, pinned in the store (see the module docstring).
 
@@ -128,6 +169,9 @@ class MeshTrust:
         self._addresses: dict[str, bytes] = {}
         self._clock = clock
         self.refusals = 0
+        # Node ids refused inside a handshake (dialled for another id): not in the
+        # store (the handshake cannot write), but the operator may trust them by prefix.
+        self._refused_seen: dict[bytes, None] = {}
         if snapshot is not None:
             self._pins = {p.node_id: p for p in snapshot.pins}
             self._addresses = dict(snapshot.addresses)
@@ -142,6 +186,10 @@ class MeshTrust:
 
     def node_at(self, address: str) -> bytes | None:
         return self._addresses.get(address)
+
+    def known_ids(self) -> list[bytes]:
+        """Every node id an operator may name by prefix: pinned, refused, or seen refused."""
+        return sorted(set(self._pins) | set(self._refused_seen))
 
     def trust(self, nid: bytes, now_ms: int) -> tuple[TrustChange, ...]:
         """Accept ``nid`` (its key) explicitly; the address it was refused at is rebound."""
@@ -209,6 +257,8 @@ class MeshTrust:
 
     def _refuse(self, message: str, nid: bytes, *, persist: tuple[TrustChange, ...] = ()) -> None:
         self.refusals += 1
+        if len(self._refused_seen) < MAX_REFUSED_SEEN:
+            self._refused_seen[nid] = None
         log.error("federation: peer refused: " + message, extra={"node": nid.hex()})
         raise KeyChanged(message, new_node_id=nid, persist=persist)
 
@@ -238,7 +288,10 @@ class ManagedTrust:
                 )
         except CertificateRejected as exc:
             self.refusals += 1
-            log.error("federation: peer refused (managed mode): " + str(exc))
+            log.error(
+                "federation: peer refused (managed mode): " + str(exc),
+                extra={"kind": exc.kind, "node": _peer_id_hex(chain_der)},
+            )
             raise
         return nid
 
@@ -248,6 +301,88 @@ class ManagedTrust:
         nid = self.check_handshake(chain_der, expected=expected)
         key, _ = _leaf_key(chain_der)
         return Admitted(nid, key)
+
+
+def _peer_id_hex(chain_der: Sequence[bytes]) -> str:
+    """For a log line: the refused peer's node id, or what kept it from having one."""
+    try:
+        return _leaf_key(chain_der)[1].hex()
+    except CertificateRejected as exc:
+        return f"({exc})"
+
+
+def load_managed_credentials(
+    cert_path: str, key_path: str, ca_pem: bytes, *, now: dt.datetime
+) -> NodeCredentials:
+    """The node's CA-issued pair for managed mode (``federation.cert``/``key``).
+
+    The pair becomes the node's credentials for its whole socket (see
+    :class:`~qpc_node.ops.config.FederationSection`): refused with a ConfigError
+    naming the key when unreadable, when the key is not Ed25519 (no node id) or
+    does not match the certificate, or when the certificate does not chain to
+    ``federation.ca``. Outside its validity period it is loaded with an error in
+    the log: peers refuse it, but the node's own users keep their service.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigError(f"federation.cert/key: {exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"federation.cert/key: not PEM: {exc}") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ConfigError(
+            f"federation.key: a mesh node key must be Ed25519, not {type(key).__name__}"
+        )
+    raw = serialization.PublicFormat.Raw
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, raw)
+    leaf = certs[0]
+    leaf_pub = leaf.public_key()
+    if not isinstance(leaf_pub, ed25519.Ed25519PublicKey) or (
+        leaf_pub.public_bytes(serialization.Encoding.Raw, raw) != pub
+    ):
+        raise ConfigError(f"federation.key does not match federation.cert ({cert_path})")
+    pem = serialization.Encoding.PEM
+    creds = NodeCredentials(
+        leaf.public_bytes(pem),
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        b"".join(c.public_bytes(pem) for c in certs[1:]),
+    )
+    chain = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+    try:
+        _verify_chain(chain, ca_pem, purpose=ExtendedKeyUsageOID.SERVER_AUTH)
+        _verify_chain(chain, ca_pem, purpose=ExtendedKeyUsageOID.CLIENT_AUTH)
+    except CertificateRejected as exc:
+        if exc.kind != "certificate_expired":
+            raise ConfigError(f"federation.cert is not usable with federation.ca: {exc}") from None
+        log.error(
+            "federation: our own certificate is outside its validity period; "
+            "every peer will refuse it until it is renewed",
+            extra={
+                "not_before": str(leaf.not_valid_before_utc),
+                "not_after": str(leaf.not_valid_after_utc),
+                "now": str(now),
+            },
+        )
+    return creds
+
+
+class TrustRefusalsCollector:
+    """``qpc_federation_trust_refusals_total{mode}``: peers the trust policy refused
+    (foreign CA, out of date, not Ed25519, changed key). Registered with the node's
+    metrics while its federation runs (``/metrics`` and the REPL's ``/stats``)."""
+
+    def __init__(self, policy: TrustPolicy) -> None:
+        self._policy = policy
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "qpc_federation_trust_refusals",
+            "Federation peers refused by the trust policy",
+            labels=["mode"],
+        )
+        family.add_metric([self._policy.mode], float(getattr(self._policy, "refusals", 0)))
+        yield family
 
 
 class FederationServerTLS(ServerTLS):

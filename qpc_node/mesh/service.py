@@ -427,6 +427,14 @@ class MeshService:
                 self.peers.dial_failed(dial.node, trio.current_time(), str(exc) or "dial failed")
             log.info("mesh: dial failed", extra={"node": short(dial.node), "err": str(exc)})
 
+    def redial(self, nid: bytes, address: str) -> None:
+        """Dial ``nid`` at ``address`` now (after ``qpc trust``: where it was refused),
+        instead of waiting for either side's backoff."""
+        addr = _peer_address(address)
+        if addr is None or self._nursery is None or self.federation is None:
+            return
+        self._nursery.start_soon(self._dial, self.federation, pt.Dial(nid, addr))
+
     @property
     def peers_policy(self) -> pt.PeerPolicy:
         return self.settings.peers or pt.PeerPolicy()

@@ -50,8 +50,29 @@ def parse_hostport(value: str, *, default_port: int = DEFAULT_PORT) -> tuple[str
     return host, port
 
 
+MdnsSetting = bool | Literal["auto"]
+
+LOCAL_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+"""What ``--local-only`` listens on (a laptop node nobody else can reach)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """``127.0.0.0/8``, ``::1`` (also v4-mapped) or ``localhost``; not ``::``/``0.0.0.0``."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 class NodeSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    # Every address, dual-stack: with no config a node is reachable by the mesh
+    # (issue 12: zero-config discovery); ``--local-only`` keeps it on loopback.
+    listen: str = f"[::]:{DEFAULT_PORT}"
     data_dir: str = ""
     key_dir: str = ""
     production: bool = False
@@ -134,9 +155,11 @@ class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ``static_peers`` names a peer: it then accepts and dials federation links
     (mesh-mode trust: first use of a node id pins it), routes and relays."""
 
-    # Off by default for now: on, the node announces itself and browses on
-    # ``interfaces`` (empty: every non-loopback interface that is up).
-    mdns: bool = False
+    # On, the node announces itself and browses on ``interfaces`` (empty: every
+    # non-loopback interface that is up). "auto" (the default): on unless the node
+    # listens on a loopback address only (nobody else could reach it anyway), so a
+    # laptop with no config discovers its LAN and a test node on 127.0.0.1 stays quiet.
+    mdns: MdnsSetting = "auto"
     interfaces: list[str] = msgspec.field(default_factory=list)
     # ``host:port#nodefingerprint`` (qpc_node/mesh/static_peers.py), the fingerprint
     # pinning the node: for meshes where multicast is filtered.
@@ -152,12 +175,23 @@ class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     @property
     def enabled(self) -> bool:
-        return self.mdns or bool(self.static_peers)
+        """Explicitly on (``mdns = true`` or a static peer); :attr:`Config.mesh_on`
+        also resolves ``mdns = "auto"`` against ``node.listen``."""
+        return self.mdns is True or bool(self.static_peers)
 
 
 class FederationSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Only the default is wired (mesh mode, trust on first use): managed mode and its
-    CA/cert/key, and operator pins, are refused (see NOT_YET)."""
+    """How a node decides whom it federates with (qpc_node/federation/trust.py).
+
+    ``mesh`` (default): trust on first use of a node id, pinned in the store; a
+    changed key is refused until ``qpc trust FPR``. ``managed``: a community CA;
+    ``ca`` is its certificate (PEM), ``cert``/``key`` the node's CA-issued
+    certificate (chain) and Ed25519 key. In managed mode that pair *is* the
+    node's identity: it replaces ``node.crt``/``node.key`` of the key dir for
+    the whole socket, so the node id (mDNS, routes, bindings) is the SHA-256 of
+    ``key``'s public key and clients pin ``cert``. Operator pins (``pinned``)
+    are not wired (NOT_YET): ``mesh.static_peers`` pins nodes.
+    """
 
     mode: Literal["mesh", "managed"] = "mesh"
     ca: str = ""
@@ -175,6 +209,19 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mesh: MeshSection = msgspec.field(default_factory=MeshSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
 
+    @property
+    def mdns_on(self) -> bool:
+        """``mesh.mdns`` resolved: "auto" is on unless ``node.listen`` is loopback."""
+        if self.mesh.mdns == "auto":
+            host, _ = parse_hostport(self.node.listen)
+            return not is_loopback_host(host)
+        return self.mesh.mdns
+
+    @property
+    def mesh_on(self) -> bool:
+        """The node joins the mesh: mDNS (resolved) or a static peer."""
+        return self.mdns_on or bool(self.mesh.static_peers)
+
 
 _SECTIONS: dict[str, type[msgspec.Struct]] = {
     name: typ
@@ -189,9 +236,9 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
     )
 }
 NOT_YET: dict[str, str] = {
-    "federation": "managed federation (community CA) and operator pins",
+    "federation.pinned": "operator pins (mesh.static_peers pins a node by its id)",
 }
-"""Sections the schema already has but the node does not read yet. A non-default value
+"""Keys the schema already has but the node does not read yet. A non-default value
 is refused (NotImplementedSetting) instead of being accepted and doing nothing; the
 defaults stay loadable, so files, UCI and env that leave them alone keep working. The
 mesh issues remove entries here as they wire each section."""
@@ -247,8 +294,10 @@ def _from_strings(raw: dict[str, Any]) -> dict[str, Any]:
                     v = [x.strip() for x in v.split(",") if x.strip()]
                 elif t == list[int]:
                     v = [_int(section, k, x.strip()) for x in v.split(",") if x.strip()]
+                elif t == MdnsSetting:
+                    v = "auto" if v.strip().lower() == "auto" else _bool(v)
                 elif t is bool:
-                    v = v.strip().lower() in {"1", "true", "yes", "on"}
+                    v = _bool(v)
                 elif t is int:
                     v = _int(section, k, v)
                 elif t is float:
@@ -256,6 +305,10 @@ def _from_strings(raw: dict[str, Any]) -> dict[str, Any]:
             sec[k] = v
         out[section] = sec
     return out
+
+
+def _bool(v: str) -> bool:
+    return v.strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _int(section: str, key: str, v: str) -> int:
@@ -301,23 +354,38 @@ def load_config(
 
 
 def check_implemented(cfg: Config) -> None:
-    """Refuse a non-default value in a section the node does not read yet (NOT_YET)."""
+    """Refuse a non-default value of a key the node does not read yet (NOT_YET)."""
     problems: list[str] = []
-    for section, what in NOT_YET.items():
+    for dotted, what in NOT_YET.items():
+        section, name = dotted.split(".")
         current = getattr(cfg, section)
-        default = type(current)()
-        keys = [
-            f"{section}.{name}"
-            for name in current.__struct_fields__
-            if getattr(current, name) != getattr(default, name)
-        ]
-        if keys:
-            problems.append(
-                f"{', '.join(keys)}: {section}.* is not implemented yet ({what} comes with "
-                f"the mesh issues); remove the setting"
-            )
+        if getattr(current, name) != getattr(type(current)(), name):
+            problems.append(f"{dotted}: not implemented yet ({what}); remove the setting")
     if problems:
         raise NotImplementedSetting("; ".join(problems))
+    check_federation(cfg)
+
+
+def check_federation(cfg: Config) -> None:
+    """Managed mode needs its three files and a mesh; mesh mode takes none of them.
+
+    A load-time check (not ``__post_init__``): one key alone is not wrong, the
+    combination is, and a reload compares keys one by one."""
+    fed = cfg.federation
+    files = {"ca": fed.ca, "cert": fed.cert, "key": fed.key}
+    if fed.mode == "managed":
+        missing = [f"federation.{k}" for k, v in files.items() if not v]
+        if missing:
+            raise ConfigError(f"federation.mode = managed needs {', '.join(missing)} (PEM files)")
+    else:
+        given = [f"federation.{k}" for k, v in files.items() if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only used with federation.mode = managed")
+    if fed.mode == "managed" and not cfg.mesh_on:
+        raise ConfigError(
+            "federation.mode = managed: the node is not on a mesh (mesh.mdns is off or "
+            "auto on a loopback node.listen, and no mesh.static_peers)"
+        )
 
 
 def _humanize(msg: str) -> str:
@@ -332,10 +400,16 @@ def check_production(cfg: Config) -> None:
     """In production mode refuse settings that are fine on a laptop but not on a server."""
     if not cfg.node.production:
         return
-    # Federation's checks (managed mode needs CA-issued certificates and the CA, key
-    # files not readable by others) come back with federation itself: until then
-    # check_implemented refuses every federation setting before this runs.
     problems: list[str] = []
+    if cfg.federation.mode == "managed":
+        # The federation key is the node's identity: readable by others, it is theirs.
+        try:
+            mode = Path(cfg.federation.key).stat().st_mode
+        except OSError as exc:
+            problems.append(f"federation.key: {exc.strerror}")
+        else:
+            if mode & 0o077:
+                problems.append("federation.key: readable by other users (chmod 600)")
     if cfg.metrics.listen:
         host, _ = parse_hostport(cfg.metrics.listen, default_port=9201)
         if host not in {"127.0.0.1", "::1", "localhost"}:

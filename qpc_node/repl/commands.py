@@ -91,6 +91,11 @@ class MeshView:
 
 
 @dataclass(frozen=True)
+class MeshTrust:
+    fingerprint: str  # a node id or a unique hex prefix (the node resolves it)
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -109,6 +114,7 @@ Command = (
     | Verify
     | Stats
     | MeshView
+    | MeshTrust
     | Quit
 )
 
@@ -116,7 +122,7 @@ USAGE: dict[str, str] = {
     "help": "/help [COMMAND]",
     "whoami": "/whoami",
     "dm": "/dm FINGERPRINT TEXT   (also /mesh dm FINGERPRINT TEXT)",
-    "mesh": "/mesh peers|routes|dm FINGERPRINT TEXT",
+    "mesh": "/mesh peers|routes|dm FINGERPRINT TEXT|trust NODE_FPR",
     "group": "/group create|invite|send|members|leave|remove NAME [FINGERPRINT|TEXT]",
     "group create": "/group create NAME",
     "group invite": "/group invite NAME FINGERPRINT",
@@ -176,6 +182,11 @@ def parse(line: str) -> Command | None:
             if rest2.strip():
                 raise UsageError(f"/mesh {sub} takes no arguments", USAGE["mesh"])
             return MeshView(sub)
+        elif sub == "trust":
+            fpr = rest2.strip()
+            if not fpr or " " in fpr:
+                raise UsageError("/mesh trust takes one node fingerprint", USAGE["mesh"])
+            return MeshTrust(fpr)
         else:
             raise UsageError(f"unknown /mesh command {sub!r}", USAGE["mesh"])
     if head == "help":

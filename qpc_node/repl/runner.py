@@ -150,6 +150,8 @@ class Repl:
                 self.out(format_stats(await a.node_stats()))
             case c.MeshView(what=what):
                 self.out(format_mesh(await a.mesh_status(), what))
+            case c.MeshTrust(fingerprint=fpr):
+                self.out(format_trust(await a.mesh_trust(fpr)))
             case c.Quit():
                 raise Quit
 
@@ -193,6 +195,14 @@ class Repl:
                 err(f"line {n}: error: {exc}")
                 return 1
         return 0
+
+
+def format_trust(resp: ops_pb2.MeshTrustResponse) -> str:
+    """``/mesh trust`` / ``qpc trust``: which node id is trusted now, and what follows."""
+    nid = bytes(resp.node_id).hex()
+    what = "changed key accepted" if resp.was_refused else "trusted"
+    where = f"; redialling {resp.address}" if resp.address else ""
+    return f"node {nid} {what}{where}"
 
 
 def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
+from qpc_node.errors import QpcError
 from qpc_node.federation.core import (
     _NODE_KEY,
     M_ANNOUNCE,
@@ -30,15 +31,15 @@ from qpc_node.federation.core import (
     FederationLimits,
 )
 from qpc_node.federation.routes import StaticRoutes
-from qpc_node.federation.trust import MeshTrust
+from qpc_node.federation.trust import MeshTrust, resolve_node_prefix
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.quic.tls import load_or_create_node_credentials
 from qpc_node.rpc.context import PeerInfo
 from qpc_node.rpc.inmemory import MemoryConnection
 from qpc_node.store import AsyncStore, KeyPackageUpload
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2, ops_pb2
 from tests.fuzz.h_rpc import check_response, exchange, request_frame
-from tests.fuzz.registry import Invariant, environment, register
+from tests.fuzz.registry import Invariant, environment, pure, register
 
 F = federation_pb2
 PEER = b"\x77" * 32
@@ -176,3 +177,30 @@ for _m in METHODS:
         allowed=(),
         finish=fed_bounded,
     )
+
+
+# /mesh trust and `qpc trust`: the request a local client sends, and the prefix the
+# node resolves against the node ids it knows (typed errors only: bad text,
+# no match, ambiguous).
+_TRUST_KNOWN = [bytes([i]) * 32 for i in (0x0A, 0x0B, 0xAB)] + [b"\x0a\x0b" + b"\x00" * 30]
+
+
+def _trust_seeds() -> list[bytes]:
+    texts = ["0a", "0b", "ab", "0a0b", "zz", "", "0A:0B", "ab" * 32, "f" * 65, "0a 0b"]
+    return [ops_pb2.MeshTrustRequest(fingerprint=t).SerializeToString() for t in texts]
+
+
+def _trust_target(data: bytes) -> str:
+    request = ops_pb2.MeshTrustRequest.FromString(data)
+    nid = resolve_node_prefix(request.fingerprint, _TRUST_KNOWN)
+    if len(nid) != 32:
+        raise Invariant(f"resolved a {len(nid)}-byte node id")
+    return "resolved"
+
+
+pure(
+    "mesh.trust_request",
+    seeds=_trust_seeds,
+    target=_trust_target,
+    allowed=(DecodeError, QpcError),
+)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from netns_kit import Host
@@ -18,7 +19,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class NodeProc:
-    def __init__(self, host: Host, data: Path, interfaces: str) -> None:
+    def __init__(
+        self, host: Host, data: Path, interfaces: str, extra_env: Mapping[str, str] | None = None
+    ) -> None:
+        """``extra_env``: more ``QPC_*`` settings (e.g. ``federation.*``, static peers),
+        applied after the defaults here (so ``QPC_MESH_MDNS`` may be overridden)."""
         self.host = host
         self.data = data
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
@@ -28,6 +33,7 @@ class NodeProc:
             QPC_MESH_MDNS="1",
             QPC_MESH_INTERFACES=interfaces,
         )
+        env.update(extra_env or {})
         self.proc = host.popen(
             [sys.executable, "-m", "qpc_node.cli", "node", "--listen", "[::]:4201",
              "--data", str(data)],

@@ -142,8 +142,9 @@ def test_default_uci_becomes_command_line(tmp_path: Path) -> None:
     assert command == ["true", "node", "--listen", "[::]:4201", "--data", f"{tmp_path}/data"]
     assert env["QPC_LOG_LEVEL"] == "info"
     assert env["QPC_METRICS_LISTEN"] == ""  # metrics off on routers
-    # mesh/federation: not implemented yet, so the default file sets none of them
-    assert not [k for k in env if k.startswith(("QPC_MESH_", "QPC_FEDERATION_"))]
+    # mDNS off until the mesh interfaces are named; federation at the node's default
+    assert [k for k in env if k.startswith(("QPC_MESH_", "QPC_FEDERATION_"))] == ["QPC_MESH_MDNS"]
+    assert env["QPC_MESH_MDNS"] == "false"
     assert params["respawn"] == "3600 5 5"
     assert params["file"] == "/etc/config/qpc"  # procd restarts the node when UCI changes
     assert "trigger qpc" in lines  # service_triggers: reload on `uci commit qpc`
@@ -204,18 +205,18 @@ def test_custom_uci_options_map_to_flags_and_env(tmp_path: Path) -> None:
     # the node's own config loader accepts exactly this (names, types, lists) ...
     from qpc_node.ops.config import NotImplementedSetting, load_config
 
-    supported = {k: v for k, v in env.items() if not k.startswith("QPC_FEDERATION_")}
+    supported = {k: v for k, v in env.items() if k != "QPC_FEDERATION_PINNED"}
     cfg = load_config(env=supported, overrides={"node": {"listen": command[3]}})
+    assert cfg.federation.mode == "managed" and cfg.federation.key == "/etc/qpc/node.key"
     assert cfg.mesh.interfaces == ["br-lan", "bat0"] and len(cfg.mesh.static_peers) == 2
     assert cfg.limits.max_connections == 64 and cfg.limits.rate_per_second == 7.5
     assert cfg.log.level == "debug" and cfg.node.key_dir == f"{tmp_path}/d/keys"
-    # ... and refuses, by name, the federation options it has no code for yet
-    # (managed mode, pins); the init script drops none of them.
+    # ... and refuses, by name, the federation option it has no code for yet
+    # (operator pins); the init script drops none of them.
     with pytest.raises(NotImplementedSetting) as ei:
         load_config(env=env, overrides={"node": {"listen": command[3]}})
-    for key in ("federation.mode", "federation.pinned"):
-        assert key in str(ei.value)
-    assert "mesh." not in str(ei.value) and "not implemented yet" in str(ei.value)
+    assert "federation.pinned" in str(ei.value)
+    assert "mesh.interfaces" not in str(ei.value) and "not implemented yet" in str(ei.value)
 
 
 def test_mdns_on_in_uci_reaches_the_node(tmp_path: Path) -> None:
@@ -229,11 +230,23 @@ def test_mdns_on_in_uci_reaches_the_node(tmp_path: Path) -> None:
 
 
 def test_default_uci_is_a_valid_node_config(tmp_path: Path) -> None:
-    _, env, _ = procd(run_shim(tmp_path, UCI.read_text().replace("'/etc/qpc'", f"'{tmp_path}'")))
+    command, env, _ = procd(
+        run_shim(tmp_path, UCI.read_text().replace("'/etc/qpc'", f"'{tmp_path}'"))
+    )
     from qpc_node.ops.config import load_config
 
-    cfg = load_config(env=env)
+    cfg = load_config(env=env, overrides={"node": {"listen": command[3]}})
     assert cfg.metrics.listen == "" and cfg.limits.max_connections == 128
+    # A router listens everywhere but announces nowhere until its mesh interfaces are
+    # named (the node's "auto" would announce on the WAN too).
+    assert cfg.node.listen == "[::]:4201" and env["QPC_MESH_MDNS"] == "false"
+    assert not cfg.mdns_on and not cfg.mesh_on
+
+
+def test_mdns_auto_in_uci_reaches_the_node_as_auto(tmp_path: Path) -> None:
+    text = UCI.read_text().replace("'/etc/qpc'", f"'{tmp_path}'")
+    _, env, _ = procd(run_shim(tmp_path, text.replace("option mdns '0'", "option mdns 'auto'")))
+    assert env["QPC_MESH_MDNS"] == "auto"
 
 
 def test_disabled_service_starts_nothing(tmp_path: Path) -> None:

@@ -16,7 +16,9 @@ from qpc_node.ops.config import (
 
 def test_defaults_need_no_file() -> None:
     cfg = load_config(env={})
-    assert cfg.node.listen == "127.0.0.1:4201"
+    # Zero-config mesh (issue 12): every address, mDNS on, on the mesh.
+    assert cfg.node.listen == "[::]:4201"
+    assert cfg.mesh.mdns == "auto" and cfg.mdns_on and cfg.mesh_on
     assert cfg.limits.max_payload == 5 * 1024 * 1024
     assert cfg.limits.rate_per_second == 50
     assert cfg.limits.keypackage_ttl_s == 86400
@@ -74,58 +76,96 @@ def test_production_refuses_insecure() -> None:
     assert cfg.node.production
 
 
-def not_yet_keys() -> list[tuple[str, str, str]]:
-    """(section, key, a non-default value as an env string) for every NOT_YET key."""
-    out: list[tuple[str, str, str]] = []
-    for section in NOT_YET:
-        default = getattr(Config(), section)
-        for name in default.__struct_fields__:
-            value = getattr(default, name)
-            if isinstance(value, bool):
-                text = "false" if value else "true"
-            elif isinstance(value, list):
-                text = "10.0.0.1:4201"
-            elif name == "mode":
-                text = "managed"
-            else:
-                text = "/etc/qpc/x.pem"
-            out.append((section, name, text))
-    return out
+def test_not_yet_is_operator_pins_only() -> None:
+    """Managed federation is wired (trust.py, node.py); only operator pins are refused."""
+    assert set(NOT_YET) == {"federation.pinned"}
 
 
-def test_not_yet_covers_federation_only() -> None:
-    """The mesh section is wired (mesh/service.py); federation's default (mesh mode) is
-    what it runs, so only managed mode and pins are refused."""
-    assert set(NOT_YET) == {"federation"}
-    assert len(not_yet_keys()) == 5
-
-
-@pytest.mark.parametrize(("section", "name", "text"), not_yet_keys())
-def test_a_setting_the_node_does_not_read_is_refused(section: str, name: str, text: str) -> None:
+def test_a_setting_the_node_does_not_read_is_refused() -> None:
     with pytest.raises(NotImplementedSetting) as ei:
-        load_config(env={f"QPC_{section.upper()}_{name.upper()}": text})
+        load_config(env={"QPC_FEDERATION_PINNED": "ab" * 32})
     msg = str(ei.value)
-    assert f"{section}.{name}" in msg and "not implemented yet" in msg
+    assert "federation.pinned" in msg and "not implemented yet" in msg
     assert isinstance(ei.value, ConfigError)  # the CLI prints it as a config error
 
 
-def test_not_yet_settings_in_a_file_are_refused_by_name(tmp_path: Path) -> None:
+def test_federation_defaults_in_a_file_still_load(tmp_path: Path) -> None:
     f = tmp_path / "qpc.toml"
-    f.write_text('[federation]\nca = "/etc/qpc/ca.pem"\npinned = ["ab"]\n')
-    with pytest.raises(NotImplementedSetting, match=r"federation\.ca.*federation\.pinned"):
+    d = msgspec.to_builtins(Config().federation)
+    f.write_text("[federation]" + "".join(f"\n{k} = {_toml(v)}" for k, v in d.items()) + "\n")
+    cfg = load_config(f, env={})
+    assert cfg.federation == Config().federation
+
+
+@pytest.mark.parametrize(
+    ("listen", "mdns", "on"),
+    [
+        ("[::]:4201", "auto", True),
+        ("0.0.0.0:4201", "auto", True),
+        ("10.0.0.1:4201", "auto", True),
+        ("[fe80::1%mesh0]:4201", "auto", True),
+        ("127.0.0.1:0", "auto", False),
+        ("127.0.0.2:4201", "auto", False),
+        ("[::1]:4201", "auto", False),
+        ("[::ffff:127.0.0.1]:4201", "auto", False),
+        ("localhost:4201", "auto", False),
+        ("[::]:4201", "false", False),
+        ("[::]:4201", "0", False),
+        ("127.0.0.1:0", "true", True),  # explicit beats the loopback rule
+        ("127.0.0.1:0", "on", True),
+    ],
+)
+def test_mdns_auto_follows_the_listen_address(listen: str, mdns: str, on: bool) -> None:
+    cfg = load_config(env={"QPC_NODE_LISTEN": listen, "QPC_MESH_MDNS": mdns})
+    assert cfg.mdns_on is on and cfg.mesh_on is on
+    assert cfg.mesh.mdns == ("auto" if mdns == "auto" else on)
+
+
+def test_mdns_in_a_file_takes_bool_or_auto(tmp_path: Path) -> None:
+    f = tmp_path / "qpc.toml"
+    f.write_text('[node]\nlisten = "127.0.0.1:1"\n[mesh]\nmdns = "auto"\n')
+    assert load_config(f, env={}).mdns_on is False
+    f.write_text("[mesh]\nmdns = false\n")
+    assert load_config(f, env={}).mdns_on is False
+    f.write_text('[mesh]\nmdns = "sometimes"\n')
+    with pytest.raises(ConfigError, match=r"mesh\.mdns"):
         load_config(f, env={})
 
 
-def test_not_yet_sections_at_their_defaults_still_load(tmp_path: Path) -> None:
-    f = tmp_path / "qpc.toml"
-    defaults = {s: msgspec.to_builtins(getattr(Config(), s)) for s in NOT_YET}
-    lines = [
-        f"[{s}]" + "".join(f"\n{k} = {_toml(v)}" for k, v in d.items()) for s, d in defaults.items()
-    ]
-    f.write_text("\n".join(lines) + "\n")
-    cfg = load_config(f, env={"QPC_MESH_MDNS": "0"})
-    assert cfg.mesh == Config().mesh and cfg.federation == Config().federation
-    assert cfg.mesh.mdns is False  # nothing announces: the default says so
+def test_managed_mode_needs_its_files_and_mesh_mode_refuses_them() -> None:
+    with pytest.raises(
+        ConfigError, match=r"managed needs federation\.ca, federation\.cert, federation\.key"
+    ):
+        load_config(env={"QPC_FEDERATION_MODE": "managed"})
+    with pytest.raises(ConfigError, match=r"federation\.cert, federation\.key: only used with"):
+        load_config(env={"QPC_FEDERATION_CERT": "/x.crt", "QPC_FEDERATION_KEY": "/x.key"})
+    managed = {
+        "QPC_FEDERATION_MODE": "managed",
+        "QPC_FEDERATION_CA": "/etc/qpc/ca.pem",
+        "QPC_FEDERATION_CERT": "/etc/qpc/node.crt",
+        "QPC_FEDERATION_KEY": "/etc/qpc/node.key",
+    }
+    assert load_config(env=managed).federation.mode == "managed"
+    # Managed mode on a node that is not on a mesh would silently do nothing.
+    with pytest.raises(ConfigError, match="not on a mesh"):
+        load_config(env={**managed, "QPC_NODE_LISTEN": "127.0.0.1:0"})
+
+
+def test_production_refuses_a_federation_key_others_can_read(tmp_path: Path) -> None:
+    key = tmp_path / "node.key"
+    key.write_bytes(b"k")
+    key.chmod(0o644)
+    env = {
+        "QPC_NODE_PRODUCTION": "1",
+        "QPC_FEDERATION_MODE": "managed",
+        "QPC_FEDERATION_CA": str(tmp_path / "ca.pem"),
+        "QPC_FEDERATION_CERT": str(tmp_path / "node.crt"),
+        "QPC_FEDERATION_KEY": str(key),
+    }
+    with pytest.raises(ConfigError, match=r"federation\.key: readable by other users"):
+        load_config(env=env)
+    key.chmod(0o600)
+    assert load_config(env=env).node.production
 
 
 def _toml(v: object) -> str:
@@ -161,16 +201,14 @@ def test_ciphersuite_allowlist() -> None:
 def test_node_help_lists_every_key_and_marks_not_yet() -> None:
     from qpc_node.cli import NODE_EPILOG
 
-    supported, _, not_yet = NODE_EPILOG.partition("not yet:")
-    assert "host:port#nodefingerprint" in supported
+    assert "host:port#nodefingerprint" in NODE_EPILOG
     for section in Config.__struct_fields__:
         names = getattr(Config(), section).__struct_fields__
-        if section in NOT_YET:
-            assert f"{section}.*" in not_yet, section
-            assert all(name in not_yet for name in names), section
-        else:
-            assert any(ln.split()[:1] == [section] for ln in supported.splitlines()), section
-            assert all(name in supported for name in names), section
+        assert any(ln.split()[:1] == [section] for ln in NODE_EPILOG.splitlines()), section
+        assert all(name in NODE_EPILOG for name in names), section
+    for dotted in NOT_YET:
+        name = dotted.split(".")[1]
+        assert f"{name} (not yet" in " ".join(NODE_EPILOG.split()), dotted
 
 
 def test_cli_refuses_a_not_yet_setting_with_its_name(
@@ -178,12 +216,33 @@ def test_cli_refuses_a_not_yet_setting_with_its_name(
 ) -> None:
     from qpc_node.cli import main
 
-    monkeypatch.setenv("QPC_FEDERATION_MODE", "managed")
+    monkeypatch.setenv("QPC_FEDERATION_PINNED", "ab" * 32)
     rc = main(["node", "--listen", "127.0.0.1:0", "--data", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "federation.mode" in err and "not implemented yet" in err
+    assert "federation.pinned" in err and "not implemented yet" in err
     assert not (tmp_path / "node.db").exists()  # refused before anything started
+
+
+def test_local_only_keeps_the_node_on_loopback_without_mesh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qpc_node.cli import _load_cfg, build_parser
+
+    fpr = "ab" * 32
+    conf = tmp_path / "qpc.toml"
+    conf.write_text(f'[mesh]\nmdns = true\nstatic_peers = ["10.0.0.1:4201#{fpr}"]\n')
+    for argv in (["--local-only"], ["node", "--local-only", "--config", str(conf)]):
+        cfg = _load_cfg(build_parser().parse_args(argv))
+        assert cfg.node.listen == "127.0.0.1:4201"
+        assert cfg.mesh.mdns is False and cfg.mesh.static_peers == []
+        assert not cfg.mdns_on and not cfg.mesh_on
+    assert "ignoring 1 static peer" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--local-only and --listen"):
+        _load_cfg(build_parser().parse_args(["node", "--local-only", "--listen", "[::]:1"]))
+    # Without it, the same config puts the node on the mesh.
+    cfg = _load_cfg(build_parser().parse_args(["node", "--config", str(conf)]))
+    assert cfg.mesh_on and cfg.node.listen == "[::]:4201"
 
 
 def test_mesh_keys_load_and_static_peers_are_checked() -> None:
@@ -196,6 +255,7 @@ def test_mesh_keys_load_and_static_peers_are_checked() -> None:
         }
     )
     assert cfg.mesh.enabled and cfg.mesh.interfaces == ["mesh0"]
-    assert not Config().mesh.enabled
+    assert not Config().mesh.enabled  # only "auto": mesh_on resolves it
+    assert Config().mesh_on
     with pytest.raises(ConfigError, match="nodefingerprint"):
         load_config(env={"QPC_MESH_STATIC_PEERS": "10.0.0.1:4201"})

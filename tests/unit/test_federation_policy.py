@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from qpc_node.errors import ConfigError
+from qpc_node.errors import ConfigError, QpcError, StatusCode
 from qpc_node.federation.routes import Local, NextHop, NoRoute, StaticRoutes
-from qpc_node.federation.trust import KeyChanged, ManagedTrust, MeshTrust
+from qpc_node.federation.trust import (
+    AmbiguousNode,
+    KeyChanged,
+    ManagedTrust,
+    MeshTrust,
+    UnknownNode,
+    load_managed_credentials,
+    resolve_node_prefix,
+)
 from qpc_node.mesh.nodeid import (
     NotANodeKey,
     node_id,
@@ -180,6 +189,106 @@ def test_managed_trusts_the_community_ca_only() -> None:
     assert t.refusals == 4
     with pytest.raises(ConfigError):
         ManagedTrust(b"not pem")
+
+
+def test_managed_refuses_a_certificate_not_yet_valid() -> None:
+    t = ManagedTrust(CA.certificate_pem)
+    now = dt.datetime.now(dt.UTC)
+    early = creds(not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=9))
+    with pytest.raises(CertificateRejected) as info:
+        t.check_handshake(chain(early), expected=None)
+    assert info.value.kind == "certificate_expired" and t.refusals == 1
+
+
+def _write_pair(tmp: Path, c: NodeCredentials, key_pem: bytes | None = None) -> tuple[str, str]:
+    cert, key = tmp / "fed.crt", tmp / "fed.key"
+    cert.write_bytes(c.certificate_pem + c.chain_pem)
+    key.write_bytes(key_pem if key_pem is not None else c.private_key_pem)
+    return str(cert), str(key)
+
+
+def test_managed_credentials_load_a_ca_issued_ed25519_pair(tmp_path: Path) -> None:
+    b = creds("b")
+    got = load_managed_credentials(
+        *_write_pair(tmp_path, b), CA.certificate_pem, now=dt.datetime.now(dt.UTC)
+    )
+    # The pair is the node's identity: same node id, same certificate clients pin.
+    assert node_id_of_credentials(got) == node_id_of_credentials(b)
+    assert got.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("p256", "must be Ed25519"),
+        ("other_ca", "not usable with federation.ca"),
+        ("other_key", "does not match"),
+        ("missing", "No such file"),
+        ("garbage", "not PEM"),
+    ],
+)
+def test_managed_credentials_refuse_what_cannot_federate(
+    tmp_path: Path, case: str, match: str
+) -> None:
+    b = creds("b")
+    if case == "p256":
+        paths = _write_pair(tmp_path, creds("p", key_type="p256"))
+    elif case == "other_ca":
+        paths = _write_pair(tmp_path, issue_certificate(make_ca(), "x"))
+    elif case == "other_key":
+        paths = _write_pair(tmp_path, b, creds("c").private_key_pem)
+    elif case == "missing":
+        paths = (str(tmp_path / "none.crt"), str(tmp_path / "none.key"))
+    else:
+        paths = _write_pair(tmp_path, b, b"garbage")
+    with pytest.raises(ConfigError, match=match):
+        load_managed_credentials(*paths, CA.certificate_pem, now=dt.datetime.now(dt.UTC))
+
+
+def test_managed_credentials_out_of_date_load_with_an_error_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    old = creds(not_before=now - dt.timedelta(days=9), not_after=now - dt.timedelta(days=1))
+    got = load_managed_credentials(*_write_pair(tmp_path, old), CA.certificate_pem, now=now)
+    assert got.fingerprint == old.fingerprint  # the node's own users keep their service
+    assert any("outside its validity period" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- trust FPR
+
+
+def test_a_node_id_is_named_by_its_full_hex_or_a_unique_prefix() -> None:
+    a, b, c = b"\x0a" * 32, b"\x0a\x0b" + b"\0" * 30, b"\xab" * 32
+    known = [a, b, c]
+    assert resolve_node_prefix(c.hex(), []) == c  # all 64 digits: known or not
+    assert resolve_node_prefix("AB", known) == c
+    assert resolve_node_prefix("0a:0a", known) == a
+    with pytest.raises(AmbiguousNode) as info:
+        resolve_node_prefix("0a", known)
+    assert a.hex() in str(info.value) and b.hex() in str(info.value)
+    assert info.value.code is StatusCode.INVALID_ARGUMENT
+    with pytest.raises(UnknownNode) as unknown:
+        resolve_node_prefix("ff", known)
+    assert unknown.value.code is StatusCode.NOT_FOUND
+    for bad in ("", "zz", "f" * 65):
+        with pytest.raises(QpcError) as err:
+            resolve_node_prefix(bad, known)
+        assert err.value.code is StatusCode.INVALID_ARGUMENT
+
+
+def test_ids_refused_in_a_handshake_can_be_named_by_prefix() -> None:
+    """A node dialled for its pinned id that answers with a new key is refused inside
+    the handshake (nothing stored); the operator must still be able to trust it by prefix."""
+    t = MeshTrust()
+    b, new = creds("b"), creds("b2")
+    new_id = node_id_of_credentials(new)
+    with pytest.raises(KeyChanged):
+        t.check_handshake(chain(new), expected=node_id_of_credentials(b))
+    assert new_id in t.known_ids()
+    assert resolve_node_prefix(new_id.hex()[:10], t.known_ids()) == new_id
+    t.trust(new_id, NOW)
+    assert t.check_handshake(chain(new), expected=node_id_of_credentials(b)) == new_id
 
 
 # --------------------------------------------------------------------------- routes

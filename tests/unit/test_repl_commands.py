@@ -28,6 +28,8 @@ F = "ab" * 32
         ("/stats", c.Stats()),
         ("/mesh peers", c.MeshView("peers")),
         ("/mesh ROUTES", c.MeshView("routes")),
+        ("/mesh trust 0a1b2c", c.MeshTrust("0a1b2c")),
+        (f"/mesh trust {F}", c.MeshTrust(F)),
         ("/quit", c.Quit()),
         ("/exit", c.Quit()),
     ],
@@ -58,6 +60,8 @@ def test_parses(line: str, want: object) -> None:
         "/whoami extra",
         "/mesh fly",
         "/mesh peers now",
+        "/mesh trust",
+        "/mesh trust ab cd",
         "/verify",
     ],
 )

@@ -168,6 +168,15 @@ MESSAGES.update(
         ),
     }
 )
+# /mesh trust and `qpc trust` (qpc.v1.Node/MeshTrust).
+MESSAGES.update(
+    {
+        "mesh_trust_request": ops_pb2.MeshTrustRequest(fingerprint="0a1b2c3d"),
+        "mesh_trust_response": ops_pb2.MeshTrustResponse(
+            node_id=bytes(range(32)), was_refused=True, address="[fe80::1%3]:4201"
+        ),
+    }
+)
 HEADER_LENGTHS = [0, 1, 127, 128, 300, 16383, 16384, 2**21 - 1, 2**21, DEFAULT_MAX_FRAME_SIZE]
 
 

@@ -82,3 +82,19 @@ class MeshResponse(_message.Message):
     routes: _containers.RepeatedCompositeFieldContainer[MeshRoute]
     bindings: int
     def __init__(self, on_mesh: _Optional[bool] = ..., node_id: _Optional[bytes] = ..., peers: _Optional[_Iterable[_Union[MeshPeer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[MeshRoute, _Mapping]]] = ..., bindings: _Optional[int] = ...) -> None: ...
+
+class MeshTrustRequest(_message.Message):
+    __slots__ = ("fingerprint",)
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    def __init__(self, fingerprint: _Optional[str] = ...) -> None: ...
+
+class MeshTrustResponse(_message.Message):
+    __slots__ = ("node_id", "was_refused", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: bytes
+    was_refused: bool
+    address: str
+    def __init__(self, node_id: _Optional[bytes] = ..., was_refused: _Optional[bool] = ..., address: _Optional[str] = ...) -> None: ...
