@@ -59,6 +59,7 @@ from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.log import get_logger
 from qpc_node.quic.tls import NodeCredentials
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.homes import StoredBinding, load_bindings, save_bindings
 from qpc_node.store.records import EnqueueResult
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
@@ -75,6 +76,9 @@ _DUPLICATE = f"code={CLOSE_DUPLICATE:#x}"
 
 SEQ_META_KEY = "mesh.seq_floor"
 """Store meta key of the routing core's reserved seq (PersistSeq), decimal ASCII."""
+BINDING_FLUSH_DELAY = 0.2
+"""Seconds newly accepted bindings wait to be saved together (a neighbour's full dump
+arrives in several updates; one transaction for them all spares the flash)."""
 
 
 def verify_node(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -128,8 +132,10 @@ class MeshService:
         *,
         is_local: Callable[[bytes], bool],
         seq_floor: int = 0,
+        restored: Sequence[bytes] = (),
         wall_ms: WallClock = system_wall_ms,
     ) -> None:
+        """``restored``: encoded bindings saved by a previous run (oldest first)."""
         key = credentials.private_key()
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise ConfigError("the mesh needs an Ed25519 node key")
@@ -151,6 +157,11 @@ class MeshService:
             now_ms=wall_ms(),
         )
         self.node_id = self.router.node_id
+        self._restore(restored)
+        self._dirty: dict[bytes, rt.HomeBinding] = {}
+        self._persist_wake = trio.Event()
+        self.bindings_saved = 0
+        self.binding_save_failures = 0
         self.peers = pt.PeerTable(settings.peers or pt.PeerPolicy(), random.random)
         self.federation: Federation | None = None
         self._linked: set[bytes] = set()
@@ -174,9 +185,35 @@ class MeshService:
         """A service whose routing seq continues from what this node stored before."""
         raw = await store.meta_get(SEQ_META_KEY)
         floor = int(raw.decode()) if raw else 0
+        cap = (settings.routing or rt.RoutingPolicy()).max_bindings
+        now = wall_ms()
+        saved = await store.run(lambda s: load_bindings(s, now, cap=cap))
         return cls(
-            credentials, store, settings, is_local=is_local, seq_floor=floor, wall_ms=wall_ms
+            credentials,
+            store,
+            settings,
+            is_local=is_local,
+            seq_floor=floor,
+            restored=[b.binding for b in saved],
+            wall_ms=wall_ms,
         )
+
+    def _restore(self, encoded: Sequence[bytes]) -> None:
+        now = self._wall_ms()
+        refused = 0
+        for data in encoded:
+            try:
+                b = rt.HomeBinding.decode(data)
+            except RemoteProtocolError:
+                refused += 1
+                continue
+            if self.router.restore(b, now) is not rt.Outcome.ACCEPTED:
+                refused += 1
+        if encoded:
+            log.info(
+                "mesh: home bindings restored",
+                extra={"restored": len(encoded) - refused, "refused": refused},
+            )
 
     def wall_ms(self) -> int:
         return self._wall_ms()
@@ -249,8 +286,15 @@ class MeshService:
     def home(self, binding: rt.HomeBinding) -> rt.Outcome:
         """A client that authenticated here signed ``binding``; the core spreads it."""
         outcome = self.router.home(binding, self._wall_ms())
+        if outcome is rt.Outcome.ACCEPTED:
+            self._accepted(binding)
         self._wake.set()
         return outcome
+
+    def _accepted(self, binding: rt.HomeBinding) -> None:
+        """The core took ``binding`` as the newest for its user: save it."""
+        self._dirty[binding.user] = binding
+        self._persist_wake.set()
 
     def receive(self, neighbour: bytes, payload: bytes) -> bool:
         """The federation's announce sink: a neighbour's RouteUpdate."""
@@ -267,7 +311,10 @@ class MeshService:
                 return False
             self._linked.add(neighbour)
             self.router.link_up(neighbour, now)
-        self.router.receive(neighbour, update, now)
+        report = self.router.receive(neighbour, update, now)
+        for b, outcome in zip(update.bindings, report.bindings, strict=True):
+            if outcome is rt.Outcome.ACCEPTED:
+                self._accepted(b)
         self._wake.set()
         return True
 
@@ -292,6 +339,7 @@ class MeshService:
             nursery.start_soon(self._link_events, fed)
             nursery.start_soon(self._routing_loop, fed)
             nursery.start_soon(self._peer_loop, fed)
+            nursery.start_soon(self._persist_loop)
             if self.settings.mdns:
                 disc = self.discovery = MdnsDiscovery(
                     DiscoveryConfig(
@@ -362,6 +410,34 @@ class MeshService:
             wait = max(0.0, (self.router.next_deadline() - self._wall_ms()) / 1000)
             with trio.move_on_after(wait):
                 await self._wake.wait()
+
+    async def _persist_loop(self) -> None:
+        """Save accepted bindings, coalesced; what is pending at shutdown is saved too."""
+        try:
+            while True:
+                await self._persist_wake.wait()
+                await trio.sleep(BINDING_FLUSH_DELAY)
+                self._persist_wake = trio.Event()
+                await self.flush_bindings()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush_bindings()
+
+    async def flush_bindings(self) -> None:
+        """Write the bindings accepted since the last flush (one transaction)."""
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, {}
+        rows = [StoredBinding(b.user, b.node, b.expiry_ms, b.encode()) for b in batch.values()]
+        cap = (self.settings.routing or rt.RoutingPolicy()).max_bindings
+        now = self._wall_ms()
+        try:
+            await self._store.run(lambda s: save_bindings(s, rows, now, cap=cap))
+        except QpcError as exc:  # the store is closing: the next start re-learns them
+            self.binding_save_failures += len(rows)
+            log.warning("mesh: home bindings not saved", extra={"n": len(rows), "err": str(exc)})
+            return
+        self.bindings_saved += len(rows)
 
     async def _send(self, fed: Federation, neighbour: bytes, payload: bytes) -> None:
         lock = self._send_locks.setdefault(neighbour, trio.Lock())

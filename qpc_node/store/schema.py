@@ -149,6 +149,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX relay_seen_by_expiry ON relay_seen(expiry_ms)",
     ),
+    # 6: home bindings (store/homes.py), so a restarted node still knows where users
+    # are homed (and that its own users are homed here) before anyone re-announces.
+    (
+        # binding: the signed HomeBinding as encoded on the wire (verified again on
+        # load); node and expiry_ms copied out of it for the queries.
+        """CREATE TABLE home_bindings (
+            user BLOB PRIMARY KEY,
+            node BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            stored_ms INTEGER NOT NULL,
+            binding BLOB NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX home_bindings_by_expiry ON home_bindings(expiry_ms)",
+        "CREATE INDEX home_bindings_by_age ON home_bindings(stored_ms)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
