@@ -45,12 +45,15 @@ from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.errors import QuotaExceeded
 from qpc_node.store.fairness import Reason, SenderKey
 from qpc_node.store.federation import (
+    Handover,
     QueuedRelay,
     RelayItem,
+    mailbox_has_mail,
     relay_accept,
     relay_done,
     relay_due,
     relay_expire,
+    relay_handover,
     relay_hops,
     relay_next_attempt,
     relay_retry_later,
@@ -72,6 +75,10 @@ _TAKEN = frozenset(
 _RETRY = frozenset({federation_pb2.RELAY_NO_ROUTE, federation_pb2.RELAY_QUEUE_FULL})
 # The recipient's mailbox is full: retry too, but on the slower full-mailbox backoff.
 _RETRY_FULL = frozenset({federation_pb2.RELAY_MAILBOX_FULL})
+# Mail handed over by the user's old home is the user's own backlog, not a stranger's
+# flood: a fairness refusal at the new home is "not yet" (the user fetches there and
+# frees its stranger pool), retried on the full-mailbox backoff until it expires.
+_RETRY_HANDOVER = frozenset({federation_pb2.RELAY_STRANGER_LIMIT})
 
 UNKNOWN_ORIGIN = bytes(FINGERPRINT_LEN)
 """The origin fairness uses for an envelope whose previous hop declared none (a peer
@@ -136,6 +143,8 @@ class Custody:
         self._refusals: deque[RelayRefusal] = deque(maxlen=1024)
         self.expired = 0
         self.send_failures = 0
+        self.handed_over = 0
+        """Messages moved from a re-homed user's mailbox here into custody."""
         self._nursery: trio.Nursery | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -292,6 +301,38 @@ class Custody:
                     refuse(i, federation_pb2.RELAY_QUEUE_FULL, out.replace("_", " "))
         return [r for r in results if r is not None]
 
+    async def hand_over(self, user: bytes, next_hop: bytes) -> Handover:
+        """Move ``user``'s unacked mail from its mailbox here into custody toward
+        ``next_hop``: the user re-homed to a node reached through it. Moves up to a
+        batch per call (see :func:`~qpc_node.store.federation.relay_handover`)."""
+        now = self._wall_ms()
+        qlim = self.limits.queue
+        got = await self._store.run(
+            lambda s: relay_handover(s, user, next_hop, self.node_id, now, qlim)
+        )
+        if got.moved:
+            self.handed_over += got.moved
+            self.queued[next_hop] += got.moved
+            self._ensure_drainer(next_hop)
+            self.kick(next_hop)
+        if got.moved or got.already:
+            log.info(
+                "federation: re-homed user's mail handed over",
+                extra={
+                    "user": user.hex(),
+                    "next_hop": next_hop.hex(),
+                    "moved": got.moved,
+                    "already_relayed": got.already,
+                    "left": got.left,
+                },
+            )
+        return got
+
+    async def holds_mail(self, user: bytes) -> bool:
+        """Is there unacked mail for ``user`` in this node's mailbox?"""
+        now = self._wall_ms()
+        return await self._store.run(lambda s: mailbox_has_mail(s, user, now))
+
     def refusals(self) -> list[RelayRefusal]:
         """Recent envelopes a next hop refused for good (newest last, bounded)."""
         return list(self._refusals)
@@ -382,10 +423,14 @@ class Custody:
             if res.status in _TAKEN:
                 done.append(q.id)
                 counters.relayed_out += 1
-            elif res.status in _RETRY or res.status in _RETRY_FULL:
+            elif (
+                res.status in _RETRY
+                or res.status in _RETRY_FULL
+                or (q.handover and res.status in _RETRY_HANDOVER)
+            ):
                 counters.deferred_out[status_name(res.status)] += 1
                 delay = t.retry_initial * 2 ** min(q.attempts, 8)
-                if res.status in _RETRY_FULL:
+                if res.status in _RETRY_FULL or res.status in _RETRY_HANDOVER:
                     delay = min(t.retry_initial * 2 ** min(q.attempts, 30), t.full_retry_max)
                 later.append((q.id, now + int(1000 * delay)))
             else:

@@ -79,6 +79,9 @@ SEQ_META_KEY = "mesh.seq_floor"
 BINDING_FLUSH_DELAY = 0.2
 """Seconds newly accepted bindings wait to be saved together (a neighbour's full dump
 arrives in several updates; one transaction for them all spares the flash)."""
+HANDOVER_RETRY = 1.0
+"""Seconds between tries to hand a re-homed user's mail over while there is no route
+to its new home yet, or the custody queue toward it is full."""
 
 
 def verify_node(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -157,6 +160,9 @@ class MeshService:
             now_ms=wall_ms(),
         )
         self.node_id = self.router.node_id
+        self._rehomed: set[bytes] = set()
+        """Users whose newest binding names another node: their mail here goes there."""
+        self._handover_wake = trio.Event()
         self._restore(restored)
         self._dirty: dict[bytes, rt.HomeBinding] = {}
         self._persist_wake = trio.Event()
@@ -209,6 +215,8 @@ class MeshService:
                 continue
             if self.router.restore(b, now) is not rt.Outcome.ACCEPTED:
                 refused += 1
+            else:
+                self._note_home(b)
         if encoded:
             log.info(
                 "mesh: home bindings restored",
@@ -295,6 +303,22 @@ class MeshService:
         """The core took ``binding`` as the newest for its user: save it."""
         self._dirty[binding.user] = binding
         self._persist_wake.set()
+        self._note_home(binding)
+
+    def _note_home(self, binding: rt.HomeBinding) -> None:
+        """A user homed elsewhere may have left mail here (this was its old home)."""
+        if binding.node != self.node_id:
+            self._rehomed.add(binding.user)
+            self._handover_wake.set()
+        else:
+            self._rehomed.discard(binding.user)
+
+    def rehomed(self, user: bytes) -> None:
+        """Delivery stored mail here for ``user`` just as its binding moved elsewhere
+        (checked before the store call): hand that over too."""
+        if self.homed_elsewhere(user):
+            self._rehomed.add(user)
+            self._handover_wake.set()
 
     def receive(self, neighbour: bytes, payload: bytes) -> bool:
         """The federation's announce sink: a neighbour's RouteUpdate."""
@@ -316,6 +340,8 @@ class MeshService:
             if outcome is rt.Outcome.ACCEPTED:
                 self._accepted(b)
         self._wake.set()
+        if self._rehomed and update.routes:  # a route to a new home may have come
+            self._handover_wake.set()
         return True
 
     # ------------------------------------------------------------------ driver
@@ -340,6 +366,7 @@ class MeshService:
             nursery.start_soon(self._routing_loop, fed)
             nursery.start_soon(self._peer_loop, fed)
             nursery.start_soon(self._persist_loop)
+            nursery.start_soon(self._handover_loop, fed)
             if self.settings.mdns:
                 disc = self.discovery = MdnsDiscovery(
                     DiscoveryConfig(
@@ -410,6 +437,42 @@ class MeshService:
             wait = max(0.0, (self.router.next_deadline() - self._wall_ms()) / 1000)
             with trio.move_on_after(wait):
                 await self._wake.wait()
+
+    async def _handover_loop(self, fed: Federation) -> None:
+        """The old home forwards what it still holds: each re-homed user's unacked mail
+        moves from the mailbox here into custody toward its new home (as soon as a
+        route to it exists), in batches, each batch one transaction."""
+        while True:
+            if self._rehomed:
+                with trio.move_on_after(HANDOVER_RETRY):
+                    await self._handover_wake.wait()
+            else:
+                await self._handover_wake.wait()
+            self._handover_wake = trio.Event()
+            for user in list(self._rehomed):
+                try:
+                    done = await self._hand_over(fed, user)
+                except QpcError as exc:
+                    log.warning(
+                        "mesh: hand-over failed", extra={"user": short(user), "err": str(exc)}
+                    )
+                    continue
+                if done:
+                    self._rehomed.discard(user)
+
+    async def _hand_over(self, fed: Federation, user: bytes) -> bool:
+        """One batch of ``user``'s mail toward its new home; True when none is left."""
+        if not self.homed_elsewhere(user) or not await fed.custody.holds_mail(user):
+            return True
+        route = self.resolve(user)
+        if not isinstance(route, fed_routes.NextHop):
+            return False  # no path to the new home yet: the next route update wakes us
+        while True:
+            got = await fed.custody.hand_over(user, route.node_id)
+            if got.left == 0:
+                return True
+            if not got.moved and not got.already:
+                return False  # the queue toward the hop is full: try again later
 
     async def _persist_loop(self) -> None:
         """Save accepted bindings, coalesced; what is pending at shutdown is saved too."""

@@ -164,6 +164,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX home_bindings_by_expiry ON home_bindings(expiry_ms)",
         "CREATE INDEX home_bindings_by_age ON home_bindings(stored_ms)",
     ),
+    # 7: hand-over custody (store/federation.py relay_handover): mail a re-homed user
+    # left in this node's mailbox, owed to its new home. Such rows are retried, never
+    # dropped, when the new home's fairness refuses them for now.
+    ("ALTER TABLE relay_queue ADD COLUMN handover INTEGER NOT NULL DEFAULT 0",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
