@@ -43,6 +43,7 @@ from qpc_node.federation import routes as fed_routes
 from qpc_node.federation.core import (
     CLOSE_DUPLICATE,
     Federation,
+    FederationLimits,
     FederationSetup,
     LinkEvent,
     LinkTimers,
@@ -59,6 +60,7 @@ from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.log import get_logger
 from qpc_node.quic.tls import NodeCredentials
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.federation import RelayQueueLimits
 from qpc_node.store.homes import StoredBinding, load_bindings, save_bindings
 from qpc_node.store.records import EnqueueResult
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
@@ -113,14 +115,26 @@ class MeshSettings:
     routing: rt.RoutingPolicy | None = None
     peers: pt.PeerPolicy | None = None
     timers: LinkTimers | None = None
+    limits: FederationLimits | None = None
 
 
 def settings_from_config(
-    static_peers: Sequence[str], mdns: bool, interfaces: Sequence[str]
+    static_peers: Sequence[str],
+    mdns: bool,
+    interfaces: Sequence[str],
+    *,
+    relay_custody_per_user: int | None = None,
 ) -> MeshSettings:
-    """``mesh.*`` of the node's config (already checked by the config loader)."""
+    """``mesh.*`` of the node's config (already checked by the config loader), and
+    ``limits.relay_custody_per_user`` (the federation's per-origin custody share)."""
+    limits = None
+    if relay_custody_per_user is not None:
+        limits = FederationLimits(queue=RelayQueueLimits(max_per_origin=relay_custody_per_user))
     return MeshSettings(
-        static_peers=parse_static_peers(static_peers), mdns=mdns, interfaces=tuple(interfaces)
+        static_peers=parse_static_peers(static_peers),
+        mdns=mdns,
+        interfaces=tuple(interfaces),
+        limits=limits,
     )
 
 
@@ -229,7 +243,10 @@ class MeshService:
     def federation_setup(self) -> FederationSetup:
         """Mesh mode (trust on first use); resolve and announce intake come from here."""
         return FederationSetup(
-            resolve=self.resolve, announce_sink=self.receive, timers=self.settings.timers
+            resolve=self.resolve,
+            announce_sink=self.receive,
+            timers=self.settings.timers,
+            limits=self.settings.limits,
         )
 
     def attach(self, federation: Federation) -> None:

@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from qpc_node.errors import ConfigError
 from qpc_node.store.mailbox import note_sent, release_to_custody
 from qpc_node.store.records import Envelope
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
 
 PinState = Literal["trusted", "refused"]
-AcceptOutcome = Literal["queued", "duplicate", "hop_full", "source_full"]
+AcceptOutcome = Literal["queued", "duplicate", "hop_full", "source_full", "origin_full"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,17 @@ class RelayQueueLimits:
     max_per_hop: int = 10_000
     """Envelopes held toward one next hop."""
     max_per_source: int = 2_000
-    """Envelopes held that one neighbour handed us: it cannot fill the queue of others."""
+    """Envelopes held that one neighbour handed us: it cannot fill the queue of others.
+    Mail this node's own users send counts with this node as its source."""
+    max_per_origin: int = 1_000
+    """Envelopes held from one sending user (declared origin) of one source: one local
+    user flooding remote users fills its own share, not the whole source limit that
+    every other local user's remote DMs need too. Half the source limit: a user's
+    burst of 1,000 DMs while the next hop is away still fits (the relay kill -9 test)."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_per_hop, self.max_per_source, self.max_per_origin) < 1:
+            raise ConfigError("relay queue limits must be >= 1")
 
 
 def relay_accept(
@@ -142,6 +153,7 @@ def relay_accept(
     with transaction(store.conn) as conn:
         hop_depth: dict[bytes, int] = {}
         src_depth: dict[bytes, int] = {}
+        origin_depth: dict[tuple[bytes, bytes], int] = {}
         for item in items:
             env = item.envelope
             seen = conn.execute(
@@ -164,6 +176,17 @@ def relay_accept(
             if src_depth[item.from_node] >= limits.max_per_source:
                 out.append("source_full")
                 continue
+            key = (item.from_node, item.origin) if item.origin is not None else None
+            if key is not None:
+                if key not in origin_depth:
+                    origin_depth[key] = conn.execute(
+                        "SELECT count(*) FROM relay_queue WHERE from_node = ? AND origin = ?",
+                        key,
+                    ).fetchone()[0]
+                if origin_depth[key] >= limits.max_per_origin:
+                    out.append("origin_full")
+                    continue
+                origin_depth[key] += 1
             conn.execute(
                 "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
                 " expiry_ms, hop_limit, ciphertext, enqueued_ms)"

@@ -168,6 +168,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # left in this node's mailbox, owed to its new home. Such rows are retried, never
     # dropped, when the new home's fairness refuses them for now.
     ("ALTER TABLE relay_queue ADD COLUMN handover INTEGER NOT NULL DEFAULT 0",),
+    # 8: the custody share of one sending user (RelayQueueLimits.max_per_origin) is
+    # counted per (from_node, origin); that index also serves the per-source count.
+    (
+        "DROP INDEX relay_queue_by_source",
+        "CREATE INDEX relay_queue_by_origin ON relay_queue(from_node, origin)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
