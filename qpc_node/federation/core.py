@@ -475,6 +475,9 @@ class Federation:
             send_failures=self.custody.send_failures,
             events_dropped=self._links.events_dropped,
             trust_refusals=int(getattr(self.policy, "refusals", 0)),
+            link_ups=self._links.ups,
+            link_downs=self._links.downs,
+            handed_over=self.custody.handed_over,
         )
 
 

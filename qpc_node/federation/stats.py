@@ -32,6 +32,9 @@ class FederationStatistics:
     send_failures: int
     events_dropped: int
     trust_refusals: int
+    link_ups: int  # links that came up (a connection replacing a duplicate is not one)
+    link_downs: int
+    handed_over: int  # messages a re-homed user left here, moved into custody
 
 
 @dataclass(slots=True)

@@ -118,6 +118,21 @@ class MeshSettings:
     limits: FederationLimits | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MeshStatistics:
+    peers: pt.PeerTableStatistics
+    routing: rt.RoutingStatistics
+    updates_received: int
+    """RouteUpdates neighbours sent over Announce and we applied."""
+    updates_rejected: int
+    """RouteUpdates refused whole: undecodable, or from a node with no link."""
+    announce_failures: int
+    bindings_saved: int
+    binding_save_failures: int
+    handovers_pending: int
+    """Re-homed users whose mail here waits for a route to their new home (or more)."""
+
+
 def settings_from_config(
     static_peers: Sequence[str],
     mdns: bool,
@@ -190,6 +205,8 @@ class MeshService:
         self._send_locks: dict[bytes, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.announce_failures = 0
+        self.updates_received = 0
+        self.updates_rejected = 0
         self.discovery: MdnsDiscovery | None = None
 
     @classmethod
@@ -342,6 +359,7 @@ class MeshService:
         try:
             update = rt.RouteUpdate.decode(payload)
         except RemoteProtocolError as exc:
+            self.updates_rejected += 1
             log.info("mesh: bad route update", extra={"node": short(neighbour), "err": str(exc)})
             return False
         now = self._wall_ms()
@@ -349,10 +367,12 @@ class MeshService:
             # The update overtook the link's "up" event (a separate channel).
             fed = self.federation
             if fed is None or not fed.link_up(neighbour):
+                self.updates_rejected += 1
                 return False
             self._linked.add(neighbour)
             self.router.link_up(neighbour, now)
         report = self.router.receive(neighbour, update, now)
+        self.updates_received += 1
         for b, outcome in zip(update.bindings, report.bindings, strict=True):
             if outcome is rt.Outcome.ACCEPTED:
                 self._accepted(b)
@@ -436,6 +456,18 @@ class MeshService:
             extra={"node": short(ev.node_id), "addr": ev.address, "reason": ev.reason},
         )
         self._wake.set()
+
+    def statistics(self) -> MeshStatistics:
+        return MeshStatistics(
+            peers=self.peers.statistics(),
+            routing=self.router.statistics(),
+            updates_received=self.updates_received,
+            updates_rejected=self.updates_rejected,
+            announce_failures=self.announce_failures,
+            bindings_saved=self.bindings_saved,
+            binding_save_failures=self.binding_save_failures,
+            handovers_pending=len(self._rehomed),
+        )
 
     def peers_known(self) -> set[bytes]:
         return {p.node for p in self.peers.peers()}
