@@ -49,6 +49,7 @@ from qpc_node.store.federation import (
     QueuedRelay,
     RelayItem,
     mailbox_has_mail,
+    mailboxes_with_mail,
     relay_accept,
     relay_done,
     relay_due,
@@ -327,6 +328,10 @@ class Custody:
                 },
             )
         return got
+
+    async def mailbox_users(self) -> set[bytes]:
+        """Users with unacked mail in this node's mailbox (one store query)."""
+        return await self._store.run(mailboxes_with_mail)
 
     async def holds_mail(self, user: bytes) -> bool:
         """Is there unacked mail for ``user`` in this node's mailbox?"""

@@ -498,6 +498,15 @@ class MeshService:
             else:
                 await self._handover_wake.wait()
             self._handover_wake = trio.Event()
+            candidates = set(self._rehomed)
+            try:
+                # Most bindings naming other nodes are users who never lived here: one
+                # query for the mailboxes holding anything, not one per user.
+                with_mail = await fed.custody.mailbox_users()
+            except QpcError as exc:
+                log.warning("mesh: hand-over check failed", extra={"err": str(exc)})
+                continue
+            self._rehomed -= candidates - with_mail  # (added meanwhile: next pass)
             for user in list(self._rehomed):
                 try:
                     done = await self._hand_over(fed, user)

@@ -321,6 +321,14 @@ def relay_handover(
     return Handover(moved, already, int(left))
 
 
+def mailboxes_with_mail(store: Store) -> set[bytes]:
+    """Recipients with unacked messages here (expired ones count until the sweep): the
+    only users a hand-over can concern. O(mailboxes), not O(messages)."""
+    return {
+        bytes(r[0]) for r in store.conn.execute("SELECT recipient FROM mailboxes WHERE depth > 0")
+    }
+
+
 def mailbox_has_mail(store: Store, recipient: bytes, now_ms: int) -> bool:
     """Does ``recipient`` have unacked, unexpired mail here (a hand-over to do)?"""
     row = store.conn.execute(

@@ -12,6 +12,7 @@ from qpc_node.store.federation import (
     RelayItem,
     RelayQueueLimits,
     mailbox_has_mail,
+    mailboxes_with_mail,
     relay_accept,
     relay_due,
     relay_handover,
@@ -19,7 +20,7 @@ from qpc_node.store.federation import (
 
 NOW = 1_800_000_000_000
 USER, STRANGER, FRIEND = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
-HERE, HOP = b"\xaa" * 32, b"\xbb" * 32
+HERE, HOP, OTHER = b"\xaa" * 32, b"\xbb" * 32, b"\xcc" * 32
 
 
 def env(expiry: int = NOW + 3_600_000) -> Envelope:
@@ -59,7 +60,10 @@ def test_unacked_mail_moves_once_and_acked_mail_stays_gone(tmp_path: Path) -> No
 def test_a_full_queue_toward_the_hop_moves_only_what_fits(tmp_path: Path) -> None:
     with Store.open(tmp_path / "node.db") as s:
         s.enqueue([env() for _ in range(5)], NOW, sender=SenderKey.local(USER))
+        assert mailboxes_with_mail(s) == {USER}
         got = relay_handover(s, USER, HOP, HERE, NOW, RelayQueueLimits(max_per_hop=3))
         assert (got.moved, got.left) == (3, 2)
         assert mailbox_has_mail(s, USER, NOW)
         assert s.depth(USER).messages == 2
+        relay_handover(s, USER, OTHER, HERE, NOW, RelayQueueLimits())
+        assert mailboxes_with_mail(s) == set()
