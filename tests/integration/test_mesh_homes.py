@@ -19,6 +19,7 @@ from qpc_node.node import Node
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.store.federation import mailbox_has_mail
 from qpc_node.wire.envelope import Envelope
+from qpc_node.wire.gen.qpc.v1 import federation_pb2
 from tests.integration.fed_nodes import identity, until
 from tests.integration.test_mesh_dm import _enqueue, free_port, homed, mesh_node, mesh_of, user
 
@@ -107,6 +108,12 @@ async def test_old_home_hands_over_mail_after_the_user_re_homed(
                 )
                 assert not left
                 await until(lambda: fed.statistics().queued == 0, within=10)
+                # New mail for u that reaches A now is routed to B, not stored at A.
+                late = Envelope(os.urandom(16), uid, wall() + 86_400_000, 8, os.urandom(64))
+                (res,) = await fed.submit([late.to_proto()], origin=b"\x05" * 32)
+                assert res.status == federation_pb2.RELAY_QUEUED
+                await until(lambda: _ids(u, len(sent) + 1), within=20)
+                assert sorted(await mailbox_ids(u)) == sorted([*sent, late.msg_id])
 
 
 async def _ids(agent: Agent, want: int) -> bool:
