@@ -344,7 +344,7 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             max_half_open, max_half_open_per_ip, half_open_timeout_s,
             retry_threshold, rpc_buffer_bytes, rpc_buffer_bytes_per_ip,
             send_queue_bytes, send_queue_bytes_per_ip, send_timeout_s,
-            keypackage_ttl_s, retention_s
+            keypackage_ttl_s, retention_s, relay_custody_per_user
   mls       ciphersuites
   mesh      mdns (announce and browse: true, false, or auto = on unless
             node.listen is loopback; default auto), interfaces (for mDNS; empty =

@@ -338,7 +338,12 @@ class Node:
                 self.mesh = await MeshService.open(
                     creds,
                     store,
-                    settings_from_config(m.static_peers, mdns, m.interfaces),
+                    settings_from_config(
+                        m.static_peers,
+                        mdns,
+                        m.interfaces,
+                        relay_custody_per_user=lim.relay_custody_per_user,
+                    ),
                     is_local=self._known_local,
                     wall_ms=self._wall_ms,
                 )
@@ -590,6 +595,7 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "limits.half_open_timeout_s": Live(Node._apply_admission),
     "limits.retry_threshold": Live(Node._apply_admission),
     "limits.keypackage_ttl_s": RESTART,  # the directory's and the store's, set at start
+    "limits.relay_custody_per_user": RESTART,  # the federation's limits, built at start
     # mls
     "mls.ciphersuites": RESTART,  # the directory's allowlist, set at start
     # mesh: read when the node starts (peer table, discovery, the federation's TLS)

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
-from qpc_node.errors import ConfigError, LocalProtocolError
+from qpc_node.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from qpc_node.mesh.bindings import BindingStore
 from qpc_node.mesh.signed import (
     HOME_DOMAIN,
@@ -256,6 +256,8 @@ class RoutingStatistics:
     bindings_expired: int
     bindings_replayed: int
     bindings_evicted: int
+    bindings_restored: int
+    """Read back from the store at start (and still valid)."""
     retractions_sent: int
     requests_sent: int
     requests_received: int
@@ -386,6 +388,7 @@ class Router:
                 "requests_received",
                 "updates_sent",
                 "entries_sent",
+                "bindings_restored",
             ),
             0,
         )
@@ -458,6 +461,21 @@ class Router:
         else:
             o = self._on_binding(binding, now_ms, None)
         self._binding_outcomes[o] += 1
+        return o
+
+    def restore(self, binding: HomeBinding, now_ms: int) -> Outcome:
+        """A binding this node accepted before a restart (read back from its store).
+
+        Verified and kept like a neighbour's, but not sent on at once: links come up
+        later and each gets the whole table (our own users' bindings with it), so
+        nothing waits for the users or the neighbours to announce again."""
+        try:
+            binding.validate(remote=True)
+        except RemoteProtocolError:
+            return Outcome.FORGED
+        o = self._bindings.offer(binding, now_ms)
+        if o is Outcome.ACCEPTED:
+            self._c["bindings_restored"] += 1
         return o
 
     # -- outputs ----------------------------------------------------------------------------
@@ -565,6 +583,7 @@ class Router:
             bindings_expired=bo[Outcome.EXPIRED],
             bindings_replayed=bo[Outcome.REPLAYED],
             bindings_evicted=self._bindings.evicted,
+            bindings_restored=c["bindings_restored"],
             retractions_sent=c["retractions_sent"],
             requests_sent=c["requests_sent"],
             requests_received=c["requests_received"],

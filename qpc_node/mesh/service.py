@@ -43,6 +43,7 @@ from qpc_node.federation import routes as fed_routes
 from qpc_node.federation.core import (
     CLOSE_DUPLICATE,
     Federation,
+    FederationLimits,
     FederationSetup,
     LinkEvent,
     LinkTimers,
@@ -59,6 +60,8 @@ from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.log import get_logger
 from qpc_node.quic.tls import NodeCredentials
 from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.federation import RelayQueueLimits
+from qpc_node.store.homes import StoredBinding, load_bindings, save_bindings
 from qpc_node.store.records import EnqueueResult
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
@@ -75,6 +78,12 @@ _DUPLICATE = f"code={CLOSE_DUPLICATE:#x}"
 
 SEQ_META_KEY = "mesh.seq_floor"
 """Store meta key of the routing core's reserved seq (PersistSeq), decimal ASCII."""
+BINDING_FLUSH_DELAY = 0.2
+"""Seconds newly accepted bindings wait to be saved together (a neighbour's full dump
+arrives in several updates; one transaction for them all spares the flash)."""
+HANDOVER_RETRY = 1.0
+"""Seconds between tries to hand a re-homed user's mail over while there is no route
+to its new home yet, or the custody queue toward it is full."""
 
 
 def verify_node(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -106,14 +115,41 @@ class MeshSettings:
     routing: rt.RoutingPolicy | None = None
     peers: pt.PeerPolicy | None = None
     timers: LinkTimers | None = None
+    limits: FederationLimits | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatistics:
+    peers: pt.PeerTableStatistics
+    routing: rt.RoutingStatistics
+    updates_received: int
+    """RouteUpdates neighbours sent over Announce and we applied."""
+    updates_rejected: int
+    """RouteUpdates refused whole: undecodable, or from a node with no link."""
+    announce_failures: int
+    bindings_saved: int
+    binding_save_failures: int
+    handovers_pending: int
+    """Re-homed users whose mail here waits for a route to their new home (or more)."""
 
 
 def settings_from_config(
-    static_peers: Sequence[str], mdns: bool, interfaces: Sequence[str]
+    static_peers: Sequence[str],
+    mdns: bool,
+    interfaces: Sequence[str],
+    *,
+    relay_custody_per_user: int | None = None,
 ) -> MeshSettings:
-    """``mesh.*`` of the node's config (already checked by the config loader)."""
+    """``mesh.*`` of the node's config (already checked by the config loader), and
+    ``limits.relay_custody_per_user`` (the federation's per-origin custody share)."""
+    limits = None
+    if relay_custody_per_user is not None:
+        limits = FederationLimits(queue=RelayQueueLimits(max_per_origin=relay_custody_per_user))
     return MeshSettings(
-        static_peers=parse_static_peers(static_peers), mdns=mdns, interfaces=tuple(interfaces)
+        static_peers=parse_static_peers(static_peers),
+        mdns=mdns,
+        interfaces=tuple(interfaces),
+        limits=limits,
     )
 
 
@@ -128,8 +164,10 @@ class MeshService:
         *,
         is_local: Callable[[bytes], bool],
         seq_floor: int = 0,
+        restored: Sequence[bytes] = (),
         wall_ms: WallClock = system_wall_ms,
     ) -> None:
+        """``restored``: encoded bindings saved by a previous run (oldest first)."""
         key = credentials.private_key()
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise ConfigError("the mesh needs an Ed25519 node key")
@@ -151,6 +189,14 @@ class MeshService:
             now_ms=wall_ms(),
         )
         self.node_id = self.router.node_id
+        self._rehomed: set[bytes] = set()
+        """Users whose newest binding names another node: their mail here goes there."""
+        self._handover_wake = trio.Event()
+        self._restore(restored)
+        self._dirty: dict[bytes, rt.HomeBinding] = {}
+        self._persist_wake = trio.Event()
+        self.bindings_saved = 0
+        self.binding_save_failures = 0
         self.peers = pt.PeerTable(settings.peers or pt.PeerPolicy(), random.random)
         self.federation: Federation | None = None
         self._linked: set[bytes] = set()
@@ -159,6 +205,8 @@ class MeshService:
         self._send_locks: dict[bytes, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.announce_failures = 0
+        self.updates_received = 0
+        self.updates_rejected = 0
         self.discovery: MdnsDiscovery | None = None
 
     @classmethod
@@ -174,9 +222,37 @@ class MeshService:
         """A service whose routing seq continues from what this node stored before."""
         raw = await store.meta_get(SEQ_META_KEY)
         floor = int(raw.decode()) if raw else 0
+        cap = (settings.routing or rt.RoutingPolicy()).max_bindings
+        now = wall_ms()
+        saved = await store.run(lambda s: load_bindings(s, now, cap=cap))
         return cls(
-            credentials, store, settings, is_local=is_local, seq_floor=floor, wall_ms=wall_ms
+            credentials,
+            store,
+            settings,
+            is_local=is_local,
+            seq_floor=floor,
+            restored=[b.binding for b in saved],
+            wall_ms=wall_ms,
         )
+
+    def _restore(self, encoded: Sequence[bytes]) -> None:
+        now = self._wall_ms()
+        refused = 0
+        for data in encoded:
+            try:
+                b = rt.HomeBinding.decode(data)
+            except RemoteProtocolError:
+                refused += 1
+                continue
+            if self.router.restore(b, now) is not rt.Outcome.ACCEPTED:
+                refused += 1
+            else:
+                self._note_home(b)
+        if encoded:
+            log.info(
+                "mesh: home bindings restored",
+                extra={"restored": len(encoded) - refused, "refused": refused},
+            )
 
     def wall_ms(self) -> int:
         return self._wall_ms()
@@ -184,7 +260,10 @@ class MeshService:
     def federation_setup(self) -> FederationSetup:
         """Mesh mode (trust on first use); resolve and announce intake come from here."""
         return FederationSetup(
-            resolve=self.resolve, announce_sink=self.receive, timers=self.settings.timers
+            resolve=self.resolve,
+            announce_sink=self.receive,
+            timers=self.settings.timers,
+            limits=self.settings.limits,
         )
 
     def attach(self, federation: Federation) -> None:
@@ -249,14 +328,38 @@ class MeshService:
     def home(self, binding: rt.HomeBinding) -> rt.Outcome:
         """A client that authenticated here signed ``binding``; the core spreads it."""
         outcome = self.router.home(binding, self._wall_ms())
+        if outcome is rt.Outcome.ACCEPTED:
+            self._accepted(binding)
         self._wake.set()
         return outcome
+
+    def _accepted(self, binding: rt.HomeBinding) -> None:
+        """The core took ``binding`` as the newest for its user: save it."""
+        self._dirty[binding.user] = binding
+        self._persist_wake.set()
+        self._note_home(binding)
+
+    def _note_home(self, binding: rt.HomeBinding) -> None:
+        """A user homed elsewhere may have left mail here (this was its old home)."""
+        if binding.node != self.node_id:
+            self._rehomed.add(binding.user)
+            self._handover_wake.set()
+        else:
+            self._rehomed.discard(binding.user)
+
+    def rehomed(self, user: bytes) -> None:
+        """Delivery stored mail here for ``user`` just as its binding moved elsewhere
+        (checked before the store call): hand that over too."""
+        if self.homed_elsewhere(user):
+            self._rehomed.add(user)
+            self._handover_wake.set()
 
     def receive(self, neighbour: bytes, payload: bytes) -> bool:
         """The federation's announce sink: a neighbour's RouteUpdate."""
         try:
             update = rt.RouteUpdate.decode(payload)
         except RemoteProtocolError as exc:
+            self.updates_rejected += 1
             log.info("mesh: bad route update", extra={"node": short(neighbour), "err": str(exc)})
             return False
         now = self._wall_ms()
@@ -264,11 +367,18 @@ class MeshService:
             # The update overtook the link's "up" event (a separate channel).
             fed = self.federation
             if fed is None or not fed.link_up(neighbour):
+                self.updates_rejected += 1
                 return False
             self._linked.add(neighbour)
             self.router.link_up(neighbour, now)
-        self.router.receive(neighbour, update, now)
+        report = self.router.receive(neighbour, update, now)
+        self.updates_received += 1
+        for b, outcome in zip(update.bindings, report.bindings, strict=True):
+            if outcome is rt.Outcome.ACCEPTED:
+                self._accepted(b)
         self._wake.set()
+        if self._rehomed and update.routes:  # a route to a new home may have come
+            self._handover_wake.set()
         return True
 
     # ------------------------------------------------------------------ driver
@@ -292,6 +402,8 @@ class MeshService:
             nursery.start_soon(self._link_events, fed)
             nursery.start_soon(self._routing_loop, fed)
             nursery.start_soon(self._peer_loop, fed)
+            nursery.start_soon(self._persist_loop)
+            nursery.start_soon(self._handover_loop, fed)
             if self.settings.mdns:
                 disc = self.discovery = MdnsDiscovery(
                     DiscoveryConfig(
@@ -345,6 +457,18 @@ class MeshService:
         )
         self._wake.set()
 
+    def statistics(self) -> MeshStatistics:
+        return MeshStatistics(
+            peers=self.peers.statistics(),
+            routing=self.router.statistics(),
+            updates_received=self.updates_received,
+            updates_rejected=self.updates_rejected,
+            announce_failures=self.announce_failures,
+            bindings_saved=self.bindings_saved,
+            binding_save_failures=self.binding_save_failures,
+            handovers_pending=len(self._rehomed),
+        )
+
     def peers_known(self) -> set[bytes]:
         return {p.node for p in self.peers.peers()}
 
@@ -362,6 +486,79 @@ class MeshService:
             wait = max(0.0, (self.router.next_deadline() - self._wall_ms()) / 1000)
             with trio.move_on_after(wait):
                 await self._wake.wait()
+
+    async def _handover_loop(self, fed: Federation) -> None:
+        """The old home forwards what it still holds: each re-homed user's unacked mail
+        moves from the mailbox here into custody toward its new home (as soon as a
+        route to it exists), in batches, each batch one transaction."""
+        while True:
+            if self._rehomed:
+                with trio.move_on_after(HANDOVER_RETRY):
+                    await self._handover_wake.wait()
+            else:
+                await self._handover_wake.wait()
+            self._handover_wake = trio.Event()
+            candidates = set(self._rehomed)
+            try:
+                # Most bindings naming other nodes are users who never lived here: one
+                # query for the mailboxes holding anything, not one per user.
+                with_mail = await fed.custody.mailbox_users()
+            except QpcError as exc:
+                log.warning("mesh: hand-over check failed", extra={"err": str(exc)})
+                continue
+            self._rehomed -= candidates - with_mail  # (added meanwhile: next pass)
+            for user in list(self._rehomed):
+                try:
+                    done = await self._hand_over(fed, user)
+                except QpcError as exc:
+                    log.warning(
+                        "mesh: hand-over failed", extra={"user": short(user), "err": str(exc)}
+                    )
+                    continue
+                if done:
+                    self._rehomed.discard(user)
+
+    async def _hand_over(self, fed: Federation, user: bytes) -> bool:
+        """One batch of ``user``'s mail toward its new home; True when none is left."""
+        if not self.homed_elsewhere(user) or not await fed.custody.holds_mail(user):
+            return True
+        route = self.resolve(user)
+        if not isinstance(route, fed_routes.NextHop):
+            return False  # no path to the new home yet: the next route update wakes us
+        while True:
+            got = await fed.custody.hand_over(user, route.node_id)
+            if got.left == 0:
+                return True
+            if not got.moved and not got.already:
+                return False  # the queue toward the hop is full: try again later
+
+    async def _persist_loop(self) -> None:
+        """Save accepted bindings, coalesced; what is pending at shutdown is saved too."""
+        try:
+            while True:
+                await self._persist_wake.wait()
+                await trio.sleep(BINDING_FLUSH_DELAY)
+                self._persist_wake = trio.Event()
+                await self.flush_bindings()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush_bindings()
+
+    async def flush_bindings(self) -> None:
+        """Write the bindings accepted since the last flush (one transaction)."""
+        if not self._dirty:
+            return
+        batch, self._dirty = self._dirty, {}
+        rows = [StoredBinding(b.user, b.node, b.expiry_ms, b.encode()) for b in batch.values()]
+        cap = (self.settings.routing or rt.RoutingPolicy()).max_bindings
+        now = self._wall_ms()
+        try:
+            await self._store.run(lambda s: save_bindings(s, rows, now, cap=cap))
+        except QpcError as exc:  # the store is closing: the next start re-learns them
+            self.binding_save_failures += len(rows)
+            log.warning("mesh: home bindings not saved", extra={"n": len(rows), "err": str(exc)})
+            return
+        self.bindings_saved += len(rows)
 
     async def _send(self, fed: Federation, neighbour: bytes, payload: bytes) -> None:
         lock = self._send_locks.setdefault(neighbour, trio.Lock())

@@ -125,6 +125,10 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     send_queue_bytes_per_ip: int = 8 * 1024 * 1024
     # A response not taken by the peer within this is dropped (stream reset).
     send_timeout_s: float = 30.0
+    # Relayed envelopes one local user may have in this node's federation custody
+    # (mail to users homed elsewhere not yet taken by the next hop): one user
+    # flooding remote users cannot use up the room every local user shares.
+    relay_custody_per_user: int = 1_000
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:

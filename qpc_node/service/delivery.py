@@ -60,6 +60,11 @@ class Relay(Protocol):
         """Would ``submit`` take it now (a route exists)? For all-or-nothing batches."""
         ...
 
+    def rehomed(self, user: bytes) -> None:
+        """Mail was just stored here for ``user``: if its binding moved elsewhere while
+        it was being stored, the old-home hand-over must pick it up too."""
+        ...
+
 
 class Waiters:
     """Parked fetches per recipient: one Event they share, set when mail arrives.
@@ -263,6 +268,8 @@ class DeliveryService:
             )
         for rec in woken:
             self.waiters.notify(rec)
+            if self._relay is not None:
+                self._relay.rehomed(rec)
         return service_pb2.EnqueueResponse(results=results)
 
     async def _here(self, user: bytes) -> bool:

@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from qpc_node.store.mailbox import note_sent
+from qpc_node.errors import ConfigError
+from qpc_node.store.mailbox import note_sent, release_to_custody
 from qpc_node.store.records import Envelope
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
 
 PinState = Literal["trusted", "refused"]
-AcceptOutcome = Literal["queued", "duplicate", "hop_full", "source_full"]
+AcceptOutcome = Literal["queued", "duplicate", "hop_full", "source_full", "origin_full"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,8 @@ class QueuedRelay:
     envelope: Envelope
     attempts: int
     origin: bytes | None
+    handover: bool = False
+    """Handed over by this node as the user's old home (:func:`relay_handover`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +117,17 @@ class RelayQueueLimits:
     max_per_hop: int = 10_000
     """Envelopes held toward one next hop."""
     max_per_source: int = 2_000
-    """Envelopes held that one neighbour handed us: it cannot fill the queue of others."""
+    """Envelopes held that one neighbour handed us: it cannot fill the queue of others.
+    Mail this node's own users send counts with this node as its source."""
+    max_per_origin: int = 1_000
+    """Envelopes held from one sending user (declared origin) of one source: one local
+    user flooding remote users fills its own share, not the whole source limit that
+    every other local user's remote DMs need too. Half the source limit: a user's
+    burst of 1,000 DMs while the next hop is away still fits (the relay kill -9 test)."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_per_hop, self.max_per_source, self.max_per_origin) < 1:
+            raise ConfigError("relay queue limits must be >= 1")
 
 
 def relay_accept(
@@ -140,6 +153,7 @@ def relay_accept(
     with transaction(store.conn) as conn:
         hop_depth: dict[bytes, int] = {}
         src_depth: dict[bytes, int] = {}
+        origin_depth: dict[tuple[bytes, bytes], int] = {}
         for item in items:
             env = item.envelope
             seen = conn.execute(
@@ -162,6 +176,17 @@ def relay_accept(
             if src_depth[item.from_node] >= limits.max_per_source:
                 out.append("source_full")
                 continue
+            key = (item.from_node, item.origin) if item.origin is not None else None
+            if key is not None:
+                if key not in origin_depth:
+                    origin_depth[key] = conn.execute(
+                        "SELECT count(*) FROM relay_queue WHERE from_node = ? AND origin = ?",
+                        key,
+                    ).fetchone()[0]
+                if origin_depth[key] >= limits.max_per_origin:
+                    out.append("origin_full")
+                    continue
+                origin_depth[key] += 1
             conn.execute(
                 "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
                 " expiry_ms, hop_limit, ciphertext, enqueued_ms)"
@@ -193,8 +218,8 @@ def relay_accept(
 def relay_due(store: Store, next_hop: bytes, now_ms: int, limit: int) -> list[QueuedRelay]:
     """The oldest envelopes toward ``next_hop`` whose retry time has come."""
     rows = store.conn.execute(
-        "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts, origin"
-        " FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
+        "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts, origin,"
+        " handover FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
         " ORDER BY id LIMIT ?",
         (next_hop, now_ms, now_ms, limit),
     ).fetchall()
@@ -205,9 +230,113 @@ def relay_due(store: Store, next_hop: bytes, now_ms: int, limit: int) -> list[Qu
             Envelope(bytes(r[1]), bytes(r[2]), r[3], r[4], bytes(r[5])),
             r[6],
             None if r[7] is None else bytes(r[7]),
+            bool(r[8]),
         )
         for r in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """What :func:`relay_handover` did with one user's mailbox."""
+
+    moved: int
+    """Messages now in custody toward the new home (and gone from the mailbox)."""
+    already: int
+    """Messages whose msg_id this node had already relayed: dropped from the mailbox only."""
+    left: int
+    """Unacked messages still in the mailbox (the custody queue toward the hop is full,
+    or more than one call moves): call again."""
+
+
+def relay_handover(
+    store: Store,
+    recipient: bytes,
+    next_hop: bytes,
+    from_node: bytes,
+    now_ms: int,
+    limits: RelayQueueLimits,
+    *,
+    max_rows: int = 256,
+) -> Handover:
+    """Move ``recipient``'s unacked mail from its mailbox here into custody toward
+    ``next_hop``: the user re-homed elsewhere and this node is its old home.
+
+    One transaction: each message leaves the mailbox (as an ack does: a tombstone keeps
+    its msg_id, the fairness counters are released) in the same commit that queues it,
+    so a crash leaves it in one place or the other, never neither; a retry moves only
+    what is still there. Idempotent on msg_id like :func:`relay_accept` (the relay
+    seen-set); the new home's mailbox de-duplicates on its side. The origin declared
+    with each is the sender's as the mailbox kept it (stranger mail), else unknown.
+    Only the per-hop bound applies: this is mail the node already holds, not new load.
+    """
+    with transaction(store.conn) as conn:
+        room = (
+            limits.max_per_hop
+            - conn.execute(
+                "SELECT count(*) FROM relay_queue WHERE next_hop = ?", (next_hop,)
+            ).fetchone()[0]
+        )
+        rows = conn.execute(
+            "SELECT id, seq, msg_id, expiry_ms, hop_limit, ciphertext, sender FROM messages"
+            " WHERE recipient = ? AND ciphertext IS NOT NULL AND expiry_ms > ?"
+            " ORDER BY seq LIMIT ?",
+            (recipient, now_ms, max(0, min(room, max_rows))),
+        ).fetchall()
+        moved = already = 0
+        for _id, _seq, msg_id, expiry_ms, hop_limit, ciphertext, tag in rows:
+            seen = conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (msg_id,)).fetchone()
+            if seen is not None:
+                already += 1
+                continue
+            origin = None if tag is None else bytes(tag)[-32:]
+            if origin == bytes(32):  # the stranger key of an undeclared relayed origin
+                origin = None
+            conn.execute(
+                "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
+                " expiry_ms, hop_limit, ciphertext, enqueued_ms, handover)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+                (
+                    next_hop,
+                    from_node,
+                    origin,
+                    msg_id,
+                    recipient,
+                    expiry_ms,
+                    hop_limit,
+                    ciphertext,
+                    now_ms,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)", (msg_id, expiry_ms)
+            )
+            moved += 1
+        release_to_custody(conn, recipient, [int(r[1]) for r in rows])
+        left = conn.execute(
+            "SELECT count(*) FROM messages WHERE recipient = ? AND ciphertext IS NOT NULL"
+            " AND expiry_ms > ?",
+            (recipient, now_ms),
+        ).fetchone()[0]
+    return Handover(moved, already, int(left))
+
+
+def mailboxes_with_mail(store: Store) -> set[bytes]:
+    """Recipients with unacked messages here (expired ones count until the sweep): the
+    only users a hand-over can concern. O(mailboxes), not O(messages)."""
+    return {
+        bytes(r[0]) for r in store.conn.execute("SELECT recipient FROM mailboxes WHERE depth > 0")
+    }
+
+
+def mailbox_has_mail(store: Store, recipient: bytes, now_ms: int) -> bool:
+    """Does ``recipient`` have unacked, unexpired mail here (a hand-over to do)?"""
+    row = store.conn.execute(
+        "SELECT 1 FROM messages WHERE recipient = ? AND ciphertext IS NOT NULL"
+        " AND expiry_ms > ? LIMIT 1",
+        (recipient, now_ms),
+    ).fetchone()
+    return row is not None
 
 
 def relay_next_attempt(store: Store, next_hop: bytes, now_ms: int) -> int | None:

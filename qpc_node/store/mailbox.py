@@ -396,6 +396,13 @@ def ack(
     return len(rows)
 
 
+def release_to_custody(conn: sqlite3.Connection, recipient: bytes, seqs: Sequence[int]) -> int:
+    """These messages left the mailbox for federation custody (the user re-homed):
+    dropped like acked ones -- the tombstone keeps the msg_id, the counters and
+    fairness shares are released. Must run in the transaction that queued them."""
+    return ack(conn, recipient, seqs=seqs) if seqs else 0
+
+
 def depth(conn: sqlite3.Connection, recipient: bytes) -> MailboxDepth:
     """Unacked messages and bytes; expired ones count until the next sweep."""
     check_fingerprint(recipient)

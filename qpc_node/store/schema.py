@@ -149,6 +149,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX relay_seen_by_expiry ON relay_seen(expiry_ms)",
     ),
+    # 6: home bindings (store/homes.py), so a restarted node still knows where users
+    # are homed (and that its own users are homed here) before anyone re-announces.
+    (
+        # binding: the signed HomeBinding as encoded on the wire (verified again on
+        # load); node and expiry_ms copied out of it for the queries.
+        """CREATE TABLE home_bindings (
+            user BLOB PRIMARY KEY,
+            node BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            stored_ms INTEGER NOT NULL,
+            binding BLOB NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX home_bindings_by_expiry ON home_bindings(expiry_ms)",
+        "CREATE INDEX home_bindings_by_age ON home_bindings(stored_ms)",
+    ),
+    # 7: hand-over custody (store/federation.py relay_handover): mail a re-homed user
+    # left in this node's mailbox, owed to its new home. Such rows are retried, never
+    # dropped, when the new home's fairness refuses them for now.
+    ("ALTER TABLE relay_queue ADD COLUMN handover INTEGER NOT NULL DEFAULT 0",),
+    # 8: the custody share of one sending user (RelayQueueLimits.max_per_origin) is
+    # counted per (from_node, origin); that index also serves the per-source count.
+    (
+        "DROP INDEX relay_queue_by_source",
+        "CREATE INDEX relay_queue_by_origin ON relay_queue(from_node, origin)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,6 +20,9 @@ import trio
 
 from qpc_node.federation.core import M_RELAY
 from qpc_node.federation.routes import StaticRoutes
+from qpc_node.ops.clock import system_wall_ms
+from qpc_node.store import Envelope
+from qpc_node.store.fairness import SenderKey
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 from tests.integration.fed_nodes import (
     FedNode,
@@ -260,3 +263,45 @@ async def test_full_mailbox_keeps_custody_upstream_until_there_is_room(tmp_path:
             await custody_ends(a)
             assert set(more) <= await held_for(b, VICTIM)
             assert neighbour(a, b.node_id).refused_out == {}  # type: ignore[attr-defined]
+
+
+async def test_handed_over_mail_is_retried_not_dropped_at_the_stranger_limit(
+    tmp_path: Path,
+) -> None:
+    """A was the victim's old home and still holds 5 messages a stranger sent it; the
+    victim moved to B. A hands them over: B's share for that stranger takes 2 now;
+    the rest is the user's own backlog, so A keeps it and retries as the victim reads
+    at B, instead of ending custody with RELAY_STRANGER_LIMIT."""
+    with trio.fail_after(60):
+        async with pair(tmp_path) as (a, b):
+            a_store = a.node.store
+            b_store = b.node.store
+            assert a_store is not None and b_store is not None
+            old = msgs(5)
+            now = system_wall_ms()
+            await a_store.enqueue(
+                [Envelope(m, VICTIM, now + 3_600_000, 8, os.urandom(64)) for m in old],
+                now,
+                sender=SenderKey.local(STRANGER),
+            )
+            got = await a.fed.custody.hand_over(VICTIM, b.node_id)
+            assert (got.moved, got.left) == (5, 0)
+            await until(lambda: held_for(b, VICTIM), within=10)
+
+            def deferred() -> int:
+                (n,) = [n for n in a.fed.statistics().neighbours if n.node_id == b.node_id]
+                return sum(n.deferred_out.values())
+
+            await until(lambda: deferred() > 0, within=10)
+            assert a.fed.refusals() == []
+            seen: set[bytes] = set()
+
+            async def all_arrived() -> bool:
+                for e in await mailbox(b, VICTIM):  # the victim reads and acks at B
+                    seen.add(e.msg_id)
+                await b_store.ack(VICTIM, up_to_seq=2**62)
+                return seen == set(old)
+
+            await until(all_arrived, within=30, step=0.1)
+            await custody_ends(a)
+            assert a.fed.refusals() == []

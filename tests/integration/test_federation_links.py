@@ -32,7 +32,7 @@ from tests.integration.fed_nodes import FAST, USER_A, envelope, fed_node, identi
 
 
 def fed_connections(node: Federation) -> int:
-    ep = node._endpoint
+    ep = node.endpoint
     assert ep is not None
     return sum(1 for c in ep.connections() if c.alpn == ALPN_FEDERATION and c.close_error is None)
 

@@ -21,6 +21,8 @@ from qpc_node.ops.http import HttpServer, serve_metrics
 from qpc_node.ops.metrics import format_stats
 from qpc_node.service.stats import STATS_METHOD, samples_from_proto
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
+from tests.integration.fed_nodes import identity, until
+from tests.integration.test_mesh_dm import free_port, homed, mesh_node, user
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,3 +129,43 @@ async def test_node_serves_its_own_metrics_endpoint(tmp_path: Path, wall: Manual
         assert (await http(port, b"GET /readyz HTTP/1.1\r\n\r\n"))[0] == 200
         assert (await http(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200
         assert (await scrape(port))[("qpc_node_ready", ())] == 1
+
+
+async def test_mesh_counters_on_a_scrape_of_a_relaying_node(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """A - B on loopback (static peers); a DM from a user on A to a user on B: A's
+    /metrics shows the link, the peer, routes, bindings, announcements and the relay."""
+    ids = {n: identity(tmp_path, n)[1] for n in "ab"}
+    ports = {n: free_port() for n in "ab"}
+    with trio.fail_after(100):
+        async with (
+            mesh_node(tmp_path, "b", ports["b"], [(ports["a"], ids["a"])]) as (b_node, b_info),
+            mesh_node(tmp_path, "a", ports["a"], [(ports["b"], ids["b"])]) as (a_node, a_info),
+            trio.open_nursery() as nursery,
+            user(tmp_path, "x", a_info, wall) as x,
+            user(tmp_path, "y", b_info, wall) as y,
+        ):
+            server: HttpServer = await nursery.start(serve_metrics, "127.0.0.1:0", a_node.metrics)
+            await homed(a_node, y, b_node)
+            await x.dm(y.ident.fingerprint, "over the mesh")
+            assert [m.text for m in await texts(y, 1, wait=20)] == ["over the mesh"]
+
+            async def relayed() -> bool:
+                return (await scrape(server.port)).get(("qpc_relay_envelopes_out_total", ()), 0) > 0
+
+            await until(relayed, within=10)
+            got = await scrape(server.port)
+            assert got[("qpc_mesh_links_up", ())] == 1
+            assert got[("qpc_mesh_link_events_total", (("event", "up"),))] >= 1
+            assert got[("qpc_mesh_peers", (("state", "up"),))] == 1
+            assert got[("qpc_mesh_routes", ())] >= 1  # B
+            assert got[("qpc_mesh_bindings", ())] >= 2  # x and y
+            assert got[("qpc_mesh_updates_sent_total", ())] >= 1
+            assert got[("qpc_mesh_updates_received_total", (("result", "applied"),))] >= 1
+            accepted = (("outcome", "accepted"),)
+            assert got[("qpc_mesh_route_announcements_total", accepted)] >= 1
+            assert got[("qpc_mesh_binding_announcements_total", accepted)] >= 2
+            assert got[("qpc_relay_custody_queued", ())] == 0  # B took it
+            assert got[("qpc_federation_limit_hits_total", (("neighbour", "other"),))] == 0
+            nursery.cancel_scope.cancel()

@@ -259,3 +259,15 @@ def test_mesh_keys_load_and_static_peers_are_checked() -> None:
     assert Config().mesh_on
     with pytest.raises(ConfigError, match="nodefingerprint"):
         load_config(env={"QPC_MESH_STATIC_PEERS": "10.0.0.1:4201"})
+
+
+def test_relay_custody_per_user_loads_and_reaches_the_federation_limits() -> None:
+    from qpc_node.mesh.service import settings_from_config
+
+    assert Config().limits.relay_custody_per_user == 1_000
+    cfg = load_config(env={"QPC_LIMITS_RELAY_CUSTODY_PER_USER": "40"})
+    assert cfg.limits.relay_custody_per_user == 40
+    settings = settings_from_config([], True, [], relay_custody_per_user=40)
+    assert settings.limits is not None and settings.limits.queue.max_per_origin == 40
+    with pytest.raises(ConfigError, match="limits"):
+        load_config(env={"QPC_LIMITS_RELAY_CUSTODY_PER_USER": "0"})

@@ -21,6 +21,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from qpc_node.errors import QpcError, StatusCode
+from qpc_node.federation.stats import FederationStatistics, NeighbourStatistics
+from qpc_node.mesh.peers import PeerTableStatistics
+from qpc_node.mesh.routing import RoutingStatistics
+from qpc_node.mesh.service import MeshStatistics
 from qpc_node.ops.http import (
     BadRequest,
     HttpServer,
@@ -29,12 +33,15 @@ from qpc_node.ops.http import (
     parse_request_head,
 )
 from qpc_node.ops.metrics import (
+    NEIGHBOUR_LABELS,
     AuditSource,
     AuthSource,
     DeliverySource,
     EndpointSource,
     EndpointStats,
+    FederationSource,
     GuardSource,
+    MeshSource,
     NodeMetrics,
     RefusalStats,
     RpcSource,
@@ -135,6 +142,8 @@ class FakeNode:
     auth: AuthSource | None = None
     delivery: DeliverySource | None = None
     audit: AuditSource | None = None
+    mesh: MeshSource | None = None
+    federation: FederationSource | None = None
 
     def serving(self) -> bool:
         return self.is_serving
@@ -523,3 +532,115 @@ async def test_rpc_observer_and_stats_method(nursery: trio.Nursery) -> None:
     assert (
         user not in wire and user.hex().encode() not in wire and user[:4].hex().encode() not in wire
     )
+
+
+def mesh_source() -> Fixed[MeshStatistics]:
+    """Every number distinct (from 200 up), so each sample shows which field it read."""
+    routing = RoutingStatistics(
+        **{f: 200 + i for i, f in enumerate(RoutingStatistics.__dataclass_fields__)}
+    )
+    peers = PeerTableStatistics(
+        peers=20, up=5, connecting=4, backoff=3, dials=1, dial_failures=7, links_up=8,
+        links_down=9, liveness_timeouts=6, forgotten=2,
+    )  # fmt: skip
+    return Fixed(
+        MeshStatistics(
+            peers=peers,
+            routing=routing,
+            updates_received=301,
+            updates_rejected=302,
+            announce_failures=303,
+            bindings_saved=304,
+            binding_save_failures=305,
+            handovers_pending=306,
+        )
+    )
+
+
+def federation_source(neighbours: int) -> Fixed[FederationStatistics]:
+    rows = tuple(
+        NeighbourStatistics(
+            node_id=bytes([i]) * 32,
+            link_up=i % 2 == 0,
+            rtt=0.01,
+            calls=100,
+            limited_calls=i,  # neighbour 0 never hit its limit: no series of its own
+            bytes_in=1000,
+            relay_in=MappingProxyType({"RELAY_QUEUED": 2, "RELAY_DUPLICATE": 1}),
+            relayed_out=3,
+            refused_out=MappingProxyType({"RELAY_STRANGER_LIMIT": 1}),
+            deferred_out=MappingProxyType({"RELAY_NO_ROUTE": i}),
+            queued_toward=10 * i,
+        )
+        for i in range(neighbours)
+    )
+    return Fixed(
+        FederationStatistics(
+            node_id=b"\xee" * 32,
+            links=401,
+            neighbours=rows,
+            queued=sum(r.queued_toward for r in rows),
+            expired_in_custody=402,
+            send_failures=403,
+            events_dropped=404,
+            trust_refusals=405,
+            link_ups=406,
+            link_downs=407,
+            handed_over=408,
+        )
+    )
+
+
+async def test_mesh_and_relay_counters_are_exported_with_bounded_labels() -> None:
+    mesh, fed = mesh_source(), federation_source(12)
+    got = parse(NodeMetrics(FakeNode(mesh=mesh, federation=fed), process=False))
+    r = mesh.stats.routing
+    assert got[("qpc_mesh_peers", (("state", "up"),))] == 5
+    assert got[("qpc_mesh_peers", (("state", "discovered"),))] == 20 - 5 - 4 - 3
+    assert got[("qpc_mesh_routes", ())] == r.destinations
+    assert got[("qpc_mesh_bindings", ())] == r.bindings
+    assert got[("qpc_mesh_updates_sent_total", ())] == r.updates_sent
+    assert got[("qpc_mesh_updates_received_total", (("result", "rejected"),))] == 302
+    forged = (("outcome", "forged"),)
+    assert got[("qpc_mesh_route_announcements_total", forged)] == r.routes_forged
+    assert got[("qpc_mesh_binding_announcements_total", forged)] == r.bindings_forged
+    replayed = (("outcome", "replayed"),)
+    assert got[("qpc_mesh_route_announcements_total", replayed)] == r.routes_replayed
+    assert got[("qpc_mesh_binding_announcements_total", replayed)] == r.bindings_replayed
+    expired = (("outcome", "expired"),)
+    assert got[("qpc_mesh_route_announcements_total", expired)] == r.routes_expired
+    assert got[("qpc_mesh_handovers_pending", ())] == 306
+    assert got[("qpc_mesh_links_up", ())] == 401
+    assert got[("qpc_mesh_link_events_total", (("event", "down"),))] == 407
+    assert got[("qpc_relay_envelopes_in_total", (("status", "RELAY_QUEUED"),))] == 2 * 12
+    assert got[("qpc_relay_envelopes_out_total", ())] == 3 * 12
+    assert got[("qpc_relay_refused_out_total", (("status", "RELAY_STRANGER_LIMIT"),))] == 12
+    assert got[("qpc_relay_deferred_out_total", (("status", "RELAY_NO_ROUTE"),))] == sum(range(12))
+    assert got[("qpc_relay_custody_queued", ())] == 10 * sum(range(12))
+    assert got[("qpc_relay_handed_over_total", ())] == 408
+    # Per neighbour: the NEIGHBOUR_LABELS largest, the rest summed as "other".
+    by_hop = {
+        dict(labels)["neighbour"]: v
+        for (name, labels), v in got.items()
+        if name == "qpc_relay_custody_queued_by_hop"
+    }
+    assert len(by_hop) == NEIGHBOUR_LABELS + 1
+    assert by_hop[(bytes([11]) * 32).hex()[:16]] == 110
+    assert by_hop["other"] == 10 * sum(range(1, 12 - NEIGHBOUR_LABELS))
+    hits = {
+        dict(labels)["neighbour"]: v
+        for (name, labels), v in got.items()
+        if name == "qpc_federation_limit_hits_total"
+    }
+    assert sum(hits.values()) == sum(range(12)) and len(hits) == NEIGHBOUR_LABELS + 1
+    # Every number the mesh statistics hold that the collector reads is in a sample.
+    values = set(got.values())
+    for name in ("updates_received", "announce_failures"):
+        assert getattr(mesh.stats, name) in values, name
+    for name in ("bindings_evicted", "bindings_restored", "routes_refused", "routes_retracted"):
+        assert getattr(r, name) in values, name
+
+
+async def test_mesh_sources_absent_on_an_island_node() -> None:
+    got = parse(NodeMetrics(FakeNode(), process=False))
+    assert not [k for k in got if k[0].startswith(("qpc_mesh_", "qpc_relay_"))]

@@ -1,0 +1,470 @@
+"""Hop-by-hop custody: what this node acknowledged to a previous hop and still owes.
+
+``RelayEnqueue`` (and Delivery's relay, :meth:`Custody.submit`) answers per
+envelope; a hop answers QUEUED or STORED_LOCAL only after the SQLite transaction
+that holds the envelope has committed (custody queue toward its next hop, or the
+recipient's mailbox). A drainer per next hop sends what it holds while the link
+is up, deletes a row only when the next hop took custody (or refused it for
+good: counted and logged, never silently), and backs off on retriable refusals
+and errors. Every hop is idempotent on msg_id (the mailbox's unique index and
+the relay seen-set), so retries after a lost answer never store twice. A sweep
+drops what expired in custody (counted).
+
+Fairness. Each relayed envelope carries its declared origin (the sending user's
+fingerprint, proven to the node where it entered the federation) hop by hop, in
+the custody queue and on the wire. The recipient's home node stores it as from
+``SenderKey.relayed(calling node, origin)``, so relayed mail faces the same
+mailbox fairness as local mail (store/fairness.py): a stranger gets its share of
+the stranger pool, keyed by (neighbour, origin), and the recipient's contacts
+keep the rest. A stranger-limit refusal is final for the sending hop
+(RELAY_STRANGER_LIMIT: retrying would let a flood occupy the custody queue
+toward this node, the same exhaustion one hop up); a full mailbox is retried
+with backoff until expiry (RELAY_MAILBOX_FULL).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import trio
+
+from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError
+from qpc_node.federation.limits import FederationLimits
+from qpc_node.federation.links import Link, Links, LinkTimers
+from qpc_node.federation.routes import Local, NextHop, Resolver
+from qpc_node.federation.stats import CounterTable
+from qpc_node.ops.clock import WallClock
+from qpc_node.ops.log import get_logger
+from qpc_node.store.async_store import AsyncStore
+from qpc_node.store.errors import QuotaExceeded
+from qpc_node.store.fairness import Reason, SenderKey
+from qpc_node.store.federation import (
+    Handover,
+    QueuedRelay,
+    RelayItem,
+    mailbox_has_mail,
+    mailboxes_with_mail,
+    relay_accept,
+    relay_done,
+    relay_due,
+    relay_expire,
+    relay_handover,
+    relay_hops,
+    relay_next_attempt,
+    relay_retry_later,
+)
+from qpc_node.store.records import FINGERPRINT_LEN, Envelope
+from qpc_node.store.store import EnqueueBatch
+from qpc_node.wire.envelope import Envelope as WireEnvelope
+from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
+
+log = get_logger("qpc.federation")
+
+M_RELAY = "qpc.v1.Federation/RelayEnqueue"
+
+# Custody passed: the hop holds it (or already did).
+_TAKEN = frozenset(
+    {federation_pb2.RELAY_STORED_LOCAL, federation_pb2.RELAY_QUEUED, federation_pb2.RELAY_DUPLICATE}
+)
+# May succeed later: keep it and retry with backoff (until it expires).
+_RETRY = frozenset({federation_pb2.RELAY_NO_ROUTE, federation_pb2.RELAY_QUEUE_FULL})
+# The recipient's mailbox is full: retry too, but on the slower full-mailbox backoff.
+_RETRY_FULL = frozenset({federation_pb2.RELAY_MAILBOX_FULL})
+# Mail handed over by the user's old home is the user's own backlog, not a stranger's
+# flood: a fairness refusal at the new home is "not yet" (the user fetches there and
+# frees its stranger pool), retried on the full-mailbox backoff until it expires.
+_RETRY_HANDOVER = frozenset({federation_pb2.RELAY_STRANGER_LIMIT})
+
+UNKNOWN_ORIGIN = bytes(FINGERPRINT_LEN)
+"""The origin fairness uses for an envelope whose previous hop declared none (a peer
+predating ``RelayEnqueueRequest.origins``): with the relaying node it makes one sender
+key per neighbour, so all such mail from one neighbour shares one stranger share. No
+user has this fingerprint (it would be a SHA-256 preimage of zero)."""
+
+_STRANGER_REASONS = frozenset({Reason.STRANGER_SHARE_USED.value, Reason.STRANGER_POOL_FULL.value})
+
+
+def status_name(status: int) -> str:
+    """The enum name; a value this build does not know (a newer peer's) stays a number
+    instead of raising in the drainer."""
+    try:
+        return federation_pb2.RelayStatus.Name(cast(federation_pb2.RelayStatus, status))
+    except ValueError:
+        return f"RELAY_STATUS_{status:d}"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRefusal:
+    """A next hop refused an envelope for good: custody ended here, with this status."""
+
+    msg_id: bytes
+    next_hop: bytes
+    status: int
+    detail: str
+
+    @property
+    def status_name(self) -> str:
+        return status_name(self.status)
+
+
+class Custody:
+    """The custody queue of one node: intake, drainers per next hop, expiry sweep."""
+
+    def __init__(
+        self,
+        node_id: bytes,
+        store: AsyncStore,
+        resolve: Resolver,
+        links: Links,
+        counters: CounterTable,
+        *,
+        limits: FederationLimits,
+        timers: LinkTimers,
+        wall_ms: WallClock,
+        on_local: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._store = store
+        self._resolve = resolve
+        self._links = links
+        self._count = counters
+        self.limits = limits
+        self.timers = timers
+        self._wall_ms = wall_ms
+        self._on_local = on_local
+        self._wake: dict[bytes, trio.Event] = {}  # per next hop: its drainer's wakeup
+        self._drainers: set[bytes] = set()
+        self.queued: Counter[bytes] = Counter()
+        self._refusals: deque[RelayRefusal] = deque(maxlen=1024)
+        self.expired = 0
+        self.send_failures = 0
+        self.handed_over = 0
+        """Messages moved from a re-homed user's mailbox here into custody."""
+        self._nursery: trio.Nursery | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Drain what a previous run left in custody, and sweep expiries, in ``nursery``."""
+        held = await self._store.run(relay_hops)
+        self.queued = Counter(held)
+        self._nursery = nursery
+        for hop in held:
+            self._ensure_drainer(hop)
+        nursery.start_soon(self._sweep)
+
+    def stop(self) -> None:
+        self._nursery = None
+
+    def queued_toward(self, hop: bytes) -> int:
+        return max(0, self.queued[hop])
+
+    # ------------------------------------------------------------------ intake
+    async def submit(
+        self, envelopes: Sequence[envelope_pb2.Envelope], *, origin: bytes
+    ) -> list[federation_pb2.RelayResult]:
+        """Route envelopes that start here (the node's Delivery/Enqueue).
+
+        ``origin`` is the fingerprint the sending user proved on its session: it goes
+        with each envelope to every hop (mailbox fairness at the recipient's home node
+        judges it), and the user accepts mail from each recipient from now on, as a
+        local send does. A recipient homed here is stored as a local send.
+        """
+        if len(origin) != FINGERPRINT_LEN:
+            raise LocalProtocolError(f"origin must be a {FINGERPRINT_LEN}-byte fingerprint")
+        return await self._custody(
+            envelopes, from_node=self.node_id, origins=[origin] * len(envelopes), proven=True
+        )
+
+    async def take_custody(
+        self,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        *,
+        from_node: bytes,
+        origins: Sequence[bytes] = (),
+    ) -> list[federation_pb2.RelayResult]:
+        """Store each envelope a neighbour hands us durably here (mailbox or custody
+        queue) or refuse it typed.
+
+        ``origins`` as on the wire (``RelayEnqueueRequest.origins``): none, or one per
+        envelope, each empty (unknown) or a fingerprint; a wrong count is refused
+        whole (RemoteProtocolError), a malformed entry refuses its envelope alone.
+        One result per envelope, in order. What is reported STORED_LOCAL or QUEUED is
+        committed when this returns.
+        """
+        if len(origins) not in (0, len(envelopes)):
+            raise RemoteProtocolError(
+                f"{len(origins)} origins for {len(envelopes)} envelopes (0 or one each)"
+            )
+        declared: list[bytes | None] = [o or None for o in origins] or [None] * len(envelopes)
+        return await self._custody(envelopes, from_node=from_node, origins=declared, proven=False)
+
+    def _sender(self, from_node: bytes, origin: bytes | None, *, proven: bool) -> SenderKey:
+        """Whom mailbox fairness judges for an envelope stored here."""
+        if proven:
+            assert origin is not None
+            return SenderKey.local(origin)
+        return SenderKey.relayed(from_node, origin if origin is not None else UNKNOWN_ORIGIN)
+
+    async def _custody(
+        self,
+        envelopes: Sequence[envelope_pb2.Envelope],
+        *,
+        from_node: bytes,
+        origins: Sequence[bytes | None],
+        proven: bool,
+    ) -> list[federation_pb2.RelayResult]:
+        now = self._wall_ms()
+        results: list[federation_pb2.RelayResult | None] = [None] * len(envelopes)
+        local: list[tuple[int, Envelope, SenderKey]] = []
+        relay: list[tuple[int, RelayItem]] = []
+
+        def refuse(i: int, status: int, detail: str) -> None:
+            results[i] = federation_pb2.RelayResult(
+                msg_id=envelopes[i].msg_id,
+                status=cast(federation_pb2.RelayStatus, status),
+                detail=detail,
+            )
+
+        for i, (pb, origin) in enumerate(zip(envelopes, origins, strict=True)):
+            if origin is not None and len(origin) != FINGERPRINT_LEN:
+                refuse(i, federation_pb2.RELAY_INVALID, f"origin of {len(origin)} bytes")
+                continue
+            try:
+                env = WireEnvelope.from_proto(pb)
+            except QpcError as exc:
+                refuse(i, federation_pb2.RELAY_INVALID, exc.message)
+                continue
+            rec = Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
+            if env.expired(now):
+                refuse(i, federation_pb2.RELAY_EXPIRED, "expired")
+                continue
+            route = self._resolve(env.recipient)
+            if isinstance(route, Local) or (
+                isinstance(route, NextHop) and route.node_id == self.node_id
+            ):
+                local.append((i, rec, self._sender(from_node, origin, proven=proven)))
+            elif isinstance(route, NextHop):
+                if route.node_id == from_node:
+                    refuse(i, federation_pb2.RELAY_LOOP, "the next hop is the sender")
+                elif env.hop_limit == 0:
+                    refuse(i, federation_pb2.RELAY_HOP_LIMIT_EXCEEDED, "hop_limit 0")
+                else:
+                    fwd = Envelope(
+                        rec.msg_id, rec.recipient, rec.expiry_ms, rec.hop_limit - 1, rec.ciphertext
+                    )
+                    relay.append((i, RelayItem(route.node_id, from_node, fwd, origin)))
+            else:
+                refuse(i, federation_pb2.RELAY_NO_ROUTE, "no route to the recipient yet")
+        if local:
+            # Each envelope its own savepoint, with its own sender, in one commit.
+            batches = [EnqueueBatch((rec,), now, sender) for _, rec, sender in local]
+            stored = await self._store.run(lambda s: s.enqueue_many(batches))
+            for (i, rec, _), got in zip(local, stored, strict=True):
+                if isinstance(got, QuotaExceeded):
+                    status = (
+                        federation_pb2.RELAY_STRANGER_LIMIT
+                        if got.reason in _STRANGER_REASONS
+                        else federation_pb2.RELAY_MAILBOX_FULL
+                    )
+                    refuse(i, status, f"{got.reason}: {got.message}")
+                    continue
+                if isinstance(got, QpcError):
+                    refuse(i, federation_pb2.RELAY_REFUSED, got.message)
+                    continue
+                (res,) = got
+                refuse(
+                    i,
+                    federation_pb2.RELAY_DUPLICATE
+                    if res.duplicate
+                    else federation_pb2.RELAY_STORED_LOCAL,
+                    "",
+                )
+                if not res.duplicate and self._on_local is not None:
+                    self._on_local(rec.recipient)
+        if relay:
+            items = [it for _, it in relay]
+            qlim = self.limits.queue
+            outs = await self._store.run(lambda s: relay_accept(s, items, now, qlim, proven=proven))
+            for (i, item), out in zip(relay, outs, strict=True):
+                if out == "queued":
+                    refuse(i, federation_pb2.RELAY_QUEUED, "")
+                    self.queued[item.next_hop] += 1
+                    self._ensure_drainer(item.next_hop)
+                    self.kick(item.next_hop)
+                elif out == "duplicate":
+                    refuse(i, federation_pb2.RELAY_DUPLICATE, "")
+                else:
+                    refuse(i, federation_pb2.RELAY_QUEUE_FULL, out.replace("_", " "))
+        return [r for r in results if r is not None]
+
+    async def hand_over(self, user: bytes, next_hop: bytes) -> Handover:
+        """Move ``user``'s unacked mail from its mailbox here into custody toward
+        ``next_hop``: the user re-homed to a node reached through it. Moves up to a
+        batch per call (see :func:`~qpc_node.store.federation.relay_handover`)."""
+        now = self._wall_ms()
+        qlim = self.limits.queue
+        got = await self._store.run(
+            lambda s: relay_handover(s, user, next_hop, self.node_id, now, qlim)
+        )
+        if got.moved:
+            self.handed_over += got.moved
+            self.queued[next_hop] += got.moved
+            self._ensure_drainer(next_hop)
+            self.kick(next_hop)
+        if got.moved or got.already:
+            log.info(
+                "federation: re-homed user's mail handed over",
+                extra={
+                    "user": user.hex(),
+                    "next_hop": next_hop.hex(),
+                    "moved": got.moved,
+                    "already_relayed": got.already,
+                    "left": got.left,
+                },
+            )
+        return got
+
+    async def mailbox_users(self) -> set[bytes]:
+        """Users with unacked mail in this node's mailbox (one store query)."""
+        return await self._store.run(mailboxes_with_mail)
+
+    async def holds_mail(self, user: bytes) -> bool:
+        """Is there unacked mail for ``user`` in this node's mailbox?"""
+        now = self._wall_ms()
+        return await self._store.run(lambda s: mailbox_has_mail(s, user, now))
+
+    def refusals(self) -> list[RelayRefusal]:
+        """Recent envelopes a next hop refused for good (newest last, bounded)."""
+        return list(self._refusals)
+
+    # ------------------------------------------------------------------ draining
+    def kick(self, hop: bytes) -> None:
+        """Wake the drainer of ``hop`` (new custody, or its link came up)."""
+        ev = self._wake.get(hop)
+        if ev is not None:
+            ev.set()
+
+    def _ensure_drainer(self, hop: bytes) -> None:
+        if hop in self._drainers or self._nursery is None:
+            return
+        self._drainers.add(hop)
+        self._nursery.start_soon(self._drain, hop)
+
+    async def _drain(self, hop: bytes) -> None:
+        backoff = self.timers.retry_initial
+        try:
+            while True:
+                wake = self._wake[hop] = trio.Event()  # before reading: no lost wakeup
+                link = self._links.get(hop)
+                if link is None:
+                    await wake.wait()
+                    continue
+                now = self._wall_ms()
+                batch = await self._store.run(
+                    functools.partial(
+                        relay_due, next_hop=hop, now_ms=now, limit=self.limits.relay_batch
+                    )
+                )
+                if not batch:
+                    nxt = await self._store.run(
+                        functools.partial(relay_next_attempt, next_hop=hop, now_ms=now)
+                    )
+                    wait = math.inf if nxt is None else max(0.0, (nxt - now) / 1000)
+                    with trio.move_on_after(wait):
+                        await wake.wait()
+                    continue
+                if await self._send_batch(link, batch):
+                    backoff = self.timers.retry_initial
+                else:
+                    self.send_failures += 1
+                    with trio.move_on_after(backoff * (0.5 + random.random() / 2)):
+                        await link.down.wait()
+                    backoff = min(backoff * 2, self.timers.retry_max)
+        finally:
+            self._drainers.discard(hop)
+
+    async def _send_batch(self, link: Link, batch: list[QueuedRelay]) -> bool:
+        req = federation_pb2.RelayEnqueueRequest(
+            envelopes=[
+                envelope_pb2.Envelope(
+                    msg_id=q.envelope.msg_id,
+                    recipient=q.envelope.recipient,
+                    expiry_ms=q.envelope.expiry_ms,
+                    hop_limit=q.envelope.hop_limit,
+                    ciphertext=q.envelope.ciphertext,
+                )
+                for q in batch
+            ],
+            origins=[q.origin or b"" for q in batch],  # forwarded as declared to us
+        )
+        try:
+            resp = await link.rpc.call(
+                M_RELAY, req, federation_pb2.RelayEnqueueResponse, timeout=self.timers.call_timeout
+            )
+        except (QpcError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info(
+                "federation: relay batch not taken",
+                extra={"node": link.node_id.hex(), "err": str(exc)},
+            )
+            return False
+        if len(resp.results) != len(batch):
+            log.warning(
+                "federation: relay answer of the wrong length", extra={"node": link.node_id.hex()}
+            )
+            return False
+        counters = self._count(link.node_id)
+        done: list[int] = []
+        later: list[tuple[int, int]] = []
+        refused: Counter[str] = Counter()
+        details: dict[str, str] = {}  # first detail per status, for the log
+        now = self._wall_ms()
+        t = self.timers
+        for q, res in zip(batch, resp.results, strict=True):
+            if res.status in _TAKEN:
+                done.append(q.id)
+                counters.relayed_out += 1
+            elif (
+                res.status in _RETRY
+                or res.status in _RETRY_FULL
+                or (q.handover and res.status in _RETRY_HANDOVER)
+            ):
+                counters.deferred_out[status_name(res.status)] += 1
+                delay = t.retry_initial * 2 ** min(q.attempts, 8)
+                if res.status in _RETRY_FULL or res.status in _RETRY_HANDOVER:
+                    delay = min(t.retry_initial * 2 ** min(q.attempts, 30), t.full_retry_max)
+                later.append((q.id, now + int(1000 * delay)))
+            else:
+                done.append(q.id)
+                name = status_name(res.status)
+                counters.refused_out[name] += 1
+                refused[name] += 1
+                self._refusals.append(
+                    RelayRefusal(q.envelope.msg_id, link.node_id, res.status, res.detail)
+                )
+                details.setdefault(name, res.detail)
+        if refused:  # one line per batch: a relayed flood must not flood the log too
+            log.warning(
+                "federation: next hop refused envelopes",
+                extra={"node": link.node_id.hex(), "refused": dict(refused), "detail": details},
+            )
+        if done:
+            n = await self._store.run(lambda s: relay_done(s, done))
+            self.queued[link.node_id] -= n
+        if later:
+            await self._store.run(lambda s: relay_retry_later(s, later))
+        return True
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(self.timers.sweep_interval)
+            now = self._wall_ms()
+            q, _ = await self._store.run(functools.partial(relay_expire, now_ms=now))
+            if q:
+                self.expired += q
+                log.warning("federation: envelopes expired in custody", extra={"n": q})
+                self.queued = Counter(await self._store.run(relay_hops))

@@ -1,0 +1,21 @@
+"""Per-neighbour federation limits (one object, read by the RPC server, links and custody)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qpc_node.store.federation import RelayQueueLimits
+
+
+@dataclass(frozen=True, slots=True)
+class FederationLimits:
+    """Per-neighbour limits: one abusive neighbour exhausts its own budget, not others'."""
+
+    calls_per_second: float = 200.0
+    call_burst: float = 400.0
+    bytes_per_second: float = 8 * 1024 * 1024
+    byte_burst: float = 16 * 1024 * 1024
+    max_concurrent_calls: int = 32
+    queue: RelayQueueLimits = field(default_factory=RelayQueueLimits)
+    relay_batch: int = 64
+    max_frame_size: int = 6 * 1024 * 1024
