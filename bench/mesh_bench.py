@@ -47,6 +47,7 @@ from qpc_node.mesh.signed import sign_binding
 from qpc_node.quic import ALPN_CLIENT, ClientTLS, Endpoint, open_endpoint
 from qpc_node.rpc import RpcClient
 from qpc_node.service.auth import auth_message
+from qpc_node.service.stats import STATS_METHOD
 from qpc_node.wire.envelope import Envelope, pad, unpad
 from qpc_node.wire.gen.qpc.v1 import ops_pb2, service_pb2
 
@@ -175,6 +176,13 @@ async def enqueue(rpc: RpcClient, envs: list[Envelope]) -> int:
     return resent
 
 
+async def store_work(u: User) -> tuple[float, float]:
+    """(seconds busy, operations) of the store worker of ``u``'s node so far."""
+    resp = await u.rpc.call(STATS_METHOD, ops_pb2.StatsRequest(), ops_pb2.StatsResponse)
+    got = {s.name: s.value for s in resp.samples if s.name.startswith("qpc_store_op_seconds")}
+    return got.get("qpc_store_op_seconds_sum", 0.0), got.get("qpc_store_op_seconds_count", 0.0)
+
+
 async def mesh_view(u: User) -> ops_pb2.MeshResponse:
     return await u.rpc.call("qpc.v1.Node/Mesh", ops_pb2.MeshRequest(), ops_pb2.MeshResponse)
 
@@ -187,6 +195,9 @@ class Result:
     latencies: list[float]
     nodes_cpu: float
     resent: int
+    store_busy: tuple[float, ...] = ()
+    """Per node A, B, C: seconds its store worker (SQLite + fsync) was busy."""
+    store_ops: tuple[int, ...] = ()
 
     @property
     def rate(self) -> float:
@@ -200,6 +211,7 @@ async def one_path(
     messages: int,
     batch: int,
     nodes: list[NodeProc],
+    watchers: list[User],
 ) -> Result:
     latencies: list[float] = []
     delivered = 0
@@ -245,6 +257,7 @@ async def one_path(
         delivered += got
 
     cpu0 = sum(proc_cpu_s(n.proc.pid) for n in nodes)
+    st0 = [await store_work(w) for w in watchers]
     t0 = time.perf_counter()
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
@@ -253,7 +266,17 @@ async def one_path(
                 nursery.start_soon(receiver, r)
     seconds = time.perf_counter() - t0
     cpu = sum(proc_cpu_s(n.proc.pid) for n in nodes) - cpu0
-    return Result(path, delivered, seconds, latencies, cpu, resent)
+    st = [await store_work(w) for w in watchers]
+    return Result(
+        path,
+        delivered,
+        seconds,
+        latencies,
+        cpu,
+        resent,
+        tuple(b[0] - a[0] for a, b in zip(st0, st, strict=True)),
+        tuple(int(b[1] - a[1]) for a, b in zip(st0, st, strict=True)),
+    )
 
 
 async def throughput_and_detection(
@@ -282,7 +305,7 @@ async def throughput_and_detection(
                     await enqueue(r.rpc, [hello])
 
             # Routes and every user's home binding known on every node.
-            watchers = [senders[0], receivers["1 hop"][0], receivers["2 hops"][0]]
+            watchers = [senders[0], receivers["1 hop"][0], receivers["2 hops"][0]]  # A, B, C
             t0 = time.perf_counter()
             with trio.fail_after(CONVERGE_S):
                 while True:
@@ -298,7 +321,9 @@ async def throughput_and_detection(
             rows: dict[str, list[Result]] = {}
             for _ in range(rounds):
                 for path in PATHS:
-                    res = await one_path(path, senders, receivers[path], messages, batch, nodes)
+                    res = await one_path(
+                        path, senders, receivers[path], messages, batch, nodes, watchers
+                    )
                     rows.setdefault(path, []).append(res)
             best = {p: max(rs, key=lambda r: r.rate) for p, rs in rows.items()}
 
@@ -402,6 +427,14 @@ def main() -> None:
             f"{path:<10} {r.rate:>9.0f} {r.rate / one:>6.2f} {pct(r.latencies, 50) * 1e3:>8.1f} "
             f"{pct(r.latencies, 99) * 1e3:>8.1f} {r.nodes_cpu / r.delivered * 1e3:>17.3f} {r.resent:>7}"
         )
+    print("store worker busy (SQLite + fsync) per node, share of the path's wall time:")
+    for path in PATHS:
+        r = best[path]
+        busy = "  ".join(
+            f"{n} {b / r.seconds:4.0%} ({ops} ops)"
+            for n, b, ops in zip("ABC", r.store_busy, r.store_ops, strict=True)
+        )
+        print(f"  {path:<10} {busy}")
     print(
         f"{args.pairs} pairs x {args.messages} msgs of 1 KiB, batch {args.batch}, best of {args.rounds} rounds"
     )
