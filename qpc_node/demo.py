@@ -192,7 +192,7 @@ class _Steps:
     def timed_out(self) -> DemoFailed:
         what = f": still waiting for {self.waiting}" if self.waiting else ""
         return DemoFailed(
-            f"step {self.done + 1} ({self.current}) did not finish within {self.bound:.0f} s{what}"
+            f"step {self.done + 1} ({self.current}) did not finish within {self.bound:g} s{what}"
         )
 
     async def wait(self, what: str, predicate: Callable[[], object]) -> None:
