@@ -20,7 +20,7 @@ B's peer table (``Node/Mesh`` RPC) no longer shows it up.
 
 Targets: 2-hop msgs/s >= 0.5x one node; discovery <= 1.5 s median; detection <= 15 s.
 Last line: ``mesh 2hop ratio=<2-hop msgs/s / one-node msgs/s>``.
-Run: .venv/bin/python bench/mesh_bench.py [--pairs 2 --messages 1000 --batch 32 --rounds 2]
+Run: .venv/bin/python bench/mesh_bench.py [--pairs 2 --messages 1000 --batch 32 --rounds 3]
      (--smoke: tiny counts, for the test that checks the bench runs).
 QPC_BENCH_PROFILE=DIR writes a cProfile of each node process to DIR/node-{a,b,c}.prof.
 """
@@ -281,7 +281,7 @@ async def one_path(
 
 async def throughput_and_detection(
     tmp: Path, pairs: int, messages: int, batch: int, rounds: int, detect: bool
-) -> tuple[dict[str, Result], float | None]:
+) -> tuple[dict[str, Result], list[float], float | None]:
     nodes = start_nodes(tmp / "nodes")
     a, _, c = nodes
     try:
@@ -326,6 +326,10 @@ async def throughput_and_detection(
                     )
                     rows.setdefault(path, []).append(res)
             best = {p: max(rs, key=lambda r: r.rate) for p, rs in rows.items()}
+            per_round = [
+                two.rate / one.rate
+                for one, two in zip(rows["one node"], rows["2 hops"], strict=True)
+            ]
 
             detected: float | None = None
             if detect:
@@ -342,7 +346,7 @@ async def throughput_and_detection(
                             break
                         await trio.sleep(0.05)
             ep.abort()
-        return best, detected
+        return best, per_round, detected
     finally:
         stop_nodes(nodes)
 
@@ -389,7 +393,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2, help="sender/receiver pairs per path")
     ap.add_argument("--messages", type=int, default=1000, help="per pair and round")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of the three paths")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the three paths")
     ap.add_argument("--discovery-rounds", type=int, default=5)
     ap.add_argument("--no-detect", action="store_true", help="skip the kill -9 detection")
     ap.add_argument("--smoke", action="store_true", help="tiny counts: checks the bench runs")
@@ -399,7 +403,7 @@ def main() -> None:
     with open("/proc/loadavg") as f:
         print(f"load before: {f.read().strip()}")
     with tempfile.TemporaryDirectory(prefix="qpc-meshbench-") as d:
-        best, detected = trio.run(
+        best, per_round, detected = trio.run(
             throughput_and_detection,
             Path(d),
             args.pairs,
@@ -435,6 +439,7 @@ def main() -> None:
             for n, b, ops in zip("ABC", r.store_busy, r.store_ops, strict=True)
         )
         print(f"  {path:<10} {busy}")
+    print("2-hop / one-node msgs/s per round: " + " ".join(f"{x:.2f}" for x in per_round))
     print(
         f"{args.pairs} pairs x {args.messages} msgs of 1 KiB, batch {args.batch}, best of {args.rounds} rounds"
     )
