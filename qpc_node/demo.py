@@ -352,7 +352,7 @@ async def _demo(base: Path, out: Callable[[str], None], steps: _Steps) -> None:
             return [
                 "path: a -> A -> B -> C -> c (2 federation hops; A has no link to C)",
                 f"B took {a_to_b} envelopes from A and C took {b_to_c} from B "
-                "(the KeyPackage came from C through B; then the Welcome and the text)",
+                "(the KeyPackage came from C through B; then the Welcome, group info and text)",
             ]
 
         await steps.run("DM a -> c relayed via B", dm)
