@@ -376,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="three nodes and three users on loopback: a relayed DM and a group"
     )
-    d.add_argument("--data", help="keep the demo's data in DIR (empty or new; default: a temp dir)")
+    d.add_argument(
+        "--data",
+        metavar="DIR",
+        help="keep the demo's data in DIR (empty or new; default: a temp dir)",
+    )
     d.add_argument(
         "--step-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
         help="fail the demo (exit 1) when a step takes longer (default 30)",
