@@ -139,7 +139,7 @@ async def open_line(
 
 async def until(predicate: Callable[[], object], within: float, step: float = 0.02) -> bool:
     """Poll ``predicate`` (sync, or returning an awaitable) until it is true; False
-    after ``within`` seconds. Bounded by construction."""
+    after ``within`` seconds (``math.inf``: the caller's deadline bounds it)."""
     with trio.move_on_after(within):
         while True:
             got = predicate()
@@ -179,7 +179,10 @@ class _Steps:
         self.current, self.waiting = title, ""
         t = trio.current_time()
         self._scope.deadline = t + self.bound
-        lines = await body()
+        try:
+            lines = await body()
+        except DemoFailed as exc:
+            raise DemoFailed(f"step {self.done + 1} ({title}): {exc.message}") from None
         self._scope.deadline = math.inf
         self.done += 1
         now = trio.current_time()
@@ -200,6 +203,17 @@ class _Steps:
         self.waiting = what
         await until(predicate, math.inf)
         self.waiting = ""
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (a node could not bind its port), alone or in nested groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            if (found := _os_error(e)) is not None:
+                return found
+    return None
 
 
 def _relay_counts(n: LineNode) -> dict[bytes, tuple[int, int]]:
@@ -241,7 +255,16 @@ async def _demo(base: Path, out: Callable[[str], None], steps: _Steps) -> None:
         nodes: list[LineNode] = []
 
         async def nodes_up() -> list[str]:
-            nodes.extend(await stack.enter_async_context(open_line(base)))
+            try:
+                nodes.extend(await stack.enter_async_context(open_line(base)))
+            except (OSError, BaseExceptionGroup) as exc:
+                err = _os_error(exc)
+                if err is None:
+                    raise
+                raise DemoFailed(
+                    f"could not listen on 127.0.0.1 ({err.strerror}): another program took a "
+                    "port between the demo picking it and a node binding it; run the demo again"
+                ) from exc
             return [
                 f"node {n.name}  127.0.0.1:{n.info.port}  mesh id {_short(n.node_id)}"
                 for n in nodes

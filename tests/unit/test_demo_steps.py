@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import trio
 
 from qpc_node.demo import DemoFailed, _Steps, main, until
@@ -57,3 +58,22 @@ async def test_main_stops_at_the_first_late_step_and_returns_1() -> None:
     assert out[-1] == "qpc demo: FAILED: step 1 (nodes up) did not finish within 0.001 s"
     data = out[0].rsplit("; data ", 1)[1]
     assert not await trio.Path(data).exists()
+
+
+async def test_a_port_taken_before_a_node_binds_it_fails_the_demo_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Static peers need the ports before the nodes start, so another program can take
+    one in between: the demo says so and returns 1 instead of a traceback."""
+    import socket
+
+    from qpc_node import demo
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(demo, "free_udp_port", lambda: held.getsockname()[1])
+        out: list[str] = []
+        with trio.fail_after(30):
+            assert await main(None, out.append, 30) == 1
+    assert out[-1].startswith("qpc demo: FAILED: step 1 (nodes up): could not listen on ")
+    assert "run the demo again" in out[-1]
