@@ -290,6 +290,15 @@ async def _trust_main(data: Path, host: str, port: int, pin: str | None, fpr: st
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qpc_node import demo
+    from qpc_node.ops.log import setup_logging
+
+    setup_logging(os.environ.get("QPC_LOG", "error"))
+    keep = Path(args.data) if args.data else None
+    return trio.run(demo.main, keep, lambda line: print(line, flush=True), args.step_timeout)
+
+
 def _backup_passphrase(confirm: bool) -> str:
     pw = os.environ.get("QPC_BACKUP_PASSPHRASE")
     if pw:
@@ -446,6 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pin", help="node certificate fingerprint (remembered after first use)")
     t.add_argument("--data", default=str(default_data_dir()), help="your data dir")
     t.set_defaults(func=_cmd_trust)
+
+    d = sub.add_parser(
+        "demo", help="three nodes and three users on loopback: a relayed DM and a group"
+    )
+    d.add_argument(
+        "--data",
+        metavar="DIR",
+        help="keep the demo's data in DIR (empty or new; default: a temp dir)",
+    )
+    d.add_argument(
+        "--step-timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+        help="fail the demo (exit 1) when a step takes longer (default 30)",
+    )  # fmt: skip
+    d.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import statistics
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from node_harness import mailbox_ids, node_config, texts
+from node_harness import mailbox_ids, texts
 
 from qpc_node.client.agent import Agent
 from qpc_node.client.connect import open_agent
 from qpc_node.client.identity_store import open_user
+from qpc_node.demo import open_line
 from qpc_node.errors import StatusCode
 from qpc_node.mesh.routing import HomeBinding, sign_binding
 from qpc_node.node import Node, NodeInfo
@@ -34,35 +34,12 @@ from qpc_node.rpc.errors import RpcError
 from qpc_node.service.auth import auth_message
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
-from tests.integration.fed_nodes import identity, node_dir, until
+from tests.integration.fed_nodes import until
 
 if TYPE_CHECKING:
     from qpc_node.mesh.service import MeshService
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def mesh_node(
-    tmp: Path, name: str, port: int, peers: list[tuple[int, bytes]]
-) -> AsyncIterator[tuple[Node, NodeInfo]]:
-    """A node configured like an operator would: listen address and static peers."""
-    cfg = node_config(
-        tmp / name,
-        node={"listen": f"127.0.0.1:{port}", "drain_grace_s": "0.2"},
-        mesh={"static_peers": ",".join(f"127.0.0.1:{p}#{nid.hex()}" for p, nid in peers)},
-    )
-    node = Node(cfg, default_data=node_dir(tmp, name))
-    async with trio.open_nursery() as nursery:
-        info: NodeInfo = await nursery.start(node.run)
-        yield node, info
-        nursery.cancel_scope.cancel()
 
 
 def mesh_of(node: Node) -> MeshService:
@@ -72,17 +49,13 @@ def mesh_of(node: Node) -> MeshService:
 
 @asynccontextmanager
 async def line(tmp: Path) -> AsyncIterator[tuple[tuple[Node, NodeInfo], ...]]:
-    """A - B - C: A and C list only B; B lists both."""
-    ids = {n: identity(tmp, n)[1] for n in "abc"}
-    ports = {n: free_port() for n in "abc"}
-    async with (
-        mesh_node(tmp, "b", ports["b"], [(ports["a"], ids["a"]), (ports["c"], ids["c"])]) as b,
-        mesh_node(tmp, "a", ports["a"], [(ports["b"], ids["b"])]) as a,
-        mesh_node(tmp, "c", ports["c"], [(ports["b"], ids["b"])]) as c,
-    ):
+    """A - B - C as ``qpc demo`` builds it: A and C list only B; B lists both."""
+    async with open_line(tmp) as nodes:
+        a, b, c = ((n.node, n.info) for n in nodes)
+        ids = {n.name: n.node_id for n in nodes}
         # Node routes converge: A reaches C via B.
-        await until(lambda: mesh_of(a[0]).router.next_hop(ids["c"]) == ids["b"], within=20)
-        await until(lambda: mesh_of(c[0]).router.next_hop(ids["a"]) == ids["b"], within=20)
+        await until(lambda: mesh_of(a[0]).router.next_hop(ids["C"]) == ids["B"], within=20)
+        await until(lambda: mesh_of(c[0]).router.next_hop(ids["A"]) == ids["B"], within=20)
         yield a, b, c
 
 
