@@ -10,15 +10,36 @@ import trio
 
 from qpc_node.client.agent import Agent
 from qpc_node.client.identity_store import open_user
-from qpc_node.client.reconnect import ReconnectPolicy
-from qpc_node.client.session import Session
-from qpc_node.client.state import AsyncClientState, ClientState
-from qpc_node.errors import ConfigError
+from qpc_node.client.reconnect import ReconnectPolicy, failover_order
+from qpc_node.client.session import Session, Target, parse_address
+from qpc_node.client.state import SEEN_KEEP_MS, AsyncClientState, ClientState
+from qpc_node.errors import ConfigError, LocalProtocolError, QpcError
 from qpc_node.ops.clock import WallClock, system_wall_ms
+from qpc_node.ops.log import get_logger
 from qpc_node.quic import ALPN_CLIENT, ClientTLS, QuicSettings, open_endpoint
 from qpc_node.quic.tls import normalize_fingerprint
 
 PIN_FILE = "node.pin"
+NODES_REFRESH = 30.0
+"""Seconds between asking our node for its peers (what failover picks from)."""
+
+log = get_logger("qpc.client")
+
+
+async def _learn_nodes(agent: Agent, session: Session) -> None:
+    """Remember our node's peers (and our node) in client.db; a node that is not on a
+    mesh, or a failed call, leaves what we knew."""
+    try:
+        await agent.refresh_nodes(session.server)
+    except QpcError as exc:
+        log.info("could not read the mesh peers", extra={"why": str(exc)})
+
+
+async def _keep_learning_nodes(agent: Agent, session: Session) -> None:
+    while True:
+        await trio.sleep(NODES_REFRESH)
+        if session.connected:
+            await _learn_nodes(agent, session)
 
 
 def remembered_pin(data_dir: Path) -> str | None:
@@ -82,19 +103,38 @@ async def open_session(
                 node_cert_fingerprint=bytes.fromhex(pin),
                 wall_ms=wall_ms,
             )
-            await agent.authenticate()
+            await astate.call(state.forget_seen_before, wall_ms() - SEEN_KEEP_MS)
+            await agent.authenticate(server=session.server)
             await agent.top_up_key_packages()
             await agent.flush_outbox()
+            await _learn_nodes(agent, session)
+
+            async def candidates() -> list[Target]:
+                """The nodes we know, best first, each pinned by its node id."""
+                here = session.server.node_id if session.server is not None else None
+                out: list[Target] = []
+                for n in failover_order(await agent.known_nodes(), here):
+                    try:
+                        h, p = parse_address(n.addresses[0])
+                    except LocalProtocolError:
+                        continue
+                    out.append(Target(h, p, ClientTLS(ALPN_CLIENT, node_id=n.node_id), n.node_id))
+                return out
+
+            session.candidates = candidates
 
             async def after_up() -> None:
-                # What waited out the outage is sent now, not at its backoff time.
+                # What waited out the outage is sent now, not at its backoff time (on
+                # another node after a move: the KeyPackages of our new home, too).
                 await astate.call(state.outbox_due_now, wall_ms())
                 await agent.flush_outbox()
                 await agent.top_up_key_packages()
+                await _learn_nodes(agent, session)
 
             body_error: BaseException | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.run, agent.authenticate, after_up)
+                nursery.start_soon(_keep_learning_nodes, agent, session)
                 try:
                     yield agent, session
                 # Re-raised outside the nursery: the caller gets its own exception,

@@ -34,9 +34,9 @@ def test_node_id_pin_holds_across_a_reissued_certificate() -> None:
     assert der != pki.server.certificate_der
     ClientTLS(ALPN_CLIENT, node_id=nid).check_server_certificate([der])
     with pytest.raises(CertificateRejected):
-        ClientTLS(ALPN_CLIENT, pin=fingerprint(pki.server.certificate_der)).check_server_certificate(
-            [der]
-        )
+        ClientTLS(
+            ALPN_CLIENT, pin=fingerprint(pki.server.certificate_der)
+        ).check_server_certificate([der])
 
 
 def test_node_id_pin_refuses_non_ed25519_keys_garbage_and_bad_ids() -> None:
