@@ -52,8 +52,9 @@ class ReconnectPolicy:
     """Seconds the node may stay unreachable before attempts also try the other nodes
     we know (lowest RTT first): long enough to ride out a node restart, short enough
     that a dead node costs a conversation only seconds."""
-    failover_dial_timeout: float = 3.0
-    """One dial of a failover candidate (a dead one must not eat the whole attempt)."""
+    failover_dial_timeout: float = 5.0
+    """One QUIC handshake while failover is possible (a dead node must not eat the
+    whole attempt); login on the reached node is bounded by ``attempt_timeout``."""
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_delay <= self.max_delay:

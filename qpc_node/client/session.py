@@ -317,8 +317,10 @@ class Session:
             why = "timed out"
             permanent = False
             for target in targets:
+                # With somewhere else to go, a dead node's handshake must not eat the
+                # whole attempt (QUIC may only give up at the attempt's deadline).
                 dial_by = deadline
-                if len(targets) > 1:
+                if self.candidates is not None:
                     dial_by = min(deadline, trio.current_time() + core.policy.failover_dial_timeout)
                 ok, why, permanent = await self._attempt(target, authenticate, dial_by, deadline)
                 if ok:
