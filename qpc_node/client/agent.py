@@ -110,6 +110,7 @@ class Agent:
         self.on_warning: Callable[[str], None] = lambda _m: None
         self._mls = MlsWorker(in_thread=mls_in_thread)
         self.node: bytes = b""
+        self._home_seq = 0
         """The node we are logged in on: its mesh id (or its certificate fingerprint
         when it has no Ed25519 key); b"" until the first login that names it."""
         self._ctx = AgentContext(
@@ -151,11 +152,17 @@ class Agent:
         sig = self.ident.sign(auth_message(ch.nonce, cert_fpr))
         prove = service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig)
         if len(ch.node_id) == 32:  # a mesh node: home us there (the node spreads it)
-            # seq = now: a later login (here or on another node) always outranks it.
+            # seq = now, and above the last one we signed: a later login (here or on
+            # another node, even within the same millisecond) always outranks it.
             now = self._wall_ms()
+            self._home_seq = max(now, self._home_seq + 1)
             prove.home.CopyFrom(
                 sign_binding(
-                    self.ident.public_key, self.ident.sign, ch.node_id, now, now + HOME_TTL_MS
+                    self.ident.public_key,
+                    self.ident.sign,
+                    ch.node_id,
+                    self._home_seq,
+                    now + HOME_TTL_MS,
                 ).to_proto()
             )
         resp = await rpc.call(
