@@ -35,7 +35,7 @@ from qpc_node.client.inbox import Inbox, Later
 from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
 from qpc_node.client.mls_worker import MlsWorker
 from qpc_node.client.outbox import Outbox, Sent
-from qpc_node.client.session import ServerId
+from qpc_node.client.session import ServerId, dial_order
 from qpc_node.client.state import (
     AsyncClientState,
     ClientStateError,
@@ -189,9 +189,10 @@ class Agent:
             await self._state.call(self._st.remember_node, here.node_id, [here.address], None, now)
         for p in resp.peers:
             nid = bytes(p.node_id)
-            if len(nid) == 32 and p.address:
+            addresses = dial_order(list(p.addresses) or [p.address])
+            if len(nid) == 32 and addresses:
                 rtt = p.srtt_ms if p.srtt_ms > 0 else None
-                await self._state.call(self._st.remember_node, nid, [p.address], rtt, now)
+                await self._state.call(self._st.remember_node, nid, addresses, rtt, now)
         return resp
 
     async def remember_rtt(self, node_id: bytes, address: str, rtt_ms: float) -> None:

@@ -20,6 +20,8 @@ from qpc_node.quic import ALPN_CLIENT, ClientTLS, QuicSettings, open_endpoint
 from qpc_node.quic.tls import normalize_fingerprint
 
 PIN_FILE = "node.pin"
+ADDRESSES_TRIED = 2
+"""Addresses of one failover candidate dialled at most (best first: see dial_order)."""
 NODES_REFRESH = 30.0
 """Seconds between asking our node for its peers (what failover picks from)."""
 
@@ -114,11 +116,13 @@ async def open_session(
                 here = session.server.node_id if session.server is not None else None
                 out: list[Target] = []
                 for n in failover_order(await agent.known_nodes(), here):
-                    try:
-                        h, p = parse_address(n.addresses[0])
-                    except LocalProtocolError:
-                        continue
-                    out.append(Target(h, p, ClientTLS(ALPN_CLIENT, node_id=n.node_id), n.node_id))
+                    for a in n.addresses[:ADDRESSES_TRIED]:
+                        try:
+                            h, p = parse_address(a)
+                        except LocalProtocolError:
+                            continue
+                        tls = ClientTLS(ALPN_CLIENT, node_id=n.node_id)
+                        out.append(Target(h, p, tls, n.node_id))
                 return out
 
             session.candidates = candidates

@@ -19,9 +19,10 @@ stored in ``client.db``, which the connection never held.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -99,6 +100,27 @@ def parse_address(text: str) -> tuple[str, int]:
             raise LocalProtocolError(f"not a node address (HOST:PORT): {text!r}")
         host = host[1:-1]
     return host, int(port)
+
+
+def dial_order(addresses: Sequence[str]) -> list[str]:
+    """Addresses of one node in the order a client tries them: link-local ones last
+    (their scope is the interface index on the host that reported them, which means
+    another interface, or none, on ours), otherwise as given; unparseable ones dropped."""
+
+    def link_local(text: str) -> bool:
+        host = parse_address(text)[0].partition("%")[0]
+        try:
+            return ipaddress.ip_address(host).is_link_local
+        except ValueError:
+            return False
+
+    ok = []
+    for a in dict.fromkeys(addresses):
+        try:
+            ok.append((link_local(a), a))
+        except LocalProtocolError:
+            continue
+    return [a for _, a in sorted(ok, key=lambda x: x[0])]
 
 
 Authenticate = Callable[[RpcClient, ServerId], Awaitable[None]]

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from qpc_node.client.reconnect import Phase, Reconnector, ReconnectPolicy, failover_order
+from qpc_node.client.session import dial_order, parse_address
 from qpc_node.client.state import KnownNode
 from qpc_node.errors import ConfigError, LocalProtocolError
 
@@ -190,3 +191,12 @@ def test_failover_order_prefers_reliable_then_fast_then_recent() -> None:
 def test_failover_policy_rejects_nonsense(kw: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         ReconnectPolicy(**kw)
+
+
+def test_dial_order_puts_link_local_last_and_drops_garbage() -> None:
+    got = dial_order(["[fe80::1%3]:4201", "10.0.0.2:4201", "nonsense", "[2001:db8::2]:4201"])
+    assert got == ["10.0.0.2:4201", "[2001:db8::2]:4201", "[fe80::1%3]:4201"]
+    assert parse_address("[fe80::1%3]:4201") == ("fe80::1%3", 4201)
+    for bad in ("host", ":1", "h:0", "h:99999", "[::1:1"):
+        with pytest.raises(LocalProtocolError):
+            parse_address(bad)

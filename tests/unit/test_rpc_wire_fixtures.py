@@ -145,6 +145,13 @@ MESSAGES.update(
     {
         "mesh_request": ops_pb2.MeshRequest(),
         "mesh_response_off": ops_pb2.MeshResponse(on_mesh=False),
+        # A peer with every address it is known by (MeshPeer.addresses, field 7).
+        "mesh_peer_addresses": ops_pb2.MeshPeer(
+            node_id=bytes(range(32, 64)),
+            address="[fe80::1%3]:4201",
+            state="up",
+            addresses=["[fe80::1%3]:4201", "10.0.0.2:4201"],
+        ),
         "mesh_response": ops_pb2.MeshResponse(
             on_mesh=True,
             node_id=bytes(range(32)),
