@@ -12,7 +12,7 @@ from qpc_node.client.agent import Agent
 from qpc_node.client.identity_store import open_user
 from qpc_node.client.reconnect import ReconnectPolicy, failover_order
 from qpc_node.client.session import Session, Target, parse_address
-from qpc_node.client.state import SEEN_KEEP_MS, AsyncClientState, ClientState
+from qpc_node.client.state import SEEN_KEEP_MS, AsyncClientState, ClientState, KnownNode
 from qpc_node.errors import ConfigError, LocalProtocolError, QpcError
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.log import get_logger
@@ -26,6 +26,19 @@ NODES_REFRESH = 30.0
 """Seconds between asking our node for its peers (what failover picks from)."""
 
 log = get_logger("qpc.client")
+
+
+def _targets(known: list[KnownNode], here: bytes | None) -> list[Target]:
+    """Failover targets: the nodes we know but ``here``, best first, pinned by node id."""
+    out: list[Target] = []
+    for n in failover_order(known, here):
+        for a in n.addresses[:ADDRESSES_TRIED]:
+            try:
+                h, p = parse_address(a)
+            except LocalProtocolError:
+                continue
+            out.append(Target(h, p, ClientTLS(ALPN_CLIENT, node_id=n.node_id), n.node_id))
+    return out
 
 
 async def _learn_nodes(agent: Agent, session: Session) -> None:
@@ -96,8 +109,11 @@ async def open_session(
     try:
         async with open_endpoint("::", 0, settings=settings) as ep:
             session = Session(ep, host, port, ClientTLS(ALPN_CLIENT, pin=pin), policy=policy)
-            await session.connect()
-            (data_dir / PIN_FILE).write_text(pin + "\n")
+            # Our node may be the one that died: the nodes we knew are the way back.
+            known = await astate.call(state.nodes)
+            session.started_elsewhere = await session.connect_first(_targets(known, None))
+            if session.started_elsewhere is None:
+                (data_dir / PIN_FILE).write_text(pin + "\n")
             agent = Agent(
                 user.ident,
                 astate,
@@ -114,16 +130,7 @@ async def open_session(
             async def candidates() -> list[Target]:
                 """The nodes we know, best first, each pinned by its node id."""
                 here = session.server.node_id if session.server is not None else None
-                out: list[Target] = []
-                for n in failover_order(await agent.known_nodes(), here):
-                    for a in n.addresses[:ADDRESSES_TRIED]:
-                        try:
-                            h, p = parse_address(a)
-                        except LocalProtocolError:
-                            continue
-                        tls = ClientTLS(ALPN_CLIENT, node_id=n.node_id)
-                        out.append(Target(h, p, tls, n.node_id))
-                return out
+                return _targets(await agent.known_nodes(), here)
 
             session.candidates = candidates
 

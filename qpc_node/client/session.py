@@ -173,6 +173,8 @@ class Session:
         self.generation = 0
         """Bumped whenever another connection is put in place (a call that failed on
         an older one failed because of the swap, not because of the node now in use)."""
+        self.started_elsewhere: Notice | None = None
+        """Set when the first connection went to another node (ours was unreachable)."""
         self._authenticate: Authenticate | None = None
         self._after_up: AfterUp | None = None
         self._move_lock = trio.Lock()
@@ -209,6 +211,43 @@ class Session:
         self.server = ServerId.of(conn, self._target.address)
         self._conn = conn
         return conn
+
+    async def connect_first(self, others: Sequence[Target]) -> Notice | None:
+        """The first connection, when we know other nodes: our node first, then the
+        others (each dial bounded), so a REPL started while its node is dead comes up
+        elsewhere. A refusal by our node (its key changed) is not an outage: raised.
+        Returns the notice to show when we came up on another node."""
+        first = self._target
+        others = [t for t in others if t.address != first.address]
+        if not others:
+            await self.connect()
+            return None
+        why: BaseException | None = None
+        for target in [first, *others]:
+            self._target = target
+            try:
+                with trio.fail_after(self._core.policy.failover_dial_timeout):
+                    await self.connect()
+            except HandshakeError as exc:
+                if target is first and is_refusal(exc):
+                    self._target = first
+                    raise
+                why = exc
+                continue
+            except (QpcError, OSError, trio.TooSlowError) as exc:
+                why = exc
+                continue
+            if target is first:
+                return None
+            assert self.server is not None
+            return Notice(
+                "moved",
+                f"node at {first.address} unreachable ({why or 'timed out'}); "
+                f"now on node {self.server.short} at {target.address}",
+            )
+        self._target = first
+        assert why is not None
+        raise why
 
     async def probe(self, target: Target, timeout: float) -> float | None:  # noqa: ASYNC109 -- a bound on one dial
         """Seconds a QUIC handshake with ``target`` takes (its RTT as the client sees it,

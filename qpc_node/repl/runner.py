@@ -109,6 +109,8 @@ class Repl:
         """Contact names, for tab completion (refreshed after each command)."""
         if session is not None:
             session.on_notice = self._notice
+            if session.started_elsewhere is not None:
+                self._notice(session.started_elsewhere)
 
     def _notice(self, notice: Notice) -> None:
         self.out(f"{'!!' if notice.kind == 'refused' else '--'} {notice.text}")

@@ -104,6 +104,21 @@ async def test_repl_fails_over_when_its_node_is_killed(tmp_path: Path) -> None:
         assert repl.count("; now on node ") == 1
         assert await repl.quit() == 0
         repl = None
+
+        # Started again on the dead node's address: up on another node it remembers.
+        repl = await start_pty_repl(u, ports["a"], pins["a"])
+        await repl.wait_for("type /help", timeout=60)
+        assert repl.count(f"127.0.0.1:{ports['a']} unreachable") == 1
+        assert "sent to [" in await v_runs(f"/dm {u_fp} after-restart\n")
+        with trio.fail_after(90):
+            while f"{short_code(v_fp)}: after-restart" not in repl.text:
+                await v_runs("/inbox\n")
+                with trio.move_on_after(5):
+                    await repl.wait_for(f"{short_code(v_fp)}: after-restart")
+        # Only the new one: what the first REPL showed is not shown again.
+        assert repl.count(f"{short_code(v_fp)}: after-") == 1
+        assert await repl.quit() == 0
+        repl = None
     finally:
         if repl is not None:
             await repl.aclose()
