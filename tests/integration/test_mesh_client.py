@@ -19,10 +19,11 @@ from qpc_node.client.agent import Agent
 from qpc_node.client.connect import open_session
 from qpc_node.client.outbox import Sent
 from qpc_node.client.session import Session, Target
-from qpc_node.node import Node, NodeInfo
+from qpc_node.errors import QpcError
+from qpc_node.node import NodeInfo
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.quic import ALPN_CLIENT, ClientTLS
-from qpc_node.repl.runner import describe_route
+from qpc_node.repl.runner import Repl, describe_route
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import service_pb2
 from tests.integration.test_mesh_dm import homed, line, mesh_of, user
@@ -113,4 +114,41 @@ async def test_move_to_another_node_rehomes_and_skips_a_second_copy(
             assert u.stats.duplicates == 1
             assert u.stats.undecryptable == 0 and not u.stats.warnings
             assert [r.text for r in await u.unshown()] == ["on a", "on b", "after the copy"]
-            assert isinstance(a_node, Node)
+
+
+async def test_repl_mesh_server_and_auto(tmp_path: Path, wall: ManualWallClock) -> None:
+    """/mesh server by node-id prefix and by address from the peer list; /mesh auto
+    measures every node it can reach and ends on the fastest; errors are clear."""
+    with trio.fail_after(120):
+        async with (
+            line(tmp_path) as ((a_node, _a), (b_node, b_info), (c_node, _c)),
+            session_user(tmp_path, "u", b_info, wall) as (u, u_session),
+        ):
+            shown: list[str] = []
+            repl = Repl(u, shown.append, u_session)
+            a_id, b_id, c_id = (mesh_of(n).node_id for n in (a_node, b_node, c_node))
+            await repl.run_line("/mesh peers")  # B's peers: A and C, remembered
+            assert {n.node_id for n in await u.known_nodes()} >= {a_id, c_id}
+
+            await repl.run_line(f"/mesh server {a_id.hex()[:8]}")
+            assert shown[-1].startswith(f"now on node {a_id[:4].hex()}")
+            assert u.node == a_id
+            await repl.run_line(f"/mesh server {a_id.hex()[:8]}")
+            assert shown[-1] == f"already on node {a_id[:4].hex()}"
+            # By address: B as A's peer list shows it.
+            view = await u.mesh_status()
+            (b_addr,) = [p.address for p in view.peers if bytes(p.node_id) == b_id]
+            await repl.run_line(f"/mesh server {b_addr}")
+            assert shown[-1].startswith(f"now on node {b_id[:4].hex()}") and u.node == b_id
+
+            with pytest.raises(QpcError, match="not in this node's peer list"):
+                await repl.run_line("/mesh server 127.0.0.1:1")
+            with pytest.raises(QpcError, match="no known node"):
+                await repl.run_line("/mesh server ffffffff")
+
+            await repl.run_line("/mesh auto")
+            assert any(s.startswith(("staying on node", "fastest: ")) for s in shown[-2:])
+            measured = {n.node_id: n.rtt_ms for n in await u.known_nodes()}
+            assert all(measured[n] is not None for n in (a_id, b_id))
+            # Still a working session wherever it ended.
+            await u.receive(0)
