@@ -134,6 +134,12 @@ async def open_session(
 
             session.candidates = candidates
 
+            async def on_dial(target: Target, ok: bool) -> None:
+                if target.node_id is not None:
+                    await agent.node_result(target.node_id, ok=ok)
+
+            session.on_dial = on_dial
+
             async def after_up() -> None:
                 # What waited out the outage is sent now, not at its backoff time (on
                 # another node after a move: the KeyPackages of our new home, too).

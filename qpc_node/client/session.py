@@ -173,6 +173,8 @@ class Session:
         self.generation = 0
         """Bumped whenever another connection is put in place (a call that failed on
         an older one failed because of the swap, not because of the node now in use)."""
+        self.on_dial: Callable[[Target, bool], Awaitable[None]] | None = None
+        """Told of each failover dial's outcome (the order of later candidates)."""
         self.started_elsewhere: Notice | None = None
         """Set when the first connection went to another node (ours was unreachable)."""
         self._authenticate: Authenticate | None = None
@@ -384,6 +386,11 @@ class Session:
                 if self.candidates is not None:
                     dial_by = min(deadline, trio.current_time() + core.policy.failover_dial_timeout)
                 ok, why, permanent = await self._attempt(target, authenticate, dial_by, deadline)
+                if self.on_dial is not None and target.node_id is not None:
+                    try:
+                        await self.on_dial(target, ok)
+                    except QpcError as exc:  # bookkeeping only: never blocks a reconnect
+                        log.info("recording a dial failed", extra={"why": str(exc)})
                 if ok:
                     return True
                 if permanent and target is self._target:

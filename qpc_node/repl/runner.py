@@ -305,7 +305,8 @@ class Repl:
         self.out(
             f"sent={s.sent} received={s.received} undecryptable={s.undecryptable} "
             f"held={s.held} send_retries={s.send_retries} send_dropped={s.send_dropped} "
-            f"gaps={len(s.gaps)} rpc_calls={r.calls} rpc_retries={r.retries} "
+            f"duplicates={s.duplicates} gaps={len(s.gaps)} rpc_calls={r.calls} "
+            f"rpc_retries={r.retries} "
             f"rpc_failures={dict(r.failures)}"
             + (f" connection_losses={self.session.outages}" if self.session is not None else "")
         )
