@@ -275,9 +275,15 @@ class Session:
         if self._authenticate is None:
             raise LocalProtocolError("Session.move_to before Session.run")
         async with self._move_lock:
-            with trio.fail_after(self._core.policy.attempt_timeout):
-                conn = await self._ep.connect(target.host, target.port, target.tls)
-                try:
+            try:
+                with trio.fail_after(self._core.policy.attempt_timeout):
+                    conn = await self._ep.connect(target.host, target.port, target.tls)
+            except (trio.TooSlowError, OSError) as exc:
+                raise NotConnected(
+                    f"{target.address} did not answer ({exc or 'timed out'})"
+                ) from None
+            try:
+                with trio.fail_after(self._core.policy.attempt_timeout):
                     server = ServerId.of(conn, target.address)
                     await self._authenticate(
                         RpcClient(
@@ -285,9 +291,13 @@ class Session:
                         ),
                         server,
                     )
-                except BaseException:
-                    await conn.aclose()
-                    raise
+                if self._core.phase is not Phase.UP:  # lost ours meanwhile: the session's
+                    raise NotConnected("the connection was lost during the move; retry")
+            except BaseException as exc:
+                await conn.aclose()
+                if isinstance(exc, trio.TooSlowError):
+                    raise NotConnected(f"{target.address}: login timed out") from None
+                raise
             old = self._conn
             self._put(conn, target, server)
             if old is not None:

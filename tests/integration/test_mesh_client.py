@@ -145,6 +145,11 @@ async def test_repl_mesh_server_and_auto(tmp_path: Path, wall: ManualWallClock) 
                 await repl.run_line("/mesh server 127.0.0.1:1")
             with pytest.raises(QpcError, match="no known node"):
                 await repl.run_line("/mesh server ffffffff")
+            # A known node that does not answer: a typed error, the session stays put.
+            await u.remember_rtt(b"\x07" * 32, "127.0.0.1:9", 1.0)
+            with pytest.raises(QpcError, match="127.0.0.1:9"):
+                await repl.run_line("/mesh server 07070707")
+            assert u.node == b_id and u_session.connected
 
             await repl.run_line("/mesh auto")
             assert any(s.startswith(("staying on node", "fastest: ")) for s in shown[-2:])
