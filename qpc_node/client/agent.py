@@ -81,6 +81,8 @@ class DmReport:
     """Node-to-node hops to the recipient's home (0: stored on our node, or unknown)."""
     detail: str
     """The node's reason when it is queued."""
+    stored_here: bool = True
+    """Delivered into a mailbox on our node (else taken into its custody for relay)."""
 
 
 HOME_TTL_MS = 2 * 24 * 3600 * 1000  # a home binding's lifetime; re-signed at every login
@@ -290,6 +292,7 @@ class Agent:
             fate,
             route.hops if route is not None else 0,
             route.detail if route is not None else "",
+            route is None or route.stored_here,
         )
 
     async def _start_direct(self, peer: bytes) -> Conversation:

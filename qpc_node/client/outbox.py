@@ -72,6 +72,8 @@ class Route:
     """Node-to-node hops to the recipient's home (0: stored on our node, or unknown)."""
     detail: str
     """Why it is still queued (the node's words), "" when delivered."""
+    stored_here: bool = False
+    """Our node put it in a mailbox of its own (it answered a mailbox seq)."""
 
 
 class Outbox(AgentPart):
@@ -339,7 +341,7 @@ class Outbox(AgentPart):
             if code == StatusCode.OK:
                 done.append(o.msg_id)
                 fates[o.msg_id] = Sent.DELIVERED
-                self._note(o.msg_id, Route(r.hops, ""))
+                self._note(o.msg_id, Route(r.hops, "", stored_here=r.seq > 0 or r.duplicate))
             elif code.retriable:
                 again.append(o)
                 fates[o.msg_id] = Sent.RETRY

@@ -337,7 +337,8 @@ def describe_route(r: DmReport) -> str:
     if r.fate is Sent.DELIVERED:
         if r.hops:
             return f"(relayed via {r.hops} hop{'s' if r.hops != 1 else ''})"
-        return "(stored on this node)"
+        # A node that predates EnqueueResult.hops says neither: it took it for relay.
+        return "(stored on this node)" if r.stored_here else "(accepted for relay)"
     if r.fate is Sent.RETRY:
         return f"(queued: {r.detail or 'the node could not take it yet'}; retrying)"
     return "(not delivered)"

@@ -147,7 +147,7 @@ async def test_repl_mesh_server_and_auto(tmp_path: Path, wall: ManualWallClock) 
                 await repl.run_line("/mesh server ffffffff")
             # A known node that does not answer: a typed error, the session stays put.
             await u.remember_rtt(b"\x07" * 32, "127.0.0.1:9", 1.0)
-            with pytest.raises(QpcError, match="127.0.0.1:9"):
+            with pytest.raises(QpcError, match=r"127\.0\.0\.1:9"):
                 await repl.run_line("/mesh server 07070707")
             assert u.node == b_id and u_session.connected
 

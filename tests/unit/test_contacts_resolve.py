@@ -71,3 +71,33 @@ def test_names_and_tokens() -> None:
     assert not valid_name("ab" * 32)  # a fingerprint is not a name
     assert looks_like_peer("ab" * 32) and looks_like_peer("abcd-ef01")
     assert not looks_like_peer("a/b")
+
+
+def test_random_tokens_give_a_fingerprint_or_a_typed_error() -> None:
+    import contextlib
+    import random
+
+    from qpc_node.client.session import parse_address
+    from qpc_node.errors import LocalProtocolError
+
+    rng = random.Random(12)
+    alphabet = "abcdef0123456789-:_.[]%/ xyzé\x00"
+    for _ in range(3000):
+        token = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        for fn in (lambda t: resolve(t, KNOWN), parse_address):
+            with contextlib.suppress(LocalProtocolError):
+                fn(token)
+
+
+def test_dm_report_wording() -> None:
+    from qpc_node.client.agent import DmReport
+    from qpc_node.client.outbox import Sent
+    from qpc_node.repl.runner import describe_route
+
+    assert describe_route(DmReport("b", Sent.DELIVERED, 0, "")) == "(stored on this node)"
+    assert describe_route(DmReport("b", Sent.DELIVERED, 3, "")) == "(relayed via 3 hops)"
+    old_node = DmReport("b", Sent.DELIVERED, 0, "", stored_here=False)
+    assert describe_route(old_node) == "(accepted for relay)"
+    queued = DmReport("b", Sent.RETRY, 0, "no route yet")
+    assert describe_route(queued) == "(queued: no route yet; retrying)"
+    assert describe_route(DmReport("b", Sent.DROPPED, 0, "")) == "(not delivered)"
