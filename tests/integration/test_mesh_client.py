@@ -96,6 +96,15 @@ async def test_move_to_another_node_rehomes_and_skips_a_second_copy(
                 Target(b_info.host, b_info.port, ClientTLS(ALPN_CLIENT, node_id=b_id), b_id)
             )
             assert server.node_id == b_id and u.node == b_id
+            # B got a full pool of u's KeyPackages, the last-resort one included: the
+            # 17th fetch still finds one (KP_TARGET = 16 one-time packages).
+            for _ in range(17):
+                await u._rpc.call(
+                    "qpc.v1.Directory/Fetch",
+                    service_pb2.FetchKeyPackageRequest(identity=u.me),
+                    service_pb2.FetchKeyPackageResponse,
+                )
+            await u.top_up_key_packages()
             await homed(a_node, u, b_node)  # the new binding reached A
 
             got = await v.dm_report(u.ident.fingerprint, "on b")
