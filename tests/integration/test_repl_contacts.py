@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from node_harness import cli_fingerprint, run_repl, start_node_process
+from repl_harness import start_pty_repl
 
 from qpc_node.client.fingerprint import short_code
 
@@ -54,5 +56,32 @@ async def test_contact_names_and_short_codes_in_commands(tmp_path: Path) -> None
         _, err = await run(alice, f"/contact add x {b_fp}\n/contact add x {carol}\n", ok=False)
         assert "line 2: error: the name 'x' is taken" in err
     finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_tab_completes_contact_names_in_the_interactive_repl(tmp_path: Path) -> None:
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    cli_fingerprint(alice)
+    b_fp = cli_fingerprint(bob)
+    proc, info = await start_node_process(tmp_path / "node")
+    repl = None
+    try:
+        repl = await start_pty_repl(alice, info.port, info.cert_fingerprint)
+        await repl.wait_for("type /help")
+        repl.type(f"/contact add bobby {b_fp}")
+        await repl.wait_for(f"bobby = {short_code(b_fp)}")
+        os.write(repl._master, b"/veri\t")  # the command word completes too
+        await repl.wait_for("/verify")
+        os.write(repl._master, b" bob\t")  # completion is applied asynchronously
+        # (the terminal may draw the space by moving the cursor: compare without spaces)
+        await repl.wait_until(lambda: "/verifybobby" in repl.text.replace(" ", ""), "completion")
+        os.write(repl._master, b"\r")
+        await repl.wait_for(f"safety number with {short_code(b_fp)}")
+        assert await repl.quit() == 0
+        repl = None
+    finally:
+        if repl is not None:
+            await repl.aclose()
         proc.kill()
         await proc.wait()
