@@ -55,7 +55,9 @@ async def test_repl_fails_over_when_its_node_is_killed(tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr.decode()
             return r.stdout.decode()
 
-        repl = await start_pty_repl(u, ports["a"], pins["a"], "--dead-peer-timeout", "3")
+        repl = await start_pty_repl(
+            u, ports["a"], pins["a"], "--dead-peer-timeout", "3", "--failover-after", "4"
+        )
         await repl.wait_for("type /help")
         # u's REPL learns the mesh (and remembers it) once A is linked to B and C.
         with trio.fail_after(60):
