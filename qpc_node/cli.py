@@ -173,7 +173,16 @@ def _cmd_repl(args: argparse.Namespace) -> int:
         text = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
         lines = text.splitlines()
     pin = args.pin or _local_node_pin(Path(args.data))
-    return trio.run(_repl_main, Path(args.data), host, port, pin, lines, args.dead_peer_timeout)
+    return trio.run(
+        _repl_main,
+        Path(args.data),
+        host,
+        port,
+        pin,
+        lines,
+        args.dead_peer_timeout,
+        args.failover_after,
+    )
 
 
 def _local_node_pin(user_data: Path) -> str | None:
@@ -198,8 +207,10 @@ async def _repl_main(
     pin: str | None,
     script: list[str] | None,
     dead_peer_timeout: float | None = None,
+    failover_after: float | None = None,
 ) -> int:
     from qpc_node.client.connect import open_session
+    from qpc_node.client.reconnect import ReconnectPolicy
     from qpc_node.quic import QuicSettings
     from qpc_node.repl.runner import Repl
 
@@ -210,6 +221,7 @@ async def _repl_main(
         print(line, file=sys.stderr, flush=True)
 
     settings = None if dead_peer_timeout is None else QuicSettings(dead_peer_timeout)
+    policy = None if failover_after is None else ReconnectPolicy(failover_after=failover_after)
     async with open_session(
         data,
         host,
@@ -217,6 +229,7 @@ async def _repl_main(
         pin=pin,
         passphrase=os.environ.get("QPC_PASSPHRASE"),
         settings=settings,
+        policy=policy,
     ) as (agent, session):
         repl = Repl(agent, out, session)
         if script is not None:
@@ -443,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="notice a silent node (killed, unreachable) within this long and reconnect "
         "(default 30; lower costs more keepalive packets)",
+    )
+    r.add_argument(
+        "--failover-after",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="after the node has been unreachable this long, also try the other mesh "
+        "nodes it listed, lowest RTT first (default 10)",
     )
     r.set_defaults(func=_cmd_repl)
 

@@ -24,15 +24,26 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentStatistics, Incoming
+from qpc_node.client.contacts import Known
+from qpc_node.client.contacts import resolve as resolve_peer
 from qpc_node.client.fingerprint import short_code
 from qpc_node.client.inbox import Inbox, Later
 from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
 from qpc_node.client.mls_worker import MlsWorker
 from qpc_node.client.outbox import Outbox, Sent
-from qpc_node.client.state import AsyncClientState, Conversation, Received
+from qpc_node.client.session import ServerId, dial_order
+from qpc_node.client.state import (
+    AsyncClientState,
+    ClientStateError,
+    Contact,
+    Conversation,
+    KnownNode,
+    Received,
+)
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
 from qpc_node.mesh.routing import sign_binding
 from qpc_node.ops.log import get_logger
@@ -51,12 +62,28 @@ __all__ = [
     "Agent",
     "AgentError",
     "AgentStatistics",
+    "DmReport",
     "Incoming",
     "Sent",
 ]
 """The agent's public names; the KeyPackage constants stay importable from here."""
 
 log = get_logger("qpc.client")
+
+
+@dataclass(frozen=True, slots=True)
+class DmReport:
+    """What became of a DM: for ``/mesh dm`` (sent / relayed via N hops / queued)."""
+
+    conversation: str
+    fate: Sent
+    hops: int
+    """Node-to-node hops to the recipient's home (0: stored on our node, or unknown)."""
+    detail: str
+    """The node's reason when it is queued."""
+    stored_here: bool = True
+    """Delivered into a mailbox on our node (else taken into its custody for relay)."""
+
 
 HOME_TTL_MS = 2 * 24 * 3600 * 1000  # a home binding's lifetime; re-signed at every login
 
@@ -84,7 +111,13 @@ class Agent:
         self.stats = AgentStatistics()
         self.on_warning: Callable[[str], None] = lambda _m: None
         self._mls = MlsWorker(in_thread=mls_in_thread)
-        self._ctx = AgentContext(ident, state, rpc, self._mls, wall_ms, self.stats, self._warn)
+        self.node: bytes = b""
+        self._home_seq = 0
+        """The node we are logged in on: its mesh id (or its certificate fingerprint
+        when it has no Ed25519 key); b"" until the first login that names it."""
+        self._ctx = AgentContext(
+            ident, state, rpc, self._mls, wall_ms, self.stats, self._warn, lambda: self.node
+        )
         self._outbox = Outbox(self._ctx, rng=rng or random.Random())
         self._inbox = Inbox(self._ctx, control=self._group_control)
 
@@ -114,21 +147,33 @@ class Agent:
         )
 
     # -- session ---------------------------------------------------------------
-    async def authenticate(self, rpc: RpcClient | None = None) -> None:
-        """Prove our identity to the node; ``rpc``: over a new connection (reconnect)."""
+    async def authenticate(
+        self, rpc: RpcClient | None = None, server: ServerId | None = None
+    ) -> None:
+        """Prove our identity to the node; ``rpc``: over a new connection (reconnect);
+        ``server``: who that connection reached (another node after a move: the proof
+        is bound to its certificate, and its mailbox has its own cursor)."""
         rpc = rpc or self._rpc
+        cert_fpr = server.cert_fingerprint if server is not None else self._node_fpr
         ch = await rpc.call(
             "qpc.v1.Auth/Challenge",
             service_pb2.AuthChallengeRequest(),
             service_pb2.AuthChallengeResponse,
         )
-        sig = self.ident.sign(auth_message(ch.nonce, self._node_fpr))
+        sig = self.ident.sign(auth_message(ch.nonce, cert_fpr))
         prove = service_pb2.AuthProveRequest(public_key=self.ident.public_key, signature=sig)
         if len(ch.node_id) == 32:  # a mesh node: home us there (the node spreads it)
+            # seq = now, and above the last one we signed: a later login (here or on
+            # another node, even within the same millisecond) always outranks it.
             now = self._wall_ms()
+            self._home_seq = max(now, self._home_seq + 1)
             prove.home.CopyFrom(
                 sign_binding(
-                    self.ident.public_key, self.ident.sign, ch.node_id, now, now + HOME_TTL_MS
+                    self.ident.public_key,
+                    self.ident.sign,
+                    ch.node_id,
+                    self._home_seq,
+                    now + HOME_TTL_MS,
                 ).to_proto()
             )
         resp = await rpc.call(
@@ -139,6 +184,65 @@ class Agent:
         )
         if resp.fingerprint != self.me:
             raise RemoteProtocolError("node confirmed a different identity")
+        if server is not None:
+            self._node_fpr = server.cert_fingerprint
+            if server.key != self.node:
+                await self._state.call(self._st.claim_cursor, server.key)
+                self.node = server.key
+
+    # -- the nodes we know (for /mesh auto and failover) -------------------------
+    async def refresh_nodes(self, here: ServerId | None = None) -> ops_pb2.MeshResponse:
+        """Ask our node for its peers and remember them (node id, address, RTT), so we
+        can move to one of them, and fail over when our node is already dead."""
+        resp = await self.mesh_status()
+        now = self._wall_ms()
+        if here is not None and here.node_id is not None and here.address:
+            await self._state.call(self._st.remember_node, here.node_id, [here.address], None, now)
+        for p in resp.peers:
+            nid = bytes(p.node_id)
+            addresses = dial_order(list(p.addresses) or [p.address])
+            if len(nid) == 32 and addresses:
+                rtt = p.srtt_ms if p.srtt_ms > 0 else None
+                await self._state.call(self._st.remember_node, nid, addresses, rtt, now)
+        return resp
+
+    async def remember_rtt(self, node_id: bytes, address: str, rtt_ms: float) -> None:
+        """A handshake time we measured ourselves (``/mesh auto``)."""
+        await self._state.call(self._st.remember_node, node_id, [address], rtt_ms, self._wall_ms())
+
+    async def known_nodes(self) -> list[KnownNode]:
+        return await self._state.call(self._st.nodes)
+
+    async def node_result(self, node_id: bytes, *, ok: bool) -> None:
+        await self._state.call(self._st.node_result, node_id, ok=ok)
+
+    # -- contacts ----------------------------------------------------------------
+    async def contacts(self) -> list[Contact]:
+        return await self._state.call(self._st.contacts)
+
+    async def resolve_peer(self, token: str) -> str:
+        """A fingerprint, a contact name or a unique short code of a known user -> the
+        fingerprint (typed errors: UnknownPeer, AmbiguousPeer listing the matches)."""
+        known = [Known(c.fingerprint.hex(), c.name) for c in await self.contacts()]
+        return resolve_peer(token, known)
+
+    async def contact_add(self, name: str, token: str) -> str:
+        fpr = await self.resolve_peer(token)
+        if fpr == self.ident.fingerprint:
+            raise AgentError("that is your own fingerprint")
+        peer = bytes.fromhex(fpr)
+        await self._note_contact(peer)
+        try:
+            await self._state.call(self._st.name_contact, name, peer, self._wall_ms())
+        except ClientStateError as exc:
+            raise AgentError(str(exc)) from None
+        return fpr
+
+    async def contact_remove(self, name: str) -> str:
+        fpr = await self._state.call(self._st.unname_contact, name)
+        if fpr is None:
+            raise AgentError(f"no contact named {name!r}")
+        return fpr.hex()
 
     async def top_up_key_packages(self) -> int:
         """Keep the node's pool of our KeyPackages between low water and target.
@@ -178,14 +282,27 @@ class Agent:
 
     async def dm(self, peer_hex: str, text: str) -> str:
         """Send ``text`` to ``peer`` over our pairwise group, creating it on first use."""
+        return (await self.dm_report(peer_hex, text)).conversation
+
+    async def dm_report(self, peer_hex: str, text: str) -> DmReport:
+        """``dm``, and what the node said of it: stored, relayed toward a home N hops
+        away, or queued (no route yet; the outbox retries)."""
         peer = bytes.fromhex(peer_hex)
         if peer == self.me:
             raise LocalProtocolError("cannot DM yourself")
         conv = await self._state.call(self._st.direct_with, peer)
         if conv is None:
             conv = await self._start_direct(peer)
-        await self._send_text(conv, text)
-        return conv.name
+        fates = await self._send_text(conv, text)
+        (msg_id, fate), *_ = fates.items()
+        route = self._outbox.routes.get(msg_id)
+        return DmReport(
+            conv.name,
+            fate,
+            route.hops if route is not None else 0,
+            route.detail if route is not None else "",
+            route is None or route.stored_here,
+        )
 
     async def _start_direct(self, peer: bytes) -> Conversation:
         await self._note_contact(peer)
@@ -285,15 +402,16 @@ class Agent:
         self.on_warning(msg)
 
     # -- sending ---------------------------------------------------------------
-    async def _send_text(self, conv: Conversation, text: str) -> None:
+    async def _send_text(self, conv: Conversation, text: str) -> dict[bytes, Sent]:
         g = await self._mls(self.ident.group, conv.group_id)
         msg = client_pb2.AppMessage(text=text, sent_ms=self._wall_ms())
         with self._no_pending_commit(conv):
             envs = await self._outbox.app_envelopes(conv, g, msg)
         if not envs:
             raise AgentError(f"{conv.name!r} has no other members yet")
-        await self._outbox.submit(envs)
+        fates = await self._outbox.submit(envs)
         self.stats.sent += 1
+        return {e.msg_id: fates.get(e.msg_id, Sent.RETRY) for e in envs}
 
     async def _commit_removal(self, conv: Conversation, g: crypto.Group, member: str) -> None:
         """Remove ``member`` and tell everyone who was in the group, the removed one too."""

@@ -47,6 +47,9 @@ class AgentStatistics:
     """Outbox messages scheduled again (node busy, connection lost)."""
     send_dropped: int = 0
     """Outbox messages the node refused for good (or that expired unsent)."""
+    duplicates: int = 0
+    """Delivered messages already received before (a retried send, or a copy another
+    node delivered after we moved): skipped, never shown twice."""
     gaps: list[tuple[int, int]] = field(default_factory=list)
     """(expected, got) sequence pairs where messages went missing."""
     warnings: list[str] = field(default_factory=list)
@@ -69,6 +72,9 @@ class AgentContext:
     wall_ms: Callable[[], int]
     stats: AgentStatistics
     warn: Warn
+    node: Callable[[], bytes] = lambda: b""
+    """The node the session is on now (its mesh id; b"" before the first login): its
+    mailbox numbers what we fetch, so cursors and held messages are kept per node."""
 
 
 class AgentPart:
@@ -83,3 +89,4 @@ class AgentPart:
         self._wall_ms = ctx.wall_ms
         self._stats = ctx.stats
         self._warn = ctx.warn
+        self._node = ctx.node

@@ -10,15 +10,51 @@ import trio
 
 from qpc_node.client.agent import Agent
 from qpc_node.client.identity_store import open_user
-from qpc_node.client.reconnect import ReconnectPolicy
-from qpc_node.client.session import Session
-from qpc_node.client.state import AsyncClientState, ClientState
-from qpc_node.errors import ConfigError
+from qpc_node.client.reconnect import ReconnectPolicy, failover_order
+from qpc_node.client.session import Session, Target, parse_address
+from qpc_node.client.state import SEEN_KEEP_MS, AsyncClientState, ClientState, KnownNode
+from qpc_node.errors import ConfigError, LocalProtocolError, QpcError
 from qpc_node.ops.clock import WallClock, system_wall_ms
+from qpc_node.ops.log import get_logger
 from qpc_node.quic import ALPN_CLIENT, ClientTLS, QuicSettings, open_endpoint
 from qpc_node.quic.tls import normalize_fingerprint
 
 PIN_FILE = "node.pin"
+ADDRESSES_TRIED = 2
+"""Addresses of one failover candidate dialled at most (best first: see dial_order)."""
+NODES_REFRESH = 30.0
+"""Seconds between asking our node for its peers (what failover picks from)."""
+
+log = get_logger("qpc.client")
+
+
+def _targets(known: list[KnownNode], here: bytes | None) -> list[Target]:
+    """Failover targets: the nodes we know but ``here``, best first, pinned by node id."""
+    out: list[Target] = []
+    for n in failover_order(known, here):
+        for a in n.addresses[:ADDRESSES_TRIED]:
+            try:
+                h, p = parse_address(a)
+            except LocalProtocolError:
+                continue
+            out.append(Target(h, p, ClientTLS(ALPN_CLIENT, node_id=n.node_id), n.node_id))
+    return out
+
+
+async def _learn_nodes(agent: Agent, session: Session) -> None:
+    """Remember our node's peers (and our node) in client.db; a node that is not on a
+    mesh, or a failed call, leaves what we knew."""
+    try:
+        await agent.refresh_nodes(session.server)
+    except QpcError as exc:
+        log.info("could not read the mesh peers", extra={"why": str(exc)})
+
+
+async def _keep_learning_nodes(agent: Agent, session: Session) -> None:
+    while True:
+        await trio.sleep(NODES_REFRESH)
+        if session.connected:
+            await _learn_nodes(agent, session)
 
 
 def remembered_pin(data_dir: Path) -> str | None:
@@ -73,8 +109,11 @@ async def open_session(
     try:
         async with open_endpoint("::", 0, settings=settings) as ep:
             session = Session(ep, host, port, ClientTLS(ALPN_CLIENT, pin=pin), policy=policy)
-            await session.connect()
-            (data_dir / PIN_FILE).write_text(pin + "\n")
+            # Our node may be the one that died: the nodes we knew are the way back.
+            known = await astate.call(state.nodes)
+            session.started_elsewhere = await session.connect_first(_targets(known, None))
+            if session.started_elsewhere is None:
+                (data_dir / PIN_FILE).write_text(pin + "\n")
             agent = Agent(
                 user.ident,
                 astate,
@@ -82,19 +121,37 @@ async def open_session(
                 node_cert_fingerprint=bytes.fromhex(pin),
                 wall_ms=wall_ms,
             )
-            await agent.authenticate()
+            await astate.call(state.forget_seen_before, wall_ms() - SEEN_KEEP_MS)
+            await agent.authenticate(server=session.server)
             await agent.top_up_key_packages()
             await agent.flush_outbox()
+            await _learn_nodes(agent, session)
+
+            async def candidates() -> list[Target]:
+                """The nodes we know, best first, each pinned by its node id."""
+                here = session.server.node_id if session.server is not None else None
+                return _targets(await agent.known_nodes(), here)
+
+            session.candidates = candidates
+
+            async def on_dial(target: Target, ok: bool) -> None:
+                if target.node_id is not None:
+                    await agent.node_result(target.node_id, ok=ok)
+
+            session.on_dial = on_dial
 
             async def after_up() -> None:
-                # What waited out the outage is sent now, not at its backoff time.
+                # What waited out the outage is sent now, not at its backoff time (on
+                # another node after a move: the KeyPackages of our new home, too).
                 await astate.call(state.outbox_due_now, wall_ms())
                 await agent.flush_outbox()
                 await agent.top_up_key_packages()
+                await _learn_nodes(agent, session)
 
             body_error: BaseException | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.run, agent.authenticate, after_up)
+                nursery.start_soon(_keep_learning_nodes, agent, session)
                 try:
                     yield agent, session
                 # Re-raised outside the nursery: the caller gets its own exception,

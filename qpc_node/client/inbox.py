@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentPart, Incoming
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
-from qpc_node.client.state import Conversation
+from qpc_node.client.state import Conversation, Held
 from qpc_node.errors import RemoteProtocolError
 from qpc_node.ops.log import get_logger
 from qpc_node.wire.envelope import unpad
@@ -69,7 +69,8 @@ class Inbox(AgentPart):
             if not self._held_loaded:
                 self._stats.held = await self._state.call(self._st.held_count)
                 self._held_loaded = True
-            cursor = await self._state.call(self._st.cursor)
+            node = self._node()  # the answer below is this node's mailbox
+            cursor = await self._state.call(self._st.cursor, node)
             resp = await self._rpc.call(
                 "qpc.v1.Delivery/Fetch",
                 service_pb2.FetchRequest(after_seq=cursor, limit=128, wait_ms=int(wait * 1000)),
@@ -81,21 +82,36 @@ class Inbox(AgentPart):
                 if cursor and m.seq != cursor + 1:
                     self._stats.gaps.append((cursor + 1, m.seq))
                     log.warning("mailbox gap", extra={"expected": cursor + 1, "got": m.seq})
+                msg_id = bytes(m.envelope.msg_id)
+                cursor = m.seq
+                seen = bool(msg_id) and await self._state.call(self._st.seen, msg_id)
+                if seen:
+                    # Received before: from this node (a retried send) or another one
+                    # (our old home forwarding what it held after we moved).
+                    self._stats.duplicates += 1
+                    await self._state.call(self._st.advance_cursor, m.seq, node=node)
+                    continue
                 payload = bytes(m.envelope.ciphertext)
                 got = await self.handle(m.seq, payload)
+                now = self._wall_ms()
                 if got is HOLD:
-                    await self._hold(m.seq, payload, m.envelope.expiry_ms)
+                    await self._hold(m.seq, payload, m.envelope.expiry_ms, node, msg_id)
                 elif got is None:
-                    await self._state.call(self._st.advance_cursor, m.seq)
+                    await self._state.call(
+                        self._st.advance_cursor, m.seq, node=node, msg_id=msg_id, now_ms=now
+                    )
                     if self._stats.held:
                         # A commit or Welcome may be what a held message waited for.
                         out += await self._retry_held()
                 else:
                     await self._state.call(
-                        self._st.store_received, *self._row(m.seq, got), cursor=m.seq
+                        self._st.store_received,
+                        *self._row(m.seq, got),
+                        cursor=m.seq,
+                        node=node,
+                        msg_id=msg_id,
                     )
                     out.append(got)
-                cursor = m.seq
             if resp.messages:
                 await self._rpc.call(
                     "qpc.v1.Delivery/Ack",
@@ -108,16 +124,28 @@ class Inbox(AgentPart):
             return out
 
     # -- held messages -----------------------------------------------------------
-    async def _hold(self, seq: int, payload: bytes, expiry_ms: int) -> None:
-        await self._state.call(self._st.hold, seq, payload, expiry_ms, cursor=seq)
+    async def _hold(
+        self, seq: int, payload: bytes, expiry_ms: int, node: bytes, msg_id: bytes
+    ) -> None:
+        await self._state.call(
+            self._st.hold,
+            seq,
+            payload,
+            expiry_ms,
+            cursor=seq,
+            node=node,
+            msg_id=msg_id,
+            now_ms=self._wall_ms(),
+        )
         self._stats.held += 1
         log.info("holding a message for later", extra={"seq": seq})
         if self._stats.held > MAX_HELD:
             oldest = (await self._state.call(self._st.held))[0]
-            await self._give_up(oldest.seq, "too many messages waiting for their commit")
+            await self._give_up(oldest, "too many messages waiting for their commit")
 
-    async def _give_up(self, seq: int, why: str) -> None:
-        await self._state.call(self._st.held_done, seq)
+    async def _give_up(self, h: Held, why: str) -> None:
+        seq = h.seq
+        await self._state.call(self._st.held_done, seq, h.node)
         self._stats.held -= 1
         self._stats.held_expired += 1
         self._warn(f"a message (mailbox seq {seq}) could not be read: {why}", "held message lost")
@@ -129,19 +157,19 @@ class Inbox(AgentPart):
             progress = False
             for h in await self._state.call(self._st.held):
                 if h.expiry_ms <= self._wall_ms():
-                    await self._give_up(h.seq, "its commit never arrived before it expired")
+                    await self._give_up(h, "its commit never arrived before it expired")
                     continue
                 got = await self.handle(h.seq, h.payload)
                 if got is HOLD:
-                    await self._state.call(self._st.held_tried, h.seq)
+                    await self._state.call(self._st.held_tried, h.seq, h.node)
                     continue
                 progress = True
                 self._stats.held -= 1
                 if got is None:
-                    await self._state.call(self._st.held_done, h.seq)
+                    await self._state.call(self._st.held_done, h.seq, h.node)
                     continue
                 self._stats.recovered += 1
-                await self._state.call(self._st.store_held_received, *self._row(h.seq, got))
+                await self._state.call(self._st.store_held_received, *self._row(h.seq, got), h.node)
                 out.append(got)
             if not progress:
                 break

@@ -25,7 +25,10 @@ async def top_up_key_packages(ctx: AgentContext) -> int:
         service_pb2.CountKeyPackagesRequest(),
         service_pb2.CountKeyPackagesResponse,
     )
-    last = await state.call(st.get_meta, "kp_uploaded_ms")
+    # Per node: after a move the new node has none of ours, the last-resort one included.
+    node = ctx.node()
+    key = "kp_uploaded_ms" + (f":{node.hex()}" if node else "")
+    last = await state.call(st.get_meta, key)
     stale = last is None or now - int.from_bytes(last, "big") > KP_ROTATE_MS
     n = KP_TARGET if stale else (KP_TARGET - count.available)
     if not stale and count.available >= KP_LOW_WATER:
@@ -51,5 +54,5 @@ async def top_up_key_packages(ctx: AgentContext) -> int:
         service_pb2.UploadKeyPackagesRequest(packages=pkgs),
         service_pb2.UploadKeyPackagesResponse,
     )
-    await state.call(st.set_meta, "kp_uploaded_ms", now.to_bytes(8, "big"))
+    await state.call(st.set_meta, key, now.to_bytes(8, "big"))
     return int(resp.stored)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import os
 import random
+from dataclasses import dataclass
 
 import trio
 
@@ -63,12 +64,26 @@ class Sent(enum.Enum):
     DROPPED = "dropped"  # refused for good (or expired): the user was warned
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What the node said about one message it took or could not take yet."""
+
+    hops: int
+    """Node-to-node hops to the recipient's home (0: stored on our node, or unknown)."""
+    detail: str
+    """Why it is still queued (the node's words), "" when delivered."""
+    stored_here: bool = False
+    """Our node put it in a mailbox of its own (it answered a mailbox seq)."""
+
+
 class Outbox(AgentPart):
     """One identity's outgoing messages: built, queued durably, sent, settled."""
 
     def __init__(self, ctx: AgentContext, *, rng: random.Random) -> None:
         super().__init__(ctx)
         self._rng = rng
+        self.routes: dict[bytes, Route] = {}
+        """What the node answered for the messages of the last ``submit`` (for /mesh dm)."""
         self._lock = trio.Lock()
         self._orphans_checked = False
         self._commit_refusals: dict[bytes, str] = {}
@@ -108,6 +123,7 @@ class Outbox(AgentPart):
         """Queue ``envs`` durably, then flush: what became of each of them."""
         batch = [(e.msg_id, e.encode()) for e in envs]
         await self._state.call(self._st.outbox_add_many, batch, self._wall_ms())
+        self.routes.clear()
         return await self._flush({e.msg_id for e in envs})
 
     async def send_commit(
@@ -325,9 +341,11 @@ class Outbox(AgentPart):
             if code == StatusCode.OK:
                 done.append(o.msg_id)
                 fates[o.msg_id] = Sent.DELIVERED
+                self._note(o.msg_id, Route(r.hops, "", stored_here=r.seq > 0 or r.duplicate))
             elif code.retriable:
                 again.append(o)
                 fates[o.msg_id] = Sent.RETRY
+                self._note(o.msg_id, Route(0, r.detail or code.name))
             else:
                 await self._drop(o, envs[o.msg_id], r.detail or code.name)
                 fates[o.msg_id] = Sent.DROPPED
@@ -336,6 +354,10 @@ class Outbox(AgentPart):
         if again:
             await self._retry(again)
         return fates
+
+    def _note(self, msg_id: bytes, route: Route) -> None:
+        if len(self.routes) < 1024:  # bounded: a flush of a long queue keeps the first
+            self.routes[msg_id] = route
 
     async def _enqueue(
         self, envs: list[Envelope], ids: list[bytes], *, atomic: bool

@@ -15,10 +15,11 @@ never a line per retry.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from qpc_node.client.state import KnownNode
 from qpc_node.errors import ConfigError, LocalProtocolError
 
 
@@ -47,12 +48,21 @@ class ReconnectPolicy:
     max_delay: float = 30.0
     multiplier: float = 2.0
     attempt_timeout: float = 15.0
+    failover_after: float = 10.0
+    """Seconds the node may stay unreachable before attempts also try the other nodes
+    we know (lowest RTT first): long enough to ride out a node restart, short enough
+    that a dead node costs a conversation only seconds."""
+    failover_dial_timeout: float = 5.0
+    """One QUIC handshake while failover is possible (a dead node must not eat the
+    whole attempt); login on the reached node is bounded by ``attempt_timeout``."""
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_delay <= self.max_delay:
             raise ConfigError("reconnect delays need 0 < initial_delay <= max_delay")
         if self.multiplier < 1 or self.attempt_timeout <= 0:
             raise ConfigError("reconnect multiplier must be >= 1 and attempt_timeout > 0")
+        if self.failover_after < 0 or self.failover_dial_timeout <= 0:
+            raise ConfigError("failover_after must be >= 0 and failover_dial_timeout > 0")
 
     def delay(self, failures: int, rand: float) -> float:
         """Wait before the attempt after ``failures`` failed ones; ``rand`` uniform in [0, 1)."""
@@ -70,7 +80,7 @@ class ReconnectPolicy:
 class Notice:
     """Something the user should be told once."""
 
-    kind: Literal["lost", "restored", "refused"]
+    kind: Literal["lost", "restored", "refused", "moved"]
     text: str
 
 
@@ -136,6 +146,21 @@ class Reconnector:
             f"({tries} attempt{'s' if tries != 1 else ''})",
         )
 
+    def fail_over_due(self, now: float) -> bool:
+        """Should the attempt starting now also try other nodes? Once the node has been
+        unreachable for ``failover_after`` seconds (and a refusal never fails over:
+        that is a key change to look at, not an outage)."""
+        if self.phase not in (Phase.WAITING, Phase.CONNECTING):
+            return False
+        return now - self._lost_at >= self.policy.failover_after
+
+    def moved(self, now: float, old: str, new: str) -> Notice:
+        """The running attempt succeeded on another node than the lost one."""
+        self.attempt_succeeded(now)
+        return Notice(
+            "moved", f"node {old} lost; now on node {new} (after {now - self._lost_at:.1f} s)"
+        )
+
     def describe(self, now: float) -> str:
         """Why calls fail right now, for an error shown to the user."""
         match self.phase:
@@ -151,3 +176,20 @@ class Reconnector:
                 )
             case Phase.REFUSED:
                 return f"not reconnecting: {self.last_error}"
+
+
+def failover_order(nodes: Sequence[KnownNode], current: bytes | None) -> list[KnownNode]:
+    """Where to go when our node is dead: every other node we know an address of,
+    fewest recent dial failures first, then lowest RTT (unknown RTT last), then the
+    one heard of most recently."""
+    others = [n for n in nodes if n.node_id != current and n.addresses]
+    return sorted(
+        others,
+        key=lambda n: (
+            n.failures,
+            n.rtt_ms is None,
+            n.rtt_ms if n.rtt_ms is not None else 0.0,
+            -n.last_seen_ms,
+            n.node_id,
+        ),
+    )

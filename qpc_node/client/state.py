@@ -32,7 +32,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DB_FILE = "client.db"
-_SCHEMA = 1
+_SCHEMA = 2
+SEEN_KEEP_MS = 15 * 24 * 3600 * 1000
+"""How long a received message id is remembered: longer than any envelope lives
+(the outbox's retention), so a copy delivered late by another node is still known."""
+MAX_CONTACT_NAME = 32
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS conversations (
@@ -82,6 +86,39 @@ CREATE TABLE IF NOT EXISTS held (
 );
 """
 
+# Migrations by position: _MIGRATIONS[i] takes a v(i+1) database to v(i+2).
+_MIGRATIONS: tuple[str, ...] = (
+    # v2 (the mesh): contact names (sealed), a mailbox cursor per node (a node's
+    # sequence numbers mean nothing on another), held messages keyed by node and
+    # seq, message ids already received (a copy from another node is not shown
+    # twice), and the nodes this client knows (failover when its node is dead).
+    """
+    ALTER TABLE contacts ADD COLUMN name_sealed BLOB;
+    CREATE TABLE cursors (node BLOB PRIMARY KEY, seq INTEGER NOT NULL);
+    CREATE TABLE held2 (
+        node BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        expiry_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (node, seq)
+    );
+    INSERT INTO held2 (node, seq, payload, expiry_ms, attempts)
+        SELECT x'', seq, payload, expiry_ms, attempts FROM held;
+    DROP TABLE held;
+    ALTER TABLE held2 RENAME TO held;
+    CREATE TABLE seen (msg_id BLOB PRIMARY KEY, ts_ms INTEGER NOT NULL);
+    CREATE INDEX seen_ts ON seen (ts_ms);
+    CREATE TABLE nodes (
+        node_id BLOB PRIMARY KEY,
+        addresses TEXT NOT NULL,
+        rtt_ms REAL,
+        last_seen_ms INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+)
+
 
 class ClientStateError(QpcError):
     code = StatusCode.FAILED_PRECONDITION
@@ -107,6 +144,26 @@ class Received:
 
 
 @dataclass(frozen=True, slots=True)
+class Contact:
+    fingerprint: bytes
+    name: str | None
+    verified: bool
+    first_seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class KnownNode:
+    """A mesh node this client has heard of (from its node's peer list, or used)."""
+
+    node_id: bytes
+    addresses: tuple[str, ...]
+    """``host:port`` / ``[v6%scope]:port`` where it answered, best first."""
+    rtt_ms: float | None
+    last_seen_ms: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
 class Held:
     """A delivered message we could not process yet (future epoch, group not joined)."""
 
@@ -114,6 +171,8 @@ class Held:
     payload: bytes
     expiry_ms: int
     attempts: int
+    node: bytes = b""
+    """The node whose mailbox numbered it ``seq``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +211,36 @@ class ClientState:
             HKDF(hashes.SHA256(), 32, salt=None, info=b"qpc-client-db-v1").derive(secret)
         )
         if self.get_meta("schema") is None:
-            self.set_meta("schema", _SCHEMA.to_bytes(4, "big"))
+            self.set_meta("schema", (1).to_bytes(4, "big"))
+        try:
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _migrate(self) -> None:
+        """Bring a database of an older schema up to ``_SCHEMA``, one step per transaction."""
+        version = int.from_bytes(self.get_meta("schema") or b"", "big")
+        if version > _SCHEMA:
+            raise ClientStateError(
+                f"client.db has schema {version}, newer than this qpc ({_SCHEMA}): upgrade qpc"
+            )
+        for v in range(version, _SCHEMA):
+            with transaction(self._conn):
+                for stmt in _MIGRATIONS[v - 1].split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                if v == 1:
+                    # The one cursor so far belongs to the node this client used: it is
+                    # claimed by the first node it connects to (see claim_cursor).
+                    old = self.get_meta("cursor")
+                    if old is not None:
+                        self._conn.execute(
+                            "INSERT INTO cursors (node, seq) VALUES (x'', ?)",
+                            (int.from_bytes(old, "big"),),
+                        )
+                        self._conn.execute("DELETE FROM meta WHERE k = 'cursor'")
+                self.set_meta("schema", (v + 1).to_bytes(4, "big"))
 
     def close(self) -> None:
         self._conn.close()
@@ -176,9 +264,22 @@ class ClientState:
     def set_meta(self, k: str, v: bytes) -> None:
         self._conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (k, v))
 
-    def cursor(self) -> int:
-        v = self.get_meta("cursor")
-        return 0 if v is None else int.from_bytes(v, "big")
+    def cursor(self, node: bytes = b"") -> int:
+        """The last mailbox seq processed on ``node`` (each node numbers its own mailbox;
+        ``b""``: the node of a client from before the mesh, until one claims it)."""
+        row = self._conn.execute("SELECT seq FROM cursors WHERE node = ?", (node,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def claim_cursor(self, node: bytes) -> bool:
+        """The first node we connect to after the upgrade takes the cursor kept for the
+        node we used before (the only one a pre-mesh client knew); True when it did."""
+        with transaction(self._conn):
+            if self._conn.execute("SELECT 1 FROM cursors WHERE node = ?", (node,)).fetchone():
+                return False
+            cur = self._conn.execute("UPDATE cursors SET node = ? WHERE node = x''", (node,))
+            if cur.rowcount:
+                self._conn.execute("UPDATE held SET node = ? WHERE node = x''", (node,))
+            return cur.rowcount == 1
 
     # -- conversations -------------------------------------------------------
     def add_conversation(self, conv: Conversation, now_ms: int) -> None:
@@ -262,9 +363,87 @@ class ClientState:
         ).fetchone()
         return bool(row and row[0])
 
+    def contacts(self) -> list[Contact]:
+        """Every known contact (named or only seen), named ones first, by name."""
+        out = []
+        for fpr, verified, first, sealed in self._conn.execute(
+            "SELECT fingerprint, verified, first_seen_ms, name_sealed FROM contacts"
+        ).fetchall():
+            f = bytes(fpr)
+            name = None if sealed is None else self._open(bytes(sealed), b"name" + f).decode()
+            out.append(Contact(f, name, bool(verified), int(first)))
+        return sorted(out, key=lambda c: (c.name is None, c.name or "", c.fingerprint))
+
+    def name_contact(self, name: str, fpr: bytes, now_ms: int) -> None:
+        """Give ``fpr`` the name ``name`` (replacing its old name); a name is unique."""
+        for other in self.contacts():
+            if other.name == name and other.fingerprint != fpr:
+                raise ClientStateError(
+                    f"the name {name!r} is taken by {other.fingerprint.hex()[:8]}: "
+                    "remove it first (/contact remove)"
+                )
+        sealed = self._seal(name.encode(), b"name" + fpr)
+        with transaction(self._conn):
+            self.see_contact(fpr, now_ms)
+            self._conn.execute(
+                "UPDATE contacts SET name_sealed = ? WHERE fingerprint = ?", (sealed, fpr)
+            )
+
+    def unname_contact(self, name: str) -> bytes | None:
+        """Forget the name ``name`` (the contact itself stays known); its fingerprint."""
+        for c in self.contacts():
+            if c.name == name:
+                self._conn.execute(
+                    "UPDATE contacts SET name_sealed = NULL WHERE fingerprint = ?",
+                    (c.fingerprint,),
+                )
+                return c.fingerprint
+        return None
+
+    # -- nodes this client knows (for /mesh auto and failover) ----------------
+    def remember_node(
+        self, node_id: bytes, addresses: list[str], rtt_ms: float | None, now_ms: int
+    ) -> None:
+        """Note a node and where it answers; an unknown RTT keeps the last one measured."""
+        self._conn.execute(
+            "INSERT INTO nodes (node_id, addresses, rtt_ms, last_seen_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (node_id) DO UPDATE SET addresses = excluded.addresses,"
+            " rtt_ms = coalesce(excluded.rtt_ms, rtt_ms), last_seen_ms = excluded.last_seen_ms",
+            (node_id, "\n".join(addresses), rtt_ms, now_ms),
+        )
+
+    def node_result(self, node_id: bytes, *, ok: bool) -> None:
+        """Count a failed dial (reset on success): the order of failover candidates."""
+        self._conn.execute(
+            "UPDATE nodes SET failures = CASE WHEN ? THEN 0 ELSE failures + 1 END"
+            " WHERE node_id = ?",
+            (ok, node_id),
+        )
+
+    def nodes(self) -> list[KnownNode]:
+        rows = self._conn.execute(
+            "SELECT node_id, addresses, rtt_ms, last_seen_ms, failures FROM nodes"
+        ).fetchall()
+        return [
+            KnownNode(bytes(n), tuple(a for a in str(addrs).split("\n") if a), r, t, f)
+            for n, addrs, r, t, f in rows
+        ]
+
     # -- inbox ---------------------------------------------------------------
+    # Mailbox sequence numbers are per node: every cursor and held message names
+    # the node (``node``, b"" for a pre-mesh client's one node). ``msg_id``, when
+    # given, is remembered as received in the same transaction (see ``seen``).
     def store_received(
-        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int, *, cursor: int
+        self,
+        seq: int,
+        conv: str,
+        sender: bytes,
+        text: str,
+        ts_ms: int,
+        *,
+        cursor: int,
+        node: bytes = b"",
+        msg_id: bytes = b"",
     ) -> None:
         """Keep a received text and advance the fetch cursor in one transaction."""
         sealed = self._seal(sender + text.encode("utf-8"), conv.encode("utf-8"))
@@ -273,40 +452,58 @@ class ClientState:
                 "INSERT INTO inbox (seq, conv, sealed, ts_ms) VALUES (?, ?, ?, ?)",
                 (seq, conv, sealed, ts_ms),
             )
-            self._advance(cursor)
+            self._advance(node, cursor)
+            self._saw(msg_id, ts_ms)
 
-    def advance_cursor(self, cursor: int) -> None:
-        self._advance(cursor)
+    def advance_cursor(
+        self, cursor: int, *, node: bytes = b"", msg_id: bytes = b"", now_ms: int = 0
+    ) -> None:
+        with transaction(self._conn):
+            self._advance(node, cursor)
+            self._saw(msg_id, now_ms)
 
-    def hold(self, seq: int, payload: bytes, expiry_ms: int, *, cursor: int) -> None:
+    def hold(
+        self,
+        seq: int,
+        payload: bytes,
+        expiry_ms: int,
+        *,
+        cursor: int,
+        node: bytes = b"",
+        msg_id: bytes = b"",
+        now_ms: int = 0,
+    ) -> None:
         """Keep a message to retry later and advance the cursor past it, atomically.
 
         The node may then delete it (we ack past it): from here on client.db owns it.
         """
         with transaction(self._conn):
             self._conn.execute(
-                "INSERT OR IGNORE INTO held (seq, payload, expiry_ms) VALUES (?, ?, ?)",
-                (seq, payload, expiry_ms),
+                "INSERT OR IGNORE INTO held (node, seq, payload, expiry_ms) VALUES (?, ?, ?, ?)",
+                (node, seq, payload, expiry_ms),
             )
-            self._advance(cursor)
+            self._advance(node, cursor)
+            self._saw(msg_id, now_ms)
 
     def held(self) -> list[Held]:
         rows = self._conn.execute(
-            "SELECT seq, payload, expiry_ms, attempts FROM held ORDER BY seq"
+            "SELECT seq, payload, expiry_ms, attempts, node FROM held ORDER BY rowid"
         ).fetchall()
-        return [Held(q, bytes(p), e, a) for q, p, e, a in rows]
+        return [Held(q, bytes(p), e, a, bytes(n)) for q, p, e, a, n in rows]
 
     def held_count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM held").fetchone()[0])
 
-    def held_tried(self, seq: int) -> None:
-        self._conn.execute("UPDATE held SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+    def held_tried(self, seq: int, node: bytes = b"") -> None:
+        self._conn.execute(
+            "UPDATE held SET attempts = attempts + 1 WHERE node = ? AND seq = ?", (node, seq)
+        )
 
-    def held_done(self, seq: int) -> None:
-        self._conn.execute("DELETE FROM held WHERE seq = ?", (seq,))
+    def held_done(self, seq: int, node: bytes = b"") -> None:
+        self._conn.execute("DELETE FROM held WHERE node = ? AND seq = ?", (node, seq))
 
     def store_held_received(
-        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int
+        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int, node: bytes = b""
     ) -> None:
         """A held message finally decrypted: keep its text and forget it, atomically
         (so it is shown once, never twice)."""
@@ -316,11 +513,37 @@ class ClientState:
                 "INSERT INTO inbox (seq, conv, sealed, ts_ms) VALUES (?, ?, ?, ?)",
                 (seq, conv, sealed, ts_ms),
             )
-            self._conn.execute("DELETE FROM held WHERE seq = ?", (seq,))
+            self._conn.execute("DELETE FROM held WHERE node = ? AND seq = ?", (node, seq))
 
-    def _advance(self, cursor: int) -> None:
-        if cursor > self.cursor():
-            self.set_meta("cursor", cursor.to_bytes(8, "big"))
+    def _advance(self, node: bytes, cursor: int) -> None:
+        self._conn.execute(
+            "INSERT INTO cursors (node, seq) VALUES (?, ?)"
+            " ON CONFLICT (node) DO UPDATE SET seq = max(seq, excluded.seq)",
+            (node, cursor),
+        )
+
+    # -- messages already received (from any node) ----------------------------
+    def _saw(self, msg_id: bytes, now_ms: int) -> None:
+        if msg_id:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO seen (msg_id, ts_ms) VALUES (?, ?)", (msg_id, now_ms)
+            )
+
+    def seen(self, msg_id: bytes) -> bool:
+        """Was a message with this id received before (from this node or another)?
+
+        A message reaches us twice when its sender's outbox retried it after an
+        answer was lost, or when our old home forwards what it held after we moved.
+        """
+        return (
+            self._conn.execute("SELECT 1 FROM seen WHERE msg_id = ?", (msg_id,)).fetchone()
+            is not None
+        )
+
+    def forget_seen_before(self, before_ms: int) -> int:
+        """Drop ids older than any copy could still arrive (bounded table)."""
+        cur = self._conn.execute("DELETE FROM seen WHERE ts_ms < ?", (before_ms,))
+        return int(cur.rowcount)
 
     def unshown(self) -> list[Received]:
         """Received texts not yet shown, oldest first; marks them shown."""

@@ -296,6 +296,11 @@ class MeshService:
             return NoRouteYet(f"no route yet to the home of {short(recipient)}")
         return None
 
+    def hops(self, recipient: bytes) -> int:
+        """Delivery's report to the sender: hops to the recipient's home (0: here/unknown)."""
+        r = self.router.resolve(recipient, self._wall_ms())
+        return r.hops if isinstance(r, rt.NextHop) else 0
+
     async def submit(
         self, envelopes: Sequence[envelope_pb2.Envelope], *, origin: bytes
     ) -> list[EnqueueResult | QpcError]:

@@ -406,9 +406,13 @@ class ClientTLS:
     """Client side: which ALPN we speak and how we authenticate the node we dial.
 
     ``pin`` (hex SHA-256 of the node certificate) is the mesh default; ``ca``
-    verifies the chain (and ``server_name`` against the SAN when given). With
-    both, both must hold. ``credentials`` are presented when the server asks
-    (``qpc-fed/1``).
+    verifies the chain (and ``server_name`` against the SAN when given).
+    ``node_id`` (32 bytes) pins a mesh node by its key, as the mesh names it: the
+    certificate's Ed25519 public key must hash to it (``mesh/nodeid.py``), so a
+    node learned from another node's peer list is trusted without knowing its
+    certificate, and keeps that trust across a reissued certificate. Every pin
+    and the CA given must hold. ``credentials`` are presented when the server
+    asks (``qpc-fed/1``).
     """
 
     def __init__(
@@ -419,20 +423,26 @@ class ClientTLS:
         ca: bytes | None = None,
         credentials: NodeCredentials | None = None,
         server_name: str | None = None,
+        node_id: bytes | None = None,
     ) -> None:
-        if pin is None and ca is None:
+        if pin is None and ca is None and node_id is None:
             raise ConfigError("ClientTLS needs a pin or a CA: refusing to trust any server")
+        if node_id is not None and len(node_id) != 32:
+            raise ConfigError(f"a node id is 32 bytes, got {len(node_id)}")
         self.alpn = alpn
         self.pin = normalize_fingerprint(pin) if pin is not None else None
         self.ca = ca
         self.credentials = credentials
         self.server_name = server_name
+        self.node_id = node_id
 
     def check_server_certificate(self, chain_der: Sequence[bytes]) -> None:
         if not chain_der:
             raise CertificateRejected("server sent no certificate")
         if self.pin is not None and fingerprint(chain_der[0]) != self.pin:
             raise CertificateRejected("server certificate does not match the pinned fingerprint")
+        if self.node_id is not None and _node_id_of(chain_der[0]) != self.node_id:
+            raise CertificateRejected("server key does not match the pinned node id")
         if self.ca is not None:
             _verify_chain(chain_der, self.ca, purpose=ExtendedKeyUsageOID.SERVER_AUTH)
             if self.server_name is not None:
@@ -441,3 +451,19 @@ class ClientTLS:
     def _check_name(self, cert: x509.Certificate) -> None:
         if self.server_name not in _san_names(cert):
             raise CertificateRejected(f"certificate is not valid for {self.server_name!r}")
+
+
+def _node_id_of(der: bytes) -> bytes | None:
+    """SHA-256 of the certificate's raw Ed25519 key (the mesh node id); None when the
+    certificate does not parse or its key is not Ed25519 (no node id matches it).
+
+    The same rule as ``mesh.nodeid.node_id_of_certificate``, which imports this
+    module (so it cannot be imported here)."""
+    try:
+        key = x509.load_der_x509_certificate(der).public_key()
+    except ValueError:
+        return None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        return None
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).digest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from qpc_node.client.contacts import looks_like_peer, valid_name
 from qpc_node.client.fingerprint import normalize
 from qpc_node.errors import LocalProtocolError
 
@@ -96,6 +97,32 @@ class MeshTrust:
 
 
 @dataclass(frozen=True)
+class MeshServer:
+    target: str  # host:port of a node in the peer list, or a node fingerprint / prefix
+
+
+@dataclass(frozen=True)
+class MeshAuto:
+    pass
+
+
+@dataclass(frozen=True)
+class ContactAdd:
+    name: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class ContactRemove:
+    name: str
+
+
+@dataclass(frozen=True)
+class Contacts:
+    pass
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -115,23 +142,34 @@ Command = (
     | Stats
     | MeshView
     | MeshTrust
+    | MeshServer
+    | MeshAuto
+    | ContactAdd
+    | ContactRemove
+    | Contacts
     | Quit
 )
 
 USAGE: dict[str, str] = {
     "help": "/help [COMMAND]",
     "whoami": "/whoami",
-    "dm": "/dm FINGERPRINT TEXT   (also /mesh dm FINGERPRINT TEXT)",
-    "mesh": "/mesh peers|routes|dm FINGERPRINT TEXT|trust NODE_FPR",
-    "group": "/group create|invite|send|members|leave|remove NAME [FINGERPRINT|TEXT]",
+    "dm": "/dm WHO TEXT   (also /mesh dm WHO TEXT; WHO: fingerprint, contact name or short code)",
+    "mesh": "/mesh peers|routes|auto|server ADDR|NODE|dm WHO TEXT|trust NODE_FPR",
+    "mesh server": "/mesh server HOST:PORT|NODE-FINGERPRINT   (a node from /mesh peers)",
+    "mesh auto": "/mesh auto   (move to the reachable node with the lowest RTT)",
+    "contact": "/contact add NAME WHO | /contact remove NAME",
+    "contact add": "/contact add NAME FINGERPRINT|SHORT-CODE",
+    "contact remove": "/contact remove NAME",
+    "contacts": "/contacts",
+    "group": "/group create|invite|send|members|leave|remove NAME [WHO|TEXT]",
     "group create": "/group create NAME",
-    "group invite": "/group invite NAME FINGERPRINT",
+    "group invite": "/group invite NAME WHO",
     "group send": "/group send NAME TEXT",
     "group members": "/group members NAME",
     "group leave": "/group leave NAME",
-    "group remove": "/group remove NAME FINGERPRINT",
+    "group remove": "/group remove NAME WHO",
     "inbox": "/inbox [--wait SECONDS]",
-    "verify": "/verify FINGERPRINT",
+    "verify": "/verify WHO",
     "stats": "/stats",
     "quit": "/quit",
 }
@@ -140,10 +178,14 @@ MAX_NAME = 64
 
 
 def _fpr(s: str, usage: str) -> str:
+    """A user reference: a fingerprint (normalized here) or a contact name / short code,
+    kept as typed for the REPL to resolve against what it knows."""
     try:
         return normalize(s)
     except LocalProtocolError as exc:
-        raise UsageError(str(exc), usage) from None
+        if looks_like_peer(s):
+            return s
+        raise UsageError(f"{exc}, nor a contact name or short code", usage) from None
 
 
 def _name(s: str, usage: str) -> str:
@@ -178,15 +220,20 @@ def parse(line: str) -> Command | None:
         sub = sub.lower()
         if sub == "dm":
             head, rest = "dm", rest2
-        elif sub in ("peers", "routes"):
+        elif sub in ("peers", "routes", "auto"):
             if rest2.strip():
                 raise UsageError(f"/mesh {sub} takes no arguments", USAGE["mesh"])
-            return MeshView(sub)
+            return MeshAuto() if sub == "auto" else MeshView(sub)
         elif sub == "trust":
             fpr = rest2.strip()
             if not fpr or " " in fpr:
                 raise UsageError("/mesh trust takes one node fingerprint", USAGE["mesh"])
             return MeshTrust(fpr)
+        elif sub == "server":
+            args = rest2.split()
+            if len(args) != 1:
+                raise UsageError("need one node address or fingerprint", USAGE["mesh server"])
+            return MeshServer(args[0])
         else:
             raise UsageError(f"unknown /mesh command {sub!r}", USAGE["mesh"])
     if head == "help":
@@ -209,9 +256,33 @@ def parse(line: str) -> Command | None:
         return Verify(_fpr(args[0], USAGE["verify"]))
     if head == "inbox":
         return _inbox(rest)
+    if head == "contacts":
+        if rest.strip():
+            raise UsageError("/contacts takes no arguments", USAGE["contacts"])
+        return Contacts()
+    if head == "contact":
+        return _contact(rest)
     if head == "group":
         return _group(rest)
     raise UsageError(f"unknown command /{head}; try /help", USAGE["help"])
+
+
+def _contact(rest: str) -> Command:
+    sub, _, rest = rest.strip().partition(" ")
+    sub = sub.lower()
+    usage = USAGE.get(f"contact {sub}", USAGE["contact"])
+    args = rest.split()
+    if sub == "add":
+        if len(args) != 2:
+            raise UsageError("need a name and a fingerprint", usage)
+        if not valid_name(args[0]):
+            raise UsageError("a contact name is 1-32 letters, digits, _ . -", usage)
+        return ContactAdd(args[0], _fpr(args[1], usage))
+    if sub == "remove":
+        if len(args) != 1:
+            raise UsageError("need one contact name", usage)
+        return ContactRemove(args[0])
+    raise UsageError(f"unknown /contact command {sub!r}", USAGE["contact"])
 
 
 def _inbox(rest: str) -> Inbox:
@@ -256,3 +327,48 @@ def _group(rest: str) -> Command:
             raise UsageError("need a group name and a text", usage)
         return GroupSend(_name(name, usage), text)
     raise UsageError(f"unknown /group command {sub!r}", USAGE["group"])
+
+
+COMMANDS = (
+    "/help",
+    "/whoami",
+    "/dm",
+    "/group",
+    "/inbox",
+    "/verify",
+    "/contact",
+    "/contacts",
+    "/mesh",
+    "/stats",
+    "/quit",
+)
+SUBCOMMANDS = {
+    "/group": ("create", "invite", "send", "members", "leave", "remove"),
+    "/contact": ("add", "remove"),
+    "/mesh": ("peers", "routes", "server", "auto", "dm", "trust"),
+}
+# Which word (0 = the command) names a user, by command and subcommand.
+_PEER_WORD = {
+    ("/dm", ""): 1,
+    ("/verify", ""): 1,
+    ("/mesh", "dm"): 2,
+    ("/group", "invite"): 3,
+    ("/group", "remove"): 3,
+    ("/contact", "remove"): 2,
+}
+
+
+def completions(before: str, names: list[str]) -> list[str]:
+    """Words that complete the last word of ``before`` (the line up to the cursor):
+    commands, subcommands, and contact names where a command takes a user."""
+    words = before.split(" ")
+    last = words[-1]
+    if len(words) == 1:
+        return [w for w in COMMANDS if w.startswith(last.lower())]
+    head = words[0].lower()
+    if len(words) == 2 and head in SUBCOMMANDS:
+        return [w for w in SUBCOMMANDS[head] if w.startswith(last.lower())]
+    sub = words[1].lower() if head in SUBCOMMANDS else ""
+    if _PEER_WORD.get((head, sub)) == len(words) - 1:
+        return [n for n in names if n.startswith(last)]
+    return []

@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from qpc_node.client.agent import Agent
+from qpc_node.client.agent import Agent, DmReport
 from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
+from qpc_node.client.outbox import Sent
 from qpc_node.client.reconnect import Notice
-from qpc_node.client.session import Session
-from qpc_node.errors import QpcError
+from qpc_node.client.session import Session, Target, parse_address
+from qpc_node.errors import LocalProtocolError, QpcError
 from qpc_node.ops.metrics import format_stats
+from qpc_node.quic import ALPN_CLIENT, ClientTLS
 from qpc_node.repl import commands as c
 from qpc_node.repl.commands import USAGE, UsageError, parse
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
@@ -55,6 +57,12 @@ HELP = "\n".join(
         "group remove",
         "inbox",
         "verify",
+        "contact add",
+        "contact remove",
+        "contacts",
+        "mesh",
+        "mesh server",
+        "mesh auto",
         "stats",
         "help",
         "quit",
@@ -67,7 +75,20 @@ class Quit(Exception):
 
 
 # Commands that work without the node; every other one needs the session up.
-_LOCAL = (c.Help, c.WhoAmI, c.GroupCreate, c.GroupMembers, c.Verify, c.Quit)
+_LOCAL = (
+    c.Help,
+    c.WhoAmI,
+    c.GroupCreate,
+    c.GroupMembers,
+    c.Verify,
+    c.Quit,
+    c.ContactAdd,
+    c.ContactRemove,
+    c.Contacts,
+)
+PROBE_TIMEOUT = 3.0
+"""/mesh auto: how long one node may take to answer a handshake to count as reachable."""
+MAX_PROBED = 16
 
 
 class Repl:
@@ -84,8 +105,12 @@ class Repl:
         self.session = session
         self.command_wait = command_wait
         agent.on_warning = lambda msg: out(f"!! {msg}")
+        self.names: list[str] = []
+        """Contact names, for tab completion (refreshed after each command)."""
         if session is not None:
             session.on_notice = self._notice
+            if session.started_elsewhere is not None:
+                self._notice(session.started_elsewhere)
 
     def _notice(self, notice: Notice) -> None:
         self.out(f"{'!!' if notice.kind == 'refused' else '--'} {notice.text}")
@@ -117,12 +142,13 @@ class Repl:
                 self.out(f"fingerprint: {grouped(fpr)}\nshort code:  {short_code(fpr)}")
                 self.out(qr_terminal(fpr).rstrip("\n"))
             case c.Dm(peer=peer, text=text):
-                conv = await a.dm(peer, text)
-                self.out(f"sent to [{conv}]")
+                r = await a.dm_report(await a.resolve_peer(peer), text)
+                self.out(f"sent to [{r.conversation}] {describe_route(r)}")
             case c.GroupCreate(name=name):
                 await a.group_create(name)
                 self.out(f"created group {name}")
             case c.GroupInvite(name=name, peer=peer):
+                peer = await a.resolve_peer(peer)
                 await a.group_invite(name, peer)
                 self.out(f"invited {short_code(peer)} to {name}")
             case c.GroupSend(name=name, text=text):
@@ -136,11 +162,13 @@ class Repl:
                 await a.group_leave(name)
                 self.out(f"left {name}")
             case c.GroupRemove(name=name, peer=peer):
+                peer = await a.resolve_peer(peer)
                 await a.group_remove(name, peer)
                 self.out(f"removed {short_code(peer)} from {name}")
             case c.Inbox(wait=wait):
                 await self._inbox(wait)
             case c.Verify(peer=peer):
+                peer = await a.resolve_peer(peer)
                 self.out(
                     f"safety number with {short_code(peer)}:\n  {safety_number(a.ident.fingerprint, peer)}"
                 )
@@ -149,11 +177,119 @@ class Repl:
                 self._stats()
                 self.out(format_stats(await a.node_stats()))
             case c.MeshView(what=what):
-                self.out(format_mesh(await a.mesh_status(), what))
+                here = self.session.server if self.session is not None else None
+                self.out(format_mesh(await a.refresh_nodes(here), what))
+            case c.MeshServer(target=target):
+                await self._move(await self._node_target(target))
+            case c.MeshAuto():
+                await self._auto()
+            case c.ContactAdd(name=name, peer=peer):
+                fpr = await a.contact_add(name, peer)
+                self.out(f"{name} = {short_code(fpr)}  {fpr}")
+            case c.ContactRemove(name=name):
+                fpr = await a.contact_remove(name)
+                self.out(f"forgot the name {name} ({short_code(fpr)})")
+            case c.Contacts():
+                people = await a.contacts()
+                if not people:
+                    self.out("no contacts yet: /contact add NAME FINGERPRINT")
+                for p in people:
+                    v = "  verified" if p.verified else ""
+                    self.out(
+                        f"  {p.name or '-':<16} {short_code(p.fingerprint.hex())}  {p.fingerprint.hex()}{v}"
+                    )
             case c.MeshTrust(fingerprint=fpr):
                 self.out(format_trust(await a.mesh_trust(fpr)))
             case c.Quit():
                 raise Quit
+        await self.refresh_names()
+
+    async def refresh_names(self) -> None:
+        self.names = sorted(p.name for p in await self.agent.contacts() if p.name)
+
+    # -- choosing a node -------------------------------------------------------------
+    def _need_session(self) -> Session:
+        if self.session is None:
+            raise QpcError("this REPL has no session that can move (it runs inside the node)")
+        return self.session
+
+    async def _node_target(self, text: str) -> Target:
+        """``/mesh server``'s argument: an address from our node's peer list, or a node
+        fingerprint / unique prefix of a node we know (peer list or remembered)."""
+        session = self._need_session()
+        resp = await self.agent.refresh_nodes(session.server)
+        known = await self.agent.known_nodes()
+        if ":" in text and not _is_hex(text.replace(":", "")):
+            host, port = parse_address(text)
+            for p in resp.peers:
+                if p.address and parse_address(p.address) == (host, port):
+                    return Target(host, port, ClientTLS(ALPN_CLIENT, node_id=bytes(p.node_id)))
+            raise QpcError(
+                f"{text} is not in this node's peer list (/mesh peers): "
+                "give a node fingerprint, or use qpc repl --server with --pin"
+            )
+        want = text.lower().replace(":", "").replace("-", "")
+        if len(want) < 4 or not _is_hex(want):
+            raise QpcError(f"not a node address or fingerprint: {text!r}")
+        ids = {n.node_id: n for n in known if n.node_id.hex().startswith(want)}
+        if not ids:
+            raise QpcError(f"no known node {text!r} (see /mesh peers)")
+        if len(ids) > 1:
+            listed = ", ".join(sorted(i.hex()[:16] for i in ids))
+            raise QpcError(f"{text!r} matches {len(ids)} nodes: {listed}; give more digits")
+        (node,) = ids.values()
+        host, port = parse_address(node.addresses[0])
+        return Target(host, port, ClientTLS(ALPN_CLIENT, node_id=node.node_id), node.node_id)
+
+    async def _move(self, target: Target) -> None:
+        session = self._need_session()
+        old = session.server
+        if old is not None and target.node_id is not None and old.node_id == target.node_id:
+            self.out(f"already on node {old.short}")
+            return
+        new = await session.move_to(target)
+        self.out(
+            f"now on node {new.short} at {new.address}"
+            + (f" (was {old.short}); home moved there" if old is not None else "")
+        )
+
+    async def _auto(self) -> None:
+        """Probe every node our node knows (and our own) and move to the fastest."""
+        session = self._need_session()
+        resp = await self.agent.refresh_nodes(session.server)
+        here = session.server
+        targets = [session.target]
+        for p in list(resp.peers)[:MAX_PROBED]:
+            if p.address and (here is None or bytes(p.node_id) != here.node_id):
+                try:
+                    host, port = parse_address(p.address)
+                except LocalProtocolError:
+                    continue
+                nid = bytes(p.node_id)
+                targets.append(Target(host, port, ClientTLS(ALPN_CLIENT, node_id=nid), nid))
+        rtts: list[float | None] = [None] * len(targets)
+
+        async def probe(i: int) -> None:
+            rtts[i] = await session.probe(targets[i], PROBE_TIMEOUT)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(targets)):
+                nursery.start_soon(probe, i)
+        reachable = [(r, i) for i, r in enumerate(rtts) if r is not None]
+        for r, i in reachable:
+            measured = targets[i].node_id or (here.node_id if here is not None and i == 0 else None)
+            if measured is not None:
+                await self.agent.remember_rtt(measured, targets[i].address, r * 1000)
+        if not reachable:
+            raise QpcError("no node answered (not even ours)")
+        best_rtt, best = min(reachable)
+        if best == 0:
+            self.out(
+                f"staying on node {here.short if here else '?'} (fastest: {best_rtt * 1000:.1f} ms)"
+            )
+            return
+        self.out(f"fastest: {targets[best].address} ({best_rtt * 1000:.1f} ms)")
+        await self._move(targets[best])
 
     async def _inbox(self, wait: float) -> None:
         deadline = trio.current_time() + wait
@@ -171,7 +307,8 @@ class Repl:
         self.out(
             f"sent={s.sent} received={s.received} undecryptable={s.undecryptable} "
             f"held={s.held} send_retries={s.send_retries} send_dropped={s.send_dropped} "
-            f"gaps={len(s.gaps)} rpc_calls={r.calls} rpc_retries={r.retries} "
+            f"duplicates={s.duplicates} gaps={len(s.gaps)} rpc_calls={r.calls} "
+            f"rpc_retries={r.retries} "
             f"rpc_failures={dict(r.failures)}"
             + (f" connection_losses={self.session.outages}" if self.session is not None else "")
         )
@@ -203,6 +340,22 @@ def format_trust(resp: ops_pb2.MeshTrustResponse) -> str:
     what = "changed key accepted" if resp.was_refused else "trusted"
     where = f"; redialling {resp.address}" if resp.address else ""
     return f"node {nid} {what}{where}"
+
+
+def describe_route(r: DmReport) -> str:
+    """What ``/dm`` and ``/mesh dm`` say became of a message."""
+    if r.fate is Sent.DELIVERED:
+        if r.hops:
+            return f"(relayed via {r.hops} hop{'s' if r.hops != 1 else ''})"
+        # A node that predates EnqueueResult.hops says neither: it took it for relay.
+        return "(stored on this node)" if r.stored_here else "(accepted for relay)"
+    if r.fate is Sent.RETRY:
+        return f"(queued: {r.detail or 'the node could not take it yet'}; retrying)"
+    return "(not delivered)"
+
+
+def _is_hex(s: str) -> bool:
+    return bool(s) and all(ch in "0123456789abcdefABCDEF" for ch in s)
 
 
 def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:

@@ -65,6 +65,11 @@ class Relay(Protocol):
         it was being stored, the old-home hand-over must pick it up too."""
         ...
 
+    def hops(self, recipient: bytes) -> int:
+        """Node-to-node hops to the recipient's home now (0: here or unknown); what the
+        sender is told with an OK for a relayed envelope."""
+        ...
+
 
 class Waiters:
     """Parked fetches per recipient: one Event they share, set when mail arrives.
@@ -263,8 +268,13 @@ class DeliveryService:
                 continue
             if not got.duplicate and got.seq:
                 woken.add(pb.recipient)
+            hops = 0
+            if self._relay is not None and not got.seq:  # relayed: how far it goes
+                hops = self._relay.hops(bytes(pb.recipient))
             results.append(
-                service_pb2.EnqueueResult(msg_id=got.msg_id, seq=got.seq, duplicate=got.duplicate)
+                service_pb2.EnqueueResult(
+                    msg_id=got.msg_id, seq=got.seq, duplicate=got.duplicate, hops=hops
+                )
             )
         for rec in woken:
             self.waiters.notify(rec)

@@ -108,6 +108,7 @@ class MeshStatusService:
             resp.peers.add(
                 node_id=p.node,
                 address=str(p.addresses[0]) if p.addresses else "",
+                addresses=[str(a) for a in p.addresses],
                 state=p.state.value,
                 srtt_ms=(p.srtt or 0.0) * 1000,
                 failures=p.failures,

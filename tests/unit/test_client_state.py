@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from qpc_node.client import state as state_mod
 from qpc_node.client.state import (
     DB_FILE,
     AsyncClientState,
@@ -149,3 +150,104 @@ def test_pending_commit_records_survive_and_settle_atomically(tmp_path: Path) ->
     assert st.pending_commits() == [] and st.pending_commit(b"c1") is None
     assert [o.msg_id for o in st.outbox_due(11)] == [b"plain", b"f1"]
     st.close()
+
+
+N1 = b"\x01" * 32
+N2 = b"\x02" * 32
+
+
+def test_contact_names_are_sealed_unique_and_removable(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.see_contact(A, 1)
+    st.name_contact("bobthebuilder", B, 2)
+    with pytest.raises(ClientStateError, match="taken"):
+        st.name_contact("bobthebuilder", A, 3)
+    st.name_contact("alice", A, 3)
+    assert [(c.name, c.fingerprint) for c in st.contacts()] == [
+        ("alice", A),
+        ("bobthebuilder", B),
+    ]
+    st.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob(DB_FILE + "*"))
+    assert b"bobthebuilder" not in raw
+    st = ClientState(tmp_path, b"k" * 32)
+    assert st.unname_contact("bobthebuilder") == B
+    assert st.unname_contact("bobthebuilder") is None
+    assert [(c.name, c.fingerprint) for c in st.contacts()] == [("alice", A), (None, B)]
+    st.close()
+
+
+def test_cursor_and_held_are_per_node(tmp_path: Path) -> None:
+    """Mailbox seqs are a node's own numbering: seq 5 on one node is not seq 5 on another."""
+    st = ClientState(tmp_path, b"k" * 32)
+    st.store_received(5, "bob", B, "one", 10, cursor=5, node=N1)
+    assert (st.cursor(N1), st.cursor(N2)) == (5, 0)
+    st.hold(7, b"p1", 99, cursor=7, node=N1)
+    st.hold(7, b"p2", 99, cursor=7, node=N2)
+    assert sorted((h.node, h.payload) for h in st.held()) == [(N1, b"p1"), (N2, b"p2")]
+    st.held_done(7, N1)
+    assert [h.node for h in st.held()] == [N2]
+    st.advance_cursor(3, node=N1)  # never backwards
+    assert st.cursor(N1) == 7
+    st.close()
+
+
+def test_seen_ids_skip_a_second_copy_and_age_out(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.store_received(1, "bob", B, "hi", 10, cursor=1, node=N1, msg_id=b"m" * 16)
+    st.advance_cursor(2, node=N1, msg_id=b"w" * 16, now_ms=20)
+    assert st.seen(b"m" * 16) and st.seen(b"w" * 16) and not st.seen(b"x" * 16)
+    assert st.forget_seen_before(15) == 1
+    assert not st.seen(b"m" * 16) and st.seen(b"w" * 16)
+    st.close()
+
+
+def test_known_nodes_keep_the_last_rtt_and_count_failures(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.remember_node(N1, ["127.0.0.1:4433"], 2.5, 100)
+    st.remember_node(N1, ["[fe80::1%3]:4433"], None, 200)  # unknown RTT keeps the last
+    st.node_result(N1, ok=False)
+    st.node_result(N1, ok=False)
+    (n,) = st.nodes()
+    assert (n.addresses, n.rtt_ms, n.last_seen_ms, n.failures) == (
+        ("[fe80::1%3]:4433",),
+        2.5,
+        200,
+        2,
+    )
+    st.node_result(N1, ok=True)
+    assert st.nodes()[0].failures == 0
+    st.close()
+
+
+def test_a_v1_database_migrates_and_its_node_claims_the_cursor(tmp_path: Path) -> None:
+    """A client from before the mesh had one cursor (meta) and held rows keyed by seq:
+    the first node it logs in on after the upgrade takes both over."""
+    conn = sqlite3.connect(tmp_path / DB_FILE)
+    conn.executescript(state_mod._DDL)
+    conn.execute("INSERT INTO meta (k, v) VALUES ('schema', ?)", ((1).to_bytes(4, "big"),))
+    conn.execute("INSERT INTO meta (k, v) VALUES ('cursor', ?)", ((42).to_bytes(8, "big"),))
+    conn.execute("INSERT INTO held (seq, payload, expiry_ms) VALUES (40, x'aa', 999)")
+    conn.execute("INSERT INTO contacts (fingerprint, first_seen_ms) VALUES (?, 1)", (B,))
+    conn.commit()
+    conn.close()
+    st = ClientState(tmp_path, b"k" * 32)
+    assert st.get_meta("schema") == (2).to_bytes(4, "big")
+    assert st.cursor() == 42 and st.cursor(N1) == 0
+    assert st.claim_cursor(N1)
+    assert (st.cursor(N1), st.cursor()) == (42, 0)
+    assert [(h.node, h.seq) for h in st.held()] == [(N1, 40)]
+    assert not st.claim_cursor(N2)  # only the first node: the others start at 0
+    assert [c.fingerprint for c in st.contacts()] == [B]
+    st.close()
+    st = ClientState(tmp_path, b"k" * 32)  # reopening does not migrate again
+    assert st.cursor(N1) == 42
+    st.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    st = ClientState(tmp_path, b"k" * 32)
+    st.set_meta("schema", (99).to_bytes(4, "big"))
+    st.close()
+    with pytest.raises(ClientStateError, match="newer"):
+        ClientState(tmp_path, b"k" * 32)

@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from qpc_node.client.reconnect import Phase, Reconnector, ReconnectPolicy
+from qpc_node.client.reconnect import Phase, Reconnector, ReconnectPolicy, failover_order
+from qpc_node.client.session import dial_order, parse_address
+from qpc_node.client.state import KnownNode
 from qpc_node.errors import ConfigError, LocalProtocolError
 
 POLICY = ReconnectPolicy(initial_delay=0.5, max_delay=30.0, multiplier=2.0, attempt_timeout=15.0)
@@ -133,3 +135,68 @@ def test_jitter_spreads_a_crowd_of_clients() -> None:
     assert all(0.25 <= t <= 0.5 for t in firsts)
     # Spread over the window rather than clumped: most 25 ms slots are used.
     assert len({int(t / 0.025) for t in firsts}) >= 9
+
+
+def test_failover_is_due_after_the_bounded_outage_only() -> None:
+    """Virtual clock: the first attempts go to the lost node alone; from
+    ``failover_after`` seconds into the outage each attempt also tries the others."""
+    pol = ReconnectPolicy(initial_delay=0.5, max_delay=30.0, failover_after=10.0)
+    r = Reconnector(pol, lambda: 0.5)
+    assert not r.fail_over_due(0.0)  # up: nothing to fail over from
+    r.lost(100.0, "idle timeout")
+    now, tried_others_at = 100.0, None
+    for _ in range(20):
+        assert r.next_attempt_at is not None
+        now = r.next_attempt_at
+        if r.fail_over_due(now):
+            tried_others_at = now
+            break
+        r.begin_attempt(now)
+        r.attempt_failed(now + 0.1, "timed out")
+    assert tried_others_at is not None and 110.0 <= tried_others_at < 120.0
+    r.begin_attempt(now)
+    assert r.fail_over_due(now)  # still due while the attempt runs
+    notice = r.moved(now + 0.2, "aaaa0000", "bbbb0000")
+    assert notice.kind == "moved" and "node aaaa0000 lost; now on node bbbb0000" in notice.text
+    assert r.phase is Phase.UP and not r.fail_over_due(now + 100)
+
+
+def test_a_refusal_never_fails_over() -> None:
+    r = Reconnector(ReconnectPolicy(failover_after=0.0), lambda: 0.0)
+    r.lost(0.0, "x")
+    r.begin_attempt(r.next_attempt_at or 0.0)
+    r.attempt_failed(1.0, "pin mismatch", permanent=True)
+    assert not r.fail_over_due(100.0)
+
+
+def test_failover_order_prefers_reliable_then_fast_then_recent() -> None:
+    def node(b: int, rtt: float | None, seen: int, failures: int = 0, addrs: int = 1) -> KnownNode:
+        return KnownNode(bytes([b]) * 32, ("h:1",) * addrs, rtt, seen, failures)
+
+    current = node(1, 0.1, 9)
+    nodes = [
+        current,
+        node(2, 9.0, 5),
+        node(3, None, 8),
+        node(4, 1.0, 5, failures=2),
+        node(5, 3.0, 5),
+        node(6, None, 9),
+        node(7, 0.5, 5, addrs=0),  # no address: cannot be dialled
+    ]
+    order = [n.node_id[0] for n in failover_order(nodes, current.node_id)]
+    assert order == [5, 2, 6, 3, 4]
+
+
+@pytest.mark.parametrize("kw", [{"failover_after": -1}, {"failover_dial_timeout": 0}])
+def test_failover_policy_rejects_nonsense(kw: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        ReconnectPolicy(**kw)
+
+
+def test_dial_order_puts_link_local_last_and_drops_garbage() -> None:
+    got = dial_order(["[fe80::1%3]:4201", "10.0.0.2:4201", "nonsense", "[2001:db8::2]:4201"])
+    assert got == ["10.0.0.2:4201", "[2001:db8::2]:4201", "[fe80::1%3]:4201"]
+    assert parse_address("[fe80::1%3]:4201") == ("fe80::1%3", 4201)
+    for bad in ("host", ":1", "h:0", "h:99999", "[::1:1"):
+        with pytest.raises(LocalProtocolError):
+            parse_address(bad)

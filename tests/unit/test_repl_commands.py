@@ -30,6 +30,17 @@ F = "ab" * 32
         ("/mesh ROUTES", c.MeshView("routes")),
         ("/mesh trust 0a1b2c", c.MeshTrust("0a1b2c")),
         (f"/mesh trust {F}", c.MeshTrust(F)),
+        ("/dm bob hi", c.Dm("bob", "hi")),
+        ("/dm abcd-ef01 hi", c.Dm("abcd-ef01", "hi")),
+        ("/group invite team alice", c.GroupInvite("team", "alice")),
+        ("/verify bob", c.Verify("bob")),
+        (f"/contact add bob {F}", c.ContactAdd("bob", F)),
+        ("/contact add bob abcd", c.ContactAdd("bob", "abcd")),
+        ("/contact remove bob", c.ContactRemove("bob")),
+        ("/contacts", c.Contacts()),
+        ("/mesh server [::1]:4433", c.MeshServer("[::1]:4433")),
+        ("/mesh server abcd1234", c.MeshServer("abcd1234")),
+        ("/mesh auto", c.MeshAuto()),
         ("/quit", c.Quit()),
         ("/exit", c.Quit()),
     ],
@@ -44,13 +55,22 @@ def test_parses(line: str, want: object) -> None:
         "hello",
         "/nope",
         "/dm",
-        "/dm abc hi",
+        "/dm a/b hi",
+        "/contact add",
+        "/contact add bob",
+        f"/contact add {F} {F}",
+        "/contact add b!b abcd",
+        "/contact frob",
+        "/contacts all",
+        "/mesh server",
+        "/mesh server a b",
+        "/mesh auto now",
         f"/dm {F}",
         "/group",
         "/group create",
         "/group create a b",
         "/group create " + "x" * 65,
-        "/group invite team notafpr",
+        "/group invite team not*a*name",
         "/group send team",
         "/group frob x",
         "/inbox --wait",
@@ -82,3 +102,32 @@ def test_random_lines_never_crash() -> None:
             parse(line)
         except UsageError as exc:
             assert exc.usage
+
+
+@pytest.mark.parametrize(
+    ("before", "want"),
+    [
+        ("/d", ["/dm"]),
+        ("/con", ["/contact", "/contacts"]),
+        ("/mesh s", ["server"]),
+        ("/dm b", ["bob", "bobby"]),
+        ("/dm ", ["alice", "bob", "bobby"]),
+        ("/mesh dm al", ["alice"]),
+        ("/group invite team bo", ["bob", "bobby"]),
+        ("/group send team bo", []),  # free text, not a user
+        ("/dm bob he", []),
+        ("/contact remove a", ["alice"]),
+    ],
+)
+def test_tab_completion(before: str, want: list[str]) -> None:
+    assert c.completions(before, ["alice", "bob", "bobby"]) == want
+
+
+def test_completer_yields_prompt_toolkit_completions() -> None:
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from qpc_node.repl.interactive import ReplCompleter
+
+    got = list(ReplCompleter(lambda: ["bob"]).get_completions(Document("/dm b"), CompleteEvent()))
+    assert [(x.text, x.start_position) for x in got] == [("bob", -1)]

@@ -85,6 +85,8 @@ MESSAGES.update(
             msg_id=bytes(range(16)), seq=7, duplicate=True
         ),
         "enqueue_result_refused": ENQUEUE_REFUSED,
+        # Accepted for relay toward a home 2 node-to-node hops away (field 6).
+        "enqueue_result_relayed": service_pb2.EnqueueResult(msg_id=bytes(range(16)), hops=2),
         "enqueue_result_aborted": service_pb2.EnqueueResult(
             msg_id=bytes(range(48, 64)),
             status=rpc_pb2.STATUS_CODE_ABORTED,
@@ -143,6 +145,13 @@ MESSAGES.update(
     {
         "mesh_request": ops_pb2.MeshRequest(),
         "mesh_response_off": ops_pb2.MeshResponse(on_mesh=False),
+        # A peer with every address it is known by (MeshPeer.addresses, field 7).
+        "mesh_peer_addresses": ops_pb2.MeshPeer(
+            node_id=bytes(range(32, 64)),
+            address="[fe80::1%3]:4201",
+            state="up",
+            addresses=["[fe80::1%3]:4201", "10.0.0.2:4201"],
+        ),
         "mesh_response": ops_pb2.MeshResponse(
             on_mesh=True,
             node_id=bytes(range(32)),
@@ -224,6 +233,14 @@ def test_enqueue_result_ok_is_readable_as_before_the_status_field() -> None:
     assert ENQUEUE_OK.SerializeToString(deterministic=True) == old_bytes
     parsed = service_pb2.EnqueueResult.FromString(old_bytes)
     assert (parsed.status, parsed.detail) == (rpc_pb2.STATUS_CODE_OK, "")
+
+
+def test_enqueue_result_hops_is_optional_both_ways() -> None:
+    """A relayed OK read by an old client is a plain OK; an old node's OK reads hops 0."""
+    relayed = service_pb2.EnqueueResult(msg_id=bytes(range(16)), hops=2).SerializeToString()
+    assert relayed == bytes.fromhex("0a10" + bytes(range(16)).hex() + "3002")
+    old = service_pb2.EnqueueResult.FromString(ENQUEUE_OK.SerializeToString())
+    assert (old.status, old.hops) == (rpc_pb2.STATUS_CODE_OK, 0)
 
 
 def test_auth_messages_off_the_mesh_encode_as_before() -> None:

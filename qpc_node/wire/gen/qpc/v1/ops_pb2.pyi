@@ -40,20 +40,22 @@ class MeshRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MeshPeer(_message.Message):
-    __slots__ = ("node_id", "address", "state", "srtt_ms", "failures", "sources")
+    __slots__ = ("node_id", "address", "state", "srtt_ms", "failures", "sources", "addresses")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SRTT_MS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     node_id: bytes
     address: str
     state: str
     srtt_ms: float
     failures: int
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., srtt_ms: _Optional[float] = ..., failures: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., srtt_ms: _Optional[float] = ..., failures: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MeshRoute(_message.Message):
     __slots__ = ("destination", "next_hop", "hops", "seq", "expires_ms")

@@ -92,18 +92,20 @@ class EnqueueRequest(_message.Message):
     def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., atomic: _Optional[bool] = ...) -> None: ...
 
 class EnqueueResult(_message.Message):
-    __slots__ = ("msg_id", "seq", "duplicate", "status", "detail")
+    __slots__ = ("msg_id", "seq", "duplicate", "status", "detail", "hops")
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
     msg_id: bytes
     seq: int
     duplicate: bool
     status: _rpc_pb2.StatusCode
     detail: str
-    def __init__(self, msg_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., status: _Optional[_Union[_rpc_pb2.StatusCode, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    hops: int
+    def __init__(self, msg_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., status: _Optional[_Union[_rpc_pb2.StatusCode, str]] = ..., detail: _Optional[str] = ..., hops: _Optional[int] = ...) -> None: ...
 
 class EnqueueResponse(_message.Message):
     __slots__ = ("results",)
