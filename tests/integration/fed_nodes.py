@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from qpc_node.demo import free_udp_port, loopback_node_config
 from qpc_node.federation.core import (
     Federation,
     FederationLimits,
@@ -210,3 +211,20 @@ async def line_abc(
         await a.fed.wait_link(b_id)
         await b.fed.wait_link(c_id)
         yield a, b, c
+
+
+free_port = free_udp_port
+
+
+@asynccontextmanager
+async def mesh_node(
+    tmp: Path, name: str, port: int, peers: list[tuple[int, bytes]]
+) -> AsyncIterator[tuple[Node, NodeInfo]]:
+    """A node configured like an operator would: listen address and static peers
+    (port, node id) on loopback, mDNS off; its keys are those :func:`identity` made."""
+    data = node_dir(tmp, name)
+    node = Node(loopback_node_config(data, port, peers), default_data=data)
+    async with trio.open_nursery() as nursery:
+        info: NodeInfo = await nursery.start(node.run)
+        yield node, info
+        nursery.cancel_scope.cancel()

@@ -20,8 +20,8 @@ from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.store.federation import mailbox_has_mail
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
-from tests.integration.fed_nodes import identity, until
-from tests.integration.test_mesh_dm import _enqueue, free_port, homed, mesh_node, mesh_of, user
+from tests.integration.fed_nodes import free_port, identity, mesh_node, until
+from tests.integration.test_mesh_dm import _enqueue, homed, mesh_of, user
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,8 +21,8 @@ from qpc_node.ops.http import HttpServer, serve_metrics
 from qpc_node.ops.metrics import format_stats
 from qpc_node.service.stats import STATS_METHOD, samples_from_proto
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
-from tests.integration.fed_nodes import identity, until
-from tests.integration.test_mesh_dm import free_port, homed, mesh_node, user
+from tests.integration.fed_nodes import free_port, identity, mesh_node, until
+from tests.integration.test_mesh_dm import homed, user
 
 pytestmark = pytest.mark.timeout(120)
 
