@@ -16,9 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import trio
 from netns_kit import Host
 
 from tests.integration.repl_harness import PtyRepl, start_pty
@@ -231,3 +234,55 @@ class MeshUser:
         head = _HEAD.search(table)
         assert head is not None
         return int(head.group(2)), {p: state for p, _addr, state in _PEER.findall(table)}
+
+
+class Driver:
+    """A ``tests.integration.agent_driver`` process (a user's client steered by JSON
+    lines) inside a namespace; ``ask`` sends one command and reads its one answer."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self._buf = b""
+        self.me = ""
+
+    async def _line(self, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 -- a bound
+        assert self.proc.stdout is not None
+        with trio.fail_after(timeout):
+            while b"\n" not in self._buf:
+                chunk = await self.proc.stdout.receive_some(65536)
+                assert chunk, "the driver exited"
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    async def ask(self, cmd: dict[str, Any], timeout: float = 150.0) -> dict[str, Any]:  # noqa: ASYNC109 -- a bound
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(json.dumps(cmd).encode() + b"\n")
+        return await self._line(timeout)
+
+
+@asynccontextmanager
+async def driver(
+    host: Host, node: NodeProc, user_dir: Path, *, server: str | None = None, receive: bool = False
+) -> AsyncIterator[Driver]:
+    """Start the driver as ``user_dir``'s user on ``node``; killed on exit."""
+    if server is None:
+        server = f"{host.links[0].ipv4}:{node.port}"
+    argv = [sys.executable, "-m", "tests.integration.agent_driver", "--server", server,
+            "--pin", node.pin, "--data", str(user_dir)] + (["--receive"] if receive else [])  # fmt: skip
+    proc = await trio.lowlevel.open_process(
+        host.cmd(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO
+    )
+    try:
+        d = Driver(proc)
+        d.me = str((await d._line(60))["ready"])
+        yield d
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                await stream.aclose()
