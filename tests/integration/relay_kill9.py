@@ -39,6 +39,7 @@ async def kill_mid_way(
     await until(mid_way, within=within, step=0.05)
     await kill()
     at_kill = await delivered()
+    assert at_kill < n, "everything arrived before the kill: nothing was tested mid-way"
     await restart()
 
     async def all_there() -> bool:
