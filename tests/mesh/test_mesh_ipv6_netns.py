@@ -25,9 +25,14 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 CONVERGE_S = 90
 
 
+@pytest.mark.parametrize(
+    "b_interfaces", ["mesh0,mesh1", ""], ids=["b-named-interfaces", "b-every-interface"]
+)
 async def test_ipv6_link_local_only_line_discovers_and_relays_a_dm(
-    net: Netns, tmp_path: Path
+    net: Netns, tmp_path: Path, b_interfaces: str
 ) -> None:
+    """``b_interfaces``: B's mDNS on its two mesh interfaces by name (a router's UCI)
+    or on every interface (no config, as a laptop runs it)."""
     hosts = [net.host(f"s{i}") for i in range(3)]
     la = net.connect(hosts[0], "br0", ipv4=False)
     net.connect(hosts[1], "br0", ipv4=False)
@@ -36,7 +41,7 @@ async def test_ipv6_link_local_only_line_discovers_and_relays_a_dm(
     for h in hosts:  # nothing but loopback has an IPv4 address
         assert h.ipv4_addresses() == [], h.name
     a = NodeProc(hosts[0], tmp_path / "na", "mesh0", ready=False)
-    b = NodeProc(hosts[1], tmp_path / "nb", "mesh0,mesh1")
+    b = NodeProc(hosts[1], tmp_path / "nb", b_interfaces)
     static = f"[{lb1.link_local}%{lc.dev}]:4201#{b.node_id}"
     c = NodeProc(
         hosts[2],
@@ -94,6 +99,7 @@ async def test_ipv6_link_local_only_line_discovers_and_relays_a_dm(
         dm = time.monotonic() - t1
 
     print(
-        f"\nmesh IPv6 link-local only, A - B - C (C by static peer): links + bindings in /mesh peers {took:.1f} s "
+        f"\nmesh IPv6 link-local only, A - B - C (C by static peer, B on "
+        f"{b_interfaces or 'every interface'}): links + bindings in /mesh peers {took:.1f} s "
         f"after all nodes ready; 2-hop DM and reply {dm:.1f} s; load {loadavg()}"
     )
