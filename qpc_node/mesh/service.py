@@ -720,8 +720,11 @@ async def _static_addresses(sp: StaticPeer) -> Sequence[pt.PeerAddress]:
     out: list[pt.PeerAddress] = []
     for fam, _t, _p, _c, sa in infos:
         if fam in (socket.AF_INET, socket.AF_INET6):
+            # an IPv6 answer carries its interface index (a link-local one from
+            # nss-mdns, say): keep it, or the address names no interface at all
+            scope = int(sa[3]) if len(sa) == 4 else 0
             try:
-                out.append(pt.PeerAddress(str(sa[0]), sp.port))
+                out.append(pt.PeerAddress(str(sa[0]).partition("%")[0], sp.port, scope))
             except LocalProtocolError:
                 continue
     return tuple(dict.fromkeys(out))

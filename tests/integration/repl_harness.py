@@ -14,7 +14,7 @@ import re
 import struct
 import sys
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -113,14 +113,17 @@ class PtyRepl:
         os.close(self._master)
 
 
-async def start_pty(args: list[str], env: dict[str, str] | None = None) -> PtyRepl:
-    """``qpc ARGS`` on a fresh pty (50x200, so lines do not wrap)."""
+async def start_pty(
+    args: list[str], env: dict[str, str] | None = None, *, prefix: Sequence[str] = ()
+) -> PtyRepl:
+    """``qpc ARGS`` on a fresh pty (50x200, so lines do not wrap); ``prefix`` runs it
+    through a wrapper (``ip netns exec NS``, which execs it in place: same pid)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     os.set_blocking(master, False)
     try:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "qpc_node.cli", *args],
+            [*prefix, sys.executable, "-m", "qpc_node.cli", *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,

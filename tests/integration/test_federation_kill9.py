@@ -26,6 +26,7 @@ from tests.integration.fed_nodes import (
     until,
     wrote_to,
 )
+from tests.integration.relay_kill9 import assert_exactly_once, kill_mid_way
 
 N = 1000
 REPO = Path(__file__).resolve().parents[2]
@@ -89,23 +90,23 @@ async def test_relay_kill9_mid_way_loses_nothing_acknowledged(tmp_path: Path) ->
                     )
                     assert {r.status for r in res} == {federation_pb2.RELAY_QUEUED}
 
-                async def mid_way() -> bool:
-                    return len(await mailbox(c, USER_C)) >= N // 4
+                async def delivered() -> int:
+                    return len(await mailbox(c, USER_C))
 
-                await until(mid_way, within=60)
-                proc.send_signal(signal.SIGKILL)
-                await proc.wait()
-                at_kill = len(await mailbox(c, USER_C))
-                proc = await start_relay(spec)
+                async def kill() -> None:
+                    assert proc is not None
+                    proc.send_signal(signal.SIGKILL)
+                    await proc.wait()
 
-                async def all_delivered() -> bool:
-                    return len(await mailbox(c, USER_C)) == N
+                async def restart() -> None:
+                    nonlocal proc
+                    proc = await start_relay(spec)
 
-                await until(all_delivered, within=90)
+                run = await kill_mid_way(N, delivered, kill, restart)
                 await until(lambda: a.fed.statistics().queued == 0)
                 got = [e.msg_id for e in await mailbox(c, USER_C)]
-        assert len(got) == N and set(got) == set(msgs)  # every one, none twice
-        print(f"delivered at kill -9: {at_kill}/{N}; after restart: {len(got)}/{N}")
+        assert_exactly_once(got, msgs)
+        print(f"delivered at kill -9: {run.at_kill}/{N}; after restart: {len(got)}/{N}")
     finally:
         if proc is not None and proc.returncode is None:
             proc.kill()

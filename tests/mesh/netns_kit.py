@@ -96,6 +96,11 @@ class Host:
         self.kit.procs.append(p)
         return p
 
+    def ipv4_addresses(self) -> list[str]:
+        """Every IPv4 address in the namespace but loopback's (``[]`` on IPv6-only hosts)."""
+        out = _ip("-n", self.ns, "-4", "-o", "addr", "show").stdout.splitlines()
+        return [line.split()[3] for line in out if line.split()[1] != "lo"]
+
     def link(self, dev: str = "mesh0") -> Link:
         return next(link for link in self.links if link.dev == dev)
 

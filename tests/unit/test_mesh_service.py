@@ -1,12 +1,18 @@
-"""The mesh service's pure pieces: relay answers as Enqueue results, link addresses."""
+"""The mesh service's pure pieces: relay answers as Enqueue results, link addresses,
+static peers' addresses."""
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 import pytest
+import trio
 
 from qpc_node.errors import QpcError, StatusCode
 from qpc_node.mesh.peers import PeerAddress
-from qpc_node.mesh.service import NoRouteYet, _enqueue_result, _peer_address
+from qpc_node.mesh.service import NoRouteYet, _enqueue_result, _peer_address, _static_addresses
+from qpc_node.mesh.static_peers import parse_static_peer
 from qpc_node.store.records import EnqueueResult
 from qpc_node.wire.gen.qpc.v1 import federation_pb2 as F
 
@@ -61,3 +67,44 @@ def test_refusals_are_typed(status: int, code: StatusCode, retriable: bool) -> N
 )
 def test_link_address_of_an_inbound_peer(text: str, want: PeerAddress | None) -> None:
     assert _peer_address(text) == want
+
+
+class _Resolver(trio.abc.HostnameResolver):
+    """What the system resolver answers for a router's name on an IPv6 mesh (as
+    nss-mdns does for ``router.local``): a link-local address with its interface
+    index in the sockaddr, a global one, an IPv4 one."""
+
+    def __init__(self, answers: list[tuple[Any, ...]]) -> None:
+        self.answers = answers
+
+    async def getaddrinfo(
+        self, host: bytes | None, port: bytes | str | int | None, *args: Any, **kw: Any
+    ) -> list[tuple[Any, ...]]:
+        assert host == b"router.mesh"
+        return self.answers
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
+        raise OSError("not used")
+
+
+async def test_static_peer_by_name_keeps_the_scope_of_a_link_local_answer() -> None:
+    """A static peer given by name that resolves to ``fe80::`` must keep the
+    interface index the resolver gave (fails before: the link-local answer was
+    dropped as unscoped, leaving only the other families)."""
+    v6, v4, dgram = socket.AF_INET6, socket.AF_INET, socket.SOCK_DGRAM
+    trio.socket.set_custom_hostname_resolver(
+        _Resolver(
+            [
+                (v6, dgram, 17, "", ("fe80::1", 4201, 0, 7)),
+                (v6, dgram, 17, "", ("2001:db8::5", 4201, 0, 0)),
+                (v4, dgram, 17, "", ("10.0.0.5", 4201)),
+                (v6, dgram, 17, "", ("fe80::2", 4201, 0, 0)),  # unscoped: names nothing
+            ]
+        )
+    )
+    sp = parse_static_peer(f"router.mesh:4201#{'ab' * 32}")
+    assert await _static_addresses(sp) == (
+        PeerAddress("fe80::1", 4201, 7),
+        PeerAddress("2001:db8::5", 4201),
+        PeerAddress("10.0.0.5", 4201),
+    )
