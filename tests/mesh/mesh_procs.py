@@ -24,6 +24,7 @@ from typing import Any
 import trio
 from netns_kit import Host
 
+from qpc_node.repl.commands import USAGE
 from tests.integration.repl_harness import PtyRepl, start_pty
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,7 +148,7 @@ def loadavg() -> str:
 _HEAD = re.compile(r"node ([0-9a-f]{16})  \((\d+) users homed mesh-wide\)")
 _PEER = re.compile(r"^  ([0-9a-f]{16})  (\S+)\s+(\S+)\s+rtt", re.M)
 _FPR = re.compile(r"fingerprint: ([0-9a-f ]{79})")
-_END = "/mesh peers|routes|dm FINGERPRINT TEXT"  # what /help mesh shows
+_END = USAGE["mesh"]  # what /help mesh shows
 
 
 class MeshUser:
