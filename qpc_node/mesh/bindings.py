@@ -11,7 +11,7 @@ table then reaches.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 
 from qpc_node.mesh.signed import HomeBinding, Outcome, node_id_of
@@ -78,6 +78,10 @@ class BindingStore:
     def live(self, now: int) -> Iterator[HomeBinding]:
         """The bindings not expired at ``now`` (a full dump to a neighbour)."""
         return (b for b in self._bindings.values() if b.expiry_ms > now)
+
+    def homed_per_node(self, now: int) -> Counter[bytes]:
+        """node id -> how many users' live bindings name it (``/mesh peers|routes``)."""
+        return Counter(b.node for b in self.live(now))
 
     def expire(self, now: int) -> None:
         for user in [u for u, b in self._bindings.items() if b.expiry_ms <= now]:

@@ -52,6 +52,7 @@ need clocks within ``max_clock_skew_ms``).
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
@@ -545,6 +546,10 @@ class Router:
 
     def binding(self, user: bytes) -> HomeBinding | None:
         return self._bindings.get(user)
+
+    def users_homed(self, now_ms: int) -> Counter[bytes]:
+        """node id -> users homed there by their live bindings (this node's included)."""
+        return self._bindings.homed_per_node(now_ms)
 
     def routes(self, now_ms: int) -> tuple[RouteEntry, ...]:
         out = []

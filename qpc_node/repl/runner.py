@@ -358,6 +358,10 @@ def _is_hex(s: str) -> bool:
     return bool(s) and all(ch in "0123456789abcdefABCDEF" for ch in s)
 
 
+def _hops(n: int) -> str:
+    return f"{n} hop{'s' if n != 1 else ''}"
+
+
 def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:
     """``/mesh peers`` / ``/mesh routes``: one line per neighbour or destination."""
     if not resp.on_mesh:
@@ -370,6 +374,8 @@ def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:
         lines = [
             f"  {bytes(p.node_id).hex()[:16]}  {p.address or '-':<28} {p.state:<10} "
             + (f"rtt {p.srtt_ms:.1f} ms" if p.srtt_ms else "rtt -")
+            + (f"  {_hops(p.hops)}" if p.hops else "")
+            + f"  {p.users} user{'s' if p.users != 1 else ''}"
             + (f"  failures {p.failures}" if p.failures else "")
             + f"  [{','.join(p.sources)}]"
             for p in resp.peers
@@ -379,7 +385,7 @@ def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:
         return head + "\n  no routes"
     lines = [
         f"  {bytes(r.destination).hex()[:16]}  via {bytes(r.next_hop).hex()[:16]}  "
-        f"{r.hops} hop{'s' if r.hops != 1 else ''}  seq {r.seq}"
+        f"{_hops(r.hops)}  {r.users} user{'s' if r.users != 1 else ''}  seq {r.seq}"
         for r in resp.routes
     ]
     return "\n".join([head, *lines])

@@ -104,6 +104,10 @@ class MeshStatusService:
         resp = ops_pb2.MeshResponse(
             on_mesh=True, node_id=m.node_id, bindings=m.router.statistics().bindings
         )
+        now_ms = m.wall_ms()
+        homed = m.router.users_homed(now_ms)
+        routes = m.router.routes(now_ms)
+        hops = {r.destination: r.hops for r in routes}
         for p in m.peers.peers():
             resp.peers.add(
                 node_id=p.node,
@@ -113,13 +117,16 @@ class MeshStatusService:
                 srtt_ms=(p.srtt or 0.0) * 1000,
                 failures=p.failures,
                 sources=sorted(s.value for s in p.sources),
+                hops=hops.get(p.node, 0),
+                users=homed[p.node],
             )
-        for r in m.router.routes(m.wall_ms()):
+        for r in routes:
             resp.routes.add(
                 destination=r.destination,
                 next_hop=r.next_hop,
                 hops=r.hops,
                 seq=r.seq,
                 expires_ms=r.expires_ms,
+                users=homed[r.destination],
             )
         return resp

@@ -99,8 +99,11 @@ async def test_dm_across_two_hops_and_reply(tmp_path: Path, wall: ManualWallCloc
             b_id, c_id = mesh_of(b_node).node_id, mesh_of(c_node).node_id
             assert routes[c_id] == (b_id, 2) and routes[b_id] == (b_id, 1)
             shown = format_mesh(view, "routes")
-            assert f"{c_id.hex()[:16]}  via {b_id.hex()[:16]}  2 hops" in shown
-            assert "rtt" in format_mesh(view, "peers")
+            # c is homed on C, b on B (a on A is this node, not a destination).
+            assert f"{c_id.hex()[:16]}  via {b_id.hex()[:16]}  2 hops  1 user  seq" in shown
+            assert [(p.hops, p.users) for p in view.peers] == [(1, 1)]
+            peers = format_mesh(view, "peers")
+            assert "rtt" in peers and "  1 hop  1 user" in peers
 
             # a DMs c by fingerprint: KeyPackage proxied A -> B -> C, Welcome and text
             # relayed A -> B -> C.

@@ -152,6 +152,13 @@ MESSAGES.update(
             state="up",
             addresses=["[fe80::1%3]:4201", "10.0.0.2:4201"],
         ),
+        # Per peer and per destination: route hops and users homed (fields 8, 9; 6).
+        "mesh_peer_hops_users": ops_pb2.MeshPeer(
+            node_id=bytes(range(32, 64)), state="up", hops=1, users=12
+        ),
+        "mesh_route_users": ops_pb2.MeshRoute(
+            destination=bytes(range(64, 96)), next_hop=bytes(range(32, 64)), hops=3, users=2
+        ),
         "mesh_response": ops_pb2.MeshResponse(
             on_mesh=True,
             node_id=bytes(range(32)),

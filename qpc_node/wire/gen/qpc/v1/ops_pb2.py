@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10qpc/v1/ops.proto\x12\x06qpc.v1\")\n\x0cStatsRequest\x12\x19\n\x11histogram_buckets\x18\x01 \x01(\x08\"\x8a\x01\n\x0bStatsSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06labels\x18\x02 \x03(\x0b\x32\x1f.qpc.v1.StatsSample.LabelsEntry\x12\r\n\x05value\x18\x03 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rStatsResponse\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.qpc.v1.StatsSample\"\r\n\x0bMeshRequest\"\x82\x01\n\x08MeshPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07srtt_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\r\x12\x0f\n\x07sources\x18\x06 \x03(\t\x12\x11\n\taddresses\x18\x07 \x03(\t\"a\n\tMeshRoute\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\x0c\x12\x10\n\x08next_hop\x18\x02 \x01(\x0c\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nexpires_ms\x18\x05 \x01(\x04\"\x86\x01\n\x0cMeshResponse\x12\x0f\n\x07on_mesh\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\x0c\x12\x1f\n\x05peers\x18\x03 \x03(\x0b\x32\x10.qpc.v1.MeshPeer\x12!\n\x06routes\x18\x04 \x03(\x0b\x32\x11.qpc.v1.MeshRoute\x12\x10\n\x08\x62indings\x18\x05 \x01(\r\"\'\n\x10MeshTrustRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"J\n\x11MeshTrustResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x13\n\x0bwas_refused\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10qpc/v1/ops.proto\x12\x06qpc.v1\")\n\x0cStatsRequest\x12\x19\n\x11histogram_buckets\x18\x01 \x01(\x08\"\x8a\x01\n\x0bStatsSample\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x06labels\x18\x02 \x03(\x0b\x32\x1f.qpc.v1.StatsSample.LabelsEntry\x12\r\n\x05value\x18\x03 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rStatsResponse\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.qpc.v1.StatsSample\"\r\n\x0bMeshRequest\"\x9f\x01\n\x08MeshPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07srtt_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\r\x12\x0f\n\x07sources\x18\x06 \x03(\t\x12\x11\n\taddresses\x18\x07 \x03(\t\x12\x0c\n\x04hops\x18\x08 \x01(\r\x12\r\n\x05users\x18\t \x01(\r\"p\n\tMeshRoute\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\x0c\x12\x10\n\x08next_hop\x18\x02 \x01(\x0c\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x12\n\nexpires_ms\x18\x05 \x01(\x04\x12\r\n\x05users\x18\x06 \x01(\r\"\x86\x01\n\x0cMeshResponse\x12\x0f\n\x07on_mesh\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\x0c\x12\x1f\n\x05peers\x18\x03 \x03(\x0b\x32\x10.qpc.v1.MeshPeer\x12!\n\x06routes\x18\x04 \x03(\x0b\x32\x11.qpc.v1.MeshRoute\x12\x10\n\x08\x62indings\x18\x05 \x01(\r\"\'\n\x10MeshTrustRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"J\n\x11MeshTrustResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x0c\x12\x13\n\x0bwas_refused\x18\x02 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,13 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESHREQUEST']._serialized_start=267
   _globals['_MESHREQUEST']._serialized_end=280
   _globals['_MESHPEER']._serialized_start=283
-  _globals['_MESHPEER']._serialized_end=413
-  _globals['_MESHROUTE']._serialized_start=415
-  _globals['_MESHROUTE']._serialized_end=512
-  _globals['_MESHRESPONSE']._serialized_start=515
-  _globals['_MESHRESPONSE']._serialized_end=649
-  _globals['_MESHTRUSTREQUEST']._serialized_start=651
-  _globals['_MESHTRUSTREQUEST']._serialized_end=690
-  _globals['_MESHTRUSTRESPONSE']._serialized_start=692
-  _globals['_MESHTRUSTRESPONSE']._serialized_end=766
+  _globals['_MESHPEER']._serialized_end=442
+  _globals['_MESHROUTE']._serialized_start=444
+  _globals['_MESHROUTE']._serialized_end=556
+  _globals['_MESHRESPONSE']._serialized_start=559
+  _globals['_MESHRESPONSE']._serialized_end=693
+  _globals['_MESHTRUSTREQUEST']._serialized_start=695
+  _globals['_MESHTRUSTREQUEST']._serialized_end=734
+  _globals['_MESHTRUSTRESPONSE']._serialized_start=736
+  _globals['_MESHTRUSTRESPONSE']._serialized_end=810
 # @@protoc_insertion_point(module_scope)

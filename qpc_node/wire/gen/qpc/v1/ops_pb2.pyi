@@ -40,7 +40,7 @@ class MeshRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MeshPeer(_message.Message):
-    __slots__ = ("node_id", "address", "state", "srtt_ms", "failures", "sources", "addresses")
+    __slots__ = ("node_id", "address", "state", "srtt_ms", "failures", "sources", "addresses", "hops", "users")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class MeshPeer(_message.Message):
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
     node_id: bytes
     address: str
     state: str
@@ -55,21 +57,25 @@ class MeshPeer(_message.Message):
     failures: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., srtt_ms: _Optional[float] = ..., failures: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    hops: int
+    users: int
+    def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., srtt_ms: _Optional[float] = ..., failures: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., users: _Optional[int] = ...) -> None: ...
 
 class MeshRoute(_message.Message):
-    __slots__ = ("destination", "next_hop", "hops", "seq", "expires_ms")
+    __slots__ = ("destination", "next_hop", "hops", "seq", "expires_ms", "users")
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
     destination: bytes
     next_hop: bytes
     hops: int
     seq: int
     expires_ms: int
-    def __init__(self, destination: _Optional[bytes] = ..., next_hop: _Optional[bytes] = ..., hops: _Optional[int] = ..., seq: _Optional[int] = ..., expires_ms: _Optional[int] = ...) -> None: ...
+    users: int
+    def __init__(self, destination: _Optional[bytes] = ..., next_hop: _Optional[bytes] = ..., hops: _Optional[int] = ..., seq: _Optional[int] = ..., expires_ms: _Optional[int] = ..., users: _Optional[int] = ...) -> None: ...
 
 class MeshResponse(_message.Message):
     __slots__ = ("on_mesh", "node_id", "peers", "routes", "bindings")
