@@ -9,7 +9,7 @@ relay may acknowledge custody to the previous hop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -215,14 +215,28 @@ def relay_accept(
     return out
 
 
-def relay_due(store: Store, next_hop: bytes, now_ms: int, limit: int) -> list[QueuedRelay]:
-    """The oldest envelopes toward ``next_hop`` whose retry time has come."""
+def relay_due(
+    store: Store,
+    next_hop: bytes,
+    now_ms: int,
+    limit: int,
+    *,
+    skip: Collection[int] = (),
+) -> list[QueuedRelay]:
+    """The oldest envelopes toward ``next_hop`` whose retry time has come.
+
+    ``skip``: row ids to leave out (batches still in flight toward the hop: each row
+    is in one batch at a time). They are read and dropped here rather than listed in
+    the SQL (a few hundred ids at most; no bound-parameter limit to mind).
+    """
     rows = store.conn.execute(
         "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts, origin,"
         " handover FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
         " ORDER BY id LIMIT ?",
-        (next_hop, now_ms, now_ms, limit),
+        (next_hop, now_ms, now_ms, limit + len(skip)),
     ).fetchall()
+    if skip:
+        rows = [r for r in rows if r[0] not in skip][:limit]
     return [
         QueuedRelay(
             r[0],
@@ -353,10 +367,8 @@ def relay_done(store: Store, ids: Sequence[int]) -> int:
     if not ids:
         return 0
     with transaction(store.conn) as conn:
-        n = 0
-        for i in ids:
-            n += conn.execute("DELETE FROM relay_queue WHERE id = ?", (i,)).rowcount
-    return n
+        cur = conn.executemany("DELETE FROM relay_queue WHERE id = ?", [(i,) for i in ids])
+        return cur.rowcount  # executemany: the rows deleted by all statements together
 
 
 def relay_retry_later(store: Store, retries: Sequence[tuple[int, int]]) -> None:

@@ -76,6 +76,21 @@ def test_caps_per_source_and_per_hop(store: Store) -> None:
     assert relay_accept(store, [item(3, src=SRC2)], NOW, LIMITS) == ["queued"]
 
 
+def test_due_skips_rows_in_flight_and_still_fills_the_batch(store: Store) -> None:
+    """The drainer reads the next batch while earlier ones are in flight: the rows
+    in flight are left out and the batch is still full from what lies behind them."""
+    relay_accept(store, [item(i) for i in range(3)], NOW, LIMITS)
+    relay_accept(store, [item(10 + i, src=SRC2) for i in range(2)], NOW, LIMITS)
+    first = relay_due(store, HOP1, NOW, 2)
+    assert [q.envelope.msg_id[-1] for q in first] == [0, 1]
+    second = relay_due(store, HOP1, NOW, 2, skip={q.id for q in first})
+    assert [q.envelope.msg_id[-1] for q in second] == [2, 10]
+    skip = {q.id for q in first + second}
+    assert [q.envelope.msg_id[-1] for q in relay_due(store, HOP1, NOW, 2, skip=skip)] == [11]
+    # relay_done counts what it deleted, once: a row already gone is not counted again.
+    assert relay_done(store, [q.id for q in first] * 2) == 2
+
+
 def test_retry_later_and_next_attempt(store: Store) -> None:
     relay_accept(store, [item(1), item(2)], NOW, LIMITS)
     first = relay_due(store, HOP1, NOW, 1)
