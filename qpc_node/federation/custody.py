@@ -29,7 +29,7 @@ import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import trio
@@ -113,6 +113,39 @@ class RelayRefusal:
         return status_name(self.status)
 
 
+@dataclass(slots=True)
+class _HopDrain:
+    """The drainer of one next hop: batches in flight and their rows.
+
+    Up to ``FederationLimits.relay_window`` batches toward a hop are in flight at
+    once (the next hop commits each before answering; waiting for that commit batch
+    by batch made one hop carry only ``relay_batch`` envelopes per round trip). A row
+    is in at most one batch at a time: reads skip ``inflight``, and a row leaves it
+    only once its fate is committed here (deleted, or rescheduled) or its batch
+    failed, so nothing is sent twice at once. A lost answer still leads to a resend,
+    which the next hop's seen-set or mailbox index answers as a duplicate.
+
+    Ordering: batches toward one hop may be taken in another order than they were
+    read (the next hop handles concurrent calls concurrently), and a retried row goes
+    out after younger ones anyway, so envelopes toward one next hop may arrive
+    reordered. The MLS client tolerates that: it holds messages of a future epoch
+    until it has the commit, and decrypts out of order within an epoch.
+    """
+
+    backoff: float
+    inflight: set[int] = field(default_factory=set)
+    outstanding: int = 0
+    """Batches sent and not yet settled."""
+    peak: int = 0
+    """Most batches that were in flight at once (tests, diagnostics)."""
+    failed: bool = False
+    """A batch was not taken since the drainer last backed off."""
+    done_ids: list[int] = field(default_factory=list)
+    """Rows whose custody ended, waiting for the delete in progress to commit."""
+    done_flushed: trio.Event = field(default_factory=trio.Event)
+    flushing: bool = False
+
+
 class Custody:
     """The custody queue of one node: intake, drainers per next hop, expiry sweep."""
 
@@ -140,6 +173,7 @@ class Custody:
         self._on_local = on_local
         self._wake: dict[bytes, trio.Event] = {}  # per next hop: its drainer's wakeup
         self._drainers: set[bytes] = set()
+        self._drain_state: dict[bytes, _HopDrain] = {}
         self.queued: Counter[bytes] = Counter()
         self._refusals: deque[RelayRefusal] = deque(maxlen=1024)
         self.expired = 0
@@ -162,6 +196,12 @@ class Custody:
 
     def queued_toward(self, hop: bytes) -> int:
         return max(0, self.queued[hop])
+
+    def batches_in_flight(self, hop: bytes) -> int:
+        """Relay batches sent toward ``hop`` and not yet settled (at most
+        ``limits.relay_window``)."""
+        st = self._drain_state.get(hop)
+        return 0 if st is None else st.outstanding
 
     # ------------------------------------------------------------------ intake
     async def submit(
@@ -356,39 +396,75 @@ class Custody:
         self._nursery.start_soon(self._drain, hop)
 
     async def _drain(self, hop: bytes) -> None:
-        backoff = self.timers.retry_initial
+        """Send what is due toward ``hop`` while its link is up, with up to
+        ``limits.relay_window`` batches in flight (see :class:`_HopDrain`)."""
+        st = self._drain_state[hop] = _HopDrain(backoff=self.timers.retry_initial)
         try:
-            while True:
-                wake = self._wake[hop] = trio.Event()  # before reading: no lost wakeup
-                link = self._links.get(hop)
-                if link is None:
-                    await wake.wait()
-                    continue
-                now = self._wall_ms()
-                batch = await self._store.run(
-                    functools.partial(
-                        relay_due, next_hop=hop, now_ms=now, limit=self.limits.relay_batch
-                    )
-                )
-                if not batch:
-                    nxt = await self._store.run(
-                        functools.partial(relay_next_attempt, next_hop=hop, now_ms=now)
-                    )
-                    wait = math.inf if nxt is None else max(0.0, (nxt - now) / 1000)
-                    with trio.move_on_after(wait):
+            async with trio.open_nursery() as sends:
+                while True:
+                    wake = self._wake[hop] = trio.Event()  # before reading: no lost wakeup
+                    link = self._links.get(hop)
+                    if link is None:
                         await wake.wait()
-                    continue
-                if await self._send_batch(link, batch):
-                    backoff = self.timers.retry_initial
-                else:
-                    self.send_failures += 1
-                    with trio.move_on_after(backoff * (0.5 + random.random() / 2)):
-                        await link.down.wait()
-                    backoff = min(backoff * 2, self.timers.retry_max)
+                        continue
+                    if st.failed:
+                        # A batch was not taken (error, link lost): wait before sending
+                        # more; batches still in flight settle meanwhile.
+                        st.failed = False
+                        with trio.move_on_after(st.backoff * (0.5 + random.random() / 2)):
+                            await link.down.wait()
+                        st.backoff = min(st.backoff * 2, self.timers.retry_max)
+                        continue
+                    if st.outstanding >= max(1, self.limits.relay_window):
+                        await wake.wait()  # a settling batch wakes us
+                        continue
+                    now = self._wall_ms()
+                    batch = await self._store.run(
+                        functools.partial(
+                            relay_due,
+                            next_hop=hop,
+                            now_ms=now,
+                            limit=self.limits.relay_batch,
+                            skip=frozenset(st.inflight),
+                        )
+                    )
+                    if not batch:
+                        if st.outstanding:
+                            await wake.wait()
+                            continue
+                        nxt = await self._store.run(
+                            functools.partial(relay_next_attempt, next_hop=hop, now_ms=now)
+                        )
+                        wait = math.inf if nxt is None else max(0.0, (nxt - now) / 1000)
+                        with trio.move_on_after(wait):
+                            await wake.wait()
+                        continue
+                    st.inflight.update(q.id for q in batch)
+                    st.outstanding += 1
+                    st.peak = max(st.peak, st.outstanding)
+                    sends.start_soon(self._send_tracked, hop, st, link, batch)
         finally:
             self._drainers.discard(hop)
+            self._drain_state.pop(hop, None)
 
-    async def _send_batch(self, link: Link, batch: list[QueuedRelay]) -> bool:
+    async def _send_tracked(
+        self, hop: bytes, st: _HopDrain, link: Link, batch: list[QueuedRelay]
+    ) -> None:
+        """One batch in flight: its rows stay in ``st.inflight`` until their fate is
+        committed (deleted, or rescheduled), or until the batch failed and the rows
+        are left for a later read; then the drainer is woken for the next batch."""
+        try:
+            if await self._send_batch(link, batch, st):
+                st.backoff = self.timers.retry_initial
+            else:
+                self.send_failures += 1
+                st.failed = True
+        finally:
+            st.inflight.difference_update(q.id for q in batch)
+            st.outstanding -= 1
+            self.kick(hop)
+
+    async def _send_batch(self, link: Link, batch: list[QueuedRelay], st: _HopDrain) -> bool:
         req = federation_pb2.RelayEnqueueRequest(
             envelopes=[
                 envelope_pb2.Envelope(
@@ -453,11 +529,34 @@ class Custody:
                 extra={"node": link.node_id.hex(), "refused": dict(refused), "detail": details},
             )
         if done:
-            n = await self._store.run(lambda s: relay_done(s, done))
-            self.queued[link.node_id] -= n
+            await self._end_custody(link.node_id, st, done)
         if later:
             await self._store.run(lambda s: relay_retry_later(s, later))
         return True
+
+    async def _end_custody(self, hop: bytes, st: _HopDrain, ids: list[int]) -> None:
+        """Delete ``ids`` (the next hop took them, or refused them for good); returns
+        once that is committed. Batches settling while a delete commits share the
+        next one: one transaction for all of them instead of one each."""
+        st.done_ids.extend(ids)
+        flushed = st.done_flushed
+        if st.flushing:
+            await flushed.wait()
+            return
+        st.flushing = True
+        try:
+            while st.done_ids:
+                take, st.done_ids = st.done_ids, []
+                flushed, st.done_flushed = st.done_flushed, trio.Event()
+                try:
+                    n = await self._store.run(functools.partial(relay_done, ids=take))
+                    self.queued[hop] -= n
+                finally:
+                    # Also on an error: the waiters' rows are then still queued and go
+                    # out again (the next hop answers DUPLICATE); nobody waits forever.
+                    flushed.set()
+        finally:
+            st.flushing = False
 
     async def _sweep(self) -> None:
         while True:
