@@ -10,6 +10,13 @@ and errors. Every hop is idempotent on msg_id (the mailbox's unique index and
 the relay seen-set), so retries after a lost answer never store twice. A sweep
 drops what expired in custody (counted).
 
+Throughput. A drainer keeps up to ``FederationLimits.relay_window`` batches in
+flight toward its hop (:class:`_HopDrain`; envelopes toward one hop may arrive
+reordered), and custody's store calls of one kind that arrive while the store is
+busy share one commit (:class:`_Grouped`): stop-and-wait batches and one fsync per
+small call made a relay hop carry far less than one node takes in
+(bench/README.md, the mesh).
+
 Fairness. Each relayed envelope carries its declared origin (the sending user's
 fingerprint, proven to the node where it entered the federation) hop by hop, in
 the custody queue and on the wire. The recipient's home node stores it as from
@@ -249,8 +256,6 @@ class _HopDrain:
     inflight: set[int] = field(default_factory=set)
     outstanding: int = 0
     """Batches sent and not yet settled."""
-    peak: int = 0
-    """Most batches that were in flight at once (tests, diagnostics)."""
     failed: bool = False
     """A batch was not taken since the drainer last backed off."""
 
@@ -558,7 +563,6 @@ class Custody:
                         continue
                     st.inflight.update(q.id for q in batch)
                     st.outstanding += 1
-                    st.peak = max(st.peak, st.outstanding)
                     sends.start_soon(self._send_tracked, hop, st, link, batch)
         finally:
             self._drainers.discard(hop)
