@@ -10,12 +10,12 @@ import pytest
 
 from qpc_node.store import Envelope, Store
 from qpc_node.store.federation import (
+    AcceptCall,
     PinRecord,
     RelayItem,
     RelayQueueLimits,
     TrustChange,
     load_trust,
-    AcceptCall,
     relay_accept,
     relay_accept_many,
     relay_done,
