@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import sqlite3
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,7 +136,7 @@ class _Grouped(Generic[A, R]):
     job at a time. Nothing waits to fill a group: a lone call runs at once, and what
     arrives meanwhile goes together next. Each caller gets its own result, and is
     answered only after the commit, as before. A store error fails every call of
-    its group (nothing of it was committed).
+    its group (nothing of it was committed), raised in each caller as before.
     """
 
     def __init__(
@@ -182,7 +181,7 @@ class _Grouped(Generic[A, R]):
                     self.calls += len(take)
                     try:
                         got = await self._store.run(self._job([a for a, _ in take]))
-                    except (QpcError, sqlite3.Error) as exc:  # to each caller, as before
+                    except Exception as exc:  # to each caller, as a store.run of its own would
                         for _, slot in take:
                             slot.finish(None, exc)
                     else:
