@@ -10,6 +10,13 @@ and errors. Every hop is idempotent on msg_id (the mailbox's unique index and
 the relay seen-set), so retries after a lost answer never store twice. A sweep
 drops what expired in custody (counted).
 
+Throughput. A drainer keeps up to ``FederationLimits.relay_window`` batches in
+flight toward its hop (:class:`_HopDrain`; envelopes toward one hop may arrive
+reordered), and custody's store calls of one kind that arrive while the store is
+busy share one commit (:class:`_Grouped`): stop-and-wait batches and one fsync per
+small call made a relay hop carry far less than one node takes in
+(bench/README.md, the mesh).
+
 Fairness. Each relayed envelope carries its declared origin (the sending user's
 fingerprint, proven to the node where it entered the federation) hop by hop, in
 the custody queue and on the wire. The recipient's home node stores it as from
@@ -29,15 +36,15 @@ import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
 
 import trio
 
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError
 from qpc_node.federation.limits import FederationLimits
 from qpc_node.federation.links import Link, Links, LinkTimers
-from qpc_node.federation.routes import Local, NextHop, Resolver
+from qpc_node.federation.routes import Local, NextHop, Resolver, Route
 from qpc_node.federation.stats import CounterTable
 from qpc_node.ops.clock import WallClock
 from qpc_node.ops.log import get_logger
@@ -45,13 +52,16 @@ from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.errors import QuotaExceeded
 from qpc_node.store.fairness import Reason, SenderKey
 from qpc_node.store.federation import (
+    AcceptCall,
+    AcceptOutcome,
     Handover,
     QueuedRelay,
     RelayItem,
+    RelayQueueLimits,
     mailbox_has_mail,
     mailboxes_with_mail,
-    relay_accept,
-    relay_done,
+    relay_accept_many,
+    relay_done_many,
     relay_due,
     relay_expire,
     relay_handover,
@@ -60,11 +70,14 @@ from qpc_node.store.federation import (
     relay_retry_later,
 )
 from qpc_node.store.records import FINGERPRINT_LEN, Envelope
-from qpc_node.store.store import EnqueueBatch
+from qpc_node.store.store import EnqueueBatch, EnqueueOutcome, Store
 from qpc_node.wire.envelope import Envelope as WireEnvelope
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
 log = get_logger("qpc.federation")
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 M_RELAY = "qpc.v1.Federation/RelayEnqueue"
 
@@ -113,6 +126,139 @@ class RelayRefusal:
         return status_name(self.status)
 
 
+class _Grouped(Generic[A, R]):
+    """Store calls of one kind that arrive while the store runs an earlier group of
+    them share the next job: one transaction, one commit (one fsync) for all.
+
+    Why: relay traffic is many small commits from concurrent callers (clients'
+    relayed sends, neighbours' batches -- several in flight per neighbour -- and the
+    drainers' deletes); each commit waits for an fsync, and the store worker runs one
+    job at a time. Nothing waits to fill a group: a lone call runs at once, and what
+    arrives meanwhile goes together next. Each caller gets its own result, and is
+    answered only after the commit, as before. A store error fails every call of
+    its group (nothing of it was committed), raised in each caller as before.
+    """
+
+    def __init__(
+        self, store: AsyncStore, run_many: Callable[[Store, list[A]], list[R]], name: str
+    ) -> None:
+        self._store = store
+        self._run_many = run_many
+        self.name = name
+        self._pending: list[tuple[A, _Slot[R]]] = []
+        self._wake = trio.Event()
+        self._serving = False
+        self.jobs = 0
+        self.calls = 0
+
+    async def call(self, arg: A) -> R:
+        if not self._serving:  # no server task (not started, or stopped): alone
+            self.jobs += 1
+            self.calls += 1
+            (got,) = await self._store.run(self._job([arg]))
+            return got
+        slot: _Slot[R] = _Slot()
+        self._pending.append((arg, slot))
+        self._wake.set()
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return cast(R, slot.value)
+
+    def _job(self, args: list[A]) -> Callable[[Store], list[R]]:
+        return lambda store: self._run_many(store, args)
+
+    async def serve(self) -> None:
+        self._serving = True
+        take: list[tuple[A, _Slot[R]]] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._pending:
+                    take, self._pending = self._pending, []
+                    self.jobs += 1
+                    self.calls += len(take)
+                    try:
+                        got = await self._store.run(self._job([a for a, _ in take]))
+                    except Exception as exc:  # to each caller, as a store.run of its own would
+                        for _, slot in take:
+                            slot.finish(None, exc)
+                    else:
+                        for (_, slot), value in zip(take, got, strict=True):
+                            slot.finish(value, None)
+                    take = []
+        finally:
+            self._serving = False
+            # Stopped (the node's nursery): callers still waiting are answered with an
+            # error; what the interrupted job committed, if anything, is idempotent.
+            gone = QpcError(f"custody stopped ({self.name})")
+            for _, slot in take + self._pending:
+                if not slot.done.is_set():
+                    slot.finish(None, gone)
+            self._pending = []
+
+
+class _Slot(Generic[R]):
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: R | None = None
+        self.error: Exception | None = None
+
+    def finish(self, value: R | None, error: Exception | None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+
+def _accept_many(
+    store: Store, args: list[tuple[AcceptCall, RelayQueueLimits]]
+) -> list[list[AcceptOutcome]]:
+    # One limits object per node: the newest call's (a reload may have changed it).
+    return relay_accept_many(store, [c for c, _ in args], args[-1][1])
+
+
+def _enqueue_many(store: Store, args: list[list[EnqueueBatch]]) -> list[list[EnqueueOutcome]]:
+    got = store.enqueue_many([b for batches in args for b in batches])
+    out, start = [], 0
+    for batches in args:
+        out.append(got[start : start + len(batches)])
+        start += len(batches)
+    return out
+
+
+def _done_many(store: Store, args: list[list[int]]) -> list[int]:
+    return relay_done_many(store, args)
+
+
+@dataclass(slots=True)
+class _HopDrain:
+    """The drainer of one next hop: batches in flight and their rows.
+
+    Up to ``FederationLimits.relay_window`` batches toward a hop are in flight at
+    once (the next hop commits each before answering; waiting for that commit batch
+    by batch made one hop carry only ``relay_batch`` envelopes per round trip). A row
+    is in at most one batch at a time: reads skip ``inflight``, and a row leaves it
+    only once its fate is committed here (deleted, or rescheduled) or its batch
+    failed, so nothing is sent twice at once. A lost answer still leads to a resend,
+    which the next hop's seen-set or mailbox index answers as a duplicate.
+
+    Ordering: batches toward one hop may be taken in another order than they were
+    read (the next hop handles concurrent calls concurrently), and a retried row goes
+    out after younger ones anyway, so envelopes toward one next hop may arrive
+    reordered. The MLS client tolerates that: it holds messages of a future epoch
+    until it has the commit, and decrypts out of order within an epoch.
+    """
+
+    backoff: float
+    inflight: set[int] = field(default_factory=set)
+    outstanding: int = 0
+    """Batches sent and not yet settled."""
+    failed: bool = False
+    """A batch was not taken since the drainer last backed off."""
+
+
 class Custody:
     """The custody queue of one node: intake, drainers per next hop, expiry sweep."""
 
@@ -140,6 +286,10 @@ class Custody:
         self._on_local = on_local
         self._wake: dict[bytes, trio.Event] = {}  # per next hop: its drainer's wakeup
         self._drainers: set[bytes] = set()
+        self._drain_state: dict[bytes, _HopDrain] = {}
+        self._accepts = _Grouped(store, _accept_many, "relay accept")
+        self._locals = _Grouped(store, _enqueue_many, "local delivery")
+        self._deletes = _Grouped(store, _done_many, "custody ended")
         self.queued: Counter[bytes] = Counter()
         self._refusals: deque[RelayRefusal] = deque(maxlen=1024)
         self.expired = 0
@@ -153,6 +303,8 @@ class Custody:
         held = await self._store.run(relay_hops)
         self.queued = Counter(held)
         self._nursery = nursery
+        for group in (self._accepts, self._locals, self._deletes):
+            nursery.start_soon(group.serve)
         for hop in held:
             self._ensure_drainer(hop)
         nursery.start_soon(self._sweep)
@@ -162,6 +314,12 @@ class Custody:
 
     def queued_toward(self, hop: bytes) -> int:
         return max(0, self.queued[hop])
+
+    def batches_in_flight(self, hop: bytes) -> int:
+        """Relay batches sent toward ``hop`` and not yet settled (at most
+        ``limits.relay_window``)."""
+        st = self._drain_state.get(hop)
+        return 0 if st is None else st.outstanding
 
     # ------------------------------------------------------------------ intake
     async def submit(
@@ -222,6 +380,7 @@ class Custody:
         results: list[federation_pb2.RelayResult | None] = [None] * len(envelopes)
         local: list[tuple[int, Envelope, SenderKey]] = []
         relay: list[tuple[int, RelayItem]] = []
+        routes: dict[bytes, Route] = {}
 
         def refuse(i: int, status: int, detail: str) -> None:
             results[i] = federation_pb2.RelayResult(
@@ -243,7 +402,9 @@ class Custody:
             if env.expired(now):
                 refuse(i, federation_pb2.RELAY_EXPIRED, "expired")
                 continue
-            route = self._resolve(env.recipient)
+            route = routes.get(env.recipient)
+            if route is None:  # once per recipient and call: a batch often has a few
+                route = routes[env.recipient] = self._resolve(env.recipient)
             if isinstance(route, Local) or (
                 isinstance(route, NextHop) and route.node_id == self.node_id
             ):
@@ -262,8 +423,9 @@ class Custody:
                 refuse(i, federation_pb2.RELAY_NO_ROUTE, "no route to the recipient yet")
         if local:
             # Each envelope its own savepoint, with its own sender, in one commit.
-            batches = [EnqueueBatch((rec,), now, sender) for _, rec, sender in local]
-            stored = await self._store.run(lambda s: s.enqueue_many(batches))
+            stored = await self._locals.call(
+                [EnqueueBatch((rec,), now, sender) for _, rec, sender in local]
+            )
             for (i, rec, _), got in zip(local, stored, strict=True):
                 if isinstance(got, QuotaExceeded):
                     status = (
@@ -288,8 +450,7 @@ class Custody:
                     self._on_local(rec.recipient)
         if relay:
             items = [it for _, it in relay]
-            qlim = self.limits.queue
-            outs = await self._store.run(lambda s: relay_accept(s, items, now, qlim, proven=proven))
+            outs = await self._accepts.call((AcceptCall(items, now, proven), self.limits.queue))
             for (i, item), out in zip(relay, outs, strict=True):
                 if out == "queued":
                     refuse(i, federation_pb2.RELAY_QUEUED, "")
@@ -356,37 +517,72 @@ class Custody:
         self._nursery.start_soon(self._drain, hop)
 
     async def _drain(self, hop: bytes) -> None:
-        backoff = self.timers.retry_initial
+        """Send what is due toward ``hop`` while its link is up, with up to
+        ``limits.relay_window`` batches in flight (see :class:`_HopDrain`)."""
+        st = self._drain_state[hop] = _HopDrain(backoff=self.timers.retry_initial)
         try:
-            while True:
-                wake = self._wake[hop] = trio.Event()  # before reading: no lost wakeup
-                link = self._links.get(hop)
-                if link is None:
-                    await wake.wait()
-                    continue
-                now = self._wall_ms()
-                batch = await self._store.run(
-                    functools.partial(
-                        relay_due, next_hop=hop, now_ms=now, limit=self.limits.relay_batch
-                    )
-                )
-                if not batch:
-                    nxt = await self._store.run(
-                        functools.partial(relay_next_attempt, next_hop=hop, now_ms=now)
-                    )
-                    wait = math.inf if nxt is None else max(0.0, (nxt - now) / 1000)
-                    with trio.move_on_after(wait):
+            async with trio.open_nursery() as sends:
+                while True:
+                    wake = self._wake[hop] = trio.Event()  # before reading: no lost wakeup
+                    link = self._links.get(hop)
+                    if link is None:
                         await wake.wait()
-                    continue
-                if await self._send_batch(link, batch):
-                    backoff = self.timers.retry_initial
-                else:
-                    self.send_failures += 1
-                    with trio.move_on_after(backoff * (0.5 + random.random() / 2)):
-                        await link.down.wait()
-                    backoff = min(backoff * 2, self.timers.retry_max)
+                        continue
+                    if st.failed:
+                        # A batch was not taken (error, link lost): wait before sending
+                        # more; batches still in flight settle meanwhile.
+                        st.failed = False
+                        with trio.move_on_after(st.backoff * (0.5 + random.random() / 2)):
+                            await link.down.wait()
+                        st.backoff = min(st.backoff * 2, self.timers.retry_max)
+                        continue
+                    if st.outstanding >= max(1, self.limits.relay_window):
+                        await wake.wait()  # a settling batch wakes us
+                        continue
+                    now = self._wall_ms()
+                    batch = await self._store.run(
+                        functools.partial(
+                            relay_due,
+                            next_hop=hop,
+                            now_ms=now,
+                            limit=self.limits.relay_batch,
+                            skip=frozenset(st.inflight),
+                        )
+                    )
+                    if not batch:
+                        if st.outstanding:
+                            await wake.wait()
+                            continue
+                        nxt = await self._store.run(
+                            functools.partial(relay_next_attempt, next_hop=hop, now_ms=now)
+                        )
+                        wait = math.inf if nxt is None else max(0.0, (nxt - now) / 1000)
+                        with trio.move_on_after(wait):
+                            await wake.wait()
+                        continue
+                    st.inflight.update(q.id for q in batch)
+                    st.outstanding += 1
+                    sends.start_soon(self._send_tracked, hop, st, link, batch)
         finally:
             self._drainers.discard(hop)
+            self._drain_state.pop(hop, None)
+
+    async def _send_tracked(
+        self, hop: bytes, st: _HopDrain, link: Link, batch: list[QueuedRelay]
+    ) -> None:
+        """One batch in flight: its rows stay in ``st.inflight`` until their fate is
+        committed (deleted, or rescheduled), or until the batch failed and the rows
+        are left for a later read; then the drainer is woken for the next batch."""
+        try:
+            if await self._send_batch(link, batch):
+                st.backoff = self.timers.retry_initial
+            else:
+                self.send_failures += 1
+                st.failed = True
+        finally:
+            st.inflight.difference_update(q.id for q in batch)
+            st.outstanding -= 1
+            self.kick(hop)
 
     async def _send_batch(self, link: Link, batch: list[QueuedRelay]) -> bool:
         req = federation_pb2.RelayEnqueueRequest(
@@ -453,11 +649,16 @@ class Custody:
                 extra={"node": link.node_id.hex(), "refused": dict(refused), "detail": details},
             )
         if done:
-            n = await self._store.run(lambda s: relay_done(s, done))
-            self.queued[link.node_id] -= n
+            await self._end_custody(link.node_id, done)
         if later:
             await self._store.run(lambda s: relay_retry_later(s, later))
         return True
+
+    async def _end_custody(self, hop: bytes, ids: list[int]) -> None:
+        """Delete ``ids`` (the next hop took them, or refused them for good); returns
+        once that is committed (with the deletes of other batches settling meanwhile)."""
+        n = await self._deletes.call(ids)  # awaited first: others settle meanwhile
+        self.queued[hop] -= n
 
     async def _sweep(self) -> None:
         while True:

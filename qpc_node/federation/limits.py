@@ -18,4 +18,6 @@ class FederationLimits:
     max_concurrent_calls: int = 32
     queue: RelayQueueLimits = field(default_factory=RelayQueueLimits)
     relay_batch: int = 64
+    relay_window: int = 3
+    """Relay batches in flight toward one next hop at once (custody.py, ``_HopDrain``)."""
     max_frame_size: int = 6 * 1024 * 1024

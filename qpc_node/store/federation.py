@@ -9,7 +9,8 @@ relay may acknowledge custody to the previous hop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -149,80 +150,126 @@ def relay_accept(
     recipients it sent to -- in the same transaction -- or a user's remote contacts
     would stay strangers to its mailbox.
     """
-    out: list[AcceptOutcome] = []
     with transaction(store.conn) as conn:
-        hop_depth: dict[bytes, int] = {}
-        src_depth: dict[bytes, int] = {}
-        origin_depth: dict[tuple[bytes, bytes], int] = {}
-        for item in items:
-            env = item.envelope
-            seen = conn.execute(
-                "SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)
-            ).fetchone()
-            if seen is not None:
-                out.append("duplicate")
-                continue
-            if item.next_hop not in hop_depth:
-                hop_depth[item.next_hop] = conn.execute(
-                    "SELECT count(*) FROM relay_queue WHERE next_hop = ?", (item.next_hop,)
+        return _accept(conn, items, now_ms, limits, proven=proven)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptCall:
+    """One :func:`relay_accept` call's arguments, for :func:`relay_accept_many`."""
+
+    items: Sequence[RelayItem]
+    now_ms: int
+    proven: bool = False
+
+
+def relay_accept_many(
+    store: Store, calls: Sequence[AcceptCall], limits: RelayQueueLimits
+) -> list[list[AcceptOutcome]]:
+    """Several :func:`relay_accept` calls in one transaction (one commit, one fsync),
+    in order: each sees what the earlier ones queued (the same caps and seen-set as
+    one call after another). A database error rolls all of them back and propagates:
+    none was taken.
+    """
+    with transaction(store.conn) as conn:
+        return [_accept(conn, c.items, c.now_ms, limits, proven=c.proven) for c in calls]
+
+
+def _accept(
+    conn: sqlite3.Connection,
+    items: Sequence[RelayItem],
+    now_ms: int,
+    limits: RelayQueueLimits,
+    *,
+    proven: bool,
+) -> list[AcceptOutcome]:
+    out: list[AcceptOutcome] = []
+    hop_depth: dict[bytes, int] = {}
+    src_depth: dict[bytes, int] = {}
+    origin_depth: dict[tuple[bytes, bytes], int] = {}
+    noted: set[tuple[bytes, bytes]] = set()
+    for item in items:
+        env = item.envelope
+        seen = conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone()
+        if seen is not None:
+            out.append("duplicate")
+            continue
+        if item.next_hop not in hop_depth:
+            hop_depth[item.next_hop] = conn.execute(
+                "SELECT count(*) FROM relay_queue WHERE next_hop = ?", (item.next_hop,)
+            ).fetchone()[0]
+        if item.from_node not in src_depth:
+            src_depth[item.from_node] = conn.execute(
+                "SELECT count(*) FROM relay_queue WHERE from_node = ?", (item.from_node,)
+            ).fetchone()[0]
+        if hop_depth[item.next_hop] >= limits.max_per_hop:
+            out.append("hop_full")
+            continue
+        if src_depth[item.from_node] >= limits.max_per_source:
+            out.append("source_full")
+            continue
+        key = (item.from_node, item.origin) if item.origin is not None else None
+        if key is not None:
+            if key not in origin_depth:
+                origin_depth[key] = conn.execute(
+                    "SELECT count(*) FROM relay_queue WHERE from_node = ? AND origin = ?",
+                    key,
                 ).fetchone()[0]
-            if item.from_node not in src_depth:
-                src_depth[item.from_node] = conn.execute(
-                    "SELECT count(*) FROM relay_queue WHERE from_node = ?", (item.from_node,)
-                ).fetchone()[0]
-            if hop_depth[item.next_hop] >= limits.max_per_hop:
-                out.append("hop_full")
+            if origin_depth[key] >= limits.max_per_origin:
+                out.append("origin_full")
                 continue
-            if src_depth[item.from_node] >= limits.max_per_source:
-                out.append("source_full")
-                continue
-            key = (item.from_node, item.origin) if item.origin is not None else None
-            if key is not None:
-                if key not in origin_depth:
-                    origin_depth[key] = conn.execute(
-                        "SELECT count(*) FROM relay_queue WHERE from_node = ? AND origin = ?",
-                        key,
-                    ).fetchone()[0]
-                if origin_depth[key] >= limits.max_per_origin:
-                    out.append("origin_full")
-                    continue
-                origin_depth[key] += 1
-            conn.execute(
-                "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
-                " expiry_ms, hop_limit, ciphertext, enqueued_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    item.next_hop,
-                    item.from_node,
-                    item.origin,
-                    env.msg_id,
-                    env.recipient,
-                    env.expiry_ms,
-                    env.hop_limit,
-                    env.ciphertext,
-                    now_ms,
-                ),
-            )
-            conn.execute(
-                "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)",
-                (env.msg_id, env.expiry_ms),
-            )
-            hop_depth[item.next_hop] += 1
-            src_depth[item.from_node] += 1
-            out.append("queued")
-            if proven and item.origin is not None:
-                note_sent(conn, item.origin, (env.recipient,), now_ms)
+            origin_depth[key] += 1
+        conn.execute(
+            "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
+            " expiry_ms, hop_limit, ciphertext, enqueued_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                item.next_hop,
+                item.from_node,
+                item.origin,
+                env.msg_id,
+                env.recipient,
+                env.expiry_ms,
+                env.hop_limit,
+                env.ciphertext,
+                now_ms,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)",
+            (env.msg_id, env.expiry_ms),
+        )
+        hop_depth[item.next_hop] += 1
+        src_depth[item.from_node] += 1
+        out.append("queued")
+        if proven and item.origin is not None and (item.origin, env.recipient) not in noted:
+            noted.add((item.origin, env.recipient))  # once per pair: same now, same row
+            note_sent(conn, item.origin, (env.recipient,), now_ms)
     return out
 
 
-def relay_due(store: Store, next_hop: bytes, now_ms: int, limit: int) -> list[QueuedRelay]:
-    """The oldest envelopes toward ``next_hop`` whose retry time has come."""
+def relay_due(
+    store: Store,
+    next_hop: bytes,
+    now_ms: int,
+    limit: int,
+    *,
+    skip: Collection[int] = (),
+) -> list[QueuedRelay]:
+    """The oldest envelopes toward ``next_hop`` whose retry time has come.
+
+    ``skip``: row ids to leave out (batches still in flight toward the hop: each row
+    is in one batch at a time). They are read and dropped here rather than listed in
+    the SQL (a few hundred ids at most; no bound-parameter limit to mind).
+    """
     rows = store.conn.execute(
         "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts, origin,"
         " handover FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
         " ORDER BY id LIMIT ?",
-        (next_hop, now_ms, now_ms, limit),
+        (next_hop, now_ms, now_ms, limit + len(skip)),
     ).fetchall()
+    if skip:
+        rows = [r for r in rows if r[0] not in skip][:limit]
     return [
         QueuedRelay(
             r[0],
@@ -353,10 +400,19 @@ def relay_done(store: Store, ids: Sequence[int]) -> int:
     if not ids:
         return 0
     with transaction(store.conn) as conn:
-        n = 0
-        for i in ids:
-            n += conn.execute("DELETE FROM relay_queue WHERE id = ?", (i,)).rowcount
-    return n
+        cur = conn.executemany("DELETE FROM relay_queue WHERE id = ?", [(i,) for i in ids])
+        return cur.rowcount  # executemany: the rows deleted by all statements together
+
+
+def relay_done_many(store: Store, groups: Sequence[Sequence[int]]) -> list[int]:
+    """:func:`relay_done` for several callers in one transaction: rows deleted per group."""
+    with transaction(store.conn) as conn:
+        return [
+            conn.executemany("DELETE FROM relay_queue WHERE id = ?", [(i,) for i in ids]).rowcount
+            if ids
+            else 0
+            for ids in groups
+        ]
 
 
 def relay_retry_later(store: Store, retries: Sequence[tuple[int, int]]) -> None:

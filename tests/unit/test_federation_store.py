@@ -10,13 +10,16 @@ import pytest
 
 from qpc_node.store import Envelope, Store
 from qpc_node.store.federation import (
+    AcceptCall,
     PinRecord,
     RelayItem,
     RelayQueueLimits,
     TrustChange,
     load_trust,
     relay_accept,
+    relay_accept_many,
     relay_done,
+    relay_done_many,
     relay_due,
     relay_expire,
     relay_hops,
@@ -74,6 +77,40 @@ def test_caps_per_source_and_per_hop(store: Store) -> None:
     # Refused ones were not marked seen: they may come again once there is room.
     relay_done(store, [q.id for q in relay_due(store, HOP1, NOW, 1)])
     assert relay_accept(store, [item(3, src=SRC2)], NOW, LIMITS) == ["queued"]
+
+
+def test_due_skips_rows_in_flight_and_still_fills_the_batch(store: Store) -> None:
+    """The drainer reads the next batch while earlier ones are in flight: the rows
+    in flight are left out and the batch is still full from what lies behind them."""
+    relay_accept(store, [item(i) for i in range(3)], NOW, LIMITS)
+    relay_accept(store, [item(10 + i, src=SRC2) for i in range(2)], NOW, LIMITS)
+    first = relay_due(store, HOP1, NOW, 2)
+    assert [q.envelope.msg_id[-1] for q in first] == [0, 1]
+    second = relay_due(store, HOP1, NOW, 2, skip={q.id for q in first})
+    assert [q.envelope.msg_id[-1] for q in second] == [2, 10]
+    skip = {q.id for q in first + second}
+    assert [q.envelope.msg_id[-1] for q in relay_due(store, HOP1, NOW, 2, skip=skip)] == [11]
+    # relay_done counts what it deleted, once: a row already gone is not counted again.
+    assert relay_done(store, [q.id for q in first] * 2) == 2
+
+
+def test_accept_many_is_the_calls_one_after_another_in_one_commit(store: Store) -> None:
+    """Grouped calls (custody.py) keep the caps and the seen-set exact: each call sees
+    what the earlier ones of its group queued."""
+    calls = [
+        AcceptCall([item(1), item(2)], NOW),
+        AcceptCall([item(2), item(3), item(4)], NOW),  # 2 again: a duplicate across calls
+        AcceptCall([item(5, src=SRC2), item(6, src=SRC2), item(7, src=SRC2)], NOW),
+    ]
+    got = relay_accept_many(store, calls, LIMITS)
+    assert got == [
+        ["queued", "queued"],
+        ["duplicate", "queued", "source_full"],  # SRC1 holds 3 (its cap) after item 3
+        ["queued", "queued", "hop_full"],  # the hop holds 5 (its cap)
+    ]
+    ids = [q.id for q in relay_due(store, HOP1, NOW, 10)]
+    assert relay_done_many(store, [ids[:2], [], ids[2:], ids[:1]]) == [2, 0, 3, 0]
+    assert relay_hops(store) == {}
 
 
 def test_retry_later_and_next_attempt(store: Store) -> None:
