@@ -280,7 +280,7 @@ class MeshService:
         if isinstance(r, rt.Local):
             return fed_routes.Local()
         if isinstance(r, rt.NextHop):
-            return fed_routes.NextHop(r.node)
+            return fed_routes.NextHop(r.node, r.hops)
         if r.reason == "unknown user" and self._is_local(recipient):
             return fed_routes.Local()
         return fed_routes.NoRoute()
