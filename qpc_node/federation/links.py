@@ -179,7 +179,8 @@ class Links:
         self._admitting: dict[Connection, trio.Event] = {}
         self._link_waiters: dict[bytes, trio.Event] = {}
         self._boots: dict[bytes, bytes] = {}
-        """Boot id stated on each neighbour's live link (kept after it goes down)."""
+        """Boot id of the incarnation routing is in step with, per live neighbour
+        (dropped when its last link goes down: the next link is news anyway)."""
         self.events_dropped = 0
         self.ups = 0
         """Links that came up (a replaced duplicate is not a new one)."""
