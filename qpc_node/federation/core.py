@@ -44,6 +44,7 @@ from qpc_node.federation.links import (
     CLOSE_DEAD,
     CLOSE_DUPLICATE,
     CLOSE_REFUSED,
+    LINK_KEY,
     M_PING,
     NODE_KEY,
     Link,
@@ -437,8 +438,14 @@ class Federation:
         self, req: federation_pb2.PingRequest, ctx: CallContext
     ) -> federation_pb2.PingResponse:
         src = self._caller(ctx, req.ByteSize())
+        link = ctx.session.data.get(LINK_KEY)
+        if isinstance(link, Link) and req.boot_id:
+            self._links.note_boot(link, req.boot_id)
         return federation_pb2.PingResponse(
-            nonce=req.nonce, node_id=self.node_id, relay_queue=self.custody.queued_toward(src)
+            nonce=req.nonce,
+            node_id=self.node_id,
+            relay_queue=self.custody.queued_toward(src),
+            boot_id=self._links.boot_id,
         )
 
     # ------------------------------------------------------------------ statistics

@@ -414,6 +414,16 @@ class Custody:
                     refuse(i, federation_pb2.RELAY_LOOP, "the next hop is the sender")
                 elif env.hop_limit == 0:
                     refuse(i, federation_pb2.RELAY_HOP_LIMIT_EXCEEDED, "hop_limit 0")
+                elif proven and route.hops > env.hop_limit:
+                    # An envelope that starts here and cannot reach the home on the
+                    # path known now: refused here, where the sender gets the answer,
+                    # instead of after custody at the hop where it runs out (whose
+                    # refusal only reaches this node's refusal log).
+                    refuse(
+                        i,
+                        federation_pb2.RELAY_HOP_LIMIT_EXCEEDED,
+                        f"hop_limit {env.hop_limit} < {route.hops} hops to the recipient's home",
+                    )
                 else:
                     fwd = Envelope(
                         rec.msg_id, rec.recipient, rec.expiry_ms, rec.hop_limit - 1, rec.ciphertext

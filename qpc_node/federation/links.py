@@ -5,8 +5,19 @@ policy (pins saved in the store), keeps one per neighbour and watches it:
 
 - **Preferred link.** When both ends dial at once the connection dialled by the
   *lower* node id wins on both sides (a rule both apply without talking), the
-  other is closed. A new connection well after the first came up means the peer
-  lost the old one (it restarted): the new one wins at once.
+  other is closed. A new connection from a *restarted* neighbour wins at once:
+  each process makes a random **boot id** when it starts and states it in every
+  ``Ping`` (request: the caller's, response: the answerer's). A second connection
+  to a known node is pinged before it is installed; a boot id other than the one
+  the live link stated is a new incarnation, however soon after the first link
+  it comes (timing cannot tell a restart from a simultaneous dial: a neighbour
+  killed a second after its link came up is back within the race window). Only
+  when a boot id is unknown (a peer built before boot ids, or the ping failed)
+  does the timing rule decide: a new connection ``race_window`` after the old one
+  means the peer lost the old one.
+- **Restart.** A replacement by a new incarnation (or after the race window) is
+  reported as an ``up`` event with ``replaced=True``: routing withdraws what it
+  learnt over the old connection and sends the new incarnation its full table.
 - **Liveness.** A monitor per link sends ``Ping`` every ``ping_interval`` (RTT)
   and declares the link down when no ping succeeded for ``dead_after`` -- or at
   once when QUIC closes the connection -- so a silent peer is down within
@@ -21,6 +32,7 @@ The RPCs themselves (server side) and custody live in :mod:`.core` and
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +60,10 @@ log = get_logger("qpc.federation")
 M_PING = "qpc.v1.Federation/Ping"
 NODE_KEY = "fed.node"
 """Session data key of an admitted connection: the neighbour's node id."""
+LINK_KEY = "fed.link"
+"""Session data key of an admitted connection: its :class:`Link` (boot ids land there)."""
+BOOT_ID_MIN, BOOT_ID_MAX = 8, 32
+"""Accepted length of a peer's boot id; anything else counts as not stated."""
 CLOSE_DUPLICATE = 0x101  # application close codes on qpc-fed/1
 CLOSE_REFUSED = 0x102
 CLOSE_DEAD = 0x103
@@ -94,6 +110,10 @@ class LinkEvent:
     address: str
     rtt: float | None
     reason: str = ""
+    replaced: bool = False
+    """An ``up`` whose connection replaced a live one to a new incarnation of the
+    neighbour (another boot id, or one past the race window): whatever was learnt
+    over the old connection is void."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +141,8 @@ class Link:
         self.up_since = trio.current_time()
         self.last_ok = self.up_since
         self.down = trio.Event()
+        self.boot: bytes | None = None
+        """The peer process's boot id, once a ping either way stated it."""
 
 
 class Links:
@@ -138,8 +160,13 @@ class Links:
         wall_ms: WallClock,
         on_up: Callable[[bytes], None],
         event_buffer: int = 1024,
+        boot_id: bytes | None = None,
     ) -> None:
         self.node_id = node_id
+        self.boot_id = boot_id if boot_id is not None else os.urandom(16)
+        """This process's boot id (random per start; tests may pass one)."""
+        if not BOOT_ID_MIN <= len(self.boot_id) <= BOOT_ID_MAX:
+            raise ConfigError(f"boot id must be {BOOT_ID_MIN}..{BOOT_ID_MAX} bytes")
         self.credentials = credentials
         self.policy = policy
         self._store = store
@@ -151,10 +178,15 @@ class Links:
         self._by_conn: dict[Connection, Link] = {}
         self._admitting: dict[Connection, trio.Event] = {}
         self._link_waiters: dict[bytes, trio.Event] = {}
+        self._boots: dict[bytes, bytes] = {}
+        """Boot id of the incarnation routing is in step with, per live neighbour
+        (dropped when its last link goes down: the next link is news anyway)."""
         self.events_dropped = 0
         self.ups = 0
         """Links that came up (a replaced duplicate is not a new one)."""
         self.downs = 0
+        self.restarts = 0
+        """Links replaced by a new incarnation of their neighbour (see LinkEvent.replaced)."""
         self._events_tx, self.events = trio.open_memory_channel[LinkEvent](event_buffer)
         self.endpoint: Endpoint | None = None
         self.nursery: trio.Nursery | None = None
@@ -176,7 +208,7 @@ class Links:
         gate = self._admitting[conn] = trio.Event()
         try:
             nid = await self._admit(conn, expected)
-            link = self._install(conn, nid, dialler=self.node_id)
+            link = await self._install(conn, nid, dialler=self.node_id)
         finally:
             del self._admitting[conn]
             gate.set()
@@ -269,7 +301,7 @@ class Links:
         gate = self._admitting[conn] = trio.Event()
         try:
             nid = await self._admit(conn, None)
-            return self._install(conn, nid, dialler=nid)
+            return await self._install(conn, nid, dialler=nid)
         except CertificateRejected:
             return None
         finally:
@@ -294,7 +326,7 @@ class Links:
             await self._store.run(lambda s: save_trust(s, changes, now))
         return admitted.node_id
 
-    def _install(self, conn: Connection, nid: bytes, *, dialler: bytes) -> Link:
+    async def _install(self, conn: Connection, nid: bytes, *, dialler: bytes) -> Link:
         if nid == self.node_id:
             conn.close_now(CLOSE_REFUSED, "connected to ourselves")
             raise CertificateRejected("the peer is this node")
@@ -307,18 +339,30 @@ class Links:
         state = self._rpc_server.open_connection(peer)
         state.session.data[NODE_KEY] = nid
         new = Link(nid, conn, dialler, state)
+        state.session.data[LINK_KEY] = new
         self._by_conn[conn] = new
+        if nid in self._links:
+            # A second connection to a live neighbour: which incarnation is it? (One
+            # round trip, inside the admission gate: the peer serves it on a
+            # connection it has installed already, dialler or not.)
+            await self._ping(new)
         old = self._links.get(nid)
         if old is not None and old.conn is not conn:
-            keep = self._preferred(old, new)
+            keep, restarted = self._preferred(old, new)
             lose = new if keep is old else old
-            lose.conn.close_now(CLOSE_DUPLICATE, "duplicate federation link")
+            lose.conn.close_now(
+                CLOSE_DUPLICATE, "peer restarted" if restarted else "duplicate federation link"
+            )
             if keep is old:
                 self._spawn(self._watch_loser, lose)
                 return old
             self._links[nid] = new
+            if not restarted and new.boot is not None:
+                self._boots[nid] = new.boot  # (equal to the old one's, or it was unknown)
             self._spawn(self._monitor, new)
             old.down.set()  # its maintainer re-checks; the node stays up through `new`
+            if restarted:
+                self._resync(new, "federation: neighbour restarted or reconnected, link replaced")
             return new
         self._links[nid] = new
         self._spawn(self._monitor, new)
@@ -331,21 +375,57 @@ class Links:
             waiter.set()
         return new
 
-    def _preferred(self, old: Link, new: Link) -> Link:
-        """Which of two connections to one neighbour to keep.
+    def _preferred(self, old: Link, new: Link) -> tuple[Link, bool]:
+        """Which of two connections to one neighbour to keep, and whether the kept
+        one is a new incarnation of it (routing must start over with it).
 
-        Within ``race_window`` of the old link coming up, this is two nodes
-        dialling each other at once: both keep the one dialled by the lower node
-        id (of two such, the newer), a rule each side applies alone. Later, a new
-        connection means the peer lost the old one (it restarted, maybe after a
-        kill -9 that sent no close): the new one wins at once instead of after
-        the old one is found dead."""
+        Both boot ids known: different means the peer restarted (the new one wins
+        at once, whatever the timing); equal means one process dialled twice or both
+        ends dialled at once. Then, and when a boot id is unknown, timing decides:
+        within ``race_window`` of the old link coming up it is a simultaneous dial:
+        both keep the one dialled by the lower node id (of two such, the newer), a
+        rule each side applies alone. Later, a new connection means the peer lost
+        the old one (it restarted, maybe after a kill -9 that sent no close, or its
+        old connection died unseen): the new one wins at once instead of after the
+        old one is found dead, and routing re-syncs over it."""
+        if old.boot is not None and new.boot is not None and old.boot != new.boot:
+            return new, True
         if trio.current_time() - old.up_since > self.timers.race_window:
-            return new
+            return new, True
         low = min(self.node_id, new.node_id)
         if (old.dialler == low) == (new.dialler == low):
-            return new
-        return old if old.dialler == low else new
+            return new, False
+        return (old if old.dialler == low else new), False
+
+    def note_boot(self, link: Link, boot: bytes) -> None:
+        """The peer stated its boot id on ``link`` (a ping either way).
+
+        A connection belongs to one process: the first id stated on a link is its id.
+        If the link is live and the id differs from what the node's earlier live link
+        stated, the connection was installed without knowing (a ping that failed):
+        the neighbour restarted all the same, so routing starts over with it.
+        """
+        if not BOOT_ID_MIN <= len(boot) <= BOOT_ID_MAX or link.boot is not None:
+            return
+        link.boot = boot
+        if self._links.get(link.node_id) is not link:
+            return
+        prev = self._boots.get(link.node_id)
+        self._boots[link.node_id] = boot
+        if prev is not None and prev != boot:
+            self._resync(link, "federation: neighbour restarted (boot id changed)")
+
+    def _resync(self, link: Link, message: str) -> None:
+        """``link`` is the live link to a new incarnation of its neighbour."""
+        nid = link.node_id
+        if link.boot is not None:
+            self._boots[nid] = link.boot
+        else:
+            self._boots.pop(nid, None)
+        self.restarts += 1
+        self._emit(LinkEvent("up", nid, link.address, link.rtt, replaced=True))
+        log.warning(message, extra={"node": nid.hex(), "addr": link.address})
+        self._on_up(nid)
 
     async def _watch_loser(self, link: Link) -> None:
         with contextlib.suppress(Exception):
@@ -374,6 +454,7 @@ class Links:
             self._by_conn.pop(link.conn, None)
             if self._links.get(link.node_id) is link:
                 del self._links[link.node_id]
+                self._boots.pop(link.node_id, None)  # the next link starts afresh
                 self.downs += 1
                 self._emit(LinkEvent("down", link.node_id, link.address, link.rtt, reason))
                 log.warning(
@@ -388,7 +469,7 @@ class Links:
         try:
             resp = await link.rpc.call(
                 M_PING,
-                federation_pb2.PingRequest(nonce=nonce),
+                federation_pb2.PingRequest(nonce=nonce, boot_id=self.boot_id),
                 federation_pb2.PingResponse,
                 timeout=self.timers.ping_timeout,
             )
@@ -396,6 +477,7 @@ class Links:
             return False
         if resp.nonce != nonce or resp.node_id != link.node_id:
             return False
+        self.note_boot(link, resp.boot_id)
         link.rtt = trio.current_time() - t0
         link.last_ok = trio.current_time()
         return True

@@ -26,6 +26,10 @@ class NextHop:
     """Hand the envelope to this neighbour (a node id with a federation link)."""
 
     node_id: bytes
+    hops: int = 0
+    """Hops from here to the recipient's home node (1: the neighbour is it); 0 when
+    the resolver does not know (static routes): the entry node's hop_limit check
+    only applies to a known distance."""
 
 
 @dataclass(frozen=True, slots=True)

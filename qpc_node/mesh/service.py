@@ -200,7 +200,6 @@ class MeshService:
         self.peers = pt.PeerTable(settings.peers or pt.PeerPolicy(), random.random)
         self.federation: Federation | None = None
         self._linked: set[bytes] = set()
-        self._up_since: dict[bytes, float] = {}
         self._wake = trio.Event()
         self._send_locks: dict[bytes, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
@@ -280,7 +279,7 @@ class MeshService:
         if isinstance(r, rt.Local):
             return fed_routes.Local()
         if isinstance(r, rt.NextHop):
-            return fed_routes.NextHop(r.node)
+            return fed_routes.NextHop(r.node, r.hops)
         if r.reason == "unknown user" and self._is_local(recipient):
             return fed_routes.Local()
         return fed_routes.NoRoute()
@@ -443,7 +442,9 @@ class MeshService:
         try:
             if ev.kind == "up":
                 self.peers.link_up(ev.node_id, now, rtt=ev.rtt, address=_peer_address(ev.address))
-                if ev.node_id not in self._linked:
+                if ev.node_id not in self._linked or ev.replaced:
+                    # (replaced: a new incarnation of the neighbour; link_up replaces:
+                    # routes learnt from the old one go, the new one gets a full dump)
                     self._linked.add(ev.node_id)
                     self.router.link_up(ev.node_id, now_ms)
             elif not (self.federation is not None and self.federation.link_up(ev.node_id)):
@@ -452,12 +453,11 @@ class MeshService:
                     self.peers.link_down(ev.node_id, now, ev.reason or "link closed")
                 if ev.node_id in self._linked:
                     self._linked.discard(ev.node_id)
-                    self._up_since.pop(ev.node_id, None)
                     self.router.link_down(ev.node_id, now_ms)
         except LocalProtocolError as exc:  # a state the table has no row for: log, go on
             log.warning("mesh: link event not applied", extra={"event": ev.kind, "err": str(exc)})
         log.info(
-            f"mesh: link {ev.kind}",
+            f"mesh: link {ev.kind}" + (" (new incarnation)" if ev.replaced else ""),
             extra={"node": short(ev.node_id), "addr": ev.address, "reason": ev.reason},
         )
         self._wake.set()
@@ -592,7 +592,6 @@ class MeshService:
             now = trio.current_time()
             for info in fed.links():  # the link's own pings keep it alive; RTT from them
                 self.peers.link_activity(info.node_id, now, rtt=info.rtt)
-                self._check_replaced(fed, info.node_id, info.up_since)
             for ev in self.peers.poll(now):
                 if isinstance(ev, pt.Dial):
                     assert self._nursery is not None
@@ -606,16 +605,6 @@ class MeshService:
             deadline = self.peers.next_deadline()
             wait = interval if deadline is None else min(interval, deadline - now)
             await trio.sleep(max(PEER_TICK_MIN, wait))
-
-    def _check_replaced(self, fed: Federation, nid: bytes, up_since: float) -> None:
-        """A neighbour's connection replaced well after the first came up means it
-        restarted (the federation swaps links without an event): the routing core
-        must drop what it learned from the old incarnation and re-dump to the new."""
-        seen = self._up_since.setdefault(nid, up_since)
-        if up_since - seen > fed.timers.race_window and nid in self._linked:
-            self.router.link_up(nid, self._wall_ms())  # replaces: old routes go first
-            self._wake.set()
-        self._up_since[nid] = up_since
 
     async def _dial(self, fed: Federation, dial: pt.Dial) -> None:
         a = dial.address

@@ -134,6 +134,8 @@ def body_seeds(method: str) -> list[bytes]:
         msgs = [F.AnnounceRequest(payload=p) for p in (b"", b"ab", b"r" * 513)]
     else:
         msgs = [F.PingRequest(nonce=n) for n in (0, 1, 2**64 - 1)]
+        # Boot ids: a well-formed one, too short / too long (ignored: not stated).
+        msgs += [F.PingRequest(nonce=7, boot_id=b) for b in (b"\x01" * 16, b"x", b"y" * 33)]
     return [m.SerializeToString() for m in msgs]
 
 

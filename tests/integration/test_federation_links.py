@@ -241,3 +241,61 @@ async def test_a_restarted_peer_that_redials_replaces_the_dead_link_at_once(
                 with trio.fail_after(3):  # well before the old link could be found dead
                     assert await again.ping(low.node_id) > 0
                     assert await low.ping(again.node_id) > 0
+
+
+async def test_a_peer_restarted_within_the_race_window_is_a_new_incarnation(
+    tmp_path: Path,
+) -> None:
+    """The lower node id dialled; the other is killed a moment after the link came up
+    and, restarted, dials back well within ``race_window``. Timing says "both dialled
+    at once" (and keeps the lower id's, dead, connection); the boot id says "a new
+    process": its connection wins at once and the link is reported as replaced, so the
+    mesh withdraws the old incarnation's routes and sends the new one a full table."""
+    net = FakeNetwork()
+    slow = LinkTimers(
+        ping_interval=5.0, ping_timeout=5.0, dead_after=20.0, call_timeout=2.0, race_window=60.0
+    )
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_id = node_id_of_credentials(load_or_create_node_credentials(a_dir / "keys"))
+    b_id = node_id_of_credentials(load_or_create_node_credentials(b_dir / "keys"))
+    lo, hi = ("a", "b") if a_id < b_id else ("b", "a")
+    lo_host, hi_host = "10.0.0.1", "10.0.0.2"
+    with trio.fail_after(30):
+        async with bare_federation(tmp_path, net, lo, lo_host, slow) as low:
+            async with bare_federation(tmp_path, net, hi, hi_host, slow) as high:
+                assert await low.connect(hi_host, 4201) == high.node_id
+                first: LinkEvent = await low.events.receive()
+                assert (first.kind, first.replaced) == ("up", False)
+                await high.wait_link(low.node_id)
+                net.blackhole(net_addr(hi_host))  # dies silently: no CONNECTION_CLOSE
+            net.blackhole(net_addr(hi_host), enabled=False)
+            assert low.link_up(high.node_id)  # not noticed yet (slow pings)
+            async with bare_federation(tmp_path, net, hi, hi_host, slow) as again:
+                await again.connect(lo_host, 4201)
+                with trio.fail_after(3):  # well before the old link could be found dead
+                    ev: LinkEvent = await low.events.receive()
+                    assert (ev.kind, ev.node_id, ev.replaced) == ("up", again.node_id, True)
+                    assert await again.ping(low.node_id) > 0
+                    assert await low.ping(again.node_id) > 0
+                (info,) = low.links()
+                assert not info.dialled_by_us  # the new incarnation's connection won
+                assert low.statistics().link_ups == 1  # a new incarnation, not a new link
+
+
+async def test_a_second_dial_of_the_same_process_is_no_restart(tmp_path: Path) -> None:
+    """Same boot id on both connections (one process dialled twice within the window):
+    the simultaneous-dial rule keeps one and nothing is reported as replaced."""
+    with trio.fail_after(30):
+        async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
+            await a.fed.connect("127.0.0.1", b.info.port)
+            await b.fed.connect("127.0.0.1", a.info.port)
+            await until(lambda: fed_connections(a.fed) == 1 and fed_connections(b.fed) == 1)
+            (la,), (lb,) = a.fed.links(), b.fed.links()
+            assert la.dialled_by_us == (a.node_id < b.node_id) != lb.dialled_by_us
+            ups = []
+            while True:
+                try:
+                    ups.append(a.fed.events.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            assert [(e.kind, e.replaced) for e in ups] == [("up", False)]

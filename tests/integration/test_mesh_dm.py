@@ -167,7 +167,7 @@ async def test_hop_limit_one_stops_at_b_and_no_route_is_retried(
 ) -> None:
     with trio.fail_after(100):
         async with (
-            line(tmp_path) as ((a_node, a_info), (b_node, _), (c_node, c_info)),
+            line(tmp_path) as ((a_node, a_info), (_b, _), (c_node, c_info)),
             user(tmp_path, "a", a_info, wall) as a,
             user(tmp_path, "c", c_info, wall) as c,
         ):
@@ -175,16 +175,20 @@ async def test_hop_limit_one_stops_at_b_and_no_route_is_retried(
             fed_a = a_node.federation
             assert fed_a is not None
 
-            # hop_limit 1: A takes it (accepted for relay), B may not forward it.
+            # hop_limit 1 toward a home 2 hops away: A knows the distance and refuses
+            # it at once, typed and final, in the sender's EnqueueResult (before: A
+            # took custody, answered OK, and only A's refusal log learnt B's answer).
             stop = Envelope(os.urandom(16), c.me, wall() + 3_600_000, 1, os.urandom(64))
             go = Envelope(os.urandom(16), c.me, wall() + 3_600_000, 2, os.urandom(64))
-            assert (await _enqueue(a, stop)).status == StatusCode.OK
+            res = await _enqueue(a, stop)
+            assert res.status == StatusCode.FAILED_PRECONDITION, res
+            assert "RELAY_HOP_LIMIT_EXCEEDED" in res.detail and "2 hops" in res.detail, res
             assert (await _enqueue(a, go)).status == StatusCode.OK
-            await until(lambda: len(fed_a.refusals()) == 1, within=20)
-            (refusal,) = fed_a.refusals()
-            assert refusal.msg_id == stop.msg_id
-            assert refusal.next_hop == mesh_of(b_node).node_id
-            assert refusal.status_name == "RELAY_HOP_LIMIT_EXCEEDED"
+            # The client's outbox drops it with a warning, counted (never retried).
+            await a._state.call(a._st.outbox_add, stop.msg_id, stop.encode(), wall())
+            assert await a.flush_outbox() == 0
+            assert a.stats.send_dropped == 1
+            assert fed_a.refusals() == []  # never taken into custody
 
             async def got_go() -> bool:
                 return go.msg_id in await mailbox_ids(c)
@@ -201,7 +205,7 @@ async def test_hop_limit_one_stops_at_b_and_no_route_is_retried(
             assert res.status == StatusCode.UNAVAILABLE and "no route yet" in res.detail
             await a._state.call(a._st.outbox_add, raw.msg_id, raw.encode(), wall())
             assert await a.flush_outbox() == 1  # kept for a retry, not dropped
-            assert a.stats.send_dropped == 0
+            assert a.stats.send_dropped == 1  # (the hop_limit one above)
 
             async with open_agent(
                 y_dir, c_info.host, c_info.port, pin=c_info.cert_fingerprint, wall_ms=wall

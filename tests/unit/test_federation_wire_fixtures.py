@@ -73,6 +73,11 @@ MESSAGES: dict[str, Message] = {
     "announce_response": F.AnnounceResponse(accepted=True),
     "ping_request": F.PingRequest(nonce=2**63 + 5),
     "ping_response": F.PingResponse(nonce=2**63 + 5, node_id=bytes(range(32)), relay_queue=3),
+    # Boot ids (field 2 / 4): a restarted neighbour is told apart from a second dial.
+    "ping_request_boot": F.PingRequest(nonce=2**63 + 5, boot_id=bytes(range(100, 116))),
+    "ping_response_boot": F.PingResponse(
+        nonce=2**63 + 5, node_id=bytes(range(32)), relay_queue=3, boot_id=bytes(range(16))
+    ),
     "request_ping": rpc_pb2.Request(
         version=1,
         method=M_PING,
@@ -170,6 +175,17 @@ def test_origins_are_a_compatible_extension() -> None:
     parsed = F.RelayEnqueueRequest.FromString(old_bytes)
     assert len(parsed.envelopes) == 2 and list(parsed.origins) == []
     assert F.RelayEnqueueRequest(envelopes=new.envelopes).SerializeToString() == old_bytes
+
+
+def test_boot_id_is_a_compatible_extension() -> None:
+    """Without a boot id a Ping is the bytes it was before the field; an old peer's
+    Ping reads as stating none (the link then falls back to the timing rule)."""
+    old_req = bytes.fromhex((FIXTURES / "msg_ping_request.hex").read_text().strip())
+    assert F.PingRequest.FromString(old_req).boot_id == b""
+    assert F.PingRequest(nonce=2**63 + 5).SerializeToString() == old_req
+    new = MESSAGES["ping_response_boot"]
+    assert isinstance(new, F.PingResponse)
+    assert F.PingResponse.FromString(new.SerializeToString()).boot_id == bytes(range(16))
 
 
 def test_no_stray_fixtures() -> None:

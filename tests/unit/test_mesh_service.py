@@ -4,15 +4,28 @@ static peers' addresses."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from qpc_node.errors import QpcError, StatusCode
+from qpc_node.federation.links import LinkEvent
 from qpc_node.mesh.peers import PeerAddress
-from qpc_node.mesh.service import NoRouteYet, _enqueue_result, _peer_address, _static_addresses
+from qpc_node.mesh.routing import Send
+from qpc_node.mesh.service import (
+    MeshService,
+    MeshSettings,
+    NoRouteYet,
+    _enqueue_result,
+    _peer_address,
+    _static_addresses,
+)
 from qpc_node.mesh.static_peers import parse_static_peer
+from qpc_node.ops.clock import ManualWallClock
+from qpc_node.quic.tls import load_or_create_node_credentials
+from qpc_node.store import AsyncStore
 from qpc_node.store.records import EnqueueResult
 from qpc_node.wire.gen.qpc.v1 import federation_pb2 as F
 
@@ -108,3 +121,38 @@ async def test_static_peer_by_name_keeps_the_scope_of_a_link_local_answer() -> N
         PeerAddress("2001:db8::5", 4201),
         PeerAddress("10.0.0.5", 4201),
     )
+
+
+async def test_a_replaced_link_makes_routing_start_over_with_the_new_incarnation(
+    tmp_path: Path,
+) -> None:
+    """An ``up`` event with ``replaced`` (the federation saw a new boot id on a new
+    connection to a neighbour already up) must re-run the routing core's link_up: the
+    new process gets the full table at once (fails before: a second "up" for a linked
+    neighbour was ignored, so nothing was sent until the periodic full table)."""
+    creds = load_or_create_node_credentials(tmp_path / "keys")
+    store = await AsyncStore.open(tmp_path / "node.db")
+    try:
+        wall = ManualWallClock(1_800_000_000_000)
+        svc = MeshService(creds, store, MeshSettings(), is_local=lambda _u: False, wall_ms=wall)
+        nb = bytes(range(32))
+
+        def sent_to_nb(within_ms: int) -> list[Send]:
+            """What the core sends ``nb`` over the next ``within_ms`` (virtual time)."""
+            got: list[Send] = []
+            for _ in range(within_ms // 50):
+                wall.advance(50)
+                out = svc.router.poll(wall())
+                got += [o for o in out if isinstance(o, Send) and o.neighbour == nb]
+            return got
+
+        def own_route(sends: list[Send]) -> bool:
+            return any(r.origin == svc.node_id for s in sends for r in s.update.routes)
+
+        svc._on_link(LinkEvent("up", nb, "127.0.0.1:4201", None))
+        assert own_route(sent_to_nb(2_500))  # the full table, at once
+        assert sent_to_nb(3_000) == []  # nothing new (the periodic one is >= 22.5 s away)
+        svc._on_link(LinkEvent("up", nb, "127.0.0.1:4201", None, replaced=True))
+        assert own_route(sent_to_nb(2_500))  # the new incarnation gets it all again
+    finally:
+        await store.aclose()

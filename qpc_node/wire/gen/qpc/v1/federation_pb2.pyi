@@ -88,17 +88,21 @@ class AnnounceResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
-    __slots__ = ("nonce",)
+    __slots__ = ("nonce", "boot_id")
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     nonce: int
-    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+    boot_id: bytes
+    def __init__(self, nonce: _Optional[int] = ..., boot_id: _Optional[bytes] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("nonce", "node_id", "relay_queue")
+    __slots__ = ("nonce", "node_id", "relay_queue", "boot_id")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RELAY_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     node_id: bytes
     relay_queue: int
-    def __init__(self, nonce: _Optional[int] = ..., node_id: _Optional[bytes] = ..., relay_queue: _Optional[int] = ...) -> None: ...
+    boot_id: bytes
+    def __init__(self, nonce: _Optional[int] = ..., node_id: _Optional[bytes] = ..., relay_queue: _Optional[int] = ..., boot_id: _Optional[bytes] = ...) -> None: ...
