@@ -1,11 +1,15 @@
 """Interactive REPL: prompt_toolkit on its own thread, Trio for everything else.
 
-prompt_toolkit's ``prompt()`` blocks, so it runs via ``trio.to_thread``; the
-receive loop prints arriving messages above the prompt (``patch_stdout``).
+prompt_toolkit runs on asyncio, so each prompt runs on one long-lived asyncio
+loop in its own thread (``PromptLoop``); the receive loop prints arriving messages
+above the prompt (``patch_stdout``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from collections.abc import Callable, Iterable
 
 import trio
@@ -39,6 +43,57 @@ class ReplCompleter(Completer):
         last = before.split(" ")[-1]
         for word in completions(before, self._names()):
             yield Completion(word, start_position=-len(last))
+
+
+class PromptLoop:
+    """Prompts on ONE asyncio event loop that outlives each prompt.
+
+    ``patch_stdout``'s flush thread hands text to the running prompt's event loop
+    (``call_soon_threadsafe``) to print it above the prompt. ``PromptSession.prompt``
+    runs every prompt on a loop of its own that is closed when the prompt ends, so
+    text handed to a prompt that ended at once (its line was already typed: a
+    paste, or two lines typed together) was dropped unseen: a command's whole
+    output missing. On a loop that keeps running, the handed text is printed
+    after the prompt ended (``run_in_terminal`` then writes directly).
+    """
+
+    DRAIN_S = 1.0
+    """At close: how long text already handed to the loop may take to be printed."""
+
+    def __init__(self, session: PromptSession[str]) -> None:
+        self._session = session
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="qpc-prompt", daemon=True
+        )
+        self._thread.start()
+
+    async def prompt(self, pre_run: Callable[[], None] | None = None) -> str:
+        """One line; EOFError / KeyboardInterrupt as ``PromptSession.prompt`` raises.
+        ``pre_run`` runs on the loop once the prompt is up (as prompt_toolkit's)."""
+        fut = asyncio.run_coroutine_threadsafe(
+            self._session.prompt_async(pre_run=pre_run), self._loop
+        )
+        try:
+            return await trio.to_thread.run_sync(fut.result, abandon_on_cancel=True)
+        finally:
+            fut.cancel()  # no-op once done; ends the prompt when we were cancelled
+
+    def close(self) -> None:
+        """Let pending writes finish (bounded), then stop the loop and its thread."""
+
+        async def drain() -> None:
+            me = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not me]
+            if pending:
+                await asyncio.wait(pending, timeout=self.DRAIN_S)
+
+        done = asyncio.run_coroutine_threadsafe(drain(), self._loop)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            done.result(self.DRAIN_S + 1.0)  # never hang the exit on a write
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
 
 async def _receive_loop(repl: Repl) -> None:
@@ -79,21 +134,30 @@ async def run_interactive(repl: Repl) -> int:
         "qpc> ", completer=ReplCompleter(lambda: repl.names), complete_while_typing=False
     )
     repl.out("type /help for commands (Tab completes commands and contact names), /quit to leave")
-    with patch_stdout(raw=True):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_receive_loop, repl)
-            while True:
-                try:
-                    line = await trio.to_thread.run_sync(session.prompt, abandon_on_cancel=True)
-                except (EOFError, KeyboardInterrupt):
-                    break
-                try:
-                    await repl.run_line(line)
-                except Quit:
-                    break
-                except UsageError as exc:
-                    repl.out(f"error: {exc}\nusage: {exc.usage}")
-                except QpcError as exc:
-                    repl.out(f"error: {exc}")
-            nursery.cancel_scope.cancel()
+    prompts = PromptLoop(session)
+    try:
+        with patch_stdout(raw=True):
+            await _run(repl, prompts)
+    finally:
+        prompts.close()
     return 0
+
+
+async def _run(repl: Repl, prompts: PromptLoop) -> None:
+    """Read and run lines until /quit or end of input, receiving all the while."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_receive_loop, repl)
+        while True:
+            try:
+                line = await prompts.prompt()
+            except (EOFError, KeyboardInterrupt):
+                break
+            try:
+                await repl.run_line(line)
+            except Quit:
+                break
+            except UsageError as exc:
+                repl.out(f"error: {exc}\nusage: {exc.usage}")
+            except QpcError as exc:
+                repl.out(f"error: {exc}")
+        nursery.cancel_scope.cancel()
