@@ -484,6 +484,7 @@ class Federation:
             trust_refusals=int(getattr(self.policy, "refusals", 0)),
             link_ups=self._links.ups,
             link_downs=self._links.downs,
+            restarts=self._links.restarts,
             handed_over=self.custody.handed_over,
         )
 

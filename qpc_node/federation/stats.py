@@ -34,6 +34,7 @@ class FederationStatistics:
     trust_refusals: int
     link_ups: int  # links that came up (a connection replacing a duplicate is not one)
     link_downs: int
+    restarts: int  # neighbours seen back with another boot id (kill -9, reboot) while linked
     handed_over: int  # messages a re-homed user left here, moved into custody
 
 

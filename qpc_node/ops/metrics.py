@@ -382,6 +382,8 @@ class FederationStats(Protocol):
     @property
     def link_downs(self) -> int: ...
     @property
+    def restarts(self) -> int: ...
+    @property
     def handed_over(self) -> int: ...
 
 
@@ -766,6 +768,11 @@ def _federation_families(f: FederationStats) -> Iterator[Metric]:
     events.add_metric(["up"], f.link_ups)
     events.add_metric(["down"], f.link_downs)
     yield events
+    yield _counter(
+        "qpc_mesh_neighbour_restarts",
+        "neighbours that came back as a new process (another boot id) while linked",
+        f.restarts,
+    )
     yield _by_status(
         "qpc_relay_envelopes_in",
         "envelopes neighbours handed us, by our answer",

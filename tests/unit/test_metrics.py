@@ -586,6 +586,7 @@ def federation_source(neighbours: int) -> Fixed[FederationStatistics]:
             trust_refusals=405,
             link_ups=406,
             link_downs=407,
+            restarts=409,
             handed_over=408,
         )
     )
@@ -612,6 +613,7 @@ async def test_mesh_and_relay_counters_are_exported_with_bounded_labels() -> Non
     assert got[("qpc_mesh_handovers_pending", ())] == 306
     assert got[("qpc_mesh_links_up", ())] == 401
     assert got[("qpc_mesh_link_events_total", (("event", "down"),))] == 407
+    assert got[("qpc_mesh_neighbour_restarts_total", ())] == 409
     assert got[("qpc_relay_envelopes_in_total", (("status", "RELAY_QUEUED"),))] == 2 * 12
     assert got[("qpc_relay_envelopes_out_total", ())] == 3 * 12
     assert got[("qpc_relay_refused_out_total", (("status", "RELAY_STRANGER_LIMIT"),))] == 12
