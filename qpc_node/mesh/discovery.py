@@ -36,6 +36,7 @@ from functools import partial
 from typing import Any
 
 import trio
+from zeroconf import Error as ZeroconfError
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from qpc_node.errors import LocalProtocolError
@@ -125,6 +126,13 @@ class DiscoveryConfig:
         return f"qpc-{self.node_id.hex()[:16]}.{SERVICE_TYPE}"
 
 
+ZEROCONF_FAILURES: tuple[type[Exception], ...] = (ZeroconfError, OSError, ValueError, RuntimeError)
+"""What zeroconf raises for a name or record it cannot parse (its Error family, a
+ValueError from an address), a socket it lost (OSError), or an instance closing
+under us (NotRunning/EventLoopBlocked, or RuntimeError from its closed asyncio
+loop). Anything else is a bug here and surfaces."""
+
+
 def _snapshot(zc: Zeroconf, name: str, timeout_ms: int) -> ResolvedService | None:
     """Worker thread: SRV/TXT/A/AAAA of one instance (usually all in the cache)."""
     try:
@@ -132,7 +140,7 @@ def _snapshot(zc: Zeroconf, name: str, timeout_ms: int) -> ResolvedService | Non
         if not info.load_from_cache(zc) and not info.request(zc, timeout_ms):
             return None
         return ResolvedService(name, bytes(info.text), tuple(info.parsed_scoped_addresses()))
-    except Exception as exc:  # zeroconf closing, a name it cannot parse...
+    except ZEROCONF_FAILURES as exc:  # zeroconf closing, a name it cannot parse...
         log.debug("mdns resolve %r failed: %r", name, exc)
         return None
 
@@ -144,7 +152,7 @@ def _cached(zc: Zeroconf, name: str) -> ResolvedService | None:
         if not info.load_from_cache(zc):
             return None
         return ResolvedService(name, bytes(info.text), tuple(info.parsed_scoped_addresses()))
-    except Exception as exc:  # a name or record zeroconf cannot parse: same as not cached
+    except ZEROCONF_FAILURES as exc:  # a name or record zeroconf cannot parse: same as not cached
         log.debug("mdns cache lookup %r failed: %r", name, exc)
         return None
 
@@ -314,7 +322,7 @@ class MdnsDiscovery:
             await trio.to_thread.run_sync(
                 partial(zc.register_service, info, allow_name_change=True)
             )
-        except Exception as exc:
+        except ZEROCONF_FAILURES as exc:
             log.error("mdns: cannot announce %s: %r (still browsing)", info.name, exc)
             return
         self._core.add_own_name(info.name)  # renamed on a conflict
@@ -402,7 +410,7 @@ class MdnsDiscovery:
             with trio.move_on_after(self.config.shutdown_timeout_s) as cs:
                 try:
                     await trio.to_thread.run_sync(blocking, abandon_on_cancel=True)
-                except Exception as exc:
+                except ZEROCONF_FAILURES as exc:
                     log.warning("mdns shutdown: %r", exc)
             if cs.cancelled_caught:
                 self._shutdown_timeouts += 1
