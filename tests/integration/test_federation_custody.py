@@ -8,7 +8,6 @@ restarted from the same data directory and port.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import trio
@@ -22,6 +21,7 @@ from tests.integration.fed_nodes import (
     FedNode,
     envelope,
     fed_node,
+    free_port,
     identity,
     mailbox,
     peer,
@@ -31,12 +31,6 @@ from tests.integration.fed_nodes import (
 
 N = 300
 SMALL_BATCHES = FederationLimits(relay_batch=8)  # many round trips: B dies between some
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def count_at(c: FedNode) -> int:

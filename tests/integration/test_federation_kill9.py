@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from tests.integration.fed_nodes import (
     USER_C,
     envelope,
     fed_node,
+    free_port,
     identity,
     mailbox,
     peer,
@@ -30,12 +30,6 @@ from tests.integration.relay_kill9 import assert_exactly_once, kill_mid_way
 
 N = 1000
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_relay(spec: dict[str, object]) -> trio.Process:

@@ -9,7 +9,6 @@ each test needs), so batches pile up in flight at A.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.integration.fed_nodes import (
     FedNode,
     envelope,
     fed_node,
+    free_port,
     identity,
     mailbox,
     peer,
@@ -34,12 +34,6 @@ from tests.integration.fed_nodes import (
 WINDOW = 3
 LIMITS = FederationLimits(relay_batch=4, relay_window=WINDOW)
 N = 40  # 10 batches of 4: more than the window holds
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Gate:

@@ -27,20 +27,13 @@ from qpc_node.store.federation import load_trust
 from qpc_node.wire.gen.qpc.v1 import federation_pb2, health_pb2
 from tests.integration.fed_nodes import (
     fed_node,
+    free_port,
     identity,
     install_credentials,
     node_dir,
     until,
 )
 from tests.integration.node_harness import running_node
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_tofu_pins_both_sides_and_keeps_them_across_restart(tmp_path: Path) -> None:

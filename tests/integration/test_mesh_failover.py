@@ -11,7 +11,6 @@ afterwards must show in u's REPL exactly once.
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,9 @@ from node_harness import cli_fingerprint, run_repl, start_node_process
 from repl_harness import PtyRepl, start_pty_repl
 
 from qpc_node.client.fingerprint import short_code
-from tests.integration.fed_nodes import identity, node_dir
+from tests.integration.fed_nodes import free_port, identity, node_dir
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_repl_fails_over_when_its_node_is_killed(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,15 +28,9 @@ from qpc_node.ops.clock import ManualWallClock
 from qpc_node.quic.tls import CertificateAuthority, NodeCredentials, issue_certificate, make_ca
 from qpc_node.repl.runner import format_trust
 from qpc_node.rpc.errors import RpcError
-from tests.integration.fed_nodes import identity, node_dir, until
+from tests.integration.fed_nodes import free_port, identity, node_dir, until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def peers_text(peers: list[tuple[int, bytes]]) -> str:
