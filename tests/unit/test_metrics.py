@@ -33,15 +33,12 @@ from qpc_node.ops.http import (
     parse_request_head,
 )
 from qpc_node.ops.metrics import (
-    NEIGHBOUR_LABELS,
     AuditSource,
     AuthSource,
     DeliverySource,
     EndpointSource,
     EndpointStats,
-    FederationSource,
     GuardSource,
-    MeshSource,
     NodeMetrics,
     RefusalStats,
     RpcSource,
@@ -50,6 +47,7 @@ from qpc_node.ops.metrics import (
     format_stats,
     histogram_family,
 )
+from qpc_node.ops.metrics_mesh import NEIGHBOUR_LABELS, FederationSource, MeshSource
 from qpc_node.quic.admission import AdmissionRefusals
 from qpc_node.quic.endpoint import EndpointStatistics
 from qpc_node.rpc import CallContext, MethodTable, RpcClient, RpcError, RpcServer
