@@ -16,20 +16,21 @@ from pkg_rootfs import (
     VethPair,
     busybox_is_static,
     busybox_root,
+    missing,
     veth_namespaces,
 )
 
 
 def _need_tree() -> None:
     if not (TREE / "usr/bin/qpc").is_file():
-        pytest.skip(f"no packaged qpc in {TREE}: run `make package` (cross/build.sh)")
+        missing(f"no packaged qpc in {TREE}: run `make package` (cross/build.sh)")
 
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (chroot, mount, ip netns)")
+        missing("needs root (chroot, mount, ip netns)")
     if not busybox_is_static():
-        pytest.skip("needs a static /bin/busybox (apt install busybox-static)")
+        missing("needs a static /bin/busybox (apt install busybox-static)")
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def tree() -> Path:
 def ipk() -> Path:
     found = sorted(DIST.glob(f"qpc_*_{OPKG_ARCH}.ipk"))
     if not found:
-        pytest.skip(f"no qpc_*_{OPKG_ARCH}.ipk in {DIST}: run `make package`")
+        missing(f"no qpc_*_{OPKG_ARCH}.ipk in {DIST}: run `make package`")
     return found[-1]
 
 
@@ -58,7 +59,7 @@ def root(tmp_path: Path) -> Iterator[BusyboxRoot]:
 def netns_pair() -> Iterator[VethPair]:
     _need_root()
     if shutil.which("ip") is None:
-        pytest.skip("needs the `ip` command (iproute2)")
+        missing("needs the `ip` command (iproute2)")
     with veth_namespaces() as pair:
         yield pair
 

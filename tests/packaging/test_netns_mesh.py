@@ -57,8 +57,7 @@ def test_dm_between_two_users_across_namespaces(
 ) -> None:
     a = two_roots[0].in_netns(netns_pair.ns_a)
     b = two_roots[1].in_netns(netns_pair.ns_b)
-    if not (has_subcommand(a, "node") and has_subcommand(a, "repl")):
-        pytest.skip("`qpc node` / `qpc repl` are not in this build yet")
+    assert has_subcommand(a, "node") and has_subcommand(a, "repl"), "missing from the bundle"
     listen = f"{netns_pair.v4_a}:4201" if family == "ipv4" else "[::]:4201"
     server = (
         f"{netns_pair.v4_a}:4201"
