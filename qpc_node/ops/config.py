@@ -223,8 +223,10 @@ class ChannelsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         for name in self.__struct_fields__:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.max_message_bytes > self.max_bytes:
-            raise ValueError("max_message_bytes must be <= max_bytes")
+        if not 512 <= self.max_message_bytes <= self.max_bytes:
+            # A sealed message is padded to 256-byte buckets plus nonce and tag: the
+            # smallest one is 284 bytes.
+            raise ValueError("max_message_bytes must be within 512..max_bytes")
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
