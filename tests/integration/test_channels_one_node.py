@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
+import trio.testing
 from node_harness import run_repl, running_node, texts, users
 from repl_harness import start_pty_repl
 
