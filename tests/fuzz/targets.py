@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from tests.fuzz import h_client, h_federation, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
+from tests.fuzz import (
+    h_client,
+    h_federation,
+    h_gossip,
+    h_local,
+    h_mesh,
+    h_mesh_discovery,
+    h_rpc,
+    h_wire,
+)
 
 __all__ = [
     "h_client",
     "h_federation",
+    "h_gossip",
     "h_local",
     "h_mesh",
     "h_mesh_discovery",
