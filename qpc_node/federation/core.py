@@ -24,12 +24,13 @@ keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import trio
+from google.protobuf.message import Message
 
 from qpc_node.errors import ConfigError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.federation.custody import (
@@ -117,6 +118,9 @@ _NODE_KEY = NODE_KEY
 AnnounceSink = Callable[[bytes, bytes], bool]
 """``sink(from_node, payload) -> accepted``: the routing core's intake (sans-IO, sync)."""
 
+ReqT = TypeVar("ReqT", bound=Message)
+RespT = TypeVar("RespT", bound=Message)
+
 
 class Federation:
     """Links, federation RPCs and custody of one node (see the module docstring)."""
@@ -145,7 +149,7 @@ class Federation:
         self.limits = limits or FederationLimits()
         self._timers = timers or LinkTimers()
         self._wall_ms = wall_ms
-        table = MethodTable()
+        table = self._table = MethodTable()
         self._register(table)
         self.rpc_server = RpcServer(
             table,
@@ -162,6 +166,7 @@ class Federation:
             rate=lim.bytes_per_second, burst=lim.byte_burst
         )
         self._kp_forwarding: set[bytes] = set()
+        self._up_listeners: list[Callable[[bytes], None]] = []
         self._count = CounterTable()
         self._links = Links(
             self.node_id,
@@ -221,6 +226,44 @@ class Federation:
 
     def _on_link_up(self, nid: bytes) -> None:
         self.custody.kick(nid)
+        for fn in self._up_listeners:
+            fn(nid)
+
+    # ------------------------------------------------------------------ extensions
+    def on_link_up(self, fn: Callable[[bytes], None]) -> None:
+        """Also call ``fn(node_id)`` (sync, must not block) when a link comes up or is
+        replaced by a new incarnation of its neighbour (inventory sync starts there)."""
+        self._up_listeners.append(fn)
+
+    def serve(
+        self,
+        name: str,
+        request_type: type[ReqT],
+        response_type: type[RespT],
+        handler: Callable[[bytes, ReqT], Awaitable[RespT]],
+    ) -> None:
+        """Serve one more ``qpc-fed/1`` method (inventory sync, gossip): ``handler(src,
+        req)`` gets the calling neighbour's node id after its call and byte budgets
+        were charged, as the built-in methods do."""
+
+        async def h(req: ReqT, ctx: CallContext) -> RespT:
+            return await handler(self._caller(ctx, req.ByteSize()), req)
+
+        self._table.register(name, request_type, response_type, h)
+
+    async def call(
+        self,
+        nid: bytes,
+        method: str,
+        request: Message,
+        response_type: type[RespT],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the RPC client's own deadline
+    ) -> RespT:
+        """One federation RPC to neighbour ``nid`` over its link (UNAVAILABLE without one)."""
+        return await self._link(nid).rpc.call(
+            method, request, response_type, timeout=timeout or self.timers.call_timeout
+        )
 
     # ------------------------------------------------------------------ links
     async def connect(self, host: str, port: int, *, expected: bytes | None = None) -> bytes:

@@ -298,6 +298,7 @@ class SyncStatistics:
     refusals_sent: MappingProxyType[str, int]  # by reason (a flooding neighbour: rate_limited)
     refusals_received: MappingProxyType[str, int]
     bad_answers: int  # malformed or oversized answers refused on the initiator side
+    last_session_s: float | None  # duration of the last session this node completed
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +356,7 @@ class _Counters:
         self.served = self.rounds = self.sent = self.received = 0
         self.have = self.need = self.pushed = self.taken = self.truncated = 0
         self.bad_answers = 0
+        self.last_session_s: float | None = None
         self.refusals_sent: Counter[str] = Counter()
         self.refusals_received: Counter[str] = Counter()
 
@@ -548,8 +550,10 @@ class InitiatorSession:
     def note_taken(self, accepted: int) -> None:
         self._c.taken += accepted
 
-    def finish(self) -> None:
+    def finish(self, now: float) -> None:
+        """Pushes and fetches are over (records the session's duration)."""
         self._fire(IEvent.TRANSFERRED)
+        self._c.last_session_s = now - self.started
 
     def fail(self) -> None:
         """A timeout or a lost link (a no-op once the session ended)."""
@@ -840,4 +844,5 @@ class SyncCore:
             refusals_sent=MappingProxyType(dict(c.refusals_sent)),
             refusals_received=MappingProxyType(dict(c.refusals_received)),
             bad_answers=c.bad_answers,
+            last_session_s=c.last_session_s,
         )

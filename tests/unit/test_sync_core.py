@@ -109,7 +109,7 @@ def session(
         fresp = cb.fetch_answer(len(ids), b.offer(ids))
         cost.item_bytes += f.ByteSize() + fresp.ByteSize()
         s.note_taken(a.take(s.on_fetch_response(fresp, len(f.ids))))
-    s.finish()
+    s.finish(now)
     return s, cost
 
 
@@ -415,7 +415,7 @@ def test_fetch_answer_over_the_ask_is_refused() -> None:
 def test_transition_tables_are_closed() -> None:
     s = _opened()
     with pytest.raises(SyncStateError):
-        s.finish()  # RECONCILING has no TRANSFERRED edge
+        s.finish(0.0)  # RECONCILING has no TRANSFERRED edge
     with pytest.raises(SyncStateError):
         s.push_requests([])
     assert (IState.DONE, IEvent.START) not in INITIATOR_TRANSITIONS
