@@ -378,6 +378,8 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             `qpc trust FPR`; managed = community CA), ca, cert, key (managed: PEM
             files; cert+key, Ed25519, become the node's identity), pinned (not
             yet: refused)
+  sync      interval_s (inventory sync with one random neighbour every this many
+            seconds, jittered; also on every link-up; default 60)
 
 With no config a node listens on [::]:4201 and discovers peers by mDNS on every
 non-loopback interface; --local-only keeps it on 127.0.0.1:4201 without mDNS

@@ -48,6 +48,7 @@ from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 from qpc_node.store.store import Store
+from qpc_node.storefwd.syncer import Syncer, SyncerConfig
 
 log = get_logger("qpc.node")
 
@@ -128,6 +129,8 @@ class Node:
         # Opt-in (tests, demo) until the mesh config keys are wired; see FederationSetup.
         self._federation_setup = federation
         self.federation: Federation | None = None
+        self.syncer: Syncer | None = None
+        """Inventory sync over the federation links (sources register with add_source)."""
         self.mesh: MeshService | None = None
         self.data_dir, self.key_dir = resolve_dirs(cfg, default_data)
         self._wall_ms = wall_ms
@@ -362,6 +365,11 @@ class Node:
                     wall_ms=self._wall_ms,
                 )
                 tls = self.federation.server_tls
+                self.syncer = Syncer(
+                    self.federation,
+                    SyncerConfig(interval_s=self.cfg.sync.interval_s),
+                    wall_ms=self._wall_ms,
+                )
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
                 refusals = TrustRefusalsCollector(self.federation.policy)
@@ -377,6 +385,8 @@ class Node:
                 self.endpoint = ep
                 if self.federation is not None:
                     await nursery.start(self.federation.run, ep)
+                if self.syncer is not None:
+                    await nursery.start(self.syncer.run)
                 if self.mesh is not None:
                     await nursery.start(self.mesh.run, ep.local_address[1])
                 if self.federation is not None and self._federation_setup is not None:
@@ -501,6 +511,11 @@ class Node:
         setup_logging(self.cfg.log.level, self.cfg.log.format)
         return None
 
+    async def _apply_sync(self, old: Config) -> str | None:
+        if self.syncer is not None:
+            self.syncer.set_interval(self.cfg.sync.interval_s)
+        return None
+
     async def _apply_rates(self, old: Config) -> str | None:
         if self.guard is not None:
             self.guard.set_rate(self.cfg.limits.rate_per_second, self.cfg.limits.rate_burst)
@@ -609,6 +624,8 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "federation.cert": RESTART,
     "federation.key": RESTART,
     "federation.pinned": RESTART,
+    # sync: the periodic session's interval (the next wait uses it)
+    "sync.interval_s": Live(Node._apply_sync),
 }
 """Every config key -> live applier or RESTART. tests/integration/test_reload.py checks
 that it names every field of every Config section, and each decision key by key."""

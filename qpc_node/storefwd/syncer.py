@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -101,6 +101,7 @@ class Syncer:
         self._nursery: trio.Nursery | None = None
         self._trigger_tx, self._trigger_rx = trio.open_memory_channel[bytes](trigger_buffer)
         self.triggers_dropped = 0
+        self._reconfigured = trio.Event()
         federation.serve(M_SYNC, sync_pb2.SyncRequest, sync_pb2.SyncResponse, self._h_sync)
         federation.serve(
             M_SYNC_FETCH, sync_pb2.SyncFetchRequest, sync_pb2.SyncFetchResponse, self._h_fetch
@@ -147,11 +148,20 @@ class Syncer:
             await trio.sleep(delay)
         await self.sync_with(nid)
 
+    def set_interval(self, interval_s: float) -> None:
+        """A new periodic interval (config reload): the wait under way restarts with it."""
+        self.config = replace(self.config, interval_s=interval_s)
+        self._reconfigured.set()
+
     async def _periodic(self) -> None:
-        cfg = self.config
         while True:
+            cfg = self.config
             factor = 1 + cfg.jitter * (2 * self._rng.random() - 1)
-            await trio.sleep(cfg.interval_s * factor)
+            with trio.move_on_after(cfg.interval_s * factor):
+                await self._reconfigured.wait()
+            if self._reconfigured.is_set():
+                self._reconfigured = trio.Event()
+                continue
             now = trio.current_time()
             up = [
                 i.node_id

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import trio
 
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.storefwd.sync import KIND_CHANNEL, KIND_HELD, SCOPE_CHANNELS, SCOPE_HELD, sync_id
-from qpc_node.storefwd.syncer import Syncer, SyncerConfig
+from qpc_node.storefwd.syncer import Syncer
 from tests.integration.fed_nodes import FedNode, fed_node, identity, until
 
 
@@ -79,15 +80,18 @@ def _mid(tag: str, n: int) -> bytes:
     return hashlib.sha256(f"{tag}-{n}".encode()).digest()[:16]
 
 
-@asynccontextmanager
-async def syncing(
-    node: FedNode, sources: Sequence[SetSource], config: SyncerConfig
-) -> AsyncIterator[Syncer]:
-    syncer = Syncer(node.fed, config, sources=sources)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(syncer.run)
-        yield syncer
-        nursery.cancel_scope.cancel()
+def syncer_of(node: FedNode, sources: Sequence[SetSource], **timing: float) -> Syncer:
+    """The node's own syncer with ``sources`` registered (as the node wiring will do)
+    and test timing (``interval_s``, ``jitter``, ``link_up_delay_s``)."""
+    syncer = node.node.syncer
+    assert syncer is not None
+    for src in sources:
+        syncer.add_source(src)
+    interval = timing.pop("interval_s", None)
+    syncer.config = replace(syncer.config, **timing)
+    if interval is not None:
+        syncer.set_interval(interval)
+    return syncer
 
 
 async def test_link_up_session_leaves_both_with_the_union(tmp_path: Path) -> None:
@@ -103,15 +107,11 @@ async def test_link_up_session_leaves_both_with_the_union(tmp_path: Path) -> Non
         (a_held if k % 2 else b_held).add(_mid("h", k), exp + k)
     want_ch = a_ch.msg_ids() | b_ch.msg_ids()
     want_held = a_held.msg_ids() | b_held.msg_ids()
-    cfg = SyncerConfig(interval_s=3600.0)  # only the link-up session
     _, b_id = identity(tmp_path, "b")
     with trio.fail_after(30):
-        async with (
-            fed_node(tmp_path, "a") as a,
-            fed_node(tmp_path, "b") as b,
-            syncing(a, [a_ch, a_held], cfg) as sa,
-            syncing(b, [b_ch, b_held], cfg) as sb,
-        ):
+        async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
+            sa = syncer_of(a, [a_ch, a_held], interval_s=3600.0)  # only the link-up session
+            sb = syncer_of(b, [b_ch, b_held], interval_s=3600.0)
             t0 = trio.current_time()
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             await until(
@@ -139,15 +139,11 @@ async def test_periodic_session_and_offer_decides(tmp_path: Path) -> None:
     secret = _mid("secret", 0)
     a_src = SetSource(SCOPE_CHANNELS, KIND_CHANNEL, withhold=frozenset({secret}))
     b_src = SetSource(SCOPE_CHANNELS, KIND_CHANNEL)
-    cfg = SyncerConfig(interval_s=0.3, jitter=0.5, link_up_delay_s=0.0)
     _, b_id = identity(tmp_path, "b")
     with trio.fail_after(30):
-        async with (
-            fed_node(tmp_path, "a") as a,
-            fed_node(tmp_path, "b") as b,
-            syncing(a, [a_src], cfg) as sa,
-            syncing(b, [b_src], cfg),
-        ):
+        async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
+            sa = syncer_of(a, [a_src], interval_s=0.3, jitter=0.5, link_up_delay_s=0.0)
+            syncer_of(b, [b_src], interval_s=0.3, jitter=0.5, link_up_delay_s=0.0)
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             # Items that appear after the link came up move with a periodic session.
             for k in range(20):
@@ -167,15 +163,11 @@ async def test_sync_bytes_follow_the_difference(tmp_path: Path) -> None:
     for k in range(2000):
         a_src.add(_mid("eq", k), exp + k)
         b_src.add(_mid("eq", k), exp + k)
-    cfg = SyncerConfig(interval_s=3600.0, link_up_delay_s=0.0)
     _, b_id = identity(tmp_path, "b")
     with trio.fail_after(30):
-        async with (
-            fed_node(tmp_path, "a") as a,
-            fed_node(tmp_path, "b") as b,
-            syncing(a, [a_src], cfg) as sa,
-            syncing(b, [b_src], cfg) as sb,
-        ):
+        async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
+            sa = syncer_of(a, [a_src], interval_s=3600.0, link_up_delay_s=0.0)
+            sb = syncer_of(b, [b_src], interval_s=3600.0, link_up_delay_s=0.0)
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             await until(
                 lambda: (
@@ -186,3 +178,33 @@ async def test_sync_bytes_follow_the_difference(tmp_path: Path) -> None:
             st = sa.statistics()
             assert st.ids_have == st.ids_need == 0
             assert st.bytes_sent + st.bytes_received < 2_000  # the id list alone: 64,000
+
+
+async def test_interval_reload_applies_to_the_running_wait(tmp_path: Path) -> None:
+    """sync.interval_s is live: a reload cuts a one-hour wait short, and the item added
+    after link-up moves with the next (now short) periodic session."""
+    exp = system_wall_ms() + 3_600_000
+    a_src, b_src = SetSource(SCOPE_CHANNELS, KIND_CHANNEL), SetSource(SCOPE_CHANNELS, KIND_CHANNEL)
+    _, b_id = identity(tmp_path, "b")
+    with trio.fail_after(30):
+        async with (
+            fed_node(tmp_path, "a", config={"sync": {"interval_s": "3600"}}) as a,
+            fed_node(tmp_path, "b", config={"sync": {"interval_s": "3600"}}) as b,
+        ):
+            sa = syncer_of(a, [a_src], link_up_delay_s=0.0)
+            sb = syncer_of(b, [b_src], link_up_delay_s=0.0)
+            assert sa.config.interval_s == 3600.0
+            await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
+            await until(
+                lambda: sa.statistics().sessions_completed >= 1
+                and sb.statistics().sessions_completed >= 1
+            )
+            a_src.add(_mid("after", 1), exp)
+            report = await a.node.reload(
+                msgspec.structs.replace(
+                    a.node.cfg, sync=msgspec.structs.replace(a.node.cfg.sync, interval_s=1.0)
+                )
+            )
+            assert report.applied == ("sync.interval_s",)
+            assert sa.config.interval_s == 1.0
+            await until(lambda: b_src.msg_ids() == a_src.msg_ids(), within=5.0)
