@@ -196,8 +196,10 @@ async def test_interval_reload_applies_to_the_running_wait(tmp_path: Path) -> No
             assert sa.config.interval_s == 3600.0
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             await until(
-                lambda: sa.statistics().sessions_completed >= 1
-                and sb.statistics().sessions_completed >= 1
+                lambda: (
+                    sa.statistics().sessions_completed >= 1
+                    and sb.statistics().sessions_completed >= 1
+                )
             )
             a_src.add(_mid("after", 1), exp)
             report = await a.node.reload(
