@@ -278,11 +278,18 @@ class Federation:
         self._table.register(name, request_type, response_type, serve)
 
     async def call_neighbour(
-        self, nid: bytes, method: str, request: Message, response_type: type[ResponseT]
+        self,
+        nid: bytes,
+        method: str,
+        request: Message,
+        response_type: type[ResponseT],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the RPC client's own deadline
     ) -> ResponseT:
-        """One call of ``method`` on neighbour ``nid``'s federation table."""
+        """One call of ``method`` on neighbour ``nid``'s federation table (UNAVAILABLE
+        without a link); ``timeout`` defaults to the link timers' call timeout."""
         return await self._link(nid).rpc.call(
-            method, request, response_type, timeout=self.timers.call_timeout
+            method, request, response_type, timeout=timeout or self.timers.call_timeout
         )
 
     # ------------------------------------------------------------------ links

@@ -12,6 +12,7 @@ from tests.fuzz import (
     h_mesh_discovery,
     h_rpc,
     h_storefwd,
+    h_sync,
     h_wire,
 )
 
@@ -25,10 +26,10 @@ __all__ = [
     "h_mesh_discovery",
     "h_rpc",
     "h_storefwd",
+    "h_sync",
     "h_wire",
 ]
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
 # static peers h_mesh_discovery, broadcast channel messages h_channel, gossip frames
-# h_gossip, store-and-forward receipts h_storefwd; inventories register with
-# ``registry.pure`` when they land.
+# h_gossip, store-and-forward receipts h_storefwd, inventory sync messages h_sync.
