@@ -37,7 +37,9 @@ class Flooding:
             return
         self._first(now, msg_id, payload, 0, None)
 
-    def _first(self, now: float, msg_id: bytes, payload: bytes, hops: int, src: bytes | None) -> None:
+    def _first(
+        self, now: float, msg_id: bytes, payload: bytes, hops: int, src: bytes | None
+    ) -> None:
         self._seen[msg_id] = now
         self._cache[msg_id] = payload
         self._out.append(Deliver(msg_id, payload, hops, src))

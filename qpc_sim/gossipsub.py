@@ -114,7 +114,9 @@ class Gossipsub:
             return
         self._accept(now, msg_id, payload, 0, None)
 
-    def _accept(self, now: float, msg_id: bytes, payload: bytes, hops: int, src: bytes | None) -> None:
+    def _accept(
+        self, now: float, msg_id: bytes, payload: bytes, hops: int, src: bytes | None
+    ) -> None:
         self._seen[msg_id] = now
         self._cache[msg_id] = payload
         self._windows[-1].append(msg_id)

@@ -78,7 +78,7 @@ class FullListReconciler:
 
 
 class _Link:
-    __slots__ = ("busy", "epoch", "lat_rng", "loss_rng", "up", "u", "v")
+    __slots__ = ("busy", "epoch", "lat_rng", "loss_rng", "u", "up", "v")
 
     def __init__(self, seed: int, u: int, v: int) -> None:
         self.u = u

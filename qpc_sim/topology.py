@@ -38,7 +38,9 @@ class Graph:
         return 2 * len(self.edges) / self.n if self.n else 0.0
 
 
-def components(n: int, edges: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> list[list[int]]:
+def components(
+    n: int, edges: list[tuple[int, int]] | tuple[tuple[int, int], ...]
+) -> list[list[int]]:
     """Connected components (each a list of nodes), largest first."""
     adj: list[list[int]] = [[] for _ in range(n)]
     for u, v in edges:
@@ -139,7 +141,9 @@ def line(n: int) -> Graph:
     return Graph(f"line{n}", n, tuple((i, i + 1) for i in range(n - 1)))
 
 
-def two_clusters(n_each: int, mean_degree: float, rng: random.Random) -> tuple[Graph, tuple[int, int]]:
+def two_clusters(
+    n_each: int, mean_degree: float, rng: random.Random
+) -> tuple[Graph, tuple[int, int]]:
     """Two random geometric clusters of `n_each` nodes joined by one bridge edge.
 
     Returns the graph and the bridge (u, v), so a scenario can cut exactly that link.
@@ -153,7 +157,9 @@ def two_clusters(n_each: int, mean_degree: float, rng: random.Random) -> tuple[G
     return graph, bridge
 
 
-def bfs_distances(adj: list[list[int]], src: int, usable: set[tuple[int, int]] | None = None) -> list[int]:
+def bfs_distances(
+    adj: list[list[int]], src: int, usable: set[tuple[int, int]] | None = None
+) -> list[int]:
     """Hop distances from `src` (-1 = unreachable); `usable` restricts to those edges."""
     dist = [-1] * len(adj)
     dist[src] = 0
