@@ -75,6 +75,8 @@ class Result:
     frame_kinds: dict[str, list[int]] = field(default_factory=dict)
     missing: int = 0
     """(message, node) pairs never delivered."""
+    sync_deliveries: int = 0
+    """Deliveries that reconciliation handed a node (not its core's own repair)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -189,6 +191,7 @@ def measure(scenario: Scenario, protocol: str, sim: Sim) -> Result:
         truncated=sim.truncated,
         frame_kinds=dict(c.frame_kinds),
         missing=pairs - got,
+        sync_deliveries=c.sync_deliveries,
     )
 
 
