@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tests.fuzz import h_client, h_federation, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
+from tests.fuzz import (
+    h_client,
+    h_federation,
+    h_local,
+    h_mesh,
+    h_mesh_discovery,
+    h_rpc,
+    h_sync,
+    h_wire,
+)
 
 __all__ = [
     "h_client",
@@ -11,6 +20,7 @@ __all__ = [
     "h_mesh",
     "h_mesh_discovery",
     "h_rpc",
+    "h_sync",
     "h_wire",
 ]
 
