@@ -29,10 +29,12 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qpc_sim.dm import DmScenario, run_dm
+from qpc_sim.net import FullListReconciler, Reconciler
 from qpc_sim.protocols import all_protocols, have_ours
 from qpc_sim.reconcile import NegentropyReconciler, full_list_bytes, negentropy_class
 from qpc_sim.scenarios import (
@@ -80,12 +82,17 @@ def row(sc: Scenario, r: Result) -> str:
     )
 
 
+def reconciler() -> Reconciler:
+    """The real negentropy when the extension has it, else the full id list."""
+    return NegentropyReconciler() if negentropy_class() is not None else FullListReconciler()
+
+
 def show(sc: Scenario, seed: int, policy: object = None, only: str | None = None) -> list[Result]:
     global EVENTS, WALL
     protocols = all_protocols(seed, policy)
     if only is not None:
         protocols = {only: protocols[only]}
-    results = run(sc, protocols, seed)
+    results = run(sc, protocols, seed, reconciler())
     for r in results:
         print(row(sc, r), flush=True)
         EVENTS += r.events
@@ -112,6 +119,7 @@ def main() -> None:
     if not have_ours():
         print("NOTE: qpc_node.storefwd.plumtree is not in this tree: only the baselines run")
     t_start = time.monotonic()
+    print(f"reconciliation in the scenarios: {reconciler().name}")
     print(HEADER)
     summary: dict[str, Result] = {}
     sizes = (50, 200) if args.quick else (50, 200, 1000)
@@ -132,27 +140,28 @@ def main() -> None:
             if n == 50 and loss == 0.3:
                 summary = {r.protocol: r for r in res}
                 frames_profile(res)
+    system: dict[str, Any] = {"periodic_sync": SYNC_PERIOD, "drain": SYNC_DRAIN}
     # A line: every edge a bridge, 19 hops end to end.
-    sc = Scenario("line20", line(20), 0.3, 20 if args.quick else 30, interval=0.25, drain=20.0)
+    sc = Scenario("line20", line(20), 0.3, 20 if args.quick else 30, interval=0.25, **system)
     show(sc, seed)
     g, bridge = two_clusters(25, 8.0, random.Random(seed + 7))
-    sc = Scenario("bridge50", g, 0.1, 30, interval=0.25, drain=15.0)
+    sc = Scenario("bridge50", g, 0.3, 30, interval=0.25, **system)
     show(sc, seed)
     # Flaps: a fifth of the links each go down for 3 s once while messages flow.
     g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))
     flaps = random_flaps(g, random.Random(seed + 11), 1.0, 9.0, 0.2, 3.0)
-    sc = Scenario("rgg50-flaps", g, 0.1, 40, interval=0.25, flaps=flaps, drain=15.0)
+    sc = Scenario("rgg50-flaps", g, 0.1, 40, interval=0.25, flaps=flaps, **system)
     show(sc, seed)
     # Partitions while both halves publish, then a heal (a reconciliation on each link-up).
     g, bridge = two_clusters(25, 8.0, random.Random(seed + 7))
     part = Partition((bridge,), 1.0, 11.0, frozenset(range(25)))
-    sc = Scenario("bridge50-cut10s", g, 0.1, 40, interval=0.25, partition=part, drain=15.0)
+    sc = Scenario("bridge50-cut10s", g, 0.1, 40, interval=0.25, partition=part, **system)
     show(sc, seed)
     g = random_geometric(200, 8.0, random.Random(seed * 1000 + 200))
     side, cut = bfs_half(g, random.Random(seed + 5))
     part = Partition(cut, 1.0, 11.0, side)
     sc = Scenario(
-        f"rgg200-half({len(cut)}cut)", g, 0.1, 40, interval=0.25, partition=part, drain=15.0
+        f"rgg200-half({len(cut)}cut)", g, 0.1, 40, interval=0.25, partition=part, **system
     )
     show(sc, seed)
 
@@ -191,25 +200,34 @@ def main() -> None:
     print("  late = delivered after expiry (must be 0); expired = never delivered, expired")
 
     print()
-    print("Sync bytes vs difference size (set of 10,000 ids on each side, d missing on one):")
+    print("Sync bytes vs difference size (sets of 10,000 ids; one side lacks d of them):")
     if negentropy_class() is None:
         print("  MISSING: qpc_node._core.Negentropy is not in this build; full-list figures only")
     rng = random.Random(seed)
     base = [rng.randbytes(16) for _ in range(10_000)]
-    extra = [rng.randbytes(16) for _ in range(1_000)]
-    print(f"  {'d':>5} {'negentropy B':>12} {'rounds':>6} {'found':>5} {'full list B':>11}")
+    t0 = 1_700_000_000_000
+    print(
+        f"  {'d':>5} {'pattern':<9} {'negentropy B':>12} {'rounds':>6} {'found':>5} {'full list B':>11}"
+    )
     for d in (0, 10, 100, 1000):
-        ours = [(1_700_000_000_000 + k * 1000, i) for k, i in enumerate(base)]
-        theirs = ours + [
-            (1_700_000_000_000 + (len(base) + k) * 1000, i) for k, i in enumerate(extra[:d])
-        ]
-        full = full_list_bytes([i for _, i in ours], [i for _, i in theirs])
-        if negentropy_class() is not None:
-            neg = NegentropyReconciler()
-            nbytes, rounds, need, _ = neg.session(ours, theirs)
-            print(f"  {d:>5} {nbytes:>12} {rounds:>6} {len(need):>5} {full:>11}")
-        else:
-            print(f"  {d:>5} {'-':>12} {'-':>6} {'-':>5} {full:>11}")
+        for pattern in ("newest", "scattered"):
+            if d == 0 and pattern == "scattered":
+                continue
+            full_set = [(t0 + k * 1000, i) for k, i in enumerate(base)]
+            if pattern == "newest":  # the other side missed the last d (a partition)
+                ours, theirs = full_set[: len(full_set) - d], full_set
+            else:  # d random ids missing (losses spread over time)
+                gone = set(rng.sample(range(len(full_set)), d))
+                ours = [x for k, x in enumerate(full_set) if k not in gone]
+                theirs = full_set
+            full = full_list_bytes([i for _, i in ours], [i for _, i in theirs])
+            if negentropy_class() is not None:
+                nbytes, rounds, need, _ = NegentropyReconciler().session(ours, theirs)
+                ok = "yes" if len(need) == d else f"{len(need)}!"
+                print(f"  {d:>5} {pattern:<9} {nbytes:>12} {rounds:>6} {ok:>5} {full:>11}")
+            else:
+                print(f"  {d:>5} {pattern:<9} {'-':>12} {'-':>6} {'-':>5} {full:>11}")
+    print("  ids: 16-byte msg ids padded with 16 zero bytes to negentropy's 32; bytes = both ways")
 
     print()
     total = time.monotonic() - t_start

@@ -58,12 +58,16 @@ class LinkParams:
     """Bytes of header per datagram (UDP/IP), counted in the serialisation time only."""
 
 
+Item = tuple[int, bytes]
+"""(timestamp in ms, 16-byte msg_id): what a node's store holds, as reconciliation sees it."""
+
+
 class Reconciler(Protocol):
-    """Cost of reconciling two id sets: (bytes both ways, round trips)."""
+    """Cost of reconciling two item sets: (bytes both ways, round trips)."""
 
     name: str
 
-    def cost(self, ours: Sequence[bytes], theirs: Sequence[bytes]) -> tuple[int, int]: ...
+    def cost(self, ours: Sequence[Item], theirs: Sequence[Item]) -> tuple[int, int]: ...
 
 
 class FullListReconciler:
@@ -71,10 +75,10 @@ class FullListReconciler:
 
     name = "full-list"
 
-    def cost(self, ours: Sequence[bytes], theirs: Sequence[bytes]) -> tuple[int, int]:
-        have = set(ours)
-        lacking = [i for i in theirs if i not in have]
-        return 4 + 18 * len(ours) + 4 + 18 * len(lacking), 1
+    def cost(self, ours: Sequence[Item], theirs: Sequence[Item]) -> tuple[int, int]:
+        have = {i for _, i in ours}
+        lacking = sum(1 for _, i in theirs if i not in have)
+        return 4 + 18 * len(ours) + 4 + 18 * lacking, 1
 
 
 class _Link:
@@ -343,7 +347,11 @@ class Sim:
         c.sync_runs += 1
         ids_u = list(self.delivered[u])
         ids_v = list(self.delivered[v])
-        recon_bytes, rounds = self.reconciler.cost(ids_u, ids_v)
+        pub = self.published
+        recon_bytes, rounds = self.reconciler.cost(
+            [(int(pub[m][0] * 1000), m) for m in ids_u],
+            [(int(pub[m][0] * 1000), m) for m in ids_v],
+        )
         c.sync_recon_bytes += recon_bytes
         set_u, set_v = set(ids_u), set(ids_v)
         p = self.params

@@ -1,8 +1,8 @@
 """Reconciliation cost: the real negentropy protocol (through `qpc_node._core`) or a full list.
 
 Our message ids are 16 bytes; negentropy's are 32, so an id is padded with 16 zero bytes
-(reversible, and padding costs nothing in the fingerprints). Timestamps are the ids'
-publish times in ms (a set here is ids only, so all get timestamp 0 unless given).
+(reversible, and padding costs nothing in the fingerprints). Timestamps are the
+messages' publish times in ms.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ class NegentropyReconciler:
                 raise RuntimeError("negentropy did not converge in 64 rounds")
         return total, rounds, need, have
 
-    def cost(self, ours: Sequence[bytes], theirs: Sequence[bytes]) -> tuple[int, int]:
-        total, rounds, _, _ = self.session([(0, i) for i in ours], [(0, i) for i in theirs])
+    def cost(
+        self, ours: Sequence[tuple[int, bytes]], theirs: Sequence[tuple[int, bytes]]
+    ) -> tuple[int, int]:
+        total, rounds, _, _ = self.session(ours, theirs)
         return total, rounds
 
 
