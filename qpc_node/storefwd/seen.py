@@ -41,7 +41,7 @@ class SeenStatistics:
 
 
 class _Bucket:
-    __slots__ = ("index", "sorted", "recent")
+    __slots__ = ("index", "recent", "sorted")
 
     def __init__(self, index: int) -> None:
         self.index = index

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.fuzz import (
     h_client,
     h_federation,
+    h_gossip,
     h_local,
     h_mesh,
     h_mesh_discovery,
@@ -16,6 +17,7 @@ from tests.fuzz import (
 __all__ = [
     "h_client",
     "h_federation",
+    "h_gossip",
     "h_local",
     "h_mesh",
     "h_mesh_discovery",

@@ -117,6 +117,8 @@ def test_memory_per_100k_ids() -> None:
     finally:
         tracemalloc.stop()
     assert len(f) == 100_000
-    print(f"seen-filter: {used / 1024:.0f} KiB per 100k ids ({used / 1e5:.1f} B/id), "
-          f"estimate {f.memory_bytes() / 1024:.0f} KiB")
+    print(
+        f"seen-filter: {used / 1024:.0f} KiB per 100k ids ({used / 1e5:.1f} B/id), "
+        f"estimate {f.memory_bytes() / 1024:.0f} KiB"
+    )
     assert used < 2_000_000
