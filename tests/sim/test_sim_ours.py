@@ -36,9 +36,8 @@ def test_ours_delivers_exactly_once_with_fewer_transmissions_than_flooding(loss:
     # The core itself repairs the losses: anti-entropy hands over at most a few pairs.
     assert mine.sync_deliveries <= 0.005 * mine.messages * (mine.n - 1)
     assert mine.tx_ratio < flood.tx_ratio
+    assert mine.dups_per_delivery < flood.dups_per_delivery
     if loss == 0.0:
-        # A stable tree: about one copy per node.
-        assert mine.dups_per_delivery < 0.5
         assert mine.delivery_1s == 1.0
 
 
