@@ -13,7 +13,7 @@ payload frames sent per broadcast over n - 1; ctrlB = control bytes per broadcas
 cov50/cov99 = time until the last node has it (inf: some message never reached all);
 lat50 = per-delivery latency p50; heal = heal-to-converge (last delivery after the heal);
 syncB = reconciliation bytes (set reconciliation + pushed payloads); bySync = deliveries
-that reconciliation handed a node. The RGG rows run the node's anti-entropy as designed
+that reconciliation handed a node; stretch = hops the first copy travelled / shortest path. The RGG rows run the node's anti-entropy as designed
 (every 60 s with one random neighbour, and on link-up) and 125 s past the last publish,
 so "deliv" is the system's final delivery and "@5s" shows what the core did on its own.
 
@@ -24,6 +24,7 @@ The last line summarises 50 nodes at 30 % loss (ours against flooding in the sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -51,6 +52,13 @@ EVENTS = 0
 WALL = 0.0
 SYNC_PERIOD = 60.0
 """The node's syncer: every 60 s with one random neighbour (and on every link-up)."""
+PROPOSED: dict[str, Any] = {
+    "ack_delay": 0.0,
+    "rto_factor": 1.5,
+    "initial_rtt": 0.03,
+    "rto_min": 0.03,
+}
+"""Policy values proposed for the core (bench/README.md, "The gossip simulation")."""
 SYNC_DRAIN = 125.0
 """Run this long after the last publish, so every node has reconciled at least once after it."""
 
@@ -68,7 +76,7 @@ def fmt_t(x: float | None) -> str:
 HEADER = (
     f"{'scenario':<16} {'loss':>4} {'protocol':<10} {'deliv':>7} {'@1s':>6} {'@5s':>6} "
     f"{'dups':>5} {'tx/(n-1)':>8} {'ctrlB':>7} {'cov50':>6} {'cov99':>6} {'lat50':>6} "
-    f"{'heal':>6} {'syncB':>8} {'bySync':>6} {'wall':>5}"
+    f"{'heal':>6} {'syncB':>8} {'bySync':>6} {'stretch':>7} {'wall':>5}"
 )
 
 
@@ -78,7 +86,7 @@ def row(sc: Scenario, r: Result) -> str:
         f"{r.delivery_5s:>6.3f} {r.dups_per_delivery:>5.2f} {r.tx_ratio:>8.2f} "
         f"{r.control_bytes_per_msg:>7.0f} {fmt_t(r.coverage_p50):>6} {fmt_t(r.coverage_p99):>6} "
         f"{fmt_t(r.latency_p50):>6} {fmt_t(r.heal_to_converge):>6} {r.sync_bytes:>8} "
-        f"{r.sync_deliveries:>6} {r.wall:>5.1f}"
+        f"{r.sync_deliveries:>6} {r.stretch:>7.2f} {r.wall:>5.1f}"
     )
 
 
@@ -87,11 +95,13 @@ def reconciler() -> Reconciler:
     return NegentropyReconciler() if negentropy_class() is not None else FullListReconciler()
 
 
-def show(sc: Scenario, seed: int, policy: object = None, only: str | None = None) -> list[Result]:
+def show(
+    sc: Scenario, seed: int, policy: object = None, only: str | None = None, label: str = ""
+) -> list[Result]:
     global EVENTS, WALL
     protocols = all_protocols(seed, policy)
     if only is not None:
-        protocols = {only: protocols[only]}
+        protocols = {label or only: protocols[only]}
     results = run(sc, protocols, seed, reconciler())
     for r in results:
         print(row(sc, r), flush=True)
@@ -141,6 +151,23 @@ def main() -> None:
                 summary = {r.protocol: r for r in res}
                 frames_profile(res)
     system: dict[str, Any] = {"periodic_sync": SYNC_PERIOD, "drain": SYNC_DRAIN}
+    if have_ours():
+        # Public policy knobs of our core, same 50-node graph and seed as above: the values
+        # proposed to the core's owner, and eager_degree 4 (the latency/duplicates trade).
+        from qpc_node.storefwd.plumtree import PlumtreePolicy
+
+        g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))
+        variants = {
+            "ours-prop": dataclasses.replace(PlumtreePolicy(), **PROPOSED),
+            "ours-ed4": dataclasses.replace(PlumtreePolicy(), **PROPOSED, eager_degree=4),
+        }
+        for loss in (0.0, 0.3):
+            for name, pol in variants.items():
+                sc = Scenario(
+                    f"rgg50(d{g.mean_degree:.1f})", g, loss, msgs[50], interval=0.25, **system
+                )
+                show(sc, seed, pol, only="ours", label=name)
+        print(f"  ours-prop = PlumtreePolicy defaults with {PROPOSED}")
     # A line: every edge a bridge, 19 hops end to end.
     sc = Scenario("line20", line(20), 0.3, 20 if args.quick else 30, interval=0.25, **system)
     show(sc, seed)

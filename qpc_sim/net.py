@@ -152,6 +152,8 @@ class Sim:
         """msg_id -> (publish time, origin)."""
         self.delivered: list[dict[bytes, float]] = [{} for _ in range(graph.n)]
         """node -> msg_id -> first delivery time (what its driver stored)."""
+        self.hops: list[dict[bytes, int]] = [{} for _ in range(graph.n)]
+        """node -> msg_id -> hops the first copy travelled (as its Deliver said; over links only)."""
         self.payloads: dict[bytes, bytes] = {}
         self._context = "tick"
         self.hooks: list[Callable[[int, Deliver], None]] = []
@@ -223,6 +225,7 @@ class Sim:
         c.deliveries += 1
         if self._context == "link":
             c.link_deliveries += 1
+            self.hops[i][out.msg_id] = out.hops
         elif self._context == "sync":
             c.sync_deliveries += 1
         for hook in self.hooks:

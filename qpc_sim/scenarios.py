@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qpc_sim.net import LinkParams, Reconciler, Sim, seeded
-from qpc_sim.topology import Graph
+from qpc_sim.topology import Graph, bfs_distances
 
 CoreFactory = Callable[[int, bytes], Any]
 """(node index, node id) -> a GossipCore."""
@@ -77,6 +77,8 @@ class Result:
     """(message, node) pairs never delivered."""
     sync_deliveries: int = 0
     """Deliveries that reconciliation handed a node (not its core's own repair)."""
+    stretch: float = 0.0
+    """Mean hops the first copy travelled over the shortest path's (deliveries over links)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -145,7 +147,10 @@ def measure(scenario: Scenario, protocol: str, sim: Sim) -> Result:
     lat: list[float] = []
     cov: list[float] = []
     last_delivery = 0.0
+    adj = sim.adj
+    hops_sum = bfs_sum = 0
     for msg_id, (t0, origin) in sim.published.items():
+        dist = bfs_distances(adj, origin)
         latest = 0.0
         count = 0
         for i in range(n):
@@ -156,6 +161,10 @@ def measure(scenario: Scenario, protocol: str, sim: Sim) -> Result:
                 continue
             d = t - t0
             count += 1
+            h = sim.hops[i].get(msg_id, 0)
+            if h > 0 and dist[i] > 0:
+                hops_sum += h
+                bfs_sum += dist[i]
             lat.append(d)
             got1 += d <= 1.0
             got5 += d <= 5.0
@@ -192,6 +201,7 @@ def measure(scenario: Scenario, protocol: str, sim: Sim) -> Result:
         frame_kinds=dict(c.frame_kinds),
         missing=pairs - got,
         sync_deliveries=c.sync_deliveries,
+        stretch=hops_sum / bfs_sum if bfs_sum else math.nan,
     )
 
 
