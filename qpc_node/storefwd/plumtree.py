@@ -282,6 +282,7 @@ class PlumtreeCore:
         self._out: list[Send | Deliver] = []
         self._now = 0.0  # the latest time an entry point was given (poll has none)
         self._inc = 1.0  # growing increment: scores decay without touching every peer
+        self._eager_n = 0  # eager edges, as of the last tick (see tick)
         self._c = _Counters()
 
     # ------------------------------------------------------------------ links
@@ -292,6 +293,7 @@ class PlumtreeCore:
             self._c.peers_refused += 1
             return
         st = self._peers[peer] = _Peer(self.policy.initial_rtt)
+        self._eager_n += 1
         # What it may have missed while away: announce the newest ids (it GRAFTs what it
         # lacks); anti-entropy sync covers anything older.
         p = self.policy
@@ -307,7 +309,9 @@ class PlumtreeCore:
             self._arm_ihave(now)
 
     def link_down(self, now: float, peer: bytes) -> None:
-        self._peers.pop(peer, None)
+        st = self._peers.pop(peer, None)
+        if st is not None and st.eager:
+            self._eager_n -= 1
         self._dirty.pop(peer, None)
         self._ack_peers.pop(peer, None)
         self._ihave_peers.pop(peer, None)
@@ -498,17 +502,14 @@ class PlumtreeCore:
         self._inc = 1.0
 
     def _on_ihave(self, now: float, peer: bytes, st: _Peer, f: IHave) -> None:
-        if (
-            not st.eager
-            and f.entries
-            and sum(1 for s in self._peers.values() if s.eager) < self.policy.eager_degree
-        ):
+        if not st.eager and f.entries and self._eager_n < self.policy.eager_degree:
             # Fewer eager edges than wanted (pruned, demoted or gone down): a live lazy
             # neighbour becomes a tree edge again.
             st.eager = True
             st.out.append(Graft(()))
             self._c.grafts_sent += 1
             self._dirty[peer] = None
+            self._eager_n += 1
         entries = f.entries
         cap = self.policy.max_ids_per_frame
         if len(entries) > cap:
@@ -517,6 +518,7 @@ class PlumtreeCore:
         self._c.ihave_entries_received += len(entries)
         p = self.policy
         seen = self._seen
+        cache = self._cache
         for ent in entries:
             try:
                 mid, hops = ent
@@ -526,8 +528,8 @@ class PlumtreeCore:
             if not isinstance(mid, bytes) or len(mid) != MSG_ID_LEN or not isinstance(hops, int):
                 self._c.bad_frames += 1
                 continue
-            if mid in seen:
-                e = self._cache.get(mid)
+            e = cache.get(mid)  # cheaper than the seen-filter, and the common case
+            if e is not None or mid in seen:
                 if e is not None:
                     e.known.add(peer)
                 if (
@@ -595,6 +597,9 @@ class PlumtreeCore:
 
     def tick(self, now: float) -> None:
         self._now = now
+        # Recounted here, not on every flag change: the under-degree GRAFT may act on a
+        # count one timer round old.
+        self._eager_n = sum(1 for s in self._peers.values() if s.eager)
         if self._ack_at is not None and self._ack_at <= now:
             self._ack_at = None
             self._ack_due = True
@@ -638,27 +643,27 @@ class PlumtreeCore:
 
     def _reannounce(self, now: float) -> None:
         p = self.policy
-        recent = self._recent
         cache = self._cache
         limit = now - p.reannounce_window
-        while recent:
-            e = cache.get(recent[0])
-            if e is not None and e.t > limit:
-                break
-            recent.popleft()
         maxq = p.max_queued
-        for mid in recent:
+        peers = self._peers
+        keep: deque[bytes] = deque()
+        for mid in self._recent:
             e = cache.get(mid)
-            if e is None:
+            if e is None or e.t <= limit:
                 continue
-            for pid, st in self._peers.items():
+            if len(e.known) >= len(peers) and all(pid in e.known for pid in peers):
+                continue  # every neighbour holds it: never again (the common case)
+            keep.append(mid)
+            for pid, st in peers.items():
                 if pid in e.known or mid in st.unacked or len(st.ihave_out) >= maxq:
                     continue
                 st.ihave_out.append((mid, e.hops))
                 self._ihave_peers[pid] = None
+        self._recent = keep
         if self._ihave_peers:
             self._arm_ihave(now)
-        if recent:
+        if keep:
             self._timer(now + p.reannounce_interval, _REANNOUNCE, b"", b"")
         else:
             self._reannounce_armed = False
