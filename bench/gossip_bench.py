@@ -13,7 +13,8 @@ payload frames sent per broadcast over n - 1; ctrlB = control bytes per broadcas
 cov50/cov99 = time until the last node has it (inf: some message never reached all);
 lat50 = per-delivery latency p50; heal = heal-to-converge (last delivery after the heal);
 syncB = reconciliation bytes (set reconciliation + pushed payloads); bySync = deliveries
-that reconciliation handed a node; stretch = hops the first copy travelled / shortest path. The RGG rows run the node's anti-entropy as designed
+that reconciliation handed a node; stretch = hops the first copy travelled / shortest path
+(a copy that reconciliation re-injected restarts its hop count). The RGG rows run the node's anti-entropy as designed
 (every 60 s with one random neighbour, and on link-up) and 125 s past the last publish,
 so "deliv" is the system's final delivery and "@5s" shows what the core did on its own.
 
