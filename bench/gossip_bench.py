@@ -169,6 +169,12 @@ def main() -> None:
                 )
                 show(sc, seed, pol, only="ours", label=name)
         print(f"  ours-prop = PlumtreePolicy defaults with {PROPOSED}")
+    # Sensitivity: one transmitter per node (its sends share the airtime) instead of
+    # independent links; not used for the last line.
+    g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))
+    for loss in (0.0, 0.3):
+        sc = Scenario("rgg50-radio", g, loss, msgs[50], interval=0.25, shared_radio=True, **system)
+        show(sc, seed)
     # A line: every edge a bridge, 19 hops end to end.
     sc = Scenario("line20", line(20), 0.3, 20 if args.quick else 30, interval=0.25, **system)
     show(sc, seed)

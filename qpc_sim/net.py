@@ -56,6 +56,9 @@ class LinkParams:
     loss: float = 0.0
     overhead: int = 28
     """Bytes of header per datagram (UDP/IP), counted in the serialisation time only."""
+    shared_radio: bool = False
+    """Serialise a node's sends on one transmitter (one radio's airtime shared by all its
+    links) instead of per link direction: closer to routers on one Wi-Fi channel."""
 
 
 Item = tuple[int, bytes]
@@ -148,6 +151,7 @@ class Sim:
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self._sched: list[float | None] = [None] * graph.n
+        self._radio: list[float] = [0.0] * graph.n
         self.published: dict[bytes, tuple[float, int]] = {}
         """msg_id -> (publish time, origin)."""
         self.delivered: list[dict[bytes, float]] = [{} for _ in range(graph.n)]
@@ -262,9 +266,14 @@ class Sim:
             c.frames_lost += len(out.frames)
             return
         p = self.params
-        start = max(self.now, link.busy[direction])
-        done = start + size * 8 / p.bandwidth_bps
-        link.busy[direction] = done
+        if p.shared_radio:
+            start = max(self.now, self._radio[i])
+            done = start + size * 8 / p.bandwidth_bps
+            self._radio[i] = done
+        else:
+            start = max(self.now, link.busy[direction])
+            done = start + size * 8 / p.bandwidth_bps
+            link.busy[direction] = done
         arrive = done + link.lat_rng[direction].uniform(p.latency_lo, p.latency_hi)
         loss_rng = link.loss_rng[direction]
         if p.loss > 0:

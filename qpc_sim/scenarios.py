@@ -48,6 +48,8 @@ class Scenario:
     sync_on_up: bool = True
     origins: tuple[int, ...] | None = None
     """Fixed origins (cycled); default: uniformly random nodes."""
+    shared_radio: bool = False
+    """See `LinkParams.shared_radio`."""
 
 
 @dataclass(slots=True)
@@ -98,7 +100,7 @@ def build(
     scenario: Scenario, make_core: CoreFactory, seed: int, reconciler: Reconciler | None = None
 ) -> Sim:
     """A Sim with the scenario's workload, partition and flaps scheduled (not yet run)."""
-    params = LinkParams(loss=scenario.loss)
+    params = LinkParams(loss=scenario.loss, shared_radio=scenario.shared_radio)
     sim = Sim(scenario.graph, make_core, params, seed, reconciler)
     rng = seeded(seed, "workload")
     payload = bytes(scenario.payload_size)

@@ -142,3 +142,22 @@ def test_dms_across_a_partition_are_held_delivered_after_the_heal_and_never_afte
     assert r.delivered_in_time == 1.0  # every DM whose expiry outlived the cut arrived
     assert r.expired_undelivered > 0  # and the short-lived ones sent across did not
     assert r.peak_held > 0
+
+
+def test_a_shared_radio_serialises_a_nodes_sends_and_links_do_not() -> None:
+    # A star: the centre floods to 8 leaves at once. Per-link bandwidth: each leaf waits one
+    # frame time; one radio: the last leaf waits for all 8 frames.
+    from qpc_sim.topology import Graph
+
+    star = Graph("star", 9, tuple((0, i) for i in range(1, 9)))
+    last: dict[bool, float] = {}
+    for shared in (False, True):
+        sc = Scenario("star", star, 0.0, 1, payload_size=12_000, origins=(0,), shared_radio=shared)
+        sim = build(sc, lambda i, peer: Flooding(peer), SEED)
+        sim.run(end_time(sc))
+        (msg,) = sim.published
+        t0 = sim.published[msg][0]
+        last[shared] = max(sim.delivered[i][msg] for i in range(1, 9)) - t0
+    frame = (12_000 + 100) * 8 / 1_000_000  # about 0.1 s per frame at 1 Mbit/s
+    assert last[False] < 2 * frame + 0.02
+    assert last[True] >= 8 * frame
