@@ -55,18 +55,21 @@ __all__ = ["PlumtreeCore", "PlumtreePolicy", "PlumtreeStatistics"]
 class PlumtreePolicy:
     """Timers and bounds; defaults from the design note (shared/research/gossip.md (b))."""
 
-    ihave_delay: float = 0.05
-    """Lazy IHAVEs are batched this long (50-100 ms)."""
-    ack_delay: float = 0.05
-    """Per-hop ACKs are batched this long (piggybacked at once on other frames)."""
-    graft_timeout: float = 0.15
-    """T1: wait this long after the first IHAVE before GRAFTing (latency vs duplicates)."""
+    ihave_delay: float = 0.02
+    """Lazy IHAVEs are batched this long (the note says 50-100 ms; 20 ms measured better
+    on qpc_sim at 30 % loss: p99 coverage 2.7 -> 0.95 s, p50 -4 %, same duplicates)."""
+    ack_delay: float = 0.02
+    """Per-hop ACKs are batched this long (piggybacked at once on other frames). The
+    sender's SRTT includes it, so it lengthens every retransmission timeout."""
+    graft_timeout: float = 0.08
+    """T1: wait this long after the first IHAVE before GRAFTing (latency vs duplicates;
+    the note's 150 ms was tuned without eager redundancy, which makes GRAFTs rarer)."""
     graft_retry: float = 0.25
     """T2: then GRAFT the next announcer this often."""
     graft_tries: int = 8
     """GRAFTs per missing message before giving up (anti-entropy sync takes over)."""
     rto_min: float = 0.05
-    rto_factor: float = 3.0
+    rto_factor: float = 2.0
     rto_max: float = 2.0
     initial_rtt: float = 0.1
     """SRTT before the first sample (the driver may seed it from the link's ping RTT)."""
@@ -90,6 +93,9 @@ class PlumtreePolicy:
     ack_repeat: bool = True
     """Each ACK id is sent again in the next ACK batch: an ACK is tiny, the retransmitted
     payload (and the duplicate it causes) is not."""
+    flood_hops: int = 1
+    """Messages that travelled fewer hops than this are pushed on every edge, not only
+    the eager ones (1: the origin node pushes to all its neighbours)."""
     hop_shortcut: int = 2
     """GRAFT an announcer whose path is at least this many hops shorter (0 = off)."""
     max_hops: int = 64
@@ -436,10 +442,11 @@ class PlumtreeCore:
         nh = hops + 1
         push: Push | None = None
         maxq = self.policy.max_queued
+        flood = hops < self.policy.flood_hops
         for pid, st in self._peers.items():
             if pid in known:
                 continue
-            if st.eager:
+            if st.eager or flood:
                 if push is None:
                     push = Push(mid, nh, payload)
                 self._push(now, pid, st, push)
