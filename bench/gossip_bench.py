@@ -200,6 +200,21 @@ def main() -> None:
     show(sc, seed)
 
     print()
+    print("50 nodes, 30 % loss, other seeds (graph, origins and losses all change with it):")
+    for s2 in (21, 34, 55) if not args.quick else (21,):
+        g = random_geometric(50, 8.0, random.Random(s2 * 1000 + 50))
+        sc = Scenario("rgg50", g, 0.3, msgs[50], interval=0.25, **system)
+        res = {r.protocol: r for r in run(sc, all_protocols(s2), s2, reconciler())}
+        fl, mine = res["flooding"], res.get("ours")
+        if mine is None:
+            continue
+        print(
+            f"  seed {s2}: delivery={mine.delivery:.4f} dups={mine.dups_per_delivery:.2f} "
+            f"tx_ratio={mine.tx_ratio / fl.tx_ratio:.2f} "
+            f"p50_ratio={mine.latency_p50 / fl.latency_p50:.2f}"
+        )
+
+    print()
     print("DMs (hop-by-hop custody, ack + retransmit, hold without a route):")
     print(
         f"{'scenario':<22} {'loss':>4} {'sent':>5} {'deliv':>6} {'in-time':>7} {'p50':>6} "
