@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -82,6 +82,9 @@ from qpc_node.store.federation import load_trust, save_trust
 from qpc_node.storefwd import receipts
 from qpc_node.storefwd.forward import M_RECEIPT
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
+
+if TYPE_CHECKING:  # storefwd/gossip.py imports this module
+    from qpc_node.storefwd.gossip import GossipLimits
 
 __all__ = [
     "CLOSE_DEAD",
@@ -624,6 +627,8 @@ class FederationSetup:
     home_of: Callable[[bytes], bytes | None] | None = None
     """A user's home node id in the routing bindings (receipts are verified against
     it); None: the resolver's ``home_of`` if it has one (StaticRoutes), else unknown."""
+    gossip_limits: GossipLimits | None = None
+    """Per-neighbour limits of the broadcast driver (storefwd/gossip.py); None: its defaults."""
 
 
 async def build_federation(
