@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from qpc_node.errors import StatusCode
+from qpc_node.errors import QpcError, StatusCode
 from qpc_node.federation.core import (
     M_PING,
     Federation,
@@ -84,7 +85,7 @@ async def test_link_events_up_and_down(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def bare_federation(
-    tmp: Path, net: FakeNetwork, name: str, host: str, timers: LinkTimers
+    tmp: Path, net: FakeNetwork, name: str, host: str, timers: LinkTimers, *, port: int = 4201
 ) -> AsyncIterator[Federation]:
     """A Federation on a fake-network endpoint (no Node): for a peer that goes silent."""
     creds = load_or_create_node_credentials(tmp / name / "keys")
@@ -96,7 +97,7 @@ async def bare_federation(
         settings = QuicSettings(dead_peer_timeout=120.0)
         async with (
             open_endpoint(
-                sock=net.bind(host, 4201), server_tls=fed.server_tls, settings=settings
+                sock=net.bind(host, port), server_tls=fed.server_tls, settings=settings
             ) as ep,
             trio.open_nursery() as nursery,
         ):
@@ -243,6 +244,19 @@ async def test_a_restarted_peer_that_redials_replaces_the_dead_link_at_once(
                     assert await low.ping(again.node_id) > 0
 
 
+RACE = LinkTimers(
+    ping_interval=5.0, ping_timeout=5.0, dead_after=20.0, call_timeout=2.0, race_window=60.0
+)
+"""Slow pings (the old link is not found dead during a test) and a race window no
+restart in a test gets out of: only the boot id tells a restart from a second dial."""
+
+
+def _low_and_high(tmp_path: Path) -> tuple[str, str]:
+    a_id = node_id_of_credentials(load_or_create_node_credentials(tmp_path / "a" / "keys"))
+    b_id = node_id_of_credentials(load_or_create_node_credentials(tmp_path / "b" / "keys"))
+    return ("a", "b") if a_id < b_id else ("b", "a")
+
+
 async def test_a_peer_restarted_within_the_race_window_is_a_new_incarnation(
     tmp_path: Path,
 ) -> None:
@@ -250,19 +264,18 @@ async def test_a_peer_restarted_within_the_race_window_is_a_new_incarnation(
     and, restarted, dials back well within ``race_window``. Timing says "both dialled
     at once" (and keeps the lower id's, dead, connection); the boot id says "a new
     process": its connection wins at once and the link is reported as replaced, so the
-    mesh withdraws the old incarnation's routes and sends the new one a full table."""
+    mesh withdraws the old incarnation's routes and sends the new one a full table.
+
+    The new process dials from another port: on the old one it would answer the old
+    connection's next packet (a PTO probe the kill left in flight) with a stateless
+    reset, and whether that or its new connection reaches the lower node first is a
+    race -- the reset-first order is the next two tests'."""
     net = FakeNetwork()
-    slow = LinkTimers(
-        ping_interval=5.0, ping_timeout=5.0, dead_after=20.0, call_timeout=2.0, race_window=60.0
-    )
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    a_id = node_id_of_credentials(load_or_create_node_credentials(a_dir / "keys"))
-    b_id = node_id_of_credentials(load_or_create_node_credentials(b_dir / "keys"))
-    lo, hi = ("a", "b") if a_id < b_id else ("b", "a")
+    lo, hi = _low_and_high(tmp_path)
     lo_host, hi_host = "10.0.0.1", "10.0.0.2"
     with trio.fail_after(30):
-        async with bare_federation(tmp_path, net, lo, lo_host, slow) as low:
-            async with bare_federation(tmp_path, net, hi, hi_host, slow) as high:
+        async with bare_federation(tmp_path, net, lo, lo_host, RACE) as low:
+            async with bare_federation(tmp_path, net, hi, hi_host, RACE) as high:
                 assert await low.connect(hi_host, 4201) == high.node_id
                 first: LinkEvent = await low.events.receive()
                 assert (first.kind, first.replaced) == ("up", False)
@@ -270,7 +283,7 @@ async def test_a_peer_restarted_within_the_race_window_is_a_new_incarnation(
                 net.blackhole(net_addr(hi_host))  # dies silently: no CONNECTION_CLOSE
             net.blackhole(net_addr(hi_host), enabled=False)
             assert low.link_up(high.node_id)  # not noticed yet (slow pings)
-            async with bare_federation(tmp_path, net, hi, hi_host, slow) as again:
+            async with bare_federation(tmp_path, net, hi, hi_host, RACE, port=4202) as again:
                 await again.connect(lo_host, 4201)
                 with trio.fail_after(3):  # well before the old link could be found dead
                     ev: LinkEvent = await low.events.receive()
@@ -280,6 +293,88 @@ async def test_a_peer_restarted_within_the_race_window_is_a_new_incarnation(
                 (info,) = low.links()
                 assert not info.dialled_by_us  # the new incarnation's connection won
                 assert low.statistics().link_ups == 1  # a new incarnation, not a new link
+                assert low.endpoint is not None
+                assert low.endpoint.statistics().resets_received == 0
+
+
+async def test_a_restarted_peer_resets_the_old_connection_and_its_new_one_comes_up(
+    tmp_path: Path,
+) -> None:
+    """Restarted on its old address, the peer answers the old connection's next
+    packet with a stateless reset (its reset key comes from its persistent TLS key):
+    the old link is down at once, not after ``dead_after``, and the new incarnation's
+    connection is a fresh link."""
+    net = FakeNetwork()
+    lo, hi = _low_and_high(tmp_path)
+    lo_host, hi_host = "10.0.0.1", "10.0.0.2"
+    with trio.fail_after(30):
+        async with bare_federation(tmp_path, net, lo, lo_host, RACE) as low:
+            async with bare_federation(tmp_path, net, hi, hi_host, RACE) as high:
+                assert await low.connect(hi_host, 4201) == high.node_id
+                assert (await low.events.receive()).kind == "up"
+                await high.wait_link(low.node_id)
+                net.blackhole(net_addr(hi_host))  # dies silently: no CONNECTION_CLOSE
+            net.blackhole(net_addr(hi_host), enabled=False)
+            async with bare_federation(tmp_path, net, hi, hi_host, RACE) as again:
+                with trio.fail_after(3):  # well before the old link could be found dead
+                    # The ping's packet on the old connection (or a probe before it)
+                    # reaches the new process, which resets it.
+                    with contextlib.suppress(QpcError):
+                        await low.ping(again.node_id)
+                    down: LinkEvent = await low.events.receive()
+                    assert (down.kind, down.node_id) == ("down", again.node_id)
+                    assert "stateless reset" in down.reason
+                    assert not low.link_up(again.node_id)
+                    await again.connect(lo_host, 4201)
+                    up: LinkEvent = await low.events.receive()
+                    assert (up.kind, up.node_id, up.replaced) == ("up", again.node_id, False)
+                    assert await again.ping(low.node_id) > 0
+                    assert await low.ping(again.node_id) > 0
+                (info,) = low.links()
+                assert not info.dialled_by_us
+                st = low.statistics()
+                assert (st.link_ups, st.link_downs) == (2, 1)
+
+
+async def test_a_restart_on_the_old_address_is_news_to_routing_in_either_order(
+    tmp_path: Path,
+) -> None:
+    """What the product promises when a peer restarts on its old address and dials
+    back: its stateless reset of the old connection and its new connection race (the
+    reset answers a packet the old connection happened to have in flight), so the
+    lower node reports either ``up`` *replaced* (new connection first) or ``down``
+    then a fresh ``up`` (reset first). Either way routing drops what it learnt from
+    the old incarnation and sends the new one a full table, at once."""
+    net = FakeNetwork()
+    lo, hi = _low_and_high(tmp_path)
+    lo_host, hi_host = "10.0.0.1", "10.0.0.2"
+    with trio.fail_after(30):
+        async with bare_federation(tmp_path, net, lo, lo_host, RACE) as low:
+            async with bare_federation(tmp_path, net, hi, hi_host, RACE) as high:
+                assert await low.connect(hi_host, 4201) == high.node_id
+                assert (await low.events.receive()).kind == "up"
+                await high.wait_link(low.node_id)
+                net.blackhole(net_addr(hi_host))  # dies silently: no CONNECTION_CLOSE
+            net.blackhole(net_addr(hi_host), enabled=False)
+            async with bare_federation(tmp_path, net, hi, hi_host, RACE) as again:
+                await again.connect(lo_host, 4201)
+                with trio.fail_after(3):  # well before the old link could be found dead
+                    seen = [await low.events.receive()]
+                    if seen[0].kind == "down":
+                        seen.append(await low.events.receive())
+                    assert [(e.kind, e.replaced) for e in seen] in (
+                        [("up", True)],
+                        [("down", False), ("up", False)],
+                    )
+                    assert {e.node_id for e in seen} == {again.node_id}
+                    assert await again.ping(low.node_id) > 0
+                    assert await low.ping(again.node_id) > 0
+                (info,) = low.links()
+                assert not info.dialled_by_us
+                st = low.statistics()
+                # Each incarnation announced once: a fresh up, or a replacing one.
+                assert st.link_ups + st.restarts == 2
+                assert st.link_ups - st.link_downs == 1
 
 
 async def test_a_second_dial_of_the_same_process_is_no_restart(tmp_path: Path) -> None:
