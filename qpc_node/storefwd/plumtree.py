@@ -107,6 +107,10 @@ class PlumtreePolicy:
     relink_announce: int = 256
     relink_age: float = 120.0
     """On link up, IHAVE the newest cached ids (at most this many, this young) to the peer."""
+    relink_tries: int = 6
+    """That announcement is repeated (after reannounce_interval, doubling) for the ids the
+    peer is still not known to hold, at most this many times: it is the only way an id
+    older than reannounce_window crosses a healed link when reconciliation is slow."""
     max_peers: int = 64
     max_missing: int = 4096
     max_announcers: int = 8
@@ -182,6 +186,9 @@ class _Peer:
         "graft_ids",
         "ihave_out",
         "out",
+        "relink",
+        "relink_at",
+        "relink_tries",
         "score",
         "srtt",
         "unacked",
@@ -197,6 +204,9 @@ class _Peer:
         self.ihave_out: list[tuple[bytes, int]] = []
         self.out: list[Frame] = []
         self.graft_ids: list[bytes] = []
+        self.relink: list[bytes] = []  # link-up announcement not yet known to have landed
+        self.relink_at = 0.0
+        self.relink_tries = 0
 
 
 class _Entry:
@@ -224,6 +234,7 @@ class _Missing:
 _RTO = 0
 _GRAFT = 1
 _REANNOUNCE = 2
+_RELINK = 3
 
 
 @dataclass(slots=True)
@@ -309,10 +320,14 @@ class PlumtreeCore:
             if n >= p.relink_announce or now - e.t > p.relink_age:
                 break
             st.ihave_out.append((mid, e.hops))
+            st.relink.append(mid)
             n += 1
         if n:
             self._ihave_peers[peer] = None
             self._arm_ihave(now)
+            if p.relink_tries > 0:
+                st.relink_at = now + p.reannounce_interval
+                self._timer(st.relink_at, _RELINK, peer, b"")
 
     def link_down(self, now: float, peer: bytes) -> None:
         st = self._peers.pop(peer, None)
@@ -627,6 +642,8 @@ class PlumtreeCore:
                 self._on_rto(now, peer, mid)
             elif kind == _GRAFT:
                 self._on_graft_timer(now, mid)
+            elif kind == _RELINK:
+                self._relink(now, peer)
             else:
                 self._reannounce(now)
         self._expire_cache(now)
@@ -654,6 +671,33 @@ class PlumtreeCore:
         st.out.append(rec.push)
         self._dirty[pid] = None
         self._timer(rec.deadline, _RTO, pid, mid)
+
+    def _relink(self, now: float, pid: bytes) -> None:
+        """Announce again what the link-up IHAVE offered and the peer is not known to hold."""
+        st = self._peers.get(pid)
+        if st is None or now < st.relink_at or not st.relink:
+            return  # gone, or a timer of an earlier link-up
+        cache = self._cache
+        left = []
+        for mid in st.relink:
+            e = cache.get(mid)
+            if e is not None and pid not in e.known and mid not in st.unacked:
+                left.append(mid)
+        p = self.policy
+        st.relink_tries += 1
+        if not left or st.relink_tries > p.relink_tries:
+            st.relink = []
+            return
+        st.relink = left
+        for mid in left:
+            if len(st.ihave_out) >= p.max_queued:
+                self._c.queue_dropped += 1
+                break
+            st.ihave_out.append((mid, cache[mid].hops))
+        self._ihave_peers[pid] = None
+        self._arm_ihave(now)
+        st.relink_at = now + p.reannounce_interval * (2**st.relink_tries)
+        self._timer(st.relink_at, _RELINK, pid, b"")
 
     def _reannounce(self, now: float) -> None:
         p = self.policy

@@ -447,3 +447,55 @@ def test_a_repeated_ihave_is_answered_with_an_ack_that_ends_the_reannouncing() -
             if isinstance(o, Send) and t > 1.1:
                 announced += sum(len(f.entries) for f in o.frames if isinstance(f, IHave))
     assert announced == 0
+
+
+def test_link_up_announcement_is_repeated_until_the_peer_holds_it() -> None:
+    """A message older than the re-announce window reaches a neighbour that comes up
+    only through the link-up IHAVE; if that frame is lost, it is announced again (with
+    backoff, a bounded number of times) until the peer pushes, announces or ACKs it."""
+    c = PlumtreeCore()
+    old, other = mid_of(1), mid_of(2)
+    c.publish(0.0, old, b"x")
+    c.publish(0.0, other, b"y")
+    c.tick(30.0)
+    c.poll()
+    peer = nid(9)
+    c.link_up(30.0, peer)
+
+    def announced(t: float) -> set[bytes]:
+        c.tick(t)
+        return {
+            m
+            for o in c.poll()
+            if isinstance(o, Send) and o.peer == peer
+            for f in o.frames
+            if isinstance(f, IHave)
+            for m, _ in f.entries
+        }
+
+    assert announced(30.1) == {old, other}  # the first announcement: lost
+    t, again = 30.1, set()
+    while t < 34.0 and not again:
+        t += 0.05
+        again = announced(t)
+    assert again == {old, other}
+    # The peer shows it holds `old` (an ACK) and `other` (its own IHAVE): no more.
+    c.receive(t, peer, [Ack((old,)), IHave(((other, 0),))])
+    later: set[bytes] = set()
+    while t < 120.0:
+        t += 0.25
+        later |= announced(t)
+    assert later == set()
+    # Bounded: a peer that never answers gets a limited number of repeats.
+    d = PlumtreeCore()
+    d.publish(0.0, old, b"x")
+    d.tick(30.0)
+    d.link_up(30.0, peer)
+    count, t = 0, 30.0
+    while t < 300.0:
+        t += 0.25
+        d.tick(t)
+        for o in d.poll():
+            if isinstance(o, Send):
+                count += sum(1 for f in o.frames if isinstance(f, IHave))
+    assert 2 <= count <= PlumtreePolicy().relink_tries + 1
