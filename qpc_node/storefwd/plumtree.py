@@ -139,6 +139,7 @@ class PlumtreeStatistics:
     retransmission_duplicates: int
     pushes_sent: int
     retransmits: int
+    retransmits_cancelled: int
     graft_pushes: int
     ihave_entries_sent: int
     ihave_entries_received: int
@@ -245,6 +246,7 @@ class _Counters:
     retransmission_duplicates: int = 0
     pushes_sent: int = 0
     retransmits: int = 0
+    retransmits_cancelled: int = 0
     graft_pushes: int = 0
     ihave_entries_sent: int = 0
     ihave_entries_received: int = 0
@@ -556,6 +558,10 @@ class PlumtreeCore:
             e = cache.get(mid)  # cheaper than the seen-filter, and the common case
             if e is not None or mid in seen:
                 if e is not None:
+                    # It holds it: a push still awaiting its ACK would only be a
+                    # duplicate when retransmitted.
+                    if st.unacked.pop(mid, None) is not None:
+                        self._c.retransmits_cancelled += 1
                     if peer in e.known:
                         # Announced again: it does not know we hold it (our IHAVE or
                         # ACK was lost). One ACK stops its re-announcing.
@@ -861,6 +867,7 @@ class PlumtreeCore:
             retransmission_duplicates=c.retransmission_duplicates,
             pushes_sent=c.pushes_sent,
             retransmits=c.retransmits,
+            retransmits_cancelled=c.retransmits_cancelled,
             graft_pushes=c.graft_pushes,
             ihave_entries_sent=c.ihave_entries_sent,
             ihave_entries_received=c.ihave_entries_received,

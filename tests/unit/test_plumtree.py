@@ -499,3 +499,26 @@ def test_link_up_announcement_is_repeated_until_the_peer_holds_it() -> None:
             if isinstance(o, Send):
                 count += sum(1 for f in o.frames if isinstance(f, IHave))
     assert 2 <= count <= PlumtreePolicy().relink_tries + 1
+
+
+def test_an_announcement_from_the_peer_cancels_the_pending_retransmission() -> None:
+    """A neighbour that announces a message we pushed to it (it got it elsewhere first, or
+    our push crossed its copy) holds it: retransmitting would only be a duplicate."""
+    c = PlumtreeCore()
+    a, b = nid(1), nid(2)
+    c.link_up(0.0, a)
+    c.link_up(0.0, b)
+    c.publish(0.0, mid_of(1), b"x")  # pushed to both
+    c.poll()
+    c.receive(0.01, b, [IHave(((mid_of(1), 2),))])  # b's ACK was lost; its IHAVE was not
+    resent: dict[bytes, int] = {a: 0, b: 0}
+    t = 0.01
+    while t < 2.0:
+        t += 0.01
+        c.tick(t)
+        for o in c.poll():
+            if isinstance(o, Send):
+                resent[o.peer] += sum(1 for f in o.frames if isinstance(f, Push))
+    assert resent[b] == 0
+    assert resent[a] > 0  # a said nothing: retransmitted as before
+    assert c.statistics().retransmits_cancelled == 1
