@@ -15,6 +15,13 @@ that stays silent is demoted to lazy and the message announced on it instead (it
 end will GRAFT it from whoever answers). A retransmission from the neighbour that first
 delivered a message is only re-ACKed, never PRUNEd.
 
+Latency against flooding is path length, so two departures from the paper: a PRUNE
+stops pushes one way only (each node keeps the in-edges that deliver first for it,
+instead of also losing the direction its neighbour found fastest), and a node whose
+pushes keep needing retransmissions pushes on every link near the origin, where copies
+are few and flooding's first copy simply takes whichever link survived
+(``PlumtreePolicy.directed``, ``flood_hops_lossy``; figures in bench/README.md).
+
 The IHAVE hop-count optimisation keeps the tree shallow: when a neighbour announces a
 message at least ``hop_shortcut`` hops closer to the source than the path it came by, that
 neighbour is GRAFTed and the old parent PRUNEd.
