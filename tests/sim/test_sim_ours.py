@@ -64,3 +64,17 @@ def test_ours_is_reproducible_from_the_seed() -> None:
         b.latency_p50,
         b.frame_kinds,
     )
+
+
+def test_ours_announces_what_it_held_across_a_healed_bridge_until_the_peer_has_it() -> None:
+    """A long cut and no reconciliation: what was published before the heal is older than
+    the re-announce window, so only the link-up announcement carries it over the bridge.
+    That announcement is repeated until the other side is known to hold each id (one lost
+    IHAVE frame used to strand those messages on their side for good)."""
+    g, bridge = two_clusters(20, 8.0, random.Random(SEED))
+    part = Partition((bridge,), 1.0, 11.0, frozenset(range(20)))
+    sc = Scenario("cut10", g, 0.1, 16, interval=0.25, partition=part, drain=20.0, sync_on_up=False)
+    (mine,) = run(sc, {"ours": ours(SEED)}, SEED)
+    assert mine.sync_deliveries == 0  # the core alone
+    assert mine.delivery == 1.0, mine.missing
+    assert mine.double_deliveries == 0

@@ -215,9 +215,11 @@ def test_star_repairs_losses(loss: float) -> None:
 def test_tree_converges_to_its_eager_degree(degree: int) -> None:
     """With eager_degree 1 (classic Plumtree) a stable tree costs exactly one payload per
     node; with more, the typical node keeps that many eager edges (hubs more: their
-    neighbours keep them) and pays for it in duplicates, not in transmissions to all."""
+    neighbours keep them) and pays for it in duplicates, not in transmissions to all.
+    (Classic Plumtree is also symmetric: with ``directed`` each node keeps that many
+    in-edges, and one in-edge per node is no tree.)"""
     n = 30
-    pol = PlumtreePolicy(eager_degree=degree, flood_hops=0)
+    pol = PlumtreePolicy(eager_degree=degree, flood_hops=0, directed=degree > 1)
     net = Net(random_graph(n, 6, seed=4), seed=4, policy=pol)
     for i in range(20):  # warm-up: the first messages prune the tree
         net.publish(i % 3, mid_of(i))
@@ -309,12 +311,14 @@ def test_hop_shortcut_grafts_a_much_shorter_path() -> None:
     # A ring of 8 where the first message reaches node 4 the long way round is hard to
     # force; instead: node 4 first gets a message with hop count 6 from 3, then 5
     # announces it at hop 1 (it is next to the source): 4 grafts 5 and prunes 3.
-    c = PlumtreeCore()
+    c = PlumtreeCore(PlumtreePolicy(eager_degree=1))
     a, b = nid(3), nid(5)
     c.link_up(0.0, a)
     c.link_up(0.0, b)
-    c.receive(0.0, b, [Prune()])  # 5 lazy from our side
-    c.poll()
+    c.receive(0.0, a, [Push(mid_of(0), 2, b"w")])
+    c.receive(0.0, b, [Push(mid_of(0), 2, b"w")])  # a duplicate: 4 PRUNEs 5
+    assert Prune() in [f for o in c.poll() if isinstance(o, Send) and o.peer == b for f in o.frames]
+    assert c.statistics().eager_peers == 1
     c.receive(0.01, a, [Push(mid_of(1), 6, b"x")])
     c.poll()
     c.receive(0.02, b, [IHave(((mid_of(1), 1),))])
@@ -447,3 +451,139 @@ def test_a_repeated_ihave_is_answered_with_an_ack_that_ends_the_reannouncing() -
             if isinstance(o, Send) and t > 1.1:
                 announced += sum(len(f.entries) for f in o.frames if isinstance(f, IHave))
     assert announced == 0
+
+
+def test_link_up_announcement_is_repeated_until_the_peer_holds_it() -> None:
+    """A message older than the re-announce window reaches a neighbour that comes up
+    only through the link-up IHAVE; if that frame is lost, it is announced again (with
+    backoff, a bounded number of times) until the peer pushes, announces or ACKs it."""
+    c = PlumtreeCore()
+    old, other = mid_of(1), mid_of(2)
+    c.publish(0.0, old, b"x")
+    c.publish(0.0, other, b"y")
+    c.tick(30.0)
+    c.poll()
+    peer = nid(9)
+    c.link_up(30.0, peer)
+
+    def announced(t: float) -> set[bytes]:
+        c.tick(t)
+        return {
+            m
+            for o in c.poll()
+            if isinstance(o, Send) and o.peer == peer
+            for f in o.frames
+            if isinstance(f, IHave)
+            for m, _ in f.entries
+        }
+
+    assert announced(30.1) == {old, other}  # the first announcement: lost
+    t, again = 30.1, set()
+    while t < 34.0 and not again:
+        t += 0.05
+        again = announced(t)
+    assert again == {old, other}
+    # The peer shows it holds `old` (an ACK) and `other` (its own IHAVE): no more.
+    c.receive(t, peer, [Ack((old,)), IHave(((other, 0),))])
+    later: set[bytes] = set()
+    while t < 120.0:
+        t += 0.25
+        later |= announced(t)
+    assert later == set()
+    # Bounded: a peer that never answers gets a limited number of repeats.
+    d = PlumtreeCore()
+    d.publish(0.0, old, b"x")
+    d.tick(30.0)
+    d.link_up(30.0, peer)
+    count, t = 0, 30.0
+    while t < 300.0:
+        t += 0.25
+        d.tick(t)
+        for o in d.poll():
+            if isinstance(o, Send):
+                count += sum(1 for f in o.frames if isinstance(f, IHave))
+    assert 2 <= count <= PlumtreePolicy().relink_tries + 1
+
+
+def test_an_announcement_from_the_peer_cancels_the_pending_retransmission() -> None:
+    """A neighbour that announces a message we pushed to it (it got it elsewhere first, or
+    our push crossed its copy) holds it: retransmitting would only be a duplicate."""
+    c = PlumtreeCore()
+    a, b = nid(1), nid(2)
+    c.link_up(0.0, a)
+    c.link_up(0.0, b)
+    c.publish(0.0, mid_of(1), b"x")  # pushed to both
+    c.poll()
+    c.receive(0.01, b, [IHave(((mid_of(1), 2),))])  # b's ACK was lost; its IHAVE was not
+    resent: dict[bytes, int] = {a: 0, b: 0}
+    t = 0.01
+    while t < 2.0:
+        t += 0.01
+        c.tick(t)
+        for o in c.poll():
+            if isinstance(o, Send):
+                resent[o.peer] += sum(1 for f in o.frames if isinstance(f, Push))
+    assert resent[b] == 0
+    assert resent[a] > 0  # a said nothing: retransmitted as before
+    assert c.statistics().retransmits_cancelled == 1
+
+
+def _sent_to(c: PlumtreeCore, peer: bytes) -> list[Frame]:
+    return [f for o in c.poll() if isinstance(o, Send) and o.peer == peer for f in o.frames]
+
+
+def test_a_prune_stops_pushes_one_way_only() -> None:
+    """4 gets a duplicate from 5 and PRUNEs it: 5 stops pushing to 4, but what 4 gets
+    first it still pushes to 5 (5 never said it had a better in-edge); a symmetric PRUNE
+    dropped that direction too, and 5's first copies came the long way."""
+    c = PlumtreeCore(PlumtreePolicy(eager_degree=1))
+    a, b = nid(3), nid(5)
+    c.link_up(0.0, a)
+    c.link_up(0.0, b)
+    c.receive(0.0, a, [Push(mid_of(0), 3, b"w")])
+    c.receive(0.0, b, [Push(mid_of(0), 3, b"w")])
+    assert Prune() in _sent_to(c, b)
+    c.receive(0.1, a, [Push(mid_of(1), 3, b"v")])
+    assert Push(mid_of(1), 4, b"v") in _sent_to(c, b)
+    s = c.statistics()
+    assert (s.eager_peers, s.pushing_to) == (1, 2)
+    # With directed off (classic Plumtree), the PRUNE made the edge lazy both ways.
+    d = PlumtreeCore(PlumtreePolicy(eager_degree=1, directed=False))
+    d.link_up(0.0, a)
+    d.link_up(0.0, b)
+    d.receive(0.0, a, [Push(mid_of(0), 3, b"w")])
+    d.receive(0.0, b, [Push(mid_of(0), 3, b"w")])
+    d.poll()
+    d.receive(0.1, a, [Push(mid_of(1), 3, b"v")])
+    assert not [f for f in _sent_to(d, b) if isinstance(f, Push)]
+
+
+def test_a_lossy_node_pushes_on_every_edge_near_the_origin() -> None:
+    """While most of its pushes need a retransmission, a node one hop from the origin
+    pushes on all its edges (flood_hops_lossy); on clean links only on the eager ones."""
+    c = PlumtreeCore(PlumtreePolicy(eager_degree=1))
+    a, b, q = nid(1), nid(2), nid(3)
+    for p in (a, b, q):
+        c.link_up(0.0, p)
+    c.receive(0.0, a, [Push(mid_of(0), 3, b"w")])
+    c.receive(0.0, b, [Push(mid_of(0), 3, b"w")])
+    c.receive(0.0, q, [Push(mid_of(0), 3, b"w")])  # b and q PRUNEd: a is the one in-edge
+    c.receive(0.0, b, [Prune()])
+    c.receive(0.0, q, [Prune()])  # and we push only to a
+    c.poll()
+    c.receive(0.1, a, [Push(mid_of(1), 1, b"v")])  # clean so far: hop 1 goes eager only
+    assert not [f for o in c.poll() if isinstance(o, Send) for f in o.frames if isinstance(f, Push)]
+    t = 0.2
+    for k in range(200):  # our pushes to a keep needing retransmissions (a ACKs late)
+        t += 0.2
+        c.receive(t, b, [Push(mid_of(10 + k), 3, b"u")])
+        c.tick(t + 0.15)
+        c.receive(t + 0.16, a, [Ack((mid_of(10 + k),))])
+        c.poll()
+    c.receive(t + 1.0, a, [Push(mid_of(2), 1, b"z")])
+    pushed = {
+        o.peer for o in c.poll() if isinstance(o, Send) for f in o.frames if isinstance(f, Push)
+    }
+    assert pushed == {b, q}
+    c.receive(t + 1.1, a, [Push(mid_of(3), 2, b"y")])  # two hops out: eager edges only
+    assert not [f for o in c.poll() if isinstance(o, Send) for f in o.frames if isinstance(f, Push)]
