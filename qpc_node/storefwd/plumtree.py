@@ -348,16 +348,19 @@ class PlumtreeCore:
         self._eager_n += 1
         # What it may have missed while away: announce the newest ids (it GRAFTs what it
         # lacks); anti-entropy sync covers anything older.
+        # The newest are picked, then announced oldest first: the peer GRAFTs (and
+        # stores, and shows its users) in that order, the order they were sent in.
         p = self.policy
-        n = 0
+        picked: list[tuple[bytes, int]] = []
         for mid in reversed(self._cache):
             e = self._cache[mid]
-            if n >= p.relink_announce or now - e.t > p.relink_age:
+            if len(picked) >= p.relink_announce or now - e.t > p.relink_age:
                 break
-            st.ihave_out.append((mid, e.hops))
+            picked.append((mid, e.hops))
+        for mid, hops in reversed(picked):
+            st.ihave_out.append((mid, hops))
             st.relink.append(mid)
-            n += 1
-        if n:
+        if picked:
             self._ihave_peers[peer] = None
             self._arm_ihave(now)
             if p.relink_tries > 0:

@@ -587,3 +587,27 @@ def test_a_lossy_node_pushes_on_every_edge_near_the_origin() -> None:
     assert pushed == {b, q}
     c.receive(t + 1.1, a, [Push(mid_of(3), 2, b"y")])  # two hops out: eager edges only
     assert not [f for o in c.poll() if isinstance(o, Send) for f in o.frames if isinstance(f, Push)]
+
+
+def test_link_up_announces_oldest_first() -> None:
+    """What a returning neighbour missed is announced in the order it was published, so
+    it GRAFTs and stores it in that order (a heal that replays newest first showed a
+    channel's backlog to its members backwards)."""
+    c = PlumtreeCore()
+    mids = [mid_of(i) for i in range(1, 6)]
+    for i, m in enumerate(mids):
+        c.publish(float(i), m, b"x")
+    c.tick(10.0)
+    c.poll()
+    peer = nid(9)
+    c.link_up(10.0, peer)
+    c.tick(10.5)
+    order = [
+        m
+        for o in c.poll()
+        if isinstance(o, Send) and o.peer == peer
+        for f in o.frames
+        if isinstance(f, IHave)
+        for m, _ in f.entries
+    ]
+    assert list(dict.fromkeys(order)) == mids  # first announcement of each, in order
