@@ -60,7 +60,7 @@ from qpc_node.store.federation import (
 )
 from qpc_node.store.held import (
     HoldItem,
-    apply_receipt,
+    apply_receipts,
     held_expire,
     hold_many,
     release,
@@ -80,12 +80,6 @@ HOP = b"\x0b" * 32  # the next hop once a route appears
 ORIGIN_NODE = b"\x0c" * 32
 POLICY = HoldPolicy()
 QUEUE = RelayQueueLimits()
-
-
-def apply_receipts(store: Store, batch: list[tuple[bytes, bytes]]) -> None:
-    """One receipt RPC's receipts, applied as StoreForward.on_receipts does."""
-    for msg_id, peer in batch:
-        apply_receipt(store, msg_id, peer)
 
 
 def io_counters() -> tuple[int, int]:

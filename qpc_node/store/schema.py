@@ -221,12 +221,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             held_ms INTEGER NOT NULL
         )""",
         "CREATE INDEX held_by_recipient ON held(recipient, id)",
-        "CREATE INDEX held_by_origin_node ON held(origin_node)",
-        "CREATE INDEX held_by_expiry ON held(expiry_ms)",
+        # Quota per origin node, eviction within it, and the expiry sweep (a seek per
+        # origin node): one index, not two, since each is a page written per envelope.
+        "CREATE INDEX held_by_origin_node ON held(origin_node, expiry_ms)",
         "ALTER TABLE relay_queue ADD COLUMN origin_node BLOB",
-        # delivered: a valid receipt came (tombstone until expiry_ms).
+        # delivered: a valid receipt came (tombstone until expiry_ms). peer: where
+        # its receipt goes back to, the node it came from (NULL: it entered here) --
+        # in the seen row every relayed envelope writes anyway, not a row of its own.
         "ALTER TABLE relay_seen ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
-        # Where receipts for msg_id go: the node(s) it came from and spray targets.
+        "ALTER TABLE relay_seen ADD COLUMN peer BLOB",
+        # Further receipt targets for msg_id: carriers a spray copy went to.
         """CREATE TABLE relay_trail (
             msg_id BLOB NOT NULL,
             peer BLOB NOT NULL,
