@@ -168,7 +168,7 @@ def hold(
         if full:
             out.append("full")
             continue
-        conn.execute(
+        row_id = conn.execute(
             "INSERT INTO held (msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
             " origin_node, from_node, tokens, held_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -183,8 +183,10 @@ def hold(
                 item.tokens,
                 now_ms,
             ),
+        ).lastrowid
+        seen_add(
+            conn, env.msg_id, env.expiry_ms, item.from_node if item.trail else None, held=row_id
         )
-        seen_add(conn, env.msg_id, env.expiry_ms, item.from_node if item.trail else None)
         total += 1
         per_node[node] += 1
         out.append("held")
@@ -224,14 +226,32 @@ def _trail(conn: sqlite3.Connection, msg_id: bytes, peer: bytes, expiry_ms: int)
     )
 
 
-def seen_add(conn: sqlite3.Connection, msg_id: bytes, expiry_ms: int, peer: bytes | None) -> None:
+def seen_add(
+    conn: sqlite3.Connection,
+    msg_id: bytes,
+    expiry_ms: int,
+    peer: bytes | None,
+    *,
+    held: int | None = None,
+) -> None:
     """Mark ``msg_id`` seen here until ``expiry_ms``; its receipt goes back to
-    ``peer`` (it gave us the envelope; None: it entered here). In a transaction
-    (store/federation.py's custody accept calls it too)."""
+    ``peer`` (it gave us the envelope; None: it entered here); ``held``: its
+    held row. In a transaction (store/federation.py's custody accept calls it
+    too)."""
     conn.execute(
-        "INSERT INTO relay_seen (msg_id, expiry_ms, peer) VALUES (?, ?, ?)",
-        (msg_id, expiry_ms, peer),
+        "INSERT INTO relay_seen (msg_id, expiry_ms, peer, held) VALUES (?, ?, ?, ?)",
+        (msg_id, expiry_ms, peer, held),
     )
+
+
+def _held_row_of(conn: sqlite3.Connection, msg_id: bytes) -> Any:
+    """``(id, expiry_ms)`` of ``msg_id``'s held row, or None: through the seen
+    row's pointer (held has no msg_id index), checked against msg_id."""
+    return conn.execute(
+        "SELECT h.id, h.expiry_ms FROM relay_seen s JOIN held h ON h.id = s.held"
+        " AND h.msg_id = s.msg_id WHERE s.msg_id = ?",
+        (msg_id,),
+    ).fetchone()
 
 
 def held_recipients(store: Store) -> set[bytes]:
@@ -394,7 +414,8 @@ def _apply_receipt(
     seen = conn.execute(
         "SELECT expiry_ms, delivered, peer FROM relay_seen WHERE msg_id = ?", (msg_id,)
     ).fetchone()
-    held = conn.execute("SELECT id, expiry_ms FROM held WHERE msg_id = ?", (msg_id,)).fetchall()
+    one = _held_row_of(conn, msg_id)
+    held = [] if one is None else [one]
     queued = conn.execute(
         "SELECT id, next_hop, expiry_ms FROM relay_queue WHERE msg_id = ?", (msg_id,)
     ).fetchall()
@@ -511,11 +532,18 @@ def reroute(
             if r is None:
                 continue
             conn.execute("DELETE FROM relay_queue WHERE id = ?", (row_id,))
-            conn.execute(
-                "INSERT INTO held (msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
-                " origin_node, from_node, tokens, held_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(msg_id) DO NOTHING",
-                (r[0], r[1], r[2], r[3] + 1, r[4], r[5], r[6], r[7], tokens, now_ms),
-            )
             held += 1
+            if _held_row_of(conn, r[0]) is not None:
+                continue  # held already (one row per msg_id)
+            new_id = conn.execute(
+                "INSERT INTO held (msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
+                " origin_node, from_node, tokens, held_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (r[0], r[1], r[2], r[3] + 1, r[4], r[5], r[6], r[7], tokens, now_ms),
+            ).lastrowid
+            # Its seen row points at it (custody always wrote one; made if not).
+            conn.execute(
+                "INSERT INTO relay_seen (msg_id, expiry_ms, held) VALUES (?, ?, ?)"
+                " ON CONFLICT(msg_id) DO UPDATE SET held = excluded.held",
+                (r[0], r[2], new_id),
+            )
     return moved, held

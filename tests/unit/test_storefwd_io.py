@@ -19,7 +19,15 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from qpc_node.federation.routes import NoRoute
 from qpc_node.store import AsyncStore, Envelope, Store
 from qpc_node.store.federation import RelayItem, RelayQueueLimits, relay_accept
-from qpc_node.store.held import HoldItem, apply_receipt, hold_many, release
+from qpc_node.store.held import (
+    HoldItem,
+    apply_receipt,
+    custody_toward,
+    held_for,
+    hold_many,
+    release,
+    reroute,
+)
 from qpc_node.store.store import EnqueueBatch, EnqueueOutcome
 from qpc_node.storefwd import receipts as rc
 from qpc_node.storefwd.forward import StoreForward
@@ -33,10 +41,10 @@ PREV, HOP, ORIGIN_NODE = b"\xbb" * 32, b"\xcc" * 32, b"\xd1" * 32
 
 # The B-trees one held / relayed envelope writes (its row and each index entry is a
 # page per commit): no trail row of its own (its way back is the seen row's peer),
-# no expiry index on held (the origin-node index serves the sweep).
+# no expiry index on held (the origin-node index serves the sweep), no msg_id index
+# on held (the seen row points at the held row).
 HOLD_WRITES = {
     "held",
-    "sqlite_autoindex_held_1",
     "held_by_recipient",
     "held_by_origin_node",
     "relay_seen",
@@ -102,8 +110,8 @@ def btrees_written(path: Path, s: Store, page_size: int, fn: Any) -> set[str]:
 def test_holding_one_envelope_writes_its_receipt_way_back_in_the_seen_row(
     tmp_path: Path,
 ) -> None:
-    """Fails before: relay_trail, relay_trail_by_expiry and held_by_expiry were
-    written too (three more pages per envelope and commit)."""
+    """Fails before: relay_trail, relay_trail_by_expiry, held_by_expiry and held's
+    msg_id index were written too (four more pages per envelope and commit)."""
     path = tmp_path / "node.db"
     s, page = warm_store(path)
     with s:
@@ -209,3 +217,31 @@ async def test_the_receipts_of_one_call_are_applied_in_one_commit(tmp_path: Path
         await trio.lowlevel.checkpoint()
     finally:
         await store.aclose()
+
+
+def test_a_receipt_finds_the_held_row_through_the_seen_row_never_a_reused_id(
+    tmp_path: Path,
+) -> None:
+    """held has no msg_id index: a receipt reaches the held row through the seen
+    row's pointer, checked against msg_id. A released envelope's stale pointer may
+    name an id SQLite hands out again (the largest id was deleted): its late
+    receipt must not purge the envelope that now has that id."""
+    with Store.open(tmp_path / "node.db") as s:
+        a, b = env(), env()
+        hold_many(s, [HoldItem(a, None, ORIGIN_NODE, PREV, 1)], NOW, HoldPolicy())
+        assert release(s, USER, HOP, NOW, max_per_hop=1000).moved == 1
+        hold_many(s, [HoldItem(b, None, ORIGIN_NODE, PREV, 1)], NOW, HoldPolicy())
+        ids = [r[0] for r in s.conn.execute("SELECT held FROM relay_seen ORDER BY held")]
+        assert ids[0] == ids[1]  # b reused a's id: a's pointer is stale
+        got = apply_receipt(s, a.msg_id, HOP)
+        assert (got.purged_held, got.purged_queued) == (0, {HOP: 1})
+        assert [h.envelope.msg_id for h in held_for(s, USER, NOW)] == [b.msg_id]
+        assert apply_receipt(s, b.msg_id, HOP).purged_held == 1
+        assert held_for(s, USER, NOW) == []
+        # Custody held again (re-route) gets a pointer of its own.
+        c = env()
+        relay_accept(s, [RelayItem(HOP, PREV, c, None, ORIGIN_NODE)], NOW, RelayQueueLimits())
+        (row,) = custody_toward(s, HOP)
+        assert reroute(s, [], [row.id], NOW, 1) == (0, 1)
+        assert reroute(s, [], [row.id], NOW, 1) == (0, 0)  # gone: skipped
+        assert apply_receipt(s, c.msg_id, HOP).purged_held == 1
