@@ -65,6 +65,7 @@ from qpc_node.store.held import (
     hold_many,
     release,
 )
+from qpc_node.store.sql import PAGE_SIZE
 from qpc_node.store.store import EnqueueBatch
 from qpc_node.storefwd.held import HoldPolicy
 from qpc_node.storefwd.receipts import MAX_RECEIPTS
@@ -255,12 +256,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer envelopes (a smoke run)")
     p.add_argument("-n", type=int, default=256, help="envelopes per scenario")
-    p.add_argument("--page-size", type=int, default=None, help="SQLite page size (default 4096)")
+    p.add_argument(
+        "--page-size", type=int, default=None, help="page size of the file (default: the store's)"
+    )
     p.add_argument("--background", type=int, default=4000, help="tombstones already stored")
     p.add_argument("--seed", type=int, default=13)
     args = p.parse_args()
     n = 64 if args.quick else args.n
-    print(f"held 1 KiB envelopes: n={n} per scenario, background={args.background}, FULL sync")
+    print(
+        f"held 1 KiB envelopes: n={n} per scenario, background={args.background},"
+        f" synchronous=FULL, page_size={args.page_size or PAGE_SIZE}"
+    )
     print(f"{'scenario':<40} {'wchar B/env':>12} {'device B/env':>13}")
     out: dict[str, float] = {}
 
