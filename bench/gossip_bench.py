@@ -287,6 +287,10 @@ def main() -> None:
         f"simulator: {EVENTS} events in {WALL:.1f} s of core+sim time "
         f"({EVENTS / WALL if WALL else 0:.0f} events/s); whole bench {total:.1f} s"
     )
+    print(
+        "disk: bytes written per held 1 KiB envelope on a real node's store: "
+        "bench/held_io_bench.py (not simulated here)"
+    )
     flood = summary.get("flooding")
     mine = summary.get("ours")
     if flood is None or mine is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qpc_node.errors import ConfigError
-from qpc_node.store.held import trail_add
+from qpc_node.store.held import seen_add
 from qpc_node.store.mailbox import note_sent, release_to_custody
 from qpc_node.store.records import Envelope
 from qpc_node.store.sql import transaction
@@ -241,12 +241,8 @@ def _accept(
                 now_ms,
             ),
         )
-        conn.execute(
-            "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)",
-            (env.msg_id, env.expiry_ms),
-        )
-        if not proven:  # a neighbour's: its receipt goes back there (store/held.py)
-            trail_add(conn, env.msg_id, item.from_node, env.expiry_ms)
+        # A neighbour's: its receipt goes back there (store/held.py).
+        seen_add(conn, env.msg_id, env.expiry_ms, None if proven else item.from_node)
         hop_depth[item.next_hop] += 1
         src_depth[item.from_node] += 1
         out.append("queued")

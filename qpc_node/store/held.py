@@ -12,9 +12,15 @@ Tables:
 - ``held``: envelopes this node has no route for; ``hop_limit`` as they arrived
   (holding costs no hop); ``id`` is arrival order, which release keeps.
 - ``relay_seen`` (v5) gets ``delivered``: a verified receipt came; the row stays
-  until the envelope's expiry as a tombstone, so a late copy is a duplicate.
-- ``relay_trail``: per msg_id, the peers a receipt must go back to (the node it
-  came from, and carriers a spray copy went to), until the envelope's expiry.
+  until the envelope's expiry as a tombstone, so a late copy is a duplicate; and
+  ``peer``: the node the envelope came from, where its receipt goes back to.
+- ``relay_trail``: per msg_id, further peers a receipt goes to (carriers a spray
+  copy went to), until the envelope's expiry.
+
+Flash writes: every envelope this node relays or holds writes its seen row anyway,
+so the receipt's way back rides in it (a trail row and its index entry of their
+own cost two more B-tree pages per envelope at one commit each);
+bench/held_io_bench.py measures the bytes written per held envelope.
 """
 
 from __future__ import annotations
@@ -162,7 +168,7 @@ def hold(
         if full:
             out.append("full")
             continue
-        conn.execute(
+        row_id = conn.execute(
             "INSERT INTO held (msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
             " origin_node, from_node, tokens, held_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -177,12 +183,10 @@ def hold(
                 item.tokens,
                 now_ms,
             ),
+        ).lastrowid
+        seen_add(
+            conn, env.msg_id, env.expiry_ms, item.from_node if item.trail else None, held=row_id
         )
-        conn.execute(
-            "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)", (env.msg_id, env.expiry_ms)
-        )
-        if item.trail:
-            _trail(conn, env.msg_id, item.from_node, env.expiry_ms)
         total += 1
         per_node[node] += 1
         out.append("held")
@@ -222,10 +226,32 @@ def _trail(conn: sqlite3.Connection, msg_id: bytes, peer: bytes, expiry_ms: int)
     )
 
 
-def trail_add(conn: sqlite3.Connection, msg_id: bytes, peer: bytes, expiry_ms: int) -> None:
-    """Receipts for ``msg_id`` go to ``peer`` too (it gave us the envelope). In a
-    transaction (store/federation.py's custody accept calls it)."""
-    _trail(conn, msg_id, peer, expiry_ms)
+def seen_add(
+    conn: sqlite3.Connection,
+    msg_id: bytes,
+    expiry_ms: int,
+    peer: bytes | None,
+    *,
+    held: int | None = None,
+) -> None:
+    """Mark ``msg_id`` seen here until ``expiry_ms``; its receipt goes back to
+    ``peer`` (it gave us the envelope; None: it entered here); ``held``: its
+    held row. In a transaction (store/federation.py's custody accept calls it
+    too)."""
+    conn.execute(
+        "INSERT INTO relay_seen (msg_id, expiry_ms, peer, held) VALUES (?, ?, ?, ?)",
+        (msg_id, expiry_ms, peer, held),
+    )
+
+
+def _held_row_of(conn: sqlite3.Connection, msg_id: bytes) -> Any:
+    """``(id, expiry_ms)`` of ``msg_id``'s held row, or None: through the seen
+    row's pointer (held has no msg_id index), checked against msg_id."""
+    return conn.execute(
+        "SELECT h.id, h.expiry_ms FROM relay_seen s JOIN held h ON h.id = s.held"
+        " AND h.msg_id = s.msg_id WHERE s.msg_id = ?",
+        (msg_id,),
+    ).fetchone()
 
 
 def held_recipients(store: Store) -> set[bytes]:
@@ -329,8 +355,15 @@ def held_expire(store: Store, now_ms: int, *, max_rows: int = 10_000) -> int:
     """Drop held envelopes that expired (never delivered: counted by the caller) and
     trail rows past their expiry."""
     with transaction(store.conn) as conn:
+        # A seek per origin node on held_by_origin_node (origin_node, expiry_ms):
+        # the walk visits each distinct origin node once (a mesh has at most a few
+        # thousand), so no index of its own on expiry_ms is written per envelope.
         n = conn.execute(
-            "DELETE FROM held WHERE id IN (SELECT id FROM held WHERE expiry_ms <= ? LIMIT ?)",
+            "DELETE FROM held WHERE id IN (WITH RECURSIVE nodes(n) AS"
+            " (SELECT min(origin_node) FROM held UNION ALL SELECT (SELECT min(origin_node)"
+            " FROM held WHERE origin_node > n) FROM nodes WHERE n IS NOT NULL)"
+            " SELECT h.id FROM nodes JOIN held h ON h.origin_node = nodes.n"
+            " AND h.expiry_ms <= ? LIMIT ?)",
             (now_ms, max_rows),
         ).rowcount
         conn.execute(
@@ -360,35 +393,54 @@ class ReceiptApplied:
 def apply_receipt(store: Store, msg_id: bytes, from_peer: bytes | None) -> ReceiptApplied:
     """A verified receipt for ``msg_id``: purge held and queued replicas, mark the
     seen-row delivered (the tombstone until expiry), in one transaction."""
+    return apply_receipts(store, [(msg_id, from_peer)])[0]
+
+
+def apply_receipts(
+    store: Store, receipts: Sequence[tuple[bytes, bytes | None]]
+) -> list[ReceiptApplied]:
+    """:func:`apply_receipt` for each ``(msg_id, from_peer)``, in order, in one
+    transaction: a neighbour's Receipt call carries up to ``MAX_RECEIPTS``, and
+    one commit each rewrote the same seen-table pages once per receipt (flash
+    writes). The call is still answered after its commit, so a neighbour drops
+    from its outbox only receipts applied here."""
     with transaction(store.conn) as conn:
-        seen = conn.execute(
-            "SELECT expiry_ms, delivered FROM relay_seen WHERE msg_id = ?", (msg_id,)
-        ).fetchone()
-        held = conn.execute("SELECT id, expiry_ms FROM held WHERE msg_id = ?", (msg_id,)).fetchall()
-        queued = conn.execute(
-            "SELECT id, next_hop, expiry_ms FROM relay_queue WHERE msg_id = ?", (msg_id,)
-        ).fetchall()
-        if seen is None and not held and not queued:
-            return ReceiptApplied(False, False, (), 0, {})
-        if seen is not None and seen[1]:
-            return ReceiptApplied(True, True, (), 0, {})
-        expiry = seen[0] if seen is not None else (held or queued)[0][-1]
-        for r in held:
-            conn.execute("DELETE FROM held WHERE id = ?", (r[0],))
-        per_hop: Counter[bytes] = Counter()
-        for r in queued:
-            conn.execute("DELETE FROM relay_queue WHERE id = ?", (r[0],))
-            per_hop[bytes(r[1])] += 1
-        conn.execute(
-            "INSERT INTO relay_seen (msg_id, expiry_ms, delivered) VALUES (?, ?, 1)"
-            " ON CONFLICT(msg_id) DO UPDATE SET delivered = 1",
-            (msg_id, expiry),
-        )
-        peers = tuple(
-            bytes(r[0])
-            for r in conn.execute("SELECT peer FROM relay_trail WHERE msg_id = ?", (msg_id,))
-            if from_peer is None or bytes(r[0]) != from_peer
-        )
+        return [_apply_receipt(conn, m, p) for m, p in receipts]
+
+
+def _apply_receipt(
+    conn: sqlite3.Connection, msg_id: bytes, from_peer: bytes | None
+) -> ReceiptApplied:
+    seen = conn.execute(
+        "SELECT expiry_ms, delivered, peer FROM relay_seen WHERE msg_id = ?", (msg_id,)
+    ).fetchone()
+    one = _held_row_of(conn, msg_id)
+    held = [] if one is None else [one]
+    queued = conn.execute(
+        "SELECT id, next_hop, expiry_ms FROM relay_queue WHERE msg_id = ?", (msg_id,)
+    ).fetchall()
+    if seen is None and not held and not queued:
+        return ReceiptApplied(False, False, (), 0, {})
+    if seen is not None and seen[1]:
+        return ReceiptApplied(True, True, (), 0, {})
+    expiry = seen[0] if seen is not None else (held or queued)[0][-1]
+    for r in held:
+        conn.execute("DELETE FROM held WHERE id = ?", (r[0],))
+    per_hop: Counter[bytes] = Counter()
+    for r in queued:
+        conn.execute("DELETE FROM relay_queue WHERE id = ?", (r[0],))
+        per_hop[bytes(r[1])] += 1
+    conn.execute(
+        "INSERT INTO relay_seen (msg_id, expiry_ms, delivered) VALUES (?, ?, 1)"
+        " ON CONFLICT(msg_id) DO UPDATE SET delivered = 1",
+        (msg_id, expiry),
+    )
+    trail = [] if seen is None or seen[2] is None else [bytes(seen[2])]
+    trail += (
+        bytes(r[0])
+        for r in conn.execute("SELECT peer FROM relay_trail WHERE msg_id = ?", (msg_id,))
+    )
+    peers = tuple(p for p in dict.fromkeys(trail) if from_peer is None or p != from_peer)
     return ReceiptApplied(True, False, peers, len(held), dict(per_hop))
 
 
@@ -412,10 +464,12 @@ def spray_candidates(
     return [
         _row(r)
         for r in store.conn.execute(
-            f"SELECT {_COLS} FROM held WHERE tokens >= 2 AND held_ms <= ? AND expiry_ms > ?"
-            " AND hop_limit > 0 AND NOT EXISTS (SELECT 1 FROM relay_trail t"
-            " WHERE t.msg_id = held.msg_id AND t.peer = ?) ORDER BY id LIMIT ?",
-            (now_ms - delay_ms, now_ms, carrier, limit),
+            f"SELECT {_COLS} FROM held WHERE tokens >= 2 AND held_ms <= :before"
+            " AND expiry_ms > :now AND hop_limit > 0 AND NOT EXISTS (SELECT 1 FROM relay_seen s"
+            " WHERE s.msg_id = held.msg_id AND s.peer = :carrier) AND NOT EXISTS (SELECT 1"
+            " FROM relay_trail t WHERE t.msg_id = held.msg_id AND t.peer = :carrier)"
+            " ORDER BY id LIMIT :limit",
+            {"before": now_ms - delay_ms, "now": now_ms, "carrier": carrier, "limit": limit},
         )
     ]
 
@@ -478,11 +532,18 @@ def reroute(
             if r is None:
                 continue
             conn.execute("DELETE FROM relay_queue WHERE id = ?", (row_id,))
-            conn.execute(
-                "INSERT INTO held (msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
-                " origin_node, from_node, tokens, held_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(msg_id) DO NOTHING",
-                (r[0], r[1], r[2], r[3] + 1, r[4], r[5], r[6], r[7], tokens, now_ms),
-            )
             held += 1
+            if _held_row_of(conn, r[0]) is not None:
+                continue  # held already (one row per msg_id)
+            new_id = conn.execute(
+                "INSERT INTO held (msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
+                " origin_node, from_node, tokens, held_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (r[0], r[1], r[2], r[3] + 1, r[4], r[5], r[6], r[7], tokens, now_ms),
+            ).lastrowid
+            # Its seen row points at it (custody always wrote one; made if not).
+            conn.execute(
+                "INSERT INTO relay_seen (msg_id, expiry_ms, held) VALUES (?, ?, ?)"
+                " ON CONFLICT(msg_id) DO UPDATE SET held = excluded.held",
+                (r[0], r[2], new_id),
+            )
     return moved, held

@@ -206,10 +206,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # id: arrival order (release keeps it). hop_limit as it arrived: holding costs
         # no hop, the decrement happens when it is released toward a next hop.
         # origin_node: where it entered the federation (quota key). tokens: spray
-        # tokens left (qpc_node/storefwd/held.py).
+        # tokens left (qpc_node/storefwd/held.py). No index on msg_id (a page
+        # written per hold and per release): the seen row every held envelope has
+        # points at its row (relay_seen.held), checked against msg_id.
         """CREATE TABLE held (
             id INTEGER PRIMARY KEY,
-            msg_id BLOB NOT NULL UNIQUE,
+            msg_id BLOB NOT NULL,
             recipient BLOB NOT NULL,
             expiry_ms INTEGER NOT NULL,
             hop_limit INTEGER NOT NULL,
@@ -221,12 +223,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             held_ms INTEGER NOT NULL
         )""",
         "CREATE INDEX held_by_recipient ON held(recipient, id)",
-        "CREATE INDEX held_by_origin_node ON held(origin_node)",
-        "CREATE INDEX held_by_expiry ON held(expiry_ms)",
+        # Quota per origin node, eviction within it, and the expiry sweep (a seek per
+        # origin node): one index, not two, since each is a page written per envelope.
+        "CREATE INDEX held_by_origin_node ON held(origin_node, expiry_ms)",
         "ALTER TABLE relay_queue ADD COLUMN origin_node BLOB",
-        # delivered: a valid receipt came (tombstone until expiry_ms).
+        # delivered: a valid receipt came (tombstone until expiry_ms). peer: where
+        # its receipt goes back to, the node it came from (NULL: it entered here) --
+        # in the seen row every relayed envelope writes anyway, not a row of its own.
         "ALTER TABLE relay_seen ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
-        # Where receipts for msg_id go: the node(s) it came from and spray targets.
+        "ALTER TABLE relay_seen ADD COLUMN peer BLOB",
+        # held: the id of its held row while held (stale after it left: readers
+        # match held.msg_id too, so a reused id is never taken for it).
+        "ALTER TABLE relay_seen ADD COLUMN held INTEGER",
+        # Further receipt targets for msg_id: carriers a spray copy went to.
         """CREATE TABLE relay_trail (
             msg_id BLOB NOT NULL,
             peer BLOB NOT NULL,

@@ -44,7 +44,7 @@ from qpc_node.store.held import (
     HeldRow,
     HoldItem,
     HoldResult,
-    apply_receipt,
+    apply_receipts,
     custody_toward,
     held_count,
     held_drop,
@@ -396,9 +396,11 @@ class StoreForward:
             self._senders.discard(peer)
 
     async def on_receipts(self, from_peer: bytes, parsed: Sequence[rc.Receipt | QpcError]) -> int:
-        """A neighbour's receipts: each judged, applied and passed on; returns how
-        many were taken (applied now, or known as delivered already)."""
-        taken = 0
+        """A neighbour's receipts: each judged, then the valid ones applied in one
+        store transaction (one commit per call, not per receipt: flash writes) and
+        passed on; returns how many were taken (applied now, or known as
+        delivered already)."""
+        valid: list[rc.Receipt] = []
         for r in parsed:
             self.c_r_in += 1
             if not isinstance(r, rc.Receipt):
@@ -412,9 +414,14 @@ class StoreForward:
                     extra={"node": from_peer.hex()[:16], "verdict": verdict.value},
                 )
                 continue
-            got = await self._store.run(
-                functools.partial(apply_receipt, msg_id=r.msg_id, from_peer=from_peer)
-            )
+            valid.append(r)
+        if not valid:
+            return 0
+        applied = await self._store.run(
+            functools.partial(apply_receipts, receipts=[(r.msg_id, from_peer) for r in valid])
+        )
+        taken = 0
+        for r, got in zip(valid, applied, strict=True):
             if not got.known:
                 self.c_r_unknown_msg += 1
                 continue

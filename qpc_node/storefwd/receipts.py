@@ -2,8 +2,8 @@
 
 The recipient's home node signs a :class:`Receipt` when it stores a relayed
 envelope in the recipient's mailbox (federation.proto, ``DeliveryReceipt``).
-It travels back hop by hop along ``relay_trail`` (the node each hop got the
-envelope from, and carriers a spray copy went to); each node that accepts it
+It travels back hop by hop along the trail (the node each hop got the envelope
+from, kept in its seen row, and carriers a spray copy went to, ``relay_trail``); each node that accepts it
 purges its held and queued replicas and keeps a tombstone until the envelope's
 expiry (:func:`qpc_node.store.held.apply_receipt`).
 
