@@ -11,15 +11,6 @@ from typing import Literal
 
 Synchronous = Literal["FULL", "NORMAL"]
 
-PAGE_SIZE = 1024
-"""Page size of a new store file (an existing file keeps its own: changing it
-takes a VACUUM outside WAL mode). Routers write to raw flash, and every commit
-writes each B-tree page it touched in full, to the WAL and again when it is
-checkpointed: a held 1 KiB envelope's life wrote 117 KB at one per commit with
-4096-byte pages, 46 KB with 1024 (83 KB with 2048; the local mailbox store
-30 KB -> 13 KB), measured by bench/held_io_bench.py. A 1 KiB ciphertext then
-spills into an overflow page, which costs reads, not writes."""
-
 BUSY_TIMEOUT_MS = 5_000
 
 
@@ -34,7 +25,6 @@ def connect(path: Path, *, synchronous: Synchronous = "FULL") -> sqlite3.Connect
     with contextlib.ExitStack() as on_error:
         on_error.callback(conn.close)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE:d}")  # before the file's first write
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot enable WAL on {path} (got {mode})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any, cast
 
@@ -246,21 +245,3 @@ def test_a_receipt_finds_the_held_row_through_the_seen_row_never_a_reused_id(
         assert reroute(s, [], [row.id], NOW, 1) == (0, 1)
         assert reroute(s, [], [row.id], NOW, 1) == (0, 0)  # gone: skipped
         assert apply_receipt(s, c.msg_id, HOP).purged_held == 1
-
-
-def test_a_new_store_file_has_small_pages_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
-    """Each commit writes every page it touched in full: 1024-byte pages (fails
-    before: 4096, SQLite's default). A file made before keeps its page size (it
-    cannot change in WAL mode) and opens as before."""
-    with Store.open(tmp_path / "new.db") as s:
-        assert s.conn.execute("PRAGMA page_size").fetchone()[0] == 1024
-    old = tmp_path / "old.db"
-    raw = sqlite3.connect(old)
-    raw.execute("PRAGMA page_size = 4096")
-    raw.execute("PRAGMA journal_mode = WAL")
-    raw.execute("CREATE TABLE t (x)")
-    raw.close()
-    with Store.open(old) as s:
-        assert s.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
-        hold_many(s, [HoldItem(env(), None, ORIGIN_NODE, PREV, 1)], NOW, HoldPolicy())
-        assert len(held_for(s, USER, NOW)) == 1
