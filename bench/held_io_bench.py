@@ -65,7 +65,6 @@ from qpc_node.store.held import (
     hold_many,
     release,
 )
-from qpc_node.store.sql import PAGE_SIZE
 from qpc_node.store.store import EnqueueBatch
 from qpc_node.storefwd.held import HoldPolicy
 from qpc_node.storefwd.receipts import MAX_RECEIPTS
@@ -265,7 +264,7 @@ def main() -> None:
     n = 64 if args.quick else args.n
     print(
         f"held 1 KiB envelopes: n={n} per scenario, background={args.background},"
-        f" synchronous=FULL, page_size={args.page_size or PAGE_SIZE}"
+        f" synchronous=FULL, page_size={args.page_size or 'sqlite default (4096)'}"
     )
     print(f"{'scenario':<40} {'wchar B/env':>12} {'device B/env':>13}")
     out: dict[str, float] = {}
