@@ -9,16 +9,16 @@ Every node owns its own ``CollectorRegistry`` (never the process-wide default), 
 two nodes in one test process do not collide.
 
 Sources are the node's attributes ``store``, ``rpc``, ``endpoint``, ``guard``,
-``auth``, ``delivery``, ``audit``, ``mesh`` and ``federation`` (:class:`NodeView`;
-the last two only on a mesh node: peers, routes, bindings, announcements, links,
-relay and custody, per neighbour for at most ``NEIGHBOUR_LABELS`` neighbours so
-label cardinality stays bounded on a big mesh); one that is still None
+``auth``, ``delivery``, ``audit``, ``channels``, ``mesh``, ``federation``, ``gossip``
+and ``syncer`` (:class:`NodeView`; the last four only on a mesh node: peers, routes,
+bindings, announcements, links, relay and custody, per neighbour for at most
+``NEIGHBOUR_LABELS`` neighbours so label cardinality stays bounded on a big mesh;
+broadcast and inventory sync in :mod:`.metrics_broadcast`); one that is still None
 is simply not exported -- no fake zeros. Each source's ``statistics()`` returns a
 frozen, typed snapshot and the collector reads its attributes by name, never a
 dict with defaults: a renamed or removed field fails ``mypy --strict`` where the
 node is handed to :class:`NodeMetrics`, instead of exporting a silent zero.
-Layers built later (mesh discovery, gossip, store-and-forward) add their own
-collector with :meth:`NodeMetrics.register`.
+Layers built later add their own collector with :meth:`NodeMetrics.register`.
 
 This module imports no outer layer: sources are described by Protocols.
 """
@@ -40,6 +40,12 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from qpc_node.errors import QpcError
+from qpc_node.ops.metrics_broadcast import (
+    GossipSource,
+    SyncerSource,
+    gossip_families,
+    sync_families,
+)
 from qpc_node.ops.metrics_mesh import (
     FederationSource,
     MeshSource,
@@ -339,6 +345,10 @@ class NodeView(Protocol):
     def mesh(self) -> MeshSource | None: ...
     @property
     def federation(self) -> FederationSource | None: ...
+    @property
+    def gossip(self) -> GossipSource | None: ...
+    @property
+    def syncer(self) -> SyncerSource | None: ...
 
 
 # -- samples, for the Stats RPC and the REPL ----------------------------------------
@@ -417,6 +427,10 @@ class NodeCollector(Collector):
             yield from mesh_families(mesh.statistics())
         if (fed := node.federation) is not None:
             yield from federation_families(fed.statistics())
+        if (gossip := node.gossip) is not None:
+            yield from gossip_families(gossip.statistics())
+        if (syncer := node.syncer) is not None:
+            yield from sync_families(syncer.statistics())
 
 
 def _channel_families(c: ChannelStats) -> Iterator[Metric]:

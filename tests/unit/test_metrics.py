@@ -9,7 +9,7 @@ refusing a node whose statistics type drifted) is in test_statistics_types.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +48,13 @@ from qpc_node.ops.metrics import (
     format_stats,
     histogram_family,
 )
+from qpc_node.ops.metrics_broadcast import (
+    GossipSource,
+    GossipStats,
+    PlumtreeStats,
+    SeenStats,
+    SyncerSource,
+)
 from qpc_node.ops.metrics_mesh import NEIGHBOUR_LABELS, FederationSource, MeshSource
 from qpc_node.quic.admission import AdmissionRefusals
 from qpc_node.quic.endpoint import EndpointStatistics
@@ -65,7 +72,11 @@ from qpc_node.store.channels import ChannelStoreStatistics
 from qpc_node.store.errors import StoreClosed
 from qpc_node.store.records import StoreStatistics
 from qpc_node.store.store import MailboxTotals
+from qpc_node.storefwd.gossip import GossipStatistics
+from qpc_node.storefwd.plumtree import PlumtreeStatistics
+from qpc_node.storefwd.seen import SeenStatistics
 from qpc_node.storefwd.stats import StoreFwdStatistics
+from qpc_node.storefwd.sync import SyncStatistics
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 
@@ -146,6 +157,8 @@ class FakeNode:
     channels: ChannelSource | None = None
     mesh: MeshSource | None = None
     federation: FederationSource | None = None
+    gossip: GossipSource | None = None
+    syncer: SyncerSource | None = None
 
     def serving(self) -> bool:
         return self.is_serving
@@ -673,3 +686,133 @@ async def test_channel_counters_are_exported_by_outcome_and_reason() -> None:
     for reason in ("malformed", "too_large", "expired", "expiry_too_far", "hop_limit"):
         want = getattr(stats, f"refused_{reason}")
         assert got[("qpc_channel_refused_total", (("reason", reason),))] == want, reason
+
+
+def gossip_source() -> Fixed[GossipStatistics]:
+    """Every counter a distinct value (driver 1.., core 101.., seen 201..)."""
+    seen = SeenStatistics(*range(201, 201 + len(SeenStatistics.__slots__)))
+    core_fields = [f for f in PlumtreeStatistics.__dataclass_fields__ if f != "seen"]
+    core = PlumtreeStatistics(**{f: 101 + i for i, f in enumerate(core_fields)}, seen=seen)
+    fields = [f for f in GossipStatistics.__dataclass_fields__ if f != "core"]
+    return Fixed(GossipStatistics(**{f: 1 + i for i, f in enumerate(fields)}, core=core))
+
+
+async def test_gossip_counters_are_exported_by_reason_and_direction() -> None:
+    src = gossip_source()
+    got = parse(NodeMetrics(FakeNode(gossip=src), process=False))
+    g, p = src.stats, src.stats.core
+    assert got[("qpc_gossip_peers", (("edge", "eager"),))] == p.eager_peers
+    assert got[("qpc_gossip_peers", (("edge", "lazy"),))] == p.peers - p.eager_peers
+    assert got[("qpc_gossip_frames_total", (("direction", "in"),))] == g.frames_in
+    assert got[("qpc_gossip_frames_total", (("direction", "out"),))] == g.frames_out
+    calls = {
+        dict(k[1])["direction"] + "/" + dict(k[1])["result"]: v
+        for k, v in got.items()
+        if k[0] == "qpc_gossip_calls_total"
+    }
+    assert calls["in/malformed"] == g.malformed_calls and calls["out/failed"] == g.call_failures
+    assert calls["in/ok"] + calls["in/malformed"] == g.calls_in
+    assert calls["out/ok"] + calls["out/failed"] == g.calls_out
+    for reason, want in (
+        ("invalid", g.pushes_invalid),
+        ("id_mismatch", g.pushes_id_mismatch),
+        ("over_hops", g.pushes_over_hops),
+        ("rate_limited", g.pushes_rate_limited),
+    ):
+        assert got[("qpc_gossip_pushes_dropped_total", (("reason", reason),))] == want, reason
+    for reason in ("bad_id", "bad_hops", "too_many_ids", "too_large", "empty"):
+        want = getattr(g, f"frames_dropped_{reason}")
+        assert got[("qpc_gossip_frames_dropped_total", (("reason", reason),))] == want, reason
+    assert got[("qpc_gossip_frames_dropped_total", (("reason", "malformed"),))] == p.bad_frames
+    assert got[("qpc_gossip_messages_total", (("outcome", "delivered"),))] == g.delivered
+    assert got[("qpc_gossip_messages_total", (("outcome", "published"),))] == g.published
+    dups = {dict(k[1])["cause"]: v for k, v in got.items() if k[0] == "qpc_gossip_duplicates_total"}
+    assert dups["retransmission"] == p.retransmission_duplicates
+    assert sum(dups.values()) == p.duplicates
+    assert got[("qpc_gossip_pushes_sent_total", (("kind", "retransmit"),))] == p.retransmits
+    for frame, sent, received in (
+        ("ihave", p.ihave_entries_sent, p.ihave_entries_received),
+        ("graft", p.grafts_sent, p.grafts_received),
+        ("prune", p.prunes_sent, p.prunes_received),
+        ("ack", p.acks_sent, p.acks_received),
+    ):
+        assert got[("qpc_gossip_control_total", (("direction", "sent"), ("frame", frame)))] == sent
+        assert got[("qpc_gossip_control_total", (("direction", "received"), ("frame", frame)))] == (
+            received
+        )
+    assert got[("qpc_gossip_unacked", ())] == p.unacked
+    assert got[("qpc_gossip_cache_bytes", ())] == p.cache_bytes
+    assert got[("qpc_gossip_seen_ids", ())] == p.seen.ids
+    assert got[("qpc_gossip_seen_bytes", ())] == p.seen.memory_bytes
+    # Every number the collector reads is in a sample (none read as a default zero).
+    values = set(got.values())
+    for name in [n for n in vars(GossipStats) if not n.startswith("_") and n != "core"]:
+        assert getattr(g, name) in values or name in ("calls_in", "calls_out"), name
+    skip = {"seen", "peers", "duplicates"}  # exported as differences, checked above
+    for name in [n for n in vars(PlumtreeStats) if not n.startswith("_") and n not in skip]:
+        assert getattr(p, name) in values, name
+    for name in [n for n in vars(SeenStats) if not n.startswith("_")]:
+        assert getattr(p.seen, name) in values, name
+
+
+def sync_source(**refusals: int) -> Fixed[SyncStatistics]:
+    fields = [
+        f
+        for f in SyncStatistics.__dataclass_fields__
+        if f not in ("refusals_sent", "refusals_received", "last_session_s")
+    ]
+    return Fixed(
+        SyncStatistics(
+            **{f: 301 + i for i, f in enumerate(fields)},
+            refusals_sent=MappingProxyType({"rate_limited": 7, "too_large": 8}),
+            refusals_received=MappingProxyType(dict(refusals)),
+            last_session_s=0.25,
+        )
+    )
+
+
+async def test_sync_counters_are_exported_by_role_and_reason() -> None:
+    # a peer's reason numbers outside the enum are summed as "other" (bounded labels)
+    src = sync_source(busy=2, reason_4242=3, reason_99=4)
+    got = parse(NodeMetrics(FakeNode(syncer=src), process=False))
+    s = src.stats
+    for role, outcome, want in (
+        ("initiator", "started", s.sessions_initiated),
+        ("initiator", "completed", s.sessions_completed),
+        ("initiator", "capped", s.sessions_capped),
+        ("initiator", "failed", s.sessions_failed),
+        ("responder", "served", s.sessions_served),
+    ):
+        key = ("qpc_sync_sessions_total", (("outcome", outcome), ("role", role)))
+        assert got[key] == want, (role, outcome)
+    assert got[("qpc_sync_sessions_open", ())] == s.sessions_open
+    assert got[("qpc_sync_rounds_total", ())] == s.rounds
+    assert got[("qpc_sync_bytes_total", (("direction", "sent"),))] == s.bytes_sent
+    assert got[("qpc_sync_bytes_total", (("direction", "received"),))] == s.bytes_received
+    assert got[("qpc_sync_ids_total", (("side", "have"),))] == s.ids_have
+    assert got[("qpc_sync_ids_total", (("side", "need"),))] == s.ids_need
+    assert got[("qpc_sync_items_total", (("direction", "pushed"),))] == s.items_pushed
+    assert got[("qpc_sync_items_total", (("direction", "taken"),))] == s.items_taken
+    assert got[("qpc_sync_bad_answers_total", ())] == s.bad_answers
+    assert got[("qpc_sync_snapshots_total", (("result", "truncated"),))] == s.snapshot_truncated
+    assert got[("qpc_sync_last_session_seconds", ())] == 0.25
+    refusals = {
+        (dict(k[1])["direction"], dict(k[1])["reason"]): v
+        for k, v in got.items()
+        if k[0] == "qpc_sync_refusals_total"
+    }
+    assert refusals == {
+        ("sent", "rate_limited"): 7,
+        ("sent", "too_large"): 8,
+        ("received", "busy"): 2,
+        ("received", "other"): 7,
+    }
+    # No session finished yet: no duration, not a zero.
+    none = Fixed(replace(s, last_session_s=None))
+    got = parse(NodeMetrics(FakeNode(syncer=none), process=False))
+    assert not [k for k in got if k[0] == "qpc_sync_last_session_seconds"]
+
+
+async def test_broadcast_sources_absent_on_an_island_node() -> None:
+    got = parse(NodeMetrics(FakeNode(), process=False))
+    assert not [k for k in got if k[0].startswith(("qpc_gossip_", "qpc_sync_"))]
