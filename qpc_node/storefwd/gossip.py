@@ -82,7 +82,7 @@ class GossipLimits:
     pushes_per_second: float = 200.0
     push_burst: float = 400.0
     """Per neighbour: pushes beyond this rate are dropped (the core repairs via GRAFT)."""
-    max_hops: int = 32
+    max_hops: int = 64
     """Pushes that travelled further are dropped (beyond any mesh's diameter)."""
     wire: GossipWireLimits = field(default_factory=GossipWireLimits)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import RemoteProtocolError, StatusCode
-from qpc_node.wire.envelope import MAX_HOP_LIMIT, MSG_ID_LEN
+from qpc_node.wire.envelope import MSG_ID_LEN
 from qpc_node.wire.gen.qpc.v1 import channel_pb2
 
 CHANNEL_ID_LEN = 32
@@ -27,7 +27,12 @@ DEFAULT_MAX_SEALED = 16 * 1024
 """Sealed bytes of one message at most (a chat line with room to spare, padded)."""
 DEFAULT_MAX_EXPIRY_AHEAD_MS = 7 * 24 * 3600 * 1000
 """How far ahead a sender may set the expiry (the seeds' retention: 7 days)."""
-DEFAULT_HOP_LIMIT = 8
+DEFAULT_HOP_LIMIT = 32
+MAX_HOP_LIMIT = 64
+"""Channel messages spread over the whole mesh, not along one route: a city mesh of a
+thousand routers has a diameter of tens of hops (the simulated 1,000-node graph: 40,
+radius 21), so a broadcast needs far more than a DM's 16. Each hop forwards the copy at
+most once (seen-filter), so the limit bounds reach, not cost."""
 _FIELD_OVERHEAD = 96
 """Bytes of a ChannelMessage besides ``sealed`` at most (ids, varints, tags)."""
 

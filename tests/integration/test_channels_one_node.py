@@ -113,7 +113,7 @@ async def test_bad_publishes_are_refused_typed_and_nothing_is_stored(
                 msg(expiry_ms=now + 8 * 24 * 3600 * 1000),
                 rpc_pb2.STATUS_CODE_INVALID_ARGUMENT,
             ),
-            "hop limit": (msg(hop_limit=17), rpc_pb2.STATUS_CODE_INVALID_ARGUMENT),
+            "hop limit": (msg(hop_limit=65), rpc_pb2.STATUS_CODE_INVALID_ARGUMENT),
             "short id": (msg(msg_id=b"\x01" * 15), rpc_pb2.STATUS_CODE_INVALID_ARGUMENT),
             "bad channel": (msg(channel_id=b"\x01" * 31), rpc_pb2.STATUS_CODE_INVALID_ARGUMENT),
             "oversized": (msg(sealed=b"\x00" * 17_000), rpc_pb2.STATUS_CODE_PAYLOAD_TOO_LARGE),

@@ -70,7 +70,7 @@ def test_a_good_message_round_trips() -> None:
         ({"expiry_ms": NOW - 1}, ChannelExpired, "expired"),
         ({"expiry_ms": NOW + 7 * DAY + 1}, ChannelExpiryTooFar, "expiry_too_far"),
         ({"expiry_ms": 2**64 - 1}, ChannelExpiryTooFar, "expiry_too_far"),
-        ({"hop_limit": 17}, ChannelHopLimit, "hop_limit"),
+        ({"hop_limit": 65}, ChannelHopLimit, "hop_limit"),
         ({"hop_limit": 2**32 - 1}, ChannelHopLimit, "hop_limit"),
     ],
 )
