@@ -51,6 +51,7 @@ from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 from qpc_node.store.channels import ChannelLimits, ChannelStore
 from qpc_node.store.store import Store
 from qpc_node.storefwd.gossip import GossipDriver
+from qpc_node.storefwd.sources import ChannelSource
 from qpc_node.storefwd.syncer import Syncer, SyncerConfig
 from qpc_node.wire.channel import ChannelPolicy
 
@@ -416,6 +417,9 @@ class Node:
 
                     self.channels.on_published = spread
                     self.gossip = gossip
+                    # inventory sync, scope 1: channel messages within retention; what
+                    # a heal brings is spread on the tree like a first reception
+                    self.syncer.add_source(ChannelSource(self.channels, gossip.inject))
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
                 refusals = TrustRefusalsCollector(self.federation.policy)
