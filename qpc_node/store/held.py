@@ -357,9 +357,12 @@ class ReceiptApplied:
     """Custody rows deleted, per next hop."""
 
 
-def apply_receipt(store: Store, msg_id: bytes, from_peer: bytes | None) -> ReceiptApplied:
+def apply_receipt(
+    store: Store, msg_id: bytes, from_peer: bytes | None, receipt: bytes | None = None
+) -> ReceiptApplied:
     """A verified receipt for ``msg_id``: purge held and queued replicas, mark the
-    seen-row delivered (the tombstone until expiry), in one transaction."""
+    seen-row delivered (the tombstone until expiry), in one transaction. ``receipt``
+    (the encoded DeliveryReceipt) is kept with the tombstone for the inventory sync."""
     with transaction(store.conn) as conn:
         seen = conn.execute(
             "SELECT expiry_ms, delivered FROM relay_seen WHERE msg_id = ?", (msg_id,)
@@ -371,6 +374,11 @@ def apply_receipt(store: Store, msg_id: bytes, from_peer: bytes | None) -> Recei
         if seen is None and not held and not queued:
             return ReceiptApplied(False, False, (), 0, {})
         if seen is not None and seen[1]:
+            if receipt is not None:
+                conn.execute(
+                    "UPDATE relay_seen SET receipt = ? WHERE msg_id = ? AND receipt IS NULL",
+                    (receipt, msg_id),
+                )
             return ReceiptApplied(True, True, (), 0, {})
         expiry = seen[0] if seen is not None else (held or queued)[0][-1]
         for r in held:
@@ -380,9 +388,10 @@ def apply_receipt(store: Store, msg_id: bytes, from_peer: bytes | None) -> Recei
             conn.execute("DELETE FROM relay_queue WHERE id = ?", (r[0],))
             per_hop[bytes(r[1])] += 1
         conn.execute(
-            "INSERT INTO relay_seen (msg_id, expiry_ms, delivered) VALUES (?, ?, 1)"
-            " ON CONFLICT(msg_id) DO UPDATE SET delivered = 1",
-            (msg_id, expiry),
+            "INSERT INTO relay_seen (msg_id, expiry_ms, delivered, receipt) VALUES (?, ?, 1, ?)"
+            " ON CONFLICT(msg_id) DO UPDATE SET delivered = 1,"
+            " receipt = coalesce(excluded.receipt, relay_seen.receipt)",
+            (msg_id, expiry, receipt),
         )
         peers = tuple(
             bytes(r[0])
@@ -398,6 +407,83 @@ def delivered(store: Store, msg_id: bytes) -> bool:
         "SELECT delivered FROM relay_seen WHERE msg_id = ?", (msg_id,)
     ).fetchone()
     return row is not None and bool(row[0])
+
+
+# --------------------------------------------------------------------------- sync
+
+
+@dataclass(frozen=True, slots=True)
+class SyncInventory:
+    """What scope 2 of the inventory sync reconciles, within expiry."""
+
+    held: list[tuple[int, bytes]]
+    """(expiry_ms, msg_id) of held envelopes."""
+    receipts: list[tuple[int, bytes]]
+    """(expiry_ms, msg_id) of receipt tombstones whose signed receipt is kept."""
+
+
+def sync_inventory(store: Store, now_ms: int) -> SyncInventory:
+    conn = store.conn
+    held = conn.execute(
+        "SELECT expiry_ms, msg_id FROM held WHERE expiry_ms > ? ORDER BY expiry_ms", (now_ms,)
+    ).fetchall()
+    rec = conn.execute(
+        "SELECT expiry_ms, msg_id FROM relay_seen WHERE delivered = 1 AND receipt IS NOT NULL"
+        " AND expiry_ms > ? ORDER BY expiry_ms",
+        (now_ms,),
+    ).fetchall()
+    return SyncInventory(
+        [(int(e), bytes(m)) for e, m in held], [(int(e), bytes(m)) for e, m in rec]
+    )
+
+
+def held_for_sync(
+    store: Store, msg_ids: Sequence[bytes], peer: bytes, now_ms: int
+) -> list[HeldRow]:
+    """Held envelopes among ``msg_ids``, unexpired, with a hop left, that neither came
+    from ``peer`` nor went to it (not on their trail), by expiry."""
+    out: list[HeldRow] = []
+    for mid in msg_ids:
+        r = store.conn.execute(
+            f"SELECT {_COLS} FROM held WHERE msg_id = ? AND expiry_ms > ? AND hop_limit > 0"
+            " AND from_node != ? AND NOT EXISTS (SELECT 1 FROM relay_trail t"
+            " WHERE t.msg_id = held.msg_id AND t.peer = ?)",
+            (mid, now_ms, peer, peer),
+        ).fetchone()
+        if r is not None:
+            out.append(_row(r))
+    out.sort(key=lambda h: (h.envelope.expiry_ms, h.id))
+    return out
+
+
+def receipts_for_sync(
+    store: Store, msg_ids: Sequence[bytes], now_ms: int
+) -> list[tuple[int, bytes]]:
+    """(expiry_ms, encoded DeliveryReceipt) of the tombstones among ``msg_ids``."""
+    out: list[tuple[int, bytes]] = []
+    for mid in msg_ids:
+        r = store.conn.execute(
+            "SELECT expiry_ms, receipt FROM relay_seen WHERE msg_id = ? AND delivered = 1"
+            " AND receipt IS NOT NULL AND expiry_ms > ?",
+            (mid, now_ms),
+        ).fetchone()
+        if r is not None:
+            out.append((int(r[0]), bytes(r[1])))
+    out.sort()
+    return out
+
+
+def remember_receipt(store: Store, msg_id: bytes, expiry_ms: int, receipt: bytes) -> bool:
+    """A verified receipt for a msg_id this node never handled (the sync brought it):
+    keep the tombstone (a later copy is a duplicate) and the receipt. False if the
+    msg_id is known here (``apply_receipt`` is the path for those)."""
+    with transaction(store.conn) as conn:
+        cur = conn.execute(
+            "INSERT INTO relay_seen (msg_id, expiry_ms, delivered, receipt) VALUES (?, ?, 1, ?)"
+            " ON CONFLICT(msg_id) DO NOTHING",
+            (msg_id, expiry_ms, receipt),
+        )
+        return cur.rowcount == 1
 
 
 # --------------------------------------------------------------------------- spray
