@@ -42,10 +42,11 @@ import functools
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from qpc_node.errors import QpcError
+from qpc_node.errors import QpcError, RemoteProtocolError
 from qpc_node.federation.custody import Custody, status_name
 from qpc_node.federation.routes import NextHop
 from qpc_node.store.async_store import AsyncStore
@@ -58,7 +59,7 @@ from qpc_node.store.held import (
     sync_inventory,
 )
 from qpc_node.storefwd import receipts as rc
-from qpc_node.storefwd.held import ExpiryVerdict, check_expiry, spray_split
+from qpc_node.storefwd.held import ExpiryVerdict, HoldPolicy, check_expiry, spray_split
 from qpc_node.storefwd.sync import (
     KIND_CHANNEL,
     KIND_HELD,
@@ -70,7 +71,15 @@ from qpc_node.storefwd.sync import (
 from qpc_node.wire.channel import ChannelMessage, ChannelMessageError, decode_channel_message
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
-__all__ = ["ChannelSource", "HeldSource", "NewItem"]
+__all__ = [
+    "ChannelSource",
+    "HeldItem",
+    "HeldSource",
+    "NewItem",
+    "ReceiptItem",
+    "SyncItemError",
+    "parse_item",
+]
 
 NewItem = Callable[[bytes, bytes], object]
 """``(encoded item, peer)``: called for each item a source took as new."""
@@ -162,6 +171,58 @@ def encode_receipt(expiry_ms: int, receipt: bytes) -> bytes:
     return bytes((KIND_RECEIPT,)) + _EXPIRY.pack(expiry_ms) + receipt
 
 
+class SyncItemError(RemoteProtocolError):
+    """A scope-2 item a node refuses before any store sees it; ``reason`` is counted."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class HeldItem:
+    request: federation_pb2.RelayEnqueueRequest
+    """One envelope with its origin, origin node and spray tokens (0 or 1 each)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptItem:
+    expiry_ms: int
+    receipt: rc.Receipt | QpcError
+    """Parsed (lengths checked) or the typed error: verification is the receipt path's."""
+
+
+def parse_item(data: bytes, now_ms: int, policy: HoldPolicy) -> HeldItem | ReceiptItem:
+    """Parse one scope-2 item from a peer (the wire layout is in the module docstring).
+
+    The envelope itself is checked by the custody path it is handed to; here only
+    the framing, and a receipt's declared expiry against the node's cap. Every
+    defect is a :class:`SyncItemError`."""
+    if len(data) < 2 or len(data) > MAX_ITEM_BYTES:
+        raise SyncItemError("malformed", f"item of {len(data)} bytes")
+    kind, body = data[0], data[1:]
+    try:
+        if kind == KIND_HELD:
+            req = federation_pb2.RelayEnqueueRequest.FromString(body)
+            if len(req.envelopes) != 1 or any(
+                len(x) > 1 for x in (req.origins, req.origin_nodes, req.spray_tokens)
+            ):
+                raise SyncItemError("malformed", "one envelope per item")
+            return HeldItem(req)
+        if kind == KIND_RECEIPT and len(body) > _EXPIRY.size:
+            (exp,) = _EXPIRY.unpack_from(body)
+            pb = federation_pb2.DeliveryReceipt.FromString(body[_EXPIRY.size :])
+        else:
+            raise SyncItemError("malformed", f"unknown item kind {kind}")
+    except DecodeError as exc:
+        raise SyncItemError("malformed", f"malformed item: {exc}") from None
+    verdict = check_expiry(exp, now_ms, policy)
+    if verdict is not ExpiryVerdict.OK:
+        raise SyncItemError(f"receipt_{verdict.value}", f"receipt expiry: {verdict.value}")
+    (parsed,) = rc.parse_receipts([pb])
+    return ReceiptItem(exp, parsed)
+
+
 class HeldSource:
     """Scope 2 over the store-and-forward tables (see the module docstring)."""
 
@@ -227,31 +288,15 @@ class HeldSource:
         receipts: list[tuple[int, rc.Receipt | QpcError]] = []
         policy = self._sf.policy
         for data in items:
-            if len(data) < 2 or len(data) > MAX_ITEM_BYTES:
-                self.refused["malformed"] += 1
-                continue
-            kind, body = data[0], data[1:]
             try:
-                if kind == KIND_HELD:
-                    req = federation_pb2.RelayEnqueueRequest.FromString(body)
-                    if len(req.envelopes) != 1 or any(
-                        len(x) > 1 for x in (req.origins, req.origin_nodes, req.spray_tokens)
-                    ):
-                        raise DecodeError("one envelope per item")
-                    envs.append((req.envelopes[0].expiry_ms, req))
-                elif kind == KIND_RECEIPT and len(body) > _EXPIRY.size:
-                    (exp,) = _EXPIRY.unpack_from(body)
-                    pb = federation_pb2.DeliveryReceipt.FromString(body[_EXPIRY.size :])
-                    verdict = check_expiry(exp, now_ms, policy)
-                    if verdict is not ExpiryVerdict.OK:
-                        self.refused[f"receipt_{verdict.value}"] += 1
-                        continue
-                    (parsed,) = rc.parse_receipts([pb])
-                    receipts.append((exp, parsed))
-                else:
-                    raise DecodeError(f"unknown item kind {kind}")
-            except DecodeError:
-                self.refused["malformed"] += 1
+                got = parse_item(data, now_ms, policy)
+            except SyncItemError as exc:
+                self.refused[exc.reason] += 1
+                continue
+            if isinstance(got, HeldItem):
+                envs.append((got.request.envelopes[0].expiry_ms, got.request))
+            else:
+                receipts.append((got.expiry_ms, got.receipt))
         taken = 0
         if receipts:  # first: a receipt refuses the copy it purges
             taken += await self._sf.on_receipts(
