@@ -13,7 +13,8 @@
 - :class:`HeldSource` (scope 2): held envelopes (kind 1) and receipt tombstones
   whose signed receipt is kept (kind 2), within expiry. ``offer`` gives a held
   envelope only to a peer that may carry it -- a carrier (its Ping flag) gets a copy
-  with half the tokens (binary spray: a 1-token copy does not go), a peer the
+  with half the tokens once ``storefwd.spray_delay_s`` has passed, as a spray would
+  (binary spray: a 1-token copy does not go), a peer the
   routing core names as the next hop toward the recipient gets one -- and never to
   the node it came from or one on its trail (it has a copy, or gave us ours); the
   copy is recorded as a spray (tokens kept, trail) when it is offered. A receipt goes
@@ -59,7 +60,13 @@ from qpc_node.store.held import (
     sync_inventory,
 )
 from qpc_node.storefwd import receipts as rc
-from qpc_node.storefwd.held import ExpiryVerdict, HoldPolicy, check_expiry, spray_split
+from qpc_node.storefwd.held import (
+    ExpiryVerdict,
+    HoldPolicy,
+    check_expiry,
+    spray_due,
+    spray_split,
+)
 from qpc_node.storefwd.sync import (
     KIND_CHANNEL,
     KIND_HELD,
@@ -258,8 +265,8 @@ class HeldSource:
             for h in rows:
                 if carrier:
                     split = spray_split(h.tokens)
-                    if split is None:
-                        continue  # one token: it moves only on a route
+                    if split is None or not spray_due(h.held_ms, now_ms, self._sf.policy):
+                        continue  # one token: it moves only on a route; or not yet
                     kept, give = split
                 else:
                     route = self._sf.route(h.envelope.recipient)

@@ -64,7 +64,12 @@ class Withdrawing(StaticRoutes):
 
 @asynccontextmanager
 async def running(
-    tmp: Path, name: str, *, carrier: bool = False, interval: float = 3600.0
+    tmp: Path,
+    name: str,
+    *,
+    carrier: bool = False,
+    interval: float = 3600.0,
+    spray_delay_s: float = 0.0,
 ) -> AsyncIterator[FedNode]:
     _, nid = identity(tmp, name)
     _, c_id = identity(tmp, "c")
@@ -73,7 +78,8 @@ async def running(
         tmp,
         name,
         routes=routes,
-        limits=FederationLimits(storefwd=HoldPolicy(carrier=carrier)),
+        # (no spray delay by default: a copy may go to a carrier as soon as they meet)
+        limits=FederationLimits(storefwd=HoldPolicy(carrier=carrier, spray_delay_s=spray_delay_s)),
         timers=TIMERS,
         config={"sync": {"interval_s": str(interval)}},
     ) as n:
@@ -246,3 +252,26 @@ async def test_a_restarted_carriers_receipt_purges_the_holder_by_sync(tmp_path: 
                     f"receipt by sync after the carrier's restart: {trio.current_time() - t0:.2f}s"
                 )
             assert len(await mailbox(c, USER_C)) == 1
+
+
+async def test_no_copy_to_a_carrier_before_the_spray_delay(tmp_path: Path) -> None:
+    """The sync follows the spray rule's delay: an envelope held for less than
+    ``storefwd.spray_delay_s`` stays with its holder, however many sessions run."""
+    _, a_id = identity(tmp_path, "a")
+    with trio.fail_after(60):
+        async with (
+            running(tmp_path, "a", interval=1.0, spray_delay_s=300.0) as a,
+            running(tmp_path, "l", carrier=True, interval=1.0) as lap,
+        ):
+            env = envelope(os.urandom(16), USER_C)
+            assert [r.status for r in await a.fed.submit([env], origin=USER_A)] == [F.RELAY_HELD]
+            await lap.fed.connect("127.0.0.1", a.info.port, expected=a_id)
+            await until(lambda: a.fed.custody.storefwd.carrier(lap.node_id), within=10)
+            sa = a.node.syncer
+            assert sa is not None
+            done = sa.statistics().sessions_completed + 3
+            await until(lambda: sa.statistics().sessions_completed >= done, within=20)
+            assert await held(lap) == 0
+            now = system_wall_ms()
+            (row,) = await store_of(a).run(lambda s: held_for(s, USER_C, now))
+            assert row.tokens == 4
