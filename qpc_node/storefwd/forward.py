@@ -441,7 +441,9 @@ class StoreForward:
                 functools.partial(apply_receipt, msg_id=r.msg_id, from_peer=from_peer, receipt=blob)
             )
             if not got.known:
-                if expiries is not None:
+                # (never a tombstone of our own receipt: this node is the home, and a
+                # re-homed user's mailbox handover must not meet it as a duplicate)
+                if expiries is not None and r.home_node != self.node_id:
                     exp = expiries[k]
                     if await self._store.run(
                         functools.partial(

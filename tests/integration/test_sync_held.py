@@ -275,3 +275,17 @@ async def test_no_copy_to_a_carrier_before_the_spray_delay(tmp_path: Path) -> No
             now = system_wall_ms()
             (row,) = await store_of(a).run(lambda s: held_for(s, USER_C, now))
             assert row.tokens == 4
+
+
+async def test_the_home_keeps_no_tombstone_of_its_own_receipt(tmp_path: Path) -> None:
+    """C, USER_C's home, meets its own receipt for mail still in a mailbox there (a
+    neighbour synced it back): no tombstone, or the mail of a user who re-homed could
+    not be handed over (custody would refuse it as a duplicate)."""
+    with trio.fail_after(30):
+        async with running(tmp_path, "c") as c:
+            env = envelope(os.urandom(16), USER_C)
+            r = home_receipt(tmp_path, env.msg_id)
+            item = encode_receipt(env.expiry_ms, r.to_proto().SerializeToString())
+            assert await source_of(c).take(os.urandom(32), [item], system_wall_ms()) == 0
+            assert not await tombstone(c, env.msg_id)
+            assert c.fed.statistics().storefwd.receipts_unknown_msg == 1
