@@ -51,6 +51,7 @@ from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 from qpc_node.store.channels import ChannelLimits, ChannelStore
 from qpc_node.store.store import Store
 from qpc_node.storefwd.gossip import GossipDriver
+from qpc_node.storefwd.sources import ChannelSource, HeldSource
 from qpc_node.storefwd.syncer import Syncer, SyncerConfig
 from qpc_node.wire.channel import ChannelPolicy
 
@@ -400,6 +401,9 @@ class Node:
                     SyncerConfig(interval_s=self.cfg.sync.interval_s),
                     wall_ms=self._wall_ms,
                 )
+                # inventory sync, scope 2: held envelopes (to peers that may carry
+                # them) and receipts, taken through the RelayEnqueue/Receipt paths
+                self.syncer.add_source(HeldSource(store, self.federation.custody))
                 if self.channels is not None:
                     # the channel store's seam (store/channels.py): the driver checks
                     # payloads with it, delivers first receptions into it, and spreads
@@ -421,6 +425,9 @@ class Node:
 
                     self.channels.on_published = spread
                     self.gossip = gossip
+                    # inventory sync, scope 1: channel messages within retention; what
+                    # a heal brings is spread on the tree like a first reception
+                    self.syncer.add_source(ChannelSource(self.channels, gossip.inject))
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
                 refusals = TrustRefusalsCollector(self.federation.policy)

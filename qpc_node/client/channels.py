@@ -198,6 +198,15 @@ class BroadcastReport:
     seq: int
 
 
+def _in_creation_order(got: list[tuple[int, Incoming]]) -> list[Incoming]:
+    """What one receive fetched, in the senders' creation order (``created_ms`` is
+    inside the seal). The node's seq is arrival order there: after a heal, gossip and
+    the inventory sync bring a partition's messages in any order, while a member must
+    read each sender's lines in the order they were written. Stable: equal times keep
+    the node's order."""
+    return [m for _, m in sorted(got, key=lambda t: t[0])]
+
+
 class Channels(AgentPart):
     """One identity's channels: joined ones in client.db, broadcast and receive."""
 
@@ -254,7 +263,7 @@ class Channels(AgentPart):
         if not chans:
             return []
         node = self._node()
-        out: list[Incoming] = []
+        out: list[tuple[int, Incoming]] = []
         for page in range(FETCH_PAGES):
             cursors = await self._state.call(self._st.channel_cursors, node)
             req = channel_pb2.ChannelFetchRequest(
@@ -276,7 +285,7 @@ class Channels(AgentPart):
                 if exc.code == StatusCode.UNIMPLEMENTED:
                     self.unsupported = True
                     self._warn("this node does not serve broadcast channels", "no channels")
-                    return out
+                    return _in_creation_order(out)
                 raise
             for item in resp.messages:
                 got = await self._one(chans, node, item)
@@ -285,11 +294,12 @@ class Channels(AgentPart):
             if not resp.more:
                 break
         self._stats.received += len(out)
-        return out
+        return _in_creation_order(out)
 
     async def _one(
         self, chans: dict[bytes, JoinedChannel], node: bytes, item: channel_pb2.StoredChannelMessage
-    ) -> Incoming | None:
+    ) -> tuple[int, Incoming] | None:
+        """The message opened and stored, with its sealed creation time."""
         cid = bytes(item.message.channel_id)
         ch = chans.get(cid)
         if ch is None:
@@ -337,7 +347,7 @@ class Channels(AgentPart):
             channel_id=cid,
             msg_id=msg.msg_id,
         )
-        return Incoming(item.seq, conv, opened.sender, opened.body)
+        return opened.created_ms, Incoming(item.seq, conv, opened.sender, opened.body)
 
     def _drop(self, name: str, why: str) -> None:
         log.info("dropped channel message", extra={"channel": name, "err": why})

@@ -390,26 +390,29 @@ class ReceiptApplied:
     """Custody rows deleted, per next hop."""
 
 
-def apply_receipt(store: Store, msg_id: bytes, from_peer: bytes | None) -> ReceiptApplied:
+def apply_receipt(
+    store: Store, msg_id: bytes, from_peer: bytes | None, receipt: bytes | None = None
+) -> ReceiptApplied:
     """A verified receipt for ``msg_id``: purge held and queued replicas, mark the
-    seen-row delivered (the tombstone until expiry), in one transaction."""
-    return apply_receipts(store, [(msg_id, from_peer)])[0]
+    seen-row delivered (the tombstone until expiry), in one transaction. ``receipt``
+    (the encoded DeliveryReceipt) is kept with the tombstone for the inventory sync."""
+    return apply_receipts(store, [(msg_id, from_peer, receipt)])[0]
 
 
 def apply_receipts(
-    store: Store, receipts: Sequence[tuple[bytes, bytes | None]]
+    store: Store, receipts: Sequence[tuple[bytes, bytes | None, bytes | None]]
 ) -> list[ReceiptApplied]:
-    """:func:`apply_receipt` for each ``(msg_id, from_peer)``, in order, in one
+    """:func:`apply_receipt` for each ``(msg_id, from_peer, receipt)``, in order, in one
     transaction: a neighbour's Receipt call carries up to ``MAX_RECEIPTS``, and
     one commit each rewrote the same seen-table pages once per receipt (flash
     writes). The call is still answered after its commit, so a neighbour drops
     from its outbox only receipts applied here."""
     with transaction(store.conn) as conn:
-        return [_apply_receipt(conn, m, p) for m, p in receipts]
+        return [_apply_receipt(conn, m, p, r) for m, p, r in receipts]
 
 
 def _apply_receipt(
-    conn: sqlite3.Connection, msg_id: bytes, from_peer: bytes | None
+    conn: sqlite3.Connection, msg_id: bytes, from_peer: bytes | None, receipt: bytes | None
 ) -> ReceiptApplied:
     seen = conn.execute(
         "SELECT expiry_ms, delivered, peer FROM relay_seen WHERE msg_id = ?", (msg_id,)
@@ -422,6 +425,11 @@ def _apply_receipt(
     if seen is None and not held and not queued:
         return ReceiptApplied(False, False, (), 0, {})
     if seen is not None and seen[1]:
+        if receipt is not None:
+            conn.execute(
+                "UPDATE relay_seen SET receipt = ? WHERE msg_id = ? AND receipt IS NULL",
+                (receipt, msg_id),
+            )
         return ReceiptApplied(True, True, (), 0, {})
     expiry = seen[0] if seen is not None else (held or queued)[0][-1]
     for r in held:
@@ -431,9 +439,10 @@ def _apply_receipt(
         conn.execute("DELETE FROM relay_queue WHERE id = ?", (r[0],))
         per_hop[bytes(r[1])] += 1
     conn.execute(
-        "INSERT INTO relay_seen (msg_id, expiry_ms, delivered) VALUES (?, ?, 1)"
-        " ON CONFLICT(msg_id) DO UPDATE SET delivered = 1",
-        (msg_id, expiry),
+        "INSERT INTO relay_seen (msg_id, expiry_ms, delivered, receipt) VALUES (?, ?, 1, ?)"
+        " ON CONFLICT(msg_id) DO UPDATE SET delivered = 1,"
+        " receipt = coalesce(excluded.receipt, relay_seen.receipt)",
+        (msg_id, expiry, receipt),
     )
     trail = [] if seen is None or seen[2] is None else [bytes(seen[2])]
     trail += (
@@ -450,6 +459,85 @@ def delivered(store: Store, msg_id: bytes) -> bool:
         "SELECT delivered FROM relay_seen WHERE msg_id = ?", (msg_id,)
     ).fetchone()
     return row is not None and bool(row[0])
+
+
+# --------------------------------------------------------------------------- sync
+
+
+@dataclass(frozen=True, slots=True)
+class SyncInventory:
+    """What scope 2 of the inventory sync reconciles, within expiry."""
+
+    held: list[tuple[int, bytes]]
+    """(expiry_ms, msg_id) of held envelopes."""
+    receipts: list[tuple[int, bytes]]
+    """(expiry_ms, msg_id) of receipt tombstones whose signed receipt is kept."""
+
+
+def sync_inventory(store: Store, now_ms: int) -> SyncInventory:
+    conn = store.conn
+    held = conn.execute(
+        "SELECT expiry_ms, msg_id FROM held WHERE expiry_ms > ? ORDER BY expiry_ms", (now_ms,)
+    ).fetchall()
+    rec = conn.execute(
+        "SELECT expiry_ms, msg_id FROM relay_seen WHERE delivered = 1 AND receipt IS NOT NULL"
+        " AND expiry_ms > ? ORDER BY expiry_ms",
+        (now_ms,),
+    ).fetchall()
+    return SyncInventory(
+        [(int(e), bytes(m)) for e, m in held], [(int(e), bytes(m)) for e, m in rec]
+    )
+
+
+def held_for_sync(
+    store: Store, msg_ids: Sequence[bytes], peer: bytes, now_ms: int
+) -> list[HeldRow]:
+    """Held envelopes among ``msg_ids``, unexpired, with a hop left, that neither came
+    from ``peer`` nor went to it (not on their trail), by expiry."""
+    out: list[HeldRow] = []
+    for mid in msg_ids:
+        # through the seen row's pointer: held has no msg_id index (flash writes)
+        r = store.conn.execute(
+            f"SELECT {_COLS} FROM held WHERE id = (SELECT s.held FROM relay_seen s"
+            " WHERE s.msg_id = :mid) AND msg_id = :mid AND expiry_ms > :now AND hop_limit > 0"
+            " AND from_node != :peer AND NOT EXISTS (SELECT 1 FROM relay_trail t"
+            " WHERE t.msg_id = held.msg_id AND t.peer = :peer)",
+            {"mid": mid, "now": now_ms, "peer": peer},
+        ).fetchone()
+        if r is not None:
+            out.append(_row(r))
+    out.sort(key=lambda h: (h.envelope.expiry_ms, h.id))
+    return out
+
+
+def receipts_for_sync(
+    store: Store, msg_ids: Sequence[bytes], now_ms: int
+) -> list[tuple[int, bytes]]:
+    """(expiry_ms, encoded DeliveryReceipt) of the tombstones among ``msg_ids``."""
+    out: list[tuple[int, bytes]] = []
+    for mid in msg_ids:
+        r = store.conn.execute(
+            "SELECT expiry_ms, receipt FROM relay_seen WHERE msg_id = ? AND delivered = 1"
+            " AND receipt IS NOT NULL AND expiry_ms > ?",
+            (mid, now_ms),
+        ).fetchone()
+        if r is not None:
+            out.append((int(r[0]), bytes(r[1])))
+    out.sort()
+    return out
+
+
+def remember_receipt(store: Store, msg_id: bytes, expiry_ms: int, receipt: bytes) -> bool:
+    """A verified receipt for a msg_id this node never handled (the sync brought it):
+    keep the tombstone (a later copy is a duplicate) and the receipt. False if the
+    msg_id is known here (``apply_receipt`` is the path for those)."""
+    with transaction(store.conn) as conn:
+        cur = conn.execute(
+            "INSERT INTO relay_seen (msg_id, expiry_ms, delivered, receipt) VALUES (?, ?, 1, ?)"
+            " ON CONFLICT(msg_id) DO NOTHING",
+            (msg_id, expiry_ms, receipt),
+        )
+        return cur.rowcount == 1
 
 
 # --------------------------------------------------------------------------- spray

@@ -244,6 +244,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX relay_trail_by_expiry ON relay_trail(expiry_ms)",
     ),
+    # 11: inventory sync of receipts (storefwd/sources.py): the signed receipt a
+    # tombstone stands for (an encoded DeliveryReceipt), so a node can hand it to a
+    # neighbour that still holds a copy (and after a restart: the in-memory receipt
+    # queues are gone, the tombstone is not).
+    ("ALTER TABLE relay_seen ADD COLUMN receipt BLOB",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -35,7 +35,7 @@ import trio
 
 from qpc_node.errors import QpcError
 from qpc_node.federation.links import Link, Links
-from qpc_node.federation.routes import Local, NextHop, Resolver
+from qpc_node.federation.routes import Local, NextHop, Resolver, Route
 from qpc_node.ops.clock import WallClock
 from qpc_node.ops.log import get_logger
 from qpc_node.store.async_store import AsyncStore
@@ -53,6 +53,7 @@ from qpc_node.store.held import (
     held_recipients,
     hold_many,
     release,
+    remember_receipt,
     reroute,
     spray_candidates,
     spray_done,
@@ -141,6 +142,7 @@ class StoreForward:
         self.c_too_far = 0
         self.c_r_sent = self.c_r_in = self.c_r_applied = self.c_r_repeated = 0
         self.c_r_unknown_msg = self.c_r_lost = self.c_purged = self.c_sprayed = 0
+        self.c_r_remembered = 0
         self.c_verdict: dict[rc.Verdict, int] = dict.fromkeys(rc.Verdict, 0)
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,6 +168,15 @@ class StoreForward:
         """A carrier neighbour is linked (or said so): a spray pass."""
         del peer
         self._spray_wake.set()
+
+    def carrier(self, peer: bytes) -> bool:
+        """Is ``peer`` linked and a carrier (its Ping said so)?"""
+        link = self._links.get(peer)
+        return link is not None and link.carrier
+
+    def route(self, recipient: bytes) -> Route:
+        """The routing core's answer for ``recipient`` now."""
+        return self._resolve(recipient)
 
     def link_up(self, peer: bytes) -> None:
         self._release_wake.set()
@@ -395,13 +406,26 @@ class StoreForward:
         finally:
             self._senders.discard(peer)
 
-    async def on_receipts(self, from_peer: bytes, parsed: Sequence[rc.Receipt | QpcError]) -> int:
+    async def on_receipts(
+        self,
+        from_peer: bytes,
+        parsed: Sequence[rc.Receipt | QpcError],
+        *,
+        expiries: Sequence[int] | None = None,
+    ) -> int:
         """A neighbour's receipts: each judged, then the valid ones applied in one
         store transaction (one commit per call, not per receipt: flash writes) and
-        passed on; returns how many were taken (applied now, or known as
-        delivered already)."""
-        valid: list[rc.Receipt] = []
-        for r in parsed:
+        passed on; returns how many were taken (applied now, or known as delivered
+        already).
+
+        ``expiries`` (the inventory sync's, one per receipt, capped by policy): a
+        verified receipt for a msg_id never handled here is kept as a tombstone
+        with that expiry instead of dropped -- the sync offers receipts to whoever
+        lacks them, and a copy that reaches this node later is then a duplicate."""
+        if expiries is not None and len(expiries) != len(parsed):
+            raise ValueError("one expiry per receipt")
+        valid: list[tuple[int, rc.Receipt, bytes]] = []
+        for k, r in enumerate(parsed):
             self.c_r_in += 1
             if not isinstance(r, rc.Receipt):
                 self.c_verdict[rc.Verdict.MALFORMED] += 1
@@ -414,15 +438,29 @@ class StoreForward:
                     extra={"node": from_peer.hex()[:16], "verdict": verdict.value},
                 )
                 continue
-            valid.append(r)
+            valid.append((k, r, r.to_proto().SerializeToString(deterministic=True)))
         if not valid:
             return 0
         applied = await self._store.run(
-            functools.partial(apply_receipts, receipts=[(r.msg_id, from_peer) for r in valid])
+            functools.partial(
+                apply_receipts, receipts=[(r.msg_id, from_peer, blob) for _, r, blob in valid]
+            )
         )
         taken = 0
-        for r, got in zip(valid, applied, strict=True):
+        for (k, r, blob), got in zip(valid, applied, strict=True):
             if not got.known:
+                # (never a tombstone of our own receipt: this node is the home, and a
+                # re-homed user's mailbox handover must not meet it as a duplicate)
+                if expiries is not None and r.home_node != self.node_id:
+                    exp = expiries[k]
+                    if await self._store.run(
+                        functools.partial(
+                            remember_receipt, msg_id=r.msg_id, expiry_ms=exp, receipt=blob
+                        )
+                    ):
+                        self.c_r_remembered += 1
+                        taken += 1
+                        continue
                 self.c_r_unknown_msg += 1
                 continue
             taken += 1
@@ -543,4 +581,5 @@ class StoreForward:
             receipts_lost=self.c_r_lost,
             purged=self.c_purged,
             sprayed=self.c_sprayed,
+            receipts_remembered=self.c_r_remembered,
         )

@@ -106,6 +106,7 @@ class GossipStatistics:
     pushes_id_mismatch: int
     queue_dropped: int
     published: int
+    injected: int
     delivered: int
     deliver_failures: int
     link_ups: int
@@ -127,6 +128,7 @@ class _Counts:
     pushes_id_mismatch: int = 0
     queue_dropped: int = 0
     published: int = 0
+    injected: int = 0
     delivered: int = 0
     deliver_failures: int = 0
     link_ups: int = 0
@@ -356,6 +358,21 @@ class GossipDriver:
         self._wake.set()
         return got
 
+    def inject(self, payload: bytes, peer: bytes | None) -> bool:
+        """A message the inventory sync brought from ``peer`` and the store took as
+        new: spread on the tree like a first reception from ``peer`` (eager edges
+        push, lazy ones get an IHAVE; ``peer`` is skipped), not flooded like a
+        publish. Checked like any payload; False if refused or seen before."""
+        got = self._validate(payload, self._wall_ms(), 0)  # sync carries no hop count
+        if isinstance(got, QpcError) or len(got) != 16:
+            return False
+        if not self.core.inject(trio.current_time(), got, payload, peer):
+            return False
+        self._c.injected += 1
+        self._dispatch(self.core.poll())
+        self._wake.set()
+        return True
+
     # ------------------------------------------------------------------ statistics
     def statistics(self) -> GossipStatistics:
         c = self._c
@@ -378,6 +395,7 @@ class GossipDriver:
             pushes_id_mismatch=c.pushes_id_mismatch,
             queue_dropped=c.queue_dropped,
             published=c.published,
+            injected=c.injected,
             delivered=c.delivered,
             deliver_failures=c.deliver_failures,
             link_ups=c.link_ups,

@@ -394,6 +394,21 @@ class PlumtreeCore:
         self._out.append(Deliver(msg_id, payload, 0, None))
         self._accept(now, msg_id, payload, 0, None)
 
+    def inject(self, now: float, msg_id: bytes, payload: bytes, peer: bytes | None) -> bool:
+        """A message this node got outside the tree (inventory sync with ``peer``): a
+        first reception, pushed on eager edges and announced on lazy ones as if a Push
+        from ``peer`` had brought it -- not flooded to every edge as a publish is, and
+        not sent back to ``peer``. Not delivered (the caller stored it already). False
+        if it was seen here before."""
+        self._now = now
+        if len(msg_id) != MSG_ID_LEN:
+            raise ValueError(f"msg_id must be {MSG_ID_LEN} bytes")
+        if not self._seen.add(now, msg_id):
+            return False
+        m = self._missing.pop(msg_id, None)
+        self._accept(now, msg_id, payload, max(1, self.policy.flood_hops), peer, m)
+        return True
+
     def receive(self, now: float, peer: bytes, frames: Sequence[Frame]) -> None:
         self._now = now
         st = self._peers.get(peer)

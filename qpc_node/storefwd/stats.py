@@ -42,3 +42,6 @@ class StoreFwdStatistics:
     """Held and queued replicas deleted by receipts."""
     sprayed: int
     """Copies given to carrier neighbours."""
+    receipts_remembered: int = 0
+    """Verified receipts the inventory sync brought for msg_ids never handled here:
+    kept as tombstones (a later copy is a duplicate)."""

@@ -115,10 +115,11 @@ class Syncer:
         )
         federation.add_link_listener(self._link_event)
 
-    def add_source(self, source: SyncSource) -> None:
-        """Reconcile ``source``'s scope from now on (one source per scope)."""
+    def add_source(self, source: SyncSource, *, replace: bool = False) -> None:
+        """Reconcile ``source``'s scope from now on (one source per scope; ``replace``
+        swaps the one the node wiring registered, e.g. for a test's own)."""
         scope = int(source.scope)
-        if scope in self._sources:
+        if scope in self._sources and not replace:
             raise ConfigError(f"sync: scope {scope} has a source already")
         self._sources[scope] = source
         self.core.scopes = frozenset(self._sources)

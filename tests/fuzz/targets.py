@@ -13,6 +13,7 @@ from tests.fuzz import (
     h_rpc,
     h_storefwd,
     h_sync,
+    h_sync_items,
     h_wire,
 )
 
@@ -27,9 +28,11 @@ __all__ = [
     "h_rpc",
     "h_storefwd",
     "h_sync",
+    "h_sync_items",
     "h_wire",
 ]
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
 # static peers h_mesh_discovery, broadcast channel messages h_channel, gossip frames
-# h_gossip, store-and-forward receipts h_storefwd, inventory sync messages h_sync.
+# h_gossip, store-and-forward receipts h_storefwd, inventory sync messages h_sync, the
+# scope-2 items the sync carries h_sync_items.

@@ -88,7 +88,7 @@ def syncer_of(node: FedNode, sources: Sequence[SetSource], **timing: float) -> S
     syncer = node.node.syncer
     assert syncer is not None
     for src in sources:
-        syncer.add_source(src)
+        syncer.add_source(src, replace=True)
     interval = timing.pop("interval_s", None)
     syncer.config = replace(syncer.config, **timing)
     if interval is not None:

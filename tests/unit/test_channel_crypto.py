@@ -186,8 +186,10 @@ async def test_member_receive_path_dedupes_replays_and_counts_drops(
         return channel_pb2.StoredChannelMessage(seq=seq, message=m.to_proto())
 
     hello = seal(SECRET, alice.public_key, alice.sign, "hello", now_ms=NOW)
-    got = await part._one(chans, b"node-1", item(1, hello))
-    assert got is not None and (got.conversation, got.sender, got.text) == (
+    opened = await part._one(chans, b"node-1", item(1, hello))
+    assert opened is not None and opened[0] == NOW  # its sealed creation time
+    got = opened[1]
+    assert (got.conversation, got.sender, got.text) == (
         "#news",
         alice.fingerprint,
         "hello",
