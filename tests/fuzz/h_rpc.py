@@ -330,8 +330,8 @@ def body_seeds(env: NodeEnv, method: str) -> list[bytes]:
 
         msgs = [
             channel_pb2.ChannelPublishRequest(message=cmsg(1)),
-            channel_pb2.ChannelPublishRequest(message=cmsg(2, hop_limit=16)),
-            channel_pb2.ChannelPublishRequest(message=cmsg(3, hop_limit=17)),
+            channel_pb2.ChannelPublishRequest(message=cmsg(2, hop_limit=64)),
+            channel_pb2.ChannelPublishRequest(message=cmsg(3, hop_limit=65)),
             channel_pb2.ChannelPublishRequest(message=cmsg(4, expiry_ms=2**64 - 1)),
             channel_pb2.ChannelPublishRequest(),
         ]

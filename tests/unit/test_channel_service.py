@@ -105,7 +105,7 @@ async def fetch(c: RpcClient, **kw: object) -> channel_pb2.ChannelFetchResponse:
 @pytest.mark.parametrize(
     ("fields", "status", "counter"),
     [
-        ({"hop_limit": 17}, rpc_pb2.STATUS_CODE_INVALID_ARGUMENT, "refused_hop_limit"),
+        ({"hop_limit": 65}, rpc_pb2.STATUS_CODE_INVALID_ARGUMENT, "refused_hop_limit"),
         ({"expiry_ms": 1}, rpc_pb2.STATUS_CODE_INVALID_ARGUMENT, "refused_expired"),
         ({"expiry_ms": 2**63}, rpc_pb2.STATUS_CODE_INVALID_ARGUMENT, "refused_expiry_too_far"),
         ({"channel_id": b""}, rpc_pb2.STATUS_CODE_INVALID_ARGUMENT, "refused_malformed"),

@@ -174,7 +174,7 @@ async def test_channel_store_add_checks_counts_and_wakes(tmp_path: Path) -> None
         changed = ch.changed
         bad = [
             msg(9, expiry=NOW - 1).encode(),  # expired
-            ChannelMessage(A, b"\x01" * 16, NOW + HOUR, 17, b"\x00" * 40).encode(),
+            ChannelMessage(A, b"\x01" * 16, NOW + HOUR, 65, b"\x00" * 40).encode(),
             b"\xff\xff",
         ]
         got = await ch.add([msg(1).encode(), *bad, msg(1).encode()], NOW)
