@@ -1,0 +1,578 @@
+"""When the mesh breaks, with real ``qpc node`` processes in network namespaces.
+
+Line A - br0 - B - br1 - C (A and C share no link), real mDNS, real federation
+links; C's cable is pulled with ``ip link set down`` and plugged back in:
+
+- DMs typed by a user in an interactive REPL on A (``/mesh dm``) to a user on C, and
+  envelopes with a short sender-set expiry from a client driver on A, sent while C
+  is cut off (some before B noticed, some after A lost its route): once the link is
+  back everything not expired arrives within seconds, exactly once, in order per
+  sender; what expired during the cut never arrives;
+- the same for channel messages (``/channel create|join``, ``/mesh broadcast``);
+- B, holding envelopes for C, is killed and restarted on the same data directory:
+  none is lost;
+- a laptop-like node L (``mesh.carrier = true``) linked to island 1 (A) takes a copy
+  of what A holds for C, walks to island 2 (C) and delivers it there.
+
+Users and drivers reach their own node over loopback (127.0.0.1): pulling a node's
+mesh cable must not cut its local clients. Every wait is bounded; the namespaces and
+processes go with the ``net`` fixture even on failure. Times are printed with the
+load; the one bound asserted is the issue's "within seconds of the heal" (HEAL_S).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from mesh_procs import Driver, MeshUser, NodeProc, driver, loadavg, scrape
+from netns_kit import Host, Netns
+
+from qpc_node.client.fingerprint import short_code
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
+
+LOCAL = "127.0.0.1:4201"  # users and drivers talk to their own node over loopback
+METRICS = "127.0.0.1:9201"  # each node's metrics, inside its own namespace
+PARTITION_DRIVER = "tests.mesh.partition_driver"
+CONVERGE_S = 90.0  # discovery + links + routes + bindings on a loaded 2-core machine
+DETECT_S = 45.0  # bound for A to lose its route to C after C's cable is pulled
+HEAL_S = 20.0  # the issue's "within seconds of the heal", on a loaded machine
+WAIT_S = 120.0  # how long we keep measuring before calling something lost
+LATE_S = 3.0  # window for a late duplicate or a late expired message to show
+SHORT_TTL_MS = 8_000  # expires while C is cut off
+LONG_TTL_MS = 3_600_000
+HELD_METRICS = (
+    # what a node holds for others: custody toward a next hop (today's relay) and
+    # held envelopes without a route (store-and-forward)
+    "qpc_relay_custody_queued",
+    "qpc_storefwd_held",
+)
+
+
+# --- topology and processes -----------------------------------------------------------
+
+
+def line(net: Netns) -> tuple[Host, Host, Host]:
+    """A - br0 - B - br1 - C: A and C are not neighbours."""
+    a, b, c = net.host("a"), net.host("b"), net.host("c")
+    net.connect(a, "br0")
+    net.connect(b, "br0")
+    net.connect(b, "br1")
+    net.connect(c, "br1")
+    return a, b, c
+
+
+def start(
+    host: Host, data: Path, interfaces: str, *, config: Path | None = None, ready: bool = False
+) -> NodeProc:
+    """A node with JSON logs and metrics on loopback in its namespace."""
+    return NodeProc(
+        host,
+        data,
+        interfaces,
+        {"QPC_METRICS_LISTEN": METRICS},
+        ready=ready,
+        log="info",
+        args=("--config", str(config)) if config is not None else (),
+    )
+
+
+async def held(node: NodeProc) -> int:
+    """Envelopes ``node`` holds for others (custody + held), from its metrics."""
+    m = await trio.to_thread.run_sync(scrape, node.host, METRICS)
+    return int(sum(m.get(name, 0.0) for name in HELD_METRICS))
+
+
+async def poll(
+    pred: Callable[[], Awaitable[bool] | bool], within: float, step: float = 0.2
+) -> float | None:
+    """Seconds until ``pred()`` holds; None if not within ``within`` (bounded)."""
+    t0 = trio.current_time()
+    with trio.move_on_after(within):
+        while True:
+            got = pred()
+            if inspect.isawaitable(got):
+                got = await got
+            if got:
+                return trio.current_time() - t0
+            await trio.sleep(step)
+    return None
+
+
+def ready(*nodes: NodeProc) -> None:
+    for n in nodes:
+        n.wait_ready()
+
+
+@asynccontextmanager
+async def client(
+    host: Host, node: NodeProc, data: Path, *, receive: bool = False
+) -> AsyncIterator[Driver]:
+    async with driver(
+        host, node, data, server=LOCAL, receive=receive, module=PARTITION_DRIVER
+    ) as d:
+        yield d
+
+
+async def user(
+    stack: AsyncExitStack, name: str, host: Host, node: NodeProc, data: Path
+) -> MeshUser:
+    u = await MeshUser.open(name, host, node, data, server=LOCAL)
+    stack.push_async_callback(u.aclose)
+    return u
+
+
+# --- waiting on the mesh ----------------------------------------------------------------
+
+
+async def until_view(
+    drv: Driver, ok: Any, what: str, within: float, nodes: Sequence[NodeProc] = ()
+) -> dict[str, Any]:
+    """Poll the driver's node's mesh view until ``ok(view)``; fail saying ``what``."""
+    deadline = trio.current_time() + within
+    while True:
+        view = await drv.ask({"op": "mesh"})
+        if ok(view):
+            return view
+        if trio.current_time() > deadline:
+            logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-1500:]}" for n in nodes)
+            raise AssertionError(f"{what} not within {within:.0f} s: {view}\n{logs}")
+        await trio.sleep(0.3)
+
+
+async def converged(
+    sender: Driver,
+    receiver: Driver,
+    dest: NodeProc,
+    hops: int,
+    users: int,
+    nodes: Sequence[NodeProc],
+) -> None:
+    """The sender's node routes to ``dest`` in ``hops`` and both know ``users`` homes."""
+    await until_view(
+        sender,
+        lambda v: v["routes"].get(dest.node_id) == hops and v["bindings"] >= users,
+        f"a {hops}-hop route to {dest.host.name} and {users} homes",
+        CONVERGE_S,
+        nodes,
+    )
+    await until_view(
+        receiver, lambda v: v["bindings"] >= users, f"{users} homes", CONVERGE_S, nodes
+    )
+
+
+async def until_no_route(drv: Driver, dest: NodeProc, nodes: Sequence[NodeProc]) -> float:
+    """Until the driver's node has no route to ``dest``; seconds it took."""
+    t0 = trio.current_time()
+    await until_view(
+        drv, lambda v: dest.node_id not in v["routes"], f"no route to {dest.host.name}",
+        DETECT_S, nodes,
+    )  # fmt: skip
+    return trio.current_time() - t0
+
+
+async def until_wall(ms: int) -> None:
+    """Until the wall clock (what expiries are measured against) is past ``ms``."""
+    waited = await poll(
+        lambda: time.time() * 1000 > ms, max(0.0, ms / 1000 - time.time()) + 10, 0.1
+    )
+    assert waited is not None
+
+
+async def received(drv: Driver) -> list[str]:
+    ids: list[str] = (await drv.ask({"op": "received"}))["ids"]
+    return ids
+
+
+async def until_received(drv: Driver, want: set[str], within: float) -> float | None:
+    """Seconds until ``drv`` fetched every id of ``want``; None if not within ``within``."""
+
+    async def all_there() -> bool:
+        return want <= set(await received(drv))
+
+    return await poll(all_there, within, 0.1)
+
+
+async def nothing_more(drv: Driver, count: int) -> None:
+    """A late duplicate or a late expired envelope gets a bounded window to show."""
+
+    async def more() -> bool:
+        return len(await received(drv)) > count
+
+    await poll(more, LATE_S)
+
+
+def check_transport(
+    got: list[str], expected: list[str], expired: list[str], tags: dict[str, str] | None = None
+) -> None:
+    """Every expected id exactly once, in the order sent; no expired one; nothing else.
+    ``tags`` names ids in the failure message (the driver's tag of each)."""
+    tags = tags or {}
+    counts = Counter(got)
+    twice = {m: c for m, c in counts.items() if c > 1}
+    assert not twice, f"{len(twice)} delivered more than once: {list(twice.items())[:5]}"
+    late = [m for m in expired if m in counts]
+    assert not late, f"{len(late)} of {len(expired)} delivered after their expiry"
+    missing = [m for m in expected if m not in counts]
+    assert not missing, f"{len(missing)} of {len(expected)} never delivered"
+    extra = set(counts) - set(expected)
+    assert not extra, f"{len(extra)} delivered that were never sent"
+    assert got == expected, (
+        f"out of order: sent {[tags.get(m, m[:8]) for m in expected]}, "
+        f"got {[tags.get(m, m[:8]) for m in got]}"
+    )
+
+
+# --- what users see ---------------------------------------------------------------------
+
+_SENT = re.compile(r"sent to \[[^\]\n]*\] \(([^\n]*)\)")
+
+
+async def mesh_dm(sender: MeshUser, to: MeshUser, text: str, timeout: float = 60) -> str:  # noqa: ASYNC109 -- a bound
+    """``/mesh dm``; what the REPL said became of it (inside the parentheses)."""
+    mark = sender.mark()
+    sender.pty.type(f"/mesh dm {to.fpr} {text}")
+
+    def said() -> str | None:
+        m = _SENT.search(sender.pty.text[mark:])
+        return m.group(1) if m else None
+
+    await sender.pty.wait_until(lambda: said() is not None, f"/mesh dm {text!r} answered", timeout)
+    out = said()
+    assert out is not None
+    return out
+
+
+def shown(sender: MeshUser, text: str) -> str:
+    """How a receiving REPL shows a message from ``sender``: ``... CODE: TEXT``."""
+    return f"{short_code(sender.fpr)}: {text}"
+
+
+async def until_shown(receiver: MeshUser, lines: Sequence[str], within: float) -> float | None:
+    """Seconds until every line shows in ``receiver``'s REPL; None if not within."""
+    return await poll(lambda: all(receiver.pty.count(x) for x in lines), within, 0.1)
+
+
+def check_shown(receiver: MeshUser, lines: Sequence[str], never: Sequence[str] = ()) -> None:
+    """Each line shown exactly once and in order; none of ``never``."""
+    text = receiver.since(0)
+    for x in lines:
+        assert text.count(x) == 1, f"{x!r} shown {text.count(x)} times:\n{text[-3000:]}"
+    for x in never:
+        assert x not in text, f"{x!r} shown:\n{text[-3000:]}"
+    where = [text.find(x) for x in lines]
+    assert where == sorted(where), f"out of order: {lines}\n{text[-3000:]}"
+
+
+_SECRET = re.compile(r"secret:?\s+([A-Za-z0-9_\-+/=]{16,})")
+
+
+async def channel_pair(owner: MeshUser, member: MeshUser, name: str) -> str:
+    """``owner`` creates channel ``name`` and ``member`` joins it with the printed
+    secret; returns the secret."""
+    out = await owner.ask(f"/channel create {name}", "secret", timeout=60)
+    await owner.pty.wait_until(
+        lambda: _SECRET.search(owner.pty.text[-len(out) - 200 :]) is not None,
+        "the channel secret",
+        30,
+    )
+    m = _SECRET.search(owner.pty.text[-len(out) - 200 :])
+    assert m, out
+    secret = m.group(1)
+    await member.ask(f"/channel join {name} {secret}", name, timeout=60)
+    return secret
+
+
+async def broadcast(sender: MeshUser, name: str, text: str) -> str:
+    """``/mesh broadcast``; what the REPL answered (its line after the command)."""
+    out = await sender.ask(f"/mesh broadcast {name} {text}", name, timeout=60)
+    return out.strip().splitlines()[-1] if out.strip() else ""
+
+
+@dataclass
+class Figures:
+    detect: float = 0.0  # cut -> A has no route to C
+    cut: float = 0.0  # how long C was cut off
+    heal: float = 0.0  # link up -> the last message arrived
+
+
+def report(name: str, f: Figures, extra: str = "") -> None:
+    print(
+        f"\n{name}: route gone at A {f.detect:.1f} s after the cut; cut lasted {f.cut:.1f} s; "
+        f"everything arrived {f.heal:.1f} s after the heal (bound {HEAL_S:.0f} s){extra}; "
+        f"load {loadavg()}"
+    )
+
+
+# --- (a) line A - B - C, C cut off: DMs ------------------------------------------------
+
+
+async def test_line_cut_dms_arrive_once_in_order_after_heal_expired_never(
+    net: Netns, tmp_path: Path
+) -> None:
+    ha, hb, hc = line(net)
+    a = start(ha, tmp_path / "na", "mesh0")
+    b = start(hb, tmp_path / "nb", "mesh0,mesh1")
+    c = start(hc, tmp_path / "nc", "mesh0")
+    ready(a, b, c)
+    nodes = (a, b, c)
+    f = Figures()
+    async with AsyncExitStack() as stack:
+        xc = await stack.enter_async_context(client(hc, c, tmp_path / "xc", receive=True))
+        xa = await stack.enter_async_context(client(ha, a, tmp_path / "xa"))
+        ua = await user(stack, "ua", ha, a, tmp_path / "ua")
+        uc = await user(stack, "uc", hc, c, tmp_path / "uc")
+        await converged(xa, xc, c, hops=2, users=4, nodes=nodes)
+        # first contact while the line is whole: ua fetches uc's KeyPackage from C
+        await mesh_dm(ua, uc, "hello-before-the-cut")
+        await until_shown(uc, [shown(ua, "hello-before-the-cut")], 60)
+
+        cable = hc.link("mesh0")
+        net.set_link(cable, False)
+        t_cut = trio.current_time()
+        dms: list[str] = []
+        said: list[str] = []
+        long_ids: list[str] = []
+        short_ids: list[str] = []
+        short_expiry = 0
+        tags: dict[str, str] = {}
+
+        async def batch(tag: str) -> None:
+            nonlocal short_expiry
+            for i in range(3):
+                dms.append(f"{tag}-dm-{i}")
+                said.append(await mesh_dm(ua, uc, dms[-1]))
+            # long and short expiries interleaved, one sender: order is per sender
+            for i in range(3):
+                lr = await xa.ask({"op": "send_ttl", "to": xc.me, "n": 1, "ttl_ms": LONG_TTL_MS, "tag": f"{tag}l{i}"})  # fmt: skip
+                sr = await xa.ask({"op": "send_ttl", "to": xc.me, "n": 1, "ttl_ms": SHORT_TTL_MS, "tag": f"{tag}s{i}"})  # fmt: skip
+                long_ids.extend(lr["ids"])
+                short_ids.extend(sr["ids"])
+                tags.update({lr["ids"][0]: f"{tag}l{i}", sr["ids"][0]: f"{tag}s{i}"})
+                short_expiry = max(short_expiry, sr["expiry_ms"])
+
+        await batch("early")  # A still routes to C via B: B gets them
+        f.detect = await until_no_route(xa, c, nodes)
+        await batch("late")  # A knows no route to C any more
+        await until_wall(short_expiry + 1000)  # the cut outlasts every short expiry
+        net.set_link(cable, True)
+        t_heal = trio.current_time()
+        f.cut = t_heal - t_cut
+
+        got_dms = await until_shown(uc, [shown(ua, x) for x in dms], WAIT_S)
+        got_env = await until_received(xc, set(long_ids), WAIT_S)
+        f.heal = trio.current_time() - t_heal
+        count = len(await received(xc))
+        await nothing_more(xc, count)
+        report(
+            "partition line DMs",
+            f,
+            f"; {len(dms)} /mesh dm (shown after {got_dms} s) + {len(long_ids)} envelopes "
+            f"(after {got_env} s), {len(short_ids)} with a {SHORT_TTL_MS / 1000:.0f} s expiry; "
+            f"A said {sorted(set(said))}",
+        )
+        logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
+        assert got_dms is not None, (
+            f"DMs typed during the cut not all shown {WAIT_S:.0f} s after the heal; A said "
+            f"{said}\n{uc.since(0)[-2000:]}\n{logs}"
+        )
+        assert got_env is not None, (
+            f"envelopes sent during the cut: {len(set(long_ids) & set(await received(xc)))} "
+            f"of {len(long_ids)} arrived {WAIT_S:.0f} s after the heal\n{logs}"
+        )
+        check_shown(uc, [shown(ua, x) for x in ["hello-before-the-cut", *dms]])
+        check_transport(await received(xc), long_ids, short_ids, tags)
+        assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
+
+
+# --- (a) line A - B - C, C cut off: channel messages ------------------------------------
+
+
+async def test_line_cut_channel_messages_arrive_once_in_order_after_heal(
+    net: Netns, tmp_path: Path
+) -> None:
+    ha, hb, hc = line(net)
+    a = start(ha, tmp_path / "na", "mesh0")
+    b = start(hb, tmp_path / "nb", "mesh0,mesh1")
+    c = start(hc, tmp_path / "nc", "mesh0")
+    ready(a, b, c)
+    nodes = (a, b, c)
+    f = Figures()
+    async with AsyncExitStack() as stack:
+        xc = await stack.enter_async_context(client(hc, c, tmp_path / "xc"))
+        xa = await stack.enter_async_context(client(ha, a, tmp_path / "xa"))
+        ua = await user(stack, "ua", ha, a, tmp_path / "ua")
+        uc = await user(stack, "uc", hc, c, tmp_path / "uc")
+        await converged(xa, xc, c, hops=2, users=4, nodes=nodes)
+        await channel_pair(ua, uc, "news")
+        await broadcast(ua, "news", "warm-up")
+        assert await until_shown(uc, [shown(ua, "warm-up")], 60) is not None, uc.since(0)[-2000:]
+
+        cable = hc.link("mesh0")
+        net.set_link(cable, False)
+        t_cut = trio.current_time()
+        texts: list[str] = []
+        said: list[str] = []
+        for i in range(3):
+            texts.append(f"early-ch-{i}")
+            said.append(await broadcast(ua, "news", texts[-1]))
+        f.detect = await until_no_route(xa, c, nodes)
+        for i in range(3):
+            texts.append(f"late-ch-{i}")
+            said.append(await broadcast(ua, "news", texts[-1]))
+        net.set_link(cable, True)
+        t_heal = trio.current_time()
+        f.cut = t_heal - t_cut
+
+        got = await until_shown(uc, [shown(ua, x) for x in texts], WAIT_S)
+        f.heal = trio.current_time() - t_heal
+        report("partition line channel", f, f"; {len(texts)} channel messages; A said {said}")
+        logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
+        assert got is not None, (
+            f"channel messages sent during the cut not all shown {WAIT_S:.0f} s after the "
+            f"heal; A said {said}\n{uc.since(0)[-2000:]}\n{logs}"
+        )
+        # a late duplicate gets a bounded window to show
+        await poll(lambda: any(uc.pty.count(shown(ua, x)) > 1 for x in texts), LATE_S)
+        check_shown(uc, [shown(ua, x) for x in ["warm-up", *texts]])
+        assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
+
+
+# --- (b) B restarted while it holds envelopes for C ---------------------------------------
+
+N_HELD = 40
+
+
+async def test_relay_restarted_while_holding_loses_nothing(net: Netns, tmp_path: Path) -> None:
+    ha, hb, hc = line(net)
+    a = start(ha, tmp_path / "na", "mesh0")
+    b = start(hb, tmp_path / "nb", "mesh0,mesh1")
+    c = start(hc, tmp_path / "nc", "mesh0")
+    ready(a, b, c)
+    nodes = [a, b, c]
+    f = Figures()
+    async with AsyncExitStack() as stack:
+        xc = await stack.enter_async_context(client(hc, c, tmp_path / "xc", receive=True))
+        xa = await stack.enter_async_context(client(ha, a, tmp_path / "xa"))
+        await converged(xa, xc, c, hops=2, users=2, nodes=nodes)
+
+        cable = hc.link("mesh0")
+        net.set_link(cable, False)
+        t_cut = trio.current_time()
+        # A still routes to C via B: B takes them and has nowhere to send them
+        sent = await xa.ask(
+            {"op": "send_ttl", "to": xc.me, "n": N_HELD, "ttl_ms": LONG_TTL_MS, "tag": "h"}
+        )
+        ids: list[str] = sent["ids"]
+
+        async def holding() -> tuple[int, int]:
+            return await held(a), await held(nodes[1])
+
+        async def b_holds_all() -> bool:
+            return await holding() == (0, N_HELD)
+
+        await poll(b_holds_all, 30, 0.3)
+        a_b = await holding()
+        assert a_b == (0, N_HELD), (
+            f"B should hold all {N_HELD} (A none) before the restart; A, B hold {a_b}; "
+            f"A said {sorted(set(sent['fates']))}\n{nodes[1].stderr()[-2000:]}"
+        )
+        nodes[1].kill9()
+        nodes[1] = await trio.to_thread.run_sync(
+            lambda: start(hb, tmp_path / "nb", "mesh0,mesh1", ready=True)
+        )
+
+        async def b_holds_after() -> bool:
+            return await held(nodes[1]) >= N_HELD
+
+        await poll(b_holds_after, 30, 0.3)
+        after = await held(nodes[1])
+        assert after == N_HELD, f"B holds {after} of {N_HELD} after its restart"
+        f.detect = await until_no_route(xa, c, nodes)
+        net.set_link(cable, True)
+        t_heal = trio.current_time()
+        f.cut = t_heal - t_cut
+        got = await until_received(xc, set(ids), WAIT_S)
+        f.heal = trio.current_time() - t_heal
+        await nothing_more(xc, len(await received(xc)))
+        report("partition relay restart", f, f"; B held {N_HELD} across kill -9 + restart")
+        logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
+        assert got is not None, (
+            f"{len(set(ids) & set(await received(xc)))} of {N_HELD} arrived {WAIT_S:.0f} s "
+            f"after the heal\n{logs}"
+        )
+        check_transport(await received(xc), ids, [])
+        assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
+
+
+# --- (c) a laptop carries messages from island 1 to island 2 ------------------------------
+
+N_CARRIED = 10
+
+
+async def test_laptop_carries_held_messages_between_islands(net: Netns, tmp_path: Path) -> None:
+    # island 1: A on br1; island 2: C on br2; laptop L has a cable into each
+    ha, hl, hc = net.host("a"), net.host("l"), net.host("c")
+    net.connect(ha, "br1")
+    to_1 = net.connect(hl, "br1")  # L's mesh0
+    to_2 = net.connect(hl, "br2")  # L's mesh1
+    net.connect(hc, "br2")
+    laptop_toml = tmp_path / "laptop.toml"
+    laptop_toml.write_text("[mesh]\ncarrier = true\n")
+    a = start(ha, tmp_path / "na", "mesh0")
+    laptop = start(hl, tmp_path / "nl", "mesh0,mesh1", config=laptop_toml)
+    c = start(hc, tmp_path / "nc", "mesh0")
+    ready(a, laptop, c)
+    nodes = (a, laptop, c)
+    async with AsyncExitStack() as stack:
+        xc = await stack.enter_async_context(client(hc, c, tmp_path / "xc", receive=True))
+        xa = await stack.enter_async_context(client(ha, a, tmp_path / "xa"))
+        # all three met once (L on both islands): A knows xc's home is C
+        await converged(xa, xc, c, hops=2, users=2, nodes=nodes)
+        net.set_link(to_2, False)  # the laptop leaves island 2
+        await until_no_route(xa, c, nodes)
+        sent = await xa.ask(
+            {"op": "send_ttl", "to": xc.me, "n": N_CARRIED, "ttl_ms": LONG_TTL_MS, "tag": "c"}
+        )
+        ids: list[str] = sent["ids"]
+        # A holds them; a copy goes to the carrier on its island
+
+        async def laptop_holds() -> bool:
+            return await held(laptop) >= N_CARRIED
+
+        await poll(laptop_holds, WAIT_S, 0.5)
+        carried = await held(laptop)
+        assert carried >= N_CARRIED, (
+            f"the laptop (mesh.carrier) holds {carried} of {N_CARRIED} held at A "
+            f"(A holds {await held(a)}; A said {sorted(set(sent['fates']))})\n"
+            f"{laptop.stderr()[-2000:]}\n{a.stderr()[-2000:]}"
+        )
+        net.set_link(to_1, False)  # the laptop walks away from island 1 ...
+        net.set_link(to_2, True)  # ... and into island 2
+        t_arrive = trio.current_time()
+        got = await until_received(xc, set(ids), WAIT_S)
+        took = trio.current_time() - t_arrive
+        await nothing_more(xc, len(await received(xc)))
+        logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
+        assert got is not None, (
+            f"{len(set(ids) & set(await received(xc)))} of {N_CARRIED} arrived on island 2 "
+            f"{WAIT_S:.0f} s after the laptop got there\n{logs}"
+        )
+        check_transport(await received(xc), ids, [])
+        view = await xa.ask({"op": "mesh"})
+        assert c.node_id not in view["routes"], view  # A never reached C itself
+        print(
+            f"\npartition laptop: {N_CARRIED} held at A, carried by L, delivered on island 2 "
+            f"{took:.1f} s after L's link there came up; load {loadavg()}"
+        )
+        assert took <= HEAL_S, f"arrived {took:.1f} s after the laptop arrived (bound {HEAL_S} s)"
