@@ -378,6 +378,9 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             `qpc trust FPR`; managed = community CA), ca, cert, key (managed: PEM
             files; cert+key, Ed25519, become the node's identity), pinned (not
             yet: refused)
+  channels  retention_s (default 48 h), max_messages, max_bytes (caps: the message
+            due to go soonest is evicted first), max_expiry_s (expiry further ahead
+            refused; 7 d), max_message_bytes, publish_rate (per session, per second)
 
 With no config a node listens on [::]:4201 and discovers peers by mDNS on every
 non-loopback interface; --local-only keeps it on 127.0.0.1:4201 without mDNS

@@ -40,6 +40,7 @@ from qpc_node.rpc import HealthService, MethodTable, PeerInfo, RpcServer, Server
 from qpc_node.rpc.server import ServerConnection
 from qpc_node.service.audit import AuditSink
 from qpc_node.service.auth_service import AuthService
+from qpc_node.service.channels import ChannelService, publish_limiter
 from qpc_node.service.delivery import DeliveryService
 from qpc_node.service.directory import DirectoryService
 from qpc_node.service.guard import Guard
@@ -47,7 +48,9 @@ from qpc_node.service.mesh_status import MeshStatusService
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
+from qpc_node.store.channels import ChannelLimits, ChannelStore
 from qpc_node.store.store import Store
+from qpc_node.wire.channel import ChannelPolicy
 
 log = get_logger("qpc.node")
 
@@ -109,6 +112,12 @@ def _read_config_file(key: str, path: str) -> bytes:
         raise ConfigError(f"{key}: {path}: {exc.strerror}") from None
 
 
+def _channel_limits(cfg: Config) -> tuple[ChannelLimits, ChannelPolicy]:
+    ch = cfg.channels
+    limits = ChannelLimits(ch.retention_s * 1000, ch.max_messages, ch.max_bytes)
+    return limits, ChannelPolicy(ch.max_message_bytes, ch.max_expiry_s * 1000)
+
+
 def _secure_dir(path: Path, create_files: tuple[str, ...] = ()) -> None:
     """0700 dir, 0600 files (ops/lockfile.py); a fix is logged, not fatal."""
     for fix in secure_private_dir(path, create_files):
@@ -138,6 +147,10 @@ class Node:
         self.store: AsyncStore | None = None
         self.rpc: RpcServer | None = None
         self.delivery: DeliveryService | None = None
+        self.channels: ChannelStore | None = None
+        """Broadcast channel messages held here; the gossip driver uses ``add`` and
+        ``on_published`` (see store/channels.py)."""
+        self.channel_service: ChannelService | None = None
         self.audit: AuditSink | None = None
         self.guard: Guard | None = None
         self.auth: AuthService | None = None
@@ -166,6 +179,15 @@ class Node:
         mesh = self.mesh
         delivery = self.delivery = DeliveryService(store, guard, wall_ms=self._wall_ms, relay=mesh)
         delivery.register(table)
+        self.channels = ChannelStore(store, *_channel_limits(self.cfg))
+        self.channel_service = ChannelService(
+            self.channels,
+            guard,
+            wall_ms=self._wall_ms,
+            limiter=publish_limiter(self.cfg.channels.publish_rate),
+            mail=delivery.waiters,
+        )
+        self.channel_service.register(table)
         DirectoryService(
             store,
             guard,
@@ -244,6 +266,10 @@ class Node:
                     {"messages": expired_msgs, "key_packages": expired_kps},
                 )
             )
+        if self.channels is not None:
+            dropped, _ = await self.channels.sweep(now)
+            if dropped and self.audit is not None:
+                self.audit(AuditEvent(now, "retention.evict", "", {"channel_messages": dropped}))
         await store.audit_rotate(now_ms=now, keep_last=100_000, max_age_ms=30 * 86_400_000)
         return expired_msgs, expired_kps
 
@@ -451,6 +477,8 @@ class Node:
         log.info("draining", extra={"grace_s": grace})
         if self.delivery is not None:
             self.delivery.begin_drain()
+        if self.channel_service is not None:
+            self.channel_service.begin_drain()
         await ep.close(grace=grace, reason="node shutting down")
 
     async def reload(self, cfg: Config) -> ReloadReport:
@@ -527,6 +555,17 @@ class Node:
             await store.run(swap)
         except QpcError as exc:  # closed under us (draining): nothing left to apply to
             return f"limits: store not open ({exc})"
+        return None
+
+    async def _apply_channels(self, old: Config) -> str | None:
+        """Caps, retention and checks from the next message on (a lowered cap or
+        retention is enforced by the next sweep); the publish rate from the next refill."""
+        if self.channels is not None:
+            self.channels.set_limits(*_channel_limits(self.cfg))
+        if self.channel_service is not None:
+            rate = self.cfg.channels.publish_rate
+            self.channel_service.limiter.rate = rate
+            self.channel_service.limiter.burst = max(1.0, 4 * rate)
         return None
 
     async def _apply_metrics(self, old: Config) -> str | None:
@@ -609,6 +648,13 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "federation.cert": RESTART,
     "federation.key": RESTART,
     "federation.pinned": RESTART,
+    # channels: the channel store's limits and the relay checks, swapped live
+    "channels.retention_s": Live(Node._apply_channels),
+    "channels.max_messages": Live(Node._apply_channels),
+    "channels.max_bytes": Live(Node._apply_channels),
+    "channels.max_expiry_s": Live(Node._apply_channels),
+    "channels.max_message_bytes": Live(Node._apply_channels),
+    "channels.publish_rate": Live(Node._apply_channels),
 }
 """Every config key -> live applier or RESTART. tests/integration/test_reload.py checks
 that it names every field of every Config section, and each decision key by key."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentStatistics, Incoming
+from qpc_node.client.channels import BroadcastReport, Channels, parse_secret, secret_text
 from qpc_node.client.contacts import Known
 from qpc_node.client.contacts import resolve as resolve_peer
 from qpc_node.client.fingerprint import short_code
@@ -120,6 +121,7 @@ class Agent:
         )
         self._outbox = Outbox(self._ctx, rng=rng or random.Random())
         self._inbox = Inbox(self._ctx, control=self._group_control)
+        self._channels = Channels(self._ctx)
 
     async def unshown(self) -> list[Received]:
         """Stored texts not yet shown to the user (marks them shown)."""
@@ -454,8 +456,52 @@ class Agent:
     # -- receiving -------------------------------------------------------------
     async def receive(self, wait: float = 0.0) -> list[Incoming]:
         """Fetch, process, store and ack what arrived; long-poll up to ``wait`` seconds
-        (see :class:`Inbox`: what cannot be processed yet is held and retried)."""
-        return await self._inbox.receive(wait)
+        (see :class:`Inbox`: what cannot be processed yet is held and retried).
+
+        With channels joined, the messages of those channels too: the mailbox is read
+        without waiting, then the long-poll is a Channel/Fetch, which the node also
+        answers when mail for us arrives (read right after). One call waits for both.
+        """
+        if self._channels.unsupported or not await self._channels.joined():
+            return await self._inbox.receive(wait)
+        out = await self._inbox.receive(0)
+        got = await self._channels.receive(0 if out else wait)
+        if wait > 0 and not out and not got and not self._channels.unsupported:
+            out = await self._inbox.receive(0)  # woken by mail (or the wait ended)
+        elif self._channels.unsupported and not out:
+            out = await self._inbox.receive(wait)
+        return out + got
+
+    # -- broadcast channels ------------------------------------------------------
+    async def channel_create(self, name: str) -> str:
+        """Create and join a channel; its secret as text (share it out of band)."""
+        try:
+            return secret_text(await self._channels.create(name))
+        except ClientStateError as exc:
+            raise AgentError(str(exc)) from None
+
+    async def channel_join(self, name: str, secret: str) -> None:
+        try:
+            await self._channels.join(name, parse_secret(secret))
+        except ClientStateError as exc:
+            raise AgentError(str(exc)) from None
+
+    async def channel_leave(self, name: str) -> None:
+        await self._channels.leave(name)
+
+    async def channel_list(self) -> list[tuple[str, bytes]]:
+        """(name, channel id) of each joined channel."""
+        return [(n, cid) for n, cid, _ in await self._channels.joined()]
+
+    async def channel_secret(self, name: str) -> str:
+        for n, _, secret in await self._channels.joined():
+            if n == name:
+                return secret_text(secret)
+        raise AgentError(f"no channel named {name!r}")
+
+    async def broadcast(self, name: str, text: str) -> BroadcastReport:
+        """Seal ``text`` for channel ``name`` and publish it through our node."""
+        return await self._channels.broadcast(name, text)
 
     async def _handle(self, seq: int, padded: bytes) -> Incoming | Later | None:
         """Process one delivered payload: the path ``receive`` runs for each (fuzzed)."""

@@ -50,6 +50,12 @@ class AgentStatistics:
     duplicates: int = 0
     """Delivered messages already received before (a retried send, or a copy another
     node delivered after we moved): skipped, never shown twice."""
+    channel_forged: int = 0
+    """Channel messages sealed under the channel key but not signed by the sender they
+    name (a member forging another's): dropped."""
+    channel_tampered: int = 0
+    """Channel messages that failed the AEAD (wrong key, changed in transit) or were
+    malformed: dropped."""
     gaps: list[tuple[int, int]] = field(default_factory=list)
     """(expected, got) sequence pairs where messages went missing."""
     warnings: list[str] = field(default_factory=list)

@@ -32,7 +32,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DB_FILE = "client.db"
-_SCHEMA = 2
+_SCHEMA = 3
 SEEN_KEEP_MS = 15 * 24 * 3600 * 1000
 """How long a received message id is remembered: longer than any envelope lives
 (the outbox's retention), so a copy delivered late by another node is still known."""
@@ -117,6 +117,23 @@ _MIGRATIONS: tuple[str, ...] = (
         failures INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # v3 (broadcast channels): joined channels, name -> secret (sealed like contact
+    # names), and a cursor per node and channel (a node numbers channel messages with
+    # its own sequence, shared by all channels).
+    """
+    CREATE TABLE channels (
+        name TEXT PRIMARY KEY,
+        channel_id BLOB NOT NULL UNIQUE,
+        secret_sealed BLOB NOT NULL,
+        joined_ms INTEGER NOT NULL
+    );
+    CREATE TABLE channel_cursors (
+        node BLOB NOT NULL,
+        channel_id BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (node, channel_id)
+    );
+    """,
 )
 
 
@@ -149,6 +166,13 @@ class Contact:
     name: str | None
     verified: bool
     first_seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class JoinedChannel:
+    name: str
+    channel_id: bytes
+    secret: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +423,91 @@ class ClientState:
                 )
                 return c.fingerprint
         return None
+
+    # -- broadcast channels ------------------------------------------------------
+    def join_channel(self, name: str, channel_id: bytes, secret: bytes, now_ms: int) -> None:
+        """Remember a channel under ``name``; a name or a channel is joined once."""
+        sealed = self._seal(secret, b"channel" + channel_id)
+        try:
+            self._conn.execute(
+                "INSERT INTO channels (name, channel_id, secret_sealed, joined_ms)"
+                " VALUES (?, ?, ?, ?)",
+                (name, channel_id, sealed, now_ms),
+            )
+        except sqlite3.IntegrityError:
+            other = self._conn.execute(
+                "SELECT name FROM channels WHERE channel_id = ?", (channel_id,)
+            ).fetchone()
+            if other is not None:
+                raise ClientStateError(f"already joined as {other[0]!r}") from None
+            raise ClientStateError(f"a channel named {name!r} exists") from None
+
+    def leave_channel(self, name: str) -> bool:
+        """Forget the channel's secret and cursors; False when no such channel."""
+        with transaction(self._conn):
+            row = self._conn.execute(
+                "SELECT channel_id FROM channels WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                return False
+            self._conn.execute("DELETE FROM channels WHERE name = ?", (name,))
+            self._conn.execute("DELETE FROM channel_cursors WHERE channel_id = ?", (row[0],))
+        return True
+
+    def channels(self) -> list[JoinedChannel]:
+        rows = self._conn.execute(
+            "SELECT name, channel_id, secret_sealed FROM channels ORDER BY name"
+        ).fetchall()
+        return [
+            JoinedChannel(n, bytes(c), self._open(bytes(s), b"channel" + bytes(c)))
+            for n, c, s in rows
+        ]
+
+    def channel(self, name: str) -> JoinedChannel | None:
+        return next((c for c in self.channels() if c.name == name), None)
+
+    def channel_cursors(self, node: bytes) -> dict[bytes, int]:
+        rows = self._conn.execute(
+            "SELECT channel_id, seq FROM channel_cursors WHERE node = ?", (node,)
+        ).fetchall()
+        return {bytes(c): int(q) for c, q in rows}
+
+    def _advance_channel(self, node: bytes, channel_id: bytes, seq: int) -> None:
+        self._conn.execute(
+            "INSERT INTO channel_cursors (node, channel_id, seq) VALUES (?, ?, ?)"
+            " ON CONFLICT (node, channel_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+            (node, channel_id, seq),
+        )
+
+    def advance_channel_cursor(
+        self, node: bytes, channel_id: bytes, seq: int, msg_id: bytes = b"", now_ms: int = 0
+    ) -> None:
+        with transaction(self._conn):
+            self._advance_channel(node, channel_id, seq)
+            self._saw(msg_id, now_ms)
+
+    def store_channel_received(
+        self,
+        seq: int,
+        conv: str,
+        sender: bytes,
+        text: str,
+        ts_ms: int,
+        *,
+        node: bytes,
+        channel_id: bytes,
+        msg_id: bytes,
+    ) -> None:
+        """Keep a channel message's text, move its channel's cursor and remember its id,
+        in one transaction (shown once, even when another node delivers it again)."""
+        sealed = self._seal(sender + text.encode("utf-8"), conv.encode("utf-8"))
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT INTO inbox (seq, conv, sealed, ts_ms) VALUES (?, ?, ?, ?)",
+                (seq, conv, sealed, ts_ms),
+            )
+            self._advance_channel(node, channel_id, seq)
+            self._saw(msg_id, ts_ms)
 
     # -- nodes this client knows (for /mesh auto and failover) ----------------
     def remember_node(

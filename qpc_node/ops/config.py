@@ -204,6 +204,31 @@ class FederationSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
     pinned: list[str] = msgspec.field(default_factory=list)
 
 
+class ChannelsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Broadcast channel messages this node holds and relays (store/channels.py,
+    wire/channel.py): it cannot read them, so these are its only levers."""
+
+    # Held for clients and neighbours until min(sender's expiry, arrival + this).
+    retention_s: int = 48 * 3600
+    # Caps on what is held; past them the message due to go soonest is evicted first.
+    max_messages: int = 20_000
+    max_bytes: int = 64 * 1024 * 1024
+    # Refused: an expiry further ahead than this, a sealed part larger than this.
+    max_expiry_s: int = 7 * 24 * 3600
+    max_message_bytes: int = 16 * 1024
+    # Channel/Publish calls per second one session may make (burst: 4x, at least 1).
+    publish_rate: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if not 512 <= self.max_message_bytes <= self.max_bytes:
+            # A sealed message is padded to 256-byte buckets plus nonce and tag: the
+            # smallest one is 284 bytes.
+            raise ValueError("max_message_bytes must be within 512..max_bytes")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     node: NodeSection = msgspec.field(default_factory=NodeSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
@@ -212,6 +237,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mls: MlsSection = msgspec.field(default_factory=MlsSection)
     mesh: MeshSection = msgspec.field(default_factory=MeshSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
+    channels: ChannelsSection = msgspec.field(default_factory=ChannelsSection)
 
     @property
     def mdns_on(self) -> bool:
@@ -237,6 +263,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
         ("mls", MlsSection),
         ("mesh", MeshSection),
         ("federation", FederationSection),
+        ("channels", ChannelsSection),
     )
 }
 NOT_YET: dict[str, str] = {

@@ -7,8 +7,10 @@ tested without a terminal, and so script mode and interactive mode parse alike.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qpc_node.client.channels import parse_secret
 from qpc_node.client.contacts import looks_like_peer, valid_name
 from qpc_node.client.fingerprint import normalize
 from qpc_node.errors import LocalProtocolError
@@ -123,6 +125,33 @@ class Contacts:
 
 
 @dataclass(frozen=True)
+class ChannelCreate:
+    name: str
+
+
+@dataclass(frozen=True)
+class ChannelJoin:
+    name: str
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class ChannelList:
+    pass
+
+
+@dataclass(frozen=True)
+class ChannelLeave:
+    name: str
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    channel: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Quit:
     pass
 
@@ -147,6 +176,11 @@ Command = (
     | ContactAdd
     | ContactRemove
     | Contacts
+    | ChannelCreate
+    | ChannelJoin
+    | ChannelList
+    | ChannelLeave
+    | Broadcast
     | Quit
 )
 
@@ -154,7 +188,14 @@ USAGE: dict[str, str] = {
     "help": "/help [COMMAND]",
     "whoami": "/whoami",
     "dm": "/dm WHO TEXT   (also /mesh dm WHO TEXT; WHO: fingerprint, contact name or short code)",
-    "mesh": "/mesh peers|routes|auto|server ADDR|NODE|dm WHO TEXT|trust NODE_FPR",
+    "mesh": "/mesh peers|routes|auto|server ADDR|NODE|dm WHO TEXT|broadcast CHANNEL TEXT"
+    "|trust NODE_FPR",
+    "mesh broadcast": "/mesh broadcast CHANNEL TEXT   (to every member of a joined channel)",
+    "channel": "/channel create|join|list|leave [NAME [SECRET]]",
+    "channel create": "/channel create NAME   (prints the secret to share, text and QR)",
+    "channel join": "/channel join NAME SECRET   (SECRET: qpcch:... from its creator)",
+    "channel list": "/channel list",
+    "channel leave": "/channel leave NAME   (forgets the secret)",
     "mesh server": "/mesh server HOST:PORT|NODE-FINGERPRINT   (a node from /mesh peers)",
     "mesh auto": "/mesh auto   (move to the reachable node with the lowest RTT)",
     "contact": "/contact add NAME WHO | /contact remove NAME",
@@ -220,6 +261,11 @@ def parse(line: str) -> Command | None:
         sub = sub.lower()
         if sub == "dm":
             head, rest = "dm", rest2
+        elif sub == "broadcast":
+            name, text = _split_rest(rest2, 1)
+            if not name or not text:
+                raise UsageError("need a channel name and a text", USAGE["mesh broadcast"])
+            return Broadcast(_channel_name(name, USAGE["mesh broadcast"]), text)
         elif sub in ("peers", "routes", "auto"):
             if rest2.strip():
                 raise UsageError(f"/mesh {sub} takes no arguments", USAGE["mesh"])
@@ -264,7 +310,42 @@ def parse(line: str) -> Command | None:
         return _contact(rest)
     if head == "group":
         return _group(rest)
+    if head == "channel":
+        return _channel(rest)
     raise UsageError(f"unknown command /{head}; try /help", USAGE["help"])
+
+
+def _channel_name(s: str, usage: str) -> str:
+    """A channel's local name; ``#news`` and ``news`` are the same channel."""
+    name = s.removeprefix("#")
+    if not name or len(name) > MAX_NAME or any(c.isspace() or not c.isprintable() for c in name):
+        raise UsageError(f"channel name must be 1-{MAX_NAME} printable chars, no spaces", usage)
+    return name
+
+
+def _channel(rest: str) -> Command:
+    sub, _, rest = rest.strip().partition(" ")
+    sub = sub.lower()
+    usage = USAGE.get(f"channel {sub}", USAGE["channel"])
+    args = rest.split()
+    if sub == "list":
+        if args:
+            raise UsageError("/channel list takes no arguments", usage)
+        return ChannelList()
+    if sub in ("create", "leave"):
+        if len(args) != 1:
+            raise UsageError("need one channel name", usage)
+        name = _channel_name(args[0], usage)
+        return ChannelCreate(name) if sub == "create" else ChannelLeave(name)
+    if sub == "join":
+        if len(args) != 2:
+            raise UsageError("need a channel name and its secret", usage)
+        try:
+            secret = parse_secret(args[1])
+        except LocalProtocolError as exc:
+            raise UsageError(str(exc), usage) from None
+        return ChannelJoin(_channel_name(args[0], usage), secret)
+    raise UsageError(f"unknown /channel command {sub!r}", USAGE["channel"])
 
 
 def _contact(rest: str) -> Command:
@@ -338,6 +419,7 @@ COMMANDS = (
     "/verify",
     "/contact",
     "/contacts",
+    "/channel",
     "/mesh",
     "/stats",
     "/quit",
@@ -345,7 +427,8 @@ COMMANDS = (
 SUBCOMMANDS = {
     "/group": ("create", "invite", "send", "members", "leave", "remove"),
     "/contact": ("add", "remove"),
-    "/mesh": ("peers", "routes", "server", "auto", "dm", "trust"),
+    "/mesh": ("peers", "routes", "server", "auto", "dm", "broadcast", "trust"),
+    "/channel": ("create", "join", "list", "leave"),
 }
 # Which word (0 = the command) names a user, by command and subcommand.
 _PEER_WORD = {
@@ -358,9 +441,14 @@ _PEER_WORD = {
 }
 
 
-def completions(before: str, names: list[str]) -> list[str]:
+# Which word names a joined channel, by command and subcommand.
+_CHANNEL_WORD = {("/mesh", "broadcast"): 2, ("/channel", "leave"): 2}
+
+
+def completions(before: str, names: list[str], channels: Sequence[str] = ()) -> list[str]:
     """Words that complete the last word of ``before`` (the line up to the cursor):
-    commands, subcommands, and contact names where a command takes a user."""
+    commands, subcommands, contact names where a command takes a user, and joined
+    channel names where it takes a channel."""
     words = before.split(" ")
     last = words[-1]
     if len(words) == 1:
@@ -371,4 +459,6 @@ def completions(before: str, names: list[str]) -> list[str]:
     sub = words[1].lower() if head in SUBCOMMANDS else ""
     if _PEER_WORD.get((head, sub)) == len(words) - 1:
         return [n for n in names if n.startswith(last)]
+    if _CHANNEL_WORD.get((head, sub)) == len(words) - 1:
+        return [n for n in channels if n.startswith(last.removeprefix("#"))]
     return []

@@ -28,20 +28,23 @@ log = get_logger("qpc.repl")
 
 
 class ReplCompleter(Completer):
-    """Tab completion of commands and contact names (see ``commands.completions``).
+    """Tab completion of commands, contact and channel names (``commands.completions``).
 
     Runs on prompt_toolkit's thread: it reads the name list the REPL refreshes after
     each command, never client.db itself."""
 
-    def __init__(self, names: Callable[[], list[str]]) -> None:
+    def __init__(
+        self, names: Callable[[], list[str]], channels: Callable[[], list[str]] = list
+    ) -> None:
         self._names = names
+        self._channels = channels
 
     def get_completions(
         self, document: Document, complete_event: CompleteEvent
     ) -> Iterable[Completion]:
         before = document.text_before_cursor
         last = before.split(" ")[-1]
-        for word in completions(before, self._names()):
+        for word in completions(before, self._names(), self._channels()):
             yield Completion(word, start_position=-len(last))
 
 
@@ -131,7 +134,9 @@ async def _receive_loop(repl: Repl) -> None:
 async def run_interactive(repl: Repl) -> int:
     await repl.refresh_names()
     session: PromptSession[str] = PromptSession(
-        "qpc> ", completer=ReplCompleter(lambda: repl.names), complete_while_typing=False
+        "qpc> ",
+        completer=ReplCompleter(lambda: repl.names, lambda: repl.channel_names),
+        complete_while_typing=False,
     )
     repl.out("type /help for commands (Tab completes commands and contact names), /quit to leave")
     prompts = PromptLoop(session)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import trio
 
 from qpc_node.client.agent import Agent, DmReport
+from qpc_node.client.channels import parse_secret, secret_qr, secret_text
 from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
 from qpc_node.client.outbox import Sent
 from qpc_node.client.reconnect import Notice
@@ -60,9 +61,14 @@ HELP = "\n".join(
         "contact add",
         "contact remove",
         "contacts",
+        "channel create",
+        "channel join",
+        "channel list",
+        "channel leave",
         "mesh",
         "mesh server",
         "mesh auto",
+        "mesh broadcast",
         "stats",
         "help",
         "quit",
@@ -85,6 +91,10 @@ _LOCAL = (
     c.ContactAdd,
     c.ContactRemove,
     c.Contacts,
+    c.ChannelCreate,
+    c.ChannelJoin,
+    c.ChannelList,
+    c.ChannelLeave,
 )
 PROBE_TIMEOUT = 3.0
 """/mesh auto: how long one node may take to answer a handshake to count as reachable."""
@@ -107,6 +117,8 @@ class Repl:
         agent.on_warning = lambda msg: out(f"!! {msg}")
         self.names: list[str] = []
         """Contact names, for tab completion (refreshed after each command)."""
+        self.channel_names: list[str] = []
+        """Joined channels' names, for tab completion (refreshed likewise)."""
         if session is not None:
             session.on_notice = self._notice
             if session.started_elsewhere is not None:
@@ -198,6 +210,29 @@ class Repl:
                     self.out(
                         f"  {p.name or '-':<16} {short_code(p.fingerprint.hex())}  {p.fingerprint.hex()}{v}"
                     )
+            case c.ChannelCreate(name=name):
+                secret = await a.channel_create(name)
+                self.out(
+                    f"created channel #{name}; whoever holds this secret can read and post:\n"
+                    f"  {secret}\nothers join with: /channel join {name} {secret}"
+                )
+                self.out(secret_qr(parse_secret(secret)).rstrip("\n"))
+            case c.ChannelJoin(name=name, secret=secret):
+                await a.channel_join(name, secret_text(secret))
+                self.out(f"joined channel #{name}")
+            case c.ChannelList():
+                joined = await a.channel_list()
+                if not joined:
+                    self.out("no channels yet: /channel create NAME or /channel join NAME SECRET")
+                for name, cid in joined:
+                    self.out(f"  #{name:<20} id {cid.hex()[:16]}")
+            case c.ChannelLeave(name=name):
+                await a.channel_leave(name)
+                self.out(f"left channel #{name} (its secret is forgotten here)")
+            case c.Broadcast(channel=name, text=text):
+                sent = await a.broadcast(name, text)
+                held = " (the node already held it)" if sent.duplicate else ""
+                self.out(f"broadcast to [#{name}]{held}")
             case c.MeshTrust(fingerprint=fpr):
                 self.out(format_trust(await a.mesh_trust(fpr)))
             case c.Quit():
@@ -206,6 +241,7 @@ class Repl:
 
     async def refresh_names(self) -> None:
         self.names = sorted(p.name for p in await self.agent.contacts() if p.name)
+        self.channel_names = [name for name, _ in await self.agent.channel_list()]
 
     # -- choosing a node -------------------------------------------------------------
     def _need_session(self) -> Session:
@@ -307,7 +343,8 @@ class Repl:
         self.out(
             f"sent={s.sent} received={s.received} undecryptable={s.undecryptable} "
             f"held={s.held} send_retries={s.send_retries} send_dropped={s.send_dropped} "
-            f"duplicates={s.duplicates} gaps={len(s.gaps)} rpc_calls={r.calls} "
+            f"duplicates={s.duplicates} gaps={len(s.gaps)} channel_forged={s.channel_forged} "
+            f"channel_tampered={s.channel_tampered} rpc_calls={r.calls} "
             f"rpc_retries={r.retries} "
             f"rpc_failures={dict(r.failures)}"
             + (f" connection_losses={self.session.outages}" if self.session is not None else "")

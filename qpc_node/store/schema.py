@@ -174,6 +174,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP INDEX relay_queue_by_source",
         "CREATE INDEX relay_queue_by_origin ON relay_queue(from_node, origin)",
     ),
+    # 9: broadcast channel messages (store/channels.py). seq is the node-wide number
+    # clients page with (AUTOINCREMENT: never reused after a delete). data NULL: a
+    # tombstone (evicted or past retention) kept until expiry_ms so a late copy is a
+    # duplicate; keep_until_ms = min(expiry_ms, received + retention).
+    (
+        """CREATE TABLE channel_messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            msg_id BLOB NOT NULL UNIQUE,
+            channel_id BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            keep_until_ms INTEGER NOT NULL,
+            received_ms INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            data BLOB
+        )""",
+        "CREATE INDEX channel_messages_by_channel ON channel_messages(channel_id, seq)",
+        "CREATE INDEX channel_messages_by_keep ON channel_messages(keep_until_ms)",
+        "CREATE INDEX channel_messages_by_expiry ON channel_messages(expiry_ms)",
+        # Live messages and their bytes, so the caps are checked in O(1).
+        """CREATE TABLE channel_totals (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            messages INTEGER NOT NULL,
+            bytes INTEGER NOT NULL
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

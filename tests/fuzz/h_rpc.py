@@ -46,13 +46,15 @@ from qpc_node.rpc.server import RECEIVE_CHUNK
 from qpc_node.service.audit import AuditSink
 from qpc_node.service.auth import auth_message
 from qpc_node.service.auth_service import AuthService
+from qpc_node.service.channels import ChannelService
 from qpc_node.service.delivery import DeliveryService
 from qpc_node.service.directory import DirectoryService
 from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.store import AsyncStore
+from qpc_node.store.channels import ChannelLimits, ChannelStore
 from qpc_node.wire.envelope import Envelope, pad
-from qpc_node.wire.gen.qpc.v1 import envelope_pb2, health_pb2, rpc_pb2, service_pb2
+from qpc_node.wire.gen.qpc.v1 import channel_pb2, envelope_pb2, health_pb2, rpc_pb2, service_pb2
 from tests.fuzz.h_wire import wire_fixtures
 from tests.fuzz.registry import Invariant, environment, register
 
@@ -76,6 +78,11 @@ METHODS: dict[str, tuple[type[Message], type[Message]]] = {
     "qpc.v1.Delivery/Enqueue": (_S.EnqueueRequest, _S.EnqueueResponse),
     "qpc.v1.Delivery/Fetch": (_S.FetchRequest, _S.FetchResponse),
     "qpc.v1.Delivery/Ack": (_S.AckRequest, _S.AckResponse),
+    "qpc.v1.Channel/Publish": (
+        channel_pb2.ChannelPublishRequest,
+        channel_pb2.ChannelPublishResponse,
+    ),
+    "qpc.v1.Channel/Fetch": (channel_pb2.ChannelFetchRequest, channel_pb2.ChannelFetchResponse),
 }
 
 
@@ -119,6 +126,14 @@ async def node_env(tmp: Path) -> AsyncIterator[NodeEnv]:
             delivery = DeliveryService(store, guard, wall_ms=system_wall_ms, max_wait=LONG_POLL_CAP)
             delivery.register(table)
             DirectoryService(store, guard, audit, wall_ms=system_wall_ms).register(table)
+            ChannelService(
+                ChannelStore(store, ChannelLimits(max_messages=500, max_bytes=1 << 20)),
+                guard,
+                wall_ms=system_wall_ms,
+                limiter=limiter(),
+                mail=delivery.waiters,
+                max_wait=LONG_POLL_CAP,
+            ).register(table)
             router = Router(
                 MESH_PUB,
                 MESH_KEY.sign,
@@ -298,6 +313,41 @@ def body_seeds(env: NodeEnv, method: str) -> list[bytes]:
             _S.AckRequest(up_to_seq=3),
             _S.AckRequest(up_to_seq=2**64 - 1, identity=a),
             _S.AckRequest(identity=b),
+        ]
+    elif method == "qpc.v1.Channel/Publish":
+        now = system_wall_ms()
+
+        def cmsg(n: int, **kw: Any) -> channel_pb2.ChannelMessage:
+            fields: dict[str, Any] = {
+                "channel_id": bytes([n]) * 32,
+                "msg_id": n.to_bytes(16, "big"),
+                "expiry_ms": now + 3_600_000,
+                "hop_limit": 8,
+                "sealed": bytes(28 + n * 37 % 700),
+            }
+            fields.update(kw)
+            return channel_pb2.ChannelMessage(**fields)
+
+        msgs = [
+            channel_pb2.ChannelPublishRequest(message=cmsg(1)),
+            channel_pb2.ChannelPublishRequest(message=cmsg(2, hop_limit=16)),
+            channel_pb2.ChannelPublishRequest(message=cmsg(3, hop_limit=17)),
+            channel_pb2.ChannelPublishRequest(message=cmsg(4, expiry_ms=2**64 - 1)),
+            channel_pb2.ChannelPublishRequest(),
+        ]
+    elif method == "qpc.v1.Channel/Fetch":
+        cur = channel_pb2.ChannelCursor
+        msgs = [
+            channel_pb2.ChannelFetchRequest(cursors=[cur(channel_id=b"\x01" * 32)]),
+            channel_pb2.ChannelFetchRequest(
+                cursors=[cur(channel_id=b"\x02" * 32, after_seq=1), cur(channel_id=b"\x01" * 32)],
+                limit=5,
+                wait_ms=3,
+            ),
+            channel_pb2.ChannelFetchRequest(
+                cursors=[cur(channel_id=b"\x01" * 32, after_seq=2**64 - 1)], limit=2**32 - 1
+            ),
+            channel_pb2.ChannelFetchRequest(),
         ]
     else:  # pragma: no cover - METHODS and this table move together
         raise KeyError(method)

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from tests.fuzz import h_client, h_federation, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
+from tests.fuzz import (
+    h_channel,
+    h_client,
+    h_federation,
+    h_local,
+    h_mesh,
+    h_mesh_discovery,
+    h_rpc,
+    h_wire,
+)
 
 __all__ = [
+    "h_channel",
     "h_client",
     "h_federation",
     "h_local",
@@ -15,5 +25,5 @@ __all__ = [
 ]
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
-# static peers h_mesh_discovery; inventories
-# and broadcast channel messages register with ``registry.pure`` when they land.
+# static peers h_mesh_discovery, broadcast channel messages h_channel; inventories
+# register with ``registry.pure`` when they land.

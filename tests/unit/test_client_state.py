@@ -232,7 +232,7 @@ def test_a_v1_database_migrates_and_its_node_claims_the_cursor(tmp_path: Path) -
     conn.commit()
     conn.close()
     st = ClientState(tmp_path, b"k" * 32)
-    assert st.get_meta("schema") == (2).to_bytes(4, "big")
+    assert st.get_meta("schema") == state_mod._SCHEMA.to_bytes(4, "big")
     assert st.cursor() == 42 and st.cursor(N1) == 0
     assert st.claim_cursor(N1)
     assert (st.cursor(N1), st.cursor()) == (42, 0)

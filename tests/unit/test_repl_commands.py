@@ -1,9 +1,12 @@
 import pytest
 
+from qpc_node.client.channels import secret_text
 from qpc_node.repl import commands as c
 from qpc_node.repl.commands import UsageError, parse
 
 F = "ab" * 32
+SECRET = bytes(range(32))
+SECRET_TEXT = secret_text(SECRET)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,17 @@ F = "ab" * 32
         ("/mesh auto", c.MeshAuto()),
         ("/quit", c.Quit()),
         ("/exit", c.Quit()),
+        ("/channel create news", c.ChannelCreate("news")),
+        ("/channel create #news", c.ChannelCreate("news")),
+        (f"/channel join town {SECRET_TEXT}", c.ChannelJoin("town", SECRET)),
+        (f"/channel join town {SECRET_TEXT.upper()}", c.ChannelJoin("town", SECRET)),
+        ("/channel list", c.ChannelList()),
+        ("/channel leave #town", c.ChannelLeave("town")),
+        (
+            "/mesh broadcast news the bridge  is closed",
+            c.Broadcast("news", "the bridge  is closed"),
+        ),
+        ("/mesh broadcast #news hi", c.Broadcast("news", "hi")),
     ],
 )
 def test_parses(line: str, want: object) -> None:
@@ -83,6 +97,18 @@ def test_parses(line: str, want: object) -> None:
         "/mesh trust",
         "/mesh trust ab cd",
         "/verify",
+        "/channel",
+        "/channel create",
+        "/channel create a b",
+        "/channel create #",
+        "/channel join town",
+        "/channel join town qpcch:abc",
+        f"/channel join town {SECRET_TEXT[6:]}",
+        "/channel list x",
+        "/channel leave",
+        "/channel frob x",
+        "/mesh broadcast",
+        "/mesh broadcast news",
     ],
 )
 def test_bad_input_is_usage_error_with_usage(line: str) -> None:
@@ -117,10 +143,18 @@ def test_random_lines_never_crash() -> None:
         ("/group send team bo", []),  # free text, not a user
         ("/dm bob he", []),
         ("/contact remove a", ["alice"]),
+        ("/ch", ["/channel"]),
+        ("/channel l", ["list", "leave"]),
+        ("/mesh b", ["broadcast"]),
+        ("/mesh broadcast ", ["news", "town"]),
+        ("/mesh broadcast #n", ["news"]),
+        ("/channel leave t", ["town"]),
+        ("/mesh broadcast news bo", []),  # free text
+        ("/channel join ", []),  # a new name
     ],
 )
 def test_tab_completion(before: str, want: list[str]) -> None:
-    assert c.completions(before, ["alice", "bob", "bobby"]) == want
+    assert c.completions(before, ["alice", "bob", "bobby"], ["news", "town"]) == want
 
 
 def test_completer_yields_prompt_toolkit_completions() -> None:
