@@ -73,14 +73,20 @@ def line(net: Netns) -> tuple[Host, Host, Host]:
 
 
 def start(
-    host: Host, data: Path, interfaces: str, *, config: Path | None = None, ready: bool = False
+    host: Host,
+    data: Path,
+    interfaces: str,
+    *,
+    config: Path | None = None,
+    ready: bool = False,
+    env: dict[str, str] | None = None,
 ) -> NodeProc:
     """A node with JSON logs and metrics on loopback in its namespace."""
     return NodeProc(
         host,
         data,
         interfaces,
-        {"QPC_METRICS_LISTEN": METRICS},
+        {"QPC_METRICS_LISTEN": METRICS, **(env or {})},
         ready=ready,
         log="info",
         args=("--config", str(config)) if config is not None else (),
@@ -274,29 +280,37 @@ def check_shown(receiver: MeshUser, lines: Sequence[str], never: Sequence[str] =
     assert where == sorted(where), f"out of order: {lines}\n{text[-3000:]}"
 
 
-_SECRET = re.compile(r"secret:?\s+([A-Za-z0-9_\-+/=]{16,})")
+_SECRET = re.compile(r"qpcch:[a-z2-7]{52}")
 
 
 async def channel_pair(owner: MeshUser, member: MeshUser, name: str) -> str:
-    """``owner`` creates channel ``name`` and ``member`` joins it with the printed
-    secret; returns the secret."""
-    out = await owner.ask(f"/channel create {name}", "secret", timeout=60)
+    """``owner`` creates channel ``name`` (``created channel #NAME`` and the secret) and
+    ``member`` joins it with that secret; returns the secret."""
+    mark = owner.mark()
+    owner.pty.type(f"/channel create {name}")
     await owner.pty.wait_until(
-        lambda: _SECRET.search(owner.pty.text[-len(out) - 200 :]) is not None,
-        "the channel secret",
-        30,
+        lambda: _SECRET.search(owner.pty.text[mark:]) is not None, "the channel secret", 60
     )
-    m = _SECRET.search(owner.pty.text[-len(out) - 200 :])
-    assert m, out
-    secret = m.group(1)
-    await member.ask(f"/channel join {name} {secret}", name, timeout=60)
-    return secret
+    m = _SECRET.search(owner.pty.text[mark:])
+    assert m is not None
+    await member.ask(f"/channel join {name} {m.group(0)}", f"joined channel #{name}", timeout=60)
+    return m.group(0)
 
 
 async def broadcast(sender: MeshUser, name: str, text: str) -> str:
-    """``/mesh broadcast``; what the REPL answered (its line after the command)."""
-    out = await sender.ask(f"/mesh broadcast {name} {text}", name, timeout=60)
-    return out.strip().splitlines()[-1] if out.strip() else ""
+    """``/mesh broadcast``; what the REPL answered (``broadcast to [#NAME]...``)."""
+    mark = sender.mark()
+    sender.pty.type(f"/mesh broadcast {name} {text}")
+    answer = re.compile(rf"broadcast to \[#{re.escape(name)}\][^\n]*")
+
+    def said() -> str | None:
+        m = answer.search(sender.pty.text[mark:])
+        return m.group(0).strip() if m else None
+
+    await sender.pty.wait_until(lambda: said() is not None, f"/mesh broadcast {text!r}", 60)
+    out = said()
+    assert out is not None
+    return out
 
 
 @dataclass
@@ -518,6 +532,7 @@ async def test_relay_restarted_while_holding_loses_nothing(net: Netns, tmp_path:
 # --- (c) a laptop carries messages from island 1 to island 2 ------------------------------
 
 N_CARRIED = 10
+SPRAY_DELAY_S = "2"
 
 
 async def test_laptop_carries_held_messages_between_islands(net: Netns, tmp_path: Path) -> None:
@@ -529,7 +544,8 @@ async def test_laptop_carries_held_messages_between_islands(net: Netns, tmp_path
     net.connect(hc, "br2")
     laptop_toml = tmp_path / "laptop.toml"
     laptop_toml.write_text("[mesh]\ncarrier = true\n")
-    a = start(ha, tmp_path / "na", "mesh0")
+    # A sprays copies of what it holds to carriers after SPRAY_DELAY_S, not minutes
+    a = start(ha, tmp_path / "na", "mesh0", env={"QPC_STOREFWD_SPRAY_DELAY_S": SPRAY_DELAY_S})
     laptop = start(hl, tmp_path / "nl", "mesh0,mesh1", config=laptop_toml)
     c = start(hc, tmp_path / "nc", "mesh0")
     ready(a, laptop, c)
