@@ -99,6 +99,48 @@ async def held(node: NodeProc) -> int:
     return int(sum(m.get(name, 0.0) for name in HELD_METRICS))
 
 
+WATCHED = ("qpc_storefwd_", "qpc_relay_custody", "qpc_gossip_", "qpc_sync_", "qpc_channel")
+
+
+async def counters(nodes: Sequence[NodeProc]) -> str:
+    """The store-and-forward, custody, gossip, sync and channel figures of each node
+    that are not zero (printed with the results, to tell who held and who dropped)."""
+    parts = []
+    for n in nodes:
+        if n.proc.poll() is not None:
+            continue
+        m = await trio.to_thread.run_sync(scrape, n.host, METRICS)
+        nz = {k: int(v) for k, v in sorted(m.items()) if k.startswith(WATCHED) and v}
+        parts.append(f"{n.host.name} {nz}")
+    return "; ".join(parts)
+
+
+async def route_back(drv: Driver, dest: NodeProc, out: Figures, t0: float) -> None:
+    """Records when the driver's node routes to ``dest`` again (bounded by WAIT_S)."""
+    waited = await poll(_has_route(drv, dest), WAIT_S, 0.2)
+    out.route_back = trio.current_time() - t0 if waited is not None else -1.0
+
+
+def _has_route(drv: Driver, dest: NodeProc) -> Callable[[], Awaitable[bool]]:
+    async def has() -> bool:
+        return dest.node_id in (await drv.ask({"op": "mesh"}))["routes"]
+
+    return has
+
+
+async def concurrently(**waits: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
+    """Run each wait at once (each bounded itself); their results by name."""
+    out: dict[str, Any] = {}
+
+    async def one(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        out[name] = await fn()
+
+    async with trio.open_nursery() as nursery:
+        for name, fn in waits.items():
+            nursery.start_soon(one, name, fn)
+    return out
+
+
 async def poll(
     pred: Callable[[], Awaitable[bool] | bool], within: float, step: float = 0.2
 ) -> float | None:
@@ -318,13 +360,15 @@ class Figures:
     detect: float = 0.0  # cut -> A has no route to C
     cut: float = 0.0  # how long C was cut off
     heal: float = 0.0  # link up -> the last message arrived
+    route_back: float = 0.0  # link up -> A routes to C again (-1: not within WAIT_S)
 
 
-def report(name: str, f: Figures, extra: str = "") -> None:
+def report(name: str, f: Figures, extra: str = "", figures: str = "") -> None:
     print(
         f"\n{name}: route gone at A {f.detect:.1f} s after the cut; cut lasted {f.cut:.1f} s; "
-        f"everything arrived {f.heal:.1f} s after the heal (bound {HEAL_S:.0f} s){extra}; "
-        f"load {loadavg()}"
+        f"A routed to C again {f.route_back:.1f} s after the heal; everything arrived "
+        f"{f.heal:.1f} s after the heal (bound {HEAL_S:.0f} s){extra}; load {loadavg()}"
+        + (f"\n  counters: {figures}" if figures else "")
     )
 
 
@@ -383,9 +427,13 @@ async def test_line_cut_dms_arrive_once_in_order_after_heal_expired_never(
         t_heal = trio.current_time()
         f.cut = t_heal - t_cut
 
-        got_dms = await until_shown(uc, [shown(ua, x) for x in dms], WAIT_S)
-        got_env = await until_received(xc, set(long_ids), WAIT_S)
-        f.heal = trio.current_time() - t_heal
+        r = await concurrently(
+            dms=lambda: until_shown(uc, [shown(ua, x) for x in dms], WAIT_S),
+            env=lambda: until_received(xc, set(long_ids), WAIT_S),
+            route=lambda: route_back(xa, c, f, t_heal),
+        )
+        got_dms, got_env = r["dms"], r["env"]
+        f.heal = max(got_dms or WAIT_S, got_env or WAIT_S)
         count = len(await received(xc))
         await nothing_more(xc, count)
         report(
@@ -394,6 +442,7 @@ async def test_line_cut_dms_arrive_once_in_order_after_heal_expired_never(
             f"; {len(dms)} /mesh dm (shown after {got_dms} s) + {len(long_ids)} envelopes "
             f"(after {got_env} s), {len(short_ids)} with a {SHORT_TTL_MS / 1000:.0f} s expiry; "
             f"A said {sorted(set(said))}",
+            await counters(nodes),
         )
         logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
         assert got_dms is not None, (
@@ -448,9 +497,18 @@ async def test_line_cut_channel_messages_arrive_once_in_order_after_heal(
         t_heal = trio.current_time()
         f.cut = t_heal - t_cut
 
-        got = await until_shown(uc, [shown(ua, x) for x in texts], WAIT_S)
-        f.heal = trio.current_time() - t_heal
-        report("partition line channel", f, f"; {len(texts)} channel messages; A said {said}")
+        r = await concurrently(
+            got=lambda: until_shown(uc, [shown(ua, x) for x in texts], WAIT_S),
+            route=lambda: route_back(xa, c, f, t_heal),
+        )
+        got = r["got"]
+        f.heal = got or WAIT_S
+        report(
+            "partition line channel",
+            f,
+            f"; {len(texts)} channel messages; A said {sorted(set(said))}",
+            await counters(nodes),
+        )
         logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
         assert got is not None, (
             f"channel messages sent during the cut not all shown {WAIT_S:.0f} s after the "
@@ -512,14 +570,24 @@ async def test_relay_restarted_while_holding_loses_nothing(net: Netns, tmp_path:
         await poll(b_holds_after, 30, 0.3)
         after = await held(nodes[1])
         assert after == N_HELD, f"B holds {after} of {N_HELD} after its restart"
-        f.detect = await until_no_route(xa, c, nodes)
+        await until_no_route(xa, c, nodes)
+        f.detect = trio.current_time() - t_cut  # the restart is part of it here
         net.set_link(cable, True)
         t_heal = trio.current_time()
         f.cut = t_heal - t_cut
-        got = await until_received(xc, set(ids), WAIT_S)
-        f.heal = trio.current_time() - t_heal
+        r = await concurrently(
+            got=lambda: until_received(xc, set(ids), WAIT_S),
+            route=lambda: route_back(xa, c, f, t_heal),
+        )
+        got = r["got"]
+        f.heal = got or WAIT_S
         await nothing_more(xc, len(await received(xc)))
-        report("partition relay restart", f, f"; B held {N_HELD} across kill -9 + restart")
+        report(
+            "partition relay restart",
+            f,
+            f"; B held {N_HELD} across kill -9 + restart",
+            await counters(nodes),
+        )
         logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
         assert got is not None, (
             f"{len(set(ids) & set(await received(xc)))} of {N_HELD} arrived {WAIT_S:.0f} s "
