@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tests.fuzz import h_client, h_federation, h_local, h_mesh, h_mesh_discovery, h_rpc, h_wire
+from tests.fuzz import (
+    h_client,
+    h_federation,
+    h_local,
+    h_mesh,
+    h_mesh_discovery,
+    h_rpc,
+    h_storefwd,
+    h_wire,
+)
 
 __all__ = [
     "h_client",
@@ -11,9 +20,10 @@ __all__ = [
     "h_mesh",
     "h_mesh_discovery",
     "h_rpc",
+    "h_storefwd",
     "h_wire",
 ]
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
-# static peers h_mesh_discovery; inventories
+# static peers h_mesh_discovery, store-and-forward receipts h_storefwd; inventories
 # and broadcast channel messages register with ``registry.pure`` when they land.
