@@ -373,7 +373,8 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
             every non-loopback interface), static_peers (host:port#nodefingerprint,
             comma-separated; a node prints its mesh id at start); mdns or a static
             peer puts the node on the mesh: federation links, routing, relay to
-            users homed elsewhere
+            users homed elsewhere; carrier (a laptop that may carry held copies
+            between mesh islands)
   federation mode (mesh = trust on first use, a changed key refused until
             `qpc trust FPR`; managed = community CA), ca, cert, key (managed: PEM
             files; cert+key, Ed25519, become the node's identity), pinned (not
@@ -381,6 +382,9 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
   channels  retention_s (default 48 h), max_messages, max_bytes (caps: the message
             due to go soonest is evicted first), max_expiry_s (expiry further ahead
             refused; 7 d), max_message_bytes, publish_rate (per session, per second)
+  storefwd  max_held, held_per_origin (held while no route: in total and per
+            origin node), max_expiry_ahead_s (farther expiries refused),
+            reroute_after_s, spray_tokens, spray_delay_s (copies to carriers)
 
 With no config a node listens on [::]:4201 and discovers peers by mDNS on every
 non-loopback interface; --local-only keeps it on 127.0.0.1:4201 without mDNS

@@ -369,6 +369,7 @@ class Node:
                         mdns,
                         m.interfaces,
                         relay_custody_per_user=lim.relay_custody_per_user,
+                        storefwd=self.cfg.storefwd.policy(carrier=m.carrier),
                     ),
                     is_local=self._known_local,
                     wall_ms=self._wall_ms,
@@ -641,6 +642,14 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "mesh.mdns": RESTART,
     "mesh.interfaces": RESTART,
     "mesh.static_peers": RESTART,
+    "mesh.carrier": RESTART,  # stated in Ping by the links, set at start
+    # storefwd: the federation's hold policy, built at start
+    "storefwd.max_held": RESTART,
+    "storefwd.held_per_origin": RESTART,
+    "storefwd.max_expiry_ahead_s": RESTART,
+    "storefwd.reroute_after_s": RESTART,
+    "storefwd.spray_tokens": RESTART,
+    "storefwd.spray_delay_s": RESTART,
     # federation: the trust policy and the node's credentials, built at start
     # (federation.pinned is refused: NOT_YET)
     "federation.mode": RESTART,

@@ -84,6 +84,8 @@ class DmReport:
     """The node's reason when it is queued."""
     stored_here: bool = True
     """Delivered into a mailbox on our node (else taken into its custody for relay)."""
+    held: bool = False
+    """Taken, but no route to the recipient's home yet: held on our node (storefwd)."""
 
 
 HOME_TTL_MS = 2 * 24 * 3600 * 1000  # a home binding's lifetime; re-signed at every login
@@ -304,6 +306,7 @@ class Agent:
             route.hops if route is not None else 0,
             route.detail if route is not None else "",
             route is None or route.stored_here,
+            route is not None and route.held,
         )
 
     async def _start_direct(self, peer: bytes) -> Conversation:

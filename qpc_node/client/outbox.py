@@ -74,6 +74,8 @@ class Route:
     """Why it is still queued (the node's words), "" when delivered."""
     stored_here: bool = False
     """Our node put it in a mailbox of its own (it answered a mailbox seq)."""
+    held: bool = False
+    """No route to the recipient's home yet: our node holds it until one appears."""
 
 
 class Outbox(AgentPart):
@@ -341,7 +343,10 @@ class Outbox(AgentPart):
             if code == StatusCode.OK:
                 done.append(o.msg_id)
                 fates[o.msg_id] = Sent.DELIVERED
-                self._note(o.msg_id, Route(r.hops, "", stored_here=r.seq > 0 or r.duplicate))
+                self._note(
+                    o.msg_id,
+                    Route(r.hops, "", stored_here=r.seq > 0 or r.duplicate, held=r.held),
+                )
             elif code.retriable:
                 again.append(o)
                 fates[o.msg_id] = Sent.RETRY

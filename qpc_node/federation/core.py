@@ -30,6 +30,8 @@ from types import MappingProxyType
 from typing import Literal
 
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from qpc_node.errors import ConfigError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.federation.custody import (
@@ -76,6 +78,8 @@ from qpc_node.rpc.server import RpcServer, ServerConfig
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.federation import load_trust, save_trust
+from qpc_node.storefwd import receipts
+from qpc_node.storefwd.forward import M_RECEIPT
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
 __all__ = [
@@ -134,6 +138,7 @@ class Federation:
         timers: LinkTimers | None = None,
         wall_ms: WallClock = system_wall_ms,
         event_buffer: int = 1024,
+        home_of: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.node_id = node_id_of_credentials(credentials)
         self.credentials = credentials
@@ -175,6 +180,15 @@ class Federation:
             event_buffer=event_buffer,
         )
         self.events = self._links.events
+        self._links.carrier = self.limits.storefwd.carrier
+        key = credentials.private_key()
+        sign: Callable[[bytes], bytes] | None = None
+        public: bytes | None = None
+        if isinstance(key, ed25519.Ed25519PrivateKey):  # receipts need an Ed25519 node key
+            sign = key.sign
+            public = key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
         self.custody = Custody(
             self.node_id,
             store,
@@ -186,6 +200,9 @@ class Federation:
             timers=self.timers,
             wall_ms=wall_ms,
             on_local=on_local,
+            sign=sign,
+            public_key=public,
+            home_of=home_of,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -221,6 +238,11 @@ class Federation:
 
     def _on_link_up(self, nid: bytes) -> None:
         self.custody.kick(nid)
+        self.custody.storefwd.link_up(nid)
+
+    def routes_changed(self) -> None:
+        """The routing core's table changed: held envelopes may have a route now."""
+        self.custody.storefwd.routes_changed()
 
     # ------------------------------------------------------------------ links
     async def connect(self, host: str, port: int, *, expected: bytes | None = None) -> bytes:
@@ -289,9 +311,17 @@ class Federation:
         *,
         from_node: bytes,
         origins: Sequence[bytes] = (),
+        origin_nodes: Sequence[bytes] = (),
+        spray_tokens: Sequence[int] = (),
     ) -> list[federation_pb2.RelayResult]:
         """A neighbour's envelopes (see :meth:`.custody.Custody.take_custody`)."""
-        return await self.custody.take_custody(envelopes, from_node=from_node, origins=origins)
+        return await self.custody.take_custody(
+            envelopes,
+            from_node=from_node,
+            origins=origins,
+            origin_nodes=origin_nodes,
+            spray_tokens=spray_tokens,
+        )
 
     def refusals(self) -> list[RelayRefusal]:
         """Recent envelopes a next hop refused for good (newest last, bounded)."""
@@ -346,6 +376,12 @@ class Federation:
         table.register(
             M_PING, federation_pb2.PingRequest, federation_pb2.PingResponse, self._h_ping
         )
+        table.register(
+            M_RECEIPT,
+            federation_pb2.ReceiptRequest,
+            federation_pb2.ReceiptResponse,
+            self._h_receipt,
+        )
 
     def _caller(self, ctx: CallContext, nbytes: int) -> bytes:
         """The calling neighbour's node id, after charging its call and byte budgets."""
@@ -376,12 +412,24 @@ class Federation:
         if not 0 < len(req.envelopes) <= MAX_BATCH:
             raise RemoteProtocolError(f"a relay batch holds 1..{MAX_BATCH} envelopes")
         results = await self.take_custody(
-            list(req.envelopes), from_node=src, origins=list(req.origins)
+            list(req.envelopes),
+            from_node=src,
+            origins=list(req.origins),
+            origin_nodes=list(req.origin_nodes),
+            spray_tokens=list(req.spray_tokens),
         )
         c = self._count(src)
         for r in results:
             c.relay_in[status_name(r.status)] += 1
         return federation_pb2.RelayEnqueueResponse(results=results)
+
+    async def _h_receipt(
+        self, req: federation_pb2.ReceiptRequest, ctx: CallContext
+    ) -> federation_pb2.ReceiptResponse:
+        src = self._caller(ctx, req.ByteSize())
+        parsed = receipts.parse_receipts(req.receipts)  # over MAX_RECEIPTS: refused whole
+        taken = await self.custody.storefwd.on_receipts(src, list(parsed))
+        return federation_pb2.ReceiptResponse(taken=taken)
 
     async def _h_keypackage(
         self, req: federation_pb2.ProxyKeyPackageFetchRequest, ctx: CallContext
@@ -439,13 +487,18 @@ class Federation:
     ) -> federation_pb2.PingResponse:
         src = self._caller(ctx, req.ByteSize())
         link = ctx.session.data.get(LINK_KEY)
-        if isinstance(link, Link) and req.boot_id:
-            self._links.note_boot(link, req.boot_id)
+        if isinstance(link, Link):
+            if req.boot_id:
+                self._links.note_boot(link, req.boot_id)
+            was, link.carrier = link.carrier, req.carrier
+            if link.carrier and not was:
+                self.custody.storefwd.carrier_up(src)
         return federation_pb2.PingResponse(
             nonce=req.nonce,
             node_id=self.node_id,
             relay_queue=self.custody.queued_toward(src),
             boot_id=self._links.boot_id,
+            carrier=self._links.carrier,
         )
 
     # ------------------------------------------------------------------ statistics
@@ -486,6 +539,7 @@ class Federation:
             link_downs=self._links.downs,
             restarts=self._links.restarts,
             handed_over=self.custody.handed_over,
+            storefwd=self.custody.storefwd.statistics(),
         )
 
 
@@ -519,6 +573,9 @@ class FederationSetup:
     limits: FederationLimits | None = None
     timers: LinkTimers | None = None
     announce_sink: AnnounceSink | None = None
+    home_of: Callable[[bytes], bytes | None] | None = None
+    """A user's home node id in the routing bindings (receipts are verified against
+    it); None: the resolver's ``home_of`` if it has one (StaticRoutes), else unknown."""
 
 
 async def build_federation(
@@ -547,4 +604,5 @@ async def build_federation(
         limits=setup.limits,
         timers=setup.timers,
         wall_ms=wall_ms,
+        home_of=setup.home_of or getattr(setup.resolve, "home_of", None),
     )

@@ -69,8 +69,11 @@ from qpc_node.store.federation import (
     relay_next_attempt,
     relay_retry_later,
 )
+from qpc_node.store.held import HoldItem
 from qpc_node.store.records import FINGERPRINT_LEN, Envelope
 from qpc_node.store.store import EnqueueBatch, EnqueueOutcome, Store
+from qpc_node.storefwd.forward import StoreForward
+from qpc_node.storefwd.held import ExpiryVerdict, check_expiry
 from qpc_node.wire.envelope import Envelope as WireEnvelope
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
@@ -83,7 +86,12 @@ M_RELAY = "qpc.v1.Federation/RelayEnqueue"
 
 # Custody passed: the hop holds it (or already did).
 _TAKEN = frozenset(
-    {federation_pb2.RELAY_STORED_LOCAL, federation_pb2.RELAY_QUEUED, federation_pb2.RELAY_DUPLICATE}
+    {
+        federation_pb2.RELAY_STORED_LOCAL,
+        federation_pb2.RELAY_QUEUED,
+        federation_pb2.RELAY_DUPLICATE,
+        federation_pb2.RELAY_HELD,
+    }
 )
 # May succeed later: keep it and retry with backoff (until it expires).
 _RETRY = frozenset({federation_pb2.RELAY_NO_ROUTE, federation_pb2.RELAY_QUEUE_FULL})
@@ -274,6 +282,9 @@ class Custody:
         timers: LinkTimers,
         wall_ms: WallClock,
         on_local: Callable[[bytes], None] | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
+        public_key: bytes | None = None,
+        home_of: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self._store = store
@@ -297,6 +308,22 @@ class Custody:
         self.handed_over = 0
         """Messages moved from a re-homed user's mailbox here into custody."""
         self._nursery: trio.Nursery | None = None
+        self._down_since: dict[bytes, float] = {}
+        """Per next hop with custody: since when (monotonic) its drainer found no link."""
+        self.storefwd = StoreForward(
+            node_id,
+            store,
+            resolve,
+            links,
+            limits.storefwd,
+            wall_ms=wall_ms,
+            sign=sign,
+            public_key=public_key,
+            home_of=home_of,
+            custody=self,
+            max_per_hop=lambda: self.limits.queue.max_per_hop,
+            call_timeout=lambda: self.timers.call_timeout,
+        )
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Drain what a previous run left in custody, and sweep expiries, in ``nursery``."""
@@ -308,9 +335,30 @@ class Custody:
         for hop in held:
             self._ensure_drainer(hop)
         nursery.start_soon(self._sweep)
+        await self.storefwd.start(nursery)
 
     def stop(self) -> None:
         self._nursery = None
+        self.storefwd.stop()
+
+    # ------------------------------------------------------------------ storefwd hooks
+    def queued_more(self, hop: bytes, n: int) -> None:
+        """``n`` envelopes entered custody toward ``hop`` (released, re-routed)."""
+        self.queued[hop] += n
+        self._ensure_drainer(hop)
+        self.kick(hop)
+
+    def queued_less(self, hop: bytes, n: int) -> None:
+        self.queued[hop] -= n
+
+    def down_since(self, hop: bytes) -> float | None:
+        return None if self._links.get(hop) is not None else self._down_since.get(hop)
+
+    def hops_with_custody(self) -> list[bytes]:
+        return [h for h, n in self.queued.items() if n > 0]
+
+    async def store_local(self, batches: list[EnqueueBatch]) -> list[EnqueueOutcome]:
+        return await self._locals.call(batches)
 
     def queued_toward(self, hop: bytes) -> int:
         return max(0, self.queued[hop])
@@ -334,8 +382,14 @@ class Custody:
         """
         if len(origin) != FINGERPRINT_LEN:
             raise LocalProtocolError(f"origin must be a {FINGERPRINT_LEN}-byte fingerprint")
+        n = len(envelopes)
         return await self._custody(
-            envelopes, from_node=self.node_id, origins=[origin] * len(envelopes), proven=True
+            envelopes,
+            from_node=self.node_id,
+            origins=[origin] * n,
+            proven=True,
+            origin_nodes=[self.node_id] * n,
+            tokens=[0] * n,
         )
 
     async def take_custody(
@@ -344,9 +398,11 @@ class Custody:
         *,
         from_node: bytes,
         origins: Sequence[bytes] = (),
+        origin_nodes: Sequence[bytes] = (),
+        spray_tokens: Sequence[int] = (),
     ) -> list[federation_pb2.RelayResult]:
-        """Store each envelope a neighbour hands us durably here (mailbox or custody
-        queue) or refuse it typed.
+        """Store each envelope a neighbour hands us durably here (mailbox, custody
+        queue, or held while no route exists) or refuse it typed.
 
         ``origins`` as on the wire (``RelayEnqueueRequest.origins``): none, or one per
         envelope, each empty (unknown) or a fingerprint; a wrong count is refused
@@ -354,12 +410,26 @@ class Custody:
         One result per envelope, in order. What is reported STORED_LOCAL or QUEUED is
         committed when this returns.
         """
-        if len(origins) not in (0, len(envelopes)):
-            raise RemoteProtocolError(
-                f"{len(origins)} origins for {len(envelopes)} envelopes (0 or one each)"
-            )
-        declared: list[bytes | None] = [o or None for o in origins] or [None] * len(envelopes)
-        return await self._custody(envelopes, from_node=from_node, origins=declared, proven=False)
+        for name, got in (
+            ("origins", origins),
+            ("origin_nodes", origin_nodes),
+            ("spray_tokens", spray_tokens),
+        ):
+            if len(got) not in (0, len(envelopes)):
+                raise RemoteProtocolError(
+                    f"{len(got)} {name} for {len(envelopes)} envelopes (0 or one each)"
+                )
+        n = len(envelopes)
+        declared: list[bytes | None] = [o or None for o in origins] or [None] * n
+        nodes: list[bytes | None] = [o or None for o in origin_nodes] or [None] * n
+        return await self._custody(
+            envelopes,
+            from_node=from_node,
+            origins=declared,
+            proven=False,
+            origin_nodes=nodes,
+            tokens=list(spray_tokens) or [0] * n,
+        )
 
     def _sender(self, from_node: bytes, origin: bytes | None, *, proven: bool) -> SenderKey:
         """Whom mailbox fairness judges for an envelope stored here."""
@@ -375,12 +445,16 @@ class Custody:
         from_node: bytes,
         origins: Sequence[bytes | None],
         proven: bool,
+        origin_nodes: Sequence[bytes | None],
+        tokens: Sequence[int],
     ) -> list[federation_pb2.RelayResult]:
         now = self._wall_ms()
         results: list[federation_pb2.RelayResult | None] = [None] * len(envelopes)
         local: list[tuple[int, Envelope, SenderKey]] = []
         relay: list[tuple[int, RelayItem]] = []
+        hold: list[tuple[int, HoldItem]] = []
         routes: dict[bytes, Route] = {}
+        policy = self.limits.storefwd
 
         def refuse(i: int, status: int, detail: str) -> None:
             results[i] = federation_pb2.RelayResult(
@@ -393,14 +467,27 @@ class Custody:
             if origin is not None and len(origin) != FINGERPRINT_LEN:
                 refuse(i, federation_pb2.RELAY_INVALID, f"origin of {len(origin)} bytes")
                 continue
+            onode = origin_nodes[i]
+            if onode is not None and len(onode) != FINGERPRINT_LEN:
+                refuse(i, federation_pb2.RELAY_INVALID, f"origin node of {len(onode)} bytes")
+                continue
             try:
                 env = WireEnvelope.from_proto(pb)
             except QpcError as exc:
                 refuse(i, federation_pb2.RELAY_INVALID, exc.message)
                 continue
             rec = Envelope(env.msg_id, env.recipient, env.expiry_ms, env.hop_limit, env.ciphertext)
-            if env.expired(now):
+            verdict = check_expiry(env.expiry_ms, now, policy)
+            if verdict is ExpiryVerdict.EXPIRED:
                 refuse(i, federation_pb2.RELAY_EXPIRED, "expired")
+                continue
+            if verdict is ExpiryVerdict.TOO_FAR:
+                self.storefwd.c_too_far += 1
+                refuse(
+                    i,
+                    federation_pb2.RELAY_EXPIRY_TOO_FAR,
+                    f"expiry more than {policy.max_expiry_ahead_s} s ahead",
+                )
                 continue
             route = routes.get(env.recipient)
             if route is None:  # once per recipient and call: a batch often has a few
@@ -428,9 +515,27 @@ class Custody:
                     fwd = Envelope(
                         rec.msg_id, rec.recipient, rec.expiry_ms, rec.hop_limit - 1, rec.ciphertext
                     )
-                    relay.append((i, RelayItem(route.node_id, from_node, fwd, origin)))
+                    relay.append(
+                        (i, RelayItem(route.node_id, from_node, fwd, origin, onode or from_node))
+                    )
+            elif env.hop_limit == 0:
+                refuse(i, federation_pb2.RELAY_HOP_LIMIT_EXCEEDED, "hop_limit 0")
             else:
-                refuse(i, federation_pb2.RELAY_NO_ROUTE, "no route to the recipient yet")
+                # No route yet: held here until one appears (storefwd), hop_limit as it
+                # arrived (holding costs no hop).
+                hold.append(
+                    (
+                        i,
+                        HoldItem(
+                            rec,
+                            origin,
+                            onode or from_node,
+                            from_node,
+                            tokens[i] or policy.spray_tokens,
+                            trail=not proven,
+                        ),
+                    )
+                )
         if local:
             # Each envelope its own savepoint, with its own sender, in one commit.
             stored = await self._locals.call(
@@ -458,6 +563,10 @@ class Custody:
                 )
                 if not res.duplicate and self._on_local is not None:
                     self._on_local(rec.recipient)
+                if not proven:
+                    # The home node: DELIVERED goes back the way it came (a late copy,
+                    # a duplicate here, gets one too: its holder purges it).
+                    self.storefwd.emit_receipt(rec.msg_id, rec.recipient, from_node)
         if relay:
             items = [it for _, it in relay]
             outs = await self._accepts.call((AcceptCall(items, now, proven), self.limits.queue))
@@ -471,6 +580,15 @@ class Custody:
                     refuse(i, federation_pb2.RELAY_DUPLICATE, "")
                 else:
                     refuse(i, federation_pb2.RELAY_QUEUE_FULL, out.replace("_", " "))
+        if hold:
+            got_h = await self.storefwd.hold([it for _, it in hold], now)
+            for (i, _), hout in zip(hold, got_h.outcomes, strict=True):
+                if hout == "held":
+                    refuse(i, federation_pb2.RELAY_HELD, "held until a route appears")
+                elif hout == "duplicate":
+                    refuse(i, federation_pb2.RELAY_DUPLICATE, "")
+                else:
+                    refuse(i, federation_pb2.RELAY_QUEUE_FULL, "held quota full")
         return [r for r in results if r is not None]
 
     async def hand_over(self, user: bytes, next_hop: bytes) -> Handover:
@@ -536,8 +654,11 @@ class Custody:
                     wake = self._wake[hop] = trio.Event()  # before reading: no lost wakeup
                     link = self._links.get(hop)
                     if link is None:
+                        # (since when: storefwd re-routes custody of a hop down too long)
+                        self._down_since.setdefault(hop, trio.current_time())
                         await wake.wait()
                         continue
+                    self._down_since.pop(hop, None)
                     if st.failed:
                         # A batch was not taken (error, link lost): wait before sending
                         # more; batches still in flight settle meanwhile.
@@ -607,6 +728,7 @@ class Custody:
                 for q in batch
             ],
             origins=[q.origin or b"" for q in batch],  # forwarded as declared to us
+            origin_nodes=[q.origin_node or b"" for q in batch],
         )
         try:
             resp = await link.rpc.call(
@@ -675,6 +797,7 @@ class Custody:
             await trio.sleep(self.timers.sweep_interval)
             now = self._wall_ms()
             q, _ = await self._store.run(functools.partial(relay_expire, now_ms=now))
+            await self.storefwd.expire(now)
             if q:
                 self.expired += q
                 log.warning("federation: envelopes expired in custody", extra={"n": q})

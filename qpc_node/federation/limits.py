@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qpc_node.store.federation import RelayQueueLimits
+from qpc_node.storefwd.held import HoldPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,3 +22,5 @@ class FederationLimits:
     relay_window: int = 3
     """Relay batches in flight toward one next hop at once (custody.py, ``_HopDrain``)."""
     max_frame_size: int = 6 * 1024 * 1024
+    storefwd: HoldPolicy = field(default_factory=HoldPolicy)
+    """Store-and-forward: hold quotas, expiry cap, re-route and spray (``storefwd.*``)."""

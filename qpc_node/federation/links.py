@@ -143,6 +143,8 @@ class Link:
         self.down = trio.Event()
         self.boot: bytes | None = None
         """The peer process's boot id, once a ping either way stated it."""
+        self.carrier = False
+        """The peer said it carries held copies between islands (Ping ``carrier``)."""
 
 
 class Links:
@@ -181,6 +183,8 @@ class Links:
         self._boots: dict[bytes, bytes] = {}
         """Boot id of the incarnation routing is in step with, per live neighbour
         (dropped when its last link goes down: the next link is news anyway)."""
+        self.carrier = False
+        """This node carries held copies (``mesh.carrier``): stated in every Ping."""
         self.events_dropped = 0
         self.ups = 0
         """Links that came up (a replaced duplicate is not a new one)."""
@@ -469,7 +473,7 @@ class Links:
         try:
             resp = await link.rpc.call(
                 M_PING,
-                federation_pb2.PingRequest(nonce=nonce, boot_id=self.boot_id),
+                federation_pb2.PingRequest(nonce=nonce, boot_id=self.boot_id, carrier=self.carrier),
                 federation_pb2.PingResponse,
                 timeout=self.timers.ping_timeout,
             )
@@ -478,6 +482,7 @@ class Links:
         if resp.nonce != nonce or resp.node_id != link.node_id:
             return False
         self.note_boot(link, resp.boot_id)
+        link.carrier = resp.carrier
         link.rtt = trio.current_time() - t0
         link.last_ok = trio.current_time()
         return True

@@ -79,6 +79,10 @@ class StaticRoutes:
         """Add or move one user's home."""
         self._homes[user] = node
 
+    def home_of(self, user: bytes) -> bytes | None:
+        """The node ``user`` is homed on, if configured (receipts are checked against it)."""
+        return self._homes.get(user)
+
     def __call__(self, recipient: bytes) -> Route:
         return self.resolve(recipient)
 

@@ -6,6 +6,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from qpc_node.storefwd.stats import StoreFwdStatistics
+
 
 @dataclass(frozen=True, slots=True)
 class NeighbourStatistics:
@@ -36,6 +38,7 @@ class FederationStatistics:
     link_downs: int
     restarts: int  # neighbours seen back with another boot id (kill -9, reboot) while linked
     handed_over: int  # messages a re-homed user left here, moved into custody
+    storefwd: StoreFwdStatistics  # held envelopes, releases, receipts, spray
 
 
 @dataclass(slots=True)

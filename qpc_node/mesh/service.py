@@ -63,6 +63,7 @@ from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.federation import RelayQueueLimits
 from qpc_node.store.homes import StoredBinding, load_bindings, save_bindings
 from qpc_node.store.records import EnqueueResult
+from qpc_node.storefwd.held import HoldPolicy
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
 log = get_logger("qpc.mesh")
@@ -139,12 +140,20 @@ def settings_from_config(
     interfaces: Sequence[str],
     *,
     relay_custody_per_user: int | None = None,
+    storefwd: HoldPolicy | None = None,
 ) -> MeshSettings:
-    """``mesh.*`` of the node's config (already checked by the config loader), and
-    ``limits.relay_custody_per_user`` (the federation's per-origin custody share)."""
+    """``mesh.*`` of the node's config (already checked by the config loader),
+    ``limits.relay_custody_per_user`` (the federation's per-origin custody share)
+    and ``storefwd.*`` with ``mesh.carrier`` (holding, receipts, spray)."""
     limits = None
-    if relay_custody_per_user is not None:
-        limits = FederationLimits(queue=RelayQueueLimits(max_per_origin=relay_custody_per_user))
+    if relay_custody_per_user is not None or storefwd is not None:
+        base = FederationLimits()
+        limits = FederationLimits(
+            queue=base.queue
+            if relay_custody_per_user is None
+            else RelayQueueLimits(max_per_origin=relay_custody_per_user),
+            storefwd=storefwd or base.storefwd,
+        )
     return MeshSettings(
         static_peers=parse_static_peers(static_peers),
         mdns=mdns,
@@ -263,6 +272,7 @@ class MeshService:
             announce_sink=self.receive,
             timers=self.settings.timers,
             limits=self.settings.limits,
+            home_of=self.home_of,
         )
 
     def attach(self, federation: Federation) -> None:
@@ -290,10 +300,16 @@ class MeshService:
         return b is not None and b.node != self.node_id and b.expiry_ms > self._wall_ms()
 
     def check(self, recipient: bytes) -> QpcError | None:
-        """Delivery's pre-check for all-or-nothing batches: is there a route now?"""
-        if isinstance(self.resolve(recipient), fed_routes.NoRoute):
-            return NoRouteYet(f"no route yet to the home of {short(recipient)}")
+        """Delivery's pre-check for all-or-nothing batches. No route is no refusal
+        any more: custody holds such envelopes until a route appears (storefwd)."""
+        del recipient
         return None
+
+    def home_of(self, user: bytes) -> bytes | None:
+        """The user's home node id in the newest binding (receipts are checked
+        against it); None: no binding known."""
+        b = self.router.binding(user)
+        return None if b is None else b.node
 
     def hops(self, recipient: bytes) -> int:
         """Delivery's report to the sender: hops to the recipient's home (0: here/unknown)."""
@@ -383,6 +399,8 @@ class MeshService:
         self._wake.set()
         if self._rehomed and update.routes:  # a route to a new home may have come
             self._handover_wake.set()
+        if update.routes and self.federation is not None:
+            self.federation.routes_changed()  # held envelopes may have a route now
         return True
 
     # ------------------------------------------------------------------ driver
@@ -461,6 +479,8 @@ class MeshService:
             extra={"node": short(ev.node_id), "addr": ev.address, "reason": ev.reason},
         )
         self._wake.set()
+        if self.federation is not None:
+            self.federation.routes_changed()
 
     def statistics(self) -> MeshStatistics:
         return MeshStatistics(
@@ -654,6 +674,7 @@ class NoRouteYet(QpcError):
 _RELAY_CODES: dict[int, StatusCode] = {
     federation_pb2.RELAY_HOP_LIMIT_EXCEEDED: StatusCode.FAILED_PRECONDITION,
     federation_pb2.RELAY_EXPIRED: StatusCode.INVALID_ARGUMENT,
+    federation_pb2.RELAY_EXPIRY_TOO_FAR: StatusCode.INVALID_ARGUMENT,
     federation_pb2.RELAY_QUEUE_FULL: StatusCode.RESOURCE_EXHAUSTED,
     federation_pb2.RELAY_INVALID: StatusCode.INVALID_ARGUMENT,
     federation_pb2.RELAY_LOOP: StatusCode.UNAVAILABLE,
@@ -669,6 +690,8 @@ def _enqueue_result(r: federation_pb2.RelayResult) -> EnqueueResult | QpcError:
         return EnqueueResult(msg_id=r.msg_id, seq=0, duplicate=False)
     if r.status == federation_pb2.RELAY_DUPLICATE:
         return EnqueueResult(msg_id=r.msg_id, seq=0, duplicate=True)
+    if r.status == federation_pb2.RELAY_HELD:
+        return EnqueueResult(msg_id=r.msg_id, seq=0, duplicate=False, held=True)
     if r.status == federation_pb2.RELAY_NO_ROUTE:
         return NoRouteYet(f"no route yet: {r.detail}" if r.detail else "no route yet")
     code = _RELAY_CODES.get(r.status, StatusCode.INTERNAL)

@@ -19,6 +19,7 @@ import msgspec
 
 from qpc_node.errors import ConfigError
 from qpc_node.mesh.static_peers import parse_static_peers
+from qpc_node.storefwd.held import HoldPolicy
 
 DEFAULT_PORT = 4201
 ENV_PREFIX = "QPC_"
@@ -168,6 +169,10 @@ class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # ``host:port#nodefingerprint`` (qpc_node/mesh/static_peers.py), the fingerprint
     # pinning the node: for meshes where multicast is filtered.
     static_peers: list[str] = msgspec.field(default_factory=list)
+    # This node may carry held copies between mesh islands (a laptop): it says so in
+    # every federation Ping, and holders spray copies of what they hold to it
+    # (qpc_node/storefwd/forward.py).
+    carrier: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -182,6 +187,40 @@ class MeshSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         """Explicitly on (``mdns = true`` or a static peer); :attr:`Config.mesh_on`
         also resolves ``mdns = "auto"`` against ``node.listen``."""
         return self.mdns is True or bool(self.static_peers)
+
+
+class StorefwdSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Store-and-forward (qpc_node/storefwd/): envelopes for users whose home node
+    has no route yet are held here and forwarded when one appears."""
+
+    # Envelopes held in total, and those that entered the mesh at one node.
+    max_held: int = 10_000
+    held_per_origin: int = 1_000
+    # Expiries further ahead than this are refused (at entry and at relays).
+    max_expiry_ahead_s: int = 7 * 24 * 3600
+    # Custody toward a next hop down this long is routed again (or held).
+    reroute_after_s: float = 60.0
+    # Binary spray-and-wait to carrier neighbours (mesh.carrier): copies per held
+    # envelope, and how long it is held before the first copy goes.
+    spray_tokens: int = 4
+    spray_delay_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        try:
+            self.policy(carrier=False)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    def policy(self, *, carrier: bool) -> HoldPolicy:
+        return HoldPolicy(
+            max_held=self.max_held,
+            held_per_origin=self.held_per_origin,
+            max_expiry_ahead_s=self.max_expiry_ahead_s,
+            reroute_after_s=self.reroute_after_s,
+            spray_tokens=self.spray_tokens,
+            spray_delay_s=self.spray_delay_s,
+            carrier=carrier,
+        )
 
 
 class FederationSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -238,6 +277,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     mesh: MeshSection = msgspec.field(default_factory=MeshSection)
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
     channels: ChannelsSection = msgspec.field(default_factory=ChannelsSection)
+    storefwd: StorefwdSection = msgspec.field(default_factory=StorefwdSection)
 
     @property
     def mdns_on(self) -> bool:
@@ -264,6 +304,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
         ("mesh", MeshSection),
         ("federation", FederationSection),
         ("channels", ChannelsSection),
+        ("storefwd", StorefwdSection),
     )
 }
 NOT_YET: dict[str, str] = {

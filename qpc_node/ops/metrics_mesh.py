@@ -101,6 +101,53 @@ class NeighbourStats(Protocol):
     def queued_toward(self) -> int: ...
 
 
+class StoreFwdStats(Protocol):
+    @property
+    def held_now(self) -> int: ...
+    @property
+    def held(self) -> int: ...
+    @property
+    def hold_refused(self) -> int: ...
+    @property
+    def evicted_expired(self) -> int: ...
+    @property
+    def evicted_delivered(self) -> int: ...
+    @property
+    def evicted_hops(self) -> int: ...
+    @property
+    def released(self) -> int: ...
+    @property
+    def expired_held(self) -> int: ...
+    @property
+    def rerouted(self) -> int: ...
+    @property
+    def rerouted_held(self) -> int: ...
+    @property
+    def expiry_too_far(self) -> int: ...
+    @property
+    def receipts_sent(self) -> int: ...
+    @property
+    def receipts_applied(self) -> int: ...
+    @property
+    def receipts_repeated(self) -> int: ...
+    @property
+    def receipts_unknown_msg(self) -> int: ...
+    @property
+    def receipts_forged(self) -> int: ...
+    @property
+    def receipts_wrong_home(self) -> int: ...
+    @property
+    def receipts_unknown_home(self) -> int: ...
+    @property
+    def receipts_malformed(self) -> int: ...
+    @property
+    def receipts_lost(self) -> int: ...
+    @property
+    def purged(self) -> int: ...
+    @property
+    def sprayed(self) -> int: ...
+
+
 class FederationStats(Protocol):
     @property
     def links(self) -> int: ...
@@ -122,6 +169,8 @@ class FederationStats(Protocol):
     def restarts(self) -> int: ...
     @property
     def handed_over(self) -> int: ...
+    @property
+    def storefwd(self) -> StoreFwdStats: ...
 
 
 class FederationSource(Protocol):
@@ -296,3 +345,61 @@ def federation_families(f: FederationStats) -> Iterator[Metric]:
     yield _counter(
         "qpc_federation_trust_refusals", "federation peers refused by trust", f.trust_refusals
     )
+    yield from storefwd_families(f.storefwd)
+
+
+def storefwd_families(s: StoreFwdStats) -> Iterator[Metric]:
+    """Store-and-forward (qpc_node/storefwd/forward.py): held, evicted, released,
+    receipts, spray."""
+    yield _gauge("qpc_storefwd_held", "envelopes held while no route exists", s.held_now)
+    yield _counter("qpc_storefwd_held_in", "envelopes taken into hold (RELAY_HELD)", s.held)
+    yield _counter(
+        "qpc_storefwd_hold_refused", "envelopes refused: the hold quota was full", s.hold_refused
+    )
+    ev = CounterMetricFamily(
+        "qpc_storefwd_evicted", "held envelopes evicted for room, by reason", labels=["reason"]
+    )
+    for reason, n in (
+        ("expired", s.evicted_expired),
+        ("delivered", s.evicted_delivered),
+        ("most_hops", s.evicted_hops),
+    ):
+        ev.add_metric([reason], n)
+    yield ev
+    yield _counter("qpc_storefwd_released", "held envelopes released toward a route", s.released)
+    yield _counter(
+        "qpc_storefwd_expired",
+        "envelopes that expired while held (never delivered)",
+        s.expired_held,
+    )
+    rr = CounterMetricFamily(
+        "qpc_storefwd_rerouted",
+        "custody rows whose next hop stayed down, by where they went",
+        labels=["to"],
+    )
+    rr.add_metric(["next_hop"], s.rerouted)
+    rr.add_metric(["held"], s.rerouted_held)
+    yield rr
+    yield _counter(
+        "qpc_storefwd_expiry_too_far",
+        "envelopes refused: expiry beyond storefwd.max_expiry_ahead_s",
+        s.expiry_too_far,
+    )
+    rc = CounterMetricFamily(
+        "qpc_storefwd_receipts", "delivery receipts, by outcome", labels=["outcome"]
+    )
+    for outcome, n in (
+        ("sent", s.receipts_sent),
+        ("applied", s.receipts_applied),
+        ("repeated", s.receipts_repeated),
+        ("unknown_msg", s.receipts_unknown_msg),
+        ("forged", s.receipts_forged),
+        ("wrong_home", s.receipts_wrong_home),
+        ("unknown_home", s.receipts_unknown_home),
+        ("malformed", s.receipts_malformed),
+        ("lost", s.receipts_lost),
+    ):
+        rc.add_metric([outcome], n)
+    yield rc
+    yield _counter("qpc_storefwd_purged", "replicas purged by receipts", s.purged)
+    yield _counter("qpc_storefwd_sprayed", "copies given to carrier neighbours", s.sprayed)

@@ -382,6 +382,8 @@ def format_trust(resp: ops_pb2.MeshTrustResponse) -> str:
 def describe_route(r: DmReport) -> str:
     """What ``/dm`` and ``/mesh dm`` say became of a message."""
     if r.fate is Sent.DELIVERED:
+        if r.held:
+            return "(held on this node until a route appears)"
         if r.hops:
             return f"(relayed via {r.hops} hop{'s' if r.hops != 1 else ''})"
         # A node that predates EnqueueResult.hops says neither: it took it for relay.

@@ -273,7 +273,11 @@ class DeliveryService:
                 hops = self._relay.hops(bytes(pb.recipient))
             results.append(
                 service_pb2.EnqueueResult(
-                    msg_id=got.msg_id, seq=got.seq, duplicate=got.duplicate, hops=hops
+                    msg_id=got.msg_id,
+                    seq=got.seq,
+                    duplicate=got.duplicate,
+                    hops=0 if got.held else hops,
+                    held=got.held,
                 )
             )
         for rec in woken:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qpc_node.errors import ConfigError
+from qpc_node.store.held import trail_add
 from qpc_node.store.mailbox import note_sent, release_to_custody
 from qpc_node.store.records import Envelope
 from qpc_node.store.sql import transaction
@@ -100,6 +101,9 @@ class RelayItem:
     from_node: bytes
     envelope: Envelope
     origin: bytes | None
+    origin_node: bytes | None = None
+    """The node where it entered the federation (``RelayEnqueueRequest.origin_nodes``),
+    None if undeclared; forwarded unchanged, the hold quota's key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,7 @@ class QueuedRelay:
     origin: bytes | None
     handover: bool = False
     """Handed over by this node as the user's old home (:func:`relay_handover`)."""
+    origin_node: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,13 +225,14 @@ def _accept(
                 continue
             origin_depth[key] += 1
         conn.execute(
-            "INSERT INTO relay_queue (next_hop, from_node, origin, msg_id, recipient,"
-            " expiry_ms, hop_limit, ciphertext, enqueued_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO relay_queue (next_hop, from_node, origin, origin_node, msg_id,"
+            " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.next_hop,
                 item.from_node,
                 item.origin,
+                item.origin_node,
                 env.msg_id,
                 env.recipient,
                 env.expiry_ms,
@@ -239,6 +245,8 @@ def _accept(
             "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)",
             (env.msg_id, env.expiry_ms),
         )
+        if not proven:  # a neighbour's: its receipt goes back there (store/held.py)
+            trail_add(conn, env.msg_id, item.from_node, env.expiry_ms)
         hop_depth[item.next_hop] += 1
         src_depth[item.from_node] += 1
         out.append("queued")
@@ -264,7 +272,7 @@ def relay_due(
     """
     rows = store.conn.execute(
         "SELECT id, msg_id, recipient, expiry_ms, hop_limit, ciphertext, attempts, origin,"
-        " handover FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
+        " handover, origin_node FROM relay_queue WHERE next_hop = ? AND next_attempt_ms <= ? AND expiry_ms > ?"
         " ORDER BY id LIMIT ?",
         (next_hop, now_ms, now_ms, limit + len(skip)),
     ).fetchall()
@@ -278,6 +286,7 @@ def relay_due(
             r[6],
             None if r[7] is None else bytes(r[7]),
             bool(r[8]),
+            None if r[9] is None else bytes(r[9]),
         )
         for r in rows
     ]

@@ -39,6 +39,9 @@ class EnqueueResult(msgspec.Struct, frozen=True):
     msg_id: bytes
     seq: int
     duplicate: bool
+    held: bool = False
+    """Relayed: no route to the recipient's home yet, held on this node until one
+    appears (store-and-forward)."""
 
 
 class StoredMessage(msgspec.Struct, frozen=True):

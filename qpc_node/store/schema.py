@@ -199,6 +199,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             bytes INTEGER NOT NULL
         )""",
     ),
+    # 10: store-and-forward (store/held.py): envelopes held while no route to the
+    # recipient's home exists, the origin node carried hop by hop, receipt
+    # tombstones, and the trail receipts travel back along.
+    (
+        # id: arrival order (release keeps it). hop_limit as it arrived: holding costs
+        # no hop, the decrement happens when it is released toward a next hop.
+        # origin_node: where it entered the federation (quota key). tokens: spray
+        # tokens left (qpc_node/storefwd/held.py).
+        """CREATE TABLE held (
+            id INTEGER PRIMARY KEY,
+            msg_id BLOB NOT NULL UNIQUE,
+            recipient BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            hop_limit INTEGER NOT NULL,
+            ciphertext BLOB NOT NULL,
+            origin BLOB CHECK (origin IS NULL OR length(origin) = 32),
+            origin_node BLOB NOT NULL,
+            from_node BLOB NOT NULL,
+            tokens INTEGER NOT NULL,
+            held_ms INTEGER NOT NULL
+        )""",
+        "CREATE INDEX held_by_recipient ON held(recipient, id)",
+        "CREATE INDEX held_by_origin_node ON held(origin_node)",
+        "CREATE INDEX held_by_expiry ON held(expiry_ms)",
+        "ALTER TABLE relay_queue ADD COLUMN origin_node BLOB",
+        # delivered: a valid receipt came (tombstone until expiry_ms).
+        "ALTER TABLE relay_seen ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0",
+        # Where receipts for msg_id go: the node(s) it came from and spray targets.
+        """CREATE TABLE relay_trail (
+            msg_id BLOB NOT NULL,
+            peer BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL,
+            PRIMARY KEY (msg_id, peer)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX relay_trail_by_expiry ON relay_trail(expiry_ms)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -10,6 +10,7 @@ from tests.fuzz import (
     h_mesh,
     h_mesh_discovery,
     h_rpc,
+    h_storefwd,
     h_wire,
 )
 
@@ -21,9 +22,10 @@ __all__ = [
     "h_mesh",
     "h_mesh_discovery",
     "h_rpc",
+    "h_storefwd",
     "h_wire",
 ]
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
-# static peers h_mesh_discovery, broadcast channel messages h_channel; inventories
-# register with ``registry.pure`` when they land.
+# static peers h_mesh_discovery, broadcast channel messages h_channel, store-and-forward
+# receipts h_storefwd; inventories register with ``registry.pure`` when they land.

@@ -78,6 +78,57 @@ MESSAGES: dict[str, Message] = {
     "ping_response_boot": F.PingResponse(
         nonce=2**63 + 5, node_id=bytes(range(32)), relay_queue=3, boot_id=bytes(range(16))
     ),
+    # Store-and-forward: origin nodes (field 3) and spray tokens (field 4), parallel to
+    # the envelopes; the second envelope's origin node unknown, ordinary custody.
+    "relay_enqueue_request_storefwd": F.RelayEnqueueRequest(
+        envelopes=[ENVELOPE, ENVELOPE],
+        origins=[bytes(range(32, 64)), b""],
+        origin_nodes=[bytes(range(64, 96)), b""],
+        spray_tokens=[2, 0],
+    ),
+    "relay_enqueue_response_storefwd": F.RelayEnqueueResponse(
+        results=[
+            F.RelayResult(
+                msg_id=bytes(range(16)), status=F.RELAY_HELD, detail="held until a route appears"
+            ),
+            F.RelayResult(
+                msg_id=bytes(range(16, 32)),
+                status=F.RELAY_EXPIRY_TOO_FAR,
+                detail="expiry more than 604800 s ahead",
+            ),
+        ]
+    ),
+    # Carrier flag (PingRequest 3 / PingResponse 5).
+    "ping_request_carrier": F.PingRequest(
+        nonce=2**63 + 5, boot_id=bytes(range(100, 116)), carrier=True
+    ),
+    "ping_response_carrier": F.PingResponse(
+        nonce=2**63 + 5,
+        node_id=bytes(range(32)),
+        relay_queue=3,
+        boot_id=bytes(range(16)),
+        carrier=True,
+    ),
+    "delivery_receipt": F.DeliveryReceipt(
+        msg_id=bytes(range(16)),
+        recipient=bytes(range(32)),
+        home_key=bytes(range(32, 64)),
+        delivered_ms=1_800_000_000_123,
+        signature=bytes(range(64)),
+    ),
+    "receipt_request": F.ReceiptRequest(
+        receipts=[
+            F.DeliveryReceipt(
+                msg_id=bytes(range(16)),
+                recipient=bytes(range(32)),
+                home_key=bytes(range(32, 64)),
+                delivered_ms=1_800_000_000_123,
+                signature=bytes(range(64)),
+            )
+        ]
+        * 2
+    ),
+    "receipt_response": F.ReceiptResponse(taken=2),
     "request_ping": rpc_pb2.Request(
         version=1,
         method=M_PING,
@@ -102,6 +153,8 @@ STATUS_NUMBERS = {
     "RELAY_REFUSED": 10,
     "RELAY_STRANGER_LIMIT": 11,
     "RELAY_MAILBOX_FULL": 12,
+    "RELAY_HELD": 13,
+    "RELAY_EXPIRY_TOO_FAR": 14,
 }
 
 
@@ -198,3 +251,21 @@ def test_a_status_from_a_newer_peer_is_named_not_raised() -> None:
     drainer (which names every refusal it counts); it is a final refusal, by number."""
     assert status_name(F.RELAY_MAILBOX_FULL) == "RELAY_MAILBOX_FULL"
     assert status_name(99) == "RELAY_STATUS_99"
+
+
+def test_storefwd_fields_are_a_compatible_extension() -> None:
+    """Without origin nodes, spray tokens or the carrier flag the bytes are what they
+    were before those fields; a new peer reads an old request as declaring none."""
+    old_req = bytes.fromhex((FIXTURES / "msg_relay_enqueue_request_origins.hex").read_text().strip())
+    parsed = F.RelayEnqueueRequest.FromString(old_req)
+    assert list(parsed.origin_nodes) == [] and list(parsed.spray_tokens) == []
+    new = MESSAGES["relay_enqueue_request_storefwd"]
+    assert isinstance(new, F.RelayEnqueueRequest)
+    stripped = F.RelayEnqueueRequest(envelopes=new.envelopes, origins=new.origins)
+    assert stripped.SerializeToString() == old_req
+    old_ping = bytes.fromhex((FIXTURES / "msg_ping_request_boot.hex").read_text().strip())
+    assert F.PingRequest.FromString(old_ping).carrier is False
+    assert (
+        F.PingRequest(nonce=2**63 + 5, boot_id=bytes(range(100, 116))).SerializeToString()
+        == old_ping
+    )

@@ -63,6 +63,7 @@ from qpc_node.store.async_store import AsyncStoreStatistics
 from qpc_node.store.errors import StoreClosed
 from qpc_node.store.records import StoreStatistics
 from qpc_node.store.store import MailboxTotals
+from qpc_node.storefwd.stats import StoreFwdStatistics
 from qpc_node.wire.gen.qpc.v1 import ops_pb2
 
 
@@ -586,6 +587,7 @@ def federation_source(neighbours: int) -> Fixed[FederationStatistics]:
             link_downs=407,
             restarts=409,
             handed_over=408,
+            storefwd=StoreFwdStatistics(*range(501, 501 + len(StoreFwdStatistics.__slots__))),
         )
     )
 
@@ -618,6 +620,15 @@ async def test_mesh_and_relay_counters_are_exported_with_bounded_labels() -> Non
     assert got[("qpc_relay_deferred_out_total", (("status", "RELAY_NO_ROUTE"),))] == sum(range(12))
     assert got[("qpc_relay_custody_queued", ())] == 10 * sum(range(12))
     assert got[("qpc_relay_handed_over_total", ())] == 408
+    sf = fed.stats.storefwd
+    assert got[("qpc_storefwd_held", ())] == sf.held_now
+    assert got[("qpc_storefwd_evicted_total", (("reason", "most_hops"),))] == sf.evicted_hops
+    assert got[("qpc_storefwd_released_total", ())] == sf.released
+    assert got[("qpc_storefwd_expired_total", ())] == sf.expired_held
+    assert got[("qpc_storefwd_receipts_total", (("outcome", "forged"),))] == sf.receipts_forged
+    assert got[("qpc_storefwd_receipts_total", (("outcome", "applied"),))] == sf.receipts_applied
+    assert got[("qpc_storefwd_sprayed_total", ())] == sf.sprayed
+    assert got[("qpc_storefwd_rerouted_total", (("to", "held"),))] == sf.rerouted_held
     # Per neighbour: the NEIGHBOUR_LABELS largest, the rest summed as "other".
     by_hop = {
         dict(labels)["neighbour"]: v

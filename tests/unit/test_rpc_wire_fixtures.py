@@ -87,6 +87,8 @@ MESSAGES.update(
         "enqueue_result_refused": ENQUEUE_REFUSED,
         # Accepted for relay toward a home 2 node-to-node hops away (field 6).
         "enqueue_result_relayed": service_pb2.EnqueueResult(msg_id=bytes(range(16)), hops=2),
+        # Held on the node until a route to the home appears (field 7, storefwd).
+        "enqueue_result_held": service_pb2.EnqueueResult(msg_id=bytes(range(16)), held=True),
         "enqueue_result_aborted": service_pb2.EnqueueResult(
             msg_id=bytes(range(48, 64)),
             status=rpc_pb2.STATUS_CODE_ABORTED,

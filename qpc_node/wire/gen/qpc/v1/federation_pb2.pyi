@@ -23,6 +23,8 @@ class RelayStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RELAY_REFUSED: _ClassVar[RelayStatus]
     RELAY_STRANGER_LIMIT: _ClassVar[RelayStatus]
     RELAY_MAILBOX_FULL: _ClassVar[RelayStatus]
+    RELAY_HELD: _ClassVar[RelayStatus]
+    RELAY_EXPIRY_TOO_FAR: _ClassVar[RelayStatus]
 RELAY_STATUS_UNSPECIFIED: RelayStatus
 RELAY_STORED_LOCAL: RelayStatus
 RELAY_QUEUED: RelayStatus
@@ -36,14 +38,20 @@ RELAY_LOOP: RelayStatus
 RELAY_REFUSED: RelayStatus
 RELAY_STRANGER_LIMIT: RelayStatus
 RELAY_MAILBOX_FULL: RelayStatus
+RELAY_HELD: RelayStatus
+RELAY_EXPIRY_TOO_FAR: RelayStatus
 
 class RelayEnqueueRequest(_message.Message):
-    __slots__ = ("envelopes", "origins")
+    __slots__ = ("envelopes", "origins", "origin_nodes", "spray_tokens")
     ENVELOPES_FIELD_NUMBER: _ClassVar[int]
     ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_NODES_FIELD_NUMBER: _ClassVar[int]
+    SPRAY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     envelopes: _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]
     origins: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., origins: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    origin_nodes: _containers.RepeatedScalarFieldContainer[bytes]
+    spray_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., origins: _Optional[_Iterable[bytes]] = ..., origin_nodes: _Optional[_Iterable[bytes]] = ..., spray_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RelayResult(_message.Message):
     __slots__ = ("msg_id", "status", "detail")
@@ -88,21 +96,51 @@ class AnnounceResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
-    __slots__ = ("nonce", "boot_id")
+    __slots__ = ("nonce", "boot_id", "carrier")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    CARRIER_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     boot_id: bytes
-    def __init__(self, nonce: _Optional[int] = ..., boot_id: _Optional[bytes] = ...) -> None: ...
+    carrier: bool
+    def __init__(self, nonce: _Optional[int] = ..., boot_id: _Optional[bytes] = ..., carrier: _Optional[bool] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("nonce", "node_id", "relay_queue", "boot_id")
+    __slots__ = ("nonce", "node_id", "relay_queue", "boot_id", "carrier")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RELAY_QUEUE_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    CARRIER_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     node_id: bytes
     relay_queue: int
     boot_id: bytes
-    def __init__(self, nonce: _Optional[int] = ..., node_id: _Optional[bytes] = ..., relay_queue: _Optional[int] = ..., boot_id: _Optional[bytes] = ...) -> None: ...
+    carrier: bool
+    def __init__(self, nonce: _Optional[int] = ..., node_id: _Optional[bytes] = ..., relay_queue: _Optional[int] = ..., boot_id: _Optional[bytes] = ..., carrier: _Optional[bool] = ...) -> None: ...
+
+class DeliveryReceipt(_message.Message):
+    __slots__ = ("msg_id", "recipient", "home_key", "delivered_ms", "signature")
+    MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    HOME_KEY_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_MS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    msg_id: bytes
+    recipient: bytes
+    home_key: bytes
+    delivered_ms: int
+    signature: bytes
+    def __init__(self, msg_id: _Optional[bytes] = ..., recipient: _Optional[bytes] = ..., home_key: _Optional[bytes] = ..., delivered_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class ReceiptRequest(_message.Message):
+    __slots__ = ("receipts",)
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    receipts: _containers.RepeatedCompositeFieldContainer[DeliveryReceipt]
+    def __init__(self, receipts: _Optional[_Iterable[_Union[DeliveryReceipt, _Mapping]]] = ...) -> None: ...
+
+class ReceiptResponse(_message.Message):
+    __slots__ = ("taken",)
+    TAKEN_FIELD_NUMBER: _ClassVar[int]
+    taken: int
+    def __init__(self, taken: _Optional[int] = ...) -> None: ...

@@ -27,7 +27,7 @@ from qpc_node.wire.gen.qpc.v1 import mesh_pb2 as qpc_dot_v1_dot_mesh__pb2
 from qpc_node.wire.gen.qpc.v1 import rpc_pb2 as qpc_dot_v1_dot_rpc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qpc/v1/service.proto\x12\x06qpc.v1\x1a\x15qpc/v1/envelope.proto\x1a\x11qpc/v1/mesh.proto\x1a\x10qpc/v1/rpc.proto\"\x16\n\x14\x41uthChallengeRequest\"7\n\x15\x41uthChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\x0c\"\\\n\x10\x41uthProveRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12!\n\x04home\x18\x03 \x01(\x0b\x32\x13.qpc.v1.HomeBinding\"(\n\x11\x41uthProveResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\"<\n\x10KeyPackageUpload\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"F\n\x18UploadKeyPackagesRequest\x12*\n\x08packages\x18\x01 \x03(\x0b\x32\x18.qpc.v1.KeyPackageUpload\">\n\x19UploadKeyPackagesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x11\n\tavailable\x18\x02 \x01(\r\"*\n\x16\x46\x65tchKeyPackageRequest\x12\x10\n\x08identity\x18\x01 \x01(\x0c\"C\n\x17\x46\x65tchKeyPackageResponse\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"\x19\n\x17\x43ountKeyPackagesRequest\"-\n\x18\x43ountKeyPackagesResponse\x12\x11\n\tavailable\x18\x01 \x01(\r\"E\n\x0e\x45nqueueRequest\x12#\n\tenvelopes\x18\x01 \x03(\x0b\x32\x10.qpc.v1.Envelope\x12\x0e\n\x06\x61tomic\x18\x02 \x01(\x08\"\x81\x01\n\rEnqueueResult\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\"\n\x06status\x18\x04 \x01(\x0e\x32\x12.qpc.v1.StatusCode\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0c\n\x04hops\x18\x06 \x01(\r\"9\n\x0f\x45nqueueResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.qpc.v1.EnqueueResult\"@\n\rStoredMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x10.qpc.v1.Envelope\"S\n\x0c\x46\x65tchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\x0c\"J\n\rFetchResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.qpc.v1.StoredMessage\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\"1\n\nAckRequest\x12\x11\n\tup_to_seq\x18\x01 \x01(\x04\x12\x10\n\x08identity\x18\x02 \x01(\x0c\"\x1e\n\x0b\x41\x63kResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qpc/v1/service.proto\x12\x06qpc.v1\x1a\x15qpc/v1/envelope.proto\x1a\x11qpc/v1/mesh.proto\x1a\x10qpc/v1/rpc.proto\"\x16\n\x14\x41uthChallengeRequest\"7\n\x15\x41uthChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\x0c\"\\\n\x10\x41uthProveRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12!\n\x04home\x18\x03 \x01(\x0b\x32\x13.qpc.v1.HomeBinding\"(\n\x11\x41uthProveResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\"<\n\x10KeyPackageUpload\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"F\n\x18UploadKeyPackagesRequest\x12*\n\x08packages\x18\x01 \x03(\x0b\x32\x18.qpc.v1.KeyPackageUpload\">\n\x19UploadKeyPackagesResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x11\n\tavailable\x18\x02 \x01(\r\"*\n\x16\x46\x65tchKeyPackageRequest\x12\x10\n\x08identity\x18\x01 \x01(\x0c\"C\n\x17\x46\x65tchKeyPackageResponse\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"\x19\n\x17\x43ountKeyPackagesRequest\"-\n\x18\x43ountKeyPackagesResponse\x12\x11\n\tavailable\x18\x01 \x01(\r\"E\n\x0e\x45nqueueRequest\x12#\n\tenvelopes\x18\x01 \x03(\x0b\x32\x10.qpc.v1.Envelope\x12\x0e\n\x06\x61tomic\x18\x02 \x01(\x08\"\x8f\x01\n\rEnqueueResult\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\"\n\x06status\x18\x04 \x01(\x0e\x32\x12.qpc.v1.StatusCode\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0c\n\x04hops\x18\x06 \x01(\r\x12\x0c\n\x04held\x18\x07 \x01(\x08\"9\n\x0f\x45nqueueResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.qpc.v1.EnqueueResult\"@\n\rStoredMessage\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x10.qpc.v1.Envelope\"S\n\x0c\x46\x65tchRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0f\n\x07wait_ms\x18\x03 \x01(\r\x12\x10\n\x08identity\x18\x04 \x01(\x0c\"J\n\rFetchResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.qpc.v1.StoredMessage\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\"1\n\nAckRequest\x12\x11\n\tup_to_seq\x18\x01 \x01(\x04\x12\x10\n\x08identity\x18\x02 \x01(\x0c\"\x1e\n\x0b\x41\x63kResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,17 +59,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENQUEUEREQUEST']._serialized_start=694
   _globals['_ENQUEUEREQUEST']._serialized_end=763
   _globals['_ENQUEUERESULT']._serialized_start=766
-  _globals['_ENQUEUERESULT']._serialized_end=895
-  _globals['_ENQUEUERESPONSE']._serialized_start=897
-  _globals['_ENQUEUERESPONSE']._serialized_end=954
-  _globals['_STOREDMESSAGE']._serialized_start=956
-  _globals['_STOREDMESSAGE']._serialized_end=1020
-  _globals['_FETCHREQUEST']._serialized_start=1022
-  _globals['_FETCHREQUEST']._serialized_end=1105
-  _globals['_FETCHRESPONSE']._serialized_start=1107
-  _globals['_FETCHRESPONSE']._serialized_end=1181
-  _globals['_ACKREQUEST']._serialized_start=1183
-  _globals['_ACKREQUEST']._serialized_end=1232
-  _globals['_ACKRESPONSE']._serialized_start=1234
-  _globals['_ACKRESPONSE']._serialized_end=1264
+  _globals['_ENQUEUERESULT']._serialized_end=909
+  _globals['_ENQUEUERESPONSE']._serialized_start=911
+  _globals['_ENQUEUERESPONSE']._serialized_end=968
+  _globals['_STOREDMESSAGE']._serialized_start=970
+  _globals['_STOREDMESSAGE']._serialized_end=1034
+  _globals['_FETCHREQUEST']._serialized_start=1036
+  _globals['_FETCHREQUEST']._serialized_end=1119
+  _globals['_FETCHRESPONSE']._serialized_start=1121
+  _globals['_FETCHRESPONSE']._serialized_end=1195
+  _globals['_ACKREQUEST']._serialized_start=1197
+  _globals['_ACKREQUEST']._serialized_end=1246
+  _globals['_ACKRESPONSE']._serialized_start=1248
+  _globals['_ACKRESPONSE']._serialized_end=1278
 # @@protoc_insertion_point(module_scope)

@@ -92,20 +92,22 @@ class EnqueueRequest(_message.Message):
     def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., atomic: _Optional[bool] = ...) -> None: ...
 
 class EnqueueResult(_message.Message):
-    __slots__ = ("msg_id", "seq", "duplicate", "status", "detail", "hops")
+    __slots__ = ("msg_id", "seq", "duplicate", "status", "detail", "hops", "held")
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     msg_id: bytes
     seq: int
     duplicate: bool
     status: _rpc_pb2.StatusCode
     detail: str
     hops: int
-    def __init__(self, msg_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., status: _Optional[_Union[_rpc_pb2.StatusCode, str]] = ..., detail: _Optional[str] = ..., hops: _Optional[int] = ...) -> None: ...
+    held: bool
+    def __init__(self, msg_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., status: _Optional[_Union[_rpc_pb2.StatusCode, str]] = ..., detail: _Optional[str] = ..., hops: _Optional[int] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class EnqueueResponse(_message.Message):
     __slots__ = ("results",)
