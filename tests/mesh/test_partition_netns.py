@@ -281,6 +281,17 @@ def check_transport(
     )
 
 
+def failures(*checks: Callable[[], None]) -> list[str]:
+    """Run every check; what each that failed said (so one run reports them all)."""
+    out = []
+    for check in checks:
+        try:
+            check()
+        except AssertionError as exc:
+            out.append(str(exc))
+    return out
+
+
 # --- what users see ---------------------------------------------------------------------
 
 _SENT = re.compile(r"sent to \[[^\]\n]*\] \(([^\n]*)\)")
@@ -392,8 +403,12 @@ async def test_line_cut_dms_arrive_once_in_order_after_heal_expired_never(
         uc = await user(stack, "uc", hc, c, tmp_path / "uc")
         await converged(xa, xc, c, hops=2, users=4, nodes=nodes)
         # first contact while the line is whole: ua fetches uc's KeyPackage from C
-        await mesh_dm(ua, uc, "hello-before-the-cut")
-        await until_shown(uc, [shown(ua, "hello-before-the-cut")], 60)
+        first = await mesh_dm(ua, uc, "hello-before-the-cut")
+        hello = await until_shown(uc, [shown(ua, "hello-before-the-cut")], 60)
+        assert hello is not None, (
+            f"a DM on the whole line (A said {first}) not shown at C:\n{uc.since(0)[-1500:]}\n"
+            + "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
+        )
 
         cable = hc.link("mesh0")
         net.set_link(cable, False)
@@ -436,6 +451,7 @@ async def test_line_cut_dms_arrive_once_in_order_after_heal_expired_never(
         f.heal = max(got_dms or WAIT_S, got_env or WAIT_S)
         count = len(await received(xc))
         await nothing_more(xc, count)
+        got_ids = await received(xc)
         report(
             "partition line DMs",
             f,
@@ -453,8 +469,11 @@ async def test_line_cut_dms_arrive_once_in_order_after_heal_expired_never(
             f"envelopes sent during the cut: {len(set(long_ids) & set(await received(xc)))} "
             f"of {len(long_ids)} arrived {WAIT_S:.0f} s after the heal\n{logs}"
         )
-        check_shown(uc, [shown(ua, x) for x in ["hello-before-the-cut", *dms]])
-        check_transport(await received(xc), long_ids, short_ids, tags)
+        problems = failures(
+            lambda: check_shown(uc, [shown(ua, x) for x in ["hello-before-the-cut", *dms]]),
+            lambda: check_transport(got_ids, long_ids, short_ids, tags),
+        )
+        assert not problems, "\n".join(problems)
         assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
 
 
