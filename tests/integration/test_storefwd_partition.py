@@ -372,3 +372,37 @@ async def test_a_carrier_moved_between_islands_carries_held_copies(tmp_path: Pat
                 f"= {cost:.2f} transmissions per delivered message"
             )
             assert cost == 2.0  # A -> L (copy), L -> C (custody)
+
+
+async def test_custody_bound_to_a_hop_that_stays_down_is_rerouted(tmp_path: Path) -> None:
+    """A took custody toward B (its route then); B never comes up and the route moves
+    to D. After storefwd.reroute_after_s the rows bound to B go through the resolver
+    again and reach C via D, once each."""
+    a_id, b_id, c_id = ids(tmp_path)
+    _, d_id = identity(tmp_path, "d")
+    b_port = free_port()  # nobody listens there: B is away for good
+    policy = HoldPolicy(reroute_after_s=0.5)
+    ra = StaticRoutes(a_id, {USER_C: c_id}, via={c_id: b_id})
+    with trio.fail_after(60):
+        async with (
+            running(tmp_path, "c", StaticRoutes(c_id, {USER_C: c_id})) as c,
+            running(tmp_path, "d", StaticRoutes(d_id, {USER_C: c_id}), peers=((c.info.port, c_id),)) as d,
+            running(tmp_path, "a", ra, peers=((b_port, b_id), (d.info.port, d_id)), policy=policy) as a,
+        ):  # fmt: skip
+            await a.fed.wait_link(d_id)
+            await d.fed.wait_link(c_id)
+            envs = [envelope(os.urandom(16), USER_C) for _ in range(3)]
+            assert await submit(a, envs) == [F.RELAY_QUEUED] * 3
+            assert a.fed.custody.queued_toward(b_id) == 3
+            ra.update({USER_C: c_id}, {c_id: d_id})  # the route moved; the rows did not
+
+            async def all_there() -> bool:
+                return len(await mailbox(c, USER_C)) == 3
+
+            await until(all_there, within=20)
+            assert sorted(e.msg_id for e in await mailbox(c, USER_C)) == sorted(
+                e.msg_id for e in envs
+            )
+            sf = a.fed.statistics().storefwd
+            assert (sf.rerouted, sf.rerouted_held) == (3, 0)
+            assert a.fed.custody.queued_toward(b_id) == 0
