@@ -350,6 +350,8 @@ class MeshService:
         outcome = self.router.home(binding, self._wall_ms())
         if outcome is rt.Outcome.ACCEPTED:
             self._accepted(binding)
+            if self.federation is not None:
+                self.federation.routes_changed()  # mail held for this user is local now
         self._wake.set()
         return outcome
 
@@ -399,8 +401,10 @@ class MeshService:
         self._wake.set()
         if self._rehomed and update.routes:  # a route to a new home may have come
             self._handover_wake.set()
-        if update.routes and self.federation is not None:
-            self.federation.routes_changed()  # held envelopes may have a route now
+        if (update.routes or update.bindings) and self.federation is not None:
+            # A route, or a binding naming a home we have a route to: held envelopes
+            # may have a way now (storefwd releases them).
+            self.federation.routes_changed()
         return True
 
     # ------------------------------------------------------------------ driver

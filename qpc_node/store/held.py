@@ -116,18 +116,29 @@ def hold(
     transaction: what is reported ``held`` is durable at its commit."""
     out: list[HoldOutcome] = []
     evicted: list[Eviction] = []
+    # Quota depths, read once per call and kept in step (a batch often shares an
+    # origin node): no count(*) per envelope.
+    total = int(conn.execute("SELECT count(*) FROM held").fetchone()[0])
+    per_node: dict[bytes, int] = {}
     for item in items:
         env = item.envelope
         if conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone():
             out.append("duplicate")
             continue
         incoming = HeldMeta(None, env.expiry_ms, False, env.hop_limit)
+        node = item.origin_node
+        if node not in per_node:
+            per_node[node] = int(
+                conn.execute("SELECT count(*) FROM held WHERE origin_node = ?", (node,)).fetchone()[
+                    0
+                ]
+            )
         full = False
         for where, params, cap in (
-            ("WHERE h.origin_node = :node", {"node": item.origin_node}, policy.held_per_origin),
+            ("WHERE h.origin_node = :node", {"node": node}, policy.held_per_origin),
             ("", {}, policy.max_held),
         ):
-            n = conn.execute(f"SELECT count(*) FROM held h {where}", params).fetchone()[0]
+            n = per_node[node] if where else total
             if n < cap:
                 continue
             row = conn.execute(
@@ -142,8 +153,12 @@ def hold(
                 full = True
                 break
             why = reason(go, now_ms)
-            _evict(conn, int(row[0]), bytes(row[4]), bytes(row[5]), why, now_ms)
-            evicted.append(Eviction(bytes(row[4]), bytes(row[5]), why))
+            victim_node = bytes(row[5])
+            _evict(conn, int(row[0]), bytes(row[4]), victim_node, why, now_ms)
+            evicted.append(Eviction(bytes(row[4]), victim_node, why))
+            total -= 1
+            if victim_node in per_node:
+                per_node[victim_node] -= 1
         if full:
             out.append("full")
             continue
@@ -168,6 +183,8 @@ def hold(
         )
         if item.trail:
             _trail(conn, env.msg_id, item.from_node, env.expiry_ms)
+        total += 1
+        per_node[node] += 1
         out.append("held")
     return HoldResult(out, evicted)
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Protocol
 
 import trio
 
 from qpc_node.errors import QpcError
-from qpc_node.federation.links import Links
+from qpc_node.federation.links import Link, Links
 from qpc_node.federation.routes import Local, NextHop, Resolver
 from qpc_node.ops.clock import WallClock
 from qpc_node.ops.log import get_logger
@@ -46,6 +46,7 @@ from qpc_node.store.held import (
     HoldResult,
     apply_receipt,
     custody_toward,
+    held_count,
     held_drop,
     held_expire,
     held_for,
@@ -155,8 +156,6 @@ class StoreForward:
         self._nursery = None
 
     async def _count_held(self) -> int:
-        from qpc_node.store.held import held_count
-
         return await self._store.run(held_count)
 
     def routes_changed(self) -> None:
@@ -278,8 +277,8 @@ class StoreForward:
         n = await self._store.run(lambda s: held_expire(s, now_ms))
         if n:
             self.c_expired += n
-            self.held_now -= n
             log.warning("storefwd: held envelopes expired", extra={"n": n})
+        self.held_now = await self._count_held()  # (the gauge kept exact once a sweep)
         return n
 
     # ------------------------------------------------------------------ re-route
@@ -466,10 +465,7 @@ class StoreForward:
             sent += await self._spray_to(link, rows)
         return sent
 
-    async def _spray_to(self, link: object, rows: list[HeldRow]) -> int:
-        from qpc_node.federation.links import Link
-
-        link = cast(Link, link)
+    async def _spray_to(self, link: Link, rows: list[HeldRow]) -> int:
         splits = [(h, spray_split(h.tokens)) for h in rows]
         go = [(h, s) for h, s in splits if s is not None]
         req = federation_pb2.RelayEnqueueRequest(

@@ -196,23 +196,19 @@ async def test_hop_limit_one_stops_at_b_and_no_route_is_retried(
             await until(got_go, within=20)
             assert stop.msg_id not in await mailbox_ids(c)
 
-            # A user nobody has a binding for yet: typed, retriable "no route yet";
-            # the outbox keeps it and delivers once the user appears on C.
+            # A user nobody has a binding for yet: A holds it (store-and-forward) and
+            # says so; it goes on by itself once the user appears on C.
             y_dir = tmp_path / "users" / "y"
             y_me = bytes.fromhex(open_user(y_dir).ident.fingerprint)
             raw = a._envelope(y_me, client_pb2.Sealed.MLS_MESSAGE, b"g", b"for y")
             res = await _enqueue(a, raw)
-            assert res.status == StatusCode.UNAVAILABLE and "no route yet" in res.detail
-            await a._state.call(a._st.outbox_add, raw.msg_id, raw.encode(), wall())
-            assert await a.flush_outbox() == 1  # kept for a retry, not dropped
+            assert res.status == StatusCode.OK and res.held and res.hops == 0, res
             assert a.stats.send_dropped == 1  # (the hop_limit one above)
 
             async with open_agent(
                 y_dir, c_info.host, c_info.port, pin=c_info.cert_fingerprint, wall_ms=wall
             ) as y:
                 await homed(a_node, y, c_node)
-                wall.advance(120_000)  # past the outbox's backoff
-                assert await a.flush_outbox() == 0
 
                 async def y_has_it() -> bool:
                     return raw.msg_id in await mailbox_ids(y)

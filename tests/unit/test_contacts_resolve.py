@@ -101,3 +101,5 @@ def test_dm_report_wording() -> None:
     queued = DmReport("b", Sent.RETRY, 0, "no route yet")
     assert describe_route(queued) == "(queued: no route yet; retrying)"
     assert describe_route(DmReport("b", Sent.DROPPED, 0, "")) == "(not delivered)"
+    held = DmReport("b", Sent.DELIVERED, 0, "", stored_here=False, held=True)
+    assert describe_route(held) == "(held on this node until a route appears)"

@@ -256,7 +256,9 @@ def test_a_status_from_a_newer_peer_is_named_not_raised() -> None:
 def test_storefwd_fields_are_a_compatible_extension() -> None:
     """Without origin nodes, spray tokens or the carrier flag the bytes are what they
     were before those fields; a new peer reads an old request as declaring none."""
-    old_req = bytes.fromhex((FIXTURES / "msg_relay_enqueue_request_origins.hex").read_text().strip())
+    old_req = bytes.fromhex(
+        (FIXTURES / "msg_relay_enqueue_request_origins.hex").read_text().strip()
+    )
     parsed = F.RelayEnqueueRequest.FromString(old_req)
     assert list(parsed.origin_nodes) == [] and list(parsed.spray_tokens) == []
     new = MESSAGES["relay_enqueue_request_storefwd"]

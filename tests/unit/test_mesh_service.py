@@ -45,6 +45,11 @@ def test_custody_taken_is_ok(status: int, duplicate: bool) -> None:
     assert got == EnqueueResult(msg_id=MSG, seq=0, duplicate=duplicate)
 
 
+def test_held_is_ok_and_says_held() -> None:
+    got = _enqueue_result(_r(F.RELAY_HELD, "held until a route appears"))
+    assert got == EnqueueResult(msg_id=MSG, seq=0, duplicate=False, held=True)
+
+
 @pytest.mark.parametrize(
     ("status", "code", "retriable"),
     [
@@ -53,6 +58,7 @@ def test_custody_taken_is_ok(status: int, duplicate: bool) -> None:
         (F.RELAY_LOOP, StatusCode.UNAVAILABLE, True),
         (F.RELAY_HOP_LIMIT_EXCEEDED, StatusCode.FAILED_PRECONDITION, False),
         (F.RELAY_EXPIRED, StatusCode.INVALID_ARGUMENT, False),
+        (F.RELAY_EXPIRY_TOO_FAR, StatusCode.INVALID_ARGUMENT, False),
         (F.RELAY_INVALID, StatusCode.INVALID_ARGUMENT, False),
         (F.RELAY_REFUSED, StatusCode.RESOURCE_EXHAUSTED, True),
         (F.RELAY_STATUS_UNSPECIFIED, StatusCode.INTERNAL, False),
