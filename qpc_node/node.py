@@ -179,7 +179,7 @@ class Node:
         mesh = self.mesh
         delivery = self.delivery = DeliveryService(store, guard, wall_ms=self._wall_ms, relay=mesh)
         delivery.register(table)
-        self.channels = ChannelStore(store, *_channel_limits(self.cfg))
+        self.channels = ChannelStore(store, *_channel_limits(self.cfg), wall_ms=self._wall_ms)
         self.channel_service = ChannelService(
             self.channels,
             guard,

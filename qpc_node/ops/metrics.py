@@ -272,6 +272,31 @@ class DeliverySource(Protocol):
     def statistics(self) -> DeliveryStats: ...
 
 
+class ChannelStats(Protocol):
+    @property
+    def stored(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def evicted_caps(self) -> int: ...
+    @property
+    def evicted_retention(self) -> int: ...
+    @property
+    def refused_malformed(self) -> int: ...
+    @property
+    def refused_too_large(self) -> int: ...
+    @property
+    def refused_expired(self) -> int: ...
+    @property
+    def refused_expiry_too_far(self) -> int: ...
+    @property
+    def refused_hop_limit(self) -> int: ...
+
+
+class ChannelSource(Protocol):
+    def statistics(self) -> ChannelStats: ...
+
+
 class AuditStats(Protocol):
     @property
     def buffered(self) -> int: ...
@@ -308,6 +333,8 @@ class NodeView(Protocol):
     def delivery(self) -> DeliverySource | None: ...
     @property
     def audit(self) -> AuditSource | None: ...
+    @property
+    def channels(self) -> ChannelSource | None: ...
     @property
     def mesh(self) -> MeshSource | None: ...
     @property
@@ -384,10 +411,43 @@ class NodeCollector(Collector):
             yield _counter("qpc_audit_written", "audit events persisted", au.written)
             yield _counter("qpc_audit_dropped", "audit events dropped (buffer full)", au.dropped)
             yield _gauge("qpc_audit_buffered", "audit events waiting to be written", au.buffered)
+        if (channels := node.channels) is not None:
+            yield from _channel_families(channels.statistics())
         if (mesh := node.mesh) is not None:
             yield from mesh_families(mesh.statistics())
         if (fed := node.federation) is not None:
             yield from federation_families(fed.statistics())
+
+
+def _channel_families(c: ChannelStats) -> Iterator[Metric]:
+    got = CounterMetricFamily(
+        "qpc_channel_messages",
+        "broadcast channel messages accepted (local publishes and from neighbours), by outcome",
+        labels=["outcome"],
+    )
+    got.add_metric(["stored"], c.stored)
+    got.add_metric(["duplicate"], c.duplicates)
+    yield got
+    refused = CounterMetricFamily(
+        "qpc_channel_refused",
+        "channel messages refused by the relay checks (nothing stored), by reason",
+        labels=["reason"],
+    )
+    refused.add_metric(["malformed"], c.refused_malformed)
+    refused.add_metric(["too_large"], c.refused_too_large)
+    refused.add_metric(["expired"], c.refused_expired)
+    refused.add_metric(["expiry_too_far"], c.refused_expiry_too_far)
+    refused.add_metric(["hop_limit"], c.refused_hop_limit)
+    yield refused
+    evicted = CounterMetricFamily(
+        "qpc_channel_evicted",
+        "channel messages dropped before their expiry: over channels.max_messages/max_bytes"
+        " (caps) or past channels.retention_s (retention)",
+        labels=["reason"],
+    )
+    evicted.add_metric(["caps"], c.evicted_caps)
+    evicted.add_metric(["retention"], c.evicted_retention)
+    yield evicted
 
 
 def _rpc_families(s: RpcStats) -> Iterator[Metric]:

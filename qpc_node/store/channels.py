@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import trio
 
+from qpc_node.errors import QpcError
+from qpc_node.ops.clock import WallClock, system_wall_ms
+from qpc_node.ops.log import get_logger
 from qpc_node.store.async_store import AsyncStore
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
@@ -33,6 +36,8 @@ from qpc_node.wire.channel import (
     ChannelPolicy,
     decode_channel_message,
 )
+
+log = get_logger("qpc.channels")
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 DEFAULT_MAX_MESSAGES = 20_000
@@ -267,12 +272,21 @@ class ChannelStoreStatistics:
 class ChannelStore:
     """The node's channel messages: what Channel/Publish, Channel/Fetch and the gossip
     driver use. ``on_published`` (set by the node wiring) gets each new message a
-    local client published, encoded; ``add`` is for what neighbours deliver."""
+    local client published, encoded; ``add`` is for what neighbours deliver.
+
+    For the gossip driver (storefwd/gossip.py) ``validate`` is its PayloadValidator
+    and ``deliver`` its DeliverSink."""
 
     def __init__(
-        self, store: AsyncStore, limits: ChannelLimits, policy: ChannelPolicy | None = None
+        self,
+        store: AsyncStore,
+        limits: ChannelLimits,
+        policy: ChannelPolicy | None = None,
+        *,
+        wall_ms: WallClock = system_wall_ms,
     ) -> None:
         self._store = store
+        self._wall_ms = wall_ms
         self.limits = limits
         self.policy = policy or ChannelPolicy()
         self.on_published: Callable[[bytes], None] = lambda _data: None
@@ -313,6 +327,19 @@ class ChannelStore:
             self._notify()
         return res.added
 
+    def validate(self, payload: bytes, now_ms: int, /) -> bytes | QpcError:
+        """The relay checks on a payload from a neighbour: its msg_id, or the typed
+        error that refuses it (returned, and counted here by reason)."""
+        try:
+            return decode_channel_message(payload, now_ms, self.policy).msg_id
+        except ChannelMessageError as exc:
+            self.refused(exc)
+            return exc
+
+    async def deliver(self, payload: bytes) -> None:
+        """Store a message a neighbour delivered (first reception here)."""
+        await self.add([payload], self._wall_ms())
+
     async def add(self, msgs: Sequence[bytes], now_ms: int) -> list[bool]:
         """Check and store encoded messages from neighbours; True for each new one.
 
@@ -337,7 +364,10 @@ class ChannelStore:
         ``on_published`` (the gossip driver spreads it)."""
         (added,) = await self.store_checked([msg], now_ms)
         if added.new:
-            self.on_published(msg.encode())
+            try:
+                self.on_published(msg.encode())
+            except QpcError as exc:  # stored here all the same; the sync spreads it later
+                log.warning("a published channel message was not spread", extra={"err": str(exc)})
         return added
 
     async def fetch(

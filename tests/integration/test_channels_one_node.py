@@ -15,7 +15,9 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
+import trio.testing
 from node_harness import run_repl, running_node, texts, users
+from repl_harness import start_pty_repl
 
 from qpc_node.client.channels import channel_id, parse_secret, seal
 from qpc_node.ops.clock import ManualWallClock
@@ -271,3 +273,42 @@ async def test_channel_limits_apply_live(tmp_path: Path, wall: ManualWallClock) 
         # Burst now 1 (4 x 0.001, at least 1): the session's bucket refills from there.
         assert node.channel_service is not None
         assert node.channel_service.limiter.burst == 1.0
+
+
+async def test_interactive_repl_shows_a_broadcast_live_and_completes_channel_names(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """bob's interactive ``qpc repl`` (a pty): joins, Tab completes the channel name,
+    broadcasts; alice's broadcast shows up by itself, with her short code."""
+    async with running_node(tmp_path, wall) as (_, info):
+        pin = info.cert_fingerprint
+        made = await run_repl(tmp_path / "alice", info.port, pin, "/channel create news\n/whoami\n")
+        assert made.returncode == 0, made.stderr
+        (secret,) = set(_SECRET.findall(made.stdout.decode()))
+        a_code = re.search(r"short code:\s+(\S+)", made.stdout.decode())
+        assert a_code is not None
+        repl = await start_pty_repl(tmp_path / "bob", info.port, pin)
+        try:
+            await repl.wait_for("type /help")
+            repl.type("/whoami")
+            await repl.wait_for("short code:")
+            b_code = re.search(r"short code:\s+(\S+)", repl.text)
+            assert b_code is not None
+            repl.type(f"/channel join town {secret}")
+            await repl.wait_for("joined channel #town")
+            os.write(repl._master, b"/mesh broadcast t\t")  # completion is asynchronous
+            await repl.wait_until(
+                lambda: "/meshbroadcasttown" in repl.text.replace(" ", ""), "completion"
+            )
+            os.write(repl._master, b" hi from bob\r")
+            await repl.wait_for("broadcast to [#town]")
+            sent = await run_repl(
+                tmp_path / "alice", info.port, pin, "/mesh broadcast news hello bob\n"
+            )
+            assert sent.returncode == 0, sent.stderr
+            await repl.wait_for(f"[#town] {a_code.group(1)}: hello bob")
+            assert await repl.quit() == 0
+        finally:
+            await repl.aclose()
+        got = await run_repl(tmp_path / "alice", info.port, pin, "/inbox --wait 10\n")
+        assert f"[#news] {b_code.group(1)}: hi from bob" in got.stdout.decode()

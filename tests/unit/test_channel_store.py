@@ -20,7 +20,7 @@ from qpc_node.store.channels import (
     sweep_messages,
 )
 from qpc_node.store.store import Store
-from qpc_node.wire.channel import ChannelMessage, ChannelPolicy
+from qpc_node.wire.channel import ChannelExpired, ChannelMessage, ChannelPolicy
 
 NOW = 1_800_000_000_000
 HOUR = 3600 * 1000
@@ -184,5 +184,31 @@ async def test_channel_store_add_checks_counts_and_wakes(tmp_path: Path) -> None
         assert added.new and published == [msg(2).encode()]
         assert not (await ch.published(msg(2), NOW)).new and len(published) == 1
         assert (await ch.totals()).messages == 2
+
+        def refuse(_data: bytes) -> None:
+            raise ChannelExpired("the spreader refused it")
+
+        ch.on_published = refuse  # a refusal downstream does not undo the store
+        assert (await ch.published(msg(3), NOW)).new
+        assert (await ch.totals()).messages == 3
+    finally:
+        await store.aclose()
+
+
+async def test_the_gossip_driver_seam(tmp_path: Path) -> None:
+    """validate is the driver's PayloadValidator (msg_id or the typed error, counted),
+    deliver its DeliverSink (stores at the store's clock, wakes long-polls)."""
+    store = await AsyncStore.open(tmp_path / "node.db", synchronous="OFF")
+    try:
+        ch = ChannelStore(store, ChannelLimits(), wall_ms=lambda: NOW)
+        assert ch.validate(msg(1).encode(), NOW) == msg(1).msg_id
+        refused = ch.validate(msg(2, expiry=NOW).encode(), NOW)
+        assert isinstance(refused, ChannelExpired)
+        assert ch.statistics().refused_expired == 1
+        changed = ch.changed
+        await ch.deliver(msg(1).encode())
+        assert changed.is_set()
+        page = await ch.fetch([(A, 0)], NOW, limit=10, max_bytes=1 << 20)
+        assert [d for _, d in page.messages] == [msg(1).encode()]
     finally:
         await store.aclose()

@@ -35,6 +35,7 @@ from qpc_node.ops.http import (
 from qpc_node.ops.metrics import (
     AuditSource,
     AuthSource,
+    ChannelSource,
     DeliverySource,
     EndpointSource,
     EndpointStats,
@@ -60,6 +61,7 @@ from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
 from qpc_node.service.stats import STATS_METHOD, StatsService, samples_from_proto
 from qpc_node.store.async_store import AsyncStoreStatistics
+from qpc_node.store.channels import ChannelStoreStatistics
 from qpc_node.store.errors import StoreClosed
 from qpc_node.store.records import StoreStatistics
 from qpc_node.store.store import MailboxTotals
@@ -141,6 +143,7 @@ class FakeNode:
     auth: AuthSource | None = None
     delivery: DeliverySource | None = None
     audit: AuditSource | None = None
+    channels: ChannelSource | None = None
     mesh: MeshSource | None = None
     federation: FederationSource | None = None
 
@@ -655,3 +658,18 @@ async def test_mesh_and_relay_counters_are_exported_with_bounded_labels() -> Non
 async def test_mesh_sources_absent_on_an_island_node() -> None:
     got = parse(NodeMetrics(FakeNode(), process=False))
     assert not [k for k in got if k[0].startswith(("qpc_mesh_", "qpc_relay_"))]
+
+
+async def test_channel_counters_are_exported_by_outcome_and_reason() -> None:
+    fields = list(ChannelStoreStatistics.__dataclass_fields__)
+    stats = ChannelStoreStatistics(**{f: 200 + i for i, f in enumerate(fields)})
+    got = parse(NodeMetrics(FakeNode(channels=Fixed(stats)), process=False))
+    assert got[("qpc_channel_messages_total", (("outcome", "stored"),))] == stats.stored
+    assert got[("qpc_channel_messages_total", (("outcome", "duplicate"),))] == stats.duplicates
+    assert got[("qpc_channel_evicted_total", (("reason", "caps"),))] == stats.evicted_caps
+    assert got[("qpc_channel_evicted_total", (("reason", "retention"),))] == (
+        stats.evicted_retention
+    )
+    for reason in ("malformed", "too_large", "expired", "expiry_too_far", "hop_limit"):
+        want = getattr(stats, f"refused_{reason}")
+        assert got[("qpc_channel_refused_total", (("reason", reason),))] == want, reason
