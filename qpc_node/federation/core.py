@@ -24,14 +24,15 @@ keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.protobuf.message import Message
 
 from qpc_node.errors import ConfigError, QpcError, RemoteProtocolError, StatusCode
 from qpc_node.federation.custody import (
@@ -118,6 +119,9 @@ MAX_BATCH = 256
 MAX_ANNOUNCE = 64 * 1024
 _NODE_KEY = NODE_KEY
 
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
+
 AnnounceSink = Callable[[bytes, bytes], bool]
 """``sink(from_node, payload) -> accepted``: the routing core's intake (sans-IO, sync)."""
 
@@ -150,7 +154,7 @@ class Federation:
         self.limits = limits or FederationLimits()
         self._timers = timers or LinkTimers()
         self._wall_ms = wall_ms
-        table = MethodTable()
+        table = self._table = MethodTable()
         self._register(table)
         self.rpc_server = RpcServer(
             table,
@@ -167,6 +171,7 @@ class Federation:
             rate=lim.bytes_per_second, burst=lim.byte_burst
         )
         self._kp_forwarding: set[bytes] = set()
+        self._link_listeners: list[Callable[[LinkEvent], None]] = []
         self._count = CounterTable()
         self._links = Links(
             self.node_id,
@@ -177,6 +182,7 @@ class Federation:
             self.timers,
             wall_ms=wall_ms,
             on_up=self._on_link_up,
+            on_event=self._on_link_event,
             event_buffer=event_buffer,
         )
         self.events = self._links.events
@@ -243,6 +249,41 @@ class Federation:
     def routes_changed(self) -> None:
         """The routing core's table changed: held envelopes may have a route now."""
         self.custody.storefwd.routes_changed()
+
+    # ------------------------------------------------------------------ extensions
+    # Hooks for services that ride on the links without being part of the federation
+    # (the gossip driver, storefwd/gossip.py): a method of their own on the federation
+    # table, calls to one neighbour, and the link events as they happen.
+    def add_link_listener(self, listener: Callable[[LinkEvent], None]) -> None:
+        """``listener(event)`` on every link up/down, synchronously; it must not raise."""
+        self._link_listeners.append(listener)
+
+    def _on_link_event(self, event: LinkEvent) -> None:
+        for listener in self._link_listeners:
+            listener(event)
+
+    def register_method(
+        self,
+        name: str,
+        request_type: type[RequestT],
+        response_type: type[ResponseT],
+        handler: Callable[[RequestT, bytes], Awaitable[ResponseT]],
+    ) -> None:
+        """Serve ``name`` to neighbours: ``handler(request, calling_node_id)``, after the
+        caller's federation call and byte budgets are charged (as for every method)."""
+
+        async def serve(req: RequestT, ctx: CallContext) -> ResponseT:
+            return await handler(req, self._caller(ctx, req.ByteSize()))
+
+        self._table.register(name, request_type, response_type, serve)
+
+    async def call_neighbour(
+        self, nid: bytes, method: str, request: Message, response_type: type[ResponseT]
+    ) -> ResponseT:
+        """One call of ``method`` on neighbour ``nid``'s federation table."""
+        return await self._link(nid).rpc.call(
+            method, request, response_type, timeout=self.timers.call_timeout
+        )
 
     # ------------------------------------------------------------------ links
     async def connect(self, host: str, port: int, *, expected: bytes | None = None) -> bytes:

@@ -161,6 +161,7 @@ class Links:
         *,
         wall_ms: WallClock,
         on_up: Callable[[bytes], None],
+        on_event: Callable[[LinkEvent], None] | None = None,
         event_buffer: int = 1024,
         boot_id: bytes | None = None,
     ) -> None:
@@ -176,6 +177,7 @@ class Links:
         self.timers = timers
         self._wall_ms = wall_ms
         self._on_up = on_up
+        self._on_event = on_event
         self._links: dict[bytes, Link] = {}
         self._by_conn: dict[Connection, Link] = {}
         self._admitting: dict[Connection, trio.Event] = {}
@@ -497,6 +499,8 @@ class Links:
 
     # ------------------------------------------------------------------ plumbing
     def _emit(self, event: LinkEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
         try:
             self._events_tx.send_nowait(event)
         except trio.WouldBlock:
