@@ -6,6 +6,34 @@ from typing import Final, Literal, final
 
 __version__: Final[str]
 DEFAULT_CIPHERSUITE: Final[int]
+NEGENTROPY_MAX_ITEMS: Final[int]
+"""Most items one ``Negentropy`` object takes (2**20)."""
+NEGENTROPY_ID_LEN: Final[int]
+"""Length of a negentropy id (32)."""
+
+class SyncError(ValueError):
+    """Malformed or unusable set-reconciliation input (message, item or state)."""
+
+@final
+class Negentropy:
+    """One side of one negentropy (v1) session over a snapshot of the local inventory.
+
+    ``items`` are (timestamp < 2**64-1, 32-byte id) pairs, at most NEGENTROPY_MAX_ITEMS;
+    duplicates collapse. ``frame_size_limit`` (0 = unlimited, else >= 4096) bounds every
+    message this side produces. Every failure, bad items or peer bytes, is a SyncError.
+    """
+
+    def __init__(self, items: Sequence[tuple[int, bytes]], frame_size_limit: int = 0) -> None: ...
+    def __len__(self) -> int: ...
+    def initiate(self) -> bytes:
+        """First message; this side becomes the initiator (once only)."""
+    def reconcile(self, query: bytes) -> bytes:
+        """Responder: the answer to one query."""
+    def reconcile_with_ids(self, msg: bytes) -> tuple[bytes | None, list[bytes], list[bytes]]:
+        """Initiator: (next query or None when done, ids we have that the peer lacks,
+        ids the peer has that we lack) revealed by this reply. A peer may list any id in
+        any range, so the last list can name ids we hold (at another timestamp): callers
+        filter it against their own set."""
 
 @final
 class Event:

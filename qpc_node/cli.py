@@ -385,6 +385,8 @@ configuration (--config TOML file, QPC_SECTION_KEY environment, these flags; lat
   storefwd  max_held, held_per_origin (held while no route: in total and per
             origin node), max_expiry_ahead_s (farther expiries refused),
             reroute_after_s, spray_tokens, spray_delay_s (copies to carriers)
+  sync      interval_s (inventory sync with one random neighbour every this many
+            seconds, jittered; also on every link-up; default 60)
 
 With no config a node listens on [::]:4201 and discovers peers by mDNS on every
 non-loopback interface; --local-only keeps it on 127.0.0.1:4201 without mDNS

@@ -50,6 +50,7 @@ from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 from qpc_node.store.channels import ChannelLimits, ChannelStore
 from qpc_node.store.store import Store
+from qpc_node.storefwd.syncer import Syncer, SyncerConfig
 from qpc_node.wire.channel import ChannelPolicy
 
 log = get_logger("qpc.node")
@@ -137,6 +138,8 @@ class Node:
         # Opt-in (tests, demo) until the mesh config keys are wired; see FederationSetup.
         self._federation_setup = federation
         self.federation: Federation | None = None
+        self.syncer: Syncer | None = None
+        """Inventory sync over the federation links (sources register with add_source)."""
         self.mesh: MeshService | None = None
         self.data_dir, self.key_dir = resolve_dirs(cfg, default_data)
         self._wall_ms = wall_ms
@@ -389,6 +392,11 @@ class Node:
                     wall_ms=self._wall_ms,
                 )
                 tls = self.federation.server_tls
+                self.syncer = Syncer(
+                    self.federation,
+                    SyncerConfig(interval_s=self.cfg.sync.interval_s),
+                    wall_ms=self._wall_ms,
+                )
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
                 refusals = TrustRefusalsCollector(self.federation.policy)
@@ -404,6 +412,8 @@ class Node:
                 self.endpoint = ep
                 if self.federation is not None:
                     await nursery.start(self.federation.run, ep)
+                if self.syncer is not None:
+                    await nursery.start(self.syncer.run)
                 if self.mesh is not None:
                     await nursery.start(self.mesh.run, ep.local_address[1])
                 if self.federation is not None and self._federation_setup is not None:
@@ -528,6 +538,11 @@ class Node:
 
     async def _apply_log(self, old: Config) -> str | None:
         setup_logging(self.cfg.log.level, self.cfg.log.format)
+        return None
+
+    async def _apply_sync(self, old: Config) -> str | None:
+        if self.syncer is not None:
+            self.syncer.set_interval(self.cfg.sync.interval_s)
         return None
 
     async def _apply_rates(self, old: Config) -> str | None:
@@ -664,6 +679,8 @@ RELOAD: Final[Mapping[str, Live | _Restart]] = {
     "channels.max_expiry_s": Live(Node._apply_channels),
     "channels.max_message_bytes": Live(Node._apply_channels),
     "channels.publish_rate": Live(Node._apply_channels),
+    # sync: the periodic session's interval (the next wait uses it)
+    "sync.interval_s": Live(Node._apply_sync),
 }
 """Every config key -> live applier or RESTART. tests/integration/test_reload.py checks
 that it names every field of every Config section, and each decision key by key."""

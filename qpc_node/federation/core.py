@@ -125,6 +125,9 @@ ResponseT = TypeVar("ResponseT", bound=Message)
 AnnounceSink = Callable[[bytes, bytes], bool]
 """``sink(from_node, payload) -> accepted``: the routing core's intake (sans-IO, sync)."""
 
+ReqT = TypeVar("ReqT", bound=Message)
+RespT = TypeVar("RespT", bound=Message)
+
 
 class Federation:
     """Links, federation RPCs and custody of one node (see the module docstring)."""
@@ -172,6 +175,7 @@ class Federation:
         )
         self._kp_forwarding: set[bytes] = set()
         self._link_listeners: list[Callable[[LinkEvent], None]] = []
+        self._up_listeners: list[Callable[[bytes], None]] = []
         self._count = CounterTable()
         self._links = Links(
             self.node_id,
@@ -245,6 +249,8 @@ class Federation:
     def _on_link_up(self, nid: bytes) -> None:
         self.custody.kick(nid)
         self.custody.storefwd.link_up(nid)
+        for fn in self._up_listeners:
+            fn(nid)
 
     def routes_changed(self) -> None:
         """The routing core's table changed: held envelopes may have a route now."""
@@ -283,6 +289,42 @@ class Federation:
         """One call of ``method`` on neighbour ``nid``'s federation table."""
         return await self._link(nid).rpc.call(
             method, request, response_type, timeout=self.timers.call_timeout
+        )
+
+    # ------------------------------------------------------------------ extensions
+    def on_link_up(self, fn: Callable[[bytes], None]) -> None:
+        """Also call ``fn(node_id)`` (sync, must not block) when a link comes up or is
+        replaced by a new incarnation of its neighbour (inventory sync starts there)."""
+        self._up_listeners.append(fn)
+
+    def serve(
+        self,
+        name: str,
+        request_type: type[ReqT],
+        response_type: type[RespT],
+        handler: Callable[[bytes, ReqT], Awaitable[RespT]],
+    ) -> None:
+        """Serve one more ``qpc-fed/1`` method (inventory sync, gossip): ``handler(src,
+        req)`` gets the calling neighbour's node id after its call and byte budgets
+        were charged, as the built-in methods do."""
+
+        async def h(req: ReqT, ctx: CallContext) -> RespT:
+            return await handler(self._caller(ctx, req.ByteSize()), req)
+
+        self._table.register(name, request_type, response_type, h)
+
+    async def call(
+        self,
+        nid: bytes,
+        method: str,
+        request: Message,
+        response_type: type[RespT],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the RPC client's own deadline
+    ) -> RespT:
+        """One federation RPC to neighbour ``nid`` over its link (UNAVAILABLE without one)."""
+        return await self._link(nid).rpc.call(
+            method, request, response_type, timeout=timeout or self.timers.call_timeout
         )
 
     # ------------------------------------------------------------------ links

@@ -268,6 +268,19 @@ class ChannelsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError("max_message_bytes must be within 512..max_bytes")
 
 
+class SyncSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Inventory sync with neighbours (qpc_node/storefwd/syncer.py): on every federation
+    link-up and every ``interval_s`` seconds (jittered by +-25 %) with one random
+    neighbour, the node reconciles what it holds (channel messages within retention,
+    held envelopes and receipts) and moves only the difference."""
+
+    interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.interval_s <= 86_400.0:
+            raise ValueError("interval_s must be within 1..86400 seconds")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     node: NodeSection = msgspec.field(default_factory=NodeSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
@@ -278,6 +291,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     federation: FederationSection = msgspec.field(default_factory=FederationSection)
     channels: ChannelsSection = msgspec.field(default_factory=ChannelsSection)
     storefwd: StorefwdSection = msgspec.field(default_factory=StorefwdSection)
+    sync: SyncSection = msgspec.field(default_factory=SyncSection)
 
     @property
     def mdns_on(self) -> bool:
@@ -305,6 +319,7 @@ _SECTIONS: dict[str, type[msgspec.Struct]] = {
         ("federation", FederationSection),
         ("channels", ChannelsSection),
         ("storefwd", StorefwdSection),
+        ("sync", SyncSection),
     )
 }
 NOT_YET: dict[str, str] = {

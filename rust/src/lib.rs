@@ -1,4 +1,5 @@
-//! `qpc_node._core`: the MLS core of quicprochat (OpenMLS 0.9 behind PyO3).
+//! `qpc_node._core`: the MLS core of quicprochat (OpenMLS 0.9 behind PyO3), plus the
+//! negentropy set reconciliation the mesh inventory sync runs on (`sync`).
 //!
 //! Python imports it through `qpc_node.crypto`, which also defines the exception
 //! classes raised here (so they subclass `qpc_node.errors.QpcError`).
@@ -6,6 +7,7 @@
 mod error;
 mod mls;
 mod persist;
+mod sync;
 mod tracked_storage;
 
 use pyo3::prelude::*;
@@ -23,6 +25,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mls::inspect_key_package, m)?)?;
     m.add_function(wrap_pyfunction!(mls::key_package_ciphersuite, m)?)?;
     m.add_function(wrap_pyfunction!(mls::key_package_identity, m)?)?;
+    m.add_class::<sync::Negentropy>()?;
+    m.add("SyncError", m.py().get_type::<sync::SyncError>())?;
+    m.add("NEGENTROPY_MAX_ITEMS", sync::MAX_ITEMS)?;
+    m.add("NEGENTROPY_ID_LEN", sync::ID_LEN)?;
     Ok(())
 }
 

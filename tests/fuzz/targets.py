@@ -12,6 +12,7 @@ from tests.fuzz import (
     h_mesh_discovery,
     h_rpc,
     h_storefwd,
+    h_sync,
     h_wire,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "h_mesh_discovery",
     "h_rpc",
     "h_storefwd",
+    "h_sync",
     "h_wire",
 ]
 
