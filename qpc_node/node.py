@@ -50,6 +50,7 @@ from qpc_node.service.stats import StatsService
 from qpc_node.store import AsyncStore, AuditEvent, StoreLimits
 from qpc_node.store.channels import ChannelLimits, ChannelStore
 from qpc_node.store.store import Store
+from qpc_node.storefwd.gossip import GossipDriver
 from qpc_node.storefwd.syncer import Syncer, SyncerConfig
 from qpc_node.wire.channel import ChannelPolicy
 
@@ -139,6 +140,8 @@ class Node:
         self._federation_setup = federation
         self.federation: Federation | None = None
         self.syncer: Syncer | None = None
+        self.gossip: GossipDriver | None = None
+        """Broadcast channel messages between nodes (storefwd/gossip.py), on the mesh."""
         """Inventory sync over the federation links (sources register with add_source)."""
         self.mesh: MeshService | None = None
         self.data_dir, self.key_dir = resolve_dirs(cfg, default_data)
@@ -397,6 +400,22 @@ class Node:
                     SyncerConfig(interval_s=self.cfg.sync.interval_s),
                     wall_ms=self._wall_ms,
                 )
+                if self.channels is not None:
+                    # the channel store's seam (store/channels.py): the driver checks
+                    # payloads with it, delivers first receptions into it, and spreads
+                    # what local clients publish
+                    gossip = GossipDriver(
+                        self.federation,
+                        self.channels.validate,
+                        self.channels.deliver,
+                        wall_ms=self._wall_ms,
+                    )
+
+                    def spread(data: bytes, gossip: GossipDriver = gossip) -> None:
+                        gossip.publish(data)
+
+                    self.channels.on_published = spread
+                    self.gossip = gossip
                 if self.mesh is not None:
                     self.mesh.attach(self.federation)
                 refusals = TrustRefusalsCollector(self.federation.policy)
@@ -414,6 +433,8 @@ class Node:
                     await nursery.start(self.federation.run, ep)
                 if self.syncer is not None:
                     await nursery.start(self.syncer.run)
+                if self.gossip is not None:
+                    await nursery.start(self.gossip.run)
                 if self.mesh is not None:
                     await nursery.start(self.mesh.run, ep.local_address[1])
                 if self.federation is not None and self._federation_setup is not None:
