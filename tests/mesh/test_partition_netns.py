@@ -667,15 +667,39 @@ async def test_laptop_carries_held_messages_between_islands(net: Netns, tmp_path
         took = trio.current_time() - t_arrive
         await nothing_more(xc, len(await received(xc)))
         logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
+        view = await xa.ask({"op": "mesh"})
+        print(
+            f"\npartition laptop: {N_CARRIED} held at A, carried by L, delivered on island 2 "
+            f"{took if got is not None else -1:.1f} s after L's link there came up; "
+            f"load {loadavg()}\n  counters: {await counters(nodes)}"
+        )
         assert got is not None, (
             f"{len(set(ids) & set(await received(xc)))} of {N_CARRIED} arrived on island 2 "
             f"{WAIT_S:.0f} s after the laptop got there\n{logs}"
         )
         check_transport(await received(xc), ids, [])
-        view = await xa.ask({"op": "mesh"})
         assert c.node_id not in view["routes"], view  # A never reached C itself
-        print(
-            f"\npartition laptop: {N_CARRIED} held at A, carried by L, delivered on island 2 "
-            f"{took:.1f} s after L's link there came up; load {loadavg()}"
-        )
         assert took <= HEAL_S, f"arrived {took:.1f} s after the laptop arrived (bound {HEAL_S} s)"
+
+        # The laptop walks back to island 1 with C's receipts: A's copies are purged
+        # (they would otherwise wait there, or go out again, until they expire).
+        net.set_link(to_2, False)
+        net.set_link(to_1, True)
+
+        async def a_purged() -> bool:
+            return await held(a) == 0
+
+        purged = await poll(a_purged, WAIT_S, 0.5)
+        # Then both islands meet through the laptop: nothing arrives twice.
+        net.set_link(to_2, True)
+        await poll(_has_route(xa, c), WAIT_S)
+        await nothing_more(xc, len(await received(xc)))
+        print(
+            f"partition laptop: back on island 1, A holds none of them after {purged} s; "
+            f"counters: {await counters(nodes)}"
+        )
+        assert purged is not None, (
+            f"A still holds {await held(a)} of the {N_CARRIED} delivered on island 2 "
+            f"{WAIT_S:.0f} s after the laptop came back with the receipts"
+        )
+        check_transport(await received(xc), ids, [])
