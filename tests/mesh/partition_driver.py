@@ -8,6 +8,10 @@ the same JSON-lines driver, with
   outbox and handed to the node at once; answers their ids (in the order they were
   queued), their expiry, and what the node said of each at once (the outbox fate
   and, when the node said why, its detail);
+- ``{"op": "channel_publish", "secret": "qpcch:...", "body": S, "ttl_ms": T}``: one
+  channel message sealed as the client does (``client/channels.seal``) but with the
+  expiry now + T, published with Channel/Publish; answers its id, expiry and the
+  node's status;
 - ``{"op": "pending"}``: how many envelopes the outbox still holds (not yet taken by
   the node).
 
@@ -28,11 +32,12 @@ from typing import Any
 
 import trio
 
+from qpc_node.client.channels import parse_secret, seal
 from qpc_node.client.connect import open_agent
 from qpc_node.errors import QpcError
 from qpc_node.ops.config import parse_hostport
 from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope
-from qpc_node.wire.gen.qpc.v1 import client_pb2
+from qpc_node.wire.gen.qpc.v1 import channel_pb2, client_pb2
 from tests.integration.agent_driver import Driver as BaseDriver
 
 FLUSH_S = 0.5
@@ -56,6 +61,28 @@ class Driver(BaseDriver):
             "details": [repr(routes.get(e.msg_id)) for e in envs],
         }
 
+    async def channel_publish(self, secret: str, body: str, ttl_ms: int) -> dict[str, Any]:
+        ident = self.agent.ident
+        msg = seal(
+            parse_secret(secret),
+            ident.public_key,
+            ident.sign,
+            body,
+            now_ms=int(time.time() * 1000),
+            ttl_ms=ttl_ms,
+        )
+        resp = await self.agent._rpc.call(
+            "qpc.v1.Channel/Publish",
+            channel_pb2.ChannelPublishRequest(message=msg.to_proto()),
+            channel_pb2.ChannelPublishResponse,
+        )
+        return {
+            "id": msg.msg_id.hex(),
+            "expiry_ms": msg.expiry_ms,
+            "status": resp.status,
+            "detail": resp.detail,
+        }
+
     async def flush_loop(self) -> None:
         while True:
             # on a failed call the outbox rescheduled what it holds: the next round retries
@@ -67,6 +94,10 @@ class Driver(BaseDriver):
         if cmd["op"] == "send_ttl":
             return await self.send_ttl(
                 cmd["to"], int(cmd["n"]), int(cmd["ttl_ms"]), str(cmd.get("tag", "m"))
+            )
+        if cmd["op"] == "channel_publish":
+            return await self.channel_publish(
+                str(cmd["secret"]), str(cmd["body"]), int(cmd["ttl_ms"])
             )
         if cmd["op"] == "pending":
             return {"queued": await self.agent.flush_outbox()}

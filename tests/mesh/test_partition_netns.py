@@ -314,7 +314,12 @@ async def mesh_dm(sender: MeshUser, to: MeshUser, text: str, timeout: float = 60
 
 def shown(sender: MeshUser, text: str) -> str:
     """How a receiving REPL shows a message from ``sender``: ``... CODE: TEXT``."""
-    return f"{short_code(sender.fpr)}: {text}"
+    return from_(sender.fpr, text)
+
+
+def from_(fpr: str, text: str) -> str:
+    """How a receiving REPL shows a message from the user ``fpr``."""
+    return f"{short_code(fpr)}: {text}"
 
 
 async def until_shown(receiver: MeshUser, lines: Sequence[str], within: float) -> float | None:
@@ -496,28 +501,48 @@ async def test_line_cut_channel_messages_arrive_once_in_order_after_heal(
         ua = await user(stack, "ua", ha, a, tmp_path / "ua")
         uc = await user(stack, "uc", hc, c, tmp_path / "uc")
         await converged(xa, xc, c, hops=2, users=4, nodes=nodes)
-        await channel_pair(ua, uc, "news")
+        secret = await channel_pair(ua, uc, "news")
         await broadcast(ua, "news", "warm-up")
         assert await until_shown(uc, [shown(ua, "warm-up")], 60) is not None, uc.since(0)[-2000:]
 
         cable = hc.link("mesh0")
         net.set_link(cable, False)
         t_cut = trio.current_time()
-        texts: list[str] = []
+        texts: list[str] = []  # ua's, typed in the REPL
         said: list[str] = []
-        for i in range(3):
-            texts.append(f"early-ch-{i}")
-            said.append(await broadcast(ua, "news", texts[-1]))
+        kept: list[str] = []  # xa's with a long expiry
+        gone: list[str] = []  # xa's that expire during the cut
+        statuses: set[int] = set()
+        short_expiry = 0
+
+        async def batch(tag: str) -> None:
+            nonlocal short_expiry
+            for i in range(3):
+                texts.append(f"{tag}-ch-{i}")
+                said.append(await broadcast(ua, "news", texts[-1]))
+                for body, ttl, into in (
+                    (f"{tag}-xl-{i}", LONG_TTL_MS, kept),
+                    (f"{tag}-xs-{i}", SHORT_TTL_MS, gone),
+                ):
+                    r = await xa.ask(
+                        {"op": "channel_publish", "secret": secret, "body": body, "ttl_ms": ttl}
+                    )
+                    statuses.add(r["status"])
+                    into.append(body)
+                    if ttl == SHORT_TTL_MS:
+                        short_expiry = max(short_expiry, r["expiry_ms"])
+
+        await batch("early")
         f.detect = await until_no_route(xa, c, nodes)
-        for i in range(3):
-            texts.append(f"late-ch-{i}")
-            said.append(await broadcast(ua, "news", texts[-1]))
+        await batch("late")
+        await until_wall(short_expiry + 1000)  # the cut outlasts every short expiry
         net.set_link(cable, True)
         t_heal = trio.current_time()
         f.cut = t_heal - t_cut
+        want = [shown(ua, x) for x in texts] + [from_(xa.me, x) for x in kept]
 
         r = await concurrently(
-            got=lambda: until_shown(uc, [shown(ua, x) for x in texts], WAIT_S),
+            got=lambda: until_shown(uc, want, WAIT_S),
             route=lambda: route_back(xa, c, f, t_heal),
         )
         got = r["got"]
@@ -525,7 +550,9 @@ async def test_line_cut_channel_messages_arrive_once_in_order_after_heal(
         report(
             "partition line channel",
             f,
-            f"; {len(texts)} channel messages; A said {sorted(set(said))}",
+            f"; {len(texts)} channel messages from the REPL and {len(kept)} from a client, "
+            f"{len(gone)} with a {SHORT_TTL_MS / 1000:.0f} s expiry; A said "
+            f"{sorted(set(said))}, publish statuses {sorted(statuses)}",
             await counters(nodes),
         )
         logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
@@ -533,9 +560,21 @@ async def test_line_cut_channel_messages_arrive_once_in_order_after_heal(
             f"channel messages sent during the cut not all shown {WAIT_S:.0f} s after the "
             f"heal; A said {said}\n{uc.since(0)[-2000:]}\n{logs}"
         )
-        # a late duplicate gets a bounded window to show
-        await poll(lambda: any(uc.pty.count(shown(ua, x)) > 1 for x in texts), LATE_S)
-        check_shown(uc, [shown(ua, x) for x in ["warm-up", *texts]])
+        # a late duplicate or a late expired one gets a bounded window to show
+        await poll(
+            lambda: (
+                any(uc.pty.count(x) > 1 for x in want)
+                or any(uc.pty.count(from_(xa.me, x)) for x in gone)
+            ),
+            LATE_S,
+        )
+        problems = failures(
+            lambda: check_shown(uc, [shown(ua, x) for x in ["warm-up", *texts]]),
+            lambda: check_shown(
+                uc, [from_(xa.me, x) for x in kept], never=[from_(xa.me, x) for x in gone]
+            ),
+        )
+        assert not problems, "\n".join(problems)
         assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
 
 
