@@ -12,6 +12,12 @@ the same JSON-lines driver, with
   channel message sealed as the client does (``client/channels.seal``) but with the
   expiry now + T, published with Channel/Publish; answers its id, expiry and the
   node's status;
+- ``{"op": "channel_burst", "secret": "qpcch:...", "n": N, "ttl_ms": T, "tag": S}``: N
+  such messages published one after the other; answers their ids in order and the
+  set of statuses;
+- ``{"op": "channel_ids", "secret": "qpcch:..."}``: the ids of that channel's messages
+  the node holds, in its order (Channel/Fetch from the start, page by page; nothing
+  is acknowledged: a read-only view of the node's channel store);
 - ``{"op": "pending"}``: how many envelopes the outbox still holds (not yet taken by
   the node).
 
@@ -32,7 +38,7 @@ from typing import Any
 
 import trio
 
-from qpc_node.client.channels import parse_secret, seal
+from qpc_node.client.channels import channel_id, parse_secret, seal
 from qpc_node.client.connect import open_agent
 from qpc_node.errors import QpcError
 from qpc_node.ops.config import parse_hostport
@@ -41,6 +47,7 @@ from qpc_node.wire.gen.qpc.v1 import channel_pb2, client_pb2
 from tests.integration.agent_driver import Driver as BaseDriver
 
 FLUSH_S = 0.5
+FETCH_PAGES = 64  # bound on Channel/Fetch pages one channel_ids reads
 
 
 class Driver(BaseDriver):
@@ -83,6 +90,34 @@ class Driver(BaseDriver):
             "detail": resp.detail,
         }
 
+    async def channel_burst(self, secret: str, n: int, ttl_ms: int, tag: str) -> dict[str, Any]:
+        ids, statuses = [], set()
+        for i in range(n):
+            r = await self.channel_publish(secret, f"{tag}{i}", ttl_ms)
+            ids.append(r["id"])
+            statuses.add(r["status"])
+        return {"ids": ids, "statuses": sorted(statuses)}
+
+    async def channel_ids(self, secret: str) -> dict[str, Any]:
+        cid = channel_id(parse_secret(secret))
+        ids: list[str] = []
+        after = 0
+        for _ in range(FETCH_PAGES):
+            resp = await self.agent._rpc.call(
+                "qpc.v1.Channel/Fetch",
+                channel_pb2.ChannelFetchRequest(
+                    cursors=[channel_pb2.ChannelCursor(channel_id=cid, after_seq=after)],
+                    limit=128,
+                ),
+                channel_pb2.ChannelFetchResponse,
+            )
+            for item in resp.messages:
+                ids.append(bytes(item.message.msg_id).hex())
+                after = max(after, item.seq)
+            if not resp.more or not resp.messages:
+                break
+        return {"ids": ids}
+
     async def flush_loop(self) -> None:
         while True:
             # on a failed call the outbox rescheduled what it holds: the next round retries
@@ -99,6 +134,12 @@ class Driver(BaseDriver):
             return await self.channel_publish(
                 str(cmd["secret"]), str(cmd["body"]), int(cmd["ttl_ms"])
             )
+        if cmd["op"] == "channel_burst":
+            return await self.channel_burst(
+                str(cmd["secret"]), int(cmd["n"]), int(cmd["ttl_ms"]), str(cmd.get("tag", "b"))
+            )
+        if cmd["op"] == "channel_ids":
+            return await self.channel_ids(str(cmd["secret"]))
         if cmd["op"] == "pending":
             return {"queued": await self.agent.flush_outbox()}
         return await super().handle(cmd)

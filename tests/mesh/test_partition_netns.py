@@ -37,6 +37,7 @@ import trio
 from mesh_procs import Driver, MeshUser, NodeProc, driver, loadavg, scrape
 from netns_kit import Host, Netns
 
+from qpc_node.client.channels import new_secret, secret_text
 from qpc_node.client.fingerprint import short_code
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
@@ -575,6 +576,69 @@ async def test_line_cut_channel_messages_arrive_once_in_order_after_heal(
             ),
         )
         assert not problems, "\n".join(problems)
+        assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
+
+
+# --- (a) more channel messages during the cut than a re-link announces -------------------
+
+N_BURST = 300  # more than Plumtree re-announces to a neighbour that comes back (256)
+
+
+async def test_line_cut_channel_burst_all_arrive_after_heal(net: Netns, tmp_path: Path) -> None:
+    """What a returning neighbour is not re-announced must come by inventory sync."""
+    ha, hb, hc = line(net)
+    fast = {"QPC_CHANNELS_PUBLISH_RATE": "1000"}  # the client publishes N_BURST at once
+    a = start(ha, tmp_path / "na", "mesh0", env=fast)
+    b = start(hb, tmp_path / "nb", "mesh0,mesh1")
+    c = start(hc, tmp_path / "nc", "mesh0")
+    ready(a, b, c)
+    nodes = (a, b, c)
+    f = Figures()
+    async with AsyncExitStack() as stack:
+        xc = await stack.enter_async_context(client(hc, c, tmp_path / "xc"))
+        xa = await stack.enter_async_context(client(ha, a, tmp_path / "xa"))
+        await converged(xa, xc, c, hops=2, users=2, nodes=nodes)
+        secret = secret_text(new_secret())  # a channel only clients of the test know
+        warm = await xa.ask({"op": "channel_burst", "secret": secret, "n": 1, "ttl_ms": LONG_TTL_MS, "tag": "w"})  # fmt: skip
+
+        async def c_has(ids: list[str]) -> bool:
+            return set(ids) <= set((await xc.ask({"op": "channel_ids", "secret": secret}))["ids"])
+
+        assert await poll(lambda: c_has(warm["ids"]), 60) is not None, "warm-up not at C"
+
+        cable = hc.link("mesh0")
+        net.set_link(cable, False)
+        t_cut = trio.current_time()
+        f.detect = await until_no_route(xa, c, nodes)
+        sent = await xa.ask({"op": "channel_burst", "secret": secret, "n": N_BURST, "ttl_ms": LONG_TTL_MS, "tag": "m"})  # fmt: skip
+        ids: list[str] = sent["ids"]
+
+        async def b_has_all() -> bool:
+            m = await trio.to_thread.run_sync(scrape, b.host, METRICS)
+            return m.get("qpc_channel_messages_total", 0) >= N_BURST + 1
+
+        await poll(b_has_all, 60)  # B got them from A before C comes back
+        net.set_link(cable, True)
+        t_heal = trio.current_time()
+        f.cut = t_heal - t_cut
+        r = await concurrently(
+            got=lambda: poll(lambda: c_has(ids), WAIT_S, 0.5),
+            route=lambda: route_back(xa, c, f, t_heal),
+        )
+        f.heal = r["got"] or WAIT_S
+        at_c = (await xc.ask({"op": "channel_ids", "secret": secret}))["ids"]
+        report(
+            "partition line channel burst",
+            f,
+            f"; {len(set(ids) & set(at_c))} of {N_BURST} at C (statuses {sent['statuses']})",
+            await counters(nodes),
+        )
+        missing = [i for i, m in enumerate(ids) if m not in set(at_c)]
+        assert r["got"] is not None, (
+            f"{len(missing)} of {N_BURST} published during the cut never reached C within "
+            f"{WAIT_S:.0f} s of the heal (indexes {missing[:10]}...{missing[-3:]})"
+        )
+        assert len(at_c) == len(set(at_c)), "C's channel store holds a message twice"
         assert f.heal <= HEAL_S, f"arrived {f.heal:.1f} s after the heal (bound {HEAL_S} s)"
 
 
