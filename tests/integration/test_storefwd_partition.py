@@ -235,7 +235,7 @@ async def test_what_expires_while_held_is_never_delivered(tmp_path: Path) -> Non
 
 
 async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Path) -> None:
-    a_id, b_id, _c_id = ids(tmp_path)
+    a_id, b_id, c_id = ids(tmp_path)
     ra, rb, _ = line_routes(tmp_path)
     b_port = free_port()
     policy = HoldPolicy(max_expiry_ahead_s=3600)
@@ -246,17 +246,32 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
         ):
             await a.fed.wait_link(b_id)
             now = system_wall_ms()
-            too_far = envelope(os.urandom(16), USER_C, expiry_ms=now + 3600_000 + 60_000)
+            # The cap (1 h here) plus the clock-skew allowance (1 h), and a minute more.
+            too_far = envelope(os.urandom(16), USER_C, expiry_ms=now + 2 * 3600_000 + 60_000)
             expired = envelope(os.urandom(16), USER_C, expiry_ms=now - 1)
             over_hops = envelope(os.urandom(16), USER_C, hop_limit=17)
-            got = await b.fed.take_custody([too_far, expired, over_hops], from_node=a_id)
-            assert [r.status for r in got] == [
+            link = a.fed._link(b_id)
+            resp = await link.rpc.call(
+                "qpc.v1.Federation/RelayEnqueue",
+                F.RelayEnqueueRequest(envelopes=[too_far, expired, over_hops]),
+                F.RelayEnqueueResponse,
+                timeout=5,
+            )
+            assert [r.status for r in resp.results] == [
                 F.RELAY_EXPIRY_TOO_FAR,
                 F.RELAY_EXPIRED,
                 F.RELAY_INVALID,
             ]
-            assert b.fed.statistics().storefwd.expiry_too_far == 1
-            assert await held(b) == 0
+            assert "hop_limit" in resp.results[2].detail
+            st = b.fed.statistics()
+            assert st.storefwd.expiry_too_far == 1
+            (from_a,) = (x for x in st.neighbours if x.node_id == a_id)
+            assert {k: v for k, v in from_a.relay_in.items() if v} == {
+                "RELAY_EXPIRY_TOO_FAR": 1,
+                "RELAY_EXPIRED": 1,
+                "RELAY_INVALID": 1,
+            }
+            assert await held(b) == 0 and b.fed.custody.queued_toward(c_id) == 0
             # At the entry node too (a client's envelope): typed, to the sender.
             entry = await a.fed.submit(
                 [envelope(os.urandom(16), USER_C, expiry_ms=now + 30 * 24 * 3600_000)],
@@ -283,7 +298,6 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
             forged = rc.Receipt(held_env.msg_id, USER_C, c_pub, now, bytes(64))
             unknown = rc.make_receipt(c_key.sign, c_pub, os.urandom(16), USER_C, now)
             malformed = F.DeliveryReceipt(msg_id=b"short")
-            link = a.fed._link(b_id)
             resp = await link.rpc.call(
                 M_RECEIPT,
                 F.ReceiptRequest(
