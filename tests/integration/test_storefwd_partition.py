@@ -25,7 +25,7 @@ import trio
 from qpc_node.federation.core import Federation, FederationLimits
 from qpc_node.federation.routes import NextHop, NoRoute, Route, StaticRoutes
 from qpc_node.ops.clock import system_wall_ms
-from qpc_node.store.held import delivered, held_count
+from qpc_node.store.held import delivered, held_count, held_for
 from qpc_node.storefwd import receipts as rc
 from qpc_node.storefwd.forward import M_RECEIPT
 from qpc_node.storefwd.held import HoldPolicy
@@ -321,6 +321,14 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
                 sf.receipts_applied,
             ) == (1, 1, 1, 1, 0)
             assert await held(b) == 1 and not await tombstone(b, held_env.msg_id)
+            # A neighbour cannot hand out more spray copies than this node would.
+            greedy = envelope(os.urandom(16), USER_C)
+            got = await b.fed.take_custody([greedy], from_node=a_id, spray_tokens=[1_000_000])
+            assert [r.status for r in got] == [F.RELAY_HELD]
+            rows = await store_of(b).run(lambda s: held_for(s, USER_C, system_wall_ms()))
+            assert [r.tokens for r in rows if r.envelope.msg_id == greedy.msg_id] == [
+                HoldPolicy().spray_tokens
+            ]
             # The real home's receipt is taken: the held replica goes, a tombstone stays.
             good = rc.make_receipt(c_key.sign, c_pub, held_env.msg_id, USER_C, now)
             resp = await link.rpc.call(
@@ -330,7 +338,7 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
                 timeout=5,
             )
             assert resp.taken == 1
-            assert await held(b) == 0 and await tombstone(b, held_env.msg_id)
+            assert await held(b) == 1 and await tombstone(b, held_env.msg_id)  # (greedy stays)
 
 
 async def test_a_carrier_moved_between_islands_carries_held_copies(tmp_path: Path) -> None:
