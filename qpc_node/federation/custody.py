@@ -531,7 +531,8 @@ class Custody:
                             origin,
                             onode or from_node,
                             from_node,
-                            tokens[i] or policy.spray_tokens,
+                            # (a neighbour cannot hand out more copies than we would)
+                            min(tokens[i], policy.spray_tokens) or policy.spray_tokens,
                             trail=not proven,
                         ),
                     )

@@ -214,7 +214,8 @@ class StorefwdSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def policy(self, *, carrier: bool) -> HoldPolicy:
         return HoldPolicy(
             max_held=self.max_held,
-            held_per_origin=self.held_per_origin,
+            # (a small max_held alone must not need held_per_origin lowered too)
+            held_per_origin=min(self.held_per_origin, self.max_held),
             max_expiry_ahead_s=self.max_expiry_ahead_s,
             reroute_after_s=self.reroute_after_s,
             spray_tokens=self.spray_tokens,

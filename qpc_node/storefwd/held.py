@@ -32,6 +32,10 @@ from enum import Enum
 from qpc_node.errors import ConfigError
 
 DAY_S = 24 * 3600
+CLOCK_SKEW_S = 3600
+"""Allowance on top of ``max_expiry_ahead_s`` for clocks that disagree: clients set
+their expiry to exactly the retention (7 d) on their own clock, and a node (or the
+next hop) whose clock is a few seconds behind must not refuse that."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +79,11 @@ class ExpiryVerdict(Enum):
 
 
 def check_expiry(expiry_ms: int, now_ms: int, policy: HoldPolicy) -> ExpiryVerdict:
-    """Is ``expiry_ms`` acceptable at ``now_ms``: not past, not beyond the cap."""
+    """Is ``expiry_ms`` acceptable at ``now_ms``: not past, not beyond the cap (plus
+    :data:`CLOCK_SKEW_S`)."""
     if now_ms >= expiry_ms:
         return ExpiryVerdict.EXPIRED
-    if expiry_ms - now_ms > policy.max_expiry_ahead_ms:
+    if expiry_ms - now_ms > policy.max_expiry_ahead_ms + CLOCK_SKEW_S * 1000:
         return ExpiryVerdict.TOO_FAR
     return ExpiryVerdict.OK
 

@@ -218,12 +218,17 @@ free_port = free_udp_port
 
 @asynccontextmanager
 async def mesh_node(
-    tmp: Path, name: str, port: int, peers: list[tuple[int, bytes]]
+    tmp: Path,
+    name: str,
+    port: int,
+    peers: list[tuple[int, bytes]],
+    **sections: dict[str, str],
 ) -> AsyncIterator[tuple[Node, NodeInfo]]:
     """A node configured like an operator would: listen address and static peers
-    (port, node id) on loopback, mDNS off; its keys are those :func:`identity` made."""
+    (port, node id) on loopback, mDNS off, and any other ``sections`` of config;
+    its keys are those :func:`identity` made."""
     data = node_dir(tmp, name)
-    node = Node(loopback_node_config(data, port, peers), default_data=data)
+    node = Node(loopback_node_config(data, port, peers, **sections), default_data=data)
     async with trio.open_nursery() as nursery:
         info: NodeInfo = await nursery.start(node.run)
         yield node, info

@@ -102,3 +102,32 @@ async def test_a_dm_held_while_the_home_is_away_is_delivered_once_when_it_return
                 sf = fed_a.statistics().storefwd
                 assert (sf.held, sf.released, sf.receipts_applied) == (1, 1, 1)
                 assert sf.receipts_unknown_home == 0 and sf.receipts_wrong_home == 0
+
+
+async def test_carrier_and_storefwd_config_reach_the_federation(tmp_path: Path) -> None:
+    """``mesh.carrier`` and ``storefwd.*`` from the node's config: the carrier says so
+    in its Pings (its neighbour sees a carrier link), and the hold policy is in force."""
+    ports = {n: free_port() for n in "ab"}
+    ids = {n: identity(tmp_path, n)[1] for n in "ab"}
+    with trio.fail_after(40):
+        async with (
+            mesh_node(
+                tmp_path, "a", ports["a"], [(ports["b"], ids["b"])],
+                mesh={"carrier": "true"},
+                storefwd={"spray_delay_s": "2", "max_held": "100"},
+            ) as (a_node, _),
+            mesh_node(tmp_path, "b", ports["b"], [(ports["a"], ids["a"])]) as (b_node, _),
+        ):  # fmt: skip
+            fa, fb = a_node.federation, b_node.federation
+            assert fa is not None and fb is not None
+            policy = fa.limits.storefwd
+            assert (policy.carrier, policy.spray_delay_s, policy.max_held) == (True, 2.0, 100)
+            assert not fb.limits.storefwd.carrier
+
+            def carrier_seen() -> bool:
+                link = fb._links.get(ids["a"])
+                return link is not None and link.carrier
+
+            await until(carrier_seen, within=20)
+            back = fa._links.get(ids["b"])
+            assert back is not None and not back.carrier

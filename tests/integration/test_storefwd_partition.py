@@ -25,7 +25,7 @@ import trio
 from qpc_node.federation.core import Federation, FederationLimits
 from qpc_node.federation.routes import NextHop, NoRoute, Route, StaticRoutes
 from qpc_node.ops.clock import system_wall_ms
-from qpc_node.store.held import delivered, held_count
+from qpc_node.store.held import delivered, held_count, held_for
 from qpc_node.storefwd import receipts as rc
 from qpc_node.storefwd.forward import M_RECEIPT
 from qpc_node.storefwd.held import HoldPolicy
@@ -235,7 +235,7 @@ async def test_what_expires_while_held_is_never_delivered(tmp_path: Path) -> Non
 
 
 async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Path) -> None:
-    a_id, b_id, _c_id = ids(tmp_path)
+    a_id, b_id, c_id = ids(tmp_path)
     ra, rb, _ = line_routes(tmp_path)
     b_port = free_port()
     policy = HoldPolicy(max_expiry_ahead_s=3600)
@@ -246,17 +246,32 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
         ):
             await a.fed.wait_link(b_id)
             now = system_wall_ms()
-            too_far = envelope(os.urandom(16), USER_C, expiry_ms=now + 3600_000 + 60_000)
+            # The cap (1 h here) plus the clock-skew allowance (1 h), and a minute more.
+            too_far = envelope(os.urandom(16), USER_C, expiry_ms=now + 2 * 3600_000 + 60_000)
             expired = envelope(os.urandom(16), USER_C, expiry_ms=now - 1)
             over_hops = envelope(os.urandom(16), USER_C, hop_limit=17)
-            got = await b.fed.take_custody([too_far, expired, over_hops], from_node=a_id)
-            assert [r.status for r in got] == [
+            link = a.fed._link(b_id)
+            resp = await link.rpc.call(
+                "qpc.v1.Federation/RelayEnqueue",
+                F.RelayEnqueueRequest(envelopes=[too_far, expired, over_hops]),
+                F.RelayEnqueueResponse,
+                timeout=5,
+            )
+            assert [r.status for r in resp.results] == [
                 F.RELAY_EXPIRY_TOO_FAR,
                 F.RELAY_EXPIRED,
                 F.RELAY_INVALID,
             ]
-            assert b.fed.statistics().storefwd.expiry_too_far == 1
-            assert await held(b) == 0
+            assert "hop_limit" in resp.results[2].detail
+            st = b.fed.statistics()
+            assert st.storefwd.expiry_too_far == 1
+            (from_a,) = (x for x in st.neighbours if x.node_id == a_id)
+            assert {k: v for k, v in from_a.relay_in.items() if v} == {
+                "RELAY_EXPIRY_TOO_FAR": 1,
+                "RELAY_EXPIRED": 1,
+                "RELAY_INVALID": 1,
+            }
+            assert await held(b) == 0 and b.fed.custody.queued_toward(c_id) == 0
             # At the entry node too (a client's envelope): typed, to the sender.
             entry = await a.fed.submit(
                 [envelope(os.urandom(16), USER_C, expiry_ms=now + 30 * 24 * 3600_000)],
@@ -283,7 +298,6 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
             forged = rc.Receipt(held_env.msg_id, USER_C, c_pub, now, bytes(64))
             unknown = rc.make_receipt(c_key.sign, c_pub, os.urandom(16), USER_C, now)
             malformed = F.DeliveryReceipt(msg_id=b"short")
-            link = a.fed._link(b_id)
             resp = await link.rpc.call(
                 M_RECEIPT,
                 F.ReceiptRequest(
@@ -307,6 +321,14 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
                 sf.receipts_applied,
             ) == (1, 1, 1, 1, 0)
             assert await held(b) == 1 and not await tombstone(b, held_env.msg_id)
+            # A neighbour cannot hand out more spray copies than this node would.
+            greedy = envelope(os.urandom(16), USER_C)
+            got = await b.fed.take_custody([greedy], from_node=a_id, spray_tokens=[1_000_000])
+            assert [r.status for r in got] == [F.RELAY_HELD]
+            rows = await store_of(b).run(lambda s: held_for(s, USER_C, system_wall_ms()))
+            assert [r.tokens for r in rows if r.envelope.msg_id == greedy.msg_id] == [
+                HoldPolicy().spray_tokens
+            ]
             # The real home's receipt is taken: the held replica goes, a tombstone stays.
             good = rc.make_receipt(c_key.sign, c_pub, held_env.msg_id, USER_C, now)
             resp = await link.rpc.call(
@@ -316,7 +338,7 @@ async def test_bad_input_at_a_relay_is_typed_counted_and_not_stored(tmp_path: Pa
                 timeout=5,
             )
             assert resp.taken == 1
-            assert await held(b) == 0 and await tombstone(b, held_env.msg_id)
+            assert await held(b) == 1 and await tombstone(b, held_env.msg_id)  # (greedy stays)
 
 
 async def test_a_carrier_moved_between_islands_carries_held_copies(tmp_path: Path) -> None:

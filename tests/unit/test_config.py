@@ -271,3 +271,30 @@ def test_relay_custody_per_user_loads_and_reaches_the_federation_limits() -> Non
     assert settings.limits is not None and settings.limits.queue.max_per_origin == 40
     with pytest.raises(ConfigError, match="limits"):
         load_config(env={"QPC_LIMITS_RELAY_CUSTODY_PER_USER": "0"})
+
+
+def test_storefwd_and_carrier_keys() -> None:
+    """storefwd.* and mesh.carrier reach the hold policy; bad values name the key."""
+    from qpc_node.ops.config import load_config
+
+    default = load_config(env={})
+    assert default.mesh.carrier is False
+    p = default.storefwd.policy(carrier=default.mesh.carrier)
+    assert (p.max_held, p.held_per_origin, p.max_expiry_ahead_s) == (10_000, 1_000, 7 * 86400)
+    assert (p.spray_tokens, p.spray_delay_s, p.reroute_after_s) == (4, 300.0, 60.0)
+    cfg = load_config(
+        env={
+            "QPC_MESH_CARRIER": "true",
+            "QPC_STOREFWD_MAX_HELD": "50",
+            "QPC_STOREFWD_SPRAY_DELAY_S": "1.5",
+        }
+    )
+    p = cfg.storefwd.policy(carrier=cfg.mesh.carrier)
+    assert p.carrier and p.max_held == 50 and p.held_per_origin == 50 and p.spray_delay_s == 1.5
+    for key, value in (
+        ("QPC_STOREFWD_SPRAY_TOKENS", "0"),
+        ("QPC_STOREFWD_MAX_EXPIRY_AHEAD_S", "0"),
+        ("QPC_STOREFWD_REROUTE_AFTER_S", "0"),
+    ):
+        with pytest.raises(ConfigError, match="storefwd"):
+            load_config(env={key: value})
