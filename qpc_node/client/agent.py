@@ -496,12 +496,6 @@ class Agent:
         """(name, channel id) of each joined channel."""
         return [(n, cid) for n, cid, _ in await self._channels.joined()]
 
-    async def channel_secret(self, name: str) -> str:
-        for n, _, secret in await self._channels.joined():
-            if n == name:
-                return secret_text(secret)
-        raise AgentError(f"no channel named {name!r}")
-
     async def broadcast(self, name: str, text: str) -> BroadcastReport:
         """Seal ``text`` for channel ``name`` and publish it through our node."""
         return await self._channels.broadcast(name, text)

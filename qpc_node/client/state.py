@@ -37,6 +37,8 @@ SEEN_KEEP_MS = 15 * 24 * 3600 * 1000
 """How long a received message id is remembered: longer than any envelope lives
 (the outbox's retention), so a copy delivered late by another node is still known."""
 MAX_CONTACT_NAME = 32
+MAX_CHANNELS = 64
+"""Channels one client joins at most: what one Channel/Fetch may name."""
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS conversations (
@@ -428,6 +430,9 @@ class ClientState:
     def join_channel(self, name: str, channel_id: bytes, secret: bytes, now_ms: int) -> None:
         """Remember a channel under ``name``; a name or a channel is joined once."""
         sealed = self._seal(secret, b"channel" + channel_id)
+        count = self._conn.execute("SELECT count(*) FROM channels").fetchone()[0]
+        if count >= MAX_CHANNELS:
+            raise ClientStateError(f"already in {MAX_CHANNELS} channels: leave one first")
         try:
             self._conn.execute(
                 "INSERT INTO channels (name, channel_id, secret_sealed, joined_ms)"

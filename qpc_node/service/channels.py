@@ -173,7 +173,8 @@ class ChannelService:
                 cursors,
                 self._wall_ms(),
                 limit=limit,
-                max_bytes=max(granted - ANSWER_OVERHEAD - MESSAGE_OVERHEAD * limit, 0),
+                max_bytes=max(granted - ANSWER_OVERHEAD, 0),
+                overhead=MESSAGE_OVERHEAD,
             )
         except BaseException:
             ctx.answer.shrink(0)

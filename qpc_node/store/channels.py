@@ -194,12 +194,15 @@ def fetch_messages(
     *,
     limit: int,
     max_bytes: int,
+    overhead: int = 0,
 ) -> ChannelPage:
     """Messages of the cursors' channels above each cursor, oldest (by seq) first.
 
-    Cut at ``limit`` messages or ``max_bytes`` (at least one message if any): each
-    channel's part stays a prefix of what it has, so a client that moves each cursor
-    to the highest seq it got for that channel misses nothing.
+    Cut at ``limit`` messages or ``max_bytes`` (each message counts its encoded size
+    plus ``overhead``; never more: a first message that does not fit gives an empty
+    page with ``more``): each channel's part stays a prefix of what it has, so a
+    client that moves each cursor to the highest seq it got for that channel misses
+    nothing.
     """
     found: list[tuple[int, bytes]] = []
     more = False
@@ -216,11 +219,11 @@ def fetch_messages(
     page: list[tuple[int, bytes]] = []
     used = 0
     for seq, data in found:
-        if len(page) >= limit or (page and used + len(data) > max_bytes):
+        if len(page) >= limit or used + len(data) + overhead > max_bytes:
             more = True
             break
         page.append((seq, data))
-        used += len(data)
+        used += len(data) + overhead
     return ChannelPage(page, more)
 
 
@@ -371,10 +374,18 @@ class ChannelStore:
         return added
 
     async def fetch(
-        self, cursors: Sequence[tuple[bytes, int]], now_ms: int, *, limit: int, max_bytes: int
+        self,
+        cursors: Sequence[tuple[bytes, int]],
+        now_ms: int,
+        *,
+        limit: int,
+        max_bytes: int,
+        overhead: int = 0,
     ) -> ChannelPage:
         return await self._store.run(
-            lambda s: fetch_messages(s, cursors, now_ms, limit=limit, max_bytes=max_bytes)
+            lambda s: fetch_messages(
+                s, cursors, now_ms, limit=limit, max_bytes=max_bytes, overhead=overhead
+            )
         )
 
     async def sweep(self, now_ms: int) -> tuple[int, int]:

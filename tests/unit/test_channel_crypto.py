@@ -8,15 +8,19 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qpc_node import crypto
+from qpc_node.client.agent_types import AgentContext, AgentStatistics
 from qpc_node.client.channels import (
     ChannelForged,
+    Channels,
     ChannelSecretError,
     ChannelTampered,
     channel_id,
@@ -28,7 +32,10 @@ from qpc_node.client.channels import (
     secret_text,
     signed_bytes,
 )
-from qpc_node.wire.channel import NONCE_LEN, ChannelPolicy, decode_channel_message
+from qpc_node.client.mls_worker import MlsWorker
+from qpc_node.client.state import AsyncClientState, ClientState
+from qpc_node.rpc.client import RpcClient
+from qpc_node.wire.channel import NONCE_LEN, ChannelMessage, ChannelPolicy, decode_channel_message
 from qpc_node.wire.envelope import pad
 from qpc_node.wire.gen.qpc.v1 import channel_pb2
 
@@ -147,3 +154,63 @@ def test_a_member_forging_another_sender_is_forged(
     ).SerializeToString()
     with pytest.raises(ChannelForged):
         open_message(SECRET, replace(real, sealed=_seal_raw(fields, bad_key)))
+
+
+# -- a member's receive path: replay shown once, forged/tampered dropped and counted ---
+
+
+async def test_member_receive_path_dedupes_replays_and_counts_drops(
+    tmp_path: Path, alice: crypto.Identity, mallory: crypto.Identity
+) -> None:
+    """``Channels`` on a real client.db (no node: fetched items are fed to the same
+    per-message path receive runs)."""
+    bob = crypto.Identity.create(tmp_path / "bob", os.urandom(32), durable=False)
+    state = ClientState(tmp_path, os.urandom(32))
+    warned: list[str] = []
+    stats = AgentStatistics()
+    ctx = AgentContext(
+        bob,
+        AsyncClientState(state),
+        RpcClient(_no_node),
+        MlsWorker(),
+        lambda: NOW,
+        stats,
+        lambda msg, event="": warned.append(msg),
+        lambda: b"node-1",
+    )
+    part = Channels(ctx)
+    await part.join("news", SECRET)
+    chans = {c.channel_id: c for c in state.channels()}
+
+    def item(seq: int, m: ChannelMessage) -> channel_pb2.StoredChannelMessage:
+        return channel_pb2.StoredChannelMessage(seq=seq, message=m.to_proto())
+
+    hello = seal(SECRET, alice.public_key, alice.sign, "hello", now_ms=NOW)
+    got = await part._one(chans, b"node-1", item(1, hello))
+    assert got is not None and (got.conversation, got.sender, got.text) == (
+        "#news",
+        alice.fingerprint,
+        "hello",
+    )
+    # The same msg_id again (replayed, or another node's copy under another seq): once.
+    assert await part._one(chans, b"node-1", item(2, hello)) is None
+    assert await part._one(chans, b"node-1", item(3, hello.forwarded())) is None
+    assert stats.duplicates == 2
+    forged = seal(SECRET, alice.public_key, mallory.sign, "pay mallory", now_ms=NOW)
+    assert await part._one(chans, b"node-1", item(4, forged)) is None
+    other = seal(bytes(32), mallory.public_key, mallory.sign, "x", now_ms=NOW)
+    wrong_key = replace(other, channel_id=channel_id(SECRET))
+    assert await part._one(chans, b"node-1", item(5, wrong_key)) is None
+    assert (stats.channel_forged, stats.channel_tampered) == (1, 1)
+    assert len(warned) == 2
+    # Dropped ones are not remembered as seen: a genuine copy of that id still shows.
+    assert not state.seen(forged.msg_id)
+    # Every item moved the channel's cursor; the text is in client.db, sealed.
+    assert state.channel_cursors(b"node-1") == {channel_id(SECRET): 5}
+    (r,) = state.unshown()
+    assert (r.conv, r.sender, r.text) == ("#news", bytes.fromhex(alice.fingerprint), "hello")
+    state.close()
+
+
+async def _no_node() -> trio.abc.HalfCloseableStream:
+    raise trio.ClosedResourceError("no node in this test")

@@ -17,13 +17,13 @@ import trio.testing
 from qpc_node.errors import StatusCode
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RetryPolicy, RpcClient
-from qpc_node.rpc.context import PeerInfo
+from qpc_node.rpc.context import AnswerOverBudget, CallContext, PeerInfo, Session
 from qpc_node.rpc.errors import RpcError
 from qpc_node.rpc.inmemory import MemoryConnection
 from qpc_node.rpc.methods import MethodTable
 from qpc_node.rpc.server import RpcServer
 from qpc_node.service.audit import AuditSink
-from qpc_node.service.channels import ChannelService
+from qpc_node.service.channels import ANSWER_OVERHEAD, MESSAGE_OVERHEAD, ChannelService
 from qpc_node.service.delivery import Waiters
 from qpc_node.service.guard import Guard
 from qpc_node.service.ratelimit import TokenBucketLimiter
@@ -204,3 +204,46 @@ async def test_parked_fetch_wakes_for_a_message_and_for_mail(tmp_path: Path) -> 
         assert list(got[1].messages) == [] and trio.current_time() - start < 10
         assert env.service.statistics().parked_fetches == 0
         assert len(env.mail) == 0
+
+
+class TightAnswer:
+    """A send budget with ``free`` bytes left: grants what it has, records holdings."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.held = 0
+        self.peak = 0
+
+    @property
+    def frame_cap(self) -> int:
+        return 1 << 20
+
+    def reserve(self, nbytes: int) -> int:
+        self.held = min(nbytes, self.free)
+        self.peak = max(self.peak, self.held)
+        return self.held
+
+    def shrink(self, nbytes: int) -> None:
+        self.held = min(self.held, max(nbytes, 0))
+
+
+def ctx(answer: TightAnswer) -> CallContext:
+    return CallContext(
+        FETCH, 1, "", trio.current_time() + 30, PeerInfo("t", ("10.0.0.1", 1)),
+        Session(user=ALICE), answer,
+    )  # fmt: skip
+
+
+async def test_a_fetch_answer_stays_within_what_the_send_budget_grants(tmp_path: Path) -> None:
+    async with channel_node(tmp_path) as env:
+        c = env.client()
+        for n in range(1, 4):
+            await publish(c, good(n))
+        req = channel_pb2.ChannelFetchRequest(cursors=[channel_pb2.ChannelCursor(channel_id=CH)])
+        one = len(good(1).SerializeToString()) + MESSAGE_OVERHEAD + ANSWER_OVERHEAD
+        tight = TightAnswer(one + 10)  # room for one message, not two
+        resp = await env.service.fetch(req, ctx(tight))
+        assert [m.seq for m in resp.messages] == [1] and resp.more
+        assert len(resp.SerializeToString()) <= tight.held <= one + 10
+        with pytest.raises(AnswerOverBudget):  # not even the first fits: retriable, typed
+            await env.service.fetch(req, ctx(TightAnswer(one - 40)))

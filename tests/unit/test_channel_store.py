@@ -134,9 +134,13 @@ def test_fetch_pages_per_channel(store: Store) -> None:
     assert [s for s, _ in page.messages] == [1, 2, 3, 4] and page.more
     only_a = fetch_messages(store, [(A, 3)], NOW, limit=10, max_bytes=1 << 20)
     assert [s for s, _ in only_a.messages] == [5, 7, 9] and not only_a.more
-    # A byte bound still returns the first message, then says there is more.
+    # A byte bound is never exceeded: too small for the first message, an empty page
+    # that says there is more; room for exactly one (with its overhead), one.
     tiny = fetch_messages(store, [(A, 0)], NOW, limit=10, max_bytes=1)
-    assert len(tiny.messages) == 1 and tiny.more
+    assert tiny.messages == [] and tiny.more
+    one = len(msg(1).encode()) + 32
+    page = fetch_messages(store, [(A, 0)], NOW, limit=10, max_bytes=one + 1, overhead=32)
+    assert [s for s, _ in page.messages] == [1] and page.more
     assert (
         fetch_messages(store, [(b"\xcc" * 32, 0)], NOW, limit=10, max_bytes=1 << 20).messages == []
     )

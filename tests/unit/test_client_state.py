@@ -251,3 +251,29 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     st.close()
     with pytest.raises(ClientStateError, match="newer"):
         ClientState(tmp_path, b"k" * 32)
+
+
+def test_channels_joined_sealed_cursors_and_left(tmp_path: Path) -> None:
+    secret, cid = b"\x01" * 32, b"\xc1" * 32
+    st = ClientState(tmp_path, b"k" * 32)
+    st.join_channel("news", cid, secret, 1)
+    with pytest.raises(ClientStateError, match="already joined as 'news'"):
+        st.join_channel("other", cid, secret, 2)
+    with pytest.raises(ClientStateError, match="exists"):
+        st.join_channel("news", b"\xc2" * 32, b"\x02" * 32, 2)
+    st.store_channel_received(7, "#news", A, "hi", 3, node=b"n1", channel_id=cid, msg_id=b"m1")
+    st.advance_channel_cursor(b"n1", cid, 5)  # never backwards
+    assert st.channel_cursors(b"n1") == {cid: 7} and st.channel_cursors(b"n2") == {}
+    assert st.seen(b"m1")
+    st.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob(DB_FILE + "*"))
+    assert secret not in raw  # the secret is sealed at rest like contact names
+    st = ClientState(tmp_path, b"k" * 32)
+    assert st.channels() == [state_mod.JoinedChannel("news", cid, secret)]
+    assert st.leave_channel("news") and not st.leave_channel("news")
+    assert st.channels() == [] and st.channel_cursors(b"n1") == {}
+    for i in range(state_mod.MAX_CHANNELS):
+        st.join_channel(f"c{i}", bytes([i]) * 32, bytes([i]) * 32, 1)
+    with pytest.raises(ClientStateError, match="leave one first"):
+        st.join_channel("one-more", b"\xff" * 32, b"\xff" * 32, 1)
+    st.close()
