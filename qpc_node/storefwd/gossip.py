@@ -198,6 +198,10 @@ class GossipDriver:
     # ------------------------------------------------------------------ links
     def _on_link_event(self, ev: LinkEvent) -> None:
         if ev.kind == "up":
+            if ev.replaced:
+                # A new incarnation of the neighbour: what the core knew of it is void
+                # (unACKed pushes, tree edge); it starts over as a fresh link.
+                self._link_down(ev.node_id)
             self._link_up(ev.node_id, ev.rtt)
         elif not self.federation.link_up(ev.node_id):
             # (a "down" of a connection already replaced by another is no news)

@@ -217,7 +217,8 @@ def test_tree_converges_to_its_eager_degree(degree: int) -> None:
     node; with more, the typical node keeps that many eager edges (hubs more: their
     neighbours keep them) and pays for it in duplicates, not in transmissions to all."""
     n = 30
-    net = Net(random_graph(n, 6, seed=4), seed=4, policy=PlumtreePolicy(eager_degree=degree))
+    pol = PlumtreePolicy(eager_degree=degree, flood_hops=0)
+    net = Net(random_graph(n, 6, seed=4), seed=4, policy=pol)
     for i in range(20):  # warm-up: the first messages prune the tree
         net.publish(i % 3, mid_of(i))
         net.run(net.now + 2.0)
@@ -283,6 +284,25 @@ def test_unacked_edge_is_demoted_and_the_message_still_arrives() -> None:
     net.publish(0, mid_of(2))
     net.run(net.now + 5.0)
     assert_exactly_once(net, [mid_of(0), mid_of(1), mid_of(2)])
+
+
+def test_the_origin_pushes_on_every_edge_with_flood_hops_1() -> None:
+    """Near the origin copies are few and paths many: flood_hops=1 has the origin push
+    on lazy edges too (the rest of the way stays on eager edges)."""
+    for flood, pushed in ((0, {nid(1)}), (1, {nid(1), nid(2), nid(3)})):
+        c = PlumtreeCore(PlumtreePolicy(flood_hops=flood))
+        for v in (1, 2, 3):
+            c.link_up(0.0, nid(v))
+        c.receive(0.0, nid(2), [Prune()])
+        c.receive(0.0, nid(3), [Prune()])
+        c.poll()
+        c.publish(0.1, mid_of(1), b"x")
+        sends = [o for o in c.poll() if isinstance(o, Send)]
+        assert {o.peer for o in sends if any(isinstance(f, Push) for f in o.frames)} == pushed
+        # A relayed message (hops 1 here) goes on eager edges only, either way.
+        c.receive(0.2, nid(1), [Push(mid_of(2), 1, b"y")])
+        sends = [o for o in c.poll() if isinstance(o, Send)]
+        assert not any(isinstance(f, Push) for o in sends for f in o.frames)
 
 
 def test_hop_shortcut_grafts_a_much_shorter_path() -> None:
