@@ -157,8 +157,14 @@ class SyncLimits:
     """Negentropy rounds per session."""
     max_ids: int = 20_000
     """have + need per session (initiator) and ids fetched + items pushed (responder)."""
-    max_items: int = 200_000
-    """Items per snapshot; a bigger inventory syncs its latest-expiring part."""
+    max_items: int = 100_000
+    """Items per snapshot (40 bytes each in the engine); a bigger inventory syncs its
+    latest-expiring part."""
+    snapshot_max_age_s: float = 10.0
+    """Responder: sessions opened within this long of a scope's last snapshot answer
+    over that snapshot (one engine shared by every neighbour; at most
+    ``session_idle_s / snapshot_max_age_s + 1`` snapshots per scope are alive). Items
+    newer than it wait for the next session; gossip carries them live meanwhile."""
     batch_items: int = 256
     """Items (or ids) per SyncFetch / SyncPush call."""
     batch_bytes: int = 1024 * 1024
@@ -183,7 +189,7 @@ class SyncLimits:
             raise ConfigError("sync: batch_bytes must be >= 1024 and max_sessions >= 1")
         if self.session_rate <= 0 or self.session_burst < 1:
             raise ConfigError("sync: session_rate must be > 0 and session_burst >= 1")
-        if self.session_idle_s <= 0 or self.round_timeout_s <= 0:
+        if self.session_idle_s <= 0 or self.round_timeout_s <= 0 or self.snapshot_max_age_s < 0:
             raise ConfigError("sync: timeouts must be > 0")
 
 
@@ -295,6 +301,7 @@ class SyncStatistics:
     items_pushed: int  # items we handed to peers (pushes and fetch answers)
     items_taken: int  # items sources accepted from peers
     snapshot_truncated: int  # snapshots cut to max_items
+    snapshots: int  # responder snapshots read from a source (shared by sessions opened soon after)
     refusals_sent: MappingProxyType[str, int]  # by reason (a flooding neighbour: rate_limited)
     refusals_received: MappingProxyType[str, int]
     bad_answers: int  # malformed or oversized answers refused on the initiator side
@@ -355,6 +362,7 @@ class _Counters:
         self.initiated = self.completed = self.capped = self.failed = 0
         self.served = self.rounds = self.sent = self.received = 0
         self.have = self.need = self.pushed = self.taken = self.truncated = 0
+        self.snapshots = 0
         self.bad_answers = 0
         self.last_session_s: float | None = None
         self.refusals_sent: Counter[str] = Counter()
@@ -604,6 +612,7 @@ class SyncCore:
         self._c = _Counters()
         self._served: dict[tuple[bytes, int], _Served] = {}
         self._pending: set[tuple[bytes, int, bytes]] = set()
+        self._snapshots: dict[int, tuple[Negentropy, float]] = {}
         self._opens = TokenBucketLimiter[bytes](
             rate=self.limits.session_rate, burst=self.limits.session_burst, max_keys=4096
         )
@@ -703,6 +712,9 @@ class SyncCore:
                         refusal=self._refuse(Reason.RATE_LIMITED, int(d.retry_after * 1000) + 1)
                     )
                 )
+            shared = self._snapshots.get(key[1])
+            if shared is not None and now - shared[1] < self.limits.snapshot_max_age_s:
+                return self._install(key, req, shared[0], now)
             self._pending.add(pend)
             return NeedItems(key[1])
         if pend not in self._pending:
@@ -710,8 +722,16 @@ class SyncCore:
         self._pending.discard(pend)
         snap, cut = snapshot(items, now_ms, self.limits.max_items)
         self._c.truncated += cut
+        self._c.snapshots += 1
+        engine = Negentropy(snap, self.limits.frame_size_limit)
+        self._snapshots[key[1]] = (engine, now)
+        return self._install(key, req, engine, now)
+
+    def _install(
+        self, key: tuple[bytes, int], req: sync_pb2.SyncRequest, engine: Negentropy, now: float
+    ) -> _Served:
         self._close(key)  # a new session for a scope replaces the peer's old one
-        s = _Served(bytes(req.session_id), Negentropy(snap, self.limits.frame_size_limit), now)
+        s = _Served(bytes(req.session_id), engine, now)
         self._served[key] = s
         self._c.served += 1
         return s
@@ -810,6 +830,9 @@ class SyncCore:
         idle = self.limits.session_idle_s
         for key in [k for k, s in self._served.items() if now - s.last >= idle]:
             self._close(key)
+        age = self.limits.snapshot_max_age_s
+        for scope in [k for k, (_, t) in self._snapshots.items() if now - t >= age]:
+            del self._snapshots[scope]  # sessions still on it keep their reference
 
     def next_deadline(self) -> float | None:
         if not self._served:
@@ -841,6 +864,7 @@ class SyncCore:
             items_pushed=c.pushed,
             items_taken=c.taken,
             snapshot_truncated=c.truncated,
+            snapshots=c.snapshots,
             refusals_sent=MappingProxyType(dict(c.refusals_sent)),
             refusals_received=MappingProxyType(dict(c.refusals_received)),
             bad_answers=c.bad_answers,

@@ -98,6 +98,7 @@ class Syncer:
             self.add_source(s)
         self._busy: set[bytes] = set()
         self._hold_off: dict[bytes, float] = {}
+        self._scheduled: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
         self._trigger_tx, self._trigger_rx = trio.open_memory_channel[bytes](trigger_buffer)
         self.triggers_dropped = 0
@@ -132,6 +133,9 @@ class Syncer:
             task_status.started()
             try:
                 async for nid in self._trigger_rx:
+                    if nid in self._scheduled:
+                        continue  # a flapping link: one pending session is enough
+                    self._scheduled.add(nid)
                     delay = 0.0 if self._fed.node_id < nid else self.config.link_up_delay_s
                     nursery.start_soon(self._sync_later, nid, delay)
             finally:
@@ -144,8 +148,11 @@ class Syncer:
             self.triggers_dropped += 1  # the periodic session covers it
 
     async def _sync_later(self, nid: bytes, delay: float) -> None:
-        if delay:
-            await trio.sleep(delay)
+        try:
+            if delay:
+                await trio.sleep(delay)
+        finally:
+            self._scheduled.discard(nid)
         await self.sync_with(nid)
 
     def set_interval(self, interval_s: float) -> None:
@@ -163,6 +170,8 @@ class Syncer:
                 self._reconfigured = trio.Event()
                 continue
             now = trio.current_time()
+            for nid in [n for n, t in self._hold_off.items() if t <= now]:
+                del self._hold_off[nid]
             up = [
                 i.node_id
                 for i in self._fed.links()

@@ -17,9 +17,11 @@ from pathlib import Path
 import msgspec
 import trio
 
+from qpc_node._core import Negentropy
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.storefwd.sync import KIND_CHANNEL, KIND_HELD, SCOPE_CHANNELS, SCOPE_HELD, sync_id
-from qpc_node.storefwd.syncer import Syncer
+from qpc_node.storefwd.syncer import M_SYNC, Syncer
+from qpc_node.wire.gen.qpc.v1 import sync_pb2
 from tests.integration.fed_nodes import FedNode, fed_node, identity, until
 
 
@@ -196,8 +198,10 @@ async def test_interval_reload_applies_to_the_running_wait(tmp_path: Path) -> No
             assert sa.config.interval_s == 3600.0
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             await until(
-                lambda: sa.statistics().sessions_completed >= 1
-                and sb.statistics().sessions_completed >= 1
+                lambda: (
+                    sa.statistics().sessions_completed >= 1
+                    and sb.statistics().sessions_completed >= 1
+                )
             )
             a_src.add(_mid("after", 1), exp)
             report = await a.node.reload(
@@ -208,3 +212,48 @@ async def test_interval_reload_applies_to_the_running_wait(tmp_path: Path) -> No
             assert report.applied == ("sync.interval_s",)
             assert sa.config.interval_s == 1.0
             await until(lambda: b_src.msg_ids() == a_src.msg_ids(), within=5.0)
+
+
+async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: Path) -> None:
+    """Over the real Federation/Sync method: a neighbour opening sessions in a loop is
+    refused RATE_LIMITED with a retry time once its burst is spent; malformed and
+    oversized inventories are refused by reason; every refusal is counted and nothing
+    reaches the source."""
+    exp = system_wall_ms() + 3_600_000
+    b_src = SetSource(SCOPE_CHANNELS, KIND_CHANNEL)
+    b_src.add(_mid("b", 0), exp)
+    _, b_id = identity(tmp_path, "b")
+    with trio.fail_after(30):
+        async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
+            sb = syncer_of(b, [b_src], interval_s=3600.0, link_up_delay_s=3600.0)
+            await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
+            bad = [
+                (b"\x61\x01\x00\x05", sync_pb2.SyncRefusal.MALFORMED),  # mode 5
+                (b"\x61" * 40_000, sync_pb2.SyncRefusal.TOO_LARGE),
+            ]
+            for message, reason in bad:
+                req = sync_pb2.SyncRequest(
+                    session_id=b"m" * 16, scope=SCOPE_CHANNELS, message=message
+                )
+                resp = await a.fed.call(b_id, M_SYNC, req, sync_pb2.SyncResponse)
+                assert resp.WhichOneof("result") == "refusal" and resp.refusal.reason == reason
+            first = Negentropy([]).initiate()
+            reasons = []
+            for k in range(12):
+                req = sync_pb2.SyncRequest(
+                    session_id=bytes([k]) * 16, scope=SCOPE_CHANNELS, message=first
+                )
+                resp = await a.fed.call(b_id, M_SYNC, req, sync_pb2.SyncResponse)
+                if resp.WhichOneof("result") == "refusal":
+                    assert resp.refusal.retry_after_ms > 0
+                    reasons.append(resp.refusal.reason)
+            # The malformed session took one token of the burst; the oversized one none.
+            assert set(reasons) == {sync_pb2.SyncRefusal.RATE_LIMITED}
+            assert len(reasons) >= 12 - int(sb.config.limits.session_burst) + 1
+            st = sb.statistics()
+            assert st.refusals_sent == {
+                "rate_limited": len(reasons),
+                "malformed": 1,
+                "too_large": 1,
+            }
+            assert st.items_taken == 0 and b_src.msg_ids() == {_mid("b", 0)}

@@ -427,3 +427,17 @@ def test_limits_validated() -> None:
         SyncLimits(frame_size_limit=1000)
     with pytest.raises(ConfigError):
         SyncLimits(max_rounds=0)
+
+
+def test_responder_snapshot_shared_by_sessions_opened_soon_after() -> None:
+    """One engine per scope serves every neighbour opening within snapshot_max_age_s
+    (memory and store reads do not grow with the number of neighbours)."""
+    cb = SyncCore(SyncLimits(snapshot_max_age_s=5.0))
+    req = _first()
+    assert isinstance(cb.on_query(A, req, 0.0, NOW_MS), NeedItems)
+    cb.on_query(A, req, 0.0, NOW_MS, items=[(NOW_MS + 10, b"q" * 32)])
+    r = cb.on_query(B, req, 4.0, NOW_MS)  # B, 4 s later: same snapshot, no read
+    assert isinstance(r, sync_pb2.SyncResponse) and r.WhichOneof("result") == "message"
+    assert cb.statistics().snapshots == 1 and cb.open_sessions() == 2
+    r2 = cb.on_query(B, _first(b"t" * 16), 6.0, NOW_MS)  # stale now: read again
+    assert isinstance(r2, NeedItems)
