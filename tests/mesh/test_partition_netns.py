@@ -647,10 +647,20 @@ async def test_line_cut_channel_burst_all_arrive_after_heal(net: Netns, tmp_path
 N_HELD = 40
 
 
-async def test_relay_restarted_while_holding_loses_nothing(net: Netns, tmp_path: Path) -> None:
+# custody: B holds them in its custody queue toward C (the relay's own table);
+# held: B gives up on C as next hop after 1 s (storefwd.reroute_after_s) and, with no
+# other route, moves them to its store-and-forward table
+HOLD_KINDS = {"custody": "qpc_relay_custody_queued", "held": "qpc_storefwd_held"}
+
+
+@pytest.mark.parametrize("kind", sorted(HOLD_KINDS))
+async def test_relay_restarted_while_holding_loses_nothing(
+    net: Netns, tmp_path: Path, kind: str
+) -> None:
     ha, hb, hc = line(net)
+    b_env = {"QPC_STOREFWD_REROUTE_AFTER_S": "1"} if kind == "held" else {}
     a = start(ha, tmp_path / "na", "mesh0")
-    b = start(hb, tmp_path / "nb", "mesh0,mesh1")
+    b = start(hb, tmp_path / "nb", "mesh0,mesh1", env=b_env)
     c = start(hc, tmp_path / "nc", "mesh0")
     ready(a, b, c)
     nodes = [a, b, c]
@@ -669,29 +679,33 @@ async def test_relay_restarted_while_holding_loses_nothing(net: Netns, tmp_path:
         )
         ids: list[str] = sent["ids"]
 
-        async def holding() -> tuple[int, int]:
-            return await held(a), await held(nodes[1])
+        async def holding() -> tuple[int, int, int]:
+            m = await trio.to_thread.run_sync(scrape, nodes[1].host, METRICS)
+            return await held(a), await held(nodes[1]), int(m.get(HOLD_KINDS[kind], 0))
 
         async def b_holds_all() -> bool:
-            return await holding() == (0, N_HELD)
+            return await holding() == (0, N_HELD, N_HELD)
 
         await poll(b_holds_all, 30, 0.3)
         a_b = await holding()
-        assert a_b == (0, N_HELD), (
-            f"B should hold all {N_HELD} (A none) before the restart; A, B hold {a_b}; "
-            f"A said {sorted(set(sent['fates']))}\n{nodes[1].stderr()[-2000:]}"
+        assert a_b == (0, N_HELD, N_HELD), (
+            f"B should hold all {N_HELD} as {kind} (A none) before the restart; A, B, B as "
+            f"{kind} hold {a_b}; A said {sorted(set(sent['fates']))}\n"
+            f"{nodes[1].stderr()[-2000:]}"
         )
         nodes[1].kill9()
         nodes[1] = await trio.to_thread.run_sync(
-            lambda: start(hb, tmp_path / "nb", "mesh0,mesh1", ready=True)
+            lambda: start(hb, tmp_path / "nb", "mesh0,mesh1", ready=True, env=b_env)
         )
 
         async def b_holds_after() -> bool:
-            return await held(nodes[1]) >= N_HELD
+            return (await holding())[1:] == (N_HELD, N_HELD)
 
         await poll(b_holds_after, 30, 0.3)
-        after = await held(nodes[1])
-        assert after == N_HELD, f"B holds {after} of {N_HELD} after its restart"
+        after = await holding()
+        assert after[1:] == (N_HELD, N_HELD), (
+            f"B holds {after[1]} of {N_HELD} ({after[2]} as {kind}) after its restart"
+        )
         await until_no_route(xa, c, nodes)
         f.detect = trio.current_time() - t_cut  # the restart is part of it here
         net.set_link(cable, True)
@@ -707,7 +721,7 @@ async def test_relay_restarted_while_holding_loses_nothing(net: Netns, tmp_path:
         report(
             "partition relay restart",
             f,
-            f"; B held {N_HELD} across kill -9 + restart",
+            f"; B held {N_HELD} ({kind}) across kill -9 + restart",
             await counters(nodes),
         )
         logs = "\n".join(f"--- {n.host.name}\n{n.stderr()[-2500:]}" for n in nodes)
