@@ -8,11 +8,18 @@ links; C's cable is pulled with ``ip link set down`` and plugged back in:
   is cut off (some before B noticed, some after A lost its route): once the link is
   back everything not expired arrives within seconds, exactly once, in order per
   sender; what expired during the cut never arrives;
-- the same for channel messages (``/channel create|join``, ``/mesh broadcast``);
-- B, holding envelopes for C, is killed and restarted on the same data directory:
-  none is lost;
+- the same for channel messages (``/channel create|join``, ``/mesh broadcast`` in the
+  REPL, and a client publishing with long and short expiries);
+- 300 channel messages published during the cut, more than Plumtree re-announces to a
+  neighbour that comes back: the rest must come by inventory sync;
+- B, holding envelopes for C (in its custody queue, or moved to its store-and-forward
+  table), is killed and restarted on the same data directory: none is lost;
 - a laptop-like node L (``mesh.carrier = true``) linked to island 1 (A) takes a copy
-  of what A holds for C, walks to island 2 (C) and delivers it there.
+  of what A holds for C, walks to island 2 (C) and delivers it there; back on island
+  1 A holds none of them any more, and nothing arrives twice.
+
+Who held what is read from the nodes' metrics (``qpc_relay_custody_queued``,
+``qpc_storefwd_held``); each test prints the counters of every node with its figures.
 
 Users and drivers reach their own node over loopback (127.0.0.1): pulling a node's
 mesh cable must not cut its local clients. Every wait is bounded; the namespaces and
