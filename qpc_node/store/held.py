@@ -1,5 +1,5 @@
 """Store-and-forward state in the node's SQLite file: held envelopes, receipt
-tombstones, the trail receipts travel back along (schema v9).
+tombstones, the trail receipts travel back along (schema v10).
 
 Plain functions over a :class:`~qpc_node.store.store.Store` (or a connection in
 a transaction), run on the store's worker thread. Policy (quotas, eviction

@@ -313,7 +313,10 @@ class GossipDriver:
         if not self._push_budget.allow(src, now):
             c.pushes_rate_limited += 1
             return False
-        got = self._validate(f.payload, now_ms)
+        try:
+            got = self._validate(f.payload, now_ms)
+        except QpcError as exc:  # a validator that raises its refusal instead
+            got = exc
         if isinstance(got, QpcError):
             c.pushes_invalid += 1
             log.debug("gossip: invalid push", extra={"node": short(src), "err": str(got)})

@@ -377,13 +377,7 @@ class PlumtreeCore:
         if len(mid) != MSG_ID_LEN or not 0 < f.hops <= 255 or not isinstance(f.payload, bytes):
             self._c.bad_frames += 1
             return
-        if len(st.ack_out) < self.policy.max_queued:
-            st.ack_out.append(mid)
-            self._ack_peers[peer] = None
-            if self._ack_at is None:
-                self._ack_at = now + self.policy.ack_delay
-        else:
-            self._c.queue_dropped += 1
+        self._queue_ack(now, peer, st, mid)
         if self._seen.add(now, mid):
             st.eager = True
             st.score += self._inc
@@ -415,6 +409,15 @@ class PlumtreeCore:
         st.out.append(Prune())
         self._dirty[peer] = None
         self._c.prunes_sent += 1
+
+    def _queue_ack(self, now: float, peer: bytes, st: _Peer, mid: bytes) -> None:
+        if len(st.ack_out) < self.policy.max_queued:
+            st.ack_out.append(mid)
+            self._ack_peers[peer] = None
+            if self._ack_at is None:
+                self._ack_at = now + self.policy.ack_delay
+        else:
+            self._c.queue_dropped += 1
 
     def _accept(
         self,
@@ -482,12 +485,12 @@ class PlumtreeCore:
         cache = self._cache
         for mid in self._ids(f.msg_ids):
             rec = un.pop(mid, None) if isinstance(mid, bytes) else None
+            e = cache.get(mid) if isinstance(mid, bytes) else None
+            if e is not None:
+                e.known.add(peer)  # it holds it (also an ACK answering a re-announce)
             if rec is None:
                 self._c.acks_unknown += 1
                 continue
-            e = cache.get(mid)
-            if e is not None:
-                e.known.add(peer)
             if rec.tries == 0:  # Karn: only never-retransmitted pushes give a sample
                 st.srtt = 0.875 * st.srtt + 0.125 * (now - rec.sent)
 
@@ -538,6 +541,10 @@ class PlumtreeCore:
             e = cache.get(mid)  # cheaper than the seen-filter, and the common case
             if e is not None or mid in seen:
                 if e is not None:
+                    if peer in e.known:
+                        # Announced again: it does not know we hold it (our IHAVE or
+                        # ACK was lost). One ACK stops its re-announcing.
+                        self._queue_ack(now, peer, st, mid)
                     e.known.add(peer)
                 if (
                     p.hop_shortcut

@@ -35,6 +35,8 @@ def make(body: bytes, *, expiry_ms: int | None = None) -> tuple[bytes, bytes]:
 
 
 def validate(payload: bytes, now_ms: int) -> bytes | QpcError:
+    if payload.startswith(b"RAISE"):  # a validator may raise its refusal, too
+        raise RemoteProtocolError("refused by raising")
     if len(payload) < 26 or payload[:2] != b"TG":
         return RemoteProtocolError("not a test message")
     if int.from_bytes(payload[18:26], "big") <= now_ms:
@@ -91,6 +93,7 @@ async def test_bad_input_from_a_neighbour_is_dropped_and_counted(tmp_path: Path)
             Push(os.urandom(16), 1, good),  # msg_id not the payload's
             Push(good_id, 99, good),  # beyond max_hops
             Push(os.urandom(16), 1, b"garbage"),
+            Push(os.urandom(16), 1, b"RAISE"),
             Ack(tuple(os.urandom(16) for _ in range(100))),  # unknown ids
             Graft(tuple(os.urandom(16) for _ in range(100))),
             IHave(tuple((os.urandom(16), 1) for _ in range(500))),
@@ -101,7 +104,7 @@ async def test_bad_input_from_a_neighbour_is_dropped_and_counted(tmp_path: Path)
         bad.frames.add()  # no kind set
         await a.fed.call_neighbour(b.node_id, M_GOSSIP, bad, gossip_pb2.GossipResponse)
         st = drivers["b"].statistics()
-        assert st.pushes_invalid == 2 and st.pushes_id_mismatch == 1 and st.pushes_over_hops == 1
+        assert st.pushes_invalid == 3 and st.pushes_id_mismatch == 1 and st.pushes_over_hops == 1
         assert st.frames_dropped_bad_id == 1 and st.frames_dropped_empty == 1
         assert st.core.acks_unknown == 100 and st.core.graft_misses == 100
         assert st.core.missing <= drivers["b"].core.policy.max_missing

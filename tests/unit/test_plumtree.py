@@ -407,3 +407,43 @@ def test_garbage_from_a_peer_is_counted_and_bounded() -> None:
     c2.link_up(0.0, nid(1))
     c2.receive(0.0, nid(2), [Push(mid_of(1), 1, b"x")])
     assert c2.statistics().unknown_peer_frames == 1 and c2.statistics().peers_refused == 1
+
+
+def test_a_repeated_ihave_is_answered_with_an_ack_that_ends_the_reannouncing() -> None:
+    """Two lazy neighbours that both hold a message and lost one IHAVE each way would
+    re-announce it to each other for the whole window; a repeat is answered with an ACK
+    instead, and an ACK (with nothing in flight) tells the announcer we hold it."""
+    # Receiving side: the second IHAVE of a held message gets an ACK.
+    c = PlumtreeCore()
+    parent, lazy = nid(1), nid(2)
+    c.link_up(0.0, parent)
+    c.link_up(0.0, lazy)
+    c.receive(0.0, lazy, [Prune()])
+    c.receive(0.0, parent, [Push(mid_of(1), 1, b"x")])
+    c.tick(1.0)
+    c.poll()
+    c.receive(1.1, lazy, [IHave(((mid_of(1), 1),))])
+    c.tick(1.2)
+    sent = [f for o in c.poll() if isinstance(o, Send) and o.peer == lazy for f in o.frames]
+    assert not [f for f in sent if isinstance(f, Ack)]
+    c.receive(1.6, lazy, [IHave(((mid_of(1), 1),))])
+    c.tick(1.7)
+    acks = [f for o in c.poll() if isinstance(o, Send) and o.peer == lazy for f in o.frames]
+    assert Ack((mid_of(1),)) in acks
+    # Announcing side: after that ACK, no more IHAVEs to it.
+    d = PlumtreeCore()
+    q = nid(3)
+    d.link_up(0.0, q)
+    d.receive(0.0, q, [Prune()])
+    d.publish(0.0, mid_of(2), b"y")
+    t = 0.0
+    announced = 0
+    while t < 6.0:
+        t += 0.05
+        if 1.0 <= t < 1.05:
+            d.receive(t, q, [Ack((mid_of(2),))])
+        d.tick(t)
+        for o in d.poll():
+            if isinstance(o, Send) and t > 1.1:
+                announced += sum(len(f.entries) for f in o.frames if isinstance(f, IHave))
+    assert announced == 0

@@ -101,24 +101,22 @@ def test_bad_parameters_refused() -> None:
 
 
 def test_memory_per_100k_ids() -> None:
-    """Measured, not estimated: tracemalloc around 100k adds spread over 12 buckets.
-
-    The figure is printed (``-s``) for the report; the bound guards against regressing to
-    a set of Python ints per id (~100 bytes an id).
-    """
-    held = ids(100_000, 9)
+    """Measured, not estimated: tracemalloc around 50k adds spread over 12 buckets
+    (half of 100k: tracemalloc makes the adds slow; bench/plumtree_core_bench.py measures
+    the full 100k). The figure is printed (``-s``), scaled to 100k ids; the bound guards
+    against regressing to a set of Python ints per id (~75 bytes an id)."""
+    n = 50_000
+    held = ids(n, 9)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         f = SeenFilter()
         for i, m in enumerate(held):
-            f.add(i * 0.07, m)  # 7000 s: 12 buckets of 10 min
+            f.add(i * 0.14, m)  # 7000 s: 12 buckets of 10 min
         used = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    assert len(f) == 100_000
-    print(
-        f"seen-filter: {used / 1024:.0f} KiB per 100k ids ({used / 1e5:.1f} B/id), "
-        f"estimate {f.memory_bytes() / 1024:.0f} KiB"
-    )
-    assert used < 2_000_000
+    assert len(f) == n
+    per_100k = used * 100_000 // n
+    print(f"seen-filter: {per_100k / 1024:.0f} KiB per 100k ids ({used / n:.1f} B/id)")
+    assert per_100k < 2_000_000
