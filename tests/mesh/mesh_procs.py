@@ -142,12 +142,13 @@ def fingerprint(user_dir: Path) -> str:
     return line.split(":", 1)[1].replace(" ", "")
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$", re.M)
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", re.M)
 
 
-def scrape(host: Host, listen: str = "127.0.0.1:9201") -> dict[str, float]:
+def scrape(host: Host, listen: str = "127.0.0.1:9201", *, labels: bool = False) -> dict[str, float]:
     """A node's /metrics (``metrics.listen`` = ``listen`` in ``host``'s namespace),
-    each family's samples summed over their labels: {name: total}."""
+    each family's samples summed over their labels: {name: total}; with ``labels``
+    each sample on its own: {name{labels}: value}."""
     code = (
         "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
         f"'http://{listen}/metrics', timeout=10).read().decode())"
@@ -158,8 +159,9 @@ def scrape(host: Host, listen: str = "127.0.0.1:9201") -> dict[str, float]:
     )  # fmt: skip
     assert r.returncode == 0, f"metrics of {host.name} at {listen}: {r.stderr[-500:]}"
     out: dict[str, float] = {}
-    for name, value in _SAMPLE.findall(r.stdout):
-        out[name] = out.get(name, 0.0) + float(value)
+    for name, lab, value in _SAMPLE.findall(r.stdout):
+        key = name + lab if labels else name
+        out[key] = out.get(key, 0.0) + float(value)
     return out
 
 

@@ -117,7 +117,7 @@ async def counters(nodes: Sequence[NodeProc]) -> str:
     for n in nodes:
         if n.proc.poll() is not None:
             continue
-        m = await trio.to_thread.run_sync(scrape, n.host, METRICS)
+        m = await trio.to_thread.run_sync(lambda n=n: scrape(n.host, METRICS, labels=True))
         nz = {k: int(v) for k, v in sorted(m.items()) if k.startswith(WATCHED) and v}
         parts.append(f"{n.host.name} {nz}")
     return "; ".join(parts)
