@@ -41,11 +41,11 @@ proto-check: venv
 	PYTHON=$(abspath $(PY)) scripts/check_proto.sh
 
 lint: venv
-	$(VENV)/bin/ruff check qpc_node tests bench
-	$(VENV)/bin/ruff format --check qpc_node tests bench
+	$(VENV)/bin/ruff check qpc_node qpc_sim tests bench
+	$(VENV)/bin/ruff format --check qpc_node qpc_sim tests bench
 
 typecheck: build
-	$(VENV)/bin/mypy qpc_node
+	$(VENV)/bin/mypy qpc_node qpc_sim
 
 clippy:
 	cd rust && cargo clippy --all-targets -- -D warnings

@@ -408,6 +408,11 @@ class Node:
                         self.federation,
                         self.channels.validate,
                         self.channels.deliver,
+                        limits=(
+                            self._federation_setup.gossip_limits
+                            if self._federation_setup is not None
+                            else None
+                        ),
                         wall_ms=self._wall_ms,
                     )
 

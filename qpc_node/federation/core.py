@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -83,6 +83,9 @@ from qpc_node.storefwd import receipts
 from qpc_node.storefwd.forward import M_RECEIPT
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2, federation_pb2
 
+if TYPE_CHECKING:  # storefwd/gossip.py imports this module
+    from qpc_node.storefwd.gossip import GossipLimits
+
 __all__ = [
     "CLOSE_DEAD",
     "CLOSE_DUPLICATE",
@@ -124,9 +127,6 @@ ResponseT = TypeVar("ResponseT", bound=Message)
 
 AnnounceSink = Callable[[bytes, bytes], bool]
 """``sink(from_node, payload) -> accepted``: the routing core's intake (sans-IO, sync)."""
-
-ReqT = TypeVar("ReqT", bound=Message)
-RespT = TypeVar("RespT", bound=Message)
 
 
 class Federation:
@@ -175,7 +175,6 @@ class Federation:
         )
         self._kp_forwarding: set[bytes] = set()
         self._link_listeners: list[Callable[[LinkEvent], None]] = []
-        self._up_listeners: list[Callable[[bytes], None]] = []
         self._count = CounterTable()
         self._links = Links(
             self.node_id,
@@ -249,8 +248,6 @@ class Federation:
     def _on_link_up(self, nid: bytes) -> None:
         self.custody.kick(nid)
         self.custody.storefwd.link_up(nid)
-        for fn in self._up_listeners:
-            fn(nid)
 
     def routes_changed(self) -> None:
         """The routing core's table changed: held envelopes may have a route now."""
@@ -284,45 +281,16 @@ class Federation:
         self._table.register(name, request_type, response_type, serve)
 
     async def call_neighbour(
-        self, nid: bytes, method: str, request: Message, response_type: type[ResponseT]
-    ) -> ResponseT:
-        """One call of ``method`` on neighbour ``nid``'s federation table."""
-        return await self._link(nid).rpc.call(
-            method, request, response_type, timeout=self.timers.call_timeout
-        )
-
-    # ------------------------------------------------------------------ extensions
-    def on_link_up(self, fn: Callable[[bytes], None]) -> None:
-        """Also call ``fn(node_id)`` (sync, must not block) when a link comes up or is
-        replaced by a new incarnation of its neighbour (inventory sync starts there)."""
-        self._up_listeners.append(fn)
-
-    def serve(
-        self,
-        name: str,
-        request_type: type[ReqT],
-        response_type: type[RespT],
-        handler: Callable[[bytes, ReqT], Awaitable[RespT]],
-    ) -> None:
-        """Serve one more ``qpc-fed/1`` method (inventory sync, gossip): ``handler(src,
-        req)`` gets the calling neighbour's node id after its call and byte budgets
-        were charged, as the built-in methods do."""
-
-        async def h(req: ReqT, ctx: CallContext) -> RespT:
-            return await handler(self._caller(ctx, req.ByteSize()), req)
-
-        self._table.register(name, request_type, response_type, h)
-
-    async def call(
         self,
         nid: bytes,
         method: str,
         request: Message,
-        response_type: type[RespT],
+        response_type: type[ResponseT],
         *,
         timeout: float | None = None,  # noqa: ASYNC109 -- the RPC client's own deadline
-    ) -> RespT:
-        """One federation RPC to neighbour ``nid`` over its link (UNAVAILABLE without one)."""
+    ) -> ResponseT:
+        """One call of ``method`` on neighbour ``nid``'s federation table (UNAVAILABLE
+        without a link); ``timeout`` defaults to the link timers' call timeout."""
         return await self._link(nid).rpc.call(
             method, request, response_type, timeout=timeout or self.timers.call_timeout
         )
@@ -659,6 +627,8 @@ class FederationSetup:
     home_of: Callable[[bytes], bytes | None] | None = None
     """A user's home node id in the routing bindings (receipts are verified against
     it); None: the resolver's ``home_of`` if it has one (StaticRoutes), else unknown."""
+    gossip_limits: GossipLimits | None = None
+    """Per-neighbour limits of the broadcast driver (storefwd/gossip.py); None: its defaults."""
 
 
 async def build_federation(

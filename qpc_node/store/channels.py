@@ -31,6 +31,7 @@ from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
 from qpc_node.wire.channel import (
     REASONS,
+    ChannelHopLimit,
     ChannelMessage,
     ChannelMessageError,
     ChannelPolicy,
@@ -330,11 +331,16 @@ class ChannelStore:
             self._notify()
         return res.added
 
-    def validate(self, payload: bytes, now_ms: int, /) -> bytes | QpcError:
+    def validate(self, payload: bytes, now_ms: int, hops: int = 0, /) -> bytes | QpcError:
         """The relay checks on a payload from a neighbour: its msg_id, or the typed
-        error that refuses it (returned, and counted here by reason)."""
+        error that refuses it (returned, and counted here by reason). ``hops``: how far
+        the copy has travelled; past the sender's hop_limit it is refused (the gossip
+        driver forwards the sender's bytes unchanged and counts hops beside them)."""
         try:
-            return decode_channel_message(payload, now_ms, self.policy).msg_id
+            msg = decode_channel_message(payload, now_ms, self.policy)
+            if hops > msg.hop_limit:
+                raise ChannelHopLimit(f"travelled {hops} hops, hop_limit {msg.hop_limit}")
+            return msg.msg_id
         except ChannelMessageError as exc:
             self.refused(exc)
             return exc

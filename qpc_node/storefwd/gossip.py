@@ -62,9 +62,13 @@ M_GOSSIP = "qpc.v1.Federation/Gossip"
 
 class PayloadValidator(Protocol):
     """Checks a payload (an encoded ChannelMessage) as a relay can; returns its msg_id,
-    or the typed error that refuses it (returned, not raised: refusals are counted)."""
+    or the typed error that refuses it (returned, not raised: refusals are counted).
 
-    def __call__(self, payload: bytes, now_ms: int, /) -> bytes | QpcError: ...
+    ``hops``: node-to-node hops the copy has travelled (0 for a local publish); the
+    payload's own hop limit is the validator's to enforce (relays forward the sender's
+    bytes unchanged, so the limit is compared with the hop count, not decremented)."""
+
+    def __call__(self, payload: bytes, now_ms: int, hops: int, /) -> bytes | QpcError: ...
 
 
 DeliverSink = Callable[[bytes], Awaitable[None]]
@@ -314,7 +318,7 @@ class GossipDriver:
             c.pushes_rate_limited += 1
             return False
         try:
-            got = self._validate(f.payload, now_ms)
+            got = self._validate(f.payload, now_ms, f.hops)
         except QpcError as exc:  # a validator that raises its refusal instead
             got = exc
         if isinstance(got, QpcError):
@@ -341,7 +345,7 @@ class GossipDriver:
 
         Returns its msg_id; raises the validator's typed error if it refuses it.
         """
-        got = self._validate(payload, self._wall_ms())
+        got = self._validate(payload, self._wall_ms(), 0)
         if isinstance(got, QpcError):
             raise got
         if len(got) != 16:

@@ -30,6 +30,7 @@ import trio
 
 from qpc_node.errors import ConfigError, QpcError
 from qpc_node.federation.core import Federation
+from qpc_node.federation.links import LinkEvent
 from qpc_node.mesh.nodeid import short
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.log import get_logger
@@ -103,14 +104,16 @@ class Syncer:
         self._trigger_tx, self._trigger_rx = trio.open_memory_channel[bytes](trigger_buffer)
         self.triggers_dropped = 0
         self._reconfigured = trio.Event()
-        federation.serve(M_SYNC, sync_pb2.SyncRequest, sync_pb2.SyncResponse, self._h_sync)
-        federation.serve(
+        federation.register_method(
+            M_SYNC, sync_pb2.SyncRequest, sync_pb2.SyncResponse, self._h_sync
+        )
+        federation.register_method(
             M_SYNC_FETCH, sync_pb2.SyncFetchRequest, sync_pb2.SyncFetchResponse, self._h_fetch
         )
-        federation.serve(
+        federation.register_method(
             M_SYNC_PUSH, sync_pb2.SyncPushRequest, sync_pb2.SyncPushResponse, self._h_push
         )
-        federation.on_link_up(self._link_up)
+        federation.add_link_listener(self._link_event)
 
     def add_source(self, source: SyncSource) -> None:
         """Reconcile ``source``'s scope from now on (one source per scope)."""
@@ -140,6 +143,10 @@ class Syncer:
                     nursery.start_soon(self._sync_later, nid, delay)
             finally:
                 self._nursery = None
+
+    def _link_event(self, ev: LinkEvent) -> None:
+        if ev.kind == "up":
+            self._link_up(ev.node_id)
 
     def _link_up(self, nid: bytes) -> None:
         try:
@@ -218,17 +225,19 @@ class Syncer:
         try:
             req: sync_pb2.SyncRequest | None = s.start()
             while req is not None:
-                ans = await fed.call(peer, M_SYNC, req, sync_pb2.SyncResponse, timeout=timeout)
+                ans = await fed.call_neighbour(
+                    peer, M_SYNC, req, sync_pb2.SyncResponse, timeout=timeout
+                )
                 req = s.on_answer(ans)
             if s.have:
                 offered = await source.offer(peer, s.have, self._wall_ms())
                 for push in s.push_requests(offered):
-                    resp = await fed.call(
+                    resp = await fed.call_neighbour(
                         peer, M_SYNC_PUSH, push, sync_pb2.SyncPushResponse, timeout=timeout
                     )
                     s.on_push_response(resp, len(push.items))
             for fetch in s.fetch_requests():
-                got = await fed.call(
+                got = await fed.call_neighbour(
                     peer, M_SYNC_FETCH, fetch, sync_pb2.SyncFetchResponse, timeout=timeout
                 )
                 items = s.on_fetch_response(got, len(fetch.ids))
@@ -260,7 +269,7 @@ class Syncer:
         return True
 
     # ------------------------------------------------------------------ serving
-    async def _h_sync(self, src: bytes, req: sync_pb2.SyncRequest) -> sync_pb2.SyncResponse:
+    async def _h_sync(self, req: sync_pb2.SyncRequest, src: bytes) -> sync_pb2.SyncResponse:
         now_ms = self._wall_ms()
         r = self.core.on_query(src, req, trio.current_time(), now_ms)
         if isinstance(r, NeedItems):
@@ -275,7 +284,7 @@ class Syncer:
         return r
 
     async def _h_fetch(
-        self, src: bytes, req: sync_pb2.SyncFetchRequest
+        self, req: sync_pb2.SyncFetchRequest, src: bytes
     ) -> sync_pb2.SyncFetchResponse:
         r = self.core.on_fetch(src, req, trio.current_time())
         if isinstance(r, sync_pb2.SyncFetchResponse):
@@ -283,7 +292,7 @@ class Syncer:
         items = await self._sources[int(req.scope)].offer(src, r, self._wall_ms())
         return self.core.fetch_answer(len(r), items)
 
-    async def _h_push(self, src: bytes, req: sync_pb2.SyncPushRequest) -> sync_pb2.SyncPushResponse:
+    async def _h_push(self, req: sync_pb2.SyncPushRequest, src: bytes) -> sync_pb2.SyncPushResponse:
         r = self.core.on_push(src, req, trio.current_time())
         if isinstance(r, sync_pb2.SyncPushResponse):
             return r

@@ -32,5 +32,4 @@ __all__ = [
 
 # Mesh routing (announcements, bindings, RouteUpdate batches) is h_mesh, mDNS TXT and
 # static peers h_mesh_discovery, broadcast channel messages h_channel, gossip frames
-# h_gossip, store-and-forward receipts h_storefwd; inventories register with
-# ``registry.pure`` when they land.
+# h_gossip, store-and-forward receipts h_storefwd, inventory sync messages h_sync.

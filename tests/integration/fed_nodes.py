@@ -25,6 +25,7 @@ from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.quic.tls import NodeCredentials, load_or_create_node_credentials
 from qpc_node.store import Envelope
 from qpc_node.store.fairness import SenderKey
+from qpc_node.storefwd.gossip import GossipLimits
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2
 from tests.integration.node_harness import node_config
 
@@ -88,6 +89,7 @@ async def fed_node(
     wall: ManualWallClock | None = None,
     announce_sink: object = None,
     config: dict[str, dict[str, str]] | None = None,
+    gossip_limits: GossipLimits | None = None,
 ) -> AsyncIterator[FedNode]:
     _, nid = identity(tmp, name)
     routes = routes if routes is not None else StaticRoutes(nid)
@@ -99,6 +101,7 @@ async def fed_node(
         limits=limits,
         timers=timers,
         announce_sink=announce_sink,  # type: ignore[arg-type]
+        gossip_limits=gossip_limits,
     )
     sections = dict(config or {})
     sections["node"] = {

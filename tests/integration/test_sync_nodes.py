@@ -235,7 +235,7 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
                 req = sync_pb2.SyncRequest(
                     session_id=b"m" * 16, scope=SCOPE_CHANNELS, message=message
                 )
-                resp = await a.fed.call(b_id, M_SYNC, req, sync_pb2.SyncResponse)
+                resp = await a.fed.call_neighbour(b_id, M_SYNC, req, sync_pb2.SyncResponse)
                 assert resp.WhichOneof("result") == "refusal" and resp.refusal.reason == reason
             first = Negentropy([]).initiate()
             reasons = []
@@ -243,7 +243,7 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
                 req = sync_pb2.SyncRequest(
                     session_id=bytes([k]) * 16, scope=SCOPE_CHANNELS, message=first
                 )
-                resp = await a.fed.call(b_id, M_SYNC, req, sync_pb2.SyncResponse)
+                resp = await a.fed.call_neighbour(b_id, M_SYNC, req, sync_pb2.SyncResponse)
                 if resp.WhichOneof("result") == "refusal":
                     assert resp.refusal.retry_after_ms > 0
                     reasons.append(resp.refusal.reason)
