@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ class NodeProc:
     at once, then ``wait_ready()`` each). ``log``: the node's log level; its lines
     are JSON (``log_events``). ``env`` (also the 4th positional argument): more
     ``QPC_*`` settings (e.g. ``federation.*``, static peers), applied after the
-    defaults here (so ``QPC_MESH_MDNS`` may be overridden).
+    defaults here (so ``QPC_MESH_MDNS`` may be overridden). ``args``: more command-line
+    arguments (e.g. ``--config FILE``).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class NodeProc:
         ready: bool = True,
         log: str | None = None,
         port: int = 4201,
+        args: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.data = data
@@ -67,7 +69,7 @@ class NodeProc:
         self.launched = time.time()
         self.proc = host.popen(
             [sys.executable, "-m", "qpc_node.cli", "node", "--listen", f"[::]:{port}",
-             "--data", str(data)],
+             "--data", str(data), *args],
             stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, env=full_env,
         )  # fmt: skip
         host.kit.add_cleanup(self._log.close)
@@ -138,6 +140,29 @@ def fingerprint(user_dir: Path) -> str:
     ).stdout  # fmt: skip
     line = next(x for x in out.splitlines() if x.startswith("fingerprint:"))
     return line.split(":", 1)[1].replace(" ", "")
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$", re.M)
+
+
+def scrape(host: Host, listen: str = "127.0.0.1:9201", *, labels: bool = False) -> dict[str, float]:
+    """A node's /metrics (``metrics.listen`` = ``listen`` in ``host``'s namespace),
+    each family's samples summed over their labels: {name: total}; with ``labels``
+    each sample on its own: {name{labels}: value}."""
+    code = (
+        "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+        f"'http://{listen}/metrics', timeout=10).read().decode())"
+    )
+    r = subprocess.run(
+        host.cmd([sys.executable, "-c", code]),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, f"metrics of {host.name} at {listen}: {r.stderr[-500:]}"
+    out: dict[str, float] = {}
+    for name, lab, value in _SAMPLE.findall(r.stdout):
+        key = name + lab if labels else name
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def loadavg() -> str:
@@ -267,12 +292,19 @@ class Driver:
 
 @asynccontextmanager
 async def driver(
-    host: Host, node: NodeProc, user_dir: Path, *, server: str | None = None, receive: bool = False
+    host: Host,
+    node: NodeProc,
+    user_dir: Path,
+    *,
+    server: str | None = None,
+    receive: bool = False,
+    module: str = "tests.integration.agent_driver",
 ) -> AsyncIterator[Driver]:
-    """Start the driver as ``user_dir``'s user on ``node``; killed on exit."""
+    """Start the driver as ``user_dir``'s user on ``node``; killed on exit. ``module``:
+    another driver speaking the same JSON lines (e.g. ``tests.mesh.partition_driver``)."""
     if server is None:
         server = f"{host.links[0].ipv4}:{node.port}"
-    argv = [sys.executable, "-m", "tests.integration.agent_driver", "--server", server,
+    argv = [sys.executable, "-m", module, "--server", server,
             "--pin", node.pin, "--data", str(user_dir)] + (["--receive"] if receive else [])  # fmt: skip
     proc = await trio.lowlevel.open_process(
         host.cmd(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO
