@@ -35,9 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qpc_node.storefwd.plumtree import PlumtreePolicy
 from qpc_sim.dm import DmScenario, run_dm
 from qpc_sim.net import FullListReconciler, Reconciler
-from qpc_sim.protocols import all_protocols, have_ours
+from qpc_sim.protocols import all_protocols
 from qpc_sim.reconcile import NegentropyReconciler, full_list_bytes, negentropy_class
 from qpc_sim.scenarios import (
     Partition,
@@ -129,8 +130,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer messages, no 1000-node row")
     args = ap.parse_args()
     seed = args.seed
-    if not have_ours():
-        print("NOTE: qpc_node.storefwd.plumtree is not in this tree: only the baselines run")
     t_start = time.monotonic()
     print(f"reconciliation in the scenarios: {reconciler().name}")
     print(HEADER)
@@ -154,24 +153,21 @@ def main() -> None:
                 summary = {r.protocol: r for r in res}
                 frames_profile(res)
     system: dict[str, Any] = {"periodic_sync": SYNC_PERIOD, "drain": SYNC_DRAIN}
-    if have_ours():
-        # Public policy knobs of our core, same 50-node graph and seed as above: the
-        # previous policy, and flooding two hops out always (not only while lossy).
-        from qpc_node.storefwd.plumtree import PlumtreePolicy
-
-        g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))
-        variants = {
-            "ours-prev": dataclasses.replace(PlumtreePolicy(), **PREVIOUS),
-            "ours-fh2": dataclasses.replace(PlumtreePolicy(), flood_hops=2),
-        }
-        for loss in (0.0, 0.3):
-            for name, pol in variants.items():
-                sc = Scenario(
-                    f"rgg50(d{g.mean_degree:.1f})", g, loss, msgs[50], interval=0.25, **system
-                )
-                show(sc, seed, pol, only="ours", label=name)
-        print(f"  ours-prev = PlumtreePolicy defaults with {PREVIOUS}")
-        print("  ours-fh2 = PlumtreePolicy defaults with flood_hops=2")
+    # Public policy knobs of our core, same 50-node graph and seed as above: the
+    # previous policy, and flooding two hops out always (not only while lossy).
+    g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))
+    variants = {
+        "ours-prev": dataclasses.replace(PlumtreePolicy(), **PREVIOUS),
+        "ours-fh2": dataclasses.replace(PlumtreePolicy(), flood_hops=2),
+    }
+    for loss in (0.0, 0.3):
+        for name, pol in variants.items():
+            sc = Scenario(
+                f"rgg50(d{g.mean_degree:.1f})", g, loss, msgs[50], interval=0.25, **system
+            )
+            show(sc, seed, pol, only="ours", label=name)
+    print(f"  ours-prev = PlumtreePolicy defaults with {PREVIOUS}")
+    print("  ours-fh2 = PlumtreePolicy defaults with flood_hops=2")
     # Sensitivity: one transmitter per node (its sends share the airtime) instead of
     # independent links; not used for the last line.
     g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))

@@ -5,17 +5,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from qpc_node.storefwd.plumtree import PlumtreeCore, PlumtreePolicy
+from qpc_node.storefwd.seen import SeenFilter
 from qpc_sim.flooding import Flooding
 from qpc_sim.gossipsub import Gossipsub, GossipsubParams
 from qpc_sim.scenarios import CoreFactory
-
-
-def have_ours() -> bool:
-    try:
-        import qpc_node.storefwd.plumtree  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def ours(seed: int, policy: Any = None) -> CoreFactory:
@@ -24,9 +18,6 @@ def ours(seed: int, policy: Any = None) -> CoreFactory:
     The seen-filter gets a key derived from the seed (the node draws a random one), so a
     run is reproducible; the key only matters for a 64-bit fingerprint collision.
     """
-    from qpc_node.storefwd.plumtree import PlumtreeCore, PlumtreePolicy
-    from qpc_node.storefwd.seen import SeenFilter
-
     pol = policy if policy is not None else PlumtreePolicy()
 
     def make(i: int, _peer: bytes) -> Any:
@@ -43,11 +34,9 @@ def ours(seed: int, policy: Any = None) -> CoreFactory:
 
 
 def all_protocols(seed: int, policy: Any = None) -> dict[str, CoreFactory]:
-    """flooding, gossipsub, and ours when the Plumtree core is importable, in that order."""
-    out: dict[str, CoreFactory] = {
+    """flooding, gossipsub, and ours, in that order."""
+    return {
         "flooding": lambda i, peer: Flooding(peer),
         "gossipsub": lambda i, peer: Gossipsub(peer, GossipsubParams(), seed=seed),
+        "ours": ours(seed, policy),
     }
-    if have_ours():
-        out["ours"] = ours(seed, policy)
-    return out

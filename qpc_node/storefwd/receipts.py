@@ -33,6 +33,7 @@ from enum import Enum
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.protobuf.message import DecodeError
 
 from qpc_node.errors import RemoteProtocolError
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
@@ -118,7 +119,7 @@ def parse_request(data: bytes) -> list[Receipt | RemoteProtocolError]:
     req = federation_pb2.ReceiptRequest()
     try:
         req.ParseFromString(data)
-    except Exception as exc:  # protobuf's DecodeError and friends: the sender's fault
+    except DecodeError as exc:  # the sender's fault
         raise RemoteProtocolError(f"malformed receipt request: {exc}") from None
     return parse_receipts(req.receipts)
 

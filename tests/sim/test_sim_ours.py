@@ -13,11 +13,9 @@ import random
 import pytest
 
 from qpc_sim.flooding import Flooding
-from qpc_sim.protocols import have_ours, ours
+from qpc_sim.protocols import ours
 from qpc_sim.scenarios import Partition, Scenario, run
 from qpc_sim.topology import random_geometric, two_clusters
-
-pytestmark = pytest.mark.skipif(not have_ours(), reason="the Plumtree core is not merged")
 
 SEED = 11
 
