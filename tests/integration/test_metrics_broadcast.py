@@ -92,8 +92,8 @@ async def test_sync_families_from_a_link_up_session_between_real_nodes(tmp_path:
     _, b_id = identity(tmp_path, "b")
     with trio.fail_after(30):
         async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
-            sa = syncer_of(a, [a_src], interval_s=3600.0, link_up_delay_s=0.0)
-            sb = syncer_of(b, [b_src], interval_s=3600.0, link_up_delay_s=0.0)
+            sa = syncer_of(a, [a_src], interval_s=3600.0, link_up_delay_s=5.0)
+            sb = syncer_of(b, [b_src], interval_s=3600.0, link_up_delay_s=5.0)
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             await until(lambda: a_src.msg_ids() == b_src.msg_ids() == want)
             await until(
