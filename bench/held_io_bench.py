@@ -194,7 +194,7 @@ class Bench:
                     if box[0] == 0:
                         break
             while rows := relay_due(self.store, HOP, later, RELAY_BATCH if grouped else 1):
-                ids_done = [q.id for q in rows]
+                ids_done = [(q.id, q.envelope.msg_id) for q in rows]
                 t["forwarded"].add(lambda ids_done=ids_done: relay_done(self.store, ids_done))
             per_rpc = MAX_RECEIPTS if grouped else 1
             for s in range(0, n, per_rpc):
@@ -230,7 +230,7 @@ class Bench:
             items = [RelayItem(HOP, NEIGHBOUR, e, None, ORIGIN_NODE) for e in envs[s : s + step]]
             t.add(lambda items=items: relay_accept(self.store, items, NOW, QUEUE))
         while rows := relay_due(self.store, HOP, NOW, step):
-            ids_done = [q.id for q in rows]
+            ids_done = [(q.id, q.envelope.msg_id) for q in rows]
             t.add(lambda ids_done=ids_done: relay_done(self.store, ids_done))
         per_rpc = MAX_RECEIPTS if grouped else 1
         for s in range(0, n, per_rpc):

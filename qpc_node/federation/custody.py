@@ -70,7 +70,7 @@ from qpc_node.store.federation import (
     relay_retry_later,
 )
 from qpc_node.store.held import HoldItem
-from qpc_node.store.records import FINGERPRINT_LEN, Envelope
+from qpc_node.store.records import FINGERPRINT_LEN, Envelope, RowRef
 from qpc_node.store.store import EnqueueBatch, EnqueueOutcome, Store
 from qpc_node.storefwd.forward import StoreForward
 from qpc_node.storefwd.held import ExpiryVerdict, check_expiry
@@ -236,7 +236,7 @@ def _enqueue_many(store: Store, args: list[list[EnqueueBatch]]) -> list[list[Enq
     return out
 
 
-def _done_many(store: Store, args: list[list[int]]) -> list[int]:
+def _done_many(store: Store, args: list[list[RowRef]]) -> list[int]:
     return relay_done_many(store, args)
 
 
@@ -747,15 +747,15 @@ class Custody:
             )
             return False
         counters = self._count(link.node_id)
-        done: list[int] = []
-        later: list[tuple[int, int]] = []
+        done: list[RowRef] = []
+        later: list[tuple[int, bytes, int]] = []
         refused: Counter[str] = Counter()
         details: dict[str, str] = {}  # first detail per status, for the log
         now = self._wall_ms()
         t = self.timers
         for q, res in zip(batch, resp.results, strict=True):
             if res.status in _TAKEN:
-                done.append(q.id)
+                done.append((q.id, q.envelope.msg_id))
                 counters.relayed_out += 1
             elif (
                 res.status in _RETRY
@@ -766,9 +766,9 @@ class Custody:
                 delay = t.retry_initial * 2 ** min(q.attempts, 8)
                 if res.status in _RETRY_FULL or res.status in _RETRY_HANDOVER:
                     delay = min(t.retry_initial * 2 ** min(q.attempts, 30), t.full_retry_max)
-                later.append((q.id, now + int(1000 * delay)))
+                later.append((q.id, q.envelope.msg_id, now + int(1000 * delay)))
             else:
-                done.append(q.id)
+                done.append((q.id, q.envelope.msg_id))
                 name = status_name(res.status)
                 counters.refused_out[name] += 1
                 refused[name] += 1
@@ -787,10 +787,12 @@ class Custody:
             await self._store.run(lambda s: relay_retry_later(s, later))
         return True
 
-    async def _end_custody(self, hop: bytes, ids: list[int]) -> None:
-        """Delete ``ids`` (the next hop took them, or refused them for good); returns
-        once that is committed (with the deletes of other batches settling meanwhile)."""
-        n = await self._deletes.call(ids)  # awaited first: others settle meanwhile
+    async def _end_custody(self, hop: bytes, rows: list[RowRef]) -> None:
+        """Delete ``rows`` (the next hop took them, or refused them for good); returns
+        once that is committed (with the deletes of other batches settling meanwhile).
+        A row a receipt purged meanwhile is not counted (and its id, reused by a newer
+        envelope, does not match: see :data:`~qpc_node.store.federation.RowRef`)."""
+        n = await self._deletes.call(rows)  # awaited first: others settle meanwhile
         self.queued[hop] -= n
 
     async def _sweep(self) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 from qpc_node.errors import ConfigError
 from qpc_node.store.held import seen_add
 from qpc_node.store.mailbox import note_sent, release_to_custody
-from qpc_node.store.records import Envelope
+from qpc_node.store.records import Envelope, RowRef
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
 
@@ -400,34 +400,36 @@ def relay_next_attempt(store: Store, next_hop: bytes, now_ms: int) -> int | None
     return None if row[0] is None else int(row[0])
 
 
-def relay_done(store: Store, ids: Sequence[int]) -> int:
+def relay_done(store: Store, rows: Sequence[RowRef]) -> int:
     """The next hop acknowledged (or finally refused) these: custody ends here."""
-    if not ids:
+    if not rows:
         return 0
     with transaction(store.conn) as conn:
-        cur = conn.executemany("DELETE FROM relay_queue WHERE id = ?", [(i,) for i in ids])
+        cur = conn.executemany("DELETE FROM relay_queue WHERE id = ? AND msg_id = ?", rows)
         return cur.rowcount  # executemany: the rows deleted by all statements together
 
 
-def relay_done_many(store: Store, groups: Sequence[Sequence[int]]) -> list[int]:
+def relay_done_many(store: Store, groups: Sequence[Sequence[RowRef]]) -> list[int]:
     """:func:`relay_done` for several callers in one transaction: rows deleted per group."""
     with transaction(store.conn) as conn:
         return [
-            conn.executemany("DELETE FROM relay_queue WHERE id = ?", [(i,) for i in ids]).rowcount
-            if ids
+            conn.executemany("DELETE FROM relay_queue WHERE id = ? AND msg_id = ?", rows).rowcount
+            if rows
             else 0
-            for ids in groups
+            for rows in groups
         ]
 
 
-def relay_retry_later(store: Store, retries: Sequence[tuple[int, int]]) -> None:
-    """``(id, at_ms)``: the next hop could not take these yet; try each again at its time."""
+def relay_retry_later(store: Store, retries: Sequence[tuple[int, bytes, int]]) -> None:
+    """``(id, msg_id, at_ms)``: the next hop could not take these yet; try each again at
+    its time."""
     if not retries:
         return
     with transaction(store.conn) as conn:
         conn.executemany(
-            "UPDATE relay_queue SET attempts = attempts + 1, next_attempt_ms = ? WHERE id = ?",
-            [(at_ms, i) for i, at_ms in retries],
+            "UPDATE relay_queue SET attempts = attempts + 1, next_attempt_ms = ?"
+            " WHERE id = ? AND msg_id = ?",
+            [(at_ms, i, m) for i, m, at_ms in retries],
         )
 
 

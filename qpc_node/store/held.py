@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qpc_node.store import audit
-from qpc_node.store.records import AuditEvent, Envelope
+from qpc_node.store.records import AuditEvent, Envelope, RowRef
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
 from qpc_node.storefwd.held import (
@@ -345,10 +345,11 @@ def release(
     return Released(moved, dropped, int(left))
 
 
-def held_drop(store: Store, ids: Sequence[int]) -> int:
-    """Held rows now stored elsewhere (the local mailbox took them)."""
+def held_drop(store: Store, rows: Sequence[RowRef]) -> int:
+    """Held rows now stored elsewhere (the local mailbox took them); ``(id, msg_id)``
+    as read before the store call (:data:`~qpc_node.store.federation.RowRef`)."""
     with transaction(store.conn) as conn:
-        return conn.executemany("DELETE FROM held WHERE id = ?", [(i,) for i in ids]).rowcount
+        return conn.executemany("DELETE FROM held WHERE id = ? AND msg_id = ?", rows).rowcount
 
 
 def held_expire(store: Store, now_ms: int, *, max_rows: int = 10_000) -> int:
@@ -566,7 +567,10 @@ def spray_done(store: Store, carrier: bytes, sprayed: Sequence[tuple[HeldRow, in
     """``(row, tokens kept)``: the carrier took a copy; receipts go to it too."""
     with transaction(store.conn) as conn:
         for h, kept in sprayed:
-            conn.execute("UPDATE held SET tokens = ? WHERE id = ?", (kept, h.id))
+            conn.execute(
+                "UPDATE held SET tokens = ? WHERE id = ? AND msg_id = ?",
+                (kept, h.id, h.envelope.msg_id),
+            )
             _trail(conn, h.envelope.msg_id, carrier, h.envelope.expiry_ms)
 
 
@@ -578,14 +582,15 @@ class CustodyRow:
     id: int
     recipient: bytes
     hop_limit: int
+    msg_id: bytes
 
 
 def custody_toward(store: Store, hop: bytes, limit: int = 1024) -> list[CustodyRow]:
     """Custody rows bound to ``hop`` (what a re-route looks at)."""
     return [
-        CustodyRow(int(r[0]), bytes(r[1]), int(r[2]))
+        CustodyRow(int(r[0]), bytes(r[1]), int(r[2]), bytes(r[3]))
         for r in store.conn.execute(
-            "SELECT id, recipient, hop_limit FROM relay_queue WHERE next_hop = ? ORDER BY id"
+            "SELECT id, recipient, hop_limit, msg_id FROM relay_queue WHERE next_hop = ? ORDER BY id"
             " LIMIT ?",
             (hop, limit),
         )
@@ -594,28 +599,29 @@ def custody_toward(store: Store, hop: bytes, limit: int = 1024) -> list[CustodyR
 
 def reroute(
     store: Store,
-    moves: Sequence[tuple[int, bytes]],
-    to_held: Sequence[int],
+    moves: Sequence[tuple[RowRef, bytes]],
+    to_held: Sequence[RowRef],
     now_ms: int,
     tokens: int,
 ) -> tuple[int, int]:
-    """Custody rows go to another next hop (``(id, hop)``) or back to ``held``
+    """Custody rows go to another next hop (``((id, msg_id), hop)``) or back to ``held``
     (``hop_limit`` restored: the decrement is redone when it is released), in one
     transaction. Rows already gone (taken meanwhile) are skipped. Returns
     (moved, held)."""
     moved = held = 0
     with transaction(store.conn) as conn:
-        for row_id, hop in moves:
+        for (row_id, msg_id), hop in moves:
             moved += conn.execute(
                 "UPDATE relay_queue SET next_hop = ?, attempts = 0, next_attempt_ms = 0"
-                " WHERE id = ?",
-                (hop, row_id),
+                " WHERE id = ? AND msg_id = ?",
+                (hop, row_id, msg_id),
             ).rowcount
-        for row_id in to_held:
+        for row_id, msg_id in to_held:
             r = conn.execute(
                 "SELECT msg_id, recipient, expiry_ms, hop_limit, ciphertext, origin,"
-                " coalesce(origin_node, from_node), from_node FROM relay_queue WHERE id = ?",
-                (row_id,),
+                " coalesce(origin_node, from_node), from_node FROM relay_queue"
+                " WHERE id = ? AND msg_id = ?",
+                (row_id, msg_id),
             ).fetchone()
             if r is None:
                 continue

@@ -147,3 +147,11 @@ class SweepResult(msgspec.Struct, frozen=True):
     expired: int  # unacked messages (or unused KeyPackages) dropped at expiry
     tombstones: int  # acked-message markers whose idempotency window closed
     more: bool
+
+
+RowRef = tuple[int, bytes]
+"""``(id, msg_id)`` of a custody (or held) row read earlier. Row ids are SQLite rowids,
+which a later insert reuses once the row is gone (a receipt may purge it while its
+batch is still in flight), so every statement acting on a row read before an await
+matches the msg_id too: a stale id then matches nothing instead of someone else's
+envelope."""

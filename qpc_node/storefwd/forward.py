@@ -58,7 +58,7 @@ from qpc_node.store.held import (
     spray_candidates,
     spray_done,
 )
-from qpc_node.store.records import FINGERPRINT_LEN
+from qpc_node.store.records import FINGERPRINT_LEN, RowRef
 from qpc_node.store.store import EnqueueBatch, EnqueueOutcome
 from qpc_node.storefwd import receipts as rc
 from qpc_node.storefwd.held import EvictReason, HoldPolicy, should_reroute, spray_split
@@ -270,11 +270,11 @@ class StoreForward:
             for h in rows
         ]
         outs = await self._custody.store_local(batches)
-        done: list[int] = []
+        done: list[RowRef] = []
         for h, out in zip(rows, outs, strict=True):
             if isinstance(out, QpcError):
                 continue  # quota: stays held, tried again on the next pass
-            done.append(h.id)
+            done.append((h.id, h.envelope.msg_id))
             if h.from_node != self.node_id:
                 self.emit_receipt(h.envelope.msg_id, h.envelope.recipient, h.from_node)
         if done:
@@ -308,14 +308,14 @@ class StoreForward:
             if not should_reroute(self._custody.down_since(hop), now, self.policy):
                 continue
             rows = await self._store.run(functools.partial(custody_toward, hop=hop))
-            moves: list[tuple[int, bytes]] = []
-            to_held: list[int] = []
+            moves: list[tuple[RowRef, bytes]] = []
+            to_held: list[RowRef] = []
             for r in rows:
                 route = self._resolve(r.recipient)
                 if isinstance(route, NextHop) and route.node_id not in (hop, self.node_id):
-                    moves.append((r.id, route.node_id))
+                    moves.append(((r.id, r.msg_id), route.node_id))
                 elif not isinstance(route, NextHop | Local):
-                    to_held.append(r.id)
+                    to_held.append((r.id, r.msg_id))
             if not moves and not to_held:
                 continue
             moved, held = await self._store.run(

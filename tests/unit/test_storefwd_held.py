@@ -282,7 +282,8 @@ def test_reroute_moves_custody_or_holds_it_again(tmp_path: Path) -> None:
             RelayQueueLimits(),
         )
         rows = custody_toward(s, HOP)
-        assert reroute(s, [(rows[0].id, NODE_Y)], [rows[1].id], NOW, 4) == (1, 1)
+        a_ref, b_ref = ((r.id, r.msg_id) for r in rows)
+        assert reroute(s, [(a_ref, NODE_Y)], [b_ref], NOW, 4) == (1, 1)
         assert [q.envelope.msg_id for q in relay_due(s, NODE_Y, NOW, 10)] == [a.msg_id]
         (h,) = held_for(s, USER, NOW)
         # hop_limit back to what it arrived with: the decrement is redone on release.

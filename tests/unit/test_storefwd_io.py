@@ -242,6 +242,6 @@ def test_a_receipt_finds_the_held_row_through_the_seen_row_never_a_reused_id(
         c = env()
         relay_accept(s, [RelayItem(HOP, PREV, c, None, ORIGIN_NODE)], NOW, RelayQueueLimits())
         (row,) = custody_toward(s, HOP)
-        assert reroute(s, [], [row.id], NOW, 1) == (0, 1)
-        assert reroute(s, [], [row.id], NOW, 1) == (0, 0)  # gone: skipped
+        assert reroute(s, [], [(row.id, row.msg_id)], NOW, 1) == (0, 1)
+        assert reroute(s, [], [(row.id, row.msg_id)], NOW, 1) == (0, 0)  # gone: skipped
         assert apply_receipt(s, c.msg_id, HOP).purged_held == 1
