@@ -34,6 +34,9 @@ log = get_logger("qpc.client")
 MAX_HELD = 1000
 """Messages kept for a later retry at most; beyond, the oldest is given up (reported)."""
 HELD_PASSES = 8
+DESCRIBE_WAIT_MS = 30_000
+"""How long application messages of a group we joined wait for its GroupInfo
+follow-up (its name) before they are shown under the placeholder name."""
 """Rounds over the held messages per retry: a held commit can unblock another."""
 
 
@@ -198,6 +201,8 @@ class Inbox(AgentPart):
                 g = await self._mls(self._ident.group, sealed.group_id)
             except crypto.UnknownGroup:
                 return HOLD  # its Welcome may still be on the way
+            if not sealed.describes and await self._before_description(sealed):
+                return HOLD
             try:
                 ev = await self._mls(g.process, sealed.data)
             except crypto.WrongEpoch:
@@ -214,6 +219,19 @@ class Inbox(AgentPart):
                 await self._state.call(self._st.drop_conversation, conv.name)
             return None
         return await self._application(conv, g, ev)
+
+    async def _before_description(self, sealed: client_pb2.Sealed) -> bool:
+        """An application message of a group we joined whose GroupInfo follow-up
+        (its name, its committer) has not arrived: relays may reorder envelopes, so
+        it waits for that follow-up, for DESCRIBE_WAIT_MS at most (then it is shown
+        under the placeholder name; an older sender never marks the follow-up)."""
+        since = await self._state.call(self._st.undescribed_since, bytes(sealed.group_id))
+        if since is None or self._wall_ms() - since >= DESCRIBE_WAIT_MS:
+            return False
+        try:
+            return parse_header(sealed.data).application
+        except InvalidMlsHeader:
+            return False
 
     async def _from_future(self, g: crypto.Group, message: bytes) -> bool:
         """True when ``message`` is from an epoch this (active) group has not reached."""

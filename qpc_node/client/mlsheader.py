@@ -9,6 +9,11 @@ the two apart without touching any key.
 
     MLSMessage   = version(uint16 = 1) wire_format(uint16) body
     body (1, 2)  = group_id<V> epoch(uint64) ...
+    body (2)     = group_id<V> epoch(uint64) content_type(uint8) ...
+
+A PrivateMessage also shows its content type (application, proposal, commit) in
+clear right after the epoch: the inbox holds application messages of a group it
+cannot name yet without decrypting them.
 
 ``<V>`` is the RFC 9420 variable-length integer (2.1.2): the top two bits of the
 first byte give its length (1, 2 or 4 bytes; 0b11 is invalid), minimal form.
@@ -23,6 +28,8 @@ from qpc_node.errors import RemoteProtocolError
 MLS10 = 1
 PUBLIC_MESSAGE = 1
 PRIVATE_MESSAGE = 2
+APPLICATION = 1
+"""RFC 9420 ContentType application(1); proposal(2), commit(3)."""
 MAX_GROUP_ID = 255
 """Longer group ids are refused: ours are 16-32 bytes, and the bound keeps this parser
 from reading a multi-megabyte "length" out of garbage."""
@@ -37,6 +44,12 @@ class MlsHeader:
     wire_format: int
     group_id: bytes
     epoch: int
+    content_type: int | None = None
+    """A PrivateMessage's content type; None for a PublicMessage (not parsed)."""
+
+    @property
+    def application(self) -> bool:
+        return self.content_type == APPLICATION
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -72,4 +85,9 @@ def parse_header(data: bytes) -> MlsHeader:
     end = pos + length
     if end + 8 > len(data):
         raise InvalidMlsHeader("truncated group id or epoch")
-    return MlsHeader(wire_format, data[pos:end], int.from_bytes(data[end : end + 8], "big"))
+    epoch = int.from_bytes(data[end : end + 8], "big")
+    if wire_format != PRIVATE_MESSAGE:
+        return MlsHeader(wire_format, data[pos:end], epoch)
+    if end + 9 > len(data):
+        raise InvalidMlsHeader("truncated content type")
+    return MlsHeader(wire_format, data[pos:end], epoch, data[end + 8])

@@ -92,9 +92,17 @@ class Outbox(AgentPart):
 
     # -- building ----------------------------------------------------------------
     def envelope(
-        self, recipient: bytes, kind: client_pb2.Sealed.Kind, gid: bytes, data: bytes
+        self,
+        recipient: bytes,
+        kind: client_pb2.Sealed.Kind,
+        gid: bytes,
+        data: bytes,
+        *,
+        describes: bool = False,
     ) -> Envelope:
-        sealed = client_pb2.Sealed(kind=kind, group_id=gid, data=data).SerializeToString()
+        sealed = client_pb2.Sealed(
+            kind=kind, group_id=gid, data=data, describes=describes
+        ).SerializeToString()
         return Envelope(
             msg_id=os.urandom(16),
             recipient=recipient,
@@ -103,9 +111,12 @@ class Outbox(AgentPart):
             ciphertext=pad(sealed),
         )
 
-    def to_each(self, recipients: list[bytes], gid: bytes, mls_message: bytes) -> list[Envelope]:
+    def to_each(
+        self, recipients: list[bytes], gid: bytes, mls_message: bytes, *, describes: bool = False
+    ) -> list[Envelope]:
         return [
-            self.envelope(m, client_pb2.Sealed.MLS_MESSAGE, gid, mls_message) for m in recipients
+            self.envelope(m, client_pb2.Sealed.MLS_MESSAGE, gid, mls_message, describes=describes)
+            for m in recipients
         ]
 
     async def others(self, g: crypto.Group) -> list[bytes]:
@@ -114,11 +125,16 @@ class Outbox(AgentPart):
         return [bytes.fromhex(m) for m in members if m != self._ident.fingerprint]
 
     async def app_envelopes(
-        self, conv: Conversation, g: crypto.Group, msg: client_pb2.AppMessage
+        self,
+        conv: Conversation,
+        g: crypto.Group,
+        msg: client_pb2.AppMessage,
+        *,
+        describes: bool = False,
     ) -> list[Envelope]:
         others = await self.others(g)
         ct = await self._mls(g.encrypt, msg.SerializeToString())
-        return self.to_each(others, conv.group_id, ct)
+        return self.to_each(others, conv.group_id, ct, describes=describes)
 
     # -- queueing ----------------------------------------------------------------
     async def submit(self, envs: list[Envelope]) -> dict[bytes, Sent]:
@@ -292,7 +308,9 @@ class Outbox(AgentPart):
         envs: list[Envelope] = []
         conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
         if rec.followup is not None and conv is not None:
-            envs = await self.app_envelopes(conv, g, client_pb2.AppMessage.FromString(rec.followup))
+            envs = await self.app_envelopes(
+                conv, g, client_pb2.AppMessage.FromString(rec.followup), describes=True
+            )
         await self._state.call(
             self._st.commit_finished,
             commit_id,

@@ -345,6 +345,15 @@ class ClientState:
             row[0], bytes(row[1]), bool(row[2]), row[3] and bytes(row[3]), bytes(row[4])
         )
 
+    def undescribed_since(self, group_id: bytes) -> int | None:
+        """When we joined ``group_id`` by a Welcome whose GroupInfo follow-up has not
+        been read yet (the conversation is still a placeholder); None otherwise."""
+        row = self._conn.execute(
+            "SELECT created_ms FROM conversations WHERE group_id = ? AND committer = x''",
+            (group_id,),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
     def conversation(self, name: str) -> Conversation | None:
         return self._conv("name = ?", name)
 

@@ -18,6 +18,7 @@ from node_harness import accept, mailbox_ids, running_node, texts, users
 from qpc_node import crypto
 from qpc_node.client.agent import KP_ROTATE_MS, KP_TARGET, Agent, AgentError, Sent
 from qpc_node.client.fingerprint import short_code
+from qpc_node.client.inbox import DESCRIBE_WAIT_MS
 from qpc_node.errors import StatusCode
 from qpc_node.ops.clock import ManualWallClock
 from qpc_node.quic import ALPN_CLIENT, ClientTLS, open_endpoint
@@ -211,10 +212,53 @@ async def test_message_before_its_welcome_is_held_and_invalid_ones_are_reported(
                 bad,
             ]
         )
+        # No GroupInfo follows (a bare sender): the text waits for one, then is
+        # shown under the placeholder name.
+        assert await texts(b, 1, wait=1.0) == []
+        assert (b.stats.held, b.stats.undecryptable) == (1, 1)
+        wall.advance(DESCRIBE_WAIT_MS)
         got = await texts(b, 1)
         assert [m.text for m in got] == ["before the welcome"]
+        assert got[0].conversation.startswith("pending-")
         assert (b.stats.held, b.stats.recovered, b.stats.undecryptable) == (0, 1, 1)
         assert "could not be read and was dropped" in b.stats.warnings[-1]
+
+
+async def test_text_that_overtakes_the_group_info_waits_for_the_group_name(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """Relays reorder envelopes (a relay window of several batches, retries): a text
+    sent after the GroupInfo follow-up can reach the joiner first. It is held until
+    the follow-up names the group, then shown there, not under a placeholder (before:
+    shown as "pending-<gid>", and "/group send team" failed: the five-node netns
+    test)."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b") as (a, b),
+    ):
+        kp = await a._fetch_key_package(b.me)
+        g = a.ident.create_group()
+        _commit, welcome = g.add([kp])
+        _merge(g)
+        gid = bytes(g.group_id)
+        kind = client_pb2.Sealed.MLS_MESSAGE
+        named = client_pb2.AppMessage(
+            info=client_pb2.GroupInfo(name="team", committer=a.me)
+        ).SerializeToString()
+        info_env = a._outbox.envelope(b.me, kind, gid, g.encrypt(named), describes=True)
+        hello = client_pb2.AppMessage(text="after the info").SerializeToString()
+        await a._submit(
+            [
+                a._envelope(b.me, client_pb2.Sealed.WELCOME, gid, welcome),
+                a._envelope(b.me, kind, gid, g.encrypt(hello)),
+            ]
+        )
+        assert await texts(b, 1, wait=1.0) == []
+        assert b.stats.held == 1
+        await a._submit([info_env])
+        got = await texts(b, 1)
+        assert [(m.text, m.conversation) for m in got] == [("after the info", "team")]
+        assert (b.stats.held, b.stats.recovered, b.stats.undecryptable) == (0, 1, 0)
 
 
 async def test_held_message_is_given_up_at_its_expiry(

@@ -29,8 +29,10 @@ def test_reads_group_and_epoch_of_real_messages(tmp_path: Path) -> None:
     head = parse_header(commit)
     assert head.wire_format in (PUBLIC_MESSAGE, PRIVATE_MESSAGE)  # handshake encryption policy
     assert (head.group_id, head.epoch) == (gid, 0)
+    assert not head.application
     app = parse_header(g.encrypt(b"hi"))
     assert (app.wire_format, app.group_id, app.epoch) == (PRIVATE_MESSAGE, gid, 1)
+    assert app.application and app.content_type == 1
     with pytest.raises(InvalidMlsHeader, match="no epoch header"):
         parse_header(welcome)
 
@@ -46,6 +48,7 @@ def test_reads_group_and_epoch_of_real_messages(tmp_path: Path) -> None:
         (b"\x00\x01\x00\x02\x41\x00" + b"\x00" * 300, "group id of 256"),
         (b"\x00\x01\x00\x02\x04abcd\x00\x00", "truncated"),
         (b"\x00\x01\x00\x02\x40", "truncated length"),
+        (b"\x00\x01\x00\x02\x01a" + b"\x00" * 8, "truncated content type"),
     ],
 )
 def test_refuses_what_is_not_a_header(data: bytes, why: str) -> None:
