@@ -49,8 +49,8 @@ async def _no_node() -> trio.abc.HalfCloseableStream:
     raise trio.ClosedResourceError("the fuzz agent has no node")
 
 
-def _sealed(kind: int, gid: bytes, data: bytes) -> bytes:
-    return _C.Sealed(kind=kind, group_id=gid, data=data).SerializeToString()  # type: ignore[arg-type]
+def _sealed(kind: int, gid: bytes, data: bytes, *, describes: bool = False) -> bytes:
+    return _C.Sealed(kind=kind, group_id=gid, data=data, describes=describes).SerializeToString()  # type: ignore[arg-type]
 
 
 @environment("agent")
@@ -73,9 +73,8 @@ async def agent_env(tmp: Path) -> AsyncIterator[AgentEnv]:
     if await agent._handle(0, pad(_sealed(_C.Sealed.WELCOME, gid, welcome))) is not None:
         raise RuntimeError("welcome produced text")
     info = _C.AppMessage(info=_C.GroupInfo(name="fuzz", direct=False, committer=a_fpr))
-    await agent._handle(
-        0, pad(_sealed(_C.Sealed.MLS_MESSAGE, gid, g.encrypt(info.SerializeToString())))
-    )
+    named = g.encrypt(info.SerializeToString())  # the follow-up: marked, read at once
+    await agent._handle(0, pad(_sealed(_C.Sealed.MLS_MESSAGE, gid, named, describes=True)))
     hello = _C.AppMessage(text="hello").SerializeToString()
     got = await agent._handle(0, pad(_sealed(_C.Sealed.MLS_MESSAGE, gid, g.encrypt(hello))))
     if not isinstance(got, Incoming) or got.text != "hello":
