@@ -5,10 +5,14 @@ Functions here take an open connection and run inside the caller's transaction (
 several enqueue batches into one commit). They never read a clock: ``now_ms`` is the
 caller's wall clock in unix milliseconds.
 
-Idempotency: ``(recipient, msg_id)`` is unique. Acked messages keep a tombstone row (no
-ciphertext) until their expiry, so a retry that arrives after delivery is still
-recognised as a duplicate instead of being delivered twice; after expiry the envelope
-itself is refused as expired, so the window is closed on both sides.
+Idempotency: ``(recipient, msg_id)`` is unique. An acked message's row is deleted and a
+tombstone in ``delivered`` (recipient, msg_id, seq, expiry) stays until its expiry, so a
+retry that arrives after delivery is still recognised as a duplicate instead of being
+delivered twice; after expiry the envelope itself is refused as expired, so the window
+is closed on both sides. ``messages`` therefore holds only unacked mail. Why a table of
+its own and not the row with its ciphertext set to NULL: updating the row rewrote the
+payload's pages at every ack and left pages of tombstones that were never reused; a
+deleted row frees its pages for the next enqueue (flash writes, docs/performance.md).
 
 Fairness (store/fairness.py): each unacked message from a sender the recipient had not
 accepted carries that sender's tag, and counters per mailbox (``stranger_*``) and per
@@ -91,9 +95,7 @@ def enqueue(
     added: dict[bytes, list[int]] = {}  # recipient -> [count, bytes]
     for index, env in enumerate(envelopes):
         key = (env.recipient, env.msg_id)
-        row = conn.execute(
-            "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?", key
-        ).fetchone()
+        row = conn.execute(_DUPLICATE, key + key).fetchone()
         if row is not None:
             results.append(EnqueueResult(env.msg_id, int(row[0]), duplicate=True))
         elif key in first_in_batch:
@@ -175,6 +177,13 @@ def enqueue(
     if sender is not None and sender.is_local:
         note_sent(conn, sender.origin, {env.recipient for env in envelopes}, now_ms)
     return out
+
+
+_DUPLICATE = (
+    "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?"
+    " UNION ALL SELECT seq FROM delivered WHERE recipient = ? AND msg_id = ? LIMIT 1"
+)
+"""The first copy's seq: unacked in ``messages``, or delivered (its tombstone)."""
 
 
 def fairness_limits(limits: StoreLimits) -> FairnessLimits:
@@ -370,30 +379,32 @@ def ack(
     check_fingerprint(recipient)
     if up_to_seq is None and not seqs:
         raise InvalidRecord("ack needs up_to_seq or seqs")
-    rows: list[tuple[int, bytes | None, int]] = []  # (id, sender tag, size)
+    # (msg_id, seq, expiry_ms, sender tag, size); every row of ``messages`` is unacked.
+    rows: list[tuple[bytes, int, int, bytes | None, int]] = []
     if up_to_seq is not None:
         rows += conn.execute(
-            "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq <= ?"
-            " AND ciphertext IS NOT NULL RETURNING id, sender, size",
+            "DELETE FROM messages WHERE recipient = ? AND seq <= ?" + _ACKED,
             (recipient, min(up_to_seq, SEQ_MAX)),
         ).fetchall()
     for seq in sorted(set(seqs)):
         if not 0 <= seq <= SEQ_MAX:
             continue  # no such message can exist
         row = conn.execute(
-            "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq = ?"
-            " AND ciphertext IS NOT NULL RETURNING id, sender, size",
-            (recipient, seq),
+            "DELETE FROM messages WHERE recipient = ? AND seq = ?" + _ACKED, (recipient, seq)
         ).fetchone()
         if row is not None:
             rows.append(row)
-    # The sender tag goes with the payload: a tombstone keeps no trace of who sent it.
+    # The tombstone keeps what idempotency needs; the sender tag and the payload go.
     conn.executemany(
-        "UPDATE messages SET sender = NULL WHERE id = ?",
-        [(row_id,) for row_id, tag, _ in rows if tag is not None],
+        "INSERT INTO delivered (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        [(recipient, msg_id, seq, expiry_ms) for msg_id, seq, expiry_ms, _, _ in rows],
     )
-    _release(conn, recipient, [(tag, int(size)) for _, tag, size in rows])
+    _release(conn, recipient, [(tag, int(size)) for _, _, _, tag, size in rows])
     return len(rows)
+
+
+_ACKED = " RETURNING msg_id, seq, expiry_ms, sender, size"
 
 
 def release_to_custody(conn: sqlite3.Connection, recipient: bytes, seqs: Sequence[int]) -> int:
@@ -428,17 +439,18 @@ def expire(
     rows = conn.execute(
         "DELETE FROM messages WHERE id IN"
         " (SELECT id FROM messages WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)"
-        " RETURNING recipient, size, ciphertext IS NOT NULL, sender",
+        " RETURNING recipient, size, sender",
         (now_ms, max_rows),
     ).fetchall()
-    more = len(rows) >= max_rows
+    tombstones = conn.execute(
+        "DELETE FROM delivered WHERE (recipient, msg_id) IN (SELECT recipient, msg_id"
+        " FROM delivered WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)",
+        (now_ms, max_rows),
+    ).rowcount
+    more = len(rows) >= max_rows or tombstones >= max_rows
     live: dict[bytes, list[tuple[bytes | None, int]]] = {}
-    tombstones = 0
-    for recipient, size, unacked, tag in rows:
-        if unacked:
-            live.setdefault(recipient, []).append((tag, int(size)))
-        else:
-            tombstones += 1
+    for recipient, size, tag in rows:
+        live.setdefault(recipient, []).append((tag, int(size)))
     for recipient, gone in live.items():
         _release(conn, recipient, gone)
     if accepted_ttl_ms is not None:
@@ -455,11 +467,10 @@ def expire(
 def _purge_expired_of(conn: sqlite3.Connection, recipient: bytes, now_ms: int) -> None:
     """Make room by dropping this mailbox's expired messages (quota is about live ones)."""
     rows = conn.execute(
-        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ?"
-        " RETURNING size, ciphertext IS NOT NULL, sender",
+        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ? RETURNING size, sender",
         (recipient, now_ms),
     ).fetchall()
-    _release(conn, recipient, [(tag, int(size)) for size, unacked, tag in rows if unacked])
+    _release(conn, recipient, [(tag, int(size)) for size, tag in rows])
 
 
 def _mailbox_row(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int, int]:
