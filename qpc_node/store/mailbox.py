@@ -23,6 +23,7 @@ removes an unacked message (ack, expiry, purge) gives its room back through
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterable, Sequence
 
@@ -107,34 +108,50 @@ def enqueue(
             totals[1] += len(env.ciphertext)
             results.append(None)
 
-    # Admission per mailbox, before any write; expired messages do not count.
+    # Admission per mailbox, before any write; expired messages do not count. Nothing
+    # is written before every mailbox is admitted, except a purge of expired mail to
+    # make room, which is undone if the batch is refused anyway: so a refused batch
+    # leaves no trace without a savepoint of the caller's (two statements per batch).
     fair = fairness_limits(limits)
     state: dict[bytes, int] = {}  # recipient -> last_seq
+    fresh: list[bytes] = []  # recipients without a mailbox row yet
     stranger_tag: dict[bytes, bytes] = {}  # recipients for whom the sender is a stranger
+    purging = False
     for recipient, (count, size) in added.items():
         accepted = sender is None or is_accepted(conn, recipient, sender, now_ms, limits)
         tag = None if accepted or sender is None else sender.tag()
         adding = Usage(count, size)
-        refusal = admit(fair, _usage(conn, recipient, tag), adding, accepted=accepted)
+        row = conn.execute(_MAILBOX, (recipient,)).fetchone()
+        usage = _usage_of(conn, recipient, row, tag)
+        refusal = admit(fair, usage, adding, accepted=accepted)
         if refusal is not None:
+            if not purging:
+                conn.execute("SAVEPOINT purge")
+                purging = True
             _purge_expired_of(conn, recipient, now_ms)
-            refusal = admit(fair, _usage(conn, recipient, tag), adding, accepted=accepted)
+            row = conn.execute(_MAILBOX, (recipient,)).fetchone()
+            refusal = admit(fair, _usage_of(conn, recipient, row, tag), adding, accepted=accepted)
         if refusal is not None:
+            if purging:
+                conn.execute("ROLLBACK TO purge")
+                conn.execute("RELEASE purge")
             raise QuotaExceeded(
                 refusal.what,
                 limit=refusal.limit,
                 requested=refusal.requested,
                 reason=refusal.reason.value,
             )
-        state[recipient] = _mailbox_row(conn, recipient)[0]
+        if row is None:
+            fresh.append(recipient)
+        state[recipient] = 0 if row is None else int(row[0])
         if tag is not None:
             stranger_tag[recipient] = tag
+    if purging:
+        conn.execute("RELEASE purge")
 
     # Pass 2: write.
-    for recipient in added:
-        conn.execute(
-            "INSERT INTO mailboxes (recipient) VALUES (?) ON CONFLICT DO NOTHING", (recipient,)
-        )
+    for recipient in fresh:
+        conn.execute("INSERT INTO mailboxes (recipient) VALUES (?)", (recipient,))
     next_seq = dict(state)
     assigned: dict[tuple[bytes, bytes], int] = {}
     horizon = now_ms + limits.message_retention_ms
@@ -186,7 +203,15 @@ _DUPLICATE = (
 """The first copy's seq: unacked in ``messages``, or delivered (its tombstone)."""
 
 
+_MAILBOX = (
+    "SELECT last_seq, depth, bytes, stranger_depth, stranger_bytes FROM mailboxes"
+    " WHERE recipient = ?"
+)
+
+
+@functools.lru_cache(maxsize=8)
 def fairness_limits(limits: StoreLimits) -> FairnessLimits:
+    """Derived once per limits (a node has one; each enqueue used to derive them)."""
     return FairnessLimits.derive(
         mailbox_messages=limits.mailbox_max_messages,
         mailbox_bytes=limits.mailbox_max_bytes,
@@ -233,11 +258,17 @@ def note_sent(conn: sqlite3.Connection, user: bytes, peers: Iterable[bytes], now
 
 
 def _usage(conn: sqlite3.Connection, recipient: bytes, stranger: bytes | None) -> MailboxUsage:
-    row = conn.execute(
-        "SELECT depth, bytes, stranger_depth, stranger_bytes FROM mailboxes WHERE recipient = ?",
-        (recipient,),
-    ).fetchone()
-    total, strangers = (Usage(row[0], row[1]), Usage(row[2], row[3])) if row else (Usage(), Usage())
+    return _usage_of(conn, recipient, conn.execute(_MAILBOX, (recipient,)).fetchone(), stranger)
+
+
+def _usage_of(
+    conn: sqlite3.Connection,
+    recipient: bytes,
+    row: tuple[int, int, int, int, int] | None,
+    stranger: bytes | None,
+) -> MailboxUsage:
+    """``row``: the mailbox's ``_MAILBOX`` columns as read in this transaction."""
+    total, strangers = (Usage(row[1], row[2]), Usage(row[3], row[4])) if row else (Usage(), Usage())
     mine = Usage()
     if stranger is not None:
         got = conn.execute(

@@ -18,6 +18,8 @@ from qpc_node.store import (
     Store,
     StoreLimits,
 )
+from qpc_node.store.fairness import SenderKey
+from qpc_node.store.store import EnqueueBatch
 
 NOW = 1_700_000_000_000
 HOUR = 3_600_000
@@ -212,3 +214,35 @@ def test_delivered_payload_pages_are_reused(store: Store) -> None:
     grown = store.conn.execute("PRAGMA page_count").fetchone()[0] - before
     payload_pages = cycles * n * size // page_size
     assert grown * 4 <= payload_pages, (grown, payload_pages)
+
+
+def test_a_refused_batch_undoes_the_purge_it_made_room_with(tmp_path: Path) -> None:
+    """Refusal writes nothing, even when admitting an earlier mailbox of the batch
+    purged that mailbox's expired mail first (no savepoint per batch any more)."""
+    limits = StoreLimits(mailbox_max_messages=2)
+    with Store.open(tmp_path / "n.db", limits=limits) as store:
+        store.enqueue([env(1, expiry=NOW + 5), env(2, expiry=NOW + 5)], NOW)
+        store.enqueue([env(3, BOB), env(4, BOB)], NOW)
+        before = store.conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
+        with pytest.raises(QuotaExceeded):  # ALICE fits after her purge, BOB does not
+            store.enqueue([env(5), env(6, BOB)], NOW + 5)
+        assert store.conn.execute("SELECT * FROM messages ORDER BY id").fetchall() == before
+        assert store.depth(ALICE).messages == 2
+        assert store.enqueue([env(5)], NOW + 5)[0].seq == 3  # and the purge still works
+
+
+def test_per_envelope_enqueue_runs_few_statements(store: Store) -> None:
+    """CPU: a client's batch is stored envelope by envelope (each refused alone), so
+    the statements per envelope are the store worker's cost per message. Six: the
+    duplicate check, acceptance, the mailbox row, the insert, the counters, note_sent."""
+    sender = SenderKey.local(BOB)
+    store.enqueue([env(1, BOB)], NOW, sender=SenderKey.local(ALICE))  # ALICE accepts BOB
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    n = 32
+    outcomes = store.enqueue_many([EnqueueBatch((env(i),), NOW, sender) for i in range(10, 10 + n)])
+    store.conn.set_trace_callback(None)
+    assert all(not isinstance(o, QuotaExceeded) for o in outcomes)
+    assert store.depth(ALICE).messages == n
+    # + BEGIN, COMMIT and the new mailbox row (ALICE had none).
+    assert len(statements) <= 6 * n + 3, len(statements) / n
