@@ -126,10 +126,17 @@ def start_node(data: Path) -> tuple[subprocess.Popen[bytes], int, str]:
         QPC_METRICS_LISTEN="",
         QPC_LOG="warning",
     )
+    # Another source tree for the node (A/B of a change; the wire is the same):
+    # QPC_BENCH_NODE_SRC=DIR with DIR/qpc_node (e.g. `git archive REV qpc_node`).
+    src = os.environ.get("QPC_BENCH_NODE_SRC")
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     prof = os.environ.get("QPC_BENCH_PROFILE")  # write a cProfile of the node there
     prefix = ["-m", "cProfile", "-o", prof] if prof else []
     argv = [sys.executable, *prefix, "-m", "qpc_node.cli", "node", "--listen", "127.0.0.1:0"]
-    proc = subprocess.Popen([*argv, "--data", str(data)], stdout=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [*argv, "--data", str(data)], stdout=subprocess.PIPE, env=env, cwd=src or None
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     addr, pin = line.rsplit(" ", 2)[1:]
@@ -334,6 +341,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     print(f"load average {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"node source: {os.environ.get('QPC_BENCH_NODE_SRC') or 'this tree'}")
     print(
         f"{'pipeline':<10} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'node CPU ms/msg':>16}"
         f" {'trio thread':>11} {'others':>7}"
