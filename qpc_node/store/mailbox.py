@@ -80,6 +80,7 @@ def enqueue(
     now_ms: int,
     limits: StoreLimits,
     sender: SenderKey | None = None,
+    memo: Acceptances | None = None,
 ) -> list[EnqueueResult]:
     """Store a validated batch; raise :class:`QuotaExceeded` before writing anything.
 
@@ -118,7 +119,7 @@ def enqueue(
     stranger_tag: dict[bytes, bytes] = {}  # recipients for whom the sender is a stranger
     purging = False
     for recipient, (count, size) in added.items():
-        accepted = sender is None or is_accepted(conn, recipient, sender, now_ms, limits)
+        accepted = sender is None or is_accepted(conn, recipient, sender, now_ms, limits, memo)
         tag = None if accepted or sender is None else sender.tag()
         adding = Usage(count, size)
         row = conn.execute(_MAILBOX, (recipient,)).fetchone()
@@ -192,7 +193,7 @@ def enqueue(
         if tag is not None:
             _charge_stranger(conn, recipient, tag, count, size)
     if sender is not None and sender.is_local:
-        note_sent(conn, sender.origin, {env.recipient for env in envelopes}, now_ms)
+        note_sent(conn, sender.origin, {env.recipient for env in envelopes}, now_ms, memo)
     return out
 
 
@@ -221,12 +222,40 @@ def fairness_limits(limits: StoreLimits) -> FairnessLimits:
     )
 
 
+class Acceptances:
+    """The ``accepted`` rows one transaction has read or written: (recipient, peer) ->
+    last_ms, or None for no row. Why: a client's batch is stored envelope by envelope
+    and a group commit holds many of them from few senders; each used to read the
+    acceptance and upsert ``note_sent`` again (two of six statements per envelope).
+    With the memo each pair is read once per transaction and written only when the
+    database would change. Valid only inside the transaction that made it, and only if
+    every write to ``accepted`` in it goes through :func:`note_sent` with it."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[bytes, bytes], int | None] = {}
+
+    def last_ms(self, conn: sqlite3.Connection, recipient: bytes, peer: bytes) -> int | None:
+        key = (recipient, peer)
+        if key not in self._last:
+            row = conn.execute(
+                "SELECT last_ms FROM accepted WHERE recipient = ? AND peer = ?", key
+            ).fetchone()
+            self._last[key] = None if row is None else int(row[0])
+        return self._last[key]
+
+    def wrote(self, recipient: bytes, peer: bytes, last_ms: int) -> None:
+        self._last[(recipient, peer)] = last_ms
+
+
 def is_accepted(
     conn: sqlite3.Connection,
     recipient: bytes,
     sender: SenderKey,
     now_ms: int,
     limits: StoreLimits,
+    memo: Acceptances | None = None,
 ) -> bool:
     """Has ``recipient`` sent to ``sender``'s origin within the acceptance TTL?
 
@@ -235,6 +264,9 @@ def is_accepted(
     """
     if sender.accepted_by_default(recipient):
         return True
+    if memo is not None:
+        last = memo.last_ms(conn, recipient, sender.origin)
+        return last is not None and last > now_ms - limits.accepted_ttl_ms
     row = conn.execute(
         "SELECT 1 FROM accepted WHERE recipient = ? AND peer = ? AND last_ms > ?",
         (recipient, sender.origin, now_ms - limits.accepted_ttl_ms),
@@ -246,15 +278,32 @@ ACCEPT_REFRESH_MS = DAY_MS
 """An acceptance's timestamp is rewritten at most once a day: a chatty user costs no
 flash write per message, and the TTL (months) does not need finer ticks."""
 
+_NOTE_SENT = (
+    "INSERT INTO accepted (recipient, peer, last_ms) VALUES (?, ?, ?)"
+    " ON CONFLICT (recipient, peer) DO UPDATE SET last_ms = excluded.last_ms"
+    " WHERE excluded.last_ms >= accepted.last_ms + ?"
+)
 
-def note_sent(conn: sqlite3.Connection, user: bytes, peers: Iterable[bytes], now_ms: int) -> None:
+
+def note_sent(
+    conn: sqlite3.Connection,
+    user: bytes,
+    peers: Iterable[bytes],
+    now_ms: int,
+    memo: Acceptances | None = None,
+) -> None:
     """``user`` sent to each of ``peers``: from now on it accepts their mail."""
-    conn.executemany(
-        "INSERT INTO accepted (recipient, peer, last_ms) VALUES (?, ?, ?)"
-        " ON CONFLICT (recipient, peer) DO UPDATE SET last_ms = excluded.last_ms"
-        " WHERE excluded.last_ms >= accepted.last_ms + ?",
-        [(user, peer, now_ms, ACCEPT_REFRESH_MS) for peer in peers if peer != user],
-    )
+    rows = [(user, peer, now_ms, ACCEPT_REFRESH_MS) for peer in peers if peer != user]
+    if memo is not None:  # write only what the upsert would change, and remember it
+        due = []
+        for row in rows:
+            last = memo.last_ms(conn, user, row[1])
+            if last is None or now_ms >= last + ACCEPT_REFRESH_MS:
+                due.append(row)
+                memo.wrote(user, row[1], now_ms)
+        rows = due
+    if rows:
+        conn.executemany(_NOTE_SENT, rows)
 
 
 def _usage(conn: sqlite3.Connection, recipient: bytes, stranger: bytes | None) -> MailboxUsage:

@@ -170,12 +170,13 @@ class Store:
         enqueued = duplicates = rejections = 0
         refused: dict[str, int] = {}
         with transaction(conn):
+            memo = mailbox.Acceptances()  # this transaction's: see its docstring
             for index in valid:
                 envelopes, now_ms, sender = batches[index]
                 try:
                     # No savepoint of its own: a refused batch writes nothing (see
                     # mailbox.enqueue); a database error rolls the whole group back.
-                    results = mailbox.enqueue(conn, envelopes, now_ms, self.limits, sender)
+                    results = mailbox.enqueue(conn, envelopes, now_ms, self.limits, sender, memo)
                 except QuotaExceeded as exc:
                     outcomes[index] = exc
                     rejections += 1

@@ -233,8 +233,9 @@ def test_a_refused_batch_undoes_the_purge_it_made_room_with(tmp_path: Path) -> N
 
 def test_per_envelope_enqueue_runs_few_statements(store: Store) -> None:
     """CPU: a client's batch is stored envelope by envelope (each refused alone), so
-    the statements per envelope are the store worker's cost per message. Six: the
-    duplicate check, acceptance, the mailbox row, the insert, the counters, note_sent."""
+    the statements per envelope are the store worker's cost per message. Four: the
+    duplicate check, the mailbox row, the insert, the counters; the acceptance is read
+    and note_sent written once per (recipient, sender) and transaction."""
     sender = SenderKey.local(BOB)
     store.enqueue([env(1, BOB)], NOW, sender=SenderKey.local(ALICE))  # ALICE accepts BOB
     statements: list[str] = []
@@ -244,5 +245,40 @@ def test_per_envelope_enqueue_runs_few_statements(store: Store) -> None:
     store.conn.set_trace_callback(None)
     assert all(not isinstance(o, QuotaExceeded) for o in outcomes)
     assert store.depth(ALICE).messages == n
-    # + BEGIN, COMMIT and the new mailbox row (ALICE had none).
-    assert len(statements) <= 6 * n + 3, len(statements) / n
+    # + BEGIN, COMMIT, the new mailbox row (ALICE had none), 2 acceptance reads, 1 write.
+    assert len(statements) <= 4 * n + 6, len(statements) / n
+
+
+def test_an_acceptance_written_in_a_group_counts_for_the_next_batch(tmp_path: Path) -> None:
+    """Group commit: ALICE's batch to BOB makes her accept BOB; BOB's batch to her in the
+    same transaction is then from an accepted sender (not held to the stranger pool),
+    as it was when each batch read the table itself."""
+    limits = StoreLimits(mailbox_max_messages=100)
+    with Store.open(tmp_path / "n.db", limits=limits) as store:
+        outcomes = store.enqueue_many(
+            [
+                EnqueueBatch((env(1, BOB),), NOW, SenderKey.local(ALICE)),
+                EnqueueBatch(tuple(env(i) for i in range(2, 40)), NOW, SenderKey.local(BOB)),
+            ]
+        )
+        assert all(not isinstance(o, QuotaExceeded) for o in outcomes), outcomes
+        assert store.depth(ALICE).messages == 38
+        assert store.depth(ALICE).stranger_messages == 0
+        # A day later the same pair is refreshed once, not per batch.
+        later = NOW + 86_400_000
+        statements: list[str] = []
+        store.conn.set_trace_callback(statements.append)
+        store.enqueue_many(
+            [
+                EnqueueBatch(
+                    (env(100 + i, BOB, expiry=later + HOUR),), later, SenderKey.local(ALICE)
+                )
+                for i in range(5)
+            ]
+        )
+        store.conn.set_trace_callback(None)
+        assert sum(s.startswith("INSERT INTO accepted") for s in statements) == 1
+        (last,) = store.conn.execute(
+            "SELECT last_ms FROM accepted WHERE recipient = ? AND peer = ?", (ALICE, BOB)
+        ).fetchone()
+        assert last == later
