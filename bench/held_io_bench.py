@@ -138,7 +138,7 @@ class Bench:
                 for i, m in enumerate(ids[start : start + 256])
             ]
             hold_many(self.store, items, NOW, POLICY)
-        apply_receipts(self.store, [(m, HOP) for m in ids])
+        apply_receipts(self.store, [(m, HOP, None) for m in ids])
         others = [
             HoldItem(
                 Envelope(m, b"\xee" * 32, LATER, 8, self.rng.randbytes(PAYLOAD)),
@@ -198,7 +198,7 @@ class Bench:
                 t["forwarded"].add(lambda ids_done=ids_done: relay_done(self.store, ids_done))
             per_rpc = MAX_RECEIPTS if grouped else 1
             for s in range(0, n, per_rpc):
-                batch = [(m, HOP) for m in ids[s : s + per_rpc]]
+                batch = [(m, HOP, None) for m in ids[s : s + per_rpc]]
                 t["receipt"].add(lambda batch=batch: apply_receipts(self.store, batch))
             t["checkpoint"].add(self.checkpoint)
             # Past expiry: the sweeps drop tombstones and trails (10,000 rows a sweep).
@@ -234,7 +234,7 @@ class Bench:
             t.add(lambda ids_done=ids_done: relay_done(self.store, ids_done))
         per_rpc = MAX_RECEIPTS if grouped else 1
         for s in range(0, n, per_rpc):
-            batch = [(m, HOP) for m in ids[s : s + per_rpc]]
+            batch = [(m, HOP, None) for m in ids[s : s + per_rpc]]
             t.add(lambda batch=batch: apply_receipts(self.store, batch))
         t.add(self.checkpoint)
         t.add(lambda: relay_expire(self.store, EXPIRY + n))

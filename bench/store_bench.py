@@ -7,7 +7,9 @@ group commit (64 concurrent callers, batch of 1 each) vs lone batch-1 calls.
 "Bytes written" is the process's write() volume from /proc/self/io (``wchar``):
 every WAL frame plus the checkpoint copy into the main file (the final checkpoint is
 inside the window), i.e. what SQLite hands to the filesystem. File growth is printed
-too. Run: .venv/bin/python bench/store_bench.py [--quick]
+too. "node pattern": bench/node_bench.py's enqueue/fetch/ack pattern on the store alone,
+``write_bytes`` per message split by phase (docs/performance.md).
+Run: .venv/bin/python bench/store_bench.py [--quick]
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pathlib import Path
 import trio
 
 from qpc_node.store import AsyncStore, Envelope, Store
+from qpc_node.store.fairness import SenderKey
 from qpc_node.store.sql import Synchronous
+from qpc_node.store.store import EnqueueBatch
 
 NOW = 1_700_000_000_000
 EXPIRY = NOW + 86_400_000
@@ -125,6 +129,65 @@ def lifecycle(tmp: Path, total: int) -> float:
     return (wchar() - w0) / total
 
 
+def proc_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(":") for line in f)}
+
+
+def steady(tmp: Path, total: int, payload: int = 1280) -> dict[str, float]:
+    """bench/node_bench.py's pattern on the store alone, for the flash split.
+
+    4 recipients, each with an accepted sender; per round every sender stores 32
+    envelopes one per batch (a client's Enqueue) and the 4 calls share one group
+    commit; then each recipient fetches and acks (a transaction each). Expiries
+    increase like a client's. ``write_bytes`` per message by phase (the final
+    checkpoint is in "checkpoint"), CPU per message, and the file's growth.
+    """
+    db = tmp / "steady.db"
+    store = Store.open(db)
+    recipients = [bytes([0xA0 + i]) * 32 for i in range(4)]
+    senders = [bytes([0xB0 + i]) * 32 for i in range(4)]
+    for r, s in zip(recipients, senders, strict=True):  # r accepts s: r sent to s
+        hello = Envelope(os.urandom(16), s, EXPIRY, 8, b"hi")
+        store.enqueue([hello], NOW, sender=SenderKey.local(r))
+    store.checkpoint()
+    after = dict.fromkeys(recipients, 0)
+    parts = {"enqueue": 0, "ack": 0, "checkpoint": 0}
+    size0, cpu0, sent = files_size(db), time.process_time(), 0
+    while sent < total:
+        batches = [
+            EnqueueBatch(
+                (Envelope(os.urandom(16), r, EXPIRY + sent + i, 8, os.urandom(payload)),),
+                NOW,
+                SenderKey.local(s),
+            )
+            for r, s in zip(recipients, senders, strict=True)
+            for i in range(32)
+        ]
+        w = proc_io()["write_bytes"]
+        store.enqueue_many(batches)
+        parts["enqueue"] += proc_io()["write_bytes"] - w
+        sent += len(batches)
+        for r in recipients:
+            page = store.fetch(r, now_ms=NOW, after_seq=after[r], limit=256)
+            after[r] = page.messages[-1].seq
+            w = proc_io()["write_bytes"]
+            store.ack(r, up_to_seq=after[r])
+            parts["ack"] += proc_io()["write_bytes"] - w
+    w = proc_io()["write_bytes"]
+    store.checkpoint()
+    parts["checkpoint"] += proc_io()["write_bytes"] - w
+    cpu = time.process_time() - cpu0
+    grown = files_size(db) - size0
+    store.close()
+    out = {k: v / sent for k, v in parts.items()}
+    out["total"] = sum(parts.values()) / sent
+    out["cpu_ms"] = cpu / sent * 1e3
+    out["growth"] = grown / sent
+    out["payload"] = payload
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
@@ -146,6 +209,14 @@ def main() -> None:
             result.label = name
             print(result.line())
         life = lifecycle(tmp, n64)
+        st = steady(tmp, 2048 if args.quick else 8192)
+        print(
+            f"node pattern (4 x 32 per group commit, fetch + ack; {st['payload']:.0f} B payload):"
+            f" write_bytes {st['total']:,.0f} B/msg = enqueue {st['enqueue']:,.0f}"
+            f" + ack {st['ack']:,.0f} + checkpoint {st['checkpoint']:,.0f};"
+            f" {st['total'] / st['payload']:.2f} x payload; CPU {st['cpu_ms']:.3f} ms/msg;"
+            f" file growth {st['growth']:,.0f} B/msg"
+        )
         b1, b64 = runs["FULL batch-1"], runs["FULL batch-64"]
         print(f"full lifecycle (enqueue b64 + fetch + ack + sweep): {life:,.0f} B written/msg")
         print("ratios:")

@@ -5,10 +5,14 @@ Functions here take an open connection and run inside the caller's transaction (
 several enqueue batches into one commit). They never read a clock: ``now_ms`` is the
 caller's wall clock in unix milliseconds.
 
-Idempotency: ``(recipient, msg_id)`` is unique. Acked messages keep a tombstone row (no
-ciphertext) until their expiry, so a retry that arrives after delivery is still
-recognised as a duplicate instead of being delivered twice; after expiry the envelope
-itself is refused as expired, so the window is closed on both sides.
+Idempotency: ``(recipient, msg_id)`` is unique. An acked message's row is deleted and a
+tombstone in ``delivered`` (recipient, msg_id, seq, expiry) stays until its expiry, so a
+retry that arrives after delivery is still recognised as a duplicate instead of being
+delivered twice; after expiry the envelope itself is refused as expired, so the window
+is closed on both sides. ``messages`` therefore holds only unacked mail. Why a table of
+its own and not the row with its ciphertext set to NULL: updating the row rewrote the
+payload's pages at every ack and left pages of tombstones that were never reused; a
+deleted row frees its pages for the next enqueue (flash writes, docs/performance.md).
 
 Fairness (store/fairness.py): each unacked message from a sender the recipient had not
 accepted carries that sender's tag, and counters per mailbox (``stranger_*``) and per
@@ -19,6 +23,7 @@ removes an unacked message (ack, expiry, purge) gives its room back through
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterable, Sequence
 
@@ -75,6 +80,7 @@ def enqueue(
     now_ms: int,
     limits: StoreLimits,
     sender: SenderKey | None = None,
+    memo: Acceptances | None = None,
 ) -> list[EnqueueResult]:
     """Store a validated batch; raise :class:`QuotaExceeded` before writing anything.
 
@@ -91,9 +97,7 @@ def enqueue(
     added: dict[bytes, list[int]] = {}  # recipient -> [count, bytes]
     for index, env in enumerate(envelopes):
         key = (env.recipient, env.msg_id)
-        row = conn.execute(
-            "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?", key
-        ).fetchone()
+        row = conn.execute(_DUPLICATE, key + key).fetchone()
         if row is not None:
             results.append(EnqueueResult(env.msg_id, int(row[0]), duplicate=True))
         elif key in first_in_batch:
@@ -105,34 +109,50 @@ def enqueue(
             totals[1] += len(env.ciphertext)
             results.append(None)
 
-    # Admission per mailbox, before any write; expired messages do not count.
+    # Admission per mailbox, before any write; expired messages do not count. Nothing
+    # is written before every mailbox is admitted, except a purge of expired mail to
+    # make room, which is undone if the batch is refused anyway: so a refused batch
+    # leaves no trace without a savepoint of the caller's (two statements per batch).
     fair = fairness_limits(limits)
     state: dict[bytes, int] = {}  # recipient -> last_seq
+    fresh: list[bytes] = []  # recipients without a mailbox row yet
     stranger_tag: dict[bytes, bytes] = {}  # recipients for whom the sender is a stranger
+    purging = False
     for recipient, (count, size) in added.items():
-        accepted = sender is None or is_accepted(conn, recipient, sender, now_ms, limits)
+        accepted = sender is None or is_accepted(conn, recipient, sender, now_ms, limits, memo)
         tag = None if accepted or sender is None else sender.tag()
         adding = Usage(count, size)
-        refusal = admit(fair, _usage(conn, recipient, tag), adding, accepted=accepted)
+        row = conn.execute(_MAILBOX, (recipient,)).fetchone()
+        usage = _usage_of(conn, recipient, row, tag)
+        refusal = admit(fair, usage, adding, accepted=accepted)
         if refusal is not None:
+            if not purging:
+                conn.execute("SAVEPOINT purge")
+                purging = True
             _purge_expired_of(conn, recipient, now_ms)
-            refusal = admit(fair, _usage(conn, recipient, tag), adding, accepted=accepted)
+            row = conn.execute(_MAILBOX, (recipient,)).fetchone()
+            refusal = admit(fair, _usage_of(conn, recipient, row, tag), adding, accepted=accepted)
         if refusal is not None:
+            if purging:
+                conn.execute("ROLLBACK TO purge")
+                conn.execute("RELEASE purge")
             raise QuotaExceeded(
                 refusal.what,
                 limit=refusal.limit,
                 requested=refusal.requested,
                 reason=refusal.reason.value,
             )
-        state[recipient] = _mailbox_row(conn, recipient)[0]
+        if row is None:
+            fresh.append(recipient)
+        state[recipient] = 0 if row is None else int(row[0])
         if tag is not None:
             stranger_tag[recipient] = tag
+    if purging:
+        conn.execute("RELEASE purge")
 
     # Pass 2: write.
-    for recipient in added:
-        conn.execute(
-            "INSERT INTO mailboxes (recipient) VALUES (?) ON CONFLICT DO NOTHING", (recipient,)
-        )
+    for recipient in fresh:
+        conn.execute("INSERT INTO mailboxes (recipient) VALUES (?)", (recipient,))
     next_seq = dict(state)
     assigned: dict[tuple[bytes, bytes], int] = {}
     horizon = now_ms + limits.message_retention_ms
@@ -173,11 +193,26 @@ def enqueue(
         if tag is not None:
             _charge_stranger(conn, recipient, tag, count, size)
     if sender is not None and sender.is_local:
-        note_sent(conn, sender.origin, {env.recipient for env in envelopes}, now_ms)
+        note_sent(conn, sender.origin, {env.recipient for env in envelopes}, now_ms, memo)
     return out
 
 
+_DUPLICATE = (
+    "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?"
+    " UNION ALL SELECT seq FROM delivered WHERE recipient = ? AND msg_id = ? LIMIT 1"
+)
+"""The first copy's seq: unacked in ``messages``, or delivered (its tombstone)."""
+
+
+_MAILBOX = (
+    "SELECT last_seq, depth, bytes, stranger_depth, stranger_bytes FROM mailboxes"
+    " WHERE recipient = ?"
+)
+
+
+@functools.lru_cache(maxsize=8)
 def fairness_limits(limits: StoreLimits) -> FairnessLimits:
+    """Derived once per limits (a node has one; each enqueue used to derive them)."""
     return FairnessLimits.derive(
         mailbox_messages=limits.mailbox_max_messages,
         mailbox_bytes=limits.mailbox_max_bytes,
@@ -187,12 +222,40 @@ def fairness_limits(limits: StoreLimits) -> FairnessLimits:
     )
 
 
+class Acceptances:
+    """The ``accepted`` rows one transaction has read or written: (recipient, peer) ->
+    last_ms, or None for no row. Why: a client's batch is stored envelope by envelope
+    and a group commit holds many of them from few senders; each used to read the
+    acceptance and upsert ``note_sent`` again (two of six statements per envelope).
+    With the memo each pair is read once per transaction and written only when the
+    database would change. Valid only inside the transaction that made it, and only if
+    every write to ``accepted`` in it goes through :func:`note_sent` with it."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[bytes, bytes], int | None] = {}
+
+    def last_ms(self, conn: sqlite3.Connection, recipient: bytes, peer: bytes) -> int | None:
+        key = (recipient, peer)
+        if key not in self._last:
+            row = conn.execute(
+                "SELECT last_ms FROM accepted WHERE recipient = ? AND peer = ?", key
+            ).fetchone()
+            self._last[key] = None if row is None else int(row[0])
+        return self._last[key]
+
+    def wrote(self, recipient: bytes, peer: bytes, last_ms: int) -> None:
+        self._last[(recipient, peer)] = last_ms
+
+
 def is_accepted(
     conn: sqlite3.Connection,
     recipient: bytes,
     sender: SenderKey,
     now_ms: int,
     limits: StoreLimits,
+    memo: Acceptances | None = None,
 ) -> bool:
     """Has ``recipient`` sent to ``sender``'s origin within the acceptance TTL?
 
@@ -201,6 +264,9 @@ def is_accepted(
     """
     if sender.accepted_by_default(recipient):
         return True
+    if memo is not None:
+        last = memo.last_ms(conn, recipient, sender.origin)
+        return last is not None and last > now_ms - limits.accepted_ttl_ms
     row = conn.execute(
         "SELECT 1 FROM accepted WHERE recipient = ? AND peer = ? AND last_ms > ?",
         (recipient, sender.origin, now_ms - limits.accepted_ttl_ms),
@@ -212,23 +278,46 @@ ACCEPT_REFRESH_MS = DAY_MS
 """An acceptance's timestamp is rewritten at most once a day: a chatty user costs no
 flash write per message, and the TTL (months) does not need finer ticks."""
 
+_NOTE_SENT = (
+    "INSERT INTO accepted (recipient, peer, last_ms) VALUES (?, ?, ?)"
+    " ON CONFLICT (recipient, peer) DO UPDATE SET last_ms = excluded.last_ms"
+    " WHERE excluded.last_ms >= accepted.last_ms + ?"
+)
 
-def note_sent(conn: sqlite3.Connection, user: bytes, peers: Iterable[bytes], now_ms: int) -> None:
+
+def note_sent(
+    conn: sqlite3.Connection,
+    user: bytes,
+    peers: Iterable[bytes],
+    now_ms: int,
+    memo: Acceptances | None = None,
+) -> None:
     """``user`` sent to each of ``peers``: from now on it accepts their mail."""
-    conn.executemany(
-        "INSERT INTO accepted (recipient, peer, last_ms) VALUES (?, ?, ?)"
-        " ON CONFLICT (recipient, peer) DO UPDATE SET last_ms = excluded.last_ms"
-        " WHERE excluded.last_ms >= accepted.last_ms + ?",
-        [(user, peer, now_ms, ACCEPT_REFRESH_MS) for peer in peers if peer != user],
-    )
+    rows = [(user, peer, now_ms, ACCEPT_REFRESH_MS) for peer in peers if peer != user]
+    if memo is not None:  # write only what the upsert would change, and remember it
+        due = []
+        for row in rows:
+            last = memo.last_ms(conn, user, row[1])
+            if last is None or now_ms >= last + ACCEPT_REFRESH_MS:
+                due.append(row)
+                memo.wrote(user, row[1], now_ms)
+        rows = due
+    if rows:
+        conn.executemany(_NOTE_SENT, rows)
 
 
 def _usage(conn: sqlite3.Connection, recipient: bytes, stranger: bytes | None) -> MailboxUsage:
-    row = conn.execute(
-        "SELECT depth, bytes, stranger_depth, stranger_bytes FROM mailboxes WHERE recipient = ?",
-        (recipient,),
-    ).fetchone()
-    total, strangers = (Usage(row[0], row[1]), Usage(row[2], row[3])) if row else (Usage(), Usage())
+    return _usage_of(conn, recipient, conn.execute(_MAILBOX, (recipient,)).fetchone(), stranger)
+
+
+def _usage_of(
+    conn: sqlite3.Connection,
+    recipient: bytes,
+    row: tuple[int, int, int, int, int] | None,
+    stranger: bytes | None,
+) -> MailboxUsage:
+    """``row``: the mailbox's ``_MAILBOX`` columns as read in this transaction."""
+    total, strangers = (Usage(row[1], row[2]), Usage(row[3], row[4])) if row else (Usage(), Usage())
     mine = Usage()
     if stranger is not None:
         got = conn.execute(
@@ -370,30 +459,32 @@ def ack(
     check_fingerprint(recipient)
     if up_to_seq is None and not seqs:
         raise InvalidRecord("ack needs up_to_seq or seqs")
-    rows: list[tuple[int, bytes | None, int]] = []  # (id, sender tag, size)
+    # (msg_id, seq, expiry_ms, sender tag, size); every row of ``messages`` is unacked.
+    rows: list[tuple[bytes, int, int, bytes | None, int]] = []
     if up_to_seq is not None:
         rows += conn.execute(
-            "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq <= ?"
-            " AND ciphertext IS NOT NULL RETURNING id, sender, size",
+            "DELETE FROM messages WHERE recipient = ? AND seq <= ?" + _ACKED,
             (recipient, min(up_to_seq, SEQ_MAX)),
         ).fetchall()
     for seq in sorted(set(seqs)):
         if not 0 <= seq <= SEQ_MAX:
             continue  # no such message can exist
         row = conn.execute(
-            "UPDATE messages SET ciphertext = NULL WHERE recipient = ? AND seq = ?"
-            " AND ciphertext IS NOT NULL RETURNING id, sender, size",
-            (recipient, seq),
+            "DELETE FROM messages WHERE recipient = ? AND seq = ?" + _ACKED, (recipient, seq)
         ).fetchone()
         if row is not None:
             rows.append(row)
-    # The sender tag goes with the payload: a tombstone keeps no trace of who sent it.
+    # The tombstone keeps what idempotency needs; the sender tag and the payload go.
     conn.executemany(
-        "UPDATE messages SET sender = NULL WHERE id = ?",
-        [(row_id,) for row_id, tag, _ in rows if tag is not None],
+        "INSERT INTO delivered (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        [(recipient, msg_id, seq, expiry_ms) for msg_id, seq, expiry_ms, _, _ in rows],
     )
-    _release(conn, recipient, [(tag, int(size)) for _, tag, size in rows])
+    _release(conn, recipient, [(tag, int(size)) for _, _, _, tag, size in rows])
     return len(rows)
+
+
+_ACKED = " RETURNING msg_id, seq, expiry_ms, sender, size"
 
 
 def release_to_custody(conn: sqlite3.Connection, recipient: bytes, seqs: Sequence[int]) -> int:
@@ -428,17 +519,18 @@ def expire(
     rows = conn.execute(
         "DELETE FROM messages WHERE id IN"
         " (SELECT id FROM messages WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)"
-        " RETURNING recipient, size, ciphertext IS NOT NULL, sender",
+        " RETURNING recipient, size, sender",
         (now_ms, max_rows),
     ).fetchall()
-    more = len(rows) >= max_rows
+    tombstones = conn.execute(
+        "DELETE FROM delivered WHERE (recipient, msg_id) IN (SELECT recipient, msg_id"
+        " FROM delivered WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)",
+        (now_ms, max_rows),
+    ).rowcount
+    more = len(rows) >= max_rows or tombstones >= max_rows
     live: dict[bytes, list[tuple[bytes | None, int]]] = {}
-    tombstones = 0
-    for recipient, size, unacked, tag in rows:
-        if unacked:
-            live.setdefault(recipient, []).append((tag, int(size)))
-        else:
-            tombstones += 1
+    for recipient, size, tag in rows:
+        live.setdefault(recipient, []).append((tag, int(size)))
     for recipient, gone in live.items():
         _release(conn, recipient, gone)
     if accepted_ttl_ms is not None:
@@ -455,11 +547,10 @@ def expire(
 def _purge_expired_of(conn: sqlite3.Connection, recipient: bytes, now_ms: int) -> None:
     """Make room by dropping this mailbox's expired messages (quota is about live ones)."""
     rows = conn.execute(
-        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ?"
-        " RETURNING size, ciphertext IS NOT NULL, sender",
+        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ? RETURNING size, sender",
         (recipient, now_ms),
     ).fetchall()
-    _release(conn, recipient, [(tag, int(size)) for size, unacked, tag in rows if unacked])
+    _release(conn, recipient, [(tag, int(size)) for size, tag in rows])
 
 
 def _mailbox_row(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int, int]:

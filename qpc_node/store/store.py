@@ -41,7 +41,7 @@ from qpc_node.store.records import (
     SweepResult,
 )
 from qpc_node.store.schema import migrate, schema_version
-from qpc_node.store.sql import Synchronous, connect, savepoint, transaction
+from qpc_node.store.sql import Synchronous, connect, transaction
 
 
 class EnqueueBatch(NamedTuple):
@@ -147,7 +147,7 @@ class Store:
         return outcome
 
     def enqueue_many(self, batches: Sequence[EnqueueBatch]) -> list[EnqueueOutcome]:
-        """Group commit: all batches in one transaction, each in its own savepoint.
+        """Group commit: all batches in one transaction, each all-or-nothing.
 
         A batch refused for validation or quota gets its error in the result list and
         leaves no trace; the others still commit. A database error (disk full, I/O)
@@ -170,11 +170,13 @@ class Store:
         enqueued = duplicates = rejections = 0
         refused: dict[str, int] = {}
         with transaction(conn):
+            memo = mailbox.Acceptances()  # this transaction's: see its docstring
             for index in valid:
                 envelopes, now_ms, sender = batches[index]
                 try:
-                    with savepoint(conn, "batch"):
-                        results = mailbox.enqueue(conn, envelopes, now_ms, self.limits, sender)
+                    # No savepoint of its own: a refused batch writes nothing (see
+                    # mailbox.enqueue); a database error rolls the whole group back.
+                    results = mailbox.enqueue(conn, envelopes, now_ms, self.limits, sender, memo)
                 except QuotaExceeded as exc:
                     outcomes[index] = exc
                     rejections += 1

@@ -100,3 +100,107 @@ def test_acknowledged_enqueues_survive_sigkill(tmp_path: Path) -> None:
         assert all(results[n].duplicate and results[n].seq == s for n, s in acked.items())
         assert store.depth(ALICE).messages == TOTAL
         assert len({r.seq for r in results}) == TOTAL
+
+
+# Senders as above plus a reader that fetches and acks; "e seq n" after an enqueue
+# returned, "a up_to" after an ack returned (both are acknowledgements to a client).
+CHILD_ACKS = textwrap.dedent(
+    """
+    import sys, trio
+    from qpc_node.store import AsyncStore, Envelope
+
+    TOTAL, NOW, EXPIRY, TASKS = int(sys.argv[2]), {now}, {expiry}, 4
+    A = b"A" * 32
+
+    def envelope(n):
+        return Envelope(n.to_bytes(16, "big"), A, EXPIRY, 8, bytes([n % 251]) * 1024)
+
+    async def main():
+        store = await AsyncStore.open(sys.argv[1])
+        left = [TASKS]
+        async def sender(first):
+            for n in range(first, TOTAL, TASKS):
+                result = (await store.enqueue([envelope(n)], NOW))[0]
+                sys.stdout.write(f"e {{result.seq}} {{n}}\\n")
+                sys.stdout.flush()
+            left[0] -= 1
+        async def reader():
+            after = 0
+            while left[0] or after < TOTAL:
+                page = await store.fetch(A, now_ms=NOW, after_seq=after, limit=64)
+                if not page.messages:
+                    await trio.sleep(0.001)  # poll: the store has no wakeups here
+                    continue
+                after = page.messages[-1].seq
+                await store.ack(A, up_to_seq=after)
+                sys.stdout.write(f"a {{after}}\\n")
+                sys.stdout.flush()
+        async with trio.open_nursery() as nursery:
+            for first in range(TASKS):
+                nursery.start_soon(sender, first)
+            nursery.start_soon(reader)
+        await store.aclose()
+
+    trio.run(main)
+    """
+).format(now=NOW, expiry=EXPIRY)
+
+
+@pytest.mark.timeout(120)
+def test_acknowledged_enqueues_and_acks_survive_sigkill(tmp_path: Path) -> None:
+    """The ack path deletes the row and writes its tombstone in one transaction: after
+    kill -9 every acknowledged enqueue is either still fetchable (not acked yet) or acked
+    -- gone, and a retry is a duplicate with its first seq -- never lost or delivered
+    twice; every acknowledged ack stays done."""
+    db = tmp_path / "node.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_ACKS, str(db), str(TOTAL)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    enqueued: dict[int, int] = {}  # n -> seq
+    acked_to = 0
+
+    def take(line: str) -> None:
+        nonlocal acked_to
+        kind, *rest = line.split()
+        if kind == "e":
+            seq, n = map(int, rest)
+            enqueued[n] = seq
+        else:
+            acked_to = max(acked_to, int(rest[0]))
+
+    try:
+        assert child.stdout is not None
+        while len(enqueued) < KILL_AFTER or not acked_to:
+            line = child.stdout.readline()
+            if not line:
+                break
+            take(line)
+        child.send_signal(signal.SIGKILL)
+        for line in child.stdout:
+            take(line)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL, "the child finished before it was killed"
+    assert KILL_AFTER <= len(enqueued) < TOTAL and acked_to > 0
+
+    with Store.open(db) as store:
+        page = store.fetch(ALICE, now_ms=NOW, limit=TOTAL + 1, max_bytes=1 << 30)
+        stored = {int.from_bytes(m.envelope.msg_id, "big"): m for m in page.messages}
+        print(f"enqueued {len(enqueued)}, acked up to {acked_to}, unacked {len(stored)}")
+        assert all(m.seq > acked_to for m in page.messages)  # an ack that returned holds
+        for n, seq in enqueued.items():
+            if n in stored:
+                assert stored[n].seq == seq and stored[n].envelope == envelope(n)
+        results = store.enqueue([envelope(n) for n in range(TOTAL)], NOW)
+        for n, seq in enqueued.items():  # stored or acked: a duplicate with its seq
+            assert results[n].duplicate and results[n].seq == seq, n
+        assert len({r.seq for r in results}) == TOTAL
+        gone = TOTAL - store.depth(ALICE).messages  # acked (tombstones), all enqueued
+        assert gone >= sum(1 for s in enqueued.values() if s <= acked_to)

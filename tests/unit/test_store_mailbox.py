@@ -18,6 +18,8 @@ from qpc_node.store import (
     Store,
     StoreLimits,
 )
+from qpc_node.store.fairness import SenderKey
+from qpc_node.store.store import EnqueueBatch
 
 NOW = 1_700_000_000_000
 HOUR = 3_600_000
@@ -179,3 +181,104 @@ def test_group_commit_isolates_a_refused_batch(tmp_path: Path) -> None:
         assert isinstance(outcomes[3], InvalidRecord)
         assert store.statistics().transactions == 1
         assert [m.seq for m in store.fetch(ALICE, now_ms=NOW).messages] == [1]
+
+
+def test_an_acked_message_stays_a_duplicate_until_its_expiry(store: Store) -> None:
+    store.enqueue([env(1), env(2)], NOW)
+    assert store.ack(ALICE, up_to_seq=1) == 1
+    assert store.ack(ALICE, up_to_seq=1) == 0
+    (again,) = store.enqueue([env(1)], NOW + 1)
+    assert (again.seq, again.duplicate) == (1, True)
+    assert [m.seq for m in store.fetch(ALICE, now_ms=NOW + 1).messages] == [2]
+    assert store.expire_messages(NOW + HOUR).tombstones == 1
+    with pytest.raises(EnvelopeExpired):  # past expiry the envelope itself is refused
+        store.enqueue([env(1)], NOW + HOUR)
+
+
+def test_delivered_payload_pages_are_reused(store: Store) -> None:
+    """Flash: an acked message's pages go back to the file for the next enqueue, so a
+    mailbox that is emptied as fast as it fills does not grow the file by its payload
+    (a WAL checkpoint then copies the same few pages again instead of new ones each
+    time; bench/node_bench.py). What stays per message is its small tombstone."""
+    n, size, cycles = 64, 1024, 20
+    page_size = store.conn.execute("PRAGMA page_size").fetchone()[0]
+
+    def cycle(k: int) -> None:
+        store.enqueue([env(k * n + i, size=size) for i in range(1, n + 1)], NOW)
+        assert store.ack(ALICE, up_to_seq=(k + 1) * n) == n
+
+    cycle(0)
+    before = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    for k in range(1, cycles + 1):
+        cycle(k)
+    grown = store.conn.execute("PRAGMA page_count").fetchone()[0] - before
+    payload_pages = cycles * n * size // page_size
+    assert grown * 4 <= payload_pages, (grown, payload_pages)
+
+
+def test_a_refused_batch_undoes_the_purge_it_made_room_with(tmp_path: Path) -> None:
+    """Refusal writes nothing, even when admitting an earlier mailbox of the batch
+    purged that mailbox's expired mail first (no savepoint per batch any more)."""
+    limits = StoreLimits(mailbox_max_messages=2)
+    with Store.open(tmp_path / "n.db", limits=limits) as store:
+        store.enqueue([env(1, expiry=NOW + 5), env(2, expiry=NOW + 5)], NOW)
+        store.enqueue([env(3, BOB), env(4, BOB)], NOW)
+        before = store.conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
+        with pytest.raises(QuotaExceeded):  # ALICE fits after her purge, BOB does not
+            store.enqueue([env(5), env(6, BOB)], NOW + 5)
+        assert store.conn.execute("SELECT * FROM messages ORDER BY id").fetchall() == before
+        assert store.depth(ALICE).messages == 2
+        assert store.enqueue([env(5)], NOW + 5)[0].seq == 3  # and the purge still works
+
+
+def test_per_envelope_enqueue_runs_few_statements(store: Store) -> None:
+    """CPU: a client's batch is stored envelope by envelope (each refused alone), so
+    the statements per envelope are the store worker's cost per message. Four: the
+    duplicate check, the mailbox row, the insert, the counters; the acceptance is read
+    and note_sent written once per (recipient, sender) and transaction."""
+    sender = SenderKey.local(BOB)
+    store.enqueue([env(1, BOB)], NOW, sender=SenderKey.local(ALICE))  # ALICE accepts BOB
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    n = 32
+    outcomes = store.enqueue_many([EnqueueBatch((env(i),), NOW, sender) for i in range(10, 10 + n)])
+    store.conn.set_trace_callback(None)
+    assert all(not isinstance(o, QuotaExceeded) for o in outcomes)
+    assert store.depth(ALICE).messages == n
+    # + BEGIN, COMMIT, the new mailbox row (ALICE had none), 2 acceptance reads, 1 write.
+    assert len(statements) <= 4 * n + 6, len(statements) / n
+
+
+def test_an_acceptance_written_in_a_group_counts_for_the_next_batch(tmp_path: Path) -> None:
+    """Group commit: ALICE's batch to BOB makes her accept BOB; BOB's batch to her in the
+    same transaction is then from an accepted sender (not held to the stranger pool),
+    as it was when each batch read the table itself."""
+    limits = StoreLimits(mailbox_max_messages=100)
+    with Store.open(tmp_path / "n.db", limits=limits) as store:
+        outcomes = store.enqueue_many(
+            [
+                EnqueueBatch((env(1, BOB),), NOW, SenderKey.local(ALICE)),
+                EnqueueBatch(tuple(env(i) for i in range(2, 40)), NOW, SenderKey.local(BOB)),
+            ]
+        )
+        assert all(not isinstance(o, QuotaExceeded) for o in outcomes), outcomes
+        assert store.depth(ALICE).messages == 38
+        assert store.depth(ALICE).stranger_messages == 0
+        # A day later the same pair is refreshed once, not per batch.
+        later = NOW + 86_400_000
+        statements: list[str] = []
+        store.conn.set_trace_callback(statements.append)
+        store.enqueue_many(
+            [
+                EnqueueBatch(
+                    (env(100 + i, BOB, expiry=later + HOUR),), later, SenderKey.local(ALICE)
+                )
+                for i in range(5)
+            ]
+        )
+        store.conn.set_trace_callback(None)
+        assert sum(s.startswith("INSERT INTO accepted") for s in statements) == 1
+        (last,) = store.conn.execute(
+            "SELECT last_ms FROM accepted WHERE recipient = ? AND peer = ?", (ALICE, BOB)
+        ).fetchone()
+        assert last == later

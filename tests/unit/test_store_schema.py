@@ -81,3 +81,34 @@ def test_migration_is_atomic(tmp_path: Path) -> None:
         assert indexes == []
     finally:
         conn.close()
+
+
+def test_v11_tombstones_move_to_delivered_and_stay_duplicates(tmp_path: Path) -> None:
+    """Migration 12: an acked row (ciphertext NULL) becomes a ``delivered`` tombstone,
+    so a late retry of it is still a duplicate with its first seq; live mail stays."""
+    path = tmp_path / "v11.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn, target=11) == 11
+        conn.execute(
+            "INSERT INTO mailboxes (recipient, last_seq, depth, bytes) VALUES (?, 2, 1, 3)",
+            (ALICE,),
+        )
+        insert = (
+            "INSERT INTO messages (recipient, seq, msg_id, expiry_ms, hop_limit, enqueued_ms,"
+            " size, ciphertext) VALUES (?, ?, ?, ?, 4, ?, 3, ?)"
+        )
+        conn.execute(insert, (ALICE, 1, bytes(16), NOW + 1000, NOW, None))  # acked
+        conn.execute(insert, (ALICE, 2, b"\x01" * 16, NOW + 1000, NOW, b"abc"))
+    finally:
+        conn.close()
+    with Store.open(path) as store:
+        assert schema_version(store.conn) == SCHEMA_VERSION
+        assert [m.seq for m in store.fetch(ALICE, now_ms=NOW).messages] == [2]
+        retry = Envelope(bytes(16), ALICE, NOW + 1000, 4, b"abc")
+        (again,) = store.enqueue([retry], NOW)
+        assert (again.seq, again.duplicate) == (1, True)
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+        assert store.depth(ALICE).messages == 1
+        swept = store.expire_messages(NOW + 1000)
+        assert (swept.expired, swept.tombstones) == (1, 1)
