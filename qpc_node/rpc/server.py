@@ -606,8 +606,17 @@ class RpcServer:
         the bytes nor the call slot stay pinned. A peer that left just gets a
         forceful close.
         """
+        # QUIC streams end the response with the FIN in its last frame and no
+        # STOP_SENDING (the caller ends its side with a FIN): two frames per call
+        # fewer than send_eof() + aclose(). Other streams take the generic path.
+        send_final = getattr(stream, "send_final", None)
         try:
             with trio.move_on_after(self.config.send_timeout) as send_scope:
+                if callable(send_final):
+                    for part in frame[:-1]:
+                        await stream.send_all(part)
+                    await send_final(frame[-1])
+                    return
                 for part in frame:
                     await stream.send_all(part)
                 await stream.send_eof()
