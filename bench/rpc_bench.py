@@ -156,10 +156,11 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
                     assert len(reply.value) == REQ_SIZE
 
             t0 = time.perf_counter()
+            cpu = CpuMeter(a.server_pid)
             async with trio.open_nursery() as nursery:
                 for _ in range(a.concurrency):
                     nursery.start_soon(worker)
-            out["rpc"] = summarize(lat, time.perf_counter() - t0)
+            out["rpc"] = summarize(lat, time.perf_counter() - t0, cpu)
 
             big = BytesValue(value=b"x" * BULK_SIZE)
             sent = 0
@@ -194,13 +195,42 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def summarize(lat: list[float], elapsed: float) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU of this process (client) and of the server process over one phase.
+
+    Wall-clock rates on a shared machine measure the scheduler as much as the
+    code; CPU seconds per call (both processes) is the load-independent figure.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.client0 = time.process_time()
+        self.server0 = cpu_seconds(server_pid)
+
+    def per_call_us(self, calls: int) -> dict[str, float]:
+        client = time.process_time() - self.client0
+        server = cpu_seconds(self.server_pid) - self.server0
+        n = max(calls, 1)
+        return {"client_cpu_us": client / n * 1e6, "server_cpu_us": server / n * 1e6}
+
+
+def summarize(lat: list[float], elapsed: float, cpu: CpuMeter) -> dict[str, float]:
     lat.sort()
     return {
         "calls": len(lat),
         "calls_per_s": len(lat) / elapsed,
         "p50_ms": pct(lat, 50) * 1e3,
         "p99_ms": pct(lat, 99) * 1e3,
+        **cpu.per_call_us(len(lat)),
     }
 
 
@@ -328,8 +358,9 @@ def ref_client(a: argparse.Namespace) -> dict[str, Any]:
                     assert len(reply.value) == REQ_SIZE
 
             t0 = time.perf_counter()
+            cpu = CpuMeter(a.server_pid)
             await asyncio.gather(*(worker() for _ in range(a.concurrency)))
-            out["rpc"] = summarize(lat, time.perf_counter() - t0)
+            out["rpc"] = summarize(lat, time.perf_counter() - t0, cpu)
 
             big = BytesValue(value=b"x" * BULK_SIZE).SerializeToString()
             sent = 0
@@ -396,6 +427,8 @@ def run_pair(impl: str, a: argparse.Namespace, certs: Path) -> dict[str, Any]:
                 str(a.hs_seconds),
                 "--concurrency",
                 str(a.concurrency),
+                "--server-pid",
+                str(server.pid),
             ],
             capture_output=True,
             text=True,
@@ -427,6 +460,7 @@ def main() -> None:
     p.add_argument("--bulk-seconds", type=float, default=3.0)
     p.add_argument("--hs-seconds", type=float, default=3.0)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians reported")
     a = p.parse_args()
 
@@ -458,12 +492,16 @@ def main() -> None:
         f"rpc bench: {REQ_SIZE} B request/reply, {a.concurrency} in flight, mTLS ({ALPN}), "
         f"loopback, separate processes, {a.rounds} round(s), pid {os.getpid()}"
     )
-    print(f"{'':12}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'bulk MB/s':>11}{'hs/s':>8}")
+    print(
+        f"{'':12}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'bulk MB/s':>11}{'hs/s':>8}"
+        f"{'cli us/call':>13}{'srv us/call':>13}"
+    )
     for impl, label in (("qpc", "qpc (trio)"), ("ref", "aioquic-aio")):
         print(
             f"{label:12}{med(impl, 'rpc', 'calls_per_s'):>10.0f}"
             f"{med(impl, 'rpc', 'p50_ms'):>9.2f}{med(impl, 'rpc', 'p99_ms'):>9.2f}"
             f"{med(impl, 'bulk', 'MB_per_s'):>11.1f}{med(impl, 'hs', 'per_s'):>8.1f}"
+            f"{med(impl, 'rpc', 'client_cpu_us'):>13.0f}{med(impl, 'rpc', 'server_cpu_us'):>13.0f}"
         )
 
     def ratio(phase: str, key: str) -> float:
@@ -478,7 +516,13 @@ def main() -> None:
         for q, r in zip(results["qpc"], results["ref"], strict=True)
     ]
     print(f"rpc calls/s ratio per round: {' '.join(f'{x:.2f}' for x in per_round)}")
+    cpu_ratio = statistics.median(
+        (r["rpc"]["client_cpu_us"] + r["rpc"]["server_cpu_us"])
+        / max(q["rpc"]["client_cpu_us"] + q["rpc"]["server_cpu_us"], 1e-9)
+        for q, r in zip(results["qpc"], results["ref"], strict=True)
+    )
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    print(f"rpc cpu per call (client+server) ratio ref/qpc={cpu_ratio:.2f}")
     print(f"bulk MB/s ratio={ratio('bulk', 'MB_per_s'):.2f}")
     print(f"handshakes/s ratio={ratio('hs', 'per_s'):.2f}")
     print(f"rpc calls/s ratio={ratio('rpc', 'calls_per_s'):.2f}")
