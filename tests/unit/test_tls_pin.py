@@ -75,6 +75,17 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
         Q._on_max_stream_data_delivery
     )
     assert inspect.getsource(aioquic.quic.connection).count("._write_stream_limits(") == 1
+    # _write_stream_frame returns 0 before asking when no frame header fits:
+    # exact only while aioquic's smallest header is 3 + the stream id's varint
+    # and get_frame() gives up on max_size < 0 before touching any state.
+    assert params(Q._write_stream_frame) == ["self", "builder", "space", "stream", "max_offset"]
+    wsf = inspect.getsource(Q._write_stream_frame)
+    assert "frame_overhead = (\n            3\n            + size_uint_var(stream.stream_id)" in wsf
+    assert "builder.remaining_flight_space - frame_overhead" in wsf
+    get_frame = inspect.getsource(type(stream.sender).get_frame)
+    assert get_frame.index("if max_size < 0:\n            return None") < get_frame.index(
+        "self._pending"
+    )
     src = inspect.getsource(Q._write_application)
     conn_limits = src.index("self._write_connection_limits(builder=builder, space=space)")
     stream_loop = src.index("for stream in self._streams.values():")
