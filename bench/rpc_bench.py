@@ -62,10 +62,10 @@ def pct(sorted_values: list[float], p: float) -> float:
 # --------------------------------------------------------------------------- PKI
 
 
-def write_pki(directory: Path) -> None:
+def write_pki(directory: Path, key_type: str = "ed25519") -> None:
     from qpc_node.quic.testing import make_test_pki
 
-    pki = make_test_pki()
+    pki = make_test_pki(key_type="p256" if key_type == "p256" else "ed25519")
     files = {
         "ca.pem": pki.ca.certificate_pem,
         "server.pem": pki.server.certificate_pem,
@@ -204,6 +204,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (Linux /proc; 0.0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 class CpuMeter:
     """CPU of this process (client) and of the server process over one phase.
 
@@ -220,7 +231,13 @@ class CpuMeter:
         client = time.process_time() - self.client0
         server = cpu_seconds(self.server_pid) - self.server0
         n = max(calls, 1)
-        return {"client_cpu_us": client / n * 1e6, "server_cpu_us": server / n * 1e6}
+        return {
+            "client_cpu_us": client / n * 1e6,
+            "server_cpu_us": server / n * 1e6,
+            # at the end of the rpc phase: 64 calls' streams and buffers are live
+            "client_rss_mib": rss_mib(os.getpid()),
+            "server_rss_mib": rss_mib(self.server_pid),
+        }
 
 
 def summarize(lat: list[float], elapsed: float, cpu: CpuMeter) -> dict[str, float]:
@@ -266,9 +283,15 @@ def _ref_mtls(ca_pem: bytes) -> None:
     aserver.QuicConnection = MTLSServerConnection  # type: ignore[misc]
 
 
-def _ref_config(d: Path, *, is_client: bool) -> Any:
-    from aioquic.quic.configuration import QuicConfiguration
+def _ref_lib(a: argparse.Namespace) -> str:
+    """The reference's QUIC library: aioquic, or (``--impl qh3``) the qh3 fork."""
+    return "qh3" if a.impl == "qh3" else "aioquic"
 
+
+def _ref_config(d: Path, *, is_client: bool, lib: str = "aioquic") -> Any:
+    import importlib
+
+    QuicConfiguration = importlib.import_module(f"{lib}.quic.configuration").QuicConfiguration
     cfg = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN])
     who = "client" if is_client else "server"
     cfg.load_cert_chain(d / f"{who}.pem", d / f"{who}.key")
@@ -292,11 +315,16 @@ async def _ref_read_frame(reader: Any) -> bytes:
 
 def ref_server(a: argparse.Namespace) -> None:
     import asyncio
+    import importlib
 
-    from aioquic.asyncio import serve
-
+    lib = _ref_lib(a)
+    serve = importlib.import_module(f"{lib}.asyncio").serve
     d = Path(a.certs)
-    _ref_mtls((d / "ca.pem").read_bytes())
+    if lib == "aioquic":
+        # qh3 2.1 has no server-side client certificates at all (its TLS is a
+        # different class, and the PyPI patch for it is a third-party monkey
+        # patch): its figures are without mTLS, which only the handshake pays.
+        _ref_mtls((d / "ca.pem").read_bytes())
 
     async def handle(reader: Any, writer: Any) -> None:
         request = rpc_pb2.Request.FromString(await _ref_read_frame(reader))
@@ -313,7 +341,7 @@ def ref_server(a: argparse.Namespace) -> None:
         server = await serve(
             "127.0.0.1",
             0,
-            configuration=_ref_config(d, is_client=False),
+            configuration=_ref_config(d, is_client=False, lib=lib),
             stream_handler=lambda r, w: asyncio.ensure_future(handle(r, w)),
         )
         print("PORT", server._transport.get_extra_info("sockname")[1], flush=True)
@@ -325,9 +353,10 @@ def ref_server(a: argparse.Namespace) -> None:
 
 def ref_client(a: argparse.Namespace) -> dict[str, Any]:
     import asyncio
+    import importlib
 
-    from aioquic.asyncio import connect
-
+    lib = _ref_lib(a)
+    connect = importlib.import_module(f"{lib}.asyncio").connect
     d = Path(a.certs)
     out: dict[str, Any] = {}
     call_ids = iter(range(1, 1 << 62))
@@ -341,7 +370,7 @@ def ref_client(a: argparse.Namespace) -> dict[str, Any]:
         return bytes(response.body)
 
     async def main() -> None:
-        cfg = _ref_config(d, is_client=True)
+        cfg = _ref_config(d, is_client=True, lib=lib)
         async with connect("127.0.0.1", a.port, configuration=cfg) as proto:
             req = BytesValue(value=b"q" * REQ_SIZE).SerializeToString()
             lat: list[float] = []
@@ -451,7 +480,7 @@ def run_pair(impl: str, a: argparse.Namespace, certs: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--impl", choices=["qpc", "ref"])
+    p.add_argument("--impl", choices=["qpc", "ref", "qh3"])
     p.add_argument("--role", choices=["server", "client"])
     p.add_argument("--certs", default="")
     p.add_argument("--port", type=int, default=0)
@@ -462,6 +491,13 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians reported")
+    p.add_argument(
+        "--qh3",
+        action="store_true",
+        help="also run the reference code on qh3's asyncio API (pip install qh3: bench only);\n"
+        "qh3 2.1 refuses Ed25519 node certificates, so all three then use P-256",
+    )
+    p.add_argument("--key-type", choices=["ed25519", "p256"], default="")
     a = p.parse_args()
 
     if a.role == "server":
@@ -472,15 +508,17 @@ def main() -> None:
         print("RESULT", json.dumps(result), flush=True)
         return
 
-    results: dict[str, list[dict[str, Any]]] = {"qpc": [], "ref": []}
+    impls = ["qpc", "ref", *(["qh3"] if a.qh3 else [])]
+    results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="qpc-rpc-bench-") as tmp:
         certs = Path(tmp)
-        write_pki(certs)
+        key_type = a.key_type or ("p256" if a.qh3 else "ed25519")
+        write_pki(certs, key_type)
         for n in range(a.rounds):
             # Interleaved, and the order alternates: neither side always runs
             # first after a quiet (or busy) spell of the shared machine.
-            order = ("qpc", "ref") if n % 2 == 0 else ("ref", "qpc")
+            order = impls if n % 2 == 0 else impls[::-1]
             for impl in order:
                 results[impl].append(run_pair(impl, a, certs))
     load_after = os.getloadavg()[0]
@@ -490,18 +528,22 @@ def main() -> None:
 
     print(
         f"rpc bench: {REQ_SIZE} B request/reply, {a.concurrency} in flight, mTLS ({ALPN}), "
-        f"loopback, separate processes, {a.rounds} round(s), pid {os.getpid()}"
+        f"loopback, separate processes, {a.rounds} round(s), {key_type} certificates, "
+        f"pid {os.getpid()}"
     )
     print(
         f"{'':12}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'bulk MB/s':>11}{'hs/s':>8}"
-        f"{'cli us/call':>13}{'srv us/call':>13}"
+        f"{'cli us/call':>13}{'srv us/call':>13}{'cli MiB':>9}{'srv MiB':>9}"
     )
-    for impl, label in (("qpc", "qpc (trio)"), ("ref", "aioquic-aio")):
+    labels = {"qpc": "qpc (trio)", "ref": "aioquic-aio", "qh3": "qh3-aio"}
+    for impl in impls:
+        label = labels[impl]
         print(
             f"{label:12}{med(impl, 'rpc', 'calls_per_s'):>10.0f}"
             f"{med(impl, 'rpc', 'p50_ms'):>9.2f}{med(impl, 'rpc', 'p99_ms'):>9.2f}"
             f"{med(impl, 'bulk', 'MB_per_s'):>11.1f}{med(impl, 'hs', 'per_s'):>8.1f}"
             f"{med(impl, 'rpc', 'client_cpu_us'):>13.0f}{med(impl, 'rpc', 'server_cpu_us'):>13.0f}"
+            f"{med(impl, 'rpc', 'client_rss_mib'):>9.1f}{med(impl, 'rpc', 'server_rss_mib'):>9.1f}"
         )
 
     def ratio(phase: str, key: str) -> float:
@@ -521,7 +563,25 @@ def main() -> None:
         / max(q["rpc"]["client_cpu_us"] + q["rpc"]["server_cpu_us"], 1e-9)
         for q, r in zip(results["qpc"], results["ref"], strict=True)
     )
+    p99_ratio = statistics.median(
+        float(r["rpc"]["p99_ms"] / q["rpc"]["p99_ms"])
+        for q, r in zip(results["qpc"], results["ref"], strict=True)
+    )
+    if a.qh3:
+        qh3_calls = statistics.median(
+            float(h["rpc"]["calls_per_s"] / r["rpc"]["calls_per_s"])
+            for h, r in zip(results["qh3"], results["ref"], strict=True)
+        )
+        qh3_cpu = statistics.median(
+            (r["rpc"]["client_cpu_us"] + r["rpc"]["server_cpu_us"])
+            / max(h["rpc"]["client_cpu_us"] + h["rpc"]["server_cpu_us"], 1e-9)
+            for h, r in zip(results["qh3"], results["ref"], strict=True)
+        )
+        print(
+            f"qh3-aio vs aioquic-aio: calls/s ratio={qh3_calls:.2f} cpu per call ratio={qh3_cpu:.2f}"
+        )
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    print(f"rpc p99 ratio ref/qpc={p99_ratio:.2f} (qpc p99 {med('qpc', 'rpc', 'p99_ms'):.1f} ms)")
     print(f"rpc cpu per call (client+server) ratio ref/qpc={cpu_ratio:.2f}")
     print(f"bulk MB/s ratio={ratio('bulk', 'MB_per_s'):.2f}")
     print(f"handshakes/s ratio={ratio('hs', 'per_s'):.2f}")
