@@ -19,6 +19,13 @@ its server asks for and verifies the client certificate against the same CA
 interleaved (``--rounds``) because the machine is shared. Every phase is bounded
 by its seconds and by a call count; the orchestrator kills only the processes it
 started.
+
+Per call the table also shows user+system CPU of client and server over the rpc
+phase (the load-independent figure on a busy machine; ratio ref/qpc printed) and
+both processes' RSS at its end. ``--qh3`` adds a third column: the reference code
+on qh3's asyncio API (``pip install qh3`` in the bench environment; qh3 is not a
+dependency), with P-256 certificates for all three (qh3 2.1 refuses Ed25519).
+Figures and what they mean: docs/performance.md, "RPC and QUIC".
 """
 
 from __future__ import annotations
