@@ -156,3 +156,36 @@ async def test_send_final_respects_the_high_water_mark_and_ends_the_stream(
             assert bytes(got) == payload
             await stream.aclose()
     assert closed_after == [True]
+
+
+async def test_a_refusal_before_the_whole_request_still_stops_the_sender(
+    autojump_clock: trio.testing.MockClock,
+    pki: PkiFixture,
+    frames: Counter[tuple[str, str]],
+) -> None:
+    """Only a request read whole is answered without STOP_SENDING: a node that
+    refuses a frame it will not read must still tell the caller to stop sending
+    the rest of it (the buffer abuse of issue 11 relies on that)."""
+    from qpc_node.rpc.framing import encode_frame_header
+
+    net = FakeNetwork(seed=17)
+    with trio.fail_after(120):
+        async with (
+            open_endpoint(sock=net.bind(*SERVER), server_tls=ServerTLS(pki.server)) as server,
+            serving(server, QuicRpcHandler(_rpc_server())),
+            open_endpoint(sock=net.bind("10.0.0.2")) as client_ep,
+        ):
+            conn = await client_ep.connect(*SERVER, ClientTLS("qpc/1", pin=pki.server.fingerprint))
+            stream = await conn.open_stream()
+            # Announces more than the node's frame cap: refused before reading it.
+            await stream.send_all(encode_frame_header(6 << 20, max_frame_size=8 << 20))
+            answer = bytearray()
+            while chunk := await stream.receive_some():
+                answer += chunk
+            assert answer  # the refusal
+            with pytest.raises(trio.BrokenResourceError):
+                for _ in range(100):
+                    await stream.send_all(b"x" * 16384)
+                    await trio.sleep(0.05)
+            await stream.aclose()
+    assert frames["server", "STOP_SENDING"] >= 1
