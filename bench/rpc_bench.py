@@ -19,6 +19,13 @@ its server asks for and verifies the client certificate against the same CA
 interleaved (``--rounds``) because the machine is shared. Every phase is bounded
 by its seconds and by a call count; the orchestrator kills only the processes it
 started.
+
+Per call the table also shows user+system CPU of client and server over the rpc
+phase (the load-independent figure on a busy machine; ratio ref/qpc printed) and
+both processes' RSS at its end. ``--qh3`` adds a third column: the reference code
+on qh3's asyncio API (``pip install qh3`` in the bench environment; qh3 is not a
+dependency), with P-256 certificates for all three (qh3 2.1 refuses Ed25519).
+Figures and what they mean: docs/performance.md, "RPC and QUIC".
 """
 
 from __future__ import annotations
@@ -62,10 +69,10 @@ def pct(sorted_values: list[float], p: float) -> float:
 # --------------------------------------------------------------------------- PKI
 
 
-def write_pki(directory: Path) -> None:
+def write_pki(directory: Path, key_type: str = "ed25519") -> None:
     from qpc_node.quic.testing import make_test_pki
 
-    pki = make_test_pki()
+    pki = make_test_pki(key_type="p256" if key_type == "p256" else "ed25519")
     files = {
         "ca.pem": pki.ca.certificate_pem,
         "server.pem": pki.server.certificate_pem,
@@ -156,10 +163,11 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
                     assert len(reply.value) == REQ_SIZE
 
             t0 = time.perf_counter()
+            cpu = CpuMeter(a.server_pid)
             async with trio.open_nursery() as nursery:
                 for _ in range(a.concurrency):
                     nursery.start_soon(worker)
-            out["rpc"] = summarize(lat, time.perf_counter() - t0)
+            out["rpc"] = summarize(lat, time.perf_counter() - t0, cpu)
 
             big = BytesValue(value=b"x" * BULK_SIZE)
             sent = 0
@@ -194,13 +202,59 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def summarize(lat: list[float], elapsed: float) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (Linux /proc; 0.0 elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class CpuMeter:
+    """CPU of this process (client) and of the server process over one phase.
+
+    Wall-clock rates on a shared machine measure the scheduler as much as the
+    code; CPU seconds per call (both processes) is the load-independent figure.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.client0 = time.process_time()
+        self.server0 = cpu_seconds(server_pid)
+
+    def per_call_us(self, calls: int) -> dict[str, float]:
+        client = time.process_time() - self.client0
+        server = cpu_seconds(self.server_pid) - self.server0
+        n = max(calls, 1)
+        return {
+            "client_cpu_us": client / n * 1e6,
+            "server_cpu_us": server / n * 1e6,
+            # at the end of the rpc phase: 64 calls' streams and buffers are live
+            "client_rss_mib": rss_mib(os.getpid()),
+            "server_rss_mib": rss_mib(self.server_pid),
+        }
+
+
+def summarize(lat: list[float], elapsed: float, cpu: CpuMeter) -> dict[str, float]:
     lat.sort()
     return {
         "calls": len(lat),
         "calls_per_s": len(lat) / elapsed,
         "p50_ms": pct(lat, 50) * 1e3,
         "p99_ms": pct(lat, 99) * 1e3,
+        **cpu.per_call_us(len(lat)),
     }
 
 
@@ -236,9 +290,15 @@ def _ref_mtls(ca_pem: bytes) -> None:
     aserver.QuicConnection = MTLSServerConnection  # type: ignore[misc]
 
 
-def _ref_config(d: Path, *, is_client: bool) -> Any:
-    from aioquic.quic.configuration import QuicConfiguration
+def _ref_lib(a: argparse.Namespace) -> str:
+    """The reference's QUIC library: aioquic, or (``--impl qh3``) the qh3 fork."""
+    return "qh3" if a.impl == "qh3" else "aioquic"
 
+
+def _ref_config(d: Path, *, is_client: bool, lib: str = "aioquic") -> Any:
+    import importlib
+
+    QuicConfiguration = importlib.import_module(f"{lib}.quic.configuration").QuicConfiguration
     cfg = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN])
     who = "client" if is_client else "server"
     cfg.load_cert_chain(d / f"{who}.pem", d / f"{who}.key")
@@ -262,11 +322,16 @@ async def _ref_read_frame(reader: Any) -> bytes:
 
 def ref_server(a: argparse.Namespace) -> None:
     import asyncio
+    import importlib
 
-    from aioquic.asyncio import serve
-
+    lib = _ref_lib(a)
+    serve = importlib.import_module(f"{lib}.asyncio").serve
     d = Path(a.certs)
-    _ref_mtls((d / "ca.pem").read_bytes())
+    if lib == "aioquic":
+        # qh3 2.1 has no server-side client certificates at all (its TLS is a
+        # different class, and the PyPI patch for it is a third-party monkey
+        # patch): its figures are without mTLS, which only the handshake pays.
+        _ref_mtls((d / "ca.pem").read_bytes())
 
     async def handle(reader: Any, writer: Any) -> None:
         request = rpc_pb2.Request.FromString(await _ref_read_frame(reader))
@@ -283,7 +348,7 @@ def ref_server(a: argparse.Namespace) -> None:
         server = await serve(
             "127.0.0.1",
             0,
-            configuration=_ref_config(d, is_client=False),
+            configuration=_ref_config(d, is_client=False, lib=lib),
             stream_handler=lambda r, w: asyncio.ensure_future(handle(r, w)),
         )
         print("PORT", server._transport.get_extra_info("sockname")[1], flush=True)
@@ -295,9 +360,10 @@ def ref_server(a: argparse.Namespace) -> None:
 
 def ref_client(a: argparse.Namespace) -> dict[str, Any]:
     import asyncio
+    import importlib
 
-    from aioquic.asyncio import connect
-
+    lib = _ref_lib(a)
+    connect = importlib.import_module(f"{lib}.asyncio").connect
     d = Path(a.certs)
     out: dict[str, Any] = {}
     call_ids = iter(range(1, 1 << 62))
@@ -311,7 +377,7 @@ def ref_client(a: argparse.Namespace) -> dict[str, Any]:
         return bytes(response.body)
 
     async def main() -> None:
-        cfg = _ref_config(d, is_client=True)
+        cfg = _ref_config(d, is_client=True, lib=lib)
         async with connect("127.0.0.1", a.port, configuration=cfg) as proto:
             req = BytesValue(value=b"q" * REQ_SIZE).SerializeToString()
             lat: list[float] = []
@@ -328,8 +394,9 @@ def ref_client(a: argparse.Namespace) -> dict[str, Any]:
                     assert len(reply.value) == REQ_SIZE
 
             t0 = time.perf_counter()
+            cpu = CpuMeter(a.server_pid)
             await asyncio.gather(*(worker() for _ in range(a.concurrency)))
-            out["rpc"] = summarize(lat, time.perf_counter() - t0)
+            out["rpc"] = summarize(lat, time.perf_counter() - t0, cpu)
 
             big = BytesValue(value=b"x" * BULK_SIZE).SerializeToString()
             sent = 0
@@ -396,6 +463,8 @@ def run_pair(impl: str, a: argparse.Namespace, certs: Path) -> dict[str, Any]:
                 str(a.hs_seconds),
                 "--concurrency",
                 str(a.concurrency),
+                "--server-pid",
+                str(server.pid),
             ],
             capture_output=True,
             text=True,
@@ -418,7 +487,7 @@ def run_pair(impl: str, a: argparse.Namespace, certs: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--impl", choices=["qpc", "ref"])
+    p.add_argument("--impl", choices=["qpc", "ref", "qh3"])
     p.add_argument("--role", choices=["server", "client"])
     p.add_argument("--certs", default="")
     p.add_argument("--port", type=int, default=0)
@@ -427,7 +496,15 @@ def main() -> None:
     p.add_argument("--bulk-seconds", type=float, default=3.0)
     p.add_argument("--hs-seconds", type=float, default=3.0)
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--server-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians reported")
+    p.add_argument(
+        "--qh3",
+        action="store_true",
+        help="also run the reference code on qh3's asyncio API (pip install qh3: bench only);\n"
+        "qh3 2.1 refuses Ed25519 node certificates, so all three then use P-256",
+    )
+    p.add_argument("--key-type", choices=["ed25519", "p256"], default="")
     a = p.parse_args()
 
     if a.role == "server":
@@ -438,15 +515,17 @@ def main() -> None:
         print("RESULT", json.dumps(result), flush=True)
         return
 
-    results: dict[str, list[dict[str, Any]]] = {"qpc": [], "ref": []}
+    impls = ["qpc", "ref", *(["qh3"] if a.qh3 else [])]
+    results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="qpc-rpc-bench-") as tmp:
         certs = Path(tmp)
-        write_pki(certs)
+        key_type = a.key_type or ("p256" if a.qh3 else "ed25519")
+        write_pki(certs, key_type)
         for n in range(a.rounds):
             # Interleaved, and the order alternates: neither side always runs
             # first after a quiet (or busy) spell of the shared machine.
-            order = ("qpc", "ref") if n % 2 == 0 else ("ref", "qpc")
+            order = impls if n % 2 == 0 else impls[::-1]
             for impl in order:
                 results[impl].append(run_pair(impl, a, certs))
     load_after = os.getloadavg()[0]
@@ -456,14 +535,22 @@ def main() -> None:
 
     print(
         f"rpc bench: {REQ_SIZE} B request/reply, {a.concurrency} in flight, mTLS ({ALPN}), "
-        f"loopback, separate processes, {a.rounds} round(s), pid {os.getpid()}"
+        f"loopback, separate processes, {a.rounds} round(s), {key_type} certificates, "
+        f"pid {os.getpid()}"
     )
-    print(f"{'':12}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'bulk MB/s':>11}{'hs/s':>8}")
-    for impl, label in (("qpc", "qpc (trio)"), ("ref", "aioquic-aio")):
+    print(
+        f"{'':12}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'bulk MB/s':>11}{'hs/s':>8}"
+        f"{'cli us/call':>13}{'srv us/call':>13}{'cli MiB':>9}{'srv MiB':>9}"
+    )
+    labels = {"qpc": "qpc (trio)", "ref": "aioquic-aio", "qh3": "qh3-aio"}
+    for impl in impls:
+        label = labels[impl]
         print(
             f"{label:12}{med(impl, 'rpc', 'calls_per_s'):>10.0f}"
             f"{med(impl, 'rpc', 'p50_ms'):>9.2f}{med(impl, 'rpc', 'p99_ms'):>9.2f}"
             f"{med(impl, 'bulk', 'MB_per_s'):>11.1f}{med(impl, 'hs', 'per_s'):>8.1f}"
+            f"{med(impl, 'rpc', 'client_cpu_us'):>13.0f}{med(impl, 'rpc', 'server_cpu_us'):>13.0f}"
+            f"{med(impl, 'rpc', 'client_rss_mib'):>9.1f}{med(impl, 'rpc', 'server_rss_mib'):>9.1f}"
         )
 
     def ratio(phase: str, key: str) -> float:
@@ -478,7 +565,31 @@ def main() -> None:
         for q, r in zip(results["qpc"], results["ref"], strict=True)
     ]
     print(f"rpc calls/s ratio per round: {' '.join(f'{x:.2f}' for x in per_round)}")
+    cpu_ratio = statistics.median(
+        (r["rpc"]["client_cpu_us"] + r["rpc"]["server_cpu_us"])
+        / max(q["rpc"]["client_cpu_us"] + q["rpc"]["server_cpu_us"], 1e-9)
+        for q, r in zip(results["qpc"], results["ref"], strict=True)
+    )
+    p99_ratio = statistics.median(
+        float(r["rpc"]["p99_ms"] / q["rpc"]["p99_ms"])
+        for q, r in zip(results["qpc"], results["ref"], strict=True)
+    )
+    if a.qh3:
+        qh3_calls = statistics.median(
+            float(h["rpc"]["calls_per_s"] / r["rpc"]["calls_per_s"])
+            for h, r in zip(results["qh3"], results["ref"], strict=True)
+        )
+        qh3_cpu = statistics.median(
+            (r["rpc"]["client_cpu_us"] + r["rpc"]["server_cpu_us"])
+            / max(h["rpc"]["client_cpu_us"] + h["rpc"]["server_cpu_us"], 1e-9)
+            for h, r in zip(results["qh3"], results["ref"], strict=True)
+        )
+        print(
+            f"qh3-aio vs aioquic-aio: calls/s ratio={qh3_calls:.2f} cpu per call ratio={qh3_cpu:.2f}"
+        )
     print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    print(f"rpc p99 ratio ref/qpc={p99_ratio:.2f} (qpc p99 {med('qpc', 'rpc', 'p99_ms'):.1f} ms)")
+    print(f"rpc cpu per call (client+server) ratio ref/qpc={cpu_ratio:.2f}")
     print(f"bulk MB/s ratio={ratio('bulk', 'MB_per_s'):.2f}")
     print(f"handshakes/s ratio={ratio('hs', 'per_s'):.2f}")
     print(f"rpc calls/s ratio={ratio('rpc', 'calls_per_s'):.2f}")

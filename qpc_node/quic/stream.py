@@ -165,6 +165,40 @@ class QuicStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    async def send_final(self, data: bytes | bytearray | memoryview) -> None:
+        """``send_all(data)``, end our side with the last bytes, and close the stream.
+
+        For a responder whose peer has sent everything it will read (an RPC
+        server after the request): the FIN rides in the frame of the last bytes
+        (no separate frame or packet for it) and, unlike :meth:`aclose`, no
+        STOP_SENDING is sent -- the peer ends its side with its own FIN (or a
+        reset), which costs it one frame instead of the STOP_SENDING plus the
+        RESET_STREAM it would answer with. Anything the peer still sends is
+        discarded and credited back, as for any stream we closed; the peer's
+        stream credit stays taken until it ends its side, so a peer that never
+        does only uses up its own credit.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_send()
+            view = memoryview(data)
+            while len(view) > (room := self._room()):
+                if room > 0:
+                    self._conn._core.send_stream_data(self.stream_id, bytes(view[:room]))
+                    view = view[room:]
+                    self._conn._kick()
+                await self._park_sender()
+                self._check_send()
+            self._conn._core.send_stream_data(self.stream_id, bytes(view), end_stream=True)
+            self._eof_sent = True
+        finally:
+            self._sending = False
+        self._close_locally()  # as aclose() does, minus the STOP_SENDING
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def _park_sender(self) -> None:
         self._conn._send_waiters.add(self)
         try:

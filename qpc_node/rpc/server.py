@@ -330,7 +330,7 @@ class RpcServer:
         finally:
             answer.shrink(0)  # what the handler reserved and the frame did not take
         del reply  # the frame is all we keep while the peer takes its time
-        await self._send(stream, conn.source, frame, reserved)
+        await self._send(stream, conn.source, frame, reserved, request_read=held.whole)
 
     async def _receive_and_dispatch(
         self,
@@ -358,6 +358,7 @@ class RpcServer:
         del decoder  # what it held is in ``frame`` now (or refused)
         if read_scope.cancelled_caught or frame is None:
             return error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time")
+        held.whole = True  # the caller has nothing more to send but its end of stream
         # Handed over, not shared: _dispatch drops the frame once parsed.
         parts, frame = [frame], None
         response = await self._dispatch(conn, stream, parts, answer)
@@ -597,6 +598,8 @@ class RpcServer:
         source: str,
         frame: list[bytes],
         reserved: int,
+        *,
+        request_read: bool = False,
     ) -> None:
         """Send ``frame``, half-close, close -- within ``send_timeout``; then release
         its ``reserved`` budget bytes.
@@ -606,8 +609,19 @@ class RpcServer:
         the bytes nor the call slot stay pinned. A peer that left just gets a
         forceful close.
         """
+        # After a request read whole, QUIC streams end the response with the FIN
+        # in its last frame and no STOP_SENDING (the caller ends its side with a
+        # FIN): two frames per call fewer than send_eof() + aclose(). A refusal
+        # before or while reading keeps the STOP_SENDING: it is what stops the
+        # caller sending the rest of a request nobody will read.
+        send_final = getattr(stream, "send_final", None) if request_read else None
         try:
             with trio.move_on_after(self.config.send_timeout) as send_scope:
+                if callable(send_final):
+                    for part in frame[:-1]:
+                        await stream.send_all(part)
+                    await send_final(frame[-1])
+                    return
                 for part in frame:
                     await stream.send_all(part)
                 await stream.send_eof()
@@ -704,14 +718,18 @@ class _Answer:
 
 
 class _Held:
-    """One call's reservation in a budget (request bytes): reserve once, release once."""
+    """One call's reservation in a budget (request bytes): reserve once, release once.
 
-    __slots__ = ("_budget", "_source", "nbytes")
+    ``whole``: the request frame was read completely (set by the reader).
+    """
+
+    __slots__ = ("_budget", "_source", "nbytes", "whole")
 
     def __init__(self, budget: ByteBudget, source: str) -> None:
         self._budget = budget
         self._source = source
         self.nbytes = 0
+        self.whole = False
 
     def reserve(self, nbytes: int) -> bool:
         if self._budget.try_reserve(self._source, nbytes):

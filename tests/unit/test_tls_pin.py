@@ -75,6 +75,17 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
         Q._on_max_stream_data_delivery
     )
     assert inspect.getsource(aioquic.quic.connection).count("._write_stream_limits(") == 1
+    # _write_stream_frame returns 0 before asking when no frame header fits:
+    # exact only while aioquic's smallest header is 3 + the stream id's varint
+    # and get_frame() gives up on max_size < 0 before touching any state.
+    assert params(Q._write_stream_frame) == ["self", "builder", "space", "stream", "max_offset"]
+    wsf = inspect.getsource(Q._write_stream_frame)
+    assert "frame_overhead = (\n            3\n            + size_uint_var(stream.stream_id)" in wsf
+    assert "builder.remaining_flight_space - frame_overhead" in wsf
+    get_frame = inspect.getsource(type(stream.sender).get_frame)
+    assert get_frame.index("if max_size < 0:\n            return None") < get_frame.index(
+        "self._pending"
+    )
     src = inspect.getsource(Q._write_application)
     conn_limits = src.index("self._write_connection_limits(builder=builder, space=space)")
     stream_loop = src.index("for stream in self._streams.values():")
@@ -171,3 +182,82 @@ def test_short_header_routing_matches_aioquic(data: bytes) -> None:
     assert (
         None if got is None else (got.destination_cid, got.is_initial, got.version_supported)
     ) == expected
+
+
+# Every aioquic private name qpc_node/quic/_aioquic.py reads, writes or overrides,
+# with the reason it stays (docs/performance.md, "aioquic internals"). A new one
+# must be added here (and justified there); one that aioquic drops fails below.
+AIOQUIC_PRIVATE = {
+    # client certificates: aioquic's server never asks for or verifies them
+    "_initialize": "creates tls.Context: the one place to swap in our subclass",
+    "_alpn_handler": "ALPN decides whether a client certificate is required",
+    "_request_client_certificate": "read by the server hello right after the ALPN callback",
+    "_server_handle_certificate": "empty client Certificate: our policy refuses it",
+    "_server_handle_certificate_verify": "client key possession proven: run our policy",
+    "_client_handle_certificate_verify": "server key possession proven: run pin/CA policy",
+    "_peer_certificate": "the verified peer chain (leaf)",
+    "_peer_certificate_chain": "the verified peer chain (rest)",
+    # flow control by consumption, not arrival
+    "_write_connection_limits": "MAX_DATA / MAX_STREAM_DATA as the reader consumes",
+    "_write_stream_limits": "replaced by a no-op; listed streams are served above",
+    "_on_max_stream_data_delivery": "a lost MAX_STREAM_DATA is listed again",
+    "_local_max_data": "the Limit whose `used` disarms grow-on-arrival",
+    "_local_max_streams_bidi": "our stream credit (aioquic hardcodes 128)",
+    "_local_max_streams_uni": "no unidirectional streams (0)",
+    # stream credit, backlog, reset buffers
+    "_streams": "send backlog and reset buffers of one stream",
+    "_local_next_stream_id_bidi": "can_open_stream: next id against the peer's limit",
+    "_remote_max_streams_bidi": "can_open_stream: the peer's MAX_STREAMS",
+    "_buffer": "send backlog (unsent + unacked bytes): send_all's high-water mark",
+    "_buffer_start": "freeing a reset stream's send buffer",
+    "_buffer_stop": "freeing a reset stream's send buffer",
+    "_pending": "freeing a reset stream's send buffer",
+    "_acked": "freeing a reset stream's send buffer",
+    "_reset_error_code": "only a reset stream's buffer is freed",
+    "_handle_stop_sending_frame": "a STOP_SENDING resets the sender: free its buffer",
+    # connection state aioquic has no event for
+    "_close_event": "ConnectionClosing the moment a close is decided (no draining wait)",
+    "_handshake_confirmed": "client: the server accepted our certificate (HANDSHAKE_DONE)",
+    "_state": "a stateless reset is acted on only while the connection is alive",
+    "_close_end": "a stateless reset ends the connection without a closing period",
+    # stateless reset tokens derived from a static key
+    "_host_cids": "our CIDs' reset tokens are derived, not random",
+    "_replenish_connection_ids": "new CIDs get derived tokens too",
+    "_peer_cid": "the peer's reset token, to recognise its stateless reset",
+    # packet building
+    "_write_stream_frame": "no frame asked of a stream when none fits the packet",
+}
+OURS = {"_q", "_confirmed_reported", "_closing_reported", "_translate"}
+
+
+def test_every_aioquic_private_access_is_listed() -> None:
+    import ast
+
+    import qpc_node.quic._aioquic as adapter
+
+    tree = ast.parse(inspect.getsource(adapter))
+    methods = {
+        fn.name
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef)
+        for fn in cls.body
+        if isinstance(fn, ast.FunctionDef)
+    }
+    touched = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+    } | {m for m in methods if m.startswith("_") and not m.startswith("__")}
+    ours = OURS | {name for name in touched if name.startswith("_qpc")}
+    assert touched - ours == set(AIOQUIC_PRIVATE)
+
+
+def test_listed_private_names_exist_on_a_live_connection(pki: PkiFixture) -> None:
+    server_tls = ServerTLS(pki.server, federation_ca=pki.ca.certificate_pem)
+    client_tls = ClientTLS(ALPN_FEDERATION, pin=pki.server.fingerprint, credentials=pki.client)
+    server, _, _ = handshake(server_tls, client_tls)
+    q = server._q
+    stream = AioquicStream(stream_id=0, max_stream_data_local=1, max_stream_data_remote=1)
+    holders: list[object] = [q, q.tls, stream.sender, stream.receiver]
+    missing = [n for n in AIOQUIC_PRIVATE if not any(hasattr(h, n) for h in holders)]
+    assert not missing, f"aioquic dropped {missing}: re-audit qpc_node/quic/_aioquic.py"
