@@ -195,8 +195,12 @@ async def test_a_parked_long_poll_holds_no_budget(tmp_path: Path) -> None:
             answered.set()
 
         nursery.start_soon(poll)
-        for _ in range(2000):  # until the fetch parks (its first read is on the store thread)
-            if len(service.waiters):
+        # Until the fetch parks and its re-read is done: it registers as a waiter
+        # *before* re-reading (so a commit in between still wakes it), and that read
+        # holds its reservation on the store thread for a moment (under load the
+        # test saw the waiter with the read's bytes still reserved, 2 runs in 10).
+        for _ in range(2000):
+            if len(service.waiters) and budget.used == 0:
                 break
             await trio.sleep(0.005)
         assert len(service.waiters) == 1
