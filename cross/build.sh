@@ -98,6 +98,23 @@ else
 fi
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/*.whl
 "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} "$wheels"/quicprochat-*.whl
+# zeroconf without its Cython modules: the same zeroconf from its sdist with SKIP_CYTHON=1
+# (its build's own switch), pure Python. -1.0 MiB of the .ipk; the mDNS traffic of a router
+# is a few packets a minute (docs/performance.md, "Package size", has the cost measured).
+zc_version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("zeroconf"))')
+zc_cache=$work/zeroconf-$arch
+if ! ls "$zc_cache/zeroconf-$zc_version-"*.whl >/dev/null 2>&1; then
+  log "build zeroconf $zc_version without Cython (once, cached in $zc_cache)"
+  rm -rf "$zc_cache"
+  SKIP_CYTHON=1 "$venv/bin/pip" wheel -q --no-deps --no-binary zeroconf \
+    ${QPC_WHEELS:+--find-links "$QPC_WHEELS"} -w "$zc_cache" "zeroconf==$zc_version"
+fi
+"$venv/bin/pip" install -q --force-reinstall --no-deps "$zc_cache/zeroconf-$zc_version-"*.whl
+"$venv/bin/python" - <<'PY' || { log "zeroconf still carries compiled modules"; exit 1; }
+import pathlib, zeroconf
+compiled = sorted(p.name for p in pathlib.Path(zeroconf.__file__).parent.rglob("*.so"))
+assert not compiled, compiled
+PY
 # Gate: one OpenSSL. Fails if pip swapped in PyPI's cryptography (its own OpenSSL) anyway.
 "$venv/bin/python" - "$crypto_pin" <<'PY' || { log "cryptography is not the source build against the system OpenSSL"; exit 1; }
 import importlib.metadata, ssl, sys
