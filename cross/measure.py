@@ -105,6 +105,8 @@ PROBER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from health_probe import probe
+import qpc_node.client.connect, qpc_node.rpc.client, qpc_node.rpc.health  # before the clock starts
+from qpc_node.wire.gen.qpc.v1 import health_pb2
 port, pin = sys.stdin.readline().split()
 deadline = time.monotonic() + 30
 while True:
