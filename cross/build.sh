@@ -86,12 +86,16 @@ else
   (cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
   # cryptography against the system OpenSSL, the one the bundle carries anyway
   # (cross/requirements-bundle.txt says why); built once per version, then cached.
-  cache=$work/cryptography-$arch
+  # Its Rust module at opt-level "s", one codegen unit: -0.27 MiB of the .ipk (-0.9 MiB
+  # installed); the primitives are OpenSSL's, and AES-GCM, Ed25519, X25519, SHA-256 and
+  # certificate parsing showed no cost in interleaved runs (docs/performance.md).
+  crypto_opt="CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1"
+  cache=$work/cryptography-$arch-opt-s
   if ! ls "$cache/cryptography-${crypto_pin#cryptography==}-"*.whl >/dev/null 2>&1; then
     pkg-config --exists openssl 2>/dev/null || { log "needs OpenSSL headers: apt install libssl-dev pkg-config"; exit 1; }
     log "build $crypto_pin from source against the system OpenSSL (once, cached in $cache)"
     rm -rf "$cache"
-    CARGO_TARGET_DIR=$work/cargo-cryptography "$venv/bin/pip" wheel -q --no-deps --no-binary cryptography \
+    env $crypto_opt CARGO_TARGET_DIR=$work/cargo-cryptography "$venv/bin/pip" wheel -q --no-deps --no-binary cryptography \
       ${QPC_WHEELS:+--find-links "$QPC_WHEELS"} -w "$cache" "$crypto_pin"
   fi
   cp "$cache"/cryptography-*.whl "$wheels/"
