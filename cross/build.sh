@@ -86,18 +86,39 @@ else
   (cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
   # cryptography against the system OpenSSL, the one the bundle carries anyway
   # (cross/requirements-bundle.txt says why); built once per version, then cached.
-  cache=$work/cryptography-$arch
+  # Its Rust module at opt-level "s", one codegen unit: -0.27 MiB of the .ipk (-0.9 MiB
+  # installed); the primitives are OpenSSL's, and AES-GCM, Ed25519, X25519, SHA-256 and
+  # certificate parsing showed no cost in interleaved runs (docs/performance.md).
+  crypto_opt="CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1"
+  cache=$work/cryptography-$arch-opt-s
   if ! ls "$cache/cryptography-${crypto_pin#cryptography==}-"*.whl >/dev/null 2>&1; then
     pkg-config --exists openssl 2>/dev/null || { log "needs OpenSSL headers: apt install libssl-dev pkg-config"; exit 1; }
     log "build $crypto_pin from source against the system OpenSSL (once, cached in $cache)"
     rm -rf "$cache"
-    CARGO_TARGET_DIR=$work/cargo-cryptography "$venv/bin/pip" wheel -q --no-deps --no-binary cryptography \
+    env $crypto_opt CARGO_TARGET_DIR=$work/cargo-cryptography "$venv/bin/pip" wheel -q --no-deps --no-binary cryptography \
       ${QPC_WHEELS:+--find-links "$QPC_WHEELS"} -w "$cache" "$crypto_pin"
   fi
   cp "$cache"/cryptography-*.whl "$wheels/"
 fi
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheels"/*.whl
 "$venv/bin/pip" install -q ${QPC_WHEELS:+--no-index --find-links "$QPC_WHEELS"} "$wheels"/quicprochat-*.whl
+# zeroconf without its Cython modules: the same zeroconf from its sdist with SKIP_CYTHON=1
+# (its build's own switch), pure Python. -1.0 MiB of the .ipk; the mDNS traffic of a router
+# is a few packets a minute (docs/performance.md, "Package size", has the cost measured).
+zc_version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("zeroconf"))')
+zc_cache=$work/zeroconf-$arch
+if ! ls "$zc_cache/zeroconf-$zc_version-"*.whl >/dev/null 2>&1; then
+  log "build zeroconf $zc_version without Cython (once, cached in $zc_cache)"
+  rm -rf "$zc_cache"
+  SKIP_CYTHON=1 "$venv/bin/pip" wheel -q --no-deps --no-binary zeroconf \
+    ${QPC_WHEELS:+--find-links "$QPC_WHEELS"} -w "$zc_cache" "zeroconf==$zc_version"
+fi
+"$venv/bin/pip" install -q --force-reinstall --no-deps "$zc_cache/zeroconf-$zc_version-"*.whl
+"$venv/bin/python" - <<'PY' || { log "zeroconf still carries compiled modules"; exit 1; }
+import pathlib, zeroconf
+compiled = sorted(p.name for p in pathlib.Path(zeroconf.__file__).parent.rglob("*.so"))
+assert not compiled, compiled
+PY
 # Gate: one OpenSSL. Fails if pip swapped in PyPI's cryptography (its own OpenSSL) anyway.
 "$venv/bin/python" - "$crypto_pin" <<'PY' || { log "cryptography is not the source build against the system OpenSSL"; exit 1; }
 import importlib.metadata, ssl, sys

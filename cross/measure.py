@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
+import select
 import shutil
 import statistics
 import subprocess
@@ -24,7 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/packaging"))
-from pkg_rootfs import ARCH, DIST, BusyboxRoot, busybox_root
+from pkg_rootfs import ARCH, DIST, BusyboxRoot, busybox_root, veth_namespaces
+
+HERE = Path(__file__).resolve().parent
 
 MiB = 1024 * 1024
 
@@ -92,46 +96,145 @@ def rss_cpu(pids: list[int]) -> tuple[int, float]:
     return rss, ticks / os.sysconf("SC_CLK_TCK")
 
 
-def idle_node(root: BusyboxRoot, cmd: list[str], idle: float) -> str:
+NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)")
+
+# Runs inside the node's network namespace, started before the node so its own Python start
+# is not counted: reads "PORT PIN" from stdin, calls Health until it answers, prints the
+# CLOCK_MONOTONIC time (shared by every namespace) of the answer.
+PROBER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from health_probe import probe
+import qpc_node.client.connect, qpc_node.rpc.client, qpc_node.rpc.health  # before the clock starts
+from qpc_node.wire.gen.qpc.v1 import health_pb2
+port, pin = sys.stdin.readline().split()
+deadline = time.monotonic() + 30
+while True:
+    try:
+        status = probe("127.0.0.1", int(port), pin, seconds=2.0)
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            raise
+print(time.monotonic(), status, flush=True)
+"""
+
+
+def wait_line(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[float, int, str]:
+    """(monotonic time of) the node's 'listening on HOST:PORT pin=FPR' line, bounded."""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    fd, buf = proc.stdout.fileno(), b""
+    while time.monotonic() < deadline and len(buf) < 1 << 20:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        m = NODE_LINE.search(buf.decode(errors="replace"))
+        if m:
+            return time.monotonic(), int(m.group(2)), m.group(3)
+    raise SystemExit(
+        f"node did not report listening (rc={proc.poll()}):\n{buf.decode(errors='replace')}"
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def node_env(dev: str, metrics: bool) -> dict[str, str]:
+    """The router's node: mesh discovery (mDNS on the mesh link) and federation on."""
+    return {
+        "QPC_MESH_MDNS": "1",
+        "QPC_MESH_INTERFACES": dev,
+        "QPC_METRICS_LISTEN": "127.0.0.1:9101" if metrics else "",
+    }
+
+
+def health_start(root: BusyboxRoot, cmd: list[str], dev: str, n: int) -> list[float]:
+    """Seconds from starting `qpc node` to its first Health answer, ``n`` times."""
+    out = []
+    for i in range(n):
+        prober = subprocess.Popen(
+            [*root.prefix, sys.executable, "-c", PROBER, str(HERE.parent / "tests/packaging")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        shutil.rmtree(root.path / f"data/start{i}", ignore_errors=True)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            root.argv(
+                *cmd,
+                "node",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+                f"/data/start{i}",
+                env=node_env(dev, metrics=False),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            _, port, pin = wait_line(proc)
+            answer, _ = prober.communicate(f"{port} {pin}\n", timeout=60)
+            out.append(float(answer.split()[0]) - t0)
+        finally:
+            stop(proc)
+            if prober.poll() is None:
+                prober.kill()
+                prober.wait(timeout=10)
+    return out
+
+
+def idle_node(
+    root: BusyboxRoot, cmd: list[str], dev: str, idle: float, metrics: bool
+) -> tuple[int, float]:
+    """RSS (bytes) of the node's process tree after ``idle`` + 2 s, and its CPU seconds over ``idle``."""
     proc = subprocess.Popen(
         root.argv(
             *cmd,
             "node",
             "--listen",
-            "127.0.0.1:0",
+            "0.0.0.0:0",
             "--data",
-            "/data/node",
-            env={"QPC_METRICS_LISTEN": ""},
+            "/data/node-metrics" if metrics else "/data/node",
+            env=node_env(dev, metrics),
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        line = ""
-        for _ in range(50):  # log lines come first; bounded (the node prints within seconds)
-            line = proc.stdout.readline()
-            if not line or "listening" in line:
-                break
-        if "listening" not in line:
-            return f"node did not start: {line.strip()}"
+        wait_line(proc)
         time.sleep(2)
         _, cpu0 = rss_cpu(tree_pids(proc.pid))
         time.sleep(idle)
         rss, cpu1 = rss_cpu(tree_pids(proc.pid))
-        return (
-            f"idle node after {idle + 2:.0f} s: RSS {rss / MiB:.1f} MiB, "
-            f"CPU {cpu1 - cpu0:.2f} s over {idle:.0f} s ({100 * (cpu1 - cpu0) / idle:.2f} %), "
-            f"tmpfs {root.tmp_used() / MiB:.1f} MiB"
-        )
+        if proc.poll() is not None:
+            raise SystemExit(f"node exited during the idle run (rc={proc.returncode})")
+        return rss, cpu1 - cpu0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
+
+
+def bare_rss(root: BusyboxRoot, cmd: list[str]) -> int:
+    """The reference: the bundled interpreter started by the same bootloader, nothing of qpc
+    imported (cross/qpc_entry.py reports its own VmRSS under QPC_MEASURE_BARE)."""
+    r = root.run(*cmd, env={"QPC_MEASURE_BARE": "1"})
+    if r.returncode != 0 or not r.stdout.strip().isdigit():
+        raise SystemExit(f"bare interpreter: rc={r.returncode} {r.stdout!r} {r.stderr!r}")
+    return int(r.stdout) * 1024
 
 
 def main() -> int:
@@ -141,23 +244,54 @@ def main() -> int:
     a = ap.parse_args()
     print(f"arch {ARCH} on a {platform.machine()} host (load {os.getloadavg()[0]:.1f})")
     onefile = DIST / f"qpc-{ARCH}.onefile"
-    with tempfile.TemporaryDirectory() as tmp, busybox_root(Path(tmp) / "r") as root:
+    last: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp, busybox_root(Path(tmp) / "r") as host_root:
         variants = [("one-dir", ["qpc"])]
         if onefile.is_file():
-            shutil.copy2(onefile, root.path / "usr/bin/qpc-onefile")
+            shutil.copy2(onefile, host_root.path / "usr/bin/qpc-onefile")
             variants.append(("onefile+staticx", ["qpc-onefile"]))
-        for name, cmd in variants:
-            runs = [one_run(root, [*cmd, "version"]) for _ in range(a.runs)]
-            wall = statistics.median(r[0] for r in runs)
-            print(
-                f"{name}: `qpc version` median {wall:.3f} s of {a.runs} "
-                f"(min {min(r[0] for r in runs):.3f}); peak tmpfs {max(r[1] for r in runs) / MiB:.1f} MiB; "
-                f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB"
-            )
-            if a.idle > 0 and root.run(*cmd, "node", "--help").returncode == 0:
-                print(f"{name}: " + idle_node(root, cmd, a.idle))
-            elif a.idle > 0:
-                print(f"{name}: `qpc node` not in this build")
+        with veth_namespaces() as pair:
+            root = host_root.in_netns(pair.ns_a)
+            for name, cmd in variants:
+                bare = [bare_rss(root, cmd) for _ in range(3)]
+                runs = [one_run(root, [*cmd, "version"]) for _ in range(a.runs)]
+                wall = statistics.median(r[0] for r in runs)
+                bare_mib = statistics.median(bare) / MiB
+                print(
+                    f"{name}: `qpc version` median {wall:.3f} s of {a.runs} "
+                    f"(min {min(r[0] for r in runs):.3f}); peak tmpfs {max(r[1] for r in runs) / MiB:.1f} MiB; "
+                    f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB; bare interpreter RSS {bare_mib:.1f} MiB"
+                )
+                if a.idle <= 0 or root.run(*cmd, "node", "--help").returncode != 0:
+                    print(f"{name}: `qpc node` not measured")
+                    continue
+                starts = health_start(root, cmd, pair.dev_a, a.runs)
+                print(
+                    f"{name}: `qpc node` to its first Health answer, median {statistics.median(starts):.3f} s "
+                    f"of {a.runs} (min {min(starts):.3f}, max {max(starts):.3f})"
+                )
+                figures = {}
+                for metrics in (False, True):
+                    rss, cpu = idle_node(root, cmd, pair.dev_a, a.idle, metrics)
+                    figures[metrics] = rss / MiB
+                    print(
+                        f"{name}: idle node (mDNS on {pair.dev_a}, federation on, metrics "
+                        f"{'on' if metrics else 'off'}) after {a.idle + 2:.0f} s: RSS {rss / MiB:.1f} MiB "
+                        f"= {rss / MiB / bare_mib:.2f}x the bare interpreter, CPU {cpu:.2f} s over "
+                        f"{a.idle:.0f} s ({100 * cpu / a.idle:.2f} %), tmpfs {root.tmp_used() / MiB:.1f} MiB"
+                    )
+                if name == "one-dir":
+                    last = [
+                        f"start version_s={wall:.3f} health_s={statistics.median(starts):.3f}",
+                        f"idle rss_mib={figures[False]:.1f} bare_mib={bare_mib:.1f} "
+                        f"ratio={figures[False] / bare_mib:.2f} metrics_on_rss_mib={figures[True]:.1f}",
+                    ]
+    ipks = sorted(DIST.glob(f"qpc_*_{ARCH}.ipk"))
+    print(f"load after: {Path('/proc/loadavg').read_text().strip()}")
+    if ipks:
+        print(f"ipk_mib={ipks[-1].stat().st_size / MiB:.2f}")
+    for line in last:
+        print(line)
     return 0
 
 

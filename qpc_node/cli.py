@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import trio
-
 from qpc_node import __version__
 from qpc_node.errors import ConfigError, QpcError
 
 if TYPE_CHECKING:
+    import trio
+
     from qpc_node.ops.config import Config
 
 
@@ -99,7 +99,7 @@ async def _until_signalled(
     nursery: trio.Nursery,
     on_hup: Callable[[], Awaitable[None]] | None = None,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None],
 ) -> None:
     """SIGINT/SIGTERM cancel (the node drains); SIGHUP reloads the config.
 
@@ -108,6 +108,8 @@ async def _until_signalled(
     announcement would kill the process with the default action instead of
     reloading or draining.
     """
+    import trio
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for sig in signals:
@@ -120,6 +122,8 @@ async def _until_signalled(
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
+    import trio
+
     from qpc_node.node import Node
     from qpc_node.ops.log import setup_logging
 
@@ -163,6 +167,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 
 def _cmd_repl(args: argparse.Namespace) -> int:
+    import trio
+
     from qpc_node.ops.config import parse_hostport
     from qpc_node.ops.log import setup_logging
 
@@ -241,6 +247,8 @@ async def _repl_main(
 
 def _cmd_default(args: argparse.Namespace) -> int:
     """``qpc`` alone: a node of your own plus a REPL on it."""
+    import trio
+
     from qpc_node.node import Node
     from qpc_node.ops.lockfile import NodeBusy
     from qpc_node.ops.log import setup_logging
@@ -283,6 +291,8 @@ def _cmd_trust(args: argparse.Namespace) -> int:
     The same call as ``/mesh trust``; the node answers it only over loopback, so
     this runs on the node's machine (``--server`` defaults to the local node).
     """
+    import trio
+
     from qpc_node.ops.config import parse_hostport
     from qpc_node.ops.log import setup_logging
 
@@ -304,6 +314,8 @@ async def _trust_main(data: Path, host: str, port: int, pin: str | None, fpr: st
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import trio
+
     from qpc_node import demo
     from qpc_node.ops.log import setup_logging
 

@@ -23,13 +23,12 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from prometheus_client.core import CounterMetricFamily
 
 from qpc_node.errors import ConfigError, QpcError, StatusCode
 from qpc_node.mesh.nodeid import NotANodeKey, node_id, public_key_of_certificate, short
@@ -44,6 +43,9 @@ from qpc_node.quic.tls import (
     _verify_chain,
 )
 from qpc_node.store.federation import PinRecord, TrustChange, TrustSnapshot
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily
 
 log = get_logger("qpc.federation.trust")
 
@@ -376,6 +378,9 @@ class TrustRefusalsCollector:
         self._policy = policy
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        # Imported here: a node with metrics off never loads prometheus_client (ops/metrics.py).
+        from prometheus_client.core import CounterMetricFamily
+
         family = CounterMetricFamily(
             "qpc_federation_trust_refusals",
             "Federation peers refused by the trust policy",

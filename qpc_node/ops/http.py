@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from qpc_node.ops.config import parse_hostport
 from qpc_node.ops.log import get_logger
@@ -52,8 +51,6 @@ _REASONS = {
 }
 
 TEXT = "text/plain; charset=utf-8"
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-"""Prometheus text exposition (what ``generate_latest`` writes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +282,12 @@ def _bound(listener: trio.SocketListener) -> tuple[str, int]:
 
 def metrics_routes(metrics: NodeMetrics) -> dict[str, Route]:
     """/metrics (Prometheus text), /healthz (alive: 200), /readyz (200 or 503)."""
+    # Imported when metrics are served: a node with metrics off never loads prometheus_client.
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
     async def scrape() -> Response:
         await metrics.refresh()
-        return Response(200, metrics.exposition(), CONTENT_TYPE)
+        return Response(200, metrics.exposition(), CONTENT_TYPE_LATEST)
 
     async def healthz() -> Response:
         return Response(200, b"ok\n")

@@ -14,12 +14,13 @@ imports no outer layer.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING, Protocol
 
 from qpc_node.ops.prom import counter_family as _counter
 from qpc_node.ops.prom import gauge_family as _gauge
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, Metric
 
 
 class SeenStats(Protocol):
@@ -203,6 +204,8 @@ class SyncerSource(Protocol):
 def _labelled(
     name: str, doc: str, label: str, values: Iterable[tuple[str, int]]
 ) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
     fam = CounterMetricFamily(name, doc, labels=[label])
     for value, n in values:
         fam.add_metric([value], n)
@@ -211,6 +214,8 @@ def _labelled(
 
 def gossip_families(g: GossipStats) -> Iterator[Metric]:
     """The gossip driver (storefwd/gossip.py) and its Plumtree core (storefwd/plumtree.py)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     p, s = g.core, g.core.seen
     peers = GaugeMetricFamily(
         "qpc_gossip_peers",
@@ -370,6 +375,8 @@ def _reason(name: str) -> str:
 
 def sync_families(s: SyncStats) -> Iterator[Metric]:
     """Inventory sync (storefwd/sync.py core, storefwd/syncer.py driver)."""
+    from prometheus_client.core import CounterMetricFamily
+
     sessions = CounterMetricFamily(
         "qpc_sync_sessions",
         "sync sessions (one per scope) by role: initiator (opened here: started, then"

@@ -7,12 +7,13 @@ module imports no outer layer either.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TYPE_CHECKING, Protocol
 
 from qpc_node.ops.prom import counter_family as _counter
 from qpc_node.ops.prom import gauge_family as _gauge
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
 class PeerStats(Protocol):
@@ -187,6 +188,8 @@ def _top_neighbours(
 ) -> Metric:
     """One series per neighbour (16 hex digits of its id) for the ``NEIGHBOUR_LABELS``
     largest non-zero values, and ``other`` for the rest."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     ranked = sorted(((v, nid) for nid, v in values if v > 0), key=lambda t: (-t[0], t[1]))
     fam: CounterMetricFamily | GaugeMetricFamily
     if counter:
@@ -201,6 +204,8 @@ def _top_neighbours(
 
 def _by_status(name: str, doc: str, maps: Iterable[Mapping[str, int]]) -> CounterMetricFamily:
     """Summed over neighbours; the statuses are the RelayStatus enum (bounded)."""
+    from prometheus_client.core import CounterMetricFamily
+
     total: dict[str, int] = {}
     for m in maps:
         for status, n in m.items():
@@ -212,6 +217,8 @@ def _by_status(name: str, doc: str, maps: Iterable[Mapping[str, int]]) -> Counte
 
 
 def mesh_families(m: MeshStats) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     p, r = m.peers, m.routing
     peers = GaugeMetricFamily("qpc_mesh_peers", "peer table entries by state", labels=["state"])
     for state, n in (
@@ -287,6 +294,8 @@ def mesh_families(m: MeshStats) -> Iterator[Metric]:
 
 
 def federation_families(f: FederationStats) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
     n = f.neighbours
     yield _gauge("qpc_mesh_links_up", "federation links up", f.links)
     events = CounterMetricFamily(
@@ -351,6 +360,8 @@ def federation_families(f: FederationStats) -> Iterator[Metric]:
 def storefwd_families(s: StoreFwdStats) -> Iterator[Metric]:
     """Store-and-forward (qpc_node/storefwd/forward.py): held, evicted, released,
     receipts, spray."""
+    from prometheus_client.core import CounterMetricFamily
+
     yield _gauge("qpc_storefwd_held", "envelopes held while no route exists", s.held_now)
     yield _counter("qpc_storefwd_held_in", "envelopes taken into hold (RELAY_HELD)", s.held)
     yield _counter(

@@ -9,6 +9,7 @@ refusing a node whose statistics type drifted) is in test_statistics_types.py.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -46,7 +47,6 @@ from qpc_node.ops.metrics import (
     Sample,
     StoreSource,
     format_stats,
-    histogram_family,
 )
 from qpc_node.ops.metrics_broadcast import (
     GossipSource,
@@ -55,6 +55,7 @@ from qpc_node.ops.metrics_broadcast import (
     SeenStats,
     SyncerSource,
 )
+from qpc_node.ops.metrics_families import histogram_family
 from qpc_node.ops.metrics_mesh import NEIGHBOUR_LABELS, FederationSource, MeshSource
 from qpc_node.quic.admission import AdmissionRefusals
 from qpc_node.quic.endpoint import EndpointStatistics
@@ -816,3 +817,29 @@ async def test_sync_counters_are_exported_by_role_and_reason() -> None:
 async def test_broadcast_sources_absent_on_an_island_node() -> None:
     got = parse(NodeMetrics(FakeNode(), process=False))
     assert not [k for k in got if k[0].startswith(("qpc_gossip_", "qpc_sync_"))]
+
+
+async def test_collectors_registered_before_the_registry_exists_are_exported() -> None:
+    """The registry is built on first use (a node with metrics off never imports
+    prometheus_client); a layer that registers or unregisters before that is not lost."""
+    from prometheus_client.core import CounterMetricFamily
+    from prometheus_client.registry import Collector
+
+    class One(Collector):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def collect(self) -> Iterator[CounterMetricFamily]:
+            yield CounterMetricFamily(self.name, "one", value=1)
+
+    m = NodeMetrics(FakeNode(), process=False)
+    kept, dropped = One("qpc_kept"), One("qpc_dropped")
+    m.register(kept)
+    m.register(dropped)
+    m.unregister(dropped)
+    m.observe_call("m", "OK", 0.01)
+    names = {name for name, _ in parse(m)}
+    assert {"qpc_kept_total", "qpc_rpc_calls_total"} <= names
+    assert "qpc_dropped_total" not in names
+    m.unregister(kept)  # after the registry exists: from the registry itself
+    assert "qpc_kept_total" not in {name for name, _ in parse(m)}
