@@ -112,3 +112,41 @@ def test_v11_tombstones_move_to_delivered_and_stay_duplicates(tmp_path: Path) ->
         assert store.depth(ALICE).messages == 1
         swept = store.expire_messages(NOW + 1000)
         assert (swept.expired, swept.tombstones) == (1, 1)
+
+
+def test_v12_ids_move_to_msg_ids_and_stay_duplicates(tmp_path: Path) -> None:
+    """Migration 13: a ``delivered`` tombstone and an unacked message's id both land in
+    ``msg_ids``; retries of either are duplicates with their first seq, an ack keeps
+    the id until its expiry, and the sweep counts what it counted before."""
+    path = tmp_path / "v12.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn, target=12) == 12
+        conn.execute(
+            "INSERT INTO mailboxes (recipient, last_seq, depth, bytes) VALUES (?, 2, 1, 3)",
+            (ALICE,),
+        )
+        conn.execute(
+            "INSERT INTO delivered (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, 1, ?)",
+            (ALICE, bytes(16), NOW + 1000),
+        )
+        conn.execute(
+            "INSERT INTO messages (recipient, seq, msg_id, expiry_ms, hop_limit, enqueued_ms,"
+            " size, ciphertext) VALUES (?, 2, ?, ?, 4, ?, 3, ?)",
+            (ALICE, b"\x01" * 16, NOW + 2000, NOW, b"abc"),
+        )
+    finally:
+        conn.close()
+    with Store.open(path) as store:
+        assert schema_version(store.conn) == SCHEMA_VERSION
+        tables = {row[0] for row in store.conn.execute("SELECT name FROM sqlite_schema")}
+        assert "delivered" not in tables and "messages_by_msg_id" not in tables
+        for msg_id, seq in ((bytes(16), 1), (b"\x01" * 16, 2)):
+            (again,) = store.enqueue([Envelope(msg_id, ALICE, NOW + 1000, 4, b"abc")], NOW)
+            assert (again.seq, again.duplicate) == (seq, True)
+        assert store.ack(ALICE, up_to_seq=2) == 1
+        (again,) = store.enqueue([Envelope(b"\x01" * 16, ALICE, NOW + 1000, 4, b"abc")], NOW)
+        assert (again.seq, again.duplicate) == (2, True)
+        swept = store.expire_messages(NOW + 2000)
+        assert (swept.expired, swept.tombstones) == (0, 2)
+        assert store.conn.execute("SELECT count(*) FROM msg_ids").fetchone()[0] == 0
