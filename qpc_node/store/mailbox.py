@@ -5,19 +5,14 @@ Functions here take an open connection and run inside the caller's transaction (
 several enqueue batches into one commit). They never read a clock: ``now_ms`` is the
 caller's wall clock in unix milliseconds.
 
-Idempotency: ``(recipient, msg_id)`` is unique. Enqueue writes the message's row in
-``messages`` and its id in ``msg_ids`` (recipient, msg_id, seq, expiry). An acked
-message's row is deleted and its ``msg_ids`` row stays, untouched, until its expiry:
-the tombstone, so a retry that arrives after delivery is still recognised as a
-duplicate instead of being delivered twice; after expiry the envelope itself is refused
-as expired, so the window is closed on both sides. ``messages`` therefore holds only
-unacked mail. Why a deleted row and not the row with its ciphertext set to NULL:
-updating the row rewrote the payload's pages at every ack and left pages of tombstones
-that were never reused; a deleted row frees its pages for the next enqueue. Why the id
-in a table of its own from the start: its key is random, so every write to it is a
-page somewhere in the recipient's range; written once, not again at ack (flash
-writes, docs/performance.md). A path that drops an unacked message without delivering
-it (expiry, purge) drops its id too, as before.
+Idempotency: ``(recipient, msg_id)`` is unique. An acked message's row is deleted and a
+tombstone in ``delivered`` (recipient, msg_id, seq, expiry) stays until its expiry, so a
+retry that arrives after delivery is still recognised as a duplicate instead of being
+delivered twice; after expiry the envelope itself is refused as expired, so the window
+is closed on both sides. ``messages`` therefore holds only unacked mail. Why a table of
+its own and not the row with its ciphertext set to NULL: updating the row rewrote the
+payload's pages at every ack and left pages of tombstones that were never reused; a
+deleted row frees its pages for the next enqueue (flash writes, docs/performance.md).
 
 Fairness (store/fairness.py): each unacked message from a sender the recipient had not
 accepted carries that sender's tag, and counters per mailbox (``stranger_*``) and per
@@ -102,7 +97,7 @@ def enqueue(
     added: dict[bytes, list[int]] = {}  # recipient -> [count, bytes]
     for index, env in enumerate(envelopes):
         key = (env.recipient, env.msg_id)
-        row = conn.execute(_DUPLICATE, key).fetchone()
+        row = conn.execute(_DUPLICATE, key + key).fetchone()
         if row is not None:
             results.append(EnqueueResult(env.msg_id, int(row[0]), duplicate=True))
         elif key in first_in_batch:
@@ -187,10 +182,6 @@ def enqueue(
                     stranger_tag.get(env.recipient),
                 ),
             )
-            conn.execute(
-                "INSERT INTO msg_ids (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, ?, ?)",
-                (env.recipient, env.msg_id, seq, min(env.expiry_ms, horizon)),
-            )
             out.append(EnqueueResult(env.msg_id, seq, duplicate=False))
     for recipient, (count, size) in added.items():
         conn.execute(
@@ -206,8 +197,11 @@ def enqueue(
     return out
 
 
-_DUPLICATE = "SELECT seq FROM msg_ids WHERE recipient = ? AND msg_id = ?"
-"""The first copy's seq, unacked or delivered: ``msg_ids`` keeps it until expiry."""
+_DUPLICATE = (
+    "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?"
+    " UNION ALL SELECT seq FROM delivered WHERE recipient = ? AND msg_id = ? LIMIT 1"
+)
+"""The first copy's seq: unacked in ``messages``, or delivered (its tombstone)."""
 
 
 _MAILBOX = (
@@ -465,8 +459,8 @@ def ack(
     check_fingerprint(recipient)
     if up_to_seq is None and not seqs:
         raise InvalidRecord("ack needs up_to_seq or seqs")
-    # (sender tag, size); every row of ``messages`` is unacked.
-    rows: list[tuple[bytes | None, int]] = []
+    # (msg_id, seq, expiry_ms, sender tag, size); every row of ``messages`` is unacked.
+    rows: list[tuple[bytes, int, int, bytes | None, int]] = []
     if up_to_seq is not None:
         rows += conn.execute(
             "DELETE FROM messages WHERE recipient = ? AND seq <= ?" + _ACKED,
@@ -480,13 +474,17 @@ def ack(
         ).fetchone()
         if row is not None:
             rows.append(row)
-    # The msg_ids row, written at enqueue, is the tombstone: it keeps what idempotency
-    # needs; the sender tag and the payload go with the message row.
-    _release(conn, recipient, [(tag, int(size)) for tag, size in rows])
+    # The tombstone keeps what idempotency needs; the sender tag and the payload go.
+    conn.executemany(
+        "INSERT INTO delivered (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        [(recipient, msg_id, seq, expiry_ms) for msg_id, seq, expiry_ms, _, _ in rows],
+    )
+    _release(conn, recipient, [(tag, int(size)) for _, _, _, tag, size in rows])
     return len(rows)
 
 
-_ACKED = " RETURNING sender, size"
+_ACKED = " RETURNING msg_id, seq, expiry_ms, sender, size"
 
 
 def release_to_custody(conn: sqlite3.Connection, recipient: bytes, seqs: Sequence[int]) -> int:
@@ -521,23 +519,17 @@ def expire(
     rows = conn.execute(
         "DELETE FROM messages WHERE id IN"
         " (SELECT id FROM messages WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)"
-        " RETURNING recipient, size, sender, msg_id",
+        " RETURNING recipient, size, sender",
         (now_ms, max_rows),
     ).fetchall()
-    # The ids of the expired unacked messages first (they were never tombstones), then
-    # tombstones; the two counts stay what they were with a table of tombstones.
-    conn.executemany(
-        "DELETE FROM msg_ids WHERE recipient = ? AND msg_id = ?",
-        [(recipient, msg_id) for recipient, _, _, msg_id in rows],
-    )
     tombstones = conn.execute(
-        "DELETE FROM msg_ids WHERE (recipient, msg_id) IN (SELECT recipient, msg_id"
-        " FROM msg_ids WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)",
+        "DELETE FROM delivered WHERE (recipient, msg_id) IN (SELECT recipient, msg_id"
+        " FROM delivered WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)",
         (now_ms, max_rows),
     ).rowcount
     more = len(rows) >= max_rows or tombstones >= max_rows
     live: dict[bytes, list[tuple[bytes | None, int]]] = {}
-    for recipient, size, tag, _ in rows:
+    for recipient, size, tag in rows:
         live.setdefault(recipient, []).append((tag, int(size)))
     for recipient, gone in live.items():
         _release(conn, recipient, gone)
@@ -555,15 +547,10 @@ def expire(
 def _purge_expired_of(conn: sqlite3.Connection, recipient: bytes, now_ms: int) -> None:
     """Make room by dropping this mailbox's expired messages (quota is about live ones)."""
     rows = conn.execute(
-        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ?"
-        " RETURNING size, sender, msg_id",
+        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ? RETURNING size, sender",
         (recipient, now_ms),
     ).fetchall()
-    conn.executemany(
-        "DELETE FROM msg_ids WHERE recipient = ? AND msg_id = ?",
-        [(recipient, msg_id) for _, _, msg_id in rows],
-    )
-    _release(conn, recipient, [(tag, int(size)) for size, tag, _ in rows])
+    _release(conn, recipient, [(tag, int(size)) for size, tag in rows])
 
 
 def _mailbox_row(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int, int]:

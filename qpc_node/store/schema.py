@@ -269,29 +269,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " SELECT recipient, msg_id, seq, expiry_ms FROM messages WHERE ciphertext IS NULL",
         "DELETE FROM messages WHERE ciphertext IS NULL",
     ),
-    # 13: one row per msg_id a mailbox has seen, written once at enqueue and left as
-    # it is at ack (store/mailbox.py). Before, a delivered message touched a random
-    # page of the (recipient, msg_id) key space three times: the messages_by_msg_id
-    # entry at enqueue, its removal at ack and the tombstone insert into ``delivered``
-    # at ack (bench/store_bench.py "node pattern": most of the ack's 4.3-4.5 KB per
-    # message). The row carries the message's seq and (clamped) expiry, which is
-    # exactly what the tombstone held, so idempotency until expiry is unchanged.
-    (
-        """CREATE TABLE msg_ids (
-            recipient BLOB NOT NULL,
-            msg_id BLOB NOT NULL,
-            seq INTEGER NOT NULL,
-            expiry_ms INTEGER NOT NULL,
-            PRIMARY KEY (recipient, msg_id)
-        ) WITHOUT ROWID""",
-        "INSERT INTO msg_ids (recipient, msg_id, seq, expiry_ms)"
-        " SELECT recipient, msg_id, seq, expiry_ms FROM delivered",
-        "INSERT OR IGNORE INTO msg_ids (recipient, msg_id, seq, expiry_ms)"
-        " SELECT recipient, msg_id, seq, expiry_ms FROM messages",
-        "CREATE INDEX msg_ids_by_expiry ON msg_ids(expiry_ms)",
-        "DROP TABLE delivered",
-        "DROP INDEX messages_by_msg_id",
-    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
