@@ -9,7 +9,9 @@ every WAL frame plus the checkpoint copy into the main file (the final checkpoin
 inside the window), i.e. what SQLite hands to the filesystem. File growth is printed
 too. "node pattern": bench/node_bench.py's enqueue/fetch/ack pattern on the store alone,
 ``write_bytes`` per message split by phase (docs/performance.md).
-Run: .venv/bin/python bench/store_bench.py [--quick]
+``--floor``: where the node pattern's bytes go (variants, each in the same run) and
+what SQLite alone writes per message with rows deleted at ack vs later, WAL vs rollback.
+Run: .venv/bin/python bench/store_bench.py [--quick] [--floor]
 """
 
 from __future__ import annotations
@@ -188,10 +190,118 @@ def steady(tmp: Path, total: int, payload: int = 1280) -> dict[str, float]:
     return out
 
 
+def _bare(tmp: Path, mode: str, rounds: int = 40, payload: int = 1280) -> float:
+    """SQLite alone: write_bytes per message for rows of ``payload`` bytes in a rowid
+    table with one (recipient, seq) index, synchronous=FULL, 4 recipients x 32 per
+    enqueue commit, one ack commit per recipient; a checkpoint every 8 rounds (~SQLite's
+    1,000-frame cadence). ``mode``: "wal" (ack deletes its rows), "wal-deferred" (ack
+    writes a watermark row; the rows go in the next enqueue's commit, which reuses their
+    pages), "rollback" / "rollback-deferred" (journal_mode=PERSIST)."""
+    import sqlite3
+
+    db = tmp / f"bare-{mode}.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    journal = "PERSIST" if mode.startswith("rollback") else "WAL"
+    conn.execute(f"PRAGMA journal_mode = {journal}")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA secure_delete = FAST")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, r INTEGER, seq INTEGER, p BLOB)")
+    conn.execute("CREATE UNIQUE INDEX m_seq ON m (r, seq)")
+    conn.execute("CREATE TABLE wm (r INTEGER PRIMARY KEY, seq INTEGER)")
+    deferred = mode.endswith("deferred")
+    seq, acked = [0] * 4, [0] * 4
+    written = counted = 0
+    for rnd in range(rounds):
+        w0 = proc_io()["write_bytes"]
+        conn.execute("BEGIN")
+        for r in range(4):
+            if deferred:
+                conn.execute("DELETE FROM m WHERE r = ? AND seq <= ?", (r, acked[r]))
+            for _ in range(32):
+                seq[r] += 1
+                conn.execute(
+                    "INSERT INTO m (r, seq, p) VALUES (?, ?, ?)", (r, seq[r], os.urandom(payload))
+                )
+        conn.execute("COMMIT")
+        for r in range(4):
+            conn.execute("BEGIN")
+            if deferred:
+                acked[r] = seq[r]
+                conn.execute("INSERT OR REPLACE INTO wm VALUES (?, ?)", (r, seq[r]))
+            else:
+                conn.execute("DELETE FROM m WHERE r = ? AND seq <= ?", (r, seq[r]))
+            conn.execute("COMMIT")
+        if rnd % 8 == 7:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if rnd >= 8:  # past the file's growth
+            written += proc_io()["write_bytes"] - w0
+            counted += 128
+    conn.close()
+    return written / counted
+
+
+def floor(tmp: Path, total: int) -> None:
+    """Where the node pattern's bytes go and what SQLite's floor is (docs/performance.md).
+
+    Attribution variants of :func:`steady`, each in its own file, same run: the
+    tombstones' random-key writes taken off the file (a TEMP table shadows
+    ``delivered``: no idempotency on disk, attribution only), 1,024-byte pages (a 1,280 B payload then
+    lives in overflow pages, which SQLite does not write back once freed), both; then
+    SQLite alone (:func:`_bare`)."""
+    original = Store.open.__func__  # type: ignore[attr-defined]
+
+    def variant(name: str) -> dict[str, float]:
+        def opened(cls: type[Store], path: Path, **kw: object) -> Store:
+            if "page1024" in name and not path.exists():
+                import sqlite3
+
+                c = sqlite3.connect(path)
+                c.execute("PRAGMA page_size = 1024")
+                c.execute("VACUUM")
+                c.close()
+            store: Store = original(cls, path, **kw)
+            if "tombstones-off" in name:
+                store.conn.execute("PRAGMA temp_store = MEMORY")
+                store.conn.execute(
+                    "CREATE TEMP TABLE delivered (recipient BLOB, msg_id BLOB, seq INTEGER,"
+                    " expiry_ms INTEGER, PRIMARY KEY (recipient, msg_id)) WITHOUT ROWID"
+                )
+            return store
+
+        Store.open = classmethod(opened)  # type: ignore[method-assign, assignment, arg-type]
+        try:
+            sub = tmp / name
+            sub.mkdir()
+            return steady(sub, total)
+        finally:
+            Store.open = classmethod(original)  # type: ignore[method-assign, assignment]
+
+    print(f"floor: node pattern variants ({total} msgs each, 1,280 B payload), write_bytes B/msg")
+    for name in ("this-tree", "tombstones-off", "page1024", "tombstones-off+page1024"):
+        st = variant(name)
+        print(
+            f"  {name:<24} {st['total']:>7,.0f} = enqueue {st['enqueue']:,.0f} + ack"
+            f" {st['ack']:,.0f} + checkpoint {st['checkpoint']:,.0f}"
+            f" ({st['total'] / st['payload']:.2f} x payload)"
+        )
+    print("floor: SQLite alone (rows of 1,280 B, one index), write_bytes B/msg")
+    for mode in ("wal", "wal-deferred", "rollback", "rollback-deferred"):
+        b = _bare(tmp, mode)
+        print(f"  {mode:<24} {b:>7,.0f} ({b / 1280:.2f} x payload)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
+    parser.add_argument(
+        "--floor", action="store_true", help="only the flash attribution and SQLite's floor"
+    )
     args = parser.parse_args()
+    if args.floor:
+        with tempfile.TemporaryDirectory(prefix="qpc-store-bench-") as d:
+            floor(Path(d), 2048 if args.quick else 8192)
+        return
     n1, n64 = (200, 1280) if args.quick else (1000, 6400)
     with tempfile.TemporaryDirectory(prefix="qpc-store-bench-") as d:
         tmp = Path(d)
