@@ -555,6 +555,8 @@ class Custody:
                             # (a neighbour cannot hand out more copies than we would)
                             min(tokens[i], policy.spray_tokens) or policy.spray_tokens,
                             trail=not proven,
+                            handover=handovers[i],
+                            home=self._home(rec.recipient) if handovers[i] else None,
                         ),
                     )
                 )

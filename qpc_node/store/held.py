@@ -68,6 +68,12 @@ class HoldItem:
     tokens: int
     trail: bool = True
     """Record ``from_node`` as where its receipt goes (False: it entered here)."""
+    handover: bool = False
+    """A hand-over copy (see :func:`handover_passes`; kept as ``relay_seen.handover``,
+    so its release forwards it as one)."""
+    home: bytes | None = None
+    """The recipient's home in this node's bindings (None: unknown), for
+    :func:`handover_passes`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +141,10 @@ def hold(
     per_node: dict[bytes, int] = {}
     for item in items:
         env = item.envelope
-        if conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone():
+        seen = conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone()
+        if seen is not None and not (
+            item.handover and handover_passes(conn, env.msg_id, item.home)
+        ):
             out.append("duplicate")
             continue
         incoming = HeldMeta(None, env.expiry_ms, False, env.hop_limit)
@@ -191,9 +200,11 @@ def hold(
                 now_ms,
             ),
         ).lastrowid
-        seen_add(
-            conn, env.msg_id, env.expiry_ms, item.from_node if item.trail else None, held=row_id
-        )
+        peer = item.from_node if item.trail else None
+        if seen is not None:  # a hand-over through a delivered tombstone (checked above)
+            handover_reopen(conn, env.msg_id, peer, held=row_id)
+        else:
+            seen_add(conn, env.msg_id, env.expiry_ms, peer, held=row_id, handover=item.handover)
         total += 1
         per_node[node] += 1
         out.append("held")
@@ -282,7 +293,7 @@ def handover_passes(conn: sqlite3.Connection, msg_id: bytes, home: bytes | None)
 
 
 def handover_reopen(
-    conn: sqlite3.Connection, msg_id: bytes, peer: bytes, *, held: int | None = None
+    conn: sqlite3.Connection, msg_id: bytes, peer: bytes | None, *, held: int | None = None
 ) -> None:
     """A hand-over copy passed a delivered tombstone (:func:`handover_passes`): the
     seen row is open again, as for a copy in custody here. The new home's receipt
@@ -348,7 +359,8 @@ def release(
     arrival order, in one transaction; ``hop_limit`` is decremented now (holding
     cost none). Envelopes that came from ``next_hop`` stay held: it already saw
     the msg_id and would answer DUPLICATE without holding it (known limit: they
-    wait for another route, a re-route, or expiry)."""
+    wait for another route, a re-route, or expiry). A hand-over copy
+    (``relay_seen.handover``) goes on as one."""
     with transaction(store.conn) as conn:
         room = (
             max_per_hop
@@ -373,8 +385,9 @@ def release(
                 continue
             conn.execute(
                 "INSERT INTO relay_queue (next_hop, from_node, origin, origin_node, msg_id,"
-                " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms, handover)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce((SELECT handover FROM"
+                " relay_seen WHERE msg_id = ?), 0))",
                 (
                     next_hop,
                     h.from_node,
@@ -386,6 +399,7 @@ def release(
                     e.hop_limit - 1,
                     e.ciphertext,
                     now_ms,
+                    e.msg_id,
                 ),
             )
             moved += 1

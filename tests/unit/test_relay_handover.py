@@ -20,8 +20,9 @@ from qpc_node.store.federation import (
     relay_due,
     relay_handover,
 )
-from qpc_node.store.held import apply_receipt, delivered
+from qpc_node.store.held import HoldItem, apply_receipt, delivered, hold_many, release
 from qpc_node.storefwd import receipts as rc
+from qpc_node.storefwd.held import HoldPolicy
 
 NOW = 1_800_000_000_000
 USER, STRANGER, FRIEND = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
@@ -133,3 +134,25 @@ def test_a_handover_claim_for_a_user_who_stayed_is_a_duplicate(tmp_path: Path) -
         item = RelayItem(OTHER, HOP, bare, None, handover=True, home=OTHER)
         assert relay_accept(s, [item], NOW + 2, limits) == ["duplicate"]
         assert relay_due(s, OTHER, NOW + 2, 10) == []
+
+
+def test_a_held_handover_passes_the_tombstone_and_is_released_as_one(tmp_path: Path) -> None:
+    """A hop without a route to the new home holds the hand-over copy through its
+    delivered tombstone (once), and its release forwards it still as a hand-over, so
+    the next tombstone on the way lets it pass too."""
+    policy = HoldPolicy()
+    with Store.open(tmp_path / "node.db") as s:
+        e = env()
+        _tombstone(s, e, ed25519.Ed25519PrivateKey.generate())
+        moved = HoldItem(e, None, HOP, HOP, 1, handover=True, home=OTHER)
+        assert hold_many(s, [moved], NOW + 2, policy).outcomes == ["held"]
+        assert hold_many(s, [moved], NOW + 2, policy).outcomes == ["duplicate"]
+        assert release(s, USER, OTHER, NOW + 3, max_per_hop=10).moved == 1
+        (q,) = relay_due(s, OTHER, NOW + 3, 10)
+        assert q.handover and q.envelope.msg_id == e.msg_id
+        # An ordinary held copy is released as ordinary custody.
+        plain = env()
+        hold_many(s, [HoldItem(plain, None, HOP, HOP, 1)], NOW + 3, policy)
+        release(s, USER, OTHER, NOW + 4, max_per_hop=10)
+        got = {x.envelope.msg_id: x.handover for x in relay_due(s, OTHER, NOW + 4, 10)}
+        assert got == {e.msg_id: True, plain.msg_id: False}
