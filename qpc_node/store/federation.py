@@ -257,7 +257,7 @@ def _accept(
         # A neighbour's: its receipt goes back there (store/held.py).
         peer = None if proven else item.from_node
         if seen is not None:  # a hand-over through a delivered tombstone (checked above)
-            handover_reopen(conn, env.msg_id, item.from_node)
+            handover_reopen(conn, env.msg_id, peer)
         else:
             seen_add(conn, env.msg_id, env.expiry_ms, peer, handover=item.handover)
         hop_depth[item.next_hop] += 1
