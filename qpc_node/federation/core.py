@@ -364,6 +364,7 @@ class Federation:
         origins: Sequence[bytes] = (),
         origin_nodes: Sequence[bytes] = (),
         spray_tokens: Sequence[int] = (),
+        handover: Sequence[bool] = (),
     ) -> list[federation_pb2.RelayResult]:
         """A neighbour's envelopes (see :meth:`.custody.Custody.take_custody`)."""
         return await self.custody.take_custody(
@@ -372,6 +373,7 @@ class Federation:
             origins=origins,
             origin_nodes=origin_nodes,
             spray_tokens=spray_tokens,
+            handover=handover,
         )
 
     def refusals(self) -> list[RelayRefusal]:
@@ -468,6 +470,7 @@ class Federation:
             origins=list(req.origins),
             origin_nodes=list(req.origin_nodes),
             spray_tokens=list(req.spray_tokens),
+            handover=list(req.handover),
         )
         c = self._count(src)
         for r in results:

@@ -295,6 +295,7 @@ class Custody:
         self.timers = timers
         self._wall_ms = wall_ms
         self._on_local = on_local
+        self._home_of = home_of
         self._wake: dict[bytes, trio.Event] = {}  # per next hop: its drainer's wakeup
         self._drainers: set[bytes] = set()
         self._drain_state: dict[bytes, _HopDrain] = {}
@@ -390,6 +391,7 @@ class Custody:
             proven=True,
             origin_nodes=[self.node_id] * n,
             tokens=[0] * n,
+            handovers=[False] * n,
         )
 
     async def take_custody(
@@ -400,6 +402,7 @@ class Custody:
         origins: Sequence[bytes] = (),
         origin_nodes: Sequence[bytes] = (),
         spray_tokens: Sequence[int] = (),
+        handover: Sequence[bool] = (),
     ) -> list[federation_pb2.RelayResult]:
         """Store each envelope a neighbour hands us durably here (mailbox, custody
         queue, or held while no route exists) or refuse it typed.
@@ -414,6 +417,7 @@ class Custody:
             ("origins", origins),
             ("origin_nodes", origin_nodes),
             ("spray_tokens", spray_tokens),
+            ("handover", handover),
         ):
             if len(got) not in (0, len(envelopes)):
                 raise RemoteProtocolError(
@@ -429,7 +433,12 @@ class Custody:
             proven=False,
             origin_nodes=nodes,
             tokens=list(spray_tokens) or [0] * n,
+            handovers=list(handover) or [False] * n,
         )
+
+    def _home(self, recipient: bytes) -> bytes | None:
+        """The recipient's home node in this node's bindings (None: unknown)."""
+        return None if self._home_of is None else self._home_of(recipient)
 
     def _sender(self, from_node: bytes, origin: bytes | None, *, proven: bool) -> SenderKey:
         """Whom mailbox fairness judges for an envelope stored here."""
@@ -447,6 +456,7 @@ class Custody:
         proven: bool,
         origin_nodes: Sequence[bytes | None],
         tokens: Sequence[int],
+        handovers: Sequence[bool],
     ) -> list[federation_pb2.RelayResult]:
         now = self._wall_ms()
         results: list[federation_pb2.RelayResult | None] = [None] * len(envelopes)
@@ -516,7 +526,18 @@ class Custody:
                         rec.msg_id, rec.recipient, rec.expiry_ms, rec.hop_limit - 1, rec.ciphertext
                     )
                     relay.append(
-                        (i, RelayItem(route.node_id, from_node, fwd, origin, onode or from_node))
+                        (
+                            i,
+                            RelayItem(
+                                route.node_id,
+                                from_node,
+                                fwd,
+                                origin,
+                                onode or from_node,
+                                handover=handovers[i],
+                                home=self._home(rec.recipient) if handovers[i] else None,
+                            ),
+                        )
                     )
             elif env.hop_limit == 0:
                 refuse(i, federation_pb2.RELAY_HOP_LIMIT_EXCEEDED, "hop_limit 0")
@@ -534,6 +555,8 @@ class Custody:
                             # (a neighbour cannot hand out more copies than we would)
                             min(tokens[i], policy.spray_tokens) or policy.spray_tokens,
                             trail=not proven,
+                            handover=handovers[i],
+                            home=self._home(rec.recipient) if handovers[i] else None,
                         ),
                     )
                 )
@@ -730,6 +753,8 @@ class Custody:
             ],
             origins=[q.origin or b"" for q in batch],  # forwarded as declared to us
             origin_nodes=[q.origin_node or b"" for q in batch],
+            # (none at all unless the batch carries a hand-over: the older wire)
+            handover=[q.handover for q in batch] if any(q.handover for q in batch) else [],
         )
         try:
             resp = await link.rpc.call(

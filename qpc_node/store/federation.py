@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qpc_node.errors import ConfigError
-from qpc_node.store.held import seen_add
+from qpc_node.store.held import handover_passes, handover_reopen, seen_add
 from qpc_node.store.mailbox import note_sent, release_to_custody
 from qpc_node.store.records import Envelope, RowRef
 from qpc_node.store.sql import transaction
@@ -104,6 +104,13 @@ class RelayItem:
     origin_node: bytes | None = None
     """The node where it entered the federation (``RelayEnqueueRequest.origin_nodes``),
     None if undeclared; forwarded unchanged, the hold quota's key."""
+    handover: bool = False
+    """A hand-over copy (``RelayEnqueueRequest.handover``): queued as one, forwarded as
+    one, and it may pass a delivered tombstone of its msg_id once
+    (:func:`~qpc_node.store.held.handover_passes`)."""
+    home: bytes | None = None
+    """The recipient's home node in this node's bindings now (None: unknown); a
+    hand-over passes a tombstone only when it is not the node whose receipt made it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +121,8 @@ class QueuedRelay:
     attempts: int
     origin: bytes | None
     handover: bool = False
-    """Handed over by this node as the user's old home (:func:`relay_handover`)."""
+    """A hand-over copy: handed over by this node as the user's old home
+    (:func:`relay_handover`), or relayed here as one (:attr:`RelayItem.handover`)."""
     origin_node: bytes | None = None
 
 
@@ -147,7 +155,9 @@ def relay_accept(
     """Take custody of ``items`` in one transaction; one outcome per item, in order.
 
     Idempotent on msg_id: an id already queued or relayed before (and not yet
-    expired) is ``duplicate`` and stored no second time.
+    expired) is ``duplicate`` and stored no second time -- except a hand-over copy
+    meeting a delivered tombstone, once (:func:`~qpc_node.store.held.handover_passes`):
+    the mail was delivered to the recipient's old home, which now moves it on.
 
     ``proven``: the items entered the federation here, and each origin is the user
     who proved that key on its session. Then, as for a local send
@@ -196,7 +206,9 @@ def _accept(
     for item in items:
         env = item.envelope
         seen = conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone()
-        if seen is not None:
+        if seen is not None and not (
+            item.handover and handover_passes(conn, env.msg_id, item.home)
+        ):
             out.append("duplicate")
             continue
         if item.next_hop not in hop_depth:
@@ -226,8 +238,8 @@ def _accept(
             origin_depth[key] += 1
         conn.execute(
             "INSERT INTO relay_queue (next_hop, from_node, origin, origin_node, msg_id,"
-            " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms, handover)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.next_hop,
                 item.from_node,
@@ -239,10 +251,15 @@ def _accept(
                 env.hop_limit,
                 env.ciphertext,
                 now_ms,
+                int(item.handover),
             ),
         )
         # A neighbour's: its receipt goes back there (store/held.py).
-        seen_add(conn, env.msg_id, env.expiry_ms, None if proven else item.from_node)
+        peer = None if proven else item.from_node
+        if seen is not None:  # a hand-over through a delivered tombstone (checked above)
+            handover_reopen(conn, env.msg_id, peer)
+        else:
+            seen_add(conn, env.msg_id, env.expiry_ms, peer, handover=item.handover)
         hop_depth[item.next_hop] += 1
         src_depth[item.from_node] += 1
         out.append("queued")
@@ -361,7 +378,8 @@ def relay_handover(
                 ),
             )
             conn.execute(
-                "INSERT INTO relay_seen (msg_id, expiry_ms) VALUES (?, ?)", (msg_id, expiry_ms)
+                "INSERT INTO relay_seen (msg_id, expiry_ms, handover) VALUES (?, ?, 1)",
+                (msg_id, expiry_ms),
             )
             moved += 1
         release_to_custody(conn, recipient, [int(r[1]) for r in rows])

@@ -16,6 +16,8 @@ Tables:
   ``peer``: the node the envelope came from, where its receipt goes back to.
 - ``relay_trail``: per msg_id, further peers a receipt goes to (carriers a spray
   copy went to), until the envelope's expiry.
+- ``relay_seen.handover`` (v13): a hand-over copy of msg_id (a re-homed user's old
+  home moved it toward the new home) passed here; see :func:`handover_passes`.
 
 Flash writes: every envelope this node relays or holds writes its seen row anyway,
 so the receipt's way back rides in it (a trail row and its index entry of their
@@ -31,10 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from google.protobuf.message import DecodeError
+
+from qpc_node.errors import RemoteProtocolError
 from qpc_node.store import audit
 from qpc_node.store.records import AuditEvent, Envelope, RowRef
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
+from qpc_node.storefwd import receipts as rc
 from qpc_node.storefwd.held import (
     EVICTION_ORDER_SQL,
     EvictReason,
@@ -43,6 +49,7 @@ from qpc_node.storefwd.held import (
     reason,
     victim,
 )
+from qpc_node.wire.gen.qpc.v1 import federation_pb2
 
 HoldOutcome = Literal["held", "duplicate", "full"]
 AUDIT_EVICT = "storefwd.evict"
@@ -61,6 +68,12 @@ class HoldItem:
     tokens: int
     trail: bool = True
     """Record ``from_node`` as where its receipt goes (False: it entered here)."""
+    handover: bool = False
+    """A hand-over copy (see :func:`handover_passes`; kept as ``relay_seen.handover``,
+    so its release forwards it as one)."""
+    home: bytes | None = None
+    """The recipient's home in this node's bindings (None: unknown), for
+    :func:`handover_passes`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +141,10 @@ def hold(
     per_node: dict[bytes, int] = {}
     for item in items:
         env = item.envelope
-        if conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone():
+        seen = conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (env.msg_id,)).fetchone()
+        if seen is not None and not (
+            item.handover and handover_passes(conn, env.msg_id, item.home)
+        ):
             out.append("duplicate")
             continue
         incoming = HeldMeta(None, env.expiry_ms, False, env.hop_limit)
@@ -184,9 +200,11 @@ def hold(
                 now_ms,
             ),
         ).lastrowid
-        seen_add(
-            conn, env.msg_id, env.expiry_ms, item.from_node if item.trail else None, held=row_id
-        )
+        peer = item.from_node if item.trail else None
+        if seen is not None:  # a hand-over through a delivered tombstone (checked above)
+            handover_reopen(conn, env.msg_id, peer, held=row_id)
+        else:
+            seen_add(conn, env.msg_id, env.expiry_ms, peer, held=row_id, handover=item.handover)
         total += 1
         per_node[node] += 1
         out.append("held")
@@ -233,14 +251,58 @@ def seen_add(
     peer: bytes | None,
     *,
     held: int | None = None,
+    handover: bool = False,
 ) -> None:
     """Mark ``msg_id`` seen here until ``expiry_ms``; its receipt goes back to
     ``peer`` (it gave us the envelope; None: it entered here); ``held``: its
-    held row. In a transaction (store/federation.py's custody accept calls it
-    too)."""
+    held row; ``handover``: it is a hand-over copy (:func:`handover_passes`). In a
+    transaction (store/federation.py's custody accept calls it too)."""
     conn.execute(
-        "INSERT INTO relay_seen (msg_id, expiry_ms, peer, held) VALUES (?, ?, ?, ?)",
-        (msg_id, expiry_ms, peer, held),
+        "INSERT INTO relay_seen (msg_id, expiry_ms, peer, held, handover) VALUES (?, ?, ?, ?, ?)",
+        (msg_id, expiry_ms, peer, held, int(handover)),
+    )
+
+
+def handover_passes(conn: sqlite3.Connection, msg_id: bytes, home: bytes | None) -> bool:
+    """May a hand-over copy of ``msg_id`` pass this node although it was seen here?
+
+    A re-homed user's old home hands its unread mail over toward the new home
+    (store/federation.py relay_handover); a relay on the old path may keep a
+    delivered tombstone of the same msg_id from the old home's receipt, and refusing
+    the hand-over as a duplicate lost that mail for good (the old home counts a
+    duplicate as taken). It passes only when the tombstone is a delivered one and
+    nothing else of msg_id is here, no hand-over of it passed before (a replay is a
+    duplicate), and the recipient's home now (``home``, from this node's bindings)
+    is not the node whose receipt made the tombstone: a node cannot claim a
+    hand-over to replay mail to a user who stayed where it was delivered. A
+    tombstone without its receipt cannot show that: a duplicate, as before."""
+    row = conn.execute(
+        "SELECT delivered, handover, receipt FROM relay_seen WHERE msg_id = ?", (msg_id,)
+    ).fetchone()
+    if row is None or not row[0] or row[1] or row[2] is None or home is None:
+        return False
+    if _held_row_of(conn, msg_id) is not None:
+        return False
+    if conn.execute("SELECT 1 FROM relay_queue WHERE msg_id = ?", (msg_id,)).fetchone():
+        return False
+    try:
+        signer = rc.from_proto(federation_pb2.DeliveryReceipt.FromString(bytes(row[2])))
+    except (DecodeError, RemoteProtocolError):
+        return False
+    return signer.home_node != home
+
+
+def handover_reopen(
+    conn: sqlite3.Connection, msg_id: bytes, peer: bytes | None, *, held: int | None = None
+) -> None:
+    """A hand-over copy passed a delivered tombstone (:func:`handover_passes`): the
+    seen row is open again, as for a copy in custody here. The new home's receipt
+    goes back to ``peer`` and closes it; the old receipt (of the old home) is
+    dropped with it. ``handover`` stays set until expiry: it passes once."""
+    conn.execute(
+        "UPDATE relay_seen SET delivered = 0, handover = 1, peer = ?, held = ?, receipt = NULL"
+        " WHERE msg_id = ?",
+        (peer, held, msg_id),
     )
 
 
@@ -297,7 +359,8 @@ def release(
     arrival order, in one transaction; ``hop_limit`` is decremented now (holding
     cost none). Envelopes that came from ``next_hop`` stay held: it already saw
     the msg_id and would answer DUPLICATE without holding it (known limit: they
-    wait for another route, a re-route, or expiry)."""
+    wait for another route, a re-route, or expiry). A hand-over copy
+    (``relay_seen.handover``) goes on as one."""
     with transaction(store.conn) as conn:
         room = (
             max_per_hop
@@ -322,8 +385,9 @@ def release(
                 continue
             conn.execute(
                 "INSERT INTO relay_queue (next_hop, from_node, origin, origin_node, msg_id,"
-                " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " recipient, expiry_ms, hop_limit, ciphertext, enqueued_ms, handover)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce((SELECT handover FROM"
+                " relay_seen WHERE msg_id = ?), 0))",
                 (
                     next_hop,
                     h.from_node,
@@ -335,6 +399,7 @@ def release(
                     e.hop_limit - 1,
                     e.ciphertext,
                     now_ms,
+                    e.msg_id,
                 ),
             )
             moved += 1

@@ -269,6 +269,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " SELECT recipient, msg_id, seq, expiry_ms FROM messages WHERE ciphertext IS NULL",
         "DELETE FROM messages WHERE ciphertext IS NULL",
     ),
+    # 13: a hand-over of msg_id (a re-homed user's old home moved it toward the new
+    # home) was relayed here (store/held.py handover_passes): a relay reopens its
+    # delivered tombstone for one hand-over only, so a replayed one is a duplicate.
+    ("ALTER TABLE relay_seen ADD COLUMN handover INTEGER NOT NULL DEFAULT 0",),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

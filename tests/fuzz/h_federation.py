@@ -127,6 +127,12 @@ def body_seeds(method: str) -> list[bytes]:
                 origins=[b"\x5a" * 32, b"", b"\x5a" * 31],
             ),
             F.RelayEnqueueRequest(envelopes=[_env(10, HERE_USER)], origins=[b"o" * 32] * 2),
+            # Hand-over flags: one per envelope (a local and a relayed hand-over), and
+            # a count that does not match the envelopes (the call is refused).
+            F.RelayEnqueueRequest(
+                envelopes=[_env(11, HERE_USER), _env(12, FAR_USER)], handover=[True, True]
+            ),
+            F.RelayEnqueueRequest(envelopes=[_env(13, FAR_USER)], handover=[True, False]),
         ]
     elif method == M_KEYPACKAGE:
         msgs = [F.ProxyKeyPackageFetchRequest(identity=x) for x in (HERE_USER, FAR_USER, b"x")]
@@ -156,6 +162,8 @@ def body_target(env: FedEnv, method: str) -> object:
                     raise Invariant(f"relay result with status {r.status}")
             if len(req.origins) not in (0, len(req.envelopes)):
                 raise Invariant("RelayEnqueue took origins that do not match its envelopes")
+            if len(req.handover) not in (0, len(req.envelopes)):
+                raise Invariant("RelayEnqueue took hand-over flags that do not match")
             for origin, r in zip(req.origins, out.results, strict=False):
                 if len(origin) not in (0, 32) and r.status != F.RELAY_INVALID:
                     raise Invariant(f"an origin of {len(origin)} bytes was taken")

@@ -18,6 +18,7 @@ from qpc_node.client.agent import Agent
 from qpc_node.node import Node
 from qpc_node.ops.clock import ManualWallClock, system_wall_ms
 from qpc_node.store.federation import mailbox_has_mail
+from qpc_node.store.held import delivered
 from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import federation_pb2
 from tests.integration.fed_nodes import free_port, identity, mesh_node, until
@@ -118,3 +119,70 @@ async def test_old_home_hands_over_mail_after_the_user_re_homed(
 
 async def _ids(agent: Agent, want: int) -> bool:
     return len(await mailbox_ids(agent)) >= want
+
+
+async def test_handover_passes_a_relay_holding_the_delivered_tombstone(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """A - R - B: s on B writes to u on A through R; A stores it and its receipt leaves
+    R a delivered tombstone of each msg_id. u re-homes on B while A is down; A comes
+    back and hands u's unread mail over through R. R must relay the handed-over
+    copies on (a hand-over, not a late copy of delivered mail): u gets every message
+    at B exactly once, and a replayed hand-over is still a duplicate."""
+    ids = {n: identity(tmp_path, n)[1] for n in "arb"}
+    ports = {n: free_port() for n in "arb"}
+    sent: list[bytes] = []
+    with trio.fail_after(110):
+        async with (
+            mesh_node(
+                tmp_path, "r", ports["r"], [(ports["a"], ids["a"]), (ports["b"], ids["b"])]
+            ) as (r_node, _),
+            mesh_node(tmp_path, "b", ports["b"], [(ports["r"], ids["r"])]) as (b_node, b_info),
+        ):
+            async with (
+                mesh_node(tmp_path, "a", ports["a"], [(ports["r"], ids["r"])]) as (a_node, a_info),
+                user(tmp_path, "u", a_info, wall) as u,
+                user(tmp_path, "s", b_info, wall) as s,
+            ):
+                await homed(b_node, u, a_node)
+                for _ in range(5):  # relayed B -> R -> A, stored in A's mailbox
+                    env = Envelope(os.urandom(16), u.me, wall() + 86_400_000, 8, os.urandom(64))
+                    res = await _enqueue(s, env)
+                    assert res.status == 0, res.detail
+                    sent.append(env.msg_id)
+                await until(lambda: _ids(u, len(sent)), within=20)
+                uid = u.me
+                assert r_node.store is not None
+                r_store = r_node.store
+
+                async def tombstones() -> bool:
+                    got = [await r_store.run(lambda st, m=m: delivered(st, m)) for m in sent]
+                    return all(got)
+
+                await until(tombstones, within=20)  # A's receipts reached R
+            wall.advance(1_000)  # u's next binding has a higher seq
+            async with user(tmp_path, "u", b_info, wall) as u:
+                await until(lambda: home_of(b_node, uid) == ids["b"], within=20)
+                await until(lambda: home_of(r_node, uid) == ids["b"], within=20)
+                assert await mailbox_ids(u) == []
+                async with mesh_node(tmp_path, "a", ports["a"], [(ports["r"], ids["r"])]) as (
+                    a_node,
+                    _,
+                ):
+                    fed = a_node.federation
+                    assert fed is not None
+                    await until(lambda: fed.custody.handed_over == len(sent), within=30)
+                    await until(lambda: fed.statistics().queued == 0, within=20)
+                    await until(lambda: _ids(u, len(sent)), within=20)
+                    assert sorted(await mailbox_ids(u)) == sorted(sent)  # each exactly once
+                    assert not [x for x in fed.custody.refusals() if x.msg_id in sent]
+                    # B's receipts close R's tombstones again: a replayed hand-over of
+                    # the same mail is a duplicate at R now.
+                    await until(tombstones, within=20)
+                    r_fed = r_node.federation
+                    assert r_fed is not None
+                    env = Envelope(sent[0], uid, wall() + 86_400_000, 8, os.urandom(64))
+                    (res,) = await r_fed.take_custody(
+                        [env.to_proto()], from_node=ids["a"], handover=[True]
+                    )
+                    assert res.status == federation_pb2.RELAY_DUPLICATE

@@ -86,6 +86,14 @@ MESSAGES: dict[str, Message] = {
         origin_nodes=[bytes(range(64, 96)), b""],
         spray_tokens=[2, 0],
     ),
+    # Hand-over copies (field 5), parallel to the envelopes: the first one a re-homed
+    # user's old home handed over, the second ordinary custody.
+    "relay_enqueue_request_handover": F.RelayEnqueueRequest(
+        envelopes=[ENVELOPE, ENVELOPE],
+        origins=[bytes(range(32, 64)), b""],
+        origin_nodes=[bytes(range(64, 96)), b""],
+        handover=[True, False],
+    ),
     "relay_enqueue_response_storefwd": F.RelayEnqueueResponse(
         results=[
             F.RelayResult(
@@ -271,3 +279,22 @@ def test_storefwd_fields_are_a_compatible_extension() -> None:
         F.PingRequest(nonce=2**63 + 5, boot_id=bytes(range(100, 116))).SerializeToString()
         == old_ping
     )
+
+
+def test_handover_flags_are_a_compatible_extension() -> None:
+    """A batch without hand-overs is sent without field 5 (the bytes an older peer
+    sent); an older request reads as no hand-over at all."""
+    new = MESSAGES["relay_enqueue_request_handover"]
+    assert isinstance(new, F.RelayEnqueueRequest)
+    assert list(F.RelayEnqueueRequest.FromString(new.SerializeToString()).handover) == [
+        True,
+        False,
+    ]
+    old_req = bytes.fromhex(
+        (FIXTURES / "msg_relay_enqueue_request_storefwd.hex").read_text().strip()
+    )
+    assert list(F.RelayEnqueueRequest.FromString(old_req).handover) == []
+    stripped = F.RelayEnqueueRequest(
+        envelopes=new.envelopes, origins=new.origins, origin_nodes=new.origin_nodes
+    )
+    assert len(stripped.SerializeToString()) + 4 == len(new.SerializeToString())

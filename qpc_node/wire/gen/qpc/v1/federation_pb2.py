@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from qpc_node.wire.gen.qpc.v1 import envelope_pb2 as qpc_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qpc/v1/federation.proto\x12\x06qpc.v1\x1a\x15qpc/v1/envelope.proto\"w\n\x13RelayEnqueueRequest\x12#\n\tenvelopes\x18\x01 \x03(\x0b\x32\x10.qpc.v1.Envelope\x12\x0f\n\x07origins\x18\x02 \x03(\x0c\x12\x14\n\x0corigin_nodes\x18\x03 \x03(\x0c\x12\x14\n\x0cspray_tokens\x18\x04 \x03(\r\"R\n\x0bRelayResult\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12#\n\x06status\x18\x02 \x01(\x0e\x32\x13.qpc.v1.RelayStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"<\n\x14RelayEnqueueResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.qpc.v1.RelayResult\"/\n\x1bProxyKeyPackageFetchRequest\x12\x10\n\x08identity\x18\x01 \x01(\x0c\"H\n\x1cProxyKeyPackageFetchResponse\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"\"\n\x0f\x41nnounceRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\x10\x41nnounceResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\">\n\x0bPingRequest\x12\r\n\x05nonce\x18\x01 \x01(\x04\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63\x61rrier\x18\x03 \x01(\x08\"e\n\x0cPingResponse\x12\r\n\x05nonce\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\x0c\x12\x13\n\x0brelay_queue\x18\x03 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x04 \x01(\x0c\x12\x0f\n\x07\x63\x61rrier\x18\x05 \x01(\x08\"o\n\x0f\x44\x65liveryReceipt\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x11\n\trecipient\x18\x02 \x01(\x0c\x12\x10\n\x08home_key\x18\x03 \x01(\x0c\x12\x14\n\x0c\x64\x65livered_ms\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\";\n\x0eReceiptRequest\x12)\n\x08receipts\x18\x01 \x03(\x0b\x32\x17.qpc.v1.DeliveryReceipt\" \n\x0fReceiptResponse\x12\r\n\x05taken\x18\x01 \x01(\r*\xd7\x02\n\x0bRelayStatus\x12\x1c\n\x18RELAY_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RELAY_STORED_LOCAL\x10\x01\x12\x10\n\x0cRELAY_QUEUED\x10\x02\x12\x13\n\x0fRELAY_DUPLICATE\x10\x03\x12\x1c\n\x18RELAY_HOP_LIMIT_EXCEEDED\x10\x04\x12\x11\n\rRELAY_EXPIRED\x10\x05\x12\x12\n\x0eRELAY_NO_ROUTE\x10\x06\x12\x14\n\x10RELAY_QUEUE_FULL\x10\x07\x12\x11\n\rRELAY_INVALID\x10\x08\x12\x0e\n\nRELAY_LOOP\x10\t\x12\x11\n\rRELAY_REFUSED\x10\n\x12\x18\n\x14RELAY_STRANGER_LIMIT\x10\x0b\x12\x16\n\x12RELAY_MAILBOX_FULL\x10\x0c\x12\x0e\n\nRELAY_HELD\x10\r\x12\x18\n\x14RELAY_EXPIRY_TOO_FAR\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17qpc/v1/federation.proto\x12\x06qpc.v1\x1a\x15qpc/v1/envelope.proto\"\x89\x01\n\x13RelayEnqueueRequest\x12#\n\tenvelopes\x18\x01 \x03(\x0b\x32\x10.qpc.v1.Envelope\x12\x0f\n\x07origins\x18\x02 \x03(\x0c\x12\x14\n\x0corigin_nodes\x18\x03 \x03(\x0c\x12\x14\n\x0cspray_tokens\x18\x04 \x03(\r\x12\x10\n\x08handover\x18\x05 \x03(\x08\"R\n\x0bRelayResult\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12#\n\x06status\x18\x02 \x01(\x0e\x32\x13.qpc.v1.RelayStatus\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"<\n\x14RelayEnqueueResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.qpc.v1.RelayResult\"/\n\x1bProxyKeyPackageFetchRequest\x12\x10\n\x08identity\x18\x01 \x01(\x0c\"H\n\x1cProxyKeyPackageFetchResponse\x12\x13\n\x0bkey_package\x18\x01 \x01(\x0c\x12\x13\n\x0blast_resort\x18\x02 \x01(\x08\"\"\n\x0f\x41nnounceRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\x10\x41nnounceResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\">\n\x0bPingRequest\x12\r\n\x05nonce\x18\x01 \x01(\x04\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63\x61rrier\x18\x03 \x01(\x08\"e\n\x0cPingResponse\x12\r\n\x05nonce\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\x0c\x12\x13\n\x0brelay_queue\x18\x03 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x04 \x01(\x0c\x12\x0f\n\x07\x63\x61rrier\x18\x05 \x01(\x08\"o\n\x0f\x44\x65liveryReceipt\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x11\n\trecipient\x18\x02 \x01(\x0c\x12\x10\n\x08home_key\x18\x03 \x01(\x0c\x12\x14\n\x0c\x64\x65livered_ms\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\";\n\x0eReceiptRequest\x12)\n\x08receipts\x18\x01 \x03(\x0b\x32\x17.qpc.v1.DeliveryReceipt\" \n\x0fReceiptResponse\x12\r\n\x05taken\x18\x01 \x01(\r*\xd7\x02\n\x0bRelayStatus\x12\x1c\n\x18RELAY_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RELAY_STORED_LOCAL\x10\x01\x12\x10\n\x0cRELAY_QUEUED\x10\x02\x12\x13\n\x0fRELAY_DUPLICATE\x10\x03\x12\x1c\n\x18RELAY_HOP_LIMIT_EXCEEDED\x10\x04\x12\x11\n\rRELAY_EXPIRED\x10\x05\x12\x12\n\x0eRELAY_NO_ROUTE\x10\x06\x12\x14\n\x10RELAY_QUEUE_FULL\x10\x07\x12\x11\n\rRELAY_INVALID\x10\x08\x12\x0e\n\nRELAY_LOOP\x10\t\x12\x11\n\rRELAY_REFUSED\x10\n\x12\x18\n\x14RELAY_STRANGER_LIMIT\x10\x0b\x12\x16\n\x12RELAY_MAILBOX_FULL\x10\x0c\x12\x0e\n\nRELAY_HELD\x10\r\x12\x18\n\x14RELAY_EXPIRY_TOO_FAR\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qpc.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RELAYSTATUS']._serialized_start=898
-  _globals['_RELAYSTATUS']._serialized_end=1241
-  _globals['_RELAYENQUEUEREQUEST']._serialized_start=58
-  _globals['_RELAYENQUEUEREQUEST']._serialized_end=177
-  _globals['_RELAYRESULT']._serialized_start=179
-  _globals['_RELAYRESULT']._serialized_end=261
-  _globals['_RELAYENQUEUERESPONSE']._serialized_start=263
-  _globals['_RELAYENQUEUERESPONSE']._serialized_end=323
-  _globals['_PROXYKEYPACKAGEFETCHREQUEST']._serialized_start=325
-  _globals['_PROXYKEYPACKAGEFETCHREQUEST']._serialized_end=372
-  _globals['_PROXYKEYPACKAGEFETCHRESPONSE']._serialized_start=374
-  _globals['_PROXYKEYPACKAGEFETCHRESPONSE']._serialized_end=446
-  _globals['_ANNOUNCEREQUEST']._serialized_start=448
-  _globals['_ANNOUNCEREQUEST']._serialized_end=482
-  _globals['_ANNOUNCERESPONSE']._serialized_start=484
-  _globals['_ANNOUNCERESPONSE']._serialized_end=520
-  _globals['_PINGREQUEST']._serialized_start=522
-  _globals['_PINGREQUEST']._serialized_end=584
-  _globals['_PINGRESPONSE']._serialized_start=586
-  _globals['_PINGRESPONSE']._serialized_end=687
-  _globals['_DELIVERYRECEIPT']._serialized_start=689
-  _globals['_DELIVERYRECEIPT']._serialized_end=800
-  _globals['_RECEIPTREQUEST']._serialized_start=802
-  _globals['_RECEIPTREQUEST']._serialized_end=861
-  _globals['_RECEIPTRESPONSE']._serialized_start=863
-  _globals['_RECEIPTRESPONSE']._serialized_end=895
+  _globals['_RELAYSTATUS']._serialized_start=917
+  _globals['_RELAYSTATUS']._serialized_end=1260
+  _globals['_RELAYENQUEUEREQUEST']._serialized_start=59
+  _globals['_RELAYENQUEUEREQUEST']._serialized_end=196
+  _globals['_RELAYRESULT']._serialized_start=198
+  _globals['_RELAYRESULT']._serialized_end=280
+  _globals['_RELAYENQUEUERESPONSE']._serialized_start=282
+  _globals['_RELAYENQUEUERESPONSE']._serialized_end=342
+  _globals['_PROXYKEYPACKAGEFETCHREQUEST']._serialized_start=344
+  _globals['_PROXYKEYPACKAGEFETCHREQUEST']._serialized_end=391
+  _globals['_PROXYKEYPACKAGEFETCHRESPONSE']._serialized_start=393
+  _globals['_PROXYKEYPACKAGEFETCHRESPONSE']._serialized_end=465
+  _globals['_ANNOUNCEREQUEST']._serialized_start=467
+  _globals['_ANNOUNCEREQUEST']._serialized_end=501
+  _globals['_ANNOUNCERESPONSE']._serialized_start=503
+  _globals['_ANNOUNCERESPONSE']._serialized_end=539
+  _globals['_PINGREQUEST']._serialized_start=541
+  _globals['_PINGREQUEST']._serialized_end=603
+  _globals['_PINGRESPONSE']._serialized_start=605
+  _globals['_PINGRESPONSE']._serialized_end=706
+  _globals['_DELIVERYRECEIPT']._serialized_start=708
+  _globals['_DELIVERYRECEIPT']._serialized_end=819
+  _globals['_RECEIPTREQUEST']._serialized_start=821
+  _globals['_RECEIPTREQUEST']._serialized_end=880
+  _globals['_RECEIPTRESPONSE']._serialized_start=882
+  _globals['_RECEIPTRESPONSE']._serialized_end=914
 # @@protoc_insertion_point(module_scope)

@@ -42,16 +42,18 @@ RELAY_HELD: RelayStatus
 RELAY_EXPIRY_TOO_FAR: RelayStatus
 
 class RelayEnqueueRequest(_message.Message):
-    __slots__ = ("envelopes", "origins", "origin_nodes", "spray_tokens")
+    __slots__ = ("envelopes", "origins", "origin_nodes", "spray_tokens", "handover")
     ENVELOPES_FIELD_NUMBER: _ClassVar[int]
     ORIGINS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODES_FIELD_NUMBER: _ClassVar[int]
     SPRAY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_FIELD_NUMBER: _ClassVar[int]
     envelopes: _containers.RepeatedCompositeFieldContainer[_envelope_pb2.Envelope]
     origins: _containers.RepeatedScalarFieldContainer[bytes]
     origin_nodes: _containers.RepeatedScalarFieldContainer[bytes]
     spray_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., origins: _Optional[_Iterable[bytes]] = ..., origin_nodes: _Optional[_Iterable[bytes]] = ..., spray_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    handover: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[_envelope_pb2.Envelope, _Mapping]]] = ..., origins: _Optional[_Iterable[bytes]] = ..., origin_nodes: _Optional[_Iterable[bytes]] = ..., spray_tokens: _Optional[_Iterable[int]] = ..., handover: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class RelayResult(_message.Message):
     __slots__ = ("msg_id", "status", "detail")
