@@ -16,7 +16,7 @@ import pytest
 from node_harness import accept, flush_inbox, mailbox_ids, running_node, texts, users
 
 from qpc_node import crypto
-from qpc_node.client.agent import KP_ROTATE_MS, KP_TARGET, Agent, AgentError, Sent
+from qpc_node.client.agent import KP_ROTATE_MS, KP_TARGET, Agent, Sent
 from qpc_node.client.fingerprint import short_code
 from qpc_node.errors import StatusCode
 from qpc_node.ops.clock import ManualWallClock
