@@ -130,8 +130,7 @@ class GroupSim:
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0
         self._tmp = tempfile.TemporaryDirectory() if workdir is None else None
-        self._dir = Path(self._tmp.name) if self._tmp is not None else workdir
-        assert self._dir is not None
+        self._dir: Path = Path(self._tmp.name) if self._tmp is not None else Path(str(workdir))
         self.members: list[SimMember] = []
         self.by_fpr: dict[str, SimMember] = {}
         self.blocked: Callable[[int, int, int], bool] = lambda _s, _d, _t: False
