@@ -213,9 +213,14 @@ fn value_end(json: &[u8], start: usize) -> Option<usize> {
     None
 }
 
+/// (index after an array's '[', its element spans, index of its ']').
+type ArraySpans = (usize, Vec<(usize, usize)>, usize);
+/// (epoch, serialized EpochTree) of each kept past epoch.
+type PastTrees<'a> = Vec<(u64, &'a [u8])>;
+
 /// The elements of the `past_epoch_trees` array of a serialized MessageSecretsStore:
 /// (index after its '[', element spans, index of its ']').
-fn past_elements(json: &[u8]) -> Option<(usize, Vec<(usize, usize)>, usize)> {
+fn past_elements(json: &[u8]) -> Option<ArraySpans> {
     // serde_json writes struct fields in order, and the store's first fields are
     // `max_epochs` and `past_epoch_trees`: the first occurrence is the top-level field.
     let open = json
@@ -249,7 +254,7 @@ fn tree_epoch(tree: &[u8]) -> Option<u64> {
 /// Split a serialized MessageSecretsStore into the main record (epoch numbers in place of
 /// the past trees) and (epoch, tree) pairs; None if the layout is not the expected one
 /// (then it is stored whole, as before).
-fn split_past(full: &[u8]) -> Option<(Vec<u8>, Vec<(u64, &[u8])>)> {
+fn split_past(full: &[u8]) -> Option<(Vec<u8>, PastTrees<'_>)> {
     let (open, spans, close) = past_elements(full)?;
     let mut past = Vec::with_capacity(spans.len());
     let mut main = full[..open].to_vec();
