@@ -385,3 +385,36 @@ def test_kept_past_epochs_do_not_grow_the_bytes_written_per_message(tmp_path: Pa
     assert len(gb.past_epochs()) == 10
     assert per_message() < 2 * base
     assert a.fingerprint in gb.members()
+
+
+def test_committer_skips_its_own_removal_and_own_update(tmp_path: Path) -> None:
+    """A committer holding a proposal to remove itself (its own leave, or another
+    member's request) still commits the rest; before, every commit failed with
+    CannotRemoveSelf. Its own Update is renewed by the commit's path, not covered."""
+    members = build_group(tmp_path, 4)
+    (_a, ga), (b, gb), (_c, gc), (d, gd) = members
+    p_leave, r_leave = gb.propose_leave()
+    p_up, r_up = gb.propose_update()
+    p_rm, r_rm = gc.propose_remove(d.fingerprint)
+    for g in (ga, gc, gd):
+        g.process(p_leave)
+        g.process(p_up)
+    for g in (ga, gb, gd):
+        g.process(p_rm)
+    commit, _w = gb.commit_pending()
+    ev = gb.merge_pending_commit()
+    assert ev.covered == [r_rm]
+    assert ev.removed_members == [d.fingerprint]
+    assert gd.process(commit).removed
+    for g in (ga, gc):
+        assert g.process(commit).covered == [r_rm]
+    # b's leave is committed by another member in the next epoch.
+    p_leave2, r_leave2 = gb.propose_leave()
+    ga.process(p_leave2)
+    gc.process(p_leave2)
+    commit, _w = ga.commit_pending()
+    assert ga.merge_pending_commit().removed_members == [b.fingerprint]
+    assert gb.process(commit).removed
+    gc.process(commit)
+    assert ga.epoch_authenticator() == gc.epoch_authenticator()
+    assert r_leave != r_leave2 and r_up
