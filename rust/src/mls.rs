@@ -661,12 +661,25 @@ impl State {
     pub fn op_encrypt(&mut self, gid: &[u8], data: &[u8]) -> Result<Vec<u8>> {
         ensure_no_pending_commit(self.group_view(gid)?)?;
         let (g, p, s) = group_parts(self, gid)?;
+        // OpenMLS refuses to send while proposals are queued. On a mesh the commit that
+        // covers them may be minutes away (or never come: they are re-proposed), and an
+        // application message does not depend on them, so they are set aside for the
+        // message and queued again (the whole call is one transaction: all or nothing).
+        let queued: Vec<QueuedProposal> = g.pending_proposals().cloned().collect();
+        if !queued.is_empty() {
+            g.clear_pending_proposals(p.storage())
+                .map_err(|e| Error::from_dbg(Kind::Storage, "set proposals aside", e))?;
+        }
         let m = g.create_message(p, s, data).map_err(|e| match e {
             CreateMessageError::GroupStateError(_) => {
                 Error::from_dbg(Kind::NotAMember, "cannot send in this group", e)
             }
             _ => Error::from_dbg(Kind::Mls, "encrypt", e),
         })?;
+        for q in queued {
+            g.store_pending_proposal(p.storage(), q)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposals again", e))?;
+        }
         msg_bytes(&m)
     }
 
