@@ -863,6 +863,10 @@ impl State {
             .collect::<Result<Vec<_>>>()?;
         let adding = !kps.is_empty();
         let (g, p, s) = group_parts(self, gid)?;
+        // A member cannot commit its own removal (RFC 9420 12.4: CannotRemoveSelf): such a
+        // proposal (its own leave, or someone's request to remove it) stays for another
+        // committer, instead of making every commit of this member fail.
+        let own_leaf = g.own_leaf_index();
         let mut b = g
             .commit_builder()
             .consume_proposal_store(true)
@@ -876,7 +880,7 @@ impl State {
         let bundle = b
             .load_psks(p.storage())
             .map_err(|e| Error::from_dbg(Kind::Mls, "commit", e))?
-            .build(p.rand(), p.crypto(), s, |_| true)
+            .build(p.rand(), p.crypto(), s, |q| !removes_leaf(q, own_leaf))
             .map_err(|e| {
                 // An Add whose KeyPackage the group cannot take (e.g. it lacks a capability
                 // the group context needs) fails here.
@@ -1122,6 +1126,11 @@ fn leaves_of(g: &MlsGroup, fingerprints: &[String]) -> Result<Vec<LeafNodeIndex>
         leaves.push(m.index);
     }
     Ok(leaves)
+}
+
+/// True for a Remove proposal of `leaf`.
+fn removes_leaf(q: &QueuedProposal, leaf: LeafNodeIndex) -> bool {
+    matches!(q.proposal(), Proposal::Remove(r) if r.removed() == leaf)
 }
 
 /// Refs of the proposals in the group's proposal store.
@@ -1563,6 +1572,9 @@ impl Group {
 
     /// Commit every queued proposal, by reference (members' adds, removes, updates,
     /// leaves); returns (commit, welcome or None), the commit left pending (see `add`).
+    /// Two kinds stay uncovered: our own Update proposals (the commit's path renews our
+    /// leaf instead, RFC 9420 12.2) and any Remove of ourselves (another member must
+    /// commit it).
     /// With `committers`, the commit also sets the committer list (an inline
     /// GroupContextExtensions proposal).
     #[pyo3(signature = (committers = None))]
@@ -1942,6 +1954,40 @@ mod tests {
         );
         assert!(!pending(&mut b, &gid));
         talk(&mut b, &mut a, &gid, b"after the panic");
+    }
+
+    /// A committer list extension that does not parse is a typed InvalidMessage (a member
+    /// could commit one; `process` then refuses the commit before merging it), and the
+    /// caller's list is checked before any commit is made.
+    #[test]
+    fn committer_list_encoding_is_checked() {
+        let fp = [7u8; 32];
+        let ok = Extensions::single(committers_extension(&[fp, [8u8; 32]])).expect("ext");
+        assert_eq!(
+            committers_of(&ok).expect("parses"),
+            vec![hex(&fp), hex(&[8u8; 32])]
+        );
+        assert_eq!(
+            committers_of(&Extensions::empty()).expect("absent"),
+            Vec::<String>::new()
+        );
+        for raw in [vec![], vec![1u8; 31], vec![1u8; 33], vec![1u8; 32 * 256]] {
+            let bad = Extensions::single(Extension::Unknown(
+                COMMITTERS_EXTENSION,
+                UnknownExtension(raw),
+            ))
+            .expect("ext");
+            assert_eq!(
+                committers_of(&bad).expect_err("malformed").kind,
+                Kind::InvalidMessage
+            );
+        }
+        assert_eq!(
+            parse_committers(&[hex(&fp), hex(&fp).to_uppercase()])
+                .expect_err("duplicate")
+                .kind,
+            Kind::Argument
+        );
     }
 
     /// Processing a commit that includes queued proposals clears them from the store (the
