@@ -299,14 +299,6 @@ fn run_readonly<T: Send>(
     .map_err(PyErr::from)
 }
 
-/// Capabilities our leaf advertises when it joins by external commit: those of our
-/// KeyPackages, so a rejoined leaf supports what the group requires of every member.
-fn rejoin_capabilities() -> Capabilities {
-    Capabilities::builder()
-        .extensions(vec![ExtensionType::LastResort])
-        .build()
-}
-
 impl State {
     /// A signed GroupInfo of the current epoch, with the ratchet tree and the external
     /// public key: what a member needs to rejoin by external commit.
@@ -363,7 +355,7 @@ impl State {
             }
         }
         let params = LeafNodeParameters::builder()
-            .with_capabilities(rejoin_capabilities())
+            .with_capabilities(leaf_capabilities())
             .build();
         let (g, bundle) = MlsGroup::external_commit_builder()
             .with_config(join_config())
@@ -437,7 +429,7 @@ impl Group {
     fn preview(&self, py: Python<'_>, message: &[u8]) -> PyResult<Event> {
         let gid = &self.gid;
         let p = run_readonly(py, &self.shared, |st| st.op_process(gid, message))?;
-        Ok(to_event(py, p))
+        Ok(Event::new(py, p))
     }
 
     /// A signed GroupInfo of the current epoch with the ratchet tree and the external public
@@ -466,7 +458,7 @@ impl Identity {
             st.op_rollback(group_id, snapshot)?;
             st.op_process(group_id, message)
         })?;
-        Ok(to_event(py, p))
+        Ok(Event::new(py, p))
     }
 
     /// Join (or rejoin) a group by external commit from its GroupInfo: returns the group
@@ -480,17 +472,6 @@ impl Identity {
     ) -> PyResult<(Group, Bound<'py, PyBytes>)> {
         let (gid, commit) = run(py, &self.shared, |st| st.op_join_external(group_info))?;
         Ok((new_group(&self.shared, gid), PyBytes::new(py, &commit)))
-    }
-}
-
-fn to_event(py: Python<'_>, p: Processed) -> Event {
-    let (kind, sender, data, epoch, removed) = p;
-    Event {
-        kind,
-        sender,
-        data: PyBytes::new(py, &data).unbind(),
-        epoch,
-        removed,
     }
 }
 
@@ -556,7 +537,7 @@ mod tests {
     fn talk(from: &mut State, to: &mut State, gid: &[u8], text: &[u8]) {
         let ct = run_tx(from, |st| st.op_encrypt(gid, text)).expect("encrypt");
         let got = run_tx(to, |st| st.op_process(gid, &ct)).expect("process");
-        assert_eq!(got.2.as_slice(), text);
+        assert_eq!(got.data.as_slice(), text);
     }
 
     /// The snapshot holds exactly the group's records: rolling one group back restores
@@ -650,7 +631,7 @@ mod tests {
         // c's branch wins: roll back and apply it.
         run_tx(&mut b, |st| st.op_rollback(&gid, snap)).expect("rollback");
         let got = run_tx(&mut b, |st| st.op_process(&gid, &c_commit)).expect("sibling");
-        assert_eq!((got.0, got.3), ("commit", 2));
+        assert_eq!((got.kind, got.epoch), ("commit", 2));
         talk(&mut c, &mut b, &gid, b"on c's branch");
         talk(&mut b, &mut c, &gid, b"and back");
         // Survives a reopen (the rollback and the snapshot are durable).
