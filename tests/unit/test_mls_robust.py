@@ -365,3 +365,23 @@ def test_bad_committer_lists_are_argument_errors(tmp_path: Path, bad: list[str])
     with pytest.raises(MlsArgumentError):
         ga.commit_pending(committers=bad)
     assert not ga.has_pending_commit()
+
+
+def test_kept_past_epochs_do_not_grow_the_bytes_written_per_message(tmp_path: Path) -> None:
+    """OpenMLS rewrites all message secrets, past epochs included, on every message; the
+    store keeps each past epoch in its own record, so only the current one is logged."""
+    members = build_group(tmp_path, 8)
+    (a, ga), (b, gb) = members[0], members[1]
+
+    def per_message() -> int:
+        before = b.storage_stats()["bytes_written"]
+        for _ in range(5):
+            gb.process(ga.encrypt(b"x" * 100))
+        return (b.storage_stats()["bytes_written"] - before) // 5
+
+    base = per_message()
+    for _ in range(10):
+        commit_update(members, 0)
+    assert len(gb.past_epochs()) == 10
+    assert per_message() < 2 * base
+    assert a.fingerprint in gb.members()
