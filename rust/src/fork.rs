@@ -699,6 +699,56 @@ mod tests {
         }
     }
 
+    /// Every record in the store is either the identity's own (KeyPackages and their keys,
+    /// signature keys, PSKs, our qpc/ records) or a record of a group that a snapshot
+    /// takes: a new kind of group record (e.g. the per-epoch message secrets split out of
+    /// the main record) that the scoping does not know fails here, instead of silently
+    /// staying out of snapshots and surviving rollbacks.
+    #[test]
+    fn every_record_is_identity_or_group_scoped() {
+        let tmp = TmpDir::new("fork-all-scoped");
+        let (mut a, mut b, mut c) = (
+            new_state(&tmp, "a"),
+            new_state(&tmp, "b"),
+            new_state(&tmp, "c"),
+        );
+        let gid = group_of(&mut [&mut a, &mut b, &mut c], b"chat");
+        for _ in 0..3 {
+            update(&mut a, &mut b, &gid);
+            talk(&mut a, &mut b, &gid, b"x");
+            talk(&mut b, &mut a, &gid, b"y");
+        }
+        let prop = run_tx(&mut a, |st| st.op_propose_update(&gid)).expect("propose");
+        run_tx(&mut b, |st| st.op_process(&gid, &prop.0)).expect("queue");
+        run_tx(&mut b, |st| st.op_key_package(false)).expect("kp");
+        run_tx(&mut b, |st| st.op_snapshot(&gid)).expect("snap");
+        let gj = group_key_part(&gid).expect("gid");
+        let identity: &[&[u8]] = &[
+            b"KeyPackage",
+            b"EncryptionKeyPair",
+            b"SignatureKeyPair",
+            b"Psk",
+            b"qpc/",
+        ];
+        let labels = |k: &[u8]| String::from_utf8_lossy(&k[..k.len().min(24)]).into_owned();
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, _) in records(&b) {
+            let ok = is_group_record(&k, &gj) || identity.iter().any(|p| k.starts_with(p));
+            assert!(ok, "record outside any scope: {}", labels(&k));
+            if is_group_record(&k, &gj) {
+                seen.insert(labels(&k).split(['{', '[']).next().unwrap_or("").to_owned());
+            }
+        }
+        for want in [
+            "MessageSecretsPast",
+            "QueuedProposal",
+            "EpochKeyPairs",
+            "Tree",
+        ] {
+            assert!(seen.contains(want), "no {want} record among {seen:?}");
+        }
+    }
+
     #[test]
     fn release_limits_and_unknown_snapshots_are_typed() {
         let tmp = TmpDir::new("fork-limits");

@@ -247,6 +247,9 @@ def test_losing_branch_of_several_epochs_stays_readable(tmp_path: Path) -> None:
     gc.merge_pending_commit()
     b.rollback(b"chat", fork)
     assert gb.process(c_commit).authenticator == gc.epoch_authenticator()
+    # The winner moves on: its own epoch 2 becomes a kept past epoch of the live group.
+    commit_update(gc, [gb])
+    assert gb.epoch == 3
     ev2 = b.process_readonly(b"chat", head, late_e2)
     ev3 = b.process_readonly(b"chat", head, late_e3)
     assert (ev2.data, ev2.message_epoch) == (b"sent in losing epoch 2", 2)
