@@ -20,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("RATCHET_MAX_FORWARD", mls::RATCHET_MAX_FORWARD)?;
     m.add("MAX_PAST_EPOCHS", mls::MAX_PAST_EPOCHS)?;
     m.add("COMMITTERS_EXTENSION", mls::COMMITTERS_EXTENSION)?;
+    m.add("MAX_SNAPSHOTS", mls::fork::MAX_SNAPSHOTS)?;
     m.add_class::<mls::Identity>()?;
     m.add_class::<mls::Group>()?;
     m.add_class::<mls::Event>()?;

@@ -32,6 +32,11 @@ use crate::error::{Error, Kind, Result};
 use crate::persist::{Log, Stats};
 use crate::tracked_storage::TrackedStorage;
 
+// Stage B (snapshots, rollback, read-only processing, external rejoin): a child module so
+// it can use the private state below; its Python methods are separate #[pymethods] blocks.
+#[path = "fork.rs"]
+pub mod fork;
+
 /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001).
 pub const DEFAULT_SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// Domain separation for `Identity.sign`/`verify`, so a challenge signature can
@@ -778,6 +783,11 @@ impl State {
             ProcessedMessageContent::StagedCommitMessage(sc) => {
                 out.kind = "commit";
                 summarize_commit(g, &sc, &mut out)?;
+                // --- fork (mlsb): an external commit (rejoin) adds its sender through its
+                // path, with no Add proposal: report it as added all the same.
+                if out.sender_leaf == NO_LEAF && !out.sender.is_empty() {
+                    out.added.push(out.sender.clone());
+                }
                 g.merge_staged_commit(p, *sc)
                     .map_err(|e| Error::from_dbg(Kind::Mls, "merge commit", e))?;
                 out.authenticator = g.epoch_authenticator().as_slice().to_vec();
