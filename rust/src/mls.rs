@@ -1966,6 +1966,62 @@ mod tests {
         talk(&mut b, &mut a, &gid, b"after the panic");
     }
 
+    /// A group stored with the old configuration (no past epochs, a 16-message ratchet
+    /// window) gets the current one on its next change, and then keeps past epochs.
+    #[test]
+    fn stored_groups_get_the_current_configuration() {
+        let tmp = TmpDir::new("upgrade");
+        let (mut a, mut b) = (new_state(&tmp, "a"), new_state(&tmp, "b"));
+        let gid = group_of(&mut [&mut a, &mut b]);
+        let old = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .sender_ratchet_configuration(SenderRatchetConfiguration::new(16, 1000))
+            .max_past_epochs(0)
+            .build();
+        run_tx(&mut b, |st| {
+            let gid = gid.clone();
+            st.ensure_loaded(&gid)?;
+            st.touch(&gid);
+            let State {
+                provider, groups, ..
+            } = st;
+            let g = groups.get_mut(&gid).ok_or_else(|| unknown_group(&gid))?;
+            g.set_configuration(&provider.storage, &old)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "downgrade", e))
+        })
+        .expect("store the old configuration");
+        drop(b);
+        let mut b = State::open(&tmp.path().join("b"), SECRET, false).expect("reopen");
+        let cfg = run_tx(&mut b, |st| {
+            Ok(st.group_view(&gid)?.configuration().clone())
+        })
+        .expect("config");
+        assert_eq!(cfg, old);
+        let stale = run_tx(&mut a, |st| st.op_encrypt(&gid, b"epoch 1")).expect("encrypt");
+        let commit = run_tx(&mut a, |st| {
+            let c = st.op_update(&gid)?;
+            st.op_merge_pending_commit(&gid)?;
+            Ok(c)
+        })
+        .expect("commit");
+        run_tx(&mut b, |st| st.op_process(&gid, &commit)).expect("process commit");
+        let cfg = run_tx(&mut b, |st| {
+            Ok(st.group_view(&gid)?.configuration().clone())
+        })
+        .expect("config");
+        assert_eq!(cfg, join_config());
+        assert_eq!(
+            run_tx(&mut b, |st| st.op_past_epochs(&gid)).expect("past"),
+            vec![1]
+        );
+        let p = run_tx(&mut b, |st| st.op_process(&gid, &stale)).expect("late message");
+        assert_eq!(
+            (p.data.as_slice(), p.message_epoch),
+            (b"epoch 1".as_slice(), 1)
+        );
+    }
+
     /// A committer list extension that does not parse is a typed InvalidMessage (a member
     /// could commit one; `process` then refuses the commit before merging it), and the
     /// caller's list is checked before any commit is made.
