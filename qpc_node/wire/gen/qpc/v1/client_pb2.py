@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qpc/v1/client.proto\x12\x06qpc.v1\"\x87\x01\n\x06Sealed\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.qpc.v1.Sealed.Kind\x12\x10\n\x08group_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMLS_MESSAGE\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\"\x7f\n\nAppMessage\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x11.qpc.v1.GroupInfoH\x00\x12%\n\x05leave\x18\x03 \x01(\x0b\x32\x14.qpc.v1.LeaveRequestH\x00\x12\x0f\n\x07sent_ms\x18\x04 \x01(\x04\x42\x06\n\x04\x62ody\"<\n\tGroupInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\x12\x11\n\tcommitter\x18\x03 \x01(\x0c\"\x0e\n\x0cLeaveRequestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qpc/v1/client.proto\x12\x06qpc.v1\"\x97\x01\n\x06Sealed\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.qpc.v1.Sealed.Kind\x12\x10\n\x08group_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06\x62ranch\x18\x04 \x01(\x0c\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMLS_MESSAGE\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\"\x7f\n\nAppMessage\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x11.qpc.v1.GroupInfoH\x00\x12%\n\x05leave\x18\x03 \x01(\x0b\x32\x14.qpc.v1.LeaveRequestH\x00\x12\x0f\n\x07sent_ms\x18\x04 \x01(\x04\x42\x06\n\x04\x62ody\"<\n\tGroupInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\x12\x11\n\tcommitter\x18\x03 \x01(\x0c\"\x0e\n\x0cLeaveRequestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qpc.v1.client_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEALED']._serialized_start=32
-  _globals['_SEALED']._serialized_end=167
-  _globals['_SEALED_KIND']._serialized_start=109
-  _globals['_SEALED_KIND']._serialized_end=167
-  _globals['_APPMESSAGE']._serialized_start=169
-  _globals['_APPMESSAGE']._serialized_end=296
-  _globals['_GROUPINFO']._serialized_start=298
-  _globals['_GROUPINFO']._serialized_end=358
-  _globals['_LEAVEREQUEST']._serialized_start=360
-  _globals['_LEAVEREQUEST']._serialized_end=374
+  _globals['_SEALED']._serialized_end=183
+  _globals['_SEALED_KIND']._serialized_start=125
+  _globals['_SEALED_KIND']._serialized_end=183
+  _globals['_APPMESSAGE']._serialized_start=185
+  _globals['_APPMESSAGE']._serialized_end=312
+  _globals['_GROUPINFO']._serialized_start=314
+  _globals['_GROUPINFO']._serialized_end=374
+  _globals['_LEAVEREQUEST']._serialized_start=376
+  _globals['_LEAVEREQUEST']._serialized_end=390
 # @@protoc_insertion_point(module_scope)

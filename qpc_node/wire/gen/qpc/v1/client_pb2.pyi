@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Sealed(_message.Message):
-    __slots__ = ("kind", "group_id", "data")
+    __slots__ = ("kind", "group_id", "data", "branch")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Sealed.Kind]
@@ -19,10 +19,12 @@ class Sealed(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     kind: Sealed.Kind
     group_id: bytes
     data: bytes
-    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+    branch: bytes
+    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., branch: _Optional[bytes] = ...) -> None: ...
 
 class AppMessage(_message.Message):
     __slots__ = ("text", "info", "leave", "sent_ms")
