@@ -39,9 +39,9 @@ __all__ = [
     "RANK_LABEL",
     "RANK_LEN",
     "Apply",
-    "CommitInfo",
     "Decision",
     "EpochInfo",
+    "ForkCommit",
     "ForkError",
     "ForkResolver",
     "Hold",
@@ -49,6 +49,7 @@ __all__ = [
     "IgnoreReason",
     "OrderKey",
     "OutOfWindow",
+    "PendingSwitch",
     "Route",
     "RouteKind",
     "Switch",
@@ -109,7 +110,7 @@ def order_key(
 
 
 @dataclass(frozen=True, slots=True)
-class CommitInfo:
+class ForkCommit:
     """A commit staged (processed, not merged) against its parent epoch."""
 
     parent_tag: bytes
@@ -235,7 +236,7 @@ class _Epoch:
 
 @dataclass(frozen=True, slots=True)
 class _Commit:
-    info: CommitInfo
+    info: ForkCommit
     key: OrderKey
     digest: bytes
 
@@ -277,6 +278,11 @@ class ForkResolver:
 
     def live_path(self) -> list[bytes]:
         return list(self._live)
+
+    def snapshot_of(self, tag: bytes) -> int | None:
+        """The rollback snapshot of a live epoch (None: the tip, or pruned)."""
+        e = self._epochs.get(tag)
+        return e.snapshot if e is not None and tag in self._live else None
 
     def key_of(self, digest: bytes) -> OrderKey | None:
         c = self._commits.get(digest)
@@ -336,7 +342,7 @@ class ForkResolver:
             raise ForkError("note_sent for an unknown epoch")
         e.sent.append(app_id)
 
-    def on_commit(self, info: CommitInfo) -> Decision:
+    def on_commit(self, info: ForkCommit) -> Decision:
         """A commit staged against epoch ``info.parent_tag``: what to do with it."""
         digest = info.digest
         known = self._commits.get(digest)
@@ -369,7 +375,7 @@ class ForkResolver:
         return self._plan(i, known)
 
     def entered(
-        self, commit: CommitInfo, info: EpochInfo, parent_snapshot: int, now_ms: int
+        self, commit: ForkCommit, info: EpochInfo, parent_snapshot: int, now_ms: int
     ) -> None:
         """We merged ``commit`` (staged on the live tip, or the winner of a switch after
         the rollback) and are now in epoch ``info``. ``parent_snapshot`` holds the

@@ -16,8 +16,8 @@ import pytest
 
 from qpc_node.groups.fork import (
     Apply,
-    CommitInfo,
     EpochInfo,
+    ForkCommit,
     ForkError,
     ForkResolver,
     Hold,
@@ -53,7 +53,7 @@ class World:
 
     root: EpochInfo
     child: dict[bytes, EpochInfo] = field(default_factory=dict)  # commit digest -> epoch
-    commits: list[CommitInfo] = field(default_factory=list)
+    commits: list[ForkCommit] = field(default_factory=list)
     epochs: dict[bytes, EpochInfo] = field(default_factory=dict)
 
     def commit(
@@ -66,9 +66,9 @@ class World:
         removed: tuple[str, ...] = (),
         covered: tuple[bytes, ...] = (),
         salt: bytes = b"",
-    ) -> tuple[CommitInfo, EpochInfo]:
+    ) -> tuple[ForkCommit, EpochInfo]:
         body = parent.tag + bytes([leaf]) + salt + random.randbytes(8)
-        c = CommitInfo(parent.tag, body, leaf, membership, added, removed, covered)
+        c = ForkCommit(parent.tag, body, leaf, membership, added, removed, covered)
         members = (parent.members | set(added)) - set(removed)
         e = epoch(tag_of(body), parent.epoch + 1, frozenset(members))
         self.child[c.digest] = e
@@ -101,7 +101,7 @@ class ModelMember:
         self.state = world.root.tag
         self.snaps: dict[int, bytes] = {}
         self.next_snap = 1
-        self.held: list[CommitInfo] = []
+        self.held: list[ForkCommit] = []
         self.plans: list[Switch] = []
 
     def snapshot(self) -> int:
@@ -110,7 +110,7 @@ class ModelMember:
         self.snaps[sid] = self.state
         return sid
 
-    def deliver(self, c: CommitInfo) -> None:
+    def deliver(self, c: ForkCommit) -> None:
         self.held.append(c)
         progress = True
         while progress:
@@ -122,7 +122,7 @@ class ModelMember:
                 self.decide(h)
                 progress = True
 
-    def decide(self, c: CommitInfo) -> None:
+    def decide(self, c: ForkCommit) -> None:
         d = self.r.on_commit(c)
         child = self.world.child[c.digest]
         if isinstance(d, Apply):
@@ -181,11 +181,11 @@ def test_linear_chain_applies_and_duplicates_are_ignored() -> None:
     assert m.state == e2.tag and m.r.live_path() == [w.root.tag, e1.tag, e2.tag]
     assert m.r.on_commit(c1) == Ignore(IgnoreReason.DUPLICATE)
     assert m.r.on_commit(c2) == Ignore(IgnoreReason.DUPLICATE)
-    unknown = CommitInfo(tag_of(b"elsewhere"), b"x", 0, False)
+    unknown = ForkCommit(tag_of(b"elsewhere"), b"x", 0, False)
     assert m.r.on_commit(unknown) == Hold(unknown.parent_tag)
 
 
-def two_branches(w: World, depth_a: int, depth_b: int) -> tuple[list[CommitInfo], list[CommitInfo]]:
+def two_branches(w: World, depth_a: int, depth_b: int) -> tuple[list[ForkCommit], list[ForkCommit]]:
     """Two branches from the root, by leaves 1 and 2 (fork at the first commit)."""
     out = []
     for leaf, depth in ((1, depth_a), (2, depth_b)):
@@ -345,7 +345,7 @@ def test_bad_inputs_are_typed_errors() -> None:
     r.start(epoch(b"t" * 16, 0), NOW)
     with pytest.raises(ForkError):
         r.note_sent(b"u" * 16, b"id")
-    stray = CommitInfo(b"u" * 16, b"c", 0, False)
+    stray = ForkCommit(b"u" * 16, b"c", 0, False)
     with pytest.raises(ForkError):
         r.entered(stray, epoch(b"v" * 16, 1), 1, NOW)
     assert isinstance(OrderKey(0, b"", b""), OrderKey)
