@@ -120,8 +120,8 @@ class SimMember:
     """App ids of the texts this member decrypted."""
     deferred: list[Callable[[], None]] = field(default_factory=list)
     """Sends waiting for our pending commit to merge (MLS refuses them meanwhile)."""
-    commit_pending: tuple[tuple[str, ...], bytes | None, tuple[bytes, ...]] | None = None
-    """(members before, welcome, refs covered) of our commit awaiting the node's ack."""
+    commit_pending: tuple[bytes, bytes | None] | None = None
+    """(commit, welcome) of our commit awaiting the node's ack."""
     warnings: list[str] = field(default_factory=list)
     left: bool = False
     tick_at: int | None = None
@@ -381,7 +381,6 @@ class GroupSim:
         g, core = m.group, m.core
         assert g is not None and core is not None
         before = tuple(g.members())
-        refs = tuple(g.pending_proposals())
         try:
             commit, welcome = g.commit_pending(a.committers)
         except crypto.MlsError as exc:
@@ -390,7 +389,7 @@ class GroupSim:
             self.apply(m, core.commit_failed(self.now))
             return
         self.commits_made += 1
-        m.commit_pending = (before, welcome, refs)
+        m.commit_pending = (commit, welcome)
         self._broadcast(m, commit, commit=True, to=before)
         self.at(self.now + self.cfg.ack_delay_ms, lambda: self._acked(m, commit))
 
@@ -402,25 +401,22 @@ class GroupSim:
             m.commit_pending = None  # superseded by a commit we received
             self._flush_deferred(m)
             return
-        before, welcome, refs = m.commit_pending
+        _commit, welcome = m.commit_pending
         parent = g.epoch
-        g.merge_pending_commit()
+        ev = g.merge_pending_commit()
         m.commit_pending = None
-        after = tuple(g.members())
-        added = tuple(f for f in after if f not in before)
-        removed = tuple(f for f in before if f not in after)
         if welcome is not None:
-            for f in added:
+            for f in ev.added:
                 self._send_welcome(m, self.by_fpr[f], welcome)
         info = CommitInfo(
             parent_epoch=parent,
             sender=m.fpr,
-            covered=refs,
-            added=added,
-            removed=removed,
+            covered=tuple(ev.covered),
+            added=tuple(ev.added),
+            removed=tuple(ev.removed_members),
             committers=tuple(g.committers()),
-            members=after,
-            authenticator=g.epoch_authenticator(),
+            members=tuple(g.members()),
+            authenticator=ev.authenticator,
             message=commit,
         )
         self.apply(m, core.on_commit(info, self.now))

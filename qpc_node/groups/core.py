@@ -11,9 +11,10 @@ a single committer at a time and makes everything around it robust:
   extension (the Rust core). ``committers[0]`` commits the pending proposals
   after a short quiescence; if a proposal stays pending for
   ``committer_timeout_ms * k``, ``committers[k]`` commits instead and rotates the
-  list so the silent ones move to the end. Every member derives the *effective*
-  list the same way (stored list minus departed members, topped up in roster
-  order), so nobody needs the committer to keep it tidy to agree on it.
+  list so the silent ones move to the end. Every member reads the *effective*
+  list the same way (the stored list minus departed members; if none is left,
+  the first member in leaf order), and every commit that finds the stored list
+  short or stale rewrites it, topped up to ``max_committers`` in roster order.
 - **Missing commits.** A member holding messages of a later epoch for
   ``pull_after_ms`` asks one member (committers first, then others in turn) with
   a CommitPull encrypted in its own, older epoch (the others keep past epochs);
@@ -57,6 +58,7 @@ __all__ = [
     "SendPull",
     "Warn",
     "effective_committers",
+    "topped_up",
 ]
 
 INTENT_ID_LEN = 16
@@ -101,7 +103,7 @@ class GroupConfig:
     max_pull_answer: int = 16
     """Commits re-sent for one pull at most (the puller asks again for the rest)."""
     max_committers: int = 3
-    """Length of the effective committer list."""
+    """Length of the committer list a commit writes."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -274,17 +276,24 @@ class _Counters:
     off_list: int = 0
 
 
-def effective_committers(
-    stored: Sequence[str], roster: Sequence[str], size: int
-) -> tuple[str, ...]:
+def effective_committers(stored: Sequence[str], roster: Sequence[str]) -> tuple[str, ...]:
     """The committer list every member agrees on: the stored list without members no
-    longer in the roster, topped up to ``size`` in roster (leaf) order."""
+    longer in the roster; the first member (leaf order) if none of them is left."""
     present = set(roster)
-    out = [c for c in dict.fromkeys(stored) if c in present]
+    out = tuple(c for c in dict.fromkeys(stored) if c in present)
+    return out or tuple(roster[:1])
+
+
+def topped_up(
+    stored: Sequence[str], roster: Sequence[str], size: int, exclude: str = ""
+) -> tuple[str, ...]:
+    """The list a commit writes: the effective one (without ``exclude``), topped up
+    to ``size`` with other members in roster order."""
+    out = [c for c in effective_committers(stored, roster) if c != exclude]
     for m in roster:
         if len(out) >= size:
             break
-        if m not in out:
+        if m not in out and m != exclude:
             out.append(m)
     return tuple(out)
 
@@ -339,9 +348,7 @@ class GroupCore:
     @property
     def committers(self) -> tuple[str, ...]:
         """The effective committer list (see :func:`effective_committers`)."""
-        return effective_committers(
-            self.stored_committers, self.members, self.config.max_committers
-        )
+        return effective_committers(self.stored_committers, self.members)
 
     def intents(self) -> list[Intent]:
         """Our own intents not yet applied, oldest first."""
@@ -413,12 +420,11 @@ class GroupCore:
 
     def _start(self, intent: Intent, now_ms: int) -> list[Action]:
         cs = self.committers
-        if intent.kind is IntentKind.LEAVE and self.me in cs:
+        if intent.kind is IntentKind.LEAVE and cs[:1] == (self.me,):
             # We cannot commit our own removal: hand the list over first, then
-            # propose the leave for the next committer to commit.
-            rest = tuple(c for c in cs if c != self.me)
-            if not rest:
-                rest = tuple(m for m in self.members if m != self.me)[:1]
+            # propose the leave for the next committer to commit. (A later
+            # committer just proposes: the first commits it, and the list loses us.)
+            rest = topped_up(cs, self.members, self.config.max_committers, exclude=self.me)
             if not rest:
                 raise IntentError("the last member cannot leave; delete the conversation")
             # on_commit proposes the leave once this commit merged (we are off the list).
@@ -647,7 +653,9 @@ class GroupCore:
             return self._make_commit(None, now_ms, standin=False)
         cs = self.committers
         rotated = cs[rank:] + cs[:rank]
-        return self._make_commit(rotated, now_ms, standin=True)
+        return self._make_commit(
+            topped_up(rotated, self.members, self.config.max_committers), now_ms, standin=True
+        )
 
     def _only_own_leave(self) -> bool:
         own = {i.proposal_ref for i in self._intents.values() if i.kind is IntentKind.LEAVE}
@@ -663,11 +671,11 @@ class GroupCore:
         self._commit.want = True
         self._commit.want_committers = committers
         if committers is None:
-            # Store the effective list when it drifted from the stored one (members
-            # left): keeps the extension honest for clients that read it as is.
-            eff = self.committers
-            if eff != tuple(self.stored_committers):
-                committers = eff
+            # Rewrite the stored list when it is short or names a member who left,
+            # so the next committers are known before anyone goes silent.
+            want = topped_up(self.stored_committers, self.members, self.config.max_committers)
+            if want != tuple(self.stored_committers):
+                committers = want
         return [Commit(committers)]
 
     def _maybe_pull(self, now_ms: int) -> list[Action]:
