@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from qpc_node import crypto
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
-from qpc_node.groups.core import CommitInfo, GroupConfig, IntentError, IntentKind
+from qpc_node.groups.core import CommitInfo, GroupConfig, IntentError, IntentKind, topped_up
 from qpc_node.groups.fork import (
     Apply,
     EpochInfo,
@@ -42,6 +42,7 @@ from qpc_node.groups.fork import (
     RouteKind,
     Switch,
     branch_tag,
+    order_key,
     rank_secret,
 )
 from qpc_node.wire.gen.qpc.v1 import client_pb2
@@ -85,9 +86,10 @@ class PartitionConfig:
     """Both sides request an add, a remove and an update during the partition."""
     settle_ms: int = 900_000
     """Virtual time after the heal to let everything settle."""
-    crash_mid_rollback: int | None = None
-    """Index of a member whose first branch switch is interrupted after the rollback
-    (the process dies; its store is reopened and the journalled switch resumed)."""
+    crash_mid_rollback: bool = False
+    """The first member to switch branch dies in the middle of it (after the rollback,
+    before the merge of the winner); its store is reopened and the journalled switch
+    resumed."""
     dup_rate: float = 0.1
     max_delay_ms: int = 3_000
 
@@ -135,7 +137,7 @@ class PartitionSim(GroupSim):
         self.removed_anywhere: set[str] = set()
         self.extra = 0
         self.out_of_window = 0
-        self.crash_member: int | None = None
+        self.crash_next_switch = False
         self.crashes_recovered = 0
         self.blocked = self._blocked
         self.secrets: dict[int, bytes] = {}
@@ -174,7 +176,21 @@ class PartitionSim(GroupSim):
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
+        """GroupSim's setup, then the creator stores a committer list of
+        ``max_committers`` (roster order) so both sides of a split hold committers."""
         super().setup()
+        c0 = self.members[0]
+        g = c0.group
+        assert g is not None
+        want = topped_up(g.committers(), g.members(), self.cfg.group.max_committers)
+        if tuple(g.committers()) != want:
+            commit, _welcome = g.commit_pending(want)
+            g.merge_pending_commit()
+            for m in self.members[1:]:
+                assert m.group is not None
+                m.group.process(commit)
+            for m in self.members:
+                m.core = self._core_for(m)
         for m in self.members:
             self._start_fork(m)
 
@@ -219,45 +235,37 @@ class PartitionSim(GroupSim):
 
     # -- own commits -------------------------------------------------------------------
     def _acked(self, m: SimMember, commit: bytes) -> None:
+        """As GroupSim's, with a snapshot of the parent epoch taken before the merge and
+        the resolver told about the new epoch before anything else is processed."""
         g, core = m.group, m.core
         assert g is not None and core is not None
         if m.commit_pending is None or not g.has_pending_commit():
             m.commit_pending = None
             self._flush_deferred(m)
             return
-        before, welcome, refs = m.commit_pending
+        _commit, welcome = m.commit_pending
         fs = self.fork[m.index]
         parent_tag = branch_tag(g)
+        roster = g.members()
         snap = m.ident.snapshot(self.group_id)
-        g.merge_pending_commit()
+        ev = g.merge_pending_commit()
         m.commit_pending = None
-        after = tuple(g.members())
-        added = tuple(f for f in after if f not in before)
-        removed = tuple(f for f in before if f not in after)
-        fc = ForkCommit(
-            parent_tag=parent_tag,
-            commit=commit,
-            committer_leaf=before.index(m.fpr),
-            changes_membership=bool(added or removed),
-            added=added,
-            removed=removed,
-            covered=refs,
-        )
+        fc = self._fork_commit(parent_tag, roster, commit, ev, sender=m.fpr)
         fs.resolver.entered(fc, self._epoch_info(g), snap, self.now)
         fs.last_change_ms = self.now
-        self.removed_anywhere.update(removed)
+        self.removed_anywhere.update(fc.removed)
         if welcome is not None:
-            for f in added:
+            for f in ev.added:
                 self._send_welcome(m, self.by_fpr[f], welcome)
         info = CommitInfo(
             parent_epoch=g.epoch - 1,
             sender=m.fpr,
-            covered=refs,
-            added=added,
-            removed=removed,
+            covered=tuple(ev.covered),
+            added=tuple(ev.added),
+            removed=tuple(ev.removed_members),
             committers=tuple(g.committers()),
-            members=after,
-            authenticator=g.epoch_authenticator(),
+            members=tuple(g.members()),
+            authenticator=ev.authenticator,
             message=commit,
         )
         self.apply(m, core.on_commit(info, self.now))
@@ -325,12 +333,21 @@ class PartitionSim(GroupSim):
             m.read.add(bytes.fromhex(app.text))
 
     def _fork_commit(
-        self, parent_tag: bytes, roster: list[str], h: _Held, ev: crypto.Event
+        self,
+        parent_tag: bytes,
+        roster: list[str],
+        commit: bytes,
+        ev: crypto.Event,
+        sender: str | None = None,
     ) -> ForkCommit:
+        """The resolver's view of a processed commit. The committer's position in the
+        parent roster (leaf order) stands for its leaf: fixed by the parent epoch, the
+        same on every member."""
+        who = sender if sender is not None else ev.sender
         return ForkCommit(
             parent_tag=parent_tag,
-            commit=h.data,
-            committer_leaf=roster.index(ev.sender) if ev.sender in roster else 2**32 - 1,
+            commit=commit,
+            committer_leaf=roster.index(who) if who in roster else 2**32 - 1,
             changes_membership=bool(ev.added or ev.removed_members or ev.committers_changed),
             added=tuple(ev.added),
             removed=tuple(ev.removed_members),
@@ -349,15 +366,76 @@ class PartitionSim(GroupSim):
         try:
             ev = g.process(h.data)
         except crypto.MlsError:
+            m.ident.rollback(self.group_id, snap)
             m.ident.release(self.group_id, snap)
             if h.tries < 50:
                 return "hold"  # a proposal it covers has not arrived yet
             self.stale += 1
             return "failed"
-        fc = self._fork_commit(tag, roster, h, ev)
+        fc = self._fork_commit(tag, roster, h.data, ev)
+        if m.commit_pending is not None:
+            return self._race(m, h, fc, ev, snap, roster)
         decision = fs.resolver.on_commit(fc)
         assert isinstance(decision, Apply), decision
         self._entered(m, fc, snap, ev, h)
+        return "done"
+
+    def _race(
+        self,
+        m: SimMember,
+        h: _Held,
+        theirs: ForkCommit,
+        ev_theirs: crypto.Event,
+        parent_snap: int,
+        roster: list[str],
+    ) -> str:
+        """Another member's commit for the epoch our own pending commit is for (both
+        sent): the others will see both, so we too take the one with the lower key."""
+        g = m.group
+        assert g is not None and m.commit_pending is not None
+        fs = self.fork[m.index]
+        own_commit, welcome = m.commit_pending
+        after_theirs = m.ident.snapshot(self.group_id)
+        m.ident.rollback(self.group_id, parent_snap)
+        ev_ours = g.merge_pending_commit()
+        ours = self._fork_commit(theirs.parent_tag, roster, own_commit, ev_ours, sender=m.fpr)
+        rank = fs.resolver.tip.rank_secret
+        k_ours = order_key(rank, ours.committer_leaf, own_commit, ours.changes_membership)
+        k_theirs = order_key(rank, theirs.committer_leaf, h.data, theirs.changes_membership)
+        if k_ours < k_theirs:
+            m.ident.release(self.group_id, after_theirs)
+            decision = fs.resolver.on_commit(ours)
+            assert isinstance(decision, Apply), decision
+            m.commit_pending = None
+            fs.resolver.entered(ours, self._epoch_info(g), parent_snap, self.now)
+            fs.last_change_ms = self.now
+            self.removed_anywhere.update(ours.removed)
+            assert isinstance(fs.resolver.on_commit(theirs), Ignore)
+            if welcome is not None:
+                for f in ev_ours.added:
+                    self._send_welcome(m, self.by_fpr[f], welcome)
+            assert m.core is not None
+            info = CommitInfo(
+                parent_epoch=g.epoch - 1,
+                sender=m.fpr,
+                covered=tuple(ev_ours.covered),
+                added=tuple(ev_ours.added),
+                removed=tuple(ev_ours.removed_members),
+                committers=tuple(g.committers()),
+                members=tuple(g.members()),
+                authenticator=ev_ours.authenticator,
+                message=own_commit,
+            )
+            self.apply(m, m.core.on_commit(info, self.now))
+            self._release(m)
+            self._flush_deferred(m)
+            return "done"
+        m.ident.rollback(self.group_id, after_theirs)
+        m.ident.release(self.group_id, after_theirs)
+        decision = fs.resolver.on_commit(theirs)
+        assert isinstance(decision, Apply), decision
+        self._entered(m, theirs, parent_snap, ev_theirs, h)  # clears our pending commit
+        fs.resolver.on_commit(ours)
         return "done"
 
     def _entered(
@@ -414,12 +492,12 @@ class PartitionSim(GroupSim):
                 return "hold"
             self.stale += 1
             return "failed"
-        fc = self._fork_commit(parent_tag, roster, h, ev)
+        fc = self._fork_commit(parent_tag, roster, h.data, ev)
         decision = r.on_commit(fc)
         if isinstance(decision, Switch):
             r.begin_switch(decision, tip_snap)
-            if self.crash_member == m.index:
-                self.crash_member = None
+            if self.crash_next_switch:
+                self.crash_next_switch = False
                 self._crash_and_resume(m, h, fc)
                 return "done"
             self._finish_switch(m, fc, decision, ev, h)
@@ -535,7 +613,7 @@ def run_partition(cfg: PartitionConfig) -> PartitionReport:
         sim.setup()
         n = cfg.members
         rng = sim.rng
-        sim.crash_member = cfg.crash_mid_rollback
+        sim.crash_next_switch = cfg.crash_mid_rollback
         side_a = [i for i in range(n) if _interleaved(i) == 0]
         side_b = [i for i in range(n) if _interleaved(i) == 1]
         sim.partitioned = True
