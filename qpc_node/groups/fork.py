@@ -26,11 +26,12 @@ leaf, so they cannot predict the winner either.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "BRANCH_LABEL",
@@ -449,6 +450,155 @@ class ForkResolver:
             if c.info.parent_tag not in self._epochs and d not in live_digests:
                 del self._commits[d]
         return sorted(before - self.snapshots_in_use())
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def dump(self) -> bytes:
+        """The whole state (journal included) for the client to store with the group, so
+        a switch interrupted by a crash resumes (``load`` then ``resume``)."""
+
+        def commit(c: _Commit) -> dict[str, Any]:
+            i = c.info
+            return {
+                "parent": i.parent_tag.hex(),
+                "commit": i.commit.hex(),
+                "leaf": i.committer_leaf,
+                "membership": i.changes_membership,
+                "added": list(i.added),
+                "removed": list(i.removed),
+                "covered": [r.hex() for r in i.covered],
+            }
+
+        def ep(e: _Epoch) -> dict[str, Any]:
+            return {
+                "tag": e.info.tag.hex(),
+                "epoch": e.info.epoch,
+                "rank": e.info.rank_secret.hex(),
+                "members": sorted(e.info.members),
+                "parent": e.parent.hex() if e.parent is not None else None,
+                "via": e.via.hex() if e.via is not None else None,
+                "entered": e.entered_ms,
+                "snapshot": e.snapshot,
+                "sent": [a.hex() for a in e.sent],
+                "ro_snapshot": e.readonly_snapshot,
+                "ro_until": e.readonly_until_ms,
+            }
+
+        p = self.pending
+        doc = {
+            "v": 1,
+            "window": self.window,
+            "retain_ms": self.retain_ms,
+            "epochs": [ep(e) for e in self._epochs.values()],
+            "commits": [commit(c) for c in self._commits.values()],
+            "live": [t.hex() for t in self._live],
+            "must_remove": sorted(self._must_remove),
+            "removed_anywhere": sorted(self._removed_anywhere),
+            "released": list(self._released),
+            "switches": self.switches,
+            "pending": None
+            if p is None
+            else {
+                "winner": p.plan.winner.hex(),
+                "parent": p.plan.parent_tag.hex(),
+                "losing_tip": p.losing_tip_snapshot,
+            },
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def load(cls, data: bytes) -> ForkResolver:
+        """Inverse of ``dump``; ForkError for anything malformed or inconsistent."""
+        try:
+            return cls._load(json.loads(data))
+        except ForkError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise ForkError(f"malformed fork state: {exc}") from None
+
+    @classmethod
+    def _load(cls, doc: Any) -> ForkResolver:
+        def bb(v: Any) -> bytes:
+            if not isinstance(v, str):
+                raise ForkError("expected hex")
+            return bytes.fromhex(v)
+
+        def num(v: Any) -> int:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ForkError("expected an integer")
+            return v
+
+        def opt_num(v: Any) -> int | None:
+            return None if v is None else num(v)
+
+        def strs(v: Any) -> list[str]:
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ForkError("expected a list of strings")
+            return v
+
+        if not isinstance(doc, dict) or doc.get("v") != 1:
+            raise ForkError("unknown fork state version")
+        r = cls(window=num(doc["window"]), retain_ms=num(doc["retain_ms"]))
+        for e in doc["epochs"]:
+            info = EpochInfo(
+                bb(e["tag"]), num(e["epoch"]), bb(e["rank"]), frozenset(strs(e["members"]))
+            )
+            r._check_epoch(info)
+            r._epochs[info.tag] = _Epoch(
+                info,
+                None if e["parent"] is None else bb(e["parent"]),
+                None if e["via"] is None else bb(e["via"]),
+                num(e["entered"]),
+                opt_num(e["snapshot"]),
+                [bb(a) for a in e["sent"]],
+                opt_num(e["ro_snapshot"]),
+                opt_num(e["ro_until"]),
+            )
+        for c in doc["commits"]:
+            if not isinstance(c["membership"], bool):
+                raise ForkError("expected a boolean")
+            fc = ForkCommit(
+                bb(c["parent"]),
+                bb(c["commit"]),
+                num(c["leaf"]),
+                c["membership"],
+                tuple(strs(c["added"])),
+                tuple(strs(c["removed"])),
+                tuple(bb(x) for x in c["covered"]),
+            )
+            parent = r._epochs.get(fc.parent_tag)
+            if parent is None:
+                continue  # its parent was pruned: only its digest mattered
+            key = order_key(
+                parent.info.rank_secret, fc.committer_leaf, fc.commit, fc.changes_membership
+            )
+            r._commits[fc.digest] = _Commit(fc, key, fc.digest)
+        r._live = [bb(t) for t in doc["live"]]
+        if not r._live or any(t not in r._epochs for t in r._live):
+            raise ForkError("live path names an unknown epoch")
+        for t in r._live[1:]:
+            via = r._epochs[t].via
+            if via is None or via not in r._commits:
+                raise ForkError("live epoch without its commit")
+        r._must_remove = set(strs(doc["must_remove"]))
+        r._removed_anywhere = set(strs(doc["removed_anywhere"]))
+        r._released = [num(x) for x in doc["released"]]
+        r.switches = num(doc["switches"])
+        p = doc["pending"]
+        if p is not None:
+            winner = r._commits.get(bb(p["winner"]))
+            parent_tag = bb(p["parent"])
+            if (
+                winner is None
+                or parent_tag not in r._live
+                or parent_tag == r._live[-1]
+                or r._epochs[parent_tag].snapshot is None
+            ):
+                raise ForkError("journalled switch does not fit the state")
+            r.pending = PendingSwitch(
+                r._plan(r._live.index(parent_tag), winner), num(p["losing_tip"])
+            )
+        return r
 
     # -- internals ------------------------------------------------------------------------
 

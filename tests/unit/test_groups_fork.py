@@ -349,3 +349,53 @@ def test_bad_inputs_are_typed_errors() -> None:
     with pytest.raises(ForkError):
         r.entered(stray, epoch(b"v" * 16, 1), 1, NOW)
     assert isinstance(OrderKey(0, b"", b""), OrderKey)
+
+
+def test_dump_load_keeps_decisions_and_the_journal() -> None:
+    """A member that crashed mid-switch reloads its resolver and resumes the same plan;
+    a reloaded resolver makes the same later decisions as the one that never stopped."""
+    random.seed(21)
+    w = World(epoch(tag_of(b"root-dump"), 0))
+    a, b = two_branches(w, 3, 2)
+    rank = w.root.rank_secret
+    first, second = (a, b)
+    if order_key(rank, 1, a[0].commit, False) < order_key(rank, 2, b[0].commit, False):
+        first, second = b, a
+    m = ModelMember(w)
+    for c in first:
+        m.deliver(c)
+    m.r.note_sent(m.state, b"app-x")
+    d = m.r.on_commit(second[0])
+    assert isinstance(d, Switch) and d.resend == (b"app-x",)
+    m.r.begin_switch(d, m.snapshot())
+    reloaded = ForkResolver.load(m.r.dump())
+    assert reloaded.resume() == d
+    assert reloaded.live_path() == m.r.live_path()
+    assert reloaded.snapshots_in_use() == m.r.snapshots_in_use()
+    m.r = reloaded
+    m.state = w.child[second[0].digest].tag
+    m.r.entered(second[0], w.child[second[0].digest], d.rollback_to, NOW)
+    again = ForkResolver.load(m.r.dump())
+    assert again.resume() is None
+    for c in second[1:] + first:
+        assert again.on_commit(c) == m.r.on_commit(c)
+    assert again.dump() == m.r.dump()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"v": 2}',
+        b'{"v": 1, "window": 5}',
+        b'{"v":1,"window":"5","retain_ms":1,"epochs":[],"commits":[],"live":[]}',
+        b'{"v":1,"window":5,"retain_ms":1,"epochs":[],"commits":[],"live":[],'
+        b'"must_remove":[],"removed_anywhere":[],"released":[],"switches":0,"pending":null}',
+        b"[" * 100_000,
+    ],
+)
+def test_load_of_malformed_state_is_a_typed_error(data: bytes) -> None:
+    with pytest.raises(ForkError):
+        ForkResolver.load(data)
