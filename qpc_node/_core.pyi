@@ -10,6 +10,8 @@ NEGENTROPY_MAX_ITEMS: Final[int]
 """Most items one ``Negentropy`` object takes (2**20)."""
 NEGENTROPY_ID_LEN: Final[int]
 """Length of a negentropy id (32)."""
+MAX_SNAPSHOTS: Final[int]
+"""Snapshots one group may hold at most (``Identity.snapshot``)."""
 
 class SyncError(ValueError):
     """Malformed or unusable set-reconciliation input (message, item or state)."""
@@ -116,6 +118,22 @@ class Identity:
     def join(self, welcome: bytes) -> Group: ...
     def groups(self) -> list[bytes]: ...
     def storage_stats(self) -> dict[str, int]: ...
+    # --- fork (mlsb): group-scoped snapshots (issue 14 Stage B) ---
+    def snapshot(self, group_id: bytes) -> int:
+        """Copy the group's whole MLS state (tree, current and kept past epoch secrets,
+        proposal store, own leaf keys, a pending commit) into a durable snapshot; returns
+        its id (increasing, never reused). SnapshotLimit at MAX_SNAPSHOTS."""
+    def rollback(self, group_id: bytes, snapshot: int) -> int:
+        """Put the group back exactly into the snapshot's state in one atomic write (a
+        crash leaves the old or the new state); returns the restored epoch. Other groups,
+        KeyPackages and all snapshots stay. UnknownSnapshot if absent."""
+    def release(self, group_id: bytes, snapshot: int) -> None:
+        """Delete a snapshot; UnknownSnapshot if absent."""
+    def snapshots(self, group_id: bytes) -> list[tuple[int, int]]:
+        """(snapshot id, epoch) of the group's snapshots, oldest first."""
+    def snapshot_bytes(self, group_id: bytes) -> int:
+        """Plaintext bytes the group's snapshots occupy in the store."""
+    # --- end fork (mlsb) ---
 
 def verify(public_key: bytes, data: bytes, signature: bytes) -> None: ...
 def fingerprint_of(public_key: bytes) -> str: ...

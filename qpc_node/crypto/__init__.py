@@ -87,3 +87,10 @@ __all__ = [
     "key_package_identity",
     "verify",
 ]
+
+# --- fork (mlsb): snapshots, read-only processing, external rejoin (issue 14 Stage B) ---
+from qpc_node._core import MAX_SNAPSHOTS
+from qpc_node.crypto.errors import SnapshotLimit, UnknownSnapshot
+
+__all__ += ["MAX_SNAPSHOTS", "SnapshotLimit", "UnknownSnapshot"]
+# --- end fork (mlsb) ---

@@ -128,3 +128,28 @@ __all__ = [
     "WrongEpoch",
     "WrongSecret",
 ]
+
+
+# --- fork (mlsb): snapshots, staged commits, external rejoin (issue 14 Stage B) ---
+
+
+class UnknownSnapshot(MlsError):
+    """No snapshot with this id is stored for the group (never taken, or released)."""
+
+    code = StatusCode.NOT_FOUND
+
+
+class SnapshotLimit(MlsError):
+    """The group already holds ``MAX_SNAPSHOTS`` snapshots; release some first.
+
+    A bound, so a caller that forgets ``release`` cannot grow the store without limit.
+    """
+
+    code = StatusCode.RESOURCE_EXHAUSTED
+
+
+__all__ += [
+    "SnapshotLimit",
+    "UnknownSnapshot",
+]
+# --- end fork (mlsb) ---

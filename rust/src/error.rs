@@ -8,6 +8,10 @@
 use pyo3::PyErr;
 
 pyo3::import_exception!(qpc_node.crypto.errors, MlsError);
+// --- fork (mlsb): snapshots, staged commits, external rejoin ---
+pyo3::import_exception!(qpc_node.crypto.errors, UnknownSnapshot);
+pyo3::import_exception!(qpc_node.crypto.errors, SnapshotLimit);
+// --- end fork (mlsb) ---
 pyo3::import_exception!(qpc_node.crypto.errors, InvalidMessage);
 pyo3::import_exception!(qpc_node.crypto.errors, WrongEpoch);
 pyo3::import_exception!(qpc_node.crypto.errors, NotAMember);
@@ -25,6 +29,12 @@ pyo3::import_exception!(qpc_node.crypto.errors, NoPendingCommit);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    // --- fork (mlsb) ---
+    /// No snapshot with this id for this group (never taken, or released).
+    UnknownSnapshot,
+    /// The group already holds `fork::MAX_SNAPSHOTS` snapshots.
+    SnapshotLimit,
+    // --- end fork (mlsb) ---
     /// Generic MLS failure (library/state errors).
     Mls,
     InvalidMessage,
@@ -72,6 +82,10 @@ impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         let m = e.msg;
         match e.kind {
+            // --- fork (mlsb) ---
+            Kind::UnknownSnapshot => UnknownSnapshot::new_err(m),
+            Kind::SnapshotLimit => SnapshotLimit::new_err(m),
+            // --- end fork (mlsb) ---
             Kind::Mls => MlsError::new_err(m),
             Kind::InvalidMessage => InvalidMessage::new_err(m),
             Kind::WrongEpoch => WrongEpoch::new_err(m),

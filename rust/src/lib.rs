@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_CIPHERSUITE", mls::DEFAULT_SUITE as u16)?;
+    m.add("MAX_SNAPSHOTS", mls::fork::MAX_SNAPSHOTS)?;
     m.add_class::<mls::Identity>()?;
     m.add_class::<mls::Group>()?;
     m.add_class::<mls::Event>()?;

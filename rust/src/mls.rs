@@ -30,6 +30,11 @@ use crate::error::{Error, Kind, Result};
 use crate::persist::{Log, Stats};
 use crate::tracked_storage::TrackedStorage;
 
+// Stage B (snapshots, rollback, read-only processing, external rejoin): a child module so
+// it can use the private state below; its Python methods are separate #[pymethods] blocks.
+#[path = "fork.rs"]
+pub mod fork;
+
 /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001).
 pub const DEFAULT_SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// Domain separation for `Identity.sign`/`verify`, so a challenge signature can

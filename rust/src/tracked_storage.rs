@@ -254,6 +254,48 @@ const EPOCH_SECRETS_LABEL: &[u8] = b"EpochSecrets";
 const RESUMPTION_PSK_STORE_LABEL: &[u8] = b"ResumptionPsk";
 const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
 
+/// Labels of the records that belong to one group: their key (after the label) starts with
+/// the group id's serialization, or, for a queued proposal, with the `(group_id, ref)` pair.
+/// Everything else (KeyPackages, HPKE init keys, signature keys, PSKs) is per identity.
+const GROUP_LABELS: &[&[u8]] = &[
+    TREE_LABEL,
+    GROUP_CONTEXT_LABEL,
+    INTERIM_TRANSCRIPT_HASH_LABEL,
+    CONFIRMATION_TAG_LABEL,
+    JOIN_CONFIG_LABEL,
+    OWN_LEAF_NODES_LABEL,
+    GROUP_STATE_LABEL,
+    QUEUED_PROPOSAL_LABEL,
+    PROPOSAL_QUEUE_REFS_LABEL,
+    OWN_LEAF_NODE_INDEX_LABEL,
+    EPOCH_SECRETS_LABEL,
+    RESUMPTION_PSK_STORE_LABEL,
+    MESSAGE_SECRETS_LABEL,
+    EPOCH_KEY_PAIRS_LABEL,
+];
+
+/// The serialization of a group id as it appears in storage keys.
+pub fn group_key_part(group_id: &[u8]) -> Res<Vec<u8>> {
+    json(&openmls::group::GroupId::from_slice(group_id))
+}
+
+/// True when `key` is an OpenMLS record of the group whose id serializes to `gid_json`
+/// (from [`group_key_part`]): its tree, context, secrets (current and past epochs), join
+/// config, own leaf nodes and index, group state (with a pending commit), proposal store
+/// and per-epoch leaf key pairs. Why by key and not by asking OpenMLS: a group-scoped
+/// snapshot must hold every record a later operation reads, including ones OpenMLS only
+/// reads on demand (the epoch key pairs of the epoch a sibling commit is processed in).
+pub fn is_group_record(key: &[u8], gid_json: &[u8]) -> bool {
+    GROUP_LABELS.iter().any(|label| {
+        key.strip_prefix(*label).is_some_and(|rest| {
+            rest.starts_with(gid_json)
+                || (rest.first() == Some(&b'[')
+                    && rest[1..].starts_with(gid_json)
+                    && rest.get(1 + gid_json.len()) == Some(&b','))
+        })
+    })
+}
+
 /// Key of the epoch key pairs: the three serializations concatenated (the original layout).
 fn epoch_key_pairs_id(
     group_id: &impl traits::GroupId<CURRENT_VERSION>,
