@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qpc_node import crypto
+from qpc_node.client.groups import note_from_pb, note_to_pb
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.groups.core import (
     Action,
@@ -37,7 +38,6 @@ from qpc_node.groups.core import (
     GroupConfig,
     GroupCore,
     IntentKind,
-    IntentNote,
     Propose,
     Prune,
     Resend,
@@ -49,35 +49,8 @@ from qpc_node.wire.gen.qpc.v1 import client_pb2
 
 __all__ = ["GroupSim", "SimConfig", "SimMember", "SimReport"]
 
-_KIND_TO_PB = {
-    IntentKind.ADD: client_pb2.GroupIntent.ADD,
-    IntentKind.REMOVE: client_pb2.GroupIntent.REMOVE,
-    IntentKind.UPDATE: client_pb2.GroupIntent.UPDATE,
-    IntentKind.LEAVE: client_pb2.GroupIntent.LEAVE,
-}
-_PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
-
 MAX_HELD_TRIES = 50
 """A held message retried this many times (after each processed message) is given up."""
-
-
-def note_to_pb(note: IntentNote) -> client_pb2.GroupIntent:
-    return client_pb2.GroupIntent(
-        intent_id=note.intent_id,
-        kind=_KIND_TO_PB[note.kind],
-        target=bytes.fromhex(note.target) if note.target else b"",
-        proposal_ref=note.proposal_ref,
-        epoch=note.epoch,
-    )
-
-
-def note_from_pb(pb: client_pb2.GroupIntent) -> IntentNote | None:
-    kind = _PB_TO_KIND.get(pb.kind)
-    if kind is None or len(pb.intent_id) != 16:
-        return None
-    return IntentNote(
-        bytes(pb.intent_id), kind, bytes(pb.target).hex(), bytes(pb.proposal_ref), pb.epoch
-    )
 
 
 @dataclass(frozen=True, slots=True)

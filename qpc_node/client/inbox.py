@@ -8,8 +8,10 @@ cursor past it, and retried after every message that may unblock it and on every
 receive, until it succeeds or expires; never acked away unread. One that can
 never be processed is counted and reported.
 
-What a group-control message (GroupInfo, LeaveRequest) means for our
-conversations is the agent's business: the inbox hands it over decrypted.
+What a group-control message (GroupInfo, LeaveRequest, GroupIntent, CommitPull),
+a proposal or a commit means for our conversations is the agent's business (its
+group driver): the inbox hands them over processed, and says which group holds
+messages of a later epoch (its commits are missing: the driver pulls them).
 """
 
 from __future__ import annotations
@@ -46,15 +48,32 @@ HOLD = Later.HOLD
 
 GroupControl = Callable[[Conversation, crypto.Group, str, client_pb2.AppMessage], Awaitable[None]]
 """``control(conv, group, sender fingerprint hex, message)`` for an application
-message that carries no text (GroupInfo, LeaveRequest)."""
+message that carries no text (GroupInfo, LeaveRequest, GroupIntent, CommitPull)."""
+GroupEvent = Callable[[Conversation, crypto.Group, crypto.Event, bytes], Awaitable[None]]
+"""``event(conv, group, event, mls message)`` for a processed proposal or commit."""
+Future = Callable[[bytes, int], None]
+"""``future(group id, epoch)``: a message of that later epoch is held."""
+
+
+async def _no_event(_c: Conversation, _g: crypto.Group, _e: crypto.Event, _m: bytes) -> None:
+    return None
 
 
 class Inbox(AgentPart):
     """One identity's incoming messages, from the node's mailbox to client.db."""
 
-    def __init__(self, ctx: AgentContext, *, control: GroupControl) -> None:
+    def __init__(
+        self,
+        ctx: AgentContext,
+        *,
+        control: GroupControl,
+        events: GroupEvent = _no_event,
+        future: Future = lambda _g, _e: None,
+    ) -> None:
         super().__init__(ctx)
         self._control = control
+        self._events = events
+        self._future = future
         self._lock = trio.Lock()
         self._held_loaded = False
 
@@ -208,6 +227,8 @@ class Inbox(AgentPart):
             self._unreadable(seq, type(exc).__name__)
             return None
         conv = await self._state.call(self._st.conversation_by_group, bytes(sealed.group_id))
+        if ev.kind != "application" and conv is not None:
+            await self._events(conv, g, ev, bytes(sealed.data))
         if ev.kind != "application" or conv is None:
             if ev.kind == "commit" and conv is not None and not await self._mls(_active, g):
                 self._warn(f"you were removed from {conv.name!r}")
@@ -225,7 +246,10 @@ class Inbox(AgentPart):
         def ahead() -> bool:
             return g.is_active and header.epoch > g.epoch
 
-        return await self._mls(ahead)
+        if await self._mls(ahead):
+            self._future(bytes(header.group_id), header.epoch)
+            return True
+        return False
 
     def _unreadable(self, seq: int, why: str) -> None:
         self._stats.undecryptable += 1

@@ -8,12 +8,14 @@ backoff and full jitter; or refused for good and dropped with a warning. A
 failure of the whole call keeps every message queued.
 
 A commit becomes our group state only once the node stored its whole fan-out
-(commit to every member, the Welcome of an invite: one all-or-nothing Enqueue).
+(the commit to every member: one all-or-nothing Enqueue).
 Until then MLS keeps it pending and client.db records which outbox messages
 carry it; a permanent refusal clears it (the group stays on the epoch every
 other member has: no fork), a retriable one keeps it queued, across restarts,
-and it is merged when the node finally takes it. What must be encrypted in the
-new epoch (the GroupInfo that follows a Welcome) is encrypted after the merge.
+and it is merged when the node finally takes it. What belongs to the new epoch is
+sent only after the merge: the Welcome of an invite (to the members the merge
+says were added: a joiner must never hold a group whose commit could still be
+cleared) and the GroupInfo that follows it (encrypted in the new epoch).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import enum
 import os
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -78,12 +81,22 @@ class Route:
     """No route to the recipient's home yet: our node holds it until one appears."""
 
 
+Merged = Callable[[bytes, crypto.Event | None], Awaitable[None]]
+"""``merged(group_id, event)`` after our commit merged (event None: it was merged
+before a crash, the details are gone)."""
+
+
+async def _nothing(_gid: bytes, _ev: crypto.Event | None) -> None:
+    return None
+
+
 class Outbox(AgentPart):
     """One identity's outgoing messages: built, queued durably, sent, settled."""
 
-    def __init__(self, ctx: AgentContext, *, rng: random.Random) -> None:
+    def __init__(self, ctx: AgentContext, *, rng: random.Random, merged: Merged = _nothing) -> None:
         super().__init__(ctx)
         self._rng = rng
+        self._merged = merged
         self.routes: dict[bytes, Route] = {}
         """What the node answered for the messages of the last ``submit`` (for /mesh dm)."""
         self._lock = trio.Lock()
@@ -129,12 +142,20 @@ class Outbox(AgentPart):
         return await self._flush({e.msg_id for e in envs})
 
     async def send_commit(
-        self, conv: Conversation, envs: list[Envelope], followup: client_pb2.AppMessage | None
-    ) -> None:
-        """Send a commit's fan-out all-or-nothing; merge it only once the node stored it.
+        self,
+        conv: Conversation,
+        envs: list[Envelope],
+        followup: client_pb2.AppMessage | None,
+        *,
+        welcome: bytes | None = None,
+        roster: list[bytes] | None = None,
+    ) -> bool:
+        """Send a commit's fan-out all-or-nothing; merge it only once the node stored it,
+        then send ``welcome`` to the members it added (``roster``: the members before).
 
-        Raises AgentError when the node refused it for good (the commit was cleared:
-        the group is as before for everyone); warns when it is queued for a retry.
+        True when merged now; False when queued for a retry (warned). Raises
+        AgentError when the node refused it for good (the commit was cleared: the
+        group is as before for everyone).
         """
         commit_id = os.urandom(16)
         await self._state.call(
@@ -144,11 +165,13 @@ class Outbox(AgentPart):
             None if followup is None else followup.SerializeToString(),
             [(e.msg_id, e.encode()) for e in envs],
             self._wall_ms(),
+            welcome=welcome,
+            roster=tuple(roster or ()),
         )
         fates = await self._flush({e.msg_id for e in envs})
         got = {fates.get(e.msg_id) for e in envs}
         if got == {Sent.DELIVERED}:
-            return
+            return True
         if Sent.DROPPED in got:
             why = self._commit_refusals.pop(commit_id, "refused by the node")
             raise AgentError(f"the change to {conv.name!r} was not made: {why}")
@@ -157,6 +180,7 @@ class Outbox(AgentPart):
             " it applies once delivered",
             "commit queued",
         )
+        return False
 
     async def flush_outbox(self) -> int:
         """Send what the outbox holds that is due; return how many are still queued.
@@ -287,18 +311,31 @@ class Outbox(AgentPart):
             await self._mls(g.clear_pending_commit)
             await self._state.call(self._st.commit_finished, commit_id, [], self._wall_ms())
             return set()
+        ev: crypto.Event | None = None
         if await self._mls(g.has_pending_commit):  # else: merged before a crash
-            await self._mls(g.merge_pending_commit)
+            ev = await self._mls(g.merge_pending_commit)
         envs: list[Envelope] = []
+        if rec.welcome is not None:
+            if ev is not None:
+                added = [bytes.fromhex(f) for f in ev.added]
+            else:
+                before = set(rec.roster)
+                added = [m for m in await self.others(g) if m not in before]
+            envs += [
+                self.envelope(m, client_pb2.Sealed.WELCOME, rec.group_id, rec.welcome)
+                for m in added
+            ]
         conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
         if rec.followup is not None and conv is not None:
-            envs = await self.app_envelopes(conv, g, client_pb2.AppMessage.FromString(rec.followup))
+            app = client_pb2.AppMessage.FromString(rec.followup)
+            envs += await self.app_envelopes(conv, g, app)
         await self._state.call(
             self._st.commit_finished,
             commit_id,
             [(e.msg_id, e.encode()) for e in envs],
             self._wall_ms(),
         )
+        await self._merged(rec.group_id, ev)
         return {e.msg_id for e in envs}
 
     # -- plain messages ----------------------------------------------------------

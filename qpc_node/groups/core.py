@@ -44,6 +44,7 @@ __all__ = [
     "Action",
     "Commit",
     "CommitInfo",
+    "Done",
     "GroupConfig",
     "GroupCore",
     "GroupStatistics",
@@ -229,7 +230,15 @@ class Warn:
     text: str
 
 
-Action = Propose | Commit | SendIntent | SendPull | Resend | Prune | Warn
+@dataclass(frozen=True, slots=True)
+class Done:
+    """An intent of ours is finished: applied by a commit, or given up (forget it)."""
+
+    intent_id: bytes
+    applied: bool
+
+
+Action = Propose | Commit | SendIntent | SendPull | Resend | Prune | Warn | Done
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +359,11 @@ class GroupCore:
         """The effective committer list (see :func:`effective_committers`)."""
         return effective_committers(self.stored_committers, self.members)
 
+    @property
+    def commit_in_flight(self) -> bool:
+        """A commit of ours was asked for and is not merged (or failed) yet."""
+        return self._commit.in_flight
+
     def intents(self) -> list[Intent]:
         """Our own intents not yet applied, oldest first."""
         return sorted(self._intents.values(), key=lambda i: i.created_ms)
@@ -458,7 +472,16 @@ class GroupCore:
             return []
         self._n.given_up += 1
         what = f"{intent.kind.value} {intent.target[:16]}".strip()
-        return [Warn(f"request ({what}) not made: {why}")]
+        return [Warn(f"request ({what}) not made: {why}"), Done(intent_id, applied=False)]
+
+    def restore(self, intent: Intent, now_ms: int) -> list[Action]:
+        """An intent of ours from before a restart: propose it (again) on this epoch."""
+        self.now_ms = now_ms
+        if self.removed or intent.intent_id in self._intents:
+            return []
+        fresh = replace(intent, epoch=-1, proposal_ref=b"", attempts=0)
+        self._intents[intent.intent_id] = fresh
+        return self._start(fresh, now_ms)
 
     def cancel(self, intent_id: bytes) -> bool:
         """Stop tracking an intent (the user gave up on it); it may still be applied."""
@@ -510,6 +533,9 @@ class GroupCore:
         self._notes.clear()
         if info.removed_us or self.me not in info.members:
             self.removed = True
+            out.extend(
+                Done(i, applied=i_.kind is IntentKind.LEAVE) for i, i_ in self._intents.items()
+            )
             self._intents.clear()
             return out
         if self._future_since is not None:
@@ -528,6 +554,7 @@ class GroupCore:
                 done = True  # a committer's own update: any commit of ours renews its path
             if done:
                 del self._intents[iid]
+                out.append(Done(iid, applied=True))
         for iid, intent in list(self._intents.items()):
             if intent.epoch < 0:
                 # Waiting for a commit of ours (hand-over before a leave, a committer's
@@ -546,6 +573,7 @@ class GroupCore:
                         "proposals: given up"
                     )
                 )
+                out.append(Done(iid, applied=False))
                 continue
             self._n.reproposals += 1
             out.extend(self._start(intent, now_ms))
@@ -634,6 +662,16 @@ class GroupCore:
         out.extend(self._maybe_pull(now_ms))
         out.extend(self._maybe_prune(now_ms))
         return out
+
+    def commit_now(self, now_ms: int) -> list[Action]:
+        """The first committer commits what is pending without waiting for quiescence
+        (a member asked to leave: it no longer reads the group)."""
+        self.now_ms = now_ms
+        if self.removed or self.committers[:1] != (self.me,) or not self._pending:
+            return []
+        if self._only_own_leave():
+            return []
+        return self._make_commit(None, now_ms, standin=False)
 
     def _maybe_commit(self, now_ms: int) -> list[Action]:
         if self._commit.want and not self._commit.in_flight and now_ms >= self._commit.retry_at:
