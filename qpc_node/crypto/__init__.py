@@ -31,7 +31,11 @@ it was before the call, and remains usable.
 from __future__ import annotations
 
 from qpc_node._core import (
+    COMMITTERS_EXTENSION,
     DEFAULT_CIPHERSUITE,
+    MAX_PAST_EPOCHS,
+    RATCHET_MAX_FORWARD,
+    RATCHET_OUT_OF_ORDER,
     Event,
     Group,
     Identity,
@@ -43,6 +47,7 @@ from qpc_node._core import (
     verify,
 )
 from qpc_node.crypto.errors import (
+    DuplicateMessage,
     InvalidKeyPackage,
     InvalidMessage,
     InvalidSignature,
@@ -51,6 +56,7 @@ from qpc_node.crypto.errors import (
     NoPendingCommit,
     NotAMember,
     PendingCommit,
+    RatchetWindowError,
     StorageError,
     StoreExists,
     StoreNotFound,
@@ -61,7 +67,12 @@ from qpc_node.crypto.errors import (
 )
 
 __all__ = [
+    "COMMITTERS_EXTENSION",
     "DEFAULT_CIPHERSUITE",
+    "MAX_PAST_EPOCHS",
+    "RATCHET_MAX_FORWARD",
+    "RATCHET_OUT_OF_ORDER",
+    "DuplicateMessage",
     "Event",
     "Group",
     "Identity",
@@ -74,6 +85,7 @@ __all__ = [
     "NoPendingCommit",
     "NotAMember",
     "PendingCommit",
+    "RatchetWindowError",
     "StorageError",
     "StoreExists",
     "StoreNotFound",

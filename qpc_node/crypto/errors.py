@@ -30,6 +30,24 @@ class WrongEpoch(InvalidMessage):
     code = StatusCode.FAILED_PRECONDITION
 
 
+class DuplicateMessage(InvalidMessage):
+    """We processed this message before: the key of its generation was used and deleted.
+
+    Store-and-forward delivers duplicates; a caller that counts undecryptable messages
+    tells these apart from messages it could never read.
+    """
+
+    code = StatusCode.ALREADY_EXISTS
+
+
+class RatchetWindowError(InvalidMessage):
+    """The message is older than the newest RATCHET_OUT_OF_ORDER generations seen from its
+    sender, or further ahead than RATCHET_MAX_FORWARD: its key is not (and will not be)
+    derived."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
 class WelcomeNotForUs(InvalidMessage):
     """No KeyPackage of ours matches this Welcome (it was meant for someone else)."""
 
@@ -112,6 +130,7 @@ class StoreNotFound(StorageError):
 
 
 __all__ = [
+    "DuplicateMessage",
     "InvalidKeyPackage",
     "InvalidMessage",
     "InvalidSignature",
@@ -120,6 +139,7 @@ __all__ = [
     "NoPendingCommit",
     "NotAMember",
     "PendingCommit",
+    "RatchetWindowError",
     "StorageError",
     "StoreExists",
     "StoreNotFound",

@@ -26,6 +26,8 @@ pyo3::import_exception!(qpc_node.crypto.errors, StoreExists);
 pyo3::import_exception!(qpc_node.crypto.errors, StoreNotFound);
 pyo3::import_exception!(qpc_node.crypto.errors, PendingCommit);
 pyo3::import_exception!(qpc_node.crypto.errors, NoPendingCommit);
+pyo3::import_exception!(qpc_node.crypto.errors, DuplicateMessage);
+pyo3::import_exception!(qpc_node.crypto.errors, RatchetWindowError);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -53,6 +55,10 @@ pub enum Kind {
     PendingCommit,
     /// merge_pending_commit with nothing pending (never created, cleared, or superseded).
     NoPendingCommit,
+    /// The message's key was already used: we processed this message before.
+    Duplicate,
+    /// The message's generation is outside the sender ratchet window.
+    OutOfWindow,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +107,8 @@ impl From<Error> for PyErr {
             Kind::NotFound => StoreNotFound::new_err(m),
             Kind::PendingCommit => PendingCommit::new_err(m),
             Kind::NoPendingCommit => NoPendingCommit::new_err(m),
+            Kind::Duplicate => DuplicateMessage::new_err(m),
+            Kind::OutOfWindow => RatchetWindowError::new_err(m),
         }
     }
 }
