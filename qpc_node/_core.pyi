@@ -170,6 +170,14 @@ class Group:
         """Discard our pending commit (stay on the epoch); a no-op if none."""
     def has_pending_commit(self) -> bool: ...
     def export_secret(self, label: str, context: bytes, length: int) -> bytes: ...
+    # --- fork (mlsb) ---
+    def preview(self, message: bytes) -> Event:
+        """``process`` and then undo it: the event it would give, the group unchanged (stage
+        a commit without merging it; apply it with ``process``)."""
+    def group_info(self) -> bytes:
+        """Signed GroupInfo of the current epoch with the ratchet tree and external public
+        key, for ``Identity.join_external``. NotAMember once removed."""
+    # --- end fork (mlsb) ---
 
 @final
 class Identity:
@@ -203,6 +211,14 @@ class Identity:
         """(snapshot id, epoch) of the group's snapshots, oldest first."""
     def snapshot_bytes(self, group_id: bytes) -> int:
         """Plaintext bytes the group's snapshots occupy in the store."""
+    def process_readonly(self, group_id: bytes, snapshot: int, message: bytes) -> Event:
+        """Decrypt a message with a snapshot's state (e.g. a retained losing-branch head)
+        without persisting anything: live group and snapshot stay as they were. Errors are
+        those of ``Group.process``, plus UnknownSnapshot."""
+    def join_external(self, group_info: bytes) -> tuple[Group, bytes]:
+        """Join or rejoin by external commit: (group on the new epoch, commit to send).
+        Our old state of the group is replaced (snapshots stay); our old leaf is removed
+        by the commit. InvalidMessage for a malformed or unverifiable GroupInfo."""
     # --- end fork (mlsb) ---
 
 def verify(public_key: bytes, data: bytes, signature: bytes) -> None: ...

@@ -263,6 +263,137 @@ impl State {
     }
 }
 
+/// Run `f` on the state and then undo everything it changed, in memory (records and
+/// cached groups) as on disk (nothing reaches the log): the read-only twin of `run_tx`.
+///
+/// Why this instead of a separate read-only code path: `op_process` already knows how to
+/// turn every kind of message into an event (with its typed errors); running it on the
+/// real state and discarding the effect gives exactly its answer and cannot drift from it.
+pub fn run_discarded<T>(st: &mut State, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+    debug_assert!(st.touched.is_empty());
+    let r = catch_unwind(AssertUnwindSafe(|| f(st))).unwrap_or_else(|_| {
+        Err(Error::new(
+            Kind::Mls,
+            "internal error in the MLS library (the operation was undone)",
+        ))
+    });
+    st.rollback();
+    r
+}
+
+/// `run_discarded` on the shared identity state, without the GIL.
+fn run_readonly<T: Send>(
+    py: Python<'_>,
+    shared: &Shared,
+    f: impl FnOnce(&mut State) -> Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| {
+        let mut st = shared.lock().map_err(|_| {
+            Error::new(
+                Kind::Storage,
+                "identity state poisoned by an earlier internal error; reopen it",
+            )
+        })?;
+        run_discarded(&mut st, f)
+    })
+    .map_err(PyErr::from)
+}
+
+/// Capabilities our leaf advertises when it joins by external commit: those of our
+/// KeyPackages, so a rejoined leaf supports what the group requires of every member.
+fn rejoin_capabilities() -> Capabilities {
+    Capabilities::builder()
+        .extensions(vec![ExtensionType::LastResort])
+        .build()
+}
+
+impl State {
+    /// A signed GroupInfo of the current epoch, with the ratchet tree and the external
+    /// public key: what a member needs to rejoin by external commit.
+    pub fn op_group_info(&mut self, gid: &[u8]) -> Result<Vec<u8>> {
+        self.ensure_loaded(gid)?;
+        let g = self.groups.get(gid).ok_or_else(|| unknown_group(gid))?;
+        if !g.is_active() {
+            return Err(Error::new(
+                Kind::NotAMember,
+                "we are no longer a member of this group",
+            ));
+        }
+        let m = g
+            .export_group_info(&self.provider.crypto, &self.signer, true)
+            .map_err(|e| Error::from_dbg(Kind::Mls, "export GroupInfo", e))?;
+        msg_bytes(&m)
+    }
+
+    /// Join (or rejoin) the group a GroupInfo describes by an external commit; returns the
+    /// group id and the commit to send to its members. Our state of that group, if any
+    /// (stale, or removed), is replaced: keep a snapshot first if it is still needed. An
+    /// old leaf with our signature key is removed by the same commit (a resync).
+    pub fn op_join_external(&mut self, group_info: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let msg = MlsMessageIn::tls_deserialize_exact(group_info)
+            .map_err(|e| Error::from_dbg(Kind::InvalidMessage, "malformed GroupInfo", e))?;
+        let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+            return Err(Error::new(
+                Kind::InvalidMessage,
+                "message is not a GroupInfo",
+            ));
+        };
+        let gid = vgi.group_id().as_slice().to_vec();
+        if gid.is_empty() || gid.len() > 255 {
+            return Err(Error::new(
+                Kind::InvalidMessage,
+                "group id must be 1..255 bytes",
+            ));
+        }
+        // Drop our old records of the group (not its snapshots): left in place, records of
+        // the old membership (past epochs' key pairs, queued proposals) would mix with the
+        // new ones.
+        self.touch(&gid);
+        self.groups.remove(&gid);
+        let old = self.group_records(&gid)?;
+        {
+            let mut m = self
+                .provider
+                .storage
+                .values
+                .write()
+                .map_err(|_| poisoned())?;
+            for (k, _) in &old {
+                m.remove(k);
+            }
+        }
+        let params = LeafNodeParameters::builder()
+            .with_capabilities(rejoin_capabilities())
+            .build();
+        let (g, bundle) = MlsGroup::external_commit_builder()
+            .with_config(join_config())
+            .build_group(&self.provider, vgi, self.credential.clone())
+            .map_err(|e| match e {
+                ExternalCommitBuilderError::StorageError(_)
+                | ExternalCommitBuilderError::LibraryError(_) => {
+                    Error::from_dbg(Kind::Mls, "external commit", e)
+                }
+                _ => Error::from_dbg(Kind::InvalidMessage, "unusable GroupInfo", e),
+            })?
+            .leaf_node_parameters(params)
+            .load_psks(self.provider.storage())
+            .map_err(|e| Error::from_dbg(Kind::Mls, "external commit PSKs", e))?
+            .build(
+                self.provider.rand(),
+                self.provider.crypto(),
+                &self.signer,
+                |_| true,
+            )
+            .map_err(|e| Error::from_dbg(Kind::InvalidMessage, "build external commit", e))?
+            .finalize(&self.provider)
+            .map_err(|e| Error::from_dbg(Kind::Mls, "finalize external commit", e))?;
+        let (commit, _, _) = bundle.into_contents();
+        self.storage_put(index_key(&gid), Vec::new())?;
+        self.groups.insert(gid.clone(), g);
+        Ok((gid, msg_bytes(&commit)?))
+    }
+}
+
 // ---------------------------------------------------------------------------------
 
 #[pymethods]
@@ -294,6 +425,72 @@ impl Identity {
     /// Bytes the group's snapshots hold (plaintext size in the store).
     fn snapshot_bytes(&self, py: Python<'_>, group_id: &[u8]) -> PyResult<u64> {
         run(py, &self.shared, |st| st.op_snapshot_bytes(group_id))
+    }
+}
+
+#[pymethods]
+impl Group {
+    /// Process a message and report it as `process` would, then undo everything: the group
+    /// is left exactly as before (nothing is persisted). For a commit this is "stage without
+    /// merge": its sender, epoch and facts are known before deciding to apply it with
+    /// `process`. Errors are those of `process`.
+    fn preview(&self, py: Python<'_>, message: &[u8]) -> PyResult<Event> {
+        let gid = &self.gid;
+        let p = run_readonly(py, &self.shared, |st| st.op_process(gid, message))?;
+        Ok(to_event(py, p))
+    }
+
+    /// A signed GroupInfo of the current epoch with the ratchet tree and the external public
+    /// key, for `Identity.join_external`. NotAMember once we were removed.
+    fn group_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let out = run(py, &self.shared, |st| st.op_group_info(gid))?;
+        Ok(PyBytes::new(py, &out))
+    }
+}
+
+#[pymethods]
+impl Identity {
+    /// Decrypt a message with the state of snapshot `snapshot` (e.g. the retained head of
+    /// a losing branch) WITHOUT persisting anything: the live group and the snapshot are
+    /// left as they were, so a late message of that branch decrypts whenever it arrives.
+    /// A commit is reported (sender, epoch after it) but applied nowhere.
+    fn process_readonly(
+        &self,
+        py: Python<'_>,
+        group_id: &[u8],
+        snapshot: u64,
+        message: &[u8],
+    ) -> PyResult<Event> {
+        let p = run_readonly(py, &self.shared, |st| {
+            st.op_rollback(group_id, snapshot)?;
+            st.op_process(group_id, message)
+        })?;
+        Ok(to_event(py, p))
+    }
+
+    /// Join (or rejoin) a group by external commit from its GroupInfo: returns the group
+    /// (already on the new epoch) and the commit to send to the members, who `process` it
+    /// as a commit. Our old state of the group is replaced (snapshots stay); an old leaf of
+    /// ours is removed by the commit itself.
+    fn join_external<'py>(
+        &self,
+        py: Python<'py>,
+        group_info: &[u8],
+    ) -> PyResult<(Group, Bound<'py, PyBytes>)> {
+        let (gid, commit) = run(py, &self.shared, |st| st.op_join_external(group_info))?;
+        Ok((new_group(&self.shared, gid), PyBytes::new(py, &commit)))
+    }
+}
+
+fn to_event(py: Python<'_>, p: Processed) -> Event {
+    let (kind, sender, data, epoch, removed) = p;
+    Event {
+        kind,
+        sender,
+        data: PyBytes::new(py, &data).unbind(),
+        epoch,
+        removed,
     }
 }
 

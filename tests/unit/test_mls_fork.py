@@ -13,6 +13,8 @@ from qpc_node.crypto import (
     MAX_SNAPSHOTS,
     Group,
     Identity,
+    InvalidMessage,
+    NotAMember,
     SnapshotLimit,
     UnknownSnapshot,
     WrongEpoch,
@@ -120,3 +122,104 @@ def test_snapshot_errors_are_typed(tmp_path: Path) -> None:
     assert [s for s, _ in a.snapshots(b"g")] == ids
     a.release(b"g", ids[0])
     assert a.snapshot(b"g") > ids[-1]
+
+
+def test_late_losing_branch_message_decrypts_readonly(tmp_path: Path) -> None:
+    """b follows a's branch, switches to c's (the winner); a message a sent on the losing
+    branch arrives afterwards: it decrypts from the retained losing head, read-only."""
+    ids, (ga, gb, gc), _ = members(tmp_path, 3)
+    b = ids[1]
+    fork = b.snapshot(b"chat")
+    commit_update(ga, [gb])
+    assert gb.process(ga.encrypt(b"early on a's branch")).data == b"early on a's branch"
+    late = [ga.encrypt(f"late {i}".encode()) for i in range(3)]
+    losing_head = b.snapshot(b"chat")
+    c_commit = gc.update()
+    gc.merge_pending_commit()
+    b.rollback(b"chat", fork)
+    gb.process(c_commit)
+    on_winner = gb.export_secret("x", b"", 16)
+    written = b.storage_stats()["bytes_written"]
+    # Out of order, and twice: read-only use consumes nothing.
+    for ct in [late[2], late[0], late[1], late[0]]:
+        ev = b.process_readonly(b"chat", losing_head, ct)
+        assert ev.kind == "application" and ev.data.startswith(b"late ")
+    assert b.storage_stats()["bytes_written"] == written, "read-only use persisted something"
+    assert gb.epoch == 2 and gb.export_secret("x", b"", 16) == on_winner
+    assert b.snapshots(b"chat") == [(fork, 1), (losing_head, 2)]
+    # The live group (c's branch) cannot read it, and still works.
+    with pytest.raises(InvalidMessage):
+        gb.process(late[0])
+    assert gb.process(gc.encrypt(b"winner")).data == b"winner"
+    with pytest.raises(UnknownSnapshot):
+        b.process_readonly(b"chat", 999, late[0])
+
+
+def test_preview_stages_a_commit_without_merging(tmp_path: Path) -> None:
+    _ids, (ga, gb, gc), _ = members(tmp_path, 3)
+    b = _ids[1]
+    c = gc.update()
+    gc.merge_pending_commit()
+    written = b.storage_stats()["bytes_written"]
+    ev = gb.preview(c)
+    assert (ev.kind, ev.epoch, ev.sender) == ("commit", 2, _ids[2].fingerprint)
+    assert gb.epoch == 1 and b.storage_stats()["bytes_written"] == written
+    # The group is untouched: an epoch-1 message still decrypts, then the commit applies.
+    assert gb.process(ga.encrypt(b"epoch 1")).data == b"epoch 1"
+    assert gb.process(c).epoch == 2
+    assert gb.export_secret("x", b"", 16) == gc.export_secret("x", b"", 16)
+    with pytest.raises(InvalidMessage):
+        gb.preview(b"junk")
+
+
+def rejoin_and_check(stale: Identity, sync: list[Group]) -> Group:
+    """`stale` rejoins from sync[0]'s GroupInfo; every member processes its commit."""
+    g, commit = stale.join_external(sync[0].group_info())
+    for m in sync:
+        ev = m.process(commit)
+        assert ev.kind == "commit"
+    secrets = {m.export_secret("auth", b"", 32) for m in [*sync, g]}
+    assert len(secrets) == 1, "members disagree on the epoch after the rejoin"
+    assert {g.epoch} == {m.epoch for m in sync}
+    assert sorted(g.members()) == sorted(sync[0].members())
+    assert g.members().count(stale.fingerprint) == 1
+    for m in sync:
+        assert g.process(m.encrypt(b"hi")).data == b"hi"
+        assert m.process(g.encrypt(b"back")).data == b"back"
+    return g
+
+
+def test_stale_member_rejoins_by_external_commit(tmp_path: Path) -> None:
+    """c missed 3 commits (beyond any rollback window): it rejoins and shares the epoch."""
+    ids, (ga, gb, gc), _ = members(tmp_path, 3)
+    for _ in range(3):
+        commit_update(ga, [gb])
+    assert (ga.epoch, gc.epoch) == (4, 1)
+    g = rejoin_and_check(ids[2], [ga, gb])
+    assert g.epoch == 5
+
+
+def test_removed_member_rejoins_by_external_commit(tmp_path: Path) -> None:
+    """A member whose state says it was removed rejoins (the app decides if it may)."""
+    ids, (ga, gb, gc), _ = members(tmp_path, 3)
+    rm = ga.remove([ids[2].fingerprint])
+    ga.merge_pending_commit()
+    gb.process(rm)
+    assert gc.process(rm).removed and not gc.is_active
+    with pytest.raises(NotAMember):
+        gc.group_info()
+    rejoin_and_check(ids[2], [ga, gb])
+
+
+def test_join_external_rejects_bad_group_info(tmp_path: Path) -> None:
+    ids, (ga, _gb), _ = members(tmp_path, 2)
+    outsider = Identity.create(tmp_path / "x", os.urandom(32), durable=False)
+    with pytest.raises(InvalidMessage):
+        outsider.join_external(b"\x00\x01junk")
+    with pytest.raises(InvalidMessage):
+        outsider.join_external(ids[0].key_package())
+    gi = bytearray(ga.group_info())
+    gi[-5] ^= 1  # inside the signature
+    with pytest.raises(InvalidMessage):
+        outsider.join_external(bytes(gi))
+    assert outsider.groups() == []
