@@ -666,12 +666,26 @@ impl State {
     pub fn op_encrypt(&mut self, gid: &[u8], data: &[u8]) -> Result<Vec<u8>> {
         ensure_no_pending_commit(self.group_view(gid)?)?;
         let (g, p, s) = group_parts(self, gid)?;
+        // OpenMLS refuses application messages while proposals wait in the store
+        // (PendingProposal). On a mesh they may wait minutes for the committer, and members
+        // must keep talking meanwhile: a proposal does not change the epoch's keys, so set
+        // the queued proposals aside for the encryption and put them back (one
+        // transaction: on error run_tx restores the store either way).
+        let queued: Vec<QueuedProposal> = g.pending_proposals().cloned().collect();
+        if !queued.is_empty() {
+            g.clear_pending_proposals(p.storage())
+                .map_err(|e| Error::from_dbg(Kind::Storage, "set proposals aside", e))?;
+        }
         let m = g.create_message(p, s, data).map_err(|e| match e {
             CreateMessageError::GroupStateError(_) => {
                 Error::from_dbg(Kind::NotAMember, "cannot send in this group", e)
             }
             _ => Error::from_dbg(Kind::Mls, "encrypt", e),
         })?;
+        for q in queued {
+            g.store_pending_proposal(p.storage(), q)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "restore proposals", e))?;
+        }
         msg_bytes(&m)
     }
 
