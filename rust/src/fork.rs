@@ -484,14 +484,7 @@ impl Identity {
 }
 
 fn to_event(py: Python<'_>, p: Processed) -> Event {
-    let (kind, sender, data, epoch, removed) = p;
-    Event {
-        kind,
-        sender,
-        data: PyBytes::new(py, &data).unbind(),
-        epoch,
-        removed,
-    }
+    Event::new(py, p)
 }
 
 #[cfg(test)]
@@ -556,7 +549,7 @@ mod tests {
     fn talk(from: &mut State, to: &mut State, gid: &[u8], text: &[u8]) {
         let ct = run_tx(from, |st| st.op_encrypt(gid, text)).expect("encrypt");
         let got = run_tx(to, |st| st.op_process(gid, &ct)).expect("process");
-        assert_eq!(got.2.as_slice(), text);
+        assert_eq!(got.data.as_slice(), text);
     }
 
     /// The snapshot holds exactly the group's records: rolling one group back restores
@@ -650,7 +643,7 @@ mod tests {
         // c's branch wins: roll back and apply it.
         run_tx(&mut b, |st| st.op_rollback(&gid, snap)).expect("rollback");
         let got = run_tx(&mut b, |st| st.op_process(&gid, &c_commit)).expect("sibling");
-        assert_eq!((got.0, got.3), ("commit", 2));
+        assert_eq!((got.kind, got.epoch), ("commit", 2));
         talk(&mut c, &mut b, &gid, b"on c's branch");
         talk(&mut b, &mut c, &gid, b"and back");
         // Survives a reopen (the rollback and the snapshot are durable).
