@@ -44,6 +44,7 @@ from qpc_node.groups.core import (
     SendIntent,
     SendPull,
     Warn,
+    topped_up,
 )
 from qpc_node.wire.gen.qpc.v1 import client_pb2
 
@@ -129,8 +130,7 @@ class GroupSim:
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = 0
         self._tmp = tempfile.TemporaryDirectory() if workdir is None else None
-        self._dir = Path(self._tmp.name) if self._tmp is not None else workdir
-        assert self._dir is not None
+        self._dir: Path = Path(self._tmp.name) if self._tmp is not None else Path(str(workdir))
         self.members: list[SimMember] = []
         self.by_fpr: dict[str, SimMember] = {}
         self.blocked: Callable[[int, int, int], bool] = lambda _s, _d, _t: False
@@ -162,7 +162,9 @@ class GroupSim:
         others = [self.new_member() for _ in range(self.cfg.members - 1)]
         g = c0.ident.create_group()
         if others:
-            commit, welcome = g.add([o.ident.key_package() for o in others])
+            roster = [c0.fpr, *(o.fpr for o in others)]
+            committers = topped_up([c0.fpr], roster, self.cfg.group.max_committers)
+            commit, welcome = g.add([o.ident.key_package() for o in others], list(committers))
             del commit  # nobody else is in the group yet
             g.merge_pending_commit()
             for o in others:

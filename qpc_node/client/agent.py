@@ -127,7 +127,12 @@ class Agent:
         self._ctx = AgentContext(
             ident, state, rpc, self._mls, wall_ms, self.stats, self._warn, lambda: self.node
         )
-        self._outbox = Outbox(self._ctx, rng=rng or random.Random(), merged=self._merged)
+        self._outbox = Outbox(
+            self._ctx,
+            rng=rng or random.Random(),
+            merged=self._merged,
+            welcome_lost=lambda gid, who: self._groups.welcome_lost(gid, who),
+        )
         self._groups = GroupDriver(
             self._ctx, self._outbox, self._fetch_key_package, group_config or GroupConfig()
         )

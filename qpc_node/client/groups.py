@@ -104,6 +104,10 @@ class GroupDriver(AgentPart):
         self.config = config
         self._cores: dict[bytes, GroupCore] = {}
         self._merged: list[tuple[bytes, crypto.Event | None]] = []
+        self._unwelcomed: list[tuple[bytes, str]] = []
+        """(group, member) whose Welcome the node refused for good."""
+        self._unreachable: set[str] = set()
+        """Such members: they get no copy of the proposal and commit that remove them."""
         self._kps: dict[bytes, bytes] = {}
         """KeyPackages fetched for our add requests (intent id -> package)."""
 
@@ -207,6 +211,34 @@ class GroupDriver(AgentPart):
         if core is not None:
             core.on_future(epoch, self._wall_ms())
 
+    def welcome_lost(self, group_id: bytes, recipient: bytes) -> None:
+        """The outbox dropped a Welcome (called under its lock: ``timers`` acts)."""
+        self._unwelcomed.append((group_id, recipient.hex()))
+
+    async def _remove_unwelcomed(self) -> None:
+        """A member whose Welcome can never arrive holds a leaf nobody uses (and its
+        key updates never come): remove it again, and tell the user."""
+        todo, self._unwelcomed = self._unwelcomed, []
+        self._unreachable |= {m for _g, m in todo}
+        for gid, member in todo:
+            conv, g = await self._open(gid)
+            if conv is None or g is None or member not in await self._mls(g.members):
+                continue
+            self._warn(
+                f"{member[:8]} could not be welcomed into {conv.name!r}: removed again",
+                "welcome lost",
+            )
+            core = await self.core(conv, g)
+            try:
+                iid, actions = core.request(IntentKind.REMOVE, member, self._wall_ms())
+            except IntentError:
+                continue  # already being removed
+            await self._state.call(
+                self._st.intent_add, iid, gid, IntentKind.REMOVE.value, member, self._wall_ms()
+            )
+            await self.run(conv, g, actions)
+            await self.run(conv, g, core.commit_now(self._wall_ms()))
+
     async def merged(self, group_id: bytes, ev: crypto.Event | None) -> None:
         """The outbox merged our commit. Called under the outbox's lock: nothing is
         sent from here; ``timers`` (right after) feeds it to the core."""
@@ -240,6 +272,8 @@ class GroupDriver(AgentPart):
     async def timers(self) -> None:
         """Feed our merged commits to their cores, then run what is due."""
         await self._drain_merged()
+        if self._unwelcomed:
+            await self._remove_unwelcomed()
         now = self._wall_ms()
         for gid, core in list(self._cores.items()):
             if core.commit_in_flight and await self._commit_gone(gid):
@@ -353,14 +387,14 @@ class GroupDriver(AgentPart):
             return []  # re-proposed after our commit merged (a new epoch)
         except (crypto.MlsError, AgentError) as exc:
             return core.propose_failed(a.intent_id, str(exc), now)
-        others = await self._outbox.others(g)
+        others = [m for m in await self._outbox.others(g) if m.hex() not in self._unreachable]
         await self._outbox.submit(self._outbox.to_each(others, conv.group_id, msg))
         return core.proposed(a.intent_id, ref, now)
 
     async def _commit(
         self, conv: Conversation, g: crypto.Group, core: GroupCore, a: Commit
     ) -> list[Action]:
-        before = await self._outbox.others(g)
+        before = [m for m in await self._outbox.others(g) if m.hex() not in self._unreachable]
         try:
             commit, welcome = await self._mls(
                 g.commit_pending, None if a.committers is None else list(a.committers)

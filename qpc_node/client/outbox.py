@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
+from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentPart
@@ -35,7 +36,7 @@ from qpc_node.client.state import Conversation, Outgoing
 from qpc_node.errors import RemoteProtocolError, StatusCode
 from qpc_node.ops.log import get_logger
 from qpc_node.rpc.errors import RpcError
-from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad
+from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
 
 log = get_logger("qpc.client")
@@ -86,6 +87,11 @@ Merged = Callable[[bytes, crypto.Event | None], Awaitable[None]]
 before a crash, the details are gone)."""
 
 
+WelcomeLost = Callable[[bytes, bytes], None]
+"""``welcome_lost(group_id, recipient)``: the node refused a Welcome for good (the
+commit that added them is merged: they are in the group but cannot read it)."""
+
+
 async def _nothing(_gid: bytes, _ev: crypto.Event | None) -> None:
     return None
 
@@ -93,10 +99,18 @@ async def _nothing(_gid: bytes, _ev: crypto.Event | None) -> None:
 class Outbox(AgentPart):
     """One identity's outgoing messages: built, queued durably, sent, settled."""
 
-    def __init__(self, ctx: AgentContext, *, rng: random.Random, merged: Merged = _nothing) -> None:
+    def __init__(
+        self,
+        ctx: AgentContext,
+        *,
+        rng: random.Random,
+        merged: Merged = _nothing,
+        welcome_lost: WelcomeLost = lambda _g, _r: None,
+    ) -> None:
         super().__init__(ctx)
         self._rng = rng
         self._merged = merged
+        self._welcome_lost = welcome_lost
         self.routes: dict[bytes, Route] = {}
         """What the node answered for the messages of the last ``submit`` (for /mesh dm)."""
         self._lock = trio.Lock()
@@ -170,7 +184,7 @@ class Outbox(AgentPart):
         )
         fates = await self._flush({e.msg_id for e in envs})
         got = {fates.get(e.msg_id) for e in envs}
-        if got == {Sent.DELIVERED}:
+        if got <= {Sent.DELIVERED}:  # empty: nobody else in the group yet (merged by now)
             return True
         if Sent.DROPPED in got:
             why = self._commit_refusals.pop(commit_id, "refused by the node")
@@ -424,6 +438,12 @@ class Outbox(AgentPart):
     async def _drop(self, o: Outgoing, env: Envelope, why: str) -> None:
         await self._state.call(self._st.outbox_done, [o.msg_id])
         self._stats.send_dropped += 1
+        try:
+            sealed = client_pb2.Sealed.FromString(unpad(env.ciphertext))
+        except (DecodeError, RemoteProtocolError):
+            sealed = None
+        if sealed is not None and sealed.kind == client_pb2.Sealed.WELCOME:
+            self._welcome_lost(bytes(sealed.group_id), env.recipient)
         self._warn(
             f"a message to {short_code(env.recipient.hex())} was not delivered: {why}",
             "outbox message dropped",

@@ -32,11 +32,6 @@ use crate::error::{Error, Kind, Result};
 use crate::persist::{Log, Stats};
 use crate::tracked_storage::TrackedStorage;
 
-// Stage B (snapshots, rollback, read-only processing, external rejoin): a child module so
-// it can use the private state below; its Python methods are separate #[pymethods] blocks.
-#[path = "fork.rs"]
-pub mod fork;
-
 /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001).
 pub const DEFAULT_SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// Domain separation for `Identity.sign`/`verify`, so a challenge signature can
@@ -666,11 +661,10 @@ impl State {
     pub fn op_encrypt(&mut self, gid: &[u8], data: &[u8]) -> Result<Vec<u8>> {
         ensure_no_pending_commit(self.group_view(gid)?)?;
         let (g, p, s) = group_parts(self, gid)?;
-        // OpenMLS refuses application messages while proposals wait in the store
-        // (PendingProposal). On a mesh they may wait minutes for the committer, and members
-        // must keep talking meanwhile: a proposal does not change the epoch's keys, so set
-        // the queued proposals aside for the encryption and put them back (one
-        // transaction: on error run_tx restores the store either way).
+        // OpenMLS refuses to send while proposals are queued. On a mesh the commit that
+        // covers them may be minutes away (or never come: they are re-proposed), and an
+        // application message does not depend on them, so they are set aside for the
+        // message and queued again (the whole call is one transaction: all or nothing).
         let queued: Vec<QueuedProposal> = g.pending_proposals().cloned().collect();
         if !queued.is_empty() {
             g.clear_pending_proposals(p.storage())
@@ -684,7 +678,7 @@ impl State {
         })?;
         for q in queued {
             g.store_pending_proposal(p.storage(), q)
-                .map_err(|e| Error::from_dbg(Kind::Storage, "restore proposals", e))?;
+                .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposals again", e))?;
         }
         msg_bytes(&m)
     }

@@ -13,6 +13,7 @@ from qpc_node.groups.core import (
     DAY_MS,
     Commit,
     CommitInfo,
+    Done,
     GroupConfig,
     GroupCore,
     IntentError,
@@ -116,13 +117,14 @@ def test_covered_intent_completes_uncovered_one_is_reproposed_then_given_up() ->
     b.proposed(i2, b"r1", 0)
     acts = b.on_commit(commit_info(b, A, covered=(b"u1",)), 10)
     assert [i.intent_id for i in b.intents()] == [i2]
-    assert acts == [Propose(i2, IntentKind.REMOVE, D)]
+    assert acts == [Done(i1, applied=True), Propose(i2, IntentKind.REMOVE, D)]
     assert b.statistics(10).reproposals == 1
     for n in range(2, CFG.max_attempts + 1):
         b.proposed(i2, b"r%d" % n, 20)
         acts = b.on_commit(commit_info(b, A), 30)
     assert b.intents() == []
-    assert len(acts) == 1 and isinstance(acts[0], Warn)
+    assert len(acts) == 2 and isinstance(acts[0], Warn)
+    assert acts[1] == Done(i2, applied=False)
     assert b.statistics(30).intents_given_up == 1
 
 
@@ -130,7 +132,7 @@ def test_remove_intent_completes_when_target_is_gone_whoever_removed_it() -> Non
     b = core(B)
     iid, _ = b.request(IntentKind.REMOVE, D, 0)
     b.proposed(iid, b"r", 0)
-    assert b.on_commit(commit_info(b, A, members=(A, B, C)), 5) == []
+    assert b.on_commit(commit_info(b, A, members=(A, B, C)), 5) == [Done(iid, applied=True)]
     assert b.intents() == []
 
 
@@ -177,17 +179,18 @@ def test_committer_leaving_hands_over_first_then_proposes_its_leave() -> None:
     a.proposed(iid, b"leave", 10)
     assert a.tick(100_000) == []  # no longer a committer
     # B (now first) commits it; A is gone afterwards.
-    a.on_commit(commit_info(a, B, covered=(b"leave",), members=(B, C, D), committers=(B, C, D)), 20)
-    assert a.removed
+    acts = a.on_commit(
+        commit_info(a, B, covered=(b"leave",), members=(B, C, D), committers=(B, C, D)), 20
+    )
+    assert a.removed and acts == [Done(iid, applied=True)]
 
 
 def test_committer_own_update_is_a_commit() -> None:
     a = core(A)
     iid, acts = a.request(IntentKind.UPDATE, "", 0)
     assert acts == [Commit(None)]
-    assert a.on_commit(commit_info(a, A), 5) == []
+    assert a.on_commit(commit_info(a, A), 5) == [Done(iid, applied=True)]
     assert a.intents() == []
-    del iid
 
 
 def test_committers_own_commit_lost_to_another_is_made_again() -> None:
@@ -287,3 +290,15 @@ def test_config_rejects_nonsense() -> None:
         GroupConfig(quiescence_ms=-1)
     with pytest.raises(ValueError):
         GroupConfig(max_committers=0)
+
+
+def test_restored_intent_is_proposed_again() -> None:
+    b = core(D)
+    iid, _ = b.request(IntentKind.ADD, E, 0)
+    b.proposed(iid, b"r", 0)
+    (saved,) = b.intents()
+    fresh = core(D, epoch=4)
+    assert fresh.restore(saved, 10) == [Propose(iid, IntentKind.ADD, E)]
+    assert fresh.restore(saved, 10) == []  # known already
+    (back,) = fresh.intents()
+    assert back.epoch == -1 and back.attempts == 0
