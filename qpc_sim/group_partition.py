@@ -283,9 +283,26 @@ class PartitionSim(GroupSim):
         g, core = m.group, m.core
         if g is None or core is None or m.index not in self.fork:
             return "hold"
-        if core.removed:
-            return "done"
         tag = self.tags.get(_digest(h.data))
+        if core.removed:
+            # Removed on our branch. If that branch loses, we are still a member on the
+            # winner (until the removal is re-applied there) and owe it our resends: a
+            # sibling commit at an epoch before our removal is still ours to judge.
+            r = self.fork[m.index].resolver
+            live = r.live_path()
+            try:
+                ct = content_type(h.data)
+            except InvalidMlsHeader:
+                return "done"
+            if tag is not None and tag in live[:-1]:
+                if ct == CT_COMMIT:
+                    return self._sibling_commit(m, h, tag)
+                if ct == CT_PROPOSAL:
+                    self.fork[m.index].old_proposals.setdefault(tag, []).append(h.data)
+            elif tag is None or r.route(tag, self.now).kind is RouteKind.UNKNOWN:
+                h.tries = 0
+                return "hold"  # of the winner we may yet switch to
+            return "done"
         try:
             ct = content_type(h.data)
             header = parse_header(h.data)
@@ -445,9 +462,11 @@ class PartitionSim(GroupSim):
         assert g is not None
         fs = self.fork[m.index]
         if ev.removed:
+            # No exporter once removed: a tag no message carries stands for "removed".
+            gone = hashlib.sha256(b"qpc-sim/removed" + fc.digest).digest()[:16]
             fs.resolver.entered(
                 fc,
-                EpochInfo(fs.resolver.tip.tag, g.epoch, fs.resolver.tip.rank_secret, frozenset()),
+                EpochInfo(gone, g.epoch, fs.resolver.tip.rank_secret, frozenset()),
                 parent_snap,
                 self.now,
             )
