@@ -24,6 +24,7 @@ first reachable committer commit after ``committer_timeout_ms * rank``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -649,17 +650,17 @@ def run_partition(cfg: PartitionConfig) -> PartitionReport:
                 (31_000, side_b[0], IntentKind.UPDATE, ""),
             ]
             for t, who, kind, target in plan:
-                sim.at(t, lambda w=who, k=kind, tg=target: _request(sim, w, k, tg))
+                sim.at(t, functools.partial(_request, sim, who, kind, target))
         for i in range(n):
             for _ in range(cfg.texts_per_member):
-                sim.at(rng.randrange(cfg.partition_ms), lambda i=i: _text(sim, i))
+                sim.at(rng.randrange(cfg.partition_ms), functools.partial(_text, sim, i))
         sim.run(until_ms=cfg.partition_ms)
         retained = sim.retained_bytes()
         heal = sim.now
         sim.partitioned = False
         for i in range(n):
             for _ in range(cfg.texts_per_member):
-                sim.at(heal + rng.randrange(30_000), lambda i=i: _text(sim, i))
+                sim.at(heal + rng.randrange(30_000), functools.partial(_text, sim, i))
         sim.run(until_ms=heal + cfg.settle_ms)
         rep = sim.report()
         active = sim.active()
