@@ -547,6 +547,9 @@ class PartitionSim(GroupSim):
         if g.has_pending_commit():
             g.clear_pending_commit()
         assert branch_tag(g) == plan.parent_tag
+        for p in self.fork[m.index].old_proposals.get(plan.parent_tag, []):
+            with contextlib.suppress(crypto.MlsError):
+                g.process(p)  # the winner may cover proposals of the fork epoch
         ev = g.process(h.data)
         self.crashes_recovered += 1
         self._finish_switch(m, fc, plan, ev, h)

@@ -47,8 +47,9 @@ def test_partition_same_winner_every_seed(seed: int) -> None:
     assert r.switches > 0
 
 
-def test_crash_in_the_middle_of_a_switch_recovers() -> None:
-    r = run_partition(PartitionConfig(members=10, seed=5, crash_mid_rollback=True))
+@pytest.mark.parametrize("seed", range(5, 10))
+def test_crash_in_the_middle_of_a_switch_recovers(seed: int) -> None:
+    r = run_partition(PartitionConfig(members=10, seed=seed, crash_mid_rollback=True))
     assert r.crashes_recovered == 1
     check(r)
 
