@@ -143,11 +143,13 @@ def heal_section(sizes: list[int], seeds: int) -> tuple[int, float]:
     undecryptable = 0
     runs = converged = 0
     print(
-        f"{'members':>7} {'seed':>4} {'heal->conv (virt)':>18} {'wall':>9} {'extra msgs':>10}"
+        f"{'members':>7} {'seed':>4} {'heal->conv virt':>16} {'wall':>8} {'run wall':>9}"
+        f" {'extra msgs':>10}"
         f" {'switches':>8} {'undecr':>6} {'auths':>5} {'retained B/member (R=5)':>24}"
     )
     for n in sizes:
         conv_virtual: list[int] = []
+        conv_wall: list[float] = []
         for seed in range(seeds):
             cfg = PartitionConfig(members=n, seed=seed)
             t = time.perf_counter()
@@ -157,13 +159,19 @@ def heal_section(sizes: list[int], seeds: int) -> tuple[int, float]:
             converged += r.authenticators == 1
             undecryptable += r.undecryptable
             conv_virtual.append(r.heal_to_convergence_ms)
+            conv_wall.append(r.heal_to_convergence_wall_s)
             print(
-                f"{n:>7} {seed:>4} {r.heal_to_convergence_ms / 1e3:>16.1f} s {wall:>7.1f} s"
+                f"{n:>7} {seed:>4} {r.heal_to_convergence_ms / 1e3:>14.1f} s"
+                f" {r.heal_to_convergence_wall_s:>6.1f} s {wall:>7.1f} s"
                 f" {r.extra_messages:>10} {r.switches:>8} {r.undecryptable:>6}"
                 f" {r.authenticators:>5} {r.retained_bytes_per_member:>24,}"
             )
-        p99 = sorted(conv_virtual)[max(0, math.ceil(0.99 * len(conv_virtual)) - 1)]
-        print(f"  N={n}: convergence p99 {p99 / 1e3:.1f} s virtual (target <= 60 s at N=100)")
+        k = max(0, math.ceil(0.99 * len(conv_virtual)) - 1)
+        p99, p99w = sorted(conv_virtual)[k], sorted(conv_wall)[k]
+        print(
+            f"  N={n}: convergence p99 {p99 / 1e3:.1f} s virtual, {p99w:.1f} s wall"
+            " (target <= 60 s at N=100)"
+        )
     return undecryptable, (converged / runs if runs else 0.0)
 
 

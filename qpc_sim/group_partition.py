@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,6 +102,8 @@ class PartitionReport:
     undecryptable: int
     authenticators: int
     heal_to_convergence_ms: int
+    heal_to_convergence_wall_s: float
+    """Wall-clock seconds from the heal to the last member's last epoch change."""
     extra_messages: int
     """Texts re-sent on the winning branch + membership changes re-requested."""
     switches: int
@@ -121,6 +124,8 @@ class _ForkState:
     """Proposals received for an older live epoch (a fork's parent): replayed before
     staging a sibling commit there."""
     last_change_ms: int = 0
+    last_change_wall: float = 0.0
+    """perf_counter() of the last epoch change (for the wall-clock convergence time)."""
     welcomes: set[bytes] = field(default_factory=set)
 
 
@@ -153,6 +158,10 @@ class PartitionSim(GroupSim):
         self.by_fpr[m.fpr] = m
         self.secrets[i] = secret
         return m
+
+    def _changed(self, fs: _ForkState) -> None:
+        fs.last_change_ms = self.now
+        fs.last_change_wall = time.perf_counter()
 
     # -- network ---------------------------------------------------------------------
     def _blocked(self, src: int, dst: int, _now: int) -> bool:
@@ -253,7 +262,7 @@ class PartitionSim(GroupSim):
         m.commit_pending = None
         fc = self._fork_commit(parent_tag, roster, commit, ev, sender=m.fpr)
         fs.resolver.entered(fc, self._epoch_info(g), snap, self.now)
-        fs.last_change_ms = self.now
+        self._changed(fs)
         self.removed_anywhere.update(fc.removed)
         if welcome is not None:
             for f in ev.added:
@@ -426,7 +435,7 @@ class PartitionSim(GroupSim):
             assert isinstance(decision, Apply), decision
             m.commit_pending = None
             fs.resolver.entered(ours, self._epoch_info(g), parent_snap, self.now)
-            fs.last_change_ms = self.now
+            self._changed(fs)
             self.removed_anywhere.update(ours.removed)
             assert isinstance(fs.resolver.on_commit(theirs), Ignore)
             if welcome is not None:
@@ -473,7 +482,7 @@ class PartitionSim(GroupSim):
             )
         else:
             fs.resolver.entered(fc, self._epoch_info(g), parent_snap, self.now)
-        fs.last_change_ms = self.now
+        self._changed(fs)
         self.removed_anywhere.update(fc.removed)
         self.on_mls_event(m, ev, h)
         if not ev.removed:
@@ -561,7 +570,7 @@ class PartitionSim(GroupSim):
         assert g is not None
         fs = self.fork[m.index]
         fs.resolver.entered(fc, self._epoch_info(g), plan.rollback_to, self.now)
-        fs.last_change_ms = self.now
+        self._changed(fs)
         self.removed_anywhere.update(fc.removed)
         self.removed_anywhere.update(plan.reremove)
         # The Stage A core followed the losing branch: start it afresh on the winner.
@@ -660,6 +669,7 @@ def run_partition(cfg: PartitionConfig) -> PartitionReport:
         sim.run(until_ms=cfg.partition_ms)
         retained = sim.retained_bytes()
         heal = sim.now
+        heal_wall = time.perf_counter()
         sim.partitioned = False
         for i in range(n):
             for _ in range(cfg.texts_per_member):
@@ -674,6 +684,11 @@ def run_partition(cfg: PartitionConfig) -> PartitionReport:
             undecryptable=rep.undecryptable,
             authenticators=rep.authenticators,
             heal_to_convergence_ms=max(0, last - heal),
+            heal_to_convergence_wall_s=max(
+                0.0,
+                max((sim.fork[m.index].last_change_wall for m in active), default=heal_wall)
+                - heal_wall,
+            ),
             extra_messages=sim.extra,
             switches=sum(
                 sim.fork[m.index].resolver.switches for m in sim.members if m.index in sim.fork
