@@ -140,7 +140,8 @@ class Group:
         """Propose our own removal (the proposal message); see ``propose_leave``."""
     def commit_pending(self, committers: Sequence[str] | None = None) -> tuple[bytes, bytes | None]:
         """(commit, welcome or None) for the queued proposals (by reference); the commit
-        stays pending. With ``committers`` (1..255 distinct fingerprints) the commit also
+        stays pending. Not covered: our own Update proposals (the commit's path renews our
+        leaf instead) and any Remove of ourselves (another member must commit it). With ``committers`` (1..255 distinct fingerprints) the commit also
         sets the committer list (a GroupContextExtensions proposal)."""
     def propose_add(self, key_package: bytes) -> tuple[bytes, bytes]:
         """(proposal message, ProposalRef) to add the KeyPackage's owner; any member may.

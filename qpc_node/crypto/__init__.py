@@ -20,6 +20,18 @@ still has it (merging first would fork the group). While a commit is pending,
 ``encrypt`` and any further commit raise :class:`PendingCommit`; the pending commit is
 part of the persisted state and survives a reopen.
 
+On a mesh (issue 14, docs/groups.md): any member may ask for a membership change with
+``propose_add``/``propose_remove``/``propose_update``/``propose_leave``, each returning
+the proposal message and its ProposalRef; the member first in ``committers()`` (a
+group-context extension, changed by ``commit_pending(committers=...)``) commits them by
+reference, and every ``Event`` of a commit says which refs it ``covered``, whom it
+``added``/``removed_members``, and the new ``authenticator``. Message secrets of up to
+MAX_PAST_EPOCHS past epochs are kept (``past_epochs()``; the caller deletes them by age
+with ``prune_past_epochs``), so a message that races a commit still decrypts; per sender
+the newest RATCHET_OUT_OF_ORDER generations decrypt in any order. A message processed
+twice raises :class:`DuplicateMessage`, one outside the ratchet window
+:class:`RatchetWindowError`, one of a deleted (or future) epoch :class:`WrongEpoch`.
+
 Every failure raises a subclass of :class:`MlsError` (itself a ``QpcError``).
 State on disk is an encrypted append-only log in ``state_dir/store.qpc``; each
 operation appends only the records it changed (``Identity.storage_stats()``).

@@ -863,6 +863,10 @@ impl State {
             .collect::<Result<Vec<_>>>()?;
         let adding = !kps.is_empty();
         let (g, p, s) = group_parts(self, gid)?;
+        // A member cannot commit its own removal (RFC 9420 12.4: CannotRemoveSelf): such a
+        // proposal (its own leave, or someone's request to remove it) stays for another
+        // committer, instead of making every commit of this member fail.
+        let own_leaf = g.own_leaf_index();
         let mut b = g
             .commit_builder()
             .consume_proposal_store(true)
@@ -876,7 +880,7 @@ impl State {
         let bundle = b
             .load_psks(p.storage())
             .map_err(|e| Error::from_dbg(Kind::Mls, "commit", e))?
-            .build(p.rand(), p.crypto(), s, |_| true)
+            .build(p.rand(), p.crypto(), s, |q| !removes_leaf(q, own_leaf))
             .map_err(|e| {
                 // An Add whose KeyPackage the group cannot take (e.g. it lacks a capability
                 // the group context needs) fails here.
@@ -1122,6 +1126,11 @@ fn leaves_of(g: &MlsGroup, fingerprints: &[String]) -> Result<Vec<LeafNodeIndex>
         leaves.push(m.index);
     }
     Ok(leaves)
+}
+
+/// True for a Remove proposal of `leaf`.
+fn removes_leaf(q: &QueuedProposal, leaf: LeafNodeIndex) -> bool {
+    matches!(q.proposal(), Proposal::Remove(r) if r.removed() == leaf)
 }
 
 /// Refs of the proposals in the group's proposal store.
@@ -1563,6 +1572,9 @@ impl Group {
 
     /// Commit every queued proposal, by reference (members' adds, removes, updates,
     /// leaves); returns (commit, welcome or None), the commit left pending (see `add`).
+    /// Two kinds stay uncovered: our own Update proposals (the commit's path renews our
+    /// leaf instead, RFC 9420 12.2) and any Remove of ourselves (another member must
+    /// commit it).
     /// With `committers`, the commit also sets the committer list (an inline
     /// GroupContextExtensions proposal).
     #[pyo3(signature = (committers = None))]
@@ -1942,6 +1954,96 @@ mod tests {
         );
         assert!(!pending(&mut b, &gid));
         talk(&mut b, &mut a, &gid, b"after the panic");
+    }
+
+    /// A group stored with the old configuration (no past epochs, a 16-message ratchet
+    /// window) gets the current one on its next change, and then keeps past epochs.
+    #[test]
+    fn stored_groups_get_the_current_configuration() {
+        let tmp = TmpDir::new("upgrade");
+        let (mut a, mut b) = (new_state(&tmp, "a"), new_state(&tmp, "b"));
+        let gid = group_of(&mut [&mut a, &mut b]);
+        let old = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .sender_ratchet_configuration(SenderRatchetConfiguration::new(16, 1000))
+            .max_past_epochs(0)
+            .build();
+        run_tx(&mut b, |st| {
+            let gid = gid.clone();
+            st.ensure_loaded(&gid)?;
+            st.touch(&gid);
+            let State {
+                provider, groups, ..
+            } = st;
+            let g = groups.get_mut(&gid).ok_or_else(|| unknown_group(&gid))?;
+            g.set_configuration(&provider.storage, &old)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "downgrade", e))
+        })
+        .expect("store the old configuration");
+        drop(b);
+        let mut b = State::open(&tmp.path().join("b"), SECRET, false).expect("reopen");
+        let cfg = run_tx(&mut b, |st| {
+            Ok(st.group_view(&gid)?.configuration().clone())
+        })
+        .expect("config");
+        assert_eq!(cfg, old);
+        let stale = run_tx(&mut a, |st| st.op_encrypt(&gid, b"epoch 1")).expect("encrypt");
+        let commit = run_tx(&mut a, |st| {
+            let c = st.op_update(&gid)?;
+            st.op_merge_pending_commit(&gid)?;
+            Ok(c)
+        })
+        .expect("commit");
+        run_tx(&mut b, |st| st.op_process(&gid, &commit)).expect("process commit");
+        let cfg = run_tx(&mut b, |st| {
+            Ok(st.group_view(&gid)?.configuration().clone())
+        })
+        .expect("config");
+        assert_eq!(cfg, join_config());
+        assert_eq!(
+            run_tx(&mut b, |st| st.op_past_epochs(&gid)).expect("past"),
+            vec![1]
+        );
+        let p = run_tx(&mut b, |st| st.op_process(&gid, &stale)).expect("late message");
+        assert_eq!(
+            (p.data.as_slice(), p.message_epoch),
+            (b"epoch 1".as_slice(), 1)
+        );
+    }
+
+    /// A committer list extension that does not parse is a typed InvalidMessage (a member
+    /// could commit one; `process` then refuses the commit before merging it), and the
+    /// caller's list is checked before any commit is made.
+    #[test]
+    fn committer_list_encoding_is_checked() {
+        let fp = [7u8; 32];
+        let ok = Extensions::single(committers_extension(&[fp, [8u8; 32]])).expect("ext");
+        assert_eq!(
+            committers_of(&ok).expect("parses"),
+            vec![hex(&fp), hex(&[8u8; 32])]
+        );
+        assert_eq!(
+            committers_of(&Extensions::empty()).expect("absent"),
+            Vec::<String>::new()
+        );
+        for raw in [vec![], vec![1u8; 31], vec![1u8; 33], vec![1u8; 32 * 256]] {
+            let bad = Extensions::single(Extension::Unknown(
+                COMMITTERS_EXTENSION,
+                UnknownExtension(raw),
+            ))
+            .expect("ext");
+            assert_eq!(
+                committers_of(&bad).expect_err("malformed").kind,
+                Kind::InvalidMessage
+            );
+        }
+        assert_eq!(
+            parse_committers(&[hex(&fp), hex(&fp).to_uppercase()])
+                .expect_err("duplicate")
+                .kind,
+            Kind::Argument
+        );
     }
 
     /// Processing a commit that includes queued proposals clears them from the store (the

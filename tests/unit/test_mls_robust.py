@@ -365,3 +365,56 @@ def test_bad_committer_lists_are_argument_errors(tmp_path: Path, bad: list[str])
     with pytest.raises(MlsArgumentError):
         ga.commit_pending(committers=bad)
     assert not ga.has_pending_commit()
+
+
+def test_kept_past_epochs_do_not_grow_the_bytes_written_per_message(tmp_path: Path) -> None:
+    """OpenMLS rewrites all message secrets, past epochs included, on every message; the
+    store keeps each past epoch in its own record, so only the current one is logged."""
+    members = build_group(tmp_path, 8)
+    (a, ga), (b, gb) = members[0], members[1]
+
+    def per_message() -> int:
+        before = b.storage_stats()["bytes_written"]
+        for _ in range(5):
+            gb.process(ga.encrypt(b"x" * 100))
+        return (b.storage_stats()["bytes_written"] - before) // 5
+
+    base = per_message()
+    for _ in range(10):
+        commit_update(members, 0)
+    assert len(gb.past_epochs()) == 10
+    assert per_message() < 2 * base
+    assert a.fingerprint in gb.members()
+
+
+def test_committer_skips_its_own_removal_and_own_update(tmp_path: Path) -> None:
+    """A committer holding a proposal to remove itself (its own leave, or another
+    member's request) still commits the rest; before, every commit failed with
+    CannotRemoveSelf. Its own Update is renewed by the commit's path, not covered."""
+    members = build_group(tmp_path, 4)
+    (_a, ga), (b, gb), (_c, gc), (d, gd) = members
+    p_leave, r_leave = gb.propose_leave()
+    p_up, r_up = gb.propose_update()
+    p_rm, r_rm = gc.propose_remove(d.fingerprint)
+    for g in (ga, gc, gd):
+        g.process(p_leave)
+        g.process(p_up)
+    for g in (ga, gb, gd):
+        g.process(p_rm)
+    commit, _w = gb.commit_pending()
+    ev = gb.merge_pending_commit()
+    assert ev.covered == [r_rm]
+    assert ev.removed_members == [d.fingerprint]
+    assert gd.process(commit).removed
+    for g in (ga, gc):
+        assert g.process(commit).covered == [r_rm]
+    # b's leave is committed by another member in the next epoch.
+    p_leave2, r_leave2 = gb.propose_leave()
+    ga.process(p_leave2)
+    gc.process(p_leave2)
+    commit, _w = ga.commit_pending()
+    assert ga.merge_pending_commit().removed_members == [b.fingerprint]
+    assert gb.process(commit).removed
+    gc.process(commit)
+    assert ga.epoch_authenticator() == gc.epoch_authenticator()
+    assert r_leave != r_leave2 and r_up
