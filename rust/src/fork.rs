@@ -299,14 +299,6 @@ fn run_readonly<T: Send>(
     .map_err(PyErr::from)
 }
 
-/// Capabilities our leaf advertises when it joins by external commit: those of our
-/// KeyPackages, so a rejoined leaf supports what the group requires of every member.
-fn rejoin_capabilities() -> Capabilities {
-    Capabilities::builder()
-        .extensions(vec![ExtensionType::LastResort])
-        .build()
-}
-
 impl State {
     /// A signed GroupInfo of the current epoch, with the ratchet tree and the external
     /// public key: what a member needs to rejoin by external commit.
@@ -363,7 +355,7 @@ impl State {
             }
         }
         let params = LeafNodeParameters::builder()
-            .with_capabilities(rejoin_capabilities())
+            .with_capabilities(leaf_capabilities())
             .build();
         let (g, bundle) = MlsGroup::external_commit_builder()
             .with_config(join_config())
@@ -437,7 +429,7 @@ impl Group {
     fn preview(&self, py: Python<'_>, message: &[u8]) -> PyResult<Event> {
         let gid = &self.gid;
         let p = run_readonly(py, &self.shared, |st| st.op_process(gid, message))?;
-        Ok(to_event(py, p))
+        Ok(Event::new(py, p))
     }
 
     /// A signed GroupInfo of the current epoch with the ratchet tree and the external public
@@ -466,7 +458,7 @@ impl Identity {
             st.op_rollback(group_id, snapshot)?;
             st.op_process(group_id, message)
         })?;
-        Ok(to_event(py, p))
+        Ok(Event::new(py, p))
     }
 
     /// Join (or rejoin) a group by external commit from its GroupInfo: returns the group
@@ -481,10 +473,6 @@ impl Identity {
         let (gid, commit) = run(py, &self.shared, |st| st.op_join_external(group_info))?;
         Ok((new_group(&self.shared, gid), PyBytes::new(py, &commit)))
     }
-}
-
-fn to_event(py: Python<'_>, p: Processed) -> Event {
-    Event::new(py, p)
 }
 
 #[cfg(test)]
@@ -708,6 +696,56 @@ mod tests {
             );
             let e = epoch(&mut st, &gid);
             assert_eq!(e, if name == "torn" { 2 } else { 1 });
+        }
+    }
+
+    /// Every record in the store is either the identity's own (KeyPackages and their keys,
+    /// signature keys, PSKs, our qpc/ records) or a record of a group that a snapshot
+    /// takes: a new kind of group record (e.g. the per-epoch message secrets split out of
+    /// the main record) that the scoping does not know fails here, instead of silently
+    /// staying out of snapshots and surviving rollbacks.
+    #[test]
+    fn every_record_is_identity_or_group_scoped() {
+        let tmp = TmpDir::new("fork-all-scoped");
+        let (mut a, mut b, mut c) = (
+            new_state(&tmp, "a"),
+            new_state(&tmp, "b"),
+            new_state(&tmp, "c"),
+        );
+        let gid = group_of(&mut [&mut a, &mut b, &mut c], b"chat");
+        for _ in 0..3 {
+            update(&mut a, &mut b, &gid);
+            talk(&mut a, &mut b, &gid, b"x");
+            talk(&mut b, &mut a, &gid, b"y");
+        }
+        let prop = run_tx(&mut a, |st| st.op_propose_update(&gid)).expect("propose");
+        run_tx(&mut b, |st| st.op_process(&gid, &prop.0)).expect("queue");
+        run_tx(&mut b, |st| st.op_key_package(false)).expect("kp");
+        run_tx(&mut b, |st| st.op_snapshot(&gid)).expect("snap");
+        let gj = group_key_part(&gid).expect("gid");
+        let identity: &[&[u8]] = &[
+            b"KeyPackage",
+            b"EncryptionKeyPair",
+            b"SignatureKeyPair",
+            b"Psk",
+            b"qpc/",
+        ];
+        let labels = |k: &[u8]| String::from_utf8_lossy(&k[..k.len().min(24)]).into_owned();
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, _) in records(&b) {
+            let ok = is_group_record(&k, &gj) || identity.iter().any(|p| k.starts_with(p));
+            assert!(ok, "record outside any scope: {}", labels(&k));
+            if is_group_record(&k, &gj) {
+                seen.insert(labels(&k).split(['{', '[']).next().unwrap_or("").to_owned());
+            }
+        }
+        for want in [
+            "MessageSecretsPast",
+            "QueuedProposal",
+            "EpochKeyPairs",
+            "Tree",
+        ] {
+            assert!(seen.contains(want), "no {want} record among {seen:?}");
         }
     }
 

@@ -778,6 +778,11 @@ impl State {
             ProcessedMessageContent::StagedCommitMessage(sc) => {
                 out.kind = "commit";
                 summarize_commit(g, &sc, &mut out)?;
+                // --- fork (mlsb): an external commit (rejoin) adds its sender through its
+                // path, with no Add proposal: report it as added all the same.
+                if out.sender_leaf == NO_LEAF && !out.sender.is_empty() {
+                    out.added.push(out.sender.clone());
+                }
                 g.merge_staged_commit(p, *sc)
                     .map_err(|e| Error::from_dbg(Kind::Mls, "merge commit", e))?;
                 out.authenticator = g.epoch_authenticator().as_slice().to_vec();

@@ -144,6 +144,7 @@ def test_late_losing_branch_message_decrypts_readonly(tmp_path: Path) -> None:
     for ct in [late[2], late[0], late[1], late[0]]:
         ev = b.process_readonly(b"chat", losing_head, ct)
         assert ev.kind == "application" and ev.data.startswith(b"late ")
+        assert (ev.sender, ev.message_epoch) == (ids[0].fingerprint, 2)
     assert b.storage_stats()["bytes_written"] == written, "read-only use persisted something"
     assert gb.epoch == 2 and gb.export_secret("x", b"", 16) == on_winner
     assert b.snapshots(b"chat") == [(fork, 1), (losing_head, 2)]
@@ -163,6 +164,8 @@ def test_preview_stages_a_commit_without_merging(tmp_path: Path) -> None:
     written = b.storage_stats()["bytes_written"]
     ev = gb.preview(c)
     assert (ev.kind, ev.epoch, ev.sender) == ("commit", 2, _ids[2].fingerprint)
+    assert ev.sender_leaf == 2 and ev.self_update_only
+    assert ev.authenticator == gc.epoch_authenticator()
     assert gb.epoch == 1 and b.storage_stats()["bytes_written"] == written
     # The group is untouched: an epoch-1 message still decrypts, then the commit applies.
     assert gb.process(ga.encrypt(b"epoch 1")).data == b"epoch 1"
@@ -177,9 +180,13 @@ def rejoin_and_check(stale: Identity, sync: list[Group]) -> Group:
     g, commit = stale.join_external(sync[0].group_info())
     for m in sync:
         ev = m.process(commit)
-        assert ev.kind == "commit"
-    secrets = {m.export_secret("auth", b"", 32) for m in [*sync, g]}
-    assert len(secrets) == 1, "members disagree on the epoch after the rejoin"
+        # An external commit: no leaf sent it; the sender is named by its credential.
+        assert (ev.kind, ev.sender, ev.added) == ("commit", stale.fingerprint, [stale.fingerprint])
+        assert ev.sender_leaf == 2**32 - 1
+        assert ev.authenticator == g.epoch_authenticator()
+    auths = {m.epoch_authenticator() for m in [*sync, g]}
+    assert len(auths) == 1, "members disagree on the epoch after the rejoin"
+    assert g.committers() == sync[0].committers()
     assert {g.epoch} == {m.epoch for m in sync}
     assert sorted(g.members()) == sorted(sync[0].members())
     assert g.members().count(stale.fingerprint) == 1
@@ -223,3 +230,30 @@ def test_join_external_rejects_bad_group_info(tmp_path: Path) -> None:
     with pytest.raises(InvalidMessage):
         outsider.join_external(bytes(gi))
     assert outsider.groups() == []
+
+
+def test_losing_branch_of_several_epochs_stays_readable(tmp_path: Path) -> None:
+    """A losing branch 2 commits long: a late message of its first epoch decrypts from the
+    retained head (kept past-epoch secrets of that branch, not the winner's epoch 2)."""
+    ids, (ga, gb, gc), _ = members(tmp_path, 3)
+    b = ids[1]
+    fork = b.snapshot(b"chat")
+    commit_update(ga, [gb])
+    late_e2 = ga.encrypt(b"sent in losing epoch 2")
+    commit_update(ga, [gb])
+    late_e3 = ga.encrypt(b"sent in losing epoch 3")
+    head = b.snapshot(b"chat")
+    c_commit = gc.update()
+    gc.merge_pending_commit()
+    b.rollback(b"chat", fork)
+    assert gb.process(c_commit).authenticator == gc.epoch_authenticator()
+    # The winner moves on: its own epoch 2 becomes a kept past epoch of the live group.
+    commit_update(gc, [gb])
+    assert gb.epoch == 3
+    ev2 = b.process_readonly(b"chat", head, late_e2)
+    ev3 = b.process_readonly(b"chat", head, late_e3)
+    assert (ev2.data, ev2.message_epoch) == (b"sent in losing epoch 2", 2)
+    assert (ev3.data, ev3.message_epoch) == (b"sent in losing epoch 3", 3)
+    # The winner's epoch 2 is a different epoch 2: the live group cannot read it.
+    with pytest.raises(InvalidMessage):
+        gb.process(late_e2)
