@@ -445,7 +445,11 @@ class GroupCore:
             return self._make_commit(rest, now_ms, standin=False)
         if intent.kind is IntentKind.UPDATE and cs and cs[0] == self.me:
             # A committer's own Update proposal cannot be in its commit (RFC 9420
-            # 12.2): its update is a commit with a path, which any commit has.
+            # 12.2): its update is a commit with a path, which any commit has. Marked
+            # as waiting for our commit (epoch -1), so that commit completes it: an
+            # update proposed before we became the first committer would otherwise be
+            # re-started after every commit of ours, a commit each time, for ever.
+            self._intents[intent.intent_id] = replace(intent, epoch=-1, proposal_ref=b"")
             return self._make_commit(None, now_ms, standin=False)
         return [Propose(intent.intent_id, intent.kind, intent.target)]
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Sealed(_message.Message):
-    __slots__ = ("kind", "group_id", "data", "describes")
+    __slots__ = ("kind", "group_id", "data", "describes", "branch")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Sealed.Kind]
@@ -20,11 +20,13 @@ class Sealed(_message.Message):
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DESCRIBES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     kind: Sealed.Kind
     group_id: bytes
     data: bytes
     describes: bool
-    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., describes: _Optional[bool] = ...) -> None: ...
+    branch: bytes
+    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., describes: _Optional[bool] = ..., branch: _Optional[bytes] = ...) -> None: ...
 
 class AppMessage(_message.Message):
     __slots__ = ("text", "info", "leave", "intent", "pull", "sent_ms")
