@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentStatistics, Incoming
+from qpc_node.client.branches import Branches
 from qpc_node.client.channels import BroadcastReport, Channels, parse_secret, secret_text
 from qpc_node.client.contacts import Known
 from qpc_node.client.contacts import resolve as resolve_peer
@@ -127,20 +128,25 @@ class Agent:
         self._ctx = AgentContext(
             ident, state, rpc, self._mls, wall_ms, self.stats, self._warn, lambda: self.node
         )
+        config = group_config or GroupConfig()
+        self._branches = Branches(self._ctx, retain_ms=config.max_expiry_ms)
         self._outbox = Outbox(
             self._ctx,
             rng=rng or random.Random(),
             merged=self._merged,
             welcome_lost=lambda gid, who: self._groups.welcome_lost(gid, who),
+            merge=self._branches.merge_own,
+            sent_text=self._branches.note_text,
         )
         self._groups = GroupDriver(
-            self._ctx, self._outbox, self._fetch_key_package, group_config or GroupConfig()
+            self._ctx, self._outbox, self._fetch_key_package, config, self._branches
         )
         self._inbox = Inbox(
             self._ctx,
             control=self._group_control,
             events=self._groups.on_event,
             future=self._groups.on_future,
+            branches=self._branches,
         )
         self._channels = Channels(self._ctx)
 
@@ -375,7 +381,8 @@ class Agent:
         committers = await self._committers_update(conv, g)
         with self._no_pending_commit(conv):
             commit, welcome = await self._mls(g.add, [kp], committers)
-        envs = self._outbox.to_each(before, conv.group_id, commit)
+        tag = await self._mls(self._branches.own_commit, conv.group_id, g, commit, self._wall_ms())
+        envs = self._outbox.to_each(before, conv.group_id, commit, branch=tag)
         # Encrypted in the new epoch (the joiner has no other), so after the merge,
         # like the Welcome (the outbox sends both once the node stored the commit).
         info = client_pb2.AppMessage(
@@ -482,8 +489,9 @@ class Agent:
             committers = [c for c in committers if c != member]
         with self._no_pending_commit(conv):
             commit = await self._mls(g.remove, [member], committers)
+        tag = await self._mls(self._branches.own_commit, conv.group_id, g, commit, self._wall_ms())
         await self._outbox.send_commit(
-            conv, self._outbox.to_each(recipients, conv.group_id, commit), None
+            conv, self._outbox.to_each(recipients, conv.group_id, commit, branch=tag), None
         )
         await self._groups.timers()
 

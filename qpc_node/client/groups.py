@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentPart
+from qpc_node.client.branches import Branches
 from qpc_node.client.outbox import Outbox
 from qpc_node.client.state import Conversation
 from qpc_node.groups.core import (
@@ -97,9 +98,11 @@ class GroupDriver(AgentPart):
         outbox: Outbox,
         fetch_key_package: FetchKeyPackage,
         config: GroupConfig,
+        branches: Branches | None = None,
     ) -> None:
         super().__init__(ctx)
         self._outbox = outbox
+        self._branches = branches
         self._fetch_kp = fetch_key_package
         self.config = config
         self._cores: dict[bytes, GroupCore] = {}
@@ -179,6 +182,8 @@ class GroupDriver(AgentPart):
         self, conv: Conversation, g: crypto.Group, ev: crypto.Event, message: bytes
     ) -> None:
         """A proposal or commit the inbox processed."""
+        if await self._after_switch(conv, g):
+            return  # the core was rebuilt on the winning branch, this commit included
         core = await self.core(conv, g)
         now = self._wall_ms()
         if ev.kind == "proposal":
@@ -204,6 +209,44 @@ class GroupDriver(AgentPart):
                 await self.run(conv, g, core.on_intent(sender, note, now))
         elif which == "pull":
             await self.run(conv, g, core.on_pull(sender, app.pull.from_epoch, now))
+
+    async def _after_switch(self, conv: Conversation, g: crypto.Group) -> bool:
+        """The inbox switched ``conv`` to another branch (Stage B): the core followed
+        the losing one, so it is rebuilt from the winning MLS state (our open requests
+        are re-proposed from client.db), and we remove again whoever
+        our losing commit removed (removals stay removed). True when it did."""
+        if self._branches is None:
+            return False
+        plans = self._branches.take_switches(conv.group_id)
+        if not plans:
+            return False
+        self.forget(conv.group_id)
+        self._warn(
+            f"{conv.name!r}: the other side of a partition changed the group too;"
+            " switched to the branch every member keeps",
+            "group branch switched",
+        )
+        core = await self.core(conv, g)
+        if core.removed:
+            return True
+        for plan in plans:
+            for body in self._branches.resends(conv.group_id, plan):
+                await self._send_app(conv, g, client_pb2.AppMessage.FromString(body), None)
+        for target in self._branches.remove_again(conv.group_id, list(core.members)):
+            try:
+                iid, actions = core.request(IntentKind.REMOVE, target, self._wall_ms())
+            except IntentError:
+                continue  # already being removed
+            await self._state.call(
+                self._st.intent_add,
+                iid,
+                conv.group_id,
+                IntentKind.REMOVE.value,
+                target,
+                self._wall_ms(),
+            )
+            await self.run(conv, g, actions)
+        return True
 
     def on_future(self, group_id: bytes, epoch: int) -> None:
         """The inbox holds a message of ``epoch``, ahead of ours."""
@@ -359,8 +402,8 @@ class GroupDriver(AgentPart):
             if to is None:
                 envs = await self._outbox.app_envelopes(conv, g, body)
             else:
-                ct = await self._mls(g.encrypt, body.SerializeToString())
-                envs = self._outbox.to_each([to], conv.group_id, ct)
+                ct, tag = await self._mls(self._outbox.encrypt, g, body.SerializeToString())
+                envs = self._outbox.to_each([to], conv.group_id, ct, branch=tag)
         except crypto.PendingCommit:
             return  # our commit is on its way: the core asks again if still needed
         if envs:
@@ -388,8 +431,12 @@ class GroupDriver(AgentPart):
         except (crypto.MlsError, AgentError) as exc:
             return core.propose_failed(a.intent_id, str(exc), now)
         others = [m for m in await self._outbox.others(g) if m.hex() not in self._unreachable]
-        await self._outbox.submit(self._outbox.to_each(others, conv.group_id, msg))
+        tag = await self._tag(g)
+        await self._outbox.submit(self._outbox.to_each(others, conv.group_id, msg, branch=tag))
         return core.proposed(a.intent_id, ref, now)
+
+    async def _tag(self, g: crypto.Group) -> bytes:
+        return b"" if self._branches is None else await self._mls(self._branches.tag, g)
 
     async def _commit(
         self, conv: Conversation, g: crypto.Group, core: GroupCore, a: Commit
@@ -410,7 +457,12 @@ class GroupDriver(AgentPart):
                     name=conv.name if not conv.direct else "", direct=conv.direct, committer=self.me
                 )
             )
-        envs = self._outbox.to_each(before, conv.group_id, commit)
+        tag = b""
+        if self._branches is not None:
+            tag = await self._mls(
+                self._branches.own_commit, conv.group_id, g, commit, self._wall_ms()
+            )
+        envs = self._outbox.to_each(before, conv.group_id, commit, branch=tag)
         try:
             await self._outbox.send_commit(
                 conv, envs, followup, welcome=welcome, roster=[*before, self.me]

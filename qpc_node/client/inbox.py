@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentPart, Incoming
+from qpc_node.client.branches import Branches, Unknown
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.state import Conversation, Held
 from qpc_node.errors import RemoteProtocolError
@@ -72,8 +73,10 @@ class Inbox(AgentPart):
         control: GroupControl,
         events: GroupEvent = _no_event,
         future: Future = lambda _g, _e: None,
+        branches: Branches | None = None,
     ) -> None:
         super().__init__(ctx)
+        self._branches = branches
         self._control = control
         self._events = events
         self._future = future
@@ -223,7 +226,22 @@ class Inbox(AgentPart):
             if not sealed.describes and await self._before_description(sealed):
                 return HOLD
             try:
-                ev = await self._mls(g.process, sealed.data)
+                if self._branches is None:
+                    ev = await self._mls(g.process, sealed.data)
+                else:
+                    got = await self._mls(
+                        self._branches.process,
+                        bytes(sealed.group_id),
+                        g,
+                        bytes(sealed.branch),
+                        bytes(sealed.data),
+                        self._wall_ms(),
+                    )
+                    if isinstance(got, Unknown):
+                        return HOLD  # a branch we have not seen: we may switch to it
+                    if got is None:
+                        return None
+                    ev = got
             except crypto.WrongEpoch:
                 if await self._from_future(g, sealed.data):
                     return HOLD
@@ -292,6 +310,8 @@ class Inbox(AgentPart):
             self._unreadable(0, "DecodeError")
             return None
         if app.WhichOneof("body") == "text":
+            if self._branches is not None and self._branches.seen_text(ev.sender, app.app_id):
+                return None  # re-sent on the winning branch after a fork: shown already
             return Incoming(0, conv.name, ev.sender, app.text)
         await self._control(conv, g, ev.sender, app)
         return None

@@ -34,6 +34,7 @@ from qpc_node.client.agent_types import AgentContext, AgentError, AgentPart
 from qpc_node.client.fingerprint import short_code
 from qpc_node.client.state import Conversation, Outgoing
 from qpc_node.errors import RemoteProtocolError, StatusCode
+from qpc_node.groups.fork import branch_tag
 from qpc_node.ops.log import get_logger
 from qpc_node.rpc.errors import RpcError
 from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
@@ -96,6 +97,18 @@ async def _nothing(_gid: bytes, _ev: crypto.Event | None) -> None:
     return None
 
 
+Merge = Callable[[bytes, crypto.Group, int], crypto.Event]
+"""``merge(group id, group, now)`` merges the group's pending commit (in the MLS worker)."""
+
+
+SentText = Callable[[bytes, crypto.Group, bytes, bytes, bytes], None]
+"""``sent_text(group id, group, branch tag, app id, AppMessage bytes)`` (MLS worker)."""
+
+
+def _merge_pending(_gid: bytes, g: crypto.Group, _now: int) -> crypto.Event:
+    return g.merge_pending_commit()
+
+
 class Outbox(AgentPart):
     """One identity's outgoing messages: built, queued durably, sent, settled."""
 
@@ -106,8 +119,14 @@ class Outbox(AgentPart):
         rng: random.Random,
         merged: Merged = _nothing,
         welcome_lost: WelcomeLost = lambda _g, _r: None,
+        merge: Merge = _merge_pending,
+        sent_text: SentText = lambda _gid, _g, _tag, _id, _body: None,
     ) -> None:
         super().__init__(ctx)
+        self._merge = merge
+        self._sent_text = sent_text
+        """Told every text we send to a group (Stage B: resent if its branch loses)."""
+        """Merges our pending commit (Stage B: ``Branches.merge_own`` snapshots first)."""
         self._rng = rng
         self._merged = merged
         self._welcome_lost = welcome_lost
@@ -126,9 +145,10 @@ class Outbox(AgentPart):
         data: bytes,
         *,
         describes: bool = False,
+        branch: bytes = b"",
     ) -> Envelope:
         sealed = client_pb2.Sealed(
-            kind=kind, group_id=gid, data=data, describes=describes
+            kind=kind, group_id=gid, data=data, describes=describes, branch=branch
         ).SerializeToString()
         return Envelope(
             msg_id=os.urandom(16),
@@ -139,10 +159,24 @@ class Outbox(AgentPart):
         )
 
     def to_each(
-        self, recipients: list[bytes], gid: bytes, mls_message: bytes, *, describes: bool = False
+        self,
+        recipients: list[bytes],
+        gid: bytes,
+        mls_message: bytes,
+        *,
+        describes: bool = False,
+        branch: bytes = b"",
     ) -> list[Envelope]:
+        """``branch``: the branch tag of the epoch ``mls_message`` was made in (Stage B)."""
         return [
-            self.envelope(m, client_pb2.Sealed.MLS_MESSAGE, gid, mls_message, describes=describes)
+            self.envelope(
+                m,
+                client_pb2.Sealed.MLS_MESSAGE,
+                gid,
+                mls_message,
+                describes=describes,
+                branch=branch,
+            )
             for m in recipients
         ]
 
@@ -160,8 +194,19 @@ class Outbox(AgentPart):
         describes: bool = False,
     ) -> list[Envelope]:
         others = await self.others(g)
-        ct = await self._mls(g.encrypt, msg.SerializeToString())
-        return self.to_each(others, conv.group_id, ct, describes=describes)
+        if msg.WhichOneof("body") == "text" and not msg.app_id:
+            msg.app_id = os.urandom(16)
+        body = msg.SerializeToString()
+        ct, tag = await self._mls(self.encrypt, g, body)
+        if msg.app_id:
+            await self._mls(self._sent_text, conv.group_id, g, tag, bytes(msg.app_id), body)
+        return self.to_each(others, conv.group_id, ct, describes=describes, branch=tag)
+
+    def encrypt(self, g: crypto.Group, plaintext: bytes) -> tuple[bytes, bytes]:
+        """(ciphertext, branch tag of the epoch it was encrypted in): one MLS call, so
+        no commit slips in between."""
+        ct = g.encrypt(plaintext)
+        return ct, branch_tag(g)
 
     # -- queueing ----------------------------------------------------------------
     async def submit(self, envs: list[Envelope]) -> dict[bytes, Sent]:
@@ -343,7 +388,7 @@ class Outbox(AgentPart):
             return set()
         ev: crypto.Event | None = None
         if await self._mls(g.has_pending_commit):  # else: merged before a crash
-            ev = await self._mls(g.merge_pending_commit)
+            ev = await self._mls(self._merge, rec.group_id, g, self._wall_ms())
         envs: list[Envelope] = []
         if rec.welcome is not None:
             if ev is not None:

@@ -29,20 +29,22 @@ class Sealed(_message.Message):
     def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., describes: _Optional[bool] = ..., branch: _Optional[bytes] = ...) -> None: ...
 
 class AppMessage(_message.Message):
-    __slots__ = ("text", "info", "leave", "intent", "pull", "sent_ms")
+    __slots__ = ("text", "info", "leave", "intent", "pull", "sent_ms", "app_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     LEAVE_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     info: GroupInfo
     leave: LeaveRequest
     intent: GroupIntent
     pull: CommitPull
     sent_ms: int
-    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., intent: _Optional[_Union[GroupIntent, _Mapping]] = ..., pull: _Optional[_Union[CommitPull, _Mapping]] = ..., sent_ms: _Optional[int] = ...) -> None: ...
+    app_id: bytes
+    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., intent: _Optional[_Union[GroupIntent, _Mapping]] = ..., pull: _Optional[_Union[CommitPull, _Mapping]] = ..., sent_ms: _Optional[int] = ..., app_id: _Optional[bytes] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("name", "direct", "committer")
