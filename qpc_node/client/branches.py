@@ -130,6 +130,7 @@ class Branches(AgentPart):
         self._groups: dict[bytes, _Group] = {}
         self._switched: dict[bytes, list[Switch]] = {}
         self._seen: dict[tuple[str, bytes], None] = {}
+        self._merged_own: dict[bytes, bytes] = {}
         self.stats = BranchStatistics()
 
     # -- called from the event loop ----------------------------------------------------
@@ -149,6 +150,11 @@ class Branches(AgentPart):
         if st is None:
             return []
         return [m for m in st.resolver.outstanding_removals(members) if m in st.own_removed]
+
+    def take_merged_own(self, gid: bytes) -> bytes:
+        """Our commit merged last in ``gid`` (b"" if none since the last call): the
+        group core logs it, so we answer other members' pulls with our commits too."""
+        return self._merged_own.pop(gid, b"")
 
     def seen_text(self, sender: str, app_id: bytes) -> bool:
         """True when this text was shown already (a resend after a switch); else
@@ -223,6 +229,7 @@ class Branches(AgentPart):
         snap = self._ident.snapshot(gid)
         ev = g.merge_pending_commit()
         fc = fork_commit(parent_tag, roster, st.own_commit, ev, self._ident.fingerprint)
+        self._merged_own[gid] = st.own_commit
         st.own_commit = None
         st.own_removed.update(fc.removed)
         self._entered(gid, g, st, fc, ev, snap, now)

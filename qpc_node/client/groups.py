@@ -344,7 +344,8 @@ class GroupDriver(AgentPart):
             if conv is None or g is None:
                 continue
             core = await self.core(conv, g)
-            info = await self._commit_info(g, ev, self._ident.fingerprint, b"")
+            own = b"" if self._branches is None else self._branches.take_merged_own(gid)
+            info = await self._commit_info(g, ev, self._ident.fingerprint, own)
             await self.run(conv, g, core.on_commit(info, self._wall_ms()))
 
     async def _open(self, gid: bytes) -> tuple[Conversation | None, crypto.Group | None]:

@@ -246,6 +246,10 @@ class Inbox(AgentPart):
                 if await self._from_future(g, sealed.data):
                     return HOLD
                 raise
+            except crypto.MissingProposal:
+                # Relays reorder: the proposal this commit names may still come (held
+                # until the commit expires; each processed message retries it).
+                return HOLD
         except (crypto.MlsError, RemoteProtocolError, DecodeError) as exc:
             self._unreadable(seq, type(exc).__name__)
             return None

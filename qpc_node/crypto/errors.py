@@ -66,6 +66,14 @@ class InvalidSignature(InvalidMessage):
     code = StatusCode.UNAUTHENTICATED
 
 
+class MissingProposal(InvalidMessage):
+    """A commit covers (by reference) a proposal we have not received. Relays reorder
+    envelopes, so the proposal may still come: the caller holds the commit and retries,
+    until the commit's envelope expires."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
 class NotAMember(MlsError):
     """We are not (or no longer) a member of the group, or the named member is unknown."""
 
@@ -134,6 +142,7 @@ __all__ = [
     "InvalidKeyPackage",
     "InvalidMessage",
     "InvalidSignature",
+    "MissingProposal",
     "MlsArgumentError",
     "MlsError",
     "NoPendingCommit",

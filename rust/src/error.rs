@@ -28,6 +28,8 @@ pyo3::import_exception!(qpc_node.crypto.errors, PendingCommit);
 pyo3::import_exception!(qpc_node.crypto.errors, NoPendingCommit);
 pyo3::import_exception!(qpc_node.crypto.errors, DuplicateMessage);
 pyo3::import_exception!(qpc_node.crypto.errors, RatchetWindowError);
+// --- gwire: a commit naming a proposal we have not received ---
+pyo3::import_exception!(qpc_node.crypto.errors, MissingProposal);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -59,6 +61,8 @@ pub enum Kind {
     Duplicate,
     /// The message's generation is outside the sender ratchet window.
     OutOfWindow,
+    /// (gwire) A commit covers a proposal (by reference) we have not received yet.
+    MissingProposal,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +113,7 @@ impl From<Error> for PyErr {
             Kind::NoPendingCommit => NoPendingCommit::new_err(m),
             Kind::Duplicate => DuplicateMessage::new_err(m),
             Kind::OutOfWindow => RatchetWindowError::new_err(m),
+            Kind::MissingProposal => MissingProposal::new_err(m),
         }
     }
 }

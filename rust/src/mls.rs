@@ -1081,6 +1081,10 @@ fn map_process_err(e: ProcessMessageError<crate::tracked_storage::StoreError>) -
         ProcessMessageError::GroupStateError(_) => {
             Error::from_dbg(Kind::NotAMember, "group is not operational for us", e)
         }
+        // gwire: relays reorder; the proposal may still come (the caller holds the commit).
+        ProcessMessageError::InvalidCommit(StageCommitError::MissingProposal) => {
+            Error::from_dbg(Kind::MissingProposal, "commit names a proposal not received", e)
+        }
         ProcessMessageError::StorageError(_) | ProcessMessageError::LibraryError(_) => {
             Error::from_dbg(Kind::Mls, "process message", e)
         }

@@ -16,8 +16,12 @@ from pathlib import Path
 from node_harness import flush_inbox, running_node, users
 
 from qpc_node.client.agent import Agent
-from qpc_node.groups.core import GroupConfig
+from qpc_node.client.branches import CT_COMMIT, CT_PROPOSAL, content_type
+from qpc_node.client.inbox import HOLD
+from qpc_node.groups.core import GroupConfig, Resend
 from qpc_node.ops.clock import ManualWallClock
+from qpc_node.wire.envelope import unpad
+from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
 
 QUIET_MS = 2_000
 
@@ -96,3 +100,64 @@ async def test_partitioned_committers_converge_on_one_branch(
             for text in ("from p on x", "from q on y", "from c0 on x", "from c1 on y"):
                 mine = text.endswith(f"{'c0' if x is c0 else 'c1'} on {'x' if x is c0 else 'y'}")
                 assert got.count(text) == (0 if mine else 1), (text, got)
+
+
+async def test_a_commit_before_the_proposal_it_names_is_held_not_dropped(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """Relays reorder envelopes: c gets the committer's commit before the proposal it
+    covers by reference. The inbox holds the commit (typed MissingProposal from the
+    core) instead of dropping it as undecryptable, and it applies once the proposal
+    is in."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c") as (a, b, c),
+    ):
+        await a.group_create("team")
+        for x in (b, c):
+            assert await a.group_invite("team", x.ident.fingerprint) == "invited"
+        await settle(wall, a, b, c)
+        await b.group_update("team")  # a proposal; a (first committer) commits it
+        await settle(wall, a, b)
+        gid = _gid(a, "team")
+        assert a.ident.group(gid).epoch == c.ident.group(gid).epoch + 1
+        resp = await c._rpc.call(
+            "qpc.v1.Delivery/Fetch",
+            service_pb2.FetchRequest(after_seq=c._st.cursor(c.node), limit=64),
+            service_pb2.FetchResponse,
+        )
+        kinds: dict[int, tuple[int, bytes]] = {}
+        for m in resp.messages:
+            payload = bytes(m.envelope.ciphertext)
+            sealed = client_pb2.Sealed.FromString(unpad(payload))
+            kinds.setdefault(content_type(bytes(sealed.data)), (m.seq, payload))
+        commit, proposal = kinds[CT_COMMIT], kinds[CT_PROPOSAL]
+        assert await c._inbox.handle(*commit) is HOLD
+        assert c.stats.undecryptable == 0
+        assert await c._inbox.handle(*proposal) is None
+        assert await c._inbox.handle(*commit) is None
+        assert c.ident.group(gid).epoch_authenticator() == a.ident.group(gid).epoch_authenticator()
+
+
+async def test_own_commits_answer_pulls(tmp_path: Path, wall: ManualWallClock) -> None:
+    """A member missing commits pulls them from whoever logged them; the committer is
+    often the only one that has them all (a small group, or one side of a partition),
+    so its own commits are in its log too."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c") as (a, b, c),
+    ):
+        await a.group_create("team")
+        assert await a.group_invite("team", b.ident.fingerprint) == "invited"
+        assert await a.group_invite("team", c.ident.fingerprint) == "invited"
+        await settle(wall, a)
+        gid = _gid(a, "team")
+        conv = a._st.conversation("team")
+        assert conv is not None
+        g = a.ident.group(gid)
+        core = await a._groups.core(conv, g)
+        answer = core.on_pull(b.ident.fingerprint, 1, wall())
+        assert [type(x).__name__ for x in answer] == ["Resend"]
+        (resend,) = answer
+        assert isinstance(resend, Resend) and len(resend.messages) == 1
+        assert content_type(resend.messages[0]) == CT_COMMIT
