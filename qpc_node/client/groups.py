@@ -86,6 +86,8 @@ class GroupView:
     others: tuple[tuple[str, IntentNote], ...]
     statistics: GroupStatistics
     past_epochs: tuple[int, ...]
+    authenticator: bytes = b""
+    """The epoch authenticator: members on the same branch and epoch share it."""
 
 
 FetchKeyPackage = Callable[[bytes], Awaitable[bytes]]
@@ -166,6 +168,7 @@ class GroupDriver(AgentPart):
     async def view(self, conv: Conversation, g: crypto.Group) -> GroupView:
         core = await self.core(conv, g)
         past = await self._mls(g.past_epochs)
+        auth = await self._mls(g.epoch_authenticator) if await self._mls(_active, g) else b""
         return GroupView(
             conv.name,
             core.epoch,
@@ -175,6 +178,7 @@ class GroupDriver(AgentPart):
             tuple(core.others_intents()),
             core.statistics(self._wall_ms()),
             tuple(past),
+            auth,
         )
 
     # -- inputs from the inbox and the outbox ------------------------------------------
@@ -476,3 +480,7 @@ class GroupDriver(AgentPart):
     @property
     def me(self) -> bytes:
         return bytes.fromhex(self._ident.fingerprint)
+
+
+def _active(g: crypto.Group) -> bool:
+    return g.is_active

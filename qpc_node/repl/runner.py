@@ -56,6 +56,9 @@ def describe_group(v: GroupView, me: str) -> list[str]:
         f"{v.name}: epoch {v.epoch}, {v.members} members",
         "  committers: " + ", ".join(who(f) for f in v.committers),
     ]
+    if v.authenticator:
+        # Compare across members: equal on every member that is on the same branch.
+        lines.append(f"  authenticator: {v.authenticator[:8].hex()}")
     for i in v.mine:
         target = f" {short_code(i.target)}" if i.target else ""
         state = f"proposed at epoch {i.epoch}" if i.epoch >= 0 else "waiting"

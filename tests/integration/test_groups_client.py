@@ -108,6 +108,10 @@ async def test_group_info_describes_epoch_committers_and_requests(
         lines = describe_group(await a.group_info("team"), a.ident.fingerprint)
         assert lines[0] == "team: epoch 1, 2 members"
         assert lines[1].startswith("  committers: ") and "(you)" in lines[1]
+        auth = a.ident.group(_gid(a, "team")).epoch_authenticator()[:8].hex()
+        assert lines[2] == f"  authenticator: {auth}"
+        theirs = describe_group(await b.group_info("team"), b.ident.fingerprint)
+        assert f"  authenticator: {auth}" in theirs  # same epoch, same branch
         assert any(line.startswith("  request by ") and "add" in line for line in lines)
         assert lines[-1].startswith("  past epochs kept: ")
         mine = describe_group(await b.group_info("team"), b.ident.fingerprint)
