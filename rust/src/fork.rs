@@ -132,6 +132,20 @@ impl State {
         Ok(v)
     }
 
+    /// (gwire) Every HPKE encryption key pair record of the identity.
+    fn encryption_key_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let m = self
+            .provider
+            .storage
+            .values
+            .read()
+            .map_err(|_| poisoned())?;
+        Ok(m.iter()
+            .filter(|(k, _)| k.starts_with(b"EncryptionKeyPair"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     /// (id, epoch, stored bytes) of every snapshot of the group, oldest first.
     fn snapshot_list(&self, gid: &[u8]) -> Result<Vec<(u64, u64, u64)>> {
         let prefix = snap_group_prefix(gid);
@@ -181,7 +195,14 @@ impl State {
                 ),
             ));
         }
-        let records = self.group_records(gid)?;
+        let mut records = self.group_records(gid)?;
+        // --- gwire: our leaf's HPKE private keys are identity-scoped records (keyed by
+        // public key), and a merge that replaces our leaf (a commit applying our own
+        // Update proposal) deletes the old one: without it, a sibling commit staged after a
+        // rollback fails with MissingDecryptionKey. The snapshot keeps every encryption key
+        // pair, and a rollback puts back the missing ones (it never deletes any: keys made
+        // since, e.g. for new KeyPackages, stay).
+        records.extend(self.encryption_key_records()?);
         let last = {
             let m = self
                 .provider
