@@ -46,8 +46,12 @@ def test_bytes_are_pinned(name: str) -> None:
     assert path.read_text().strip() == data
 
 
+BRANCH_FIXTURES = {"sealed_mls_branch", "sealed_mls_no_branch"}
+"""Pinned by tests/unit/test_groups_branch_wire.py (Sealed.branch), same directory."""
+
+
 def test_no_stray_fixtures() -> None:
-    assert {p.stem for p in FIXTURES.glob("*.hex")} == set(MESSAGES)
+    assert {p.stem for p in FIXTURES.glob("*.hex")} == set(MESSAGES) | BRANCH_FIXTURES
 
 
 def test_text_messages_encode_as_before() -> None:
