@@ -16,6 +16,7 @@ from qpc_node.errors import ConfigError, QpcError
 if TYPE_CHECKING:
     import trio
 
+    from qpc_node.groups.core import GroupConfig
     from qpc_node.ops.config import Config
 
 
@@ -188,7 +189,17 @@ def _cmd_repl(args: argparse.Namespace) -> int:
         lines,
         args.dead_peer_timeout,
         args.failover_after,
+        args.committer_timeout,
     )
+
+
+def group_config(committer_timeout: float | None) -> GroupConfig | None:
+    """The REPL's group settings (None: the defaults of qpc_node/groups/core.py)."""
+    from qpc_node.groups.core import GroupConfig
+
+    if committer_timeout is None:
+        return None
+    return GroupConfig(committer_timeout_ms=int(committer_timeout * 1000))
 
 
 def _local_node_pin(user_data: Path) -> str | None:
@@ -214,6 +225,7 @@ async def _repl_main(
     script: list[str] | None,
     dead_peer_timeout: float | None = None,
     failover_after: float | None = None,
+    committer_timeout: float | None = None,
 ) -> int:
     from qpc_node.client.connect import open_session
     from qpc_node.client.reconnect import ReconnectPolicy
@@ -228,6 +240,7 @@ async def _repl_main(
 
     settings = None if dead_peer_timeout is None else QuicSettings(dead_peer_timeout)
     policy = None if failover_after is None else ReconnectPolicy(failover_after=failover_after)
+    groups = group_config(committer_timeout)
     async with open_session(
         data,
         host,
@@ -236,6 +249,7 @@ async def _repl_main(
         passphrase=os.environ.get("QPC_PASSPHRASE"),
         settings=settings,
         policy=policy,
+        group_config=groups,
     ) as (agent, session):
         repl = Repl(agent, out, session)
         if script is not None:
@@ -484,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="after the node has been unreachable this long, also try the other mesh "
         "nodes it listed, lowest RTT first (default 10)",
+    )
+    r.add_argument(
+        "--committer-timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="a group request nobody committed for this long: the next member of the "
+        "group's committer list commits it (default 120; docs/groups.md)",
     )
     r.set_defaults(func=_cmd_repl)
 

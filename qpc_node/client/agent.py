@@ -13,10 +13,11 @@ do the rest, each in its own module:
 - :mod:`.mls_worker`: runs every MLS call on a worker thread, one at a time, so
   the node sharing the process (``qpc``) keeps its timers.
 
-Group changes have one committer per group, its creator (documented in
-docs/client.md): others ask it (a LeaveRequest inside MLS) rather than commit
-themselves, so two members never race commits for the same epoch. The inbox
-hands such requests (and the GroupInfo naming a group we joined) back here.
+Group changes (docs/groups.md): any member asks for them as MLS proposals with an
+intent id (:mod:`.groups` drives the sans-IO core in qpc_node/groups/core.py); the
+first member of the group's committer list commits them, the next one takes over
+when it stays silent, so two members rarely race commits for the same epoch. The
+inbox hands proposals, commits and group-control messages back here.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from dataclasses import dataclass
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentStatistics, Incoming
+from qpc_node.client.branches import Branches
 from qpc_node.client.channels import BroadcastReport, Channels, parse_secret, secret_text
 from qpc_node.client.contacts import Known
 from qpc_node.client.contacts import resolve as resolve_peer
 from qpc_node.client.fingerprint import short_code
+from qpc_node.client.groups import GroupDriver, GroupView
 from qpc_node.client.inbox import Inbox, Later
 from qpc_node.client.keypackages import KP_LOW_WATER, KP_ROTATE_MS, KP_TARGET, top_up_key_packages
 from qpc_node.client.mls_worker import MlsWorker
@@ -46,6 +49,7 @@ from qpc_node.client.state import (
     Received,
 )
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
+from qpc_node.groups.core import GroupConfig, IntentKind, topped_up
 from qpc_node.mesh.routing import sign_binding
 from qpc_node.ops.log import get_logger
 from qpc_node.ops.metrics import Sample
@@ -64,6 +68,7 @@ __all__ = [
     "AgentError",
     "AgentStatistics",
     "DmReport",
+    "GroupView",
     "Incoming",
     "Sent",
 ]
@@ -102,8 +107,10 @@ class Agent:
         wall_ms: Callable[[], int],
         rng: random.Random | None = None,
         mls_in_thread: bool = True,
+        group_config: GroupConfig | None = None,
     ) -> None:
-        """``mls_in_thread``: see :class:`MlsWorker` (False only for the stall bench)."""
+        """``mls_in_thread``: see :class:`MlsWorker` (False only for the stall bench);
+        ``group_config``: timings of the group protocol (committer failover, ...)."""
         self.ident = ident
         self.me = bytes.fromhex(ident.fingerprint)
         self._state = state
@@ -121,8 +128,26 @@ class Agent:
         self._ctx = AgentContext(
             ident, state, rpc, self._mls, wall_ms, self.stats, self._warn, lambda: self.node
         )
-        self._outbox = Outbox(self._ctx, rng=rng or random.Random())
-        self._inbox = Inbox(self._ctx, control=self._group_control)
+        config = group_config or GroupConfig()
+        self._branches = Branches(self._ctx, retain_ms=config.max_expiry_ms)
+        self._outbox = Outbox(
+            self._ctx,
+            rng=rng or random.Random(),
+            merged=self._merged,
+            welcome_lost=lambda gid, who: self._groups.welcome_lost(gid, who),
+            merge=self._branches.merge_own,
+            sent_text=self._branches.note_text,
+        )
+        self._groups = GroupDriver(
+            self._ctx, self._outbox, self._fetch_key_package, config, self._branches
+        )
+        self._inbox = Inbox(
+            self._ctx,
+            control=self._group_control,
+            events=self._groups.on_event,
+            future=self._groups.on_future,
+            branches=self._branches,
+        )
         self._channels = Channels(self._ctx)
 
     async def unshown(self) -> list[Received]:
@@ -326,29 +351,49 @@ class Agent:
         conv = Conversation(name, bytes(g.group_id), False, None, self.me)
         await self._state.call(self._st.add_conversation, conv, self._wall_ms())
 
-    async def group_invite(self, name: str, peer_hex: str) -> None:
+    async def group_invite(self, name: str, peer_hex: str) -> str:
+        """Add ``peer``: "invited" when we commit it (the first committer), else
+        "requested" (a proposal the committer applies; re-proposed until it does)."""
         conv, g = await self._conversation(name)
-        self._must_commit(conv)
         peer = bytes.fromhex(peer_hex)
         if peer_hex in await self._mls(g.members):
             raise AgentError(f"{short_code(peer_hex)} is already in {name!r}")
         await self._note_contact(peer)
+        if not await self._is_first_committer(conv, g):
+            await self._groups.request(conv, g, IntentKind.ADD, peer_hex)
+            return "requested"
         kp = await self._fetch_key_package(peer)
         await self._invite(conv, g, peer, kp)
+        return "invited"
+
+    async def _is_first_committer(self, conv: Conversation, g: crypto.Group) -> bool:
+        core = await self._groups.core(conv, g)
+        return core.committers[:1] == (self.ident.fingerprint,)
+
+    async def _committers_update(self, conv: Conversation, g: crypto.Group) -> list[str] | None:
+        """The committer list our commit should write (None: the stored one is fine)."""
+        core = await self._groups.core(conv, g)
+        want = topped_up(core.stored_committers, core.members, core.config.max_committers)
+        return None if want == core.stored_committers else list(want)
 
     async def _invite(self, conv: Conversation, g: crypto.Group, peer: bytes, kp: bytes) -> None:
         before = await self._outbox.others(g)
+        committers = await self._committers_update(conv, g)
         with self._no_pending_commit(conv):
-            commit, welcome = await self._mls(g.add, [kp])
-        envs = self._outbox.to_each(before, conv.group_id, commit)
-        envs.append(self._outbox.envelope(peer, client_pb2.Sealed.WELCOME, conv.group_id, welcome))
-        # Encrypted in the new epoch (the joiner has no other), so after the merge.
+            commit, welcome = await self._mls(g.add, [kp], committers)
+        tag = await self._mls(self._branches.own_commit, conv.group_id, g, commit, self._wall_ms())
+        envs = self._outbox.to_each(before, conv.group_id, commit, branch=tag)
+        # Encrypted in the new epoch (the joiner has no other), so after the merge,
+        # like the Welcome (the outbox sends both once the node stored the commit).
         info = client_pb2.AppMessage(
             info=client_pb2.GroupInfo(
                 name=conv.name if not conv.direct else "", direct=conv.direct, committer=self.me
             )
         )
-        await self._outbox.send_commit(conv, envs, followup=info)
+        await self._outbox.send_commit(
+            conv, envs, followup=info, welcome=welcome, roster=[*before, self.me]
+        )
+        await self._groups.timers()
 
     async def group_send(self, name: str, text: str) -> None:
         conv, _ = await self._conversation(name)
@@ -358,31 +403,49 @@ class Agent:
         _, g = await self._conversation(name)
         return list(await self._mls(g.members))
 
-    async def group_remove(self, name: str, peer_hex: str) -> None:
+    async def group_remove(self, name: str, peer_hex: str) -> str:
+        """Remove ``peer``: "removed" when we commit it, else "requested"."""
         conv, g = await self._conversation(name)
-        self._must_commit(conv)
         if peer_hex not in await self._mls(g.members):
             raise AgentError(f"{short_code(peer_hex)} is not in {name!r}")
+        if peer_hex == self.ident.fingerprint:
+            await self.group_leave(name)
+            return "left"
+        if not await self._is_first_committer(conv, g):
+            await self._groups.request(conv, g, IntentKind.REMOVE, peer_hex)
+            return "requested"
         await self._commit_removal(conv, g, peer_hex)
+        return "removed"
 
     async def group_leave(self, name: str) -> None:
+        """Leave: a proposal to remove us (the first committer hands its role over
+        first), plus a LeaveRequest for committers that predate proposals."""
         conv, g = await self._conversation(name)
-        if conv.committer == self.me:
-            raise AgentError(
-                f"you commit changes for {name!r}: remove the others first (one committer per group)"
-            )
-        with self._no_pending_commit(conv):
-            envs = await self._outbox.app_envelopes(
-                conv, g, client_pb2.AppMessage(leave=client_pb2.LeaveRequest())
-            )
-        await self._outbox.submit(envs)
+        if len(await self._mls(g.members)) > 1:
+            iid = await self._groups.request(conv, g, IntentKind.LEAVE)
+            core = await self._groups.core(conv, g)
+            if any(i.intent_id == iid and i.epoch < 0 for i in core.intents()):
+                raise AgentError(
+                    f"you commit changes for {name!r}: handing that over is still waiting"
+                    " for the node; /group leave again once it is delivered"
+                )
+            with self._no_pending_commit(conv):
+                envs = await self._outbox.app_envelopes(
+                    conv, g, client_pb2.AppMessage(leave=client_pb2.LeaveRequest())
+                )
+            await self._outbox.submit(envs)
         await self._state.call(self._st.drop_conversation, name)
+        self._groups.forget(conv.group_id)
 
-    def _must_commit(self, conv: Conversation) -> None:
-        if conv.committer != self.me:
-            raise AgentError(
-                f"only the group's committer ({short_code(conv.committer.hex())}) changes members"
-            )
+    async def group_info(self, name: str) -> GroupView:
+        """Epoch, committer list, pending requests, forward-secrecy exposure."""
+        conv, g = await self._conversation(name)
+        return await self._groups.view(conv, g)
+
+    async def group_update(self, name: str) -> None:
+        """Refresh our leaf keys (post-compromise security): a proposal, or our commit."""
+        conv, g = await self._conversation(name)
+        await self._groups.request(conv, g, IntentKind.UPDATE)
 
     async def _free_name(self, base: str) -> str:
         name = base
@@ -421,11 +484,19 @@ class Agent:
     async def _commit_removal(self, conv: Conversation, g: crypto.Group, member: str) -> None:
         """Remove ``member`` and tell everyone who was in the group, the removed one too."""
         recipients = await self._outbox.others(g)
+        committers = await self._committers_update(conv, g)
+        if committers is not None and member in committers:
+            committers = [c for c in committers if c != member]
         with self._no_pending_commit(conv):
-            commit = await self._mls(g.remove, [member])
+            commit = await self._mls(g.remove, [member], committers)
+        tag = await self._mls(self._branches.own_commit, conv.group_id, g, commit, self._wall_ms())
         await self._outbox.send_commit(
-            conv, self._outbox.to_each(recipients, conv.group_id, commit), None
+            conv, self._outbox.to_each(recipients, conv.group_id, commit, branch=tag), None
         )
+        await self._groups.timers()
+
+    async def _merged(self, group_id: bytes, ev: crypto.Event | None) -> None:
+        await self._groups.merged(group_id, ev)
 
     @contextmanager
     def _no_pending_commit(self, conv: Conversation) -> Iterator[None]:
@@ -465,6 +536,12 @@ class Agent:
         without waiting, then the long-poll is a Channel/Fetch, which the node also
         answers when mail for us arrives (read right after). One call waits for both.
         """
+        try:
+            return await self._receive(wait)
+        finally:
+            await self._groups.timers()
+
+    async def _receive(self, wait: float) -> list[Incoming]:
         if self._channels.unsupported or not await self._channels.joined():
             return await self._inbox.receive(wait)
         out = await self._inbox.receive(0)
@@ -507,23 +584,26 @@ class Agent:
     async def _group_control(
         self, conv: Conversation, g: crypto.Group, sender_hex: str, app: client_pb2.AppMessage
     ) -> None:
-        """What a received GroupInfo or LeaveRequest does to our conversation."""
+        """What a received GroupInfo, LeaveRequest, GroupIntent or CommitPull does."""
         sender = bytes.fromhex(sender_hex)
         which = app.WhichOneof("body")
         if which == "info" and not conv.committer:
             await self._describe(conv, sender, app.info)
+        elif which in ("intent", "pull"):
+            await self._groups.on_app(conv, g, sender_hex, app)
         elif (
             which == "leave"
-            and conv.committer == self.me
+            and await self._is_first_committer(conv, g)
             and sender_hex in await self._mls(g.members)
         ):
+            # Our own removal request (a proposal we commit, re-proposed until it
+            # is applied): the leaver's own proposal may be lost with its epoch, and
+            # it no longer follows the group to propose it again.
             try:
-                await self._commit_removal(conv, g, sender_hex)
-            except AgentError as exc:  # refused or blocked: the member asks again
-                self._warn(
-                    f"{short_code(sender_hex)} asked to leave {conv.name!r}: {exc}",
-                    "leave request not applied",
-                )
+                await self._groups.request(conv, g, IntentKind.REMOVE, sender_hex)
+            except AgentError as exc:  # already requested (or no longer a member)
+                log.info("leave request", extra={"err": str(exc)})
+            await self._groups.commit_now(conv, g)
 
     async def _describe(
         self, conv: Conversation, sender: bytes, info: client_pb2.GroupInfo

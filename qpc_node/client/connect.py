@@ -14,6 +14,7 @@ from qpc_node.client.reconnect import ReconnectPolicy, failover_order
 from qpc_node.client.session import Session, Target, parse_address
 from qpc_node.client.state import SEEN_KEEP_MS, AsyncClientState, ClientState, KnownNode
 from qpc_node.errors import ConfigError, LocalProtocolError, QpcError
+from qpc_node.groups.core import GroupConfig
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.log import get_logger
 from qpc_node.quic import ALPN_CLIENT, ClientTLS, QuicSettings, open_endpoint
@@ -73,9 +74,16 @@ async def open_agent(
     pin: str | None,
     passphrase: str | None = None,
     wall_ms: WallClock = system_wall_ms,
+    group_config: GroupConfig | None = None,
 ) -> AsyncIterator[Agent]:
     async with open_session(
-        data_dir, host, port, pin=pin, passphrase=passphrase, wall_ms=wall_ms
+        data_dir,
+        host,
+        port,
+        pin=pin,
+        passphrase=passphrase,
+        wall_ms=wall_ms,
+        group_config=group_config,
     ) as (agent, _session):
         yield agent
 
@@ -91,6 +99,7 @@ async def open_session(
     wall_ms: WallClock = system_wall_ms,
     settings: QuicSettings | None = None,
     policy: ReconnectPolicy | None = None,
+    group_config: GroupConfig | None = None,
 ) -> AsyncIterator[tuple[Agent, Session]]:
     """An agent whose session reconnects (and re-authenticates) when the connection dies.
 
@@ -120,6 +129,7 @@ async def open_session(
                 session.rpc,
                 node_cert_fingerprint=bytes.fromhex(pin),
                 wall_ms=wall_ms,
+                group_config=group_config,
             )
             await astate.call(state.forget_seen_before, wall_ms() - SEEN_KEEP_MS)
             await agent.authenticate(server=session.server)

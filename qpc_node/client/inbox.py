@@ -8,8 +8,10 @@ cursor past it, and retried after every message that may unblock it and on every
 receive, until it succeeds or expires; never acked away unread. One that can
 never be processed is counted and reported.
 
-What a group-control message (GroupInfo, LeaveRequest) means for our
-conversations is the agent's business: the inbox hands it over decrypted.
+What a group-control message (GroupInfo, LeaveRequest, GroupIntent, CommitPull),
+a proposal or a commit means for our conversations is the agent's business (its
+group driver): the inbox hands them over processed, and says which group holds
+messages of a later epoch (its commits are missing: the driver pulls them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentPart, Incoming
+from qpc_node.client.branches import Branches, Unknown
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.state import Conversation, Held
 from qpc_node.errors import RemoteProtocolError
@@ -49,15 +52,34 @@ HOLD = Later.HOLD
 
 GroupControl = Callable[[Conversation, crypto.Group, str, client_pb2.AppMessage], Awaitable[None]]
 """``control(conv, group, sender fingerprint hex, message)`` for an application
-message that carries no text (GroupInfo, LeaveRequest)."""
+message that carries no text (GroupInfo, LeaveRequest, GroupIntent, CommitPull)."""
+GroupEvent = Callable[[Conversation, crypto.Group, crypto.Event, bytes], Awaitable[None]]
+"""``event(conv, group, event, mls message)`` for a processed proposal or commit."""
+Future = Callable[[bytes, int], None]
+"""``future(group id, epoch)``: a message of that later epoch is held."""
+
+
+async def _no_event(_c: Conversation, _g: crypto.Group, _e: crypto.Event, _m: bytes) -> None:
+    return None
 
 
 class Inbox(AgentPart):
     """One identity's incoming messages, from the node's mailbox to client.db."""
 
-    def __init__(self, ctx: AgentContext, *, control: GroupControl) -> None:
+    def __init__(
+        self,
+        ctx: AgentContext,
+        *,
+        control: GroupControl,
+        events: GroupEvent = _no_event,
+        future: Future = lambda _g, _e: None,
+        branches: Branches | None = None,
+    ) -> None:
         super().__init__(ctx)
+        self._branches = branches
         self._control = control
+        self._events = events
+        self._future = future
         self._lock = trio.Lock()
         self._held_loaded = False
 
@@ -204,15 +226,36 @@ class Inbox(AgentPart):
             if not sealed.describes and await self._before_description(sealed):
                 return HOLD
             try:
-                ev = await self._mls(g.process, sealed.data)
+                if self._branches is None:
+                    ev = await self._mls(g.process, sealed.data)
+                else:
+                    got = await self._mls(
+                        self._branches.process,
+                        bytes(sealed.group_id),
+                        g,
+                        bytes(sealed.branch),
+                        bytes(sealed.data),
+                        self._wall_ms(),
+                    )
+                    if isinstance(got, Unknown):
+                        return HOLD  # a branch we have not seen: we may switch to it
+                    if got is None:
+                        return None
+                    ev = got
             except crypto.WrongEpoch:
                 if await self._from_future(g, sealed.data):
                     return HOLD
                 raise
+            except crypto.MissingProposal:
+                # Relays reorder: the proposal this commit names may still come (held
+                # until the commit expires; each processed message retries it).
+                return HOLD
         except (crypto.MlsError, RemoteProtocolError, DecodeError) as exc:
             self._unreadable(seq, type(exc).__name__)
             return None
         conv = await self._state.call(self._st.conversation_by_group, bytes(sealed.group_id))
+        if ev.kind != "application" and conv is not None:
+            await self._events(conv, g, ev, bytes(sealed.data))
         if ev.kind != "application" or conv is None:
             if ev.kind == "commit" and conv is not None and not await self._mls(_active, g):
                 self._warn(f"you were removed from {conv.name!r}")
@@ -243,7 +286,10 @@ class Inbox(AgentPart):
         def ahead() -> bool:
             return g.is_active and header.epoch > g.epoch
 
-        return await self._mls(ahead)
+        if await self._mls(ahead):
+            self._future(bytes(header.group_id), header.epoch)
+            return True
+        return False
 
     def _unreadable(self, seq: int, why: str) -> None:
         self._stats.undecryptable += 1
@@ -268,6 +314,8 @@ class Inbox(AgentPart):
             self._unreadable(0, "DecodeError")
             return None
         if app.WhichOneof("body") == "text":
+            if self._branches is not None and self._branches.seen_text(ev.sender, app.app_id):
+                return None  # re-sent on the winning branch after a fork: shown already
             return Incoming(0, conv.name, ev.sender, app.text)
         await self._control(conv, g, ev.sender, app)
         return None

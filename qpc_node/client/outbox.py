@@ -8,12 +8,14 @@ backoff and full jitter; or refused for good and dropped with a warning. A
 failure of the whole call keeps every message queued.
 
 A commit becomes our group state only once the node stored its whole fan-out
-(commit to every member, the Welcome of an invite: one all-or-nothing Enqueue).
+(the commit to every member: one all-or-nothing Enqueue).
 Until then MLS keeps it pending and client.db records which outbox messages
 carry it; a permanent refusal clears it (the group stays on the epoch every
 other member has: no fork), a retriable one keeps it queued, across restarts,
-and it is merged when the node finally takes it. What must be encrypted in the
-new epoch (the GroupInfo that follows a Welcome) is encrypted after the merge.
+and it is merged when the node finally takes it. What belongs to the new epoch is
+sent only after the merge: the Welcome of an invite (to the members the merge
+says were added: a joiner must never hold a group whose commit could still be
+cleared) and the GroupInfo that follows it (encrypted in the new epoch).
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ from __future__ import annotations
 import enum
 import os
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
+from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentPart
 from qpc_node.client.fingerprint import short_code
 from qpc_node.client.state import Conversation, Outgoing
 from qpc_node.errors import RemoteProtocolError, StatusCode
+from qpc_node.groups.fork import branch_tag
 from qpc_node.ops.log import get_logger
 from qpc_node.rpc.errors import RpcError
-from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad
+from qpc_node.wire.envelope import DEFAULT_HOP_LIMIT, Envelope, pad, unpad
 from qpc_node.wire.gen.qpc.v1 import client_pb2, service_pb2
 
 log = get_logger("qpc.client")
@@ -78,12 +83,53 @@ class Route:
     """No route to the recipient's home yet: our node holds it until one appears."""
 
 
+Merged = Callable[[bytes, crypto.Event | None], Awaitable[None]]
+"""``merged(group_id, event)`` after our commit merged (event None: it was merged
+before a crash, the details are gone)."""
+
+
+WelcomeLost = Callable[[bytes, bytes], None]
+"""``welcome_lost(group_id, recipient)``: the node refused a Welcome for good (the
+commit that added them is merged: they are in the group but cannot read it)."""
+
+
+async def _nothing(_gid: bytes, _ev: crypto.Event | None) -> None:
+    return None
+
+
+Merge = Callable[[bytes, crypto.Group, int], crypto.Event]
+"""``merge(group id, group, now)`` merges the group's pending commit (in the MLS worker)."""
+
+
+SentText = Callable[[bytes, crypto.Group, bytes, bytes, bytes], None]
+"""``sent_text(group id, group, branch tag, app id, AppMessage bytes)`` (MLS worker)."""
+
+
+def _merge_pending(_gid: bytes, g: crypto.Group, _now: int) -> crypto.Event:
+    return g.merge_pending_commit()
+
+
 class Outbox(AgentPart):
     """One identity's outgoing messages: built, queued durably, sent, settled."""
 
-    def __init__(self, ctx: AgentContext, *, rng: random.Random) -> None:
+    def __init__(
+        self,
+        ctx: AgentContext,
+        *,
+        rng: random.Random,
+        merged: Merged = _nothing,
+        welcome_lost: WelcomeLost = lambda _g, _r: None,
+        merge: Merge = _merge_pending,
+        sent_text: SentText = lambda _gid, _g, _tag, _id, _body: None,
+    ) -> None:
         super().__init__(ctx)
+        self._merge = merge
+        self._sent_text = sent_text
+        """Told every text we send to a group (Stage B: resent if its branch loses)."""
+        """Merges our pending commit (Stage B: ``Branches.merge_own`` snapshots first)."""
         self._rng = rng
+        self._merged = merged
+        self._welcome_lost = welcome_lost
         self.routes: dict[bytes, Route] = {}
         """What the node answered for the messages of the last ``submit`` (for /mesh dm)."""
         self._lock = trio.Lock()
@@ -99,9 +145,10 @@ class Outbox(AgentPart):
         data: bytes,
         *,
         describes: bool = False,
+        branch: bytes = b"",
     ) -> Envelope:
         sealed = client_pb2.Sealed(
-            kind=kind, group_id=gid, data=data, describes=describes
+            kind=kind, group_id=gid, data=data, describes=describes, branch=branch
         ).SerializeToString()
         return Envelope(
             msg_id=os.urandom(16),
@@ -112,10 +159,24 @@ class Outbox(AgentPart):
         )
 
     def to_each(
-        self, recipients: list[bytes], gid: bytes, mls_message: bytes, *, describes: bool = False
+        self,
+        recipients: list[bytes],
+        gid: bytes,
+        mls_message: bytes,
+        *,
+        describes: bool = False,
+        branch: bytes = b"",
     ) -> list[Envelope]:
+        """``branch``: the branch tag of the epoch ``mls_message`` was made in (Stage B)."""
         return [
-            self.envelope(m, client_pb2.Sealed.MLS_MESSAGE, gid, mls_message, describes=describes)
+            self.envelope(
+                m,
+                client_pb2.Sealed.MLS_MESSAGE,
+                gid,
+                mls_message,
+                describes=describes,
+                branch=branch,
+            )
             for m in recipients
         ]
 
@@ -133,8 +194,19 @@ class Outbox(AgentPart):
         describes: bool = False,
     ) -> list[Envelope]:
         others = await self.others(g)
-        ct = await self._mls(g.encrypt, msg.SerializeToString())
-        return self.to_each(others, conv.group_id, ct, describes=describes)
+        if msg.WhichOneof("body") == "text" and not msg.app_id:
+            msg.app_id = os.urandom(16)
+        body = msg.SerializeToString()
+        ct, tag = await self._mls(self.encrypt, g, body)
+        if msg.app_id:
+            await self._mls(self._sent_text, conv.group_id, g, tag, bytes(msg.app_id), body)
+        return self.to_each(others, conv.group_id, ct, describes=describes, branch=tag)
+
+    def encrypt(self, g: crypto.Group, plaintext: bytes) -> tuple[bytes, bytes]:
+        """(ciphertext, branch tag of the epoch it was encrypted in): one MLS call, so
+        no commit slips in between."""
+        ct = g.encrypt(plaintext)
+        return ct, branch_tag(g)
 
     # -- queueing ----------------------------------------------------------------
     async def submit(self, envs: list[Envelope]) -> dict[bytes, Sent]:
@@ -145,12 +217,20 @@ class Outbox(AgentPart):
         return await self._flush({e.msg_id for e in envs})
 
     async def send_commit(
-        self, conv: Conversation, envs: list[Envelope], followup: client_pb2.AppMessage | None
-    ) -> None:
-        """Send a commit's fan-out all-or-nothing; merge it only once the node stored it.
+        self,
+        conv: Conversation,
+        envs: list[Envelope],
+        followup: client_pb2.AppMessage | None,
+        *,
+        welcome: bytes | None = None,
+        roster: list[bytes] | None = None,
+    ) -> bool:
+        """Send a commit's fan-out all-or-nothing; merge it only once the node stored it,
+        then send ``welcome`` to the members it added (``roster``: the members before).
 
-        Raises AgentError when the node refused it for good (the commit was cleared:
-        the group is as before for everyone); warns when it is queued for a retry.
+        True when merged now; False when queued for a retry (warned). Raises
+        AgentError when the node refused it for good (the commit was cleared: the
+        group is as before for everyone).
         """
         commit_id = os.urandom(16)
         await self._state.call(
@@ -160,11 +240,13 @@ class Outbox(AgentPart):
             None if followup is None else followup.SerializeToString(),
             [(e.msg_id, e.encode()) for e in envs],
             self._wall_ms(),
+            welcome=welcome,
+            roster=tuple(roster or ()),
         )
         fates = await self._flush({e.msg_id for e in envs})
         got = {fates.get(e.msg_id) for e in envs}
-        if got == {Sent.DELIVERED}:
-            return
+        if got <= {Sent.DELIVERED}:  # empty: nobody else in the group yet (merged by now)
+            return True
         if Sent.DROPPED in got:
             why = self._commit_refusals.pop(commit_id, "refused by the node")
             raise AgentError(f"the change to {conv.name!r} was not made: {why}")
@@ -173,6 +255,7 @@ class Outbox(AgentPart):
             " it applies once delivered",
             "commit queued",
         )
+        return False
 
     async def flush_outbox(self) -> int:
         """Send what the outbox holds that is due; return how many are still queued.
@@ -303,20 +386,31 @@ class Outbox(AgentPart):
             await self._mls(g.clear_pending_commit)
             await self._state.call(self._st.commit_finished, commit_id, [], self._wall_ms())
             return set()
+        ev: crypto.Event | None = None
         if await self._mls(g.has_pending_commit):  # else: merged before a crash
-            await self._mls(g.merge_pending_commit)
+            ev = await self._mls(self._merge, rec.group_id, g, self._wall_ms())
         envs: list[Envelope] = []
+        if rec.welcome is not None:
+            if ev is not None:
+                added = [bytes.fromhex(f) for f in ev.added]
+            else:
+                before = set(rec.roster)
+                added = [m for m in await self.others(g) if m not in before]
+            envs += [
+                self.envelope(m, client_pb2.Sealed.WELCOME, rec.group_id, rec.welcome)
+                for m in added
+            ]
         conv = await self._state.call(self._st.conversation_by_group, rec.group_id)
         if rec.followup is not None and conv is not None:
-            envs = await self.app_envelopes(
-                conv, g, client_pb2.AppMessage.FromString(rec.followup), describes=True
-            )
+            app = client_pb2.AppMessage.FromString(rec.followup)
+            envs += await self.app_envelopes(conv, g, app, describes=True)
         await self._state.call(
             self._st.commit_finished,
             commit_id,
             [(e.msg_id, e.encode()) for e in envs],
             self._wall_ms(),
         )
+        await self._merged(rec.group_id, ev)
         return {e.msg_id for e in envs}
 
     # -- plain messages ----------------------------------------------------------
@@ -405,6 +499,12 @@ class Outbox(AgentPart):
     async def _drop(self, o: Outgoing, env: Envelope, why: str) -> None:
         await self._state.call(self._st.outbox_done, [o.msg_id])
         self._stats.send_dropped += 1
+        try:
+            sealed = client_pb2.Sealed.FromString(unpad(env.ciphertext))
+        except (DecodeError, RemoteProtocolError):
+            sealed = None
+        if sealed is not None and sealed.kind == client_pb2.Sealed.WELCOME:
+            self._welcome_lost(bytes(sealed.group_id), env.recipient)
         self._warn(
             f"a message to {short_code(env.recipient.hex())} was not delivered: {why}",
             "outbox message dropped",

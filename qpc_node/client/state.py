@@ -32,7 +32,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DB_FILE = "client.db"
-_SCHEMA = 3
+_SCHEMA = 4
 SEEN_KEEP_MS = 15 * 24 * 3600 * 1000
 """How long a received message id is remembered: longer than any envelope lives
 (the outbox's retention), so a copy delivered late by another node is still known."""
@@ -136,6 +136,21 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (node, channel_id)
     );
     """,
+    # v4 (groups on a mesh, docs/groups.md): a commit's Welcome is sent only after
+    # the commit merged, to the members it added (known then); the roster before
+    # the commit (32-byte fingerprints) names them if the merge happened before a
+    # crash. Our own membership requests (intents), re-proposed until applied.
+    """
+    ALTER TABLE pending_commits ADD COLUMN welcome BLOB;
+    ALTER TABLE pending_commits ADD COLUMN roster BLOB;
+    CREATE TABLE group_intents (
+        intent_id BLOB PRIMARY KEY,
+        group_id BLOB NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -223,6 +238,10 @@ class CommitRecord:
     cancelled: bool
     remaining: int
     """Messages of its fan-out still in the outbox."""
+    welcome: bytes | None = None
+    """The Welcome to send, after the merge, to the members the commit added."""
+    roster: tuple[bytes, ...] = ()
+    """The members before the commit (who the added ones are if it merged before a crash)."""
 
 
 class ClientState:
@@ -333,6 +352,28 @@ class ClientState:
 
     def drop_conversation(self, name: str) -> None:
         self._conn.execute("DELETE FROM conversations WHERE name = ?", (name,))
+
+    # -- our membership requests (docs/groups.md) ---------------------------------
+    def intent_add(
+        self, intent_id: bytes, group_id: bytes, kind: str, target: str, now_ms: int
+    ) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO group_intents (intent_id, group_id, kind, target, created_ms)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (intent_id, group_id, kind, target, now_ms),
+        )
+
+    def intent_done(self, intent_id: bytes) -> None:
+        self._conn.execute("DELETE FROM group_intents WHERE intent_id = ?", (intent_id,))
+
+    def intents_of(self, group_id: bytes) -> list[tuple[bytes, str, str, int]]:
+        """(intent id, kind, target, created) of our open requests in a group, oldest first."""
+        rows = self._conn.execute(
+            "SELECT intent_id, kind, target, created_ms FROM group_intents WHERE group_id = ?"
+            " ORDER BY created_ms, rowid",
+            (group_id,),
+        ).fetchall()
+        return [(bytes(i), str(k), str(t), int(c)) for i, k, t, c in rows]
 
     def _conv(self, where: str, arg: object) -> Conversation | None:
         row = self._conn.execute(
@@ -716,14 +757,18 @@ class ClientState:
         followup: bytes | None,
         items: list[tuple[bytes, bytes]],
         now_ms: int,
+        *,
+        welcome: bytes | None = None,
+        roster: tuple[bytes, ...] = (),
     ) -> None:
         """Queue a commit's fan-out and remember which messages belong to it (one
         transaction: after a crash the outbox and the record agree)."""
         with transaction(self._conn):
             self._conn.execute(
-                "INSERT INTO pending_commits (commit_id, group_id, followup, created_ms)"
-                " VALUES (?, ?, ?, ?)",
-                (commit_id, group_id, followup, now_ms),
+                "INSERT INTO pending_commits"
+                " (commit_id, group_id, followup, created_ms, welcome, roster)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (commit_id, group_id, followup, now_ms, welcome, b"".join(roster)),
             )
             self._conn.executemany(
                 "INSERT INTO outbox (msg_id, envelope, next_ms, created_ms) VALUES (?, ?, ?, ?)",
@@ -747,12 +792,20 @@ class ClientState:
         rows = self._conn.execute(
             "SELECT p.commit_id, p.group_id, p.followup, p.cancelled,"
             " (SELECT count(*) FROM commit_msgs c JOIN outbox o ON o.msg_id = c.msg_id"
-            "  WHERE c.commit_id = p.commit_id)"
+            "  WHERE c.commit_id = p.commit_id), p.welcome, p.roster"
             " FROM pending_commits p ORDER BY p.created_ms, p.rowid"
         ).fetchall()
         return [
-            CommitRecord(bytes(c), bytes(g), None if f is None else bytes(f), bool(x), int(n))
-            for c, g, f, x, n in rows
+            CommitRecord(
+                bytes(c),
+                bytes(g),
+                None if f is None else bytes(f),
+                bool(x),
+                int(n),
+                None if w is None else bytes(w),
+                _split_fingerprints(bytes(r or b"")),
+            )
+            for c, g, f, x, n, w, r in rows
         ]
 
     def pending_commit(self, commit_id: bytes) -> CommitRecord | None:
@@ -825,3 +878,7 @@ class AsyncClientState:
         return await trio.to_thread.run_sync(
             functools.partial(fn, *args, **kwargs), limiter=self._limiter
         )
+
+
+def _split_fingerprints(blob: bytes) -> tuple[bytes, ...]:
+    return tuple(blob[i : i + 32] for i in range(0, len(blob) - len(blob) % 32, 32))

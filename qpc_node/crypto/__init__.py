@@ -20,6 +20,18 @@ still has it (merging first would fork the group). While a commit is pending,
 ``encrypt`` and any further commit raise :class:`PendingCommit`; the pending commit is
 part of the persisted state and survives a reopen.
 
+On a mesh (issue 14, docs/groups.md): any member may ask for a membership change with
+``propose_add``/``propose_remove``/``propose_update``/``propose_leave``, each returning
+the proposal message and its ProposalRef; the member first in ``committers()`` (a
+group-context extension, changed by ``commit_pending(committers=...)``) commits them by
+reference, and every ``Event`` of a commit says which refs it ``covered``, whom it
+``added``/``removed_members``, and the new ``authenticator``. Message secrets of up to
+MAX_PAST_EPOCHS past epochs are kept (``past_epochs()``; the caller deletes them by age
+with ``prune_past_epochs``), so a message that races a commit still decrypts; per sender
+the newest RATCHET_OUT_OF_ORDER generations decrypt in any order. A message processed
+twice raises :class:`DuplicateMessage`, one outside the ratchet window
+:class:`RatchetWindowError`, one of a deleted (or future) epoch :class:`WrongEpoch`.
+
 Every failure raises a subclass of :class:`MlsError` (itself a ``QpcError``).
 State on disk is an encrypted append-only log in ``state_dir/store.qpc``; each
 operation appends only the records it changed (``Identity.storage_stats()``).
@@ -31,7 +43,11 @@ it was before the call, and remains usable.
 from __future__ import annotations
 
 from qpc_node._core import (
+    COMMITTERS_EXTENSION,
     DEFAULT_CIPHERSUITE,
+    MAX_PAST_EPOCHS,
+    RATCHET_MAX_FORWARD,
+    RATCHET_OUT_OF_ORDER,
     Event,
     Group,
     Identity,
@@ -43,14 +59,17 @@ from qpc_node._core import (
     verify,
 )
 from qpc_node.crypto.errors import (
+    DuplicateMessage,
     InvalidKeyPackage,
     InvalidMessage,
     InvalidSignature,
+    MissingProposal,
     MlsArgumentError,
     MlsError,
     NoPendingCommit,
     NotAMember,
     PendingCommit,
+    RatchetWindowError,
     StorageError,
     StoreExists,
     StoreNotFound,
@@ -61,7 +80,12 @@ from qpc_node.crypto.errors import (
 )
 
 __all__ = [
+    "COMMITTERS_EXTENSION",
     "DEFAULT_CIPHERSUITE",
+    "MAX_PAST_EPOCHS",
+    "RATCHET_MAX_FORWARD",
+    "RATCHET_OUT_OF_ORDER",
+    "DuplicateMessage",
     "Event",
     "Group",
     "Identity",
@@ -69,11 +93,13 @@ __all__ = [
     "InvalidMessage",
     "InvalidSignature",
     "KeyPackageInfo",
+    "MissingProposal",
     "MlsArgumentError",
     "MlsError",
     "NoPendingCommit",
     "NotAMember",
     "PendingCommit",
+    "RatchetWindowError",
     "StorageError",
     "StoreExists",
     "StoreNotFound",
@@ -87,3 +113,10 @@ __all__ = [
     "key_package_identity",
     "verify",
 ]
+
+# --- fork (mlsb): snapshots, read-only processing, external rejoin (issue 14 Stage B) ---
+from qpc_node._core import MAX_SNAPSHOTS
+from qpc_node.crypto.errors import SnapshotLimit, UnknownSnapshot
+
+__all__ += ["MAX_SNAPSHOTS", "SnapshotLimit", "UnknownSnapshot"]
+# --- end fork (mlsb) ---

@@ -30,6 +30,24 @@ class WrongEpoch(InvalidMessage):
     code = StatusCode.FAILED_PRECONDITION
 
 
+class DuplicateMessage(InvalidMessage):
+    """We processed this message before: the key of its generation was used and deleted.
+
+    Store-and-forward delivers duplicates; a caller that counts undecryptable messages
+    tells these apart from messages it could never read.
+    """
+
+    code = StatusCode.ALREADY_EXISTS
+
+
+class RatchetWindowError(InvalidMessage):
+    """The message is older than the newest RATCHET_OUT_OF_ORDER generations seen from its
+    sender, or further ahead than RATCHET_MAX_FORWARD: its key is not (and will not be)
+    derived."""
+
+    code = StatusCode.FAILED_PRECONDITION
+
+
 class WelcomeNotForUs(InvalidMessage):
     """No KeyPackage of ours matches this Welcome (it was meant for someone else)."""
 
@@ -46,6 +64,14 @@ class InvalidSignature(InvalidMessage):
     """A detached signature did not verify."""
 
     code = StatusCode.UNAUTHENTICATED
+
+
+class MissingProposal(InvalidMessage):
+    """A commit covers (by reference) a proposal we have not received. Relays reorder
+    envelopes, so the proposal may still come: the caller holds the commit and retries,
+    until the commit's envelope expires."""
+
+    code = StatusCode.FAILED_PRECONDITION
 
 
 class NotAMember(MlsError):
@@ -112,14 +138,17 @@ class StoreNotFound(StorageError):
 
 
 __all__ = [
+    "DuplicateMessage",
     "InvalidKeyPackage",
     "InvalidMessage",
     "InvalidSignature",
+    "MissingProposal",
     "MlsArgumentError",
     "MlsError",
     "NoPendingCommit",
     "NotAMember",
     "PendingCommit",
+    "RatchetWindowError",
     "StorageError",
     "StoreExists",
     "StoreNotFound",
@@ -128,3 +157,28 @@ __all__ = [
     "WrongEpoch",
     "WrongSecret",
 ]
+
+
+# --- fork (mlsb): snapshots, staged commits, external rejoin (issue 14 Stage B) ---
+
+
+class UnknownSnapshot(MlsError):
+    """No snapshot with this id is stored for the group (never taken, or released)."""
+
+    code = StatusCode.NOT_FOUND
+
+
+class SnapshotLimit(MlsError):
+    """The group already holds ``MAX_SNAPSHOTS`` snapshots; release some first.
+
+    A bound, so a caller that forgets ``release`` cannot grow the store without limit.
+    """
+
+    code = StatusCode.RESOURCE_EXHAUSTED
+
+
+__all__ += [
+    "SnapshotLimit",
+    "UnknownSnapshot",
+]
+# --- end fork (mlsb) ---

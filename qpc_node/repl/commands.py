@@ -68,6 +68,16 @@ class GroupLeave:
 
 
 @dataclass(frozen=True)
+class GroupInfo:
+    name: str
+
+
+@dataclass(frozen=True)
+class GroupUpdate:
+    name: str
+
+
+@dataclass(frozen=True)
 class GroupRemove:
     name: str
     peer: str
@@ -166,6 +176,8 @@ Command = (
     | GroupMembers
     | GroupLeave
     | GroupRemove
+    | GroupInfo
+    | GroupUpdate
     | Inbox
     | Verify
     | Stats
@@ -202,12 +214,14 @@ USAGE: dict[str, str] = {
     "contact add": "/contact add NAME FINGERPRINT|SHORT-CODE",
     "contact remove": "/contact remove NAME",
     "contacts": "/contacts",
-    "group": "/group create|invite|send|members|leave|remove NAME [WHO|TEXT]",
+    "group": "/group create|invite|send|members|info|update|leave|remove NAME [WHO|TEXT]",
     "group create": "/group create NAME",
     "group invite": "/group invite NAME WHO",
     "group send": "/group send NAME TEXT",
     "group members": "/group members NAME",
     "group leave": "/group leave NAME",
+    "group info": "/group info NAME",
+    "group update": "/group update NAME",
     "group remove": "/group remove NAME WHO",
     "inbox": "/inbox [--wait SECONDS]",
     "verify": "/verify WHO",
@@ -388,14 +402,18 @@ def _group(rest: str) -> Command:
     sub, _, rest = rest.strip().partition(" ")
     sub = sub.lower()
     usage = USAGE.get(f"group {sub}", USAGE["group"])
-    if sub in ("create", "members", "leave"):
+    one: dict[str, type[GroupCreate | GroupMembers | GroupLeave | GroupInfo | GroupUpdate]] = {
+        "create": GroupCreate,
+        "members": GroupMembers,
+        "leave": GroupLeave,
+        "info": GroupInfo,
+        "update": GroupUpdate,
+    }
+    if sub in one:
         args = rest.split()
         if len(args) != 1:
             raise UsageError("need one group name", usage)
-        name = _name(args[0], usage)
-        if sub == "create":
-            return GroupCreate(name)
-        return GroupMembers(name) if sub == "members" else GroupLeave(name)
+        return one[sub](_name(args[0], usage))
     if sub in ("invite", "remove"):
         args = rest.split()
         if len(args) != 2:
@@ -425,7 +443,7 @@ COMMANDS = (
     "/quit",
 )
 SUBCOMMANDS = {
-    "/group": ("create", "invite", "send", "members", "leave", "remove"),
+    "/group": ("create", "invite", "send", "members", "info", "update", "leave", "remove"),
     "/contact": ("add", "remove"),
     "/mesh": ("peers", "routes", "server", "auto", "dm", "broadcast", "trust"),
     "/channel": ("create", "join", "list", "leave"),

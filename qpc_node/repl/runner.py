@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from qpc_node.client.agent import Agent, DmReport
+from qpc_node.client.agent import Agent, DmReport, GroupView
 from qpc_node.client.channels import parse_secret, secret_qr, secret_text
 from qpc_node.client.fingerprint import grouped, qr_terminal, short_code
 from qpc_node.client.outbox import Sent
@@ -45,6 +45,36 @@ def safety_number(a: str, b: str) -> str:
     return " ".join(digits[i : i + 5] for i in range(0, 60, 5))
 
 
+def describe_group(v: GroupView, me: str) -> list[str]:
+    """``/group info``: epoch, committer list, pending requests, forward-secrecy exposure."""
+    st = v.statistics
+
+    def who(f: str) -> str:
+        return short_code(f) + (" (you)" if f == me else "")
+
+    lines = [
+        f"{v.name}: epoch {v.epoch}, {v.members} members",
+        "  committers: " + ", ".join(who(f) for f in v.committers),
+    ]
+    if v.authenticator:
+        # Compare across members: equal on every member that is on the same branch.
+        lines.append(f"  authenticator: {v.authenticator[:8].hex()}")
+    for i in v.mine:
+        target = f" {short_code(i.target)}" if i.target else ""
+        state = f"proposed at epoch {i.epoch}" if i.epoch >= 0 else "waiting"
+        lines.append(f"  your request: {i.kind.value}{target} ({state}, attempt {i.attempts})")
+    for sender, n in v.others:
+        target = f" {short_code(n.target)}" if n.target else ""
+        lines.append(f"  request by {who(sender)}: {n.kind.value}{target}")
+    if not v.mine and not v.others:
+        lines.append("  no pending requests")
+    hours = st.fs_exposure_ms / 3_600_000
+    lines.append(
+        f"  past epochs kept: {st.past_epochs_kept} (forward-secrecy exposure {hours:.1f} h)"
+    )
+    return lines
+
+
 HELP = "\n".join(
     f"  {USAGE[k]}"
     for k in (
@@ -54,6 +84,8 @@ HELP = "\n".join(
         "group invite",
         "group send",
         "group members",
+        "group info",
+        "group update",
         "group leave",
         "group remove",
         "inbox",
@@ -161,8 +193,12 @@ class Repl:
                 self.out(f"created group {name}")
             case c.GroupInvite(name=name, peer=peer):
                 peer = await a.resolve_peer(peer)
-                await a.group_invite(name, peer)
-                self.out(f"invited {short_code(peer)} to {name}")
+                if await a.group_invite(name, peer) == "invited":
+                    self.out(f"invited {short_code(peer)} to {name}")
+                else:
+                    self.out(
+                        f"requested adding {short_code(peer)} to {name} (the committer applies it)"
+                    )
             case c.GroupSend(name=name, text=text):
                 await a.group_send(name, text)
                 self.out(f"sent to [{name}]")
@@ -175,8 +211,21 @@ class Repl:
                 self.out(f"left {name}")
             case c.GroupRemove(name=name, peer=peer):
                 peer = await a.resolve_peer(peer)
-                await a.group_remove(name, peer)
-                self.out(f"removed {short_code(peer)} from {name}")
+                done = await a.group_remove(name, peer)
+                if done == "removed":
+                    self.out(f"removed {short_code(peer)} from {name}")
+                elif done == "left":
+                    self.out(f"left {name}")
+                else:
+                    self.out(
+                        f"requested removing {short_code(peer)} from {name} (the committer applies it)"
+                    )
+            case c.GroupInfo(name=name):
+                for line in describe_group(await a.group_info(name), a.ident.fingerprint):
+                    self.out(line)
+            case c.GroupUpdate(name=name):
+                await a.group_update(name)
+                self.out(f"key update requested in {name}")
             case c.Inbox(wait=wait):
                 await self._inbox(wait)
             case c.Verify(peer=peer):

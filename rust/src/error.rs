@@ -8,6 +8,10 @@
 use pyo3::PyErr;
 
 pyo3::import_exception!(qpc_node.crypto.errors, MlsError);
+// --- fork (mlsb): snapshots, staged commits, external rejoin ---
+pyo3::import_exception!(qpc_node.crypto.errors, UnknownSnapshot);
+pyo3::import_exception!(qpc_node.crypto.errors, SnapshotLimit);
+// --- end fork (mlsb) ---
 pyo3::import_exception!(qpc_node.crypto.errors, InvalidMessage);
 pyo3::import_exception!(qpc_node.crypto.errors, WrongEpoch);
 pyo3::import_exception!(qpc_node.crypto.errors, NotAMember);
@@ -22,9 +26,19 @@ pyo3::import_exception!(qpc_node.crypto.errors, StoreExists);
 pyo3::import_exception!(qpc_node.crypto.errors, StoreNotFound);
 pyo3::import_exception!(qpc_node.crypto.errors, PendingCommit);
 pyo3::import_exception!(qpc_node.crypto.errors, NoPendingCommit);
+pyo3::import_exception!(qpc_node.crypto.errors, DuplicateMessage);
+pyo3::import_exception!(qpc_node.crypto.errors, RatchetWindowError);
+// --- gwire: a commit naming a proposal we have not received ---
+pyo3::import_exception!(qpc_node.crypto.errors, MissingProposal);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    // --- fork (mlsb) ---
+    /// No snapshot with this id for this group (never taken, or released).
+    UnknownSnapshot,
+    /// The group already holds `fork::MAX_SNAPSHOTS` snapshots.
+    SnapshotLimit,
+    // --- end fork (mlsb) ---
     /// Generic MLS failure (library/state errors).
     Mls,
     InvalidMessage,
@@ -43,6 +57,12 @@ pub enum Kind {
     PendingCommit,
     /// merge_pending_commit with nothing pending (never created, cleared, or superseded).
     NoPendingCommit,
+    /// The message's key was already used: we processed this message before.
+    Duplicate,
+    /// The message's generation is outside the sender ratchet window.
+    OutOfWindow,
+    /// (gwire) A commit covers a proposal (by reference) we have not received yet.
+    MissingProposal,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +92,10 @@ impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         let m = e.msg;
         match e.kind {
+            // --- fork (mlsb) ---
+            Kind::UnknownSnapshot => UnknownSnapshot::new_err(m),
+            Kind::SnapshotLimit => SnapshotLimit::new_err(m),
+            // --- end fork (mlsb) ---
             Kind::Mls => MlsError::new_err(m),
             Kind::InvalidMessage => InvalidMessage::new_err(m),
             Kind::WrongEpoch => WrongEpoch::new_err(m),
@@ -87,6 +111,9 @@ impl From<Error> for PyErr {
             Kind::NotFound => StoreNotFound::new_err(m),
             Kind::PendingCommit => PendingCommit::new_err(m),
             Kind::NoPendingCommit => NoPendingCommit::new_err(m),
+            Kind::Duplicate => DuplicateMessage::new_err(m),
+            Kind::OutOfWindow => RatchetWindowError::new_err(m),
+            Kind::MissingProposal => MissingProposal::new_err(m),
         }
     }
 }

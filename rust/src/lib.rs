@@ -16,6 +16,11 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_CIPHERSUITE", mls::DEFAULT_SUITE as u16)?;
+    m.add("RATCHET_OUT_OF_ORDER", mls::RATCHET_OUT_OF_ORDER)?;
+    m.add("RATCHET_MAX_FORWARD", mls::RATCHET_MAX_FORWARD)?;
+    m.add("MAX_PAST_EPOCHS", mls::MAX_PAST_EPOCHS)?;
+    m.add("COMMITTERS_EXTENSION", mls::COMMITTERS_EXTENSION)?;
+    m.add("MAX_SNAPSHOTS", mls::fork::MAX_SNAPSHOTS)?;
     m.add_class::<mls::Identity>()?;
     m.add_class::<mls::Group>()?;
     m.add_class::<mls::Event>()?;

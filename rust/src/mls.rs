@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::random::OpenMlsRand;
 use openmls_traits::signatures::{Signer, SignerError};
+use openmls_traits::storage::StorageProvider as _;
 use openmls_traits::types::SignatureScheme;
 use openmls_traits::OpenMlsProvider;
 use pyo3::prelude::*;
@@ -30,6 +32,11 @@ use crate::error::{Error, Kind, Result};
 use crate::persist::{Log, Stats};
 use crate::tracked_storage::TrackedStorage;
 
+// Stage B (snapshots, rollback, read-only processing, external rejoin): a child module so
+// it can use the private state below; its Python methods are separate #[pymethods] blocks.
+#[path = "fork.rs"]
+pub mod fork;
+
 /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (0x0001).
 pub const DEFAULT_SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 /// Domain separation for `Identity.sign`/`verify`, so a challenge signature can
@@ -37,9 +44,26 @@ pub const DEFAULT_SUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GC
 const SIGN_CONTEXT: &[u8] = b"qpc-sign-v1\0";
 const IDENTITY_KEY: &[u8] = b"qpc/identity/ed25519";
 const GROUP_INDEX_PREFIX: &[u8] = b"qpc/group/";
-/// Tolerate this many out-of-order messages per sender (store-and-forward reorders).
-const OUT_OF_ORDER_TOLERANCE: u32 = 16;
-const MAX_FORWARD_DISTANCE: u32 = 1000;
+/// Per sender and epoch, the newest this-many generations seen decrypt in any order (a
+/// message up to RATCHET_OUT_OF_ORDER - 1 behind the newest one): store-and-forward relays
+/// deliver a sender's burst in any order (the issue asks for at least 100). Each slot holds one message key until used, so this
+/// bounds how many keys of an epoch wait in memory per sender.
+pub const RATCHET_OUT_OF_ORDER: u32 = 128;
+/// A message at most this many generations ahead of the newest one seen decrypts (the
+/// ones skipped are the "1,000 ahead" of the issue: lost or still in flight). Further
+/// ahead is refused (`RatchetWindowError`), so a forged generation cannot make us derive
+/// millions of keys.
+pub const RATCHET_MAX_FORWARD: u32 = 1000;
+/// Hard cap on the past epochs whose message secrets a group keeps (OpenMLS
+/// `PastEpochDeletionPolicy::MaxEpochs`). Within it the Python group core prunes by
+/// age (`Group.prune_past_epochs`): secrets stay while a message of that epoch may still
+/// be in flight, and no longer, since each kept epoch is forward secrecy given up.
+pub const MAX_PAST_EPOCHS: usize = 32;
+/// Private-use GroupContext extension type holding the ordered committer list: the
+/// concatenated 32-byte fingerprints, first = the member who commits now.
+pub const COMMITTERS_EXTENSION: u16 = 0xF0A1;
+/// Most entries a committer list may hold.
+pub const MAX_COMMITTERS: usize = 255;
 
 pub struct Provider {
     crypto: RustCrypto,
@@ -116,17 +140,115 @@ pub struct State {
 
 type Shared = Arc<Mutex<State>>;
 
-fn create_config() -> MlsGroupCreateConfig {
-    MlsGroupCreateConfig::builder()
+/// Capabilities of every leaf we make (KeyPackages and created groups): LastResort so that
+/// extension passes KeyPackage validation, the committer list so a GroupContextExtensions
+/// proposal carrying it is valid (RFC 9420 12.1.7: every member must support it).
+fn leaf_capabilities() -> Capabilities {
+    Capabilities::builder()
+        .extensions(vec![
+            ExtensionType::LastResort,
+            ExtensionType::Unknown(COMMITTERS_EXTENSION),
+        ])
+        .build()
+}
+
+fn committers_extension(fps: &[[u8; 32]]) -> Extension {
+    Extension::Unknown(COMMITTERS_EXTENSION, UnknownExtension(fps.concat()))
+}
+
+/// The committer list of a group context: empty when the extension is absent (groups
+/// created before it existed); a malformed one is an InvalidMessage (a member could have
+/// committed it).
+fn committers_of(exts: &Extensions<GroupContext>) -> Result<Vec<String>> {
+    let Some(ext) = exts.unknown(COMMITTERS_EXTENSION) else {
+        return Ok(Vec::new());
+    };
+    let raw = &ext.0;
+    if raw.is_empty() || !raw.len().is_multiple_of(32) || raw.len() / 32 > MAX_COMMITTERS {
+        return Err(Error::new(
+            Kind::InvalidMessage,
+            "malformed committer list extension",
+        ));
+    }
+    Ok(raw.chunks(32).map(hex).collect())
+}
+
+/// Parse a committer list given by the caller: 1..=MAX_COMMITTERS distinct hex fingerprints.
+fn parse_committers(list: &[String]) -> Result<Vec<[u8; 32]>> {
+    if list.is_empty() || list.len() > MAX_COMMITTERS {
+        return Err(Error::new(
+            Kind::Argument,
+            format!("committers must list 1..{MAX_COMMITTERS} fingerprints"),
+        ));
+    }
+    let mut out: Vec<[u8; 32]> = Vec::with_capacity(list.len());
+    for fp in list {
+        let raw: [u8; 32] = unhex(&fp.to_ascii_lowercase())
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| Error::new(Kind::Argument, format!("not a fingerprint: {fp:?}")))?;
+        if out.contains(&raw) {
+            return Err(Error::new(
+                Kind::Argument,
+                format!("{fp} is listed twice among the committers"),
+            ));
+        }
+        out.push(raw);
+    }
+    Ok(out)
+}
+
+/// RequiredCapabilities naming the committer list (plus whatever `old` required): a
+/// GroupContextExtensions proposal may only carry an extension every member must support
+/// (OpenMLS checks it against this list), and new members are then checked for it.
+fn required_with_committers(old: Option<&RequiredCapabilitiesExtension>) -> Extension {
+    let ours = ExtensionType::Unknown(COMMITTERS_EXTENSION);
+    let (mut ext_types, proposals, credentials) = match old {
+        Some(r) => (
+            r.extension_types().to_vec(),
+            r.proposal_types().to_vec(),
+            r.credential_types().to_vec(),
+        ),
+        None => (Vec::new(), Vec::new(), Vec::new()),
+    };
+    if !ext_types.contains(&ours) {
+        ext_types.push(ours);
+    }
+    Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+        &ext_types,
+        &proposals,
+        &credentials,
+    ))
+}
+
+/// The group context extensions of `g` with the committer list replaced by `fps`.
+fn with_committers(g: &MlsGroup, fps: &[[u8; 32]]) -> Result<Extensions<GroupContext>> {
+    let mut exts = g.extensions().clone();
+    let bad = |e| Error::from_dbg(Kind::Mls, "committer list extension", e);
+    exts.add_or_replace(required_with_committers(exts.required_capabilities()))
+        .map_err(bad)?;
+    exts.add_or_replace(committers_extension(fps))
+        .map_err(bad)?;
+    Ok(exts)
+}
+
+fn create_config(creator: &[u8; 32]) -> Result<MlsGroupCreateConfig> {
+    let exts = Extensions::from_vec(vec![
+        required_with_committers(None),
+        committers_extension(&[*creator]),
+    ])
+    .map_err(|e| Error::from_dbg(Kind::Mls, "committer list extension", e))?;
+    Ok(MlsGroupCreateConfig::builder()
         .ciphersuite(DEFAULT_SUITE)
+        .capabilities(leaf_capabilities())
+        .with_group_context_extensions(exts)
         .use_ratchet_tree_extension(true)
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(
-            OUT_OF_ORDER_TOLERANCE,
-            MAX_FORWARD_DISTANCE,
+            RATCHET_OUT_OF_ORDER,
+            RATCHET_MAX_FORWARD,
         ))
-        .max_past_epochs(0)
-        .build()
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .build())
 }
 
 fn join_config() -> MlsGroupJoinConfig {
@@ -134,10 +256,10 @@ fn join_config() -> MlsGroupJoinConfig {
         .use_ratchet_tree_extension(true)
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(
-            OUT_OF_ORDER_TOLERANCE,
-            MAX_FORWARD_DISTANCE,
+            RATCHET_OUT_OF_ORDER,
+            RATCHET_MAX_FORWARD,
         ))
-        .max_past_epochs(0)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -316,6 +438,13 @@ fn group_parts<'a>(
         ..
     } = st;
     let g = groups.get_mut(gid).ok_or_else(|| unknown_group(gid))?;
+    // Groups stored before the wider ratchet window and past-epoch secrets get the
+    // current configuration the first time they change (written in this transaction).
+    let want = join_config();
+    if g.configuration() != &want {
+        g.set_configuration(&provider.storage, &want)
+            .map_err(|e| Error::from_dbg(Kind::Storage, "upgrade group configuration", e))?;
+    }
     Ok((g, provider, signer))
 }
 
@@ -378,18 +507,86 @@ fn run<T: Send>(
     .map_err(PyErr::from)
 }
 
-/// What `process` saw: (kind, sender fingerprint, application data, epoch after, removed).
-pub type Processed = (&'static str, String, Vec<u8>, u64, bool);
+/// `sender_leaf` of a message whose sender holds no leaf (an external sender).
+pub const NO_LEAF: u32 = u32::MAX;
+
+/// What `process` (or `merge_pending_commit`) saw; becomes the Python `Event`.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// "application", "commit" or "proposal".
+    pub kind: &'static str,
+    pub sender: String,
+    pub data: Vec<u8>,
+    /// Group epoch after processing.
+    pub epoch: u64,
+    /// This commit removed us.
+    pub removed: bool,
+    /// Epoch the message was sent in (older than `epoch` for a past-epoch message).
+    pub message_epoch: u64,
+    /// ProposalRef of a proposal.
+    pub proposal_ref: Vec<u8>,
+    /// Refs of the proposals a commit applied by reference.
+    pub covered: Vec<Vec<u8>>,
+    /// Fingerprints a commit added / removed.
+    pub added: Vec<String>,
+    pub removed_members: Vec<String>,
+    pub sender_leaf: u32,
+    /// A commit with no Add, Remove, GroupContextExtensions (or other non-Update) proposal.
+    pub self_update_only: bool,
+    /// Epoch authenticator after a commit.
+    pub authenticator: Vec<u8>,
+    /// A commit changed the committer list.
+    pub committers_changed: bool,
+}
+
+/// Fingerprint named by a basic credential (qpc credentials carry SHA-256 of the
+/// signature key as their identity); empty for any other credential.
+fn credential_fp(c: &Credential) -> String {
+    BasicCredential::try_from(c.clone())
+        .map(|b| hex(b.identity()))
+        .unwrap_or_default()
+}
+
+/// Fill the commit facts of `out` from a staged commit, before it is merged (removed
+/// members are looked up in the tree it is about to change). A committer list the commit
+/// sets that does not parse refuses the commit (nothing merged).
+fn summarize_commit(g: &MlsGroup, sc: &StagedCommit, out: &mut Processed) -> Result<()> {
+    let mut only_updates = true;
+    for q in sc.queued_proposals() {
+        if matches!(q.proposal_or_ref_type(), ProposalOrRefType::Reference) {
+            out.covered
+                .push(q.proposal_reference_ref().as_slice().to_vec());
+        }
+        if !matches!(q.proposal(), Proposal::Update(_)) {
+            only_updates = false;
+        }
+    }
+    out.self_update_only = only_updates;
+    out.added = sc
+        .add_proposals()
+        .map(|a| {
+            let sig = a.add_proposal().key_package().leaf_node().signature_key();
+            hex(&fingerprint(sig.as_slice()))
+        })
+        .collect();
+    out.removed_members = sc
+        .remove_proposals()
+        .filter_map(|r| g.member_at(r.remove_proposal().removed()))
+        .map(|m| member_fp(&m))
+        .collect();
+    out.removed = sc.self_removed();
+    let before = committers_of(g.extensions())?;
+    let after = committers_of(sc.group_context().extensions())?;
+    out.committers_changed = before != after;
+    Ok(())
+}
 
 /// The operations behind the Python methods, on an already locked state; each runs inside
 /// `run_tx` (so the Rust tests can run them, and fail them, without Python).
 impl State {
     pub fn op_key_package(&mut self, last_resort: bool) -> Result<Vec<u8>> {
         // Advertise LastResort so the extension passes KeyPackage validation.
-        let caps = Capabilities::builder()
-            .extensions(vec![ExtensionType::LastResort])
-            .build();
-        let mut b = KeyPackage::builder().leaf_node_capabilities(caps);
+        let mut b = KeyPackage::builder().leaf_node_capabilities(leaf_capabilities());
         if last_resort {
             b = b.mark_as_last_resort();
         }
@@ -429,7 +626,7 @@ impl State {
         let g = MlsGroup::new_with_group_id(
             &self.provider,
             &self.signer,
-            &create_config(),
+            &create_config(&fingerprint(self.signer.key.verifying_key().as_bytes()))?,
             GroupId::from_slice(&gid),
             self.credential.clone(),
         )
@@ -469,12 +666,25 @@ impl State {
     pub fn op_encrypt(&mut self, gid: &[u8], data: &[u8]) -> Result<Vec<u8>> {
         ensure_no_pending_commit(self.group_view(gid)?)?;
         let (g, p, s) = group_parts(self, gid)?;
+        // OpenMLS refuses to send while proposals are queued. On a mesh the commit that
+        // covers them may be minutes away (or never come: they are re-proposed), and an
+        // application message does not depend on them, so they are set aside for the
+        // message and queued again (the whole call is one transaction: all or nothing).
+        let queued: Vec<QueuedProposal> = g.pending_proposals().cloned().collect();
+        if !queued.is_empty() {
+            g.clear_pending_proposals(p.storage())
+                .map_err(|e| Error::from_dbg(Kind::Storage, "set proposals aside", e))?;
+        }
         let m = g.create_message(p, s, data).map_err(|e| match e {
             CreateMessageError::GroupStateError(_) => {
                 Error::from_dbg(Kind::NotAMember, "cannot send in this group", e)
             }
             _ => Error::from_dbg(Kind::Mls, "encrypt", e),
         })?;
+        for q in queued {
+            g.store_pending_proposal(p.storage(), q)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposals again", e))?;
+        }
         msg_bytes(&m)
     }
 
@@ -493,7 +703,11 @@ impl State {
             ));
         }
         let epoch = self.group_view(gid)?.epoch();
-        if proto.epoch() != epoch {
+        // A future epoch needs commits we have not seen: the caller holds the message and
+        // retries. A past one may still decrypt from the kept past-epoch secrets (OpenMLS
+        // refuses handshake messages from past epochs, and answers NoPastEpochData once
+        // that epoch's secrets are gone: both WrongEpoch).
+        if proto.epoch() > epoch {
             return Err(Error::new(
                 Kind::WrongEpoch,
                 format!(
@@ -503,42 +717,84 @@ impl State {
                 ),
             ));
         }
+        let message_epoch = proto.epoch().as_u64();
         let (g, p, _) = group_parts(self, gid)?;
-        let processed = g.process_message(p, proto).map_err(map_process_err)?;
-        let sender = match processed.sender() {
-            Sender::Member(idx) => g.member_at(*idx).map(|m| member_fp(&m)).unwrap_or_default(),
-            _ => String::new(),
+        let processed = match g.process_message(p, proto) {
+            Ok(processed) => processed,
+            Err(e) => {
+                let err = map_process_err(e);
+                // OpenMLS reports a past epoch whose secrets are gone as a generation "too
+                // distant in the past": it is the epoch that is out of reach.
+                if err.kind == Kind::OutOfWindow
+                    && message_epoch < epoch.as_u64()
+                    && !self.op_past_epochs(gid)?.contains(&message_epoch)
+                {
+                    return Err(Error::new(
+                        Kind::WrongEpoch,
+                        format!("the secrets of epoch {message_epoch} are deleted"),
+                    ));
+                }
+                return Err(err);
+            }
+        };
+        let (sender, sender_leaf) = match processed.sender() {
+            Sender::Member(idx) => {
+                // The leaf may hold someone else by now (a past-epoch message whose sender
+                // was removed): then the credential the message was verified with names
+                // the sender (its identity is the fingerprint, as for every qpc member).
+                let fp = match g.member_at(*idx) {
+                    Some(m) if &m.credential == processed.credential() => member_fp(&m),
+                    _ => credential_fp(processed.credential()),
+                };
+                (fp, idx.u32())
+            }
+            _ => (credential_fp(processed.credential()), NO_LEAF),
+        };
+        let mut out = Processed {
+            sender,
+            sender_leaf,
+            message_epoch,
+            ..Processed::default()
         };
         match processed.into_content() {
-            ProcessedMessageContent::ApplicationMessage(a) => Ok((
-                "application",
-                sender,
-                a.into_bytes(),
-                g.epoch().as_u64(),
-                false,
-            )),
+            ProcessedMessageContent::ApplicationMessage(a) => {
+                out.kind = "application";
+                out.data = a.into_bytes();
+            }
             ProcessedMessageContent::ProposalMessage(q) => {
+                out.kind = "proposal";
+                out.proposal_ref = q.proposal_reference_ref().as_slice().to_vec();
                 g.store_pending_proposal(&p.storage, *q)
                     .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposal", e))?;
-                Ok(("proposal", sender, Vec::new(), g.epoch().as_u64(), false))
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(q) => {
+                out.kind = "proposal";
+                out.proposal_ref = q.proposal_reference_ref().as_slice().to_vec();
                 g.store_pending_proposal(&p.storage, *q)
                     .map_err(|e| Error::from_dbg(Kind::Storage, "queue proposal", e))?;
-                Ok(("proposal", sender, Vec::new(), g.epoch().as_u64(), false))
             }
             ProcessedMessageContent::OwnPendingCommit
-            | ProcessedMessageContent::OwnPrivateMessage => Err(Error::new(
-                Kind::InvalidMessage,
-                "message was sent by ourselves",
-            )),
+            | ProcessedMessageContent::OwnPrivateMessage => {
+                return Err(Error::new(
+                    Kind::InvalidMessage,
+                    "message was sent by ourselves",
+                ))
+            }
             ProcessedMessageContent::StagedCommitMessage(sc) => {
-                let removed = sc.self_removed();
+                out.kind = "commit";
+                summarize_commit(g, &sc, &mut out)?;
+                // --- fork (mlsb): an external commit (rejoin) adds its sender through its
+                // path, with no Add proposal: report it as added all the same.
+                if out.sender_leaf == NO_LEAF && !out.sender.is_empty() {
+                    out.added.push(out.sender.clone());
+                }
                 g.merge_staged_commit(p, *sc)
                     .map_err(|e| Error::from_dbg(Kind::Mls, "merge commit", e))?;
-                Ok(("commit", sender, Vec::new(), g.epoch().as_u64(), removed))
+                out.authenticator = g.epoch_authenticator().as_slice().to_vec();
             }
         }
+        out.epoch = g.epoch().as_u64();
+        Ok(out)
     }
 
     pub fn op_add<B: AsRef<[u8]>>(
@@ -552,46 +808,19 @@ impl State {
                 "add() needs at least one KeyPackage",
             ));
         }
-        ensure_no_pending_commit(self.group_view(gid)?)?;
-        let kps = key_packages
-            .iter()
-            .map(|b| parse_key_package(&self.provider.crypto, b.as_ref()))
-            .collect::<Result<Vec<_>>>()?;
-        let (g, p, s) = group_parts(self, gid)?;
-        let (commit, welcome, _) = g.add_members(p, s, &kps).map_err(|e| match e {
-            AddMembersError::GroupStateError(_) => {
-                Error::from_dbg(Kind::NotAMember, "cannot commit in this group", e)
-            }
-            AddMembersError::CreateCommitError(_) => {
-                Error::from_dbg(Kind::InvalidKeyPackage, "add members", e)
-            }
-            _ => Error::from_dbg(Kind::Mls, "add members", e),
-        })?;
-        Ok((msg_bytes(&commit)?, msg_bytes(&welcome)?))
+        let (c, w) = self.op_commit(gid, key_packages, &[], None)?;
+        let w = w.ok_or_else(|| Error::new(Kind::Mls, "a commit that adds made no Welcome"))?;
+        Ok((c, w))
     }
 
     pub fn op_remove(&mut self, gid: &[u8], fingerprints: &[String]) -> Result<Vec<u8>> {
-        let g = self.group_view(gid)?;
-        ensure_no_pending_commit(g)?;
-        let mut leaves = Vec::with_capacity(fingerprints.len());
-        for fp in fingerprints {
-            let want = unhex(&fp.to_ascii_lowercase()).ok_or_else(|| {
-                Error::new(Kind::Argument, format!("not a hex fingerprint: {fp:?}"))
-            })?;
-            let m = g
-                .members()
-                .find(|m| fingerprint(m.signature_key.as_slice()).as_slice() == want.as_slice())
-                .ok_or_else(|| Error::new(Kind::NotAMember, format!("{fp} is not a member")))?;
-            leaves.push(m.index);
+        if fingerprints.is_empty() {
+            return Err(Error::new(
+                Kind::Argument,
+                "remove() needs at least one fingerprint",
+            ));
         }
-        let (g, p, s) = group_parts(self, gid)?;
-        let (commit, _, _) = g.remove_members(p, s, &leaves).map_err(|e| match e {
-            RemoveMembersError::GroupStateError(_) => {
-                Error::from_dbg(Kind::NotAMember, "cannot commit in this group", e)
-            }
-            _ => Error::from_dbg(Kind::Mls, "remove members", e),
-        })?;
-        msg_bytes(&commit)
+        Ok(self.op_commit::<&[u8]>(gid, &[], fingerprints, None)?.0)
     }
 
     pub fn op_update(&mut self, gid: &[u8]) -> Result<Vec<u8>> {
@@ -618,12 +847,63 @@ impl State {
         msg_bytes(&m)
     }
 
-    pub fn op_commit_pending(&mut self, gid: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
-        ensure_no_pending_commit(self.group_view(gid)?)?;
+    /// Commit every stored proposal (by reference), plus inline Adds/Removes and, when
+    /// `committers` is given, a GroupContextExtensions proposal setting the committer list.
+    /// Returns (commit, Welcome if anyone is added); the commit is left pending.
+    pub fn op_commit<B: AsRef<[u8]>>(
+        &mut self,
+        gid: &[u8],
+        key_packages: &[B],
+        remove: &[String],
+        committers: Option<&[String]>,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+        let g = self.group_view(gid)?;
+        ensure_no_pending_commit(g)?;
+        if !g.is_active() {
+            return Err(Error::new(Kind::NotAMember, "cannot commit in this group"));
+        }
+        let leaves = leaves_of(g, remove)?;
+        let exts = match committers {
+            Some(c) => Some(with_committers(g, &parse_committers(c)?)?),
+            None => None,
+        };
+        let kps = key_packages
+            .iter()
+            .map(|b| parse_key_package(&self.provider.crypto, b.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let adding = !kps.is_empty();
         let (g, p, s) = group_parts(self, gid)?;
-        let (commit, welcome, _) = g
-            .commit_to_pending_proposals(p, s)
-            .map_err(|e| Error::from_dbg(Kind::Mls, "commit pending proposals", e))?;
+        // A member cannot commit its own removal (RFC 9420 12.4: CannotRemoveSelf): such a
+        // proposal (its own leave, or someone's request to remove it) stays for another
+        // committer, instead of making every commit of this member fail.
+        let own_leaf = g.own_leaf_index();
+        let mut b = g
+            .commit_builder()
+            .consume_proposal_store(true)
+            .propose_adds(kps)
+            .propose_removals(leaves);
+        if let Some(exts) = exts {
+            b = b
+                .propose_group_context_extensions(exts)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "committer list proposal", e))?;
+        }
+        let bundle = b
+            .load_psks(p.storage())
+            .map_err(|e| Error::from_dbg(Kind::Mls, "commit", e))?
+            .build(p.rand(), p.crypto(), s, |q| !removes_leaf(q, own_leaf))
+            .map_err(|e| {
+                // An Add whose KeyPackage the group cannot take (e.g. it lacks a capability
+                // the group context needs) fails here.
+                let kind = if adding {
+                    Kind::InvalidKeyPackage
+                } else {
+                    Kind::Mls
+                };
+                Error::from_dbg(kind, "build commit", e)
+            })?
+            .stage_commit(p)
+            .map_err(|e| Error::from_dbg(Kind::Mls, "stage commit", e))?;
+        let (commit, welcome, _) = bundle.into_messages();
         let w = match welcome {
             Some(w) => Some(msg_bytes(&w)?),
             None => None,
@@ -631,20 +911,137 @@ impl State {
         Ok((msg_bytes(&commit)?, w))
     }
 
-    pub fn op_merge_pending_commit(&mut self, gid: &[u8]) -> Result<()> {
-        if self.group_view(gid)?.pending_commit().is_none() {
+    pub fn op_commit_pending(&mut self, gid: &[u8]) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+        self.op_commit::<&[u8]>(gid, &[], &[], None)
+    }
+
+    /// Run one proposal-making call and return (message, ref of the proposal it queued in
+    /// our own store). Refs are found as the store's difference, so calls that do not
+    /// return theirs (leave) work the same.
+    fn propose(
+        &mut self,
+        gid: &[u8],
+        f: impl FnOnce(&mut MlsGroup, &Provider, &Ed25519Signer) -> Result<MlsMessageOut>,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let g = self.group_view(gid)?;
+        ensure_no_pending_commit(g)?;
+        if !g.is_active() {
+            return Err(Error::new(Kind::NotAMember, "cannot propose in this group"));
+        }
+        let before = proposal_refs(g);
+        let (g, p, s) = group_parts(self, gid)?;
+        let msg = f(g, p, s)?;
+        let new: Vec<Vec<u8>> = proposal_refs(g)
+            .into_iter()
+            .filter(|r| !before.contains(r))
+            .collect();
+        let [r] = <[Vec<u8>; 1]>::try_from(new)
+            .map_err(|_| Error::new(Kind::Mls, "proposal was not queued in our own store"))?;
+        Ok((msg_bytes(&msg)?, r))
+    }
+
+    pub fn op_propose_add(&mut self, gid: &[u8], key_package: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let kp = parse_key_package(&self.provider.crypto, key_package)?;
+        self.propose(gid, |g, p, s| {
+            g.propose_add_member(p, s, &kp)
+                .map(|(m, _)| m)
+                .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "propose add", e))
+        })
+    }
+
+    pub fn op_propose_remove(&mut self, gid: &[u8], fp: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+        let [leaf] =
+            <[LeafNodeIndex; 1]>::try_from(leaves_of(self.group_view(gid)?, &[fp.to_string()])?)
+                .map_err(|_| Error::new(Kind::Argument, "one fingerprint"))?;
+        self.propose(gid, |g, p, s| {
+            if leaf == g.own_leaf_index() {
+                return Err(Error::new(
+                    Kind::Argument,
+                    "use propose_leave() to remove ourselves",
+                ));
+            }
+            g.propose_remove_member(p, s, leaf)
+                .map(|(m, _)| m)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "propose remove", e))
+        })
+    }
+
+    pub fn op_propose_update(&mut self, gid: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.propose(gid, |g, p, s| {
+            g.propose_self_update(p, s, LeafNodeParameters::default())
+                .map(|(m, _)| m)
+                .map_err(|e| Error::from_dbg(Kind::Mls, "propose update", e))
+        })
+    }
+
+    pub fn op_propose_leave(&mut self, gid: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.propose(gid, |g, p, s| {
+            g.leave_group(p, s)
+                .map_err(|e| Error::from_dbg(Kind::NotAMember, "leave group", e))
+        })
+    }
+
+    pub fn op_clear_proposals(&mut self, gid: &[u8]) -> Result<()> {
+        let (g, p, _) = group_parts(self, gid)?;
+        g.clear_pending_proposals(&p.storage)
+            .map_err(|e| Error::from_dbg(Kind::Storage, "clear proposals", e))
+    }
+
+    /// Epochs whose message secrets are kept (oldest first), read from the stored store.
+    pub fn op_past_epochs(&mut self, gid: &[u8]) -> Result<Vec<u64>> {
+        self.group_view(gid)?;
+        let view: Option<PastEpochsView> = self
+            .provider
+            .storage
+            .message_secrets(&GroupId::from_slice(gid))
+            .map_err(|e| Error::from_dbg(Kind::Storage, "read message secrets", e))?;
+        match view {
+            Some(v) => v.epochs(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Delete the message secrets of all but the newest `keep` past epochs; how many went.
+    pub fn op_prune_past_epochs(&mut self, gid: &[u8], keep: usize) -> Result<usize> {
+        let before = self.op_past_epochs(gid)?.len();
+        if before <= keep {
+            return Ok(0);
+        }
+        let (g, p, _) = group_parts(self, gid)?;
+        // "Older than forever" deletes nothing by age; the count cap does the work.
+        let policy =
+            PastEpochDeletion::older_than_duration(std::time::Duration::MAX).max_past_epochs(keep);
+        g.delete_past_epoch_secrets(p, policy)
+            .map_err(|e| Error::from_dbg(Kind::Storage, "delete past epoch secrets", e))?;
+        Ok(before - self.op_past_epochs(gid)?.len())
+    }
+
+    pub fn op_merge_pending_commit(&mut self, gid: &[u8]) -> Result<Processed> {
+        let own_fp = hex(&fingerprint(self.signer.key.verifying_key().as_bytes()));
+        let (g, p, _) = group_parts(self, gid)?;
+        let mut out = Processed {
+            kind: "commit",
+            sender: own_fp,
+            sender_leaf: g.own_leaf_index().u32(),
+            message_epoch: g.epoch().as_u64(),
+            ..Processed::default()
+        };
+        let Some(sc) = g.pending_commit() else {
             return Err(Error::new(
                 Kind::NoPendingCommit,
                 "no pending commit to merge (never created, cleared, or superseded)",
             ));
-        }
-        let (g, p, _) = group_parts(self, gid)?;
+        };
+        summarize_commit(g, sc, &mut out)?;
         g.merge_pending_commit(p).map_err(|e| match e {
             MergePendingCommitError::MlsGroupStateError(_) => {
                 Error::from_dbg(Kind::NotAMember, "merge own commit", e)
             }
             _ => Error::from_dbg(Kind::Mls, "merge own commit", e),
-        })
+        })?;
+        out.epoch = g.epoch().as_u64();
+        out.authenticator = g.epoch_authenticator().as_slice().to_vec();
+        Ok(out)
     }
 
     pub fn op_clear_pending_commit(&mut self, gid: &[u8]) -> Result<()> {
@@ -669,8 +1066,24 @@ fn map_process_err(e: ProcessMessageError<crate::tracked_storage::StoreError>) -
         ProcessMessageError::ValidationError(v) if is_wrong_epoch(v) => {
             Error::from_dbg(Kind::WrongEpoch, "message from another epoch", e)
         }
+        ProcessMessageError::ValidationError(ValidationError::UnableToDecrypt(
+            MessageDecryptionError::SecretTreeError(t),
+        )) => match t {
+            // The key of this generation was used (and deleted): we decrypted it before.
+            SecretTreeError::SecretReuseError => {
+                Error::from_dbg(Kind::Duplicate, "message already processed", e)
+            }
+            SecretTreeError::TooDistantInThePast | SecretTreeError::TooDistantInTheFuture => {
+                Error::from_dbg(Kind::OutOfWindow, "outside the sender ratchet window", e)
+            }
+            _ => Error::from_dbg(Kind::InvalidMessage, "invalid message", e),
+        },
         ProcessMessageError::GroupStateError(_) => {
             Error::from_dbg(Kind::NotAMember, "group is not operational for us", e)
+        }
+        // gwire: relays reorder; the proposal may still come (the caller holds the commit).
+        ProcessMessageError::InvalidCommit(StageCommitError::MissingProposal) => {
+            Error::from_dbg(Kind::MissingProposal, "commit names a proposal not received", e)
         }
         ProcessMessageError::StorageError(_) | ProcessMessageError::LibraryError(_) => {
             Error::from_dbg(Kind::Mls, "process message", e)
@@ -714,25 +1127,142 @@ fn member_fp(m: &Member) -> String {
     hex(&fingerprint(m.signature_key.as_slice()))
 }
 
+/// Leaf indices of members named by hex fingerprint (NotAMember for an unknown one).
+fn leaves_of(g: &MlsGroup, fingerprints: &[String]) -> Result<Vec<LeafNodeIndex>> {
+    let mut leaves = Vec::with_capacity(fingerprints.len());
+    for fp in fingerprints {
+        let want = unhex(&fp.to_ascii_lowercase())
+            .ok_or_else(|| Error::new(Kind::Argument, format!("not a hex fingerprint: {fp:?}")))?;
+        let m = g
+            .members()
+            .find(|m| fingerprint(m.signature_key.as_slice()).as_slice() == want.as_slice())
+            .ok_or_else(|| Error::new(Kind::NotAMember, format!("{fp} is not a member")))?;
+        leaves.push(m.index);
+    }
+    Ok(leaves)
+}
+
+/// True for a Remove proposal of `leaf`.
+fn removes_leaf(q: &QueuedProposal, leaf: LeafNodeIndex) -> bool {
+    matches!(q.proposal(), Proposal::Remove(r) if r.removed() == leaf)
+}
+
+/// Refs of the proposals in the group's proposal store.
+fn proposal_refs(g: &MlsGroup) -> Vec<Vec<u8>> {
+    g.pending_proposals()
+        .map(|q| q.proposal_reference_ref().as_slice().to_vec())
+        .collect()
+}
+
+/// Only the epochs of OpenMLS's stored `MessageSecretsStore` (its JSON in our storage):
+/// OpenMLS has no accessor for which past epochs it keeps, and the count alone cannot
+/// tell the Python core which epochs still decrypt.
+struct PastEpochsView(serde_json::Value);
+
+impl PastEpochsView {
+    fn epochs(&self) -> Result<Vec<u64>> {
+        let bad = || Error::new(Kind::Storage, "unexpected past-epoch secrets layout");
+        let trees = self
+            .0
+            .get("past_epoch_trees")
+            .and_then(|t| t.as_array())
+            .ok_or_else(bad)?;
+        trees
+            .iter()
+            .map(|t| t.get("epoch").and_then(|e| e.as_u64()).ok_or_else(bad))
+            .collect()
+    }
+}
+
+impl serde::Serialize for PastEpochsView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PastEpochsView {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        serde_json::Value::deserialize(d).map(PastEpochsView)
+    }
+}
+
+impl openmls_traits::storage::Entity<{ openmls_traits::storage::CURRENT_VERSION }>
+    for PastEpochsView
+{
+}
+impl openmls_traits::storage::traits::MessageSecrets<{ openmls_traits::storage::CURRENT_VERSION }>
+    for PastEpochsView
+{
+}
+
 // ---------------------------------------------------------------------------------
 
-/// What `Group.process` saw.
-#[pyclass(frozen, module = "qpc_node._core", get_all)]
+/// What `Group.process` (or `merge_pending_commit`) saw.
+#[pyclass(frozen, module = "qpc_node._core")]
 pub struct Event {
     /// "application", "commit" or "proposal".
+    #[pyo3(get)]
     kind: &'static str,
     /// Fingerprint (hex) of the sending member.
+    #[pyo3(get)]
     sender: String,
     /// Application plaintext (empty for handshake messages).
+    #[pyo3(get)]
     data: Py<PyBytes>,
     /// Group epoch after processing.
+    #[pyo3(get)]
     epoch: u64,
     /// True when this commit removed us from the group.
+    #[pyo3(get)]
     removed: bool,
+    #[pyo3(get)]
+    message_epoch: u64,
+    #[pyo3(get)]
+    proposal_ref: Py<PyBytes>,
+    covered: Vec<Vec<u8>>,
+    #[pyo3(get)]
+    added: Vec<String>,
+    #[pyo3(get)]
+    removed_members: Vec<String>,
+    #[pyo3(get)]
+    sender_leaf: u32,
+    #[pyo3(get)]
+    self_update_only: bool,
+    #[pyo3(get)]
+    authenticator: Py<PyBytes>,
+    #[pyo3(get)]
+    committers_changed: bool,
+}
+
+impl Event {
+    fn new(py: Python<'_>, p: Processed) -> Event {
+        Event {
+            kind: p.kind,
+            sender: p.sender,
+            data: PyBytes::new(py, &p.data).unbind(),
+            epoch: p.epoch,
+            removed: p.removed,
+            message_epoch: p.message_epoch,
+            proposal_ref: PyBytes::new(py, &p.proposal_ref).unbind(),
+            covered: p.covered,
+            added: p.added,
+            removed_members: p.removed_members,
+            sender_leaf: p.sender_leaf,
+            self_update_only: p.self_update_only,
+            authenticator: PyBytes::new(py, &p.authenticator).unbind(),
+            committers_changed: p.committers_changed,
+        }
+    }
 }
 
 #[pymethods]
 impl Event {
+    /// Refs of the proposals a commit applied by reference (inline ones excluded).
+    #[getter]
+    fn covered<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.covered.iter().map(|r| PyBytes::new(py, r)).collect()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Event(kind={:?}, sender={:?}, epoch={}, removed={})",
@@ -980,37 +1510,62 @@ impl Group {
     /// Decrypt/verify one message; merges commits and queues proposals.
     fn process(&self, py: Python<'_>, message: &[u8]) -> PyResult<Event> {
         let gid = &self.gid;
-        let (kind, sender, data, epoch, removed) =
-            run(py, &self.shared, |st| st.op_process(gid, message))?;
-        Ok(Event {
-            kind,
-            sender,
-            data: PyBytes::new(py, &data).unbind(),
-            epoch,
-            removed,
-        })
+        let p = run(py, &self.shared, |st| st.op_process(gid, message))?;
+        Ok(Event::new(py, p))
     }
 
     /// Add members by KeyPackage; returns (commit, welcome). The commit stays pending (the
     /// epoch does not change) until `merge_pending_commit`; send the Welcome only after that.
+    /// With `committers`, the same commit also sets the committer list.
+    #[pyo3(signature = (key_packages, committers = None))]
     fn add<'py>(
         &self,
         py: Python<'py>,
         key_packages: Vec<PyBackedBytes>,
+        committers: Option<Vec<String>>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let gid = &self.gid;
-        let (c, w) = run(py, &self.shared, |st| st.op_add(gid, &key_packages))?;
+        let (c, w) = run(py, &self.shared, |st| match &committers {
+            None => st.op_add(gid, &key_packages),
+            Some(list) => {
+                if key_packages.is_empty() {
+                    return Err(Error::new(
+                        Kind::Argument,
+                        "add() needs at least one KeyPackage",
+                    ));
+                }
+                let (c, w) = st.op_commit(gid, &key_packages, &[], Some(list))?;
+                let w = w.ok_or_else(|| Error::new(Kind::Mls, "no Welcome for an add"))?;
+                Ok((c, w))
+            }
+        })?;
         Ok((PyBytes::new(py, &c), PyBytes::new(py, &w)))
     }
 
     /// Remove members by fingerprint (hex); returns the commit, left pending (see `add`).
+    /// With `committers`, the same commit also sets the committer list.
+    #[pyo3(signature = (fingerprints, committers = None))]
     fn remove<'py>(
         &self,
         py: Python<'py>,
         fingerprints: Vec<String>,
+        committers: Option<Vec<String>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let gid = &self.gid;
-        let out = run(py, &self.shared, |st| st.op_remove(gid, &fingerprints))?;
+        let out = run(py, &self.shared, |st| match &committers {
+            None => st.op_remove(gid, &fingerprints),
+            Some(list) => {
+                if fingerprints.is_empty() {
+                    return Err(Error::new(
+                        Kind::Argument,
+                        "remove() needs at least one fingerprint",
+                    ));
+                }
+                Ok(st
+                    .op_commit::<&[u8]>(gid, &[], &fingerprints, Some(list))?
+                    .0)
+            }
+        })?;
         Ok(PyBytes::new(py, &out))
     }
 
@@ -1029,15 +1584,125 @@ impl Group {
         Ok(PyBytes::new(py, &out))
     }
 
-    /// Commit every queued proposal (e.g. a member's leave); returns (commit, welcome or None),
-    /// the commit left pending (see `add`).
+    /// Commit every queued proposal, by reference (members' adds, removes, updates,
+    /// leaves); returns (commit, welcome or None), the commit left pending (see `add`).
+    /// Two kinds stay uncovered: our own Update proposals (the commit's path renews our
+    /// leaf instead, RFC 9420 12.2) and any Remove of ourselves (another member must
+    /// commit it).
+    /// With `committers`, the commit also sets the committer list (an inline
+    /// GroupContextExtensions proposal).
+    #[pyo3(signature = (committers = None))]
     fn commit_pending<'py>(
         &self,
         py: Python<'py>,
+        committers: Option<Vec<String>>,
     ) -> PyResult<(Bound<'py, PyBytes>, Option<Bound<'py, PyBytes>>)> {
         let gid = &self.gid;
-        let (c, w) = run(py, &self.shared, |st| st.op_commit_pending(gid))?;
+        let (c, w) = run(py, &self.shared, |st| match committers.as_deref() {
+            None => st.op_commit_pending(gid),
+            Some(list) => st.op_commit::<&[u8]>(gid, &[], &[], Some(list)),
+        })?;
         Ok((PyBytes::new(py, &c), w.map(|w| PyBytes::new(py, &w))))
+    }
+
+    /// Propose adding the owner of a KeyPackage; returns (proposal message, ProposalRef).
+    /// Any member may; the proposal is also queued in our own store, so our own next
+    /// commit covers it too.
+    fn propose_add<'py>(
+        &self,
+        py: Python<'py>,
+        key_package: &[u8],
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let gid = &self.gid;
+        let (m, r) = run(py, &self.shared, |st| st.op_propose_add(gid, key_package))?;
+        Ok((PyBytes::new(py, &m), PyBytes::new(py, &r)))
+    }
+
+    /// Propose removing a member (by fingerprint); returns (proposal, ProposalRef).
+    fn propose_remove<'py>(
+        &self,
+        py: Python<'py>,
+        fingerprint: &str,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let gid = &self.gid;
+        let (m, r) = run(py, &self.shared, |st| {
+            st.op_propose_remove(gid, fingerprint)
+        })?;
+        Ok((PyBytes::new(py, &m), PyBytes::new(py, &r)))
+    }
+
+    /// Propose fresh keys for our leaf; returns (proposal, ProposalRef). (A committer never
+    /// commits its own Update proposal: it commits with a path instead.)
+    fn propose_update<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let gid = &self.gid;
+        let (m, r) = run(py, &self.shared, |st| st.op_propose_update(gid))?;
+        Ok((PyBytes::new(py, &m), PyBytes::new(py, &r)))
+    }
+
+    /// Propose our own removal; returns (proposal, ProposalRef). Another member commits it.
+    fn propose_leave<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let gid = &self.gid;
+        let (m, r) = run(py, &self.shared, |st| st.op_propose_leave(gid))?;
+        Ok((PyBytes::new(py, &m), PyBytes::new(py, &r)))
+    }
+
+    /// Refs of the proposals in the proposal store (ours and received), in store order.
+    fn pending_proposals<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let gid = &self.gid;
+        let refs = run(py, &self.shared, |st| {
+            Ok(proposal_refs(st.group_view(gid)?))
+        })?;
+        Ok(refs.iter().map(|r| PyBytes::new(py, r)).collect())
+    }
+
+    /// Empty the proposal store (proposals are valid for one epoch only; a commit that
+    /// changes the epoch empties it anyway).
+    fn clear_proposals(&self, py: Python<'_>) -> PyResult<()> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| st.op_clear_proposals(gid))
+    }
+
+    /// The ordered committer list (fingerprints) of the group context; empty for a group
+    /// made before the list existed.
+    fn committers(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| {
+            committers_of(st.group_view(gid)?.extensions())
+        })
+    }
+
+    /// Epochs whose message secrets are kept, oldest first (a message of one of them, or of
+    /// the current epoch, decrypts).
+    fn past_epochs(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| st.op_past_epochs(gid))
+    }
+
+    /// Delete the message secrets of all but the newest `keep` past epochs (forward
+    /// secrecy); returns how many were deleted.
+    fn prune_past_epochs(&self, py: Python<'_>, keep: usize) -> PyResult<usize> {
+        let gid = &self.gid;
+        run(py, &self.shared, |st| st.op_prune_past_epochs(gid, keep))
+    }
+
+    /// RFC 9420 epoch authenticator of the current epoch: equal on all members that are
+    /// in the same epoch of the same group state.
+    fn epoch_authenticator<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let gid = &self.gid;
+        let a = run(py, &self.shared, |st| {
+            Ok(st
+                .group_view(gid)?
+                .epoch_authenticator()
+                .as_slice()
+                .to_vec())
+        })?;
+        Ok(PyBytes::new(py, &a))
     }
 
     /// Make our pending commit our state: the epoch advances. Call it once the node has
@@ -1046,9 +1711,11 @@ impl Group {
     /// by another member's commit for the same epoch that `process` merged first (then our
     /// commit is lost and must be made again). An error, not a no-op, so the caller cannot
     /// believe a change happened that did not.
-    fn merge_pending_commit(&self, py: Python<'_>) -> PyResult<()> {
+    /// Returns the commit's Event (covered proposals, added/removed members, authenticator).
+    fn merge_pending_commit(&self, py: Python<'_>) -> PyResult<Event> {
         let gid = &self.gid;
-        run(py, &self.shared, |st| st.op_merge_pending_commit(gid))
+        let p = run(py, &self.shared, |st| st.op_merge_pending_commit(gid))?;
+        Ok(Event::new(py, p))
     }
 
     /// Discard our pending commit (its send failed): the group stays on the current epoch and
@@ -1223,8 +1890,8 @@ mod tests {
 
     fn talk(from: &mut State, to: &mut State, gid: &[u8], text: &[u8]) {
         let ct = run_tx(from, |st| st.op_encrypt(gid, text)).expect("encrypt");
-        let (kind, _, data, _, _) = run_tx(to, |st| st.op_process(gid, &ct)).expect("process");
-        assert_eq!((kind, data.as_slice()), ("application", text));
+        let p = run_tx(to, |st| st.op_process(gid, &ct)).expect("process");
+        assert_eq!((p.kind, p.data.as_slice()), ("application", text));
     }
 
     /// A failing operation after real OpenMLS writes (commit created and merged, a new
@@ -1294,10 +1961,103 @@ mod tests {
         assert!(store_bytes(&tmp, "b") == disk, "log file changed");
 
         // The message that was being processed is processed normally now.
-        let (kind, _, data, _, _) = run_tx(&mut b, |st| st.op_process(&gid, &ct)).expect("process");
-        assert_eq!((kind, data.as_slice()), ("application", b"m1".as_slice()));
+        let p = run_tx(&mut b, |st| st.op_process(&gid, &ct)).expect("process");
+        assert_eq!(
+            (p.kind, p.data.as_slice()),
+            ("application", b"m1".as_slice())
+        );
         assert!(!pending(&mut b, &gid));
         talk(&mut b, &mut a, &gid, b"after the panic");
+    }
+
+    /// A group stored with the old configuration (no past epochs, a 16-message ratchet
+    /// window) gets the current one on its next change, and then keeps past epochs.
+    #[test]
+    fn stored_groups_get_the_current_configuration() {
+        let tmp = TmpDir::new("upgrade");
+        let (mut a, mut b) = (new_state(&tmp, "a"), new_state(&tmp, "b"));
+        let gid = group_of(&mut [&mut a, &mut b]);
+        let old = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .sender_ratchet_configuration(SenderRatchetConfiguration::new(16, 1000))
+            .max_past_epochs(0)
+            .build();
+        run_tx(&mut b, |st| {
+            let gid = gid.clone();
+            st.ensure_loaded(&gid)?;
+            st.touch(&gid);
+            let State {
+                provider, groups, ..
+            } = st;
+            let g = groups.get_mut(&gid).ok_or_else(|| unknown_group(&gid))?;
+            g.set_configuration(&provider.storage, &old)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "downgrade", e))
+        })
+        .expect("store the old configuration");
+        drop(b);
+        let mut b = State::open(&tmp.path().join("b"), SECRET, false).expect("reopen");
+        let cfg = run_tx(&mut b, |st| {
+            Ok(st.group_view(&gid)?.configuration().clone())
+        })
+        .expect("config");
+        assert_eq!(cfg, old);
+        let stale = run_tx(&mut a, |st| st.op_encrypt(&gid, b"epoch 1")).expect("encrypt");
+        let commit = run_tx(&mut a, |st| {
+            let c = st.op_update(&gid)?;
+            st.op_merge_pending_commit(&gid)?;
+            Ok(c)
+        })
+        .expect("commit");
+        run_tx(&mut b, |st| st.op_process(&gid, &commit)).expect("process commit");
+        let cfg = run_tx(&mut b, |st| {
+            Ok(st.group_view(&gid)?.configuration().clone())
+        })
+        .expect("config");
+        assert_eq!(cfg, join_config());
+        assert_eq!(
+            run_tx(&mut b, |st| st.op_past_epochs(&gid)).expect("past"),
+            vec![1]
+        );
+        let p = run_tx(&mut b, |st| st.op_process(&gid, &stale)).expect("late message");
+        assert_eq!(
+            (p.data.as_slice(), p.message_epoch),
+            (b"epoch 1".as_slice(), 1)
+        );
+    }
+
+    /// A committer list extension that does not parse is a typed InvalidMessage (a member
+    /// could commit one; `process` then refuses the commit before merging it), and the
+    /// caller's list is checked before any commit is made.
+    #[test]
+    fn committer_list_encoding_is_checked() {
+        let fp = [7u8; 32];
+        let ok = Extensions::single(committers_extension(&[fp, [8u8; 32]])).expect("ext");
+        assert_eq!(
+            committers_of(&ok).expect("parses"),
+            vec![hex(&fp), hex(&[8u8; 32])]
+        );
+        assert_eq!(
+            committers_of(&Extensions::empty()).expect("absent"),
+            Vec::<String>::new()
+        );
+        for raw in [vec![], vec![1u8; 31], vec![1u8; 33], vec![1u8; 32 * 256]] {
+            let bad = Extensions::single(Extension::Unknown(
+                COMMITTERS_EXTENSION,
+                UnknownExtension(raw),
+            ))
+            .expect("ext");
+            assert_eq!(
+                committers_of(&bad).expect_err("malformed").kind,
+                Kind::InvalidMessage
+            );
+        }
+        assert_eq!(
+            parse_committers(&[hex(&fp), hex(&fp).to_uppercase()])
+                .expect_err("duplicate")
+                .kind,
+            Kind::Argument
+        );
     }
 
     /// Processing a commit that includes queued proposals clears them from the store (the

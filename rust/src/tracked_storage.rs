@@ -173,6 +173,140 @@ fn json<T: Serialize + ?Sized>(v: &T) -> Res<Vec<u8>> {
     Ok(serde_json::to_vec(v)?)
 }
 
+/// Key (before label/version) of one past epoch's record: group id JSON || epoch (u64 BE).
+fn past_key(gid: &[u8], epoch: u64) -> Vec<u8> {
+    let mut k = gid.to_vec();
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
+
+const PAST_FIELD: &[u8] = b"\"past_epoch_trees\":[";
+
+/// End (exclusive) of the JSON value starting at `start` in compact serde_json output, or
+/// None if it does not end inside `json`. Tracks nesting and strings (with escapes).
+fn value_end(json: &[u8], start: usize) -> Option<usize> {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for (i, &c) in json.iter().enumerate().skip(start) {
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' if depth == 0 => return Some(i),
+            b'}' | b']' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            b',' if depth == 0 => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// (index after an array's '[', its element spans, index of its ']').
+type ArraySpans = (usize, Vec<(usize, usize)>, usize);
+/// (epoch, serialized EpochTree) of each kept past epoch.
+type PastTrees<'a> = Vec<(u64, &'a [u8])>;
+
+/// The elements of the `past_epoch_trees` array of a serialized MessageSecretsStore:
+/// (index after its '[', element spans, index of its ']').
+fn past_elements(json: &[u8]) -> Option<ArraySpans> {
+    // serde_json writes struct fields in order, and the store's first fields are
+    // `max_epochs` and `past_epoch_trees`: the first occurrence is the top-level field.
+    let open = json
+        .windows(PAST_FIELD.len())
+        .position(|w| w == PAST_FIELD)?
+        + PAST_FIELD.len();
+    let mut spans = Vec::new();
+    let mut i = open;
+    loop {
+        match json.get(i)? {
+            b']' => return Some((open, spans, i)),
+            b',' if !spans.is_empty() => i += 1,
+            _ => {}
+        }
+        let end = value_end(json, i)?;
+        if end <= i {
+            return None;
+        }
+        spans.push((i, end));
+        i = end;
+    }
+}
+
+/// The epoch of one serialized EpochTree (`{"epoch":N,...}`).
+fn tree_epoch(tree: &[u8]) -> Option<u64> {
+    let rest = tree.strip_prefix(b"{\"epoch\":")?;
+    let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// Split a serialized MessageSecretsStore into the main record (epoch numbers in place of
+/// the past trees) and (epoch, tree) pairs; None if the layout is not the expected one
+/// (then it is stored whole, as before).
+fn split_past(full: &[u8]) -> Option<(Vec<u8>, PastTrees<'_>)> {
+    let (open, spans, close) = past_elements(full)?;
+    let mut past = Vec::with_capacity(spans.len());
+    let mut main = full[..open].to_vec();
+    for (n, (a, b)) in spans.into_iter().enumerate() {
+        let tree = &full[a..b];
+        let epoch = tree_epoch(tree)?;
+        if n > 0 {
+            main.push(b',');
+        }
+        main.extend_from_slice(epoch.to_string().as_bytes());
+        past.push((epoch, tree));
+    }
+    main.extend_from_slice(&full[close..]);
+    Some((main, past))
+}
+
+/// Epochs a stored main record refers to (none for a record stored whole).
+fn past_refs(main: &[u8]) -> Vec<u64> {
+    let Some((_, spans, _)) = past_elements(main) else {
+        return Vec::new();
+    };
+    spans
+        .into_iter()
+        .map_while(|(a, b)| std::str::from_utf8(&main[a..b]).ok()?.parse().ok())
+        .collect()
+}
+
+/// The full serialization again from a main record and the past records it names; a
+/// record stored whole (before the split) comes back as it is.
+fn join_past<'a>(main: &[u8], past: impl Fn(u64) -> Option<&'a [u8]>) -> Res<Vec<u8>> {
+    let Some((open, spans, close)) = past_elements(main) else {
+        return Ok(main.to_vec());
+    };
+    let is_ref = |(a, _): &(usize, usize)| main.get(*a).is_some_and(u8::is_ascii_digit);
+    if spans.is_empty() || !spans.iter().all(is_ref) {
+        return Ok(main.to_vec());
+    }
+    let mut full = main[..open].to_vec();
+    for (n, (a, b)) in spans.into_iter().enumerate() {
+        let epoch: u64 = std::str::from_utf8(&main[a..b])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or(StoreError::SerializationError)?;
+        if n > 0 {
+            full.push(b',');
+        }
+        full.extend_from_slice(past(epoch).ok_or(StoreError::Missing)?);
+    }
+    full.extend_from_slice(&main[close..]);
+    Ok(full)
+}
+
 impl TrackedStorage {
     fn write(&self, label: &[u8], key: &[u8], value: Vec<u8>) -> Res<()> {
         let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
@@ -253,6 +387,51 @@ const OWN_LEAF_NODE_INDEX_LABEL: &[u8] = b"OwnLeafNodeIndex";
 const EPOCH_SECRETS_LABEL: &[u8] = b"EpochSecrets";
 const RESUMPTION_PSK_STORE_LABEL: &[u8] = b"ResumptionPsk";
 const MESSAGE_SECRETS_LABEL: &[u8] = b"MessageSecrets";
+/// One record per kept past epoch of a group's message secrets (see `split_past`).
+pub const MESSAGE_SECRETS_PAST_LABEL: &[u8] = b"MessageSecretsPast";
+
+/// Labels of the records that belong to one group: their key (after the label) starts with
+/// the group id's serialization, or, for a queued proposal, with the `(group_id, ref)` pair.
+/// Everything else (KeyPackages, HPKE init keys, signature keys, PSKs) is per identity.
+const GROUP_LABELS: &[&[u8]] = &[
+    TREE_LABEL,
+    GROUP_CONTEXT_LABEL,
+    INTERIM_TRANSCRIPT_HASH_LABEL,
+    CONFIRMATION_TAG_LABEL,
+    JOIN_CONFIG_LABEL,
+    OWN_LEAF_NODES_LABEL,
+    GROUP_STATE_LABEL,
+    QUEUED_PROPOSAL_LABEL,
+    PROPOSAL_QUEUE_REFS_LABEL,
+    OWN_LEAF_NODE_INDEX_LABEL,
+    EPOCH_SECRETS_LABEL,
+    RESUMPTION_PSK_STORE_LABEL,
+    MESSAGE_SECRETS_LABEL,
+    MESSAGE_SECRETS_PAST_LABEL,
+    EPOCH_KEY_PAIRS_LABEL,
+];
+
+/// The serialization of a group id as it appears in storage keys.
+pub fn group_key_part(group_id: &[u8]) -> Res<Vec<u8>> {
+    json(&openmls::group::GroupId::from_slice(group_id))
+}
+
+/// True when `key` is an OpenMLS record of the group whose id serializes to `gid_json`
+/// (from [`group_key_part`]): its tree, context, secrets (current and past epochs), join
+/// config, own leaf nodes and index, group state (with a pending commit), proposal store
+/// and per-epoch leaf key pairs. Why by key and not by asking OpenMLS: a group-scoped
+/// snapshot must hold every record a later operation reads, including ones OpenMLS only
+/// reads on demand (the epoch key pairs of the epoch a sibling commit is processed in).
+pub fn is_group_record(key: &[u8], gid_json: &[u8]) -> bool {
+    GROUP_LABELS.iter().any(|label| {
+        key.strip_prefix(*label).is_some_and(|rest| {
+            rest.starts_with(gid_json)
+                || (rest.first() == Some(&b'[')
+                    && rest[1..].starts_with(gid_json)
+                    && rest.get(1 + gid_json.len()) == Some(&b','))
+        })
+    })
+}
 
 /// Key of the epoch key pairs: the three serializations concatenated (the original layout).
 fn epoch_key_pairs_id(
@@ -566,9 +745,27 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         &self,
         group_id: &GroupId,
     ) -> Result<Option<MessageSecrets>, Self::Error> {
-        self.read(MESSAGE_SECRETS_LABEL, &json(group_id)?)
+        let gid = json(group_id)?;
+        let values = self.values.read().map_err(|_| StoreError::Poisoned)?;
+        let Some(main) = values.get(&storage_key(MESSAGE_SECRETS_LABEL, &gid)) else {
+            return Ok(None);
+        };
+        let full = join_past(main, |epoch| {
+            values
+                .get(&storage_key(
+                    MESSAGE_SECRETS_PAST_LABEL,
+                    &past_key(&gid, epoch),
+                ))
+                .map(Vec::as_slice)
+        })?;
+        Ok(Some(serde_json::from_slice(&full)?))
     }
 
+    /// Stored split: the past epochs' trees each in their own record, the rest (with the
+    /// epoch numbers in place of the trees) in the main one. OpenMLS rewrites the whole
+    /// store whenever the current epoch's ratchet moves (every message sent or read);
+    /// with up to MAX_PAST_EPOCHS kept that was ~1 MB per message at 64 members. Now the
+    /// past records are written back unchanged and the transaction logs only what changed.
     fn write_message_secrets<
         GroupId: traits::GroupId<CURRENT_VERSION>,
         MessageSecrets: traits::MessageSecrets<CURRENT_VERSION>,
@@ -577,18 +774,53 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         group_id: &GroupId,
         message_secrets: &MessageSecrets,
     ) -> Result<(), Self::Error> {
-        self.write(
-            MESSAGE_SECRETS_LABEL,
-            &json(group_id)?,
-            json(message_secrets)?,
-        )
+        let gid = json(group_id)?;
+        let full = json(message_secrets)?;
+        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
+        let main_key = storage_key(MESSAGE_SECRETS_LABEL, &gid);
+        let old_epochs = match values.get(&main_key) {
+            Some(old) => past_refs(old),
+            None => Vec::new(),
+        };
+        let (main, past) = match split_past(&full) {
+            Some(split) => split,
+            None => (full.clone(), Vec::new()),
+        };
+        for (epoch, tree) in &past {
+            let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(&gid, *epoch));
+            if values.get(&k).map(Vec::as_slice) != Some(*tree) {
+                values.insert(k, tree.to_vec());
+            }
+        }
+        for epoch in old_epochs {
+            if !past.iter().any(|(e, _)| *e == epoch) {
+                values.remove(&storage_key(
+                    MESSAGE_SECRETS_PAST_LABEL,
+                    &past_key(&gid, epoch),
+                ));
+            }
+        }
+        values.insert(main_key, main);
+        Ok(())
     }
 
     fn delete_message_secrets<GroupId: traits::GroupId<CURRENT_VERSION>>(
         &self,
         group_id: &GroupId,
     ) -> Result<(), Self::Error> {
-        self.delete(MESSAGE_SECRETS_LABEL, &json(group_id)?)
+        let gid = json(group_id)?;
+        let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
+        let main_key = storage_key(MESSAGE_SECRETS_LABEL, &gid);
+        if let Some(old) = values.get(&main_key) {
+            for epoch in past_refs(old) {
+                values.remove(&storage_key(
+                    MESSAGE_SECRETS_PAST_LABEL,
+                    &past_key(&gid, epoch),
+                ));
+            }
+        }
+        values.remove(&main_key);
+        Ok(())
     }
 
     fn resumption_psk_store<
@@ -852,6 +1084,84 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// The message secrets store round-trips through the split records, strings with
+    /// brackets and escapes included; rewriting it with only the current epoch changed
+    /// leaves the past records out of the transaction; a dropped epoch's record goes.
+    #[test]
+    fn message_secrets_split_round_trips_and_writes_only_changes() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug, Clone)]
+        struct Tree {
+            epoch: u64,
+            s: String,
+            v: Vec<Vec<u8>>,
+        }
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug, Clone)]
+        struct Store {
+            max_epochs: usize,
+            past_epoch_trees: Vec<Tree>,
+            message_secrets: Vec<u8>,
+        }
+        impl Entity<CURRENT_VERSION> for Store {}
+        impl traits::MessageSecrets<CURRENT_VERSION> for Store {}
+        let tree = |e: u64| Tree {
+            epoch: e,
+            s: format!("a]\\\"}},[{e}"),
+            v: vec![vec![1, 2], vec![]],
+        };
+        let gid = GroupIdT(vec![7, 7]);
+        let st = TrackedStorage::default();
+        let mut store = Store {
+            max_epochs: 3,
+            past_epoch_trees: vec![tree(4), tree(5)],
+            message_secrets: vec![1],
+        };
+        st.write_message_secrets(&gid, &store).expect("write");
+        let back: Store = st.message_secrets(&gid).expect("read").expect("some");
+        assert_eq!(back, store);
+        let n_records = |st: &TrackedStorage| st.values.read().expect("lock").iter().count();
+        assert_eq!(n_records(&st), 3);
+        st.values.write().expect("lock").commit();
+
+        store.message_secrets = vec![2];
+        st.write_message_secrets(&gid, &store).expect("write");
+        let changed: Vec<Vec<u8>> = st
+            .values
+            .read()
+            .expect("lock")
+            .pending_changes()
+            .iter()
+            .map(|(k, _)| k.to_vec())
+            .collect();
+        assert_eq!(
+            changed,
+            vec![storage_key(MESSAGE_SECRETS_LABEL, &json(&gid).expect("j"))]
+        );
+        st.values.write().expect("lock").commit();
+
+        store.past_epoch_trees = vec![tree(5), tree(6)];
+        st.write_message_secrets(&gid, &store).expect("write");
+        assert_eq!(n_records(&st), 3);
+        let back: Store = st.message_secrets(&gid).expect("read").expect("some");
+        assert_eq!(back, store);
+        st.delete_message_secrets(&gid).expect("delete");
+        assert_eq!(n_records(&st), 0);
+        // A store written whole (before the split) still reads.
+        st.write(
+            MESSAGE_SECRETS_LABEL,
+            &json(&gid).expect("j"),
+            json(&store).expect("j"),
+        )
+        .expect("write whole");
+        let back: Store = st.message_secrets(&gid).expect("read").expect("some");
+        assert_eq!(back, store);
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct GroupIdT(Vec<u8>);
+    impl Entity<CURRENT_VERSION> for GroupIdT {}
+    impl Key<CURRENT_VERSION> for GroupIdT {}
+    impl traits::GroupId<CURRENT_VERSION> for GroupIdT {}
 
     #[test]
     fn key_layout_is_label_key_version() {

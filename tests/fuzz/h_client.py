@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
 from qpc_node.client.agent import Agent, Incoming
+from qpc_node.client.groups import note_from_pb
 from qpc_node.client.mlsheader import PRIVATE_MESSAGE, PUBLIC_MESSAGE, parse_header
 from qpc_node.client.state import AsyncClientState, ClientState
 from qpc_node.errors import QpcError, RemoteProtocolError
@@ -28,7 +30,7 @@ from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RetryPolicy, RpcClient
 from qpc_node.wire.envelope import pad
 from qpc_node.wire.gen.qpc.v1 import client_pb2
-from tests.fuzz.registry import Invariant, environment, register
+from tests.fuzz.registry import Invariant, environment, pure, register
 
 _C = client_pb2
 NODE_FPR = b"\x22" * 32
@@ -162,6 +164,18 @@ register(
             _C.AppMessage(info=_C.GroupInfo(name="g", direct=True, committer=env.alice_fpr)),
             _C.AppMessage(info=_C.GroupInfo(name="x" * 80, committer=b"\0" * 32)),
             _C.AppMessage(leave=_C.LeaveRequest()),
+            _C.AppMessage(
+                intent=_C.GroupIntent(
+                    intent_id=b"\x01" * 16,
+                    kind=_C.GroupIntent.ADD,
+                    target=b"\x02" * 32,
+                    proposal_ref=b"\x03" * 32,
+                    epoch=1,
+                )
+            ),
+            _C.AppMessage(intent=_C.GroupIntent(kind=_C.GroupIntent.LEAVE, epoch=2**64 - 1)),
+            _C.AppMessage(pull=_C.CommitPull(from_epoch=0)),
+            _C.AppMessage(pull=_C.CommitPull(from_epoch=2**64 - 1)),
         )
     ],
     target=app_target,
@@ -258,4 +272,29 @@ register(
     seeds=lambda _env: _mls_header_seeds(),
     target=lambda _env: mls_header_target,
     allowed=(RemoteProtocolError,),
+)
+
+
+def _group_intent(data: bytes) -> None:
+    """A GroupIntent note as the group driver reads it: a note or None, never a crash."""
+    note = note_from_pb(_C.GroupIntent.FromString(data))
+    if note is not None and (len(note.intent_id) != 16 or len(note.target) not in (0, 64)):
+        raise Invariant(f"malformed note accepted: {note}")
+
+
+pure(
+    "client.group_intent",
+    seeds=lambda: [
+        _C.GroupIntent(
+            intent_id=b"\x01" * 16, kind=k, target=t, proposal_ref=b"\x03" * 32, epoch=e
+        ).SerializeToString()
+        for k, t, e in (
+            (_C.GroupIntent.ADD, b"\x02" * 32, 1),
+            (_C.GroupIntent.REMOVE, b"\x02" * 32, 2**64 - 1),
+            (_C.GroupIntent.UPDATE, b"", 0),
+            (_C.GroupIntent.LEAVE, b"", 7),
+        )
+    ],
+    target=_group_intent,
+    allowed=(DecodeError,),
 )

@@ -35,6 +35,18 @@ MESSAGES: dict[str, Message] = {
         kind=client_pb2.Sealed.MLS_MESSAGE, group_id=GID, data=b"\x00\x01\x00\x02i", describes=True
     ),
     "app_text": client_pb2.AppMessage(text="hello team", sent_ms=1_800_000_000_000),
+    # Stage B: a text's app id (re-sent with the same id after a fork; shown once).
+    "app_text_id": client_pb2.AppMessage(
+        text="hello team", sent_ms=1_800_000_000_000, app_id=bytes(range(16))
+    ),
+    # Both Sealed fields of issue 14: describes (4) and the branch tag (5).
+    "sealed_describes_branch": client_pb2.Sealed(
+        kind=client_pb2.Sealed.MLS_MESSAGE,
+        group_id=GID,
+        data=b"\x00\x01\x00\x02i",
+        describes=True,
+        branch=bytes(range(100, 116)),
+    ),
     "app_info": client_pb2.AppMessage(
         info=client_pb2.GroupInfo(name="team", direct=False, committer=ME)
     ),

@@ -132,12 +132,15 @@ def test_update_advances_epoch_for_all(tmp_path: Path) -> None:
 
 
 def test_old_epoch_message_is_rejected(tmp_path: Path) -> None:
+    """A message of an epoch whose secrets are deleted is WrongEpoch (past epochs are kept
+    for in-flight messages, see test_mls_robust.py; pruning deletes them)."""
     members = build_group(tmp_path, 2)
     (_a, ga), (_b, gb) = members
     stale = ga.encrypt(b"sent in epoch 1")
     commit = ga.update()
     ga.merge_pending_commit()
     gb.process(commit)
+    assert gb.prune_past_epochs(0) == 1
     with pytest.raises(WrongEpoch) as info:
         gb.process(stale)
     assert isinstance(info.value, InvalidMessage)

@@ -199,9 +199,10 @@ commit = gb.update()
 gb.merge_pending_commit()
 size_b = os.path.getsize(store_b)
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-# From here on no file may grow: every operation's log record fails to be written
-# (EFBIG; Python ignores SIGXFSZ).
-resource.setrlimit(resource.RLIMIT_FSIZE, (max(size_a, size_b), hard))
+# From here on a's store may not grow: every operation's log record fails to be written
+# (EFBIG; Python ignores SIGXFSZ). Only a is written below; b's store is larger (it keeps
+# past-epoch secrets), so a limit at b's size would let a's records through.
+resource.setrlimit(resource.RLIMIT_FSIZE, (size_a, hard))
 for name, op in [
     ("update", ga.update),
     ("encrypt", lambda: ga.encrypt(b"lost")),

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Sealed(_message.Message):
-    __slots__ = ("kind", "group_id", "data", "describes")
+    __slots__ = ("kind", "group_id", "data", "describes", "branch")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Sealed.Kind]
@@ -20,23 +20,31 @@ class Sealed(_message.Message):
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DESCRIBES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     kind: Sealed.Kind
     group_id: bytes
     data: bytes
     describes: bool
-    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., describes: _Optional[bool] = ...) -> None: ...
+    branch: bytes
+    def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., describes: _Optional[bool] = ..., branch: _Optional[bytes] = ...) -> None: ...
 
 class AppMessage(_message.Message):
-    __slots__ = ("text", "info", "leave", "sent_ms")
+    __slots__ = ("text", "info", "leave", "intent", "pull", "sent_ms", "app_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     LEAVE_FIELD_NUMBER: _ClassVar[int]
+    INTENT_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     info: GroupInfo
     leave: LeaveRequest
+    intent: GroupIntent
+    pull: CommitPull
     sent_ms: int
-    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., sent_ms: _Optional[int] = ...) -> None: ...
+    app_id: bytes
+    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., intent: _Optional[_Union[GroupIntent, _Mapping]] = ..., pull: _Optional[_Union[CommitPull, _Mapping]] = ..., sent_ms: _Optional[int] = ..., app_id: _Optional[bytes] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("name", "direct", "committer")
@@ -51,3 +59,35 @@ class GroupInfo(_message.Message):
 class LeaveRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GroupIntent(_message.Message):
+    __slots__ = ("intent_id", "kind", "target", "proposal_ref", "epoch")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[GroupIntent.Kind]
+        ADD: _ClassVar[GroupIntent.Kind]
+        REMOVE: _ClassVar[GroupIntent.Kind]
+        UPDATE: _ClassVar[GroupIntent.Kind]
+        LEAVE: _ClassVar[GroupIntent.Kind]
+    KIND_UNSPECIFIED: GroupIntent.Kind
+    ADD: GroupIntent.Kind
+    REMOVE: GroupIntent.Kind
+    UPDATE: GroupIntent.Kind
+    LEAVE: GroupIntent.Kind
+    INTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    PROPOSAL_REF_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    intent_id: bytes
+    kind: GroupIntent.Kind
+    target: bytes
+    proposal_ref: bytes
+    epoch: int
+    def __init__(self, intent_id: _Optional[bytes] = ..., kind: _Optional[_Union[GroupIntent.Kind, str]] = ..., target: _Optional[bytes] = ..., proposal_ref: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class CommitPull(_message.Message):
+    __slots__ = ("from_epoch",)
+    FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    from_epoch: int
+    def __init__(self, from_epoch: _Optional[int] = ...) -> None: ...
