@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from qpc_node import crypto
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
-from qpc_node.groups.core import CommitInfo, GroupConfig, IntentError, IntentKind, topped_up
+from qpc_node.groups.core import GroupConfig, IntentError, IntentKind, topped_up
 from qpc_node.groups.fork import (
     Apply,
     EpochInfo,
@@ -48,7 +48,7 @@ from qpc_node.groups.fork import (
     rank_secret,
 )
 from qpc_node.wire.gen.qpc.v1 import client_pb2
-from qpc_sim.groups import GroupSim, SimConfig, SimMember, SimReport, _Held
+from qpc_sim.groups import GroupSim, SimConfig, SimMember, SimReport, _Held, commit_info
 
 __all__ = ["PartitionConfig", "PartitionReport", "PartitionSim", "content_type", "run_partition"]
 
@@ -267,17 +267,7 @@ class PartitionSim(GroupSim):
         if welcome is not None:
             for f in ev.added:
                 self._send_welcome(m, self.by_fpr[f], welcome)
-        info = CommitInfo(
-            parent_epoch=g.epoch - 1,
-            sender=m.fpr,
-            covered=tuple(ev.covered),
-            added=tuple(ev.added),
-            removed=tuple(ev.removed_members),
-            committers=tuple(g.committers()),
-            members=tuple(g.members()),
-            authenticator=ev.authenticator,
-            message=commit,
-        )
+        info = commit_info(g, ev, m.fpr, commit)
         self.apply(m, core.on_commit(info, self.now))
         self._release(m)
         self._flush_deferred(m)
@@ -442,17 +432,7 @@ class PartitionSim(GroupSim):
                 for f in ev_ours.added:
                     self._send_welcome(m, self.by_fpr[f], welcome)
             assert m.core is not None
-            info = CommitInfo(
-                parent_epoch=g.epoch - 1,
-                sender=m.fpr,
-                covered=tuple(ev_ours.covered),
-                added=tuple(ev_ours.added),
-                removed=tuple(ev_ours.removed_members),
-                committers=tuple(g.committers()),
-                members=tuple(g.members()),
-                authenticator=ev_ours.authenticator,
-                message=own_commit,
-            )
+            info = commit_info(g, ev_ours, m.fpr, own_commit)
             self.apply(m, m.core.on_commit(info, self.now))
             self._release(m)
             self._flush_deferred(m)

@@ -120,6 +120,25 @@ class SimReport:
     virtual_ms: int
 
 
+def commit_info(
+    g: crypto.Group, ev: crypto.Event, sender: str, message: bytes, parent_epoch: int | None = None
+) -> CommitInfo:
+    """The core's record of a commit just merged into ``g`` (ours or received): one
+    reading of the Event for every site of the harnesses."""
+    return CommitInfo(
+        parent_epoch=g.epoch - 1 if parent_epoch is None else parent_epoch,
+        sender=sender,
+        covered=tuple(ev.covered),
+        added=tuple(ev.added),
+        removed=tuple(ev.removed_members),
+        committers=tuple(g.committers()) if not ev.removed else (),
+        members=tuple(g.members()) if not ev.removed else (),
+        authenticator=ev.authenticator,
+        message=message,
+        removed_us=ev.removed,
+    )
+
+
 class GroupSim:
     """N members of one group, their network and their node acks (see module doc)."""
 
@@ -383,17 +402,7 @@ class GroupSim:
         if welcome is not None:
             for f in ev.added:
                 self._send_welcome(m, self.by_fpr[f], welcome)
-        info = CommitInfo(
-            parent_epoch=parent,
-            sender=m.fpr,
-            covered=tuple(ev.covered),
-            added=tuple(ev.added),
-            removed=tuple(ev.removed_members),
-            committers=tuple(g.committers()),
-            members=tuple(g.members()),
-            authenticator=ev.authenticator,
-            message=commit,
-        )
+        info = commit_info(g, ev, m.fpr, commit, parent)
         self.apply(m, core.on_commit(info, self.now))
         self._flush_deferred(m)
         self._retry_held(m)
@@ -524,18 +533,7 @@ class GroupSim:
                 m.commit_pending = None
                 core.commit_superseded()
                 self._flush_deferred(m)
-            info = CommitInfo(
-                parent_epoch=g.epoch - 1,
-                sender=ev.sender,
-                covered=tuple(ev.covered),
-                added=tuple(ev.added),
-                removed=tuple(ev.removed_members),
-                committers=tuple(g.committers()) if not ev.removed else (),
-                members=tuple(g.members()) if not ev.removed else (),
-                authenticator=ev.authenticator,
-                message=h.data,
-                removed_us=ev.removed,
-            )
+            info = commit_info(g, ev, ev.sender, h.data)
             self.apply(m, core.on_commit(info, self.now))
 
     def _application(self, m: SimMember, ev: crypto.Event, h: _Held) -> None:
