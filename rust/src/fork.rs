@@ -308,16 +308,7 @@ fn run_readonly<T: Send>(
     shared: &Shared,
     f: impl FnOnce(&mut State) -> Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(|| {
-        let mut st = shared.lock().map_err(|_| {
-            Error::new(
-                Kind::Storage,
-                "identity state poisoned by an earlier internal error; reopen it",
-            )
-        })?;
-        run_discarded(&mut st, f)
-    })
-    .map_err(PyErr::from)
+    with_state(py, shared, |st| run_discarded(st, f))
 }
 
 impl State {

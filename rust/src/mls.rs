@@ -489,8 +489,8 @@ pub fn run_tx<T>(st: &mut State, f: impl FnOnce(&mut State) -> Result<T>) -> Res
     r
 }
 
-/// `run_tx` on the shared identity state, without the GIL.
-fn run<T: Send>(
+/// `f` on the locked shared identity state, without the GIL.
+fn with_state<T: Send>(
     py: Python<'_>,
     shared: &Shared,
     f: impl FnOnce(&mut State) -> Result<T> + Send,
@@ -502,9 +502,18 @@ fn run<T: Send>(
                 "identity state poisoned by an earlier internal error; reopen it",
             )
         })?;
-        run_tx(&mut st, f)
+        f(&mut st)
     })
     .map_err(PyErr::from)
+}
+
+/// `run_tx` on the shared identity state, without the GIL.
+fn run<T: Send>(
+    py: Python<'_>,
+    shared: &Shared,
+    f: impl FnOnce(&mut State) -> Result<T> + Send,
+) -> PyResult<T> {
+    with_state(py, shared, |st| run_tx(st, f))
 }
 
 /// `sender_leaf` of a message whose sender holds no leaf (an external sender).
