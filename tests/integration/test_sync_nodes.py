@@ -226,6 +226,10 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
     with trio.fail_after(30):
         async with fed_node(tmp_path, "a") as a, fed_node(tmp_path, "b") as b:
             sb = syncer_of(b, [b_src], interval_s=3600.0, link_up_delay_s=3600.0)
+            # a's own syncer opens a link-up session too when a has the lower node id (at
+            # once, racing the calls below): it spends one of b's tokens, and b's count
+            # includes it if it is refused. Otherwise it waits (an hour here).
+            sa = syncer_of(a, [], interval_s=3600.0, link_up_delay_s=3600.0)
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             bad = [
                 (b"\x61\x01\x00\x05", sync_pb2.SyncRefusal.MALFORMED),  # mode 5
@@ -250,9 +254,16 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
             # The malformed session took one token of the burst; the oversized one none.
             assert set(reasons) == {sync_pb2.SyncRefusal.RATE_LIMITED}
             assert len(reasons) >= 12 - int(sb.config.limits.session_burst) + 1
+            def a_sessions_done() -> bool:
+                s = sa.statistics()
+                ended = s.sessions_completed + s.sessions_capped + s.sessions_failed
+                return s.sessions_initiated == ended
+
+            await until(a_sessions_done)
+            a_refused = sa.statistics().refusals_received.get("rate_limited", 0)
             st = sb.statistics()
             assert st.refusals_sent == {
-                "rate_limited": len(reasons),
+                "rate_limited": len(reasons) + a_refused,
                 "malformed": 1,
                 "too_large": 1,
             }
