@@ -254,6 +254,7 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
             # The malformed session took one token of the burst; the oversized one none.
             assert set(reasons) == {sync_pb2.SyncRefusal.RATE_LIMITED}
             assert len(reasons) >= 12 - int(sb.config.limits.session_burst) + 1
+
             def a_sessions_done() -> bool:
                 s = sa.statistics()
                 ended = s.sessions_completed + s.sessions_capped + s.sessions_failed
