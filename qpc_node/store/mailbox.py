@@ -542,9 +542,10 @@ def ack(
 
     ``up_to_seq`` moves the mailbox's ``acked_seq`` watermark (clamped to its last seq:
     an ack never covers a message not stored yet); the rows under it stay until the
-    next write transaction reclaims them. ``seqs`` (explicit seqs, e.g. mail handed to
-    federation custody) are deleted here with their tombstones, which needs
-    ``tombstones``. Acking twice, or acking an unknown or expired seq, is not an error
+    next write transaction reclaims them, except stranger mail (its row carries the
+    sender's tag), deleted here. ``seqs`` (explicit seqs, e.g. mail handed to
+    federation custody) are deleted here too. Rows deleted here log their tombstones
+    in ``tombstones``. Acking twice, or acking an unknown or expired seq, is not an error
     (clients retry acks after reconnecting). Must run inside a transaction.
     """
     check_fingerprint(recipient)
@@ -552,6 +553,7 @@ def ack(
         raise InvalidRecord("ack needs up_to_seq or seqs")
     last_seq, acked_seq = _mailbox_seqs(conn, recipient)
     gone: list[tuple[bytes | None, int]] = []  # (sender tag, size) of newly acked rows
+    deleted: list[tuple[bytes, bytes, int, int]] = []  # tombstones of rows deleted here
     pending = 0
     if up_to_seq is not None and min(up_to_seq, last_seq) > acked_seq:
         upto = min(up_to_seq, last_seq)
@@ -560,10 +562,21 @@ def ack(
             (recipient, acked_seq, upto),
         ).fetchall()
         conn.execute("UPDATE mailboxes SET acked_seq = ? WHERE recipient = ?", (upto, recipient))
-        acked_seq = upto
         gone += [(tag, int(size)) for tag, size in rows]
         pending = len(rows)
-    deleted: list[tuple[bytes, bytes, int, int]] = []
+        if any(tag is not None for tag, _ in rows):
+            # Stranger mail carries its sender's tag: that goes at the ack, not later
+            # (no trace of who wrote to whom once delivered); rare, so it costs little.
+            if tombstones is None:
+                raise InvalidRecord("acking stranger mail needs the store's tombstones")
+            tagged = conn.execute(
+                "DELETE FROM messages WHERE recipient = ? AND seq > ? AND seq <= ?"
+                " AND sender IS NOT NULL RETURNING msg_id, seq, expiry_ms",
+                (recipient, acked_seq, upto),
+            ).fetchall()
+            deleted += [(recipient, m, int(q), int(e)) for m, q, e in tagged]
+            pending -= len(tagged)
+        acked_seq = upto
     for seq in sorted(set(seqs)):
         if not acked_seq < seq <= SEQ_MAX:
             continue  # acked already, or no such message can exist

@@ -157,3 +157,38 @@ def test_close_reclaims(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT seq FROM messages").fetchall() == [(2,)]
     conn.close()
+
+
+def test_stranger_mail_leaves_at_its_ack(store: Store) -> None:
+    """Its row carries the sender's tag: gone in the ack's own commit."""
+    store.enqueue([env(1)], NOW)
+    store.enqueue([env(2)], NOW, sender=SenderKey.local(BOB))  # bob: a stranger to alice
+    store.ack(ALICE, up_to_seq=2)
+    tags = store.conn.execute("SELECT count(*) FROM messages WHERE sender IS NOT NULL")
+    assert tags.fetchone()[0] == 0
+    assert store.tombstones.seq_of(ALICE, env(2).msg_id) == 2
+    assert store.enqueue([env(2)], NOW, sender=SenderKey.local(BOB))[0].duplicate
+
+
+async def test_an_idle_worker_reclaims_what_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio
+
+    from qpc_node.store import AsyncStore, async_store
+
+    monkeypatch.setattr(async_store, "RECLAIM_IDLE_SECONDS", 0.05)
+    store = await AsyncStore.open(tmp_path / "node.db")
+    try:
+        await store.enqueue([env(1, BOB), env(1)], NOW)  # bob's row blocks the prefix
+        await store.ack(ALICE, up_to_seq=1)
+        for _ in range(100):  # each look is a job: poll slower than the idle timeout
+            await trio.sleep(0.2)
+            if not await store.run(lambda s: s.reclaim_due):
+                break
+        rows = await store.run(
+            lambda s: s.conn.execute("SELECT recipient FROM messages").fetchall()
+        )
+        assert rows == [(BOB,)]
+    finally:
+        await store.aclose()
