@@ -43,16 +43,15 @@ from qpc_node.store.records import (
 from qpc_node.store.schema import migrate, schema_version
 from qpc_node.store.sql import Synchronous, connect, transaction
 
-WAL_AUTOCHECKPOINT_PAGES = 2000
-"""SQLite checkpoints the WAL into the file once it holds this many frames (its default:
-1,000). A checkpoint copies each page changed since the last one once, however often it
-was rewritten, and the mailbox's hot pages (counters, index tails, the payload pages an
-ack frees and the next enqueue reuses) are rewritten all the time: twice the interval,
-9 % fewer bytes written per delivered message in bench/node_bench.py
-(docs/performance.md). The price is disk space, not durability (every commit still
-fsyncs the WAL): the WAL file keeps its high-water size, ~8 MiB instead of ~4 at 4 KiB
-pages, until the TRUNCATE checkpoint at close."""
-
+WAL_AUTOCHECKPOINT_BYTES = 8 * 1024 * 1024
+"""SQLite checkpoints the WAL into the file once it holds this many bytes of frames
+(as a page count; its default: 1,000 frames, 4 MiB at 4 KiB pages). A checkpoint
+copies each page changed since the last one once, however often it was rewritten, and
+the mailbox's hot pages (counters, index tails, the payload pages an ack frees and the
+next enqueue reuses) are rewritten all the time: twice the interval, 9 % fewer bytes
+written per delivered message in bench/node_bench.py (docs/performance.md). The price
+is disk space, not durability (every commit still fsyncs the WAL): the WAL file keeps
+its high-water size, ~8 MiB, until the TRUNCATE checkpoint at close."""
 
 RECLAIM_MAX_ROWS = 1024
 """Acked rows left for the next enqueue to reclaim (store/mailbox.py): past this many
@@ -118,7 +117,8 @@ class Store:
         conn = connect(path, synchronous=synchronous)
         with contextlib.ExitStack() as on_error:
             on_error.callback(conn.close)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES:d}")
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_BYTES // page:d}")
             migrate(conn)
             on_error.pop_all()
         return cls(conn, path, limits or StoreLimits())
