@@ -292,10 +292,10 @@ def floor(tmp: Path, total: int) -> None:
 
 
 def _wal_pages(wal: Path, start: int) -> tuple[list[int], int]:
-    """Page numbers of the WAL frames from byte ``start`` on (4 KiB pages), and the end."""
+    """Page numbers of the WAL frames from byte ``start`` on, and the end."""
     data = wal.read_bytes()
     start = max(start, 32)
-    frame = 24 + 4096
+    frame = 24 + int.from_bytes(data[8:12], "big")
     pages = [
         int.from_bytes(data[off : off + 4], "big")
         for off in range(start, len(data) - frame + 1, frame)
@@ -364,16 +364,18 @@ def breakdown(tmp: Path, warm: int, total: int) -> None:
             if sent > warm:
                 got, pos = _wal_pages(wal, pos)
                 count("ack", got)
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    frame = page_size + 24
     frames = sum(sum(v.values()) for v in phases.values())
     print(
         f"breakdown: {counted} msgs after {warm} warm-up; WAL frames per msg"
-        f" {frames / counted:.2f} = {frames * 4120 / counted:,.0f} B; checkpoint copies"
-        f" {len(seen) * 4096 / counted:,.0f} B ({len(seen)} distinct pages)"
+        f" {frames / counted:.2f} = {frames * frame / counted:,.0f} B; checkpoint copies"
+        f" {len(seen) * page_size / counted:,.0f} B ({len(seen)} distinct pages of {page_size} B)"
     )
     for phase, by in phases.items():
-        print(f"  {phase}: {sum(by.values()) * 4120 / counted:,.0f} B/msg")
+        print(f"  {phase}: {sum(by.values()) * frame / counted:,.0f} B/msg")
         for name, n in sorted(by.items(), key=lambda kv: -kv[1]):
-            print(f"    {name:<28} {n * 4120 / counted:>7,.0f} B/msg  ({n} frames)")
+            print(f"    {name:<28} {n * frame / counted:>7,.0f} B/msg  ({n} frames)")
     store.close()
 
 
