@@ -18,6 +18,7 @@ writes there is one small row, the mailbox's ``acked_seq`` watermark; rows at or
 it are acked (never fetched, counted or handed over again) and are deleted by
 :func:`reclaim` in the next write transaction, whose inserts reuse their pages (a
 delete in a commit of its own makes SQLite write every touched leaf page once more).
+Stranger mail is the exception: its row carries the sender's tag, so it goes at the ack.
 Tombstones are appended to ``delivered_log`` (rowid order: one tail page per commit)
 and a :class:`Tombstones` mirror in memory answers the duplicate check for them; every
 :data:`MERGE_ROWS` they move into the ``delivered`` tree in one sorted insert (a
