@@ -264,7 +264,7 @@ def main() -> None:
     n = 64 if args.quick else args.n
     print(
         f"held 1 KiB envelopes: n={n} per scenario, background={args.background},"
-        f" synchronous=FULL, page_size={args.page_size or 'sqlite default (4096)'}"
+        f" synchronous=FULL, page_size={args.page_size or 'the store default'}"
     )
     print(f"{'scenario':<40} {'wchar B/env':>12} {'device B/env':>13}")
     out: dict[str, float] = {}

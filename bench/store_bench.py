@@ -291,13 +291,108 @@ def floor(tmp: Path, total: int) -> None:
         print(f"  {mode:<24} {b:>7,.0f} ({b / 1280:.2f} x payload)")
 
 
+def _wal_pages(wal: Path, start: int) -> tuple[list[int], int]:
+    """Page numbers of the WAL frames from byte ``start`` on, and the end."""
+    data = wal.read_bytes()
+    start = max(start, 32)
+    frame = 24 + int.from_bytes(data[8:12], "big")
+    pages = [
+        int.from_bytes(data[off : off + 4], "big")
+        for off in range(start, len(data) - frame + 1, frame)
+    ]
+    return pages, start + len(pages) * frame
+
+
+def breakdown(tmp: Path, warm: int, total: int) -> None:
+    """WAL frames per delivered message by B-tree and by phase (enqueue / ack commits).
+
+    :func:`steady`'s pattern: ``warm`` messages first (tombstones and free pages as a
+    running node has them), then the WAL is truncated and checkpoints stop, and the
+    next ``total`` messages' frames are read back from the WAL file and mapped to the
+    table or index owning each page (``dbstat``; a page on the freelist at the end is
+    "(free)"). A frame is 4,096 + 24 B; the checkpoint later copies each distinct page
+    once more (reported as its own line).
+    """
+    db = tmp / "breakdown.db"
+    store = Store.open(db)
+    conn = store.conn
+    recipients = [bytes([0xA0 + i]) * 32 for i in range(4)]
+    senders = [bytes([0xB0 + i]) * 32 for i in range(4)]
+    for r, s in zip(recipients, senders, strict=True):
+        hello = Envelope(os.urandom(16), s, EXPIRY, 8, b"hi")
+        store.enqueue([hello], NOW, sender=SenderKey.local(r))
+    after = dict.fromkeys(recipients, 0)
+    phases: dict[str, dict[str, int]] = {"enqueue": {}, "ack": {}}
+    seen: set[int] = set()
+
+    def count(phase: str, got: list[int]) -> None:
+        # Owners right after the commit: a freed page may belong to another tree later.
+        owner = {int(p): str(n) for n, p in conn.execute("SELECT name, pageno FROM dbstat")}
+        by = phases[phase]
+        for p in got:
+            name = owner.get(p, "(freelist)" if p != 1 else "(header)")
+            by[name] = by.get(name, 0) + 1
+        seen.update(got)
+
+    wal = Path(str(db) + "-wal")
+    sent = pos = counted = 0
+    while sent < warm + total:
+        if sent == warm:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            pos = 0
+        batches = [
+            EnqueueBatch(
+                (Envelope(os.urandom(16), r, EXPIRY + sent + i, 8, os.urandom(1280)),),
+                NOW,
+                SenderKey.local(s),
+            )
+            for r, s in zip(recipients, senders, strict=True)
+            for i in range(32)
+        ]
+        store.enqueue_many(batches)
+        if sent >= warm:
+            got, pos = _wal_pages(wal, pos)
+            count("enqueue", got)
+            counted += len(batches)
+        sent += len(batches)
+        for r in recipients:
+            page = store.fetch(r, now_ms=NOW, after_seq=after[r], limit=256)
+            if page.messages:
+                after[r] = page.messages[-1].seq
+            store.ack(r, up_to_seq=after[r])
+            if sent > warm:
+                got, pos = _wal_pages(wal, pos)
+                count("ack", got)
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    frame = page_size + 24
+    frames = sum(sum(v.values()) for v in phases.values())
+    print(
+        f"breakdown: {counted} msgs after {warm} warm-up; WAL frames per msg"
+        f" {frames / counted:.2f} = {frames * frame / counted:,.0f} B; checkpoint copies"
+        f" {len(seen) * page_size / counted:,.0f} B ({len(seen)} distinct pages of {page_size} B)"
+    )
+    for phase, by in phases.items():
+        print(f"  {phase}: {sum(by.values()) * frame / counted:,.0f} B/msg")
+        for name, n in sorted(by.items(), key=lambda kv: -kv[1]):
+            print(f"    {name:<28} {n * frame / counted:>7,.0f} B/msg  ({n} frames)")
+    store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
     parser.add_argument(
         "--floor", action="store_true", help="only the flash attribution and SQLite's floor"
     )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="only WAL frames per message by B-tree"
+    )
     args = parser.parse_args()
+    if args.breakdown:
+        with tempfile.TemporaryDirectory(prefix="qpc-store-bench-") as d:
+            breakdown(Path(d), 2048 if args.quick else 8192, 2048)
+        return
     if args.floor:
         with tempfile.TemporaryDirectory(prefix="qpc-store-bench-") as d:
             floor(Path(d), 2048 if args.quick else 8192)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,11 @@ from qpc_node.store.sql import Synchronous
 from qpc_node.store.store import EnqueueBatch, EnqueueOutcome, MailboxTotals, Store
 
 T = TypeVar("T")
+
+RECLAIM_IDLE_SECONDS = 1.0
+"""Acked rows wait for the next write transaction to delete them (store/mailbox.py);
+when no write comes for this long the worker deletes them in a commit of its own, so
+an acked payload and its sender tag stay in the file about a second on a quiet node."""
 
 MAX_GROUP_BATCHES = 256
 """Upper bound of enqueue calls folded into one commit (bounds transaction size)."""
@@ -235,7 +241,19 @@ class AsyncStore:
     def _serve(self, store: Store) -> None:
         held: object | None = None
         while True:
-            item = held if held is not None else self._queue.get()
+            if held is not None:
+                item = held
+            elif store.reclaim_due:
+                try:
+                    item = self._queue.get(timeout=RECLAIM_IDLE_SECONDS)
+                except queue.Empty:
+                    # A failed reclaim leaves the rows for the next write; the worker
+                    # must not die of it (the next caller gets the error, if any).
+                    with contextlib.suppress(sqlite3.Error):
+                        store.reclaim()
+                    continue
+            else:
+                item = self._queue.get()
             held = None
             if item is _STOP:
                 return

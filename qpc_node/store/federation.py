@@ -339,7 +339,7 @@ def relay_handover(
     with each is the sender's as the mailbox kept it (stranger mail), else unknown.
     Only the per-hop bound applies: this is mail the node already holds, not new load.
     """
-    with transaction(store.conn) as conn:
+    with store.write() as conn:  # reclaims acked rows first: only unacked mail is left
         room = (
             limits.max_per_hop
             - conn.execute(
@@ -382,7 +382,7 @@ def relay_handover(
                 (msg_id, expiry_ms),
             )
             moved += 1
-        release_to_custody(conn, recipient, [int(r[1]) for r in rows])
+        release_to_custody(conn, recipient, [int(r[1]) for r in rows], store.tombstones)
         left = conn.execute(
             "SELECT count(*) FROM messages WHERE recipient = ? AND ciphertext IS NOT NULL"
             " AND expiry_ms > ?",
@@ -403,8 +403,9 @@ def mailbox_has_mail(store: Store, recipient: bytes, now_ms: int) -> bool:
     """Does ``recipient`` have unacked, unexpired mail here (a hand-over to do)?"""
     row = store.conn.execute(
         "SELECT 1 FROM messages WHERE recipient = ? AND ciphertext IS NOT NULL"
-        " AND expiry_ms > ? LIMIT 1",
-        (recipient, now_ms),
+        " AND expiry_ms > ? AND seq > (SELECT acked_seq FROM mailboxes WHERE recipient = ?)"
+        " LIMIT 1",
+        (recipient, now_ms, recipient),
     ).fetchone()
     return row is not None
 

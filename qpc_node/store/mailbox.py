@@ -6,13 +6,25 @@ several enqueue batches into one commit). They never read a clock: ``now_ms`` is
 caller's wall clock in unix milliseconds.
 
 Idempotency: ``(recipient, msg_id)`` is unique. An acked message's row is deleted and a
-tombstone in ``delivered`` (recipient, msg_id, seq, expiry) stays until its expiry, so a
-retry that arrives after delivery is still recognised as a duplicate instead of being
-delivered twice; after expiry the envelope itself is refused as expired, so the window
-is closed on both sides. ``messages`` therefore holds only unacked mail. Why a table of
-its own and not the row with its ciphertext set to NULL: updating the row rewrote the
-payload's pages at every ack and left pages of tombstones that were never reused; a
-deleted row frees its pages for the next enqueue (flash writes, docs/performance.md).
+tombstone (recipient, msg_id, seq, expiry) stays until its expiry, so a retry that
+arrives after delivery is still recognised as a duplicate instead of being delivered
+twice; after expiry the envelope itself is refused as expired, so the window is closed
+on both sides. Why a tombstone and not the row with its ciphertext set to NULL:
+updating the row rewrote the payload's pages at every ack and left pages of tombstones
+that were never reused; a deleted row frees its pages for the next enqueue.
+
+Acks and flash (docs/performance.md): an ack is durable in its own commit, but what it
+writes there is one small row, the mailbox's ``acked_seq`` watermark; rows at or below
+it are acked (never fetched, counted or handed over again) and are deleted by
+:func:`reclaim` in the next write transaction, whose inserts reuse their pages (a
+delete in a commit of its own makes SQLite write every touched leaf page once more).
+Stranger mail is the exception: its row carries the sender's tag, so it goes at the ack.
+Tombstones are appended to ``delivered_log`` (rowid order: one tail page per commit)
+and a :class:`Tombstones` mirror in memory answers the duplicate check for them; every
+:data:`MERGE_ROWS` they move into the ``delivered`` tree in one sorted insert (a
+random-keyed insert per ack touched a page per tombstone). A crash loses nothing: the
+watermark, the rows it covers and the log are all in the database, and the mirror is
+rebuilt from the log at open.
 
 Fairness (store/fairness.py): each unacked message from a sender the recipient had not
 accepted carries that sender's tag, and counters per mailbox (``stranger_*``) and per
@@ -50,6 +62,77 @@ from qpc_node.store.records import (
 SEQ_MAX = 2**63 - 1
 """Largest SQLite INTEGER; seqs from the wire (uint64) are clamped to it."""
 
+MERGE_ROWS = 2048
+"""Tombstones in ``delivered_log`` that trigger the move into ``delivered`` (one sorted
+insert touching each of the tree's pages at most once per this many acks). Also the
+bound of the in-memory mirror: ~0.3 MB at this size."""
+
+
+class Tombstones:
+    """The tombstones of ``delivered_log``, mirrored in memory: (recipient + msg_id) ->
+    seq. The log has no msg_id index (that would be a random-keyed insert again), so the
+    duplicate check asks this mirror. Rows appended in a transaction are staged and
+    become part of the mirror only when the caller reports the commit
+    (:meth:`committed`); a rolled-back transaction drops them (:meth:`rolled_back`)."""
+
+    __slots__ = ("_merged", "_recent", "_rows", "_staged")
+
+    def __init__(self, recent: dict[bytes, int]) -> None:
+        self._recent = recent
+        self._staged: dict[bytes, int] = {}
+        self._rows = len(recent)
+        self._merged = False
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection) -> Tombstones:
+        rows = conn.execute("SELECT recipient, msg_id, seq FROM delivered_log")
+        return cls({bytes(r) + bytes(m): int(q) for r, m, q in rows})
+
+    def __len__(self) -> int:
+        return self._rows + len(self._staged)
+
+    def seq_of(self, recipient: bytes, msg_id: bytes) -> int | None:
+        key = recipient + msg_id
+        got = self._staged.get(key)
+        return self._recent.get(key) if got is None else got
+
+    def append(
+        self, conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes, int, int]]
+    ) -> None:
+        """Tombstones (recipient, msg_id, seq, expiry_ms) of rows deleted in this
+        transaction."""
+        if not rows:
+            return
+        conn.executemany(
+            "INSERT INTO delivered_log (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, ?, ?)",
+            rows,
+        )
+        for recipient, msg_id, seq, _ in rows:
+            self._staged[recipient + msg_id] = seq
+
+    def merge(self, conn: sqlite3.Connection) -> None:
+        """Move the log into ``delivered``: sorted, so each of its pages is written once."""
+        conn.execute(
+            "INSERT INTO delivered (recipient, msg_id, seq, expiry_ms)"
+            " SELECT recipient, msg_id, seq, expiry_ms FROM delivered_log"
+            " ORDER BY recipient, msg_id ON CONFLICT DO NOTHING"
+        )
+        conn.execute("DELETE FROM delivered_log")
+        self._merged = True
+
+    def committed(self) -> None:
+        if self._merged:
+            self._recent.clear()
+        else:
+            self._recent.update(self._staged)
+        self._rows = len(self._recent)
+        self._staged.clear()
+        self._merged = False
+
+    def rolled_back(self) -> None:
+        self._staged.clear()
+        self._merged = False
+
 
 def validate_envelopes(envelopes: Sequence[Envelope], now_ms: int, limits: StoreLimits) -> None:
     """Refuse the whole batch on the first bad envelope, before touching the database."""
@@ -81,6 +164,7 @@ def enqueue(
     limits: StoreLimits,
     sender: SenderKey | None = None,
     memo: Acceptances | None = None,
+    tombstones: Tombstones | None = None,
 ) -> list[EnqueueResult]:
     """Store a validated batch; raise :class:`QuotaExceeded` before writing anything.
 
@@ -97,7 +181,8 @@ def enqueue(
     added: dict[bytes, list[int]] = {}  # recipient -> [count, bytes]
     for index, env in enumerate(envelopes):
         key = (env.recipient, env.msg_id)
-        row = conn.execute(_DUPLICATE, key + key).fetchone()
+        logged = None if tombstones is None else tombstones.seq_of(*key)
+        row = (logged,) if logged is not None else conn.execute(_DUPLICATE, key + key).fetchone()
         if row is not None:
             results.append(EnqueueResult(env.msg_id, int(row[0]), duplicate=True))
         elif key in first_in_batch:
@@ -201,7 +286,8 @@ _DUPLICATE = (
     "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?"
     " UNION ALL SELECT seq FROM delivered WHERE recipient = ? AND msg_id = ? LIMIT 1"
 )
-"""The first copy's seq: unacked in ``messages``, or delivered (its tombstone)."""
+"""The first copy's seq: in ``messages`` (unacked, or acked and not yet reclaimed), or
+delivered (its tombstone; those still in ``delivered_log`` are in :class:`Tombstones`)."""
 
 
 _MAILBOX = (
@@ -408,8 +494,8 @@ def fetch(
     if overhead < 0:
         raise InvalidRecord("fetch needs overhead >= 0")
     # Wire seqs are uint64, SQLite INTEGER is int64: no stored seq exceeds the clamp.
-    after_seq = min(after_seq, SEQ_MAX)
-    last_seq = _mailbox_row(conn, recipient)[0]
+    last_seq, acked_seq = _mailbox_seqs(conn, recipient)
+    after_seq = max(min(after_seq, SEQ_MAX), acked_seq)  # acked rows wait for reclaim
     where = (
         " WHERE recipient = ? AND seq > ? AND seq <= ? AND ciphertext IS NOT NULL"
         " AND expiry_ms > ? ORDER BY seq"
@@ -450,48 +536,101 @@ def ack(
     *,
     up_to_seq: int | None = None,
     seqs: Sequence[int] = (),
-) -> int:
-    """Drop the payload of delivered messages; return how many were newly acked.
+    tombstones: Tombstones | None = None,
+) -> tuple[int, int]:
+    """Acknowledge delivered messages; return (how many were newly acked, how many of
+    them wait for :func:`reclaim`).
 
-    Acking twice, or acking an unknown or expired seq, is not an error (clients retry
-    acks after reconnecting). Must run inside a transaction.
+    ``up_to_seq`` moves the mailbox's ``acked_seq`` watermark (clamped to its last seq:
+    an ack never covers a message not stored yet); the rows under it stay until the
+    next write transaction reclaims them, except stranger mail (its row carries the
+    sender's tag), deleted here. ``seqs`` (explicit seqs, e.g. mail handed to
+    federation custody) are deleted here too. Rows deleted here log their tombstones
+    in ``tombstones``. Acking twice, or acking an unknown or expired seq, is not an error
+    (clients retry acks after reconnecting). Must run inside a transaction.
     """
     check_fingerprint(recipient)
     if up_to_seq is None and not seqs:
         raise InvalidRecord("ack needs up_to_seq or seqs")
-    # (msg_id, seq, expiry_ms, sender tag, size); every row of ``messages`` is unacked.
-    rows: list[tuple[bytes, int, int, bytes | None, int]] = []
-    if up_to_seq is not None:
-        rows += conn.execute(
-            "DELETE FROM messages WHERE recipient = ? AND seq <= ?" + _ACKED,
-            (recipient, min(up_to_seq, SEQ_MAX)),
+    last_seq, acked_seq = _mailbox_seqs(conn, recipient)
+    gone: list[tuple[bytes | None, int]] = []  # (sender tag, size) of newly acked rows
+    deleted: list[tuple[bytes, bytes, int, int]] = []  # tombstones of rows deleted here
+    pending = 0
+    if up_to_seq is not None and min(up_to_seq, last_seq) > acked_seq:
+        upto = min(up_to_seq, last_seq)
+        rows = conn.execute(
+            "SELECT sender, size FROM messages WHERE recipient = ? AND seq > ? AND seq <= ?",
+            (recipient, acked_seq, upto),
         ).fetchall()
+        conn.execute("UPDATE mailboxes SET acked_seq = ? WHERE recipient = ?", (upto, recipient))
+        gone += [(tag, int(size)) for tag, size in rows]
+        pending = len(rows)
+        if any(tag is not None for tag, _ in rows):
+            # Stranger mail carries its sender's tag: that goes at the ack, not later
+            # (no trace of who wrote to whom once delivered); rare, so it costs little.
+            if tombstones is None:
+                raise InvalidRecord("acking stranger mail needs the store's tombstones")
+            tagged = conn.execute(
+                "DELETE FROM messages WHERE recipient = ? AND seq > ? AND seq <= ?"
+                " AND sender IS NOT NULL RETURNING msg_id, seq, expiry_ms",
+                (recipient, acked_seq, upto),
+            ).fetchall()
+            deleted += [(recipient, m, int(q), int(e)) for m, q, e in tagged]
+            pending -= len(tagged)
+        acked_seq = upto
     for seq in sorted(set(seqs)):
-        if not 0 <= seq <= SEQ_MAX:
-            continue  # no such message can exist
+        if not acked_seq < seq <= SEQ_MAX:
+            continue  # acked already, or no such message can exist
+        if tombstones is None:
+            raise InvalidRecord("ack by seqs needs the store's tombstones")
         row = conn.execute(
             "DELETE FROM messages WHERE recipient = ? AND seq = ?" + _ACKED, (recipient, seq)
         ).fetchone()
         if row is not None:
-            rows.append(row)
-    # The tombstone keeps what idempotency needs; the sender tag and the payload go.
-    conn.executemany(
-        "INSERT INTO delivered (recipient, msg_id, seq, expiry_ms) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT DO NOTHING",
-        [(recipient, msg_id, seq, expiry_ms) for msg_id, seq, expiry_ms, _, _ in rows],
+            msg_id, seq_, expiry_ms, tag, size = row
+            deleted.append((recipient, msg_id, int(seq_), int(expiry_ms)))
+            gone.append((tag, int(size)))
+    if tombstones is not None:
+        tombstones.append(conn, deleted)
+    _release(conn, recipient, gone)
+    return len(gone), pending
+
+
+def reclaim(conn: sqlite3.Connection, recipients: Iterable[bytes], tombstones: Tombstones) -> int:
+    """Delete the acked rows (at or below ``acked_seq``) of ``recipients`` and log their
+    tombstones; return how many. Their counters were released at ack. In a transaction:
+    best the one of the next enqueue, whose inserts then reuse the freed pages."""
+    logged: list[tuple[bytes, bytes, int, int]] = []
+    for recipient in recipients:
+        rows = conn.execute(
+            "DELETE FROM messages WHERE recipient = ? AND seq <= (SELECT acked_seq FROM"
+            " mailboxes WHERE recipient = ?) RETURNING msg_id, seq, expiry_ms",
+            (recipient, recipient),
+        ).fetchall()
+        logged += [(recipient, m, int(q), int(e)) for m, q, e in rows]
+    tombstones.append(conn, logged)
+    return len(logged)
+
+
+def unreclaimed(conn: sqlite3.Connection) -> dict[bytes, int]:
+    """Recipients with acked rows still in ``messages``, and how many (at open)."""
+    rows = conn.execute(
+        "SELECT m.recipient, count(*) FROM mailboxes b JOIN messages m"
+        " ON m.recipient = b.recipient AND m.seq <= b.acked_seq GROUP BY m.recipient"
     )
-    _release(conn, recipient, [(tag, int(size)) for _, _, _, tag, size in rows])
-    return len(rows)
+    return {bytes(r): int(n) for r, n in rows}
 
 
 _ACKED = " RETURNING msg_id, seq, expiry_ms, sender, size"
 
 
-def release_to_custody(conn: sqlite3.Connection, recipient: bytes, seqs: Sequence[int]) -> int:
+def release_to_custody(
+    conn: sqlite3.Connection, recipient: bytes, seqs: Sequence[int], tombstones: Tombstones
+) -> int:
     """These messages left the mailbox for federation custody (the user re-homed):
     dropped like acked ones -- the tombstone keeps the msg_id, the counters and
     fairness shares are released. Must run in the transaction that queued them."""
-    return ack(conn, recipient, seqs=seqs) if seqs else 0
+    return ack(conn, recipient, seqs=seqs, tombstones=tombstones)[0] if seqs else 0
 
 
 def depth(conn: sqlite3.Connection, recipient: bytes) -> MailboxDepth:
@@ -509,17 +648,30 @@ def depth(conn: sqlite3.Connection, recipient: bytes) -> MailboxDepth:
 
 
 def expire(
-    conn: sqlite3.Connection, now_ms: int, *, max_rows: int, accepted_ttl_ms: int | None = None
+    conn: sqlite3.Connection,
+    now_ms: int,
+    *,
+    max_rows: int,
+    accepted_ttl_ms: int | None = None,
+    log: Tombstones | None = None,
 ) -> SweepResult:
     """Delete rows whose expiry has passed (at most ``max_rows``). In a transaction.
 
     With ``accepted_ttl_ms``, also forget acceptances not renewed for that long (at
     most ``max_rows``): the contact graph the node keeps is only as old as it must be.
+    An expired tombstone still in the log is moved into ``delivered`` (the whole log,
+    sorted, as at :data:`MERGE_ROWS`) and swept from there; ``log``: the store's.
     """
+    if log is not None and len(log):
+        due = conn.execute(
+            "SELECT 1 FROM delivered_log WHERE expiry_ms <= ? LIMIT 1", (now_ms,)
+        ).fetchone()
+        if due is not None:
+            log.merge(conn)
     rows = conn.execute(
         "DELETE FROM messages WHERE id IN"
         " (SELECT id FROM messages WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)"
-        " RETURNING recipient, size, sender",
+        " RETURNING recipient, size, sender, seq",
         (now_ms, max_rows),
     ).fetchall()
     tombstones = conn.execute(
@@ -529,8 +681,12 @@ def expire(
     ).rowcount
     more = len(rows) >= max_rows or tombstones >= max_rows
     live: dict[bytes, list[tuple[bytes | None, int]]] = {}
-    for recipient, size, tag in rows:
-        live.setdefault(recipient, []).append((tag, int(size)))
+    acked: dict[bytes, int] = {}
+    for recipient, size, tag, seq in rows:
+        if recipient not in acked:
+            acked[recipient] = _mailbox_seqs(conn, recipient)[1]
+        if seq > acked[recipient]:  # an acked row's room was given back at its ack
+            live.setdefault(recipient, []).append((tag, int(size)))
     for recipient, gone in live.items():
         _release(conn, recipient, gone)
     if accepted_ttl_ms is not None:
@@ -547,10 +703,11 @@ def expire(
 def _purge_expired_of(conn: sqlite3.Connection, recipient: bytes, now_ms: int) -> None:
     """Make room by dropping this mailbox's expired messages (quota is about live ones)."""
     rows = conn.execute(
-        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ? RETURNING size, sender",
+        "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ? RETURNING size, sender, seq",
         (recipient, now_ms),
     ).fetchall()
-    _release(conn, recipient, [(tag, int(size)) for size, tag in rows])
+    acked_seq = _mailbox_seqs(conn, recipient)[1]
+    _release(conn, recipient, [(tag, int(size)) for size, tag, seq in rows if seq > acked_seq])
 
 
 def _mailbox_row(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int, int]:
@@ -560,3 +717,11 @@ def _mailbox_row(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int, 
     if row is None:
         return (0, 0, 0)
     return (int(row[0]), int(row[1]), int(row[2]))
+
+
+def _mailbox_seqs(conn: sqlite3.Connection, recipient: bytes) -> tuple[int, int]:
+    """(last_seq, acked_seq); (0, 0) for a recipient without a mailbox row."""
+    row = conn.execute(
+        "SELECT last_seq, acked_seq FROM mailboxes WHERE recipient = ?", (recipient,)
+    ).fetchone()
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))

@@ -273,6 +273,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # home) was relayed here (store/held.py handover_passes): a relay reopens its
     # delivered tombstone for one hand-over only, so a replayed one is a duplicate.
     ("ALTER TABLE relay_seen ADD COLUMN handover INTEGER NOT NULL DEFAULT 0",),
+    # 14: flash writes per delivered message (store/mailbox.py, docs/performance.md). An
+    # ack moves the mailbox's ``acked_seq`` watermark (one small row, durable in the
+    # ack's commit); the acked rows are deleted in the next write transaction, where the
+    # enqueue it carries reuses their pages. Their tombstones are appended to
+    # ``delivered_log`` (rowid order: only its tail page changes) and moved into
+    # ``delivered`` in bulk, sorted, every few thousand: a random-keyed insert per ack
+    # into ``delivered`` wrote a page per tombstone (~4 KB of 7.7 KB per message).
+    (
+        "ALTER TABLE mailboxes ADD COLUMN acked_seq INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE delivered_log (
+            id INTEGER PRIMARY KEY,
+            recipient BLOB NOT NULL,
+            msg_id BLOB NOT NULL,
+            seq INTEGER NOT NULL,
+            expiry_ms INTEGER NOT NULL
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -43,15 +43,20 @@ from qpc_node.store.records import (
 from qpc_node.store.schema import migrate, schema_version
 from qpc_node.store.sql import Synchronous, connect, transaction
 
-WAL_AUTOCHECKPOINT_PAGES = 2000
-"""SQLite checkpoints the WAL into the file once it holds this many frames (its default:
-1,000). A checkpoint copies each page changed since the last one once, however often it
-was rewritten, and the mailbox's hot pages (counters, index tails, the payload pages an
-ack frees and the next enqueue reuses) are rewritten all the time: twice the interval,
-9 % fewer bytes written per delivered message in bench/node_bench.py
-(docs/performance.md). The price is disk space, not durability (every commit still
-fsyncs the WAL): the WAL file keeps its high-water size, ~8 MiB instead of ~4 at 4 KiB
-pages, until the TRUNCATE checkpoint at close."""
+WAL_AUTOCHECKPOINT_BYTES = 8 * 1024 * 1024
+"""SQLite checkpoints the WAL into the file once it holds this many bytes of frames
+(as a page count; its default: 1,000 frames, 4 MiB at 4 KiB pages). A checkpoint
+copies each page changed since the last one once, however often it was rewritten, and
+the mailbox's hot pages (counters, index tails, the payload pages an ack frees and the
+next enqueue reuses) are rewritten all the time: twice the interval, 9 % fewer bytes
+written per delivered message in bench/node_bench.py (docs/performance.md). The price
+is disk space, not durability (every commit still fsyncs the WAL): the WAL file keeps
+its high-water size, ~8 MiB, until the TRUNCATE checkpoint at close."""
+
+RECLAIM_MAX_ROWS = 1024
+"""Acked rows left for the next enqueue to reclaim (store/mailbox.py): past this many
+an ack reclaims them in its own commit, so a mailbox drained without new mail (a
+backlog fetched after a partition) does not keep its acked payloads around."""
 
 
 class EnqueueBatch(NamedTuple):
@@ -84,6 +89,10 @@ class Store:
         self.path = path
         self.limits = limits
         self._schema_version = schema_version(conn)
+        # Acked rows waiting for the next write transaction (mailbox.reclaim), per
+        # recipient, and the tombstones not yet moved into ``delivered``.
+        self._unreclaimed = mailbox.unreclaimed(conn)
+        self._tombstones = mailbox.Tombstones.load(conn)
         self._transactions = 0
         self._enqueued = 0
         self._duplicates = 0
@@ -108,7 +117,8 @@ class Store:
         conn = connect(path, synchronous=synchronous)
         with contextlib.ExitStack() as on_error:
             on_error.callback(conn.close)
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES:d}")
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_BYTES // page:d}")
             migrate(conn)
             on_error.pop_all()
         return cls(conn, path, limits or StoreLimits())
@@ -117,6 +127,9 @@ class Store:
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file (and truncate it), then close."""
+        if self._conn is not None and self._unreclaimed:
+            with contextlib.suppress(sqlite3.Error):  # the next open reclaims them
+                self.reclaim()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -141,6 +154,44 @@ class Store:
         if self._conn is None:
             raise StoreClosed("store is closed")
         return self._conn
+
+    @contextlib.contextmanager
+    def write(self, *, reclaim: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction that first reclaims acked rows (``reclaim``) and moves
+        the tombstone log into ``delivered`` once it is long enough; keeps the
+        in-memory state in step with the commit or the rollback. Every write to the
+        mailbox tables goes through here (federation's hand-over too)."""
+        tombstones = self._tombstones
+        try:
+            with transaction(self.conn) as conn:
+                if reclaim and self._unreclaimed:
+                    mailbox.reclaim(conn, list(self._unreclaimed), tombstones)
+                yield conn
+                if len(tombstones) >= mailbox.MERGE_ROWS:
+                    tombstones.merge(conn)
+        except BaseException:
+            tombstones.rolled_back()
+            raise
+        tombstones.committed()
+        if reclaim:
+            self._unreclaimed.clear()
+        self._transactions += 1
+
+    @property
+    def tombstones(self) -> mailbox.Tombstones:
+        """For mailbox functions run inside :meth:`write` (federation's hand-over)."""
+        return self._tombstones
+
+    @property
+    def reclaim_due(self) -> bool:
+        """Acked rows wait for a write transaction (the async worker runs one when idle)."""
+        return bool(self._unreclaimed)
+
+    def reclaim(self) -> None:
+        """Delete acked rows now, in a commit of their own (idle, close)."""
+        with self.write():
+            pass
+        self._transactions -= 1  # housekeeping, not a caller's transaction
 
     def checkpoint(self) -> None:
         """Fold the WAL into the main file (PASSIVE: never waits for readers)."""
@@ -180,14 +231,16 @@ class Store:
         conn = self.conn
         enqueued = duplicates = rejections = 0
         refused: dict[str, int] = {}
-        with transaction(conn):
+        with self.write():
             memo = mailbox.Acceptances()  # this transaction's: see its docstring
             for index in valid:
                 envelopes, now_ms, sender = batches[index]
                 try:
                     # No savepoint of its own: a refused batch writes nothing (see
                     # mailbox.enqueue); a database error rolls the whole group back.
-                    results = mailbox.enqueue(conn, envelopes, now_ms, self.limits, sender, memo)
+                    results = mailbox.enqueue(
+                        conn, envelopes, now_ms, self.limits, sender, memo, self._tombstones
+                    )
                 except QuotaExceeded as exc:
                     outcomes[index] = exc
                     rejections += 1
@@ -197,7 +250,6 @@ class Store:
                 dup = sum(r.duplicate for r in results)
                 duplicates += dup
                 enqueued += len(results) - dup
-        self._transactions += 1
         self._enqueued += enqueued
         self._duplicates += duplicates
         self._quota_rejections += rejections
@@ -239,10 +291,15 @@ class Store:
     def ack(
         self, recipient: bytes, *, up_to_seq: int | None = None, seqs: Sequence[int] = ()
     ) -> int:
-        """Mark delivered messages done (payload deleted); returns how many were new."""
-        with transaction(self.conn) as conn:
-            acked = mailbox.ack(conn, recipient, up_to_seq=up_to_seq, seqs=seqs)
-        self._transactions += 1
+        """Mark delivered messages done; returns how many were new. Durable when it
+        returns; the rows go in the next write transaction (see store/mailbox.py)."""
+        backlog = sum(self._unreclaimed.values())
+        with self.write(reclaim=backlog >= RECLAIM_MAX_ROWS) as conn:
+            acked, pending = mailbox.ack(
+                conn, recipient, up_to_seq=up_to_seq, seqs=seqs, tombstones=self._tombstones
+            )
+        if pending:
+            self._unreclaimed[recipient] = self._unreclaimed.get(recipient, 0) + pending
         self._acked += acked
         return acked
 
@@ -257,11 +314,14 @@ class Store:
         return MailboxTotals(mailboxes=row[0], messages=row[1], bytes=row[2])
 
     def expire_messages(self, now_ms: int, *, max_rows: int = 10_000) -> SweepResult:
-        with transaction(self.conn) as conn:
+        with self.write() as conn:
             result = mailbox.expire(
-                conn, now_ms, max_rows=max_rows, accepted_ttl_ms=self.limits.accepted_ttl_ms
+                conn,
+                now_ms,
+                max_rows=max_rows,
+                accepted_ttl_ms=self.limits.accepted_ttl_ms,
+                log=self._tombstones,
             )
-        self._transactions += 1
         self._expired += result.expired
         return result
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qpc_node.store import Envelope, Store
+from qpc_node.store import Envelope, Store, mailbox
 
 TOTAL = 2_000
 KILL_AFTER = 500
@@ -104,12 +104,14 @@ def test_acknowledged_enqueues_survive_sigkill(tmp_path: Path) -> None:
 
 # Senders as above plus a reader that fetches and acks; "e seq n" after an enqueue
 # returned, "a up_to" after an ack returned (both are acknowledgements to a client).
+# argv[3]: tombstones per move from delivered_log into delivered (store/mailbox.py).
 CHILD_ACKS = textwrap.dedent(
     """
     import sys, trio
-    from qpc_node.store import AsyncStore, Envelope
+    from qpc_node.store import AsyncStore, Envelope, mailbox
 
     TOTAL, NOW, EXPIRY, TASKS = int(sys.argv[2]), {now}, {expiry}, 4
+    mailbox.MERGE_ROWS = int(sys.argv[3])
     A = b"A" * 32
 
     def envelope(n):
@@ -147,15 +149,18 @@ CHILD_ACKS = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-def test_acknowledged_enqueues_and_acks_survive_sigkill(tmp_path: Path) -> None:
-    """The ack path deletes the row and writes its tombstone in one transaction: after
-    kill -9 every acknowledged enqueue is either still fetchable (not acked yet) or acked
-    -- gone, and a retry is a duplicate with its first seq -- never lost or delivered
-    twice; every acknowledged ack stays done."""
+@pytest.mark.parametrize("merge_rows", [mailbox.MERGE_ROWS, 64], ids=["log", "merges"])
+def test_acknowledged_enqueues_and_acks_survive_sigkill(tmp_path: Path, merge_rows: int) -> None:
+    """An ack moves the mailbox's watermark in its own commit; the acked rows are
+    deleted in a later write and their tombstones appended to a log, moved into
+    ``delivered`` every ``merge_rows`` (with 64: many times before the kill). After
+    kill -9 at any of those points every acknowledged enqueue is either still fetchable
+    (not acked yet) or acked -- never fetched again, and a retry is a duplicate with its
+    first seq -- never lost or delivered twice; every acknowledged ack stays done."""
     db = tmp_path / "node.db"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD_ACKS, str(db), str(TOTAL)],
+        [sys.executable, "-c", CHILD_ACKS, str(db), str(TOTAL), str(merge_rows)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -107,7 +107,13 @@ def test_ack_gives_the_room_back_and_forgets_the_sender(store: Store) -> None:
     # only what idempotency needs: no trace of who sent it.
     gone = store.conn.execute("SELECT count(*) FROM messages WHERE recipient = ?", (VICTIM,))
     assert gone.fetchone()[0] == 0
-    tomb = store.conn.execute("SELECT * FROM delivered WHERE recipient = ?", (VICTIM,))
+    # (In delivered_log until the log moves into delivered in bulk: store/mailbox.py.)
+    tomb = store.conn.execute(
+        "SELECT recipient, msg_id, seq, expiry_ms FROM delivered WHERE recipient = ?"
+        " UNION ALL SELECT recipient, msg_id, seq, expiry_ms FROM delivered_log"
+        " WHERE recipient = ?",
+        (VICTIM, VICTIM),
+    )
     assert [row[2] for row in tomb.fetchall()] == [1]  # (recipient, msg_id, seq, expiry)
     senders = "SELECT count(*) FROM mailbox_senders WHERE recipient = ?"
     assert store.conn.execute(senders, (VICTIM,)).fetchone()[0] == 0

@@ -15,7 +15,7 @@ from qpc_node.store import (
     Store,
     verify_file,
 )
-from qpc_node.store.store import WAL_AUTOCHECKPOINT_PAGES
+from qpc_node.store.store import WAL_AUTOCHECKPOINT_BYTES
 
 NOW = 1_700_000_000_000
 DAY = 86_400_000
@@ -110,4 +110,4 @@ def test_the_wal_is_checkpointed_at_the_store_interval_not_sqlites(tmp_path: Pat
         store.meta_put("big", bytes(1_400 * page))  # one commit of ~1,400 frames
         store.meta_put("small", b"x")  # a writer after a checkpoint would restart the WAL
         _busy, frames, _copied = store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        assert 1_000 < frames < WAL_AUTOCHECKPOINT_PAGES
+        assert 1_000 < frames < WAL_AUTOCHECKPOINT_BYTES // page
