@@ -130,6 +130,7 @@ class Agent:
         )
         config = group_config or GroupConfig()
         self._branches = Branches(self._ctx, retain_ms=config.max_expiry_ms)
+        self._mls.before_first_call(self._branches.restore)
         self._outbox = Outbox(
             self._ctx,
             rng=rng or random.Random(),

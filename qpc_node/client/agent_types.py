@@ -28,6 +28,8 @@ class Incoming:
     conversation: str
     sender: str  # fingerprint hex
     text: str
+    app_id: bytes = b""
+    """The sender's id of a group text (remembered when stored: a resend shows once)."""
 
 
 @dataclass(slots=True)

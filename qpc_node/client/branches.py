@@ -17,17 +17,38 @@ expire; the group driver then rebuilds its core from the winning state (our open
 requests are re-proposed from client.db) and, as first committer, re-applies the
 removals of the losing branch. All MLS work of one decision runs in one call of the
 MLS worker, so no other MLS call interleaves with a rollback.
+
+Crash safety (client.db v5, qpc_node/client/branch_store.py; docs/groups.md): the MLS
+state and client.db are two stores, so no transaction spans both; the order of writes
+makes every crash point recoverable. Before an MLS change the resolver must learn of
+(a commit merged at the tip, our own merge, a sibling staged on an older epoch) the
+snapshot taken just before it is journalled as the group's *trial* marker; once the
+resolver has taken the result in, its state is saved with the marker cleared, in one
+transaction with the resends a switch decided (and our texts of the losing epochs
+dropped); snapshots the resolver no longer needs are released only after that save.
+After a crash, ``restore`` (the MLS worker's first call) finds either no marker (the
+record matches the MLS state) or a marker, then puts the group back on that snapshot
+(the change did not happen as far as anyone knows: the message that caused it was not
+acknowledged, so the node delivers it again and it is judged again) and releases every
+snapshot the record does not name. The resends are sent by the group driver, each in
+one transaction with its outbox rows (state.py ``resend_queued``), so each goes out
+exactly once; receivers remember shown (sender, app id) pairs in the transaction that
+stores the text, so a resend is shown once, also across their restarts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 from qpc_node import crypto
+from qpc_node.client import branch_store
 from qpc_node.client.agent_types import AgentContext, AgentPart
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
+from qpc_node.client.state import ClientStateError
 from qpc_node.groups.fork import (
     DEFAULT_WINDOW,
     EpochInfo,
@@ -42,14 +63,12 @@ from qpc_node.groups.fork import (
 from qpc_node.ops.log import get_logger
 
 log = get_logger("qpc.client")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 CT_APPLICATION = 1
 CT_PROPOSAL = 2
 CT_COMMIT = 3
-MAX_TEXTS = 1024
-"""Own texts kept per group for a resend on the winning branch (the oldest go first)."""
-MAX_SEEN = 8192
-"""(sender, app id) pairs remembered per agent to show a re-sent text once."""
 MAX_OLD_PROPOSALS = 256
 """Proposals of an older live epoch kept per group (replayed before staging a sibling
 commit there: the sibling may cover them by reference)."""
@@ -107,6 +126,12 @@ class BranchStatistics:
     """Late messages of a branch we left, decrypted from its retained snapshot."""
     out_of_window: int = 0
     held_unknown: int = 0
+    restored: int = 0
+    """Groups whose branch state was read back from client.db at start."""
+    rolled_back: int = 0
+    """Of those, groups put back on their trial snapshot (a crash mid-change)."""
+    dropped_records: int = 0
+    """Records that did not decode or fit the MLS state: dropped, started afresh."""
 
 
 @dataclass(slots=True)
@@ -114,8 +139,6 @@ class _Group:
     resolver: ForkResolver
     old_proposals: dict[bytes, list[bytes]] = field(default_factory=dict)
     own_commit: bytes | None = None
-    texts: dict[bytes, bytes] = field(default_factory=dict)
-    """Our texts (app id -> AppMessage bytes) of the retained epochs, for resends."""
     own_removed: set[str] = field(default_factory=set)
     """Members our own commits removed: if such a commit loses, we remove them again."""
 
@@ -129,7 +152,6 @@ class Branches(AgentPart):
         self.retain_ms = retain_ms
         self._groups: dict[bytes, _Group] = {}
         self._switched: dict[bytes, list[Switch]] = {}
-        self._seen: dict[tuple[str, bytes], None] = {}
         self._merged_own: dict[bytes, bytes] = {}
         self.stats = BranchStatistics()
 
@@ -156,26 +178,6 @@ class Branches(AgentPart):
         group core logs it, so we answer other members' pulls with our commits too."""
         return self._merged_own.pop(gid, b"")
 
-    def seen_text(self, sender: str, app_id: bytes) -> bool:
-        """True when this text was shown already (a resend after a switch); else
-        remembers it. Texts without an id (older senders) are never duplicates."""
-        if not app_id:
-            return False
-        key = (sender, app_id)
-        if key in self._seen:
-            return True
-        self._seen[key] = None
-        if len(self._seen) > MAX_SEEN:
-            del self._seen[next(iter(self._seen))]
-        return False
-
-    def resends(self, gid: bytes, plan: Switch) -> list[bytes]:
-        """Our texts of the losing branch, to send again on the winner (same app id)."""
-        st = self._groups.get(gid)
-        if st is None:
-            return []
-        return [st.texts[a] for a in plan.resend if a in st.texts]
-
     def forget(self, gid: bytes) -> None:
         self._groups.pop(gid, None)
 
@@ -194,9 +196,7 @@ class Branches(AgentPart):
         if tag != st.resolver.tip.tag:
             return
         st.resolver.note_sent(tag, app_id)
-        st.texts[app_id] = body
-        if len(st.texts) > MAX_TEXTS:
-            del st.texts[next(iter(st.texts))]
+        self._db(self._st.branch_text_add, gid, app_id, tag, body, self._wall_ms())
 
     def own_commit(self, gid: bytes, g: crypto.Group, commit: bytes, now: int) -> bytes:
         """Our commit is on its way (merged once the node stored it): remember it for
@@ -205,6 +205,7 @@ class Branches(AgentPart):
             return b""
         st = self._group_state(gid, g, now)
         st.own_commit = commit
+        self._persist(gid, st)  # merged after a restart too, with its parent snapshotted
         return st.resolver.tip.tag
 
     def _group_state(self, gid: bytes, g: crypto.Group, now: int) -> _Group:
@@ -213,10 +214,15 @@ class Branches(AgentPart):
         st = self._groups.get(gid)
         if st is not None and st.resolver.tip.tag == branch_tag(g):
             return st
+        if st is not None:
+            for sid in st.resolver.snapshots_in_use():
+                with contextlib.suppress(crypto.UnknownSnapshot):
+                    self._ident.release(gid, sid)
         r = ForkResolver(window=self.window, retain_ms=self.retain_ms)
         r.start(epoch_info(g), now)
         st = _Group(r)
         self._groups[gid] = st
+        self._persist(gid, st)
         return st
 
     def merge_own(self, gid: bytes, g: crypto.Group, now: int) -> crypto.Event:
@@ -227,6 +233,7 @@ class Branches(AgentPart):
         parent_tag = branch_tag(g)
         roster = g.members()
         snap = self._ident.snapshot(gid)
+        self._journal(gid, st, snap)
         ev = g.merge_pending_commit()
         fc = fork_commit(parent_tag, roster, st.own_commit, ev, self._ident.fingerprint)
         self._merged_own[gid] = st.own_commit
@@ -284,6 +291,7 @@ class Branches(AgentPart):
             kept = st.old_proposals.setdefault(tag, [])
             if len(kept) < MAX_OLD_PROPOSALS:
                 kept.append(data)
+                self._persist(gid, st)  # the message is acknowledged once we return
             return None
         return self._sibling(gid, g, st, tag, data, now)
 
@@ -294,11 +302,11 @@ class Branches(AgentPart):
             return None  # a duplicate of a commit decided before
         roster = g.members()
         snap = self._ident.snapshot(gid)
+        self._journal(gid, st, snap)
         try:
             ev = g.process(data)
         except crypto.MlsError:
-            self._ident.rollback(gid, snap)
-            self._ident.release(gid, snap)
+            self._back_to(gid, st, snap)
             raise
         fc = fork_commit(tag, roster, data, ev, ev.sender)
         st.resolver.on_commit(fc)  # Apply: it extends our tip
@@ -316,15 +324,20 @@ class Branches(AgentPart):
         now: int,
     ) -> None:
         r = st.resolver
+        switch = r.pending.plan if r.pending is not None else None
         if ev.removed or not g.is_active:
             # No exporter once removed: a tag no message carries stands for "removed".
             gone = hashlib.sha256(b"qpc/removed" + fc.digest).digest()[:16]
             info = EpochInfo(gone, g.epoch, r.tip.rank_secret, frozenset())
             r.entered(fc, info, parent_snap, now)
+            self._persist(gid, st)
             return
         r.entered(fc, epoch_info(g), parent_snap, now)
         st.old_proposals = {t: ps for t, ps in st.old_proposals.items() if t in r.live_path()}
-        for sid in r.prune(now):
+        freed = r.prune(now)
+        # Saved before the release: a record never names a snapshot that is gone.
+        self._persist(gid, st, resend=list(switch.resend) if switch is not None else None)
+        for sid in freed:
             self._ident.release(gid, sid)
 
     def _sibling(
@@ -340,6 +353,7 @@ class Branches(AgentPart):
             self.stats.out_of_window += 1
             return None
         tip_snap = self._ident.snapshot(gid)
+        self._journal(gid, st, tip_snap)
         self._ident.rollback(gid, parent_snap)
         if g.has_pending_commit():
             g.clear_pending_commit()
@@ -350,8 +364,7 @@ class Branches(AgentPart):
         try:
             ev = g.process(data)
         except crypto.MlsError:
-            self._ident.rollback(gid, tip_snap)
-            self._ident.release(gid, tip_snap)
+            self._back_to(gid, st, tip_snap)
             raise
         fc = fork_commit(parent_tag, roster, data, ev, ev.sender)
         decision = r.on_commit(fc)
@@ -362,8 +375,88 @@ class Branches(AgentPart):
             self._switched.setdefault(gid, []).append(decision)
             log.info("group switched branch", extra={"epoch": decision.parent_epoch})
             return ev
-        self._ident.rollback(gid, tip_snap)
-        self._ident.release(gid, tip_snap)
+        self._back_to(gid, st, tip_snap)
         if isinstance(decision, OutOfWindow):
             self.stats.out_of_window += 1
         return None
+
+    # -- persistence: client.db v5 (see the module docstring for the order) -------------
+    def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """A client.db call from the MLS worker thread (between two MLS calls)."""
+        return self._state.blocking(fn, *args, **kwargs)
+
+    def _persist(self, gid: bytes, st: _Group, *, resend: list[bytes] | None = None) -> None:
+        """Save the group's branch state (the trial marker cleared: it matches the MLS
+        state now), with a switch's ``resend`` (app ids) made pending resends."""
+        state = branch_store.BranchState(
+            st.resolver, st.own_removed, st.old_proposals, st.own_commit
+        )
+        self._db(
+            self._st.branch_save,
+            gid,
+            branch_store.encode(state),
+            live_tags=st.resolver.live_path(),
+            resend=resend,
+        )
+
+    def _journal(self, gid: bytes, st: _Group, snap: int) -> None:
+        """Before an MLS change the resolver must learn of: go back to ``snap`` if a
+        crash comes before ``_persist`` records its result."""
+        if not self._db(self._st.branch_trial, gid, snap):
+            self._persist(gid, st)
+            self._db(self._st.branch_trial, gid, snap)
+
+    def _back_to(self, gid: bytes, st: _Group, snap: int) -> None:
+        """A staged change did not stick: the group back on ``snap``, the marker cleared,
+        then the snapshot released (a crash in between leaves a marker that names a
+        snapshot still there, or an unnamed snapshot ``restore`` releases)."""
+        self._ident.rollback(gid, snap)
+        self._persist(gid, st)
+        self._ident.release(gid, snap)
+
+    def restore(self) -> None:
+        """At start, before any other MLS call (the MLS worker's first call): every
+        group's branch state from client.db; a group whose change was interrupted goes
+        back on its trial snapshot; snapshots no record names are released (also those a
+        client before v5 left behind). Bad records are dropped (typed, counted, logged)."""
+        recorded = set(self._db(self._st.branch_groups))
+        groups = [bytes(g) for g in self._ident.groups()]
+        for gid in groups:
+            st = self._restore_group(gid) if gid in recorded else None
+            keep = st.resolver.snapshots_in_use() if st is not None else set()
+            for sid, _epoch in self._ident.snapshots(gid):
+                if sid not in keep:
+                    self._ident.release(gid, sid)
+        for gid in recorded.difference(groups):
+            self._db(self._st.branch_drop, gid, resends=True)
+
+    def _restore_group(self, gid: bytes) -> _Group | None:
+        try:
+            rec = self._db(self._st.branch_record, gid)
+            if rec is None:
+                return None
+            state = branch_store.decode(rec.state)
+            g = self._ident.group(gid)
+            if rec.trial is not None and self.tag(g) != state.resolver.tip.tag:
+                self._ident.rollback(gid, rec.trial)
+                self.stats.rolled_back += 1
+            if not g.is_active:
+                self._db(self._st.branch_drop, gid, resends=True)  # removed: nothing to do
+                return None
+            if self.tag(g) != state.resolver.tip.tag:
+                raise branch_store.BranchStateError("the record is not of the group's epoch")
+        except (ClientStateError, crypto.MlsError) as exc:
+            self.stats.dropped_records += 1
+            log.warning("dropped a group's branch record", extra={"err": str(exc)})
+            self._db(self._st.branch_drop, gid)
+            return None
+        r = state.resolver
+        live = set(r.live_path())
+        for t in self._db(self._st.branch_texts_after, gid, rec.texts_seq):
+            if t.tag in live:
+                r.note_sent(t.tag, t.app_id)  # sent after the last save
+        st = _Group(r, state.old_proposals, state.own_commit, state.own_removed)
+        self._groups[gid] = st
+        self._persist(gid, st)
+        self.stats.restored += 1
+        return st

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentPart
 from qpc_node.client.branches import Branches
@@ -53,6 +55,8 @@ _KIND_TO_PB = {
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 MAX_ACTION_ROUNDS = 16
 """Action chains (a proposal's note, a hand-over's leave) one call runs at most."""
+BRANCH_PRUNE_EVERY_MS = 3_600_000
+"""How often shown texts' ids and our old texts are pruned from client.db."""
 
 
 def note_to_pb(note: IntentNote) -> client_pb2.GroupIntent:
@@ -115,6 +119,11 @@ class GroupDriver(AgentPart):
         """Such members: they get no copy of the proposal and commit that remove them."""
         self._kps: dict[bytes, bytes] = {}
         """KeyPackages fetched for our add requests (intent id -> package)."""
+        self._resends_due = True
+        """client.db may hold resends of a switch a restart interrupted (or that waited
+        for our commit to merge): sent from ``timers``."""
+        self._next_prune = 0
+        self._restart_checked = False
 
     # -- the cores -------------------------------------------------------------------
     async def core(self, conv: Conversation, g: crypto.Group) -> GroupCore:
@@ -233,10 +242,15 @@ class GroupDriver(AgentPart):
         core = await self.core(conv, g)
         if core.removed:
             return True
-        for plan in plans:
-            for body in self._branches.resends(conv.group_id, plan):
-                await self._send_app(conv, g, client_pb2.AppMessage.FromString(body), None)
-        for target in self._branches.remove_again(conv.group_id, list(core.members)):
+        await self.send_resends(conv.group_id)
+        removals = self._branches.remove_again(conv.group_id, list(core.members))
+        await self._request_removals(conv, g, core, removals)
+        return True
+
+    async def _request_removals(
+        self, conv: Conversation, g: crypto.Group, core: GroupCore, targets: list[str]
+    ) -> None:
+        for target in targets:
             try:
                 iid, actions = core.request(IntentKind.REMOVE, target, self._wall_ms())
             except IntentError:
@@ -250,7 +264,20 @@ class GroupDriver(AgentPart):
                 self._wall_ms(),
             )
             await self.run(conv, g, actions)
-        return True
+
+    async def _after_restart(self) -> None:
+        """A restart between a switch and its follow-ups: our removals of the losing
+        branch (the resolver's record says which) are requested again."""
+        if self._branches is None:
+            return
+        for gid in await self._mls(self._ident.groups):
+            conv, g = await self._open(bytes(gid))
+            if conv is None or g is None or not await self._mls(_active, g):
+                continue
+            members = await self._mls(g.members)
+            todo = self._branches.remove_again(conv.group_id, members)
+            if todo:
+                await self._request_removals(conv, g, await self.core(conv, g), todo)
 
     def on_future(self, group_id: bytes, epoch: int) -> None:
         """The inbox holds a message of ``epoch``, ahead of ours."""
@@ -316,12 +343,52 @@ class GroupDriver(AgentPart):
         )
 
     # -- timers --------------------------------------------------------------------------
+    async def send_resends(self, only: bytes | None = None) -> None:
+        """Our texts of a losing branch, encrypted again on the winner (same app id) and
+        queued, each in one client.db transaction with the forgetting of its pending
+        row: a crash leaves it pending (the first ciphertext never left) or queued."""
+        sent = False
+        for r in await self._state.call(self._st.branch_resends):
+            if only is not None and r.group_id != only:
+                continue
+            conv, g = await self._open(r.group_id)
+            try:
+                if conv is None or g is None or not await self._mls(_active, g):
+                    envs = []  # the group is gone for us: nobody to send it to
+                else:
+                    body = client_pb2.AppMessage.FromString(r.body)
+                    envs = await self._outbox.app_envelopes(conv, g, body)
+            except crypto.PendingCommit:
+                self._resends_due = True  # after our commit merged
+                continue
+            except DecodeError:
+                envs = []  # not an AppMessage (a bad row): dropped
+            await self._state.call(
+                self._st.resend_queued,
+                r.group_id,
+                r.app_id,
+                [(e.msg_id, e.encode()) for e in envs],
+                self._wall_ms(),
+            )
+            sent = sent or bool(envs)
+        if sent:
+            await self._outbox.flush_outbox()
+
     async def timers(self) -> None:
         """Feed our merged commits to their cores, then run what is due."""
         await self._drain_merged()
         if self._unwelcomed:
             await self._remove_unwelcomed()
         now = self._wall_ms()
+        if not self._restart_checked:
+            self._restart_checked = True
+            await self._after_restart()
+        if self._resends_due:
+            self._resends_due = False
+            await self.send_resends()
+        if now >= self._next_prune:
+            self._next_prune = now + BRANCH_PRUNE_EVERY_MS
+            await self._state.call(self._st.prune_branch_state, now, self.config.max_expiry_ms)
         for gid, core in list(self._cores.items()):
             if core.commit_in_flight and await self._commit_gone(gid):
                 await self._run_gid(gid, core.commit_failed(now))  # the outbox cancelled it

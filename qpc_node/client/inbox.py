@@ -135,6 +135,7 @@ class Inbox(AgentPart):
                         cursor=m.seq,
                         node=node,
                         msg_id=msg_id,
+                        app_id=got.app_id,
                     )
                     out.append(got)
             if resp.messages:
@@ -194,7 +195,9 @@ class Inbox(AgentPart):
                     await self._state.call(self._st.held_done, h.seq, h.node)
                     continue
                 self._stats.recovered += 1
-                await self._state.call(self._st.store_held_received, *self._row(h.seq, got), h.node)
+                await self._state.call(
+                    self._st.store_held_received, *self._row(h.seq, got), h.node, app_id=got.app_id
+                )
                 out.append(got)
             if not progress:
                 break
@@ -314,9 +317,10 @@ class Inbox(AgentPart):
             self._unreadable(0, "DecodeError")
             return None
         if app.WhichOneof("body") == "text":
-            if self._branches is not None and self._branches.seen_text(ev.sender, app.app_id):
+            app_id = bytes(app.app_id)
+            if await self._state.call(self._st.text_seen, bytes.fromhex(ev.sender), app_id):
                 return None  # re-sent on the winning branch after a fork: shown already
-            return Incoming(0, conv.name, ev.sender, app.text)
+            return Incoming(0, conv.name, ev.sender, app.text, app_id)
         await self._control(conv, g, ev.sender, app)
         return None
 

@@ -27,9 +27,23 @@ class MlsWorker:
         only for ``bench/agent_stall_bench.py`` to measure what the worker thread saves."""
         self._limiter = trio.CapacityLimiter(1)
         self._in_thread = in_thread
+        self._first: Callable[[], None] | None = None
+
+    def before_first_call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker before the first call (recovery of the MLS state
+        after a restart, qpc_node/client/branches.py: nothing may see it before)."""
+        self._first = fn
 
     async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         call = functools.partial(fn, *args, **kwargs)
+        if self._first is not None:
+            call = functools.partial(_after, self._first, call)
+            self._first = None
         if not self._in_thread:
             return call()
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+
+def _after(first: Callable[[], None], call: Callable[[], T]) -> T:
+    first()
+    return call()

@@ -12,8 +12,11 @@ thread (see ``AsyncClientState``) so the Trio loop never blocks on SQLite.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +35,16 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DB_FILE = "client.db"
-_SCHEMA = 4
+_SCHEMA = 5
 SEEN_KEEP_MS = 15 * 24 * 3600 * 1000
 """How long a received message id is remembered: longer than any envelope lives
 (the outbox's retention), so a copy delivered late by another node is still known."""
+TEXT_SEEN_KEEP_MS = 14 * 24 * 3600 * 1000
+"""How long a shown text's (sender, app id) is remembered: a resend after a branch
+switch is made at most one envelope lifetime (7 d) after the original and is in
+flight at most one more, so twice the largest expiry covers every copy."""
+MAX_BRANCH_TEXTS = 1024
+"""Own texts kept per group for a resend on a winning branch (the oldest go first)."""
 MAX_CONTACT_NAME = 32
 MAX_CHANNELS = 64
 """Channels one client joins at most: what one Channel/Fetch may name."""
@@ -151,6 +160,36 @@ _MIGRATIONS: tuple[str, ...] = (
         created_ms INTEGER NOT NULL
     );
     """,
+    # v5 (a crash in the middle of a branch switch, docs/groups.md): per group the
+    # fork resolver's state and the snapshot to return to if a merge or a staged
+    # sibling commit was interrupted (``trial``); our texts of the retained epochs
+    # (resent if their branch loses); the resends a switch decided and that are not
+    # queued yet; the (sender, app id) of texts shown, keyed (HMAC), until expiry.
+    """
+    CREATE TABLE group_branches (
+        group_id BLOB PRIMARY KEY,
+        state BLOB NOT NULL,
+        trial INTEGER,
+        texts_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE branch_texts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        group_id BLOB NOT NULL,
+        app_id BLOB NOT NULL,
+        tag BLOB NOT NULL,
+        body BLOB NOT NULL,
+        sent_ms INTEGER NOT NULL,
+        UNIQUE (group_id, app_id)
+    );
+    CREATE TABLE branch_resends (
+        group_id BLOB NOT NULL,
+        app_id BLOB NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (group_id, app_id)
+    );
+    CREATE TABLE seen_texts (key BLOB PRIMARY KEY, expiry_ms INTEGER NOT NULL);
+    CREATE INDEX seen_texts_expiry ON seen_texts (expiry_ms);
+    """,
 )
 
 
@@ -244,6 +283,35 @@ class CommitRecord:
     """The members before the commit (who the added ones are if it merged before a crash)."""
 
 
+@dataclass(frozen=True, slots=True)
+class BranchRecord:
+    """A group's persisted branch state (qpc_node/client/branch_store.py decodes ``state``)."""
+
+    group_id: bytes
+    state: bytes
+    trial: int | None
+    """Snapshot to roll back to when the group is not at the recorded tip: a merge or a
+    staged sibling commit was interrupted before its result was recorded."""
+    texts_seq: int
+    """Our texts up to this ``branch_texts.seq`` are noted in ``state``; later ones not."""
+
+
+@dataclass(frozen=True, slots=True)
+class BranchText:
+    seq: int
+    app_id: bytes
+    tag: bytes
+    """Branch tag of the epoch it was sent in."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingResend:
+    group_id: bytes
+    app_id: bytes
+    body: bytes
+    """The AppMessage to encrypt again on the winning branch (same app id)."""
+
+
 class ClientState:
     def __init__(self, data_dir: Path, secret: bytes) -> None:
         self._conn = sqlite3.connect(
@@ -254,6 +322,9 @@ class ClientState:
         self._conn.executescript(_DDL)
         self._aead = AESGCM(
             HKDF(hashes.SHA256(), 32, salt=None, info=b"qpc-client-db-v1").derive(secret)
+        )
+        self._seen_key = HKDF(hashes.SHA256(), 32, salt=None, info=b"qpc-seen-texts-v1").derive(
+            secret
         )
         if self.get_meta("schema") is None:
             self.set_meta("schema", (1).to_bytes(4, "big"))
@@ -608,8 +679,10 @@ class ClientState:
         cursor: int,
         node: bytes = b"",
         msg_id: bytes = b"",
+        app_id: bytes = b"",
     ) -> None:
-        """Keep a received text and advance the fetch cursor in one transaction."""
+        """Keep a received text and advance the fetch cursor in one transaction
+        (``app_id``: remembered with it, see ``text_seen``)."""
         sealed = self._seal(sender + text.encode("utf-8"), conv.encode("utf-8"))
         with transaction(self._conn):
             self._conn.execute(
@@ -618,6 +691,7 @@ class ClientState:
             )
             self._advance(node, cursor)
             self._saw(msg_id, ts_ms)
+            self._saw_text(sender, app_id, ts_ms)
 
     def advance_cursor(
         self, cursor: int, *, node: bytes = b"", msg_id: bytes = b"", now_ms: int = 0
@@ -667,7 +741,15 @@ class ClientState:
         self._conn.execute("DELETE FROM held WHERE node = ? AND seq = ?", (node, seq))
 
     def store_held_received(
-        self, seq: int, conv: str, sender: bytes, text: str, ts_ms: int, node: bytes = b""
+        self,
+        seq: int,
+        conv: str,
+        sender: bytes,
+        text: str,
+        ts_ms: int,
+        node: bytes = b"",
+        *,
+        app_id: bytes = b"",
     ) -> None:
         """A held message finally decrypted: keep its text and forget it, atomically
         (so it is shown once, never twice)."""
@@ -678,6 +760,7 @@ class ClientState:
                 (seq, conv, sealed, ts_ms),
             )
             self._conn.execute("DELETE FROM held WHERE node = ? AND seq = ?", (node, seq))
+            self._saw_text(sender, app_id, ts_ms)
 
     def _advance(self, node: bytes, cursor: int) -> None:
         self._conn.execute(
@@ -708,6 +791,164 @@ class ClientState:
         """Drop ids older than any copy could still arrive (bounded table)."""
         cur = self._conn.execute("DELETE FROM seen WHERE ts_ms < ?", (before_ms,))
         return int(cur.rowcount)
+
+    # -- texts shown, by (sender, app id) (docs/groups.md) --------------------------
+    # After a branch switch a member re-sends its texts of the losing branch with the
+    # same app id; a member that showed the original must not show the copy, also
+    # after a restart. The key is an HMAC so the file does not tell who sent what.
+    def _text_key(self, sender: bytes, app_id: bytes) -> bytes:
+        return hmac.new(self._seen_key, sender + app_id, hashlib.sha256).digest()[:16]
+
+    def _saw_text(self, sender: bytes, app_id: bytes, now_ms: int) -> None:
+        if app_id:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO seen_texts (key, expiry_ms) VALUES (?, ?)",
+                (self._text_key(sender, app_id), now_ms + TEXT_SEEN_KEEP_MS),
+            )
+
+    def text_seen(self, sender: bytes, app_id: bytes) -> bool:
+        """Was a text with this (sender, app id) shown already? Texts without an id
+        (older senders) are never duplicates."""
+        if not app_id:
+            return False
+        row = self._conn.execute(
+            "SELECT 1 FROM seen_texts WHERE key = ?", (self._text_key(sender, app_id),)
+        ).fetchone()
+        return row is not None
+
+    # -- branch switches (qpc_node/client/branch_store.py, docs/groups.md) -------------
+    def branch_groups(self) -> list[bytes]:
+        rows = self._conn.execute("SELECT group_id FROM group_branches").fetchall()
+        return [bytes(g) for (g,) in rows]
+
+    def branch_record(self, group_id: bytes) -> BranchRecord | None:
+        """The group's record; ClientStateError when it does not open (tampered)."""
+        row = self._conn.execute(
+            "SELECT state, trial, texts_seq FROM group_branches WHERE group_id = ?", (group_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        state = self._open(bytes(row[0]), b"branches" + group_id)
+        return BranchRecord(group_id, state, None if row[1] is None else int(row[1]), int(row[2]))
+
+    def branch_save(
+        self,
+        group_id: bytes,
+        state: bytes,
+        *,
+        live_tags: list[bytes],
+        resend: list[bytes] | None = None,
+        trial: int | None = None,
+    ) -> None:
+        """Record the group's branch state, in one transaction with what follows from
+        it: the texts of ``resend`` (app ids, a switch's) become pending resends, texts
+        of epochs no longer on the live path are forgotten (never resent), and the trial
+        marker is set to ``trial`` (None: cleared, the state matches the MLS group)."""
+        sealed = self._seal(state, b"branches" + group_id)
+        marks = ",".join("?" * len(live_tags))
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO group_branches (group_id, state, trial, texts_seq)"
+                " VALUES (?, ?, ?,"
+                " (SELECT coalesce(max(seq), 0) FROM branch_texts WHERE group_id = ?))",
+                (group_id, sealed, trial, group_id),
+            )
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO branch_resends (group_id, app_id, body)"
+                " SELECT group_id, app_id, body FROM branch_texts"
+                " WHERE group_id = ? AND app_id = ?",
+                [(group_id, a) for a in resend or ()],
+            )
+            self._conn.execute(
+                f"DELETE FROM branch_texts WHERE group_id = ? AND tag NOT IN ({marks})",
+                (group_id, *live_tags),
+            )
+
+    def branch_trial(self, group_id: bytes, snapshot: int) -> bool:
+        """Journal ``snapshot`` as the state to return to if the MLS change that follows
+        is not recorded (``branch_save``) before a crash; False when the group has no
+        record yet (then save one with ``trial`` set)."""
+        cur = self._conn.execute(
+            "UPDATE group_branches SET trial = ? WHERE group_id = ?", (snapshot, group_id)
+        )
+        return cur.rowcount == 1
+
+    def branch_drop(self, group_id: bytes, *, resends: bool = False) -> None:
+        """Forget the group's record and texts (a bad record, or the group is gone);
+        ``resends``: its pending resends too."""
+        with transaction(self._conn):
+            self._conn.execute("DELETE FROM group_branches WHERE group_id = ?", (group_id,))
+            self._conn.execute("DELETE FROM branch_texts WHERE group_id = ?", (group_id,))
+            if resends:
+                self._conn.execute("DELETE FROM branch_resends WHERE group_id = ?", (group_id,))
+
+    def branch_text_add(
+        self, group_id: bytes, app_id: bytes, tag: bytes, body: bytes, now_ms: int
+    ) -> None:
+        """We sent text ``app_id`` (``body``: its AppMessage) in the epoch ``tag``: kept
+        (sealed) for a resend, the newest MAX_BRANCH_TEXTS per group."""
+        sealed = self._seal(body, b"text" + group_id + app_id)
+        with transaction(self._conn):
+            self._conn.execute(
+                "INSERT OR IGNORE INTO branch_texts (group_id, app_id, tag, body, sent_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (group_id, app_id, tag, sealed, now_ms),
+            )
+            self._conn.execute(
+                "DELETE FROM branch_texts WHERE group_id = ? AND seq NOT IN"
+                " (SELECT seq FROM branch_texts WHERE group_id = ? ORDER BY seq DESC LIMIT ?)",
+                (group_id, group_id, MAX_BRANCH_TEXTS),
+            )
+
+    def branch_texts_after(self, group_id: bytes, seq: int) -> list[BranchText]:
+        rows = self._conn.execute(
+            "SELECT seq, app_id, tag FROM branch_texts WHERE group_id = ? AND seq > ? ORDER BY seq",
+            (group_id, seq),
+        ).fetchall()
+        return [BranchText(int(q), bytes(a), bytes(t)) for q, a, t in rows]
+
+    def branch_resends(self) -> list[PendingResend]:
+        """Resends a switch decided and not queued yet, oldest first. One whose body does
+        not open (tampered) is dropped."""
+        rows = self._conn.execute(
+            "SELECT rowid, group_id, app_id, body FROM branch_resends ORDER BY rowid"
+        ).fetchall()
+        out: list[PendingResend] = []
+        for rowid, g, a, body in rows:
+            gid, app_id = bytes(g), bytes(a)
+            try:
+                out.append(
+                    PendingResend(gid, app_id, self._open(bytes(body), b"text" + gid + app_id))
+                )
+            except ClientStateError:
+                self._conn.execute("DELETE FROM branch_resends WHERE rowid = ?", (rowid,))
+        return out
+
+    def resend_queued(
+        self, group_id: bytes, app_id: bytes, items: list[tuple[bytes, bytes]], now_ms: int
+    ) -> None:
+        """A pending resend's envelopes go into the outbox and the resend is forgotten,
+        in one transaction: after a crash it is either still pending (encrypted again:
+        the first ciphertext never left) or queued, never both."""
+        with transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+                " VALUES (?, ?, ?, ?)",
+                [(m, e, now_ms, now_ms) for m, e in items],
+            )
+            self._conn.execute(
+                "DELETE FROM branch_resends WHERE group_id = ? AND app_id = ?", (group_id, app_id)
+            )
+
+    def prune_branch_state(self, now_ms: int, text_max_age_ms: int) -> int:
+        """Forget shown texts' ids past their expiry and our texts older than any of
+        their copies can live (their resend could no longer be told from a new text)."""
+        with transaction(self._conn):
+            n = self._conn.execute("DELETE FROM seen_texts WHERE expiry_ms < ?", (now_ms,)).rowcount
+            n += self._conn.execute(
+                "DELETE FROM branch_texts WHERE sent_ms < ?", (now_ms - text_max_age_ms,)
+            ).rowcount
+        return int(n)
 
     def unshown(self) -> list[Received]:
         """Received texts not yet shown, oldest first; marks them shown."""
@@ -873,11 +1114,21 @@ class AsyncClientState:
     def __init__(self, state: ClientState) -> None:
         self.sync = state
         self._limiter = trio.CapacityLimiter(1)
+        self._lock = threading.Lock()
+        """One connection, one user at a time: the state thread, or the MLS worker
+        thread journalling a branch switch between two MLS changes (``blocking``)."""
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await trio.to_thread.run_sync(
-            functools.partial(fn, *args, **kwargs), limiter=self._limiter
+            functools.partial(self.blocking, fn, *args, **kwargs), limiter=self._limiter
         )
+
+    def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args)`` on the calling thread (never the Trio thread): for the MLS
+        worker, whose branch journal must be written between two MLS calls of one
+        worker call (qpc_node/client/branches.py)."""
+        with self._lock:
+            return fn(*args, **kwargs)
 
 
 def _split_fingerprints(blob: bytes) -> tuple[bytes, ...]:

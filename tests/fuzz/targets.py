@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.fuzz import (
+    h_branch_store,
     h_channel,
     h_client,
     h_federation,
@@ -20,6 +21,7 @@ from tests.fuzz import (
 )
 
 __all__ = [
+    "h_branch_store",
     "h_channel",
     "h_client",
     "h_federation",
