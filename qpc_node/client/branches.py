@@ -118,6 +118,8 @@ class _Group:
     """Our texts (app id -> AppMessage bytes) of the retained epochs, for resends."""
     own_removed: set[str] = field(default_factory=set)
     """Members our own commits removed: if such a commit loses, we remove them again."""
+    own_added: set[str] = field(default_factory=set)
+    """Members our own commits added: if such a commit loses, we add them again."""
 
 
 class Branches(AgentPart):
@@ -150,6 +152,15 @@ class Branches(AgentPart):
         if st is None:
             return []
         return [m for m in st.resolver.outstanding_removals(members) if m in st.own_removed]
+
+    def add_again(self, gid: bytes, plan: Switch, members: list[str]) -> list[str]:
+        """Members that a commit of ours added on a branch that lost (and that no branch
+        removed), not in the group we switched to: we (their adder) ask again, so each
+        is requested once, and the joiner gets a Welcome from the winning branch."""
+        st = self._groups.get(gid)
+        if st is None:
+            return []
+        return [m for m in plan.readd if m in st.own_added and m not in members]
 
     def take_merged_own(self, gid: bytes) -> bytes:
         """Our commit merged last in ``gid`` (b"" if none since the last call): the
@@ -232,6 +243,7 @@ class Branches(AgentPart):
         self._merged_own[gid] = st.own_commit
         st.own_commit = None
         st.own_removed.update(fc.removed)
+        st.own_added.update(fc.added)
         self._entered(gid, g, st, fc, ev, snap, now)
         return ev
 

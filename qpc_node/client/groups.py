@@ -218,7 +218,8 @@ class GroupDriver(AgentPart):
         """The inbox switched ``conv`` to another branch (Stage B): the core followed
         the losing one, so it is rebuilt from the winning MLS state (our open requests
         are re-proposed from client.db), and we remove again whoever
-        our losing commit removed (removals stay removed). True when it did."""
+        our losing commit removed (removals stay removed) and add again whoever it
+        added (an add only the losing branch applied). True when it did."""
         if self._branches is None:
             return False
         plans = self._branches.take_switches(conv.group_id)
@@ -237,20 +238,24 @@ class GroupDriver(AgentPart):
             for body in self._branches.resends(conv.group_id, plan):
                 await self._send_app(conv, g, client_pb2.AppMessage.FromString(body), None)
         for target in self._branches.remove_again(conv.group_id, list(core.members)):
-            try:
-                iid, actions = core.request(IntentKind.REMOVE, target, self._wall_ms())
-            except IntentError:
-                continue  # already being removed
-            await self._state.call(
-                self._st.intent_add,
-                iid,
-                conv.group_id,
-                IntentKind.REMOVE.value,
-                target,
-                self._wall_ms(),
-            )
-            await self.run(conv, g, actions)
+            await self._request_again(conv, g, core, IntentKind.REMOVE, target)
+        for plan in plans:
+            for target in self._branches.add_again(conv.group_id, plan, list(core.members)):
+                await self._request_again(conv, g, core, IntentKind.ADD, target)
         return True
+
+    async def _request_again(
+        self, conv: Conversation, g: crypto.Group, core: GroupCore, kind: IntentKind, target: str
+    ) -> None:
+        """Re-issue a change that only a losing branch applied, as our own request
+        (tracked in client.db like any other, so it survives a restart)."""
+        now = self._wall_ms()
+        try:
+            iid, actions = core.request(kind, target, now)
+        except IntentError:
+            return  # already requested (or no longer possible)
+        await self._state.call(self._st.intent_add, iid, conv.group_id, kind.value, target, now)
+        await self.run(conv, g, actions)
 
     def on_future(self, group_id: bytes, epoch: int) -> None:
         """The inbox holds a message of ``epoch``, ahead of ours."""
