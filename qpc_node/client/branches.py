@@ -33,12 +33,14 @@ from qpc_node.groups.fork import (
     EpochInfo,
     ForkCommit,
     ForkResolver,
+    OrderKey,
     OutOfWindow,
     RouteKind,
     Switch,
     branch_tag,
     rank_secret,
 )
+from qpc_node.groups.rejoin import MAX_STEPS, Step, open_offer, rejoin_key, seal_offer
 from qpc_node.ops.log import get_logger
 
 log = get_logger("qpc.client")
@@ -53,6 +55,11 @@ MAX_SEEN = 8192
 MAX_OLD_PROPOSALS = 256
 """Proposals of an older live epoch kept per group (replayed before staging a sibling
 commit there: the sibling may cover them by reference)."""
+OFFER_INTERVAL_MS = 60_000
+"""A rejoin offer goes out once per epoch of ours, and again after this long if messages
+of an unknown branch still arrive (the other side may have missed the first)."""
+NO_SNAPSHOT = -1
+"""``Switch.rollback_to`` of a rejoin by external commit: nothing was rolled back."""
 
 
 class Unknown:
@@ -62,15 +69,32 @@ class Unknown:
 UNKNOWN_BRANCH = Unknown()
 
 
+_SENDER_INDEXED = (1, 2)
+"""RFC 9420 SenderType member(1) and external(2) carry a u32 index; new_member_*: none."""
+
+
 def content_type(data: bytes) -> int:
-    """The clear content type of an MLS PrivateMessage (RFC 9420 6.3: after group id and
-    epoch), so a commit is told from an application message before decrypting."""
-    parse_header(data)  # validates version, wire format, lengths
+    """The clear content type of an MLS message (RFC 9420 6.2-6.3: after group id and
+    epoch; in a PublicMessage after the sender and authenticated data too), so a commit
+    is told from an application message before decrypting. Commits of members are
+    PrivateMessages; an external commit (a rejoin) is a PublicMessage."""
+    header = parse_header(data)  # validates version, wire format, lengths
+    if header.content_type is not None:
+        return header.content_type
     size = 1 << (data[4] >> 6)
-    length = data[4] & 0x3F
-    for b in data[5 : 4 + size]:
+    pos = 4 + size + len(header.group_id) + 8
+    if pos >= len(data):
+        raise InvalidMlsHeader("truncated sender")
+    pos += 1 + (4 if data[pos] in _SENDER_INDEXED else 0)
+    if pos >= len(data):
+        raise InvalidMlsHeader("truncated authenticated data")
+    size = 1 << (data[pos] >> 6)
+    if size == 8 or pos + size > len(data):
+        raise InvalidMlsHeader("bad authenticated data length")
+    length = data[pos] & 0x3F
+    for b in data[pos + 1 : pos + size]:
         length = (length << 8) | b
-    pos = 4 + size + length + 8
+    pos += size + length
     if pos >= len(data):
         raise InvalidMlsHeader("truncated content type")
     return data[pos]
@@ -107,6 +131,37 @@ class BranchStatistics:
     """Late messages of a branch we left, decrypted from its retained snapshot."""
     out_of_window: int = 0
     held_unknown: int = 0
+    offers_sent: int = 0
+    rejoins: int = 0
+    """Forks older than the window healed by our external commit onto the winner."""
+    rejoins_refused: int = 0
+    """Offers of a winning branch we may not rejoin (we were removed on a branch)."""
+
+
+@dataclass(slots=True)
+class _Past:
+    """An epoch of our branch, kept (beyond the rollback window too, up to MAX_STEPS) for
+    rejoin offers: what the other side of a long partition needs to compare with us."""
+
+    epoch: int
+    key: bytes
+    members: frozenset[str]
+    child: OrderKey | None = None
+    """The ordering key of the commit our branch took in this epoch (None: our tip)."""
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    sent: list[bytes] = field(default_factory=list)
+    """Our texts' app ids sent in this epoch (re-sent if we rejoin another branch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoined:
+    """``Branches.on_offer``: we rejoined the winning branch by external commit."""
+
+    commit: bytes
+    branch: bytes
+    """The tag of the epoch the commit leaves (the winner's current one)."""
+    recipients: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -120,6 +175,14 @@ class _Group:
     """Members our own commits removed: if such a commit loses, we remove them again."""
     own_added: set[str] = field(default_factory=set)
     """Members our own commits added: if such a commit loses, we add them again."""
+    past: dict[bytes, _Past] = field(default_factory=dict)
+    """Our branch's epochs by tag, oldest first (the last one is the tip)."""
+    unknown_since: int | None = None
+    """When we last held a message of a branch we do not know (an offer is due)."""
+    offered: tuple[bytes, int] = (b"", 0)
+    """(tip tag, wall ms) of our last offer."""
+    rejoin_removed: set[str] = field(default_factory=set)
+    """Members our commits removed on a branch we left by rejoining: removed again."""
 
 
 class Branches(AgentPart):
@@ -151,7 +214,10 @@ class Branches(AgentPart):
         st = self._groups.get(gid)
         if st is None:
             return []
-        return [m for m in st.resolver.outstanding_removals(members) if m in st.own_removed]
+        again = set(st.resolver.outstanding_removals(members)) & st.own_removed
+        again |= st.rejoin_removed.intersection(members)
+        st.rejoin_removed &= again
+        return sorted(again)
 
     def add_again(self, gid: bytes, plan: Switch, members: list[str]) -> list[str]:
         """Members that a commit of ours added on a branch that lost (and that no branch
@@ -205,6 +271,8 @@ class Branches(AgentPart):
         if tag != st.resolver.tip.tag:
             return
         st.resolver.note_sent(tag, app_id)
+        if tag in st.past:
+            st.past[tag].sent.append(app_id)
         st.texts[app_id] = body
         if len(st.texts) > MAX_TEXTS:
             del st.texts[next(iter(st.texts))]
@@ -225,8 +293,10 @@ class Branches(AgentPart):
         if st is not None and st.resolver.tip.tag == branch_tag(g):
             return st
         r = ForkResolver(window=self.window, retain_ms=self.retain_ms)
-        r.start(epoch_info(g), now)
+        info = epoch_info(g)
+        r.start(info, now)
         st = _Group(r)
+        st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
         self._groups[gid] = st
         return st
 
@@ -284,6 +354,7 @@ class Branches(AgentPart):
             except crypto.MlsError:
                 pass
             self.stats.held_unknown += 1
+            st.unknown_since = now
             return UNKNOWN_BRANCH  # ... or a branch we may yet switch to
         if tag == r.tip.tag:
             if ct == CT_COMMIT and not g.has_pending_commit():
@@ -334,10 +405,28 @@ class Branches(AgentPart):
             info = EpochInfo(gone, g.epoch, r.tip.rank_secret, frozenset())
             r.entered(fc, info, parent_snap, now)
             return
-        r.entered(fc, epoch_info(g), parent_snap, now)
+        info = epoch_info(g)
+        r.entered(fc, info, parent_snap, now)
+        self._grow(st, fc, info, rejoin_key(g))
         st.old_proposals = {t: ps for t, ps in st.old_proposals.items() if t in r.live_path()}
         for sid in r.prune(now):
             self._ident.release(gid, sid)
+
+    def _grow(self, st: _Group, fc: ForkCommit, info: EpochInfo, key: bytes) -> None:
+        """Our branch took ``fc`` into ``info``: past epochs of a branch we left go."""
+        past = st.past
+        if fc.parent_tag in past:
+            tags = list(past)
+            for t in tags[tags.index(fc.parent_tag) + 1 :]:
+                del past[t]
+            parent = past[fc.parent_tag]
+            parent.child = st.resolver.key_of(fc.digest)
+            parent.added, parent.removed = fc.added, fc.removed
+        else:
+            past.clear()
+        past[info.tag] = _Past(info.epoch, key, info.members)
+        while len(past) > MAX_STEPS:
+            del past[next(iter(past))]
 
     def _sibling(
         self, gid: bytes, g: crypto.Group, st: _Group, parent_tag: bytes, data: bytes, now: int
@@ -379,3 +468,93 @@ class Branches(AgentPart):
         if isinstance(decision, OutOfWindow):
             self.stats.out_of_window += 1
         return None
+
+    # -- beyond the rollback window: offers and rejoins (docs/groups.md) --------------
+    def offer_due(self, gid: bytes, now: int) -> bool:
+        """Messages of an unknown branch arrived and we have not offered ours since
+        (once per epoch of ours, or again after OFFER_INTERVAL_MS)."""
+        st = self._groups.get(gid)
+        if st is None or st.unknown_since is None or not st.past:
+            return False
+        tag, at = st.offered
+        tip = next(reversed(st.past))
+        return tag != tip or now - at >= OFFER_INTERVAL_MS
+
+    def offer(self, gid: bytes, g: crypto.Group, now: int) -> tuple[bytes, list[str]] | None:
+        """Our branch as a BranchOffer and who gets it: every member of an epoch of our
+        branch we keep (the other side of the partition was in them), but us."""
+        if not g.is_active:
+            return None
+        st = self._group_state(gid, g, now)
+        tags = list(st.past)
+        steps = [Step(t, st.past[t].key, st.past[t].child) for t in tags]
+        data = seal_offer(gid, steps, g.members(), g.group_info())
+        st.offered = (tags[-1], now)
+        st.unknown_since = None
+        who: set[str] = set()
+        for p in st.past.values():
+            who |= p.members
+        who.discard(self._ident.fingerprint)
+        self.stats.offers_sent += 1
+        return data, sorted(who)
+
+    def on_offer(self, gid: bytes, g: crypto.Group, data: bytes, now: int) -> Rejoined | None:
+        """Another branch's offer. When its commit beats ours at the fork epoch and the
+        fork is beyond our rollback window, rejoin it by external commit (only as a
+        member of the fork epoch that no branch removed), and queue the switch for the
+        group driver: our texts since the fork are re-sent with their app ids, our adds
+        and removals since the fork are asked for again. InvalidOffer if malformed."""
+        if not g.is_active:
+            return None
+        st = self._group_state(gid, g, now)
+        keys = {t: p.key for t, p in st.past.items()}
+        opened = open_offer(gid, data, keys)
+        if opened is None or opened.child is None:
+            return None  # no shared epoch, or the sender is behind on our branch
+        fork = st.past[opened.fork_tag]
+        if fork.child is None or st.resolver.snapshot_of(opened.fork_tag) is not None:
+            # We are behind (their commits come by pull), or the fork is within the
+            # window: its commits decide, staged on the fork's snapshot.
+            return None
+        if fork.child <= opened.child:
+            return None  # our branch wins: they rejoin us
+        tags = list(st.past)
+        losing = tags[tags.index(opened.fork_tag) :]
+        added: list[str] = []
+        removed: list[str] = []
+        for t in losing:
+            added += [m for m in st.past[t].added if m not in added]
+            removed += [m for m in st.past[t].removed if m not in removed]
+        me = self._ident.fingerprint
+        if me not in fork.members or me in removed or me not in opened.roster:
+            self.stats.rejoins_refused += 1
+            log.info("not rejoining a branch that removed us", extra={"epoch": fork.epoch})
+            return None
+        their = set(opened.roster)
+        plan = Switch(
+            parent_tag=opened.fork_tag,
+            parent_epoch=fork.epoch,
+            rollback_to=NO_SNAPSHOT,
+            winner=opened.child.digest,
+            losing_tags=tuple(losing[1:]),
+            resend=tuple(a for t in losing for a in st.past[t].sent),
+            reissue=(),
+            readd=tuple(m for m in added if m not in their and m not in removed),
+            reremove=tuple(m for m in removed if m in their),
+        )
+        try:
+            new, commit = self._ident.join_external(opened.group_info)
+        except crypto.MlsError as exc:
+            log.warning("rejoin by external commit failed", extra={"err": type(exc).__name__})
+            return None
+        for sid, _epoch in self._ident.snapshots(gid):
+            self._ident.release(gid, sid)  # the branch we left: its snapshots go
+        old = st
+        del self._groups[gid]
+        st = self._group_state(gid, new, now)
+        st.texts, st.own_added, st.own_removed = old.texts, old.own_added, old.own_removed
+        st.rejoin_removed = set(plan.reremove) & old.own_removed
+        self.stats.rejoins += 1
+        self._switched.setdefault(gid, []).append(plan)
+        log.info("group rejoined the winning branch", extra={"epoch": fork.epoch})
+        return Rejoined(commit, opened.tip_tag, tuple(m for m in opened.roster if m != me))

@@ -334,6 +334,48 @@ class GroupDriver(AgentPart):
             if due is None or due > now or core.removed:
                 continue
             await self._run_gid(gid, core.tick(now))
+        await self._offer_branches(now)
+
+    # -- beyond the rollback window (docs/groups.md, "Rejoin by external commit") --------
+    async def _offer_branches(self, now: int) -> None:
+        """We hold messages of a branch we do not know: perhaps the other side of a
+        partition longer than the rollback window. The first committer of our branch
+        offers it to every member of the epochs we keep; a member whose branch loses at
+        the fork rejoins ours by external commit (``on_offer``)."""
+        if self._branches is None:
+            return
+        for gid, core in list(self._cores.items()):
+            if core.removed or core.committers[:1] != (self._ident.fingerprint,):
+                continue
+            if not self._branches.offer_due(gid, now):
+                continue
+            conv, g = await self._open(gid)
+            if conv is None or g is None:
+                continue
+            got = await self._mls(self._branches.offer, gid, g, now)
+            if got is None:
+                continue
+            data, who = got
+            kind = client_pb2.Sealed.REJOIN_OFFER
+            await self._outbox.submit(
+                [self._outbox.envelope(bytes.fromhex(m), kind, gid, data) for m in who]
+            )
+
+    async def on_offer(self, group_id: bytes, data: bytes) -> None:
+        """Another branch's BranchOffer (InvalidOffer propagates: the inbox counts it)."""
+        if self._branches is None:
+            return
+        conv, g = await self._open(group_id)
+        if conv is None or g is None:
+            return
+        done = await self._mls(self._branches.on_offer, group_id, g, data, self._wall_ms())
+        if done is None:
+            return
+        to = [bytes.fromhex(m) for m in done.recipients]
+        await self._outbox.submit(
+            self._outbox.to_each(to, group_id, done.commit, branch=done.branch)
+        )
+        await self._after_switch(conv, g)
 
     async def _commit_gone(self, gid: bytes) -> bool:
         pending = {r.group_id for r in await self._state.call(self._st.pending_commits)}

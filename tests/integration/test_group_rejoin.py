@@ -1,5 +1,6 @@
-"""Stage B gaps in the real client (docs/groups.md): a member added only on the losing
-branch ends in the group.
+"""Stage B gaps in the real client (docs/groups.md, "Rejoin"): a member added only on the
+losing branch ends in the group, and a partition longer than the rollback window heals
+by an external commit of the losing side onto the winning branch.
 
 Real node on loopback, real Agents; relays are "paused" by members not reading their
 mail, as in test_groups_partition_client.py.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node_harness import running_node, users
+from node_harness import flush_inbox, running_node, users
 from test_groups_partition_client import QUIET_MS, _gid, settle
 
 from qpc_node.client.agent import Agent
@@ -73,3 +74,68 @@ async def test_member_added_only_on_the_losing_branch_is_added_again(
             got = shown[x.ident.fingerprint]
             for who, text in ((e, "hello from e"), (f, "hello from f")):
                 assert got.count(text) == (0 if x is who else 1), (text, got)
+
+
+async def _update(x: Agent, gid: bytes) -> None:
+    """x, its branch's first committer, refreshes its leaf: a commit at once."""
+    before = x.ident.group(gid).epoch
+    await x.group_update("team")
+    assert x.ident.group(gid).epoch == before + 1
+
+
+async def test_partition_longer_than_the_window_heals_by_external_commit(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """Both committers commit more epochs than the rollback window while cut off from
+    each other (nobody reads mail once the cable is pulled), then everyone reads. Neither side can stage the
+    other's commit at the fork any more; the losing committer gets the winner's offer,
+    rejoins by external commit, and its text of the losing branch is shown once."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
+    ):
+        c0, c1, gid = await _group_of(wall, agents)
+        q = next(x for x in agents if x not in (c0, c1))
+        # Side Y: q asks for an update and c1 reads it before the cable is pulled; c0
+        # stays silent, so c1 commits it and becomes its side's first committer.
+        await q.group_update("team")
+        await flush_inbox(c1)
+        epoch = c1.ident.group(gid).epoch
+        await _failover_commit(wall, c1)
+        assert c1.ident.group(gid).epoch == epoch + 1
+        window = c0._branches.window
+        for k in range(window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+            if k == 1:
+                await c0.group_send("team", "from c0 on x")
+                await c1.group_send("team", "from c1 on y")
+        assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+
+        shown = await settle(wall, *agents, rounds=12)
+        rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
+        assert len(rejoined) == 1, [x._branches.stats for x in (c0, c1)]
+        (loser,) = rejoined
+        winner = c1 if loser is c0 else c0
+        assert winner._branches.stats.offers_sent >= 1
+        everyone = {x.ident.fingerprint for x in agents}
+        auths = set()
+        for x in agents:
+            g = x.ident.group(gid)
+            assert set(g.members()) == everyone, (x.ident.fingerprint[:8], g.members())
+            auths.add(g.epoch_authenticator())
+            assert x.stats.undecryptable == 0
+        assert len(auths) == 1
+        # The loser's text of its branch was sent again on the winner: shown once.
+        mine = "from c0 on x" if loser is c0 else "from c1 on y"
+        for x in agents:
+            if x is not loser:
+                assert shown[x.ident.fingerprint].count(mine) == 1, shown[x.ident.fingerprint]
+        # The rejoined member sends and receives on the common branch.
+        await loser.group_send("team", "back")
+        await winner.group_send("team", "welcome back")
+        shown = await settle(wall, *agents, rounds=2)
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            assert got.count("back") == (0 if x is loser else 1), got
+            assert got.count("welcome back") == (0 if x is winner else 1), got
