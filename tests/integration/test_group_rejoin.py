@@ -139,3 +139,34 @@ async def test_partition_longer_than_the_window_heals_by_external_commit(
             got = shown[x.ident.fingerprint]
             assert got.count("back") == (0 if x is loser else 1), got
             assert got.count("welcome back") == (0 if x is winner else 1), got
+
+
+async def test_a_member_removed_on_the_winning_branch_does_not_rejoin(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """As above, but side Y's first commit removes c0 (q asked for it). A membership
+    change beats c0's self-update at the fork, so Y wins; c0 gets Y's offer, and since
+    Y removed it, it must not come back by external commit: it stays out."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
+    ):
+        c0, c1, gid = await _group_of(wall, agents)
+        p, q = (x for x in agents if x not in (c0, c1))
+        assert await q.group_remove("team", c0.ident.fingerprint) == "requested"
+        await flush_inbox(c1)
+        await _failover_commit(wall, c1)
+        assert c0.ident.fingerprint not in c1.ident.group(gid).members()
+        for _ in range(c0._branches.window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+
+        await settle(wall, *agents, rounds=12)
+        assert c0._branches.stats.rejoins == 0
+        assert c0._branches.stats.rejoins_refused >= 1
+        assert c1._branches.stats.offers_sent >= 1
+        auths = {x.ident.group(gid).epoch_authenticator() for x in (c1, p, q)}
+        assert len(auths) == 1
+        for x in (c1, p, q):
+            assert c0.ident.fingerprint not in x.ident.group(gid).members()
+        assert c0.ident.group(gid).epoch_authenticator() not in auths
