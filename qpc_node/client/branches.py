@@ -553,6 +553,16 @@ class Branches(AgentPart):
         del self._groups[gid]
         st = self._group_state(gid, new, now)
         st.texts, st.own_added, st.own_removed = old.texts, old.own_added, old.own_removed
+        # Keep the history of the branch we left (its texts are re-sent now): if the
+        # winner committed again before our external commit reached it, the commit is
+        # refused there, and the winner's next offer must still open at the fork, so we
+        # rejoin again from its newer GroupInfo. Once we are on the winner, its offers
+        # share our current epoch and change nothing.
+        for p in old.past.values():
+            p.sent.clear()
+        st.past = {**old.past, **st.past}
+        while len(st.past) > MAX_STEPS:
+            del st.past[next(iter(st.past))]
         st.rejoin_removed = set(plan.reremove) & old.own_removed
         self.stats.rejoins += 1
         self._switched.setdefault(gid, []).append(plan)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from node_harness import flush_inbox, running_node, users
 from test_groups_partition_client import QUIET_MS, _gid, settle
 
@@ -83,13 +84,19 @@ async def _update(x: Agent, gid: bytes) -> None:
     assert x.ident.group(gid).epoch == before + 1
 
 
+@pytest.mark.parametrize("winner_moves_on", [False, True])
 async def test_partition_longer_than_the_window_heals_by_external_commit(
-    tmp_path: Path, wall: ManualWallClock
+    tmp_path: Path, wall: ManualWallClock, winner_moves_on: bool
 ) -> None:
     """Both committers commit more epochs than the rollback window while cut off from
-    each other (nobody reads mail once the cable is pulled), then everyone reads. Neither side can stage the
-    other's commit at the fork any more; the losing committer gets the winner's offer,
-    rejoins by external commit, and its text of the losing branch is shown once."""
+    each other (nobody reads mail once the cable is pulled), then everyone reads.
+    Neither side can stage the other's commit at the fork any more; the losing committer
+    gets the winner's offer, rejoins by external commit, and its text of the losing
+    branch is shown once.
+
+    ``winner_moves_on``: the winner reads first (and offers), then commits again before
+    the loser's external commit reaches it; that commit then arrives on an older epoch
+    of the winner and is judged there like any sibling commit, and all still converge."""
     async with (
         running_node(tmp_path, wall) as (_, info),
         users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
@@ -111,6 +118,13 @@ async def test_partition_longer_than_the_window_heals_by_external_commit(
                 await c0.group_send("team", "from c0 on x")
                 await c1.group_send("team", "from c1 on y")
         assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+        if winner_moves_on:
+            # c1's fork commit changes the committer list (the failover rotates it), c0's
+            # is a self-update: Y wins at the fork, whichever ranks come out.
+            await flush_inbox(c1)
+            await c1._groups.timers()
+            assert c1._branches.stats.offers_sent == 1
+            await _update(c1, gid)
 
         shown = await settle(wall, *agents, rounds=12)
         rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
