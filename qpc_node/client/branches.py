@@ -183,6 +183,12 @@ class _Group:
     """(tip tag, wall ms) of our last offer."""
     rejoin_removed: set[str] = field(default_factory=set)
     """Members our commits removed on a branch we left by rejoining: removed again."""
+    recipients: dict[bytes, frozenset[str]] = field(default_factory=dict)
+    """Who each of our kept texts went to (the roster of its epoch)."""
+    owed: dict[str, list[bytes]] = field(default_factory=dict)
+    """Texts we re-sent on the winner that a member of the losing branch did not get
+    (it is not in the winner yet: added only on the losing branch), by member: sent to it
+    once a commit adds it."""
 
 
 class Branches(AgentPart):
@@ -253,6 +259,24 @@ class Branches(AgentPart):
             return []
         return [st.texts[a] for a in plan.resend if a in st.texts]
 
+    def owe(self, gid: bytes, plan: Switch, members: list[str]) -> None:
+        """After our resends of ``plan``: the recipients of those texts on the losing
+        branch that are not in ``members`` (the winner) are owed them until added."""
+        st = self._groups.get(gid)
+        if st is None:
+            return
+        now_in = set(members) | {self._ident.fingerprint}
+        for a in plan.resend:
+            for m in st.recipients.get(a, frozenset()) - now_in:
+                st.owed.setdefault(m, []).append(a)
+
+    def take_owed(self, gid: bytes, added: list[str]) -> list[tuple[str, bytes]]:
+        """(member, AppMessage) of our texts owed to members a commit just added."""
+        st = self._groups.get(gid)
+        if st is None:
+            return []
+        return [(m, st.texts[a]) for m in added for a in st.owed.pop(m, []) if a in st.texts]
+
     def forget(self, gid: bytes) -> None:
         self._groups.pop(gid, None)
 
@@ -273,9 +297,12 @@ class Branches(AgentPart):
         st.resolver.note_sent(tag, app_id)
         if tag in st.past:
             st.past[tag].sent.append(app_id)
+            st.recipients[app_id] = st.past[tag].members
         st.texts[app_id] = body
         if len(st.texts) > MAX_TEXTS:
-            del st.texts[next(iter(st.texts))]
+            gone = next(iter(st.texts))
+            del st.texts[gone]
+            st.recipients.pop(gone, None)
 
     def own_commit(self, gid: bytes, g: crypto.Group, commit: bytes, now: int) -> bytes:
         """Our commit is on its way (merged once the node stored it): remember it for
@@ -553,6 +580,7 @@ class Branches(AgentPart):
         del self._groups[gid]
         st = self._group_state(gid, new, now)
         st.texts, st.own_added, st.own_removed = old.texts, old.own_added, old.own_removed
+        st.recipients, st.owed = old.recipients, old.owed
         # Keep the history of the branch we left (its texts are re-sent now): if the
         # winner committed again before our external commit reached it, the commit is
         # refused there, and the winner's next offer must still open at the fork, so we

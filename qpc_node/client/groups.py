@@ -199,6 +199,8 @@ class GroupDriver(AgentPart):
         await self.run(conv, g, core.on_commit(info, now))
         if core.removed:
             self.forget(conv.group_id)
+            return
+        await self._send_owed(conv, g, info.added)
 
     async def on_app(
         self, conv: Conversation, g: crypto.Group, sender: str, app: client_pb2.AppMessage
@@ -237,6 +239,7 @@ class GroupDriver(AgentPart):
         for plan in plans:
             for body in self._branches.resends(conv.group_id, plan):
                 await self._send_app(conv, g, client_pb2.AppMessage.FromString(body), None)
+            self._branches.owe(conv.group_id, plan, list(core.members))
         for target in self._branches.remove_again(conv.group_id, list(core.members)):
             await self._request_again(conv, g, core, IntentKind.REMOVE, target)
         for plan in plans:
@@ -256,6 +259,15 @@ class GroupDriver(AgentPart):
             return  # already requested (or no longer possible)
         await self._state.call(self._st.intent_add, iid, conv.group_id, kind.value, target, now)
         await self.run(conv, g, actions)
+
+    async def _send_owed(self, conv: Conversation, g: crypto.Group, added: Sequence[str]) -> None:
+        """A member added only on a losing branch is in again: our texts it was owed there
+        (re-sent on the winner before it was back) go to it alone, with their app id."""
+        if self._branches is None or not added:
+            return
+        for member, body in self._branches.take_owed(conv.group_id, list(added)):
+            msg = client_pb2.AppMessage.FromString(body)
+            await self._send_app(conv, g, msg, bytes.fromhex(member))
 
     def on_future(self, group_id: bytes, epoch: int) -> None:
         """The inbox holds a message of ``epoch``, ahead of ours."""
@@ -398,6 +410,7 @@ class GroupDriver(AgentPart):
             own = b"" if self._branches is None else self._branches.take_merged_own(gid)
             info = await self._commit_info(g, ev, self._ident.fingerprint, own)
             await self.run(conv, g, core.on_commit(info, self._wall_ms()))
+            await self._send_owed(conv, g, info.added)
 
     async def _open(self, gid: bytes) -> tuple[Conversation | None, crypto.Group | None]:
         conv = await self._state.call(self._st.conversation_by_group, gid)

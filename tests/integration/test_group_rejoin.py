@@ -56,8 +56,22 @@ async def test_member_added_only_on_the_losing_branch_is_added_again(
         await _failover_commit(wall, c1)
         assert c0.ident.group(gid).epoch == c1.ident.group(gid).epoch == epoch + 1
         assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+        await c0.group_send("team", "from c0 on x")  # to e, not f
+        await c1.group_send("team", "from c1 on y")  # to f, not e
 
-        await settle(wall, *agents, rounds=12)
+        shown = await settle(wall, *agents, rounds=12)
+        # Each text shows once to each of its recipients on either branch (the joiner of
+        # the losing branch keeps what it read there, or gets the resend once it is back),
+        # never twice; the other joiner sees it only if the text was re-sent on its branch.
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            for text, sender, other in (("from c0 on x", c0, f), ("from c1 on y", c1, e)):
+                if x is sender:
+                    assert got.count(text) == 0, got
+                elif x is other:
+                    assert got.count(text) <= 1, got
+                else:
+                    assert got.count(text) == 1, (text, got)
         assert sum(x._branches.stats.switches for x in agents) >= 1
         everyone = {x.ident.fingerprint for x in agents}
         auths = set()
