@@ -57,7 +57,10 @@ MAX_OLD_PROPOSALS = 256
 commit there: the sibling may cover them by reference)."""
 OFFER_INTERVAL_MS = 60_000
 """A rejoin offer goes out once per epoch of ours, and again after this long if messages
-of an unknown branch still arrive (the other side may have missed the first)."""
+of an unknown branch still arrive (the other side may have missed the first), then after
+twice as long each time (up to 64 times: held messages are retried on every receive, and
+a member that may not rejoin would otherwise draw an offer a minute until they expire)."""
+MAX_OFFER_BACKOFF = 6
 NO_SNAPSHOT = -1
 """``Switch.rollback_to`` of a rejoin by external commit: nothing was rolled back."""
 
@@ -179,8 +182,8 @@ class _Group:
     """Our branch's epochs by tag, oldest first (the last one is the tip)."""
     unknown_since: int | None = None
     """When we last held a message of a branch we do not know (an offer is due)."""
-    offered: tuple[bytes, int] = (b"", 0)
-    """(tip tag, wall ms) of our last offer."""
+    offered: tuple[bytes, int, int] = (b"", 0, 0)
+    """(tip tag, wall ms, offers at this tip) of our last offer."""
     rejoin_removed: set[str] = field(default_factory=set)
     """Members our commits removed on a branch we left by rejoining: removed again."""
     recipients: dict[bytes, frozenset[str]] = field(default_factory=dict)
@@ -503,9 +506,9 @@ class Branches(AgentPart):
         st = self._groups.get(gid)
         if st is None or st.unknown_since is None or not st.past:
             return False
-        tag, at = st.offered
+        tag, at, n = st.offered
         tip = next(reversed(st.past))
-        return tag != tip or now - at >= OFFER_INTERVAL_MS
+        return tag != tip or now - at >= OFFER_INTERVAL_MS << min(n - 1, MAX_OFFER_BACKOFF)
 
     def offer(self, gid: bytes, g: crypto.Group, now: int) -> tuple[bytes, list[str]] | None:
         """Our branch as a BranchOffer and who gets it: every member of an epoch of our
@@ -516,7 +519,8 @@ class Branches(AgentPart):
         tags = list(st.past)
         steps = [Step(t, st.past[t].key, st.past[t].child) for t in tags]
         data = seal_offer(gid, steps, g.members(), g.group_info())
-        st.offered = (tags[-1], now)
+        tag, _at, n = st.offered
+        st.offered = (tags[-1], now, n + 1 if tag == tags[-1] else 1)
         st.unknown_since = None
         who: set[str] = set()
         for p in st.past.values():

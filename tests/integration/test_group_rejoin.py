@@ -15,6 +15,7 @@ from node_harness import flush_inbox, running_node, users
 from test_groups_partition_client import QUIET_MS, _gid, settle
 
 from qpc_node.client.agent import Agent
+from qpc_node.client.branches import OFFER_INTERVAL_MS
 from qpc_node.groups.core import GroupConfig
 from qpc_node.ops.clock import ManualWallClock
 
@@ -198,3 +199,12 @@ async def test_a_member_removed_on_the_winning_branch_does_not_rejoin(
         for x in (c1, p, q):
             assert c0.ident.fingerprint not in x.ident.group(gid).members()
         assert c0.ident.group(gid).epoch_authenticator() not in auths
+        # c0 keeps holding Y's messages (retried on every receive) and stays out: its
+        # offers back off instead of going out every OFFER_INTERVAL_MS until they expire.
+        before = c0._branches.stats.offers_sent
+        for _ in range(10):
+            wall.advance(OFFER_INTERVAL_MS)
+            await flush_inbox(c0)
+            await c0._groups.timers()
+        assert c0._branches.stats.offers_sent - before <= 3
+        assert c0._branches.stats.rejoins == 0
