@@ -28,7 +28,7 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from qpc_node import crypto
@@ -127,6 +127,9 @@ class _ForkState:
     last_change_wall: float = 0.0
     """perf_counter() of the last epoch change (for the wall-clock convergence time)."""
     welcomes: set[bytes] = field(default_factory=set)
+    owed: dict[str, list[bytes]] = field(default_factory=dict)
+    """Our texts re-sent on the winner that members of the losing branch missed because
+    they are not in the winner yet (added only there): sent to each when it is added."""
 
 
 class PartitionSim(GroupSim):
@@ -225,7 +228,23 @@ class PartitionSim(GroupSim):
             if before is not None:  # a resend: owed to the members of either branch
                 idx, rec = self.sent_texts[app_id]
                 self.sent_texts[app_id] = (idx, rec | before[1])
+                owed = self.fork[m.index].owed
+                for f in before[1] - rec - {m.fpr}:
+                    owed.setdefault(f, []).append(app_id)
             self.fork[m.index].resolver.note_sent(branch_tag(g), app_id)
+
+    def _after_commit(self, m: SimMember, added: Sequence[str]) -> None:
+        """A member our resend could not reach (not in the winner then) is added: it
+        gets those texts now, to itself only (same app id: shown once)."""
+        fs = self.fork.get(m.index)
+        g = m.group
+        if fs is None or g is None or not g.is_active:
+            return
+        for f in added:
+            for app_id in fs.owed.pop(f, []):
+                msg = client_pb2.AppMessage(text=app_id.hex(), sent_ms=self.now)
+                self.extra += 1
+                self._broadcast(m, g.encrypt(msg.SerializeToString()), app_id=app_id, to=[f])
 
     # -- joining ---------------------------------------------------------------------
     def _joined(self, m: SimMember, welcome: bytes) -> None:
@@ -269,6 +288,7 @@ class PartitionSim(GroupSim):
                 self._send_welcome(m, self.by_fpr[f], welcome)
         info = commit_info(g, ev, m.fpr, commit)
         self.apply(m, core.on_commit(info, self.now))
+        self._after_commit(m, info.added)
         self._release(m)
         self._flush_deferred(m)
         self._retry_held(m)
@@ -434,6 +454,7 @@ class PartitionSim(GroupSim):
             assert m.core is not None
             info = commit_info(g, ev_ours, m.fpr, own_commit)
             self.apply(m, m.core.on_commit(info, self.now))
+            self._after_commit(m, info.added)
             self._release(m)
             self._flush_deferred(m)
             return "done"

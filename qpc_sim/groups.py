@@ -404,8 +404,12 @@ class GroupSim:
                 self._send_welcome(m, self.by_fpr[f], welcome)
         info = commit_info(g, ev, m.fpr, commit, parent)
         self.apply(m, core.on_commit(info, self.now))
+        self._after_commit(m, info.added)
         self._flush_deferred(m)
         self._retry_held(m)
+
+    def _after_commit(self, m: SimMember, added: Sequence[str]) -> None:
+        """``m`` merged a commit that added ``added`` (Stage B harness: owed resends)."""
 
     def _flush_deferred(self, m: SimMember) -> None:
         todo, m.deferred = m.deferred, []
@@ -535,6 +539,7 @@ class GroupSim:
                 self._flush_deferred(m)
             info = commit_info(g, ev, ev.sender, h.data)
             self.apply(m, core.on_commit(info, self.now))
+            self._after_commit(m, info.added)
 
     def _application(self, m: SimMember, ev: crypto.Event, h: _Held) -> None:
         core = m.core

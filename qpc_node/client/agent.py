@@ -148,6 +148,7 @@ class Agent:
             events=self._groups.on_event,
             future=self._groups.on_future,
             branches=self._branches,
+            offer=self._groups.on_offer,
         )
         self._channels = Channels(self._ctx)
 

@@ -48,18 +48,20 @@ from qpc_node import crypto
 from qpc_node.client import branch_store
 from qpc_node.client.agent_types import AgentContext, AgentPart
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
-from qpc_node.client.state import ClientStateError
+from qpc_node.client.state import MAX_BRANCH_TEXTS, ClientStateError
 from qpc_node.groups.fork import (
     DEFAULT_WINDOW,
     EpochInfo,
     ForkCommit,
     ForkResolver,
+    OrderKey,
     OutOfWindow,
     RouteKind,
     Switch,
     branch_tag,
     rank_secret,
 )
+from qpc_node.groups.rejoin import MAX_STEPS, Step, open_offer, rejoin_key, seal_offer
 from qpc_node.ops.log import get_logger
 
 log = get_logger("qpc.client")
@@ -72,6 +74,14 @@ CT_COMMIT = 3
 MAX_OLD_PROPOSALS = 256
 """Proposals of an older live epoch kept per group (replayed before staging a sibling
 commit there: the sibling may cover them by reference)."""
+OFFER_INTERVAL_MS = 60_000
+"""A rejoin offer goes out once per epoch of ours, and again after this long if messages
+of an unknown branch still arrive (the other side may have missed the first), then after
+twice as long each time (up to 64 times: held messages are retried on every receive, and
+a member that may not rejoin would otherwise draw an offer a minute until they expire)."""
+MAX_OFFER_BACKOFF = 6
+NO_SNAPSHOT = -1
+"""``Switch.rollback_to`` of a rejoin by external commit: nothing was rolled back."""
 
 
 class Unknown:
@@ -81,15 +91,32 @@ class Unknown:
 UNKNOWN_BRANCH = Unknown()
 
 
+_SENDER_INDEXED = (1, 2)
+"""RFC 9420 SenderType member(1) and external(2) carry a u32 index; new_member_*: none."""
+
+
 def content_type(data: bytes) -> int:
-    """The clear content type of an MLS PrivateMessage (RFC 9420 6.3: after group id and
-    epoch), so a commit is told from an application message before decrypting."""
-    parse_header(data)  # validates version, wire format, lengths
+    """The clear content type of an MLS message (RFC 9420 6.2-6.3: after group id and
+    epoch; in a PublicMessage after the sender and authenticated data too), so a commit
+    is told from an application message before decrypting. Commits of members are
+    PrivateMessages; an external commit (a rejoin) is a PublicMessage."""
+    header = parse_header(data)  # validates version, wire format, lengths
+    if header.content_type is not None:
+        return header.content_type
     size = 1 << (data[4] >> 6)
-    length = data[4] & 0x3F
-    for b in data[5 : 4 + size]:
+    pos = 4 + size + len(header.group_id) + 8
+    if pos >= len(data):
+        raise InvalidMlsHeader("truncated sender")
+    pos += 1 + (4 if data[pos] in _SENDER_INDEXED else 0)
+    if pos >= len(data):
+        raise InvalidMlsHeader("truncated authenticated data")
+    size = 1 << (data[pos] >> 6)
+    if size == 8 or pos + size > len(data):
+        raise InvalidMlsHeader("bad authenticated data length")
+    length = data[pos] & 0x3F
+    for b in data[pos + 1 : pos + size]:
         length = (length << 8) | b
-    pos = 4 + size + length + 8
+    pos += size + length
     if pos >= len(data):
         raise InvalidMlsHeader("truncated content type")
     return data[pos]
@@ -132,6 +159,37 @@ class BranchStatistics:
     """Of those, groups put back on their trial snapshot (a crash mid-change)."""
     dropped_records: int = 0
     """Records that did not decode or fit the MLS state: dropped, started afresh."""
+    offers_sent: int = 0
+    rejoins: int = 0
+    """Forks older than the window healed by our external commit onto the winner."""
+    rejoins_refused: int = 0
+    """Offers of a winning branch we may not rejoin (we were removed on a branch)."""
+
+
+@dataclass(slots=True)
+class _Past:
+    """An epoch of our branch, kept (beyond the rollback window too, up to MAX_STEPS) for
+    rejoin offers: what the other side of a long partition needs to compare with us."""
+
+    epoch: int
+    key: bytes
+    members: frozenset[str]
+    child: OrderKey | None = None
+    """The ordering key of the commit our branch took in this epoch (None: our tip)."""
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    sent: list[bytes] = field(default_factory=list)
+    """Our texts' app ids sent in this epoch (re-sent if we rejoin another branch)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoined:
+    """``Branches.on_offer``: we rejoined the winning branch by external commit."""
+
+    commit: bytes
+    branch: bytes
+    """The tag of the epoch the commit leaves (the winner's current one)."""
+    recipients: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -141,6 +199,22 @@ class _Group:
     own_commit: bytes | None = None
     own_removed: set[str] = field(default_factory=set)
     """Members our own commits removed: if such a commit loses, we remove them again."""
+    own_added: set[str] = field(default_factory=set)
+    """Members our own commits added: if such a commit loses, we add them again."""
+    past: dict[bytes, _Past] = field(default_factory=dict)
+    """Our branch's epochs by tag, oldest first (the last one is the tip)."""
+    unknown_since: int | None = None
+    """When we last held a message of a branch we do not know (an offer is due)."""
+    offered: tuple[bytes, int, int] = (b"", 0, 0)
+    """(tip tag, wall ms, offers at this tip) of our last offer."""
+    rejoin_removed: set[str] = field(default_factory=set)
+    """Members our commits removed on a branch we left by rejoining: removed again."""
+    recipients: dict[bytes, frozenset[str]] = field(default_factory=dict)
+    """Who each of our kept texts went to (the roster of its epoch)."""
+    owed: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    """Texts we re-sent on the winner that a member of the losing branch did not get
+    (it is not in the winner yet: added only on the losing branch), by member: sent to it
+    once a commit adds it."""
 
 
 class Branches(AgentPart):
@@ -171,12 +245,42 @@ class Branches(AgentPart):
         st = self._groups.get(gid)
         if st is None:
             return []
-        return [m for m in st.resolver.outstanding_removals(members) if m in st.own_removed]
+        again = set(st.resolver.outstanding_removals(members)) & st.own_removed
+        again |= st.rejoin_removed.intersection(members)
+        st.rejoin_removed &= again
+        return sorted(again)
+
+    def add_again(self, gid: bytes, plan: Switch, members: list[str]) -> list[str]:
+        """Members that a commit of ours added on a branch that lost (and that no branch
+        removed), not in the group we switched to: we (their adder) ask again, so each
+        is requested once, and the joiner gets a Welcome from the winning branch."""
+        st = self._groups.get(gid)
+        if st is None:
+            return []
+        return [m for m in plan.readd if m in st.own_added and m not in members]
 
     def take_merged_own(self, gid: bytes) -> bytes:
         """Our commit merged last in ``gid`` (b"" if none since the last call): the
         group core logs it, so we answer other members' pulls with our commits too."""
         return self._merged_own.pop(gid, b"")
+
+    def owe(self, gid: bytes, app_id: bytes, body: bytes, members: list[str]) -> None:
+        """After our resend of ``app_id`` (``body``) on the winner: its recipients on the
+        losing branch that are not in ``members`` (added only there) are owed it until a
+        commit adds them again."""
+        st = self._groups.get(gid)
+        if st is None:
+            return
+        now_in = set(members) | {self._ident.fingerprint}
+        for m in st.recipients.get(app_id, frozenset()) - now_in:
+            st.owed.setdefault(m, {})[app_id] = body
+
+    def take_owed(self, gid: bytes, added: list[str]) -> list[tuple[str, bytes]]:
+        """(member, AppMessage) of our texts owed to members a commit just added."""
+        st = self._groups.get(gid)
+        if st is None:
+            return []
+        return [(m, body) for m in added for body in st.owed.pop(m, {}).values()]
 
     def forget(self, gid: bytes) -> None:
         self._groups.pop(gid, None)
@@ -197,6 +301,11 @@ class Branches(AgentPart):
             return
         st.resolver.note_sent(tag, app_id)
         self._db(self._st.branch_text_add, gid, app_id, tag, body, self._wall_ms())
+        if tag in st.past:
+            st.past[tag].sent.append(app_id)
+            st.recipients[app_id] = st.past[tag].members
+            if len(st.recipients) > MAX_BRANCH_TEXTS:
+                del st.recipients[next(iter(st.recipients))]
 
     def own_commit(self, gid: bytes, g: crypto.Group, commit: bytes, now: int) -> bytes:
         """Our commit is on its way (merged once the node stored it): remember it for
@@ -219,8 +328,10 @@ class Branches(AgentPart):
                 with contextlib.suppress(crypto.UnknownSnapshot):
                     self._ident.release(gid, sid)
         r = ForkResolver(window=self.window, retain_ms=self.retain_ms)
-        r.start(epoch_info(g), now)
+        info = epoch_info(g)
+        r.start(info, now)
         st = _Group(r)
+        st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
         self._groups[gid] = st
         self._persist(gid, st)
         return st
@@ -239,6 +350,7 @@ class Branches(AgentPart):
         self._merged_own[gid] = st.own_commit
         st.own_commit = None
         st.own_removed.update(fc.removed)
+        st.own_added.update(fc.added)
         self._entered(gid, g, st, fc, ev, snap, now)
         return ev
 
@@ -279,6 +391,7 @@ class Branches(AgentPart):
             except crypto.MlsError:
                 pass
             self.stats.held_unknown += 1
+            st.unknown_since = now
             return UNKNOWN_BRANCH  # ... or a branch we may yet switch to
         if tag == r.tip.tag:
             if ct == CT_COMMIT and not g.has_pending_commit():
@@ -332,13 +445,31 @@ class Branches(AgentPart):
             r.entered(fc, info, parent_snap, now)
             self._persist(gid, st)
             return
-        r.entered(fc, epoch_info(g), parent_snap, now)
+        info = epoch_info(g)
+        r.entered(fc, info, parent_snap, now)
+        self._grow(st, fc, info, rejoin_key(g))
         st.old_proposals = {t: ps for t, ps in st.old_proposals.items() if t in r.live_path()}
         freed = r.prune(now)
         # Saved before the release: a record never names a snapshot that is gone.
         self._persist(gid, st, resend=list(switch.resend) if switch is not None else None)
         for sid in freed:
             self._ident.release(gid, sid)
+
+    def _grow(self, st: _Group, fc: ForkCommit, info: EpochInfo, key: bytes) -> None:
+        """Our branch took ``fc`` into ``info``: past epochs of a branch we left go."""
+        past = st.past
+        if fc.parent_tag in past:
+            tags = list(past)
+            for t in tags[tags.index(fc.parent_tag) + 1 :]:
+                del past[t]
+            parent = past[fc.parent_tag]
+            parent.child = st.resolver.key_of(fc.digest)
+            parent.added, parent.removed = fc.added, fc.removed
+        else:
+            past.clear()
+        past[info.tag] = _Past(info.epoch, key, info.members)
+        while len(past) > MAX_STEPS:
+            del past[next(iter(past))]
 
     def _sibling(
         self, gid: bytes, g: crypto.Group, st: _Group, parent_tag: bytes, data: bytes, now: int
@@ -456,7 +587,114 @@ class Branches(AgentPart):
             if t.tag in live:
                 r.note_sent(t.tag, t.app_id)  # sent after the last save
         st = _Group(r, state.old_proposals, state.own_commit, state.own_removed)
+        info = epoch_info(g)
+        st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
         self._groups[gid] = st
         self._persist(gid, st)
         self.stats.restored += 1
         return st
+
+    # -- beyond the rollback window: offers and rejoins (docs/groups.md) --------------
+    def offer_due(self, gid: bytes, now: int) -> bool:
+        """Messages of an unknown branch arrived and we have not offered ours since
+        (once per epoch of ours, or again after OFFER_INTERVAL_MS)."""
+        st = self._groups.get(gid)
+        if st is None or st.unknown_since is None or not st.past:
+            return False
+        tag, at, n = st.offered
+        tip = next(reversed(st.past))
+        return tag != tip or now - at >= OFFER_INTERVAL_MS << min(n - 1, MAX_OFFER_BACKOFF)
+
+    def offer(self, gid: bytes, g: crypto.Group, now: int) -> tuple[bytes, list[str]] | None:
+        """Our branch as a BranchOffer and who gets it: every member of an epoch of our
+        branch we keep (the other side of the partition was in them), but us."""
+        if not g.is_active:
+            return None
+        st = self._group_state(gid, g, now)
+        tags = list(st.past)
+        steps = [Step(t, st.past[t].key, st.past[t].child) for t in tags]
+        data = seal_offer(gid, steps, g.members(), g.group_info())
+        tag, _at, n = st.offered
+        st.offered = (tags[-1], now, n + 1 if tag == tags[-1] else 1)
+        st.unknown_since = None
+        who: set[str] = set()
+        for p in st.past.values():
+            who |= p.members
+        who.discard(self._ident.fingerprint)
+        self.stats.offers_sent += 1
+        return data, sorted(who)
+
+    def on_offer(self, gid: bytes, g: crypto.Group, data: bytes, now: int) -> Rejoined | None:
+        """Another branch's offer. When its commit beats ours at the fork epoch and the
+        fork is beyond our rollback window, rejoin it by external commit (only as a
+        member of the fork epoch that no branch removed), and queue the switch for the
+        group driver: our texts since the fork are re-sent with their app ids, our adds
+        and removals since the fork are asked for again. InvalidOffer if malformed."""
+        if not g.is_active:
+            return None
+        st = self._group_state(gid, g, now)
+        keys = {t: p.key for t, p in st.past.items()}
+        opened = open_offer(gid, data, keys)
+        if opened is None or opened.child is None:
+            return None  # no shared epoch, or the sender is behind on our branch
+        fork = st.past[opened.fork_tag]
+        if fork.child is None or st.resolver.snapshot_of(opened.fork_tag) is not None:
+            # We are behind (their commits come by pull), or the fork is within the
+            # window: its commits decide, staged on the fork's snapshot.
+            return None
+        if fork.child <= opened.child:
+            return None  # our branch wins: they rejoin us
+        tags = list(st.past)
+        losing = tags[tags.index(opened.fork_tag) :]
+        added: list[str] = []
+        removed: list[str] = []
+        for t in losing:
+            added += [m for m in st.past[t].added if m not in added]
+            removed += [m for m in st.past[t].removed if m not in removed]
+        me = self._ident.fingerprint
+        if me not in fork.members or me in removed or me not in opened.roster:
+            self.stats.rejoins_refused += 1
+            log.info("not rejoining a branch that removed us", extra={"epoch": fork.epoch})
+            return None
+        their = set(opened.roster)
+        plan = Switch(
+            parent_tag=opened.fork_tag,
+            parent_epoch=fork.epoch,
+            rollback_to=NO_SNAPSHOT,
+            winner=opened.child.digest,
+            losing_tags=tuple(losing[1:]),
+            resend=tuple(a for t in losing for a in st.past[t].sent),
+            reissue=(),
+            readd=tuple(m for m in added if m not in their and m not in removed),
+            reremove=tuple(m for m in removed if m in their),
+        )
+        try:
+            new, commit = self._ident.join_external(opened.group_info)
+        except crypto.MlsError as exc:
+            log.warning("rejoin by external commit failed", extra={"err": type(exc).__name__})
+            return None
+        # Our texts since the fork become pending resends (client.db) before the new
+        # branch's record forgets the epochs they were kept under.
+        self._persist(gid, st, resend=list(plan.resend))
+        for sid, _epoch in self._ident.snapshots(gid):
+            self._ident.release(gid, sid)  # the branch we left: its snapshots go
+        old = st
+        del self._groups[gid]
+        st = self._group_state(gid, new, now)
+        st.own_added, st.own_removed = old.own_added, old.own_removed
+        st.recipients, st.owed = old.recipients, old.owed
+        # Keep the history of the branch we left (its texts are re-sent now): if the
+        # winner committed again before our external commit reached it, the commit is
+        # refused there, and the winner's next offer must still open at the fork, so we
+        # rejoin again from its newer GroupInfo. Once we are on the winner, its offers
+        # share our current epoch and change nothing.
+        for p in old.past.values():
+            p.sent.clear()
+        st.past = {**old.past, **st.past}
+        while len(st.past) > MAX_STEPS:
+            del st.past[next(iter(st.past))]
+        st.rejoin_removed = set(plan.reremove) & old.own_removed
+        self.stats.rejoins += 1
+        self._switched.setdefault(gid, []).append(plan)
+        log.info("group rejoined the winning branch", extra={"epoch": fork.epoch})
+        return Rejoined(commit, opened.tip_tag, tuple(m for m in opened.roster if m != me))

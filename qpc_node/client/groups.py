@@ -208,6 +208,8 @@ class GroupDriver(AgentPart):
         await self.run(conv, g, core.on_commit(info, now))
         if core.removed:
             self.forget(conv.group_id)
+            return
+        await self._send_owed(conv, g, info.added)
 
     async def on_app(
         self, conv: Conversation, g: crypto.Group, sender: str, app: client_pb2.AppMessage
@@ -227,7 +229,8 @@ class GroupDriver(AgentPart):
         """The inbox switched ``conv`` to another branch (Stage B): the core followed
         the losing one, so it is rebuilt from the winning MLS state (our open requests
         are re-proposed from client.db), and we remove again whoever
-        our losing commit removed (removals stay removed). True when it did."""
+        our losing commit removed (removals stay removed) and add again whoever it
+        added (an add only the losing branch applied). True when it did."""
         if self._branches is None:
             return False
         plans = self._branches.take_switches(conv.group_id)
@@ -243,27 +246,12 @@ class GroupDriver(AgentPart):
         if core.removed:
             return True
         await self.send_resends(conv.group_id)
-        removals = self._branches.remove_again(conv.group_id, list(core.members))
-        await self._request_removals(conv, g, core, removals)
+        for target in self._branches.remove_again(conv.group_id, list(core.members)):
+            await self._request_again(conv, g, core, IntentKind.REMOVE, target)
+        for plan in plans:
+            for target in self._branches.add_again(conv.group_id, plan, list(core.members)):
+                await self._request_again(conv, g, core, IntentKind.ADD, target)
         return True
-
-    async def _request_removals(
-        self, conv: Conversation, g: crypto.Group, core: GroupCore, targets: list[str]
-    ) -> None:
-        for target in targets:
-            try:
-                iid, actions = core.request(IntentKind.REMOVE, target, self._wall_ms())
-            except IntentError:
-                continue  # already being removed
-            await self._state.call(
-                self._st.intent_add,
-                iid,
-                conv.group_id,
-                IntentKind.REMOVE.value,
-                target,
-                self._wall_ms(),
-            )
-            await self.run(conv, g, actions)
 
     async def _after_restart(self) -> None:
         """A restart between a switch and its follow-ups: our removals of the losing
@@ -277,7 +265,31 @@ class GroupDriver(AgentPart):
             members = await self._mls(g.members)
             todo = self._branches.remove_again(conv.group_id, members)
             if todo:
-                await self._request_removals(conv, g, await self.core(conv, g), todo)
+                core = await self.core(conv, g)
+                for target in todo:
+                    await self._request_again(conv, g, core, IntentKind.REMOVE, target)
+
+    async def _request_again(
+        self, conv: Conversation, g: crypto.Group, core: GroupCore, kind: IntentKind, target: str
+    ) -> None:
+        """Re-issue a change that only a losing branch applied, as our own request
+        (tracked in client.db like any other, so it survives a restart)."""
+        now = self._wall_ms()
+        try:
+            iid, actions = core.request(kind, target, now)
+        except IntentError:
+            return  # already requested (or no longer possible)
+        await self._state.call(self._st.intent_add, iid, conv.group_id, kind.value, target, now)
+        await self.run(conv, g, actions)
+
+    async def _send_owed(self, conv: Conversation, g: crypto.Group, added: Sequence[str]) -> None:
+        """A member added only on a losing branch is in again: our texts it was owed there
+        (re-sent on the winner before it was back) go to it alone, with their app id."""
+        if self._branches is None or not added:
+            return
+        for member, body in self._branches.take_owed(conv.group_id, list(added)):
+            msg = client_pb2.AppMessage.FromString(body)
+            await self._send_app(conv, g, msg, bytes.fromhex(member))
 
     def on_future(self, group_id: bytes, epoch: int) -> None:
         """The inbox holds a message of ``epoch``, ahead of ours."""
@@ -358,6 +370,11 @@ class GroupDriver(AgentPart):
                 else:
                     body = client_pb2.AppMessage.FromString(r.body)
                     envs = await self._outbox.app_envelopes(conv, g, body)
+                    if self._branches is not None:
+                        # Who got it on the losing branch and is not on the winner (added
+                        # only there) gets it alone once a commit adds it back.
+                        members = await self._mls(g.members)
+                        self._branches.owe(r.group_id, r.app_id, r.body, members)
             except crypto.PendingCommit:
                 self._resends_due = True  # after our commit merged
                 continue
@@ -396,6 +413,48 @@ class GroupDriver(AgentPart):
             if due is None or due > now or core.removed:
                 continue
             await self._run_gid(gid, core.tick(now))
+        await self._offer_branches(now)
+
+    # -- beyond the rollback window (docs/groups.md, "Rejoin by external commit") --------
+    async def _offer_branches(self, now: int) -> None:
+        """We hold messages of a branch we do not know: perhaps the other side of a
+        partition longer than the rollback window. The first committer of our branch
+        offers it to every member of the epochs we keep; a member whose branch loses at
+        the fork rejoins ours by external commit (``on_offer``)."""
+        if self._branches is None:
+            return
+        for gid, core in list(self._cores.items()):
+            if core.removed or core.committers[:1] != (self._ident.fingerprint,):
+                continue
+            if not self._branches.offer_due(gid, now):
+                continue
+            conv, g = await self._open(gid)
+            if conv is None or g is None:
+                continue
+            got = await self._mls(self._branches.offer, gid, g, now)
+            if got is None:
+                continue
+            data, who = got
+            kind = client_pb2.Sealed.REJOIN_OFFER
+            await self._outbox.submit(
+                [self._outbox.envelope(bytes.fromhex(m), kind, gid, data) for m in who]
+            )
+
+    async def on_offer(self, group_id: bytes, data: bytes) -> None:
+        """Another branch's BranchOffer (InvalidOffer propagates: the inbox counts it)."""
+        if self._branches is None:
+            return
+        conv, g = await self._open(group_id)
+        if conv is None or g is None:
+            return
+        done = await self._mls(self._branches.on_offer, group_id, g, data, self._wall_ms())
+        if done is None:
+            return
+        to = [bytes.fromhex(m) for m in done.recipients]
+        await self._outbox.submit(
+            self._outbox.to_each(to, group_id, done.commit, branch=done.branch)
+        )
+        await self._after_switch(conv, g)
 
     async def _commit_gone(self, gid: bytes) -> bool:
         pending = {r.group_id for r in await self._state.call(self._st.pending_commits)}
@@ -418,6 +477,7 @@ class GroupDriver(AgentPart):
             own = b"" if self._branches is None else self._branches.take_merged_own(gid)
             info = await self._commit_info(g, ev, self._ident.fingerprint, own)
             await self.run(conv, g, core.on_commit(info, self._wall_ms()))
+            await self._send_owed(conv, g, info.added)
 
     async def _open(self, gid: bytes) -> tuple[Conversation | None, crypto.Group | None]:
         conv = await self._state.call(self._st.conversation_by_group, gid)

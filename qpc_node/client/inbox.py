@@ -57,9 +57,15 @@ GroupEvent = Callable[[Conversation, crypto.Group, crypto.Event, bytes], Awaitab
 """``event(conv, group, event, mls message)`` for a processed proposal or commit."""
 Future = Callable[[bytes, int], None]
 """``future(group id, epoch)``: a message of that later epoch is held."""
+Offer = Callable[[bytes, bytes], Awaitable[None]]
+"""``offer(group id, BranchOffer bytes)``: another branch of a group (docs/groups.md)."""
 
 
 async def _no_event(_c: Conversation, _g: crypto.Group, _e: crypto.Event, _m: bytes) -> None:
+    return None
+
+
+async def _no_offer(_gid: bytes, _data: bytes) -> None:
     return None
 
 
@@ -74,8 +80,10 @@ class Inbox(AgentPart):
         events: GroupEvent = _no_event,
         future: Future = lambda _g, _e: None,
         branches: Branches | None = None,
+        offer: Offer = _no_offer,
     ) -> None:
         super().__init__(ctx)
+        self._offer = offer
         self._branches = branches
         self._control = control
         self._events = events
@@ -219,6 +227,9 @@ class Inbox(AgentPart):
             sealed = client_pb2.Sealed.FromString(unpad(padded))
             if sealed.kind == client_pb2.Sealed.WELCOME:
                 await self._joined(await self._mls(self._ident.join, sealed.data))
+                return None
+            if sealed.kind == client_pb2.Sealed.REJOIN_OFFER:
+                await self._offer(bytes(sealed.group_id), bytes(sealed.data))
                 return None
             if sealed.kind != client_pb2.Sealed.MLS_MESSAGE:
                 raise RemoteProtocolError(f"unknown sealed kind {sealed.kind}")

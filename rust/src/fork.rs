@@ -312,6 +312,26 @@ fn run_readonly<T: Send>(
 }
 
 impl State {
+    /// Drop our records of the group (not its snapshots), before joining it again (by
+    /// external commit, or by a Welcome of a branch we were not on): left in place,
+    /// records of the old membership (past epochs' key pairs, queued proposals) would mix
+    /// with the new ones. Part of the caller's transaction.
+    pub(crate) fn drop_group_records(&mut self, gid: &[u8]) -> Result<()> {
+        self.touch(gid);
+        self.groups.remove(gid);
+        let old = self.group_records(gid)?;
+        let mut m = self
+            .provider
+            .storage
+            .values
+            .write()
+            .map_err(|_| poisoned())?;
+        for (k, _) in &old {
+            m.remove(k);
+        }
+        Ok(())
+    }
+
     /// A signed GroupInfo of the current epoch, with the ratchet tree and the external
     /// public key: what a member needs to rejoin by external commit.
     pub fn op_group_info(&mut self, gid: &[u8]) -> Result<Vec<u8>> {
@@ -349,23 +369,7 @@ impl State {
                 "group id must be 1..255 bytes",
             ));
         }
-        // Drop our old records of the group (not its snapshots): left in place, records of
-        // the old membership (past epochs' key pairs, queued proposals) would mix with the
-        // new ones.
-        self.touch(&gid);
-        self.groups.remove(&gid);
-        let old = self.group_records(&gid)?;
-        {
-            let mut m = self
-                .provider
-                .storage
-                .values
-                .write()
-                .map_err(|_| poisoned())?;
-            for (k, _) in &old {
-                m.remove(k);
-            }
-        }
+        self.drop_group_records(&gid)?;
         let params = LeafNodeParameters::builder()
             .with_capabilities(leaf_capabilities())
             .build();

@@ -651,16 +651,27 @@ impl State {
         let MlsMessageBodyIn::Welcome(w) = msg.extract() else {
             return Err(Error::new(Kind::InvalidMessage, "message is not a Welcome"));
         };
-        let staged = StagedWelcome::new_from_welcome(&self.provider, &join_config(), w, None)
-            .map_err(|e| match e {
-                WelcomeError::NoMatchingKeyPackage | WelcomeError::JoinerSecretNotFound => {
-                    Error::from_dbg(Kind::WelcomeNotForUs, "Welcome is not for us", e)
-                }
-                WelcomeError::LibraryError(_) | WelcomeError::StorageError(_) => {
-                    Error::from_dbg(Kind::Mls, "join", e)
-                }
-                _ => Error::from_dbg(Kind::InvalidMessage, "invalid Welcome", e),
-            })?;
+        let welcome_err = |e: WelcomeError<_>| match e {
+            WelcomeError::NoMatchingKeyPackage | WelcomeError::JoinerSecretNotFound => {
+                Error::from_dbg(Kind::WelcomeNotForUs, "Welcome is not for us", e)
+            }
+            WelcomeError::LibraryError(_) | WelcomeError::StorageError(_) => {
+                Error::from_dbg(Kind::Mls, "join", e)
+            }
+            _ => Error::from_dbg(Kind::InvalidMessage, "invalid Welcome", e),
+        };
+        let processed = ProcessedWelcome::new_from_welcome(&self.provider, &join_config(), w)
+            .map_err(welcome_err)?;
+        // A Welcome into a group we still hold: we were added on a branch that lost a fork
+        // and are added again on the winner (docs/groups.md). Its state replaces ours, as
+        // for a stale earlier membership; a Welcome that fails leaves ours (one transaction).
+        let old = processed.unverified_group_info().group_id().as_slice().to_vec();
+        if self.group_view(&old).is_ok() {
+            self.drop_group_records(&old)?;
+        }
+        let staged = processed
+            .into_staged_welcome(&self.provider, None)
+            .map_err(welcome_err)?;
         let gid = staged.group_context().group_id().as_slice().to_vec();
         // Joining writes the group's records (over any stale ones of an earlier membership).
         self.touch(&gid);

@@ -26,6 +26,8 @@ from qpc_node.client.groups import note_from_pb
 from qpc_node.client.mlsheader import PRIVATE_MESSAGE, PUBLIC_MESSAGE, parse_header
 from qpc_node.client.state import AsyncClientState, ClientState
 from qpc_node.errors import QpcError, RemoteProtocolError
+from qpc_node.groups.fork import branch_tag
+from qpc_node.groups.rejoin import Step, rejoin_key, seal_offer
 from qpc_node.ops.clock import system_wall_ms
 from qpc_node.rpc.client import RetryPolicy, RpcClient
 from qpc_node.wire.envelope import pad
@@ -104,6 +106,10 @@ def _sealed_seeds(env: AgentEnv) -> list[bytes]:
     seeds.append(_sealed(_C.Sealed.WELCOME, bytes(g2.group_id), welcome))
     seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, bytes(g2.group_id), g2.update()))
     seeds.append(_sealed(_C.Sealed.MLS_MESSAGE, gid, commit))  # commit of another group
+    # Rejoin offers (Stage B): one of the group's current epoch, which bob shares.
+    step = Step(branch_tag(g), rejoin_key(g), None)
+    offer = seal_offer(gid, [step], [env.alice_fpr.hex()], g.group_info())
+    seeds.append(_sealed(_C.Sealed.REJOIN_OFFER, gid, offer))
     seeds.append(_sealed(0, gid, b"\x00\x01"))
     seeds.append(_sealed(7, b"", b""))
     return seeds

@@ -48,10 +48,13 @@ def test_bytes_are_pinned(name: str) -> None:
 
 BRANCH_FIXTURES = {"sealed_mls_branch", "sealed_mls_no_branch"}
 """Pinned by tests/unit/test_groups_branch_wire.py (Sealed.branch), same directory."""
+REJOIN_FIXTURES = {"branch_offer", "sealed_rejoin_offer"}
+"""Pinned by tests/unit/test_client_rejoin.py (BranchOffer, Sealed.REJOIN_OFFER)."""
 
 
 def test_no_stray_fixtures() -> None:
-    assert {p.stem for p in FIXTURES.glob("*.hex")} == set(MESSAGES) | BRANCH_FIXTURES
+    expected = set(MESSAGES) | BRANCH_FIXTURES | REJOIN_FIXTURES
+    assert {p.stem for p in FIXTURES.glob("*.hex")} == expected
 
 
 def test_text_messages_encode_as_before() -> None:

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -13,9 +14,11 @@ class Sealed(_message.Message):
         KIND_UNSPECIFIED: _ClassVar[Sealed.Kind]
         MLS_MESSAGE: _ClassVar[Sealed.Kind]
         WELCOME: _ClassVar[Sealed.Kind]
+        REJOIN_OFFER: _ClassVar[Sealed.Kind]
     KIND_UNSPECIFIED: Sealed.Kind
     MLS_MESSAGE: Sealed.Kind
     WELCOME: Sealed.Kind
+    REJOIN_OFFER: Sealed.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -91,3 +94,13 @@ class CommitPull(_message.Message):
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     def __init__(self, from_epoch: _Optional[int] = ...) -> None: ...
+
+class BranchOffer(_message.Message):
+    __slots__ = ("tags", "steps", "content")
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedScalarFieldContainer[bytes]
+    steps: _containers.RepeatedScalarFieldContainer[bytes]
+    content: bytes
+    def __init__(self, tags: _Optional[_Iterable[bytes]] = ..., steps: _Optional[_Iterable[bytes]] = ..., content: _Optional[bytes] = ...) -> None: ...

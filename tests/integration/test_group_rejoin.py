@@ -1,0 +1,210 @@
+"""Stage B gaps in the real client (docs/groups.md, "Rejoin"): a member added only on the
+losing branch ends in the group, and a partition longer than the rollback window heals
+by an external commit of the losing side onto the winning branch.
+
+Real node on loopback, real Agents; relays are "paused" by members not reading their
+mail, as in test_groups_partition_client.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from node_harness import flush_inbox, running_node, users
+from test_groups_partition_client import QUIET_MS, _gid, settle
+
+from qpc_node.client.agent import Agent
+from qpc_node.client.branches import OFFER_INTERVAL_MS
+from qpc_node.groups.core import GroupConfig
+from qpc_node.ops.clock import ManualWallClock
+
+
+async def _group_of(wall: ManualWallClock, agents: list[Agent]) -> tuple[Agent, Agent, bytes]:
+    """agents[0] creates "team" with all of agents[:4]; returns its two committers."""
+    a = agents[0]
+    await a.group_create("team")
+    for x in agents[1:4]:
+        assert await a.group_invite("team", x.ident.fingerprint) == "invited"
+    await settle(wall, *agents[:4])
+    committers = (await a.group_info("team")).committers
+    by_fpr = {x.ident.fingerprint: x for x in agents}
+    return by_fpr[committers[0]], by_fpr[committers[1]], _gid(a, "team")
+
+
+async def _failover_commit(wall: ManualWallClock, c1: Agent) -> None:
+    """c1 (second committer) commits its own request: the first one stays silent."""
+    wall.advance(GroupConfig().committer_timeout_ms + QUIET_MS)
+    await c1._groups.timers()
+
+
+async def test_member_added_only_on_the_losing_branch_is_added_again(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """Both sides of a partition add a new member on the same epoch; one add loses the
+    fork. Its committer asks again on the winning branch, so both new members end in
+    the group (the loser's joiner by a Welcome of the winning branch)."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c", "d", "e", "f") as agents,
+    ):
+        c0, c1, gid = await _group_of(wall, agents)
+        e, f = agents[4], agents[5]
+        epoch = c0.ident.group(gid).epoch
+        # Side X: the first committer adds e. Side Y: c1 adds f itself after the timeout.
+        assert await c0.group_invite("team", e.ident.fingerprint) == "invited"
+        assert await c1.group_invite("team", f.ident.fingerprint) == "requested"
+        await _failover_commit(wall, c1)
+        assert c0.ident.group(gid).epoch == c1.ident.group(gid).epoch == epoch + 1
+        assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+        await c0.group_send("team", "from c0 on x")  # to e, not f
+        await c1.group_send("team", "from c1 on y")  # to f, not e
+
+        shown = await settle(wall, *agents, rounds=12)
+        # Each text shows once to each of its recipients on either branch (the joiner of
+        # the losing branch keeps what it read there, or gets the resend once it is back),
+        # never twice; the other joiner sees it only if the text was re-sent on its branch.
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            for text, sender, other in (("from c0 on x", c0, f), ("from c1 on y", c1, e)):
+                if x is sender:
+                    assert got.count(text) == 0, got
+                elif x is other:
+                    assert got.count(text) <= 1, got
+                else:
+                    assert got.count(text) == 1, (text, got)
+        assert sum(x._branches.stats.switches for x in agents) >= 1
+        everyone = {x.ident.fingerprint for x in agents}
+        auths = set()
+        for x in agents:
+            g = x.ident.group(gid)
+            assert set(g.members()) == everyone, (x.ident.fingerprint[:8], g.members())
+            auths.add(g.epoch_authenticator())
+            assert x.stats.undecryptable == 0
+        assert len(auths) == 1
+        # Both joiners read and write on the group everyone is in.
+        await e.group_send("team", "hello from e")
+        await f.group_send("team", "hello from f")
+        shown = await settle(wall, *agents, rounds=2)
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            for who, text in ((e, "hello from e"), (f, "hello from f")):
+                assert got.count(text) == (0 if x is who else 1), (text, got)
+
+
+async def _update(x: Agent, gid: bytes) -> None:
+    """x, its branch's first committer, refreshes its leaf: a commit at once."""
+    before = x.ident.group(gid).epoch
+    await x.group_update("team")
+    assert x.ident.group(gid).epoch == before + 1
+
+
+@pytest.mark.parametrize("winner_moves_on", [False, True])
+async def test_partition_longer_than_the_window_heals_by_external_commit(
+    tmp_path: Path, wall: ManualWallClock, winner_moves_on: bool
+) -> None:
+    """Both committers commit more epochs than the rollback window while cut off from
+    each other (nobody reads mail once the cable is pulled), then everyone reads.
+    Neither side can stage the other's commit at the fork any more; the losing committer
+    gets the winner's offer, rejoins by external commit, and its text of the losing
+    branch is shown once.
+
+    ``winner_moves_on``: the winner reads first (and offers), then commits again before
+    the loser's external commit reaches it; that commit then arrives on an older epoch
+    of the winner and is judged there like any sibling commit, and all still converge."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
+    ):
+        c0, c1, gid = await _group_of(wall, agents)
+        q = next(x for x in agents if x not in (c0, c1))
+        # Side Y: q asks for an update and c1 reads it before the cable is pulled; c0
+        # stays silent, so c1 commits it and becomes its side's first committer.
+        await q.group_update("team")
+        await flush_inbox(c1)
+        epoch = c1.ident.group(gid).epoch
+        await _failover_commit(wall, c1)
+        assert c1.ident.group(gid).epoch == epoch + 1
+        window = c0._branches.window
+        for k in range(window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+            if k == 1:
+                await c0.group_send("team", "from c0 on x")
+                await c1.group_send("team", "from c1 on y")
+        assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+        if winner_moves_on:
+            # c1's fork commit changes the committer list (the failover rotates it), c0's
+            # is a self-update: Y wins at the fork, whichever ranks come out.
+            await flush_inbox(c1)
+            await c1._groups.timers()
+            assert c1._branches.stats.offers_sent == 1
+            await _update(c1, gid)
+
+        shown = await settle(wall, *agents, rounds=12)
+        rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
+        assert len(rejoined) == 1, [x._branches.stats for x in (c0, c1)]
+        (loser,) = rejoined
+        winner = c1 if loser is c0 else c0
+        assert winner._branches.stats.offers_sent >= 1
+        everyone = {x.ident.fingerprint for x in agents}
+        auths = set()
+        for x in agents:
+            g = x.ident.group(gid)
+            assert set(g.members()) == everyone, (x.ident.fingerprint[:8], g.members())
+            auths.add(g.epoch_authenticator())
+            assert x.stats.undecryptable == 0
+        assert len(auths) == 1
+        # The loser's text of its branch was sent again on the winner: shown once.
+        mine = "from c0 on x" if loser is c0 else "from c1 on y"
+        for x in agents:
+            if x is not loser:
+                assert shown[x.ident.fingerprint].count(mine) == 1, shown[x.ident.fingerprint]
+        # The rejoined member sends and receives on the common branch.
+        await loser.group_send("team", "back")
+        await winner.group_send("team", "welcome back")
+        shown = await settle(wall, *agents, rounds=2)
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            assert got.count("back") == (0 if x is loser else 1), got
+            assert got.count("welcome back") == (0 if x is winner else 1), got
+
+
+async def test_a_member_removed_on_the_winning_branch_does_not_rejoin(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """As above, but side Y's first commit removes c0 (q asked for it). A membership
+    change beats c0's self-update at the fork, so Y wins; c0 gets Y's offer, and since
+    Y removed it, it must not come back by external commit: it stays out."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
+    ):
+        c0, c1, gid = await _group_of(wall, agents)
+        p, q = (x for x in agents if x not in (c0, c1))
+        assert await q.group_remove("team", c0.ident.fingerprint) == "requested"
+        await flush_inbox(c1)
+        await _failover_commit(wall, c1)
+        assert c0.ident.fingerprint not in c1.ident.group(gid).members()
+        for _ in range(c0._branches.window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+
+        await settle(wall, *agents, rounds=12)
+        assert c0._branches.stats.rejoins == 0
+        assert c0._branches.stats.rejoins_refused >= 1
+        assert c1._branches.stats.offers_sent >= 1
+        auths = {x.ident.group(gid).epoch_authenticator() for x in (c1, p, q)}
+        assert len(auths) == 1
+        for x in (c1, p, q):
+            assert c0.ident.fingerprint not in x.ident.group(gid).members()
+        assert c0.ident.group(gid).epoch_authenticator() not in auths
+        # c0 keeps holding Y's messages (retried on every receive) and stays out: its
+        # offers back off instead of going out every OFFER_INTERVAL_MS until they expire.
+        before = c0._branches.stats.offers_sent
+        for _ in range(10):
+            wall.advance(OFFER_INTERVAL_MS)
+            await flush_inbox(c0)
+            await c0._groups.timers()
+        assert c0._branches.stats.offers_sent - before <= 3
+        assert c0._branches.stats.rejoins == 0
