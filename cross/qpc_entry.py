@@ -10,6 +10,11 @@ if __name__ == "__main__":
         with open("/proc/self/status") as status:
             print(next(ln.split()[1] for ln in status if ln.startswith("VmRSS:")))
         sys.exit(0)
+    # OpenSSL's legacy provider (RC2, DES, Blowfish, MD4, ...) is loaded by cryptography
+    # unless told not to; nothing in qpc uses those (Ed25519, X25519, ECDSA, AES-GCM,
+    # ChaCha20-Poly1305, SHA-2, HKDF, scrypt are all in the default provider). Not loading
+    # it: -0.15 MiB RSS. The operator can still ask for it by setting the variable to 0.
+    os.environ.setdefault("CRYPTOGRAPHY_OPENSSL_NO_LEGACY", "1")
     from qpc_node.cli import main
 
     sys.exit(main())
