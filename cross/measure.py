@@ -234,10 +234,16 @@ def idle_node(
         stop(proc)
 
 
-def bare_rss(root: BusyboxRoot, cmd: list[str]) -> int:
+def bare_rss(root: BusyboxRoot, cmd: list[str], deps: bool = False) -> int:
     """The reference: the bundled interpreter started by the same bootloader, nothing of qpc
-    imported (cross/qpc_entry.py reports its own VmRSS under QPC_MEASURE_BARE)."""
-    r = root.run(*cmd, env={"QPC_MEASURE_BARE": "1"})
+    imported (cross/qpc_entry.py reports its own VmRSS under QPC_MEASURE_BARE); with
+    ``QPC_MEASURE_DEPS`` the same after importing the node's dependencies (trio, aioquic,
+    cryptography, zeroconf, protobuf, msgspec, sqlite3) but none of qpc's modules (a bundle
+    built before that mode reads only QPC_MEASURE_BARE and reports the bare figure)."""
+    env = {"QPC_MEASURE_BARE": "1"}
+    if deps:
+        env["QPC_MEASURE_DEPS"] = "1"
+    r = root.run(*cmd, env=env)
     if r.returncode != 0 or not r.stdout.strip().isdigit():
         raise SystemExit(f"bare interpreter: rc={r.returncode} {r.stdout!r} {r.stderr!r}")
     return int(r.stdout) * 1024
@@ -263,10 +269,13 @@ def main() -> int:
                 runs = [one_run(root, [*cmd, "version"]) for _ in range(a.runs)]
                 wall = statistics.median(r[0] for r in runs)
                 bare_mib = statistics.median(bare) / MiB
+                deps = [bare_rss(root, cmd, deps=True) for _ in range(3)]
+                deps_mib = statistics.median(deps) / MiB
                 print(
                     f"{name}: `qpc version` median {wall:.3f} s of {a.runs} "
                     f"(min {min(r[0] for r in runs):.3f}); peak tmpfs {max(r[1] for r in runs) / MiB:.1f} MiB; "
-                    f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB; bare interpreter RSS {bare_mib:.1f} MiB"
+                    f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB; bare interpreter RSS {bare_mib:.1f} MiB; "
+                    f"with the node's dependencies imported {deps_mib:.1f} MiB"
                 )
                 if a.idle <= 0 or root.run(*cmd, "node", "--help").returncode != 0:
                     print(f"{name}: `qpc node` not measured")
@@ -284,7 +293,8 @@ def main() -> int:
                     print(
                         f"{name}: idle node (mDNS on {pair.dev_a}, federation on, metrics "
                         f"{'on' if metrics else 'off'}) after {a.idle + 2:.0f} s: RSS {rss / MiB:.1f} MiB "
-                        f"= {rss / MiB / bare_mib:.2f}x the bare interpreter, CPU {cpu:.2f} s over "
+                        f"= {rss / MiB / bare_mib:.2f}x the bare interpreter, {rss / MiB - deps_mib:+.1f} MiB "
+                        f"over its dependencies alone, CPU {cpu:.2f} s over "
                         f"{a.idle:.0f} s ({100 * cpu / a.idle:.2f} %), tmpfs {root.tmp_used() / MiB:.1f} MiB"
                     )
                 if name == "one-dir":
@@ -292,7 +302,8 @@ def main() -> int:
                         f"start version_s={wall:.3f} health_s={statistics.median(starts):.3f} "
                         f"health_cpu_s={statistics.median(cpus):.2f}",
                         f"idle rss_mib={figures[False]:.1f} bare_mib={bare_mib:.1f} "
-                        f"ratio={figures[False] / bare_mib:.2f} metrics_on_rss_mib={figures[True]:.1f}",
+                        f"ratio={figures[False] / bare_mib:.2f} metrics_on_rss_mib={figures[True]:.1f} "
+                        f"deps_mib={deps_mib:.1f}",
                     ]
     ipks = sorted(DIST.glob(f"qpc_*_{ARCH}.ipk"))
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")

@@ -3,7 +3,31 @@
 import os
 import sys
 
+# cross/measure.py's second reference: what the node's dependencies alone cost (their
+# modules and the libraries they load), with none of qpc's own Python imported. The node's
+# RSS less this is what qpc's own code and state cost.
+NODE_DEPENDENCIES = (
+    "trio",
+    "aioquic.quic.connection",
+    "aioquic.tls",
+    "cryptography.x509",
+    "zeroconf.asyncio",
+    "google.protobuf.descriptor_pool",
+    "google.protobuf.symbol_database",
+    "google.protobuf.internal.builder",
+    "msgspec.msgpack",
+    "sqlite3",
+    "ifaddr",
+    "tomllib",
+)
+
 if __name__ == "__main__":
+    if os.environ.get("QPC_MEASURE_DEPS"):
+        import importlib
+
+        os.environ.setdefault("CRYPTOGRAPHY_OPENSSL_NO_LEGACY", "1")  # as the node below
+        for name in NODE_DEPENDENCIES:
+            importlib.import_module(name)
     if os.environ.get("QPC_MEASURE_BARE"):
         # cross/measure.py's reference: the bundled interpreter with nothing of qpc
         # imported, so the node's RSS is reported as a ratio that holds across machines.
