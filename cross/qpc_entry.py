@@ -22,11 +22,12 @@ NODE_DEPENDENCIES = (
 )
 
 if __name__ == "__main__":
-    if os.environ.get("QPC_MEASURE_DEPS"):
+    if deps := os.environ.get("QPC_MEASURE_DEPS"):
         import importlib
 
         os.environ.setdefault("CRYPTOGRAPHY_OPENSSL_NO_LEGACY", "1")  # as the node below
-        for name in NODE_DEPENDENCIES:
+        # "1": all of them; else a comma-separated list (docs/performance.md's per-layer table)
+        for name in NODE_DEPENDENCIES if deps == "1" else deps.split(","):
             importlib.import_module(name)
     if os.environ.get("QPC_MEASURE_BARE"):
         # cross/measure.py's reference: the bundled interpreter with nothing of qpc
