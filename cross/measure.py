@@ -96,7 +96,8 @@ def rss_cpu(pids: list[int]) -> tuple[int, float]:
     return rss, ticks / os.sysconf("SC_CLK_TCK")
 
 
-NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)")
+# Up to the newline: a read can end in the middle of the fingerprint.
+NODE_LINE = re.compile(r"listening on (\S+):(\d+) pin=([0-9A-Fa-f]+)\r?\n")
 
 # Runs inside the node's network namespace, started before the node so its own Python start
 # is not counted: reads "PORT PIN" from stdin, calls Health until it answers, prints the
@@ -159,9 +160,13 @@ def node_env(dev: str, metrics: bool) -> dict[str, str]:
     }
 
 
-def health_start(root: BusyboxRoot, cmd: list[str], dev: str, n: int) -> list[float]:
-    """Seconds from starting `qpc node` to its first Health answer, ``n`` times."""
-    out = []
+def health_start(
+    root: BusyboxRoot, cmd: list[str], dev: str, n: int
+) -> tuple[list[float], list[float]]:
+    """Seconds from starting `qpc node` to its first Health answer, ``n`` times; and the
+    node's CPU seconds (user + system) at that answer, which moves less with the load of
+    a shared machine than the wall time does."""
+    out, cpu = [], []
     for i in range(n):
         prober = subprocess.Popen(
             [*root.prefix, sys.executable, "-c", PROBER, str(HERE.parent / "tests/packaging")],
@@ -189,12 +194,13 @@ def health_start(root: BusyboxRoot, cmd: list[str], dev: str, n: int) -> list[fl
             _, port, pin = wait_line(proc)
             answer, _ = prober.communicate(f"{port} {pin}\n", timeout=60)
             out.append(float(answer.split()[0]) - t0)
+            cpu.append(rss_cpu(tree_pids(proc.pid))[1])
         finally:
             stop(proc)
             if prober.poll() is None:
                 prober.kill()
                 prober.wait(timeout=10)
-    return out
+    return out, cpu
 
 
 def idle_node(
@@ -228,10 +234,16 @@ def idle_node(
         stop(proc)
 
 
-def bare_rss(root: BusyboxRoot, cmd: list[str]) -> int:
+def bare_rss(root: BusyboxRoot, cmd: list[str], deps: bool = False) -> int:
     """The reference: the bundled interpreter started by the same bootloader, nothing of qpc
-    imported (cross/qpc_entry.py reports its own VmRSS under QPC_MEASURE_BARE)."""
-    r = root.run(*cmd, env={"QPC_MEASURE_BARE": "1"})
+    imported (cross/qpc_entry.py reports its own VmRSS under QPC_MEASURE_BARE); with
+    ``QPC_MEASURE_DEPS`` the same after importing the node's dependencies (trio, aioquic,
+    cryptography, zeroconf, protobuf, msgspec, sqlite3) but none of qpc's modules (a bundle
+    built before that mode reads only QPC_MEASURE_BARE and reports the bare figure)."""
+    env = {"QPC_MEASURE_BARE": "1"}
+    if deps:
+        env["QPC_MEASURE_DEPS"] = "1"
+    r = root.run(*cmd, env=env)
     if r.returncode != 0 or not r.stdout.strip().isdigit():
         raise SystemExit(f"bare interpreter: rc={r.returncode} {r.stdout!r} {r.stderr!r}")
     return int(r.stdout) * 1024
@@ -257,18 +269,22 @@ def main() -> int:
                 runs = [one_run(root, [*cmd, "version"]) for _ in range(a.runs)]
                 wall = statistics.median(r[0] for r in runs)
                 bare_mib = statistics.median(bare) / MiB
+                deps = [bare_rss(root, cmd, deps=True) for _ in range(3)]
+                deps_mib = statistics.median(deps) / MiB
                 print(
                     f"{name}: `qpc version` median {wall:.3f} s of {a.runs} "
                     f"(min {min(r[0] for r in runs):.3f}); peak tmpfs {max(r[1] for r in runs) / MiB:.1f} MiB; "
-                    f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB; bare interpreter RSS {bare_mib:.1f} MiB"
+                    f"peak RSS {max(r[2] for r in runs) / MiB:.1f} MiB; bare interpreter RSS {bare_mib:.1f} MiB; "
+                    f"with the node's dependencies imported {deps_mib:.1f} MiB"
                 )
                 if a.idle <= 0 or root.run(*cmd, "node", "--help").returncode != 0:
                     print(f"{name}: `qpc node` not measured")
                     continue
-                starts = health_start(root, cmd, pair.dev_a, a.runs)
+                starts, cpus = health_start(root, cmd, pair.dev_a, a.runs)
                 print(
                     f"{name}: `qpc node` to its first Health answer, median {statistics.median(starts):.3f} s "
-                    f"of {a.runs} (min {min(starts):.3f}, max {max(starts):.3f})"
+                    f"of {a.runs} (min {min(starts):.3f}, max {max(starts):.3f}); node CPU by then "
+                    f"median {statistics.median(cpus):.2f} s (min {min(cpus):.2f})"
                 )
                 figures = {}
                 for metrics in (False, True):
@@ -277,14 +293,17 @@ def main() -> int:
                     print(
                         f"{name}: idle node (mDNS on {pair.dev_a}, federation on, metrics "
                         f"{'on' if metrics else 'off'}) after {a.idle + 2:.0f} s: RSS {rss / MiB:.1f} MiB "
-                        f"= {rss / MiB / bare_mib:.2f}x the bare interpreter, CPU {cpu:.2f} s over "
+                        f"= {rss / MiB / bare_mib:.2f}x the bare interpreter, {rss / MiB - deps_mib:+.1f} MiB "
+                        f"over its dependencies alone, CPU {cpu:.2f} s over "
                         f"{a.idle:.0f} s ({100 * cpu / a.idle:.2f} %), tmpfs {root.tmp_used() / MiB:.1f} MiB"
                     )
                 if name == "one-dir":
                     last = [
-                        f"start version_s={wall:.3f} health_s={statistics.median(starts):.3f}",
+                        f"start version_s={wall:.3f} health_s={statistics.median(starts):.3f} "
+                        f"health_cpu_s={statistics.median(cpus):.2f}",
                         f"idle rss_mib={figures[False]:.1f} bare_mib={bare_mib:.1f} "
-                        f"ratio={figures[False] / bare_mib:.2f} metrics_on_rss_mib={figures[True]:.1f}",
+                        f"ratio={figures[False] / bare_mib:.2f} metrics_on_rss_mib={figures[True]:.1f} "
+                        f"deps_mib={deps_mib:.1f}",
                     ]
     ipks = sorted(DIST.glob(f"qpc_*_{ARCH}.ipk"))
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")

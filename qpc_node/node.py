@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
@@ -28,7 +28,6 @@ from qpc_node.mesh.interfaces import list_interfaces
 from qpc_node.mesh.service import MeshService, settings_from_config
 from qpc_node.ops.clock import WallClock, system_wall_ms
 from qpc_node.ops.config import Config, LimitsSection, parse_hostport
-from qpc_node.ops.http import HttpServer, serve_metrics
 from qpc_node.ops.lockfile import DataDirLock, secure_private_dir
 from qpc_node.ops.log import get_logger, setup_logging
 from qpc_node.ops.memory import release_large_buffers
@@ -54,6 +53,10 @@ from qpc_node.storefwd.gossip import GossipDriver
 from qpc_node.storefwd.sources import ChannelSource, HeldSource
 from qpc_node.storefwd.syncer import Syncer, SyncerConfig
 from qpc_node.wire.channel import ChannelPolicy
+
+if TYPE_CHECKING:
+    # Imported where a metrics listener starts: a node with metrics off has no HTTP server.
+    from qpc_node.ops.http import HttpServer
 
 log = get_logger("qpc.node")
 
@@ -498,6 +501,8 @@ class Node:
     async def _serve_metrics(
         self, listen: str, *, task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        from qpc_node.ops.http import serve_metrics
+
         done = self._metrics_done = trio.Event()
         try:
             with trio.CancelScope() as self._metrics_scope:

@@ -11,13 +11,14 @@ after every byte had been released (issue 11). Pinning the threshold
 large buffer an mmap of its own, released on free; the cost is one
 mmap/munmap pair per large buffer, small next to copying its bytes.
 
-Not glibc (musl on OpenWrt: it already unmaps large chunks), or no ctypes: a
-no-op.
+Not glibc (musl on OpenWrt: it already unmaps large chunks, and has no
+``mallopt``): a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -28,16 +29,12 @@ LARGE_BUFFER = 256 * 1024
 
 def release_large_buffers(threshold: int = LARGE_BUFFER) -> bool:
     """Pin glibc's mmap and trim thresholds; True when it took effect."""
-    try:
+    libc = _libc()
+    if libc is None:
+        return False
+    with contextlib.suppress(AttributeError):
         import ctypes
-        import ctypes.util
-    except ImportError:
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(name)
+
         mallopt = libc.mallopt
         mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         mallopt.restype = ctypes.c_int
@@ -46,3 +43,18 @@ def release_large_buffers(threshold: int = LARGE_BUFFER) -> bool:
         # the mmap threshold; pinned like it).
         return ok and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))
     return False
+
+
+def _libc() -> Any:
+    """The C library this process already runs on (a ``ctypes.CDLL``), or None.
+
+    Not ``ctypes.util.find_library("c")``: that runs ``/sbin/ldconfig -p`` (then looks
+    for gcc and ld) in a child process, and in the bundle on a router there is none of
+    them, so it returned None and the thresholds were never pinned there (the bundle
+    carries its own glibc). ``CDLL(None)`` is ``dlopen(NULL)``: no search, no child."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None)
+    except (ImportError, OSError):
+        return None

@@ -32,8 +32,9 @@ NOT_IN_NODE = (
     "qpc_sim",
 )
 
-# Not at import: only a scrape (metrics on) or the first Stats call builds the registry.
-NOT_AT_NODE_START = ("prometheus_client",)
+# Not at import: only a scrape (metrics on) or the first Stats call builds the registry;
+# the metrics HTTP server is imported when its listener starts.
+NOT_AT_NODE_START = ("prometheus_client", "qpc_node.ops.http")
 
 
 def _loaded(code: str) -> set[str]:
