@@ -136,47 +136,107 @@ impl<S: TreeSink> ser::SerializeSeq for TreesSeq<'_, S> {
 /// The methods of a serializer that accepts only one kind of value.
 macro_rules! refuse {
     ($ok:ty) => {
-        fn serialize_bool(self, _v: bool) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_i8(self, _v: i8) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_i16(self, _v: i16) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_i32(self, _v: i32) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_i64(self, _v: i64) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_u8(self, _v: u8) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_u16(self, _v: u16) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_u32(self, _v: u32) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_u64(self, _v: u64) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_f32(self, _v: f32) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_f64(self, _v: f64) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_char(self, _v: char) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_str(self, _v: &str) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_bytes(self, _v: &[u8]) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_none(self) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_some<T: Serialize + ?Sized>(self, _v: &T) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_unit(self) -> Res<$ok> { Err(Unsupported) }
-        fn serialize_unit_struct(self, _n: &'static str) -> Res<$ok> { Err(Unsupported) }
+        fn serialize_bool(self, _v: bool) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_i8(self, _v: i8) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_i16(self, _v: i16) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_i32(self, _v: i32) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_i64(self, _v: i64) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_u8(self, _v: u8) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_u16(self, _v: u16) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_u32(self, _v: u32) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_u64(self, _v: u64) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_f32(self, _v: f32) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_f64(self, _v: f64) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_char(self, _v: char) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_str(self, _v: &str) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_bytes(self, _v: &[u8]) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_none(self) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, _v: &T) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_unit(self) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_unit_struct(self, _n: &'static str) -> Res<$ok> {
+            Err(Unsupported)
+        }
         fn serialize_unit_variant(self, _n: &'static str, _i: u32, _v: &'static str) -> Res<$ok> {
             Err(Unsupported)
         }
-        fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _n: &'static str, _v: &T) -> Res<$ok> {
-            Err(Unsupported)
-        }
-        fn serialize_newtype_variant<T: Serialize + ?Sized>(
-            self, _n: &'static str, _i: u32, _v: &'static str, _x: &T,
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _n: &'static str,
+            _v: &T,
         ) -> Res<$ok> {
             Err(Unsupported)
         }
-        fn serialize_tuple(self, _l: usize) -> Res<Self::SerializeTuple> { Err(Unsupported) }
-        fn serialize_tuple_struct(self, _n: &'static str, _l: usize) -> Res<Self::SerializeTupleStruct> {
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _n: &'static str,
+            _i: u32,
+            _v: &'static str,
+            _x: &T,
+        ) -> Res<$ok> {
+            Err(Unsupported)
+        }
+        fn serialize_tuple(self, _l: usize) -> Res<Self::SerializeTuple> {
+            Err(Unsupported)
+        }
+        fn serialize_tuple_struct(
+            self,
+            _n: &'static str,
+            _l: usize,
+        ) -> Res<Self::SerializeTupleStruct> {
             Err(Unsupported)
         }
         fn serialize_tuple_variant(
-            self, _n: &'static str, _i: u32, _v: &'static str, _l: usize,
+            self,
+            _n: &'static str,
+            _i: u32,
+            _v: &'static str,
+            _l: usize,
         ) -> Res<Self::SerializeTupleVariant> {
             Err(Unsupported)
         }
-        fn serialize_map(self, _l: Option<usize>) -> Res<Self::SerializeMap> { Err(Unsupported) }
+        fn serialize_map(self, _l: Option<usize>) -> Res<Self::SerializeMap> {
+            Err(Unsupported)
+        }
         fn serialize_struct_variant(
-            self, _n: &'static str, _i: u32, _v: &'static str, _l: usize,
+            self,
+            _n: &'static str,
+            _i: u32,
+            _v: &'static str,
+            _l: usize,
         ) -> Res<Self::SerializeStructVariant> {
             Err(Unsupported)
         }
@@ -235,9 +295,19 @@ impl<'s, S: TreeSink> ser::Serializer for Trees<'s, S> {
 /// are framed by a start tag and [`END`]; struct fields carry their names (so a skipped
 /// optional field cannot shift the others) and enum variants their index. Two values of
 /// one type with the same encoding therefore serialize to the same JSON.
-pub fn fingerprint<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Res<([u8; 32], Option<u64>)> {
+pub fn fingerprint<T: Serialize + ?Sized>(
+    value: &T,
+    buf: &mut Vec<u8>,
+) -> Res<([u8; 32], Option<u64>)> {
     buf.clear();
-    let mut enc = Enc { buf, depth: 0, want_epoch: false, epoch: None };
+    let mut enc = Enc {
+        buf,
+        depth: 0,
+        want_epoch: false,
+        epoch: None,
+        seqs: Vec::new(),
+        scratch: Vec::new(),
+    };
     value.serialize(&mut enc)?;
     let epoch = enc.epoch;
     Ok((Sha256::digest(&enc.buf[..]).into(), epoch))
@@ -251,7 +321,17 @@ struct Enc<'b> {
     /// The next value is the top-level `epoch` field.
     want_epoch: bool,
     epoch: Option<u64>,
+    /// Open sequences: (offset of their tag, offset of their first element, true while every element so far
+    /// was a u8). A sequence of u8 only is rewritten at its end into [`BYTES_SEQ`], its
+    /// length and the raw bytes (half the size of tag + byte each, so half the hashing).
+    seqs: Vec<(usize, usize, bool)>,
+    scratch: Vec<u8>,
 }
+
+/// Tag of a sequence whose elements were all u8 (see `Enc::seqs`).
+const BYTES_SEQ: u8 = 29;
+/// Tag of a u8 (each u8 element of a sequence is written as this and the byte).
+const U8: u8 = 6;
 
 impl Enc<'_> {
     fn tag(&mut self, t: u8) {
@@ -297,7 +377,38 @@ macro_rules! compound {
         }
     };
 }
-compound!(SerializeSeq, serialize_element);
+impl ser::SerializeSeq for &mut Enc<'_> {
+    type Ok = ();
+    type Error = Unsupported;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
+        let at = self.buf.len();
+        v.serialize(&mut **self)?;
+        let is_u8 = self.buf.len() == at + 2 && self.buf[at] == U8;
+        if let Some(top) = self.seqs.last_mut() {
+            top.2 &= is_u8;
+        }
+        Ok(())
+    }
+    fn end(self) -> Res<()> {
+        let (head, start, all_u8) = self.seqs.pop().ok_or(Unsupported)?;
+        if all_u8 {
+            // [22, len-known, (len), U8 b0, U8 b1, ..] -> [29, n, b0, b1, ..]: a tag of
+            // its own followed by the length, so the two forms never meet.
+            let n = (self.buf.len() - start) / 2;
+            self.scratch.clear();
+            self.scratch
+                .extend(self.buf[start..].iter().skip(1).step_by(2).copied());
+            self.buf.truncate(head);
+            self.buf.push(BYTES_SEQ);
+            self.buf.extend_from_slice(&(n as u64).to_le_bytes());
+            self.buf.extend_from_slice(&self.scratch);
+            self.depth -= 1;
+            return Ok(());
+        }
+        self.close();
+        Ok(())
+    }
+}
 compound!(SerializeTuple, serialize_element);
 compound!(SerializeTupleStruct, serialize_field);
 compound!(SerializeTupleVariant, serialize_field);
@@ -391,7 +502,7 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
         Ok(())
     }
     fn serialize_u8(self, v: u8) -> Res<()> {
-        self.tag(6);
+        self.tag(U8);
         self.buf.push(v);
         Ok(())
     }
@@ -476,7 +587,9 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
         x.serialize(self)
     }
     fn serialize_seq(self, l: Option<usize>) -> Res<Self> {
+        let head = self.buf.len();
         self.open(22, l);
+        self.seqs.push((head, self.buf.len(), true));
         Ok(self)
     }
     fn serialize_tuple(self, l: usize) -> Res<Self> {
@@ -516,5 +629,114 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
         self.open(28, Some(l));
         self.buf.extend_from_slice(&i.to_le_bytes());
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp<T: Serialize>(v: &T) -> [u8; 32] {
+        fingerprint(v, &mut Vec::new()).expect("fingerprint").0
+    }
+
+    /// Values that a loose encoding would confuse get different fingerprints; equal values
+    /// the same one; the top-level epoch is captured.
+    #[test]
+    fn fingerprints_tell_values_apart() {
+        #[derive(serde::Serialize)]
+        struct T {
+            epoch: u64,
+            a: Vec<u8>,
+            b: Vec<Vec<u8>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            c: Option<u8>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            d: Option<u8>,
+        }
+        let t = |a: Vec<u8>, b: Vec<Vec<u8>>, c, d| T {
+            epoch: 5,
+            a,
+            b,
+            c,
+            d,
+        };
+        let base = fp(&t(vec![1, 2], vec![vec![3]], None, None));
+        assert_eq!(base, fp(&t(vec![1, 2], vec![vec![3]], None, None)));
+        let others = [
+            fp(&t(vec![1], vec![vec![2, 3]], None, None)),
+            fp(&t(vec![1, 2, 3], vec![], None, None)),
+            fp(&t(vec![1, 2], vec![vec![], vec![3]], None, None)),
+            fp(&t(vec![1, 2], vec![vec![3]], Some(1), None)),
+            fp(&t(vec![1, 2], vec![vec![3]], None, Some(1))),
+            fp(&t(vec![], vec![vec![1, 2], vec![3]], None, None)),
+        ];
+        for (i, o) in others.iter().enumerate() {
+            assert_ne!(&base, o, "case {i}");
+            for o2 in &others[i + 1..] {
+                assert_ne!(o, o2);
+            }
+        }
+        let v = t(vec![], vec![], None, None);
+        assert_eq!(fingerprint(&v, &mut Vec::new()).expect("fp").1, Some(5));
+        // u8 vs a wider integer of the same value, in a sequence.
+        assert_ne!(fp(&vec![1u8, 2]), fp(&vec![1u16, 2]));
+        assert_ne!(fp(&vec![vec![1u8]]), fp(&vec![1u8]));
+    }
+
+    struct Collect(Vec<Vec<u8>>);
+    impl TreeSink for Collect {
+        fn tree<T: Serialize + ?Sized>(&mut self, tree: &T) -> Res<u64> {
+            let (_, e) = fingerprint(tree, &mut Vec::new())?;
+            self.0
+                .push(serde_json::to_vec(tree).map_err(|_| Unsupported)?);
+            e.ok_or(Unsupported)
+        }
+    }
+
+    /// The main record is the whole JSON with each past tree replaced by its epoch, and
+    /// the trees are the JSON array elements; a store without the field is refused.
+    #[test]
+    fn split_store_matches_the_whole_json() {
+        #[derive(serde::Serialize)]
+        struct Tree {
+            epoch: u64,
+            s: String,
+        }
+        #[derive(serde::Serialize)]
+        struct Store {
+            max_epochs: usize,
+            past_epoch_trees: Vec<Tree>,
+            message_secrets: Vec<u8>,
+        }
+        let store = Store {
+            max_epochs: 2,
+            past_epoch_trees: vec![
+                Tree {
+                    epoch: 3,
+                    s: "]\"{".into(),
+                },
+                Tree {
+                    epoch: 4,
+                    s: String::new(),
+                },
+            ],
+            message_secrets: vec![1],
+        };
+        let mut sink = Collect(Vec::new());
+        let main = split_store(&store, &mut sink).expect("split");
+        assert_eq!(
+            String::from_utf8(main).expect("utf8"),
+            r#"{"max_epochs":2,"past_epoch_trees":[3,4],"message_secrets":[1]}"#
+        );
+        assert_eq!(sink.0[0], br#"{"epoch":3,"s":"]\"{"}"#.to_vec());
+        #[derive(serde::Serialize)]
+        struct Other {
+            x: u8,
+        }
+        assert_eq!(
+            split_store(&Other { x: 1 }, &mut Collect(Vec::new())),
+            Err(Unsupported)
+        );
     }
 }

@@ -331,6 +331,13 @@ fn join_past<'a>(main: &[u8], past: impl Fn(u64) -> Option<&'a [u8]>) -> Res<Vec
     Ok(full)
 }
 
+#[cfg(test)]
+std::thread_local! {
+    /// Tests check every fast-path write against the whole JSON, scanned (on by default;
+    /// off where a test counts JSON formattings).
+    pub static VERIFY_SPLIT: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
 /// Collects the past epochs' trees of a message secrets store being written: for each,
 /// its epoch, its JSON if the stored record may differ (None: the record holds exactly
 /// this tree already, by fingerprint) and its fingerprint.
@@ -859,6 +866,21 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
                 (main, past)
             }
         };
+        #[cfg(test)]
+        if VERIFY_SPLIT.with(std::cell::Cell::get) {
+            // The fast path must store exactly what the whole JSON, scanned, stores.
+            let full = json(message_secrets)?;
+            if let Some((main_scan, past_scan)) = split_past(&full) {
+                assert_eq!(main_scan, main, "main record differs from the scan");
+                assert_eq!(past_scan.len(), past.len());
+                for ((e1, t1), (e2, t2, _)) in past_scan.iter().zip(&past) {
+                    assert_eq!(e1, e2);
+                    let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(&gid, *e1));
+                    let stored = t2.as_deref().or(values.get(&k).map(Vec::as_slice));
+                    assert_eq!(Some(*t1), stored, "past tree of epoch {e1} differs");
+                }
+            }
+        }
         for (epoch, tree, fp) in &past {
             let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(&gid, *epoch));
             if let Some(tree) = tree {
@@ -1280,6 +1302,7 @@ mod tests {
             message_secrets: vec![7],
         };
         let text = || TEXT_WRITES.with(std::cell::Cell::get);
+        VERIFY_SPLIT.with(|v| v.set(false));
         st.write_message_secrets(&gid, &store).expect("write");
         st.values.write().expect("lock").commit();
         let main_key = storage_key(MESSAGE_SECRETS_LABEL, &json(&gid).expect("j"));
