@@ -75,6 +75,19 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _held_digest(h: _Held) -> bytes:
+    if h.digest is None:
+        h.digest = _digest(h.data)
+    return h.digest
+
+
+def _held_content_type(h: _Held) -> int:
+    """``content_type(h.data)``, read once per held message (it is retried often)."""
+    if h.content_type is None:
+        h.content_type = content_type(h.data)
+    return h.content_type
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionConfig:
     members: int = 50
@@ -303,7 +316,7 @@ class PartitionSim(GroupSim):
         g, core = m.group, m.core
         if g is None or core is None or m.index not in self.fork:
             return "hold"
-        tag = self.tags.get(_digest(h.data))
+        tag = self.tags.get(_held_digest(h))
         if core.removed:
             # Removed on our branch. If that branch loses, we are still a member on the
             # winner (until the removal is re-applied there) and owe it our resends: a
@@ -311,7 +324,7 @@ class PartitionSim(GroupSim):
             r = self.fork[m.index].resolver
             live = r.live_path()
             try:
-                ct = content_type(h.data)
+                ct = _held_content_type(h)
             except InvalidMlsHeader:
                 return "done"
             if tag is not None and tag in live[:-1]:
@@ -324,8 +337,8 @@ class PartitionSim(GroupSim):
                 return "hold"  # of the winner we may yet switch to
             return "done"
         try:
-            ct = content_type(h.data)
-            header = parse_header(h.data)
+            ct = _held_content_type(h)
+            header = h.parsed()
         except InvalidMlsHeader:
             self._fail(m, h)
             return "failed"
@@ -395,7 +408,7 @@ class PartitionSim(GroupSim):
         g = m.group
         assert g is not None
         fs = self.fork[m.index]
-        d = _digest(h.data)
+        d = _held_digest(h)
         if fs.resolver.key_of(d) is not None:
             return "done"  # already decided (a duplicate or a known loser)
         roster = g.members()
@@ -496,7 +509,7 @@ class PartitionSim(GroupSim):
         assert g is not None
         fs = self.fork[m.index]
         r = fs.resolver
-        d = _digest(h.data)
+        d = _held_digest(h)
         if r.key_of(d) is not None:
             return "done"
         parent_snap = r.snapshot_of(parent_tag)

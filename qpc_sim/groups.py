@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qpc_node import crypto
 from qpc_node.client.groups import note_from_pb, note_to_pb
-from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
+from qpc_node.client.mlsheader import InvalidMlsHeader, MlsHeader, parse_header
 from qpc_node.groups.core import (
     Action,
     Commit,
@@ -79,6 +79,19 @@ class _Held:
     data: bytes
     app_id: bytes | None
     tries: int = 0
+    header: MlsHeader | None = None
+    """``parse_header(data)`` once parsed: a held message is looked at again after every
+    message its member processes, and ``data`` never changes."""
+    digest: bytes | None = None
+    """SHA-256 of ``data`` once computed (the partition harness's branch-tag lookup)."""
+    content_type: int | None = None
+    """The clear content type once read (partition harness)."""
+
+    def parsed(self) -> MlsHeader:
+        """``parse_header(data)``, parsed once (InvalidMlsHeader every time if bad)."""
+        if self.header is None:
+            self.header = parse_header(self.data)
+        return self.header
 
 
 @dataclass(slots=True)
@@ -495,7 +508,7 @@ class GroupSim:
         if core.removed:
             return "done"
         try:
-            header = parse_header(h.data)
+            header = h.parsed()
         except InvalidMlsHeader:
             self._fail(m, h)
             return "failed"

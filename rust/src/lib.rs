@@ -7,6 +7,7 @@
 mod error;
 mod mls;
 mod persist;
+mod split_ser;
 mod sync;
 mod tracked_storage;
 

@@ -22,22 +22,31 @@ use openmls_traits::storage::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::split_ser;
+
 /// Key-value map plus, for the open transaction, the prior value of every changed key.
 #[derive(Debug, Default)]
 pub struct TrackedMap {
     map: HashMap<Vec<u8>, Vec<u8>>,
     /// key -> value before the transaction's first change to it (`None`: it was absent).
     undo: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// key -> fingerprint (`split_ser::fingerprint`) of the value the key holds, set by the
+    /// writer of a past epoch's message secrets after writing it. Every other change of
+    /// the key (write, delete, rollback, log replay) drops the entry: the map is private,
+    /// so a fingerprint present always describes the value present.
+    fingerprints: HashMap<Vec<u8>, [u8; 32]>,
 }
 
 impl TrackedMap {
     pub fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.fingerprints.remove(&key);
         // The replaced value is the prior one if this is the key's first change: no copy.
         let old = self.map.insert(key.clone(), value);
         self.undo.entry(key).or_insert(old);
     }
 
     pub fn remove(&mut self, key: &[u8]) {
+        self.fingerprints.remove(key);
         if let Some(old) = self.map.remove(key) {
             self.undo.entry(key.to_vec()).or_insert(Some(old));
         }
@@ -49,6 +58,7 @@ impl TrackedMap {
 
     /// The stored value, created from `default` if absent, for changing in place.
     fn entry_or_insert(&mut self, key: Vec<u8>, default: &[u8]) -> &mut Vec<u8> {
+        self.fingerprints.remove(&key);
         if !self.undo.contains_key(&key) {
             self.undo.insert(key.clone(), self.map.get(&key).cloned());
         }
@@ -57,6 +67,7 @@ impl TrackedMap {
 
     /// Load a record without tracking it (replaying the log).
     pub fn load(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.fingerprints.remove(&key);
         match value {
             Some(v) => {
                 self.map.insert(key, v);
@@ -95,6 +106,7 @@ impl TrackedMap {
     /// Put every key changed since the last commit back to its prior value.
     pub fn rollback(&mut self) {
         for (k, prior) in self.undo.drain() {
+            self.fingerprints.remove(&k);
             match prior {
                 Some(v) => {
                     self.map.insert(k, v);
@@ -103,6 +115,18 @@ impl TrackedMap {
                     self.map.remove(&k);
                 }
             }
+        }
+    }
+
+    /// The fingerprint recorded for the value `key` holds, if any (see `fingerprints`).
+    fn fingerprint(&self, key: &[u8]) -> Option<&[u8; 32]> {
+        self.fingerprints.get(key)
+    }
+
+    /// Record the fingerprint of the value `key` holds now (ignored for an absent key).
+    fn set_fingerprint(&mut self, key: Vec<u8>, fp: [u8; 32]) {
+        if self.map.contains_key(&key) {
+            self.fingerprints.insert(key, fp);
         }
     }
 
@@ -305,6 +329,44 @@ fn join_past<'a>(main: &[u8], past: impl Fn(u64) -> Option<&'a [u8]>) -> Res<Vec
     }
     full.extend_from_slice(&main[close..]);
     Ok(full)
+}
+
+#[cfg(test)]
+std::thread_local! {
+    /// Tests check every fast-path write against the whole JSON, scanned (on by default;
+    /// off where a test counts JSON formattings).
+    pub static VERIFY_SPLIT: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Collects the past epochs' trees of a message secrets store being written: for each,
+/// its epoch, its JSON if the stored record may differ (None: the record holds exactly
+/// this tree already, by fingerprint) and its fingerprint.
+struct PastSink<'m> {
+    map: &'m TrackedMap,
+    gid: &'m [u8],
+    scratch: Vec<u8>,
+    trees: Vec<PastTree>,
+}
+
+/// (epoch, JSON to store or None if unchanged, fingerprint).
+type PastTree = (u64, Option<Vec<u8>>, Option<[u8; 32]>);
+
+impl split_ser::TreeSink for PastSink<'_> {
+    fn tree<T: Serialize + ?Sized>(&mut self, tree: &T) -> Result<u64, split_ser::Unsupported> {
+        let (fp, epoch) = split_ser::fingerprint(tree, &mut self.scratch)?;
+        let epoch = epoch.ok_or(split_ser::Unsupported)?;
+        let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(self.gid, epoch));
+        if self.map.fingerprint(&k) == Some(&fp) {
+            self.trees.push((epoch, None, None));
+            return Ok(epoch);
+        }
+        let j = serde_json::to_vec(tree).map_err(|_| split_ser::Unsupported)?;
+        if tree_epoch(&j) != Some(epoch) {
+            return Err(split_ser::Unsupported);
+        }
+        self.trees.push((epoch, Some(j), Some(fp)));
+        Ok(epoch)
+    }
 }
 
 impl TrackedStorage {
@@ -775,25 +837,63 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         message_secrets: &MessageSecrets,
     ) -> Result<(), Self::Error> {
         let gid = json(group_id)?;
-        let full = json(message_secrets)?;
         let mut values = self.values.write().map_err(|_| StoreError::Poisoned)?;
         let main_key = storage_key(MESSAGE_SECRETS_LABEL, &gid);
         let old_epochs = match values.get(&main_key) {
             Some(old) => past_refs(old),
             None => Vec::new(),
         };
-        let (main, past) = match split_past(&full) {
-            Some(split) => split,
-            None => (full.clone(), Vec::new()),
+        let mut sink = PastSink {
+            map: &values,
+            gid: &gid,
+            scratch: Vec::new(),
+            trees: Vec::new(),
         };
-        for (epoch, tree) in &past {
+        let (main, past) = match split_ser::split_store(message_secrets, &mut sink) {
+            Ok(main) => (main, sink.trees),
+            Err(_) => {
+                // Not the expected layout: the whole JSON, split by scanning it.
+                let full = json(message_secrets)?;
+                let (main, past) = match split_past(&full) {
+                    Some((main, past)) => (
+                        main,
+                        past.into_iter()
+                            .map(|(e, t)| (e, Some(t.to_vec()), None))
+                            .collect(),
+                    ),
+                    None => (full.clone(), Vec::new()),
+                };
+                (main, past)
+            }
+        };
+        #[cfg(test)]
+        if VERIFY_SPLIT.with(std::cell::Cell::get) {
+            // The fast path must store exactly what the whole JSON, scanned, stores.
+            let full = json(message_secrets)?;
+            if let Some((main_scan, past_scan)) = split_past(&full) {
+                assert_eq!(main_scan, main, "main record differs from the scan");
+                assert_eq!(past_scan.len(), past.len());
+                for ((e1, t1), (e2, t2, _)) in past_scan.iter().zip(&past) {
+                    assert_eq!(e1, e2);
+                    let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(&gid, *e1));
+                    let stored = t2.as_deref().or(values.get(&k).map(Vec::as_slice));
+                    assert_eq!(Some(*t1), stored, "past tree of epoch {e1} differs");
+                }
+            }
+        }
+        for (epoch, tree, fp) in &past {
             let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(&gid, *epoch));
-            if values.get(&k).map(Vec::as_slice) != Some(*tree) {
-                values.insert(k, tree.to_vec());
+            if let Some(tree) = tree {
+                if values.get(&k) != Some(tree) {
+                    values.insert(k.clone(), tree.clone());
+                }
+            }
+            if let Some(fp) = fp {
+                values.set_fingerprint(k, *fp);
             }
         }
         for epoch in old_epochs {
-            if !past.iter().any(|(e, _)| *e == epoch) {
+            if !past.iter().any(|(e, _, _)| *e == epoch) {
                 values.remove(&storage_key(
                     MESSAGE_SECRETS_PAST_LABEL,
                     &past_key(&gid, epoch),
@@ -1154,6 +1254,80 @@ mod tests {
         )
         .expect("write whole");
         let back: Store = st.message_secrets(&gid).expect("read").expect("some");
+        assert_eq!(back, store);
+    }
+
+    /// A past tree that counts how often it is written as JSON (text) vs fingerprinted.
+    #[derive(serde::Deserialize, PartialEq, Debug, Clone)]
+    struct CountedTree {
+        epoch: u64,
+        v: Vec<u8>,
+    }
+    std::thread_local! {
+        static TEXT_WRITES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+    impl serde::Serialize for CountedTree {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeStruct as _;
+            if s.is_human_readable() {
+                TEXT_WRITES.with(|c| c.set(c.get() + 1));
+            }
+            let mut st = s.serialize_struct("CountedTree", 2)?;
+            st.serialize_field("epoch", &self.epoch)?;
+            st.serialize_field("v", &self.v)?;
+            st.end()
+        }
+    }
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug, Clone)]
+    struct CountedStore {
+        max_epochs: usize,
+        past_epoch_trees: std::collections::VecDeque<CountedTree>,
+        message_secrets: Vec<u8>,
+    }
+    impl Entity<CURRENT_VERSION> for CountedStore {}
+    impl traits::MessageSecrets<CURRENT_VERSION> for CountedStore {}
+
+    /// Rewriting the store with unchanged past trees formats none of them as JSON (the
+    /// whole-store JSON and scan did, for every tree, on every message); a changed tree,
+    /// and a record a rollback put back, are written again; the main record is the one
+    /// the scan of the whole JSON produces.
+    #[test]
+    fn unchanged_past_trees_are_not_formatted_again() {
+        let gid = GroupIdT(vec![9]);
+        let st = TrackedStorage::default();
+        let tree = |e: u64, b: u8| CountedTree { epoch: e, v: vec![b; 40] };
+        let mut store = CountedStore {
+            max_epochs: 4,
+            past_epoch_trees: [tree(1, 1), tree(2, 2), tree(3, 3)].into(),
+            message_secrets: vec![7],
+        };
+        let text = || TEXT_WRITES.with(std::cell::Cell::get);
+        VERIFY_SPLIT.with(|v| v.set(false));
+        st.write_message_secrets(&gid, &store).expect("write");
+        st.values.write().expect("lock").commit();
+        let main_key = storage_key(MESSAGE_SECRETS_LABEL, &json(&gid).expect("j"));
+        let full = json(&store).expect("j");
+        let (scanned, _) = split_past(&full).expect("split");
+        assert_eq!(
+            st.values.read().expect("lock").get(&main_key),
+            Some(&scanned)
+        );
+
+        let before = text();
+        store.message_secrets = vec![8];
+        st.write_message_secrets(&gid, &store).expect("write");
+        assert_eq!(text() - before, 0, "unchanged past trees formatted again");
+        assert_eq!(st.values.read().expect("lock").pending_changes().len(), 1);
+        st.values.write().expect("lock").commit();
+
+        let before = text();
+        store.past_epoch_trees[1].v[0] = 99;
+        st.write_message_secrets(&gid, &store).expect("write");
+        assert_eq!(text() - before, 1);
+        // Rolled back: the record holds the old tree again, so the next write rewrites it.
+        st.rollback();
+        st.write_message_secrets(&gid, &store).expect("write");
+        let back: CountedStore = st.message_secrets(&gid).expect("read").expect("some");
         assert_eq!(back, store);
     }
 
