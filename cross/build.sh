@@ -80,10 +80,23 @@ crypto_pin=$(grep -E '^cryptography==' "$here/requirements-bundle.txt")
 if [ -n "${QPC_PREBUILT_WHEELS:-}" ]; then
   cp "$QPC_PREBUILT_WHEELS"/*.whl "$wheels/"
 else
-  log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  # The core for the bundle: one codegen unit, fat LTO, and every dependency at opt-level
+  # "s" except the crates MLS messages and our record store spend their CPU in, which stay
+  # at 3 (our own crate is not matched by "*" and stays at 3 too). Core .so 3.83 -> 3.10
+  # MiB, -0.23 MiB of the .ipk, MLS ops unchanged in CPU time (all of it at "s": -0.53 MiB
+  # but encrypt/decrypt +30-75 %, add@64 +30 %; docs/packaging.md). Its own target dir
+  # (QPC_BUNDLE_CARGO_TARGET_DIR): another profile would rebuild the development one.
+  bundle_target=${QPC_BUNDLE_CARGO_TARGET_DIR:-$CARGO_TARGET_DIR-bundle}
+  rust_cfg=(--config 'profile.release.package."*".opt-level="s"')
+  for c in aes aes-gcm ghash polyval chacha20 poly1305 chacha20poly1305 sha2 curve25519-dalek \
+    x25519-dalek ed25519-dalek p256 hmac hkdf serde_json hpke-rs-rust-crypto openmls_rust_crypto; do
+    rust_cfg+=(--config "profile.release.package.$c.opt-level=3")
+  done
+  log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$bundle_target)"
   # `maturin build -o` rather than `pip install DIR`: pip's PEP 517 path puts the wheel in
   # $CARGO_TARGET_DIR/wheels, which a concurrent editable build of the checkout also uses.
-  (cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
+  (cd "$src" && CARGO_TARGET_DIR=$bundle_target CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_LTO=fat \
+    "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" "${rust_cfg[@]}" >&2)
   # cryptography against the system OpenSSL, the one the bundle carries anyway
   # (cross/requirements-bundle.txt says why); built once per version, then cached.
   # Its Rust module at opt-level "s", one codegen unit: -0.27 MiB of the .ipk (-0.9 MiB
