@@ -81,15 +81,17 @@ if [ -n "${QPC_PREBUILT_WHEELS:-}" ]; then
   cp "$QPC_PREBUILT_WHEELS"/*.whl "$wheels/"
 else
   # The core for the bundle: one codegen unit, fat LTO, and every dependency at opt-level
-  # "s" except the crates MLS messages and our record store spend their CPU in, which stay
-  # at 3 (our own crate is not matched by "*" and stays at 3 too). Core .so 3.83 -> 3.10
-  # MiB, -0.23 MiB of the .ipk, MLS ops unchanged in CPU time (all of it at "s": -0.53 MiB
-  # but encrypt/decrypt +30-75 %, add@64 +30 %; docs/packaging.md). Its own target dir
-  # (QPC_BUNDLE_CARGO_TARGET_DIR): another profile would rebuild the development one.
+  # "s" except the crates MLS messages and our record store spend their CPU in, and PyO3's
+  # per-call glue, which stay at 3 (our own crate is not matched by "*" and stays at 3 too).
+  # Core .so 3.83 -> 3.14 MiB, -0.21 MiB of the .ipk, MLS ops and node_bench unchanged
+  # (all of it at "s": -0.53 MiB but encrypt/decrypt +30-75 %, add@64 +30 %;
+  # docs/packaging.md). Its own target dir (QPC_BUNDLE_CARGO_TARGET_DIR): another profile
+  # would rebuild the development one.
   bundle_target=${QPC_BUNDLE_CARGO_TARGET_DIR:-$CARGO_TARGET_DIR-bundle}
   rust_cfg=(--config 'profile.release.package."*".opt-level="s"')
   for c in aes aes-gcm ghash polyval chacha20 poly1305 chacha20poly1305 sha2 curve25519-dalek \
-    x25519-dalek ed25519-dalek p256 hmac hkdf serde_json hpke-rs-rust-crypto openmls_rust_crypto; do
+    x25519-dalek ed25519-dalek p256 hmac hkdf serde_json hpke-rs-rust-crypto openmls_rust_crypto \
+    pyo3 pyo3-ffi negentropy tls_codec; do
     rust_cfg+=(--config "profile.release.package.$c.opt-level=3")
   done
   log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$bundle_target)"
