@@ -83,8 +83,8 @@ else
   # The core for the bundle: one codegen unit, fat LTO, and every dependency at opt-level
   # "s" except the crates MLS messages and our record store spend their CPU in, and PyO3's
   # per-call glue, which stay at 3 (our own crate is not matched by "*" and stays at 3 too).
-  # Core .so 3.83 -> 3.14 MiB, -0.21 MiB of the .ipk, MLS ops and node_bench unchanged
-  # (all of it at "s": -0.53 MiB but encrypt/decrypt +30-75 %, add@64 +30 %;
+  # Core .so 3.83 -> 3.14 MiB, -0.20 MiB of the .ipk, MLS ops and node_bench unchanged
+  # within this VM's noise (all of it at "s": -0.53 MiB but MLS encrypt/decrypt +30-75 %;
   # docs/packaging.md). Its own target dir (QPC_BUNDLE_CARGO_TARGET_DIR): another profile
   # would rebuild the development one.
   bundle_target=${QPC_BUNDLE_CARGO_TARGET_DIR:-$CARGO_TARGET_DIR-bundle}
