@@ -80,10 +80,25 @@ crypto_pin=$(grep -E '^cryptography==' "$here/requirements-bundle.txt")
 if [ -n "${QPC_PREBUILT_WHEELS:-}" ]; then
   cp "$QPC_PREBUILT_WHEELS"/*.whl "$wheels/"
 else
-  log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+  # The core for the bundle: one codegen unit, fat LTO, and every dependency at opt-level
+  # "s" except the crates MLS messages and our record store spend their CPU in, and PyO3's
+  # per-call glue, which stay at 3 (our own crate is not matched by "*" and stays at 3 too).
+  # Core .so 3.83 -> 3.14 MiB, -0.20 MiB of the .ipk, MLS ops and node_bench unchanged
+  # within this VM's noise (all of it at "s": -0.53 MiB but MLS encrypt/decrypt +30-75 %;
+  # docs/packaging.md). Its own target dir (QPC_BUNDLE_CARGO_TARGET_DIR): another profile
+  # would rebuild the development one.
+  bundle_target=${QPC_BUNDLE_CARGO_TARGET_DIR:-$CARGO_TARGET_DIR-bundle}
+  rust_cfg=(--config 'profile.release.package."*".opt-level="s"')
+  for c in aes aes-gcm ghash polyval chacha20 poly1305 chacha20poly1305 sha2 curve25519-dalek \
+    x25519-dalek ed25519-dalek p256 hmac hkdf serde_json hpke-rs-rust-crypto openmls_rust_crypto \
+    pyo3 pyo3-ffi negentropy tls_codec; do
+    rust_cfg+=(--config "profile.release.package.$c.opt-level=3")
+  done
+  log "build the wheel (maturin, abi3 extension; CARGO_TARGET_DIR=$bundle_target)"
   # `maturin build -o` rather than `pip install DIR`: pip's PEP 517 path puts the wheel in
   # $CARGO_TARGET_DIR/wheels, which a concurrent editable build of the checkout also uses.
-  (cd "$src" && "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" >&2)
+  (cd "$src" && CARGO_TARGET_DIR=$bundle_target CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 CARGO_PROFILE_RELEASE_LTO=fat \
+    "$venv/bin/maturin" build --quiet --release --interpreter "$venv/bin/python" --out "$wheels" "${rust_cfg[@]}" >&2)
   # cryptography against the system OpenSSL, the one the bundle carries anyway
   # (cross/requirements-bundle.txt says why); built once per version, then cached.
   # Its Rust module at opt-level "s", one codegen unit: -0.27 MiB of the .ipk (-0.9 MiB
@@ -119,6 +134,16 @@ import pathlib, zeroconf
 compiled = sorted(p.name for p in pathlib.Path(zeroconf.__file__).parent.rglob("*.so"))
 assert not compiled, compiled
 PY
+# protobuf's upb module NEEDs libstdc++ but binds nothing of it (C code linked by the C++
+# driver): drop the entry so the bundle carries no libstdc++ (-0.72 MiB of the .ipk, -2.1
+# MiB installed; cross/drop_needed.py refuses when any symbol could come from it). Then
+# load it with every symbol bound at once, as the proof. armv7 has no upb wheel: nothing to do.
+upb=$("$venv/bin/python" -c 'import importlib.util as u; s = u.find_spec("google._upb._message"); print(s.origin if s else "")')
+if [ -n "$upb" ]; then
+  "$venv/bin/python" "$here/drop_needed.py" libstdc++.so.6 "$upb" >&2
+  LD_BIND_NOW=1 "$venv/bin/python" -c 'from google.protobuf.internal import api_implementation as a; import google._upb._message; assert a.Type() == "upb", a.Type()' \
+    || { log "protobuf's upb module does not load without libstdc++"; exit 1; }
+fi
 # Gate: one OpenSSL. Fails if pip swapped in PyPI's cryptography (its own OpenSSL) anyway.
 "$venv/bin/python" - "$crypto_pin" <<'PY' || { log "cryptography is not the source build against the system OpenSSL"; exit 1; }
 import importlib.metadata, ssl, sys
@@ -133,7 +158,9 @@ version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version
 freeze() {  # freeze LAYOUT -> build/pyi-ARCH/dist-LAYOUT
   local pyi=$work/pyi-$arch
   log "PyInstaller $1"
-  QPC_LAYOUT=$1 QPC_CROSS=$here "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+  # PYZ modules at zlib level 9 (PyInstaller's default for the PYZ is 6; the same inflate
+  # at start, so no run-time cost).
+  PYINSTALLER_ZLIB_COMPRESSION_LEVEL=9 QPC_LAYOUT=$1 QPC_CROSS=$here "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
     --distpath "$pyi/dist-$1" --workpath "$pyi/work-$1" "$here/qpc.spec"
 }
 

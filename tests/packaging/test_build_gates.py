@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,56 @@ def test_cross_build_refuses_unknown_arch_and_onefile_for_arm() -> None:
         [str(CROSS / "guest.sh"), "aarch64", "onefile", "1"], capture_output=True, text=True
     )
     assert r.returncode == 1 and "only --layout onedir" in r.stderr
+
+
+def _shared_lib(tmp_path: Path, name: str, code: str, *libs: str) -> Path:
+    src = tmp_path / f"{name}.c"
+    src.write_text(code)
+    out = tmp_path / f"{name}.so"
+    r = subprocess.run(
+        ["cc", "-shared", "-fPIC", "-o", str(out), str(src), "-Wl,--no-as-needed", *libs],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def drop_needed(lib: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CROSS / "drop_needed.py"), lib, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_drop_needed_removes_only_a_library_nothing_binds_to(tmp_path: Path) -> None:
+    """cross/drop_needed.py (how the bundle sheds libstdc++, which protobuf's upb module
+    NEEDs without using): an unused entry goes and the library still loads with every
+    symbol bound; an entry a symbol is bound to stays, and the file is not touched."""
+    import ctypes
+
+    sys.path.insert(0, str(CROSS))
+    try:
+        from drop_needed import needed
+    finally:
+        sys.path.remove(str(CROSS))
+
+    unused = _shared_lib(tmp_path, "unused", "int f(int x) { return x + 1; }\n", "-lm")
+    assert "libm.so.6" in needed(unused.read_bytes())
+    r = drop_needed("libm.so.6", unused)
+    assert r.returncode == 0 and "dropped libm.so.6" in r.stdout, r.stderr
+    after = needed(unused.read_bytes())
+    assert "libm.so.6" not in after and "libc.so.6" in after
+    assert ctypes.CDLL(str(unused), mode=os.RTLD_NOW).f(41) == 42
+    again = drop_needed("libm.so.6", unused)
+    assert again.returncode == 0 and "not needed" in again.stdout
+
+    used = _shared_lib(
+        tmp_path, "used", "#include <math.h>\ndouble g(double x) { return cos(x); }\n", "-lm"
+    )
+    before = used.read_bytes()
+    r = drop_needed("libm.so.6", used)
+    assert r.returncode == 1 and "refused" in r.stderr
+    assert used.read_bytes() == before

@@ -6,10 +6,11 @@ import os
 import re
 import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from pkg_rootfs import BusyboxRoot
+from pkg_rootfs import ARCH, REPO, BusyboxRoot
 
 FPR = re.compile(r"fingerprint:\s*([0-9A-Fa-f ]{16,})")
 
@@ -129,3 +130,26 @@ def test_bundle_carries_one_openssl(tree: Path) -> None:
         ["readelf", "-d", str(ssl_mod)], capture_output=True, text=True, check=True
     )
     assert "[libcrypto.so.3]" in dyn.stdout
+
+
+def test_bundle_carries_no_libstdcxx_and_closes_its_needed_graph(tree: Path) -> None:
+    """protobuf's upb module NEEDs libstdc++ without binding a symbol of it; cross/build.sh
+    drops that entry (cross/drop_needed.py), so the 2.1 MiB library is not carried. Every
+    ELF's NEEDED entries must still be in _internal (the launcher sets no other path), and
+    upb stays the compiled module where the arch has its wheel (armv7 has none)."""
+    sys.path.insert(0, str(REPO / "cross"))  # cross/ is not a package
+    try:
+        from drop_needed import needed
+    finally:
+        sys.path.remove(str(REPO / "cross"))
+    internal = tree / "usr/lib/qpc/_internal"
+    assert not (internal / "libstdc++.so.6").exists()
+    present = {p.name for p in internal.iterdir()}
+
+    for elf in [tree / "usr/lib/qpc/qpc", *internal.rglob("*.so*")]:
+        if elf.is_file() and not elf.is_symlink() and elf.read_bytes()[:4] == b"\x7fELF":
+            missing_libs = set(needed(elf.read_bytes())) - present
+            assert not missing_libs, (elf, missing_libs)
+    upb = list(internal.glob("google/_upb/_message*.so"))
+    if ARCH != "armv7":
+        assert upb, "protobuf's upb module is not in the bundle (pure-Python fallback)"
