@@ -172,6 +172,7 @@ class GroupSim:
         self.stale = 0
         self.events = 0
         self.commits_made = 0
+        self._resends = 0
         self.group_id = b""
 
     def close(self) -> None:
@@ -345,7 +346,13 @@ class GroupSim:
             dst = self.by_fpr.get(a.to)
             if dst is not None:
                 for data in a.messages:
-                    self._send_mls(m, dst, data, commit=True)
+                    # A new envelope (the client's outbox gives each its own id): the
+                    # puller may have seen this commit before and given it up.
+                    self._resends += 1
+                    mid = hashlib.sha256(
+                        data + dst.fpr.encode() + self._resends.to_bytes(8, "big")
+                    ).digest()[:16]
+                    self._send_mls(m, dst, data, commit=True, msg_id=mid)
         elif isinstance(a, Prune):
             g.prune_past_epochs(a.keep)
         elif isinstance(a, Warn):

@@ -17,7 +17,7 @@ import pytest
 
 from qpc_node.groups.core import GroupConfig, IntentKind
 from qpc_node.wire.gen.qpc.v1 import client_pb2
-from qpc_sim.groups import GroupSim, SimConfig, SimMember
+from qpc_sim.groups import MAX_HELD_TRIES, GroupSim, SimConfig, SimMember
 
 MINUTE = 60_000
 
@@ -111,6 +111,37 @@ def test_lost_commits_are_pulled_from_another_member(sims: list[GroupSim]) -> No
     rep = sim.report()
     assert rep.pulls > 0, rep
     assert rep.undecryptable == 0 and rep.authenticators == 1, rep
+
+
+def test_a_commit_given_up_is_pulled_again(sims: list[GroupSim]) -> None:
+    """A busy member gives up a commit whose proposal is late (held, retried after every
+    message it reads); the pull answer must still be processed, although the member saw
+    that commit before. (The 100-member partition bench ended on two authenticators this
+    way: the answers were dropped as duplicates of the given-up delivery.)"""
+    sim = make(sims, members=4, seed=6, dup_rate=0.0, max_delay_ms=10)
+    p, x, other = sim.members[1], sim.members[2], sim.members[3]
+    assert p.group is not None and x.group is not None
+    epoch_n = x.group.epoch
+    hold_back = True
+    sim.blocked = lambda s, d, _t: hold_back and (s, d) == (p.index, x.index)
+    # Texts p sends in epoch n, read by x while the commit waits for p's proposal.
+    busy = [
+        p.group.encrypt(client_pb2.AppMessage(text=f"{k:016x}").SerializeToString())
+        for k in range(MAX_HELD_TRIES + 1)
+    ]
+    sim.request(p.index, IntentKind.UPDATE)
+    sim.run(until_ms=sim.now + 10_000)
+    assert other.group is not None and other.group.epoch == epoch_n + 1
+    assert x.group.epoch == epoch_n and len(x.held) == 1  # the commit, missing the proposal
+    for k, ct in enumerate(busy):
+        sim.deliver_mls(x, p.index, b"busy%d" % k, ct, None)
+    assert not x.held and sim.stale == 1  # given up
+    hold_back = False
+    sim.send_text(other.index)  # an epoch n + 1 message: x pulls the commit
+    sim.run(until_ms=sim.now + 2 * MINUTE)
+    assert x.group.epoch == epoch_n + 1
+    assert converged(sim, sim.active())
+    assert sim.report().undecryptable == 0
 
 
 def test_next_committer_takes_over_from_a_silent_one(sims: list[GroupSim]) -> None:
