@@ -665,7 +665,11 @@ impl State {
         // A Welcome into a group we still hold: we were added on a branch that lost a fork
         // and are added again on the winner (docs/groups.md). Its state replaces ours, as
         // for a stale earlier membership; a Welcome that fails leaves ours (one transaction).
-        let old = processed.unverified_group_info().group_id().as_slice().to_vec();
+        let old = processed
+            .unverified_group_info()
+            .group_id()
+            .as_slice()
+            .to_vec();
         if self.group_view(&old).is_ok() {
             self.drop_group_records(&old)?;
         }
@@ -937,10 +941,15 @@ impl State {
 
     /// Run one proposal-making call and return (message, ref of the proposal it queued in
     /// our own store). Refs are found as the store's difference, so calls that do not
-    /// return theirs (leave) work the same.
+    /// return theirs (leave) work the same. `same` recognises the proposal the call makes:
+    /// a request proposed again (re-issued after a restart while its first proposal,
+    /// never sent, stayed in our store) signs the same content (Ed25519 is deterministic)
+    /// and gets the same ref, which OpenMLS would queue twice in memory; so our queued
+    /// proposal that `same` matches is taken out first and the call queues it afresh.
     fn propose(
         &mut self,
         gid: &[u8],
+        same: impl Fn(&Proposal) -> bool,
         f: impl FnOnce(&mut MlsGroup, &Provider, &Ed25519Signer) -> Result<MlsMessageOut>,
     ) -> Result<(Vec<u8>, Vec<u8>)> {
         let g = self.group_view(gid)?;
@@ -948,8 +957,19 @@ impl State {
         if !g.is_active() {
             return Err(Error::new(Kind::NotAMember, "cannot propose in this group"));
         }
-        let before = proposal_refs(g);
+        let me = g.own_leaf_index();
+        let again: Vec<_> = g
+            .pending_proposals()
+            .filter(|q| matches!(q.sender(), Sender::Member(l) if *l == me))
+            .filter(|q| same(q.proposal()))
+            .map(|q| q.proposal_reference_ref().clone())
+            .collect();
         let (g, p, s) = group_parts(self, gid)?;
+        for r in &again {
+            g.remove_pending_proposal(&p.storage, r)
+                .map_err(|e| Error::from_dbg(Kind::Storage, "drop a proposal made again", e))?;
+        }
+        let before = proposal_refs(g);
         let msg = f(g, p, s)?;
         let new: Vec<Vec<u8>> = proposal_refs(g)
             .into_iter()
@@ -962,7 +982,16 @@ impl State {
 
     pub fn op_propose_add(&mut self, gid: &[u8], key_package: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         let kp = parse_key_package(&self.provider.crypto, key_package)?;
-        self.propose(gid, |g, p, s| {
+        let kp_bytes = kp
+            .tls_serialize_detached()
+            .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "encode key package", e))?;
+        let same = |q: &Proposal| match q {
+            Proposal::Add(a) => {
+                a.key_package().tls_serialize_detached().ok() == Some(kp_bytes.clone())
+            }
+            _ => false,
+        };
+        self.propose(gid, same, |g, p, s| {
             g.propose_add_member(p, s, &kp)
                 .map(|(m, _)| m)
                 .map_err(|e| Error::from_dbg(Kind::InvalidKeyPackage, "propose add", e))
@@ -973,7 +1002,8 @@ impl State {
         let [leaf] =
             <[LeafNodeIndex; 1]>::try_from(leaves_of(self.group_view(gid)?, &[fp.to_string()])?)
                 .map_err(|_| Error::new(Kind::Argument, "one fingerprint"))?;
-        self.propose(gid, |g, p, s| {
+        let same = |q: &Proposal| matches!(q, Proposal::Remove(r) if r.removed() == leaf);
+        self.propose(gid, same, |g, p, s| {
             if leaf == g.own_leaf_index() {
                 return Err(Error::new(
                     Kind::Argument,
@@ -987,15 +1017,22 @@ impl State {
     }
 
     pub fn op_propose_update(&mut self, gid: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-        self.propose(gid, |g, p, s| {
-            g.propose_self_update(p, s, LeafNodeParameters::default())
-                .map(|(m, _)| m)
-                .map_err(|e| Error::from_dbg(Kind::Mls, "propose update", e))
-        })
+        // A self-update carries a fresh HPKE key: never the same as one queued before.
+        self.propose(
+            gid,
+            |_| false,
+            |g, p, s| {
+                g.propose_self_update(p, s, LeafNodeParameters::default())
+                    .map(|(m, _)| m)
+                    .map_err(|e| Error::from_dbg(Kind::Mls, "propose update", e))
+            },
+        )
     }
 
     pub fn op_propose_leave(&mut self, gid: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-        self.propose(gid, |g, p, s| {
+        let own = self.group_view(gid)?.own_leaf_index();
+        let same = move |q: &Proposal| matches!(q, Proposal::Remove(r) if r.removed() == own);
+        self.propose(gid, same, |g, p, s| {
             g.leave_group(p, s)
                 .map_err(|e| Error::from_dbg(Kind::NotAMember, "leave group", e))
         })
@@ -1102,9 +1139,11 @@ fn map_process_err(e: ProcessMessageError<crate::tracked_storage::StoreError>) -
             Error::from_dbg(Kind::NotAMember, "group is not operational for us", e)
         }
         // gwire: relays reorder; the proposal may still come (the caller holds the commit).
-        ProcessMessageError::InvalidCommit(StageCommitError::MissingProposal) => {
-            Error::from_dbg(Kind::MissingProposal, "commit names a proposal not received", e)
-        }
+        ProcessMessageError::InvalidCommit(StageCommitError::MissingProposal) => Error::from_dbg(
+            Kind::MissingProposal,
+            "commit names a proposal not received",
+            e,
+        ),
         ProcessMessageError::StorageError(_) | ProcessMessageError::LibraryError(_) => {
             Error::from_dbg(Kind::Mls, "process message", e)
         }

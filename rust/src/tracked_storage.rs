@@ -1295,7 +1295,10 @@ mod tests {
     fn unchanged_past_trees_are_not_formatted_again() {
         let gid = GroupIdT(vec![9]);
         let st = TrackedStorage::default();
-        let tree = |e: u64, b: u8| CountedTree { epoch: e, v: vec![b; 40] };
+        let tree = |e: u64, b: u8| CountedTree {
+            epoch: e,
+            v: vec![b; 40],
+        };
         let mut store = CountedStore {
             max_epochs: 4,
             past_epoch_trees: [tree(1, 1), tree(2, 2), tree(3, 3)].into(),

@@ -289,6 +289,46 @@ def test_proposal_not_covered_leaves_the_store(tmp_path: Path) -> None:
     assert gb.pending_proposals() == []
 
 
+def test_a_request_proposed_again_after_a_restart_gets_its_queued_ref(tmp_path: Path) -> None:
+    """A proposal made just before the process died stays in our store; the request is
+    proposed again after the restart. Ed25519 signs the same content the same way, so the
+    new proposal has the same ref: the call returns it (before: 'proposal was not queued
+    in our own store', and the request was given up)."""
+    secret = os.urandom(32)
+    a = new_identity(tmp_path, "a")
+    b = Identity.create(tmp_path / "b", secret, durable=False)
+    c, d, e = (new_identity(tmp_path, n) for n in "cde")
+    ga = a.create_group()
+    _c, welcome = ga.add([b.key_package(), c.key_package(), d.key_package()])
+    ga.merge_pending_commit()
+    gb = b.join(welcome)
+    kp_e = e.key_package()
+    _p_rm, r_rm = gb.propose_remove(c.fingerprint)
+    _p_add, r_add = gb.propose_add(kp_e)
+    del gb, b  # a crash: the proposals were never sent
+    b2 = Identity.open(tmp_path / "b", secret, durable=False)
+    gb2 = b2.group(ga.group_id)
+    assert sorted(gb2.pending_proposals()) == sorted([r_rm, r_add])
+    p_rm2, r_rm2 = gb2.propose_remove(c.fingerprint)
+    p_add2, r_add2 = gb2.propose_add(kp_e)
+    assert (r_rm2, r_add2) == (r_rm, r_add)
+    assert sorted(gb2.pending_proposals()) == sorted([r_rm, r_add])
+    # The re-sent proposals are the ones a committer covers.
+    ga.process(p_rm2)
+    ga.process(p_add2)
+    commit, welcome2 = ga.commit_pending()
+    mine = ga.merge_pending_commit()
+    assert sorted(mine.covered) == sorted([r_rm, r_add])
+    assert welcome2 is not None and mine.removed_members == [c.fingerprint]
+    assert gb2.process(commit).authenticator == ga.epoch_authenticator()
+    # A self-update is never the same twice; a different removal is a new ref.
+    _p, r_up = gb2.propose_update()
+    _p, r_up2 = gb2.propose_update()
+    assert r_up != r_up2
+    _p, r_d = gb2.propose_remove(d.fingerprint)
+    assert r_d not in (r_up, r_up2) and len(gb2.pending_proposals()) == 3
+
+
 def test_proposal_errors_are_typed(tmp_path: Path) -> None:
     (a, ga), (_b, gb) = build_group(tmp_path, 2)
     with pytest.raises(NotAMember):
