@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from qpc_node.crypto import Group, Identity
 
@@ -93,24 +92,11 @@ class Ours:
 
 
 def reference_add_at(n: int) -> float | None:
-    try:
-        from mls_rs_uniffi import (  # type: ignore[import-not-found]
-            CipherSuite,
-            Client,
-            client_config_default,
-            generate_signature_keypair,
-        )
-    except ImportError:
+    from mls_bench import reference_clients  # bench/ is on sys.path when run as a script
+
+    mk = reference_clients()
+    if mk is None:
         return None
-    cs = CipherSuite.CURVE25519_AES128
-    counter = [0]
-
-    def mk() -> Any:
-        counter[0] += 1
-        return Client(
-            f"c{counter[0]}".encode(), generate_signature_keypair(cs), client_config_default()
-        )
-
     clients = [mk() for _ in range(n)]
     g0 = clients[0].create_group(None)
     out = g0.add_members([c.generate_key_package_message() for c in clients[1:]])

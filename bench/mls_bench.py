@@ -123,7 +123,10 @@ def fsync_costs(root: Path) -> dict[str, float]:
     return {"encrypt+decrypt 1 KiB, fsync each": enc}
 
 
-def reference() -> dict[str, float] | None:
+def reference_clients() -> Callable[[], Any] | None:
+    """A maker of fresh mls-rs clients (ciphersuite 1, default config, each its own
+    signature key and name), or None without the reference installed. Shared with
+    bench/group_bench.py's add@64 reference."""
     try:
         from mls_rs_uniffi import (  # type: ignore[import-not-found]
             CipherSuite,
@@ -142,6 +145,13 @@ def reference() -> dict[str, float] | None:
             f"c{counter[0]}".encode(), generate_signature_keypair(cs), client_config_default()
         )
 
+    return mk
+
+
+def reference() -> dict[str, float] | None:
+    mk = reference_clients()
+    if mk is None:
+        return None
     r: dict[str, float] = {}
     c = mk()
     r["key package"] = median_of(c.generate_key_package_message, KP_REPS)
