@@ -46,6 +46,8 @@ RETENTION_MS = 7 * 24 * 3600 * 1000
 OUTBOX_BACKOFF_MS = (500, 60_000)
 FLUSH_ROUNDS = 16
 """Enqueue calls one flush makes at most (64 messages each)."""
+RECENT_FATES = 4096
+"""Fates remembered across flushes, for a submit another flush served first."""
 
 # Whole-call refusals that say something in the batch is bad (an older node answers
 # one bad envelope this way): each message is then sent alone to find it. Any other
@@ -133,6 +135,10 @@ class Outbox(AgentPart):
         self.routes: dict[bytes, Route] = {}
         """What the node answered for the messages of the last ``submit`` (for /mesh dm)."""
         self._lock = trio.Lock()
+        self._recent: dict[bytes, Sent] = {}
+        """Fates of the latest flushes (at most RECENT_FATES): a ``submit`` whose messages
+        another flush sent first (it queued them, then waited for the lock) reads theirs
+        here instead of finding nothing due."""
         self._orphans_checked = False
         self._commit_refusals: dict[bytes, str] = {}
 
@@ -288,10 +294,16 @@ class Outbox(AgentPart):
                 if plain:
                     got.update(await self._send(plain))
                 fates.update(got)
+                self._recent.update(got)
                 if own and own <= fates.keys():
                     break
                 if not own and Sent.RETRY in got.values():
                     break  # what is left waits for its backoff
+            for m in own - fates.keys():
+                if m in self._recent:
+                    fates[m] = self._recent[m]
+            while len(self._recent) > RECENT_FATES:
+                del self._recent[next(iter(self._recent))]
         return fates
 
     # -- commits -----------------------------------------------------------------

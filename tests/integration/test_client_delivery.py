@@ -13,6 +13,8 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+import trio
+import trio.testing
 from node_harness import accept, flush_inbox, mailbox_ids, running_node, texts, users
 
 from qpc_node import crypto
@@ -510,3 +512,34 @@ async def test_a_pending_commit_never_queued_is_cleared_at_start(
             assert (g.epoch, g.has_pending_commit()) == (epoch, False)
             await a.group_send("team", "after the crash")
             assert [m.text for m in await texts(b, 1)] == ["after the crash"]
+
+
+async def test_submit_reports_fates_a_concurrent_flush_decided(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """A submit queues its messages, then waits for the outbox lock; a flush that was
+    waiting first (the REPL's poll loop) sends them. The submit still reports each one's
+    fate (before: nothing was due any more, and the fates were missing)."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b") as (a, b),
+    ):
+        await accepted_by(a, b, wall=wall)
+        envs = [
+            a._envelope(b.me, client_pb2.Sealed.MLS_MESSAGE, b"g", bytes([i])) for i in range(3)
+        ]
+        outbox = a._outbox
+        got: dict[bytes, Sent] = {}
+
+        async def submit() -> None:
+            got.update(await a._submit(envs))
+
+        async with trio.open_nursery() as nursery, outbox._lock:
+            nursery.start_soon(a.flush_outbox)  # waits for the lock first
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(submit)
+            for _ in range(1000):  # until submit queued them (it then waits for the lock)
+                if await a._state.call(a._st.outbox_len) == len(envs):
+                    break
+                await trio.sleep(0.01)
+        assert {got.get(e.msg_id) for e in envs} == {Sent.DELIVERED}
