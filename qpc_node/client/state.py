@@ -925,19 +925,34 @@ class ClientState:
         self, group_id: bytes, app_id: bytes, tag: bytes, body: bytes, now_ms: int
     ) -> None:
         """We sent text ``app_id`` (``body``: its AppMessage) in the epoch ``tag``: kept
-        (sealed) for a resend, the newest MAX_BRANCH_TEXTS per group."""
+        (sealed) for a resend, the newest MAX_BRANCH_TEXTS per group.
+
+        Committed without an fsync of its own (``synchronous = NORMAL`` for this one
+        transaction): the text's envelopes are queued next on this connection, and that
+        commit's fsync (FULL) makes this one durable too, since a WAL is synced as a
+        whole and in order. So a text costs one fsync, not two. A process crash loses
+        nothing (the frames are written); only a power loss before the outbox commit can
+        take the row away, and then the envelopes were never queued either: the text
+        was not sent, so there is nothing to resend. The write stays here, in the MLS
+        worker call that encrypted the text, so it is ordered before any branch switch
+        that must find it (``branch_save`` makes it a pending resend)."""
         sealed = self._seal(body, b"text" + group_id + app_id)
-        with transaction(self._conn):
-            self._conn.execute(
-                "INSERT OR IGNORE INTO branch_texts (group_id, app_id, tag, body, sent_ms)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (group_id, app_id, tag, sealed, now_ms),
-            )
-            self._conn.execute(
-                "DELETE FROM branch_texts WHERE group_id = ? AND seq NOT IN"
-                " (SELECT seq FROM branch_texts WHERE group_id = ? ORDER BY seq DESC LIMIT ?)",
-                (group_id, group_id, MAX_BRANCH_TEXTS),
-            )
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with transaction(self._conn):
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO branch_texts (group_id, app_id, tag, body, sent_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (group_id, app_id, tag, sealed, now_ms),
+                )
+                self._conn.execute(
+                    "DELETE FROM branch_texts WHERE group_id = ? AND seq NOT IN"
+                    " (SELECT seq FROM branch_texts WHERE group_id = ?"
+                    " ORDER BY seq DESC LIMIT ?)",
+                    (group_id, group_id, MAX_BRANCH_TEXTS),
+                )
+        finally:
+            self._conn.execute("PRAGMA synchronous = FULL")
 
     def branch_texts_after(self, group_id: bytes, seq: int) -> list[BranchText]:
         rows = self._conn.execute(
