@@ -87,6 +87,8 @@ of an unknown branch still arrive (the other side may have missed the first), th
 twice as long each time (up to 64 times: held messages are retried on every receive, and
 a member that may not rejoin would otherwise draw an offer a minute until they expire)."""
 MAX_OFFER_BACKOFF = 6
+MAX_CATCH_UPS = 256
+"""(member, fork) catch-ups answered and remembered per group (a repeat is ignored)."""
 NO_SNAPSHOT = -1
 """``Switch.rollback_to`` of a rejoin by external commit: nothing was rolled back."""
 
@@ -197,6 +199,8 @@ class Rejoined:
     branch: bytes
     """The tag of the epoch the commit leaves (the winner's current one)."""
     recipients: tuple[str, ...]
+    fork: bytes = b""
+    """The fork epoch's tag: we ask the winner's members for their texts after it."""
 
 
 @dataclass(slots=True)
@@ -211,6 +215,8 @@ class _Group:
     past: dict[bytes, _Past] = field(default_factory=dict)
     """Our branch's epochs by tag, oldest first (the last one is the tip)."""
     unknown_since: int | None = None
+    caught_up: set[tuple[str, bytes]] = field(default_factory=set)
+    """(member, fork tag) of the CatchUps we answered (each is answered once)."""
     """When we last held a message of a branch we do not know (an offer is due)."""
     offered: tuple[bytes, int, int] = (b"", 0, 0)
     """(tip tag, wall ms, offers at this tip) of our last offer."""
@@ -550,7 +556,9 @@ class Branches(AgentPart):
             self._st.branch_save,
             gid,
             branch_store.encode(state),
-            live_tags=st.resolver.live_path(),
+            # Texts are kept for every epoch of the rejoin history, not only the window:
+            # a rejoin re-sends them, and a rejoiner's CatchUp asks for them.
+            live_tags=list(dict.fromkeys([*st.resolver.live_path(), *st.past])),
             resend=resend,
             recipients={
                 a: [bytes.fromhex(m) for m in st.recipients.get(a, ())] for a in resend or ()
@@ -747,4 +755,27 @@ class Branches(AgentPart):
         self.stats.rejoins += 1
         self._switched.setdefault(gid, []).append(plan)
         log.info("group rejoined the winning branch", extra={"epoch": fork.epoch})
-        return Rejoined(commit, opened.tip_tag, tuple(m for m in opened.roster if m != me))
+        return Rejoined(
+            commit, opened.tip_tag, tuple(m for m in opened.roster if m != me), opened.fork_tag
+        )
+
+    def catch_up(self, gid: bytes, member: str, since: bytes) -> list[bytes]:
+        """``member`` rejoined our branch and asks for the texts it could not read: the
+        app ids of our texts sent in the epochs of our branch after ``since`` (the fork)
+        whose roster held it. Only a member of the fork epoch asks (it read up to
+        there); each (member, fork) is answered once; at most our kept texts (their
+        bodies are kept up to MAX_BRANCH_TEXTS, within the largest expiry)."""
+        st = self._groups.get(gid)
+        if st is None or since not in st.past or member not in st.past[since].members:
+            return []
+        if (member, since) in st.caught_up:
+            return []
+        if len(st.caught_up) >= MAX_CATCH_UPS:
+            st.caught_up.clear()
+        st.caught_up.add((member, since))
+        tags = list(st.past)
+        out: list[bytes] = []
+        for t in tags[tags.index(since) + 1 :]:
+            if member in st.past[t].members:
+                out += st.past[t].sent
+        return out

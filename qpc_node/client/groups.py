@@ -225,6 +225,30 @@ class GroupDriver(AgentPart):
                 await self.run(conv, g, core.on_intent(sender, note, now))
         elif which == "pull":
             await self.run(conv, g, core.on_pull(sender, app.pull.from_epoch, now))
+        elif which == "catch_up":
+            await self._catch_up(conv, g, sender, bytes(app.catch_up.since))
+
+    async def _catch_up(
+        self, conv: Conversation, g: crypto.Group, sender: str, since: bytes
+    ) -> None:
+        """``sender`` rejoined our branch by external commit after a fork at ``since``:
+        our texts it could not read go to it alone, with their app ids (it shows each
+        once; docs/groups.md "Catch-up after a rejoin")."""
+        if self._branches is None or sender == self._ident.fingerprint:
+            return
+        ids = await self._mls(self._branches.catch_up, conv.group_id, sender, since)
+        if not ids:
+            return
+        to = bytes.fromhex(sender)
+        envs: list[Envelope] = []
+        for body in await self._state.call(self._st.branch_text_bodies, conv.group_id, ids):
+            try:
+                ct, tag = await self._mls(self._outbox.encrypt, g, body)
+            except crypto.PendingCommit:
+                break  # our commit is on its way: what went out so far is sent
+            envs += self._outbox.to_each([to], conv.group_id, ct, branch=tag)
+        if envs:
+            await self._outbox.submit(envs)
 
     async def _after_switch(self, conv: Conversation, g: crypto.Group) -> bool:
         """The inbox switched ``conv`` to another branch (Stage B): the core followed
@@ -493,6 +517,11 @@ class GroupDriver(AgentPart):
             self._outbox.to_each(to, group_id, done.commit, branch=done.branch)
         )
         await self._after_switch(conv, g)
+        # The winner's texts since the fork were in epochs we were not in: ask for them.
+        conv, g = await self._open(group_id)
+        if conv is not None and g is not None and await self._mls(_active, g):
+            ask = client_pb2.AppMessage(catch_up=client_pb2.CatchUp(since=done.fork))
+            await self._send_app(conv, g, ask, None)
 
     async def _commit_gone(self, gid: bytes) -> bool:
         pending = {r.group_id for r in await self._state.call(self._st.pending_commits)}

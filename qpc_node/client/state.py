@@ -871,9 +871,10 @@ class ClientState:
     ) -> None:
         """Record the group's branch state, in one transaction with what follows from
         it: the texts of ``resend`` (app ids, a switch's) become pending resends, each
-        with the members it went to (``recipients``, by app id), texts of epochs no
-        longer on the live path are forgotten (never resent), and the trial marker is
-        set to ``trial`` (None: cleared, the state matches the MLS group)."""
+        with the members it went to (``recipients``, by app id), texts of epochs not in
+        ``live_tags`` (the live path and the rejoin history: a branch that lost is in
+        neither) are forgotten (never resent), and the trial marker is set to ``trial``
+        (None: cleared, the state matches the MLS group)."""
         sealed = self._seal(state, b"branches" + group_id)
         marks = ",".join("?" * len(live_tags))
         who = recipients or {}
@@ -953,6 +954,23 @@ class ClientState:
                 )
         finally:
             self._conn.execute("PRAGMA synchronous = FULL")
+
+    def branch_text_bodies(self, group_id: bytes, app_ids: list[bytes]) -> list[bytes]:
+        """The AppMessages of our kept texts ``app_ids`` (those still kept), in their
+        order of sending; one that does not open (tampered) is left out."""
+        out: list[tuple[int, bytes]] = []
+        for app_id in app_ids:
+            row = self._conn.execute(
+                "SELECT seq, body FROM branch_texts WHERE group_id = ? AND app_id = ?",
+                (group_id, app_id),
+            ).fetchone()
+            if row is None:
+                continue
+            try:
+                out.append((int(row[0]), self._open(bytes(row[1]), b"text" + group_id + app_id)))
+            except ClientStateError:
+                continue
+        return [body for _seq, body in sorted(out)]
 
     def branch_texts_after(self, group_id: bytes, seq: int) -> list[BranchText]:
         rows = self._conn.execute(

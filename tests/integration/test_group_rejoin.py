@@ -264,3 +264,45 @@ async def test_a_long_partition_heals_after_both_committers_restarted(
             if x is not loser:
                 assert shown[x.ident.fingerprint].count(mine) == 1, shown[x.ident.fingerprint]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejoiner_up(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """Both committers send a text right after the fork, then commit more epochs than the
+    rollback window. The loser's text is re-sent on the winner after its rejoin (its
+    body is kept for every epoch of the rejoin history, not only the window), and the
+    rejoiner gets the winner's text, which it could never decrypt (sent in an epoch of
+    the winner's branch it was not in): the winner re-sends it to the rejoiner alone
+    when the rejoiner asks for the texts since the fork (a CatchUp). Each shows once."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
+    ):
+        c0, c1, gid = await _group_of(wall, agents)
+        q = next(x for x in agents if x not in (c0, c1))
+        await q.group_update("team")
+        await flush_inbox(c1)
+        await _failover_commit(wall, c1)
+        await _update(c0, gid)  # both sides are one epoch past the fork
+        await c0.group_send("team", "from c0 on x")
+        await c1.group_send("team", "from c1 on y")
+        for _ in range(c0._branches.window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+
+        shown = await settle(wall, *agents, rounds=12)
+        rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
+        assert len(rejoined) == 1, [x._branches.stats for x in (c0, c1)]
+        (loser,) = rejoined
+        winner = c1 if loser is c0 else c0
+        auths = {x.ident.group(gid).epoch_authenticator() for x in agents}
+        assert len(auths) == 1
+        mine, theirs = ("from c0 on x", "from c1 on y")[:: 1 if loser is c0 else -1]
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            assert got.count(mine) == (0 if x is loser else 1), ("resend", got)
+            assert x.stats.undecryptable == 0
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            assert got.count(theirs) == (0 if x is winner else 1), ("catch-up", got)
