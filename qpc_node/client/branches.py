@@ -215,9 +215,9 @@ class _Group:
     past: dict[bytes, _Past] = field(default_factory=dict)
     """Our branch's epochs by tag, oldest first (the last one is the tip)."""
     unknown_since: int | None = None
+    """When we last held a message of a branch we do not know (an offer is due)."""
     caught_up: set[tuple[str, bytes]] = field(default_factory=set)
     """(member, fork tag) of the CatchUps we answered (each is answered once)."""
-    """When we last held a message of a branch we do not know (an offer is due)."""
     offered: tuple[bytes, int, int] = (b"", 0, 0)
     """(tip tag, wall ms, offers at this tip) of our last offer."""
     rejoin_removed: set[str] = field(default_factory=set)
@@ -748,9 +748,9 @@ class Branches(AgentPart):
             del st.past[next(iter(st.past))]
         st.rejoin_removed = set(plan.reremove) & old.own_removed
         st.readd = old.readd | (set(plan.readd) & old.own_added)
-        # What is left to do is recorded with the new branch (a crash between the
-        # external commit and here leaves the old record, which no longer fits the
-        # group: it is dropped at start, the resends stay pending).
+        # What is left to do is recorded with the new branch. (A crash between the
+        # external commit and the first save above leaves the old record, which no
+        # longer fits the group: it is dropped at start; docs/groups.md.)
         self._persist(gid, st)
         self.stats.rejoins += 1
         self._switched.setdefault(gid, []).append(plan)

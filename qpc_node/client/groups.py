@@ -125,6 +125,8 @@ class GroupDriver(AgentPart):
         for our commit to merge): sent from ``timers``."""
         self._next_prune = 0
         self._restart_checked = False
+        self._owed_due: set[bytes] = set()
+        """Groups whose owed texts waited for our commit to merge: sent from ``timers``."""
 
     # -- the cores -------------------------------------------------------------------
     async def core(self, conv: Conversation, g: crypto.Group) -> GroupCore:
@@ -337,7 +339,8 @@ class GroupDriver(AgentPart):
                 try:
                     ct, tag = await self._mls(self._outbox.encrypt, g, o.body)
                 except crypto.PendingCommit:
-                    return  # our commit merges first; its own follow-ups send them
+                    self._owed_due.add(conv.group_id)  # after our commit merged
+                    return
                 envs += self._outbox.to_each([member], conv.group_id, ct, branch=tag)
             await self._state.call(
                 self._st.owed_queued,
@@ -464,6 +467,11 @@ class GroupDriver(AgentPart):
         if self._resends_due:
             self._resends_due = False
             await self.send_resends()
+        for gid in list(self._owed_due):
+            self._owed_due.discard(gid)
+            conv, g = await self._open(gid)
+            if conv is not None and g is not None and await self._mls(_active, g):
+                await self._send_owed(conv, g, await self._mls(g.members))
         if now >= self._next_prune:
             self._next_prune = now + BRANCH_PRUNE_EVERY_MS
             await self._state.call(self._st.prune_branch_state, now, self.config.max_expiry_ms)
