@@ -266,19 +266,24 @@ async def test_a_long_partition_heals_after_both_committers_restarted(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("restart", [False, True])
 async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejoiner_up(
-    tmp_path: Path, wall: ManualWallClock
+    tmp_path: Path, wall: ManualWallClock, restart: bool
 ) -> None:
     """Both committers send a text right after the fork, then commit more epochs than the
     rollback window. The loser's text is re-sent on the winner after its rejoin (its
     body is kept for every epoch of the rejoin history, not only the window), and the
     rejoiner gets the winner's text, which it could never decrypt (sent in an epoch of
     the winner's branch it was not in): the winner re-sends it to the rejoiner alone
-    when the rejoiner asks for the texts since the fork (a CatchUp). Each shows once."""
+    when the rejoiner asks for the texts since the fork (a CatchUp). Each shows once.
+    ``restart``: both committers restart before the heal (the history, the texts' ids
+    and bodies come back from client.db)."""
     async with (
         running_node(tmp_path, wall) as (_, info),
-        users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
+        trio.open_nursery() as nursery,
     ):
+        host = Host(nursery, tmp_path, info, wall)
+        agents = [await host.open(n) for n in "abcd"]
         c0, c1, gid = await _group_of(wall, agents)
         q = next(x for x in agents if x not in (c0, c1))
         await q.group_update("team")
@@ -290,6 +295,13 @@ async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejo
         for _ in range(c0._branches.window + 1):
             await _update(c0, gid)
             await _update(c1, gid)
+        if restart:
+            i0, i1 = agents.index(c0), agents.index(c1)
+            for i in (i0, i1):
+                await host.close("abcd"[i])
+                agents[i] = await host.open("abcd"[i])
+            c0, c1 = agents[i0], agents[i1]
+            assert c0._branches.stats.restored == c1._branches.stats.restored == 1
 
         shown = await settle(wall, *agents, rounds=12)
         rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
@@ -306,3 +318,4 @@ async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejo
         for x in agents:
             got = shown[x.ident.fingerprint]
             assert got.count(theirs) == (0 if x is winner else 1), ("catch-up", got)
+        nursery.cancel_scope.cancel()
