@@ -591,7 +591,7 @@ class Agent:
         which = app.WhichOneof("body")
         if which == "info" and not conv.committer:
             await self._describe(conv, sender, app.info)
-        elif which in ("intent", "pull"):
+        elif which in ("intent", "pull", "catch_up"):
             await self._groups.on_app(conv, g, sender_hex, app)
         elif (
             which == "leave"

@@ -34,6 +34,13 @@ snapshot the record does not name. The resends are sent by the group driver, eac
 one transaction with its outbox rows (state.py ``resend_queued``), so each goes out
 exactly once; receivers remember shown (sender, app id) pairs in the transaction that
 stores the text, so a resend is shown once, also across their restarts.
+
+What a switch or a rejoin leaves to do afterwards survives a restart too (client.db v6,
+docs/groups.md "What a restart remembers"): the rejoin history (``_Group.past``), the
+members our commits added and removed, the adds and removals a switch or a rejoin
+decided we ask for again (kept until the request is in client.db), and the texts owed
+to a member added only on the losing branch (``branch_owed`` rows, written in the
+transaction that queues the resend they follow from).
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ of an unknown branch still arrive (the other side may have missed the first), th
 twice as long each time (up to 64 times: held messages are retried on every receive, and
 a member that may not rejoin would otherwise draw an offer a minute until they expire)."""
 MAX_OFFER_BACKOFF = 6
+MAX_CATCH_UPS = 256
+"""(member, fork) catch-ups answered and remembered per group (a repeat is ignored)."""
 NO_SNAPSHOT = -1
 """``Switch.rollback_to`` of a rejoin by external commit: nothing was rolled back."""
 
@@ -190,6 +199,8 @@ class Rejoined:
     branch: bytes
     """The tag of the epoch the commit leaves (the winner's current one)."""
     recipients: tuple[str, ...]
+    fork: bytes = b""
+    """The fork epoch's tag: we ask the winner's members for their texts after it."""
 
 
 @dataclass(slots=True)
@@ -205,16 +216,19 @@ class _Group:
     """Our branch's epochs by tag, oldest first (the last one is the tip)."""
     unknown_since: int | None = None
     """When we last held a message of a branch we do not know (an offer is due)."""
+    caught_up: set[tuple[str, bytes]] = field(default_factory=set)
+    """(member, fork tag) of the CatchUps we answered (each is answered once)."""
     offered: tuple[bytes, int, int] = (b"", 0, 0)
     """(tip tag, wall ms, offers at this tip) of our last offer."""
     rejoin_removed: set[str] = field(default_factory=set)
     """Members our commits removed on a branch we left by rejoining: removed again."""
+    readd: set[str] = field(default_factory=set)
+    """Members our commits added on a branch that lost (and no branch removed): we ask
+    to add them again; kept until that request is in client.db."""
     recipients: dict[bytes, frozenset[str]] = field(default_factory=dict)
-    """Who each of our kept texts went to (the roster of its epoch)."""
-    owed: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
-    """Texts we re-sent on the winner that a member of the losing branch did not get
-    (it is not in the winner yet: added only on the losing branch), by member: sent to it
-    once a commit adds it."""
+    """Who each of our kept texts went to (the roster of its epoch; rebuilt from
+    ``past`` at start). A switch stores it with each resend: a member of the losing
+    branch not on the winner is owed the text (state.py ``branch_owed``)."""
 
 
 class Branches(AgentPart):
@@ -250,37 +264,37 @@ class Branches(AgentPart):
         st.rejoin_removed &= again
         return sorted(again)
 
-    def add_again(self, gid: bytes, plan: Switch, members: list[str]) -> list[str]:
+    def add_again(self, gid: bytes, members: list[str]) -> list[str]:
         """Members that a commit of ours added on a branch that lost (and that no branch
         removed), not in the group we switched to: we (their adder) ask again, so each
         is requested once, and the joiner gets a Welcome from the winning branch."""
         st = self._groups.get(gid)
         if st is None:
             return []
-        return [m for m in plan.readd if m in st.own_added and m not in members]
+        st.readd.difference_update(members)
+        return sorted(st.readd)
+
+    def requested_again(self, gid: bytes, member: str) -> None:
+        """(MLS worker) Our request to add or remove ``member`` again is in client.db
+        (re-proposed from there after a restart): the record stops naming it."""
+        st = self._groups.get(gid)
+        if st is None or (member not in st.readd and member not in st.rejoin_removed):
+            return
+        st.readd.discard(member)
+        st.rejoin_removed.discard(member)
+        self._persist(gid, st)
 
     def take_merged_own(self, gid: bytes) -> bytes:
         """Our commit merged last in ``gid`` (b"" if none since the last call): the
         group core logs it, so we answer other members' pulls with our commits too."""
         return self._merged_own.pop(gid, b"")
 
-    def owe(self, gid: bytes, app_id: bytes, body: bytes, members: list[str]) -> None:
-        """After our resend of ``app_id`` (``body``) on the winner: its recipients on the
-        losing branch that are not in ``members`` (added only there) are owed it until a
-        commit adds them again."""
-        st = self._groups.get(gid)
-        if st is None:
-            return
+    def owed(self, recipients: tuple[bytes, ...], members: list[str]) -> list[bytes]:
+        """Who our resend on the winner does not reach although its original did: its
+        recipients on the losing branch not in ``members`` (added only there). They are
+        owed it (``ClientState.resend_queued``) until a commit adds them again."""
         now_in = set(members) | {self._ident.fingerprint}
-        for m in st.recipients.get(app_id, frozenset()) - now_in:
-            st.owed.setdefault(m, {})[app_id] = body
-
-    def take_owed(self, gid: bytes, added: list[str]) -> list[tuple[str, bytes]]:
-        """(member, AppMessage) of our texts owed to members a commit just added."""
-        st = self._groups.get(gid)
-        if st is None:
-            return []
-        return [(m, body) for m in added for body in st.owed.pop(m, {}).values()]
+        return [m for m in recipients if m.hex() not in now_in]
 
     def forget(self, gid: bytes) -> None:
         self._groups.pop(gid, None)
@@ -350,7 +364,7 @@ class Branches(AgentPart):
         self._merged_own[gid] = st.own_commit
         st.own_commit = None
         st.own_removed.update(fc.removed)
-        st.own_added.update(fc.added)
+        st.own_added.update(fc.added)  # recorded with the merge (``_entered``)
         self._entered(gid, g, st, fc, ev, snap, now)
         return ev
 
@@ -449,6 +463,8 @@ class Branches(AgentPart):
         r.entered(fc, info, parent_snap, now)
         self._grow(st, fc, info, rejoin_key(g))
         st.old_proposals = {t: ps for t, ps in st.old_proposals.items() if t in r.live_path()}
+        if switch is not None:
+            st.readd.update(m for m in switch.readd if m in st.own_added)
         freed = r.prune(now)
         # Saved before the release: a record never names a snapshot that is gone.
         self._persist(gid, st, resend=list(switch.resend) if switch is not None else None)
@@ -518,16 +534,35 @@ class Branches(AgentPart):
 
     def _persist(self, gid: bytes, st: _Group, *, resend: list[bytes] | None = None) -> None:
         """Save the group's branch state (the trial marker cleared: it matches the MLS
-        state now), with a switch's ``resend`` (app ids) made pending resends."""
+        state now), with a switch's ``resend`` (app ids) made pending resends, each with
+        the members it went to."""
         state = branch_store.BranchState(
-            st.resolver, st.own_removed, st.old_proposals, st.own_commit
+            st.resolver,
+            st.own_removed,
+            st.old_proposals,
+            st.own_commit,
+            own_added=st.own_added,
+            past=[
+                branch_store.PastEpoch(
+                    t, p.epoch, p.key, p.members, p.child, p.added, p.removed, p.sent
+                )
+                for t, p in st.past.items()
+            ],
+            readd=st.readd,
+            rejoin_removed=st.rejoin_removed,
+            offered=st.offered,
         )
         self._db(
             self._st.branch_save,
             gid,
             branch_store.encode(state),
-            live_tags=st.resolver.live_path(),
+            # Texts are kept for every epoch of the rejoin history, not only the window:
+            # a rejoin re-sends them, and a rejoiner's CatchUp asks for them.
+            live_tags=list(dict.fromkeys([*st.resolver.live_path(), *st.past])),
             resend=resend,
+            recipients={
+                a: [bytes.fromhex(m) for m in st.recipients.get(a, ())] for a in resend or ()
+            },
         )
 
     def _journal(self, gid: bytes, st: _Group, snap: int) -> None:
@@ -582,19 +617,36 @@ class Branches(AgentPart):
             self._db(self._st.branch_drop, gid)
             return None
         r = state.resolver
+        st = _Group(r, state.old_proposals, state.own_commit, state.own_removed)
+        st.own_added, st.readd = state.own_added, state.readd
+        st.rejoin_removed, st.offered = state.rejoin_removed, state.offered
+        if state.past and state.past[-1].tag == r.tip.tag:
+            for p in state.past:
+                st.past[p.tag] = _Past(
+                    p.epoch, p.key, p.members, p.child, p.added, p.removed, p.sent
+                )
+        else:  # a version 1 record (or one saved after we were removed): the tip only
+            info = epoch_info(g)
+            st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
         live = set(r.live_path())
         for t in self._db(self._st.branch_texts_after, gid, rec.texts_seq):
             if t.tag in live:
                 r.note_sent(t.tag, t.app_id)  # sent after the last save
-        st = _Group(r, state.old_proposals, state.own_commit, state.own_removed)
-        info = epoch_info(g)
-        st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
+            if t.tag in st.past and t.app_id not in st.past[t.tag].sent:
+                st.past[t.tag].sent.append(t.app_id)
+        for kept in st.past.values():
+            for a in kept.sent:
+                st.recipients[a] = kept.members
         self._groups[gid] = st
         self._persist(gid, st)
         self.stats.restored += 1
         return st
 
     # -- beyond the rollback window: offers and rejoins (docs/groups.md) --------------
+    def offers_due(self, now: int) -> list[bytes]:
+        """The groups whose offer is due (``offer_due``)."""
+        return [gid for gid in list(self._groups) if self.offer_due(gid, now)]
+
     def offer_due(self, gid: bytes, now: int) -> bool:
         """Messages of an unknown branch arrived and we have not offered ours since
         (once per epoch of ours, or again after OFFER_INTERVAL_MS)."""
@@ -617,6 +669,7 @@ class Branches(AgentPart):
         tag, _at, n = st.offered
         st.offered = (tags[-1], now, n + 1 if tag == tags[-1] else 1)
         st.unknown_since = None
+        self._persist(gid, st)  # the back-off holds across a restart
         who: set[str] = set()
         for p in st.past.values():
             who |= p.members
@@ -682,7 +735,7 @@ class Branches(AgentPart):
         del self._groups[gid]
         st = self._group_state(gid, new, now)
         st.own_added, st.own_removed = old.own_added, old.own_removed
-        st.recipients, st.owed = old.recipients, old.owed
+        st.recipients = old.recipients
         # Keep the history of the branch we left (its texts are re-sent now): if the
         # winner committed again before our external commit reached it, the commit is
         # refused there, and the winner's next offer must still open at the fork, so we
@@ -694,7 +747,35 @@ class Branches(AgentPart):
         while len(st.past) > MAX_STEPS:
             del st.past[next(iter(st.past))]
         st.rejoin_removed = set(plan.reremove) & old.own_removed
+        st.readd = old.readd | (set(plan.readd) & old.own_added)
+        # What is left to do is recorded with the new branch. (A crash between the
+        # external commit and the first save above leaves the old record, which no
+        # longer fits the group: it is dropped at start; docs/groups.md.)
+        self._persist(gid, st)
         self.stats.rejoins += 1
         self._switched.setdefault(gid, []).append(plan)
         log.info("group rejoined the winning branch", extra={"epoch": fork.epoch})
-        return Rejoined(commit, opened.tip_tag, tuple(m for m in opened.roster if m != me))
+        return Rejoined(
+            commit, opened.tip_tag, tuple(m for m in opened.roster if m != me), opened.fork_tag
+        )
+
+    def catch_up(self, gid: bytes, member: str, since: bytes) -> list[bytes]:
+        """``member`` rejoined our branch and asks for the texts it could not read: the
+        app ids of our texts sent in the epochs of our branch after ``since`` (the fork)
+        whose roster held it. Only a member of the fork epoch asks (it read up to
+        there); each (member, fork) is answered once; at most our kept texts (their
+        bodies are kept up to MAX_BRANCH_TEXTS, within the largest expiry)."""
+        st = self._groups.get(gid)
+        if st is None or since not in st.past or member not in st.past[since].members:
+            return []
+        if (member, since) in st.caught_up:
+            return []
+        if len(st.caught_up) >= MAX_CATCH_UPS:
+            st.caught_up.clear()
+        st.caught_up.add((member, since))
+        tags = list(st.past)
+        out: list[bytes] = []
+        for t in tags[tags.index(since) + 1 :]:
+            if member in st.past[t].members:
+                out += st.past[t].sent
+        return out

@@ -42,6 +42,7 @@ from qpc_node.groups.core import (
     Warn,
 )
 from qpc_node.ops.log import get_logger
+from qpc_node.wire.envelope import Envelope
 from qpc_node.wire.gen.qpc.v1 import client_pb2
 
 log = get_logger("qpc.client")
@@ -124,6 +125,8 @@ class GroupDriver(AgentPart):
         for our commit to merge): sent from ``timers``."""
         self._next_prune = 0
         self._restart_checked = False
+        self._owed_due: set[bytes] = set()
+        """Groups whose owed texts waited for our commit to merge: sent from ``timers``."""
 
     # -- the cores -------------------------------------------------------------------
     async def core(self, conv: Conversation, g: crypto.Group) -> GroupCore:
@@ -224,6 +227,30 @@ class GroupDriver(AgentPart):
                 await self.run(conv, g, core.on_intent(sender, note, now))
         elif which == "pull":
             await self.run(conv, g, core.on_pull(sender, app.pull.from_epoch, now))
+        elif which == "catch_up":
+            await self._catch_up(conv, g, sender, bytes(app.catch_up.since))
+
+    async def _catch_up(
+        self, conv: Conversation, g: crypto.Group, sender: str, since: bytes
+    ) -> None:
+        """``sender`` rejoined our branch by external commit after a fork at ``since``:
+        our texts it could not read go to it alone, with their app ids (it shows each
+        once; docs/groups.md "Catch-up after a rejoin")."""
+        if self._branches is None or sender == self._ident.fingerprint:
+            return
+        ids = await self._mls(self._branches.catch_up, conv.group_id, sender, since)
+        if not ids:
+            return
+        to = bytes.fromhex(sender)
+        envs: list[Envelope] = []
+        for body in await self._state.call(self._st.branch_text_bodies, conv.group_id, ids):
+            try:
+                ct, tag = await self._mls(self._outbox.encrypt, g, body)
+            except crypto.PendingCommit:
+                break  # our commit is on its way: what went out so far is sent
+            envs += self._outbox.to_each([to], conv.group_id, ct, branch=tag)
+        if envs:
+            await self._outbox.submit(envs)
 
     async def _after_switch(self, conv: Conversation, g: crypto.Group) -> bool:
         """The inbox switched ``conv`` to another branch (Stage B): the core followed
@@ -246,16 +273,24 @@ class GroupDriver(AgentPart):
         if core.removed:
             return True
         await self.send_resends(conv.group_id)
-        for target in self._branches.remove_again(conv.group_id, list(core.members)):
-            await self._request_again(conv, g, core, IntentKind.REMOVE, target)
-        for plan in plans:
-            for target in self._branches.add_again(conv.group_id, plan, list(core.members)):
-                await self._request_again(conv, g, core, IntentKind.ADD, target)
+        await self._again(conv, g, core)
         return True
 
+    async def _again(self, conv: Conversation, g: crypto.Group, core: GroupCore) -> None:
+        """Ask again for the removals and adds of ours that only a losing branch applied
+        (the record keeps them until the request is in client.db)."""
+        assert self._branches is not None
+        gid = conv.group_id
+        for target in self._branches.remove_again(gid, list(core.members)):
+            await self._request_again(conv, g, core, IntentKind.REMOVE, target)
+        for target in self._branches.add_again(gid, list(core.members)):
+            await self._request_again(conv, g, core, IntentKind.ADD, target)
+
     async def _after_restart(self) -> None:
-        """A restart between a switch and its follow-ups: our removals of the losing
-        branch (the resolver's record says which) are requested again."""
+        """A restart between a switch or a rejoin and its follow-ups (client.db says
+        which): our removals and adds of the losing branch are requested again, and
+        texts owed to a member that is back (its commit was processed before the
+        restart) are sent."""
         if self._branches is None:
             return
         for gid in await self._mls(self._ident.groups):
@@ -263,33 +298,60 @@ class GroupDriver(AgentPart):
             if conv is None or g is None or not await self._mls(_active, g):
                 continue
             members = await self._mls(g.members)
-            todo = self._branches.remove_again(conv.group_id, members)
-            if todo:
-                core = await self.core(conv, g)
-                for target in todo:
-                    await self._request_again(conv, g, core, IntentKind.REMOVE, target)
+            gid = conv.group_id
+            if self._branches.remove_again(gid, members) or self._branches.add_again(gid, members):
+                await self._again(conv, g, await self.core(conv, g))
+            await self._send_owed(conv, g, members)
 
     async def _request_again(
         self, conv: Conversation, g: crypto.Group, core: GroupCore, kind: IntentKind, target: str
     ) -> None:
         """Re-issue a change that only a losing branch applied, as our own request
         (tracked in client.db like any other, so it survives a restart)."""
+        assert self._branches is not None
         now = self._wall_ms()
         try:
             iid, actions = core.request(kind, target, now)
         except IntentError:
-            return  # already requested (or no longer possible)
-        await self._state.call(self._st.intent_add, iid, conv.group_id, kind.value, target, now)
+            actions = []  # already requested (or no longer possible)
+        else:
+            await self._state.call(self._st.intent_add, iid, conv.group_id, kind.value, target, now)
+        await self._mls(self._branches.requested_again, conv.group_id, target)
         await self.run(conv, g, actions)
 
     async def _send_owed(self, conv: Conversation, g: crypto.Group, added: Sequence[str]) -> None:
         """A member added only on a losing branch is in again: our texts it was owed there
-        (re-sent on the winner before it was back) go to it alone, with their app id."""
+        (re-sent on the winner before it was back) go to it alone, with their app id,
+        queued in the transaction that forgets the debt (client.db ``branch_owed``)."""
         if self._branches is None or not added:
             return
-        for member, body in self._branches.take_owed(conv.group_id, list(added)):
-            msg = client_pb2.AppMessage.FromString(body)
-            await self._send_app(conv, g, msg, bytes.fromhex(member))
+        owed = await self._state.call(
+            self._st.branch_owed, conv.group_id, [bytes.fromhex(m) for m in added]
+        )
+        for member in dict.fromkeys(o.member for o in owed):
+            texts = [o for o in owed if o.member == member]
+            envs: list[Envelope] = []
+            for o in texts:
+                try:
+                    client_pb2.AppMessage.FromString(o.body)
+                except DecodeError:
+                    continue  # not an AppMessage (a bad row): the debt is dropped
+                try:
+                    ct, tag = await self._mls(self._outbox.encrypt, g, o.body)
+                except crypto.PendingCommit:
+                    self._owed_due.add(conv.group_id)  # after our commit merged
+                    return
+                envs += self._outbox.to_each([member], conv.group_id, ct, branch=tag)
+            await self._state.call(
+                self._st.owed_queued,
+                conv.group_id,
+                member,
+                [o.app_id for o in texts],
+                [(e.msg_id, e.encode()) for e in envs],
+                self._wall_ms(),
+            )
+        if owed:
+            await self._outbox.flush_outbox()
 
     def on_future(self, group_id: bytes, epoch: int) -> None:
         """The inbox holds a message of ``epoch``, ahead of ours."""
@@ -364,6 +426,7 @@ class GroupDriver(AgentPart):
             if only is not None and r.group_id != only:
                 continue
             conv, g = await self._open(r.group_id)
+            owed: list[bytes] = []
             try:
                 if conv is None or g is None or not await self._mls(_active, g):
                     envs = []  # the group is gone for us: nobody to send it to
@@ -374,7 +437,7 @@ class GroupDriver(AgentPart):
                         # Who got it on the losing branch and is not on the winner (added
                         # only there) gets it alone once a commit adds it back.
                         members = await self._mls(g.members)
-                        self._branches.owe(r.group_id, r.app_id, r.body, members)
+                        owed = self._branches.owed(r.recipients, members)
             except crypto.PendingCommit:
                 self._resends_due = True  # after our commit merged
                 continue
@@ -386,6 +449,7 @@ class GroupDriver(AgentPart):
                 r.app_id,
                 [(e.msg_id, e.encode()) for e in envs],
                 self._wall_ms(),
+                owed=owed if envs else [],
             )
             sent = sent or bool(envs)
         if sent:
@@ -403,6 +467,11 @@ class GroupDriver(AgentPart):
         if self._resends_due:
             self._resends_due = False
             await self.send_resends()
+        for gid in list(self._owed_due):
+            self._owed_due.discard(gid)
+            conv, g = await self._open(gid)
+            if conv is not None and g is not None and await self._mls(_active, g):
+                await self._send_owed(conv, g, await self._mls(g.members))
         if now >= self._next_prune:
             self._next_prune = now + BRANCH_PRUNE_EVERY_MS
             await self._state.call(self._st.prune_branch_state, now, self.config.max_expiry_ms)
@@ -423,13 +492,14 @@ class GroupDriver(AgentPart):
         the fork rejoins ours by external commit (``on_offer``)."""
         if self._branches is None:
             return
-        for gid, core in list(self._cores.items()):
-            if core.removed or core.committers[:1] != (self._ident.fingerprint,):
-                continue
-            if not self._branches.offer_due(gid, now):
-                continue
+        for gid in self._branches.offers_due(now):
             conv, g = await self._open(gid)
             if conv is None or g is None:
+                continue
+            # The core may not exist yet: after a restart, messages of an unknown branch
+            # are all a group may have seen (held, never given to its core).
+            core = await self.core(conv, g)
+            if core.removed or core.committers[:1] != (self._ident.fingerprint,):
                 continue
             got = await self._mls(self._branches.offer, gid, g, now)
             if got is None:
@@ -455,6 +525,11 @@ class GroupDriver(AgentPart):
             self._outbox.to_each(to, group_id, done.commit, branch=done.branch)
         )
         await self._after_switch(conv, g)
+        # The winner's texts since the fork were in epochs we were not in: ask for them.
+        conv, g = await self._open(group_id)
+        if conv is not None and g is not None and await self._mls(_active, g):
+            ask = client_pb2.AppMessage(catch_up=client_pb2.CatchUp(since=done.fork))
+            await self._send_app(conv, g, ask, None)
 
     async def _commit_gone(self, gid: bytes) -> bool:
         pending = {r.group_id for r in await self._state.call(self._st.pending_commits)}

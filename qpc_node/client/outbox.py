@@ -203,10 +203,19 @@ class Outbox(AgentPart):
         if msg.WhichOneof("body") == "text" and not msg.app_id:
             msg.app_id = os.urandom(16)
         body = msg.SerializeToString()
-        ct, tag = await self._mls(self.encrypt, g, body)
-        if msg.app_id:
-            await self._mls(self._sent_text, conv.group_id, g, tag, bytes(msg.app_id), body)
+        ct, tag = await self._mls(self._encrypt_text, conv.group_id, g, body, bytes(msg.app_id))
         return self.to_each(others, conv.group_id, ct, describes=describes, branch=tag)
+
+    def _encrypt_text(
+        self, gid: bytes, g: crypto.Group, body: bytes, app_id: bytes
+    ) -> tuple[bytes, bytes]:
+        """Encrypt and note a text (``sent_text``) in one MLS call: no branch switch
+        slips in between, so the text is kept under the epoch it was encrypted in (and
+        re-sent if that epoch's branch loses)."""
+        ct, tag = self.encrypt(g, body)
+        if app_id:
+            self._sent_text(gid, g, tag, app_id, body)
+        return ct, tag
 
     def encrypt(self, g: crypto.Group, plaintext: bytes) -> tuple[bytes, bytes]:
         """(ciphertext, branch tag of the epoch it was encrypted in): one MLS call, so

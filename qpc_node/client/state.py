@@ -17,7 +17,7 @@ import hmac
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -35,7 +35,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 DB_FILE = "client.db"
-_SCHEMA = 5
+_SCHEMA = 6
 SEEN_KEEP_MS = 15 * 24 * 3600 * 1000
 """How long a received message id is remembered: longer than any envelope lives
 (the outbox's retention), so a copy delivered late by another node is still known."""
@@ -190,6 +190,22 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE seen_texts (key BLOB PRIMARY KEY, expiry_ms INTEGER NOT NULL);
     CREATE INDEX seen_texts_expiry ON seen_texts (expiry_ms);
     """,
+    # v6 (what a restart forgot after a switch or rejoin, docs/groups.md): who got each
+    # pending resend on the losing branch (sealed: a member of it not on the winner is
+    # owed the text), and the texts owed to such members until a commit adds them back.
+    # The rejoin history, the members our commits added and the re-adds a switch decided
+    # are in ``group_branches.state`` (branch_store.py record version 2).
+    """
+    ALTER TABLE branch_resends ADD COLUMN recipients BLOB;
+    CREATE TABLE branch_owed (
+        group_id BLOB NOT NULL,
+        member BLOB NOT NULL,
+        app_id BLOB NOT NULL,
+        body BLOB NOT NULL,
+        owed_ms INTEGER NOT NULL,
+        PRIMARY KEY (group_id, member, app_id)
+    );
+    """,
 )
 
 
@@ -310,6 +326,18 @@ class PendingResend:
     app_id: bytes
     body: bytes
     """The AppMessage to encrypt again on the winning branch (same app id)."""
+    recipients: tuple[bytes, ...] = ()
+    """Who it went to on the losing branch (a member not on the winner is owed it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwedText:
+    """Our text re-sent on the winner that ``member`` (added only on the losing branch,
+    not back yet) did not get: sent to it alone once a commit adds it again."""
+
+    member: bytes
+    app_id: bytes
+    body: bytes
 
 
 class ClientState:
@@ -838,14 +866,18 @@ class ClientState:
         *,
         live_tags: list[bytes],
         resend: list[bytes] | None = None,
+        recipients: Mapping[bytes, Collection[bytes]] | None = None,
         trial: int | None = None,
     ) -> None:
         """Record the group's branch state, in one transaction with what follows from
-        it: the texts of ``resend`` (app ids, a switch's) become pending resends, texts
-        of epochs no longer on the live path are forgotten (never resent), and the trial
-        marker is set to ``trial`` (None: cleared, the state matches the MLS group)."""
+        it: the texts of ``resend`` (app ids, a switch's) become pending resends, each
+        with the members it went to (``recipients``, by app id), texts of epochs not in
+        ``live_tags`` (the live path and the rejoin history: a branch that lost is in
+        neither) are forgotten (never resent), and the trial marker is set to ``trial``
+        (None: cleared, the state matches the MLS group)."""
         sealed = self._seal(state, b"branches" + group_id)
         marks = ",".join("?" * len(live_tags))
+        who = recipients or {}
         with transaction(self._conn):
             self._conn.execute(
                 "INSERT OR REPLACE INTO group_branches (group_id, state, trial, texts_seq)"
@@ -854,10 +886,17 @@ class ClientState:
                 (group_id, sealed, trial, group_id),
             )
             self._conn.executemany(
-                "INSERT OR IGNORE INTO branch_resends (group_id, app_id, body)"
-                " SELECT group_id, app_id, body FROM branch_texts"
+                "INSERT OR IGNORE INTO branch_resends (group_id, app_id, body, recipients)"
+                " SELECT group_id, app_id, body, ? FROM branch_texts"
                 " WHERE group_id = ? AND app_id = ?",
-                [(group_id, a) for a in resend or ()],
+                [
+                    (
+                        self._seal(b"".join(sorted(who.get(a, ()))), b"recipients" + group_id + a),
+                        group_id,
+                        a,
+                    )
+                    for a in resend or ()
+                ],
             )
             self._conn.execute(
                 f"DELETE FROM branch_texts WHERE group_id = ? AND tag NOT IN ({marks})",
@@ -881,24 +920,57 @@ class ClientState:
             self._conn.execute("DELETE FROM branch_texts WHERE group_id = ?", (group_id,))
             if resends:
                 self._conn.execute("DELETE FROM branch_resends WHERE group_id = ?", (group_id,))
+                self._conn.execute("DELETE FROM branch_owed WHERE group_id = ?", (group_id,))
 
     def branch_text_add(
         self, group_id: bytes, app_id: bytes, tag: bytes, body: bytes, now_ms: int
     ) -> None:
         """We sent text ``app_id`` (``body``: its AppMessage) in the epoch ``tag``: kept
-        (sealed) for a resend, the newest MAX_BRANCH_TEXTS per group."""
+        (sealed) for a resend, the newest MAX_BRANCH_TEXTS per group.
+
+        Committed without an fsync of its own (``synchronous = NORMAL`` for this one
+        transaction): the text's envelopes are queued next on this connection, and that
+        commit's fsync (FULL) makes this one durable too, since a WAL is synced as a
+        whole and in order. So a text costs one fsync, not two. A process crash loses
+        nothing (the frames are written); only a power loss before the outbox commit can
+        take the row away, and then the envelopes were never queued either: the text
+        was not sent, so there is nothing to resend. The write stays here, in the MLS
+        worker call that encrypted the text, so it is ordered before any branch switch
+        that must find it (``branch_save`` makes it a pending resend)."""
         sealed = self._seal(body, b"text" + group_id + app_id)
-        with transaction(self._conn):
-            self._conn.execute(
-                "INSERT OR IGNORE INTO branch_texts (group_id, app_id, tag, body, sent_ms)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (group_id, app_id, tag, sealed, now_ms),
-            )
-            self._conn.execute(
-                "DELETE FROM branch_texts WHERE group_id = ? AND seq NOT IN"
-                " (SELECT seq FROM branch_texts WHERE group_id = ? ORDER BY seq DESC LIMIT ?)",
-                (group_id, group_id, MAX_BRANCH_TEXTS),
-            )
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with transaction(self._conn):
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO branch_texts (group_id, app_id, tag, body, sent_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (group_id, app_id, tag, sealed, now_ms),
+                )
+                self._conn.execute(
+                    "DELETE FROM branch_texts WHERE group_id = ? AND seq NOT IN"
+                    " (SELECT seq FROM branch_texts WHERE group_id = ?"
+                    " ORDER BY seq DESC LIMIT ?)",
+                    (group_id, group_id, MAX_BRANCH_TEXTS),
+                )
+        finally:
+            self._conn.execute("PRAGMA synchronous = FULL")
+
+    def branch_text_bodies(self, group_id: bytes, app_ids: list[bytes]) -> list[bytes]:
+        """The AppMessages of our kept texts ``app_ids`` (those still kept), in their
+        order of sending; one that does not open (tampered) is left out."""
+        out: list[tuple[int, bytes]] = []
+        for app_id in app_ids:
+            row = self._conn.execute(
+                "SELECT seq, body FROM branch_texts WHERE group_id = ? AND app_id = ?",
+                (group_id, app_id),
+            ).fetchone()
+            if row is None:
+                continue
+            try:
+                out.append((int(row[0]), self._open(bytes(row[1]), b"text" + group_id + app_id)))
+            except ClientStateError:
+                continue
+        return [body for _seq, body in sorted(out)]
 
     def branch_texts_after(self, group_id: bytes, seq: int) -> list[BranchText]:
         rows = self._conn.execute(
@@ -908,45 +980,105 @@ class ClientState:
         return [BranchText(int(q), bytes(a), bytes(t)) for q, a, t in rows]
 
     def branch_resends(self) -> list[PendingResend]:
-        """Resends a switch decided and not queued yet, oldest first. One whose body does
-        not open (tampered) is dropped."""
+        """Resends a switch decided and not queued yet, oldest first. One whose body or
+        recipients do not open (tampered) is dropped."""
         rows = self._conn.execute(
-            "SELECT rowid, group_id, app_id, body FROM branch_resends ORDER BY rowid"
+            "SELECT rowid, group_id, app_id, body, recipients FROM branch_resends ORDER BY rowid"
         ).fetchall()
         out: list[PendingResend] = []
-        for rowid, g, a, body in rows:
+        for rowid, g, a, body, who in rows:
             gid, app_id = bytes(g), bytes(a)
             try:
-                out.append(
-                    PendingResend(gid, app_id, self._open(bytes(body), b"text" + gid + app_id))
-                )
+                plain = self._open(bytes(body), b"text" + gid + app_id)
+                to = b"" if who is None else self._open(bytes(who), b"recipients" + gid + app_id)
             except ClientStateError:
                 self._conn.execute("DELETE FROM branch_resends WHERE rowid = ?", (rowid,))
+                continue
+            out.append(PendingResend(gid, app_id, plain, _split_fingerprints(to)))
         return out
 
     def resend_queued(
-        self, group_id: bytes, app_id: bytes, items: list[tuple[bytes, bytes]], now_ms: int
+        self,
+        group_id: bytes,
+        app_id: bytes,
+        items: list[tuple[bytes, bytes]],
+        now_ms: int,
+        *,
+        owed: Collection[bytes] = (),
     ) -> None:
         """A pending resend's envelopes go into the outbox and the resend is forgotten,
         in one transaction: after a crash it is either still pending (encrypted again:
-        the first ciphertext never left) or queued, never both."""
+        the first ciphertext never left) or queued, never both. Its recipients on the
+        losing branch that the winner does not hold (``owed``) are owed it from then on,
+        in the same transaction (``branch_owed``)."""
         with transaction(self._conn):
             self._conn.executemany(
                 "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
                 " VALUES (?, ?, ?, ?)",
                 [(m, e, now_ms, now_ms) for m, e in items],
             )
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO branch_owed (group_id, member, app_id, body, owed_ms)"
+                " SELECT group_id, ?, app_id, body, ? FROM branch_resends"
+                " WHERE group_id = ? AND app_id = ?",
+                [(m, now_ms, group_id, app_id) for m in owed],
+            )
             self._conn.execute(
                 "DELETE FROM branch_resends WHERE group_id = ? AND app_id = ?", (group_id, app_id)
             )
 
+    def branch_owed(self, group_id: bytes, members: Collection[bytes]) -> list[OwedText]:
+        """Our texts owed to ``members`` in the group, oldest first (a row that does not
+        open, tampered, is dropped)."""
+        out: list[OwedText] = []
+        for member in members:
+            rows = self._conn.execute(
+                "SELECT rowid, app_id, body FROM branch_owed"
+                " WHERE group_id = ? AND member = ? ORDER BY owed_ms, rowid",
+                (group_id, member),
+            ).fetchall()
+            for rowid, a, body in rows:
+                app_id = bytes(a)
+                try:
+                    plain = self._open(bytes(body), b"text" + group_id + app_id)
+                except ClientStateError:
+                    self._conn.execute("DELETE FROM branch_owed WHERE rowid = ?", (rowid,))
+                    continue
+                out.append(OwedText(member, app_id, plain))
+        return out
+
+    def owed_queued(
+        self,
+        group_id: bytes,
+        member: bytes,
+        app_ids: Collection[bytes],
+        items: list[tuple[bytes, bytes]],
+        now_ms: int,
+    ) -> None:
+        """Owed texts' envelopes go into the outbox and the debts are forgotten, in one
+        transaction (as ``resend_queued``: sent exactly once across a crash)."""
+        with transaction(self._conn):
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+                " VALUES (?, ?, ?, ?)",
+                [(m, e, now_ms, now_ms) for m, e in items],
+            )
+            self._conn.executemany(
+                "DELETE FROM branch_owed WHERE group_id = ? AND member = ? AND app_id = ?",
+                [(group_id, member, a) for a in app_ids],
+            )
+
     def prune_branch_state(self, now_ms: int, text_max_age_ms: int) -> int:
-        """Forget shown texts' ids past their expiry and our texts older than any of
-        their copies can live (their resend could no longer be told from a new text)."""
+        """Forget shown texts' ids past their expiry, our texts older than any of their
+        copies can live (their resend could no longer be told from a new text), and
+        texts owed that long to a member no commit added back."""
         with transaction(self._conn):
             n = self._conn.execute("DELETE FROM seen_texts WHERE expiry_ms < ?", (now_ms,)).rowcount
             n += self._conn.execute(
                 "DELETE FROM branch_texts WHERE sent_ms < ?", (now_ms - text_max_age_ms,)
+            ).rowcount
+            n += self._conn.execute(
+                "DELETE FROM branch_owed WHERE owed_ms < ?", (now_ms - text_max_age_ms,)
             ).rowcount
         return int(n)
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import hashlib
 
-from qpc_node.client.branch_store import BranchState, BranchStateError, decode, encode
-from qpc_node.groups.fork import EpochInfo, ForkCommit, ForkResolver
+from qpc_node.client.branch_store import (
+    BranchState,
+    BranchStateError,
+    PastEpoch,
+    decode,
+    encode,
+)
+from qpc_node.groups.fork import EpochInfo, ForkCommit, ForkResolver, OrderKey
 from tests.fuzz.registry import Invariant, pure
 
 
@@ -36,6 +42,26 @@ def _seeds() -> list[bytes]:
         parent = child
         tags.append(child.tag)
     out.append(encode(BranchState(r, {"c"}, {tags[1]: [b"p1", b"p2"]}, b"commit")))
+    # Record version 2: the rejoin history and what is left to ask for again.
+    roster = frozenset({"a", "b"})
+    past = [
+        PastEpoch(t, k, bytes([k]) * 32, roster, OrderKey(k % 2, b"r" * 32, b"d" * 32), ("e",))
+        for k, t in enumerate(tags)
+    ]
+    past[-1].child = None
+    past[-1].sent = [b"app-2"]
+    out.append(
+        encode(
+            BranchState(
+                r,
+                own_added={"e"},
+                past=past,
+                readd={"e"},
+                rejoin_removed={"c"},
+                offered=(tags[-1], 7, 1),
+            )
+        )
+    )
     return out
 
 

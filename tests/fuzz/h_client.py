@@ -182,6 +182,8 @@ register(
             _C.AppMessage(intent=_C.GroupIntent(kind=_C.GroupIntent.LEAVE, epoch=2**64 - 1)),
             _C.AppMessage(pull=_C.CommitPull(from_epoch=0)),
             _C.AppMessage(pull=_C.CommitPull(from_epoch=2**64 - 1)),
+            _C.AppMessage(catch_up=_C.CatchUp(since=b"\x05" * 16)),
+            _C.AppMessage(catch_up=_C.CatchUp(since=b"")),
         )
     ],
     target=app_target,

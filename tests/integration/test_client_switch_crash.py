@@ -363,3 +363,86 @@ async def test_a_bad_branch_record_is_dropped_not_a_crash(
         assert got.count("still works") == 1
         await r.group_send("team", "and back")
         assert "and back" in [m.text for m in await flush_inbox(s)]
+
+
+async def _cut_mailbox(agent: Agent) -> None:
+    """Everything now in ``agent``'s mailbox is lost to it (the relay holding its copies
+    of one side of the partition died): acked and skipped, never read."""
+    resp = await agent._rpc.call(
+        "qpc.v1.Delivery/Fetch",
+        service_pb2.FetchRequest(after_seq=agent._st.cursor(agent.node), limit=256),
+        service_pb2.FetchResponse,
+    )
+    assert resp.messages
+    last = resp.messages[-1].seq
+    await agent._rpc.call(
+        "qpc.v1.Delivery/Ack", service_pb2.AckRequest(up_to_seq=last), service_pb2.AckResponse
+    )
+    agent._st.advance_cursor(last, node=agent.node)
+
+
+@pytest.mark.parametrize("restart", ["crash_before_resend", "after_follow_ups"])
+async def test_a_restart_after_a_switch_still_adds_again_and_sends_owed_texts(
+    tmp_path: Path, wall: ManualWallClock, restart: str
+) -> None:
+    """Both sides of a partition add a member on the same epoch (a adds e, b adds f) and
+    each committer sends a text to its new member. The losing committer restarts after
+    its switch: it died before re-sending its text (``crash_before_resend``), or it
+    stopped cleanly once it had re-sent the text and asked to add its member again, but
+    before the commit adding that member arrived (``after_follow_ups``). Its joiner never
+    got its copies of the losing branch. After the restart the loser still asks to add
+    its joiner again (the members our commits added, and the re-adds a switch decided,
+    are in client.db) and, once that commit arrives, sends the joiner the text it was owed
+    (owed texts are in client.db): everyone ends in one group and the joiner shows the
+    text once."""
+    async with (
+        running_node(tmp_path, wall, limits=FAST) as (_, info),
+        trio.open_nursery() as nursery,
+    ):
+        host = Host(nursery, tmp_path, info, wall)
+        agents = {n: await host.open(n) for n in "abcdef"}
+        a, b, e, f = (agents[n] for n in "abef")
+        gid = await group_of_four(wall, agents)
+        assert await a.group_invite("team", e.ident.fingerprint) == "invited"
+        assert await b.group_invite("team", f.ident.fingerprint) == "requested"
+        wall.advance(GroupConfig().committer_timeout_ms + QUIET_MS)
+        await b._groups.timers()
+        assert a.ident.group(gid).epoch == b.ident.group(gid).epoch
+        await a.group_send("team", "a to e on x")
+        await b.group_send("team", "b to f on y")
+        commits = await commits_in_mailbox(agents["c"])
+        keys = {}
+        for n in "ab":
+            r = agents[n]._branches.resolver(gid)
+            assert r is not None
+            (keys[n],) = [k for c in commits if (k := r.key_of(_digest(c))) is not None]
+        loser = "a" if keys["a"] > keys["b"] else "b"
+        joiner, text = ("e", "a to e on x") if loser == "a" else ("f", "b to f on y")
+        await _cut_mailbox(agents[joiner])
+        if restart == "crash_before_resend":
+            await crash_while_reading(agents[loser], "before_resend")
+        else:
+            await flush_inbox(agents[loser])
+            assert agents[loser]._branches.stats.switches == 1
+            assert agents[loser]._st.branch_resends() == []  # re-sent before the restart
+        await host.close(loser)
+        agents[loser] = await host.open(loser)
+
+        shown = {n: [m.text for m in await x.unshown()] for n, x in agents.items()}
+        for _ in range(12):
+            for n, x in agents.items():
+                shown[n] += [m.text for m in await flush_inbox(x)]
+            wall.advance(QUIET_MS)
+        everyone = {x.ident.fingerprint for x in agents.values()}
+        auths = set()
+        for n, x in agents.items():
+            g = x.ident.group(gid)
+            assert set(g.members()) == everyone, (restart, n, len(g.members()))
+            auths.add(g.epoch_authenticator())
+            assert x.stats.undecryptable == 0, (n, x.stats.warnings)
+        assert len(auths) == 1
+        assert shown[joiner].count(text) == 1, (restart, shown[joiner])
+        for n in "abcd":
+            assert shown[n].count(text) == (0 if n == loser else 1), (restart, n, shown[n])
+        assert agents[loser]._st.branch_resends() == []
+        nursery.cancel_scope.cancel()

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 from node_harness import flush_inbox, running_node, users
+from test_client_switch_crash import Host
 from test_groups_partition_client import QUIET_MS, _gid, settle
 
 from qpc_node.client.agent import Agent
@@ -208,3 +210,112 @@ async def test_a_member_removed_on_the_winning_branch_does_not_rejoin(
             await c0._groups.timers()
         assert c0._branches.stats.offers_sent - before <= 3
         assert c0._branches.stats.rejoins == 0
+
+
+async def test_a_long_partition_heals_after_both_committers_restarted(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """As the partition above, but both committers' processes restart after the
+    partition and before the heal: the rejoin history (the epochs of each branch, their
+    rejoin secrets and the ordering key of the commit taken there) comes back from
+    client.db, so the winner's offer still opens at the fork on the loser and the loser
+    rejoins. Without it each side keeps only its current epoch after the restart, shares
+    none with the other, and the group stays split."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        trio.open_nursery() as nursery,
+    ):
+        host = Host(nursery, tmp_path, info, wall)
+        agents = [await host.open(n) for n in "abcd"]
+        names = {x.ident.fingerprint: n for n, x in zip("abcd", agents, strict=True)}
+        c0, c1, gid = await _group_of(wall, agents)
+        q = next(x for x in agents if x not in (c0, c1))
+        await q.group_update("team")
+        await flush_inbox(c1)
+        await _failover_commit(wall, c1)
+        for k in range(c0._branches.window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+            if k == 1:
+                await c0.group_send("team", "from c0 on x")
+                await c1.group_send("team", "from c1 on y")
+        for c in (c0, c1):  # the processes restart; their files stay
+            n = names[c.ident.fingerprint]
+            await host.close(n)
+            agents["abcd".index(n)] = await host.open(n)
+        by_name = dict(zip("abcd", agents, strict=True))
+        c0, c1 = by_name[names[c0.ident.fingerprint]], by_name[names[c1.ident.fingerprint]]
+        assert c0._branches.stats.restored == c1._branches.stats.restored == 1
+
+        shown = await settle(wall, *agents, rounds=12)
+        rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
+        assert len(rejoined) == 1, [x._branches.stats for x in (c0, c1)]
+        (loser,) = rejoined
+        everyone = {x.ident.fingerprint for x in agents}
+        auths = set()
+        for x in agents:
+            g = x.ident.group(gid)
+            assert set(g.members()) == everyone, (names[x.ident.fingerprint], g.members())
+            auths.add(g.epoch_authenticator())
+            assert x.stats.undecryptable == 0
+        assert len(auths) == 1
+        mine = "from c0 on x" if loser is c0 else "from c1 on y"
+        for x in agents:
+            if x is not loser:
+                assert shown[x.ident.fingerprint].count(mine) == 1, shown[x.ident.fingerprint]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejoiner_up(
+    tmp_path: Path, wall: ManualWallClock, restart: bool
+) -> None:
+    """Both committers send a text right after the fork, then commit more epochs than the
+    rollback window. The loser's text is re-sent on the winner after its rejoin (its
+    body is kept for every epoch of the rejoin history, not only the window), and the
+    rejoiner gets the winner's text, which it could never decrypt (sent in an epoch of
+    the winner's branch it was not in): the winner re-sends it to the rejoiner alone
+    when the rejoiner asks for the texts since the fork (a CatchUp). Each shows once.
+    ``restart``: both committers restart before the heal (the history, the texts' ids
+    and bodies come back from client.db)."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        trio.open_nursery() as nursery,
+    ):
+        host = Host(nursery, tmp_path, info, wall)
+        agents = [await host.open(n) for n in "abcd"]
+        c0, c1, gid = await _group_of(wall, agents)
+        q = next(x for x in agents if x not in (c0, c1))
+        await q.group_update("team")
+        await flush_inbox(c1)
+        await _failover_commit(wall, c1)
+        await _update(c0, gid)  # both sides are one epoch past the fork
+        await c0.group_send("team", "from c0 on x")
+        await c1.group_send("team", "from c1 on y")
+        for _ in range(c0._branches.window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+        if restart:
+            i0, i1 = agents.index(c0), agents.index(c1)
+            for i in (i0, i1):
+                await host.close("abcd"[i])
+                agents[i] = await host.open("abcd"[i])
+            c0, c1 = agents[i0], agents[i1]
+            assert c0._branches.stats.restored == c1._branches.stats.restored == 1
+
+        shown = await settle(wall, *agents, rounds=12)
+        rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
+        assert len(rejoined) == 1, [x._branches.stats for x in (c0, c1)]
+        (loser,) = rejoined
+        winner = c1 if loser is c0 else c0
+        auths = {x.ident.group(gid).epoch_authenticator() for x in agents}
+        assert len(auths) == 1
+        mine, theirs = ("from c0 on x", "from c1 on y")[:: 1 if loser is c0 else -1]
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            assert got.count(mine) == (0 if x is loser else 1), ("resend", got)
+            assert x.stats.undecryptable == 0
+        for x in agents:
+            got = shown[x.ident.fingerprint]
+            assert got.count(theirs) == (0 if x is winner else 1), ("catch-up", got)
+        nursery.cancel_scope.cancel()

@@ -9,20 +9,30 @@ expiry. The end-to-end crash scenarios are in tests/integration/test_client_swit
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qpc_node.client import state as state_mod
-from qpc_node.client.branch_store import BranchState, BranchStateError, decode, encode
+from qpc_node.client.branch_store import (
+    BranchState,
+    BranchStateError,
+    PastEpoch,
+    decode,
+    encode,
+)
 from qpc_node.client.state import (
     DB_FILE,
+    MAX_BRANCH_TEXTS,
     TEXT_SEEN_KEEP_MS,
     ClientState,
     ClientStateError,
+    OwedText,
 )
-from qpc_node.groups.fork import EpochInfo, ForkCommit, ForkResolver, Switch
+from qpc_node.groups.fork import EpochInfo, ForkCommit, ForkResolver, OrderKey, Switch
 
 SECRET = b"s" * 32
 GID = b"g" * 16
@@ -174,3 +184,160 @@ def test_old_texts_are_pruned_and_kept_bounded(
     for k in range(10):
         st.branch_text_add(GID, b"t%d" % k, b"A" * 16, b"z", 6_000)
     assert [t.app_id for t in st.branch_texts_after(GID, 0)] == [b"t6", b"t7", b"t8", b"t9"]
+
+
+def _history(tags: list[bytes]) -> list[PastEpoch]:
+    keys = [OrderKey(0, bytes([k]) * 32, bytes([k + 1]) * 32) for k in range(len(tags))]
+    roster = frozenset({"aa" * 32, "bb" * 32})
+    out = [
+        PastEpoch(t, k, bytes([k + 7]) * 32, roster, keys[k], ("cc" * 32,) if k == 0 else ())
+        for k, t in enumerate(tags)
+    ]
+    out[-1].child = None
+    out[-1].members = roster | {"cc" * 32}
+    out[-1].sent = [b"app-1", b"app-2"]
+    return out
+
+
+def test_a_version_2_record_keeps_what_a_restart_forgot(tmp_path: Path) -> None:
+    """Record v2 (client.db v6): the rejoin history, the members our commits added, the
+    adds and removals still to ask for and the offer back-off come back after the
+    client state is closed and opened again; a version 1 record still decodes."""
+    r, tags = _resolver()
+    past = _history(tags)
+    state = BranchState(
+        r,
+        {"c"},
+        own_added={"ee" * 32},
+        past=past,
+        readd={"ee" * 32},
+        rejoin_removed={"dd" * 32},
+        offered=(tags[-1], 5_000, 2),
+    )
+    st = ClientState(tmp_path, SECRET)
+    st.branch_save(GID, encode(state), live_tags=tags)
+    st.close()
+    st = ClientState(tmp_path, SECRET)
+    rec = st.branch_record(GID)
+    assert rec is not None
+    back = decode(rec.state)
+    assert back.past == past
+    assert back.own_added == back.readd == {"ee" * 32}
+    assert back.rejoin_removed == {"dd" * 32}
+    assert back.offered == (tags[-1], 5_000, 2)
+    assert back.own_removed == {"c"} and back.resolver.dump() == r.dump()
+    # Each distinct roster is written once.
+    assert len(json.loads(encode(state))["rosters"]) == 2
+    v1 = json.loads(encode(BranchState(r, {"c"})))
+    v1["v"] = 1
+    for k in ("own_added", "rosters", "past", "readd", "rejoin_removed", "offered"):
+        del v1[k]
+    old = decode(json.dumps(v1).encode())
+    assert old.past == [] and old.own_added == set() and old.own_removed == {"c"}
+
+
+def test_the_rejoin_history_keeps_the_newest_text_ids_only() -> None:
+    r, tags = _resolver()
+    past = _history(tags)
+    past[0].sent = [b"old-%d" % k for k in range(MAX_BRANCH_TEXTS)]
+    back = decode(encode(BranchState(r, past=past)))
+    assert back.past[-1].sent == [b"app-1", b"app-2"]
+    assert len(back.past[0].sent) == MAX_BRANCH_TEXTS - 2
+    assert back.past[0].sent[-1] == b"old-%d" % (MAX_BRANCH_TEXTS - 1)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(past="x"),
+        lambda d: d.update(past=[[]]),
+        lambda d: d["past"][0].__setitem__(3, 9),  # no such roster
+        lambda d: d["past"][0].__setitem__(2, "00"),  # a short key
+        lambda d: d["past"][0].__setitem__(4, None),  # an epoch left without its commit
+        lambda d: d["past"][0].__setitem__(4, [2, "00" * 32, "00" * 32]),
+        lambda d: d["past"][1].__setitem__(0, d["past"][0][0]),  # an epoch twice
+        lambda d: d["past"][0].__setitem__(1, -1),
+        lambda d: d.update(past=d["past"] * 11),  # more than MAX_STEPS
+        lambda d: d.update(rosters=[[1]]),
+        lambda d: d.update(own_added="ee"),
+        lambda d: d.update(offered=["zz", 0, 0]),
+        lambda d: d.update(offered=[]),
+        lambda d: d.pop("readd"),
+    ],
+)
+def test_malformed_version_2_records_are_a_typed_error(change: Any) -> None:
+    r, tags = _resolver()
+    doc = json.loads(encode(BranchState(r, past=_history(tags))))
+    change(doc)
+    with pytest.raises(BranchStateError):
+        decode(json.dumps(doc).encode())
+
+
+def test_owed_texts_survive_a_restart_and_are_sent_once(tmp_path: Path) -> None:
+    """A switch stores each resend with who got it on the losing branch; queueing the
+    resend makes the members not on the winner owed it, in the same transaction; the
+    debt survives a close and open of client.db and is forgotten in the transaction that
+    queues the owed copy."""
+    e, f = b"\x0e" * 32, b"\x0f" * 32
+    st = ClientState(tmp_path, SECRET)
+    st.branch_save(GID, b"state", live_tags=[b"A" * 16])
+    st.branch_text_add(GID, b"id-a", b"A" * 16, b"body-a", 1_000)
+    st.branch_save(
+        GID, b"state", live_tags=[b"C" * 16], resend=[b"id-a"], recipients={b"id-a": [f, e]}
+    )
+    st.close()
+    st = ClientState(tmp_path, SECRET)
+    (r,) = st.branch_resends()
+    assert r.recipients == (e, f)
+    st.resend_queued(GID, b"id-a", [(b"m" * 16, b"envelope")], 2_000, owed=[e])
+    st.close()
+    st = ClientState(tmp_path, SECRET)
+    assert st.branch_resends() == []
+    assert st.branch_owed(GID, [f]) == []
+    assert st.branch_owed(GID, [e]) == [OwedText(e, b"id-a", b"body-a")]
+    st.owed_queued(GID, e, [b"id-a"], [(b"n" * 16, b"owed copy")], 3_000)
+    assert st.branch_owed(GID, [e]) == []
+    assert st.outbox_len() == 2
+    st.close()
+    raw = (tmp_path / DB_FILE).read_bytes()
+    assert b"body-a" not in raw and f not in raw  # sealed, also who got it
+
+
+def test_owed_texts_are_pruned_and_dropped_with_the_group(tmp_path: Path) -> None:
+    e = b"\x0e" * 32
+    st = ClientState(tmp_path, SECRET)
+    for gid in (GID, b"h" * 16):
+        st.branch_save(gid, b"state", live_tags=[b"A" * 16])
+        st.branch_text_add(gid, b"id-a", b"A" * 16, b"body-a", 1_000)
+        st.branch_save(gid, b"state", live_tags=[b"C" * 16], resend=[b"id-a"])
+        st.resend_queued(gid, b"id-a", [], 2_000, owed=[e])
+    st.branch_drop(GID, resends=True)
+    assert st.branch_owed(GID, [e]) == []
+    assert len(st.branch_owed(b"h" * 16, [e])) == 1
+    st.prune_branch_state(2_000 + 5_000, 5_000)
+    assert len(st.branch_owed(b"h" * 16, [e])) == 1
+    st.prune_branch_state(2_000 + 5_001, 5_000)
+    assert st.branch_owed(b"h" * 16, [e]) == []
+
+
+def test_a_v5_database_migrates_with_its_pending_resends(tmp_path: Path) -> None:
+    """A pending resend written by a v5 client has no recipients: it is still read
+    (nobody owed) after the v6 migration."""
+    st = ClientState(tmp_path, SECRET)
+    st.branch_save(GID, b"state", live_tags=[b"A" * 16])
+    st.branch_text_add(GID, b"id-a", b"A" * 16, b"body-a", 1_000)
+    st.branch_save(GID, b"state", live_tags=[b"C" * 16], resend=[b"id-a"])
+    st.close()
+    conn = sqlite3.connect(tmp_path / DB_FILE)
+    conn.executescript(
+        """
+        DROP TABLE branch_owed;
+        ALTER TABLE branch_resends DROP COLUMN recipients;
+        UPDATE meta SET v = x'00000005' WHERE k = 'schema';
+        """
+    )
+    conn.close()
+    st = ClientState(tmp_path, SECRET)
+    assert st.get_meta("schema") == (6).to_bytes(4, "big")
+    (r,) = st.branch_resends()
+    assert (r.app_id, r.body, r.recipients) == (b"id-a", b"body-a", ())

@@ -51,6 +51,10 @@ MESSAGES: dict[str, Message] = {
         info=client_pb2.GroupInfo(name="team", direct=False, committer=ME)
     ),
     "app_leave": client_pb2.AppMessage(leave=client_pb2.LeaveRequest()),
+    # A rejoined member asks for the winner's texts after the fork (field 8, new).
+    "app_catch_up": client_pb2.AppMessage(
+        catch_up=client_pb2.CatchUp(since=bytes(range(100, 116)))
+    ),
 }
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qpc/v1/client.proto\x12\x06qpc.v1\"\xbc\x01\n\x06Sealed\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.qpc.v1.Sealed.Kind\x12\x10\n\x08group_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tdescribes\x18\x04 \x01(\x08\x12\x0e\n\x06\x62ranch\x18\x05 \x01(\x0c\"L\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMLS_MESSAGE\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\x12\x10\n\x0cREJOIN_OFFER\x10\x03\"\xda\x01\n\nAppMessage\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x11.qpc.v1.GroupInfoH\x00\x12%\n\x05leave\x18\x03 \x01(\x0b\x32\x14.qpc.v1.LeaveRequestH\x00\x12%\n\x06intent\x18\x05 \x01(\x0b\x32\x13.qpc.v1.GroupIntentH\x00\x12\"\n\x04pull\x18\x06 \x01(\x0b\x32\x12.qpc.v1.CommitPullH\x00\x12\x0f\n\x07sent_ms\x18\x04 \x01(\x04\x12\x0e\n\x06\x61pp_id\x18\x07 \x01(\x0c\x42\x06\n\x04\x62ody\"<\n\tGroupInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\x12\x11\n\tcommitter\x18\x03 \x01(\x0c\"\x0e\n\x0cLeaveRequest\"\xc7\x01\n\x0bGroupIntent\x12\x11\n\tintent_id\x18\x01 \x01(\x0c\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.qpc.v1.GroupIntent.Kind\x12\x0e\n\x06target\x18\x03 \x01(\x0c\x12\x14\n\x0cproposal_ref\x18\x04 \x01(\x0c\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"H\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\n\n\x06UPDATE\x10\x03\x12\t\n\x05LEAVE\x10\x04\" \n\nCommitPull\x12\x12\n\nfrom_epoch\x18\x01 \x01(\x04\";\n\x0b\x42ranchOffer\x12\x0c\n\x04tags\x18\x01 \x03(\x0c\x12\r\n\x05steps\x18\x02 \x03(\x0c\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qpc/v1/client.proto\x12\x06qpc.v1\"\xbc\x01\n\x06Sealed\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.qpc.v1.Sealed.Kind\x12\x10\n\x08group_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tdescribes\x18\x04 \x01(\x08\x12\x0e\n\x06\x62ranch\x18\x05 \x01(\x0c\"L\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMLS_MESSAGE\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\x12\x10\n\x0cREJOIN_OFFER\x10\x03\"\xff\x01\n\nAppMessage\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04info\x18\x02 \x01(\x0b\x32\x11.qpc.v1.GroupInfoH\x00\x12%\n\x05leave\x18\x03 \x01(\x0b\x32\x14.qpc.v1.LeaveRequestH\x00\x12%\n\x06intent\x18\x05 \x01(\x0b\x32\x13.qpc.v1.GroupIntentH\x00\x12\"\n\x04pull\x18\x06 \x01(\x0b\x32\x12.qpc.v1.CommitPullH\x00\x12#\n\x08\x63\x61tch_up\x18\x08 \x01(\x0b\x32\x0f.qpc.v1.CatchUpH\x00\x12\x0f\n\x07sent_ms\x18\x04 \x01(\x04\x12\x0e\n\x06\x61pp_id\x18\x07 \x01(\x0c\x42\x06\n\x04\x62ody\"<\n\tGroupInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64irect\x18\x02 \x01(\x08\x12\x11\n\tcommitter\x18\x03 \x01(\x0c\"\x0e\n\x0cLeaveRequest\"\xc7\x01\n\x0bGroupIntent\x12\x11\n\tintent_id\x18\x01 \x01(\x0c\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.qpc.v1.GroupIntent.Kind\x12\x0e\n\x06target\x18\x03 \x01(\x0c\x12\x14\n\x0cproposal_ref\x18\x04 \x01(\x0c\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"H\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\n\n\x06UPDATE\x10\x03\x12\t\n\x05LEAVE\x10\x04\" \n\nCommitPull\x12\x12\n\nfrom_epoch\x18\x01 \x01(\x04\"\x18\n\x07\x43\x61tchUp\x12\r\n\x05since\x18\x01 \x01(\x0c\";\n\x0b\x42ranchOffer\x12\x0c\n\x04tags\x18\x01 \x03(\x0c\x12\r\n\x05steps\x18\x02 \x03(\x0c\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEALED_KIND']._serialized_start=144
   _globals['_SEALED_KIND']._serialized_end=220
   _globals['_APPMESSAGE']._serialized_start=223
-  _globals['_APPMESSAGE']._serialized_end=441
-  _globals['_GROUPINFO']._serialized_start=443
-  _globals['_GROUPINFO']._serialized_end=503
-  _globals['_LEAVEREQUEST']._serialized_start=505
-  _globals['_LEAVEREQUEST']._serialized_end=519
-  _globals['_GROUPINTENT']._serialized_start=522
-  _globals['_GROUPINTENT']._serialized_end=721
-  _globals['_GROUPINTENT_KIND']._serialized_start=649
-  _globals['_GROUPINTENT_KIND']._serialized_end=721
-  _globals['_COMMITPULL']._serialized_start=723
-  _globals['_COMMITPULL']._serialized_end=755
-  _globals['_BRANCHOFFER']._serialized_start=757
-  _globals['_BRANCHOFFER']._serialized_end=816
+  _globals['_APPMESSAGE']._serialized_end=478
+  _globals['_GROUPINFO']._serialized_start=480
+  _globals['_GROUPINFO']._serialized_end=540
+  _globals['_LEAVEREQUEST']._serialized_start=542
+  _globals['_LEAVEREQUEST']._serialized_end=556
+  _globals['_GROUPINTENT']._serialized_start=559
+  _globals['_GROUPINTENT']._serialized_end=758
+  _globals['_GROUPINTENT_KIND']._serialized_start=686
+  _globals['_GROUPINTENT_KIND']._serialized_end=758
+  _globals['_COMMITPULL']._serialized_start=760
+  _globals['_COMMITPULL']._serialized_end=792
+  _globals['_CATCHUP']._serialized_start=794
+  _globals['_CATCHUP']._serialized_end=818
+  _globals['_BRANCHOFFER']._serialized_start=820
+  _globals['_BRANCHOFFER']._serialized_end=879
 # @@protoc_insertion_point(module_scope)

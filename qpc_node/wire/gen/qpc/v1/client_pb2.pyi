@@ -32,12 +32,13 @@ class Sealed(_message.Message):
     def __init__(self, kind: _Optional[_Union[Sealed.Kind, str]] = ..., group_id: _Optional[bytes] = ..., data: _Optional[bytes] = ..., describes: _Optional[bool] = ..., branch: _Optional[bytes] = ...) -> None: ...
 
 class AppMessage(_message.Message):
-    __slots__ = ("text", "info", "leave", "intent", "pull", "sent_ms", "app_id")
+    __slots__ = ("text", "info", "leave", "intent", "pull", "catch_up", "sent_ms", "app_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     LEAVE_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_FIELD_NUMBER: _ClassVar[int]
     SENT_MS_FIELD_NUMBER: _ClassVar[int]
     APP_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
@@ -45,9 +46,10 @@ class AppMessage(_message.Message):
     leave: LeaveRequest
     intent: GroupIntent
     pull: CommitPull
+    catch_up: CatchUp
     sent_ms: int
     app_id: bytes
-    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., intent: _Optional[_Union[GroupIntent, _Mapping]] = ..., pull: _Optional[_Union[CommitPull, _Mapping]] = ..., sent_ms: _Optional[int] = ..., app_id: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., info: _Optional[_Union[GroupInfo, _Mapping]] = ..., leave: _Optional[_Union[LeaveRequest, _Mapping]] = ..., intent: _Optional[_Union[GroupIntent, _Mapping]] = ..., pull: _Optional[_Union[CommitPull, _Mapping]] = ..., catch_up: _Optional[_Union[CatchUp, _Mapping]] = ..., sent_ms: _Optional[int] = ..., app_id: _Optional[bytes] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("name", "direct", "committer")
@@ -94,6 +96,12 @@ class CommitPull(_message.Message):
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     def __init__(self, from_epoch: _Optional[int] = ...) -> None: ...
+
+class CatchUp(_message.Message):
+    __slots__ = ("since",)
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    since: bytes
+    def __init__(self, since: _Optional[bytes] = ...) -> None: ...
 
 class BranchOffer(_message.Message):
     __slots__ = ("tags", "steps", "content")
