@@ -96,7 +96,7 @@ impl<S: TreeSink> ser::SerializeStruct for TopFields<'_, S> {
             }
             self.out.push(b']');
         } else {
-            serde_json::to_writer(&mut self.out, value).map_err(|_| Unsupported)?;
+            crate::json_ser::write_to(&mut self.out, value).map_err(|_| Unsupported)?;
         }
         Ok(())
     }
