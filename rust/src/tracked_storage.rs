@@ -132,7 +132,7 @@ impl TrackedMap {
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> + Clone {
         self.map.iter()
     }
 }
