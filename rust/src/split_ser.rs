@@ -307,8 +307,6 @@ pub fn encode<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Res<Option
         want_epoch: false,
         epoch: None,
         seqs: Vec::new(),
-        bare: false,
-        raw_at: usize::MAX,
     };
     value.serialize(&mut enc)?;
     Ok(enc.epoch)
@@ -333,11 +331,6 @@ struct Enc<'b> {
     want_epoch: bool,
     epoch: Option<u64>,
     seqs: Vec<Seq>,
-    /// The value being serialized is an element of a sequence whose elements so far were
-    /// all bare u8 (no tag written for it yet): a u8 here is written raw.
-    bare: bool,
-    /// Offset of the last u8 written raw.
-    raw_at: usize,
 }
 
 /// Tag of a sequence whose elements were all u8: length (u64 LE) then the raw bytes.
@@ -352,7 +345,6 @@ impl Enc<'_> {
     #[inline]
     fn tag(&mut self, t: u8) {
         self.want_epoch = false;
-        self.bare = false;
         self.buf.push(t);
     }
     #[inline]
@@ -391,13 +383,13 @@ impl Enc<'_> {
     /// element before it was a bare u8 (written raw). Returns whether that still holds.
     #[inline]
     fn element<T: Serialize + ?Sized>(&mut self, v: &T, start: usize, all_u8: bool) -> Res<bool> {
+        if !all_u8 {
+            v.serialize(&mut *self)?;
+            return Ok(false);
+        }
         let at = self.buf.len();
-        self.bare = all_u8;
-        self.raw_at = usize::MAX;
-        v.serialize(&mut *self)?;
-        self.bare = false;
-        if !all_u8 || (self.raw_at == at && self.buf.len() == at + 1) {
-            return Ok(all_u8);
+        if v.serialize(Probe { enc: &mut *self })? {
+            return Ok(true);
         }
         // The first element that is not a bare u8 (never in a Vec<u8>): the raw bytes
         // before it become tagged u8s, and the sequence is encoded element by element.
@@ -550,16 +542,7 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
         self.buf.extend_from_slice(&v.to_le_bytes());
         Ok(())
     }
-    #[inline]
     fn serialize_u8(self, v: u8) -> Res<()> {
-        if self.bare {
-            // A bare element of an all-u8 sequence (`want_epoch` is false: the sequence's
-            // tag cleared it).
-            self.bare = false;
-            self.raw_at = self.buf.len();
-            self.buf.push(v);
-            return Ok(());
-        }
         self.tag(U8);
         self.buf.push(v);
         Ok(())
@@ -710,6 +693,194 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
         self.open(28, Some(l));
         self.buf.extend_from_slice(&i.to_le_bytes());
         Ok(self)
+    }
+}
+
+/// Serializes one element of a sequence whose elements so far were all bare u8: a u8 is
+/// written raw and answers `true`; anything else is written by the encoder as usual
+/// (tagged) and answers `false`. The answer travels as the serializer's `Ok` value, so the
+/// loop over a byte string keeps no state in the encoder.
+struct Probe<'a, 'b> {
+    enc: &'a mut Enc<'b>,
+}
+
+/// A compound value inside a [`Probe`]d element: the encoder's, answering `false`.
+struct ProbeCompound<'a, 'b> {
+    enc: &'a mut Enc<'b>,
+}
+
+macro_rules! probe_forward {
+    ($($m:ident($($a:ident: $t:ty),*)),* $(,)?) => {
+        $(
+            fn $m(self, $($a: $t),*) -> Res<bool> {
+                ser::Serializer::$m(&mut *self.enc, $($a),*)?;
+                Ok(false)
+            }
+        )*
+    };
+}
+
+impl<'a, 'b> ser::Serializer for Probe<'a, 'b> {
+    type Ok = bool;
+    type Error = Unsupported;
+    type SerializeSeq = ProbeCompound<'a, 'b>;
+    type SerializeTuple = ProbeCompound<'a, 'b>;
+    type SerializeTupleStruct = ProbeCompound<'a, 'b>;
+    type SerializeTupleVariant = ProbeCompound<'a, 'b>;
+    type SerializeMap = ProbeCompound<'a, 'b>;
+    type SerializeStruct = ProbeCompound<'a, 'b>;
+    type SerializeStructVariant = ProbeCompound<'a, 'b>;
+
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+
+    #[inline]
+    fn serialize_u8(self, v: u8) -> Res<bool> {
+        // `want_epoch` is false here: the sequence's tag cleared it.
+        self.enc.buf.push(v);
+        Ok(true)
+    }
+
+    probe_forward!(
+        serialize_bool(v: bool),
+        serialize_i8(v: i8),
+        serialize_i16(v: i16),
+        serialize_i32(v: i32),
+        serialize_i64(v: i64),
+        serialize_u16(v: u16),
+        serialize_u32(v: u32),
+        serialize_u64(v: u64),
+        serialize_f32(v: f32),
+        serialize_f64(v: f64),
+        serialize_char(v: char),
+        serialize_str(v: &str),
+        serialize_bytes(v: &[u8]),
+        serialize_none(),
+        serialize_unit(),
+        serialize_unit_struct(n: &'static str),
+        serialize_unit_variant(n: &'static str, i: u32, v: &'static str),
+    );
+
+    fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Res<bool> {
+        ser::Serializer::serialize_some(&mut *self.enc, v)?;
+        Ok(false)
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, n: &'static str, v: &T) -> Res<bool> {
+        ser::Serializer::serialize_newtype_struct(&mut *self.enc, n, v)?;
+        Ok(false)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        n: &'static str,
+        i: u32,
+        var: &'static str,
+        v: &T,
+    ) -> Res<bool> {
+        ser::Serializer::serialize_newtype_variant(&mut *self.enc, n, i, var, v)?;
+        Ok(false)
+    }
+    fn serialize_seq(self, l: Option<usize>) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_seq(self.enc, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_tuple(self, l: usize) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_tuple(self.enc, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_tuple_struct(self, n: &'static str, l: usize) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_tuple_struct(self.enc, n, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_tuple_variant(
+        self,
+        n: &'static str,
+        i: u32,
+        v: &'static str,
+        l: usize,
+    ) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_tuple_variant(self.enc, n, i, v, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_map(self, l: Option<usize>) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_map(self.enc, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_struct(self, n: &'static str, l: usize) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_struct(self.enc, n, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_struct_variant(
+        self,
+        n: &'static str,
+        i: u32,
+        v: &'static str,
+        l: usize,
+    ) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_struct_variant(self.enc, n, i, v, l)?;
+        Ok(ProbeCompound { enc })
+    }
+}
+
+macro_rules! probe_compound {
+    ($tr:ident, $m:ident) => {
+        impl ser::$tr for ProbeCompound<'_, '_> {
+            type Ok = bool;
+            type Error = Unsupported;
+            fn $m<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
+                ser::$tr::$m(&mut self.enc, v)
+            }
+            fn end(self) -> Res<bool> {
+                ser::$tr::end(self.enc)?;
+                Ok(false)
+            }
+        }
+    };
+}
+probe_compound!(SerializeSeq, serialize_element);
+probe_compound!(SerializeTuple, serialize_element);
+probe_compound!(SerializeTupleStruct, serialize_field);
+probe_compound!(SerializeTupleVariant, serialize_field);
+
+impl ser::SerializeMap for ProbeCompound<'_, '_> {
+    type Ok = bool;
+    type Error = Unsupported;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Res<()> {
+        ser::SerializeMap::serialize_key(&mut self.enc, k)
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
+        ser::SerializeMap::serialize_value(&mut self.enc, v)
+    }
+    fn end(self) -> Res<bool> {
+        ser::SerializeMap::end(self.enc)?;
+        Ok(false)
+    }
+}
+
+impl ser::SerializeStruct for ProbeCompound<'_, '_> {
+    type Ok = bool;
+    type Error = Unsupported;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Res<()> {
+        ser::SerializeStruct::serialize_field(&mut self.enc, key, v)
+    }
+    fn skip_field(&mut self, key: &'static str) -> Res<()> {
+        ser::SerializeStruct::skip_field(&mut self.enc, key)
+    }
+    fn end(self) -> Res<bool> {
+        ser::SerializeStruct::end(self.enc)?;
+        Ok(false)
+    }
+}
+
+impl ser::SerializeStructVariant for ProbeCompound<'_, '_> {
+    type Ok = bool;
+    type Error = Unsupported;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Res<()> {
+        ser::SerializeStructVariant::serialize_field(&mut self.enc, key, v)
+    }
+    fn end(self) -> Res<bool> {
+        ser::SerializeStructVariant::end(self.enc)?;
+        Ok(false)
     }
 }
 
