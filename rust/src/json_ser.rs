@@ -83,6 +83,19 @@ const U8_DEC: [(u8, [u8; 4]); 256] = {
     t
 };
 
+/// `,` and the decimal form of 0..=255: (length with the comma, bytes), four bytes so one
+/// store writes any of them.
+const U8_COMMA_DEC: [(u8, [u8; 4]); 256] = {
+    let mut t = [(0u8, [0u8; 4]); 256];
+    let mut i = 0;
+    while i < 256 {
+        let (n, d) = U8_DEC[i];
+        t[i] = (n + 1, [b',', d[0], d[1], d[2]]);
+        i += 1;
+    }
+    t
+};
+
 struct Json<'o> {
     out: &'o mut Vec<u8>,
 }
@@ -152,6 +165,19 @@ impl Compound<'_, '_> {
 /// Serializes a u8 sequence element from the table; anything else as usual.
 struct SeqElem<'a, 'o> {
     ser: &'a mut Json<'o>,
+    /// No element before it: no comma.
+    first: bool,
+}
+
+impl<'a, 'o> SeqElem<'a, 'o> {
+    /// The writer, after the comma that separates this element from the one before.
+    #[inline]
+    fn lead(self) -> &'a mut Json<'o> {
+        if !self.first {
+            self.ser.out.push(b',');
+        }
+        self.ser
+    }
 }
 
 macro_rules! forward_to_json {
@@ -159,7 +185,7 @@ macro_rules! forward_to_json {
         $(
             #[inline]
             fn $m(self, $($a: $t),*) -> Res<()> {
-                ser::Serializer::$m(&mut *self.ser, $($a),*)
+                ser::Serializer::$m(self.lead(), $($a),*)
             }
         )*
     };
@@ -176,10 +202,18 @@ impl<'a, 'o> ser::Serializer for SeqElem<'a, 'o> {
     type SerializeStruct = Compound<'a, 'o>;
     type SerializeStructVariant = Compound<'a, 'o>;
 
-    /// The element of a `Vec<u8>`: inlined into the sequence's loop.
+    /// The element of a `Vec<u8>`: inlined into the sequence's loop; after the first, the
+    /// comma and the digits are one four-byte copy, cut to their length.
     #[inline]
     fn serialize_u8(self, v: u8) -> Res<()> {
-        push_u8(self.ser.out, v);
+        if self.first {
+            push_u8(self.ser.out, v);
+        } else {
+            let (n, d) = U8_COMMA_DEC[v as usize];
+            let at = self.ser.out.len();
+            self.ser.out.extend_from_slice(&d);
+            self.ser.out.truncate(at + n as usize);
+        }
         Ok(())
     }
 
@@ -204,10 +238,10 @@ impl<'a, 'o> ser::Serializer for SeqElem<'a, 'o> {
     );
 
     fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Res<()> {
-        v.serialize(&mut *self.ser)
+        v.serialize(self.lead())
     }
     fn serialize_newtype_struct<T: Serialize + ?Sized>(self, n: &'static str, v: &T) -> Res<()> {
-        ser::Serializer::serialize_newtype_struct(&mut *self.ser, n, v)
+        ser::Serializer::serialize_newtype_struct(self.lead(), n, v)
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
@@ -216,16 +250,16 @@ impl<'a, 'o> ser::Serializer for SeqElem<'a, 'o> {
         var: &'static str,
         v: &T,
     ) -> Res<()> {
-        ser::Serializer::serialize_newtype_variant(&mut *self.ser, n, i, var, v)
+        ser::Serializer::serialize_newtype_variant(self.lead(), n, i, var, v)
     }
     fn serialize_seq(self, l: Option<usize>) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_seq(self.ser, l)
+        ser::Serializer::serialize_seq(self.lead(), l)
     }
     fn serialize_tuple(self, l: usize) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_tuple(self.ser, l)
+        ser::Serializer::serialize_tuple(self.lead(), l)
     }
     fn serialize_tuple_struct(self, n: &'static str, l: usize) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_tuple_struct(self.ser, n, l)
+        ser::Serializer::serialize_tuple_struct(self.lead(), n, l)
     }
     fn serialize_tuple_variant(
         self,
@@ -234,13 +268,13 @@ impl<'a, 'o> ser::Serializer for SeqElem<'a, 'o> {
         v: &'static str,
         l: usize,
     ) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_tuple_variant(self.ser, n, i, v, l)
+        ser::Serializer::serialize_tuple_variant(self.lead(), n, i, v, l)
     }
     fn serialize_map(self, l: Option<usize>) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_map(self.ser, l)
+        ser::Serializer::serialize_map(self.lead(), l)
     }
     fn serialize_struct(self, n: &'static str, l: usize) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_struct(self.ser, n, l)
+        ser::Serializer::serialize_struct(self.lead(), n, l)
     }
     fn serialize_struct_variant(
         self,
@@ -249,7 +283,7 @@ impl<'a, 'o> ser::Serializer for SeqElem<'a, 'o> {
         v: &'static str,
         l: usize,
     ) -> Res<Compound<'a, 'o>> {
-        ser::Serializer::serialize_struct_variant(self.ser, n, i, v, l)
+        ser::Serializer::serialize_struct_variant(self.lead(), n, i, v, l)
     }
     fn serialize_i128(self, _v: i128) -> Res<()> {
         Err(Unsupported)
@@ -446,8 +480,11 @@ impl ser::SerializeSeq for Compound<'_, '_> {
     #[inline]
     fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
         debug_assert!(self.in_seq);
-        self.comma();
-        v.serialize(SeqElem { ser: self.ser })
+        let first = std::mem::replace(&mut self.first, false);
+        v.serialize(SeqElem {
+            ser: self.ser,
+            first,
+        })
     }
     fn end(self) -> Res<()> {
         Compound::end(self);

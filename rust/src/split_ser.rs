@@ -649,6 +649,9 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
             _ => None,
         };
         let (head, start) = self.start_seq(len);
+        if let Some(n) = len {
+            self.buf.reserve(n);
+        }
         let mut all_u8 = true;
         for item in iter {
             all_u8 = self.element(&item, start, all_u8)?;
