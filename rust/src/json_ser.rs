@@ -49,8 +49,9 @@ pub fn write_to<T: Serialize + ?Sized>(
     }
 }
 
-/// serde_json's name for a newtype struct whose content is written raw (`RawValue`).
-const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+/// Prefix of the struct names serde_json treats specially (`RawValue` is written raw,
+/// an `arbitrary_precision` `Number` as its digits): such a value is left to serde_json.
+const SERDE_JSON_PRIVATE: &str = "$serde_json::private::";
 
 /// Append the decimal digits of a u8 (no call into memcpy for one to three bytes).
 #[inline]
@@ -389,7 +390,7 @@ impl<'a, 'o> ser::Serializer for &'a mut Json<'o> {
         self.str(v)
     }
     fn serialize_newtype_struct<T: Serialize + ?Sized>(self, n: &'static str, v: &T) -> Res<()> {
-        if n == RAW_VALUE_TOKEN {
+        if n.starts_with(SERDE_JSON_PRIVATE) {
             return Err(Unsupported);
         }
         v.serialize(self)
@@ -452,7 +453,10 @@ impl<'a, 'o> ser::Serializer for &'a mut Json<'o> {
             in_seq: false,
         })
     }
-    fn serialize_struct(self, _n: &'static str, _l: usize) -> Res<Compound<'a, 'o>> {
+    fn serialize_struct(self, n: &'static str, _l: usize) -> Res<Compound<'a, 'o>> {
+        if n.starts_with(SERDE_JSON_PRIVATE) {
+            return Err(Unsupported);
+        }
         self.serialize_map(None)
     }
     fn serialize_struct_variant(
@@ -779,6 +783,21 @@ mod tests {
         assert_eq!(
             2.5f32.serialize(&mut Json { out: &mut buf }),
             Err(Unsupported)
+        );
+        // serde_json's RawValue is a struct with its private name: written raw by it.
+        struct Raw;
+        impl Serialize for Raw {
+            fn serialize<S: ser::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use ser::SerializeStruct as _;
+                let mut st = s.serialize_struct("$serde_json::private::RawValue", 1)?;
+                st.serialize_field("$serde_json::private::RawValue", "[1,2]")?;
+                st.end()
+            }
+        }
+        assert_eq!(Raw.serialize(&mut Json { out: &mut buf }), Err(Unsupported));
+        assert_eq!(
+            to_vec(&vec![Raw]).expect("json"),
+            serde_json::to_vec(&vec![Raw]).expect("json")
         );
     }
 
