@@ -5,6 +5,7 @@
 //! classes raised here (so they subclass `qpc_node.errors.QpcError`).
 
 mod error;
+mod json_ser;
 mod mls;
 mod persist;
 mod split_ser;

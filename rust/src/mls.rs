@@ -2029,6 +2029,58 @@ mod tests {
         talk(&mut b, &mut a, &gid, b"after the panic");
     }
 
+    /// Texts of a past epoch read late move that epoch's ratchet: its record must be
+    /// rewritten (not skipped as unchanged by the encoding comparison of the storage),
+    /// while the other past records stay out of the log. Every write is checked against
+    /// the whole JSON, scanned (`VERIFY_SPLIT`); after a reopen from the log the second
+    /// late text still decrypts and the first is refused as already read.
+    #[test]
+    fn late_texts_of_a_past_epoch_rewrite_only_its_record() {
+        let tmp = TmpDir::new("late-past");
+        let (mut a, mut b) = (new_state(&tmp, "a"), new_state(&tmp, "b"));
+        let gid = group_of(&mut [&mut a, &mut b]);
+        let late: Vec<Vec<u8>> = (0..2)
+            .map(|i| run_tx(&mut a, |st| st.op_encrypt(&gid, &[b'l', i])).expect("encrypt"))
+            .collect();
+        for _ in 0..3 {
+            let c = run_tx(&mut a, |st| {
+                let c = st.op_update(&gid)?;
+                st.op_merge_pending_commit(&gid)?;
+                Ok(c)
+            })
+            .expect("update");
+            run_tx(&mut b, |st| st.op_process(&gid, &c)).expect("process commit");
+        }
+        let past_records = |st: &State| -> Vec<(Vec<u8>, Vec<u8>)> {
+            records(st)
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(crate::tracked_storage::MESSAGE_SECRETS_PAST_LABEL))
+                .collect()
+        };
+        let before = past_records(&b);
+        assert_eq!(before.len(), 3, "three past epochs kept");
+        let p = run_tx(&mut b, |st| st.op_process(&gid, &late[0])).expect("late text");
+        assert_eq!(p.data, b"l\x00");
+        let after = past_records(&b);
+        let changed: Vec<usize> = (0..3).filter(|&i| before[i] != after[i]).collect();
+        assert_eq!(
+            changed,
+            vec![0],
+            "only the late text's epoch record changes"
+        );
+        talk(&mut a, &mut b, &gid, b"current epoch");
+        assert!(
+            past_records(&b) == after,
+            "past records rewritten by a current text"
+        );
+        drop(b);
+        let mut b = State::open(&tmp.path().join("b"), SECRET, false).expect("reopen");
+        assert!(past_records(&b) == after, "the log holds what memory held");
+        assert!(run_tx(&mut b, |st| st.op_process(&gid, &late[0])).is_err());
+        let p = run_tx(&mut b, |st| st.op_process(&gid, &late[1])).expect("second late text");
+        assert_eq!(p.data, b"l\x01");
+    }
+
     /// A group stored with the old configuration (no past epochs, a 16-message ratchet
     /// window) gets the current one on its next change, and then keeps past epochs.
     #[test]

@@ -12,10 +12,12 @@
 //!   `past_epoch_trees` become JSON exactly as serde_json would write them, each past
 //!   tree goes to a [`TreeSink`], and the main record (epoch numbers in place of the
 //!   trees) is assembled from the parts: byte for byte what the scan produced.
-//! - [`fingerprint`] encodes a value in a tagged binary form (no number formatting) and
-//!   hashes it with SHA-256, capturing the top-level `epoch` field on the way. The sink
-//!   compares it with the fingerprint of the record last written for that epoch and
-//!   formats the tree as JSON only when it differs.
+//! - [`encode`] writes a value in a tagged binary form (no number formatting, byte
+//!   strings as raw bytes), capturing the top-level `epoch` field on the way. The sink
+//!   compares it byte for byte with the encoding of the record last written for that
+//!   epoch and formats the tree as JSON only when it differs. (Until session 8 the
+//!   encoding was hashed with SHA-256 and the hash compared: the hash cost as much as
+//!   the encoding, and u8 sequences were written tagged and compacted afterwards.)
 //!
 //! Anything not of the expected shape is [`Unsupported`], and the caller falls back to the
 //! old path (the whole JSON, scanned), so an OpenMLS layout change costs speed, not data.
@@ -23,7 +25,6 @@
 use std::fmt;
 
 use serde::ser::{self, Impossible, Serialize};
-use sha2::{Digest, Sha256};
 
 /// The value is not of the shape these serializers handle (or a nested serializer failed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +96,7 @@ impl<S: TreeSink> ser::SerializeStruct for TopFields<'_, S> {
             }
             self.out.push(b']');
         } else {
-            serde_json::to_writer(&mut self.out, value).map_err(|_| Unsupported)?;
+            crate::json_ser::write_to(&mut self.out, value).map_err(|_| Unsupported)?;
         }
         Ok(())
     }
@@ -287,18 +288,18 @@ impl<'s, S: TreeSink> ser::Serializer for Trees<'s, S> {
     }
 }
 
-/// SHA-256 of `value` in the tagged encoding below, and the value of its top-level struct
-/// field `epoch` (None if it has none). `buf` is scratch space, reused across calls.
+/// `value` in the tagged binary encoding below, written into `buf` (cleared first, reused
+/// across calls), and the value of its top-level struct field `epoch` (None if it has none).
 ///
 /// The encoding is a prefix-free token stream: every token starts with a tag that fixes
 /// its length (or, for strings and bytes, is followed by the length), and compound values
 /// are framed by a start tag and [`END`]; struct fields carry their names (so a skipped
-/// optional field cannot shift the others) and enum variants their index. Two values of
-/// one type with the same encoding therefore serialize to the same JSON.
-pub fn fingerprint<T: Serialize + ?Sized>(
-    value: &T,
-    buf: &mut Vec<u8>,
-) -> Res<([u8; 32], Option<u64>)> {
+/// optional field cannot shift the others) and enum variants their index. A sequence whose
+/// elements are all bare u8 (a `Vec<u8>`, serde's form of most MLS byte strings) is
+/// [`BYTES_SEQ`], its length and the raw bytes. Two values of one type with the same
+/// encoding therefore serialize to the same JSON, and the caller compares encodings
+/// byte for byte: no hash, so no collision to argue about.
+pub fn encode<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Res<Option<u64>> {
     buf.clear();
     let mut enc = Enc {
         buf,
@@ -306,14 +307,22 @@ pub fn fingerprint<T: Serialize + ?Sized>(
         want_epoch: false,
         epoch: None,
         seqs: Vec::new(),
-        scratch: Vec::new(),
     };
     value.serialize(&mut enc)?;
-    let epoch = enc.epoch;
-    Ok((Sha256::digest(&enc.buf[..]).into(), epoch))
+    Ok(enc.epoch)
 }
 
 const END: u8 = 0xFF;
+
+/// An open sequence of the encoder.
+struct Seq {
+    /// Offset of its tag (rewritten to [`BYTES_SEQ`] at the end if every element was a u8).
+    head: usize,
+    /// Offset of its first element.
+    start: usize,
+    /// Every element so far was a bare u8, written as the raw byte.
+    all_u8: bool,
+}
 
 struct Enc<'b> {
     buf: &'b mut Vec<u8>,
@@ -321,23 +330,24 @@ struct Enc<'b> {
     /// The next value is the top-level `epoch` field.
     want_epoch: bool,
     epoch: Option<u64>,
-    /// Open sequences: (offset of their tag, offset of their first element, true while every element so far
-    /// was a u8). A sequence of u8 only is rewritten at its end into [`BYTES_SEQ`], its
-    /// length and the raw bytes (half the size of tag + byte each, so half the hashing).
-    seqs: Vec<(usize, usize, bool)>,
-    scratch: Vec<u8>,
+    seqs: Vec<Seq>,
 }
 
-/// Tag of a sequence whose elements were all u8 (see `Enc::seqs`).
+/// Tag of a sequence whose elements were all u8: length (u64 LE) then the raw bytes.
 const BYTES_SEQ: u8 = 29;
-/// Tag of a u8 (each u8 element of a sequence is written as this and the byte).
+/// Tag of a sequence with other elements: length slot (u64 LE, u64::MAX if not known
+/// up front), the elements, [`END`].
+const SEQ: u8 = 22;
+/// Tag of a u8 that is not a bare element of an all-u8 sequence.
 const U8: u8 = 6;
 
 impl Enc<'_> {
+    #[inline]
     fn tag(&mut self, t: u8) {
         self.want_epoch = false;
         self.buf.push(t);
     }
+    #[inline]
     fn len(&mut self, n: usize) {
         self.buf.extend_from_slice(&(n as u64).to_le_bytes());
     }
@@ -360,6 +370,50 @@ impl Enc<'_> {
         self.len(name.len());
         self.buf.extend_from_slice(name.as_bytes());
     }
+    /// Start a sequence: its tag and length slot; returns (offset of the tag, of its
+    /// first element).
+    fn start_seq(&mut self, len: Option<usize>) -> (usize, usize) {
+        let head = self.buf.len();
+        self.tag(SEQ);
+        self.len(len.unwrap_or(usize::MAX));
+        self.depth += 1;
+        (head, self.buf.len())
+    }
+    /// One element of the sequence whose first element is at `start`; `all_u8`: every
+    /// element before it was a bare u8 (written raw). Returns whether that still holds.
+    #[inline]
+    fn element<T: Serialize + ?Sized>(&mut self, v: &T, start: usize, all_u8: bool) -> Res<bool> {
+        if !all_u8 {
+            v.serialize(&mut *self)?;
+            return Ok(false);
+        }
+        let at = self.buf.len();
+        if v.serialize(Probe { enc: &mut *self })? {
+            return Ok(true);
+        }
+        // The first element that is not a bare u8 (never in a Vec<u8>): the raw bytes
+        // before it become tagged u8s, and the sequence is encoded element by element.
+        let tail = self.buf.split_off(at);
+        let raw = self.buf.split_off(start);
+        for b in raw {
+            self.buf.push(U8);
+            self.buf.push(b);
+        }
+        self.buf.extend_from_slice(&tail);
+        Ok(false)
+    }
+    /// Close a sequence: a byte string gets the [`BYTES_SEQ`] tag and its length in the
+    /// slot, any other sequence an [`END`].
+    fn end_seq(&mut self, head: usize, start: usize, all_u8: bool) {
+        self.depth -= 1;
+        if all_u8 {
+            let n = (self.buf.len() - start) as u64;
+            self.buf[head] = BYTES_SEQ;
+            self.buf[head + 1..start].copy_from_slice(&n.to_le_bytes());
+        } else {
+            self.buf.push(END);
+        }
+    }
 }
 
 macro_rules! compound {
@@ -381,31 +435,18 @@ impl ser::SerializeSeq for &mut Enc<'_> {
     type Ok = ();
     type Error = Unsupported;
     fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
-        let at = self.buf.len();
-        v.serialize(&mut **self)?;
-        let is_u8 = self.buf.len() == at + 2 && self.buf[at] == U8;
-        if let Some(top) = self.seqs.last_mut() {
-            top.2 &= is_u8;
+        let top = self.seqs.last().ok_or(Unsupported)?;
+        let (start, all_u8) = (top.start, top.all_u8);
+        if !self.element(v, start, all_u8)? {
+            if let Some(top) = self.seqs.last_mut() {
+                top.all_u8 = false;
+            }
         }
         Ok(())
     }
     fn end(self) -> Res<()> {
-        let (head, start, all_u8) = self.seqs.pop().ok_or(Unsupported)?;
-        if all_u8 {
-            // [22, len-known, (len), U8 b0, U8 b1, ..] -> [29, n, b0, b1, ..]: a tag of
-            // its own followed by the length, so the two forms never meet.
-            let n = (self.buf.len() - start) / 2;
-            self.scratch.clear();
-            self.scratch
-                .extend(self.buf[start..].iter().skip(1).step_by(2).copied());
-            self.buf.truncate(head);
-            self.buf.push(BYTES_SEQ);
-            self.buf.extend_from_slice(&(n as u64).to_le_bytes());
-            self.buf.extend_from_slice(&self.scratch);
-            self.depth -= 1;
-            return Ok(());
-        }
-        self.close();
+        let top = self.seqs.pop().ok_or(Unsupported)?;
+        self.end_seq(top.head, top.start, top.all_u8);
         Ok(())
     }
 }
@@ -587,10 +628,36 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
         x.serialize(self)
     }
     fn serialize_seq(self, l: Option<usize>) -> Res<Self> {
-        let head = self.buf.len();
-        self.open(22, l);
-        self.seqs.push((head, self.buf.len(), true));
+        let (head, start) = self.start_seq(l);
+        self.seqs.push(Seq {
+            head,
+            start,
+            all_u8: true,
+        });
         Ok(self)
+    }
+    /// serde's `Vec<u8>` (most MLS byte strings) comes here: the same encoding as
+    /// `serialize_seq`, with the sequence's state in locals instead of on `seqs`.
+    fn collect_seq<I>(self, iter: I) -> Res<()>
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        let iter = iter.into_iter();
+        let len = match iter.size_hint() {
+            (lo, Some(hi)) if lo == hi => Some(lo),
+            _ => None,
+        };
+        let (head, start) = self.start_seq(len);
+        if let Some(n) = len {
+            self.buf.reserve(n);
+        }
+        let mut all_u8 = true;
+        for item in iter {
+            all_u8 = self.element(&item, start, all_u8)?;
+        }
+        self.end_seq(head, start, all_u8);
+        Ok(())
     }
     fn serialize_tuple(self, l: usize) -> Res<Self> {
         self.open(23, Some(l));
@@ -632,12 +699,202 @@ impl<'a, 'b> ser::Serializer for &'a mut Enc<'b> {
     }
 }
 
+/// Serializes one element of a sequence whose elements so far were all bare u8: a u8 is
+/// written raw and answers `true`; anything else is written by the encoder as usual
+/// (tagged) and answers `false`. The answer travels as the serializer's `Ok` value, so the
+/// loop over a byte string keeps no state in the encoder.
+struct Probe<'a, 'b> {
+    enc: &'a mut Enc<'b>,
+}
+
+/// A compound value inside a [`Probe`]d element: the encoder's, answering `false`.
+struct ProbeCompound<'a, 'b> {
+    enc: &'a mut Enc<'b>,
+}
+
+macro_rules! probe_forward {
+    ($($m:ident($($a:ident: $t:ty),*)),* $(,)?) => {
+        $(
+            fn $m(self, $($a: $t),*) -> Res<bool> {
+                ser::Serializer::$m(&mut *self.enc, $($a),*)?;
+                Ok(false)
+            }
+        )*
+    };
+}
+
+impl<'a, 'b> ser::Serializer for Probe<'a, 'b> {
+    type Ok = bool;
+    type Error = Unsupported;
+    type SerializeSeq = ProbeCompound<'a, 'b>;
+    type SerializeTuple = ProbeCompound<'a, 'b>;
+    type SerializeTupleStruct = ProbeCompound<'a, 'b>;
+    type SerializeTupleVariant = ProbeCompound<'a, 'b>;
+    type SerializeMap = ProbeCompound<'a, 'b>;
+    type SerializeStruct = ProbeCompound<'a, 'b>;
+    type SerializeStructVariant = ProbeCompound<'a, 'b>;
+
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+
+    #[inline]
+    fn serialize_u8(self, v: u8) -> Res<bool> {
+        // `want_epoch` is false here: the sequence's tag cleared it.
+        self.enc.buf.push(v);
+        Ok(true)
+    }
+
+    probe_forward!(
+        serialize_bool(v: bool),
+        serialize_i8(v: i8),
+        serialize_i16(v: i16),
+        serialize_i32(v: i32),
+        serialize_i64(v: i64),
+        serialize_u16(v: u16),
+        serialize_u32(v: u32),
+        serialize_u64(v: u64),
+        serialize_f32(v: f32),
+        serialize_f64(v: f64),
+        serialize_char(v: char),
+        serialize_str(v: &str),
+        serialize_bytes(v: &[u8]),
+        serialize_none(),
+        serialize_unit(),
+        serialize_unit_struct(n: &'static str),
+        serialize_unit_variant(n: &'static str, i: u32, v: &'static str),
+    );
+
+    fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Res<bool> {
+        ser::Serializer::serialize_some(&mut *self.enc, v)?;
+        Ok(false)
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, n: &'static str, v: &T) -> Res<bool> {
+        ser::Serializer::serialize_newtype_struct(&mut *self.enc, n, v)?;
+        Ok(false)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        n: &'static str,
+        i: u32,
+        var: &'static str,
+        v: &T,
+    ) -> Res<bool> {
+        ser::Serializer::serialize_newtype_variant(&mut *self.enc, n, i, var, v)?;
+        Ok(false)
+    }
+    fn serialize_seq(self, l: Option<usize>) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_seq(self.enc, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_tuple(self, l: usize) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_tuple(self.enc, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_tuple_struct(self, n: &'static str, l: usize) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_tuple_struct(self.enc, n, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_tuple_variant(
+        self,
+        n: &'static str,
+        i: u32,
+        v: &'static str,
+        l: usize,
+    ) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_tuple_variant(self.enc, n, i, v, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_map(self, l: Option<usize>) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_map(self.enc, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_struct(self, n: &'static str, l: usize) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_struct(self.enc, n, l)?;
+        Ok(ProbeCompound { enc })
+    }
+    fn serialize_struct_variant(
+        self,
+        n: &'static str,
+        i: u32,
+        v: &'static str,
+        l: usize,
+    ) -> Res<ProbeCompound<'a, 'b>> {
+        let enc = ser::Serializer::serialize_struct_variant(self.enc, n, i, v, l)?;
+        Ok(ProbeCompound { enc })
+    }
+}
+
+macro_rules! probe_compound {
+    ($tr:ident, $m:ident) => {
+        impl ser::$tr for ProbeCompound<'_, '_> {
+            type Ok = bool;
+            type Error = Unsupported;
+            fn $m<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
+                ser::$tr::$m(&mut self.enc, v)
+            }
+            fn end(self) -> Res<bool> {
+                ser::$tr::end(self.enc)?;
+                Ok(false)
+            }
+        }
+    };
+}
+probe_compound!(SerializeSeq, serialize_element);
+probe_compound!(SerializeTuple, serialize_element);
+probe_compound!(SerializeTupleStruct, serialize_field);
+probe_compound!(SerializeTupleVariant, serialize_field);
+
+impl ser::SerializeMap for ProbeCompound<'_, '_> {
+    type Ok = bool;
+    type Error = Unsupported;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Res<()> {
+        ser::SerializeMap::serialize_key(&mut self.enc, k)
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Res<()> {
+        ser::SerializeMap::serialize_value(&mut self.enc, v)
+    }
+    fn end(self) -> Res<bool> {
+        ser::SerializeMap::end(self.enc)?;
+        Ok(false)
+    }
+}
+
+impl ser::SerializeStruct for ProbeCompound<'_, '_> {
+    type Ok = bool;
+    type Error = Unsupported;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Res<()> {
+        ser::SerializeStruct::serialize_field(&mut self.enc, key, v)
+    }
+    fn skip_field(&mut self, key: &'static str) -> Res<()> {
+        ser::SerializeStruct::skip_field(&mut self.enc, key)
+    }
+    fn end(self) -> Res<bool> {
+        ser::SerializeStruct::end(self.enc)?;
+        Ok(false)
+    }
+}
+
+impl ser::SerializeStructVariant for ProbeCompound<'_, '_> {
+    type Ok = bool;
+    type Error = Unsupported;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, v: &T) -> Res<()> {
+        ser::SerializeStructVariant::serialize_field(&mut self.enc, key, v)
+    }
+    fn end(self) -> Res<bool> {
+        ser::SerializeStructVariant::end(self.enc)?;
+        Ok(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fp<T: Serialize>(v: &T) -> [u8; 32] {
-        fingerprint(v, &mut Vec::new()).expect("fingerprint").0
+    fn fp<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode(v, &mut buf).expect("encode");
+        buf
     }
 
     /// Values that a loose encoding would confuse get different fingerprints; equal values
@@ -678,16 +935,83 @@ mod tests {
             }
         }
         let v = t(vec![], vec![], None, None);
-        assert_eq!(fingerprint(&v, &mut Vec::new()).expect("fp").1, Some(5));
+        assert_eq!(encode(&v, &mut Vec::new()).expect("encode"), Some(5));
         // u8 vs a wider integer of the same value, in a sequence.
         assert_ne!(fp(&vec![1u8, 2]), fp(&vec![1u16, 2]));
         assert_ne!(fp(&vec![vec![1u8]]), fp(&vec![1u8]));
     }
 
+    /// A byte string is its length and the raw bytes; a sequence that turns out not to be
+    /// one (a u8 first, then something else) is written element by element, tagged, so
+    /// the two never meet; the length slot of a sequence is the same in both forms.
+    #[test]
+    fn byte_sequences_are_raw_and_others_tagged() {
+        struct Mixed;
+        impl Serialize for Mixed {
+            fn serialize<S: ser::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use ser::SerializeSeq as _;
+                let mut q = s.serialize_seq(Some(2))?;
+                q.serialize_element(&1u8)?;
+                q.serialize_element(&2u16)?;
+                q.end()
+            }
+        }
+        let le = |n: u64| n.to_le_bytes().to_vec();
+        assert_eq!(
+            fp(&vec![1u8, 2]),
+            [vec![BYTES_SEQ], le(2), vec![1, 2]].concat()
+        );
+        assert_eq!(fp(&Vec::<u8>::new()), [vec![BYTES_SEQ], le(0)].concat());
+        assert_eq!(
+            fp(&Mixed),
+            [vec![SEQ], le(2), vec![U8, 1, 7, 2, 0, END]].concat()
+        );
+        // The same through `collect_seq` (a Vec), where the first element is a u8 and the
+        // second is not.
+        struct E(bool);
+        impl Serialize for E {
+            fn serialize<S: ser::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if self.0 {
+                    s.serialize_u16(2)
+                } else {
+                    s.serialize_u8(1)
+                }
+            }
+        }
+        assert_eq!(fp(&vec![E(false), E(true)]), fp(&Mixed));
+        assert_ne!(fp(&vec![Some(1u8)]), fp(&vec![1u8]));
+        assert_ne!(fp(&vec![None::<u8>]), fp(&vec![15u8]));
+        assert_ne!(fp(&vec![vec![1u8, 2]]), fp(&vec![1u8, 2]));
+        // A u8 in a struct inside a byte sequence's sibling stays tagged.
+        #[derive(serde::Serialize)]
+        struct S {
+            a: u8,
+            b: Vec<u8>,
+        }
+        assert_eq!(
+            fp(&vec![S { a: 3, b: vec![4] }]),
+            [
+                vec![SEQ],
+                le(1),
+                vec![27, 1],
+                le(2),
+                le(1),
+                b"a".to_vec(),
+                vec![U8, 3],
+                le(1),
+                b"b".to_vec(),
+                vec![BYTES_SEQ],
+                le(1),
+                vec![4, END, END],
+            ]
+            .concat()
+        );
+    }
+
     struct Collect(Vec<Vec<u8>>);
     impl TreeSink for Collect {
         fn tree<T: Serialize + ?Sized>(&mut self, tree: &T) -> Res<u64> {
-            let (_, e) = fingerprint(tree, &mut Vec::new())?;
+            let e = encode(tree, &mut Vec::new())?;
             self.0
                 .push(serde_json::to_vec(tree).map_err(|_| Unsupported)?);
             e.ok_or(Unsupported)

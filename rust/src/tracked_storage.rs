@@ -22,7 +22,7 @@ use openmls_traits::storage::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::split_ser;
+use crate::{json_ser, split_ser};
 
 /// Key-value map plus, for the open transaction, the prior value of every changed key.
 #[derive(Debug, Default)]
@@ -30,11 +30,13 @@ pub struct TrackedMap {
     map: HashMap<Vec<u8>, Vec<u8>>,
     /// key -> value before the transaction's first change to it (`None`: it was absent).
     undo: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// key -> fingerprint (`split_ser::fingerprint`) of the value the key holds, set by the
+    /// key -> binary encoding (`split_ser::encode`) of the value the key holds, set by the
     /// writer of a past epoch's message secrets after writing it. Every other change of
     /// the key (write, delete, rollback, log replay) drops the entry: the map is private,
-    /// so a fingerprint present always describes the value present.
-    fingerprints: HashMap<Vec<u8>, [u8; 32]>,
+    /// so a fingerprint present always describes the value present. (The whole encoding,
+    /// not a hash of it: comparing it costs less than hashing, and it is about a third of
+    /// the JSON record it stands for.)
+    fingerprints: HashMap<Vec<u8>, Vec<u8>>,
 }
 
 impl TrackedMap {
@@ -119,18 +121,18 @@ impl TrackedMap {
     }
 
     /// The fingerprint recorded for the value `key` holds, if any (see `fingerprints`).
-    fn fingerprint(&self, key: &[u8]) -> Option<&[u8; 32]> {
-        self.fingerprints.get(key)
+    fn fingerprint(&self, key: &[u8]) -> Option<&[u8]> {
+        self.fingerprints.get(key).map(Vec::as_slice)
     }
 
     /// Record the fingerprint of the value `key` holds now (ignored for an absent key).
-    fn set_fingerprint(&mut self, key: Vec<u8>, fp: [u8; 32]) {
+    fn set_fingerprint(&mut self, key: Vec<u8>, fp: Vec<u8>) {
         if self.map.contains_key(&key) {
             self.fingerprints.insert(key, fp);
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &Vec<u8>)> + Clone {
         self.map.iter()
     }
 }
@@ -192,9 +194,10 @@ fn storage_key(label: &[u8], key: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Serialize a key or a value; failing is an error, never an empty key.
+/// Serialize a key or a value; failing is an error, never an empty key. The bytes are
+/// serde_json's (`json_ser` writes them faster).
 fn json<T: Serialize + ?Sized>(v: &T) -> Res<Vec<u8>> {
-    Ok(serde_json::to_vec(v)?)
+    Ok(json_ser::to_vec(v)?)
 }
 
 /// Key (before label/version) of one past epoch's record: group id JSON || epoch (u64 BE).
@@ -349,22 +352,23 @@ struct PastSink<'m> {
 }
 
 /// (epoch, JSON to store or None if unchanged, fingerprint).
-type PastTree = (u64, Option<Vec<u8>>, Option<[u8; 32]>);
+type PastTree = (u64, Option<Vec<u8>>, Option<Vec<u8>>);
 
 impl split_ser::TreeSink for PastSink<'_> {
     fn tree<T: Serialize + ?Sized>(&mut self, tree: &T) -> Result<u64, split_ser::Unsupported> {
-        let (fp, epoch) = split_ser::fingerprint(tree, &mut self.scratch)?;
+        let epoch = split_ser::encode(tree, &mut self.scratch)?;
         let epoch = epoch.ok_or(split_ser::Unsupported)?;
         let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(self.gid, epoch));
-        if self.map.fingerprint(&k) == Some(&fp) {
+        if self.map.fingerprint(&k) == Some(self.scratch.as_slice()) {
             self.trees.push((epoch, None, None));
             return Ok(epoch);
         }
-        let j = serde_json::to_vec(tree).map_err(|_| split_ser::Unsupported)?;
+        let j = json_ser::to_vec(tree).map_err(|_| split_ser::Unsupported)?;
         if tree_epoch(&j) != Some(epoch) {
             return Err(split_ser::Unsupported);
         }
-        self.trees.push((epoch, Some(j), Some(fp)));
+        self.trees
+            .push((epoch, Some(j), Some(self.scratch.clone())));
         Ok(epoch)
     }
 }
@@ -846,10 +850,11 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
         let mut sink = PastSink {
             map: &values,
             gid: &gid,
-            scratch: Vec::new(),
+            // One past epoch's encoding at 64 members is about 20 KB: no regrowth after it.
+            scratch: Vec::with_capacity(32 * 1024),
             trees: Vec::new(),
         };
-        let (main, past) = match split_ser::split_store(message_secrets, &mut sink) {
+        let (main, mut past) = match split_ser::split_store(message_secrets, &mut sink) {
             Ok(main) => (main, sink.trees),
             Err(_) => {
                 // Not the expected layout: the whole JSON, split by scanning it.
@@ -881,15 +886,15 @@ impl StorageProvider<CURRENT_VERSION> for TrackedStorage {
                 }
             }
         }
-        for (epoch, tree, fp) in &past {
+        for (epoch, tree, fp) in past.iter_mut() {
             let k = storage_key(MESSAGE_SECRETS_PAST_LABEL, &past_key(&gid, *epoch));
             if let Some(tree) = tree {
                 if values.get(&k) != Some(tree) {
-                    values.insert(k.clone(), tree.clone());
+                    values.insert(k.clone(), std::mem::take(tree));
                 }
             }
-            if let Some(fp) = fp {
-                values.set_fingerprint(k, *fp);
+            if let Some(fp) = fp.take() {
+                values.set_fingerprint(k, fp);
             }
         }
         for epoch in old_epochs {
