@@ -91,6 +91,23 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
     stream_loop = src.index("for stream in self._streams.values():")
     assert conn_limits < stream_loop < src.index("self._write_stream_limits(builder=builder")
     assert src.index("builder.start_packet(") < conn_limits  # once per packet
+    # Only streams with work are queued for datagrams_to_send(): the loop over
+    # the queue must act on nothing else, move only streams that sent new
+    # bytes (_write_stream_frame > 0), and nothing else may use the queue.
+    loop = src[src.index("for stream in self._streams_queue:") :]
+    for cond in (
+        "if stream.is_finished:",
+        "if stream.receiver.stop_pending:",
+        "if stream.sender.reset_pending:",
+        "elif not stream.is_blocked and not stream.sender.buffer_is_empty:",
+        "if used > 0:\n                            sent.add(stream)",
+        "self._streams_queue.extend(sent)",
+    ):
+        assert cond in loop, cond
+    assert inspect.getsource(aioquic.quic.connection).count("_streams_queue") == 7
+    assert "return self.receiver.is_finished and self.sender.is_finished" in inspect.getsource(
+        AioquicStream.is_finished.fget
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +242,8 @@ AIOQUIC_PRIVATE = {
     "_replenish_connection_ids": "new CIDs get derived tokens too",
     "_peer_cid": "the peer's reset token, to recognise its stateless reset",
     # packet building
-    "_write_stream_frame": "no frame asked of a stream when none fits the packet",
+    "_write_stream_frame": "no frame asked of a stream when none fits the packet; records sends",
+    "_streams_queue": "per transmit only streams with something to write are walked",
 }
 OURS = {"_q", "_confirmed_reported", "_closing_reported", "_translate"}
 
