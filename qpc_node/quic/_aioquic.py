@@ -303,6 +303,8 @@ class _QpcQuicConnection(QuicConnection):
     # the queue holds just those (one cheap walk instead of ~5 full ones), and
     # afterwards the rest are put back in place: exactly aioquic's order (the
     # streams that sent new bytes go to the end, the others keep theirs).
+    # Nothing else on aioquic's send path reads the stream map or the queue
+    # (tests/unit/test_tls_pin.py checks its source).
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         queue = self._streams_queue
         busy = [
@@ -319,17 +321,27 @@ class _QpcQuicConnection(QuicConnection):
                 return super().datagrams_to_send(now)
             finally:
                 sent.clear()
-        self._streams_queue = busy
+        # The per-packet MAX_STREAM_DATA loop walks the stream map the same way;
+        # its hook is a no-op (see _write_connection_limits), so for this call
+        # the map holds the queued streams and the ones listed for a limit.
+        streams = self._streams
+        some = {cast(int, s.stream_id): s for s in busy}
+        for sid in self.qpc_limits_due:
+            if (stream := streams.get(sid)) is not None:
+                some[sid] = stream
+        self._streams, self._streams_queue = some, busy
         try:
             return super().datagrams_to_send(now)
         finally:
             after = self._streams_queue
             if sent or len(after) != len(busy):
-                drop = set(busy).difference(after)  # discarded
+                drop = set(busy).difference(after)  # discarded: gone from the map too
+                for stream in drop:
+                    del streams[cast(int, stream.stream_id)]
                 drop |= sent
                 queue = [s for s in queue if s not in drop]
                 queue.extend(s for s in after if s in sent)
-            self._streams_queue = queue
+            self._streams, self._streams_queue = streams, queue
             sent.clear()
 
     def _on_max_stream_data_delivery(

@@ -105,9 +105,39 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
     ):
         assert cond in loop, cond
     assert inspect.getsource(aioquic.quic.connection).count("_streams_queue") == 7
+    # ...and for the call the stream map holds only those (plus streams listed
+    # for MAX_STREAM_DATA): no method on the send path may read it otherwise.
+    assert _methods_using(QuicConnection, "_streams") == {
+        "__init__",
+        "_get_or_create_stream",  # receive path
+        "_get_or_create_stream_for_send",  # send_stream_data / reset_stream
+        "_stream_is_discarded",  # send_stream_data
+        "_write_application",  # the two loops above
+        "stop_stream",
+    }
     assert "return self.receiver.is_finished and self.sender.is_finished" in inspect.getsource(
         AioquicStream.is_finished.fget
     )
+
+
+def _methods_using(cls: type, attr: str) -> set[str]:
+    """Methods of ``cls`` whose source reads or writes ``self.<attr>``."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(inspect.getmodule(cls)))  # type: ignore[arg-type]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and any(
+                    isinstance(n, ast.Attribute)
+                    and n.attr == attr
+                    and isinstance(n.value, ast.Name)
+                    and n.value.id == "self"
+                    for n in ast.walk(fn)
+                ):
+                    found.add(fn.name)
+    return found
 
 
 @pytest.fixture(scope="module")
