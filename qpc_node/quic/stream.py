@@ -80,6 +80,24 @@ class QuicStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    def receive_nowait(self, max_bytes: int = DEFAULT_RECEIVE_BYTES) -> bytes | None:
+        """What :meth:`receive_some` would return now, or None if it would wait.
+
+        No checkpoint and no waiting: for a reader that arms a timer only when it
+        must wait (an RPC server reading a request that has already arrived).
+        Raises as :meth:`receive_some` does on a closed or reset stream.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if not self._chunks:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed by us")
+            if self._recv_error is not None:
+                raise self._recv_error
+            if not self._recv_eof:
+                return None
+        return self._take(max_bytes)
+
     def _take(self, max_bytes: int) -> bytes:
         if not self._chunks:
             self._conn._maybe_forget(self)
@@ -198,6 +216,24 @@ class QuicStream(trio.abc.HalfCloseableStream):
             self._sending = False
         self._close_locally()  # as aclose() does, minus the STOP_SENDING
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def try_send_final(self, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`send_final` if it would not wait: True when ``data`` fitted under
+        the send high-water mark and went out with the FIN (the stream is closed);
+        False, with nothing sent, when it would have to wait for the peer.
+
+        For a responder that arms a send timer only when it must wait. Raises as
+        :meth:`send_final` does on a closed or reset stream.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._check_send()
+        if len(data) > self._room():
+            return False
+        self._conn._core.send_stream_data(self.stream_id, bytes(data), end_stream=True)
+        self._eof_sent = True
+        self._close_locally()
+        return True
 
     async def _park_sender(self) -> None:
         self._conn._send_waiters.add(self)

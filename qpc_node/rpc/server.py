@@ -342,9 +342,18 @@ class RpcServer:
         """The call up to its answer (None: nothing to answer, the stream is done)."""
         decoder = FrameDecoder(self.config.max_frame_size)
         frame: bytes | None = None
+        timed_out = False
         try:
-            with trio.move_on_after(self.config.read_timeout) as read_scope:
-                frame = await self._read_request(stream, decoder, held)
+            # A request already here whole needs no read timer (QUIC streams say so
+            # without waiting); otherwise the peer gets read_timeout to deliver it.
+            nowait = getattr(stream, "receive_nowait", None)
+            if callable(nowait):
+                while frame is None and (data := nowait(RECEIVE_CHUNK)) is not None:
+                    frame = self._feed_request(data, decoder, held)
+            if frame is None:
+                with trio.move_on_after(self.config.read_timeout) as read_scope:
+                    frame = await self._read_request(stream, decoder, held)
+                timed_out = read_scope.cancelled_caught
         except _OverBudget as exc:
             self._stats.request_budget_refusals += 1
             return error_response(exc.code, exc.message)
@@ -356,7 +365,7 @@ class RpcServer:
             await trio.aclose_forcefully(stream)
             return None
         del decoder  # what it held is in ``frame`` now (or refused)
-        if read_scope.cancelled_caught or frame is None:
+        if timed_out or frame is None:
             return error_response(StatusCode.DEADLINE_EXCEEDED, "request not received in time")
         held.whole = True  # the caller has nothing more to send but its end of stream
         # Handed over, not shared: _dispatch drops the frame once parsed.
@@ -371,29 +380,36 @@ class RpcServer:
         self, stream: trio.abc.HalfCloseableStream, decoder: FrameDecoder, held: _Held
     ) -> bytes | None:
         while True:
-            data = await stream.receive_some(RECEIVE_CHUNK)
-            if not data:
-                decoder.close()  # raises on a partial frame (and drops it)
-                raise RemoteProtocolError(
-                    "stream ended without a request", code=StatusCode.INVALID_ARGUMENT
-                )
-            frames = decoder.feed(data)
-            # Budget the whole frame as soon as its length is known (one
-            # reservation per call): refusing then costs at most one chunk.
-            announced = decoder.announced_frame_size
-            if announced is None and frames:
-                announced = len(frames[0])
-            if announced is not None and not held.nbytes and not held.reserve(announced):
-                raise _OverBudget(
-                    f"node is holding too many request bytes; retry later "
-                    f"(frame of {announced} bytes)"
-                )
-            if frames:
-                if len(frames) > 1 or decoder.buffered_bytes:
-                    raise RemoteProtocolError(
-                        "more than one frame on a call stream", code=StatusCode.INVALID_ARGUMENT
-                    )
-                return frames[0]
+            frame = self._feed_request(await stream.receive_some(RECEIVE_CHUNK), decoder, held)
+            if frame is not None:
+                return frame
+
+    def _feed_request(
+        self, data: bytes | bytearray, decoder: FrameDecoder, held: _Held
+    ) -> bytes | None:
+        """One chunk of the request stream: the request frame once it is whole."""
+        if not data:
+            decoder.close()  # raises on a partial frame (and drops it)
+            raise RemoteProtocolError(
+                "stream ended without a request", code=StatusCode.INVALID_ARGUMENT
+            )
+        frames = decoder.feed(data)
+        # Budget the whole frame as soon as its length is known (one
+        # reservation per call): refusing then costs at most one chunk.
+        announced = decoder.announced_frame_size
+        if announced is None and frames:
+            announced = len(frames[0])
+        if announced is not None and not held.nbytes and not held.reserve(announced):
+            raise _OverBudget(
+                f"node is holding too many request bytes; retry later (frame of {announced} bytes)"
+            )
+        if not frames:
+            return None
+        if len(frames) > 1 or decoder.buffered_bytes:
+            raise RemoteProtocolError(
+                "more than one frame on a call stream", code=StatusCode.INVALID_ARGUMENT
+            )
+        return frames[0]
 
     async def _dispatch(
         self,
@@ -615,7 +631,12 @@ class RpcServer:
         # before or while reading keeps the STOP_SENDING: it is what stops the
         # caller sending the rest of a request nobody will read.
         send_final = getattr(stream, "send_final", None) if request_read else None
+        try_final = getattr(stream, "try_send_final", None) if request_read else None
         try:
+            # A response that fits the stream's send room goes out at once: no
+            # send timer is needed when nothing will wait for the peer.
+            if callable(try_final) and len(frame) == 1 and try_final(frame[0]):
+                return
             with trio.move_on_after(self.config.send_timeout) as send_scope:
                 if callable(send_final):
                     for part in frame[:-1]:

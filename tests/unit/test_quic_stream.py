@@ -121,3 +121,52 @@ async def test_watch_receive_reports_data_reset_and_not_a_clean_eof(pki: PkiFixt
             await mine.send_all(b"x")
             assert await theirs.receive_some() == b"x"
             assert stale == []
+
+
+async def _buffered(stream: QuicStream) -> None:
+    """Until the stream holds something for its reader (without taking it)."""
+    seen = trio.Event()
+    stream.watch_receive(seen.set)
+    await seen.wait()
+
+
+async def test_receive_nowait_takes_what_is_here_and_never_waits(pki: PkiFixture) -> None:
+    with trio.fail_after(10):
+        async with stream_factory(pki) as make_pair:
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            assert theirs.receive_nowait() is None  # nothing yet: would wait
+            await mine.send_all(b"hello")
+            await _buffered(theirs)
+            assert theirs.receive_nowait(3) == b"hel"
+            assert theirs.receive_nowait() == b"lo"
+            assert theirs.receive_nowait() is None
+            await mine.send_eof()
+            got = None
+            for _ in range(5000):  # bounded poll: a clean EOF fires no watcher
+                if (got := theirs.receive_nowait()) is not None:
+                    break
+                await trio.sleep(0.001)
+            assert got == b""  # clean end of stream, as receive_some says it
+
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            mine.reset(7)
+            await _buffered(theirs)
+            with pytest.raises(StreamReset):
+                theirs.receive_nowait()
+
+
+async def test_try_send_final_sends_only_what_fits_without_waiting(pki: PkiFixture) -> None:
+    settings = QuicSettings(send_high_water=4096)
+    with trio.fail_after(10):
+        async with stream_factory(pki, settings) as make_pair:
+            mine, theirs = await make_pair()  # type: ignore[operator]
+            assert not theirs.try_send_final(b"x" * 5000)  # over the room: nothing sent
+            assert not theirs.closed
+            assert theirs.try_send_final(b"y" * 4000)
+            assert theirs.closed
+            got = b""
+            while data := await mine.receive_some():
+                got += data
+            assert got == b"y" * 4000  # and then the FIN
+            with pytest.raises(trio.ClosedResourceError):
+                theirs.try_send_final(b"z")

@@ -22,6 +22,7 @@ from aioquic.quic.packet import QuicFrameType
 from google.protobuf.wrappers_pb2 import BytesValue
 
 from qpc_node.quic import (
+    ALPN_CLIENT,
     ALPN_FEDERATION,
     ClientTLS,
     Connection,
@@ -189,3 +190,39 @@ async def test_a_refusal_before_the_whole_request_still_stops_the_sender(
                     await trio.sleep(0.05)
             await stream.aclose()
     assert frames["server", "STOP_SENDING"] >= 1
+
+
+async def test_a_small_call_arms_only_its_deadline_on_the_node(
+    autojump_clock: trio.testing.MockClock, pki: PkiFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that has arrived whole and a reply that fits the send room need
+    no read or send timer: the node's handler task enters one cancel scope per
+    call (the handler's deadline), not three (before: read, deadline, send)."""
+    net = FakeNetwork(seed=17)
+    scopes: Counter[str] = Counter()
+    real_enter = trio.CancelScope.__enter__
+
+    def counting_enter(self: trio.CancelScope) -> trio.CancelScope:
+        name = trio.lowlevel.current_task().name
+        if name.startswith("quic-stream-"):  # the node's per-stream handler tasks
+            scopes["node"] += 1
+        return real_enter(self)
+
+    with trio.fail_after(120):
+        async with (
+            open_endpoint(sock=net.bind(*SERVER), server_tls=ServerTLS(pki.server)) as server,
+            serving(server, QuicRpcHandler(_rpc_server())),
+            open_endpoint(sock=net.bind("10.0.0.2")) as client_ep,
+        ):
+            conn = await client_ep.connect(
+                *SERVER, ClientTLS(ALPN_CLIENT, pin=pki.server.fingerprint)
+            )
+            client = RpcClient(conn.open_stream, retry_policy=NO_RETRY)
+            req = BytesValue(value=b"q" * 1000)
+            await client.call("t.Echo", req, BytesValue)  # warm: nothing counted yet
+            monkeypatch.setattr(trio.CancelScope, "__enter__", counting_enter)
+            for _ in range(20):
+                reply = await client.call("t.Echo", req, BytesValue)
+                assert reply.value == b"r" * 1000
+            monkeypatch.undo()
+    assert scopes["node"] == 20, scopes

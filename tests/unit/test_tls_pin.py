@@ -91,6 +91,53 @@ def test_connection_hooks_exist_with_expected_signatures() -> None:
     stream_loop = src.index("for stream in self._streams.values():")
     assert conn_limits < stream_loop < src.index("self._write_stream_limits(builder=builder")
     assert src.index("builder.start_packet(") < conn_limits  # once per packet
+    # Only streams with work are queued for datagrams_to_send(): the loop over
+    # the queue must act on nothing else, move only streams that sent new
+    # bytes (_write_stream_frame > 0), and nothing else may use the queue.
+    loop = src[src.index("for stream in self._streams_queue:") :]
+    for cond in (
+        "if stream.is_finished:",
+        "if stream.receiver.stop_pending:",
+        "if stream.sender.reset_pending:",
+        "elif not stream.is_blocked and not stream.sender.buffer_is_empty:",
+        "if used > 0:\n                            sent.add(stream)",
+        "self._streams_queue.extend(sent)",
+    ):
+        assert cond in loop, cond
+    assert inspect.getsource(aioquic.quic.connection).count("_streams_queue") == 7
+    # ...and for the call the stream map holds only those (plus streams listed
+    # for MAX_STREAM_DATA): no method on the send path may read it otherwise.
+    assert _methods_using(QuicConnection, "_streams") == {
+        "__init__",
+        "_get_or_create_stream",  # receive path
+        "_get_or_create_stream_for_send",  # send_stream_data / reset_stream
+        "_stream_is_discarded",  # send_stream_data
+        "_write_application",  # the two loops above
+        "stop_stream",
+    }
+    assert "return self.receiver.is_finished and self.sender.is_finished" in inspect.getsource(
+        AioquicStream.is_finished.fget
+    )
+
+
+def _methods_using(cls: type, attr: str) -> set[str]:
+    """Methods of ``cls`` whose source reads or writes ``self.<attr>``."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(inspect.getmodule(cls)))  # type: ignore[arg-type]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and any(
+                    isinstance(n, ast.Attribute)
+                    and n.attr == attr
+                    and isinstance(n.value, ast.Name)
+                    and n.value.id == "self"
+                    for n in ast.walk(fn)
+                ):
+                    found.add(fn.name)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +272,8 @@ AIOQUIC_PRIVATE = {
     "_replenish_connection_ids": "new CIDs get derived tokens too",
     "_peer_cid": "the peer's reset token, to recognise its stateless reset",
     # packet building
-    "_write_stream_frame": "no frame asked of a stream when none fits the packet",
+    "_write_stream_frame": "no frame asked of a stream when none fits the packet; records sends",
+    "_streams_queue": "per transmit only streams with something to write are walked",
 }
 OURS = {"_q", "_confirmed_reported", "_closing_reported", "_translate"}
 
