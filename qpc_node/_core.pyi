@@ -219,7 +219,9 @@ class Identity:
     def join_external(self, group_info: bytes) -> tuple[Group, bytes]:
         """Join or rejoin by external commit: (group on the new epoch, commit to send).
         Our old state of the group is replaced (snapshots stay); our old leaf is removed
-        by the commit. InvalidMessage for a malformed or unverifiable GroupInfo."""
+        by the commit. InvalidMessage for a malformed or unverifiable GroupInfo. Members
+        take an external commit only as such a rejoin: one from somebody with no leaf in
+        their tree (removed there, or never a member) is InvalidMessage at ``process``."""
     # --- end fork (mlsb) ---
 
 def verify(public_key: bytes, data: bytes, signature: bytes) -> None: ...

@@ -556,6 +556,38 @@ fn credential_fp(c: &Credential) -> String {
         .unwrap_or_default()
 }
 
+/// The member an external commit brings back, or InvalidMessage when the commit is not
+/// a rejoin: qpc takes an external commit only as a resync (docs/groups.md, "Rejoin by
+/// external commit"), i.e. its new leaf has the signature key of a leaf the same commit
+/// removes, and a credential naming that key. So nobody the group removed (on this
+/// branch) and nobody who never was a member can join with a GroupInfo they got hold
+/// of; every member of the epoch decides the same from the same tree. `out` must
+/// already hold the commit's `removed_members` (from `summarize_commit`).
+fn rejoiner_of(sc: &StagedCommit, out: &Processed) -> Result<String> {
+    let leaf = sc
+        .update_path_leaf_node()
+        .ok_or_else(|| Error::new(Kind::InvalidMessage, "an external commit without a path"))?;
+    let sig = leaf.signature_key().as_slice();
+    let fp = fingerprint(sig);
+    let named = BasicCredential::try_from(leaf.credential().clone())
+        .map(|c| c.identity() == fp.as_slice())
+        .unwrap_or(false);
+    let fp = hex(&fp);
+    if !named {
+        return Err(Error::new(
+            Kind::InvalidMessage,
+            "external commit: the credential does not name the joiner's signature key",
+        ));
+    }
+    if !out.removed_members.contains(&fp) {
+        return Err(Error::new(
+            Kind::InvalidMessage,
+            "external commit by a non-member: only a member of this epoch may rejoin (its old leaf must go)",
+        ));
+    }
+    Ok(fp)
+}
+
 /// Fill the commit facts of `out` from a staged commit, before it is merged (removed
 /// members are looked up in the tree it is about to change). A committer list the commit
 /// sets that does not parse refuses the commit (nothing merged).
@@ -808,8 +840,10 @@ impl State {
                 out.kind = "commit";
                 summarize_commit(g, &sc, &mut out)?;
                 // --- fork (mlsb): an external commit (rejoin) adds its sender through its
-                // path, with no Add proposal: report it as added all the same.
-                if out.sender_leaf == NO_LEAF && !out.sender.is_empty() {
+                // path, with no Add proposal: report it as added all the same, once it
+                // passed the rejoin rule (nothing is merged when it does not).
+                if out.sender_leaf == NO_LEAF {
+                    out.sender = rejoiner_of(&sc, &out)?;
                     out.added.push(out.sender.clone());
                 }
                 g.merge_staged_commit(p, *sc)

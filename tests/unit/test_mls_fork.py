@@ -206,16 +206,54 @@ def test_stale_member_rejoins_by_external_commit(tmp_path: Path) -> None:
     assert g.epoch == 5
 
 
-def test_removed_member_rejoins_by_external_commit(tmp_path: Path) -> None:
-    """A member whose state says it was removed rejoins (the app decides if it may)."""
+def test_member_removed_on_another_branch_rejoins_by_external_commit(tmp_path: Path) -> None:
+    """c's own state says it was removed (by a commit of a branch that lost); on b's
+    branch it is still a member, so its rejoin from b's GroupInfo replaces its leaf."""
+    ids, (ga, gb, gc), _ = members(tmp_path, 3)
+    rm = ga.remove([ids[2].fingerprint])
+    ga.merge_pending_commit()
+    assert gc.process(rm).removed and not gc.is_active
+    with pytest.raises(NotAMember):
+        gc.group_info()
+    rejoin_and_check(ids[2], [gb])
+
+
+def refused_everywhere(commit: bytes, groups: list[Group]) -> None:
+    """Every member refuses `commit` with a typed error and stays as it was."""
+    for m in groups:
+        before = (m.epoch, m.epoch_authenticator(), sorted(m.members()))
+        with pytest.raises(InvalidMessage, match="external commit"):
+            m.process(commit)
+        with pytest.raises(InvalidMessage, match="external commit"):
+            m.preview(commit)
+        assert (m.epoch, m.epoch_authenticator(), sorted(m.members())) == before
+    for m in groups:  # still one group that talks
+        for n in groups:
+            if n is not m:
+                assert n.process(m.encrypt(b"still here")).data == b"still here"
+
+
+def test_a_member_removed_on_this_branch_cannot_rejoin_by_external_commit(
+    tmp_path: Path,
+) -> None:
+    """Removals stay removed: c was removed on the branch whose GroupInfo it got (say
+    from an offer it kept, or a modified client ignoring the rejoin rule); its external
+    commit removes no leaf of its own there, and every member refuses it."""
     ids, (ga, gb, gc), _ = members(tmp_path, 3)
     rm = ga.remove([ids[2].fingerprint])
     ga.merge_pending_commit()
     gb.process(rm)
-    assert gc.process(rm).removed and not gc.is_active
-    with pytest.raises(NotAMember):
-        gc.group_info()
-    rejoin_and_check(ids[2], [ga, gb])
+    gc.process(rm)
+    _g, commit = ids[2].join_external(ga.group_info())
+    refused_everywhere(commit, [ga, gb])
+
+
+def test_a_stranger_with_a_group_info_cannot_join_by_external_commit(tmp_path: Path) -> None:
+    """A GroupInfo is no invitation: someone who never was a member is refused."""
+    _ids, (ga, gb), _ = members(tmp_path, 2)
+    stranger = Identity.create(tmp_path / "x", os.urandom(32), durable=False)
+    _g, commit = stranger.join_external(ga.group_info())
+    refused_everywhere(commit, [ga, gb])
 
 
 def test_join_external_rejects_bad_group_info(tmp_path: Path) -> None:
