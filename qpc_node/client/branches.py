@@ -341,13 +341,18 @@ class Branches(AgentPart):
             for sid in st.resolver.snapshots_in_use():
                 with contextlib.suppress(crypto.UnknownSnapshot):
                     self._ident.release(gid, sid)
+        st = self._new_group(gid, g, now)
+        self._persist(gid, st)
+        return st
+
+    def _new_group(self, gid: bytes, g: crypto.Group, now: int) -> _Group:
+        """A resolver started at the group's current epoch, not yet saved."""
         r = ForkResolver(window=self.window, retain_ms=self.retain_ms)
         info = epoch_info(g)
         r.start(info, now)
         st = _Group(r)
         st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
         self._groups[gid] = st
-        self._persist(gid, st)
         return st
 
     def merge_own(self, gid: bytes, g: crypto.Group, now: int) -> crypto.Event:
@@ -721,19 +726,20 @@ class Branches(AgentPart):
             readd=tuple(m for m in added if m not in their and m not in removed),
             reremove=tuple(m for m in removed if m in their),
         )
+        # The branch we leave is journalled as the trial: a crash before the record of
+        # the rejoin below puts the group back on it at start (``restore``), with its
+        # record, history and texts; the offer was not acknowledged, so the node
+        # delivers it again and we rejoin again (the unsent external commit is void).
+        snap = self._ident.snapshot(gid)
+        self._journal(gid, st, snap)
         try:
             new, commit = self._ident.join_external(opened.group_info)
         except crypto.MlsError as exc:
+            self._back_to(gid, st, snap)
             log.warning("rejoin by external commit failed", extra={"err": type(exc).__name__})
             return None
-        # Our texts since the fork become pending resends (client.db) before the new
-        # branch's record forgets the epochs they were kept under.
-        self._persist(gid, st, resend=list(plan.resend))
-        for sid, _epoch in self._ident.snapshots(gid):
-            self._ident.release(gid, sid)  # the branch we left: its snapshots go
         old = st
-        del self._groups[gid]
-        st = self._group_state(gid, new, now)
+        st = self._new_group(gid, new, now)  # saved below, with the resends
         st.own_added, st.own_removed = old.own_added, old.own_removed
         st.recipients = old.recipients
         # Keep the history of the branch we left (its texts are re-sent now): if the
@@ -748,10 +754,13 @@ class Branches(AgentPart):
             del st.past[next(iter(st.past))]
         st.rejoin_removed = set(plan.reremove) & old.own_removed
         st.readd = old.readd | (set(plan.readd) & old.own_added)
-        # What is left to do is recorded with the new branch. (A crash between the
-        # external commit and the first save above leaves the old record, which no
-        # longer fits the group: it is dropped at start; docs/groups.md.)
-        self._persist(gid, st)
+        # What is left to do is recorded with the new branch, in one transaction with
+        # our texts since the fork made pending resends (taken from the kept texts
+        # before the new record's epochs prune them) and the trial marker cleared.
+        # Only then do the snapshots of the branch we left go.
+        self._persist(gid, st, resend=list(plan.resend))
+        for sid, _epoch in self._ident.snapshots(gid):
+            self._ident.release(gid, sid)
         self.stats.rejoins += 1
         self._switched.setdefault(gid, []).append(plan)
         log.info("group rejoined the winning branch", extra={"epoch": fork.epoch})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 from node_harness import flush_inbox, running_node, users
-from test_client_switch_crash import Host
+from test_client_switch_crash import Crashed, Fault, Host, arm
 from test_groups_partition_client import QUIET_MS, _gid, settle
 
 from qpc_node.client.agent import Agent
@@ -318,4 +318,65 @@ async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejo
         for x in agents:
             got = shown[x.ident.fingerprint]
             assert got.count(theirs) == (0 if x is winner else 1), ("catch-up", got)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crash_right_after_the_external_commit_recovers(
+    tmp_path: Path, wall: ManualWallClock
+) -> None:
+    """The loser dies right after ``join_external`` wrote the rejoined group (Rust store)
+    and before client.db recorded the rejoin: at start the group goes back on the branch
+    it left (the trial journalled before the external commit), with its history and
+    texts; the offer was not acknowledged, so it comes again and the loser rejoins.
+    Before, the record no longer fit the group and was dropped at start: no history, no
+    rejoin, the group stayed split and the loser's text of its branch was lost."""
+    async with (
+        running_node(tmp_path, wall) as (_, info),
+        trio.open_nursery() as nursery,
+    ):
+        host = Host(nursery, tmp_path, info, wall)
+        agents = [await host.open(n) for n in "abcd"]
+        names = {x.ident.fingerprint: n for n, x in zip("abcd", agents, strict=True)}
+        c0, c1, gid = await _group_of(wall, agents)
+        q = next(x for x in agents if x not in (c0, c1))
+        # As in the test above: c1's fork commit rotates the committer list, so Y wins.
+        await q.group_update("team")
+        await flush_inbox(c1)
+        await _failover_commit(wall, c1)
+        for k in range(c0._branches.window + 1):
+            await _update(c0, gid)
+            await _update(c1, gid)
+            if k == 1:
+                await c0.group_send("team", "from c0 on x")
+                await c1.group_send("team", "from c1 on y")
+        await flush_inbox(c1)
+        await c1._groups.timers()
+        assert c1._branches.stats.offers_sent == 1
+        n0 = names[c0.ident.fingerprint]
+        fault = Fault("join_external", after=True)
+        arm(c0, fault)
+        with pytest.raises(Crashed):
+            for _ in range(5):
+                await c0._inbox.receive(0)
+        assert fault.fired
+        await host.close(n0)  # the process is gone; its files stay
+        c0 = await host.open(n0)
+        agents["abcd".index(n0)] = c0
+        assert c0._branches.stats.rolled_back == 1
+        assert c0._branches.stats.dropped_records == 0
+
+        shown = await settle(wall, *agents, rounds=12)
+        assert c0._branches.stats.rejoins == 1, c0._branches.stats
+        everyone = {x.ident.fingerprint for x in agents}
+        auths = set()
+        for x in agents:
+            g = x.ident.group(gid)
+            assert set(g.members()) == everyone, (names[x.ident.fingerprint], g.members())
+            auths.add(g.epoch_authenticator())
+            assert x.stats.undecryptable == 0
+        assert len(auths) == 1
+        for x in agents:
+            if x is not c0:
+                got = shown[x.ident.fingerprint]
+                assert got.count("from c0 on x") == 1, (names[x.ident.fingerprint], got)
         nursery.cancel_scope.cancel()
