@@ -31,6 +31,9 @@ from qpc_node.groups.fork import BRANCH_TAG_LEN, ForkError, ForkResolver, OrderK
 from qpc_node.groups.rejoin import KEY_LEN, MAX_STEPS
 
 VERSION = 2
+MAX_REJOINED_FROM = 8
+"""Winner tips a record remembers having rejoined from: the offer that made us rejoin
+may come again (delivered again after a crash); a few rejoins in a row fit."""
 _READS = (1, 2)
 MAX_KEPT_PROPOSALS = 256
 """Proposals of one older live epoch kept at most (branches.py MAX_OLD_PROPOSALS)."""
@@ -74,6 +77,8 @@ class BranchState:
     rejoin_removed: set[str] = field(default_factory=set)
     offered: tuple[bytes, int, int] = (b"", 0, 0)
     """(tip tag, wall ms, offers at this tip) of our last offer (their back-off)."""
+    rejoined_from: list[bytes] = field(default_factory=list)
+    """Winner tips we rejoined from (an optional key of version 2: absent is none)."""
 
 
 def encode(state: BranchState) -> bytes:
@@ -116,6 +121,7 @@ def encode(state: BranchState) -> bytes:
         "readd": sorted(state.readd),
         "rejoin_removed": sorted(state.rejoin_removed),
         "offered": [state.offered[0].hex(), state.offered[1], state.offered[2]],
+        "rejoined_from": [t.hex() for t in state.rejoined_from],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -198,8 +204,9 @@ def _past(doc: dict[str, Any]) -> list[PastEpoch]:
         raise BranchStateError("too many text ids in the rejoin history")
     if len({p.tag for p in out}) != len(out):
         raise BranchStateError("an epoch twice in the rejoin history")
-    if any(p.child is None for p in out[:-1]):
-        raise BranchStateError("rejoin history without the commit of each epoch")
+    # An epoch before the tip may lack the ordering key of a commit of ours: after a
+    # rejoin, the tip of the branch we left has none (the external commit started the
+    # new branch from the winner's epoch), and the record keeps that history.
     return out
 
 
@@ -243,4 +250,8 @@ def _decode(doc: Any) -> BranchState:
     if not isinstance(offered, list) or len(offered) != 3:
         raise BranchStateError("expected [tag, wall ms, count]")
     state.offered = (_hex(offered[0]), _int(offered[1]), _int(offered[2]))
+    tips = doc.get("rejoined_from", [])
+    if not isinstance(tips, list) or len(tips) > MAX_REJOINED_FROM:
+        raise BranchStateError("expected at most MAX_REJOINED_FROM tags")
+    state.rejoined_from = [_bytes_of(t, BRANCH_TAG_LEN) for t in tips]
     return state

@@ -191,9 +191,15 @@ class _Past:
     """Our texts' app ids sent in this epoch (re-sent if we rejoin another branch)."""
 
 
+CommitEnvelopes = Callable[[list[bytes], bytes, bytes], list[tuple[bytes, bytes]]]
+"""(recipients, MLS commit, branch tag) -> the outbox rows (msg_id, envelope) that carry
+the commit to each recipient (``Outbox.to_each``: pure, so the MLS worker may call it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Rejoined:
-    """``Branches.on_offer``: we rejoined the winning branch by external commit."""
+    """``Branches.on_offer``: we rejoined the winning branch by external commit (the
+    commit is already queued in the outbox, with the rejoin's record)."""
 
     commit: bytes
     branch: bytes
@@ -225,6 +231,10 @@ class _Group:
     readd: set[str] = field(default_factory=set)
     """Members our commits added on a branch that lost (and no branch removed): we ask
     to add them again; kept until that request is in client.db."""
+    rejoined_from: list[bytes] = field(default_factory=list)
+    """The winner tips (tags of the GroupInfos) we rejoined from, newest last (at most
+    ``branch_store.MAX_REJOINED_FROM``): an offer from one of them again (delivered again after a crash,
+    or repeated) is done; a winner that moved on offers a newer tip."""
     recipients: dict[bytes, frozenset[str]] = field(default_factory=dict)
     """Who each of our kept texts went to (the roster of its epoch; rebuilt from
     ``past`` at start). A switch stores it with each resend: a member of the losing
@@ -537,10 +547,18 @@ class Branches(AgentPart):
         """A client.db call from the MLS worker thread (between two MLS calls)."""
         return self._state.blocking(fn, *args, **kwargs)
 
-    def _persist(self, gid: bytes, st: _Group, *, resend: list[bytes] | None = None) -> None:
+    def _persist(
+        self,
+        gid: bytes,
+        st: _Group,
+        *,
+        resend: list[bytes] | None = None,
+        outbox: list[tuple[bytes, bytes]] | None = None,
+        now: int = 0,
+    ) -> None:
         """Save the group's branch state (the trial marker cleared: it matches the MLS
         state now), with a switch's ``resend`` (app ids) made pending resends, each with
-        the members it went to."""
+        the members it went to, and ``outbox`` (a rejoin's commit) queued."""
         state = branch_store.BranchState(
             st.resolver,
             st.own_removed,
@@ -556,6 +574,7 @@ class Branches(AgentPart):
             readd=st.readd,
             rejoin_removed=st.rejoin_removed,
             offered=st.offered,
+            rejoined_from=st.rejoined_from,
         )
         self._db(
             self._st.branch_save,
@@ -568,6 +587,8 @@ class Branches(AgentPart):
             recipients={
                 a: [bytes.fromhex(m) for m in st.recipients.get(a, ())] for a in resend or ()
             },
+            outbox=outbox or (),
+            now_ms=now,
         )
 
     def _journal(self, gid: bytes, st: _Group, snap: int) -> None:
@@ -625,6 +646,7 @@ class Branches(AgentPart):
         st = _Group(r, state.old_proposals, state.own_commit, state.own_removed)
         st.own_added, st.readd = state.own_added, state.readd
         st.rejoin_removed, st.offered = state.rejoin_removed, state.offered
+        st.rejoined_from = state.rejoined_from
         if state.past and state.past[-1].tag == r.tip.tag:
             for p in state.past:
                 st.past[p.tag] = _Past(
@@ -682,7 +704,9 @@ class Branches(AgentPart):
         self.stats.offers_sent += 1
         return data, sorted(who)
 
-    def on_offer(self, gid: bytes, g: crypto.Group, data: bytes, now: int) -> Rejoined | None:
+    def on_offer(
+        self, gid: bytes, g: crypto.Group, data: bytes, now: int, envelopes: CommitEnvelopes
+    ) -> Rejoined | None:
         """Another branch's offer. When its commit beats ours at the fork epoch and the
         fork is beyond our rollback window, rejoin it by external commit (only as a
         member of the fork epoch that no branch removed), and queue the switch for the
@@ -695,6 +719,8 @@ class Branches(AgentPart):
         opened = open_offer(gid, data, keys)
         if opened is None or opened.child is None:
             return None  # no shared epoch, or the sender is behind on our branch
+        if opened.tip_tag in st.rejoined_from:
+            return None  # done: we rejoined from that GroupInfo
         fork = st.past[opened.fork_tag]
         if fork.child is None or st.resolver.snapshot_of(opened.fork_tag) is not None:
             # We are behind (their commits come by pull), or the fork is within the
@@ -753,20 +779,23 @@ class Branches(AgentPart):
         while len(st.past) > MAX_STEPS:
             del st.past[next(iter(st.past))]
         st.rejoin_removed = set(plan.reremove) & old.own_removed
+        st.rejoined_from = [*old.rejoined_from, opened.tip_tag][-branch_store.MAX_REJOINED_FROM :]
         st.readd = old.readd | (set(plan.readd) & old.own_added)
         # What is left to do is recorded with the new branch, in one transaction with
         # our texts since the fork made pending resends (taken from the kept texts
-        # before the new record's epochs prune them) and the trial marker cleared.
-        # Only then do the snapshots of the branch we left go.
-        self._persist(gid, st, resend=list(plan.resend))
+        # before the new record's epochs prune them), the external commit queued for
+        # the winner's members (so no resend can go out in an epoch nobody else
+        # entered: the commit is in the outbox before them) and the trial marker
+        # cleared. Only then do the snapshots of the branch we left go.
+        to = tuple(m for m in opened.roster if m != me)
+        rows = envelopes([bytes.fromhex(m) for m in to], commit, opened.tip_tag)
+        self._persist(gid, st, resend=list(plan.resend), outbox=rows, now=now)
         for sid, _epoch in self._ident.snapshots(gid):
             self._ident.release(gid, sid)
         self.stats.rejoins += 1
         self._switched.setdefault(gid, []).append(plan)
         log.info("group rejoined the winning branch", extra={"epoch": fork.epoch})
-        return Rejoined(
-            commit, opened.tip_tag, tuple(m for m in opened.roster if m != me), opened.fork_tag
-        )
+        return Rejoined(commit, opened.tip_tag, to, opened.fork_tag)
 
     def catch_up(self, gid: bytes, member: str, since: bytes) -> list[bytes]:
         """``member`` rejoined our branch and asks for the texts it could not read: the

@@ -517,13 +517,18 @@ class GroupDriver(AgentPart):
         conv, g = await self._open(group_id)
         if conv is None or g is None:
             return
-        done = await self._mls(self._branches.on_offer, group_id, g, data, self._wall_ms())
+
+        def commit_rows(to: list[bytes], commit: bytes, branch: bytes) -> list[tuple[bytes, bytes]]:
+            envs = self._outbox.to_each(to, group_id, commit, branch=branch)
+            return [(e.msg_id, e.encode()) for e in envs]
+
+        # The external commit is queued in the transaction that records the rejoin.
+        done = await self._mls(
+            self._branches.on_offer, group_id, g, data, self._wall_ms(), commit_rows
+        )
         if done is None:
             return
-        to = [bytes.fromhex(m) for m in done.recipients]
-        await self._outbox.submit(
-            self._outbox.to_each(to, group_id, done.commit, branch=done.branch)
-        )
+        await self._outbox.flush_outbox()
         await self._after_switch(conv, g)
         # The winner's texts since the fork were in epochs we were not in: ask for them.
         conv, g = await self._open(group_id)

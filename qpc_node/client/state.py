@@ -868,13 +868,16 @@ class ClientState:
         resend: list[bytes] | None = None,
         recipients: Mapping[bytes, Collection[bytes]] | None = None,
         trial: int | None = None,
+        outbox: Collection[tuple[bytes, bytes]] = (),
+        now_ms: int = 0,
     ) -> None:
         """Record the group's branch state, in one transaction with what follows from
         it: the texts of ``resend`` (app ids, a switch's) become pending resends, each
         with the members it went to (``recipients``, by app id), texts of epochs not in
         ``live_tags`` (the live path and the rejoin history: a branch that lost is in
-        neither) are forgotten (never resent), and the trial marker is set to ``trial``
-        (None: cleared, the state matches the MLS group)."""
+        neither) are forgotten (never resent), the trial marker is set to ``trial``
+        (None: cleared, the state matches the MLS group), and ``outbox`` ((msg_id,
+        envelope), a rejoin's external commit) is queued, due at ``now_ms``."""
         sealed = self._seal(state, b"branches" + group_id)
         marks = ",".join("?" * len(live_tags))
         who = recipients or {}
@@ -901,6 +904,11 @@ class ClientState:
             self._conn.execute(
                 f"DELETE FROM branch_texts WHERE group_id = ? AND tag NOT IN ({marks})",
                 (group_id, *live_tags),
+            )
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+                " VALUES (?, ?, ?, ?)",
+                [(m, e, now_ms, now_ms) for m, e in outbox],
             )
 
     def branch_trial(self, group_id: bytes, snapshot: int) -> bool:

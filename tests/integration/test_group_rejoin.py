@@ -321,15 +321,23 @@ async def test_a_rejoin_resends_texts_older_than_the_window_and_catches_the_rejo
         nursery.cancel_scope.cancel()
 
 
-async def test_a_crash_right_after_the_external_commit_recovers(
-    tmp_path: Path, wall: ManualWallClock
+@pytest.mark.parametrize("step", ["after_join_external", "after_rejoin_saved"])
+async def test_a_crash_in_the_middle_of_a_rejoin_recovers(
+    tmp_path: Path, wall: ManualWallClock, step: str
 ) -> None:
-    """The loser dies right after ``join_external`` wrote the rejoined group (Rust store)
-    and before client.db recorded the rejoin: at start the group goes back on the branch
-    it left (the trial journalled before the external commit), with its history and
-    texts; the offer was not acknowledged, so it comes again and the loser rejoins.
-    Before, the record no longer fit the group and was dropped at start: no history, no
-    rejoin, the group stayed split and the loser's text of its branch was lost."""
+    """The loser dies in the middle of its rejoin.
+
+    ``after_join_external``: right after ``join_external`` wrote the rejoined group
+    (Rust store), before client.db recorded the rejoin. At start the group goes back on
+    the branch it left (the trial journalled before the external commit), with its
+    history and texts; the offer was not acknowledged, so it comes again and the loser
+    rejoins. Before, the record no longer fit the group and was dropped at start: no
+    history, no rejoin, the group stayed split.
+
+    ``after_rejoin_saved``: the rejoin is recorded (its texts pending resends), the
+    external commit not yet sent. The commit was queued in that same transaction, so
+    it goes out at start, before the resends can. Before, it was queued only after:
+    the resends went out in an epoch nobody else entered and the text was lost."""
     async with (
         running_node(tmp_path, wall) as (_, info),
         trio.open_nursery() as nursery,
@@ -353,7 +361,11 @@ async def test_a_crash_right_after_the_external_commit_recovers(
         await c1._groups.timers()
         assert c1._branches.stats.offers_sent == 1
         n0 = names[c0.ident.fingerprint]
-        fault = Fault("join_external", after=True)
+        if step == "after_join_external":
+            fault = Fault("join_external", after=True)
+        else:  # the first snapshot released after the rejoin's record (resends pending)
+            st0 = c0._st
+            fault = Fault("release", after=False, when=lambda _f, _r: bool(st0.branch_resends()))
         arm(c0, fault)
         with pytest.raises(Crashed):
             for _ in range(5):
@@ -362,11 +374,12 @@ async def test_a_crash_right_after_the_external_commit_recovers(
         await host.close(n0)  # the process is gone; its files stay
         c0 = await host.open(n0)
         agents["abcd".index(n0)] = c0
-        assert c0._branches.stats.rolled_back == 1
         assert c0._branches.stats.dropped_records == 0
+        back = step == "after_join_external"
+        assert c0._branches.stats.rolled_back == back
 
         shown = await settle(wall, *agents, rounds=12)
-        assert c0._branches.stats.rejoins == 1, c0._branches.stats
+        assert c0._branches.stats.rejoins == back, c0._branches.stats
         everyone = {x.ident.fingerprint for x in agents}
         auths = set()
         for x in agents:

@@ -213,7 +213,10 @@ def test_a_version_2_record_keeps_what_a_restart_forgot(tmp_path: Path) -> None:
         readd={"ee" * 32},
         rejoin_removed={"dd" * 32},
         offered=(tags[-1], 5_000, 2),
+        rejoined_from=[tags[0]],
     )
+    # After a rejoin the tip of the branch we left has no commit of ours after it.
+    past[1].child = None
     st = ClientState(tmp_path, SECRET)
     st.branch_save(GID, encode(state), live_tags=tags)
     st.close()
@@ -225,13 +228,18 @@ def test_a_version_2_record_keeps_what_a_restart_forgot(tmp_path: Path) -> None:
     assert back.own_added == back.readd == {"ee" * 32}
     assert back.rejoin_removed == {"dd" * 32}
     assert back.offered == (tags[-1], 5_000, 2)
+    assert back.rejoined_from == [tags[0]]
     assert back.own_removed == {"c"} and back.resolver.dump() == r.dump()
     # Each distinct roster is written once.
     assert len(json.loads(encode(state))["rosters"]) == 2
     v1 = json.loads(encode(BranchState(r, {"c"})))
     v1["v"] = 1
-    for k in ("own_added", "rosters", "past", "readd", "rejoin_removed", "offered"):
+    keys = ("own_added", "rosters", "past", "readd", "rejoin_removed", "offered")
+    for k in (*keys, "rejoined_from"):
         del v1[k]
+    v2 = json.loads(encode(state))
+    del v2["rejoined_from"]  # written before the key existed: none
+    assert decode(json.dumps(v2).encode()).rejoined_from == []
     old = decode(json.dumps(v1).encode())
     assert old.past == [] and old.own_added == set() and old.own_removed == {"c"}
 
@@ -253,7 +261,9 @@ def test_the_rejoin_history_keeps_the_newest_text_ids_only() -> None:
         lambda d: d.update(past=[[]]),
         lambda d: d["past"][0].__setitem__(3, 9),  # no such roster
         lambda d: d["past"][0].__setitem__(2, "00"),  # a short key
-        lambda d: d["past"][0].__setitem__(4, None),  # an epoch left without its commit
+        lambda d: d.update(rejoined_from="00"),
+        lambda d: d.update(rejoined_from=["00"]),  # a short tag
+        lambda d: d.update(rejoined_from=[d["past"][0][0]] * 9),  # more than 8
         lambda d: d["past"][0].__setitem__(4, [2, "00" * 32, "00" * 32]),
         lambda d: d["past"][1].__setitem__(0, d["past"][0][0]),  # an epoch twice
         lambda d: d["past"][0].__setitem__(1, -1),
