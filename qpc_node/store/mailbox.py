@@ -46,6 +46,7 @@ from qpc_node.store.errors import (
     QuotaExceeded,
 )
 from qpc_node.store.fairness import FairnessLimits, MailboxUsage, SenderKey, Usage, admit
+from qpc_node.store.payload_log import PayloadLog, PayloadMissing
 from qpc_node.store.records import (
     DAY_MS,
     FINGERPRINT_LEN,
@@ -165,6 +166,7 @@ def enqueue(
     sender: SenderKey | None = None,
     memo: Acceptances | None = None,
     tombstones: Tombstones | None = None,
+    payloads: PayloadLog | None = None,
 ) -> list[EnqueueResult]:
     """Store a validated batch; raise :class:`QuotaExceeded` before writing anything.
 
@@ -172,7 +174,8 @@ def enqueue(
     to it, and a local sender's recipients become senders it accepts). ``None`` is an
     operator path (tools, tests) that only the plain mailbox quota binds; every network
     path names its sender. Must run inside a transaction (or savepoint) so the batch is
-    all-or-nothing.
+    all-or-nothing. With ``payloads`` the ciphertexts go to the store's payload log
+    (the store syncs it before the commit), else inline in the row.
     """
     # Pass 1: classify each envelope as a duplicate (of an earlier copy, possibly in
     # this very batch) or new, and count what the new ones add to each mailbox.
@@ -252,9 +255,15 @@ def enqueue(
             seq = next_seq[env.recipient] + 1
             next_seq[env.recipient] = seq
             assigned[key] = seq
+            inline: bytes | None = env.ciphertext
+            seg = off = None
+            if payloads is not None:
+                seg, off = payloads.append(env.ciphertext)
+                inline = None
             conn.execute(
                 "INSERT INTO messages (recipient, seq, msg_id, expiry_ms, hop_limit,"
-                " enqueued_ms, size, ciphertext, sender) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " enqueued_ms, size, ciphertext, sender, seg, off)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     env.recipient,
                     seq,
@@ -263,8 +272,10 @@ def enqueue(
                     env.hop_limit,
                     now_ms,
                     len(env.ciphertext),
-                    env.ciphertext,
+                    inline,
                     stranger_tag.get(env.recipient),
+                    seg,
+                    off,
                 ),
             )
             out.append(EnqueueResult(env.msg_id, seq, duplicate=False))
@@ -477,6 +488,7 @@ def fetch(
     now_ms: int,
     overhead: int = 0,
     strict: bool = False,
+    payloads: PayloadLog | None = None,
 ) -> FetchResult:
     """Messages with ``seq > after_seq`` in order, never an expired one.
 
@@ -486,7 +498,8 @@ def fetch(
     caller reserved exactly ``max_bytes`` for its answer) returns none then, with
     ``more`` set. Only the returned messages' ciphertexts are read: sizes come
     first, so a large message past the page costs nothing.
-    Must run inside a (read) transaction: both queries see one snapshot.
+    Must run inside a (read) transaction: both queries see one snapshot. Rows whose
+    ciphertext is in the payload log are read from ``payloads`` (:func:`payload_of`).
     """
     check_fingerprint(recipient)
     if limit < 1 or max_bytes < 0 or (max_bytes < 1 and not strict) or after_seq < 0:
@@ -496,13 +509,9 @@ def fetch(
     # Wire seqs are uint64, SQLite INTEGER is int64: no stored seq exceeds the clamp.
     last_seq, acked_seq = _mailbox_seqs(conn, recipient)
     after_seq = max(min(after_seq, SEQ_MAX), acked_seq)  # acked rows wait for reclaim
-    where = (
-        " WHERE recipient = ? AND seq > ? AND seq <= ? AND ciphertext IS NOT NULL"
-        " AND expiry_ms > ? ORDER BY seq"
-    )
-    # length() of a BLOB reads its size from the record header, not its pages.
+    where = " WHERE recipient = ? AND seq > ? AND seq <= ? AND expiry_ms > ? ORDER BY seq"
     sizes = conn.execute(
-        "SELECT seq, length(ciphertext) FROM messages" + where + " LIMIT ?",
+        "SELECT seq, size FROM messages" + where + " LIMIT ?",
         (recipient, after_seq, SEQ_MAX, now_ms, limit + 1),
     ).fetchall()
     used = 0
@@ -517,17 +526,30 @@ def fetch(
     if not taken:
         return FetchResult((), more=more, last_seq=last_seq)
     cursor = conn.execute(
-        "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext FROM messages" + where,
+        "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext, seg, off, size"
+        " FROM messages" + where,
         (recipient, after_seq, sizes[taken - 1][0], now_ms),
     )
     messages: list[StoredMessage] = []
     try:
-        for seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext in cursor:
+        for seq, msg_id, expiry_ms, hop_limit, enqueued_ms, *stored in cursor:
+            ciphertext = payload_of(payloads, *stored)
             envelope = Envelope(msg_id, recipient, expiry_ms, hop_limit, ciphertext)
             messages.append(StoredMessage(seq, envelope, enqueued_ms))
     finally:
         cursor.close()
     return FetchResult(tuple(messages), more=more, last_seq=last_seq)
+
+
+def payload_of(
+    payloads: PayloadLog | None, inline: bytes | None, seg: int | None, off: int | None, size: int
+) -> bytes:
+    """A row's ciphertext: inline (rows stored before schema v15), or in the log."""
+    if inline is not None:
+        return bytes(inline)
+    if payloads is None or seg is None or off is None:
+        raise PayloadMissing("the row's payload is in the log, and no log was given")
+    return payloads.read(int(seg), int(off), int(size))
 
 
 def ack(
