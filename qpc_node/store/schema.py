@@ -295,18 +295,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # NULL. Why: in SQLite the 1,280 B payload of a 1 KiB message was written to the
     # WAL with its leaf cell and again by the checkpoint (bench/node_bench.py: 2.7 x the
     # payload per delivered message). Rows stored before keep their ciphertext inline
-    # and are read as before. Two of the three indexes every enqueue and reclaim write
-    # shrink or go (docs/performance.md): the msg_id index keys on msg_id alone (random
-    # 16 B ids; the recipient prefix doubled each entry; (recipient, msg_id) stays
-    # unique through enqueue's duplicate check, the only writer, inside its
-    # transaction), and the expiry index is gone: the minute's sweep scans the rows,
-    # ~100 B each now that the payloads are elsewhere.
+    # and are read as before. Two of the three indexes every enqueue and reclaim wrote
+    # go (docs/performance.md): the (recipient, msg_id) index of random ids had most of
+    # its pages written by every commit; the duplicate check takes the candidate row
+    # from an in-memory map rebuilt at open (store/mailbox.py Tombstones) and confirms
+    # it by (recipient, seq), and (recipient, msg_id) stays unique through that check
+    # in enqueue, the only writer, inside its transaction. The expiry index goes too:
+    # the minute's sweep scans the rows, ~100 B each now that the payloads are
+    # elsewhere.
     (
         "ALTER TABLE messages ADD COLUMN seg INTEGER",
         "ALTER TABLE messages ADD COLUMN off INTEGER",
         "DROP INDEX messages_by_expiry",
         "DROP INDEX messages_by_msg_id",
-        "CREATE INDEX messages_by_msg_id ON messages(msg_id)",
     ),
 )
 

@@ -247,3 +247,46 @@ def test_a_segment_deleted_during_a_backup_stays_readable_to_it(
         store.reclaim()  # deletes segment 1
         assert not (directory_of(store.path) / "0000000001.seg").exists()
         assert segments.read(seg, off, 1280) == env(1).ciphertext
+
+
+def test_duplicates_without_a_msg_id_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v15 drops the (recipient, msg_id) index: the candidate row comes from memory and
+    is confirmed by (recipient, seq). A retry is a duplicate with its first seq whether
+    the row is unacked, acked or reclaimed, across a restart (the map is rebuilt at
+    open); an entry left by a rolled-back enqueue is no duplicate; the same msg_id to
+    another recipient is another message."""
+    db = tmp_path / "node.db"
+    store = Store.open(db)
+    store.enqueue([env(n) for n in range(1, 5)], NOW)
+    assert [(r.seq, r.duplicate) for r in store.enqueue([env(2), env(2, BOB)], NOW)] == [
+        (2, True),
+        (1, False),
+    ]
+
+    def fail(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(payload_log.os, "fdatasync", fail)
+    with pytest.raises(OSError):
+        store.enqueue([env(5)], NOW)  # rolled back: its entry stays, unconfirmed
+    monkeypatch.undo()
+    assert store.tombstones.candidate(ALICE, env(5).msg_id) == 5
+    assert [(r.seq, r.duplicate) for r in store.enqueue([env(5)], NOW)] == [(5, False)]
+    store.ack(ALICE, up_to_seq=2)
+    assert store.enqueue([env(1)], NOW)[0].duplicate  # acked, then reclaimed by this write
+    assert store.tombstones.candidate(ALICE, env(1).msg_id) is None  # gone at the commit
+    crash(store)
+    with Store.open(db) as again:
+        results = again.enqueue([env(n) for n in range(1, 7)], NOW)
+        assert [(r.seq, r.duplicate) for r in results] == [(n, n < 6) for n in range(1, 7)]
+        assert again.enqueue([env(2, BOB)], NOW)[0].duplicate
+        index = "SELECT count(*) FROM sqlite_schema WHERE name = 'messages_by_msg_id'"
+        assert again.conn.execute(index).fetchone()[0] == 0
+
+
+def test_expiry_drops_the_rows_entries(store: Store) -> None:
+    """The map holds stored rows only: what the sweep deletes leaves it at its commit."""
+    store.enqueue([env(1), Envelope(bytes(15) + b"\x09", ALICE, NOW + 10, 8, b"x")], NOW)
+    store.expire_messages(NOW + 10)
+    assert store.tombstones.candidate(ALICE, bytes(15) + b"\x09") is None
+    assert store.tombstones.candidate(ALICE, env(1).msg_id) == 1
