@@ -1,4 +1,5 @@
-"""WAL frames per delivered message by commit kind and B-tree, in a real node.
+"""WAL frames per delivered message by commit kind and B-tree, in a real node, and
+the bytes the payload log (schema v15) appended.
 
 bench/node_bench.py says how many bytes the node writes per message; this says where
 they go. It makes a traced copy of a source tree (``qpc_node`` only) whose
@@ -87,6 +88,15 @@ HOOK = """        conn.execute("COMMIT")
         committed = True
 """
 
+LOG_HOOK = """            self._sizes[self._seg] += len(data)
+"""
+LOG_TRACE = """            from qpc_node.store import sql as _sql  # flash trace
+
+            _t = _sql._TRACE.setdefault("(payload log)", {"(commits)": 0, "(bytes)": 0})
+            _t["(commits)"] += 1
+            _t["(bytes)"] += len(data)
+"""
+
 
 def make(dest: Path, src: Path) -> None:
     target = dest / "qpc_node"
@@ -99,6 +109,12 @@ def make(dest: Path, src: Path) -> None:
         raise SystemExit(f"{sql}: transaction() is not what this tracer expects")
     text = text.replace(HOOK, HOOK + "        _trace_commit(conn)\n", 1)
     sql.write_text(text + TRACER)
+    log = target / "store" / "payload_log.py"  # schema v15: the payloads' own writes
+    if log.exists():
+        text = log.read_text()
+        if LOG_HOOK not in text:
+            raise SystemExit(f"{log}: PayloadLog.sync is not what this tracer expects")
+        log.write_text(text.replace(LOG_HOOK, LOG_HOOK + LOG_TRACE, 1))
     print(f"traced copy in {dest} (run the node bench with QPC_BENCH_NODE_SRC={dest})")
 
 
@@ -115,7 +131,7 @@ def show(path: Path, messages: int) -> None:
         for name, n in sorted(by.items(), key=lambda kv: -kv[1]):
             if n * per / messages >= 1:
                 print(f"    {name:<28} {n * per / messages:>7,.0f} B/msg  ({n} frames)")
-    print(f"WAL frames in all: {total / messages:,.0f} B per delivered message")
+    print(f"WAL frames (and payload log) in all: {total / messages:,.0f} B per delivered message")
 
 
 def main() -> None:

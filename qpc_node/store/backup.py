@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from qpc_node.store.errors import BackupFailed, SchemaTooNew
+from qpc_node.store.payload_log import PayloadMissing, Snapshot, directory_of, inline
 from qpc_node.store.schema import SCHEMA_VERSION, schema_version
 
 Finalizer = Callable[[Path, Path], None]
@@ -35,17 +36,31 @@ def _rename(src: Path, dst: Path) -> None:
 def backup_to(
     conn: sqlite3.Connection, destination: Path, *, finalize: Finalizer = _rename
 ) -> BackupInfo:
-    """Copy the live database page by page (readers and writers are not blocked long)."""
+    """Copy the live database page by page (readers and writers are not blocked long),
+    with the mailbox's payload log (store/payload_log.py) put into the copy's rows: the
+    backup is one self-contained file. ``conn`` may be the store's own or another
+    process's (``qpc backup`` on a running node)."""
     destination = Path(destination)
     tmp = destination.with_name(destination.name + ".partial")
     tmp.unlink(missing_ok=True)
+    source = Path(conn.execute("PRAGMA database_list").fetchone()[2])
     try:
-        target = sqlite3.connect(tmp)
-        try:
-            conn.backup(target, pages=1024)
-            target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
-        finally:
-            target.close()
+        for attempt in range(3):
+            tmp.unlink(missing_ok=True)
+            target = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                with Snapshot(directory_of(source)) as segments:
+                    conn.backup(target, pages=1024)
+                    target.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+                    inline(target, segments)
+                break
+            except PayloadMissing:
+                # A segment started during the copy and already deleted by the node
+                # (all its mail acked meanwhile): copy again.
+                if attempt == 2:
+                    raise
+            finally:
+                target.close()
         info = verify_file(tmp)
         finalize(tmp, destination)
     finally:

@@ -16,7 +16,7 @@ from typing import Literal
 
 from qpc_node.errors import ConfigError
 from qpc_node.store.held import handover_passes, handover_reopen, seen_add
-from qpc_node.store.mailbox import note_sent, release_to_custody
+from qpc_node.store.mailbox import note_sent, payload_of, release_to_custody
 from qpc_node.store.records import Envelope, RowRef
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
@@ -347,13 +347,13 @@ def relay_handover(
             ).fetchone()[0]
         )
         rows = conn.execute(
-            "SELECT id, seq, msg_id, expiry_ms, hop_limit, ciphertext, sender FROM messages"
-            " WHERE recipient = ? AND ciphertext IS NOT NULL AND expiry_ms > ?"
-            " ORDER BY seq LIMIT ?",
+            "SELECT id, seq, msg_id, expiry_ms, hop_limit, sender, ciphertext, seg, off, size"
+            " FROM messages WHERE recipient = ? AND expiry_ms > ? ORDER BY seq LIMIT ?",
             (recipient, now_ms, max(0, min(room, max_rows))),
         ).fetchall()
         moved = already = 0
-        for _id, _seq, msg_id, expiry_ms, hop_limit, ciphertext, tag in rows:
+        for _id, _seq, msg_id, expiry_ms, hop_limit, tag, *stored in rows:
+            ciphertext = payload_of(store.payloads, *stored)
             seen = conn.execute("SELECT 1 FROM relay_seen WHERE msg_id = ?", (msg_id,)).fetchone()
             if seen is not None:
                 already += 1
@@ -384,8 +384,7 @@ def relay_handover(
             moved += 1
         release_to_custody(conn, recipient, [int(r[1]) for r in rows], store.tombstones)
         left = conn.execute(
-            "SELECT count(*) FROM messages WHERE recipient = ? AND ciphertext IS NOT NULL"
-            " AND expiry_ms > ?",
+            "SELECT count(*) FROM messages WHERE recipient = ? AND expiry_ms > ?",
             (recipient, now_ms),
         ).fetchone()[0]
     return Handover(moved, already, int(left))
@@ -402,7 +401,7 @@ def mailboxes_with_mail(store: Store) -> set[bytes]:
 def mailbox_has_mail(store: Store, recipient: bytes, now_ms: int) -> bool:
     """Does ``recipient`` have unacked, unexpired mail here (a hand-over to do)?"""
     row = store.conn.execute(
-        "SELECT 1 FROM messages WHERE recipient = ? AND ciphertext IS NOT NULL"
+        "SELECT 1 FROM messages WHERE recipient = ?"
         " AND expiry_ms > ? AND seq > (SELECT acked_seq FROM mailboxes WHERE recipient = ?)"
         " LIMIT 1",
         (recipient, now_ms, recipient),

@@ -46,6 +46,7 @@ from qpc_node.store.errors import (
     QuotaExceeded,
 )
 from qpc_node.store.fairness import FairnessLimits, MailboxUsage, SenderKey, Usage, admit
+from qpc_node.store.payload_log import PayloadLog, PayloadMissing
 from qpc_node.store.records import (
     DAY_MS,
     FINGERPRINT_LEN,
@@ -62,31 +63,61 @@ from qpc_node.store.records import (
 SEQ_MAX = 2**63 - 1
 """Largest SQLite INTEGER; seqs from the wire (uint64) are clamped to it."""
 
-MERGE_ROWS = 2048
+MERGE_ROWS = 8192
 """Tombstones in ``delivered_log`` that trigger the move into ``delivered`` (one sorted
 insert touching each of the tree's pages at most once per this many acks). Also the
-bound of the in-memory mirror: ~0.3 MB at this size."""
+bound of the in-memory mirror: ~1.2 MB at this size (0.3 MB at 2,048). Why 8,192: the
+tree holds every tombstone of the retention window and its keys are random, so a move
+touches a share of all its pages however few tombstones it carries; four times fewer
+moves, 2,525 -> 2,239 B written per delivered message at bench/node_bench.py's default
+size and 2,863 -> 2,415 at 64,000 messages (docs/performance.md)."""
 
 
 class Tombstones:
-    """The tombstones of ``delivered_log``, mirrored in memory: (recipient + msg_id) ->
-    seq. The log has no msg_id index (that would be a random-keyed insert again), so the
-    duplicate check asks this mirror. Rows appended in a transaction are staged and
-    become part of the mirror only when the caller reports the commit
-    (:meth:`committed`); a rolled-back transaction drops them (:meth:`rolled_back`)."""
+    """What the duplicate check needs besides ``delivered``'s own key, in memory.
 
-    __slots__ = ("_merged", "_recent", "_rows", "_staged")
+    The tombstones of ``delivered_log``, mirrored: (recipient + msg_id) -> seq. The log
+    has no msg_id index (that would be a random-keyed insert again). Rows appended in a
+    transaction are staged and become part of the mirror only when the caller reports
+    the commit (:meth:`committed`); a rolled-back transaction drops them
+    (:meth:`rolled_back`).
 
-    def __init__(self, recent: dict[bytes, int]) -> None:
+    And the rows of ``messages``: (recipient + msg_id) -> seq, a superset (schema v15:
+    an index of random msg_ids had most of its pages written by every enqueue and
+    reclaim, ~210 B per delivered message). A hit is only a candidate, confirmed by the
+    row at (recipient, seq) (:func:`enqueue`), so an entry whose row is gone or never
+    committed is harmless; what must hold is that every committed row has its entry:
+    entries are added at the insert and dropped only when the transaction that deleted
+    the row commits. Rebuilt by one scan at open; ~200 B per stored message."""
+
+    __slots__ = ("_gone", "_live", "_merged", "_recent", "_rows", "_staged")
+
+    def __init__(self, recent: dict[bytes, int], live: dict[bytes, int] | None = None) -> None:
         self._recent = recent
         self._staged: dict[bytes, int] = {}
         self._rows = len(recent)
         self._merged = False
+        self._live: dict[bytes, int] = {} if live is None else live
+        self._gone: list[bytes] = []
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> Tombstones:
         rows = conn.execute("SELECT recipient, msg_id, seq FROM delivered_log")
-        return cls({bytes(r) + bytes(m): int(q) for r, m, q in rows})
+        recent = {bytes(r) + bytes(m): int(q) for r, m, q in rows}
+        rows = conn.execute("SELECT recipient, msg_id, seq FROM messages")
+        return cls(recent, {bytes(r) + bytes(m): int(q) for r, m, q in rows})
+
+    def stored(self, recipient: bytes, msg_id: bytes, seq: int) -> None:
+        """A row inserted in this transaction (kept even if it rolls back: a candidate)."""
+        self._live[recipient + msg_id] = seq
+
+    def candidate(self, recipient: bytes, msg_id: bytes) -> int | None:
+        """The seq of the row ``messages`` may hold for this msg_id (confirm it)."""
+        return self._live.get(recipient + msg_id)
+
+    def deleted(self, recipient: bytes, msg_ids: Iterable[bytes]) -> None:
+        """Rows deleted in this transaction without a tombstone (expiry, purge)."""
+        self._gone += [recipient + m for m in msg_ids]
 
     def __len__(self) -> int:
         return self._rows + len(self._staged)
@@ -108,7 +139,9 @@ class Tombstones:
             rows,
         )
         for recipient, msg_id, seq, _ in rows:
-            self._staged[recipient + msg_id] = seq
+            key = recipient + msg_id
+            self._staged[key] = seq
+            self._gone.append(key)
 
     def merge(self, conn: sqlite3.Connection) -> None:
         """Move the log into ``delivered``: sorted, so each of its pages is written once."""
@@ -128,10 +161,14 @@ class Tombstones:
         self._rows = len(self._recent)
         self._staged.clear()
         self._merged = False
+        for key in self._gone:
+            self._live.pop(key, None)
+        self._gone.clear()
 
     def rolled_back(self) -> None:
         self._staged.clear()
         self._merged = False
+        self._gone.clear()
 
 
 def validate_envelopes(envelopes: Sequence[Envelope], now_ms: int, limits: StoreLimits) -> None:
@@ -165,6 +202,7 @@ def enqueue(
     sender: SenderKey | None = None,
     memo: Acceptances | None = None,
     tombstones: Tombstones | None = None,
+    payloads: PayloadLog | None = None,
 ) -> list[EnqueueResult]:
     """Store a validated batch; raise :class:`QuotaExceeded` before writing anything.
 
@@ -172,7 +210,8 @@ def enqueue(
     to it, and a local sender's recipients become senders it accepts). ``None`` is an
     operator path (tools, tests) that only the plain mailbox quota binds; every network
     path names its sender. Must run inside a transaction (or savepoint) so the batch is
-    all-or-nothing.
+    all-or-nothing. With ``payloads`` the ciphertexts go to the store's payload log
+    (the store syncs it before the commit), else inline in the row.
     """
     # Pass 1: classify each envelope as a duplicate (of an earlier copy, possibly in
     # this very batch) or new, and count what the new ones add to each mailbox.
@@ -181,8 +220,7 @@ def enqueue(
     added: dict[bytes, list[int]] = {}  # recipient -> [count, bytes]
     for index, env in enumerate(envelopes):
         key = (env.recipient, env.msg_id)
-        logged = None if tombstones is None else tombstones.seq_of(*key)
-        row = (logged,) if logged is not None else conn.execute(_DUPLICATE, key + key).fetchone()
+        row = _first_copy(conn, tombstones, *key)
         if row is not None:
             results.append(EnqueueResult(env.msg_id, int(row[0]), duplicate=True))
         elif key in first_in_batch:
@@ -252,9 +290,17 @@ def enqueue(
             seq = next_seq[env.recipient] + 1
             next_seq[env.recipient] = seq
             assigned[key] = seq
+            inline: bytes | None = env.ciphertext
+            seg = off = None
+            if payloads is not None:
+                seg, off = payloads.append(env.ciphertext)
+                inline = None
+            if tombstones is not None:
+                tombstones.stored(env.recipient, env.msg_id, seq)
             conn.execute(
                 "INSERT INTO messages (recipient, seq, msg_id, expiry_ms, hop_limit,"
-                " enqueued_ms, size, ciphertext, sender) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " enqueued_ms, size, ciphertext, sender, seg, off)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     env.recipient,
                     seq,
@@ -263,8 +309,10 @@ def enqueue(
                     env.hop_limit,
                     now_ms,
                     len(env.ciphertext),
-                    env.ciphertext,
+                    inline,
                     stranger_tag.get(env.recipient),
+                    seg,
+                    off,
                 ),
             )
             out.append(EnqueueResult(env.msg_id, seq, duplicate=False))
@@ -282,12 +330,31 @@ def enqueue(
     return out
 
 
+def _first_copy(
+    conn: sqlite3.Connection, tombstones: Tombstones | None, recipient: bytes, msg_id: bytes
+) -> tuple[int] | None:
+    """The first copy's seq: in ``messages`` (unacked, or acked and not yet reclaimed),
+    or delivered (its tombstone in ``delivered_log``, mirrored by ``tombstones``, or in
+    ``delivered``). ``messages`` has no msg_id index: ``tombstones`` names the candidate
+    row, confirmed here; without it (operator tools) the recipient's rows are scanned."""
+    key = (recipient, msg_id)
+    if tombstones is None:
+        return conn.execute(_DUPLICATE, key + key).fetchone()  # type: ignore[no-any-return]
+    logged = tombstones.seq_of(recipient, msg_id)
+    if logged is not None:
+        return (logged,)
+    seq = tombstones.candidate(recipient, msg_id)
+    if seq is not None and conn.execute(_ROW, (recipient, seq, msg_id)).fetchone() is not None:
+        return (seq,)
+    return conn.execute(_DELIVERED, key).fetchone()  # type: ignore[no-any-return]
+
+
 _DUPLICATE = (
     "SELECT seq FROM messages WHERE recipient = ? AND msg_id = ?"
     " UNION ALL SELECT seq FROM delivered WHERE recipient = ? AND msg_id = ? LIMIT 1"
 )
-"""The first copy's seq: in ``messages`` (unacked, or acked and not yet reclaimed), or
-delivered (its tombstone; those still in ``delivered_log`` are in :class:`Tombstones`)."""
+_ROW = "SELECT 1 FROM messages WHERE recipient = ? AND seq = ? AND msg_id = ?"
+_DELIVERED = "SELECT seq FROM delivered WHERE recipient = ? AND msg_id = ?"
 
 
 _MAILBOX = (
@@ -477,6 +544,7 @@ def fetch(
     now_ms: int,
     overhead: int = 0,
     strict: bool = False,
+    payloads: PayloadLog | None = None,
 ) -> FetchResult:
     """Messages with ``seq > after_seq`` in order, never an expired one.
 
@@ -486,7 +554,8 @@ def fetch(
     caller reserved exactly ``max_bytes`` for its answer) returns none then, with
     ``more`` set. Only the returned messages' ciphertexts are read: sizes come
     first, so a large message past the page costs nothing.
-    Must run inside a (read) transaction: both queries see one snapshot.
+    Must run inside a (read) transaction: both queries see one snapshot. Rows whose
+    ciphertext is in the payload log are read from ``payloads`` (:func:`payload_of`).
     """
     check_fingerprint(recipient)
     if limit < 1 or max_bytes < 0 or (max_bytes < 1 and not strict) or after_seq < 0:
@@ -496,13 +565,9 @@ def fetch(
     # Wire seqs are uint64, SQLite INTEGER is int64: no stored seq exceeds the clamp.
     last_seq, acked_seq = _mailbox_seqs(conn, recipient)
     after_seq = max(min(after_seq, SEQ_MAX), acked_seq)  # acked rows wait for reclaim
-    where = (
-        " WHERE recipient = ? AND seq > ? AND seq <= ? AND ciphertext IS NOT NULL"
-        " AND expiry_ms > ? ORDER BY seq"
-    )
-    # length() of a BLOB reads its size from the record header, not its pages.
+    where = " WHERE recipient = ? AND seq > ? AND seq <= ? AND expiry_ms > ? ORDER BY seq"
     sizes = conn.execute(
-        "SELECT seq, length(ciphertext) FROM messages" + where + " LIMIT ?",
+        "SELECT seq, size FROM messages" + where + " LIMIT ?",
         (recipient, after_seq, SEQ_MAX, now_ms, limit + 1),
     ).fetchall()
     used = 0
@@ -517,17 +582,30 @@ def fetch(
     if not taken:
         return FetchResult((), more=more, last_seq=last_seq)
     cursor = conn.execute(
-        "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext FROM messages" + where,
+        "SELECT seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext, seg, off, size"
+        " FROM messages" + where,
         (recipient, after_seq, sizes[taken - 1][0], now_ms),
     )
     messages: list[StoredMessage] = []
     try:
-        for seq, msg_id, expiry_ms, hop_limit, enqueued_ms, ciphertext in cursor:
+        for seq, msg_id, expiry_ms, hop_limit, enqueued_ms, *stored in cursor:
+            ciphertext = payload_of(payloads, *stored)
             envelope = Envelope(msg_id, recipient, expiry_ms, hop_limit, ciphertext)
             messages.append(StoredMessage(seq, envelope, enqueued_ms))
     finally:
         cursor.close()
     return FetchResult(tuple(messages), more=more, last_seq=last_seq)
+
+
+def payload_of(
+    payloads: PayloadLog | None, inline: bytes | None, seg: int | None, off: int | None, size: int
+) -> bytes:
+    """A row's ciphertext: inline (rows stored before schema v15), or in the log."""
+    if inline is not None:
+        return bytes(inline)
+    if payloads is None or seg is None or off is None:
+        raise PayloadMissing("the row's payload is in the log, and no log was given")
+    return payloads.read(int(seg), int(off), int(size))
 
 
 def ack(
@@ -671,9 +749,12 @@ def expire(
     rows = conn.execute(
         "DELETE FROM messages WHERE id IN"
         " (SELECT id FROM messages WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)"
-        " RETURNING recipient, size, sender, seq",
+        " RETURNING recipient, size, sender, seq, msg_id",
         (now_ms, max_rows),
     ).fetchall()
+    if log is not None:
+        for recipient, _size, _tag, _seq, msg_id in rows:
+            log.deleted(recipient, (msg_id,))
     tombstones = conn.execute(
         "DELETE FROM delivered WHERE (recipient, msg_id) IN (SELECT recipient, msg_id"
         " FROM delivered WHERE expiry_ms <= ? ORDER BY expiry_ms LIMIT ?)",
@@ -682,7 +763,7 @@ def expire(
     more = len(rows) >= max_rows or tombstones >= max_rows
     live: dict[bytes, list[tuple[bytes | None, int]]] = {}
     acked: dict[bytes, int] = {}
-    for recipient, size, tag, seq in rows:
+    for recipient, size, tag, seq, _ in rows:
         if recipient not in acked:
             acked[recipient] = _mailbox_seqs(conn, recipient)[1]
         if seq > acked[recipient]:  # an acked row's room was given back at its ack
@@ -701,7 +782,9 @@ def expire(
 
 
 def _purge_expired_of(conn: sqlite3.Connection, recipient: bytes, now_ms: int) -> None:
-    """Make room by dropping this mailbox's expired messages (quota is about live ones)."""
+    """Make room by dropping this mailbox's expired messages (quota is about live ones).
+    Runs in a savepoint that a refusal rolls back while the transaction goes on: so the
+    rows' entries in :class:`Tombstones` stay (a stale entry is only a candidate)."""
     rows = conn.execute(
         "DELETE FROM messages WHERE recipient = ? AND expiry_ms <= ? RETURNING size, sender, seq",
         (recipient, now_ms),

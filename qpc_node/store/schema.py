@@ -290,6 +290,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expiry_ms INTEGER NOT NULL
         )""",
     ),
+    # 15: a mailbox message's ciphertext goes to the append-only payload log
+    # (store/payload_log.py): the row keeps (seg, off) and ``size``, ``ciphertext`` is
+    # NULL. Why: in SQLite the 1,280 B payload of a 1 KiB message was written to the
+    # WAL with its leaf cell and again by the checkpoint (bench/node_bench.py: 2.7 x the
+    # payload per delivered message). Rows stored before keep their ciphertext inline
+    # and are read as before. Two of the three indexes every enqueue and reclaim wrote
+    # go (docs/performance.md): the (recipient, msg_id) index of random ids had most of
+    # its pages written by every commit; the duplicate check takes the candidate row
+    # from an in-memory map rebuilt at open (store/mailbox.py Tombstones) and confirms
+    # it by (recipient, seq), and (recipient, msg_id) stays unique through that check
+    # in enqueue, the only writer, inside its transaction. The expiry index goes too:
+    # the minute's sweep scans the rows, ~100 B each now that the payloads are
+    # elsewhere.
+    (
+        "ALTER TABLE messages ADD COLUMN seg INTEGER",
+        "ALTER TABLE messages ADD COLUMN off INTEGER",
+        "DROP INDEX messages_by_expiry",
+        "DROP INDEX messages_by_msg_id",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

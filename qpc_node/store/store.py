@@ -25,6 +25,7 @@ from qpc_node.store import audit, keypackages, mailbox, meta
 from qpc_node.store.backup import BackupInfo, Finalizer, backup_to
 from qpc_node.store.errors import QuotaExceeded, StoreClosed
 from qpc_node.store.fairness import Reason, SenderKey
+from qpc_node.store.payload_log import PayloadLog
 from qpc_node.store.records import (
     MIB,
     AuditEvent,
@@ -84,10 +85,14 @@ class MailboxTotals(NamedTuple):
 class Store:
     """A node's database. Open with :meth:`Store.open`; close (or ``with``) when done."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, limits: StoreLimits) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, limits: StoreLimits, payloads: PayloadLog
+    ) -> None:
         self._conn: sqlite3.Connection | None = conn
         self.path = path
         self.limits = limits
+        self._payloads = payloads
+        self._collecting = False
         self._schema_version = schema_version(conn)
         # Acked rows waiting for the next write transaction (mailbox.reclaim), per
         # recipient, and the tombstones not yet moved into ``delivered``.
@@ -120,8 +125,11 @@ class Store:
             page = int(conn.execute("PRAGMA page_size").fetchone()[0])
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_BYTES // page:d}")
             migrate(conn)
+            payloads = PayloadLog.open(path, conn)
+            on_error.callback(payloads.close)
+            store = cls(conn, path, limits or StoreLimits(), payloads)
             on_error.pop_all()
-        return cls(conn, path, limits or StoreLimits())
+        return store
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -130,6 +138,9 @@ class Store:
         if self._conn is not None and self._unreclaimed:
             with contextlib.suppress(sqlite3.Error):  # the next open reclaims them
                 self.reclaim()
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error, OSError):  # the next open collects
+                self._collect()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -137,6 +148,7 @@ class Store:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
+            self._payloads.close()
 
     def __enter__(self) -> Store:
         return self
@@ -160,8 +172,11 @@ class Store:
         """A write transaction that first reclaims acked rows (``reclaim``) and moves
         the tombstone log into ``delivered`` once it is long enough; keeps the
         in-memory state in step with the commit or the rollback. Every write to the
-        mailbox tables goes through here (federation's hand-over too)."""
+        mailbox tables goes through here (federation's hand-over too). The payload log
+        is synced before the COMMIT: a committed row never points at bytes a crash
+        could lose."""
         tombstones = self._tombstones
+        payloads = self._payloads
         try:
             with transaction(self.conn) as conn:
                 if reclaim and self._unreclaimed:
@@ -169,13 +184,44 @@ class Store:
                 yield conn
                 if len(tombstones) >= mailbox.MERGE_ROWS:
                     tombstones.merge(conn)
+                payloads.sync()
         except BaseException:
             tombstones.rolled_back()
+            payloads.rolled_back()
             raise
         tombstones.committed()
         if reclaim:
             self._unreclaimed.clear()
         self._transactions += 1
+        if payloads.committed() and not self._collecting:
+            # A segment was sealed: delete those no row points at any more. The caller's
+            # commit stands whatever happens here; the next seal or open retries.
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._collect()
+
+    @property
+    def payloads(self) -> PayloadLog:
+        """The mailbox's payload log (federation's hand-over reads from it)."""
+        return self._payloads
+
+    def _collect(self) -> None:
+        """Delete dead segments; compact the most wasteful ones if too much is dead."""
+        self._collecting = True
+        try:
+            for seg in self._payloads.collect(self.conn):
+                with self.write(reclaim=False) as conn:
+                    rows = conn.execute(
+                        "SELECT id, off, size FROM messages WHERE seg = ?", (seg,)
+                    ).fetchall()
+                    for row_id, off, size in rows:
+                        moved = self._payloads.append(self._payloads.read(seg, off, size))
+                        conn.execute(
+                            "UPDATE messages SET seg = ?, off = ? WHERE id = ?", (*moved, row_id)
+                        )
+                self._transactions -= 1  # housekeeping
+            self._payloads.collect(self.conn)
+        finally:
+            self._collecting = False
 
     @property
     def tombstones(self) -> mailbox.Tombstones:
@@ -188,10 +234,12 @@ class Store:
         return bool(self._unreclaimed)
 
     def reclaim(self) -> None:
-        """Delete acked rows now, in a commit of their own (idle, close)."""
+        """Delete acked rows now, in a commit of their own (idle, close), and the
+        payload segments nobody needs any more."""
         with self.write():
             pass
         self._transactions -= 1  # housekeeping, not a caller's transaction
+        self._collect()
 
     def checkpoint(self) -> None:
         """Fold the WAL into the main file (PASSIVE: never waits for readers)."""
@@ -239,7 +287,14 @@ class Store:
                     # No savepoint of its own: a refused batch writes nothing (see
                     # mailbox.enqueue); a database error rolls the whole group back.
                     results = mailbox.enqueue(
-                        conn, envelopes, now_ms, self.limits, sender, memo, self._tombstones
+                        conn,
+                        envelopes,
+                        now_ms,
+                        self.limits,
+                        sender,
+                        memo,
+                        self._tombstones,
+                        self._payloads,
                     )
                 except QuotaExceeded as exc:
                     outcomes[index] = exc
@@ -282,6 +337,7 @@ class Store:
                 now_ms=now_ms,
                 overhead=overhead,
                 strict=strict,
+                payloads=self._payloads,
             )
         finally:
             conn.execute("COMMIT")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qpc_node.store import Envelope, Store, mailbox
+from qpc_node.store import Envelope, Store, StoredMessage, mailbox
 
 TOTAL = 2_000
 KILL_AFTER = 500
@@ -209,3 +209,106 @@ def test_acknowledged_enqueues_and_acks_survive_sigkill(tmp_path: Path, merge_ro
         assert len({r.seq for r in results}) == TOTAL
         gone = TOTAL - store.depth(ALICE).messages  # acked (tombstones), all enqueued
         assert gone >= sum(1 for s in enqueued.values() if s <= acked_to)
+
+
+# Enqueues and acks in one process, killed by itself right after the payload log's
+# fdatasync of transaction argv[3] and before that transaction's COMMIT (store/
+# payload_log.py): the window between the two syncs. Segments of 8 messages, so the
+# kill also follows seals, deleted segments and compactions.
+CHILD_LOG = textwrap.dedent(
+    """
+    import os, signal, sys
+    from qpc_node.store import Envelope, Store, payload_log
+
+    TOTAL, NOW, EXPIRY, KILL_AT = int(sys.argv[2]), {now}, {expiry}, int(sys.argv[3])
+    payload_log.SEGMENT_BYTES = 8 * 1024
+    payload_log.SLACK_BYTES = 8 * 1024
+    A, B = b"A" * 32, b"B" * 32
+    synced = [0]
+    real_sync = payload_log.PayloadLog.sync
+
+    def sync(self):
+        staged = bool(self._staged)
+        real_sync(self)
+        synced[0] += staged
+        if staged and synced[0] == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    payload_log.PayloadLog.sync = sync
+
+    def envelope(n):
+        to = B if n % 5 == 0 else A  # B's mail is never acked: its segments compact
+        return Envelope(n.to_bytes(16, "big"), to, EXPIRY, 8, bytes([n % 251]) * 1024)
+
+    store = Store.open(sys.argv[1])
+    for first in range(0, TOTAL, 3):
+        results = store.enqueue([envelope(n) for n in range(first, first + 3)], NOW)
+        for n, r in zip(range(first, first + 3), results):
+            sys.stdout.write(f"e {{r.seq}} {{n}}\\n")
+        sys.stdout.flush()
+        page = store.fetch(A, now_ms=NOW, limit=64)
+        if page.messages:
+            store.ack(A, up_to_seq=page.messages[-1].seq)
+            sys.stdout.write(f"a {{page.messages[-1].seq}}\\n")
+        sys.stdout.flush()
+    """
+).format(now=NOW, expiry=EXPIRY)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kill_at", [1, 37, 150])
+def test_a_kill_between_the_payload_log_sync_and_the_commit(tmp_path: Path, kill_at: int) -> None:
+    """The transaction whose payloads were synced but whose rows never committed is
+    not acknowledged and leaves nothing visible; every acknowledged enqueue is stored
+    with its bytes (or acked), every acknowledged ack holds; stray bytes and segments
+    are cleaned up at open and the store carries on."""
+    db = tmp_path / "node.db"
+    total = 600
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-c", CHILD_LOG, str(db), str(total), str(kill_at)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=100,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    enqueued: dict[int, int] = {}
+    acked_to = 0
+    for line in run.stdout.splitlines():
+        kind, *rest = line.split()
+        if kind == "e":
+            enqueued[int(rest[1])] = int(rest[0])
+        else:
+            acked_to = max(acked_to, int(rest[0]))
+    bob = b"B" * 32
+
+    def envelope(n: int) -> Envelope:
+        to = bob if n % 5 == 0 else ALICE
+        return Envelope(n.to_bytes(16, "big"), to, EXPIRY, 8, bytes([n % 251]) * 1024)
+
+    with Store.open(db) as store:
+        stored: dict[int, StoredMessage] = {}
+        for who in (ALICE, bob):
+            page = store.fetch(who, now_ms=NOW, limit=total + 1, max_bytes=1 << 30)
+            stored.update({int.from_bytes(m.envelope.msg_id, "big"): m for m in page.messages})
+            if who == ALICE:
+                assert all(m.seq > acked_to for m in page.messages)  # the ack holds
+        for n, m in stored.items():
+            assert m.envelope == envelope(n), n  # compacted or not, the bytes are intact
+        # Unacknowledged and stored: only the batch in flight (committed, then killed in
+        # the compaction that followed its seal, before it returned).
+        assert len(set(stored) - set(enqueued)) <= 3
+        for n, seq in enqueued.items():
+            if n % 5 == 0 or seq > acked_to:
+                assert stored[n].seq == seq, n  # acknowledged and not acked: here
+        results = store.enqueue([envelope(n) for n in range(total)], NOW)
+        for n, seq in enqueued.items():
+            assert results[n].duplicate and results[n].seq == seq, n
+        assert sum(not r.duplicate for r in results) == total - len(set(enqueued) | set(stored))
+        for who in (ALICE, bob):  # every payload readable, the new ones too
+            page = store.fetch(who, now_ms=NOW, limit=total + 1, max_bytes=1 << 30)
+            assert all(
+                m.envelope == envelope(int.from_bytes(m.envelope.msg_id, "big"))
+                for m in page.messages
+            )
