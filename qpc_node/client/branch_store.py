@@ -47,7 +47,7 @@ class BranchStateError(ClientStateError):
 
 @dataclass(slots=True)
 class PastEpoch:
-    """One epoch of our branch kept for rejoin offers (branches.py ``_Past``)."""
+    """One epoch of our branch kept for rejoin offers (branches.py ``_Group.past``)."""
 
     tag: bytes
     epoch: int

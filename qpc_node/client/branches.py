@@ -54,6 +54,7 @@ from typing import ParamSpec, TypeVar
 from qpc_node import crypto
 from qpc_node.client import branch_store
 from qpc_node.client.agent_types import AgentContext, AgentPart
+from qpc_node.client.branch_store import PastEpoch
 from qpc_node.client.mlsheader import InvalidMlsHeader, parse_header
 from qpc_node.client.state import MAX_BRANCH_TEXTS, ClientStateError
 from qpc_node.groups.fork import (
@@ -61,7 +62,6 @@ from qpc_node.groups.fork import (
     EpochInfo,
     ForkCommit,
     ForkResolver,
-    OrderKey,
     OutOfWindow,
     RouteKind,
     Switch,
@@ -175,22 +175,6 @@ class BranchStatistics:
     """Offers of a winning branch we may not rejoin (we were removed on a branch)."""
 
 
-@dataclass(slots=True)
-class _Past:
-    """An epoch of our branch, kept (beyond the rollback window too, up to MAX_STEPS) for
-    rejoin offers: what the other side of a long partition needs to compare with us."""
-
-    epoch: int
-    key: bytes
-    members: frozenset[str]
-    child: OrderKey | None = None
-    """The ordering key of the commit our branch took in this epoch (None: our tip)."""
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    sent: list[bytes] = field(default_factory=list)
-    """Our texts' app ids sent in this epoch (re-sent if we rejoin another branch)."""
-
-
 CommitEnvelopes = Callable[[list[bytes], bytes, bytes], list[tuple[bytes, bytes]]]
 """(recipients, MLS commit, branch tag) -> the outbox rows (msg_id, envelope) that carry
 the commit to each recipient (``Outbox.to_each``: pure, so the MLS worker may call it)."""
@@ -218,8 +202,10 @@ class _Group:
     """Members our own commits removed: if such a commit loses, we remove them again."""
     own_added: set[str] = field(default_factory=set)
     """Members our own commits added: if such a commit loses, we add them again."""
-    past: dict[bytes, _Past] = field(default_factory=dict)
-    """Our branch's epochs by tag, oldest first (the last one is the tip)."""
+    past: dict[bytes, PastEpoch] = field(default_factory=dict)
+    """Our branch's epochs by tag, oldest first (the last one is the tip), kept beyond
+    the rollback window too (up to MAX_STEPS) for rejoin offers: what the other side of
+    a long partition needs to compare with us; saved as they are in the record."""
     unknown_since: int | None = None
     """When we last held a message of a branch we do not know (an offer is due)."""
     caught_up: set[tuple[str, bytes]] = field(default_factory=set)
@@ -361,7 +347,7 @@ class Branches(AgentPart):
         info = epoch_info(g)
         r.start(info, now)
         st = _Group(r)
-        st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
+        st.past[info.tag] = PastEpoch(info.tag, info.epoch, rejoin_key(g), info.members)
         self._groups[gid] = st
         return st
 
@@ -498,7 +484,7 @@ class Branches(AgentPart):
             parent.added, parent.removed = fc.added, fc.removed
         else:
             past.clear()
-        past[info.tag] = _Past(info.epoch, key, info.members)
+        past[info.tag] = PastEpoch(info.tag, info.epoch, key, info.members)
         while len(past) > MAX_STEPS:
             del past[next(iter(past))]
 
@@ -565,12 +551,7 @@ class Branches(AgentPart):
             st.old_proposals,
             st.own_commit,
             own_added=st.own_added,
-            past=[
-                branch_store.PastEpoch(
-                    t, p.epoch, p.key, p.members, p.child, p.added, p.removed, p.sent
-                )
-                for t, p in st.past.items()
-            ],
+            past=list(st.past.values()),
             readd=st.readd,
             rejoin_removed=st.rejoin_removed,
             offered=st.offered,
@@ -648,13 +629,10 @@ class Branches(AgentPart):
         st.rejoin_removed, st.offered = state.rejoin_removed, state.offered
         st.rejoined_from = state.rejoined_from
         if state.past and state.past[-1].tag == r.tip.tag:
-            for p in state.past:
-                st.past[p.tag] = _Past(
-                    p.epoch, p.key, p.members, p.child, p.added, p.removed, p.sent
-                )
+            st.past = {p.tag: p for p in state.past}
         else:  # a version 1 record (or one saved after we were removed): the tip only
             info = epoch_info(g)
-            st.past[info.tag] = _Past(info.epoch, rejoin_key(g), info.members)
+            st.past[info.tag] = PastEpoch(info.tag, info.epoch, rejoin_key(g), info.members)
         live = set(r.live_path())
         for t in self._db(self._st.branch_texts_after, gid, rec.texts_seq):
             if t.tag in live:

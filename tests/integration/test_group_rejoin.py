@@ -101,6 +101,33 @@ async def _update(x: Agent, gid: bytes) -> None:
     assert x.ident.group(gid).epoch == before + 1
 
 
+async def _cut_off_beyond_the_window(
+    wall: ManualWallClock, agents: list[Agent]
+) -> tuple[Agent, Agent, bytes]:
+    """Both committers commit one epoch more than the rollback window while cut off
+    from each other (nobody reads mail), each sending a text on its branch in the
+    second epoch. c1's fork commit changes the committer list (the failover rotates
+    it), c0's is a self-update: c1's side (Y) wins at the fork whichever ranks come
+    out. Returns (c0, c1, group id)."""
+    c0, c1, gid = await _group_of(wall, agents)
+    q = next(x for x in agents if x not in (c0, c1))
+    # Side Y: q asks for an update and c1 reads it before the cable is pulled; c0
+    # stays silent, so c1 commits it and becomes its side's first committer.
+    await q.group_update("team")
+    await flush_inbox(c1)
+    epoch = c1.ident.group(gid).epoch
+    await _failover_commit(wall, c1)
+    assert c1.ident.group(gid).epoch == epoch + 1
+    for k in range(c0._branches.window + 1):
+        await _update(c0, gid)
+        await _update(c1, gid)
+        if k == 1:
+            await c0.group_send("team", "from c0 on x")
+            await c1.group_send("team", "from c1 on y")
+    assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+    return c0, c1, gid
+
+
 @pytest.mark.parametrize("winner_moves_on", [False, True])
 async def test_partition_longer_than_the_window_heals_by_external_commit(
     tmp_path: Path, wall: ManualWallClock, winner_moves_on: bool
@@ -118,27 +145,9 @@ async def test_partition_longer_than_the_window_heals_by_external_commit(
         running_node(tmp_path, wall) as (_, info),
         users(tmp_path, info, wall, "a", "b", "c", "d") as agents,
     ):
-        c0, c1, gid = await _group_of(wall, agents)
-        q = next(x for x in agents if x not in (c0, c1))
-        # Side Y: q asks for an update and c1 reads it before the cable is pulled; c0
-        # stays silent, so c1 commits it and becomes its side's first committer.
-        await q.group_update("team")
-        await flush_inbox(c1)
-        epoch = c1.ident.group(gid).epoch
-        await _failover_commit(wall, c1)
-        assert c1.ident.group(gid).epoch == epoch + 1
-        window = c0._branches.window
-        for k in range(window + 1):
-            await _update(c0, gid)
-            await _update(c1, gid)
-            if k == 1:
-                await c0.group_send("team", "from c0 on x")
-                await c1.group_send("team", "from c1 on y")
-        assert c0._branches.tag(c0.ident.group(gid)) != c1._branches.tag(c1.ident.group(gid))
+        c0, c1, gid = await _cut_off_beyond_the_window(wall, agents)
         if winner_moves_on:
-            # c1's fork commit changes the committer list (the failover rotates it), c0's
-            # is a self-update: Y wins at the fork, whichever ranks come out.
-            await flush_inbox(c1)
+            await flush_inbox(c1)  # Y wins at the fork (see the helper)
             await c1._groups.timers()
             assert c1._branches.stats.offers_sent == 1
             await _update(c1, gid)
@@ -228,17 +237,7 @@ async def test_a_long_partition_heals_after_both_committers_restarted(
         host = Host(nursery, tmp_path, info, wall)
         agents = [await host.open(n) for n in "abcd"]
         names = {x.ident.fingerprint: n for n, x in zip("abcd", agents, strict=True)}
-        c0, c1, gid = await _group_of(wall, agents)
-        q = next(x for x in agents if x not in (c0, c1))
-        await q.group_update("team")
-        await flush_inbox(c1)
-        await _failover_commit(wall, c1)
-        for k in range(c0._branches.window + 1):
-            await _update(c0, gid)
-            await _update(c1, gid)
-            if k == 1:
-                await c0.group_send("team", "from c0 on x")
-                await c1.group_send("team", "from c1 on y")
+        c0, c1, gid = await _cut_off_beyond_the_window(wall, agents)
         for c in (c0, c1):  # the processes restart; their files stay
             n = names[c.ident.fingerprint]
             await host.close(n)
@@ -345,18 +344,7 @@ async def test_a_crash_in_the_middle_of_a_rejoin_recovers(
         host = Host(nursery, tmp_path, info, wall)
         agents = [await host.open(n) for n in "abcd"]
         names = {x.ident.fingerprint: n for n, x in zip("abcd", agents, strict=True)}
-        c0, c1, gid = await _group_of(wall, agents)
-        q = next(x for x in agents if x not in (c0, c1))
-        # As in the test above: c1's fork commit rotates the committer list, so Y wins.
-        await q.group_update("team")
-        await flush_inbox(c1)
-        await _failover_commit(wall, c1)
-        for k in range(c0._branches.window + 1):
-            await _update(c0, gid)
-            await _update(c1, gid)
-            if k == 1:
-                await c0.group_send("team", "from c0 on x")
-                await c1.group_send("team", "from c1 on y")
+        c0, c1, gid = await _cut_off_beyond_the_window(wall, agents)  # Y (c1) wins
         await flush_inbox(c1)
         await c1._groups.timers()
         assert c1._branches.stats.offers_sent == 1

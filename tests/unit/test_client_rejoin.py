@@ -110,15 +110,18 @@ def test_a_catch_up_answers_a_member_of_the_fork_with_texts_it_was_sent_once() -
     """Branches.catch_up: our texts of the epochs after the fork whose roster held the
     asking member; nothing for a member that was not in the fork epoch, nothing of an
     epoch whose roster lacked it, and each (member, fork) once."""
-    from qpc_node.client.branches import Branches, _Group, _Past
+    from qpc_node.client.branch_store import PastEpoch
+    from qpc_node.client.branches import Branches, _Group
     from qpc_node.groups.fork import ForkResolver
 
     a, b, j = "aa" * 32, "bb" * 32, "cc" * 32
     past = {
-        TAGS[0]: _Past(1, KEYS[TAGS[0]], frozenset({a, b}), LOW, sent=[b"t0"]),
-        TAGS[1]: _Past(2, KEYS[TAGS[1]], frozenset({a, b}), LOW, sent=[b"t1"]),
-        TAGS[2]: _Past(3, KEYS[TAGS[2]], frozenset({a}), LOW, sent=[b"t2"]),  # b not in it
-        TAGS[3]: _Past(4, KEYS[TAGS[3]], frozenset({a, b, j}), None, sent=[b"t3"]),
+        TAGS[0]: PastEpoch(TAGS[0], 1, KEYS[TAGS[0]], frozenset({a, b}), LOW, sent=[b"t0"]),
+        TAGS[1]: PastEpoch(TAGS[1], 2, KEYS[TAGS[1]], frozenset({a, b}), LOW, sent=[b"t1"]),
+        TAGS[2]: PastEpoch(
+            TAGS[2], 3, KEYS[TAGS[2]], frozenset({a}), LOW, sent=[b"t2"]
+        ),  # b not in it
+        TAGS[3]: PastEpoch(TAGS[3], 4, KEYS[TAGS[3]], frozenset({a, b, j}), None, sent=[b"t3"]),
     }
     branches = object.__new__(Branches)
     branches._groups = {GID: _Group(ForkResolver(), past=past)}
