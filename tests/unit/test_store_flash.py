@@ -32,11 +32,13 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def crash(store: Store) -> None:
-    """Drop the connection as kill -9 would: no reclaim, no checkpoint at close."""
+    """Drop the connection as kill -9 would: no reclaim, no collect of the payload
+    log, no checkpoint at close."""
     conn = store._conn
     assert conn is not None
     store._conn = None
     conn.close()
+    store.payloads.close()
 
 
 def wal_frames(path: Path) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_store_flash import ALICE, BOB, NOW, crash, env, wal_frames
 
 from qpc_node.store import Envelope, Store, StoreError, payload_log
 from qpc_node.store.backup import backup_to
@@ -19,38 +20,11 @@ from qpc_node.store.payload_log import PayloadMissing, directory_of
 from qpc_node.store.schema import migrate
 from qpc_node.store.sql import connect, transaction
 
-NOW = 1_700_000_000_000
-HOUR = 3_600_000
-ALICE = b"A" * 32
-BOB = b"B" * 32
-
-
-def env(n: int, to: bytes = ALICE, *, size: int = 1280) -> Envelope:
-    return Envelope(n.to_bytes(16, "big"), to, NOW + HOUR, 8, bytes([n % 251]) * size)
-
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     with Store.open(tmp_path / "node.db") as s:
         yield s
-
-
-def crash(store: Store) -> None:
-    """Drop the connection as kill -9 would: no reclaim, no collect, no checkpoint."""
-    conn = store._conn
-    assert conn is not None
-    store._conn = None
-    conn.close()
-    store.payloads.close()
-
-
-def wal_frames(path: Path) -> int:
-    wal = Path(str(path) + "-wal")
-    if not wal.exists() or wal.stat().st_size < 32:
-        return 0
-    data = wal.read_bytes()
-    page = int.from_bytes(data[8:12], "big")
-    return (len(data) - 32) // (page + 24)
 
 
 def segments(db: Path) -> list[Path]:
