@@ -17,7 +17,7 @@ import hmac
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -905,11 +905,7 @@ class ClientState:
                 f"DELETE FROM branch_texts WHERE group_id = ? AND tag NOT IN ({marks})",
                 (group_id, *live_tags),
             )
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
-                " VALUES (?, ?, ?, ?)",
-                [(m, e, now_ms, now_ms) for m, e in outbox],
-            )
+            self._queue(outbox, now_ms)
 
     def branch_trial(self, group_id: bytes, snapshot: int) -> bool:
         """Journal ``snapshot`` as the state to return to if the MLS change that follows
@@ -1020,11 +1016,7 @@ class ClientState:
         losing branch that the winner does not hold (``owed``) are owed it from then on,
         in the same transaction (``branch_owed``)."""
         with transaction(self._conn):
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
-                " VALUES (?, ?, ?, ?)",
-                [(m, e, now_ms, now_ms) for m, e in items],
-            )
+            self._queue(items, now_ms)
             self._conn.executemany(
                 "INSERT OR IGNORE INTO branch_owed (group_id, member, app_id, body, owed_ms)"
                 " SELECT group_id, ?, app_id, body, ? FROM branch_resends"
@@ -1066,11 +1058,7 @@ class ClientState:
         """Owed texts' envelopes go into the outbox and the debts are forgotten, in one
         transaction (as ``resend_queued``: sent exactly once across a crash)."""
         with transaction(self._conn):
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
-                " VALUES (?, ?, ?, ?)",
-                [(m, e, now_ms, now_ms) for m, e in items],
-            )
+            self._queue(items, now_ms)
             self._conn.executemany(
                 "DELETE FROM branch_owed WHERE group_id = ? AND member = ? AND app_id = ?",
                 [(group_id, member, a) for a in app_ids],
@@ -1109,14 +1097,19 @@ class ClientState:
     def outbox_add(self, msg_id: bytes, envelope: bytes, now_ms: int) -> None:
         self.outbox_add_many([(msg_id, envelope)], now_ms)
 
+    def _queue(self, items: Iterable[tuple[bytes, bytes]], now_ms: int) -> None:
+        """Put (msg_id, envelope) rows into the outbox, due at ``now_ms``, inside the
+        caller's transaction (an id already queued stays as it is)."""
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
+            " VALUES (?, ?, ?, ?)",
+            [(m, e, now_ms, now_ms) for m, e in items],
+        )
+
     def outbox_add_many(self, items: list[tuple[bytes, bytes]], now_ms: int) -> None:
         """Queue envelopes (one transaction: a group fan-out is one fsync, not one each)."""
         with transaction(self._conn):
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
-                " VALUES (?, ?, ?, ?)",
-                [(m, e, now_ms, now_ms) for m, e in items],
-            )
+            self._queue(items, now_ms)
 
     def outbox_due(self, now_ms: int, limit: int = 64) -> list[Outgoing]:
         rows = self._conn.execute(
@@ -1211,11 +1204,7 @@ class ClientState:
         """Forget a merged (or cleared) commit and queue its follow-ups, atomically, so a
         crash can neither lose the follow-up nor queue it twice."""
         with transaction(self._conn):
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO outbox (msg_id, envelope, next_ms, created_ms)"
-                " VALUES (?, ?, ?, ?)",
-                [(m, e, now_ms, now_ms) for m, e in followups],
-            )
+            self._queue(followups, now_ms)
             self._conn.execute("DELETE FROM commit_msgs WHERE commit_id = ?", (commit_id,))
             self._conn.execute("DELETE FROM pending_commits WHERE commit_id = ?", (commit_id,))
 

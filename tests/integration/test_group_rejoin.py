@@ -34,6 +34,19 @@ async def _group_of(wall: ManualWallClock, agents: list[Agent]) -> tuple[Agent, 
     return by_fpr[committers[0]], by_fpr[committers[1]], _gid(a, "team")
 
 
+def _all_in_one_group(agents: list[Agent], gid: bytes) -> None:
+    """Every agent holds the group with all of them in it, on one epoch authenticator,
+    and could decrypt everything it got."""
+    everyone = {x.ident.fingerprint for x in agents}
+    auths = set()
+    for x in agents:
+        g = x.ident.group(gid)
+        assert set(g.members()) == everyone, (x.ident.fingerprint[:8], g.members())
+        auths.add(g.epoch_authenticator())
+        assert x.stats.undecryptable == 0, (x.ident.fingerprint[:8], x.stats.warnings)
+    assert len(auths) == 1
+
+
 async def _failover_commit(wall: ManualWallClock, c1: Agent) -> None:
     """c1 (second committer) commits its own request: the first one stays silent."""
     wall.advance(GroupConfig().committer_timeout_ms + QUIET_MS)
@@ -76,14 +89,7 @@ async def test_member_added_only_on_the_losing_branch_is_added_again(
                 else:
                     assert got.count(text) == 1, (text, got)
         assert sum(x._branches.stats.switches for x in agents) >= 1
-        everyone = {x.ident.fingerprint for x in agents}
-        auths = set()
-        for x in agents:
-            g = x.ident.group(gid)
-            assert set(g.members()) == everyone, (x.ident.fingerprint[:8], g.members())
-            auths.add(g.epoch_authenticator())
-            assert x.stats.undecryptable == 0
-        assert len(auths) == 1
+        _all_in_one_group(agents, gid)
         # Both joiners read and write on the group everyone is in.
         await e.group_send("team", "hello from e")
         await f.group_send("team", "hello from f")
@@ -158,14 +164,7 @@ async def test_partition_longer_than_the_window_heals_by_external_commit(
         (loser,) = rejoined
         winner = c1 if loser is c0 else c0
         assert winner._branches.stats.offers_sent >= 1
-        everyone = {x.ident.fingerprint for x in agents}
-        auths = set()
-        for x in agents:
-            g = x.ident.group(gid)
-            assert set(g.members()) == everyone, (x.ident.fingerprint[:8], g.members())
-            auths.add(g.epoch_authenticator())
-            assert x.stats.undecryptable == 0
-        assert len(auths) == 1
+        _all_in_one_group(agents, gid)
         # The loser's text of its branch was sent again on the winner: shown once.
         mine = "from c0 on x" if loser is c0 else "from c1 on y"
         for x in agents:
@@ -250,14 +249,7 @@ async def test_a_long_partition_heals_after_both_committers_restarted(
         rejoined = [x for x in (c0, c1) if x._branches.stats.rejoins]
         assert len(rejoined) == 1, [x._branches.stats for x in (c0, c1)]
         (loser,) = rejoined
-        everyone = {x.ident.fingerprint for x in agents}
-        auths = set()
-        for x in agents:
-            g = x.ident.group(gid)
-            assert set(g.members()) == everyone, (names[x.ident.fingerprint], g.members())
-            auths.add(g.epoch_authenticator())
-            assert x.stats.undecryptable == 0
-        assert len(auths) == 1
+        _all_in_one_group(agents, gid)
         mine = "from c0 on x" if loser is c0 else "from c1 on y"
         for x in agents:
             if x is not loser:
@@ -368,14 +360,7 @@ async def test_a_crash_in_the_middle_of_a_rejoin_recovers(
 
         shown = await settle(wall, *agents, rounds=12)
         assert c0._branches.stats.rejoins == back, c0._branches.stats
-        everyone = {x.ident.fingerprint for x in agents}
-        auths = set()
-        for x in agents:
-            g = x.ident.group(gid)
-            assert set(g.members()) == everyone, (names[x.ident.fingerprint], g.members())
-            auths.add(g.epoch_authenticator())
-            assert x.stats.undecryptable == 0
-        assert len(auths) == 1
+        _all_in_one_group(agents, gid)
         for x in agents:
             if x is not c0:
                 got = shown[x.ident.fingerprint]
