@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -228,7 +229,7 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
             sb = syncer_of(b, [b_src], interval_s=3600.0, link_up_delay_s=3600.0)
             # a's own syncer opens a link-up session too when a has the lower node id (at
             # once, racing the calls below): it spends one of b's tokens, and b's count
-            # includes it if it is refused. Otherwise it waits (an hour here).
+            # includes its refusals. Otherwise it waits (an hour here).
             sa = syncer_of(a, [], interval_s=3600.0, link_up_delay_s=3600.0)
             await a.fed.connect("127.0.0.1", b.info.port, expected=b_id)
             bad = [
@@ -261,11 +262,12 @@ async def test_flooding_and_bad_inventories_refused_typed_and_counted(tmp_path: 
                 return s.sessions_initiated == ended
 
             await until(a_sessions_done)
-            a_refused = sa.statistics().refusals_received.get("rate_limited", 0)
+            # b refused a's own session for whatever reason applied when its messages
+            # came: rate_limited once the burst was spent, or unknown_session for its
+            # next round once one of the calls above (same peer, same scope) replaced
+            # it at b. a counted each refusal it got; b must have counted the same.
+            expected = Counter({"rate_limited": len(reasons), "malformed": 1, "too_large": 1})
+            expected.update(sa.statistics().refusals_received)
             st = sb.statistics()
-            assert st.refusals_sent == {
-                "rate_limited": len(reasons) + a_refused,
-                "malformed": 1,
-                "too_large": 1,
-            }
+            assert dict(st.refusals_sent) == dict(expected)
             assert st.items_taken == 0 and b_src.msg_ids() == {_mid("b", 0)}
