@@ -225,4 +225,8 @@ async def test_a_small_call_arms_only_its_deadline_on_the_node(
                 reply = await client.call("t.Echo", req, BytesValue)
                 assert reply.value == b"r" * 1000
             monkeypatch.undo()
-    assert scopes["node"] == 20, scopes
+    # One per call when the request is whole as its handler looks (nearly always). Trio
+    # randomizes the order of runnable tasks, so now and then a handler looks before its
+    # request's last frame was read and needs its read timer after all: 21 or 22 were
+    # seen in about 1 run of 15. Three per call before (60).
+    assert 20 <= scopes["node"] < 30, scopes
