@@ -29,6 +29,7 @@ import sqlite3
 from pathlib import Path
 
 from qpc_node.store.errors import StoreError
+from qpc_node.store.sql import transaction
 
 SEGMENT_BYTES = 1 << 20
 """A segment is sealed once it holds this much; the next transaction starts another."""
@@ -261,15 +262,10 @@ def inline(copy: sqlite3.Connection, segments: Snapshot) -> int:
         return 0
     rows = copy.execute("SELECT id, seg, off, size FROM messages WHERE seg IS NOT NULL")
     moved = [(segments.read(s, o, n), i) for i, s, o, n in rows.fetchall()]
-    copy.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(copy):
         copy.executemany(
             "UPDATE messages SET ciphertext = ?, seg = NULL, off = NULL WHERE id = ?", moved
         )
-        copy.execute("COMMIT")
-    except BaseException:
-        copy.execute("ROLLBACK")
-        raise
     return len(moved)
 
 
