@@ -6,6 +6,13 @@ aioquic version is ``_aioquic``) and to the network only through
 ``transport.DatagramSocket`` (real UDP, or ``testing.FakeNetwork``).
 """
 
+# ruff: noqa: E402  (the imports below must run after the deferring import above them)
+
+from qpc_node.deferred_imports import import_aioquic_tls
+
+# Before any module of this package imports aioquic (qpc_node/deferred_imports.py says why).
+import_aioquic_tls()
+
 from qpc_node.quic.address import Address
 from qpc_node.quic.connection import Connection, ConnectionStatistics, StreamHandler
 from qpc_node.quic.endpoint import DEFAULT_PORT, Endpoint, EndpointStatistics, open_endpoint
