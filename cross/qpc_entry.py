@@ -26,6 +26,13 @@ if __name__ == "__main__":
         import importlib
 
         os.environ.setdefault("CRYPTOGRAPHY_OPENSSL_NO_LEGACY", "1")  # as the node below
+        if deps == "1":
+            # aioquic.tls and protobuf as the node imports them: their rarely used imports
+            # (pyOpenSSL, service_identity, certifi; the pure-Python codec) deferred.
+            from qpc_node.deferred_imports import import_aioquic_tls, import_protobuf_runtime
+
+            import_aioquic_tls()
+            import_protobuf_runtime()
         # "1": all of them; else a comma-separated list (docs/performance.md's per-layer table)
         for name in NODE_DEPENDENCIES if deps == "1" else deps.split(","):
             importlib.import_module(name)
