@@ -18,7 +18,6 @@ NODE_DEPENDENCIES = (
     "msgspec.msgpack",
     "sqlite3",
     "ifaddr",
-    "tomllib",
 )
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -422,6 +421,10 @@ def load_config(
     """Build the effective configuration; raise ConfigError naming the bad key."""
     merged: dict[str, Any] = {}
     if path is not None:
+        # Here, not at the top: a router's node is configured by UCI flags and QPC_*
+        # variables, not a TOML file, and tomllib's regexes cost ~10 ms of every start.
+        import tomllib
+
         try:
             with path.open("rb") as f:
                 merged = tomllib.load(f)

@@ -33,8 +33,9 @@ NOT_IN_NODE = (
 )
 
 # Not at import: only a scrape (metrics on) or the first Stats call builds the registry;
-# the metrics HTTP server is imported when its listener starts.
-NOT_AT_NODE_START = ("prometheus_client", "qpc_node.ops.http")
+# the metrics HTTP server is imported when its listener starts; tomllib when a TOML config
+# file is read (a router's node has none: UCI gives flags and QPC_* variables).
+NOT_AT_NODE_START = ("prometheus_client", "qpc_node.ops.http", "tomllib")
 
 
 def _loaded(code: str) -> set[str]:
