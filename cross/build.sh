@@ -159,8 +159,10 @@ freeze() {  # freeze LAYOUT -> build/pyi-ARCH/dist-LAYOUT
   local pyi=$work/pyi-$arch
   log "PyInstaller $1"
   # PYZ modules at zlib level 9 (PyInstaller's default for the PYZ is 6; the same inflate
-  # at start, so no run-time cost).
-  PYINSTALLER_ZLIB_COMPRESSION_LEVEL=9 QPC_LAYOUT=$1 QPC_CROSS=$here "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+  # at start, so no run-time cost). PYTHONNODEBUGRANGES: PyInstaller compiles every module
+  # in its own process, so the frozen code objects carry no PEP 657 column tables, which the
+  # bootloader's -X no_debug_ranges (cross/qpc.spec) dropped at load time anyway.
+  PYTHONNODEBUGRANGES=1 PYINSTALLER_ZLIB_COMPRESSION_LEVEL=9 QPC_LAYOUT=$1 QPC_CROSS=$here "$venv/bin/pyinstaller" --noconfirm --clean --log-level WARN \
     --distpath "$pyi/dist-$1" --workpath "$pyi/work-$1" "$here/qpc.spec"
 }
 
