@@ -179,7 +179,11 @@ if [ "$layout" != onefile ]; then
   chmod 0755 "$root/usr/bin/qpc"
   "$root/usr/bin/qpc" version >/dev/null || { log "bundle does not start"; exit 1; }
   if [ "$make_ipk" = 1 ]; then
-    ipk=$("$repo/packaging/openwrt/build-ipk.sh" "$root" "$arch" "$version" "$dist")
+    # data.tar.gz with libdeflate's level 12 instead of gzip -9: -0.42 MiB of the .ipk in the
+    # same ~6 s (zopfli saves 0.50 MiB in 8+ minutes); the same deflate format, so opkg and
+    # busybox gunzip read it as before.
+    command -v libdeflate-gzip >/dev/null || { log "needs libdeflate-gzip: apt install libdeflate-tools"; exit 1; }
+    ipk=$(IPK_GZIP="libdeflate-gzip -12 -c" "$repo/packaging/openwrt/build-ipk.sh" "$root" "$arch" "$version" "$dist")
   fi
   # the same tree as a tarball, for the OpenWrt feed Makefile (packaging/openwrt/Makefile)
   tar --format=gnu --numeric-owner --owner=0 --group=0 -C "$root" -czf "$dist/qpc-bundle-$version-$arch.tar.gz" usr
