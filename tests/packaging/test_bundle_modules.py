@@ -39,6 +39,7 @@ KEPT = (
     "ifaddr",
     "certifi",
     "decimal",
+    "uuid",
 )
 
 
