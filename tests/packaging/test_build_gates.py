@@ -65,6 +65,9 @@ def test_qpc_node_imports_no_excluded_module() -> None:
     excluded = excluded_modules()
     bad: list[str] = []
     for path in (REPO / "qpc_node").rglob("*.py"):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        if _excluded(module, excluded):
+            continue  # a test double left out of the bundle may import what is left out
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names: list[str] = []
             if isinstance(node, ast.Import):

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.timeout(240)
 # endpoint and aioquic import (a wrong exclude would take one of these along).
 KEPT = (
     "trio._core._io_epoll",
+    "trio.lowlevel",
+    "qpc_node.rpc.server",
+    "qpc_node.quic.endpoint",
     "trio._subprocess_platform.waitid",
     "prompt_toolkit.input.vt100",
     "prompt_toolkit.output.vt100",
