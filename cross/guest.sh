@@ -45,7 +45,7 @@ rustbox=$cache/rustbox
 # Recipes: change a list and the root is rebuilt on the next run.
 GUEST_SUITE=bookworm
 GUEST_PKGS="python3.11 python3.11-venv python3.11-dev libpython3.11 binutils gcc libc6-dev
-  libffi-dev libssl-dev zlib1g-dev ca-certificates busybox-static"
+  libffi-dev libssl-dev zlib1g-dev ca-certificates busybox-static libdeflate-tools"
 RUSTBOX_SUITE=forky
 RUSTBOX_PKGS="rustc cargo libstd-rust-dev:arm64 libstd-rust-dev:armhf gcc-aarch64-linux-gnu
   gcc-arm-linux-gnueabihf libc6-dev python3-venv ca-certificates"

@@ -9,9 +9,11 @@
 #
 # The package is what OpenWrt's scripts/ipkg-build makes, without the SDK: a gzipped
 # GNU tar of ./debian-binary ./data.tar.gz ./control.tar.gz, files owned by root.
-# SOURCE_DATE_EPOCH makes it reproducible.
+# SOURCE_DATE_EPOCH makes it reproducible. IPK_GZIP: the command that compresses
+# data.tar.gz from stdin to stdout (default gzip -9n; cross/build.sh passes libdeflate's
+# level 12: the same deflate stream any gunzip, opkg's included, reads, 0.4 MiB smaller).
 set -eu
-[ $# -eq 4 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
+[ $# -eq 4 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 bin=$1 arch=$2 version=$3
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$4"; out=$(cd "$4" && pwd)
@@ -38,7 +40,8 @@ chmod 0644 "$root/etc/config/qpc" "$root/lib/upgrade/keep.d/qpc"
 
 TS=@${SOURCE_DATE_EPOCH:-$(date +%s)}
 tarc() { tar --format=gnu --numeric-owner --owner=0 --group=0 --sort=name --mtime="$TS" "$@"; }
-(cd "$root" && tarc -cf - .) | gzip -9n > "$work/data.tar.gz"
+# shellcheck disable=SC2086 # IPK_GZIP is a command with its options
+(cd "$root" && tarc -cf - .) | ${IPK_GZIP:-gzip -9n} > "$work/data.tar.gz"
 size=$(find "$root" -type f -exec stat -c %s {} + | awk '{s+=$1} END {print s+0}')
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$opkg_arch/" -e "s/@SIZE@/$size/" \
 	"$here/control/control.in" > "$work/control/control"
