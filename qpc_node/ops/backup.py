@@ -20,7 +20,7 @@ import struct
 import tarfile
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
@@ -156,7 +156,7 @@ def restore_backup(
         out = work / "x"
         try:
             with tarfile.open(tar_path) as tar:
-                tar.extractall(out, filter="data")
+                _extract(tar, out)
         except (tarfile.TarError, OSError) as exc:
             raise BackupCorrupt(f"backup content is not readable: {exc}") from None
         try:
@@ -174,6 +174,41 @@ def restore_backup(
         with DataDirLock(data_dir):  # refuses while a node runs here
             _install(out, data_dir, key_dir)
         return dict(manifest)
+
+
+def _extract(tar: tarfile.TarFile, out: Path) -> None:
+    """Unpack a backup's own members into ``out``: regular files and directories, nothing else.
+
+    Not ``extractall(filter="data")``: extraction filters came with Python 3.11.4, and the
+    bundle carries Debian bookworm's 3.11.2, where that call raises TypeError (restore from
+    the bundle failed: tests/packaging/test_bundle_root.py). This is stricter than the
+    filter anyway. Only the three names a backup holds may appear at the top. No absolute
+    path, no ``..``, no link, device or FIFO. Modes lose setuid/setgid/sticky and
+    group/other write, and no file is written twice (``O_EXCL``). Any of these is
+    :class:`BackupCorrupt`. The archive is authenticated, so these guard against a backup
+    made with the right passphrase by someone else's tool.
+    """
+    out.mkdir(mode=0o700)
+    for member in tar:
+        name = PurePosixPath(member.name)
+        if name.is_absolute() or ".." in name.parts or not name.parts:
+            raise BackupCorrupt(f"backup member {member.name!r} is not a relative path")
+        if name.parts[0] not in (DB_NAME, KEYS_NAME, MANIFEST):
+            raise BackupCorrupt(f"backup member {member.name!r} is not part of a qpc backup")
+        dest = out.joinpath(*name.parts)
+        mode = member.mode & 0o755
+        if member.isdir():
+            dest.mkdir(mode=mode | 0o700, parents=True, exist_ok=True)
+            continue
+        if not member.isreg():
+            raise BackupCorrupt(f"backup member {member.name!r} is not a regular file")
+        src = tar.extractfile(member)
+        if src is None:  # isreg() members always have content; kept for the type
+            raise BackupCorrupt(f"backup member {member.name!r} has no content")
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode | 0o600)
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(src, f)
 
 
 def _install(out: Path, data_dir: Path, key_dir: Path) -> None:

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from pkg_rootfs import ARCH, REPO, BusyboxRoot
 
 FPR = re.compile(r"fingerprint:\s*([0-9A-Fa-f ]{16,})")
@@ -118,14 +117,12 @@ def test_node_answers_health(root: BusyboxRoot) -> None:
         stop(proc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundle's Python is Debian's 3.11.2, whose TarFile.extractall has no filter= "
-    "(added in 3.11.4); qpc_node/ops/backup.py calls it with filter='data': restore raises "
-    "TypeError in the bundle while the development venv (3.11.7) passes",
-)
 def test_backup_then_restore_from_the_bundle(root: BusyboxRoot) -> None:
-    """`qpc backup` and `qpc restore` as an operator runs them on the router."""
+    """`qpc backup` and `qpc restore` as an operator runs them on the router.
+
+    The bundle's Python is Debian's 3.11.2: restore once called ``extractall(filter=...)``,
+    which only 3.11.4 has, and raised TypeError here while the development venv passed.
+    """
     proc = root.popen(
         "qpc", "node", "--listen", "127.0.0.1:0", "--data", "/data/node",
         env={"QPC_METRICS_LISTEN": ""},
