@@ -9,13 +9,11 @@ The last tests pin how the dependencies import them: an upgrade that changes it 
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fresh_interpreter import run_fresh
 
 from qpc_node.deferred_imports import (
     AIOQUIC_TLS_DEFERRED,
@@ -26,15 +24,7 @@ from qpc_node.deferred_imports import (
 
 
 def _run(code: str) -> dict[str, object]:
-    out = subprocess.run(
-        [sys.executable, "-c", code + "\nimport json, sys\nprint(json.dumps(RESULT))"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    result: dict[str, object] = json.loads(out.stdout.splitlines()[-1])
+    result: dict[str, object] = run_fresh(code)
     return result
 
 

@@ -10,11 +10,8 @@ fresh interpreter: the test process itself has imported everything already.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+from fresh_interpreter import run_fresh
 
 # Imported by the node's own modules once it is configured, not by the CLI's dispatch.
 NODE_MODULES = ("qpc_node.cli", "qpc_node.node", "qpc_node.mesh.service")
@@ -39,14 +36,7 @@ NOT_AT_NODE_START = ("prometheus_client", "qpc_node.ops.http", "tomllib")
 
 
 def _loaded(code: str) -> set[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return set(json.loads(out.stdout.splitlines()[-1]))
+    return set(run_fresh(code + "\nimport sys\nRESULT = sorted(sys.modules)"))
 
 
 def _hits(loaded: set[str], banned: tuple[str, ...]) -> list[str]:
