@@ -25,13 +25,14 @@ The last line summarises 50 nodes at 30 % loss (ours against flooding in the sam
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -157,8 +158,8 @@ def main() -> None:
     # previous policy, and flooding two hops out always (not only while lossy).
     g = random_geometric(50, 8.0, random.Random(seed * 1000 + 50))
     variants = {
-        "ours-prev": dataclasses.replace(PlumtreePolicy(), **PREVIOUS),
-        "ours-fh2": dataclasses.replace(PlumtreePolicy(), flood_hops=2),
+        "ours-prev": msgspec.structs.replace(PlumtreePolicy(), **PREVIOUS),
+        "ours-fh2": msgspec.structs.replace(PlumtreePolicy(), flood_hops=2),
     }
     for loss in (0.0, 0.3):
         for name, pol in variants.items():

@@ -20,10 +20,10 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import msgspec
 import trio
 
 from qpc_node.client.agent import Agent
@@ -80,8 +80,7 @@ def loopback_node_config(
     return load_config(env={}, overrides=overrides)
 
 
-@dataclass(frozen=True, slots=True)
-class LineNode:
+class LineNode(msgspec.Struct, frozen=True):
     name: str
     node: Node
     info: NodeInfo

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -67,16 +66,14 @@ SWEEP_INTERVAL = 60.0
 FRAME_OVERHEAD = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
+class NodeInfo(msgspec.Struct, frozen=True):
     host: str
     port: int
     cert_fingerprint: str  # hex SHA-256 of the node certificate: what clients pin
     data_dir: Path
 
 
-@dataclass(frozen=True, slots=True)
-class ReloadReport:
+class ReloadReport(msgspec.Struct, frozen=True):
     """What a reload did, key by key (``section.key``), for the log, audit and SIGHUP line."""
 
     applied: tuple[str, ...]
@@ -386,7 +383,7 @@ class Node:
                 )
                 setup = self.mesh.federation_setup()
                 if ca_pem is not None:
-                    setup = replace(setup, mode="managed", ca_pem=ca_pem)
+                    setup = msgspec.structs.replace(setup, mode="managed", ca_pem=ca_pem)
             self.rpc = self._build(store, bytes.fromhex(creds.fingerprint))
             tls = ServerTLS(creds)
             if setup is not None:
@@ -644,8 +641,7 @@ LiveApplier = Callable[[Node, Config], Awaitable[str | None]]
 """``await apply(node, old_cfg)`` with ``node.cfg`` already new; returns an error or None."""
 
 
-@dataclass(frozen=True, slots=True)
-class Live:
+class Live(msgspec.Struct, frozen=True):
     apply: LiveApplier
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node import crypto
 from qpc_node.client.agent_types import AgentContext, AgentError, AgentStatistics, Incoming
@@ -77,8 +78,7 @@ __all__ = [
 log = get_logger("qpc.client")
 
 
-@dataclass(frozen=True, slots=True)
-class DmReport:
+class DmReport(msgspec.Struct, frozen=True):
     """What became of a DM: for ``/mesh dm`` (sent / relayed via N hops / queued)."""
 
     conversation: str

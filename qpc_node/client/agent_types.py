@@ -8,8 +8,9 @@ that wires them import these without importing each other.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 from qpc_node import crypto
 from qpc_node.client.mls_worker import MlsWorker
@@ -22,8 +23,7 @@ class AgentError(QpcError):
     code = StatusCode.FAILED_PRECONDITION
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(msgspec.Struct, frozen=True):
     seq: int
     conversation: str
     sender: str  # fingerprint hex
@@ -32,8 +32,7 @@ class Incoming:
     """The sender's id of a group text (remembered when stored: a resend shows once)."""
 
 
-@dataclass(slots=True)
-class AgentStatistics:
+class AgentStatistics(msgspec.Struct):
     sent: int = 0
     received: int = 0
     undecryptable: int = 0
@@ -58,9 +57,9 @@ class AgentStatistics:
     channel_tampered: int = 0
     """Channel messages that failed the AEAD (wrong key, changed in transit) or were
     malformed: dropped."""
-    gaps: list[tuple[int, int]] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = msgspec.field(default_factory=list)
     """(expected, got) sequence pairs where messages went missing."""
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 class Warn(Protocol):
@@ -69,8 +68,7 @@ class Warn(Protocol):
     def __call__(self, msg: str, event: str = ...) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class AgentContext:
+class AgentContext(msgspec.Struct, frozen=True):
     """What every part of one identity's agent works with; built once by ``Agent``."""
 
     ident: crypto.Identity

@@ -23,8 +23,9 @@ fresh resolver, as a client without the record would).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from qpc_node.client.state import MAX_BRANCH_TEXTS, ClientStateError
 from qpc_node.groups.fork import BRANCH_TAG_LEN, ForkError, ForkResolver, OrderKey
@@ -45,8 +46,7 @@ class BranchStateError(ClientStateError):
     """A stored branch record that does not decode or does not fit together."""
 
 
-@dataclass(slots=True)
-class PastEpoch:
+class PastEpoch(msgspec.Struct):
     """One epoch of our branch kept for rejoin offers (branches.py ``_Group.past``)."""
 
     tag: bytes
@@ -58,26 +58,25 @@ class PastEpoch:
     """The ordering key of the commit our branch took in this epoch (None: the tip)."""
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    sent: list[bytes] = field(default_factory=list)
+    sent: list[bytes] = msgspec.field(default_factory=list)
     """Our texts' app ids sent in this epoch."""
 
 
-@dataclass(slots=True)
-class BranchState:
+class BranchState(msgspec.Struct):
     resolver: ForkResolver
-    own_removed: set[str] = field(default_factory=set)
-    old_proposals: dict[bytes, list[bytes]] = field(default_factory=dict)
+    own_removed: set[str] = msgspec.field(default_factory=set)
+    old_proposals: dict[bytes, list[bytes]] = msgspec.field(default_factory=dict)
     own_commit: bytes | None = None
-    own_added: set[str] = field(default_factory=set)
-    past: list[PastEpoch] = field(default_factory=list)
+    own_added: set[str] = msgspec.field(default_factory=set)
+    past: list[PastEpoch] = msgspec.field(default_factory=list)
     """Oldest first; the last one is normally the resolver's tip (the restore checks;
     empty in a version 1 record)."""
-    readd: set[str] = field(default_factory=set)
+    readd: set[str] = msgspec.field(default_factory=set)
     """Members a switch or rejoin decided we add again, not requested yet."""
-    rejoin_removed: set[str] = field(default_factory=set)
+    rejoin_removed: set[str] = msgspec.field(default_factory=set)
     offered: tuple[bytes, int, int] = (b"", 0, 0)
     """(tip tag, wall ms, offers at this tip) of our last offer (their back-off)."""
-    rejoined_from: list[bytes] = field(default_factory=list)
+    rejoined_from: list[bytes] = msgspec.field(default_factory=list)
     """Winner tips we rejoined from (an optional key of version 2: absent is none)."""
 
 

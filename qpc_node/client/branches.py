@@ -48,8 +48,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
+
+import msgspec
 
 from qpc_node import crypto
 from qpc_node.client import branch_store
@@ -155,8 +156,7 @@ def fork_commit(
     )
 
 
-@dataclass(slots=True)
-class BranchStatistics:
+class BranchStatistics(msgspec.Struct):
     switches: int = 0
     readonly: int = 0
     """Late messages of a branch we left, decrypted from its retained snapshot."""
@@ -180,8 +180,7 @@ CommitEnvelopes = Callable[[list[bytes], bytes, bytes], list[tuple[bytes, bytes]
 the commit to each recipient (``Outbox.to_each``: pure, so the MLS worker may call it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Rejoined:
+class Rejoined(msgspec.Struct, frozen=True):
     """``Branches.on_offer``: we rejoined the winning branch by external commit (the
     commit is already queued in the outbox, with the rejoin's record)."""
 
@@ -193,35 +192,34 @@ class Rejoined:
     """The fork epoch's tag: we ask the winner's members for their texts after it."""
 
 
-@dataclass(slots=True)
-class _Group:
+class _Group(msgspec.Struct):
     resolver: ForkResolver
-    old_proposals: dict[bytes, list[bytes]] = field(default_factory=dict)
+    old_proposals: dict[bytes, list[bytes]] = msgspec.field(default_factory=dict)
     own_commit: bytes | None = None
-    own_removed: set[str] = field(default_factory=set)
+    own_removed: set[str] = msgspec.field(default_factory=set)
     """Members our own commits removed: if such a commit loses, we remove them again."""
-    own_added: set[str] = field(default_factory=set)
+    own_added: set[str] = msgspec.field(default_factory=set)
     """Members our own commits added: if such a commit loses, we add them again."""
-    past: dict[bytes, PastEpoch] = field(default_factory=dict)
+    past: dict[bytes, PastEpoch] = msgspec.field(default_factory=dict)
     """Our branch's epochs by tag, oldest first (the last one is the tip), kept beyond
     the rollback window too (up to MAX_STEPS) for rejoin offers: what the other side of
     a long partition needs to compare with us; saved as they are in the record."""
     unknown_since: int | None = None
     """When we last held a message of a branch we do not know (an offer is due)."""
-    caught_up: set[tuple[str, bytes]] = field(default_factory=set)
+    caught_up: set[tuple[str, bytes]] = msgspec.field(default_factory=set)
     """(member, fork tag) of the CatchUps we answered (each is answered once)."""
     offered: tuple[bytes, int, int] = (b"", 0, 0)
     """(tip tag, wall ms, offers at this tip) of our last offer."""
-    rejoin_removed: set[str] = field(default_factory=set)
+    rejoin_removed: set[str] = msgspec.field(default_factory=set)
     """Members our commits removed on a branch we left by rejoining: removed again."""
-    readd: set[str] = field(default_factory=set)
+    readd: set[str] = msgspec.field(default_factory=set)
     """Members our commits added on a branch that lost (and no branch removed): we ask
     to add them again; kept until that request is in client.db."""
-    rejoined_from: list[bytes] = field(default_factory=list)
+    rejoined_from: list[bytes] = msgspec.field(default_factory=list)
     """The winner tips (tags of the GroupInfos) we rejoined from, newest last (at most
     ``branch_store.MAX_REJOINED_FROM``): an offer from one of them again (delivered again after a crash,
     or repeated) is done; a winner that moved on offers a newer tip."""
-    recipients: dict[bytes, frozenset[str]] = field(default_factory=dict)
+    recipients: dict[bytes, frozenset[str]] = msgspec.field(default_factory=dict)
     """Who each of our kept texts went to (the roster of its epoch; rebuilt from
     ``past`` at start). A switch stores it with each resend: a member of the losing
     branch not on the winner is owed the text (state.py ``branch_owed``)."""

@@ -23,8 +23,8 @@ import io
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import msgspec
 import segno
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -132,8 +132,7 @@ def signed_bytes(cid: bytes, msg_id: bytes, expiry_ms: int, created_ms: int, bod
     return SIG_LABEL + _aad(cid, msg_id, expiry_ms) + struct.pack(">Q", created_ms) + body.encode()
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(msgspec.Struct, frozen=True):
     sender_key: bytes
     sender: str
     """Fingerprint hex of ``sender_key`` (how the REPL names users)."""
@@ -190,8 +189,7 @@ def open_message(secret: bytes, msg: ChannelMessage) -> Opened:
     return Opened(bytes(pt.sender_key), sender, pt.created_ms, pt.body)
 
 
-@dataclass(frozen=True, slots=True)
-class BroadcastReport:
+class BroadcastReport(msgspec.Struct, frozen=True):
     channel: str
     msg_id: bytes
     duplicate: bool

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.client.fingerprint import FPR_HEX_LEN, normalize, short_code
 from qpc_node.errors import LocalProtocolError
@@ -32,8 +33,7 @@ class AmbiguousPeer(LocalProtocolError):
     """Several known users answer to this code: the message lists them."""
 
 
-@dataclass(frozen=True, slots=True)
-class Known:
+class Known(msgspec.Struct, frozen=True):
     """A user we know: a fingerprint (64 lower-case hex digits) and its contact name, if any."""
 
     fingerprint: str

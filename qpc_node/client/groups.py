@@ -13,8 +13,8 @@ after that), notes, pulls, re-sent commits, past-epoch pruning. Timers run from
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node import crypto
@@ -79,8 +79,7 @@ def note_from_pb(pb: client_pb2.GroupIntent) -> IntentNote | None:
     return IntentNote(bytes(pb.intent_id), kind, target.hex(), bytes(pb.proposal_ref), pb.epoch)
 
 
-@dataclass(frozen=True, slots=True)
-class GroupView:
+class GroupView(msgspec.Struct, frozen=True):
     """What ``/group info`` shows."""
 
     name: str

@@ -6,8 +6,9 @@ DIR/mls/         MLS identity and group state, encrypted by the Rust core
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from qpc_node.client.keyfile import load_or_create_key
 from qpc_node.crypto import Identity
@@ -15,8 +16,7 @@ from qpc_node.crypto import Identity
 MLS_DIR = "mls"
 
 
-@dataclass(frozen=True)
-class UserIdentity:
+class UserIdentity(msgspec.Struct, frozen=True):
     ident: Identity
     secret: bytes
     created: bool

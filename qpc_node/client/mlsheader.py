@@ -21,7 +21,7 @@ first byte give its length (1, 2 or 4 bytes; 0b11 is invalid), minimal form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from qpc_node.errors import RemoteProtocolError
 
@@ -39,8 +39,7 @@ class InvalidMlsHeader(RemoteProtocolError):
     """The bytes are not an MLS public or private message header."""
 
 
-@dataclass(frozen=True, slots=True)
-class MlsHeader:
+class MlsHeader(msgspec.Struct, frozen=True):
     wire_format: int
     group_id: bytes
     epoch: int

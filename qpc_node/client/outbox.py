@@ -24,8 +24,8 @@ import enum
 import os
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
+import msgspec
 import trio
 from google.protobuf.message import DecodeError
 
@@ -71,8 +71,7 @@ class Sent(enum.Enum):
     DROPPED = "dropped"  # refused for good (or expired): the user was warned
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(msgspec.Struct, frozen=True):
     """What the node said about one message it took or could not take yet."""
 
     hops: int

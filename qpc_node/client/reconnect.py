@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 from qpc_node.client.state import KnownNode
 from qpc_node.errors import ConfigError, LocalProtocolError
@@ -34,8 +35,7 @@ class Phase(enum.Enum):
     """A permanent refusal (the node's certificate no longer matches the pin): no more attempts."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReconnectPolicy:
+class ReconnectPolicy(msgspec.Struct, frozen=True):
     """Exponential backoff with "equal jitter": each delay is uniform in [cap/2, cap].
 
     Half the cap is kept so a retry never comes back at once (full jitter can
@@ -76,8 +76,7 @@ class ReconnectPolicy:
         return cap / 2 + rand * cap / 2
 
 
-@dataclass(frozen=True, slots=True)
-class Notice:
+class Notice(msgspec.Struct, frozen=True):
     """Something the user should be told once."""
 
     kind: Literal["lost", "restored", "refused", "moved"]

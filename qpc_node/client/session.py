@@ -23,8 +23,8 @@ import ipaddress
 import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from qpc_node.client.reconnect import Notice, Phase, Reconnector, ReconnectPolicy
@@ -43,8 +43,7 @@ log = get_logger("qpc.client.session")
 _CRYPTO_ERRORS = range(0x100, 0x200)
 
 
-@dataclass(frozen=True, slots=True)
-class ServerId:
+class ServerId(msgspec.Struct, frozen=True):
     """Who a connection reached: what the agent binds its proof to and keys its cursor by."""
 
     cert_fingerprint: bytes
@@ -72,8 +71,7 @@ class ServerId:
         return cls(bytes.fromhex(fingerprint(chain[0])), nid, address)
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(msgspec.Struct, frozen=True):
     """A node to dial: where, and how its certificate is checked."""
 
     host: str

@@ -18,10 +18,10 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+import msgspec
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -213,8 +213,7 @@ class ClientStateError(QpcError):
     code = StatusCode.FAILED_PRECONDITION
 
 
-@dataclass(frozen=True, slots=True)
-class Conversation:
+class Conversation(msgspec.Struct, frozen=True):
     name: str
     group_id: bytes
     direct: bool
@@ -222,8 +221,7 @@ class Conversation:
     committer: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
+class Received(msgspec.Struct, frozen=True):
     id: int
     seq: int
     conv: str
@@ -232,23 +230,20 @@ class Received:
     ts_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Contact:
+class Contact(msgspec.Struct, frozen=True):
     fingerprint: bytes
     name: str | None
     verified: bool
     first_seen_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class JoinedChannel:
+class JoinedChannel(msgspec.Struct, frozen=True):
     name: str
     channel_id: bytes
     secret: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class KnownNode:
+class KnownNode(msgspec.Struct, frozen=True):
     """A mesh node this client has heard of (from its node's peer list, or used)."""
 
     node_id: bytes
@@ -259,8 +254,7 @@ class KnownNode:
     failures: int
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
+class Held(msgspec.Struct, frozen=True):
     """A delivered message we could not process yet (future epoch, group not joined)."""
 
     seq: int
@@ -271,8 +265,7 @@ class Held:
     """The node whose mailbox numbered it ``seq``."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(msgspec.Struct, frozen=True):
     msg_id: bytes
     envelope: bytes
     attempts: int
@@ -281,8 +274,7 @@ class Outgoing:
     """The pending commit this message is part of (sent all-or-nothing with it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class CommitRecord:
+class CommitRecord(msgspec.Struct, frozen=True):
     """Our commit to a group, made but not applied: it waits for the node to store
     its whole fan-out (then merge) or to refuse it (then clear)."""
 
@@ -299,8 +291,7 @@ class CommitRecord:
     """The members before the commit (who the added ones are if it merged before a crash)."""
 
 
-@dataclass(frozen=True, slots=True)
-class BranchRecord:
+class BranchRecord(msgspec.Struct, frozen=True):
     """A group's persisted branch state (qpc_node/client/branch_store.py decodes ``state``)."""
 
     group_id: bytes
@@ -312,16 +303,14 @@ class BranchRecord:
     """Our texts up to this ``branch_texts.seq`` are noted in ``state``; later ones not."""
 
 
-@dataclass(frozen=True, slots=True)
-class BranchText:
+class BranchText(msgspec.Struct, frozen=True):
     seq: int
     app_id: bytes
     tag: bytes
     """Branch tag of the epoch it was sent in."""
 
 
-@dataclass(frozen=True, slots=True)
-class PendingResend:
+class PendingResend(msgspec.Struct, frozen=True):
     group_id: bytes
     app_id: bytes
     body: bytes
@@ -330,8 +319,7 @@ class PendingResend:
     """Who it went to on the losing branch (a member not on the winner is owed it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class OwedText:
+class OwedText(msgspec.Struct, frozen=True):
     """Our text re-sent on the winner that ``member`` (added only on the losing branch,
     not back yet) did not get: sent to it alone once a commit adds it again."""
 

@@ -25,10 +25,10 @@ keeps working.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+import msgspec
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -602,8 +602,7 @@ async def open_mesh_trust(store: AsyncStore) -> MeshTrust:
     return MeshTrust(await store.run(load_trust))
 
 
-@dataclass(frozen=True, slots=True)
-class StaticPeer:
+class StaticPeer(msgspec.Struct, frozen=True):
     """A neighbour to keep a link to: ``host:port`` and, if known, its node id (pinned)."""
 
     host: str
@@ -611,8 +610,7 @@ class StaticPeer:
     node_id: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FederationSetup:
+class FederationSetup(msgspec.Struct, frozen=True):
     """Opt-in federation for a :class:`~qpc_node.node.Node`.
 
     Programmatic until the mesh round wires ``mesh.*``/``federation.*`` config

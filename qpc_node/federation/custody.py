@@ -36,9 +36,9 @@ import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
+import msgspec
 import trio
 
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError
@@ -120,8 +120,7 @@ def status_name(status: int) -> str:
         return f"RELAY_STATUS_{status:d}"
 
 
-@dataclass(frozen=True, slots=True)
-class RelayRefusal:
+class RelayRefusal(msgspec.Struct, frozen=True):
     """A next hop refused an envelope for good: custody ended here, with this status."""
 
     msg_id: bytes
@@ -240,8 +239,7 @@ def _done_many(store: Store, args: list[list[RowRef]]) -> list[int]:
     return relay_done_many(store, args)
 
 
-@dataclass(slots=True)
-class _HopDrain:
+class _HopDrain(msgspec.Struct):
     """The drainer of one next hop: batches in flight and their rows.
 
     Up to ``FederationLimits.relay_window`` batches toward a hop are in flight at
@@ -260,7 +258,7 @@ class _HopDrain:
     """
 
     backoff: float
-    inflight: set[int] = field(default_factory=set)
+    inflight: set[int] = msgspec.field(default_factory=set)
     outstanding: int = 0
     """Batches sent and not yet settled."""
     failed: bool = False

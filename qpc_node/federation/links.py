@@ -35,9 +35,9 @@ import contextlib
 import os
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 import trio
 
 from qpc_node.errors import ConfigError, QpcError, StatusCode
@@ -69,8 +69,7 @@ CLOSE_REFUSED = 0x102
 CLOSE_DEAD = 0x103
 
 
-@dataclass(frozen=True, slots=True)
-class LinkTimers:
+class LinkTimers(msgspec.Struct, frozen=True):
     """Liveness and retry timing (defaults: a silent peer is down within 15 s)."""
 
     ping_interval: float = 2.5
@@ -101,8 +100,7 @@ class LinkTimers:
         return self.dead_after + self.ping_interval + self.ping_timeout
 
 
-@dataclass(frozen=True, slots=True)
-class LinkEvent:
+class LinkEvent(msgspec.Struct, frozen=True):
     """A neighbour came up or went down (feeds the mesh peer table)."""
 
     kind: Literal["up", "down"]
@@ -116,8 +114,7 @@ class LinkEvent:
     over the old connection is void."""
 
 
-@dataclass(frozen=True, slots=True)
-class LinkInfo:
+class LinkInfo(msgspec.Struct, frozen=True):
     node_id: bytes
     address: str
     dialled_by_us: bool

@@ -11,18 +11,17 @@ for the demo, and for the tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
-class Local:
+class Local(msgspec.Struct, frozen=True):
     """The recipient is homed on this node: its mailbox is here."""
 
 
-@dataclass(frozen=True, slots=True)
-class NextHop:
+class NextHop(msgspec.Struct, frozen=True):
     """Hand the envelope to this neighbour (a node id with a federation link)."""
 
     node_id: bytes
@@ -32,8 +31,7 @@ class NextHop:
     only applies to a known distance."""
 
 
-@dataclass(frozen=True, slots=True)
-class NoRoute:
+class NoRoute(msgspec.Struct, frozen=True):
     """No home or no path known (yet): a retriable refusal, never a silent drop."""
 
 

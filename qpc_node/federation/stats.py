@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+
+import msgspec
 
 from qpc_node.storefwd.stats import StoreFwdStatistics
 
 
-@dataclass(frozen=True, slots=True)
-class NeighbourStatistics:
+class NeighbourStatistics(msgspec.Struct, frozen=True):
     node_id: bytes
     link_up: bool
     rtt: float | None
@@ -24,8 +24,7 @@ class NeighbourStatistics:
     queued_toward: int  # envelopes we hold for it right now
 
 
-@dataclass(frozen=True, slots=True)
-class FederationStatistics:
+class FederationStatistics(msgspec.Struct, frozen=True):
     node_id: bytes
     links: int
     neighbours: tuple[NeighbourStatistics, ...]
@@ -41,17 +40,16 @@ class FederationStatistics:
     storefwd: StoreFwdStatistics  # held envelopes, releases, receipts, spray
 
 
-@dataclass(slots=True)
-class NeighbourCounters:
+class NeighbourCounters(msgspec.Struct):
     """Mutable counters of one neighbour (snapshotted into :class:`NeighbourStatistics`)."""
 
     calls: int = 0
     limited_calls: int = 0
     bytes_in: int = 0
-    relay_in: Counter[str] = field(default_factory=Counter)
+    relay_in: Counter[str] = msgspec.field(default_factory=Counter)
     relayed_out: int = 0
-    refused_out: Counter[str] = field(default_factory=Counter)
-    deferred_out: Counter[str] = field(default_factory=Counter)
+    refused_out: Counter[str] = msgspec.field(default_factory=Counter)
+    deferred_out: Counter[str] = msgspec.field(default_factory=Counter)
 
 
 class CounterTable:

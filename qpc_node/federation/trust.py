@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -64,8 +64,7 @@ class KeyChanged(CertificateRejected):
         """Pin changes the refusal made (the refused key, for ``pending()``) to save."""
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(msgspec.Struct, frozen=True):
     """A peer the policy accepted, and what that changed in the pins (to persist)."""
 
     node_id: bytes
@@ -200,7 +199,7 @@ class MeshTrust:
         if pin is None:
             pin = PinRecord(nid, None, "trusted", "", now_ms, now_ms)
         else:
-            pin = replace(pin, state="trusted", last_seen_ms=now_ms)
+            pin = msgspec.structs.replace(pin, state="trusted", last_seen_ms=now_ms)
             if pin.address:
                 self._addresses[pin.address] = nid
                 changes.append(TrustChange(bind=(pin.address, nid)))

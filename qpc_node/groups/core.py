@@ -36,7 +36,8 @@ import enum
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+
+import msgspec
 
 from qpc_node.errors import LocalProtocolError
 
@@ -77,8 +78,7 @@ class IntentKind(enum.Enum):
     LEAVE = "leave"
 
 
-@dataclass(frozen=True, slots=True)
-class GroupConfig:
+class GroupConfig(msgspec.Struct, frozen=True):
     """Timings and bounds of the Stage A protocol (milliseconds)."""
 
     committer_timeout_ms: int = 120_000
@@ -125,8 +125,7 @@ class GroupConfig:
             raise ValueError("max_past_epochs must be >= 0")
 
 
-@dataclass(frozen=True, slots=True)
-class Intent:
+class Intent(msgspec.Struct, frozen=True):
     """A membership change a member asked for, tracked until a commit applies it."""
 
     intent_id: bytes
@@ -141,8 +140,7 @@ class Intent:
     attempts: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class IntentNote:
+class IntentNote(msgspec.Struct, frozen=True):
     """The app-layer note sent beside a proposal (client.proto GroupIntent)."""
 
     intent_id: bytes
@@ -152,8 +150,7 @@ class IntentNote:
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class CommitInfo:
+class CommitInfo(msgspec.Struct, frozen=True):
     """A commit that was merged (ours, after the node stored it, or one we received)."""
 
     parent_epoch: int
@@ -176,8 +173,7 @@ class CommitInfo:
 # -- actions (what the driver is asked to do) ---------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Propose:
+class Propose(msgspec.Struct, frozen=True):
     """Make the MLS proposal of an intent, then report it with :meth:`GroupCore.proposed`."""
 
     intent_id: bytes
@@ -185,8 +181,7 @@ class Propose:
     target: str
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(msgspec.Struct, frozen=True):
     """Commit the pending proposals (``Group.commit_pending(committers)``), send the
     commit to every other member, merge once the node stored it, then send the
     Welcomes; report with :meth:`GroupCore.on_commit` (or ``commit_failed``)."""
@@ -195,43 +190,37 @@ class Commit:
     """The new committer list to store with it; None keeps the current one."""
 
 
-@dataclass(frozen=True, slots=True)
-class SendIntent:
+class SendIntent(msgspec.Struct, frozen=True):
     """Send ``note`` to every other member (an MLS application message)."""
 
     note: IntentNote
 
 
-@dataclass(frozen=True, slots=True)
-class SendPull:
+class SendPull(msgspec.Struct, frozen=True):
     """Send a CommitPull for ``from_epoch`` to member ``to`` (encrypted in our epoch)."""
 
     to: str
     from_epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class Resend:
+class Resend(msgspec.Struct, frozen=True):
     """Re-send these commits (verbatim, oldest first) to member ``to``."""
 
     to: str
     messages: tuple[bytes, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Prune:
+class Prune(msgspec.Struct, frozen=True):
     """Keep only the newest ``keep`` past epochs (``Group.prune_past_epochs``)."""
 
     keep: int
 
 
-@dataclass(frozen=True, slots=True)
-class Warn:
+class Warn(msgspec.Struct, frozen=True):
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class Done:
+class Done(msgspec.Struct, frozen=True):
     """An intent of ours is finished: applied by a commit, or given up (forget it)."""
 
     intent_id: bytes
@@ -241,8 +230,7 @@ class Done:
 Action = Propose | Commit | SendIntent | SendPull | Resend | Prune | Warn | Done
 
 
-@dataclass(frozen=True, slots=True)
-class GroupStatistics:
+class GroupStatistics(msgspec.Struct, frozen=True):
     epoch: int
     committers: tuple[str, ...]
     intents: int
@@ -266,15 +254,13 @@ class GroupStatistics:
     """Commits received from a member that was not the one due to commit."""
 
 
-@dataclass(slots=True)
-class _Past:
+class _Past(msgspec.Struct):
     epoch: int
     started_ms: int
     ended_ms: int
 
 
-@dataclass(slots=True)
-class _Counters:
+class _Counters(msgspec.Struct):
     commits_seen: int = 0
     own_commits: int = 0
     reproposals: int = 0
@@ -311,8 +297,7 @@ def new_intent_id() -> bytes:
     return os.urandom(INTENT_ID_LEN)
 
 
-@dataclass(slots=True)
-class _CommitState:
+class _CommitState(msgspec.Struct):
     in_flight: bool = False
     retry_at: int = 0
     standin: bool = False
@@ -321,8 +306,7 @@ class _CommitState:
     want_committers: tuple[str, ...] | None = None
 
 
-@dataclass(slots=True)
-class GroupCore:
+class GroupCore(msgspec.Struct):
     """One group seen by member ``me``: see the module docstring."""
 
     me: str
@@ -330,24 +314,24 @@ class GroupCore:
     members: tuple[str, ...]
     stored_committers: tuple[str, ...]
     now_ms: int
-    config: GroupConfig = field(default_factory=GroupConfig)
-    _intents: dict[bytes, Intent] = field(default_factory=dict)
-    _notes: dict[bytes, tuple[str, IntentNote]] = field(default_factory=dict)
+    config: GroupConfig = msgspec.field(default_factory=GroupConfig)
+    _intents: dict[bytes, Intent] = msgspec.field(default_factory=dict)
+    _notes: dict[bytes, tuple[str, IntentNote]] = msgspec.field(default_factory=dict)
     """Intent notes of others on this epoch: intent id -> (sender, note)."""
-    _pending: dict[bytes, int] = field(default_factory=dict)
+    _pending: dict[bytes, int] = msgspec.field(default_factory=dict)
     """Proposal refs seen on this epoch -> when first seen."""
     _last_proposal_ms: int = 0
     _epoch_started_ms: int = 0
-    _past: list[_Past] = field(default_factory=list)
-    _log: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    _past: list[_Past] = msgspec.field(default_factory=list)
+    _log: list[tuple[int, bytes, bytes]] = msgspec.field(default_factory=list)
     """(parent epoch, sha256, commit message), oldest first."""
     _future_since: int | None = None
     _future_epoch: int = -1
     _next_pull_ms: int = 0
     _pull_turn: int = 0
-    _served: dict[tuple[str, int], int] = field(default_factory=dict)
-    _commit: _CommitState = field(default_factory=_CommitState)
-    _n: _Counters = field(default_factory=_Counters)
+    _served: dict[tuple[str, int], int] = msgspec.field(default_factory=dict)
+    _commit: _CommitState = msgspec.field(default_factory=_CommitState)
+    _n: _Counters = msgspec.field(default_factory=_Counters)
     removed: bool = False
 
     def __post_init__(self) -> None:
@@ -449,7 +433,9 @@ class GroupCore:
             # as waiting for our commit (epoch -1), so that commit completes it: an
             # update proposed before we became the first committer would otherwise be
             # re-started after every commit of ours, a commit each time, for ever.
-            self._intents[intent.intent_id] = replace(intent, epoch=-1, proposal_ref=b"")
+            self._intents[intent.intent_id] = msgspec.structs.replace(
+                intent, epoch=-1, proposal_ref=b""
+            )
             return self._make_commit(None, now_ms, standin=False)
         return [Propose(intent.intent_id, intent.kind, intent.target)]
 
@@ -460,7 +446,7 @@ class GroupCore:
         intent = self._intents.get(intent_id)
         if intent is None:
             return []
-        intent = replace(
+        intent = msgspec.structs.replace(
             intent, epoch=self.epoch, proposal_ref=proposal_ref, attempts=intent.attempts + 1
         )
         self._intents[intent_id] = intent
@@ -483,7 +469,7 @@ class GroupCore:
         self.now_ms = now_ms
         if self.removed or intent.intent_id in self._intents:
             return []
-        fresh = replace(intent, epoch=-1, proposal_ref=b"", attempts=0)
+        fresh = msgspec.structs.replace(intent, epoch=-1, proposal_ref=b"", attempts=0)
         self._intents[intent.intent_id] = fresh
         return self._start(fresh, now_ms)
 

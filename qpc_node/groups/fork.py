@@ -29,9 +29,10 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
+
+import msgspec
 
 __all__ = [
     "BRANCH_LABEL",
@@ -88,8 +89,7 @@ def rank_secret(group: Exporter) -> bytes:
     return group.export_secret(RANK_LABEL, b"", RANK_LEN)
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class OrderKey:
+class OrderKey(msgspec.Struct, frozen=True, order=True):
     """Lowest wins. Field order is comparison order."""
 
     kind: int
@@ -110,8 +110,7 @@ def order_key(
     return OrderKey(0 if changes_membership else 1, rank, hashlib.sha256(commit).digest())
 
 
-@dataclass(frozen=True, slots=True)
-class ForkCommit:
+class ForkCommit(msgspec.Struct, frozen=True):
     """A commit staged (processed, not merged) against its parent epoch."""
 
     parent_tag: bytes
@@ -128,8 +127,7 @@ class ForkCommit:
         return hashlib.sha256(self.commit).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class EpochInfo:
+class EpochInfo(msgspec.Struct, frozen=True):
     """An epoch the member has entered (after create, join or a merge)."""
 
     tag: bytes
@@ -141,8 +139,7 @@ class EpochInfo:
 # --- decisions ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Apply:
+class Apply(msgspec.Struct, frozen=True):
     """Merge the staged commit (it extends the live tip), then call ``entered``."""
 
     digest: bytes
@@ -154,23 +151,20 @@ class IgnoreReason(Enum):
     LOST_BRANCH = "its parent lies on a branch that lost"
 
 
-@dataclass(frozen=True, slots=True)
-class Ignore:
+class Ignore(msgspec.Struct, frozen=True):
     """Discard the staged commit; nothing changes."""
 
     reason: IgnoreReason
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
+class Hold(msgspec.Struct, frozen=True):
     """The parent epoch is unknown here: keep the message (it may belong to a branch we
     switch to later) until its expiry."""
 
     parent_tag: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Switch:
+class Switch(msgspec.Struct, frozen=True):
     """The staged commit beats the live one at its parent: take the losing tip's
     snapshot, call ``begin_switch``, roll back to ``rollback_to``, merge the winner and
     call ``entered``; then resend, re-issue and re-remove as listed."""
@@ -191,8 +185,7 @@ class Switch:
     """Members removed on the losing branch: they stay removed."""
 
 
-@dataclass(frozen=True, slots=True)
-class OutOfWindow:
+class OutOfWindow(msgspec.Struct, frozen=True):
     """The staged commit would win, but its parent's snapshot is gone (the fork is older
     than the rollback window): rejoin the winning branch by external commit."""
 
@@ -209,8 +202,7 @@ class RouteKind(Enum):
     UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(msgspec.Struct, frozen=True):
     """Where a received envelope with a given branch tag is decrypted."""
 
     kind: RouteKind
@@ -221,8 +213,7 @@ class Route:
 # --- state -------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Epoch:
+class _Epoch(msgspec.Struct):
     info: EpochInfo
     parent: bytes | None
     via: bytes | None
@@ -230,20 +221,18 @@ class _Epoch:
     entered_ms: int
     snapshot: int | None = None
     """Snapshot of this epoch's state, taken before merging its child (rollback target)."""
-    sent: list[bytes] = field(default_factory=list)
+    sent: list[bytes] = msgspec.field(default_factory=list)
     readonly_snapshot: int | None = None
     readonly_until_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Commit:
+class _Commit(msgspec.Struct, frozen=True):
     info: ForkCommit
     key: OrderKey
     digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PendingSwitch:
+class PendingSwitch(msgspec.Struct, frozen=True):
     """Journal of a switch in progress (to resume after a crash in the middle)."""
 
     plan: Switch

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
+import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
@@ -70,8 +70,7 @@ def rejoin_key(group: Exporter) -> bytes:
     return group.export_secret(REJOIN_LABEL, b"", KEY_LEN)
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(msgspec.Struct, frozen=True):
     """One epoch of the sender's branch: its tag, its rejoin secret and the ordering key
     of the commit the branch took there (None for the current epoch)."""
 
@@ -80,8 +79,7 @@ class Step:
     child: OrderKey | None
 
 
-@dataclass(frozen=True, slots=True)
-class Opened:
+class Opened(msgspec.Struct, frozen=True):
     fork_tag: bytes
     """The newest epoch the receiver shares with the sender's branch."""
     child: OrderKey | None

@@ -20,7 +20,6 @@ announces a node and prints one JSON line per event.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -31,10 +30,10 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import msgspec
 import trio
 from zeroconf import Error as ZeroconfError
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
@@ -82,8 +81,7 @@ SCOPE_WAIT_S = 0.5
 _IP_VERSIONS = {"all": IPVersion.All, "v6": IPVersion.V6Only, "v4": IPVersion.V4Only}
 
 
-@dataclass(frozen=True, slots=True)
-class DiscoveryConfig:
+class DiscoveryConfig(msgspec.Struct, frozen=True):
     node_id: bytes
     port: int
     version: int = PROTOCOL_VERSION
@@ -464,7 +462,7 @@ async def _print_stats_changes(disc: MdnsDiscovery) -> None:
         await trio.sleep(0.25)
         now = disc.statistics()
         if now != last:
-            _print({"ev": "stats", **dataclasses.asdict(now)})
+            _print({"ev": "stats", **msgspec.structs.asdict(now)})
             last = now
 
 
@@ -493,7 +491,7 @@ async def _main(config: DiscoveryConfig, seconds: float) -> None:
                 async for ev in disc.events:
                     _print(event_json(ev))
     if opened:  # after the shutdown (goodbyes sent or timed out): the final counters
-        _print({"ev": "stats", **dataclasses.asdict(opened[0].statistics())})
+        _print({"ev": "stats", **msgspec.structs.asdict(opened[0].statistics())})
     _print({"ev": "closed"})
 
 

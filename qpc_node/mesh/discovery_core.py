@@ -20,8 +20,9 @@ import ipaddress
 import socket
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import msgspec
 
 from qpc_node.errors import RemoteProtocolError
 
@@ -88,8 +89,7 @@ class PeerAddress(NamedTuple):
         return f"[{self.host}%{scope}]:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class PeerTxt:
+class PeerTxt(msgspec.Struct, frozen=True):
     """The typed content of a peer's TXT record."""
 
     version: int
@@ -105,8 +105,7 @@ class PeerTxt:
         return props
 
 
-@dataclass(frozen=True, slots=True)
-class PeerSeen:
+class PeerSeen(msgspec.Struct, frozen=True):
     """A node announced itself for the first time (or again after a goodbye)."""
 
     node_id: bytes
@@ -116,8 +115,7 @@ class PeerSeen:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class PeerUpdated:
+class PeerUpdated(msgspec.Struct, frozen=True):
     """A known node now announces other addresses or TXT fields."""
 
     node_id: bytes
@@ -127,8 +125,7 @@ class PeerUpdated:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class PeerGone:
+class PeerGone(msgspec.Struct, frozen=True):
     """A node said goodbye (TTL 0). Never emitted for a node that just went silent."""
 
     node_id: bytes
@@ -139,8 +136,7 @@ class PeerGone:
 DiscoveryEvent = PeerSeen | PeerUpdated | PeerGone
 
 
-@dataclass(frozen=True, slots=True)
-class ResolvedService:
+class ResolvedService(msgspec.Struct, frozen=True):
     """What the zeroconf thread read from one resolved instance (plain data only)."""
 
     name: str
@@ -148,8 +144,7 @@ class ResolvedService:
     addresses: tuple[str, ...]  # as ServiceInfo.parsed_scoped_addresses(): "fe80::1%3"
 
 
-@dataclass(frozen=True, slots=True)
-class DiscoveryStatistics:
+class DiscoveryStatistics(msgspec.Struct, frozen=True):
     peers: int
     instances: int
     seen: int
@@ -300,8 +295,7 @@ def has_unscoped_link_local(scoped: Iterable[str]) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class _Instance:
+class _Instance(msgspec.Struct, frozen=True):
     name: str
     node_id: bytes
     addresses: tuple[PeerAddress, ...]

@@ -13,9 +13,9 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import ifaddr
+import msgspec
 
 from qpc_node.errors import LocalProtocolError
 
@@ -28,8 +28,7 @@ class NoInterfacesError(LocalProtocolError):
     """Nothing to run mDNS on: a named interface is missing, or none is usable."""
 
 
-@dataclass(frozen=True, slots=True)
-class MeshInterface:
+class MeshInterface(msgspec.Struct, frozen=True):
     name: str
     index: int
     ipv4: tuple[str, ...]

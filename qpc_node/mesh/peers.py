@@ -22,7 +22,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.errors import ConfigError, LocalProtocolError
 
@@ -90,8 +91,7 @@ TRANSITIONS: dict[PeerState, dict[_Ev, PeerState]] = {
 """state -> event -> next state. Missing rows are driver bugs (LocalProtocolError)."""
 
 
-@dataclass(frozen=True, slots=True)
-class PeerAddress:
+class PeerAddress(msgspec.Struct, frozen=True):
     """An IP literal, port and, for IPv6 link-local, the interface index it is scoped to.
 
     A link-local address without its scope names no interface at all (every mesh
@@ -118,7 +118,7 @@ class PeerAddress:
             raise LocalProtocolError(f"link-local {self.host} needs an interface scope")
         if str(ip) != self.host:
             # One spelling per address, so equal addresses compare equal.
-            object.__setattr__(self, "host", str(ip))
+            msgspec.structs.force_setattr(self, "host", str(ip))
 
     @property
     def is_ipv6(self) -> bool:
@@ -131,8 +131,7 @@ class PeerAddress:
         return f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class PeerPolicy:
+class PeerPolicy(msgspec.Struct, frozen=True):
     """Timers of the table (seconds).
 
     ``liveness_timeout`` bounds how long a dead neighbour stays "up": the link
@@ -178,45 +177,39 @@ class PeerPolicy:
 # -- what poll() returns -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Dial:
+class Dial(msgspec.Struct, frozen=True):
     """Open a federation link to ``node`` at ``address``; report link_up or dial_failed."""
 
     node: bytes
     address: PeerAddress
 
 
-@dataclass(frozen=True, slots=True)
-class CloseLink:
+class CloseLink(msgspec.Struct, frozen=True):
     """The table gave up on this link (silent too long, or the dial took too long)."""
 
     node: bytes
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class PeerUp:
+class PeerUp(msgspec.Struct, frozen=True):
     node: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PeerDown:
+class PeerDown(msgspec.Struct, frozen=True):
     """The neighbour is no longer reachable over a link (routing withdraws through it)."""
 
     node: bytes
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class PeerGone:
+class PeerGone(msgspec.Struct, frozen=True):
     node: bytes
 
 
 PeerEvent = Dial | CloseLink | PeerUp | PeerDown | PeerGone
 
 
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
+class PeerInfo(msgspec.Struct, frozen=True):
     """One row of the table (a snapshot: ``/mesh peers``, metrics, tests)."""
 
     node: bytes
@@ -229,8 +222,7 @@ class PeerInfo:
     next_attempt_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class PeerTableStatistics:
+class PeerTableStatistics(msgspec.Struct, frozen=True):
     peers: int
     up: int
     connecting: int

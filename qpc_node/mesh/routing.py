@@ -54,8 +54,9 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
+
+import msgspec
 
 from qpc_node.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from qpc_node.mesh.bindings import BindingStore
@@ -124,8 +125,7 @@ __all__ = [
 # -- the router -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingPolicy:
+class RoutingPolicy(msgspec.Struct, frozen=True):
     """Timers (milliseconds) and bounds of the routing core.
 
     ``stale_after_ms`` is 3.5 update intervals (Babel's route expiry): two lost
@@ -176,16 +176,14 @@ class RoutingPolicy:
             raise ConfigError("routing intervals must be >= 0")
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(msgspec.Struct, frozen=True):
     """Send ``update`` (``update.encode()``) to ``neighbour`` over its federation link."""
 
     neighbour: bytes
     update: RouteUpdate
 
 
-@dataclass(frozen=True, slots=True)
-class PersistSeq:
+class PersistSeq(msgspec.Struct, frozen=True):
     """Store ``seq`` durably before transmitting any later output; after a restart pass
     it as ``seq_floor``. Emitted once per ``seq_block`` seqs (flash-friendly)."""
 
@@ -195,13 +193,11 @@ class PersistSeq:
 RouterOutput = Send | PersistSeq
 
 
-@dataclass(frozen=True, slots=True)
-class Local:
+class Local(msgspec.Struct, frozen=True):
     """The user is homed on this node: deliver to its mailbox."""
 
 
-@dataclass(frozen=True, slots=True)
-class NextHop:
+class NextHop(msgspec.Struct, frozen=True):
     """Forward to neighbour ``node``; ``home`` is ``hops`` hops away."""
 
     node: bytes
@@ -209,8 +205,7 @@ class NextHop:
     home: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class NoRoute:
+class NoRoute(msgspec.Struct, frozen=True):
     """Nothing to forward to yet (retriable: bindings and routes arrive over time)."""
 
     reason: Literal["unknown user", "binding expired", "no route to home"]
@@ -220,14 +215,12 @@ class NoRoute:
 Resolution = Local | NextHop | NoRoute
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiveReport:
+class ReceiveReport(msgspec.Struct, frozen=True):
     routes: tuple[Outcome, ...]
     bindings: tuple[Outcome, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class RouteEntry:
+class RouteEntry(msgspec.Struct, frozen=True):
     """One row of the path table (``/mesh routes``)."""
 
     destination: bytes
@@ -237,8 +230,7 @@ class RouteEntry:
     expires_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingStatistics:
+class RoutingStatistics(msgspec.Struct, frozen=True):
     destinations: int
     route_entries: int
     bindings: int
@@ -701,7 +693,7 @@ class Router:
                 del self._selected[origin]
                 if cur.ann.expiry_ms > now:
                     # Neighbours drop routes through us now, not at their stale timer.
-                    retract = replace(cur.ann, hops=INFINITY)
+                    retract = msgspec.structs.replace(cur.ann, hops=INFINITY)
                     self._retracted[origin] = retract
                     for link in self._links.values():
                         link.routes[origin] = retract
@@ -723,7 +715,7 @@ class Router:
         else:
             src.metric = min(src.metric, r.metric)
             src.expiry_ms = max(src.expiry_ms, r.ann.expiry_ms)
-        adv = replace(r.ann, hops=r.metric)
+        adv = msgspec.structs.replace(r.ann, hops=r.metric)
         self._selected[origin] = _Selected(nb, r.metric, adv)
         self._retracted.pop(origin, None)
         if cur is not None and (cur.ann.seq, cur.metric) == (r.ann.seq, r.metric):

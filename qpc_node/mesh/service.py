@@ -24,8 +24,8 @@ from __future__ import annotations
 import random
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+import msgspec
 import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -105,8 +105,7 @@ def verify_user(public_key: bytes, message: bytes, signature: bytes) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
-class MeshSettings:
+class MeshSettings(msgspec.Struct, frozen=True):
     """What the node's config says about the mesh (``mesh.*``)."""
 
     static_peers: tuple[StaticPeer, ...] = ()
@@ -119,8 +118,7 @@ class MeshSettings:
     limits: FederationLimits | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class MeshStatistics:
+class MeshStatistics(msgspec.Struct, frozen=True):
     peers: pt.PeerTableStatistics
     routing: rt.RoutingStatistics
     updates_received: int

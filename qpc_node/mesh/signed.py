@@ -21,9 +21,9 @@ import enum
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError
@@ -77,8 +77,7 @@ def _check_len(
         raise err(f"{what} must be {n} bytes, got {len(v)}")
 
 
-@dataclass(frozen=True, slots=True)
-class Announcement:
+class Announcement(msgspec.Struct, frozen=True):
     """A node route as it travels one link: origin-signed fields plus the sender's ``hops``."""
 
     origin: bytes
@@ -133,8 +132,7 @@ class Announcement:
         return cls.from_proto(_parse(mesh_pb2.RouteAnnouncement(), data, "route announcement"))
 
 
-@dataclass(frozen=True, slots=True)
-class HomeBinding:
+class HomeBinding(msgspec.Struct, frozen=True):
     """ "User ``user`` is homed on node ``node``", signed by the user's client."""
 
     user: bytes
@@ -183,8 +181,7 @@ class HomeBinding:
         return cls.from_proto(_parse(mesh_pb2.HomeBinding(), data, "home binding"))
 
 
-@dataclass(frozen=True, slots=True)
-class SeqRequest:
+class SeqRequest(msgspec.Struct, frozen=True):
     """ "Announce ``origin`` with a seq >= ``seq``", forwarded at most ``hop_limit`` hops."""
 
     origin: bytes
@@ -209,8 +206,7 @@ class SeqRequest:
         return r
 
 
-@dataclass(frozen=True, slots=True)
-class RouteUpdate:
+class RouteUpdate(msgspec.Struct, frozen=True):
     """One batch on a link."""
 
     routes: tuple[Announcement, ...] = ()

@@ -14,7 +14,8 @@ import ipaddress
 import socket
 import string
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.errors import ConfigError
 from qpc_node.mesh.discovery_core import NODE_ID_LEN
@@ -31,8 +32,7 @@ class BadStaticPeer(ConfigError):
     """A static peer entry cannot be parsed; the message quotes the entry."""
 
 
-@dataclass(frozen=True, slots=True)
-class StaticPeer:
+class StaticPeer(msgspec.Struct, frozen=True):
     host: str  # name, IPv4 or IPv6 (without brackets and scope)
     port: int
     node_id: bytes

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import trio
 
 from qpc_node.ops.config import parse_hostport
@@ -53,8 +53,7 @@ _REASONS = {
 TEXT = "text/plain; charset=utf-8"
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(msgspec.Struct, frozen=True):
     status: int
     body: bytes = b""
     content_type: str = TEXT
@@ -71,8 +70,7 @@ class BadRequest(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     method: str
     path: str
 
@@ -113,8 +111,7 @@ def render(response: Response, *, head_only: bool = False, extra: str = "") -> b
     return head if head_only else head + response.body
 
 
-@dataclass(slots=True)
-class _HttpCounters:
+class _HttpCounters(msgspec.Struct):
     """The live counters; ``statistics()`` hands out a frozen copy."""
 
     connections: int = 0
@@ -126,8 +123,7 @@ class _HttpCounters:
     route_errors: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class HttpStatistics:
+class HttpStatistics(msgspec.Struct, frozen=True):
     connections: int
     responses: int
     bad_requests: int

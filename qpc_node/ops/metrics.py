@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
 import trio
 
 from qpc_node.errors import QpcError
@@ -344,8 +344,7 @@ class NodeView(Protocol):
 # -- samples, for the Stats RPC and the REPL ----------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(msgspec.Struct, frozen=True):
     """One exported number: ``name`` with its suffix (``_total``, ``_count``...)."""
 
     name: str

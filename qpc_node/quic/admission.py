@@ -29,9 +29,9 @@ import math
 import os
 import struct
 from collections import Counter
-from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -180,8 +180,7 @@ RefusalReason = Literal[
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionRefusals:
+class AdmissionRefusals(msgspec.Struct, frozen=True):
     """Refused new connections by the limit that refused them (a typed snapshot: a renamed
     reason fails mypy in the metrics layer instead of exporting a silent zero)."""
 
@@ -193,8 +192,7 @@ class AdmissionRefusals:
     retry_rate: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     verdict: Verdict
     reason: str = ""  # for REFUSE / INVALID_TOKEN: which limit
     original_dcid: bytes = b""  # for ADMIT: what the transport parameters must echo

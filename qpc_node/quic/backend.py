@@ -8,8 +8,9 @@ implemented in :mod:`qpc_node.quic._aioquic`; qh3 could be a second one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from qpc_node.quic.address import Address
 from qpc_node.quic.admission import ResetTokens
@@ -18,8 +19,7 @@ from qpc_node.quic.settings import QuicSettings
 from qpc_node.quic.tls import ClientTLS, ServerTLS
 
 
-@dataclass(frozen=True, slots=True)
-class PacketHeader:
+class PacketHeader(msgspec.Struct, frozen=True):
     destination_cid: bytes
     is_initial: bool
     version_supported: bool

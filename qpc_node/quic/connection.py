@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import trio
 
 from qpc_node.errors import LocalProtocolError, StatusCode
@@ -58,8 +58,7 @@ class ConnectionHost(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionStatistics:
+class ConnectionStatistics(msgspec.Struct, frozen=True):
     open_streams: int
     active_handlers: int
     streams_waiting_for_credit: int

@@ -21,9 +21,9 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from itertools import islice
 
+import msgspec
 import trio
 
 from qpc_node.errors import LocalProtocolError
@@ -55,8 +55,7 @@ TX_FLUSH_CHUNK = 256  # backlog datagrams handed to the socket per batch
 MIN_INITIAL_SIZE = 1200  # RFC 9000 14.1: smaller client Initials are dropped
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointStatistics:
+class EndpointStatistics(msgspec.Struct, frozen=True):
     connections: int
     server_connections: int
     rx_datagrams: int

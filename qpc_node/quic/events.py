@@ -6,54 +6,46 @@ translating its events, without touching the driver or anything above it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeCompleted:
+class HandshakeCompleted(msgspec.Struct, frozen=True):
     alpn: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeConfirmed:
+class HandshakeConfirmed(msgspec.Struct, frozen=True):
     """Both sides agree the handshake is done: for a client, the server accepted us."""
 
 
-@dataclass(frozen=True, slots=True)
-class StreamDataReceived:
+class StreamDataReceived(msgspec.Struct, frozen=True):
     stream_id: int
     data: bytes
     end_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
-class StreamReset:
+class StreamReset(msgspec.Struct, frozen=True):
     """The peer sent RESET_STREAM: it will send nothing more on this stream."""
 
     stream_id: int
     error_code: int
 
 
-@dataclass(frozen=True, slots=True)
-class StopSendingReceived:
+class StopSendingReceived(msgspec.Struct, frozen=True):
     """The peer sent STOP_SENDING: our sending direction is reset."""
 
     stream_id: int
     error_code: int
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionIdIssued:
+class ConnectionIdIssued(msgspec.Struct, frozen=True):
     connection_id: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionIdRetired:
+class ConnectionIdRetired(msgspec.Struct, frozen=True):
     connection_id: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosing:
+class ConnectionClosing(msgspec.Struct, frozen=True):
     """CONNECTION_CLOSE sent or received: no more application data, fail fast.
 
     The core still lingers (closing/draining period, RFC 9000 10.2) until
@@ -65,15 +57,13 @@ class ConnectionClosing:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionTerminated:
+class ConnectionTerminated(msgspec.Struct, frozen=True):
     error_code: int
     frame_type: int | None
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class PingAcknowledged:
+class PingAcknowledged(msgspec.Struct, frozen=True):
     uid: int
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
-class QuicSettings:
+class QuicSettings(msgspec.Struct, frozen=True):
     """Per-connection knobs; the defaults suit a router with a few hundred peers.
 
     ``dead_peer_timeout`` is the promise: a peer that stops answering is noticed
@@ -56,8 +56,7 @@ class QuicSettings:
         return self.dead_peer_timeout - self.keepalive_seconds
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionLimits:
+class AdmissionLimits(msgspec.Struct, frozen=True):
     """Caps on server-side connections; new Initials beyond them are dropped.
 
     A connection is *half-open* from its first Initial until the handshake is

@@ -16,8 +16,8 @@ import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from qpc_node.errors import LocalProtocolError
@@ -36,8 +36,7 @@ from qpc_node.quic.tls import (
 INBOX_DATAGRAMS = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class LinkProfile:
+class LinkProfile(msgspec.Struct, frozen=True):
     """Fate of every datagram, drawn from the network's seeded RNG."""
 
     drop: float = 0.0
@@ -47,8 +46,7 @@ class LinkProfile:
     jitter: float = 0.001
 
 
-@dataclass(slots=True)
-class FakeNetworkStatistics:
+class FakeNetworkStatistics(msgspec.Struct):
     sent: int = 0
     delivered: int = 0
     dropped: int = 0
@@ -200,8 +198,7 @@ async def serving(endpoint: Endpoint, handler: StreamHandler) -> AsyncIterator[E
 # --------------------------------------------------------------------------- PKI
 
 
-@dataclass(frozen=True)
-class PkiFixture:
+class PkiFixture(msgspec.Struct, frozen=True):
     """A community CA, a stranger CA, and node certificates in every test role."""
 
     ca: CertificateAuthority

@@ -21,10 +21,10 @@ import ipaddress
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 from aioquic import tls as _aioquic_tls
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -68,8 +68,7 @@ def normalize_fingerprint(value: str) -> str:
     return fp
 
 
-@dataclass(frozen=True, slots=True)
-class PeerIdentity:
+class PeerIdentity(msgspec.Struct, frozen=True):
     """What a handler may rely on about a verified peer (never the raw TLS object)."""
 
     cert_fingerprint: str
@@ -97,13 +96,15 @@ def _san_names(cert: x509.Certificate) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- credentials
 
 
-@dataclass(frozen=True)
-class NodeCredentials:
+class NodeCredentials(msgspec.Struct, frozen=True):
     """A certificate (optionally with intermediates) and its private key, PEM-encoded."""
 
     certificate_pem: bytes
-    private_key_pem: bytes = field(repr=False)
+    private_key_pem: bytes
     chain_pem: bytes = b""
+
+    def __repr__(self) -> str:  # never the private key
+        return f"NodeCredentials({len(self.certificate_pem)} B certificate, {len(self.chain_pem)} B chain)"
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -207,12 +208,14 @@ def _self_signed(
     return builder.sign(key, _sign_hash(key))
 
 
-@dataclass(frozen=True)
-class CertificateAuthority:
+class CertificateAuthority(msgspec.Struct, frozen=True):
     """A community (federation) CA: its certificate is what nodes configure as trust."""
 
     certificate_pem: bytes
-    private_key_pem: bytes = field(repr=False)
+    private_key_pem: bytes
+
+    def __repr__(self) -> str:  # never the private key
+        return f"CertificateAuthority({len(self.certificate_pem)} B certificate)"
 
 
 def make_ca(

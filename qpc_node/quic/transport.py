@@ -25,9 +25,9 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import trio
 
 from qpc_node.errors import LocalProtocolError
@@ -70,8 +70,7 @@ class DatagramSocket(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(slots=True)
-class UdpStatistics:
+class UdpStatistics(msgspec.Struct):
     rx_datagrams: int = 0
     rx_calls: int = 0  # reads that returned data (< rx_datagrams with GRO)
     tx_datagrams: int = 0

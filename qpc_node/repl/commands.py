@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.client.channels import parse_secret
 from qpc_node.client.contacts import looks_like_peer, valid_name
@@ -24,145 +25,118 @@ class UsageError(LocalProtocolError):
         self.usage = usage
 
 
-@dataclass(frozen=True)
-class Help:
+class Help(msgspec.Struct, frozen=True):
     topic: str = ""
 
 
-@dataclass(frozen=True)
-class WhoAmI:
+class WhoAmI(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class Dm:
+class Dm(msgspec.Struct, frozen=True):
     peer: str
     text: str
 
 
-@dataclass(frozen=True)
-class GroupCreate:
+class GroupCreate(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class GroupInvite:
+class GroupInvite(msgspec.Struct, frozen=True):
     name: str
     peer: str
 
 
-@dataclass(frozen=True)
-class GroupSend:
+class GroupSend(msgspec.Struct, frozen=True):
     name: str
     text: str
 
 
-@dataclass(frozen=True)
-class GroupMembers:
+class GroupMembers(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class GroupLeave:
+class GroupLeave(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class GroupInfo:
+class GroupInfo(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class GroupUpdate:
+class GroupUpdate(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class GroupRemove:
+class GroupRemove(msgspec.Struct, frozen=True):
     name: str
     peer: str
 
 
-@dataclass(frozen=True)
-class Inbox:
+class Inbox(msgspec.Struct, frozen=True):
     wait: float = 0.0
 
 
-@dataclass(frozen=True)
-class Verify:
+class Verify(msgspec.Struct, frozen=True):
     peer: str
 
 
-@dataclass(frozen=True)
-class Stats:
+class Stats(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class MeshView:
+class MeshView(msgspec.Struct, frozen=True):
     what: str  # "peers" | "routes"
 
 
-@dataclass(frozen=True)
-class MeshTrust:
+class MeshTrust(msgspec.Struct, frozen=True):
     fingerprint: str  # a node id or a unique hex prefix (the node resolves it)
 
 
-@dataclass(frozen=True)
-class MeshServer:
+class MeshServer(msgspec.Struct, frozen=True):
     target: str  # host:port of a node in the peer list, or a node fingerprint / prefix
 
 
-@dataclass(frozen=True)
-class MeshAuto:
+class MeshAuto(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class ContactAdd:
+class ContactAdd(msgspec.Struct, frozen=True):
     name: str
     peer: str
 
 
-@dataclass(frozen=True)
-class ContactRemove:
+class ContactRemove(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class Contacts:
+class Contacts(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class ChannelCreate:
+class ChannelCreate(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class ChannelJoin:
+class ChannelJoin(msgspec.Struct, frozen=True):
     name: str
     secret: bytes
 
 
-@dataclass(frozen=True)
-class ChannelList:
+class ChannelList(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True)
-class ChannelLeave:
+class ChannelLeave(msgspec.Struct, frozen=True):
     name: str
 
 
-@dataclass(frozen=True)
-class Broadcast:
+class Broadcast(msgspec.Struct, frozen=True):
     channel: str
     text: str
 
 
-@dataclass(frozen=True)
-class Quit:
+class Quit(msgspec.Struct, frozen=True):
     pass
 
 

@@ -18,13 +18,13 @@ by the call slots (per connection) times the admitted connections.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetStatistics:
+class BudgetStatistics(msgspec.Struct, frozen=True):
     used: int
     peak: int
     limit: int

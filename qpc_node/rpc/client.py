@@ -15,10 +15,10 @@ import contextlib
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
+import msgspec
 import trio
 from google.protobuf.message import DecodeError, Message
 
@@ -40,8 +40,7 @@ RECEIVE_CHUNK = 64 * 1024
 _STREAM_GONE = (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
+class RetryPolicy(msgspec.Struct, frozen=True):
     """Exponential backoff with full jitter, for retriable status codes only.
 
     Full jitter (sleep uniformly in [0, cap]) spreads a crowd of clients that
@@ -66,8 +65,7 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-@dataclass(slots=True)
-class _ClientCounters:
+class _ClientCounters(msgspec.Struct):
     """The live counters; ``statistics()`` hands out a frozen copy."""
 
     calls: int = 0
@@ -75,11 +73,10 @@ class _ClientCounters:
     retries: int = 0
     aborted_streams: int = 0
     backoff_seconds: float = 0.0
-    failures: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = msgspec.field(default_factory=Counter)
 
 
-@dataclass(frozen=True, slots=True)
-class ClientStatistics:
+class ClientStatistics(msgspec.Struct, frozen=True):
     """A snapshot of one client's calls; ``failures`` counts final errors by status name."""
 
     calls: int

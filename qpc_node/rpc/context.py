@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import trio
 
 from qpc_node.errors import QpcError, StatusCode
 from qpc_node.rpc.framing import DEFAULT_MAX_FRAME_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
+class PeerInfo(msgspec.Struct, frozen=True):
     """The transport's view of a connection, fixed when it was accepted.
 
     ``identity`` is what TLS proved (qpc_node.quic PeerIdentity: certificate
@@ -25,8 +24,7 @@ class PeerInfo:
     alpn: str | None = None
 
 
-@dataclass(slots=True)
-class Session:
+class Session(msgspec.Struct):
     """Per-connection state that outlives one call.
 
     Empty when a connection opens; the auth layer fills ``user`` once the
@@ -35,7 +33,7 @@ class Session:
     """
 
     user: bytes | None = None
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class AnswerBytes(Protocol):
@@ -85,8 +83,7 @@ class AnswerOverBudget(QpcError):
     code = StatusCode.RESOURCE_EXHAUSTED
 
 
-@dataclass(frozen=True, slots=True)
-class CallContext:
+class CallContext(msgspec.Struct, frozen=True):
     """Passed to every handler next to its decoded request."""
 
     method: str
@@ -96,7 +93,7 @@ class CallContext:
     """trio.current_time() by which the answer must be sent."""
     peer: PeerInfo
     session: Session
-    answer: AnswerBytes = field(default_factory=UnbudgetedAnswer)
+    answer: AnswerBytes = msgspec.field(default_factory=UnbudgetedAnswer)
     """Where a handler reserves its answer's bytes before building it."""
 
     @property

@@ -14,7 +14,7 @@ plus the tail of the last ``feed`` chunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
 
@@ -68,8 +68,7 @@ def encode_frame_header(size: int, *, max_frame_size: int = DEFAULT_MAX_FRAME_SI
     return encode_varint(size)
 
 
-@dataclass(frozen=True, slots=True)
-class DecoderStatistics:
+class DecoderStatistics(msgspec.Struct, frozen=True):
     """What a decoder holds and has seen; ``buffered_bytes`` is the memory bound to watch."""
 
     buffered_bytes: int

@@ -8,9 +8,9 @@ INVALID_ARGUMENT and checks what the handler returns.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import msgspec
 from google.protobuf.message import Message
 
 from qpc_node.errors import LocalProtocolError
@@ -20,8 +20,7 @@ ReqT = TypeVar("ReqT", bound=Message)
 RespT = TypeVar("RespT", bound=Message)
 
 
-@dataclass(frozen=True, slots=True)
-class Method(Generic[ReqT, RespT]):
+class Method(msgspec.Struct, Generic[ReqT, RespT], frozen=True):
     """One registered method.
 
     ``max_timeout`` caps the caller's deadline for this method (a long-poll

@@ -23,10 +23,10 @@ import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
 import trio
 from google.protobuf.message import DecodeError, Message
 
@@ -73,8 +73,7 @@ Must be cheap and must not raise.
 _STREAM_GONE = (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
+class ServerConfig(msgspec.Struct, frozen=True):
     """Limits; defaults follow the policy (5 MiB frames) and a router's memory."""
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -163,8 +162,7 @@ class ServerConnection:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionCallStatistics:
+class ConnectionCallStatistics(msgspec.Struct, frozen=True):
     """One connection's call slots (a snapshot)."""
 
     connection_id: str
@@ -175,8 +173,7 @@ class ConnectionCallStatistics:
     limit: int
 
 
-@dataclass(slots=True)
-class _ServerCounters:
+class _ServerCounters(msgspec.Struct):
     """The live counters; ``statistics()`` hands out a frozen copy."""
 
     connections: int = 0
@@ -190,11 +187,10 @@ class _ServerCounters:
     send_budget_refusals: int = 0
     send_timeouts: int = 0
     """Responses the peer did not take within ``send_timeout``: stream reset."""
-    statuses: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = msgspec.field(default_factory=Counter)
 
 
-@dataclass(frozen=True, slots=True)
-class ServerStatistics:
+class ServerStatistics(msgspec.Struct, frozen=True):
     """Counters a REPL, test or the metrics layer reads; ``buffered_bytes`` is the
     memory to watch. A snapshot: later calls do not change it."""
 

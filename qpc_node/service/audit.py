@@ -8,8 +8,8 @@ behind, the oldest events are dropped and counted (never unbounded memory).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from qpc_node.store.async_store import AsyncStore
@@ -57,8 +57,7 @@ class AuditSink:
         return AuditStatistics(buffered=len(self._buf), written=self.written, dropped=self.dropped)
 
 
-@dataclass(frozen=True, slots=True)
-class AuditStatistics:
+class AuditStatistics(msgspec.Struct, frozen=True):
     buffered: int  # events waiting for the next flush
     written: int  # events persisted
     dropped: int  # oldest events dropped because the buffer was full

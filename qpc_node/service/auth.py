@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from qpc_node import crypto
 from qpc_node.errors import QpcError, StatusCode
@@ -38,8 +39,7 @@ def fingerprint_of(public_key: bytes) -> bytes:
     return hashlib.sha256(public_key).digest()
 
 
-@dataclass(slots=True)
-class _Pending:
+class _Pending(msgspec.Struct):
     nonce: bytes
     expires: float
 
@@ -100,8 +100,7 @@ class ChallengeBook:
         return ChallengeStatistics(issued=self.issued, verified=self.verified, failed=self.failed)
 
 
-@dataclass(frozen=True, slots=True)
-class ChallengeStatistics:
+class ChallengeStatistics(msgspec.Struct, frozen=True):
     """Auth.Challenge nonces issued; Auth.Prove outcomes (a snapshot)."""
 
     issued: int

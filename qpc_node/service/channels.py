@@ -14,9 +14,9 @@ the caller's mailbox (so a client waits on one call for both).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
+import msgspec
 import trio
 
 from qpc_node.errors import RemoteProtocolError
@@ -45,8 +45,7 @@ def publish_limiter(rate: float) -> TokenBucketLimiter[str]:
     return TokenBucketLimiter[str](rate=rate, burst=max(1.0, 4 * rate))
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelServiceStatistics:
+class ChannelServiceStatistics(msgspec.Struct, frozen=True):
     published: int  # new messages local clients published
     duplicates: int  # publishes of a message already held (a retry)
     refused: int  # publishes refused by a relay check (by reason: ChannelStore)

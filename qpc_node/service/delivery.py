@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Protocol, cast
 
+import msgspec
 import trio
 
 from qpc_node.errors import LocalProtocolError, QpcError, RemoteProtocolError, StatusCode
@@ -415,7 +415,6 @@ def _answer(res: FetchResult) -> service_pb2.FetchResponse:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class DeliveryStatistics:
+class DeliveryStatistics(msgspec.Struct, frozen=True):
     parked_fetches: int  # recipients with a long-poll fetch parked right now
     wakeups: int  # parked fetches woken by new mail

@@ -8,9 +8,9 @@ never reaches the store.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 import trio
 
 from qpc_node.errors import QpcError, StatusCode
@@ -94,6 +94,5 @@ class Guard:
         raise RateLimited(f"rate limit exceeded ({scope}); slow down")
 
 
-@dataclass(frozen=True, slots=True)
-class GuardStatistics:
+class GuardStatistics(msgspec.Struct, frozen=True):
     refused: int  # calls refused by a rate limit (per IP or per identity)

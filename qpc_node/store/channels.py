@@ -19,8 +19,8 @@ Functions here run on the store's worker thread (``AsyncStore.run``);
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from qpc_node.errors import QpcError
@@ -47,8 +47,7 @@ SWEEP_ROWS = 10_000
 """Rows a sweep turns into tombstones or deletes at most per transaction."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelLimits:
+class ChannelLimits(msgspec.Struct, frozen=True):
     retention_ms: int = DEFAULT_RETENTION_MS
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -59,8 +58,7 @@ class ChannelLimits:
         return 4 * self.max_messages
 
 
-@dataclass(frozen=True, slots=True)
-class Added:
+class Added(msgspec.Struct, frozen=True):
     """One message's fate in :func:`add_messages`."""
 
     new: bool
@@ -68,22 +66,19 @@ class Added:
     """Its sequence number here (also for a duplicate: the first copy's)."""
 
 
-@dataclass(frozen=True, slots=True)
-class AddResult:
+class AddResult(msgspec.Struct, frozen=True):
     added: list[Added]
     evicted: int
     """Messages turned into tombstones to get back under the caps."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelPage:
+class ChannelPage(msgspec.Struct, frozen=True):
     messages: list[tuple[int, bytes]]
     """(seq, encoded ChannelMessage), oldest first."""
     more: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelTotals:
+class ChannelTotals(msgspec.Struct, frozen=True):
     messages: int
     bytes: int
     tombstones: int
@@ -260,8 +255,7 @@ def get_messages(store: Store, msg_ids: Sequence[bytes], now_ms: int) -> list[by
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelStoreStatistics:
+class ChannelStoreStatistics(msgspec.Struct, frozen=True):
     stored: int  # new messages accepted (local publishes and from neighbours)
     duplicates: int  # copies of a message already held (or remembered)
     evicted_caps: int  # messages dropped to stay under channels.max_messages/max_bytes

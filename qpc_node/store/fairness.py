@@ -27,7 +27,8 @@ same decision applies to it unchanged.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.store.errors import InvalidRecord
 from qpc_node.store.records import FINGERPRINT_LEN
@@ -40,8 +41,7 @@ DEFAULT_SHARES = 10
 strangers fit in it at once; a Sybil attacker needs this many keys to fill it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class SenderKey:
+class SenderKey(msgspec.Struct, frozen=True):
     """Who puts an envelope into a mailbox, as far as this node can tell.
 
     ``origin`` is the user fingerprint the envelope comes from: the proven session
@@ -87,8 +87,7 @@ class SenderKey:
         return self.is_local and self.origin == recipient
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(msgspec.Struct, frozen=True):
     """Unacked messages and their bytes (of a mailbox, a pool, or one sender)."""
 
     messages: int = 0
@@ -98,8 +97,7 @@ class Usage:
         return Usage(self.messages + other.messages, self.bytes + other.bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class FairnessLimits:
+class FairnessLimits(msgspec.Struct, frozen=True):
     """The three ceilings one decision checks against."""
 
     mailbox: Usage
@@ -156,8 +154,7 @@ _WHAT = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
+class Refusal(msgspec.Struct, frozen=True):
     reason: Reason
     unit: str  # "messages" or "bytes": which ceiling was hit
     limit: int
@@ -168,8 +165,7 @@ class Refusal:
         return f"{_WHAT[self.reason]} {self.unit}"
 
 
-@dataclass(frozen=True, slots=True)
-class MailboxUsage:
+class MailboxUsage(msgspec.Struct, frozen=True):
     """What one mailbox holds now, as the decision needs it."""
 
     total: Usage  # every unacked message

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 from qpc_node.errors import ConfigError
 from qpc_node.store.held import handover_passes, handover_reopen, seen_add
@@ -25,8 +26,7 @@ PinState = Literal["trusted", "refused"]
 AcceptOutcome = Literal["queued", "duplicate", "hop_full", "source_full", "origin_full"]
 
 
-@dataclass(frozen=True, slots=True)
-class PinRecord:
+class PinRecord(msgspec.Struct, frozen=True):
     node_id: bytes
     public_key: bytes | None  # None: trusted by id before we ever saw its key
     state: PinState
@@ -35,14 +35,12 @@ class PinRecord:
     last_seen_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class TrustSnapshot:
+class TrustSnapshot(msgspec.Struct, frozen=True):
     pins: tuple[PinRecord, ...]
     addresses: tuple[tuple[str, bytes], ...]  # address -> node id that answered there
 
 
-@dataclass(frozen=True, slots=True)
-class TrustChange:
+class TrustChange(msgspec.Struct, frozen=True):
     """One change a trust decision made: a pin (new or changed) and/or an address binding."""
 
     pin: PinRecord | None = None
@@ -88,8 +86,7 @@ def save_trust(store: Store, changes: Sequence[TrustChange], now_ms: int) -> Non
 # --------------------------------------------------------------------------- custody
 
 
-@dataclass(frozen=True, slots=True)
-class RelayItem:
+class RelayItem(msgspec.Struct, frozen=True):
     """An envelope to hand to ``next_hop``: ``hop_limit`` is already decremented.
 
     ``origin`` is the sending user's fingerprint as declared with the envelope (proven
@@ -113,8 +110,7 @@ class RelayItem:
     hand-over passes a tombstone only when it is not the node whose receipt made it."""
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedRelay:
+class QueuedRelay(msgspec.Struct, frozen=True):
     id: int
     next_hop: bytes
     envelope: Envelope
@@ -126,8 +122,7 @@ class QueuedRelay:
     origin_node: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RelayQueueLimits:
+class RelayQueueLimits(msgspec.Struct, frozen=True):
     max_per_hop: int = 10_000
     """Envelopes held toward one next hop."""
     max_per_source: int = 2_000
@@ -169,8 +164,7 @@ def relay_accept(
         return _accept(conn, items, now_ms, limits, proven=proven)
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptCall:
+class AcceptCall(msgspec.Struct, frozen=True):
     """One :func:`relay_accept` call's arguments, for :func:`relay_accept_many`."""
 
     items: Sequence[RelayItem]
@@ -305,8 +299,7 @@ def relay_due(
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class Handover:
+class Handover(msgspec.Struct, frozen=True):
     """What :func:`relay_handover` did with one user's mailbox."""
 
     moved: int

@@ -30,9 +30,9 @@ from __future__ import annotations
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import RemoteProtocolError
@@ -55,8 +55,7 @@ HoldOutcome = Literal["held", "duplicate", "full"]
 AUDIT_EVICT = "storefwd.evict"
 
 
-@dataclass(frozen=True, slots=True)
-class HoldItem:
+class HoldItem(msgspec.Struct, frozen=True):
     """An envelope to hold: ``hop_limit`` as it arrived here (not decremented)."""
 
     envelope: Envelope
@@ -76,21 +75,18 @@ class HoldItem:
     :func:`handover_passes`."""
 
 
-@dataclass(frozen=True, slots=True)
-class Eviction:
+class Eviction(msgspec.Struct, frozen=True):
     msg_id: bytes
     origin_node: bytes
     reason: EvictReason
 
 
-@dataclass(frozen=True, slots=True)
-class HoldResult:
+class HoldResult(msgspec.Struct, frozen=True):
     outcomes: list[HoldOutcome]
     evicted: list[Eviction]
 
 
-@dataclass(frozen=True, slots=True)
-class HeldRow:
+class HeldRow(msgspec.Struct, frozen=True):
     id: int
     envelope: Envelope
     origin: bytes | None
@@ -336,8 +332,7 @@ def held_for(store: Store, recipient: bytes, now_ms: int, limit: int = 256) -> l
     ]
 
 
-@dataclass(frozen=True, slots=True)
-class Released:
+class Released(msgspec.Struct, frozen=True):
     moved: int
     """Now in the custody queue toward the next hop (and gone from ``held``)."""
     hop_limit: int
@@ -443,8 +438,7 @@ def held_expire(store: Store, now_ms: int, *, max_rows: int = 10_000) -> int:
 # --------------------------------------------------------------------------- receipts
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptApplied:
+class ReceiptApplied(msgspec.Struct, frozen=True):
     known: bool
     """This node handled msg_id (held, queued or relayed it, tombstone or not)."""
     already: bool
@@ -530,8 +524,7 @@ def delivered(store: Store, msg_id: bytes) -> bool:
 # --------------------------------------------------------------------------- sync
 
 
-@dataclass(frozen=True, slots=True)
-class SyncInventory:
+class SyncInventory(msgspec.Struct, frozen=True):
     """What scope 2 of the inventory sync reconciles, within expiry."""
 
     held: list[tuple[int, bytes]]
@@ -642,8 +635,7 @@ def spray_done(store: Store, carrier: bytes, sprayed: Sequence[tuple[HeldRow, in
 # --------------------------------------------------------------------------- re-route
 
 
-@dataclass(frozen=True, slots=True)
-class CustodyRow:
+class CustodyRow(msgspec.Struct, frozen=True):
     id: int
     recipient: bytes
     hop_limit: int

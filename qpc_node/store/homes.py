@@ -11,7 +11,8 @@ and expired rows are deleted when bindings are saved or loaded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.store.sql import transaction
 from qpc_node.store.store import Store
@@ -20,8 +21,7 @@ PRUNE_ROWS = 10_000
 """Expired rows deleted per save at most (a save stays one short transaction)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StoredBinding:
+class StoredBinding(msgspec.Struct, frozen=True):
     user: bytes
     node: bytes
     expiry_ms: int

@@ -14,15 +14,16 @@ limit and expiry, since only it knows the ChannelMessage inside).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+import msgspec
 
 MSG_ID_LEN = 16
 
 
 @runtime_checkable
 class Frame(Protocol):
-    """One unit a core sends to a neighbour; frames are frozen dataclasses."""
+    """One unit a core sends to a neighbour; frames are frozen records (msgspec Structs)."""
 
     @property
     def is_payload(self) -> bool:
@@ -34,16 +35,14 @@ class Frame(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(msgspec.Struct, frozen=True):
     """Send `frames` to `peer`, in this order, as one datagram/call if the driver can."""
 
     peer: bytes
     frames: tuple[Frame, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(msgspec.Struct, frozen=True):
     """First reception of `msg_id` at this node (or a local publish).
 
     `peer` is the neighbour it came from (None for a local publish); `hops` the hop count
@@ -99,8 +98,7 @@ class GossipCore(Protocol):
 # (tag + length prefixes), which is all the simulator's byte counts need.
 
 
-@dataclass(frozen=True, slots=True)
-class Push:
+class Push(msgspec.Struct, frozen=True):
     """A message body, eager on a tree edge or in answer to a GRAFT."""
 
     msg_id: bytes
@@ -115,8 +113,7 @@ class Push:
         return 2 + MSG_ID_LEN + 3 + 4 + len(self.payload)
 
 
-@dataclass(frozen=True, slots=True)
-class IHave:
+class IHave(msgspec.Struct, frozen=True):
     """Lazy announcements: (msg_id, hops) this node holds, for the non-eager neighbours."""
 
     entries: tuple[tuple[bytes, int], ...]
@@ -129,8 +126,7 @@ class IHave:
         return 4 + (2 + 2 + MSG_ID_LEN + 3) * len(self.entries)
 
 
-@dataclass(frozen=True, slots=True)
-class Graft:
+class Graft(msgspec.Struct, frozen=True):
     """Make the edge eager again and send these ids (repair a missing message)."""
 
     msg_ids: tuple[bytes, ...]
@@ -143,8 +139,7 @@ class Graft:
         return 4 + (2 + MSG_ID_LEN) * len(self.msg_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class Prune:
+class Prune(msgspec.Struct, frozen=True):
     """Stop eager pushes on this edge (it delivered a duplicate); IHAVE continues."""
 
     @property
@@ -155,8 +150,7 @@ class Prune:
         return 2
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(msgspec.Struct, frozen=True):
     """Per-hop acknowledgement of eager pushes (batched), so the sender stops retransmitting."""
 
     msg_ids: tuple[bytes, ...]

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
 import trio
 
 from qpc_node.errors import QpcError, RemoteProtocolError
@@ -74,8 +74,7 @@ class PayloadValidator(Protocol):
 DeliverSink = Callable[[bytes], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class GossipLimits:
+class GossipLimits(msgspec.Struct, frozen=True):
     queue_frames: int = 2048
     """Frames queued toward one neighbour while its previous call is in flight."""
     frames_per_call: int = 128
@@ -84,11 +83,10 @@ class GossipLimits:
     """Per neighbour: pushes beyond this rate are dropped (the core repairs via GRAFT)."""
     max_hops: int = 64
     """Pushes that travelled further are dropped (beyond any mesh's diameter)."""
-    wire: GossipWireLimits = field(default_factory=GossipWireLimits)
+    wire: GossipWireLimits = msgspec.field(default_factory=GossipWireLimits)
 
 
-@dataclass(frozen=True, slots=True)
-class GossipStatistics:
+class GossipStatistics(msgspec.Struct, frozen=True):
     calls_in: int
     malformed_calls: int
     calls_out: int
@@ -114,8 +112,7 @@ class GossipStatistics:
     core: PlumtreeStatistics
 
 
-@dataclass(slots=True)
-class _Counts:
+class _Counts(msgspec.Struct):
     calls_in: int = 0
     malformed_calls: int = 0
     calls_out: int = 0
@@ -133,7 +130,7 @@ class _Counts:
     deliver_failures: int = 0
     link_ups: int = 0
     link_downs: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class _Outbox:

@@ -11,8 +11,8 @@ buggy peer does not cost the good ones next to it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import RemoteProtocolError
@@ -36,8 +36,7 @@ class GossipMalformed(RemoteProtocolError):
     """A Gossip call that cannot be read at all (not protobuf, too big, too many frames)."""
 
 
-@dataclass(frozen=True, slots=True)
-class GossipWireLimits:
+class GossipWireLimits(msgspec.Struct, frozen=True):
     max_request_bytes: int = 256 * 1024
     max_frames: int = 256
     max_ids: int = 512
@@ -46,10 +45,9 @@ class GossipWireLimits:
     max_hops: int = 255
 
 
-@dataclass(slots=True)
-class Decoded:
-    frames: list[Frame] = field(default_factory=list)
-    dropped: dict[str, int] = field(default_factory=dict)
+class Decoded(msgspec.Struct):
+    frames: list[Frame] = msgspec.field(default_factory=list)
+    dropped: dict[str, int] = msgspec.field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

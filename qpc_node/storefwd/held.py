@@ -26,8 +26,9 @@ every question whose answer is policy:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+
+import msgspec
 
 from qpc_node.errors import ConfigError
 
@@ -38,8 +39,7 @@ their expiry to exactly the retention (7 d) on their own clock, and a node (or t
 next hop) whose clock is a few seconds behind must not refuse that."""
 
 
-@dataclass(frozen=True, slots=True)
-class HoldPolicy:
+class HoldPolicy(msgspec.Struct, frozen=True):
     """``storefwd.*`` (and ``mesh.carrier``) of the node's config."""
 
     max_held: int = 10_000
@@ -94,8 +94,7 @@ class EvictReason(Enum):
     HOPS = "most_hops"
 
 
-@dataclass(frozen=True, slots=True)
-class HeldMeta:
+class HeldMeta(msgspec.Struct, frozen=True):
     """What eviction looks at of one held envelope (or the newcomer: ``id`` None)."""
 
     id: int | None

@@ -40,7 +40,8 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from qpc_node.storefwd.core import (
     MSG_ID_LEN,
@@ -58,8 +59,7 @@ from qpc_node.storefwd.seen import SeenFilter, SeenStatistics
 __all__ = ["PlumtreeCore", "PlumtreePolicy", "PlumtreeStatistics"]
 
 
-@dataclass(frozen=True, slots=True)
-class PlumtreePolicy:
+class PlumtreePolicy(msgspec.Struct, frozen=True):
     """Timers and bounds; defaults from the design note (shared/research/gossip.md (b))."""
 
     ihave_delay: float = 0.02
@@ -151,8 +151,7 @@ class PlumtreePolicy:
     seen_max_ids: int = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class PlumtreeStatistics:
+class PlumtreeStatistics(msgspec.Struct, frozen=True):
     peers: int
     eager_peers: int
     """Neighbours we let push to us (the tree edges ``eager_degree`` bounds)."""
@@ -270,8 +269,7 @@ _REANNOUNCE = 2
 _RELINK = 3
 
 
-@dataclass(slots=True)
-class _Counters:
+class _Counters(msgspec.Struct):
     published: int = 0
     delivered: int = 0
     duplicates: int = 0

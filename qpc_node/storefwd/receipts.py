@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 
+import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
@@ -57,8 +57,7 @@ class Verdict(Enum):
     UNKNOWN_HOME = "unknown_home"
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(msgspec.Struct, frozen=True):
     msg_id: bytes
     recipient: bytes
     home_key: bytes

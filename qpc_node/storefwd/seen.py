@@ -23,13 +23,13 @@ import sys
 from array import array
 from bisect import bisect_left
 from collections import deque
-from dataclasses import dataclass
+
+import msgspec
 
 __all__ = ["SeenFilter", "SeenStatistics"]
 
 
-@dataclass(frozen=True, slots=True)
-class SeenStatistics:
+class SeenStatistics(msgspec.Struct, frozen=True):
     """A snapshot of the filter (ids held, what was dropped and why, RAM estimate)."""
 
     ids: int

@@ -43,8 +43,8 @@ import functools
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import QpcError, RemoteProtocolError
@@ -186,14 +186,12 @@ class SyncItemError(RemoteProtocolError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class HeldItem:
+class HeldItem(msgspec.Struct, frozen=True):
     request: federation_pb2.RelayEnqueueRequest
     """One envelope with its origin, origin node and spray tokens (0 or 1 each)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptItem:
+class ReceiptItem(msgspec.Struct, frozen=True):
     expiry_ms: int
     receipt: rc.Receipt | QpcError
     """Parsed (lengths checked) or the typed error: verification is the receipt path's."""

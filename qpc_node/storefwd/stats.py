@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 
-@dataclass(frozen=True, slots=True)
-class StoreFwdStatistics:
+class StoreFwdStatistics(msgspec.Struct, frozen=True):
     """Counters since start (``held_now``: rows in the ``held`` table)."""
 
     held_now: int

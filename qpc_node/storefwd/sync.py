@@ -56,9 +56,10 @@ import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
+
+import msgspec
 
 from qpc_node._core import Negentropy, SyncError
 from qpc_node.errors import ConfigError, QpcError, StatusCode
@@ -147,8 +148,7 @@ class SyncSource(Protocol):
     async def take(self, peer: bytes, items: Sequence[bytes], now_ms: int) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class SyncLimits:
+class SyncLimits(msgspec.Struct, frozen=True):
     """Bounds of every session (both roles) and of what one neighbour may ask for."""
 
     frame_size_limit: int = 32 * 1024
@@ -285,8 +285,7 @@ RESPONDER_TRANSITIONS: MappingProxyType[tuple[RState, REvent], RState] = Mapping
 # ---------------------------------------------------------------------------- stats
 
 
-@dataclass(frozen=True, slots=True)
-class SyncStatistics:
+class SyncStatistics(msgspec.Struct, frozen=True):
     sessions_initiated: int
     sessions_completed: int  # reconciled in full and transferred
     sessions_capped: int  # stopped at the round or id cap (what was learnt still moved)
@@ -308,8 +307,7 @@ class SyncStatistics:
     last_session_s: float | None  # duration of the last session this node completed
 
 
-@dataclass(frozen=True, slots=True)
-class NeedItems:
+class NeedItems(msgspec.Struct, frozen=True):
     """Responder: open the session with a snapshot of ``scope`` (call ``on_query`` again
     with ``items``)."""
 

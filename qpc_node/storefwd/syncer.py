@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 
+import msgspec
 import trio
 
 from qpc_node.errors import ConfigError, QpcError
@@ -54,15 +54,14 @@ M_SYNC_FETCH = "qpc.v1.Federation/SyncFetch"
 M_SYNC_PUSH = "qpc.v1.Federation/SyncPush"
 
 
-@dataclass(frozen=True, slots=True)
-class SyncerConfig:
+class SyncerConfig(msgspec.Struct, frozen=True):
     interval_s: float = 60.0
     """Periodic session with one random neighbour every this long (``sync.interval_s``)."""
     jitter: float = 0.25
     """Each wait is ``interval_s`` times a uniform factor in [1 - jitter, 1 + jitter]."""
     link_up_delay_s: float = 2.0
     """The higher node id of a new link starts its session this much later."""
-    limits: SyncLimits = field(default_factory=SyncLimits)
+    limits: SyncLimits = msgspec.field(default_factory=SyncLimits)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
@@ -165,7 +164,7 @@ class Syncer:
 
     def set_interval(self, interval_s: float) -> None:
         """A new periodic interval (config reload): the wait under way restarts with it."""
-        self.config = replace(self.config, interval_s=interval_s)
+        self.config = msgspec.structs.replace(self.config, interval_s=interval_s)
         self._reconfigured.set()
 
     async def _periodic(self) -> None:

@@ -10,8 +10,7 @@ the sender is at fault) with a ``reason`` the callers count by.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import RemoteProtocolError, StatusCode
@@ -68,8 +67,7 @@ REASONS = ("malformed", "too_large", "expired", "expiry_too_far", "hop_limit")
 """Every ``reason`` a ChannelMessageError carries (counters are kept per reason)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelPolicy:
+class ChannelPolicy(msgspec.Struct, frozen=True):
     """What this node accepts: the relay checks' limits (config ``channels.*``)."""
 
     max_sealed: int = DEFAULT_MAX_SEALED
@@ -77,8 +75,7 @@ class ChannelPolicy:
     max_hop_limit: int = MAX_HOP_LIMIT
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelMessage:
+class ChannelMessage(msgspec.Struct, frozen=True):
     channel_id: bytes
     msg_id: bytes
     expiry_ms: int

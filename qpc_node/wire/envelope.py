@@ -6,8 +6,7 @@ here once, so the layers above handle well-formed values or a typed error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import msgspec
 from google.protobuf.message import DecodeError
 
 from qpc_node.errors import LocalProtocolError, RemoteProtocolError, StatusCode
@@ -23,8 +22,7 @@ PAD_BUCKET = 256
 _LEN_PREFIX = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(msgspec.Struct, frozen=True):
     msg_id: bytes
     recipient: bytes
     expiry_ms: int

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
 import trio.testing
+from msgspec.structs import replace
 from node_harness import run_repl, running_node, texts, users
 from repl_harness import start_pty_repl
 

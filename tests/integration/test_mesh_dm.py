@@ -9,7 +9,6 @@ toward the next hop; Directory/Fetch proxies the KeyPackage, so /dm works.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 import trio
 from node_harness import mailbox_ids, texts
@@ -256,7 +256,7 @@ async def test_prove_refuses_a_binding_not_for_this_node_or_key(
             assert "another node" in err.message
             err = await prove(signed(c.ident, here, now + 1))
             assert "proving identity" in err.message
-            forged = dataclasses.replace(signed(a.ident, here, now + 1), seq=now + 2)
+            forged = msgspec.structs.replace(signed(a.ident, here, now + 1), seq=now + 2)
             err = await prove(forged)
             assert "forged" in err.message
             b = mesh_of(a_node).router.binding(a.me)

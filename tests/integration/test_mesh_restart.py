@@ -11,7 +11,6 @@ boot id in Ping tells the new process apart: A and C re-sync with it at once.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from node_harness import mailbox_ids
@@ -78,7 +78,7 @@ def slow_to_notice(node: Node) -> None:
     back 'within the window' and before its old links are found dead."""
     fed = node.federation
     assert fed is not None
-    fed.timers = dataclasses.replace(fed.timers, race_window=600.0, dead_after=600.0)
+    fed.timers = msgspec.structs.replace(fed.timers, race_window=600.0, dead_after=600.0)
 
 
 async def test_a_relay_restarted_within_the_race_window_gets_routes_at_once(

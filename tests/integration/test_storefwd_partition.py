@@ -13,12 +13,12 @@ islands carries held copies across (binary spray-and-wait), its cost measured.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -47,7 +47,7 @@ from tests.integration.fed_nodes import (
 pytestmark = pytest.mark.timeout(90)
 
 F = federation_pb2
-TIMERS = dataclasses.replace(FAST, sweep_interval=0.2)
+TIMERS = msgspec.structs.replace(FAST, sweep_interval=0.2)
 
 
 class Withdrawing(StaticRoutes):
@@ -357,7 +357,7 @@ async def test_a_carrier_moved_between_islands_carries_held_copies(tmp_path: Pat
         async with (
             running(tmp_path, "a", ra, policy=spray) as a,
             running(tmp_path, "c", rcc) as c,
-            running(tmp_path, "l", rl, policy=dataclasses.replace(spray, carrier=True)) as lap,
+            running(tmp_path, "l", rl, policy=msgspec.structs.replace(spray, carrier=True)) as lap,
         ):
             envs = [envelope(os.urandom(16), USER_C) for _ in range(n)]
             assert await submit(a, envs) == [F.RELAY_HELD] * n  # no route at the entry

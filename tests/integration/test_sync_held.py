@@ -10,12 +10,12 @@ in-memory receipt queue gone).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -46,7 +46,7 @@ from tests.integration.fed_nodes import (
 pytestmark = pytest.mark.timeout(90)
 
 F = federation_pb2
-TIMERS = dataclasses.replace(FAST, sweep_interval=0.2)
+TIMERS = msgspec.structs.replace(FAST, sweep_interval=0.2)
 
 
 class Withdrawing(StaticRoutes):
@@ -163,7 +163,9 @@ async def test_take_checks_every_item_and_refuses_a_receipted_copy(tmp_path: Pat
             # A forged receipt (signed by someone else) is refused, nothing purged.
             other = envelope(os.urandom(16), USER_C)
             assert await src.take(peer, [held_item(other)], system_wall_ms()) == 1
-            forged = dataclasses.replace(home_receipt(tmp_path, other.msg_id), signature=bytes(64))
+            forged = msgspec.structs.replace(
+                home_receipt(tmp_path, other.msg_id), signature=bytes(64)
+            )
             item = encode_receipt(other.expiry_ms, forged.to_proto().SerializeToString())
             assert await src.take(peer, [item], system_wall_ms()) == 0
             assert a.fed.statistics().storefwd.receipts_forged == 1 and await held(a) == 1

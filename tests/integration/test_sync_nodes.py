@@ -12,11 +12,11 @@ import hashlib
 import struct
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import msgspec
 import trio
+from msgspec.structs import replace
 
 from qpc_node._core import Negentropy
 from qpc_node.ops.clock import system_wall_ms

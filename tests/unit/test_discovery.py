@@ -6,8 +6,6 @@ hand where a hostile peer would send something zeroconf never builds.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import trio
 from zeroconf import ServiceInfo
@@ -136,7 +134,7 @@ def test_seen_updated_gone_keyed_by_node() -> None:
     assert core.removed("unknown." + SERVICE_TYPE, 5.0) == []
     st = core.statistics()
     assert (st.peers, st.seen, st.updated, st.gone) == (0, 1, 1, 1)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # a frozen record
         st.peers = 3  # type: ignore[misc]
 
 

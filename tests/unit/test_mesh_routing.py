@@ -5,11 +5,11 @@ Topology scenarios with loss and churn live in test_mesh_routing_sim.py.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 from pathlib import Path
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mesh_sim import T0, ed25519_verify, raw_public
@@ -131,14 +131,14 @@ def test_codec_round_trip_and_typed_errors() -> None:
     for bad in (b"\xff\xff", b"\x0a\x05\x0a\x03abc", bytes(300_000)):
         with pytest.raises(RemoteProtocolError):
             RouteUpdate.decode(bad)
-    short = dataclasses.replace(a.ann(3), signature=b"x")
+    short = msgspec.structs.replace(a.ann(3), signature=b"x")
     with pytest.raises(LocalProtocolError, match="signature"):
         short.encode()
     wire = RouteUpdate((a.ann(3),)).encode().replace(a.ann(3).signature, b"y" * 64)
     assert RouteUpdate.decode(wire).routes[0].signature == b"y" * 64  # shape only: router checks
     with pytest.raises(RemoteProtocolError, match="hops"):
         Announcement.decode(
-            dataclasses.replace(a.ann(3)).to_proto().SerializeToString() + b"\x30\x80\x80\x04"
+            msgspec.structs.replace(a.ann(3)).to_proto().SerializeToString() + b"\x30\x80\x80\x04"
         )
 
 
@@ -170,16 +170,16 @@ def test_forged_announcements_are_ignored() -> None:
     c = Node(3)
     now = T0
     good = c.ann(7, hops=1)
-    flipped = dataclasses.replace(
+    flipped = msgspec.structs.replace(
         good, signature=bytes([good.signature[0] ^ 1]) + good.signature[1:]
     )
     # An attacker signs with its own key but claims the victim's id ...
     attacker = Node(9)
-    wrong_id = dataclasses.replace(attacker.ann(7, hops=1), origin=c.id)
+    wrong_id = msgspec.structs.replace(attacker.ann(7, hops=1), origin=c.id)
     # ... or presents the victim's id and key with its own signature.
-    stolen_key = dataclasses.replace(attacker.ann(7, hops=1), origin=c.id, origin_key=c.pub)
+    stolen_key = msgspec.structs.replace(attacker.ann(7, hops=1), origin=c.id, origin_key=c.pub)
     # ... or relays the genuine announcement as if it were the origin (hops 0).
-    as_origin = dataclasses.replace(good, hops=0)
+    as_origin = msgspec.structs.replace(good, hops=0)
     rep = a.router.receive(b.id, RouteUpdate((flipped, wrong_id, stolen_key, as_origin)), now)
     assert rep.routes == (Outcome.FORGED,) * 4
     assert isinstance(a.router.route(c.id, now), NoRoute)
@@ -222,7 +222,7 @@ def test_own_announcement_from_a_previous_life_moves_our_seq_past_it() -> None:
 
 
 def test_seq_block_is_persisted_before_use_and_survives_restart() -> None:
-    a = Node(1, policy=dataclasses.replace(POLICY, seq_block=4))
+    a = Node(1, policy=msgspec.structs.replace(POLICY, seq_block=4))
     outs = a.router.poll(T0)
     assert outs[0] == PersistSeq(5)  # seqs < 5 may be used now
     seqs = [a.router.seq]
@@ -292,8 +292,8 @@ def test_bindings_forged_expired_older_are_ignored_higher_seq_rehomes() -> None:
     k, pub = user(1)
     b1 = binding(1, n1, 3)
     other_k, _ = user(2)
-    forged_sig = dataclasses.replace(b1, signature=other_k.sign(b1.signed_bytes()))
-    wrong_user = dataclasses.replace(binding(2, n1, 3), user=b1.user)
+    forged_sig = msgspec.structs.replace(b1, signature=other_k.sign(b1.signed_bytes()))
+    wrong_user = msgspec.structs.replace(binding(2, n1, 3), user=b1.user)
     rep = a.router.receive(
         b.id,
         RouteUpdate(
@@ -339,7 +339,7 @@ def test_bindings_are_bounded_lru() -> None:
         a.pub,
         a.key.sign,
         ed25519_verify,
-        policy=dataclasses.replace(POLICY, max_bindings=3),
+        policy=msgspec.structs.replace(POLICY, max_bindings=3),
         rand=random.Random(0).random,
         now_ms=T0,
     )
@@ -366,12 +366,12 @@ def test_signatures_are_verified_once_per_content() -> None:
     a.router._verify_node = counting  # type: ignore[attr-defined]
     for _ in range(5):
         a.router.receive(b.id, RouteUpdate((ann,)), T0)
-    a.router.receive(b.id, RouteUpdate((dataclasses.replace(ann, hops=2),)), T0)
+    a.router.receive(b.id, RouteUpdate((msgspec.structs.replace(ann, hops=2),)), T0)
     assert len(calls) == 1
 
 
 def test_batches_per_link_are_rate_bounded_and_sized() -> None:
-    policy = dataclasses.replace(POLICY, max_batch_entries=10, min_send_interval_ms=1_000)
+    policy = msgspec.structs.replace(POLICY, max_batch_entries=10, min_send_interval_ms=1_000)
     a = Node(1, policy=policy)
     b = Node(2)
     a.router.link_up(b.id, T0)
@@ -402,7 +402,7 @@ def test_api_misuse_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         a.router.link_up(b"short", T0)
     with pytest.raises(RemoteProtocolError):
-        a.router.home(dataclasses.replace(binding(1, a.id, 1), seq=0), T0)
+        a.router.home(msgspec.structs.replace(binding(1, a.id, 1), seq=0), T0)
     assert a.router.receive(Node(2).id, RouteUpdate((a.ann(1),)), T0).routes == (Outcome.NO_LINK,)
     assert INFINITY == 0xFFFF
 
@@ -413,7 +413,7 @@ def test_a_repeat_with_another_key_is_not_taken_as_a_refresh() -> None:
     c = Node(3)
     ann = c.ann(4, hops=1)
     a.router.receive(b.id, RouteUpdate((ann,)), T0)
-    swapped = dataclasses.replace(ann, origin_key=Node(9).pub)
+    swapped = msgspec.structs.replace(ann, origin_key=Node(9).pub)
     assert a.router.receive(b.id, RouteUpdate((swapped,)), T0).routes == (Outcome.FORGED,)
     assert a.router._routes[c.id][b.id].ann.origin_key == c.pub  # type: ignore[attr-defined]
 

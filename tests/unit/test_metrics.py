@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 from google.protobuf.wrappers_pb2 import BytesValue
+from msgspec.structs import replace
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -189,8 +190,8 @@ def rpc_source() -> Fixed[ServerStatistics]:
 
 def endpoint_source() -> Fixed[EndpointStatistics]:
     """Every counter a distinct value, so an exported sample shows which field it read."""
-    names = [f for f in EndpointStatistics.__dataclass_fields__ if f != "refusals"]
-    reasons = list(AdmissionRefusals.__dataclass_fields__)
+    names = [f for f in EndpointStatistics.__struct_fields__ if f != "refusals"]
+    reasons = list(AdmissionRefusals.__struct_fields__)
     refusals = AdmissionRefusals(**{r: 100 + i for i, r in enumerate(reasons)})
     counts = {name: i + 1 for i, name in enumerate(names)}
     return Fixed(EndpointStatistics(**counts, refusals=refusals))
@@ -553,7 +554,7 @@ async def test_rpc_observer_and_stats_method(nursery: trio.Nursery) -> None:
 def mesh_source() -> Fixed[MeshStatistics]:
     """Every number distinct (from 200 up), so each sample shows which field it read."""
     routing = RoutingStatistics(
-        **{f: 200 + i for i, f in enumerate(RoutingStatistics.__dataclass_fields__)}
+        **{f: 200 + i for i, f in enumerate(RoutingStatistics.__struct_fields__)}
     )
     peers = PeerTableStatistics(
         peers=20, up=5, connecting=4, backoff=3, dials=1, dial_failures=7, links_up=8,
@@ -604,7 +605,9 @@ def federation_source(neighbours: int) -> Fixed[FederationStatistics]:
             link_downs=407,
             restarts=409,
             handed_over=408,
-            storefwd=StoreFwdStatistics(*range(501, 501 + len(StoreFwdStatistics.__slots__))),
+            storefwd=StoreFwdStatistics(
+                *range(501, 501 + len(StoreFwdStatistics.__struct_fields__))
+            ),
         )
     )
 
@@ -675,7 +678,7 @@ async def test_mesh_sources_absent_on_an_island_node() -> None:
 
 
 async def test_channel_counters_are_exported_by_outcome_and_reason() -> None:
-    fields = list(ChannelStoreStatistics.__dataclass_fields__)
+    fields = list(ChannelStoreStatistics.__struct_fields__)
     stats = ChannelStoreStatistics(**{f: 200 + i for i, f in enumerate(fields)})
     got = parse(NodeMetrics(FakeNode(channels=Fixed(stats)), process=False))
     assert got[("qpc_channel_messages_total", (("outcome", "stored"),))] == stats.stored
@@ -691,10 +694,10 @@ async def test_channel_counters_are_exported_by_outcome_and_reason() -> None:
 
 def gossip_source() -> Fixed[GossipStatistics]:
     """Every counter a distinct value (driver 1.., core 101.., seen 201..)."""
-    seen = SeenStatistics(*range(201, 201 + len(SeenStatistics.__slots__)))
-    core_fields = [f for f in PlumtreeStatistics.__dataclass_fields__ if f != "seen"]
+    seen = SeenStatistics(*range(201, 201 + len(SeenStatistics.__struct_fields__)))
+    core_fields = [f for f in PlumtreeStatistics.__struct_fields__ if f != "seen"]
     core = PlumtreeStatistics(**{f: 101 + i for i, f in enumerate(core_fields)}, seen=seen)
-    fields = [f for f in GossipStatistics.__dataclass_fields__ if f != "core"]
+    fields = [f for f in GossipStatistics.__struct_fields__ if f != "core"]
     return Fixed(GossipStatistics(**{f: 1 + i for i, f in enumerate(fields)}, core=core))
 
 
@@ -759,7 +762,7 @@ async def test_gossip_counters_are_exported_by_reason_and_direction() -> None:
 def sync_source(**refusals: int) -> Fixed[SyncStatistics]:
     fields = [
         f
-        for f in SyncStatistics.__dataclass_fields__
+        for f in SyncStatistics.__struct_fields__
         if f not in ("refusals_sent", "refusals_received", "last_session_s")
     ]
     return Fixed(

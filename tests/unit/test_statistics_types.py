@@ -15,7 +15,6 @@ Two halves:
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -78,17 +77,11 @@ def test_the_walk_finds_the_node_components() -> None:
 def test_statistics_returns_a_frozen_typed_snapshot(component: type) -> None:
     result = typing.get_type_hints(component.statistics)["return"]
     assert inspect.isclass(result), f"{component.__name__}.statistics() -> {result!r}"
-    if dataclasses.is_dataclass(result):
-        assert result.__dataclass_params__.frozen, f"{result.__name__} is not frozen"  # type: ignore[attr-defined]
-        assert "__slots__" in vars(result), f"{result.__name__} has no slots"
-        hints = typing.get_type_hints(result)
-        fields = [f.name for f in dataclasses.fields(result)]
-    else:
-        # Store records are msgspec Structs: slotted by construction; frozen is a flag.
-        assert issubclass(result, msgspec.Struct), f"{result.__name__}: not a record type"
-        assert result.__struct_config__.frozen, f"{result.__name__} is not frozen"
-        hints = typing.get_type_hints(result)
-        fields = list(result.__struct_fields__)
+    # Every record is a msgspec Struct: slotted by construction; frozen is a flag.
+    assert issubclass(result, msgspec.Struct), f"{result.__name__}: not a record type"
+    assert result.__struct_config__.frozen, f"{result.__name__} is not frozen"
+    hints = typing.get_type_hints(result)
+    fields = list(result.__struct_fields__)
     assert fields
     for name in fields:
         t = hints[name]
