@@ -34,6 +34,12 @@ def test_created_once_then_loaded(tmp_path: Path, key_type: str) -> None:
     assert "PRIVATE" not in repr(first)
 
 
+def test_community_ca_repr_hides_its_key() -> None:
+    ca = make_ca("repr CA")
+    assert b"PRIVATE" in ca.private_key_pem
+    assert "PRIVATE" not in repr(ca) and "PRIVATE" not in str(ca)
+
+
 def test_half_present_or_mismatched_files_refused(tmp_path: Path) -> None:
     a = load_or_create_node_credentials(tmp_path / "a")
     b = load_or_create_node_credentials(tmp_path / "b")
