@@ -84,6 +84,8 @@ async def test_published_on_a_reaches_c_through_b_exactly_once(tmp_path: Path) -
         # Let retransmissions and IHAVEs play out, then count: handed to the store
         # exactly once at B and C, and never to A's (its own publish).
         await until(lambda: all(d.core.statistics().unacked == 0 for d in drivers.values()))
+        # (B forwards a push before its store write is counted: wait for that too.)
+        await until(lambda: drivers["b"].statistics().delivered >= 5)
         await trio.sleep(0.3)
         sb = drivers["b"].statistics()
         assert sb.delivered == 5 and sb.pushes_invalid == 0
