@@ -57,6 +57,7 @@ from qpc_node.mesh.discovery_core import (
 )
 from qpc_node.mesh.interfaces import (
     MeshInterface,
+    NoInterfacesError,
     announce_addresses,
     select_interfaces,
     zeroconf_interfaces,
@@ -93,6 +94,9 @@ class DiscoveryConfig(msgspec.Struct, frozen=True):
     max_instances: int = 256
     event_buffer: int = 64
     resolvers: int = 4
+    # Discovery that cannot start (below: START_FAILURES) is tried again, doubling.
+    retry_initial_s: float = 5.0
+    retry_max_s: float = 300.0
 
     def __post_init__(self) -> None:
         if len(self.node_id) != NODE_ID_LEN:
@@ -106,6 +110,8 @@ class DiscoveryConfig(msgspec.Struct, frozen=True):
         for v in (self.resolve_timeout_s, self.shutdown_timeout_s):
             if not 0 < v <= 60:
                 raise LocalProtocolError("timeouts must be within (0, 60] s")
+        if not 0 < self.retry_initial_s <= self.retry_max_s <= 3600:
+            raise LocalProtocolError("retries: 0 < retry_initial_s <= retry_max_s <= 3600")
         if self.max_instances < 1 or self.event_buffer < 0 or self.resolvers < 1:
             raise LocalProtocolError("max_instances, resolvers >= 1; event_buffer >= 0")
         # Checked by the receivers' parser: we never announce what others would refuse.
@@ -129,6 +135,14 @@ ZEROCONF_FAILURES: tuple[type[Exception], ...] = (ZeroconfError, OSError, ValueE
 ValueError from an address), a socket it lost (OSError), or an instance closing
 under us (NotRunning/EventLoopBlocked, or RuntimeError from its closed asyncio
 loop). Anything else is a bug here and surfaces."""
+
+START_FAILURES: tuple[type[Exception], ...] = (NoInterfacesError, OSError, ZeroconfError)
+"""Why discovery may not start where the rest of the node can: the mesh interface is
+not up yet (a router's node starts before its mesh link at boot), or the OS refuses
+zeroconf's sockets (port 5353 held by a responder without SO_REUSEADDR, a multicast
+option the kernel or an emulator does not have, an address gone since it was listed).
+The node serves clients, static peers and federation links meanwhile; discovery is
+tried again, with backoff, and ``statistics()`` says why it is off."""
 
 
 def _snapshot(zc: Zeroconf, name: str, timeout_ms: int) -> ResolvedService | None:
@@ -237,6 +251,9 @@ class MdnsDiscovery:
         self._uses_ipv6 = False
         self._multicast_isolated = False
         self._shutdown_timeouts = 0
+        self._running = False
+        self._start_failures = 0
+        self._last_error = ""
         self._limiter = trio.CapacityLimiter(config.resolvers)
 
     def statistics(self) -> DiscoveryStatistics:
@@ -245,40 +262,45 @@ class MdnsDiscovery:
             interfaces=tuple(i.name for i in self._interfaces),
             shutdown_timeouts=self._shutdown_timeouts,
             multicast_isolated=self._multicast_isolated,
+            running=self._running,
+            start_failures=self._start_failures,
+            last_error=self._last_error,
         )
 
     def peers(self) -> dict[bytes, PeerSeen]:
         return self._core.peers()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Until cancelled. ``started`` once zeroconf listens (announcing continues)."""
+        """Until cancelled. ``started`` once zeroconf listens (announcing continues), or
+        once its first start failed (:data:`START_FAILURES`): then the node runs without
+        mDNS and discovery is tried again, ``retry_initial_s`` doubling to ``retry_max_s``."""
         async with self._send:
             if self.config.local_only:
                 task_status.started()
                 await trio.sleep_forever()
-            self._interfaces = await trio.to_thread.run_sync(
-                select_interfaces, self.config.interfaces
-            )
-            choice, version = zeroconf_interfaces(self._interfaces)
-            self._uses_ipv6 = version != "v4"
-            if self.config.interfaces is not None:
-                self._core = DiscoveryCore(
-                    self.config.node_id,
-                    allowed_scopes=frozenset(i.index for i in self._interfaces),
-                    allowed_networks=tuple(
-                        ipaddress.ip_network(n) for i in self._interfaces for n in i.networks
-                    ),
-                    max_instances=self.config.max_instances,
-                )
-            self._core.add_own_name(self.config.instance_name)
-            info = ServiceInfo(
-                SERVICE_TYPE,
-                self.config.instance_name,
-                port=self.config.port,
-                properties=self.config.txt.encode(),
-                server=f"qpc-{self.config.node_id.hex()[:16]}.local.",
-                parsed_addresses=announce_addresses(self._interfaces),
-            )
+            started = False
+            delay = self.config.retry_initial_s
+            while True:
+                try:
+                    zc, info = await self._open()
+                    break
+                except START_FAILURES as exc:
+                    self._interfaces = ()
+                    self._start_failures += 1
+                    self._last_error = f"{type(exc).__name__}: {exc}"[:200]
+                    log.error(
+                        "mdns: discovery cannot start (%s); the node runs without it, "
+                        "next try in %.0f s",
+                        self._last_error,
+                        delay,
+                    )
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+            if self._start_failures:
+                log.warning("mdns: discovery started after %d failed tries", self._start_failures)
             token = trio.lowlevel.current_trio_token()
 
             def on_change(
@@ -287,9 +309,6 @@ class MdnsDiscovery:
                 with suppress(trio.RunFinishedError):
                     trio.from_thread.run_sync(self._note, name, state_change, trio_token=token)
 
-            zc = await trio.to_thread.run_sync(
-                partial(Zeroconf, interfaces=choice, ip_version=_IP_VERSIONS[version])
-            )
             browser: ServiceBrowser | None = None
             try:
                 if self.config.interfaces is not None:
@@ -300,13 +319,45 @@ class MdnsDiscovery:
                             "peers' addresses are still filtered to the chosen links"
                         )
                 browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
+                self._running = True
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._register, zc, info)
                     nursery.start_soon(self._forward)
-                    task_status.started()
+                    if not started:
+                        task_status.started()
                     await self._pump(zc, nursery)
             finally:
+                self._running = False
                 await self._shutdown(zc, browser)
+
+    async def _open(self) -> tuple[Zeroconf, ServiceInfo]:
+        """The chosen interfaces, the core that filters to them, and a listening
+        Zeroconf on them; raises one of :data:`START_FAILURES`."""
+        self._interfaces = await trio.to_thread.run_sync(select_interfaces, self.config.interfaces)
+        choice, version = zeroconf_interfaces(self._interfaces)
+        self._uses_ipv6 = version != "v4"
+        if self.config.interfaces is not None:
+            self._core = DiscoveryCore(
+                self.config.node_id,
+                allowed_scopes=frozenset(i.index for i in self._interfaces),
+                allowed_networks=tuple(
+                    ipaddress.ip_network(n) for i in self._interfaces for n in i.networks
+                ),
+                max_instances=self.config.max_instances,
+            )
+        self._core.add_own_name(self.config.instance_name)
+        info = ServiceInfo(
+            SERVICE_TYPE,
+            self.config.instance_name,
+            port=self.config.port,
+            properties=self.config.txt.encode(),
+            server=f"qpc-{self.config.node_id.hex()[:16]}.local.",
+            parsed_addresses=announce_addresses(self._interfaces),
+        )
+        zc = await trio.to_thread.run_sync(
+            partial(Zeroconf, interfaces=choice, ip_version=_IP_VERSIONS[version])
+        )
+        return zc, info
 
     def _note(self, name: str, change: ServiceStateChange) -> None:
         """Trio thread: remember the latest change per instance and wake the pump."""
@@ -457,13 +508,13 @@ def _print(obj: dict[str, Any]) -> None:
 async def _print_stats_changes(disc: MdnsDiscovery) -> None:
     """Counters as they change: why a node does not show up (bad records, own
     announcement, unresolved) is visible without a packet capture."""
-    last = disc.statistics()
+    last = None  # the first line at once: a start that failed is visible before any change
     while True:
-        await trio.sleep(0.25)
         now = disc.statistics()
         if now != last:
             _print({"ev": "stats", **msgspec.structs.asdict(now)})
             last = now
+        await trio.sleep(0.25)
 
 
 async def _main(config: DiscoveryConfig, seconds: float) -> None:
@@ -520,10 +571,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        select_interfaces(config.interfaces)  # a typo'd interface: a message, not a traceback
+        select_interfaces(config.interfaces)  # a typo'd interface: said at once, plainly
     except LocalProtocolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        # Not fatal, as in the node: the interface may come up later (retried).
+        print(f"warning: {exc}; discovery starts once it is up", file=sys.stderr)
     trio.run(_main, config, args.seconds)
     return 0
 

@@ -159,6 +159,9 @@ class DiscoveryStatistics(msgspec.Struct, frozen=True):
     interfaces: tuple[str, ...] = ()
     shutdown_timeouts: int = 0
     multicast_isolated: bool = False  # IP_MULTICAST_ALL off (only with chosen interfaces)
+    running: bool = False  # zeroconf listening on the chosen interfaces
+    start_failures: int = 0  # starts that failed (discovery.START_FAILURES), retried
+    last_error: str = ""  # why the last start failed
 
 
 def _split_txt(text: bytes) -> dict[str, bytes | None]:
@@ -421,6 +424,9 @@ class DiscoveryCore:
         interfaces: tuple[str, ...] = (),
         shutdown_timeouts: int = 0,
         multicast_isolated: bool = False,
+        running: bool = False,
+        start_failures: int = 0,
+        last_error: str = "",
     ) -> DiscoveryStatistics:
         return DiscoveryStatistics(
             peers=len(self._by_node),
@@ -437,4 +443,7 @@ class DiscoveryCore:
             interfaces=interfaces,
             shutdown_timeouts=shutdown_timeouts,
             multicast_isolated=multicast_isolated,
+            running=running,
+            start_failures=start_failures,
+            last_error=last_error,
         )

@@ -228,6 +228,61 @@ def test_only_the_chosen_interface(net: Netns, neighbour: bool, spare: bool) -> 
         assert all(not a[0].startswith(f"10.{net.ipv4_net}.0.") for a in e["addresses"]), e
 
 
+def _start_failed(p: DiscProc) -> bool:
+    return p.wait_for(lambda _e: p.stats().get("start_failures", 0) >= 1, FULL_MESH_S)
+
+
+def test_discovery_starts_once_its_interface_comes_up_after_the_node(net: Netns) -> None:
+    """Boot order on a router: the node starts before its mesh link is up. Discovery
+    does not stop the node; it says why it is off and starts by itself once the
+    link is up (retried with backoff), without a restart."""
+    a, b = net.host("n0"), net.host("n1")
+    net.connect(a, "br0")
+    late = net.connect(b, "br0")
+    net.set_link(late, False)
+    pa = DiscProc(a, 0)
+    pb = DiscProc(b, 1, extra=["--interface", "mesh0"])
+    assert _start_failed(pb), _report([pa, pb])
+    assert pb.of("ready") and pb.proc.poll() is None  # started all the same
+    st = pb.stats()
+    assert st["running"] is False and "mesh0" in st["last_error"], st
+    assert not pb.seen()
+    net.set_link(late, True)
+    _all_found([pa, pb])
+    assert pb.stats()["running"] is True and pa.stats()["start_failures"] == 0
+
+
+def test_discovery_starts_once_port_5353_is_free(net: Netns) -> None:
+    """Another mDNS responder holds UDP 5353 without SO_REUSEADDR: zeroconf cannot
+    bind (EADDRINUSE). The node runs without discovery and takes it up on a later
+    try once the port is shared or free."""
+    a, b = net.host("n0"), net.host("n1")
+    net.connect(a, "br0")
+    net.connect(b, "br0")
+    holder = b.popen(
+        [sys.executable, "-c",
+         "import socket, time\n"
+         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+         "s.bind(('0.0.0.0', 5353))\n"
+         "print('held', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        pa = DiscProc(a, 0)
+        pb = DiscProc(b, 1)
+        assert _start_failed(pb), _report([pa, pb])
+        assert pb.of("ready") and pb.proc.poll() is None
+        st = pb.stats()
+        assert st["running"] is False and "Errno 98" in st["last_error"], st
+    finally:
+        holder.kill()
+        holder.wait(10)
+    _all_found([pa, pb])
+    assert pb.stats()["running"] is True
+
+
 def test_cable_pulled_and_plugged(net: Netns) -> None:
     """The kit's link helpers: a pulled cable cuts the host off, plugging it back
     restores it (and its link-local address)."""
