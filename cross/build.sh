@@ -138,7 +138,15 @@ PY
 # driver): drop the entry so the bundle carries no libstdc++ (-0.72 MiB of the .ipk, -2.1
 # MiB installed; cross/drop_needed.py refuses when any symbol could come from it). Then
 # load it with every symbol bound at once, as the proof. armv7 has no upb wheel: nothing to do.
-upb=$("$venv/bin/python" -c 'import importlib.util as u; s = u.find_spec("google._upb._message"); print(s.origin if s else "")')
+upb=$("$venv/bin/python" - <<'PY'
+import importlib.util as u
+try:  # (find_spec of a dotted name imports its parent: armv7 has no google._upb at all)
+    s = u.find_spec("google._upb._message")
+except ModuleNotFoundError:
+    s = None
+print(s.origin if s else "")
+PY
+)
 if [ -n "$upb" ]; then
   "$venv/bin/python" "$here/drop_needed.py" libstdc++.so.6 "$upb" >&2
   LD_BIND_NOW=1 "$venv/bin/python" -c 'from google.protobuf.internal import api_implementation as a; import google._upb._message; assert a.Type() == "upb", a.Type()' \
