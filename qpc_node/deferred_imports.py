@@ -62,10 +62,11 @@ class _Deferred(types.ModuleType):
 def import_deferring(targets: Sequence[str], deferred: Sequence[str]) -> bool:
     """Import ``targets`` with placeholders for ``deferred``; False if there was nothing to save.
 
-    Nothing is deferred when a target is already imported (its imports are done) or when a
-    deferred module is already loaded (it costs nothing more).
+    Nothing is deferred when there is nothing to defer, when a target is already imported
+    (its imports are done) or when a deferred module is already loaded (it costs nothing
+    more).
     """
-    if any(name in sys.modules for name in (*targets, *deferred)):
+    if not deferred or any(name in sys.modules for name in (*targets, *deferred)):
         for name in targets:
             importlib.import_module(name)
         return False
@@ -94,8 +95,6 @@ def import_protobuf_runtime() -> bool:
     """Import what generated ``_pb2`` modules run, without the pure-Python codec under upb."""
     from google.protobuf.internal import api_implementation
 
-    if api_implementation.Type() == "python":  # the pure-Python backend *is* python_message
-        for name in PROTOBUF_IMPORTS:
-            importlib.import_module(name)
-        return False
-    return import_deferring(PROTOBUF_IMPORTS, PROTOBUF_DEFERRED)
+    # The pure-Python backend *is* python_message: nothing to defer there.
+    pure = api_implementation.Type() == "python"
+    return import_deferring(PROTOBUF_IMPORTS, () if pure else PROTOBUF_DEFERRED)

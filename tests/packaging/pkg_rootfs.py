@@ -7,18 +7,32 @@ Everything is undone in ``close()``/``finally``; every wait is bounded.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import secrets
 import shutil
 import subprocess
+import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def cross_module(name: str) -> types.ModuleType:
+    """A script of cross/ (not a package) imported as a module, e.g. ``drop_needed``."""
+    sys.path.insert(0, str(REPO / "cross"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "cross"))
+
+
 # QPC_TEST_ARCH=aarch64|armv7 tests a cross build (cross/test-arch.sh sets it, with
 # QPC_BUSYBOX the static busybox of that arch and binfmt_misc running it under qemu-user).
 ARCH = os.environ.get("QPC_TEST_ARCH") or platform.machine()

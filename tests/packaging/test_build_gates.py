@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pkg_rootfs import REPO, shellcheck
+from pkg_rootfs import REPO, cross_module, shellcheck
 
 CROSS = REPO / "cross"
 
@@ -47,14 +47,9 @@ def test_budget_fails_the_build_when_the_package_grows(tmp_path: Path) -> None:
 
 
 def test_budget_file_has_a_budget_per_arch_and_the_goal() -> None:
-    import importlib.util
     import tomllib
 
-    spec = importlib.util.spec_from_file_location("size_report", CROSS / "size_report.py")
-    assert spec is not None and spec.loader is not None
-    size_report_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(size_report_mod)
-    goal_of = size_report_mod.goal_of
+    goal_of = cross_module("size_report").goal_of
 
     b = tomllib.loads((CROSS / "budget.toml").read_text())["ipk"]
     for arch in ("x86_64", "aarch64", "armv7"):
@@ -178,11 +173,7 @@ def test_drop_needed_removes_only_a_library_nothing_binds_to(tmp_path: Path) -> 
     symbol bound; an entry a symbol is bound to stays, and the file is not touched."""
     import ctypes
 
-    sys.path.insert(0, str(CROSS))
-    try:
-        from drop_needed import needed
-    finally:
-        sys.path.remove(str(CROSS))
+    needed = cross_module("drop_needed").needed
 
     unused = _shared_lib(tmp_path, "unused", "int f(int x) { return x + 1; }\n", "-lm")
     assert "libm.so.6" in needed(unused.read_bytes())

@@ -6,11 +6,10 @@ import os
 import re
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from pkg_rootfs import ARCH, REPO, BusyboxRoot
+from pkg_rootfs import ARCH, BusyboxRoot, cross_module
 
 FPR = re.compile(r"fingerprint:\s*([0-9A-Fa-f ]{16,})")
 
@@ -159,11 +158,7 @@ def test_bundle_carries_no_libstdcxx_and_closes_its_needed_graph(tree: Path) -> 
     drops that entry (cross/drop_needed.py), so the 2.1 MiB library is not carried. Every
     ELF's NEEDED entries must still be in _internal (the launcher sets no other path), and
     upb stays the compiled module where the arch has its wheel (armv7 has none)."""
-    sys.path.insert(0, str(REPO / "cross"))  # cross/ is not a package
-    try:
-        from drop_needed import needed
-    finally:
-        sys.path.remove(str(REPO / "cross"))
+    needed = cross_module("drop_needed").needed
     internal = tree / "usr/lib/qpc/_internal"
     assert not (internal / "libstdc++.so.6").exists()
     present = {p.name for p in internal.iterdir()}
