@@ -335,6 +335,9 @@ class ClientState:
         )
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
+        # Deleted rows (spent keys, old group states) are zeroed on disk, not left in free
+        # pages. Debian's SQLite has this on by default; others (and an upgrade) need not.
+        self._conn.execute("PRAGMA secure_delete = ON")
         self._conn.executescript(_DDL)
         self._aead = AESGCM(
             HKDF(hashes.SHA256(), 32, salt=None, info=b"qpc-client-db-v1").derive(secret)

@@ -34,6 +34,25 @@ def test_conversations_and_contacts(tmp_path: Path) -> None:
     st.close()
 
 
+def test_deleted_rows_are_zeroed_whatever_sqlites_build_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client state turns secure_delete on itself: Debian's SQLite has it on by default,
+    the bundle's own build keeps that default, but another SQLite (a Python from elsewhere)
+    need not; spent keys and old group states must not stay in the file's free pages."""
+    connect = sqlite3.connect
+
+    def default_off(*args: object, **kwargs: object) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)  # type: ignore[arg-type]
+        conn.execute("PRAGMA secure_delete = OFF")
+        return conn
+
+    monkeypatch.setattr(state_mod.sqlite3, "connect", default_off)
+    st = ClientState(tmp_path, b"k" * 32)
+    assert st._conn.execute("PRAGMA secure_delete").fetchone() == (1,)
+    st.close()
+
+
 def test_texts_sealed_cursor_and_reopen(tmp_path: Path) -> None:
     st = ClientState(tmp_path, b"k" * 32)
     st.store_received(5, "bob", B, "meet at the pump house", 10, cursor=5)
