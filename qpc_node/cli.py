@@ -27,10 +27,25 @@ def default_data_dir() -> Path:
     return base / "qpc"
 
 
-def _cmd_version(_args: argparse.Namespace) -> int:
+def _cmd_version(args: argparse.Namespace) -> int:
     from qpc_node import _core
 
     print(f"qpc {__version__} (core {_core.__version__})")
+    if args.libs:
+        # What an operator checks when a CVE lands: the libraries this binary carries (the
+        # bundle ships its own Python, OpenSSL and SQLite, not the system's). Imported only
+        # here, so a plain `qpc version` stays fast.
+        import platform
+        import sqlite3
+        import ssl
+
+        print(f"python {platform.python_version()}")
+        print(f"openssl {ssl.OPENSSL_VERSION}")
+        print(f"sqlite {sqlite3.sqlite_version}")
+        db = sqlite3.connect(":memory:")
+        options = " ".join(row[0] for row in db.execute("PRAGMA compile_options"))
+        db.close()
+        print(f"sqlite options {options}")
     return 0
 
 
@@ -443,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     v = sub.add_parser("version", help="print the version")
+    v.add_argument(
+        "--libs", action="store_true", help="also the Python, OpenSSL and SQLite it carries"
+    )
     v.set_defaults(func=_cmd_version)
 
     i = sub.add_parser("id", help="show (and on first use create) your identity")
