@@ -162,6 +162,18 @@ assert have == pin, f"cryptography {have}, expected {pin}"
 assert backend.openssl_version_text() == ssl.OPENSSL_VERSION, (backend.openssl_version_text(), ssl.OPENSSL_VERSION)
 PY
 version=$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("quicprochat"))')
+# Our own libsqlite3 in place of Debian's (cross/sqlite.sh says what differs): -0.16 MiB of
+# the .ipk. Gate: Python's _sqlite3 loads it with every symbol bound at once, and it keeps
+# the defaults the store and the client state were written against.
+sqlite_so=$(PYTHON=$PY "$here/sqlite.sh" "$work")
+LD_BIND_NOW=1 LD_LIBRARY_PATH=$(dirname "$sqlite_so") "$venv/bin/python" - <<'PY' || { log "our libsqlite3 does not serve Python's sqlite3"; exit 1; }
+import sqlite3
+db = sqlite3.connect(":memory:")
+options = {row[0] for row in db.execute("PRAGMA compile_options")}
+assert {"SECURE_DELETE", "THREADSAFE=1", "USE_URI", "OMIT_LOOKASIDE"} <= options, options
+assert db.execute("PRAGMA secure_delete").fetchone() == (1,)
+assert sqlite3.threadsafety == 3, sqlite3.threadsafety  # serialized, as Debian's
+PY
 
 freeze() {  # freeze LAYOUT -> build/pyi-ARCH/dist-LAYOUT
   local pyi=$work/pyi-$arch
@@ -180,6 +192,8 @@ if [ "$layout" != onefile ]; then
   rm -rf "$root"
   mkdir -p "$root/usr/bin" "$root/usr/lib"
   cp -a "$work/pyi-$arch/dist-onedir/qpc" "$root/usr/lib/qpc"
+  [ -f "$root/usr/lib/qpc/_internal/libsqlite3.so.0" ] || { log "PyInstaller collected no libsqlite3.so.0 to replace"; exit 1; }
+  cp "$sqlite_so" "$root/usr/lib/qpc/_internal/libsqlite3.so.0"
   # The C library and loader the bundle was linked against, next to the other libraries
   # (PyInstaller re-executes itself once with LD_LIBRARY_PATH=_internal, so they must be there).
   loader=$("$venv/bin/python" "$here/bundle_libc.py" "$root/usr/lib/qpc")

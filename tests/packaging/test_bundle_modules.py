@@ -8,11 +8,13 @@ ignores, fails here rather than silently keeping the bytes."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pkg_rootfs import REPO
 from test_build_gates import excluded_modules
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,3 +100,24 @@ def test_unread_data_files_are_not_shipped(tree: Path) -> None:
         names = {p.name for p in info.iterdir()}
         assert not names & {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}, info
         assert any(info.rglob("LICENSE*")), info  # the licenses stay
+
+
+def test_bundled_sqlite_is_our_build_with_debians_defaults(tree: Path) -> None:
+    """cross/sqlite.sh's libsqlite3 replaced Debian's in the tree, the bundle's sqlite3 module
+    runs on it, and the defaults qpc's stores were written against (secure_delete on, URI file
+    names, serialized threading) are kept while the extensions nothing uses are gone."""
+    script = (REPO / "cross/sqlite.sh").read_text()
+    pinned = re.search(r"^sqlite_version=(\S+)$", script, re.M)
+    assert pinned, "cross/sqlite.sh pins no sqlite_version"
+    r = subprocess.run(
+        [str(tree / "usr/bin/qpc"), "version", "--libs"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.splitlines()
+    version = next(ln.removeprefix("sqlite ") for ln in out if ln.startswith("sqlite 3."))
+    assert version == pinned.group(1)
+    assert any(ln.startswith("openssl OpenSSL 3.") for ln in out), out
+    options = set(next(ln for ln in out if ln.startswith("sqlite options ")).split()[2:])
+    assert {"SECURE_DELETE", "THREADSAFE=1", "USE_URI", "OMIT_LOOKASIDE"} <= options, options
+    extensions = ("ENABLE_FTS", "ENABLE_RTREE", "ENABLE_GEOPOLY", "ENABLE_SESSION")
+    assert not {o for o in options if o.startswith(extensions)}, options
