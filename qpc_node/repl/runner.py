@@ -450,22 +450,45 @@ def _hops(n: int) -> str:
     return f"{n} hop{'s' if n != 1 else ''}"
 
 
+def _shown(text: str, limit: int = 200) -> str:
+    """A string a node sent, safe to print: control characters (terminal escapes) become
+    '?', and it is cut at ``limit`` characters."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
+
+
+def format_discovery(d: ops_pb2.MeshDiscovery) -> str:
+    """The ``mDNS:`` line of ``/mesh peers``: listening, or why not (and that it retries)."""
+    on = ",".join(_shown(i, 32) for i in d.interfaces) or "all interfaces"
+    if d.running:
+        own = "announced" if d.announced else "not announced yet"
+        return f"  mDNS: on {on}, {d.peers} node{'s' if d.peers != 1 else ''} seen, {own}"
+    if d.start_failures:
+        why = _shown(d.last_error) or "unknown error"
+        tries = f"{d.start_failures} failed start{'s' if d.start_failures != 1 else ''}"
+        return f"  mDNS: not running on {on}: {why} ({tries}; retrying)"
+    return f"  mDNS: starting on {on}"
+
+
 def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:
     """``/mesh peers`` / ``/mesh routes``: one line per neighbour or destination."""
     if not resp.on_mesh:
         return "this node is not on a mesh (mesh.static_peers / mesh.mdns are off)"
     me = bytes(resp.node_id).hex()
     head = f"node {me[:16]}  ({resp.bindings} users homed mesh-wide)"
+    if what == "peers" and resp.HasField("discovery"):
+        head += "\n" + format_discovery(resp.discovery)
     if what == "peers":
         if not resp.peers:
             return head + "\n  no peers"
         lines = [
-            f"  {bytes(p.node_id).hex()[:16]}  {p.address or '-':<28} {p.state:<10} "
+            f"  {bytes(p.node_id).hex()[:16]}  {_shown(p.address, 64) or '-':<28} "
+            + f"{_shown(p.state, 16):<10} "
             + (f"rtt {p.srtt_ms:.1f} ms" if p.srtt_ms else "rtt -")
             + (f"  {_hops(p.hops)}" if p.hops else "")
             + f"  {p.users} user{'s' if p.users != 1 else ''}"
             + (f"  failures {p.failures}" if p.failures else "")
-            + f"  [{','.join(p.sources)}]"
+            + f"  [{','.join(_shown(x, 16) for x in p.sources)}]"
             for p in resp.peers
         ]
         return "\n".join([head, *lines])

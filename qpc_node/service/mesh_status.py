@@ -104,6 +104,20 @@ class MeshStatusService:
         resp = ops_pb2.MeshResponse(
             on_mesh=True, node_id=m.node_id, bindings=m.router.statistics().bindings
         )
+        if m.discovery is not None:
+            d = m.discovery.statistics()
+            # those it listens on; before a start succeeded, those it was told to use
+            chosen = d.interfaces or m.discovery.config.interfaces or ()
+            resp.discovery.CopyFrom(
+                ops_pb2.MeshDiscovery(
+                    running=d.running,
+                    interfaces=list(chosen),
+                    peers=d.peers,
+                    start_failures=d.start_failures,
+                    last_error=d.last_error,
+                    announced=d.announced,
+                )
+            )
         now_ms = m.wall_ms()
         homed = m.router.users_homed(now_ms)
         routes = m.router.routes(now_ms)

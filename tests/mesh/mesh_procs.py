@@ -191,6 +191,7 @@ class MeshUser:
         self.pty = pty
         self.fpr = ""
         self.closed = False
+        self.last_table = ""  # the last /mesh peers table read, as shown
 
     @classmethod
     async def open(
@@ -259,6 +260,7 @@ class MeshUser:
         await self.pty.wait_until(lambda: block() is not None, "/mesh peers table", timeout)
         table = block()
         assert table is not None
+        self.last_table = table
         head = _HEAD.search(table)
         assert head is not None
         return int(head.group(2)), {p: state for p, _addr, state in _PEER.findall(table)}

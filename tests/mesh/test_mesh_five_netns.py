@@ -11,6 +11,7 @@ The one bound asserted is the issue's: a dead node is out of every table within
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from contextlib import AsyncExitStack
@@ -64,6 +65,9 @@ async def until_converged(user: MeshUser, nodes: list[NodeProc]) -> None:
     while True:
         homed, peers = await user.mesh_peers()
         if homed >= N and sum(1 for s in peers.values() if s == "up") == N - 1:
+            # the node's discovery, as /mesh peers shows it: listening, the others seen
+            seen = re.search(r"mDNS: on \S+, (\d+) nodes? seen, announced", user.last_table)
+            assert seen and int(seen.group(1)) == N - 1, user.last_table
             return
         assert trio.current_time() < deadline, (
             user.name,

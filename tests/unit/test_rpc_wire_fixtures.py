@@ -186,6 +186,26 @@ MESSAGES.update(
         ),
     }
 )
+# The node's mDNS discovery in /mesh peers (MeshResponse.discovery, field 6).
+MESSAGES.update(
+    {
+        "mesh_discovery": ops_pb2.MeshDiscovery(
+            running=False,
+            interfaces=["mesh0"],
+            peers=0,
+            start_failures=3,
+            last_error="mesh0: no such interface or not up",
+            announced=False,
+        ),
+        "mesh_response_discovery": ops_pb2.MeshResponse(
+            on_mesh=True,
+            node_id=bytes(range(32)),
+            discovery=ops_pb2.MeshDiscovery(
+                running=True, interfaces=["br-lan"], peers=4, announced=True
+            ),
+        ),
+    }
+)
 # /mesh trust and `qpc trust` (qpc.v1.Node/MeshTrust).
 MESSAGES.update(
     {

@@ -78,18 +78,36 @@ class MeshRoute(_message.Message):
     def __init__(self, destination: _Optional[bytes] = ..., next_hop: _Optional[bytes] = ..., hops: _Optional[int] = ..., seq: _Optional[int] = ..., expires_ms: _Optional[int] = ..., users: _Optional[int] = ...) -> None: ...
 
 class MeshResponse(_message.Message):
-    __slots__ = ("on_mesh", "node_id", "peers", "routes", "bindings")
+    __slots__ = ("on_mesh", "node_id", "peers", "routes", "bindings", "discovery")
     ON_MESH_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_FIELD_NUMBER: _ClassVar[int]
     on_mesh: bool
     node_id: bytes
     peers: _containers.RepeatedCompositeFieldContainer[MeshPeer]
     routes: _containers.RepeatedCompositeFieldContainer[MeshRoute]
     bindings: int
-    def __init__(self, on_mesh: _Optional[bool] = ..., node_id: _Optional[bytes] = ..., peers: _Optional[_Iterable[_Union[MeshPeer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[MeshRoute, _Mapping]]] = ..., bindings: _Optional[int] = ...) -> None: ...
+    discovery: MeshDiscovery
+    def __init__(self, on_mesh: _Optional[bool] = ..., node_id: _Optional[bytes] = ..., peers: _Optional[_Iterable[_Union[MeshPeer, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[MeshRoute, _Mapping]]] = ..., bindings: _Optional[int] = ..., discovery: _Optional[_Union[MeshDiscovery, _Mapping]] = ...) -> None: ...
+
+class MeshDiscovery(_message.Message):
+    __slots__ = ("running", "interfaces", "peers", "start_failures", "last_error", "announced")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    START_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    interfaces: _containers.RepeatedScalarFieldContainer[str]
+    peers: int
+    start_failures: int
+    last_error: str
+    announced: bool
+    def __init__(self, running: _Optional[bool] = ..., interfaces: _Optional[_Iterable[str]] = ..., peers: _Optional[int] = ..., start_failures: _Optional[int] = ..., last_error: _Optional[str] = ..., announced: _Optional[bool] = ...) -> None: ...
 
 class MeshTrustRequest(_message.Message):
     __slots__ = ("fingerprint",)
