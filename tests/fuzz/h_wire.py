@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from qpc_node.errors import RemoteProtocolError
+from qpc_node.repl.runner import format_mesh
 from qpc_node.rpc.framing import FrameDecoder, encode_frame, encode_varint
 from qpc_node.wire.envelope import Envelope, pad, unpad
+from qpc_node.wire.gen.qpc.v1 import ops_pb2
 from tests.fuzz.registry import Invariant, pure
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wire"
@@ -79,6 +83,22 @@ def unpad_target(data: bytes) -> str:
     return "valid"
 
 
+def mesh_view(data: bytes) -> str:
+    """A Node/Mesh answer from a node (one a user pointed /mesh server at is not trusted)
+    as the REPL shows it: nothing but printable text and the table's own line breaks, one
+    line per peer or route plus the head and the mDNS line."""
+    resp = ops_pb2.MeshResponse.FromString(data)
+    for what, rows in (("peers", len(resp.peers)), ("routes", len(resp.routes))):
+        shown = format_mesh(resp, what)
+        if any(not c.isprintable() for c in shown.replace("\n", "")):
+            raise Invariant(f"/mesh {what} would print a control character: {shown[:200]!r}")
+        if resp.on_mesh:
+            extra = 1 if what == "peers" and resp.HasField("discovery") else 0
+            if len(shown.splitlines()) != 1 + extra + max(rows, 1):
+                raise Invariant(f"/mesh {what}: {len(shown.splitlines())} lines for {rows} rows")
+    return f"on_mesh={resp.on_mesh} discovery={resp.HasField('discovery')}"
+
+
 pure(
     "framing.decode",
     seeds=_frame_seeds,
@@ -96,4 +116,10 @@ pure(
     seeds=lambda: [pad(b""), pad(b"hi"), pad(b"z" * 300), pad(b"q" * 252)],
     target=unpad_target,
     allowed=(RemoteProtocolError,),
+)
+pure(
+    "repl.mesh_view",
+    seeds=lambda: wire_fixtures("msg_mesh_response"),
+    target=mesh_view,
+    allowed=(DecodeError,),
 )
