@@ -98,6 +98,7 @@ def creds(directory: Path, who: str) -> Any:
 def ours_server(a: argparse.Namespace) -> None:
     import trio
 
+    from qpc_node.ops.memory import freeze_startup_heap
     from qpc_node.quic import ServerTLS, open_endpoint
     from qpc_node.rpc import CallContext, MethodTable, RpcServer, ServerConfig
     from qpc_node.rpc.quic import QuicRpcHandler
@@ -123,6 +124,9 @@ def ours_server(a: argparse.Namespace) -> None:
                 trio.open_nursery() as nursery,
             ):
                 await nursery.start(ep.serve, QuicRpcHandler(server))
+                # as `qpc node` does once it serves (cli.py): start-up objects out of the
+                # collector's full scans (the reference processes keep Python's default)
+                freeze_startup_heap()
                 print("PORT", ep.local_address[1], flush=True)
                 await trio.sleep_forever()
 

@@ -157,6 +157,15 @@ def _cmd_node(args: argparse.Namespace) -> int:
             )
             if node.mesh is not None:  # what other nodes put after '#' in static_peers
                 print(f"qpc node mesh id {node.mesh.node_id.hex()}", flush=True)
+            nursery.start_soon(_freeze_heap_later)
+
+    async def _freeze_heap_later() -> None:
+        from qpc_node.ops.log import get_logger
+        from qpc_node.ops.memory import FREEZE_AFTER_S, freeze_startup_heap
+
+        await trio.sleep(FREEZE_AFTER_S)
+        frozen = freeze_startup_heap()
+        get_logger("qpc.cli").debug("start-up heap frozen", extra={"objects": frozen})
 
     async def reload() -> None:
         from qpc_node.ops.log import get_logger
