@@ -4,6 +4,9 @@ Node/MeshTrust: accept a node's changed federation key (``/mesh trust``, ``qpc t
 Both need an authenticated session (and pass the rate limits like every call).
 Node/Mesh answers what any neighbour could see anyway (node ids, their QUIC
 addresses, route metrics); no user identities, only the number of bindings held.
+Besides, the node's mDNS state: the interface names it uses (they are in its
+announcements too) and why discovery is off, if it is (an OS error text such as
+"interface not up" or "address in use": no paths, keys or user data).
 Node/MeshTrust changes whom the node federates with: only the node's operator
 may, so it is answered only on a connection from a loopback address (the
 operator's shell on the router, or the laptop user whose ``qpc`` runs the
