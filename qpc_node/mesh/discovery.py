@@ -278,7 +278,6 @@ class MdnsDiscovery:
             if self.config.local_only:
                 task_status.started()
                 await trio.sleep_forever()
-            started = False
             delay = self.config.retry_initial_s
             while True:
                 try:
@@ -294,9 +293,8 @@ class MdnsDiscovery:
                         self._last_error,
                         delay,
                     )
-                if not started:
+                if self._start_failures == 1:  # the node goes on without mDNS meanwhile
                     task_status.started()
-                    started = True
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
             if self._start_failures:
@@ -323,7 +321,7 @@ class MdnsDiscovery:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._register, zc, info)
                     nursery.start_soon(self._forward)
-                    if not started:
+                    if not self._start_failures:  # else started at the first failure
                         task_status.started()
                     await self._pump(zc, nursery)
             finally:

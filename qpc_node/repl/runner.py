@@ -476,9 +476,9 @@ def format_mesh(resp: ops_pb2.MeshResponse, what: str) -> str:
         return "this node is not on a mesh (mesh.static_peers / mesh.mdns are off)"
     me = bytes(resp.node_id).hex()
     head = f"node {me[:16]}  ({resp.bindings} users homed mesh-wide)"
-    if what == "peers" and resp.HasField("discovery"):
-        head += "\n" + format_discovery(resp.discovery)
     if what == "peers":
+        if resp.HasField("discovery"):
+            head += "\n" + format_discovery(resp.discovery)
         if not resp.peers:
             return head + "\n  no peers"
         lines = [
