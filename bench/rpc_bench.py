@@ -125,7 +125,8 @@ def ours_server(a: argparse.Namespace) -> None:
             ):
                 await nursery.start(ep.serve, QuicRpcHandler(server))
                 # as `qpc node` does once it serves (cli.py): start-up objects out of the
-                # collector's full scans (the reference processes keep Python's default)
+                # collector's full scans (the reference processes keep Python's default;
+                # the client freezes too, as a REPL does)
                 freeze_startup_heap()
                 print("PORT", ep.local_address[1], flush=True)
                 await trio.sleep_forever()
@@ -136,6 +137,7 @@ def ours_server(a: argparse.Namespace) -> None:
 def ours_client(a: argparse.Namespace) -> dict[str, Any]:
     import trio
 
+    from qpc_node.ops.memory import freeze_startup_heap
     from qpc_node.quic import ClientTLS, open_endpoint
     from qpc_node.rpc import NO_RETRY, RpcClient
 
@@ -152,6 +154,8 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
         async with open_endpoint("127.0.0.1", 0) as ep:
             conn = await ep.connect("127.0.0.1", a.port, ctls)
             client = RpcClient(conn.open_stream, retry_policy=NO_RETRY)
+            # as a REPL does once its session is open (cli.py: qpc repl, qpc)
+            freeze_startup_heap()
             req = BytesValue(value=b"q" * REQ_SIZE)
             lat: list[float] = []
             issued = 0

@@ -142,6 +142,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
     from qpc_node.node import Node
     from qpc_node.ops.log import setup_logging
+    from qpc_node.ops.memory import freeze_startup_heap_later
 
     cfg = _load_cfg(args)
     setup_logging(cfg.log.level, cfg.log.format)
@@ -157,15 +158,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
             )
             if node.mesh is not None:  # what other nodes put after '#' in static_peers
                 print(f"qpc node mesh id {node.mesh.node_id.hex()}", flush=True)
-            nursery.start_soon(_freeze_heap_later)
-
-    async def _freeze_heap_later() -> None:
-        from qpc_node.ops.log import get_logger
-        from qpc_node.ops.memory import FREEZE_AFTER_S, freeze_startup_heap
-
-        await trio.sleep(FREEZE_AFTER_S)
-        frozen = freeze_startup_heap()
-        get_logger("qpc.cli").debug("start-up heap frozen", extra={"objects": frozen})
+            nursery.start_soon(freeze_startup_heap_later)
 
     async def reload() -> None:
         from qpc_node.ops.log import get_logger
@@ -278,9 +271,18 @@ async def _repl_main(
         repl = Repl(agent, out, session)
         if script is not None:
             return await repl.run_script(script, err)
+        import trio
+
+        from qpc_node.ops.memory import freeze_startup_heap_later
         from qpc_node.repl.interactive import run_interactive
 
-        return await run_interactive(repl)
+        async with trio.open_nursery() as nursery:
+            # A REPL runs for hours: its start-up heap (and, under `qpc`, its node's)
+            # out of the full collections, as `qpc node` does.
+            nursery.start_soon(freeze_startup_heap_later)
+            rc = await run_interactive(repl)
+            nursery.cancel_scope.cancel()
+        return rc
 
 
 def _cmd_default(args: argparse.Namespace) -> int:
@@ -292,7 +294,7 @@ def _cmd_default(args: argparse.Namespace) -> int:
     from qpc_node.ops.log import setup_logging
 
     cfg = _load_cfg(args)
-    setup_logging("warning", cfg.log.format)
+    setup_logging(os.environ.get("QPC_LOG", "warning"), cfg.log.format)
     base = Path(args.data) if args.data else default_data_dir()
     node = Node(cfg, default_data=base / "node")
 

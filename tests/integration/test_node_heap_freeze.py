@@ -1,17 +1,21 @@
-"""``qpc node`` freezes its start-up heap once it serves (ops/memory.py says why)."""
+"""``qpc node`` freezes its start-up heap once it serves, and ``qpc`` (its node and a REPL
+in one process) once the REPL's session is open (ops/memory.py says why)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from qpc_node.ops.memory import FREEZE_AFTER_S
+from tests.integration.test_qpc_attach import Pty, _free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -54,3 +58,40 @@ def test_qpc_node_freezes_its_start_up_heap_after_it_serves(tmp_path: Path) -> N
             proc.wait(timeout=30)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def _frozen_counts(text: str) -> list[int]:
+    """The "objects" of each "start-up heap frozen" JSON log line (on a terminal the
+    line may start after the REPL's prompt)."""
+    lines = re.findall(r'\{[^{}]*"msg":"start-up heap frozen"[^{}]*\}', text)
+    return [int(json.loads(line)["objects"]) for line in lines]
+
+
+async def test_qpc_with_its_repl_freezes_its_start_up_heap(tmp_path: Path) -> None:
+    port = _free_port()
+    env = dict(
+        os.environ,
+        QPC_NODE_LISTEN=f"127.0.0.1:{port}",
+        QPC_METRICS_LISTEN="",
+        QPC_MESH_MDNS="0",
+        QPC_LOG="debug",
+        QPC_LOG_FORMAT="json",
+        XDG_DATA_HOME=str(tmp_path),
+        TERM="dumb",
+    )
+    qpc = Pty([sys.executable, "-m", "qpc_node.cli"], env)
+    try:
+        with trio.fail_after(FREEZE_AFTER_S + 60):  # bounded: a busy machine is slower
+            await qpc.expect(b"qpc> ")
+            opened = time.monotonic()
+            await qpc.expect(b'"start-up heap frozen"')
+            assert time.monotonic() - opened >= FREEZE_AFTER_S - 0.5  # not before it ran
+            await qpc.expect(b"}")  # the rest of that log line
+            qpc.send(b"/whoami\r")  # the REPL and its node still answer
+            await qpc.expect(b"fingerprint")
+            qpc.send(b"/quit\r")
+            assert await qpc.exit_code() == 0, qpc.seen[-2000:]
+        counts = _frozen_counts(qpc.seen.decode(errors="replace"))
+        assert counts and counts[0] > 10_000, counts  # node + REPL start-up objects
+    finally:
+        qpc.kill()
