@@ -210,6 +210,20 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far (Linux /proc/stat; (0, 0) elsewhere).
+
+    Steal is time the hypervisor gave this VM's CPUs to someone else: on a shared VM
+    it is what the load average does not show (a run with a few % steal is slower
+    for both implementations, and its tail latencies are longer)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` so far (Linux /proc; 0.0 elsewhere)."""
     try:
@@ -526,6 +540,7 @@ def main() -> None:
     impls = ["qpc", "ref", *(["qh3"] if a.qh3 else [])]
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     load_before = os.getloadavg()[0]
+    steal_before = cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="qpc-rpc-bench-") as tmp:
         certs = Path(tmp)
         key_type = a.key_type or ("p256" if a.qh3 else "ed25519")
@@ -537,6 +552,9 @@ def main() -> None:
             for impl in order:
                 results[impl].append(run_pair(impl, a, certs))
     load_after = os.getloadavg()[0]
+    steal_after = cpu_ticks()
+    ticks = steal_after[1] - steal_before[1]
+    steal_pct = 100.0 * (steal_after[0] - steal_before[0]) / ticks if ticks > 0 else 0.0
 
     def med(impl: str, phase: str, key: str) -> float:
         return statistics.median(r[phase][key] for r in results[impl])
@@ -595,7 +613,10 @@ def main() -> None:
         print(
             f"qh3-aio vs aioquic-aio: calls/s ratio={qh3_calls:.2f} cpu per call ratio={qh3_cpu:.2f}"
         )
-    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    print(
+        f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after;"
+        f" cpu steal {steal_pct:.1f} %"
+    )
     print(f"rpc p99 ratio ref/qpc={p99_ratio:.2f} (qpc p99 {med('qpc', 'rpc', 'p99_ms'):.1f} ms)")
     print(f"rpc cpu per call (client+server) ratio ref/qpc={cpu_ratio:.2f}")
     print(f"bulk MB/s ratio={ratio('bulk', 'MB_per_s'):.2f}")
