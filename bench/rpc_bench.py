@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from google.protobuf.wrappers_pb2 import BytesValue, UInt64Value  # noqa: E402
+from pairs import steal_ticks  # noqa: E402  (bench/, the script's own directory)
 
 from qpc_node.rpc.framing import FrameDecoder, encode_frame  # noqa: E402
 from qpc_node.wire.gen.qpc.v1 import rpc_pb2  # noqa: E402
@@ -208,20 +209,6 @@ def ours_client(a: argparse.Namespace) -> dict[str, Any]:
 
     trio.run(main)
     return out
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs so far (Linux /proc/stat; (0, 0) elsewhere).
-
-    Steal is time the hypervisor gave this VM's CPUs to someone else: on a shared VM
-    it is what the load average does not show (a run with a few % steal is slower
-    for both implementations, and its tail latencies are longer)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -540,7 +527,7 @@ def main() -> None:
     impls = ["qpc", "ref", *(["qh3"] if a.qh3 else [])]
     results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
     load_before = os.getloadavg()[0]
-    steal_before = cpu_ticks()
+    steal_before = steal_ticks()
     with tempfile.TemporaryDirectory(prefix="qpc-rpc-bench-") as tmp:
         certs = Path(tmp)
         key_type = a.key_type or ("p256" if a.qh3 else "ed25519")
@@ -552,7 +539,7 @@ def main() -> None:
             for impl in order:
                 results[impl].append(run_pair(impl, a, certs))
     load_after = os.getloadavg()[0]
-    steal_after = cpu_ticks()
+    steal_after = steal_ticks()
     ticks = steal_after[1] - steal_before[1]
     steal_pct = 100.0 * (steal_after[0] - steal_before[0]) / ticks if ticks > 0 else 0.0
 
@@ -617,7 +604,7 @@ def main() -> None:
         f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after;"
         f" cpu steal {steal_pct:.1f} %"
     )
-    print(f"rpc p99 ratio ref/qpc={p99_ratio:.2f} (qpc p99 {med('qpc', 'rpc', 'p99_ms'):.1f} ms)")
+    print(f"rpc p99 ratio ref/qpc={p99_ratio:.2f} (qpc p99_ms={med('qpc', 'rpc', 'p99_ms'):.1f})")
     print(f"rpc cpu per call (client+server) ratio ref/qpc={cpu_ratio:.2f}")
     print(f"bulk MB/s ratio={ratio('bulk', 'MB_per_s'):.2f}")
     print(f"handshakes/s ratio={ratio('hs', 'per_s'):.2f}")
