@@ -349,7 +349,7 @@ class Node:
             )
         else:
             creds = load_or_create_node_credentials(self.key_dir)
-            _secure_dir(self.key_dir)  # after: a fresh node.crt is written 0644
+            _secure_dir(self.key_dir)  # after: an operator may have dropped a pair in
         host, port = parse_hostport(self.cfg.node.listen)
         store = await AsyncStore.open(
             self.data_dir / DB_FILE,

@@ -320,7 +320,9 @@ def load_or_create_node_credentials(
     cert = _self_signed(key, common_name, now=_utcnow(now), days=days, ca=False)
     creds = NodeCredentials(_cert_pem(cert), _key_pem(key))
     _atomic_write(key_path, creds.private_key_pem, 0o600)
-    _atomic_write(cert_path, creds.certificate_pem, 0o644)
+    # 0600 as well: the key dir is private (0700, its files 0600: ops/lockfile.py), and a
+    # 0644 certificate made every fresh node warn that it had to fix its own file.
+    _atomic_write(cert_path, creds.certificate_pem, 0o600)
     return creds
 
 

@@ -64,6 +64,8 @@ async def test_fresh_data_dir_is_private(tmp_path: Path) -> None:
     data = tmp_path / "node"
     got = await run_node_and_write(tmp_path, data, tmp_path / "node.log")
     assert {k: oct(v) for k, v in got.items()} == {k: oct(v) for k, v in PRIVATE.items()}
+    # and it made them so: nothing of its own needed fixing (no warning on a first start)
+    assert "readable by other users" not in (tmp_path / "node.log").read_text()
 
 
 async def test_lax_data_dir_is_fixed_with_a_warning(tmp_path: Path) -> None:

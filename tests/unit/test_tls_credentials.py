@@ -27,6 +27,8 @@ def test_created_once_then_loaded(tmp_path: Path, key_type: str) -> None:
     first = load_or_create_node_credentials(tmp_path / "node", key_type=key_type)  # type: ignore[arg-type]
     key_file = tmp_path / "node" / "node.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    # the certificate too: the key dir's files are 0600 (else every fresh node warns)
+    assert stat.S_IMODE((tmp_path / "node" / "node.crt").stat().st_mode) == 0o600
     assert sorted(p.name for p in (tmp_path / "node").iterdir()) == ["node.crt", "node.key"]
     again = load_or_create_node_credentials(tmp_path / "node")
     assert again.fingerprint == first.fingerprint
