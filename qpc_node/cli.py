@@ -563,15 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sole_qpc_error(group: BaseExceptionGroup[BaseException]) -> QpcError | None:
-    """The one QpcError a nursery wrapped (e.g. NodeBusy from ``nursery.start(node.run)``).
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one QpcError or KeyboardInterrupt a nursery wrapped, however deep (e.g. NodeBusy
+    from ``nursery.start(node.run)``, or Ctrl-C while a REPL command runs).
 
-    Trio's strict exception groups would otherwise turn a clear refusal into a traceback.
+    Trio's strict exception groups would otherwise turn a clear refusal, or a Ctrl-C, into a
+    traceback.
     """
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
-    return exc if isinstance(exc, QpcError) else None
+    return exc if isinstance(exc, (QpcError, KeyboardInterrupt)) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -584,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             rc: int = args.func(args)
         except BaseExceptionGroup as group:
-            raise _sole_qpc_error(group) or group from None
+            raise _sole_error(group) or group from None
     except QpcError as exc:
         print(f"qpc: error: {exc}", file=sys.stderr)
         return 2
