@@ -64,7 +64,9 @@ def _cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_cfg(args: argparse.Namespace) -> Config:
+def _load_cfg(
+    args: argparse.Namespace, defaults: dict[str, dict[str, str]] | None = None
+) -> Config:
     from qpc_node.ops.config import load_config
 
     node: dict[str, str] = {}
@@ -88,7 +90,7 @@ def _load_cfg(args: argparse.Namespace) -> Config:
             raise ConfigError("--local-only and --listen: choose one")
         node["listen"] = LOCAL_LISTEN
         overrides["mesh"] = {"mdns": "false", "static_peers": ""}
-    cfg = load_config(cfg_path, overrides=overrides)
+    cfg = load_config(cfg_path, overrides=overrides, defaults=defaults)
     if getattr(args, "local_only", False):
         _note_ignored_peers(cfg_path)
     return cfg
@@ -293,8 +295,10 @@ def _cmd_default(args: argparse.Namespace) -> int:
     from qpc_node.ops.lockfile import NodeBusy
     from qpc_node.ops.log import setup_logging
 
-    cfg = _load_cfg(args)
-    setup_logging(os.environ.get("QPC_LOG", "warning"), cfg.log.format)
+    # Quieter than a daemon's default: the log shares the terminal with the REPL.
+    # QPC_LOG / QPC_LOG_LEVEL or the config file still choose (config's layers).
+    cfg = _load_cfg(args, defaults={"log": {"level": "warning"}})
+    setup_logging(cfg.log.level, cfg.log.format)
     base = Path(args.data) if args.data else default_data_dir()
     node = Node(cfg, default_data=base / "node")
 

@@ -417,8 +417,12 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Build the effective configuration; raise ConfigError naming the bad key."""
+    """Build the effective configuration; raise ConfigError naming the bad key.
+
+    Layers, lowest first: the built-in defaults, ``defaults`` (a command's own, e.g.
+    ``qpc``'s quieter log level), the file, ``QPC_*`` variables, ``overrides`` (flags)."""
     merged: dict[str, Any] = {}
     if path is not None:
         # Here, not at the top: a router's node is configured by UCI flags and QPC_*
@@ -435,6 +439,11 @@ def load_config(
     _merge(merged, _from_strings(_env_overrides(os.environ if env is None else env)))
     if overrides:
         _merge(merged, _from_strings({k: dict(v) for k, v in overrides.items()}))
+    for section, values in _from_strings({k: dict(v) for k, v in (defaults or {}).items()}).items():
+        target = merged.setdefault(section, {})
+        if isinstance(target, dict):  # else msgspec names the bad section below
+            for key, value in values.items():
+                target.setdefault(key, value)
     try:
         cfg = msgspec.convert(merged, type=Config)
     except msgspec.ValidationError as exc:

@@ -39,6 +39,18 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     assert cfg2.limits.rate_burst == 11
 
 
+def test_a_commands_defaults_sit_under_file_env_and_flags(tmp_path: Path) -> None:
+    quiet = {"log": {"level": "warning"}}  # `qpc`'s own default (cli._cmd_default)
+    assert load_config(env={}, defaults=quiet).log.level == "warning"
+    assert load_config(env={"QPC_LOG": "debug"}, defaults=quiet).log.level == "debug"
+    assert load_config(env={"QPC_LOG_LEVEL": "error"}, defaults=quiet).log.level == "error"
+    f = tmp_path / "qpc.toml"
+    f.write_text('[log]\nlevel = "info"\n')
+    assert load_config(f, env={}, defaults=quiet).log.level == "info"
+    flags = {"log": {"level": "debug"}}
+    assert load_config(env={}, overrides=flags, defaults=quiet).log.level == "debug"
+
+
 def test_env_lists_are_comma_separated() -> None:
     # The coercion, for the list[str] keys the mesh issues will enable.
     raw = _from_strings({"mesh": {"static_peers": "10.0.0.1:4201, [fe80::1%mesh0]:4201"}})
