@@ -59,6 +59,12 @@ def steal_ticks() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """CPU steal (%) between two :func:`steal_ticks` readings; 0.0 without /proc/stat."""
+    ticks = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / ticks if ticks > 0 else 0.0
+
+
 def run_once(tree: Path, command: list[str], timeout: float) -> tuple[dict[str, float], float]:
     """One run of ``command`` from ``tree``: its figures and the CPU steal (%) meanwhile."""
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -77,9 +83,7 @@ def run_once(tree: Path, command: list[str], timeout: float) -> tuple[dict[str, 
             f"{' '.join(command)} failed in {tree} (exit {proc.returncode}):\n"
             f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )
-    ticks = after[1] - before[1]
-    steal = 100.0 * (after[0] - before[0]) / ticks if ticks > 0 else 0.0
-    return figures(proc.stdout), steal
+    return figures(proc.stdout), steal_percent(before, after)
 
 
 def add_worktree(repo: Path, rev: str, where: Path, copy: list[str]) -> None:

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from google.protobuf.wrappers_pb2 import BytesValue, UInt64Value  # noqa: E402
-from pairs import steal_ticks  # noqa: E402  (bench/, the script's own directory)
+from pairs import steal_percent, steal_ticks  # noqa: E402  (bench/, the script's own directory)
 
 from qpc_node.rpc.framing import FrameDecoder, encode_frame  # noqa: E402
 from qpc_node.wire.gen.qpc.v1 import rpc_pb2  # noqa: E402
@@ -539,9 +539,7 @@ def main() -> None:
             for impl in order:
                 results[impl].append(run_pair(impl, a, certs))
     load_after = os.getloadavg()[0]
-    steal_after = steal_ticks()
-    ticks = steal_after[1] - steal_before[1]
-    steal_pct = 100.0 * (steal_after[0] - steal_before[0]) / ticks if ticks > 0 else 0.0
+    steal_pct = steal_percent(steal_before, steal_ticks())
 
     def med(impl: str, phase: str, key: str) -> float:
         return statistics.median(r[phase][key] for r in results[impl])
