@@ -19,6 +19,7 @@ from node_harness import start_node_process
 
 from qpc_node.errors import ConfigError
 from qpc_node.ops.lockfile import secure_private_dir
+from tests.ci_needs import unavailable
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -86,8 +87,9 @@ async def test_lax_data_dir_is_fixed_with_a_warning(tmp_path: Path) -> None:
         assert fixed in text
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
 async def test_lax_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        unavailable("the other-user refusal test", "needs root to give a file to another user")
     data = tmp_path / "node"
     data.mkdir(mode=0o700)
     db = data / "node.db"

@@ -17,6 +17,7 @@ from qpc_node.quic import ALPN_CLIENT, ClientTLS, Connection, QuicStream, Server
 from qpc_node.quic.address import Address
 from qpc_node.quic.testing import make_test_pki, serving
 from qpc_node.quic.transport import GSO_MAX_SEGMENTS, UdpSocket, gso_supported
+from tests.ci_needs import unavailable
 
 
 def _linux_gso() -> bool:
@@ -24,7 +25,13 @@ def _linux_gso() -> bool:
         return gso_supported(s)
 
 
-needs_gso = pytest.mark.skipif(not _linux_gso(), reason="no UDP_SEGMENT on this kernel")
+@pytest.fixture
+def gso_kernel() -> None:
+    if not _linux_gso():
+        unavailable("the GSO tests", "no UDP_SEGMENT on this kernel")
+
+
+needs_gso = pytest.mark.usefixtures("gso_kernel")
 
 
 def _ipv6() -> bool:
@@ -55,7 +62,7 @@ def burst(addr: Address) -> list[tuple[bytes, Address]]:
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[UdpSocket, UdpSocket, Address]]:
     bind_host, target, gso = request.param
     if ":" in target and not _ipv6():
-        pytest.skip("no IPv6 loopback")
+        unavailable("the GSO tests", "no IPv6 loopback (.ci/run enables it on lo)")
     tx = UdpSocket.bind(bind_host, 0, gso=gso)
     rx = UdpSocket.bind(bind_host, 0)
     port = rx.local_address[1]

@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from qpc_node.client.state import ClientState
+from tests.ci_needs import unavailable
 
 SECRET = b"s" * 32
 GID = b"g" * 16
@@ -66,13 +65,14 @@ def _syncs(tmp: Path, n: int) -> int:
         check=False,
     )
     if proc.returncode != 0 and b"ptrace" in proc.stderr:
-        pytest.skip(f"strace cannot trace here: {proc.stderr[:200]!r}")
+        unavailable("the fsync count", f"strace cannot trace here: {proc.stderr[:200]!r}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return sum(1 for line in trace.read_text().splitlines() if "sync(" in line)
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_a_group_text_costs_one_fsync(tmp_path: Path) -> None:
+    if shutil.which("strace") is None:
+        unavailable("the fsync count", "strace is not installed")
     per_text = (_syncs(tmp_path, TEXTS) - _syncs(tmp_path, 0)) / TEXTS
     assert per_text == 1, per_text
 
